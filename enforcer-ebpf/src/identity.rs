@@ -1,0 +1,50 @@
+//! cgroup -> identity slot -> policy generation.
+//!
+//! The programs are attached to an agent's cgroup and run for every
+//! descendant cgroup too. The nearest ancestor (or the cgroup itself) that
+//! userspace bound in `IDENTITIES` names the identity. When none is bound, or
+//! the slot holds no policy, the caller fails closed.
+use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
+use enforcer_common::{MAX_CGROUP_DEPTH, PolicyState, SLOT_UNKNOWN, policy_flags};
+
+use crate::maps::{IDENTITIES, POLICIES};
+
+pub struct Identity {
+    pub cgroup_id: u64,
+    pub slot: u32,
+    /// `None`: no identity or no policy for it (fail closed).
+    pub policy: Option<PolicyState>,
+}
+
+#[inline(always)]
+fn slot_of(cgroup_id: u64) -> Option<u32> {
+    IDENTITIES.get_ptr(cgroup_id).map(|b| unsafe { (*b).slot })
+}
+
+#[inline(always)]
+pub fn current() -> Identity {
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let mut slot = slot_of(cgroup_id);
+    if slot.is_none() {
+        // Nested cgroup: walk root -> leaf and keep the deepest bound ancestor.
+        let mut level: i32 = 0;
+        while level < MAX_CGROUP_DEPTH {
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+            if id == 0 || id == cgroup_id {
+                break;
+            }
+            if let Some(s) = slot_of(id) {
+                slot = Some(s);
+            }
+            level += 1;
+        }
+    }
+    let Some(slot) = slot else {
+        return Identity { cgroup_id, slot: SLOT_UNKNOWN, policy: None };
+    };
+    let policy = POLICIES
+        .get(slot)
+        .copied()
+        .filter(|p| p.flags & policy_flags::PRESENT != 0);
+    Identity { cgroup_id, slot, policy }
+}

@@ -1,0 +1,37 @@
+//! enforcer eBPF programs. One module per hook family:
+//! - `sock_addr`: cgroup/connect4, connect6, sendmsg4, sendmsg6 (egress verdicts)
+//! - `sock`: cgroup/sock_create (raw, packet and ICMP sockets)
+//!
+//! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
+//! policy generation, fail closed), `report` (counters and ring-buffer events).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod identity;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod report;
+#[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
+mod sock_addr;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path; this is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+/// GPL-compatible license: needed for some helpers (and for LSM programs later).
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // The eBPF object is only meaningful for the bpfel target (see enforcer/build.rs).
+}

@@ -1,0 +1,35 @@
+//! Every map of the object. Names, key and value types come from
+//! `enforcer-common` so that userspace and kernel agree on one layout.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use enforcer_common::{
+    COUNTERS_LEN, EVENTS_BYTES, GlobalConfig, IdentityBinding, MAX_EGRESS_V4, MAX_EGRESS_V6,
+    MAX_IDENTITIES, MAX_SLOTS, PolicyState, RuleSet, V4Key, V6Key, stat,
+};
+
+#[map(name = "IDENTITIES")]
+pub static IDENTITIES: HashMap<u64, IdentityBinding> =
+    HashMap::with_max_entries(MAX_IDENTITIES, 0);
+
+#[map(name = "POLICIES")]
+pub static POLICIES: Array<PolicyState> = Array::with_max_entries(MAX_SLOTS, 0);
+
+#[map(name = "EGRESS_V4")]
+pub static EGRESS_V4: LpmTrie<V4Key, RuleSet> = LpmTrie::with_max_entries(MAX_EGRESS_V4, 0);
+
+#[map(name = "EGRESS_V6")]
+pub static EGRESS_V6: LpmTrie<V6Key, RuleSet> = LpmTrie::with_max_entries(MAX_EGRESS_V6, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -1,0 +1,129 @@
+//! Kernel events -> decoded decisions. The ring-buffer reader lives in
+//! `reader.rs`; this module holds the userspace form of one decision that the
+//! audit log and the metrics consume.
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+pub mod reader;
+
+/// What the agent tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Connect,
+    Sendmsg,
+    SockCreate,
+    Dns,
+    FileOpen,
+}
+
+impl Action {
+    pub fn from_kernel(a: u8) -> Option<Self> {
+        use enforcer_common::action as k;
+        Some(match a {
+            k::CONNECT => Self::Connect,
+            k::SENDMSG => Self::Sendmsg,
+            k::SOCK_CREATE => Self::SockCreate,
+            k::DNS => Self::Dns,
+            k::FILE_OPEN => Self::FileOpen,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Sendmsg => "sendmsg",
+            Self::SockCreate => "sock_create",
+            Self::Dns => "dns",
+            Self::FileOpen => "file_open",
+        }
+    }
+    pub const ALL: [Action; 5] = [
+        Self::Connect,
+        Self::Sendmsg,
+        Self::SockCreate,
+        Self::Dns,
+        Self::FileOpen,
+    ];
+    pub fn kernel_code(self) -> u8 {
+        use enforcer_common::action as k;
+        match self {
+            Self::Connect => k::CONNECT,
+            Self::Sendmsg => k::SENDMSG,
+            Self::SockCreate => k::SOCK_CREATE,
+            Self::Dns => k::DNS,
+            Self::FileOpen => k::FILE_OPEN,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl Verdict {
+    pub fn from_kernel(v: u8) -> Option<Self> {
+        use enforcer_common::verdict as k;
+        Some(match v {
+            k::ALLOW => Self::Allow,
+            k::DENY => Self::Deny,
+            k::AUDIT => Self::Audit,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+        }
+    }
+    pub const ALL: [Verdict; 3] = [Self::Allow, Self::Deny, Self::Audit];
+    pub fn kernel_code(self) -> u8 {
+        use enforcer_common::verdict as k;
+        match self {
+            Self::Allow => k::ALLOW,
+            Self::Deny => k::DENY,
+            Self::Audit => k::AUDIT,
+        }
+    }
+}
+
+/// Who made the decision happen (the workload identity).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct IdentityRef {
+    /// AgentPolicy metadata.name, or "unknown" for an unbound cgroup.
+    pub name: String,
+    pub spiffe_id: Option<String>,
+}
+
+/// One decision, decoded and attributed, ready for the audit log / metrics.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    /// Wall-clock time of the decision (RFC 3339, UTC).
+    pub ts: chrono::DateTime<chrono::Utc>,
+    pub identity: IdentityRef,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub comm: String,
+    pub action: Action,
+    pub ip: Option<IpAddr>,
+    pub port: Option<u16>,
+    /// "tcp", "udp", "icmp", "raw", or the protocol number.
+    pub protocol: Option<String>,
+    /// DNS name the address was learned from, when known.
+    pub host: Option<String>,
+    pub verdict: Verdict,
+    /// Human-readable rule: "egress[2]", "default-deny", "no-policy", "raw-socket", ...
+    pub rule: String,
+    /// SHA-256 (hex) of the policy document in force for this identity.
+    pub policy_hash: String,
+    /// Extra detail (socket family/type for sock_create, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}

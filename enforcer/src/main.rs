@@ -1,0 +1,9 @@
+//! enforcer: kernel-level egress enforcement for AI-agent workloads.
+//!
+//! Data flows one way: policy (`policy/`) + workload discovery -> compiled
+//! tables -> BPF maps (`kernel/`) -> kernel verdicts -> ring buffer
+//! (`events/`) -> audit log (`audit`) and metrics (`metrics`).
+#![allow(dead_code)]
+mod events;
+
+fn main() {}
