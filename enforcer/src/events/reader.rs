@@ -1,1 +1,280 @@
-//! Ring-buffer reader (kernel/ -> events/).
+//! Ring-buffer reader: raw `enforcer_common::Event` records -> `Decision`s.
+//!
+//! The reader drains the `EVENTS` ring buffer whenever its fd is readable
+//! and hands each decoded event to a handler in the same task (no queue that
+//! could grow without bound). Attribution (slot -> identity, rule id -> rule
+//! name, policy hash) is looked up in a shared table that the controller
+//! updates when policies change.
+use std::{
+    collections::HashMap,
+    mem::size_of,
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use enforcer_common::{Event, action, rule};
+use tokio::io::unix::AsyncFd;
+
+use super::{Action, Decision, IdentityRef, Verdict};
+
+/// Decode one ring-buffer record. Short records are rejected (never read past the end).
+pub fn decode(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: length checked; Event is plain old data; unaligned read.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+/// What the controller knows about an identity slot.
+#[derive(Clone, Debug)]
+pub struct SlotInfo {
+    pub identity: IdentityRef,
+    pub policy_hash: String,
+    /// `rules[rule_id - 1]` is the name of rule `rule_id`.
+    pub rules: Vec<String>,
+}
+
+/// slot -> SlotInfo, shared between the controller (writer) and the reader.
+#[derive(Clone, Default)]
+pub struct Attribution(Arc<RwLock<HashMap<u32, SlotInfo>>>);
+
+impl Attribution {
+    pub fn set(&self, slot: u32, info: SlotInfo) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).insert(slot, info);
+    }
+    pub fn remove(&self, slot: u32) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+    }
+    pub fn get(&self, slot: u32) -> Option<SlotInfo> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned()
+    }
+
+    /// Turn a kernel event into an attributed decision.
+    pub fn decision(&self, ev: &Event, clock: &Clock) -> Decision {
+        let info = self.get(ev.slot);
+        let identity = info.as_ref().map(|i| i.identity.clone()).unwrap_or(IdentityRef {
+            name: "unknown".into(),
+            spiffe_id: None,
+        });
+        let rule = rule_name(ev.rule_id, info.as_ref().map(|i| i.rules.as_slice()));
+        let act = Action::from_kernel(ev.action).unwrap_or(Action::Connect);
+        let (ip, port, detail) = if ev.action == action::SOCK_CREATE {
+            (
+                None,
+                None,
+                Some(format!(
+                    "family={} type={} protocol={}",
+                    family_name(ev.family),
+                    sock_type_name(ev.sock_type),
+                    ev.protocol
+                )),
+            )
+        } else {
+            let v6 = Ipv6Addr::from(ev.addr);
+            let ip = match v6.to_ipv4_mapped() {
+                Some(v4) if ev.family == 2 => IpAddr::V4(v4),
+                _ => IpAddr::V6(v6),
+            };
+            (Some(ip), Some(ev.port), None)
+        };
+        Decision {
+            ts: clock.wall(ev.ts_ns),
+            identity,
+            cgroup_id: ev.cgroup_id,
+            pid: ev.pid,
+            comm: comm_str(&ev.comm),
+            action: act,
+            ip,
+            port,
+            protocol: Some(protocol_name(ev.protocol, ev.sock_type)),
+            host: None,
+            verdict: Verdict::from_kernel(ev.verdict).unwrap_or(Verdict::Deny),
+            rule,
+            policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),
+            detail,
+        }
+    }
+}
+
+pub fn rule_name(rule_id: u32, rules: Option<&[String]>) -> String {
+    match rule_id {
+        rule::DEFAULT_DENY => "default-deny".into(),
+        rule::NO_POLICY => "no-policy".into(),
+        rule::RAW_SOCKET => "raw-socket".into(),
+        rule::SOCKET_FAMILY => "socket-family".into(),
+        rule::SOCKET_OK => "socket".into(),
+        id => rules
+            .and_then(|r| r.get(id as usize - 1))
+            .cloned()
+            .unwrap_or_else(|| format!("egress[{}]", id - 1)),
+    }
+}
+
+pub fn protocol_name(p: u8, sock_type: u8) -> String {
+    match (p, sock_type) {
+        (6, _) => "tcp".into(),
+        (17, _) => "udp".into(),
+        (1, _) => "icmp".into(),
+        (58, _) => "icmpv6".into(),
+        (_, 3) => "raw".into(),
+        (n, _) => n.to_string(),
+    }
+}
+
+fn family_name(f: u8) -> String {
+    match f {
+        1 => "unix".into(),
+        2 => "inet".into(),
+        10 => "inet6".into(),
+        16 => "netlink".into(),
+        17 => "packet".into(),
+        n => n.to_string(),
+    }
+}
+
+fn sock_type_name(t: u8) -> String {
+    match t {
+        1 => "stream".into(),
+        2 => "dgram".into(),
+        3 => "raw".into(),
+        5 => "seqpacket".into(),
+        10 => "packet".into(),
+        n => n.to_string(),
+    }
+}
+
+fn comm_str(c: &[u8; 16]) -> String {
+    let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+    String::from_utf8_lossy(&c[..end]).into_owned()
+}
+
+/// Converts `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+            .unwrap_or(0);
+        let wall = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0) as i128;
+        Self {
+            offset_ns: wall - mono,
+        }
+    }
+    pub fn wall(&self, mono_ns: u64) -> chrono::DateTime<chrono::Utc> {
+        let ns = mono_ns as i128 + self.offset_ns;
+        chrono::DateTime::from_timestamp_nanos(ns.clamp(0, i64::MAX as i128) as i64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Drain the ring buffer forever (until the task is dropped), calling
+/// `handle` for each event. `flush` runs after each drained batch.
+pub async fn run(
+    ring: RingBuf<MapData>,
+    mut handle: impl FnMut(Event) + Send,
+    mut flush: impl FnMut() + Send,
+) -> anyhow::Result<()> {
+    let mut fd = AsyncFd::new(ring)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut n = 0usize;
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decode(&item) {
+                handle(ev);
+            }
+            n += 1;
+        }
+        guard.clear_ready();
+        if n > 0 {
+            flush();
+        }
+    }
+}
+
+/// Drain whatever is in the ring buffer now (used at shutdown).
+pub fn drain_now(ring: &mut RingBuf<MapData>, mut handle: impl FnMut(Event)) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        if let Some(ev) = decode(&item) {
+            handle(ev);
+        }
+        n += 1;
+    }
+    n
+}
+
+/// How long shutdown waits for the last events to arrive.
+pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_rejects_short_records() {
+        assert!(decode(&[0u8; 10]).is_none());
+        assert!(decode(&[]).is_none());
+        let ev = Event {
+            port: 443,
+            rule_id: 3,
+            ..Default::default()
+        };
+        let bytes: [u8; size_of::<Event>()] = unsafe { std::mem::transmute(ev) };
+        assert_eq!(decode(&bytes), Some(ev));
+    }
+
+    #[test]
+    fn attribution_names_rules_and_mapped_addresses() {
+        let a = Attribution::default();
+        a.set(
+            1,
+            SlotInfo {
+                identity: IdentityRef {
+                    name: "demo".into(),
+                    spiffe_id: Some("spiffe://x/y".into()),
+                },
+                policy_hash: "abc".into(),
+                rules: vec!["egress[0] cidr 127.0.0.1/32".into()],
+            },
+        );
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&[127, 0, 0, 2]);
+        let ev = Event {
+            slot: 1,
+            rule_id: 0,
+            addr,
+            port: 9,
+            family: 2,
+            protocol: 6,
+            verdict: enforcer_common::verdict::DENY,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        };
+        let d = a.decision(&ev, &Clock::new());
+        assert_eq!(d.identity.name, "demo");
+        assert_eq!(d.ip, Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(d.rule, "default-deny");
+        assert_eq!(d.comm, "curl");
+        assert_eq!(d.protocol.as_deref(), Some("tcp"));
+        assert_eq!(d.verdict, Verdict::Deny);
+        let allowed = Event { rule_id: 1, verdict: 0, ..ev };
+        assert_eq!(a.decision(&allowed, &Clock::new()).rule, "egress[0] cidr 127.0.0.1/32");
+        let unknown = Event { slot: 7, ..ev };
+        assert_eq!(a.decision(&unknown, &Clock::new()).identity.name, "unknown");
+    }
+}

@@ -1,0 +1,441 @@
+//! Kernel side of userspace: load the eBPF object, attach it to cgroups,
+//! and keep its tables (identities, policy generations, LPM tries).
+//!
+//! Table updates follow one rule: the kernel always sees a complete policy.
+//! A new generation is written under a fresh table id, then one
+//! `POLICIES[slot]` update flips every cgroup of that identity to it, then
+//! the old generation is deleted. A failure before the flip leaves the old
+//! generation in force and removes the partial new one.
+pub mod cgroup;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, Program,
+        links::{FdLink, PinnedLink},
+    },
+};
+use enforcer_common::{
+    GlobalConfig, IdentityBinding, MAX_SLOTS, PolicyState, RuleSet, V4Key, V6Key, action,
+    counter_index, map_names, policy_flags, prog_names, stat, verdict,
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+/// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+/// Per-slot bookkeeping of what is installed in the tries.
+#[derive(Default)]
+struct Installed {
+    table_id: u32,
+    v4: Vec<Key<V4Key>>,
+    v6: Vec<Key<V6Key>>,
+}
+
+pub struct Kernel {
+    ebpf: Ebpf,
+    identities: HashMap<MapData, u64, IdentityBinding>,
+    policies: Array<MapData, PolicyState>,
+    v4: LpmTrie<MapData, V4Key, RuleSet>,
+    v6: LpmTrie<MapData, V6Key, RuleSet>,
+    counters: PerCpuArray<MapData, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, GlobalConfig>,
+    events: Option<RingBuf<MapData>>,
+    installed: StdHashMap<u32, Installed>,
+    next_table_id: u32,
+}
+
+/// Programs attached to one cgroup. Dropping it detaches them, unless they
+/// were pinned (then `release` unpins and detaches).
+pub struct Attachment {
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    links: Vec<FdLink>,
+    pinned: Vec<PinnedLink>,
+    pin_dir: Option<PathBuf>,
+}
+
+impl Attachment {
+    /// Unpin (if pinned) and detach every program from the cgroup.
+    pub fn release(mut self) {
+        for p in self.pinned.drain(..) {
+            match p.unpin() {
+                Ok(link) => drop(link),
+                Err(e) => tracing::warn!("unpinning link: {e}"),
+            }
+        }
+        self.links.clear();
+        if let Some(d) = self.pin_dir.take() {
+            let _ = fs::remove_dir(&d);
+        }
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        !self.pinned.is_empty()
+    }
+}
+
+/// Counters of one identity slot: `[action][verdict]`.
+pub type SlotCounters = [[u64; verdict::COUNT as usize]; action::COUNT as usize];
+
+fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let m = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("eBPF object has no map {name}"))?;
+    T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Kernel {
+    /// Load the object and every program. `pin_maps`: a bpffs directory where
+    /// the maps are pinned by name and reused across restarts (daemon).
+    pub fn load(pin_maps: Option<&Path>) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!(
+                "this enforcer binary was built without its eBPF object (AYA_BUILD_SKIP=1); \
+                 rebuild after running scripts/setup.sh"
+            );
+        }
+        raise_memlock();
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, PathBuf)> = match pin_maps {
+            Some(dir) => {
+                fs::create_dir_all(dir)
+                    .with_context(|| format!("creating pin directory {}", dir.display()))?;
+                [
+                    map_names::IDENTITIES,
+                    map_names::POLICIES,
+                    map_names::EGRESS_V4,
+                    map_names::EGRESS_V6,
+                    map_names::COUNTERS,
+                    map_names::STATS,
+                    map_names::CONFIG,
+                    map_names::EVENTS,
+                ]
+                .into_iter()
+                .map(|n| (n, dir.join(n)))
+                .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            let hint = if matches!(nix::unistd::geteuid().as_raw(), 0) {
+                ""
+            } else {
+                " (enforcer must run as root, with CAP_BPF and CAP_SYS_ADMIN)"
+            };
+            anyhow!("loading the eBPF object failed: {e}{hint}")
+        })?;
+        for name in prog_names::ALL {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
+            let res = match prog {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
+                _ => bail!("program {name} has an unexpected type"),
+            };
+            res.map_err(|e| anyhow!("loading program {name}: {e:#}"))?;
+        }
+        let identities = map(&mut ebpf, map_names::IDENTITIES)?;
+        let policies: Array<MapData, PolicyState> = map(&mut ebpf, map_names::POLICIES)?;
+        let v4 = map(&mut ebpf, map_names::EGRESS_V4)?;
+        let v6 = map(&mut ebpf, map_names::EGRESS_V6)?;
+        let counters = map(&mut ebpf, map_names::COUNTERS)?;
+        let stats = map(&mut ebpf, map_names::STATS)?;
+        let config = map(&mut ebpf, map_names::CONFIG)?;
+        let events = Some(map(&mut ebpf, map_names::EVENTS)?);
+        // Continue after the highest generation already present (pinned maps).
+        let mut next_table_id = 1;
+        for s in 0..MAX_SLOTS {
+            if let Ok(p) = policies.get(&s, 0) {
+                if p.flags & policy_flags::PRESENT != 0 {
+                    next_table_id = next_table_id.max(p.table_id.wrapping_add(1));
+                }
+            }
+        }
+        Ok(Self {
+            ebpf,
+            identities,
+            policies,
+            v4,
+            v6,
+            counters,
+            stats,
+            config,
+            events,
+            installed: StdHashMap::new(),
+            next_table_id,
+        })
+    }
+
+    /// The ring buffer of decisions (taken once by the event reader).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    pub fn set_allow_sample(&mut self, allow_sample: u32) -> Result<()> {
+        self.config
+            .set(0, GlobalConfig { allow_sample, _pad: 0 }, 0)
+            .context("writing CONFIG")
+    }
+
+    /// Attach every program to `cgroup`. With `pin_dir`, the links are pinned
+    /// there so that enforcement outlives this process.
+    pub fn attach(&mut self, cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attachment> {
+        let cgroup_id = cgroup::cgroup_id(cgroup)?;
+        let file = fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let mut links = Vec::new();
+        for name in prog_names::ALL {
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("no program {name}"))?;
+            let link: FdLink = match prog {
+                Program::CgroupSockAddr(p) => {
+                    let id = p
+                        .attach(&file, CgroupAttachMode::Single)
+                        .map_err(|e| anyhow!("attaching {name} to {}: {e:#}", cgroup.display()))?;
+                    p.take_link(id)?.try_into().map_err(|e| anyhow!("{name}: {e}"))?
+                }
+                Program::CgroupSock(p) => {
+                    let id = p
+                        .attach(&file, CgroupAttachMode::Single)
+                        .map_err(|e| anyhow!("attaching {name} to {}: {e:#}", cgroup.display()))?;
+                    p.take_link(id)?.try_into().map_err(|e| anyhow!("{name}: {e}"))?
+                }
+                _ => bail!("program {name} has an unexpected type"),
+            };
+            links.push(link);
+        }
+        let mut att = Attachment {
+            cgroup: cgroup.to_path_buf(),
+            cgroup_id,
+            links,
+            pinned: Vec::new(),
+            pin_dir: None,
+        };
+        if let Some(dir) = pin_dir {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("creating link pin directory {}", dir.display()))?;
+            for (link, name) in std::mem::take(&mut att.links).into_iter().zip(prog_names::ALL) {
+                let path = dir.join(name);
+                let _ = fs::remove_file(&path);
+                let pinned = link
+                    .pin(&path)
+                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
+                att.pinned.push(pinned);
+            }
+            att.pin_dir = Some(dir.to_path_buf());
+        }
+        Ok(att)
+    }
+
+    /// Install (or atomically replace) the compiled tables of identity `slot`.
+    pub fn install_policy(
+        &mut self,
+        slot: u32,
+        audit: bool,
+        v4: &[(Ipv4Net, RuleSet)],
+        v6: &[(Ipv6Net, RuleSet)],
+    ) -> Result<()> {
+        if slot == 0 || slot >= MAX_SLOTS {
+            bail!("identity slot {slot} out of range 1..{MAX_SLOTS}");
+        }
+        let table_id = self.next_table_id;
+        self.next_table_id = self.next_table_id.wrapping_add(1).max(1);
+        let tid = table_id.to_be_bytes();
+        let mut new = Installed {
+            table_id,
+            ..Default::default()
+        };
+        let mut result = Ok(());
+        for (net, set) in v4 {
+            let key = Key::new(
+                32 + u32::from(net.prefix_len()),
+                V4Key {
+                    table_id_be: tid,
+                    addr: net.network().octets(),
+                },
+            );
+            if let Err(e) = self.v4.insert(&key, set, 0) {
+                result = Err(anyhow!("inserting {net} into EGRESS_V4: {e}"));
+                break;
+            }
+            new.v4.push(key);
+        }
+        if result.is_ok() {
+            for (net, set) in v6 {
+                let key = Key::new(
+                    32 + u32::from(net.prefix_len()),
+                    V6Key {
+                        table_id_be: tid,
+                        addr: net.network().octets(),
+                    },
+                );
+                if let Err(e) = self.v6.insert(&key, set, 0) {
+                    result = Err(anyhow!("inserting {net} into EGRESS_V6: {e}"));
+                    break;
+                }
+                new.v6.push(key);
+            }
+        }
+        if let Err(e) = result {
+            self.delete_generation(&new);
+            return Err(e.context("policy tables not installed; the previous policy stays in force"));
+        }
+        let mut flags = policy_flags::PRESENT;
+        if audit {
+            flags |= policy_flags::AUDIT;
+        }
+        if let Err(e) = self.policies.set(slot, PolicyState { table_id, flags }, 0) {
+            self.delete_generation(&new);
+            bail!("switching slot {slot} to its new tables: {e}");
+        }
+        let old = self.installed.insert(slot, new);
+        match old {
+            Some(old) => self.delete_generation(&old),
+            None => self.delete_table_by_scan(slot, table_id),
+        }
+        Ok(())
+    }
+
+    /// Remove identity `slot`'s policy: its cgroups (if still bound) fail closed.
+    pub fn remove_policy(&mut self, slot: u32) -> Result<()> {
+        self.policies.set(slot, PolicyState::default(), 0)?;
+        if let Some(old) = self.installed.remove(&slot) {
+            self.delete_generation(&old);
+        }
+        Ok(())
+    }
+
+    fn delete_generation(&mut self, g: &Installed) {
+        for k in &g.v4 {
+            let _ = self.v4.remove(k);
+        }
+        for k in &g.v6 {
+            let _ = self.v6.remove(k);
+        }
+    }
+
+    /// After a restart with pinned maps we do not know the keys of a slot's
+    /// previous generations: remove every entry of a table id that no slot
+    /// uses any more.
+    fn delete_table_by_scan(&mut self, _slot: u32, keep: u32) {
+        let live: std::collections::HashSet<u32> = (0..MAX_SLOTS)
+            .filter_map(|s| self.policies.get(&s, 0).ok())
+            .filter(|p| p.flags & policy_flags::PRESENT != 0)
+            .map(|p| p.table_id)
+            .chain([keep])
+            .collect();
+        let stale4: Vec<Key<V4Key>> = self
+            .v4
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().table_id_be)))
+            .collect();
+        for k in stale4 {
+            let _ = self.v4.remove(&k);
+        }
+        let stale6: Vec<Key<V6Key>> = self
+            .v6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().table_id_be)))
+            .collect();
+        for k in stale6 {
+            let _ = self.v6.remove(&k);
+        }
+    }
+
+    /// Bind a cgroup (and its descendants) to identity `slot`.
+    pub fn bind_cgroup(&mut self, cgroup_id: u64, slot: u32) -> Result<()> {
+        self.identities
+            .insert(cgroup_id, IdentityBinding { slot, _pad: 0 }, 0)
+            .with_context(|| format!("binding cgroup {cgroup_id} to slot {slot}"))
+    }
+
+    pub fn unbind_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
+        match self.identities.remove(&cgroup_id) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Bound cgroups (cgroup id -> slot), as the kernel sees them.
+    pub fn bindings(&self) -> Vec<(u64, u32)> {
+        self.identities
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k, v.slot))
+            .collect()
+    }
+
+    pub fn slot_counters(&self, slot: u32) -> SlotCounters {
+        let mut out = [[0u64; verdict::COUNT as usize]; action::COUNT as usize];
+        for (a, row) in out.iter_mut().enumerate() {
+            for (v, cell) in row.iter_mut().enumerate() {
+                let idx = counter_index(slot, a as u8, v as u8);
+                if let Ok(vals) = self.counters.get(&idx, 0) {
+                    *cell = vals.iter().sum();
+                }
+            }
+        }
+        out
+    }
+
+    /// Reset a slot's counters (when a slot is reused for another identity).
+    pub fn reset_slot_counters(&mut self, slot: u32) {
+        let ncpu = aya::util::nr_cpus().unwrap_or(1);
+        for a in 0..action::COUNT as u8 {
+            for v in 0..verdict::COUNT as u8 {
+                let idx = counter_index(slot, a, v);
+                if let Ok(zero) = aya::maps::PerCpuValues::try_from(vec![0u64; ncpu]) {
+                    let _ = self.counters.set(idx, zero, 0);
+                }
+            }
+        }
+    }
+
+    pub fn stat(&self, index: u32) -> u64 {
+        debug_assert!(index < stat::COUNT);
+        self.stats
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Total LPM entries installed for a slot.
+    pub fn entry_count(&self, slot: u32) -> usize {
+        self.installed
+            .get(&slot)
+            .map(|i| i.v4.len() + i.v6.len())
+            .unwrap_or(0)
+    }
+}
+
+fn raise_memlock() {
+    // Kernels >= 5.11 account BPF memory to the cgroup; older ones need this.
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
