@@ -1,10 +1,203 @@
 //! enforcer: kernel-level egress enforcement for AI-agent workloads.
 //!
-//! Data flows one way: policy (`policy/`) + workload discovery -> compiled
-//! tables -> BPF maps (`kernel/`) -> kernel verdicts -> ring buffer
-//! (`events/`) -> audit log (`audit`) and metrics (`metrics`).
-#![allow(dead_code)]
+//! Data flows one way: policy files (`policy/`) + workload bindings
+//! (`daemon/`, `run`) -> compiled tables (`policy::compile`) -> BPF maps
+//! (`kernel/`) -> kernel verdicts -> ring buffer (`events/`) -> audit log
+//! (`audit`) and metrics (`metrics`).
+mod audit;
+mod daemon;
 mod events;
 mod kernel;
+mod metrics;
+mod policy;
+mod run;
 
-fn main() {}
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "enforcer",
+    version,
+    about = "Kernel-level egress enforcer for AI-agent workloads (eBPF, cgroup v2)",
+    long_about = "Ties the network activity of agent process trees to their workload identity \
+                  and enforces each agent's declared egress policy in the kernel: what is not \
+                  declared is denied with EPERM (or recorded, in audit mode)."
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "enforcer=debug".
+    #[arg(long, global = true, env = "ENFORCER_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run CMD in a fresh cgroup under POLICY; exit with CMD's status. Needs root.
+    ///
+    /// The agent starts already enforced, in its own cgroup and cgroup
+    /// namespace, with no capabilities and no_new_privs. A summary of
+    /// denials is printed to stderr when it exits.
+    Run {
+        /// Policy file (YAML, AgentPolicy).
+        #[arg(long, short = 'p')]
+        policy: PathBuf,
+        /// Which policy of a multi-document file to enforce.
+        #[arg(long)]
+        policy_name: Option<String>,
+        /// Append one JSON line per decision here (SHA-256 chained).
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// Serve Prometheus metrics (/metrics, /healthz) on this address.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
+        /// Run CMD as this user (NAME, UID or UID:GID) instead of uid 0 without capabilities.
+        #[arg(long)]
+        user: Option<String>,
+        /// Allowed decisions sent as events: 1 = all (default), 0 = only counted, N = ~1 in N.
+        /// Denials and audits are always sent.
+        #[arg(long, default_value_t = 1)]
+        allow_events: u32,
+        /// bpffs directory where links are pinned while the agent runs.
+        #[arg(long, default_value = "/sys/fs/bpf/enforcer")]
+        pin_dir: PathBuf,
+        /// Do not print the summary.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+        /// The agent command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The node daemon: policies directory, static cgroup bindings, metrics, audit log.
+    Daemon {
+        /// Daemon configuration file (YAML).
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
+    },
+    /// Show what the running daemon enforces, per identity (root only).
+    Status {
+        /// Control socket of the daemon.
+        #[arg(long, default_value = daemon::DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        /// Print the raw JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate policy files; errors name file:line:column and field. Exit 1 on any error.
+    Check {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Verify the SHA-256 chain of an audit log; exit 1 if a record was changed or removed.
+    Verify { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match dispatch(cli.command) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("enforcer: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Run {
+            policy,
+            policy_name,
+            audit_log,
+            metrics_addr,
+            user,
+            allow_events,
+            pin_dir,
+            quiet,
+            command,
+        } => run::run(run::RunArgs {
+            policy,
+            policy_name,
+            audit_log,
+            metrics_addr,
+            user,
+            allow_events,
+            pin_dir,
+            quiet,
+            command,
+        }),
+        Cmd::Daemon { config } => daemon::main(&config),
+        Cmd::Policy {
+            command: PolicyCmd::Check { files },
+        } => policy_check(&files),
+        Cmd::Audit {
+            command: AuditCmd::Verify { file },
+        } => audit_verify(&file),
+        Cmd::Status { socket, json } => daemon::control::status(&socket, json),
+    }
+}
+
+fn policy_check(files: &[PathBuf]) -> anyhow::Result<i32> {
+    match policy::load_files(files) {
+        Ok(policies) => {
+            for p in &policies {
+                let note = match policy::check_supported(p) {
+                    Ok(()) => String::new(),
+                    Err(e) => format!(" (valid; `run`/`daemon` refuse it in this release: {e})"),
+                };
+                println!(
+                    "{}:{}: {} ok{note}",
+                    p.source.display(),
+                    p.line,
+                    p.policy.metadata.name
+                );
+            }
+            Ok(0)
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            Ok(1)
+        }
+    }
+}
+
+fn audit_verify(file: &std::path::Path) -> anyhow::Result<i32> {
+    match audit::verify(file) {
+        Ok(report) => {
+            println!("{}: {report}", file.display());
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            Ok(1)
+        }
+    }
+}

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 pub mod reader;
+pub mod sink;
 
 /// What the agent tried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]

@@ -45,9 +45,6 @@ impl Attribution {
     pub fn set(&self, slot: u32, info: SlotInfo) {
         self.0.write().unwrap_or_else(|e| e.into_inner()).insert(slot, info);
     }
-    pub fn remove(&self, slot: u32) {
-        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(&slot);
-    }
     pub fn get(&self, slot: u32) -> Option<SlotInfo> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned()
     }
@@ -186,7 +183,10 @@ pub async fn run(
     mut handle: impl FnMut(Event) + Send,
     mut flush: impl FnMut() + Send,
 ) -> anyhow::Result<()> {
-    let mut fd = AsyncFd::new(ring)?;
+    // SAFETY: RingBuf owns its map fd; it stays open and unchanged for the
+    // lifetime of the AsyncFd, which owns the RingBuf.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -202,18 +202,6 @@ pub async fn run(
             flush();
         }
     }
-}
-
-/// Drain whatever is in the ring buffer now (used at shutdown).
-pub fn drain_now(ring: &mut RingBuf<MapData>, mut handle: impl FnMut(Event)) -> usize {
-    let mut n = 0;
-    while let Some(item) = ring.next() {
-        if let Some(ev) = decode(&item) {
-            handle(ev);
-        }
-        n += 1;
-    }
-    n
 }
 
 /// How long shutdown waits for the last events to arrive.

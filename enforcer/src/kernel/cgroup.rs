@@ -57,17 +57,6 @@ pub fn cgroup_id(dir: &Path) -> Result<u64> {
         .ino())
 }
 
-/// The cgroup2 path of a process, from /proc/<pid>/cgroup ("0::/path").
-pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("0::") {
-            return Ok(cgroup2_mount()?.join(rest.trim_start_matches('/')));
-        }
-    }
-    bail!("process {pid} has no cgroup2 entry")
-}
-
 /// A cgroup created for one `enforcer run`; removed on drop (after its
 /// processes are killed).
 pub struct OwnedCgroup {

@@ -35,7 +35,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Per-slot bookkeeping of what is installed in the tries.
 #[derive(Default)]
 struct Installed {
-    table_id: u32,
     v4: Vec<Key<V4Key>>,
     v6: Vec<Key<V6Key>>,
 }
@@ -57,7 +56,6 @@ pub struct Kernel {
 /// Programs attached to one cgroup. Dropping it detaches them, unless they
 /// were pinned (then `release` unpins and detaches).
 pub struct Attachment {
-    pub cgroup: PathBuf,
     pub cgroup_id: u64,
     links: Vec<FdLink>,
     pinned: Vec<PinnedLink>,
@@ -79,9 +77,6 @@ impl Attachment {
         }
     }
 
-    pub fn is_pinned(&self) -> bool {
-        !self.pinned.is_empty()
-    }
 }
 
 /// Counters of one identity slot: `[action][verdict]`.
@@ -224,7 +219,6 @@ impl Kernel {
             links.push(link);
         }
         let mut att = Attachment {
-            cgroup: cgroup.to_path_buf(),
             cgroup_id,
             links,
             pinned: Vec::new(),
@@ -246,6 +240,38 @@ impl Kernel {
         Ok(att)
     }
 
+    /// Re-adopt links that a previous daemon pinned in `dir` for `cgroup`
+    /// (enforcement survived the restart). `None` when nothing complete is
+    /// pinned there; a partial set (crash mid-attach) is removed so that the
+    /// caller can attach afresh.
+    pub fn adopt_pinned(&self, cgroup: &Path, dir: &Path) -> Result<Option<Attachment>> {
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let cgroup_id = cgroup::cgroup_id(cgroup)?;
+        let mut pinned = Vec::new();
+        let mut complete = true;
+        for name in prog_names::ALL {
+            let path = dir.join(name);
+            match PinnedLink::from_pin(&path) {
+                Ok(l) => pinned.push(l),
+                Err(_) => complete = false,
+            }
+        }
+        if !complete {
+            for p in pinned {
+                let _ = p.unpin();
+            }
+            return Ok(None);
+        }
+        Ok(Some(Attachment {
+            cgroup_id,
+            links: Vec::new(),
+            pinned,
+            pin_dir: Some(dir.to_path_buf()),
+        }))
+    }
+
     /// Install (or atomically replace) the compiled tables of identity `slot`.
     pub fn install_policy(
         &mut self,
@@ -260,10 +286,7 @@ impl Kernel {
         let table_id = self.next_table_id;
         self.next_table_id = self.next_table_id.wrapping_add(1).max(1);
         let tid = table_id.to_be_bytes();
-        let mut new = Installed {
-            table_id,
-            ..Default::default()
-        };
+        let mut new = Installed::default();
         let mut result = Ok(());
         for (net, set) in v4 {
             let key = Key::new(
@@ -378,15 +401,6 @@ impl Kernel {
         }
     }
 
-    /// Bound cgroups (cgroup id -> slot), as the kernel sees them.
-    pub fn bindings(&self) -> Vec<(u64, u32)> {
-        self.identities
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (k, v.slot))
-            .collect()
-    }
-
     pub fn slot_counters(&self, slot: u32) -> SlotCounters {
         let mut out = [[0u64; verdict::COUNT as usize]; action::COUNT as usize];
         for (a, row) in out.iter_mut().enumerate() {
@@ -421,13 +435,6 @@ impl Kernel {
             .unwrap_or(0)
     }
 
-    /// Total LPM entries installed for a slot.
-    pub fn entry_count(&self, slot: u32) -> usize {
-        self.installed
-            .get(&slot)
-            .map(|i| i.v4.len() + i.v6.len())
-            .unwrap_or(0)
-    }
 }
 
 fn raise_memlock() {

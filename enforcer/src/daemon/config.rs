@@ -1,0 +1,130 @@
+//! Daemon configuration (YAML). Unknown fields are errors, with line:column.
+//!
+//! ```yaml
+//! policiesDir: /etc/enforcer/policies      # *.yaml / *.yml AgentPolicy files
+//! bindings:                                # static cgroup -> policy bindings
+//!   - cgroup: agents/research              # absolute, or relative to the cgroup2 mount
+//!     policy: research-agent               # metadata.name of an AgentPolicy
+//! metricsAddr: 127.0.0.1:9090              # /metrics and /healthz
+//! auditLog: /var/log/enforcer/audit.jsonl
+//! pinDir: /sys/fs/bpf/enforcer             # bpffs: maps and links pinned here
+//! controlSocket: /run/enforcer/enforcer.sock
+//! allowEvents: 1                           # allowed decisions as events: 1 all (default), 0 counted only, N ~1 in N
+//! ```
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    pub policies_dir: PathBuf,
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    #[serde(default = "default_allow_events")]
+    pub allow_events: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    pub cgroup: PathBuf,
+    pub policy: String,
+}
+
+fn default_allow_events() -> u32 {
+    1
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/enforcer")
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(super::DEFAULT_CONTROL_SOCKET)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading daemon config {}", path.display()))?;
+        let mut cfg = Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Relative paths in the config are relative to the config file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        if cfg.policies_dir.is_relative() {
+            cfg.policies_dir = base.join(&cfg.policies_dir);
+        }
+        if let Some(a) = &cfg.audit_log {
+            if a.is_relative() {
+                cfg.audit_log = Some(base.join(a));
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut seen = std::collections::HashSet::new();
+        for b in &cfg.bindings {
+            if !seen.insert(&b.cgroup) {
+                bail!("bindings: cgroup {} is bound twice", b.cgroup.display());
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_config() {
+        let c = Config::parse(
+            "policiesDir: /p\nbindings:\n  - cgroup: agents/a\n    policy: a\n\
+             metricsAddr: 127.0.0.1:9090\nauditLog: /tmp/a.jsonl\npinDir: /sys/fs/bpf/x\n\
+             controlSocket: /tmp/s.sock\nallowEvents: 1\n",
+        )
+        .unwrap();
+        assert_eq!(c.bindings.len(), 1);
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.allow_events, 1);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse("policiesDir: /p\n").unwrap();
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/enforcer"));
+        assert!(c.bindings.is_empty());
+        assert_eq!(c.allow_events, 1);
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_location() {
+        let e = Config::parse("policiesDir: /p\nbogus: 1\n").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        assert!(e.contains('2'), "line expected: {e}");
+    }
+
+    #[test]
+    fn duplicate_binding_is_an_error() {
+        let e = Config::parse(
+            "policiesDir: /p\nbindings:\n  - {cgroup: a, policy: x}\n  - {cgroup: a, policy: y}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bound twice"), "{e}");
+    }
+}

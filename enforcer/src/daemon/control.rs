@@ -1,0 +1,182 @@
+//! Control socket: `enforcer status` asks the running daemon what it enforces.
+//!
+//! A unix stream socket, mode 0600 in a 0700 directory (root only). The
+//! client writes one line (`status`) and reads one JSON document.
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use super::{Rejection, State};
+use crate::events::sink::RecentDenial;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CgroupStatus {
+    pub path: String,
+    pub cgroup_id: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IdentityStatus {
+    pub name: String,
+    pub spiffe_id: Option<String>,
+    pub mode: String,
+    pub policy_hash: String,
+    pub source: String,
+    pub slot: u32,
+    pub rules: usize,
+    pub entries: usize,
+    pub cgroups: Vec<CgroupStatus>,
+    /// action -> verdict -> count (kernel counters)
+    pub decisions: BTreeMap<String, BTreeMap<String, u64>>,
+    pub recent_denials: Vec<RecentDenialOut>,
+}
+
+pub type RecentDenialOut = RecentDenial;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub started: String,
+    pub policies_dir: String,
+    pub identities: Vec<IdentityStatus>,
+    pub fail_closed_cgroups: Vec<String>,
+    pub waiting_cgroups: Vec<String>,
+    pub rejected: Vec<Rejection>,
+    pub reloads_ok: u64,
+    pub reloads_rejected: u64,
+    pub events_lost: u64,
+}
+
+pub async fn serve(path: &Path, state: Arc<Mutex<State>>) -> Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let mut r = BufReader::new(r.take(256));
+                if r.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let reply = match line.trim() {
+                    "status" => {
+                        let s = state.lock().unwrap_or_else(|e| e.into_inner()).status();
+                        serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+                    }
+                    other => serde_json::json!({ "error": format!("unknown request {other:?}") })
+                        .to_string(),
+                };
+                let _ = w.write_all(reply.as_bytes()).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    }))
+}
+
+/// `enforcer status`.
+pub fn status(socket: &Path, json: bool) -> Result<i32> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the daemon at {} (is `enforcer daemon` running? status needs root)",
+            socket.display()
+        )
+    })?;
+    s.write_all(b"status\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    if json {
+        println!("{buf}");
+        return Ok(0);
+    }
+    let st: Status = serde_json::from_str(&buf).context("decoding daemon status")?;
+    print!("{}", render(&st));
+    Ok(0)
+}
+
+pub fn render(st: &Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "enforcer {} — up since {} — policies from {}",
+        st.version, st.started, st.policies_dir
+    );
+    let _ = writeln!(
+        o,
+        "reloads: {} ok, {} rejected; events lost: {}",
+        st.reloads_ok, st.reloads_rejected, st.events_lost
+    );
+    for i in &st.identities {
+        let _ = writeln!(
+            o,
+            "\nidentity {} {}\n  mode {}  policy {} ({})  rules {}  kernel entries {}",
+            i.name,
+            i.spiffe_id.as_deref().unwrap_or("(no spiffe id)"),
+            i.mode,
+            &i.policy_hash[..i.policy_hash.len().min(12)],
+            i.source,
+            i.rules,
+            i.entries
+        );
+        if i.cgroups.is_empty() {
+            let _ = writeln!(o, "  cgroups: none bound");
+        }
+        for c in &i.cgroups {
+            let _ = writeln!(o, "  cgroup {} (id {})", c.path, c.cgroup_id);
+        }
+        for (action, m) in &i.decisions {
+            let total: u64 = m.values().sum();
+            if total > 0 {
+                let _ = writeln!(
+                    o,
+                    "  {action:<12} allow {:>8}  deny {:>8}  audit {:>8}",
+                    m.get("allow").unwrap_or(&0),
+                    m.get("deny").unwrap_or(&0),
+                    m.get("audit").unwrap_or(&0)
+                );
+            }
+        }
+        if !i.recent_denials.is_empty() {
+            let _ = writeln!(o, "  recent denials:");
+            for d in i.recent_denials.iter().rev().take(10) {
+                let _ = writeln!(
+                    o,
+                    "    {} {} {} {} {} ({} pid {})",
+                    d.ts, d.verdict, d.action, d.destination, d.rule, d.comm, d.pid
+                );
+            }
+        }
+    }
+    for c in &st.fail_closed_cgroups {
+        let _ = writeln!(o, "\nFAIL CLOSED: {c}");
+    }
+    for c in &st.waiting_cgroups {
+        let _ = writeln!(o, "\nwaiting for cgroup {c} to appear");
+    }
+    for r in &st.rejected {
+        let _ = writeln!(o, "\nREJECTED {} at {} (previous version stays in force):", r.file, r.at);
+        for e in &r.errors {
+            let _ = writeln!(o, "  {e}");
+        }
+    }
+    o
+}

@@ -1,0 +1,630 @@
+//! `enforcer daemon --config FILE`: the node daemon.
+//!
+//! Reconcile loop: policies directory + static bindings (config) ->
+//! compiled tables -> kernel. Runs at start, on SIGHUP, on any change in the
+//! policies directory (inotify, debounced) and every few seconds (for bound
+//! cgroups that did not exist yet).
+//!
+//! Reload semantics: each file is validated on its own. A file with any
+//! error is rejected as a whole, reported (log, audit record,
+//! `enforcer_policy_reloads_total{result="rejected"}`, `enforcer status`) and
+//! the policies it held before stay in force. Valid changes replace an
+//! identity's tables atomically (see `kernel`). A policy that disappears
+//! leaves its bound cgroups failing closed.
+//!
+//! Maps and links are pinned under `pinDir`: enforcement continues while the
+//! daemon is down or restarting, and a restarted daemon adopts what it finds.
+pub mod config;
+pub mod control;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    audit::AuditLog,
+    events::{
+        IdentityRef,
+        reader::{self, Attribution, Clock, SlotInfo},
+        sink::{self, Sinks},
+    },
+    kernel::{Attachment, Kernel, cgroup},
+    metrics::{self, Metrics},
+    policy::{self, LoadedPolicy, compile::CompiledPolicy},
+};
+use config::Config;
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/enforcer/enforcer.sock";
+
+/// One active policy.
+struct Active {
+    compiled: CompiledPolicy,
+    source: PathBuf,
+    slot: u32,
+}
+
+/// One bound cgroup.
+struct Bound {
+    attachment: Attachment,
+    policy: String,
+    slot: u32,
+}
+
+/// Slot assignment, persisted next to the pinned maps so that a restarted
+/// daemon keeps every identity in the slot its cgroups already point to.
+#[derive(Default, Serialize, Deserialize)]
+struct SlotTable {
+    slots: BTreeMap<String, u32>,
+}
+
+impl SlotTable {
+    fn load(path: &Path) -> Self {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+    fn save(&self, path: &Path) {
+        if let Ok(b) = serde_json::to_vec_pretty(self) {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    }
+    fn get_or_alloc(&mut self, name: &str) -> Option<u32> {
+        if let Some(s) = self.slots.get(name) {
+            return Some(*s);
+        }
+        let used: HashSet<u32> = self.slots.values().copied().collect();
+        let slot = (1..enforcer_common::MAX_SLOTS).find(|s| !used.contains(s))?;
+        self.slots.insert(name.to_string(), slot);
+        Some(slot)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Rejection {
+    pub file: String,
+    pub errors: Vec<String>,
+    pub at: String,
+}
+
+pub struct State {
+    cfg: Config,
+    kernel: Kernel,
+    mount: PathBuf,
+    active: BTreeMap<String, Active>,
+    bound: HashMap<PathBuf, Bound>,
+    slots: SlotTable,
+    rejected: BTreeMap<PathBuf, Rejection>,
+    waiting: BTreeMap<PathBuf, String>,
+    attribution: Attribution,
+    sinks: Arc<Sinks>,
+    metrics: Arc<Metrics>,
+    started: chrono::DateTime<chrono::Utc>,
+    reloads_ok: u64,
+    reloads_rejected: u64,
+}
+
+impl State {
+    fn links_dir(&self, cgroup_id: u64) -> PathBuf {
+        self.cfg.pin_dir.join("links").join(cgroup_id.to_string())
+    }
+    fn slots_file(&self) -> PathBuf {
+        self.cfg.pin_dir.join("slots.json")
+    }
+
+    fn identity(c: &CompiledPolicy) -> IdentityRef {
+        IdentityRef {
+            name: c.name.clone(),
+            spiffe_id: c.spiffe_id.clone(),
+        }
+    }
+
+    /// Read every policy file; apply what is valid, keep the old version of
+    /// what is not.
+    fn reload_policies(&mut self) {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.cfg.policies_dir) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_file()
+                        && matches!(
+                            p.extension().and_then(|e| e.to_str()),
+                            Some("yaml") | Some("yml")
+                        )
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(dir = %self.cfg.policies_dir.display(), "reading policies directory: {e}");
+                return;
+            }
+        };
+        files.sort();
+        let now = chrono::Utc::now().to_rfc3339();
+        // name -> (compiled, source)
+        let mut desired: BTreeMap<String, (CompiledPolicy, PathBuf)> = BTreeMap::new();
+        let mut rejected_files: HashSet<PathBuf> = HashSet::new();
+        let mut new_rejections: BTreeMap<PathBuf, Rejection> = BTreeMap::new();
+        for file in &files {
+            let result: Result<Vec<(LoadedPolicy, CompiledPolicy)>, Vec<String>> =
+                match policy::load_files(std::slice::from_ref(file)) {
+                    Err(e) => Err(e.0.iter().map(|x| x.to_string()).collect()),
+                    Ok(list) => {
+                        let mut out = Vec::new();
+                        let mut errs = Vec::new();
+                        for p in list {
+                            if let Err(e) = policy::check_supported(&p) {
+                                errs.extend(e.0.iter().map(|x| x.to_string()));
+                                continue;
+                            }
+                            match policy::compile::compile(&p) {
+                                Ok(c) => out.push((p, c)),
+                                Err(e) => errs.extend(e.0.iter().map(|x| x.to_string())),
+                            }
+                        }
+                        for (p, _) in &out {
+                            let name = &p.policy.metadata.name;
+                            if let Some((_, other)) = desired.get(name) {
+                                errs.push(format!(
+                                    "{}:{}: metadata.name: duplicate policy name {name:?} (also in {})",
+                                    file.display(),
+                                    p.line,
+                                    other.display()
+                                ));
+                            }
+                        }
+                        if errs.is_empty() { Ok(out) } else { Err(errs) }
+                    }
+                };
+            match result {
+                Ok(list) => {
+                    for (_, c) in list {
+                        desired.insert(c.name.clone(), (c, file.clone()));
+                    }
+                }
+                Err(errors) => {
+                    rejected_files.insert(file.clone());
+                    new_rejections.insert(
+                        file.clone(),
+                        Rejection {
+                            file: file.display().to_string(),
+                            errors,
+                            at: now.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        // A rejected file keeps its previously active policies in force.
+        for (name, a) in &self.active {
+            if rejected_files.contains(&a.source) && !desired.contains_key(name) {
+                desired.insert(name.clone(), (a.compiled.clone(), a.source.clone()));
+            }
+        }
+        for (file, r) in &new_rejections {
+            let is_new = self.rejected.get(file).map(|old| old.errors != r.errors).unwrap_or(true);
+            if is_new {
+                for e in &r.errors {
+                    tracing::error!("policy rejected, previous version stays in force: {e}");
+                }
+                self.metrics.inc_policy_reload("rejected");
+                self.reloads_rejected += 1;
+                self.sinks.lifecycle(
+                    "policy_reload_rejected",
+                    None,
+                    "",
+                    &format!("{}: {}", file.display(), r.errors.join("; ")),
+                );
+            }
+        }
+        self.rejected = new_rejections;
+
+        // Apply changes.
+        let mut changed = false;
+        for (name, (compiled, source)) in &desired {
+            let same = self
+                .active
+                .get(name)
+                .map(|a| a.compiled.hash == compiled.hash)
+                .unwrap_or(false);
+            if same {
+                if let Some(a) = self.active.get_mut(name) {
+                    a.source = source.clone();
+                }
+                continue;
+            }
+            let Some(slot) = self.slots.get_or_alloc(name) else {
+                tracing::error!(policy = %name, "no free identity slot");
+                continue;
+            };
+            let fresh = !self.active.contains_key(name);
+            if fresh {
+                self.kernel.reset_slot_counters(slot);
+            }
+            match self
+                .kernel
+                .install_policy(slot, compiled.audit, &compiled.v4, &compiled.v6)
+            {
+                Ok(()) => {
+                    changed = true;
+                    tracing::info!(policy = %name, slot, entries = compiled.entry_count(), hash = %compiled.hash, "policy installed");
+                    self.attribution.set(
+                        slot,
+                        SlotInfo {
+                            identity: Self::identity(compiled),
+                            policy_hash: compiled.hash.clone(),
+                            rules: compiled.rules.clone(),
+                        },
+                    );
+                    self.metrics.set_policy(
+                        name,
+                        compiled.spiffe_id.as_deref().unwrap_or(""),
+                        if compiled.audit { "audit" } else { "enforce" },
+                        &compiled.hash,
+                        compiled.entry_count() as i64,
+                    );
+                    self.sinks.lifecycle(
+                        if fresh { "policy_load" } else { "policy_reload" },
+                        Some(&Self::identity(compiled)),
+                        &compiled.hash,
+                        &format!("{} ({} entries)", source.display(), compiled.entry_count()),
+                    );
+                    self.active.insert(
+                        name.clone(),
+                        Active {
+                            compiled: compiled.clone(),
+                            source: source.clone(),
+                            slot,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(policy = %name, "installing policy failed, previous version stays: {e:#}");
+                    self.metrics.inc_policy_reload("rejected");
+                    self.reloads_rejected += 1;
+                }
+            }
+        }
+        let removed: Vec<String> = self
+            .active
+            .keys()
+            .filter(|n| !desired.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(a) = self.active.remove(&name) {
+                changed = true;
+                tracing::warn!(policy = %name, "policy removed: its bound cgroups now fail closed");
+                let _ = self.kernel.remove_policy(a.slot);
+                self.metrics.forget_identity(&name);
+                self.sinks.lifecycle(
+                    "policy_remove",
+                    Some(&Self::identity(&a.compiled)),
+                    &a.compiled.hash,
+                    &format!("{} removed; bound cgroups fail closed", a.source.display()),
+                );
+            }
+        }
+        if changed {
+            self.metrics.inc_policy_reload("ok");
+            self.reloads_ok += 1;
+        }
+        self.slots.save(&self.slots_file());
+    }
+
+    /// Attach to bound cgroups that exist, bind them to their identity slot
+    /// (slot 0 = no policy: fail closed), release removed bindings.
+    fn reconcile_bindings(&mut self) {
+        let mut wanted: HashMap<PathBuf, String> = HashMap::new();
+        for b in &self.cfg.bindings {
+            let path = if b.cgroup.is_absolute() {
+                b.cgroup.clone()
+            } else {
+                self.mount.join(&b.cgroup)
+            };
+            wanted.insert(path, b.policy.clone());
+        }
+        let gone: Vec<PathBuf> = self
+            .bound
+            .keys()
+            .filter(|p| !wanted.contains_key(*p) || !p.is_dir())
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(b) = self.bound.remove(&p) {
+                let _ = self.kernel.unbind_cgroup(b.attachment.cgroup_id);
+                tracing::info!(cgroup = %p.display(), "binding released");
+                self.sinks.lifecycle("detach", None, "", &p.display().to_string());
+                b.attachment.release();
+            }
+        }
+        self.waiting.clear();
+        for (path, policy) in wanted {
+            if !path.is_dir() {
+                self.waiting.insert(path, policy);
+                continue;
+            }
+            let slot = self
+                .active
+                .get(&policy)
+                .map(|a| a.slot)
+                .unwrap_or(enforcer_common::SLOT_UNKNOWN);
+            if let Some(b) = self.bound.get_mut(&path) {
+                if b.slot != slot || b.policy != policy {
+                    if let Err(e) = self.kernel.bind_cgroup(b.attachment.cgroup_id, slot) {
+                        tracing::error!(cgroup = %path.display(), "rebinding: {e:#}");
+                    }
+                    b.slot = slot;
+                    b.policy = policy;
+                }
+                continue;
+            }
+            let id = match cgroup::cgroup_id(&path) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    continue;
+                }
+            };
+            // Bind first: from the first program run on, the cgroup has an identity.
+            if let Err(e) = self.kernel.bind_cgroup(id, slot) {
+                tracing::error!(cgroup = %path.display(), "binding: {e:#}");
+                continue;
+            }
+            let dir = self.links_dir(id);
+            let attachment = match self.kernel.adopt_pinned(&path, &dir) {
+                Ok(Some(a)) => {
+                    tracing::info!(cgroup = %path.display(), "adopted pinned links from a previous run");
+                    Ok(a)
+                }
+                _ => self.kernel.attach(&path, Some(&dir)),
+            };
+            match attachment {
+                Ok(attachment) => {
+                    if slot == enforcer_common::SLOT_UNKNOWN {
+                        tracing::warn!(cgroup = %path.display(), policy = %policy, "bound policy is not loaded: cgroup fails closed");
+                    }
+                    tracing::info!(cgroup = %path.display(), cgroup_id = id, policy = %policy, "attached");
+                    self.sinks.lifecycle(
+                        "attach",
+                        self.active.get(&policy).map(|a| Self::identity(&a.compiled)).as_ref(),
+                        self.active.get(&policy).map(|a| a.compiled.hash.as_str()).unwrap_or(""),
+                        &format!("{} (cgroup id {id})", path.display()),
+                    );
+                    self.bound.insert(path, Bound { attachment, policy, slot });
+                }
+                Err(e) => tracing::error!(cgroup = %path.display(), "attach failed: {e:#}"),
+            }
+        }
+        self.metrics.set_attached_cgroups(self.bound.len() as i64);
+    }
+
+    fn slot_names(&self) -> Vec<(u32, String)> {
+        self.active.iter().map(|(n, a)| (a.slot, n.clone())).collect()
+    }
+
+    pub fn status(&self) -> control::Status {
+        let mut identities = Vec::new();
+        for (name, a) in &self.active {
+            let counters = self.kernel.slot_counters(a.slot);
+            let mut decisions = BTreeMap::new();
+            for act in crate::events::Action::ALL {
+                let row = &counters[act.kernel_code() as usize];
+                let mut m = BTreeMap::new();
+                for v in crate::events::Verdict::ALL {
+                    m.insert(v.as_str().to_string(), row[v.kernel_code() as usize]);
+                }
+                decisions.insert(act.as_str().to_string(), m);
+            }
+            identities.push(control::IdentityStatus {
+                name: name.clone(),
+                spiffe_id: a.compiled.spiffe_id.clone(),
+                mode: if a.compiled.audit { "audit" } else { "enforce" }.into(),
+                policy_hash: a.compiled.hash.clone(),
+                source: a.source.display().to_string(),
+                slot: a.slot,
+                rules: a.compiled.rules.len(),
+                entries: a.compiled.entry_count(),
+                cgroups: self
+                    .bound
+                    .iter()
+                    .filter(|(_, b)| &b.policy == name)
+                    .map(|(p, b)| control::CgroupStatus {
+                        path: p.display().to_string(),
+                        cgroup_id: b.attachment.cgroup_id,
+                    })
+                    .collect(),
+                decisions,
+                recent_denials: self.sinks.recent(name),
+            });
+        }
+        let fail_closed = self
+            .bound
+            .iter()
+            .filter(|(_, b)| b.slot == enforcer_common::SLOT_UNKNOWN)
+            .map(|(p, b)| format!("{} (policy {:?} not loaded)", p.display(), b.policy))
+            .collect();
+        control::Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: self.started.to_rfc3339(),
+            policies_dir: self.cfg.policies_dir.display().to_string(),
+            identities,
+            fail_closed_cgroups: fail_closed,
+            waiting_cgroups: self.waiting.keys().map(|p| p.display().to_string()).collect(),
+            rejected: self.rejected.values().cloned().collect(),
+            reloads_ok: self.reloads_ok,
+            reloads_rejected: self.reloads_rejected,
+            events_lost: self.kernel.stat(enforcer_common::stat::EVENTS_LOST),
+        }
+    }
+}
+
+pub fn main(config_path: &Path) -> Result<i32> {
+    crate::run::require_root("daemon")?;
+    let cfg = Config::load(config_path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(cfg, config_path.to_path_buf()))
+}
+
+async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
+    let mount = cgroup::cgroup2_mount()?;
+    ensure_bpffs(&cfg.pin_dir)?;
+    let mut kernel = Kernel::load(Some(&cfg.pin_dir.join("maps")))?;
+    kernel.set_allow_sample(cfg.allow_events)?;
+    let ring = kernel.take_events().context("event ring buffer")?;
+    let metrics = Arc::new(Metrics::new());
+    let audit = match &cfg.audit_log {
+        Some(p) => {
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).ok();
+            }
+            Some(AuditLog::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
+        }
+        None => None,
+    };
+    let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
+    let attribution = Attribution::default();
+    let slots = SlotTable::load(&cfg.pin_dir.join("slots.json"));
+    let state = State {
+        cfg: cfg.clone(),
+        kernel,
+        mount,
+        active: BTreeMap::new(),
+        bound: HashMap::new(),
+        slots,
+        rejected: BTreeMap::new(),
+        waiting: BTreeMap::new(),
+        attribution: attribution.clone(),
+        sinks: sinks.clone(),
+        metrics: metrics.clone(),
+        started: chrono::Utc::now(),
+        reloads_ok: 0,
+        reloads_rejected: 0,
+    };
+    let state = Arc::new(Mutex::new(state));
+    sinks.lifecycle("start", None, "", &format!("enforcer daemon, config {}", config_path.display()));
+    {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.reload_policies();
+        s.reconcile_bindings();
+    }
+
+    let _metrics_server = match cfg.metrics_addr {
+        Some(addr) => {
+            let (bound, handle) = metrics::serve(metrics.clone(), addr, Arc::new(|| true)).await?;
+            tracing::info!("metrics on http://{bound}/metrics");
+            Some(handle)
+        }
+        None => None,
+    };
+    let clock = Clock::new();
+    let reader_task = {
+        let sinks_h = sinks.clone();
+        let sinks_f = sinks.clone();
+        tokio::spawn(reader::run(
+            ring,
+            move |ev| sinks_h.handle(&attribution.decision(&ev, &clock)),
+            move || sinks_f.flush(),
+        ))
+    };
+    let control_task = control::serve(&cfg.control_socket, state.clone()).await?;
+
+    // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+    let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    println!("enforcer daemon: ready (control socket {})", cfg.control_socket.display());
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "sighup",
+            Some(w) = rx.recv() => {
+                // Debounce bursts of file events (editors write in several steps).
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while rx.try_recv().is_ok() {}
+                w
+            }
+            _ = tick.tick() => "tick",
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        if why == "sighup" {
+            match Config::load(&config_path) {
+                Ok(new) => {
+                    if new.bindings != s.cfg.bindings {
+                        tracing::info!("bindings changed in config");
+                    }
+                    s.cfg.bindings = new.bindings;
+                }
+                Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
+            }
+        }
+        if why != "tick" {
+            tracing::info!(trigger = why, "reloading policies");
+            s.reload_policies();
+        }
+        s.reconcile_bindings();
+        let names = s.slot_names();
+        sink::publish_kernel_counters(&s.kernel, &metrics, &names);
+    }
+    tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
+    sinks.lifecycle("stop", None, "", "daemon stopped; pinned links keep enforcing");
+    reader_task.abort();
+    control_task.abort();
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    // Attachments are pinned: dropping them here closes our fds only.
+    Ok(0)
+}
+
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let on_bpffs = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[2] == "bpf" && pin_dir.starts_with(f[1])
+    });
+    if !on_bpffs {
+        anyhow::bail!(
+            "pinDir {} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` \
+             (the DaemonSet mounts the host's /sys/fs/bpf)",
+            pin_dir.display()
+        );
+    }
+    std::fs::create_dir_all(pin_dir.join("links"))?;
+    Ok(())
+}
+
+fn watch_dir(
+    dir: &Path,
+    tx: tokio::sync::mpsc::Sender<&'static str>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !ev.kind.is_access() {
+                let _ = tx.try_send("file-change");
+            }
+        }
+    })
+    .map_err(|e| tracing::warn!("file watcher unavailable ({e}); reload with SIGHUP"))
+    .ok()?;
+    w.watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|e| tracing::warn!("watching {}: {e}; reload with SIGHUP", dir.display()))
+        .ok()?;
+    Some(w)
+}

@@ -1,0 +1,128 @@
+//! Where decisions go: metrics, the audit log, and a short per-identity list
+//! of recent denials (for `enforcer status`). Shared by `run` and `daemon`.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Action, Decision, Verdict};
+use crate::{audit::AuditLog, kernel::Kernel, metrics::Metrics};
+
+const RECENT: usize = 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecentDenial {
+    pub ts: String,
+    pub action: String,
+    pub destination: String,
+    pub rule: String,
+    pub verdict: String,
+    pub comm: String,
+    pub pid: u32,
+}
+
+pub struct Sinks {
+    pub metrics: Arc<Metrics>,
+    pub audit: Option<Mutex<AuditLog>>,
+    recent: Mutex<HashMap<String, VecDeque<RecentDenial>>>,
+}
+
+impl Sinks {
+    pub fn new(metrics: Arc<Metrics>, audit: Option<AuditLog>) -> Self {
+        Self {
+            metrics,
+            audit: audit.map(Mutex::new),
+            recent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn handle(&self, d: &Decision) {
+        self.metrics
+            .inc_event(&d.identity.name, d.action.as_str(), d.verdict.as_str());
+        if let Some(a) = &self.audit {
+            let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
+            match a.append_decision(d) {
+                Ok(()) => self.metrics.inc_audit_records(),
+                Err(e) => tracing::error!("audit log write failed: {e:#}"),
+            }
+        }
+        if d.verdict != Verdict::Allow {
+            let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let q = r.entry(d.identity.name.clone()).or_default();
+            if q.len() == RECENT {
+                q.pop_front();
+            }
+            q.push_back(RecentDenial {
+                ts: d.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                action: d.action.as_str().into(),
+                destination: destination(d),
+                rule: d.rule.clone(),
+                verdict: d.verdict.as_str().into(),
+                comm: d.comm.clone(),
+                pid: d.pid,
+            });
+        }
+    }
+
+    pub fn flush(&self) {
+        if let Some(a) = &self.audit {
+            if let Err(e) = a.lock().unwrap_or_else(|e| e.into_inner()).flush() {
+                tracing::error!("audit log flush failed: {e:#}");
+            }
+        }
+    }
+
+    /// A lifecycle record (start, policy_load, reload rejected, attach, ...).
+    pub fn lifecycle(
+        &self,
+        action: &str,
+        identity: Option<&super::IdentityRef>,
+        policy_hash: &str,
+        detail: &str,
+    ) {
+        if let Some(a) = &self.audit {
+            let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = a.append_lifecycle(action, identity, policy_hash, detail) {
+                tracing::error!("audit log write failed: {e:#}");
+            }
+            let _ = a.flush();
+        }
+    }
+
+    pub fn recent(&self, identity: &str) -> Vec<RecentDenial> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(identity)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+pub fn destination(d: &Decision) -> String {
+    match (d.ip, d.port) {
+        (Some(std::net::IpAddr::V6(ip)), Some(p)) => format!("[{ip}]:{p}"),
+        (Some(ip), Some(p)) => format!("{ip}:{p}"),
+        _ => d.detail.clone().unwrap_or_default(),
+    }
+}
+
+/// Copy the kernel's per-slot counters and stats into the metrics.
+pub fn publish_kernel_counters(kernel: &Kernel, metrics: &Metrics, slots: &[(u32, String)]) {
+    let unknown = (enforcer_common::SLOT_UNKNOWN, "unknown".to_string());
+    for (slot, name) in slots.iter().chain(std::iter::once(&unknown)) {
+        let c = kernel.slot_counters(*slot);
+        for a in Action::ALL {
+            for v in Verdict::ALL {
+                let n = c[a.kernel_code() as usize][v.kernel_code() as usize];
+                if n > 0 || *slot != enforcer_common::SLOT_UNKNOWN {
+                    metrics.set_decisions_total(name, a.as_str(), v.as_str(), n);
+                }
+            }
+        }
+    }
+    metrics.set_events_lost_total(kernel.stat(enforcer_common::stat::EVENTS_LOST));
+    metrics.set_no_identity_decisions_total(kernel.stat(enforcer_common::stat::NO_IDENTITY));
+}

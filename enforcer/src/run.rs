@@ -1,0 +1,473 @@
+//! `enforcer run --policy FILE -- CMD ARGS...`: enforce one agent locally.
+//!
+//! Order matters: the policy is compiled and the programs are attached to a
+//! fresh cgroup *before* the agent exists; the agent is forked into that
+//! cgroup, put in a new cgroup namespace rooted there, stripped of every
+//! capability (bounding, ambient, effective, permitted, inheritable), given
+//! `no_new_privs` and `SECBIT_NOROOT`, optionally switched to `--user`, and
+//! only then exec'd. It cannot move itself out (cgroup namespace: the
+//! parent's `cgroup.procs` is outside its root), load BPF or open raw sockets.
+//!
+//! The links are pinned under bpffs while the agent runs, so that a crash of
+//! this process does not lift enforcement (the agent is also sent SIGKILL
+//! through PR_SET_PDEATHSIG). On exit the cgroup is emptied and removed.
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    net::SocketAddr,
+    os::unix::{ffi::OsStrExt, process::CommandExt, process::ExitStatusExt},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    audit::AuditLog,
+    events::{
+        Decision, IdentityRef, Verdict,
+        reader::{self, Attribution, Clock, SlotInfo},
+        sink::{self, Sinks},
+    },
+    kernel::{Kernel, cgroup},
+    metrics::{self, Metrics},
+    policy,
+};
+
+pub struct RunArgs {
+    pub policy: PathBuf,
+    pub policy_name: Option<String>,
+    pub audit_log: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub user: Option<String>,
+    pub allow_events: u32,
+    pub pin_dir: PathBuf,
+    pub quiet: bool,
+    pub command: Vec<String>,
+}
+
+const SLOT: u32 = 1;
+
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "`enforcer {what}` needs root (it loads eBPF programs and creates cgroups); \
+             run it with sudo"
+        );
+    }
+    Ok(())
+}
+
+/// Pick the one policy to enforce from a file.
+pub fn select_policy(
+    path: &Path,
+    name: Option<&str>,
+) -> Result<policy::LoadedPolicy> {
+    let mut all = policy::load_files(&[path.to_path_buf()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let chosen = match name {
+        Some(n) => {
+            let idx = all
+                .iter()
+                .position(|p| p.policy.metadata.name == n)
+                .with_context(|| format!("{}: no policy named {n:?}", path.display()))?;
+            all.swap_remove(idx)
+        }
+        None if all.len() == 1 => all.remove(0),
+        None if all.is_empty() => bail!("{}: no AgentPolicy document", path.display()),
+        None => bail!(
+            "{}: {} policies in this file; choose one with --policy-name ({})",
+            path.display(),
+            all.len(),
+            all.iter().map(|p| p.policy.metadata.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    policy::check_supported(&chosen).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(chosen)
+}
+
+#[derive(Default)]
+struct Summary {
+    /// (action, destination, rule, verdict) -> (count, first comm/pid)
+    denials: BTreeMap<(String, String, String, String), (u64, String)>,
+    events: u64,
+}
+
+pub fn run(args: RunArgs) -> Result<i32> {
+    require_root("run")?;
+    if args.command.is_empty() {
+        bail!("no command given: enforcer run --policy FILE -- CMD [ARGS...]");
+    }
+    let loaded = select_policy(&args.policy, args.policy_name.as_deref())?;
+    let compiled = policy::compile::compile(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let identity = IdentityRef {
+        name: compiled.name.clone(),
+        spiffe_id: compiled.spiffe_id.clone(),
+    };
+    let user = args.user.as_deref().map(resolve_user).transpose()?;
+    let mount = cgroup::cgroup2_mount()?;
+
+    let mut kernel = Kernel::load(None)?;
+    kernel.set_allow_sample(args.allow_events)?;
+    kernel
+        .install_policy(SLOT, compiled.audit, &compiled.v4, &compiled.v6)
+        .context("installing the policy tables")?;
+    let cg = cgroup::OwnedCgroup::create(
+        &mount.join("enforcer"),
+        &format!("run-{}", std::process::id()),
+    )?;
+    kernel.bind_cgroup(cg.id, SLOT)?;
+    let pin_dir = if bpffs_mounted(&args.pin_dir) {
+        Some(args.pin_dir.join(format!("run-{}", std::process::id())))
+    } else {
+        tracing::warn!(
+            "bpffs is not mounted at {}: enforcement is not pinned and ends if enforcer is killed \
+             (the agent is killed with it: PR_SET_PDEATHSIG)",
+            args.pin_dir.display()
+        );
+        None
+    };
+    let attachment = kernel.attach(&cg.path, pin_dir.as_deref())?;
+    let ring = kernel.take_events().context("event ring buffer already taken")?;
+
+    let attribution = Attribution::default();
+    attribution.set(
+        SLOT,
+        SlotInfo {
+            identity: identity.clone(),
+            policy_hash: compiled.hash.clone(),
+            rules: compiled.rules.clone(),
+        },
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_attached_cgroups(1);
+    metrics.set_policy(
+        &compiled.name,
+        compiled.spiffe_id.as_deref().unwrap_or(""),
+        if compiled.audit { "audit" } else { "enforce" },
+        &compiled.hash,
+        compiled.entry_count() as i64,
+    );
+    let audit = match &args.audit_log {
+        Some(p) => Some(
+            AuditLog::open(p).with_context(|| format!("opening audit log {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
+    sinks.lifecycle(
+        "start",
+        Some(&identity),
+        &compiled.hash,
+        &format!("enforcer run {:?} in cgroup {}", args.command, cg.path.display()),
+    );
+
+    // Fork the agent while this process is still single-threaded.
+    let mut child = spawn_agent(&cg.path, &args.command, user)
+        .with_context(|| format!("starting {:?}", args.command[0]))?;
+    let child_pid = child.id();
+    tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
+
+    let summary = Arc::new(Mutex::new(Summary::default()));
+    let kernel = Arc::new(Mutex::new(kernel));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let status = rt.block_on(async {
+        let running = Arc::new(AtomicBool::new(true));
+        let _server = match args.metrics_addr {
+            Some(addr) => {
+                let r = running.clone();
+                let (bound, handle) =
+                    metrics::serve(metrics.clone(), addr, Arc::new(move || r.load(Ordering::Relaxed)))
+                        .await?;
+                if !args.quiet {
+                    eprintln!("enforcer: metrics on http://{bound}/metrics");
+                }
+                Some(handle)
+            }
+            None => None,
+        };
+        let clock = Clock::new();
+        let reader_task = {
+            let attribution = attribution.clone();
+            let sinks = sinks.clone();
+            let sinks_flush = sinks.clone();
+            let summary = summary.clone();
+            tokio::spawn(reader::run(
+                ring,
+                move |ev| {
+                    let d = attribution.decision(&ev, &clock);
+                    sinks.handle(&d);
+                    summarize(&d, &summary);
+                },
+                move || sinks_flush.flush(),
+            ))
+        };
+        let poller = {
+            let kernel = kernel.clone();
+            let metrics = metrics.clone();
+            let name = compiled.name.clone();
+            tokio::spawn(async move {
+                let slots = [(SLOT, name)];
+                loop {
+                    publish(&kernel, &metrics, &slots);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        // Ctrl-C reaches the agent through the terminal's process group;
+        // SIGTERM/SIGHUP to enforcer are forwarded to it.
+        let forward = tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            loop {
+                let sig = tokio::select! {
+                    _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
+                    _ = hup.recv() => nix::sys::signal::Signal::SIGHUP,
+                    _ = int.recv() => continue,
+                };
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child_pid as i32), sig);
+            }
+        });
+        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        running.store(false, Ordering::Relaxed);
+        forward.abort();
+        // Let the last events of the agent arrive.
+        tokio::time::sleep(reader::DRAIN_GRACE).await;
+        reader_task.abort();
+        poller.abort();
+        publish(&kernel, &metrics, &[(SLOT, compiled.name.clone())]);
+        anyhow::Ok(status)
+    })?;
+
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    // Leftover descendants die with the cgroup; then detach and unpin.
+    cg.kill_all(Duration::from_secs(2));
+    attachment.release();
+    let counters = kernel.lock().unwrap_or_else(|e| e.into_inner()).slot_counters(SLOT);
+    sinks.lifecycle(
+        "stop",
+        Some(&identity),
+        &compiled.hash,
+        &format!("agent exited with status {code}"),
+    );
+    drop(cg);
+    if !args.quiet {
+        print_summary(&args.command, code, &identity, compiled.audit, &counters, &summary);
+    }
+    Ok(code)
+}
+
+fn summarize(d: &Decision, summary: &Mutex<Summary>) {
+    let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
+    s.events += 1;
+    if d.verdict != Verdict::Allow {
+        let key = (
+            d.action.as_str().to_string(),
+            format!("{} {}", sink::destination(d), d.protocol.as_deref().unwrap_or("")),
+            d.rule.clone(),
+            d.verdict.as_str().to_string(),
+        );
+        let e = s
+            .denials
+            .entry(key)
+            .or_insert((0, format!("{} pid {}", d.comm, d.pid)));
+        e.0 += 1;
+    }
+}
+
+fn publish(kernel: &Mutex<Kernel>, metrics: &Metrics, slots: &[(u32, String)]) {
+    let k = kernel.lock().unwrap_or_else(|e| e.into_inner());
+    sink::publish_kernel_counters(&k, metrics, slots);
+}
+
+fn print_summary(
+    command: &[String],
+    code: i32,
+    identity: &IdentityRef,
+    audit_mode: bool,
+    counters: &crate::kernel::SlotCounters,
+    summary: &Mutex<Summary>,
+) {
+    let s = summary.lock().unwrap_or_else(|e| e.into_inner());
+    let total = |v: Verdict| -> u64 { counters.iter().map(|row| row[v.kernel_code() as usize]).sum() };
+    eprintln!(
+        "\nenforcer: {} exited with status {code}; identity {}{} ({} mode)",
+        command[0],
+        identity.name,
+        identity
+            .spiffe_id
+            .as_deref()
+            .map(|s| format!(" <{s}>"))
+            .unwrap_or_default(),
+        if audit_mode { "audit" } else { "enforce" }
+    );
+    eprintln!(
+        "enforcer: decisions: {} allowed, {} denied, {} audited",
+        total(Verdict::Allow),
+        total(Verdict::Deny),
+        total(Verdict::Audit)
+    );
+    if s.denials.is_empty() {
+        eprintln!("enforcer: nothing was denied");
+        return;
+    }
+    eprintln!("enforcer: {:<8} {:<12} {:<34} {:<16} {:>5}  first by", "verdict", "action", "destination", "rule", "count");
+    for (i, ((action, dest, rule, verdict), (n, who))) in s.denials.iter().enumerate() {
+        if i == 20 {
+            eprintln!("enforcer: ... and {} more", s.denials.len() - 20);
+            break;
+        }
+        let rule = rule.split_whitespace().next().unwrap_or(rule);
+        eprintln!("enforcer: {verdict:<8} {action:<12} {dest:<34} {rule:<16} {n:>5}  {who}");
+    }
+}
+
+fn bpffs_mounted(dir: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    mounts.lines().any(|l| {
+        let mut it = l.split_whitespace();
+        let (_, Some(mnt), Some(fs)) = (it.next(), it.next(), it.next()) else {
+            return false;
+        };
+        fs == "bpf" && dir.starts_with(mnt)
+    })
+}
+
+/// uid, gid and supplementary gid for `--user NAME|UID[:GID]`.
+fn resolve_user(spec: &str) -> Result<(u32, u32)> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let (uid, default_gid) = match u.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => {
+            let user = nix::unistd::User::from_name(u)?
+                .with_context(|| format!("--user: no such user {u:?}"))?;
+            (user.uid.as_raw(), user.gid.as_raw())
+        }
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => nix::unistd::Group::from_name(g)?
+                .with_context(|| format!("--user: no such group {g:?}"))?
+                .gid
+                .as_raw(),
+        },
+        None => default_gid,
+    };
+    Ok((uid, gid))
+}
+
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+}
+
+/// Fork the agent into `cgroup_dir` with no capabilities. The pre-exec hook
+/// only makes raw syscalls on data prepared before the fork.
+fn spawn_agent(
+    cgroup_dir: &Path,
+    command: &[String],
+    user: Option<(u32, u32)>,
+) -> Result<std::process::Child> {
+    let procs = CString::new(cgroup_dir.join("cgroup.procs").as_os_str().as_bytes())?;
+    let last_cap = last_cap();
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    // SAFETY: the closure runs in the forked child and only performs
+    // async-signal-safe syscalls on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::io::Error;
+            let check = |r: libc::c_long| if r < 0 { Err(Error::last_os_error()) } else { Ok(()) };
+            // 1. Join the agent cgroup ("0" means the writing process).
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            check(fd as libc::c_long)?;
+            let w = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            check(w as libc::c_long)?;
+            // 2. A cgroup namespace rooted at the agent cgroup: the parent's
+            //    cgroup.procs is outside it, so the agent cannot move out.
+            check(libc::unshare(libc::CLONE_NEWCGROUP) as libc::c_long)?;
+            // 3. Die with enforcer.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
+            // 4. uid 0 gains no capabilities from exec; locked.
+            const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
+            const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+            check(libc::prctl(
+                libc::PR_SET_SECUREBITS,
+                SECBIT_NOROOT | SECBIT_NOROOT_LOCKED,
+                0,
+                0,
+                0,
+            ) as libc::c_long)?;
+            // 5. Empty the bounding and ambient sets.
+            for cap in 0..=last_cap {
+                check(libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) as libc::c_long)?;
+            }
+            check(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) as libc::c_long)?;
+            // 6. Optional unprivileged user.
+            if let Some((uid, gid)) = user {
+                let groups = [gid];
+                check(libc::setgroups(1, groups.as_ptr()) as libc::c_long)?;
+                check(libc::setresgid(gid, gid, gid) as libc::c_long)?;
+                check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
+            }
+            // 7. Clear effective, permitted and inheritable sets.
+            #[repr(C)]
+            struct CapHeader {
+                version: u32,
+                pid: i32,
+            }
+            #[repr(C)]
+            #[derive(Clone, Copy)]
+            struct CapData {
+                effective: u32,
+                permitted: u32,
+                inheritable: u32,
+            }
+            let hdr = CapHeader {
+                version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+                pid: 0,
+            };
+            let data = [CapData {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            check(libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()))?;
+            // 8. No privilege gain through exec (setuid binaries, file caps).
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn()?)
+}
