@@ -5,5 +5,6 @@
 //! (`events/`) -> audit log (`audit`) and metrics (`metrics`).
 #![allow(dead_code)]
 mod events;
+mod policy;
 
 fn main() {}
