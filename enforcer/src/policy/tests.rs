@@ -474,7 +474,7 @@ fn duplicate_names_across_files() {
         e[0]
     );
     // Each file alone is fine.
-    assert_eq!(load_files(&[a.clone()]).unwrap().len(), 1);
+    assert_eq!(load_files(std::slice::from_ref(&a)).unwrap().len(), 1);
     // A missing file is an error naming it.
     let e = load_files(&[dir.path().join("nope.yaml")]).unwrap_err();
     assert!(e.to_string().contains("nope.yaml:0:0: cannot read"), "{e}");
