@@ -587,6 +587,20 @@ fn identity_errors() {
         "spec.identity.kubernetes.podSelector.matchExpressions[0].operator",
         "non-empty `values`",
     );
+    one_err(
+        &spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: Exists, values: [a]}\n"),
+        10,
+        50,
+        "spec.identity.kubernetes.podSelector.matchExpressions[0].values",
+        "takes no `values`",
+    );
+    one_err(
+        &spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: In, values: 5}\n"),
+        10,
+        46,
+        "spec.identity.kubernetes.podSelector.matchExpressions[0].values",
+        "expected a list",
+    );
     let ps = parse(&spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: NotIn, values: [a, b]}\n          - {key: tier, operator: Exists}\n"));
     let sel = ps[0]
         .policy

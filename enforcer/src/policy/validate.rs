@@ -351,55 +351,48 @@ impl<'a> Validator<'a> {
 
     fn requirement(&mut self, node: &Node, path: &str) -> Option<LabelSelectorRequirement> {
         let f = self.map(node, path, &["key", "operator", "values"])?;
+        let before = self.errors.len();
         let key = self
             .required(&f, "key")
             .and_then(|(n, p)| self.checked(n, &p, label_key));
         let op = self.required(&f, "operator").and_then(|(n, p)| {
             use SelectorOperator::*;
-            let op = self.enumerated(
-                n,
-                &p,
-                &[
-                    ("In", In),
-                    ("NotIn", NotIn),
-                    ("Exists", Exists),
-                    ("DoesNotExist", DoesNotExist),
-                ],
-            )?;
-            Some((op, n, p))
+            let ops = [
+                ("In", In),
+                ("NotIn", NotIn),
+                ("Exists", Exists),
+                ("DoesNotExist", DoesNotExist),
+            ];
+            Some((self.enumerated(n, &p, &ops)?, n, p))
         });
         let mut values = Vec::new();
-        let mut ok = true;
-        let vnode = self.get(&f, "values");
-        if let Some((n, p)) = &vnode {
+        let values_field = self.get(&f, "values");
+        if let Some((n, p)) = &values_field {
             for (i, v) in self.seq(n, p).unwrap_or_default().iter().enumerate() {
-                match self.checked(v, &format!("{p}[{i}]"), label_value) {
-                    Some(s) => values.push(s),
-                    None => ok = false,
-                }
+                values.extend(self.checked(v, &format!("{p}[{i}]"), label_value));
             }
         }
-        let (op, opnode, oppath) = op?;
-        let needs_values = matches!(op, SelectorOperator::In | SelectorOperator::NotIn);
-        if needs_values && values.is_empty() && ok {
-            self.err(
-                opnode,
-                &oppath,
-                format!("operator {op:?} needs a non-empty `values` list"),
-            );
+        if self.errors.len() != before {
             return None;
         }
-        if !needs_values && !values.is_empty() {
-            let (n, p) = vnode.expect("values present");
-            self.err(n, &p, format!("operator {op:?} takes no `values`"));
+        let (op, op_node, op_path) = op?;
+        let needs_values = matches!(op, SelectorOperator::In | SelectorOperator::NotIn);
+        if needs_values && values.is_empty() {
+            let m = format!("operator {op:?} needs a non-empty `values` list");
+            self.err(op_node, &op_path, m);
             return None;
+        }
+        if let (false, Some((n, p))) = (needs_values, &values_field) {
+            if !values.is_empty() {
+                self.err(n, p, format!("operator {op:?} takes no `values`"));
+                return None;
+            }
         }
         Some(LabelSelectorRequirement {
             key: key?,
             operator: op,
             values,
         })
-        .filter(|_| ok)
     }
 
     fn egress(&mut self, node: &Node, path: &str) -> Option<Vec<EgressRule>> {
