@@ -1,0 +1,354 @@
+//! Compilation of a policy's `cidr` rules into LPM-trie entries.
+//!
+//! The kernel does **one** longest-prefix-match lookup per destination in the
+//! identity's table and then scans that prefix's [`RuleSet`] for the first
+//! entry admitting (port, protocol). So the entry of a prefix `P` must carry
+//! the port/protocol entries of every rule whose CIDR contains `P` (`P`
+//! itself and every less specific prefix covering it): a lookup that lands on
+//! the most specific prefix must still see the broader rules.
+//!
+//! Rule ids: `spec.egress[i]` is `i + 1`; entries are ordered by rule id, so
+//! the kernel reports the *first* rule of the policy (in file order) that
+//! admits the connection, exactly like a brute-force evaluation of the rules
+//! in order. Reductions keep that exact: ranges of one rule and protocol mask
+//! are merged when they overlap or touch, and the protocols of an entry that
+//! an earlier rule already admits on a covering port range are removed
+//! (dropping the entry when none is left). Nothing is merged across rule
+//! ids, so a reported rule id always names a rule that admits the
+//! connection.
+//!
+//! Algorithm: the distinct prefixes of each family are sorted by (network
+//! address, length). In that order every prefix comes right after the chain
+//! of prefixes containing it, so one walk with a stack of nested prefixes
+//! finds each prefix's nearest container, and the prefix's entries are the
+//! container's (already complete) entries plus its own. O(n log n) for n
+//! rules; each step handles at most `MAX_PORT_RULES` + own entries.
+//!
+//! IPv4-mapped IPv6 CIDRs (`::ffff:10.0.0.0/104`) become IPv4 rules
+//! (`10.0.0.0/8`), because the kernel judges a mapped destination by the
+//! IPv4 table. For the same reason an IPv6 rule such as `::/0` does not admit
+//! IPv4 traffic sent through a mapped address.
+use std::fmt::Write as _;
+
+use enforcer_common::{proto, PortRule, RuleSet, MAX_PORT_RULES};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::{check_supported, EgressRule, LoadedPolicy, Mode, PolicyError, PolicyErrors, Protocol};
+
+/// What the daemon writes into the kernel tables for one identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledPolicy {
+    pub name: String,
+    pub spiffe_id: Option<String>,
+    /// `mode: audit`.
+    pub audit: bool,
+    /// [`LoadedPolicy::hash`].
+    pub hash: String,
+    /// LPM entries, sorted by (network, prefix length).
+    pub v4: Vec<(Ipv4Net, RuleSet)>,
+    pub v6: Vec<(Ipv6Net, RuleSet)>,
+    /// `rules[rule_id - 1]`: a short description of `spec.egress[rule_id - 1]`.
+    pub rules: Vec<String>,
+}
+
+impl CompiledPolicy {
+    /// `egress[i]` for policy rules, fixed names for the reserved ids.
+    pub fn rule_name(&self, rule_id: u32) -> String {
+        if let Some(n) = super::rule_name(rule_id) {
+            return n.to_owned();
+        }
+        if rule_id as usize <= self.rules.len() {
+            format!("egress[{}]", rule_id - 1)
+        } else {
+            format!("unknown-rule-{rule_id}")
+        }
+    }
+
+    /// Number of LPM entries (both families).
+    pub fn entry_count(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+/// One port/protocol entry of a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    id: u32,
+    mask: u8,
+    lo: u16,
+    hi: u16,
+}
+
+/// A prefix with its address left-aligned in 128 bits (IPv4 in the top 32),
+/// so one code path serves both families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Prefix {
+    addr: u128,
+    len: u8,
+}
+
+impl Prefix {
+    fn mask(len: u8) -> u128 {
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(len))
+        }
+    }
+    fn contains(&self, other: &Prefix) -> bool {
+        self.len <= other.len && (other.addr & Self::mask(self.len)) == self.addr
+    }
+}
+
+fn proto_mask(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => proto::TCP,
+        Protocol::Udp => proto::UDP,
+        Protocol::Any => proto::ANY,
+    }
+}
+
+/// The family-specific form of a rule's CIDR (mapped IPv6 -> IPv4).
+fn family_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(n) = net {
+        if n.prefix_len() >= 96 {
+            if let Some(v4) = n.network().to_ipv4_mapped() {
+                return IpNet::V4(Ipv4Net::new(v4, n.prefix_len() - 96).expect("len <= 32"));
+            }
+        }
+    }
+    net
+}
+
+/// Short description of a rule for logs and `enforcer status`.
+pub fn describe_rule(index: usize, r: &EgressRule) -> String {
+    let mut s = format!("egress[{index}]");
+    if let Some(net) = r.cidr {
+        let _ = write!(s, " cidr {net}");
+        let fam = family_net(net);
+        if fam != net {
+            let _ = write!(s, " (as {fam})");
+        }
+    }
+    if let Some(h) = &r.host {
+        let _ = write!(s, " host {h}");
+    }
+    if r.ports.is_empty() {
+        s.push_str(" ports all");
+    } else {
+        let ports: Vec<String> = r
+            .ports
+            .iter()
+            .map(|p| {
+                if p.lo == p.hi {
+                    p.lo.to_string()
+                } else {
+                    format!("{}-{}", p.lo, p.hi)
+                }
+            })
+            .collect();
+        let _ = write!(s, " ports {}", ports.join(","));
+    }
+    s.push_str(match r.protocol {
+        Protocol::Tcp => " tcp",
+        Protocol::Udp => " udp",
+        Protocol::Any => " any",
+    });
+    s
+}
+
+/// Compile `p` (which must pass [`check_supported`]) into kernel entries.
+pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
+    check_supported(p)?;
+    let spec = &p.policy.spec;
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for (i, r) in spec.egress.iter().enumerate() {
+        let Some(net) = r.cidr else { continue };
+        let id = u32::try_from(i + 1).expect("fewer than 2^32 rules");
+        match family_net(net) {
+            IpNet::V4(n) => v4.push((
+                Prefix {
+                    addr: u128::from(u32::from(n.network())) << 96,
+                    len: n.prefix_len(),
+                },
+                id,
+            )),
+            IpNet::V6(n) => v6.push((
+                Prefix {
+                    addr: u128::from(n.network()),
+                    len: n.prefix_len(),
+                },
+                id,
+            )),
+        }
+    }
+    let mut errors = Vec::new();
+    let v4 = build(p, v4, &mut errors, |pf| {
+        Ipv4Net::new(((pf.addr >> 96) as u32).into(), pf.len).expect("valid v4 prefix")
+    });
+    let v6 = build(p, v6, &mut errors, |pf| {
+        Ipv6Net::new(pf.addr.into(), pf.len).expect("valid v6 prefix")
+    });
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    let identity = spec.identity.as_ref();
+    Ok(CompiledPolicy {
+        name: p.policy.metadata.name.clone(),
+        spiffe_id: identity.and_then(|i| i.spiffe_id.clone()),
+        audit: spec.mode == Mode::Audit,
+        hash: p.hash.clone(),
+        v4,
+        v6,
+        rules: spec
+            .egress
+            .iter()
+            .enumerate()
+            .map(|(i, r)| describe_rule(i, r))
+            .collect(),
+    })
+}
+
+/// At most this many overflow errors are listed for one policy.
+const MAX_OVERFLOW_ERRORS: usize = 20;
+
+/// The sorted-walk construction for one family (see module docs).
+fn build<N: std::fmt::Display>(
+    p: &LoadedPolicy,
+    mut rules: Vec<(Prefix, u32)>,
+    errors: &mut Vec<PolicyError>,
+    to_net: impl Fn(Prefix) -> N,
+) -> Vec<(N, RuleSet)> {
+    rules.sort_unstable();
+    let egress = &p.policy.spec.egress;
+    let mut out = Vec::new();
+    // Chain of nested prefixes: (prefix, its complete entries, its own rule ids).
+    let mut stack: Vec<(Prefix, Vec<Entry>, Vec<u32>)> = Vec::new();
+    let mut overflows = 0usize;
+    let mut i = 0;
+    while i < rules.len() {
+        let pfx = rules[i].0;
+        let mut own_ids = Vec::new();
+        let mut entries = Vec::new();
+        while i < rules.len() && rules[i].0 == pfx {
+            let id = rules[i].1;
+            own_ids.push(id);
+            let r = &egress[id as usize - 1];
+            let mask = proto_mask(r.protocol);
+            if r.ports.is_empty() {
+                entries.push(Entry {
+                    id,
+                    mask,
+                    lo: 0,
+                    hi: u16::MAX,
+                });
+            } else {
+                entries.extend(r.ports.iter().map(|pr| Entry {
+                    id,
+                    mask,
+                    lo: pr.lo,
+                    hi: pr.hi,
+                }));
+            }
+            i += 1;
+        }
+        while stack.last().is_some_and(|(top, _, _)| !top.contains(&pfx)) {
+            stack.pop();
+        }
+        if let Some((_, parent, _)) = stack.last() {
+            entries.extend_from_slice(parent);
+        }
+        let entries = reduce(entries);
+        if entries.len() > MAX_PORT_RULES {
+            overflows += 1;
+            if overflows <= MAX_OVERFLOW_ERRORS {
+                let mut involved: Vec<String> = stack
+                    .iter()
+                    .flat_map(|(sp, _, ids)| ids.iter().map(move |id| (*sp, *id)))
+                    .chain(own_ids.iter().map(|id| (pfx, *id)))
+                    .map(|(sp, id)| format!("egress[{}] ({})", id - 1, to_net(sp)))
+                    .collect();
+                involved.sort();
+                let field = format!("spec.egress[{}].cidr", own_ids[0] - 1);
+                errors.push(p.error(
+                    &field,
+                    format!(
+                        "prefix {} needs {} port/protocol entries, more than the {} one prefix \
+                         can hold; rules covering it: {}; merge their port ranges or use fewer \
+                         overlapping rules",
+                        to_net(pfx),
+                        entries.len(),
+                        MAX_PORT_RULES,
+                        involved.join(", ")
+                    ),
+                ));
+            }
+        } else {
+            let mut set = RuleSet {
+                count: entries.len() as u32,
+                ..RuleSet::default()
+            };
+            for (slot, e) in set.rules.iter_mut().zip(&entries) {
+                *slot = PortRule {
+                    port_lo: e.lo,
+                    port_hi: e.hi,
+                    proto_mask: e.mask,
+                    _pad: [0; 3],
+                    rule_id: e.id,
+                };
+            }
+            out.push((to_net(pfx), set));
+        }
+        stack.push((pfx, entries, own_ids));
+    }
+    if overflows > MAX_OVERFLOW_ERRORS {
+        let (line, column) = p.span("spec.egress");
+        errors.push(PolicyError {
+            file: p.source.clone(),
+            line,
+            column,
+            field: "spec.egress".into(),
+            message: format!(
+                "... and {} more prefixes over the {MAX_PORT_RULES}-entry limit",
+                overflows - MAX_OVERFLOW_ERRORS
+            ),
+        });
+    }
+    out
+}
+
+/// Order entries by rule id and drop what first-match never reaches, keeping
+/// the first matching rule id of every (port, protocol) unchanged.
+fn reduce(mut entries: Vec<Entry>) -> Vec<Entry> {
+    entries.sort_unstable();
+    let mut out: Vec<Entry> = Vec::with_capacity(entries.len());
+    for mut e in entries {
+        // Protocols an earlier (lower id) entry already admits on all of e's ports.
+        for k in out.iter().filter(|k| k.id < e.id) {
+            if k.lo <= e.lo && e.hi <= k.hi {
+                e.mask &= !k.mask;
+            }
+        }
+        if e.mask == 0 {
+            continue;
+        }
+        // Same rule and protocols: merge overlapping or touching ranges (sorted by lo).
+        if let Some(last) = out.last_mut() {
+            if last.id == e.id
+                && last.mask == e.mask
+                && u32::from(e.lo) <= u32::from(last.hi) + 1
+                && u32::from(last.lo) <= u32::from(e.hi) + 1
+            {
+                last.lo = last.lo.min(e.lo);
+                last.hi = last.hi.max(e.hi);
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,675 @@
+//! Parsing and validation: shipped policies, and every error path with its
+//! file, line, column and field.
+use super::*;
+
+const HEAD: &str = "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: t\n";
+
+fn parse(yaml: &str) -> Vec<LoadedPolicy> {
+    parse_str(yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("unexpected errors:\n{e}"))
+}
+
+fn errs(yaml: &str) -> Vec<PolicyError> {
+    match parse_str(yaml, Path::new("t.yaml")) {
+        Ok(p) => panic!("expected errors, parsed {p:?}"),
+        Err(PolicyErrors(e)) => e,
+    }
+}
+
+/// Exactly one error, at (line, column) about `field`, whose message contains `text`.
+fn one_err(yaml: &str, line: usize, column: usize, field: &str, text: &str) -> PolicyError {
+    let e = errs(yaml);
+    assert_eq!(
+        e.len(),
+        1,
+        "expected one error, got:\n{}",
+        PolicyErrors(e.clone())
+    );
+    let e = e.into_iter().next().unwrap();
+    assert_eq!(e.file, Path::new("t.yaml"));
+    assert_eq!(
+        (e.line, e.column, e.field.as_str()),
+        (line, column, field),
+        "{e}"
+    );
+    assert!(e.message.contains(text), "{e}");
+    e
+}
+
+/// `HEAD` + `spec:` + body; the body starts on line 6.
+fn spec(body: &str) -> String {
+    format!("{HEAD}spec:\n{body}")
+}
+
+fn shipped_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+#[test]
+fn shipped_policies_parse_and_validate() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(shipped_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let ps = parse_str(&text, f).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!ps.is_empty());
+        for p in &ps {
+            assert_eq!(p.source, *f);
+            assert_eq!(p.hash.len(), 64);
+        }
+    }
+    // The directory loads as a whole too (names unique across files).
+    let all = load_files(&[shipped_dir()]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(all.len(), files.len());
+}
+
+#[test]
+fn demo_policy_is_what_the_demo_needs() {
+    let ps = load_files(&[shipped_dir().join("demo-agent.yaml")]).unwrap();
+    let p = &ps[0];
+    assert_eq!(p.policy.metadata.name, "demo-agent");
+    assert_eq!(p.policy.spec.mode, Mode::Enforce);
+    check_supported(p).unwrap();
+    let c = compile(p).unwrap();
+    assert!(!c.audit);
+    assert_eq!(c.v4.len(), 1);
+    assert!(c.v6.is_empty());
+    let (net, set) = &c.v4[0];
+    assert_eq!(net.to_string(), "127.0.0.1/32");
+    assert_eq!(set.count, 2);
+    let r = &set.rules[..2];
+    assert_eq!(
+        (r[0].port_lo, r[0].port_hi, r[0].proto_mask, r[0].rule_id),
+        (8080, 8080, enforcer_common::proto::TCP, 1)
+    );
+    assert_eq!(
+        (r[1].port_lo, r[1].port_hi, r[1].proto_mask, r[1].rule_id),
+        (5353, 5353, enforcer_common::proto::UDP, 2)
+    );
+}
+
+#[test]
+fn audit_example_is_audit() {
+    let ps = load_files(&[shipped_dir().join("audit-example.yaml")]).unwrap();
+    assert_eq!(ps[0].policy.spec.mode, Mode::Audit);
+    assert!(compile(&ps[0]).unwrap().audit);
+}
+
+#[test]
+fn research_agent_validates_but_is_not_supported_yet() {
+    let f = shipped_dir().join("research-agent.yaml");
+    let ps = load_files(std::slice::from_ref(&f)).unwrap();
+    let p = &ps[0];
+    let spec = &p.policy.spec;
+    assert_eq!(spec.egress.len(), 2);
+    assert_eq!(spec.egress[0].cidr.unwrap().to_string(), "10.20.0.0/16");
+    assert_eq!(
+        spec.egress[0].ports,
+        vec![
+            PortRange { lo: 5432, hi: 5432 },
+            PortRange { lo: 8000, hi: 8100 }
+        ]
+    );
+    assert_eq!(spec.egress[1].host.as_deref(), Some("api.openai.com"));
+    let dns = spec.dns.as_ref().unwrap();
+    assert_eq!(dns.upstream, vec!["127.0.0.53:53".parse().unwrap()]);
+    let ttl = dns.ttl.unwrap();
+    assert_eq!((ttl.min.as_secs(), ttl.max.as_secs()), (5, 300));
+    assert_eq!(dns.max_query_length, Some(253));
+    assert_eq!(spec.files[0].access, FileAccess::Deny);
+    let k = spec.identity.as_ref().unwrap().kubernetes.as_ref().unwrap();
+    assert_eq!(k.namespace.as_deref(), Some("agents"));
+    let sel = k.pod_selector.as_ref().unwrap();
+    assert_eq!(
+        sel.match_labels.get("app").map(String::as_str),
+        Some("research")
+    );
+
+    let e = check_supported(p).unwrap_err().0;
+    let got: Vec<(usize, usize, &str)> = e
+        .iter()
+        .map(|e| (e.line, e.column, e.field.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (17, 7, "spec.egress[1].host"),
+            (19, 3, "spec.dns"),
+            (23, 3, "spec.files"),
+            (26, 3, "spec.onTaint"),
+        ]
+    );
+    for e in &e {
+        assert_eq!(e.file, f);
+        assert!(e.message.starts_with("not supported yet: "), "{e}");
+        assert!(e.message.contains("later release"), "{e}");
+    }
+    assert!(compile(p).is_err());
+}
+
+#[test]
+fn minimal_policy_defaults() {
+    let ps = parse(&format!("{HEAD}spec: {{}}\n"));
+    let s = &ps[0].policy.spec;
+    assert_eq!(s.mode, Mode::Enforce);
+    assert!(s.egress.is_empty() && s.identity.is_none() && s.dns.is_none());
+    assert_eq!(ps[0].line, 1);
+    let r = &parse(&spec("  egress:\n    - cidr: 10.1.2.3\n"))[0]
+        .policy
+        .spec
+        .egress[0];
+    assert_eq!(r.cidr.unwrap().to_string(), "10.1.2.3/32");
+    assert!(r.ports.is_empty());
+    assert_eq!(r.protocol, Protocol::Any);
+}
+
+#[test]
+fn multiple_documents_and_hash() {
+    let text = format!(
+        "{HEAD}spec: {{}}\n---\n# second\n{}spec: {{mode: audit}}\n",
+        HEAD.replace("name: t", "name: u")
+    );
+    let ps = parse(&text);
+    assert_eq!(ps.len(), 2);
+    assert_eq!((ps[0].line, ps[1].line), (1, 8));
+    assert_eq!(ps[1].policy.metadata.name, "u");
+    assert_ne!(ps[0].hash, ps[1].hash);
+    let json = serde_json::to_vec(&ps[1].policy).unwrap();
+    assert_eq!(ps[1].hash, hex::encode(Sha256::digest(&json)));
+    // The JSON form round-trips (and is what the hash covers).
+    let back: AgentPolicy = serde_json::from_slice(&json).unwrap();
+    assert_eq!(back, ps[1].policy);
+}
+
+#[test]
+fn full_schema_round_trips_through_json() {
+    let f = shipped_dir().join("research-agent.yaml");
+    let p = &load_files(&[f]).unwrap()[0];
+    let json = serde_json::to_string(&p.policy).unwrap();
+    assert_eq!(
+        serde_json::from_str::<AgentPolicy>(&json).unwrap(),
+        p.policy
+    );
+    assert_eq!(policy_hash(&p.policy), p.hash);
+}
+
+#[test]
+fn unknown_field_top_level() {
+    one_err(
+        &format!("{HEAD}spec: {{}}\nspecs: {{}}\n"),
+        6,
+        1,
+        "specs",
+        "unknown field `specs` (did you mean `spec`?)",
+    );
+}
+
+#[test]
+fn unknown_field_nested() {
+    one_err(
+        &spec("  egress:\n    - cidr: 10.0.0.0/8\n      portz: [1]\n"),
+        8,
+        7,
+        "spec.egress[0].portz",
+        "unknown field `portz` (did you mean `ports`?)",
+    );
+    one_err(
+        &spec("  dns:\n    ttl: {min: 1s, max: 2s, avg: 1s}\n"),
+        7,
+        29,
+        "spec.dns.ttl.avg",
+        "unknown field `avg`",
+    );
+    one_err(
+        &format!("{HEAD}  labels: {{a: b}}\nspec: {{}}\n"),
+        5,
+        3,
+        "metadata.labels",
+        "unknown field",
+    );
+}
+
+#[test]
+fn bad_cidr() {
+    one_err(
+        &spec("  egress:\n    - cidr: 10.0.0.300/8\n"),
+        7,
+        13,
+        "spec.egress[0].cidr",
+        "invalid CIDR \"10.0.0.300/8\"",
+    );
+    one_err(
+        &spec("  egress:\n    - cidr: 10.0.0.0/33\n"),
+        7,
+        13,
+        "spec.egress[0].cidr",
+        "invalid CIDR",
+    );
+    one_err(
+        &spec("  egress:\n    - cidr: 443\n"),
+        7,
+        13,
+        "spec.egress[0].cidr",
+        "expected a string",
+    );
+}
+
+#[test]
+fn host_bits_set_suggest_network() {
+    let e = one_err(
+        &spec("  egress:\n    - cidr: 10.1.2.3/8\n"),
+        7,
+        13,
+        "spec.egress[0].cidr",
+        "host bits are set",
+    );
+    assert!(e.message.contains("10.0.0.0/8"), "{e}");
+    let e = one_err(
+        &spec("  egress:\n    - cidr: 2001:db8::1/32\n"),
+        7,
+        13,
+        "spec.egress[0].cidr",
+        "host bits",
+    );
+    assert!(e.message.contains("2001:db8::/32"), "{e}");
+}
+
+#[test]
+fn bad_ports() {
+    let y = spec("  egress:\n    - cidr: 10.0.0.0/8\n      ports: [0, 70000, \"90-80\", 22, \"x\", \"1-65536\"]\n");
+    let e = errs(&y);
+    let got: Vec<(usize, usize, &str)> = e
+        .iter()
+        .map(|e| (e.line, e.column, e.field.as_str()))
+        .collect();
+    let f = |i: usize| format!("spec.egress[0].ports[{i}]");
+    let want = [
+        (8, 15, f(0)),
+        (8, 18, f(1)),
+        (8, 25, f(2)),
+        (8, 38, f(4)),
+        (8, 43, f(5)),
+    ];
+    let want: Vec<(usize, usize, &str)> =
+        want.iter().map(|(l, c, f)| (*l, *c, f.as_str())).collect();
+    assert_eq!(got, want);
+    assert!(
+        e[0].message.contains("port 0 is out of range 1..=65535"),
+        "{}",
+        e[0]
+    );
+    assert!(
+        e[1].message.contains("port 70000 is out of range"),
+        "{}",
+        e[1]
+    );
+    assert!(
+        e[2].message.contains("start 90 is greater than end 80"),
+        "{}",
+        e[2]
+    );
+    assert!(e[4].message.contains("65536"), "{}", e[4]);
+    one_err(
+        &spec("  egress:\n    - cidr: 10.0.0.0/8\n      ports: []\n"),
+        8,
+        14,
+        "spec.egress[0].ports",
+        "omit `ports` to allow all ports",
+    );
+    let ps = parse(&spec(
+        "  egress:\n    - cidr: 10.0.0.0/8\n      ports: [\"443\", \"1-1024\", 65535]\n",
+    ));
+    assert_eq!(
+        ps[0].policy.spec.egress[0].ports,
+        vec![
+            PortRange { lo: 443, hi: 443 },
+            PortRange { lo: 1, hi: 1024 },
+            PortRange {
+                lo: 65535,
+                hi: 65535
+            }
+        ]
+    );
+}
+
+#[test]
+fn bad_protocol_and_mode() {
+    one_err(
+        &spec("  egress:\n    - cidr: 10.0.0.0/8\n      protocol: icmp\n"),
+        8,
+        17,
+        "spec.egress[0].protocol",
+        "invalid value \"icmp\", expected one of: tcp, udp, any",
+    );
+    one_err(
+        &spec("  mode: block\n"),
+        6,
+        9,
+        "spec.mode",
+        "expected one of: enforce, audit",
+    );
+}
+
+#[test]
+fn cidr_and_host_both_or_neither() {
+    one_err(
+        &spec("  egress:\n    - cidr: 10.0.0.0/8\n      host: example.com\n"),
+        8,
+        13,
+        "spec.egress[0].host",
+        "either `cidr` or `host`, not both",
+    );
+    one_err(
+        &spec("  egress:\n    - cidr: 10.0.0.0/8\n    - ports: [443]\n"),
+        8,
+        7,
+        "spec.egress[1]",
+        "needs `cidr` or `host`",
+    );
+}
+
+#[test]
+fn hosts() {
+    let ps = parse(&spec(
+        "  egress:\n    - host: API.Example.com.\n    - host: \"*.example.com\"\n",
+    ));
+    let e = &ps[0].policy.spec.egress;
+    assert_eq!(e[0].host.as_deref(), Some("api.example.com"));
+    assert_eq!(e[1].host.as_deref(), Some("*.example.com"));
+    for bad in [
+        "\"a.*.com\"",
+        "\"*\"",
+        "-a.com",
+        "10.0.0.1",
+        "\"a b.com\"",
+        "a..com",
+    ] {
+        one_err(
+            &spec(&format!("  egress:\n    - host: {bad}\n")),
+            7,
+            13,
+            "spec.egress[0].host",
+            "",
+        );
+    }
+}
+
+#[test]
+fn bad_names() {
+    for bad in ["Bad", "a_b", "-a", "a-", "\"\""] {
+        let y = format!(
+            "{}spec: {{}}\n",
+            HEAD.replace("name: t", &format!("name: {bad}"))
+        );
+        one_err(&y, 4, 9, "metadata.name", "RFC 1123");
+    }
+    let long = "a".repeat(64);
+    let y = format!(
+        "{}spec: {{}}\n",
+        HEAD.replace("name: t", &format!("name: {long}"))
+    );
+    one_err(&y, 4, 9, "metadata.name", "at most 63");
+    let y = format!("{}spec: {{}}\n", HEAD.replace("  name: t\n", "  {}\n"));
+    one_err(&y, 3, 1, "metadata.name", "missing required field");
+}
+
+#[test]
+fn bad_api_version_and_kind() {
+    one_err(
+        &format!("{}spec: {{}}\n", HEAD.replace("v1alpha1", "v1")),
+        1,
+        13,
+        "apiVersion",
+        "unsupported apiVersion \"enforcer.dev/v1\"",
+    );
+    one_err(
+        &format!(
+            "{}spec: {{}}\n",
+            HEAD.replace("kind: AgentPolicy", "kind: NetworkPolicy")
+        ),
+        2,
+        7,
+        "kind",
+        "unsupported kind \"NetworkPolicy\"",
+    );
+    one_err(
+        "kind: AgentPolicy\nmetadata: {name: a}\nspec: {}\n",
+        1,
+        1,
+        "apiVersion",
+        "missing required field",
+    );
+}
+
+#[test]
+fn duplicate_names_in_one_file() {
+    let y = format!("{HEAD}spec: {{}}\n---\n{HEAD}spec: {{}}\n");
+    let e = one_err(&y, 10, 3, "metadata.name", "duplicate policy name \"t\"");
+    assert!(e.message.contains("already defined at t.yaml:4:3"), "{e}");
+}
+
+#[test]
+fn duplicate_names_across_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.yaml");
+    let b = dir.path().join("b.yml");
+    std::fs::write(&a, format!("{HEAD}spec: {{}}\n")).unwrap();
+    std::fs::write(&b, format!("# other\n{HEAD}spec: {{}}\n")).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a policy").unwrap();
+    let e = load_files(&[dir.path().to_path_buf()]).unwrap_err().0;
+    assert_eq!(e.len(), 1, "{}", PolicyErrors(e.clone()));
+    assert_eq!(
+        (e[0].file.as_path(), e[0].line, e[0].column),
+        (b.as_path(), 5, 3)
+    );
+    assert_eq!(e[0].field, "metadata.name");
+    assert!(
+        e[0].message
+            .contains(&format!("already defined at {}:4:3", a.display())),
+        "{}",
+        e[0]
+    );
+    // Each file alone is fine.
+    assert_eq!(load_files(std::slice::from_ref(&a)).unwrap().len(), 1);
+    // A missing file is an error naming it.
+    let e = load_files(&[dir.path().join("nope.yaml")]).unwrap_err();
+    assert!(e.to_string().contains("nope.yaml:0:0: cannot read"), "{e}");
+}
+
+#[test]
+fn dns_errors() {
+    one_err(
+        &spec("  dns:\n    ttl: {min: 5m, max: 10s}\n"),
+        7,
+        25,
+        "spec.dns.ttl.max",
+        "ttl.max (10s) is less than ttl.min (300s)",
+    );
+    one_err(
+        &spec("  dns:\n    ttl: {min: 5, max: 10s}\n"),
+        7,
+        16,
+        "spec.dns.ttl.min",
+        "a unit is required (5s",
+    );
+    one_err(
+        &spec("  dns:\n    maxQueryLength: 254\n"),
+        7,
+        21,
+        "spec.dns.maxQueryLength",
+        "1..=253",
+    );
+    one_err(
+        &spec("  dns:\n    upstream: [\"::1:53\"]\n"),
+        7,
+        16,
+        "spec.dns.upstream[0]",
+        "[::1]:53",
+    );
+    let ps = parse(&spec(
+        "  dns:\n    upstream: [\"[::1]:53\", \"127.0.0.1:5353\"]\n    ttl: {min: 0s, max: 1h}\n",
+    ));
+    let d = ps[0].policy.spec.dns.as_ref().unwrap();
+    assert_eq!(d.upstream.len(), 2);
+    assert_eq!(d.ttl.unwrap().max.as_secs(), 3600);
+}
+
+#[test]
+fn files_errors() {
+    one_err(
+        &spec("  files:\n    - path: home/agent/.ssh\n      access: deny\n"),
+        7,
+        13,
+        "spec.files[0].path",
+        "must be absolute",
+    );
+    one_err(
+        &spec("  files:\n    - path: /a/../etc\n      access: deny\n"),
+        7,
+        13,
+        "spec.files[0].path",
+        "'..'",
+    );
+    one_err(
+        &spec("  files:\n    - path: /a\n      access: read\n"),
+        8,
+        15,
+        "spec.files[0].access",
+        "deny, audit, taint",
+    );
+    one_err(
+        &spec("  files:\n    - path: /a\n"),
+        7,
+        7,
+        "spec.files[0].access",
+        "missing required field",
+    );
+}
+
+#[test]
+fn identity_errors() {
+    one_err(
+        &spec("  identity:\n    spiffeId: https://example.org/x\n"),
+        7,
+        15,
+        "spec.identity.spiffeId",
+        "spiffe://",
+    );
+    one_err(
+        &spec("  identity:\n    spiffeId: spiffe://example.org\n"),
+        7,
+        15,
+        "spec.identity.spiffeId",
+        "path is required",
+    );
+    one_err(
+        &spec("  identity:\n    spiffeId: spiffe://Example.org/a\n"),
+        7,
+        15,
+        "spec.identity.spiffeId",
+        "trust domain",
+    );
+    one_err(
+        &spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: Like}\n"),
+        10,
+        34,
+        "spec.identity.kubernetes.podSelector.matchExpressions[0].operator",
+        "In, NotIn, Exists, DoesNotExist",
+    );
+    one_err(
+        &spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: In}\n"),
+        10,
+        34,
+        "spec.identity.kubernetes.podSelector.matchExpressions[0].operator",
+        "non-empty `values`",
+    );
+    one_err(
+        &spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: Exists, values: [a]}\n"),
+        10,
+        50,
+        "spec.identity.kubernetes.podSelector.matchExpressions[0].values",
+        "takes no `values`",
+    );
+    one_err(
+        &spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: In, values: 5}\n"),
+        10,
+        46,
+        "spec.identity.kubernetes.podSelector.matchExpressions[0].values",
+        "expected a list",
+    );
+    let ps = parse(&spec("  identity:\n    kubernetes:\n      podSelector:\n        matchExpressions:\n          - {key: app, operator: NotIn, values: [a, b]}\n          - {key: tier, operator: Exists}\n"));
+    let sel = ps[0]
+        .policy
+        .spec
+        .identity
+        .as_ref()
+        .unwrap()
+        .kubernetes
+        .as_ref()
+        .unwrap()
+        .pod_selector
+        .as_ref()
+        .unwrap();
+    assert_eq!(sel.match_expressions.len(), 2);
+    assert_eq!(sel.match_expressions[0].operator, SelectorOperator::NotIn);
+}
+
+#[test]
+fn all_errors_of_a_file_are_reported() {
+    let y = format!(
+        "{}bogus: 1\nspec:\n  egress:\n    - cidr: 10.0.0.300/8\n    - cidr: 10.0.0.1/8\n      protocol: icmp\n---\n{HEAD}spec:\n  mode: x\n",
+        HEAD.replace("v1alpha1", "v2")
+    );
+    let e = errs(&y);
+    let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+    assert_eq!(
+        lines,
+        vec![1, 5, 8, 9, 10, 17],
+        "{}",
+        PolicyErrors(e.clone())
+    );
+}
+
+#[test]
+fn yaml_syntax_and_duplicate_keys() {
+    let e = errs("apiVersion: a: b\n");
+    assert_eq!((e[0].line, e[0].field.as_str()), (1, ""));
+    assert!(e[0].to_string().starts_with("t.yaml:1:"), "{}", e[0]);
+    assert!(e[0].message.starts_with("invalid YAML"), "{}", e[0]);
+    let e = errs(&format!("{HEAD}spec: {{}}\nspec: {{}}\n"));
+    assert_eq!(e[0].line, 6);
+    assert!(e[0].message.contains("duplicate mapping key"), "{}", e[0]);
+    assert!(!e[0].message.contains("DuplicateKeyPolicy"), "{}", e[0]);
+    one_err("", 1, 1, "", "no policy document");
+}
+
+#[test]
+fn display_format() {
+    let e = PolicyError {
+        file: "policies/bad.yaml".into(),
+        line: 12,
+        column: 9,
+        field: "spec.egress[1].cidr".into(),
+        message: "invalid CIDR".into(),
+    };
+    assert_eq!(
+        e.to_string(),
+        "policies/bad.yaml:12:9: spec.egress[1].cidr: invalid CIDR"
+    );
+    let two = PolicyErrors(vec![e.clone(), e]);
+    assert_eq!(two.to_string().lines().count(), 2);
+}
+
+#[test]
+fn fixed_rule_names() {
+    use enforcer_common::rule;
+    assert_eq!(rule_name(rule::DEFAULT_DENY), Some("default-deny"));
+    assert_eq!(rule_name(rule::NO_POLICY), Some("no-policy"));
+    assert_eq!(rule_name(rule::RAW_SOCKET), Some("raw-socket"));
+    assert_eq!(rule_name(rule::SOCKET_FAMILY), Some("socket-family"));
+    assert_eq!(rule_name(1), None);
+}
