@@ -4,6 +4,7 @@
 //! tables -> BPF maps (`kernel/`) -> kernel verdicts -> ring buffer
 //! (`events/`) -> audit log (`audit`) and metrics (`metrics`).
 #![allow(dead_code)]
+mod audit;
 mod events;
 
 fn main() {}
