@@ -6,5 +6,6 @@
 #![allow(dead_code)]
 mod audit;
 mod events;
+mod metrics;
 
 fn main() {}
