@@ -897,7 +897,7 @@ mod tests {
             port: Some(443),
             protocol: Some("tcp".into()),
             host: None,
-            verdict: if i % 2 == 0 {
+            verdict: if i.is_multiple_of(2) {
                 Verdict::Deny
             } else {
                 Verdict::Allow
