@@ -548,7 +548,8 @@ fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditEr
         offset,
         reason,
     };
-    // The complete line ending (exclusive) at `end`, as (seq, hash).
+    let seq_overflow = |offset| corrupt(offset, "seq is at its maximum".into());
+    // The complete line ending (exclusive) at `end`, as (seq after it, hash).
     let complete_line = |end: u64| -> Result<(u64, Hash), AuditError> {
         let start = line_start(file, end, MAX_LINE)
             .map_err(io_err)?
@@ -556,7 +557,8 @@ fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditEr
         let line = read_exact_at(file, start, end).map_err(io_err)?;
         let head = parse_head(&line)
             .map_err(|e| corrupt(start, format!("last record is not valid: {e}")))?;
-        Ok((head.seq, sha256(&line)))
+        let next = head.seq.checked_add(1).ok_or_else(|| seq_overflow(start))?;
+        Ok((next, sha256(&line)))
     };
 
     let len = file.metadata().map_err(io_err)?.len();
@@ -570,9 +572,9 @@ fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditEr
     let mut last = [0u8; 1];
     file.read_exact_at(&mut last, len - 1).map_err(io_err)?;
     if last[0] == b'\n' {
-        let (seq, prev) = complete_line(len - 1)?;
+        let (next_seq, prev) = complete_line(len - 1)?;
         return Ok(Resume {
-            next_seq: seq + 1,
+            next_seq,
             prev,
             torn: None,
         });
@@ -591,8 +593,7 @@ fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditEr
     let (next_seq, prev) = if tail_start == 0 {
         (0, [0; 32])
     } else {
-        let (seq, hash) = complete_line(tail_start - 1)?;
-        (seq + 1, hash)
+        complete_line(tail_start - 1)?
     };
     if let Ok(head) = parse_head(&tail) {
         if head.seq == next_seq && head.prev == prev {
@@ -600,7 +601,9 @@ fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditEr
             let mut f = file;
             f.write_all(b"\n").map_err(io_err)?;
             return Ok(Resume {
-                next_seq: next_seq + 1,
+                next_seq: next_seq
+                    .checked_add(1)
+                    .ok_or_else(|| seq_overflow(tail_start))?,
                 prev: sha256(&tail),
                 torn: None,
             });
@@ -674,7 +677,7 @@ pub enum Problem {
 }
 
 fn missing_message(from: u64, to: u64) -> String {
-    let (first, last) = (from + 1, to - 1);
+    let (first, last) = (from.saturating_add(1), to.saturating_sub(1));
     if first == last {
         format!("record {first} missing: seq jumps {from} -> {to}")
     } else {
@@ -1244,6 +1247,21 @@ mod tests {
     }
 
     #[test]
+    fn audit_extreme_seq_does_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let max = format!("{{\"seq\":{},\"prev_hash\":\"{ZERO_HASH}\"}}", u64::MAX);
+        write_lines(&path, &[max.clone(), max]);
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Corrupt { .. })
+        ));
+        let err = verify(&path).unwrap_err();
+        assert_eq!(err.line(), Some(1));
+        let _ = err.to_string();
+    }
+
+    #[test]
     fn audit_second_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
@@ -1252,6 +1270,29 @@ mod tests {
             AuditLog::open(&path),
             Err(AuditError::Locked { .. })
         ));
+    }
+
+    /// Throughput check for the ring-buffer path (not a regression gate):
+    /// `cargo test --release -p enforcer -- --ignored audit_throughput --nocapture`.
+    #[test]
+    #[ignore]
+    fn audit_throughput() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        let batch: Vec<_> = (0..1000).map(decision).collect();
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            log.append_batch(&batch).unwrap();
+        }
+        let per_sec = 200_000.0 / start.elapsed().as_secs_f64();
+        eprintln!("audit: {per_sec:.0} records/s");
+        let start = std::time::Instant::now();
+        verify(&path).unwrap();
+        eprintln!(
+            "verify: {:.0} records/s",
+            200_000.0 / start.elapsed().as_secs_f64()
+        );
     }
 
     #[test]
