@@ -1,0 +1,1307 @@
+//! Tamper-evident audit log (events/ -> audit).
+//!
+//! # Format
+//!
+//! JSON Lines, one record per line, `\n`-terminated, appended to one file.
+//! Every record carries
+//!
+//! - `seq`: `u64`, 0 for the first record of a file, then +1 per record;
+//! - `prev_hash`: SHA-256 (lowercase hex) of the previous record's exact line
+//!   bytes without the trailing newline; 64 zeros ([`ZERO_HASH`]) for `seq` 0.
+//!
+//! A decision record is the [`Decision`] flattened (DESIGN.md section 5):
+//!
+//! ```json
+//! {"seq":7,"ts":"2026-11-02T10:00:00.123Z","identity":{"name":"research-agent",
+//!  "spiffe_id":"spiffe://example.org/ns/agents/sa/research"},"cgroup_id":4242,
+//!  "pid":311,"comm":"curl","action":"connect","ip":"203.0.113.9","port":443,
+//!  "protocol":"tcp","host":null,"verdict":"deny","rule":"default-deny",
+//!  "policy_hash":"ab12...","prev_hash":"9f86..."}
+//! ```
+//!
+//! (one line in the file; `ip`, `port`, `protocol` and `host` are `null` when
+//! unknown, `detail` is present only when the decision has one).
+//!
+//! A lifecycle record ([`LifecycleEvent`]) shares the chain and has `seq`, `ts`,
+//! `identity` (`null` for daemon-wide events such as `start`), `action` (one
+//! of [`LifecycleAction`]: `policy_load`, `policy_reload_rejected`, `attach`,
+//! `detach`, `start`, `stop`, `chain_resume`), optional `cgroup_id` and
+//! `policy_hash`, `detail` and `prev_hash`. The two kinds never share an
+//! `action` value.
+//!
+//! # Reopening and torn tails
+//!
+//! [`AuditLog::open`] continues an existing file: it reads only the last line
+//! (its `seq` and hash); it does not re-verify the whole file (use [`verify`]).
+//! If the file does not end in `\n` the previous writer died mid-write:
+//!
+//! - if the unterminated line is nevertheless a complete record correctly
+//!   chained to the line before it, only the missing `\n` is added;
+//! - otherwise the torn bytes are **truncated** and the first record written is
+//!   a `chain_resume` lifecycle record, chained to the last good line, whose
+//!   `detail` gives the offset, length and SHA-256 of the removed bytes and a
+//!   (lossy, bounded) copy of them. Truncating keeps the invariant that every
+//!   line of the file is a valid record, so [`verify`] stays strict, while the
+//!   `chain_resume` record keeps the evidence that something was cut.
+//!
+//! A complete last line that is not a valid record is not a crash artefact: the
+//! file is refused ([`AuditError::Corrupt`]) rather than silently "repaired".
+//!
+//! # What the chain proves
+//!
+//! Any change to, removal of, insertion or reordering of a record *followed by
+//! at least one other record* is detected by [`verify`]. Removing records from
+//! the **end** of the file (or rewriting the last record) cannot be detected
+//! from the file alone: anchor [`VerifyReport::head`] (the hash of the last
+//! record) and its `seq` somewhere the agent cannot write (printed by the CLI,
+//! shipped to a log collector) and compare later. The chain is not keyed:
+//! someone able to rewrite the whole file can recompute it; the anchor is what
+//! makes that detectable.
+//!
+//! # Cost
+//!
+//! A record is serialized into a reused buffer, hashed once and copied into a
+//! 64 KiB [`BufWriter`]; nothing is flushed until [`AuditLog::flush`] (call it
+//! once per ring-buffer batch, or use [`AuditLog::append_batch`]).
+//! `fsync` after a flush is optional ([`AuditOptions::fsync`]).
+//!
+//! One writer per file: `open` takes an exclusive `flock(2)` on the file, so a
+//! second daemon pointed at the same path fails instead of forking the chain.
+use std::{
+    borrow::Cow,
+    fs::{File, OpenOptions},
+    io::{self, BufRead, BufReader, BufWriter, Write},
+    net::IpAddr,
+    os::unix::{fs::FileExt, io::AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::events::{Action, Decision, IdentityRef, Verdict};
+
+/// `prev_hash` of the first record of a file.
+pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// An unterminated tail longer than this is not a torn record (records are a
+/// few hundred bytes): the file is refused instead of truncated.
+const MAX_TORN_TAIL: u64 = 1 << 20;
+/// The last complete line is read back on open; a longer one is not ours.
+const MAX_LINE: u64 = 1 << 20;
+/// How much of a truncated torn tail is copied into the `chain_resume` record.
+const TORN_PREVIEW: usize = 4096;
+const WRITE_BUFFER: usize = 64 * 1024;
+
+type Hash = [u8; 32];
+
+/// Non-decision events recorded in the same chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleAction {
+    PolicyLoad,
+    PolicyReloadRejected,
+    Attach,
+    Detach,
+    Start,
+    Stop,
+    /// Written by [`AuditLog::open`] itself after truncating a torn tail.
+    ChainResume,
+}
+
+impl LifecycleAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PolicyLoad => "policy_load",
+            Self::PolicyReloadRejected => "policy_reload_rejected",
+            Self::Attach => "attach",
+            Self::Detach => "detach",
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::ChainResume => "chain_resume",
+        }
+    }
+}
+
+/// A lifecycle record: policy loads, attach/detach, daemon start/stop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LifecycleEvent {
+    pub ts: DateTime<Utc>,
+    pub action: LifecycleAction,
+    /// `None` for daemon-wide events (serialized as `null`).
+    pub identity: Option<IdentityRef>,
+    pub cgroup_id: Option<u64>,
+    pub policy_hash: Option<String>,
+    pub detail: String,
+}
+
+impl LifecycleEvent {
+    /// A daemon-wide event stamped now; add context with the `with_*` methods.
+    pub fn new(action: LifecycleAction, detail: impl Into<String>) -> Self {
+        Self {
+            ts: Utc::now(),
+            action,
+            identity: None,
+            cgroup_id: None,
+            policy_hash: None,
+            detail: detail.into(),
+        }
+    }
+    pub fn with_identity(mut self, identity: IdentityRef) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+    pub fn with_cgroup_id(mut self, cgroup_id: u64) -> Self {
+        self.cgroup_id = Some(cgroup_id);
+        self
+    }
+    pub fn with_policy_hash(mut self, policy_hash: impl Into<String>) -> Self {
+        self.policy_hash = Some(policy_hash.into());
+        self
+    }
+}
+
+/// On-disk form of a decision. Borrowed, so serializing allocates nothing.
+#[derive(Serialize)]
+struct DecisionRecord<'a> {
+    seq: u64,
+    ts: &'a DateTime<Utc>,
+    identity: &'a IdentityRef,
+    cgroup_id: u64,
+    pid: u32,
+    comm: &'a str,
+    action: Action,
+    ip: Option<IpAddr>,
+    port: Option<u16>,
+    protocol: Option<&'a str>,
+    host: Option<&'a str>,
+    verdict: Verdict,
+    rule: &'a str,
+    policy_hash: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    prev_hash: &'a str,
+}
+
+#[derive(Serialize)]
+struct LifecycleRecord<'a> {
+    seq: u64,
+    ts: &'a DateTime<Utc>,
+    identity: Option<&'a IdentityRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_id: Option<u64>,
+    action: LifecycleAction,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy_hash: Option<&'a str>,
+    detail: &'a str,
+    prev_hash: &'a str,
+}
+
+/// The chain fields of any record; other fields are skipped (but the whole
+/// line must still be valid JSON).
+#[derive(Deserialize)]
+struct Head<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    prev_hash: Cow<'a, str>,
+    #[serde(borrow, default)]
+    action: Option<Cow<'a, str>>,
+}
+
+struct ParsedHead {
+    seq: u64,
+    prev: Hash,
+    resume: bool,
+}
+
+fn parse_head(line: &[u8]) -> Result<ParsedHead, String> {
+    let head: Head<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let mut prev = [0u8; 32];
+    hex::decode_to_slice(head.prev_hash.as_bytes(), &mut prev)
+        .map_err(|_| "prev_hash is not 64 hex digits".to_string())?;
+    Ok(ParsedHead {
+        seq: head.seq,
+        prev,
+        resume: head.action.as_deref() == Some(LifecycleAction::ChainResume.as_str()),
+    })
+}
+
+fn sha256(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("audit log {path} is already open by another writer (flock)")]
+    Locked { path: PathBuf },
+    #[error("audit log {path}: cannot continue the chain: {reason} (at byte {offset}); move the file aside")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("audit record could not be serialized: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error(
+        "audit log {path}: an earlier write failed, the chain state is unknown; reopen the log"
+    )]
+    Poisoned { path: PathBuf },
+}
+
+/// Options for [`AuditLog::open_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditOptions {
+    /// `fdatasync` the file after every [`AuditLog::flush`].
+    pub fsync: bool,
+}
+
+/// What [`AuditLog::open`] removed from the end of the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// Byte offset where the torn line started (the new file length).
+    pub offset: u64,
+    pub len: u64,
+    /// SHA-256 (hex) of the removed bytes.
+    pub sha256: String,
+}
+
+/// Append-only writer of the hash-chained audit log. Not `Sync`: wrap it in a
+/// mutex or give it to one task.
+pub struct AuditLog {
+    path: PathBuf,
+    out: BufWriter<File>,
+    fsync: bool,
+    next_seq: u64,
+    prev_hex: [u8; 64],
+    buf: Vec<u8>,
+    appended: u64,
+    torn: Option<TornTail>,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .field("next_seq", &self.next_seq)
+            .field("head", &self.head())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the chain continues after the existing content of a file.
+struct Resume {
+    next_seq: u64,
+    prev: Hash,
+    torn: Option<(TornTail, String)>,
+}
+
+impl AuditLog {
+    /// Open (create, or continue) the log at `path` without fsync.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        Self::open_with(path, AuditOptions::default())
+    }
+
+    pub fn open_with(path: &Path, options: AuditOptions) -> Result<Self, AuditError> {
+        let io_err = |source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io_err)?;
+        // SAFETY: flock on a valid, owned descriptor; the lock lives as long
+        // as the descriptor (released when the AuditLog is dropped).
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                AuditError::Locked {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                io_err(e)
+            });
+        }
+        let resume = resume_point(path, &file, options.fsync)?;
+        let mut log = Self {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(WRITE_BUFFER, file),
+            fsync: options.fsync,
+            next_seq: resume.next_seq,
+            prev_hex: [0; 64],
+            buf: Vec::with_capacity(1024),
+            appended: 0,
+            torn: None,
+            poisoned: false,
+        };
+        log.set_prev(&resume.prev);
+        if let Some((torn, preview)) = resume.torn {
+            let detail = format!(
+                "previous writer stopped mid-record: removed an unterminated tail of {} bytes at \
+                 offset {} (sha256 {}); it began with {:?}",
+                torn.len, torn.offset, torn.sha256, preview
+            );
+            log.append_lifecycle(&LifecycleEvent::new(LifecycleAction::ChainResume, detail))?;
+            log.flush()?;
+            log.torn = Some(torn);
+        }
+        Ok(log)
+    }
+
+    /// Append one decision; returns its `seq`. Buffered: call [`Self::flush`].
+    pub fn append_decision(&mut self, d: &Decision) -> Result<u64, AuditError> {
+        // Destructured without `..` so that a new Decision field fails to
+        // compile here instead of silently missing from the audit log.
+        let Decision {
+            ts,
+            identity,
+            cgroup_id,
+            pid,
+            comm,
+            action,
+            ip,
+            port,
+            protocol,
+            host,
+            verdict,
+            rule,
+            policy_hash,
+            detail,
+        } = d;
+        self.append_with(|buf, seq, prev_hash| {
+            serde_json::to_writer(
+                buf,
+                &DecisionRecord {
+                    seq,
+                    ts,
+                    identity,
+                    cgroup_id: *cgroup_id,
+                    pid: *pid,
+                    comm,
+                    action: *action,
+                    ip: *ip,
+                    port: *port,
+                    protocol: protocol.as_deref(),
+                    host: host.as_deref(),
+                    verdict: *verdict,
+                    rule,
+                    policy_hash,
+                    detail: detail.as_deref(),
+                    prev_hash,
+                },
+            )
+        })
+    }
+
+    /// Append one lifecycle record; returns its `seq`. Buffered.
+    pub fn append_lifecycle(&mut self, ev: &LifecycleEvent) -> Result<u64, AuditError> {
+        self.append_with(|buf, seq, prev_hash| {
+            serde_json::to_writer(
+                buf,
+                &LifecycleRecord {
+                    seq,
+                    ts: &ev.ts,
+                    identity: ev.identity.as_ref(),
+                    cgroup_id: ev.cgroup_id,
+                    action: ev.action,
+                    policy_hash: ev.policy_hash.as_deref(),
+                    detail: &ev.detail,
+                    prev_hash,
+                },
+            )
+        })
+    }
+
+    /// Append a batch of decisions and flush once; returns how many were written.
+    pub fn append_batch<'a, I>(&mut self, decisions: I) -> Result<u64, AuditError>
+    where
+        I: IntoIterator<Item = &'a Decision>,
+    {
+        let mut n = 0;
+        for d in decisions {
+            self.append_decision(d)?;
+            n += 1;
+        }
+        self.flush()?;
+        Ok(n)
+    }
+
+    /// Write buffered records to the file (and `fdatasync` if configured).
+    pub fn flush(&mut self) -> Result<(), AuditError> {
+        let res = self.out.flush().and_then(|()| {
+            if self.fsync {
+                self.out.get_ref().sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        res.map_err(|source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// `seq` the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// SHA-256 (hex) of the last record written, [`ZERO_HASH`] for an empty log.
+    pub fn head(&self) -> &str {
+        std::str::from_utf8(&self.prev_hex).expect("hex is ASCII")
+    }
+
+    /// Records appended by this handle (including a `chain_resume`).
+    pub fn appended(&self) -> u64 {
+        self.appended
+    }
+
+    /// The torn tail truncated by `open`, if there was one.
+    pub fn torn_tail(&self) -> Option<&TornTail> {
+        self.torn.as_ref()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn set_prev(&mut self, hash: &Hash) {
+        hex::encode_to_slice(hash, &mut self.prev_hex).expect("32 bytes -> 64 hex digits");
+    }
+
+    fn append_with<F>(&mut self, serialize: F) -> Result<u64, AuditError>
+    where
+        F: FnOnce(&mut Vec<u8>, u64, &str) -> serde_json::Result<()>,
+    {
+        if self.poisoned {
+            return Err(AuditError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        let seq = self.next_seq;
+        self.buf.clear();
+        let prev_hash = std::str::from_utf8(&self.prev_hex).expect("hex is ASCII");
+        serialize(&mut self.buf, seq, prev_hash)?;
+        let hash = sha256(&self.buf);
+        self.buf.push(b'\n');
+        if let Err(source) = self.out.write_all(&self.buf) {
+            // Part of the line may have reached the file; the next open
+            // repairs that, this handle must not go on.
+            self.poisoned = true;
+            return Err(AuditError::Io {
+                path: self.path.clone(),
+                source,
+            });
+        }
+        self.set_prev(&hash);
+        self.next_seq += 1;
+        self.appended += 1;
+        Ok(seq)
+    }
+}
+
+fn read_exact_at(file: &File, start: u64, end: u64) -> io::Result<Vec<u8>> {
+    let mut v = vec![0; (end - start) as usize];
+    file.read_exact_at(&mut v, start)?;
+    Ok(v)
+}
+
+/// Start offset of the line that ends (exclusive) at `end`: one past the last
+/// `\n` before `end`, or 0. `None` if that line is longer than `max`.
+fn line_start(file: &File, end: u64, max: u64) -> io::Result<Option<u64>> {
+    let mut chunk = [0u8; 8192];
+    let mut pos = end;
+    while pos > 0 {
+        if end - pos > max {
+            return Ok(None);
+        }
+        let n = pos.min(chunk.len() as u64) as usize;
+        let from = pos - n as u64;
+        file.read_exact_at(&mut chunk[..n], from)?;
+        if let Some(i) = chunk[..n].iter().rposition(|&b| b == b'\n') {
+            let start = from + i as u64 + 1;
+            return Ok((end - start <= max).then_some(start));
+        }
+        pos = from;
+    }
+    Ok((end <= max).then_some(0))
+}
+
+/// Find where the chain continues; repair a torn tail (see module docs).
+fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditError> {
+    let io_err = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let corrupt = |offset, reason: String| AuditError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason,
+    };
+    let seq_overflow = |offset| corrupt(offset, "seq is at its maximum".into());
+    // The complete line ending (exclusive) at `end`, as (seq after it, hash).
+    let complete_line = |end: u64| -> Result<(u64, Hash), AuditError> {
+        let start = line_start(file, end, MAX_LINE)
+            .map_err(io_err)?
+            .ok_or_else(|| corrupt(end, "last line is too long to be a record".into()))?;
+        let line = read_exact_at(file, start, end).map_err(io_err)?;
+        let head = parse_head(&line)
+            .map_err(|e| corrupt(start, format!("last record is not valid: {e}")))?;
+        let next = head.seq.checked_add(1).ok_or_else(|| seq_overflow(start))?;
+        Ok((next, sha256(&line)))
+    };
+
+    let len = file.metadata().map_err(io_err)?.len();
+    if len == 0 {
+        return Ok(Resume {
+            next_seq: 0,
+            prev: [0; 32],
+            torn: None,
+        });
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1).map_err(io_err)?;
+    if last[0] == b'\n' {
+        let (next_seq, prev) = complete_line(len - 1)?;
+        return Ok(Resume {
+            next_seq,
+            prev,
+            torn: None,
+        });
+    }
+
+    // Unterminated last line: the previous writer died mid-write.
+    let tail_start = line_start(file, len, MAX_TORN_TAIL)
+        .map_err(io_err)?
+        .ok_or_else(|| {
+            corrupt(
+                len,
+                format!("unterminated tail longer than {MAX_TORN_TAIL} bytes is not a torn record"),
+            )
+        })?;
+    let tail = read_exact_at(file, tail_start, len).map_err(io_err)?;
+    let (next_seq, prev) = if tail_start == 0 {
+        (0, [0; 32])
+    } else {
+        complete_line(tail_start - 1)?
+    };
+    if let Ok(head) = parse_head(&tail) {
+        if head.seq == next_seq && head.prev == prev {
+            // Whole record, only the newline is missing.
+            let mut f = file;
+            f.write_all(b"\n").map_err(io_err)?;
+            return Ok(Resume {
+                next_seq: next_seq
+                    .checked_add(1)
+                    .ok_or_else(|| seq_overflow(tail_start))?,
+                prev: sha256(&tail),
+                torn: None,
+            });
+        }
+    }
+    file.set_len(tail_start).map_err(io_err)?;
+    if fsync {
+        file.sync_data().map_err(io_err)?;
+    }
+    let preview = String::from_utf8_lossy(&tail[..tail.len().min(TORN_PREVIEW)]).into_owned();
+    Ok(Resume {
+        next_seq,
+        prev,
+        torn: Some((
+            TornTail {
+                offset: tail_start,
+                len: tail.len() as u64,
+                sha256: hex::encode(sha256(&tail)),
+            },
+            preview,
+        )),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Verification
+
+/// Result of a successful [`verify`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Complete records checked.
+    pub records: u64,
+    /// `seq` of the last record (`None` for an empty log).
+    pub last_seq: Option<u64>,
+    /// SHA-256 (hex) of the last record's line: the value to anchor externally,
+    /// since truncation of the tail cannot be detected from the file alone.
+    /// [`ZERO_HASH`] for an empty log.
+    pub head: String,
+    /// `seq` of each `chain_resume` record (a torn tail was cut there).
+    pub chain_resumes: Vec<u64>,
+    /// Bytes after the last `\n`: a write in progress or a crash, not checked.
+    pub unterminated_tail_bytes: u64,
+}
+
+/// Why the chain is broken. Record numbers are `seq` values.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("not a valid audit record: {0}")]
+    Malformed(String),
+    #[error(
+        "chain does not start at seq 0 with a zero prev_hash (first record has seq {seq}): \
+         records before it were removed or it was modified"
+    )]
+    BadStart { seq: u64 },
+    /// The record's line changed: the next record's `prev_hash` no longer matches it.
+    #[error("record {seq} modified: prev_hash of record {next} does not match")]
+    Modified { seq: u64, next: u64 },
+    /// The record's own `prev_hash` was changed (both links around it break).
+    #[error(
+        "record {seq} modified: its prev_hash does not match record {prev} and the prev_hash of \
+         record {next} does not match it"
+    )]
+    PrevHashModified { seq: u64, prev: u64, next: u64 },
+    /// The `seq` field was changed while the hash link still holds.
+    #[error("record modified: seq is {found}, expected {expected} (prev_hash link intact)")]
+    SeqModified { found: u64, expected: u64 },
+    #[error("{}", missing_message(*from, *to))]
+    Missing { from: u64, to: u64 },
+    #[error("records out of order or duplicated: seq {prev} is followed by seq {seq}")]
+    OutOfOrder { prev: u64, seq: u64 },
+}
+
+fn missing_message(from: u64, to: u64) -> String {
+    let (first, last) = (from.saturating_add(1), to.saturating_sub(1));
+    if first == last {
+        format!("record {first} missing: seq jumps {from} -> {to}")
+    } else {
+        format!("records {first}..={last} missing: seq jumps {from} -> {to}")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `line` is 1-based: the first line where the chain is broken.
+    #[error("line {line}: {problem}")]
+    Broken { line: u64, problem: Problem },
+}
+
+impl VerifyError {
+    /// The first broken line (1-based), if the log was readable.
+    pub fn line(&self) -> Option<u64> {
+        match self {
+            Self::Io { .. } => None,
+            Self::Broken { line, .. } => Some(*line),
+        }
+    }
+    pub fn problem(&self) -> Option<&Problem> {
+        match self {
+            Self::Io { .. } => None,
+            Self::Broken { problem, .. } => Some(problem),
+        }
+    }
+}
+
+struct Rec {
+    line: u64,
+    seq: u64,
+    prev: Hash,
+    hash: Hash,
+    resume: bool,
+}
+
+struct Lines<R> {
+    r: R,
+    buf: Vec<u8>,
+    line: u64,
+    tail: u64,
+    path: PathBuf,
+}
+
+impl<R: BufRead> Lines<R> {
+    fn next(&mut self) -> Result<Option<Rec>, VerifyError> {
+        self.buf.clear();
+        let n = self
+            .r
+            .read_until(b'\n', &mut self.buf)
+            .map_err(|source| VerifyError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.buf.last() != Some(&b'\n') {
+            self.tail = n as u64;
+            return Ok(None);
+        }
+        self.line += 1;
+        let body = &self.buf[..n - 1];
+        let head = parse_head(body).map_err(|e| VerifyError::Broken {
+            line: self.line,
+            problem: Problem::Malformed(e),
+        })?;
+        Ok(Some(Rec {
+            line: self.line,
+            seq: head.seq,
+            prev: head.prev,
+            hash: sha256(body),
+            resume: head.resume,
+        }))
+    }
+}
+
+/// Check the link from `prev` to `cur`; `next` (when readable) disambiguates
+/// which record was changed.
+fn check_link(prev: Option<&Rec>, cur: &Rec, next: Option<&Rec>) -> Result<(), VerifyError> {
+    let broken = |line, problem| Err(VerifyError::Broken { line, problem });
+    let Some(p) = prev else {
+        if cur.seq == 0 && cur.prev == [0; 32] {
+            return Ok(());
+        }
+        return broken(cur.line, Problem::BadStart { seq: cur.seq });
+    };
+    let expected = p.seq.wrapping_add(1);
+    let hash_ok = cur.prev == p.hash;
+    match (cur.seq == expected, hash_ok) {
+        (true, true) => Ok(()),
+        (false, true) => broken(
+            cur.line,
+            Problem::SeqModified {
+                found: cur.seq,
+                expected,
+            },
+        ),
+        (true, false) => {
+            // Either p's line changed, or cur's own prev_hash did; in the
+            // latter case cur's hash changed too and the next link breaks.
+            if let Some(n) = next {
+                if n.seq == cur.seq.wrapping_add(1) && n.prev != cur.hash {
+                    return broken(
+                        cur.line,
+                        Problem::PrevHashModified {
+                            seq: cur.seq,
+                            prev: p.seq,
+                            next: n.seq,
+                        },
+                    );
+                }
+            }
+            broken(
+                p.line,
+                Problem::Modified {
+                    seq: p.seq,
+                    next: cur.seq,
+                },
+            )
+        }
+        (false, false) => {
+            let reordered = next.is_some_and(|n| n.seq < cur.seq);
+            if cur.seq > expected && !reordered {
+                broken(
+                    cur.line,
+                    Problem::Missing {
+                        from: p.seq,
+                        to: cur.seq,
+                    },
+                )
+            } else {
+                broken(
+                    cur.line,
+                    Problem::OutOfOrder {
+                        prev: p.seq,
+                        seq: cur.seq,
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// Verify the whole chain of the log at `path`: every complete line is a
+/// valid record, `seq` starts at 0 and increments by 1, and every `prev_hash`
+/// is the SHA-256 of the line before it (zeros for the first).
+///
+/// Removal of records at the end of the file is **not** detectable here:
+/// compare [`VerifyReport::head`] / `last_seq` with an anchor kept elsewhere.
+pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
+    let file = File::open(path).map_err(|source| VerifyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut lines = Lines {
+        r: BufReader::with_capacity(256 * 1024, file),
+        buf: Vec::with_capacity(1024),
+        line: 0,
+        tail: 0,
+        path: path.to_path_buf(),
+    };
+    let mut report = VerifyReport {
+        records: 0,
+        last_seq: None,
+        head: ZERO_HASH.to_string(),
+        chain_resumes: Vec::new(),
+        unterminated_tail_bytes: 0,
+    };
+    let mut prev: Option<Rec> = None;
+    let mut cur = lines.next()?;
+    while let Some(c) = cur {
+        // Read one record ahead; a bad next line is reported after `c`.
+        let next = lines.next();
+        check_link(
+            prev.as_ref(),
+            &c,
+            next.as_ref().ok().and_then(Option::as_ref),
+        )?;
+        report.records += 1;
+        if c.resume {
+            report.chain_resumes.push(c.seq);
+        }
+        prev = Some(c);
+        cur = next?;
+    }
+    if let Some(p) = prev {
+        report.last_seq = Some(p.seq);
+        report.head = hex::encode(p.hash);
+    }
+    report.unterminated_tail_bytes = lines.tail;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn decision(i: u64) -> Decision {
+        Decision {
+            ts: DateTime::from_timestamp(1_800_000_000 + i as i64, 0).unwrap(),
+            identity: IdentityRef {
+                name: "research-agent".into(),
+                spiffe_id: Some("spiffe://example.org/ns/agents/sa/research".into()),
+            },
+            cgroup_id: 4242,
+            pid: 300 + i as u32,
+            comm: "curl".into(),
+            action: Action::Connect,
+            ip: Some("203.0.113.9".parse().unwrap()),
+            port: Some(443),
+            protocol: Some("tcp".into()),
+            host: None,
+            verdict: if i.is_multiple_of(2) {
+                Verdict::Deny
+            } else {
+                Verdict::Allow
+            },
+            rule: "default-deny".into(),
+            policy_hash: "ab".repeat(32),
+            detail: (i == 3).then(|| "family=inet".to_string()),
+        }
+    }
+
+    fn write_n(path: &Path, n: u64) {
+        let mut log = AuditLog::open(path).unwrap();
+        let ds: Vec<_> = (0..n).map(decision).collect();
+        assert_eq!(log.append_batch(&ds).unwrap(), n);
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn write_lines(path: &Path, lines: &[String]) {
+        let mut s = lines.join("\n");
+        s.push('\n');
+        fs::write(path, s).unwrap();
+    }
+
+    fn broken(path: &Path) -> (u64, Problem) {
+        match verify(path) {
+            Err(VerifyError::Broken { line, problem }) => (line, problem),
+            other => panic!("expected a broken chain, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn audit_records_have_contract_fields_and_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_n(&path, 5);
+        let ls = lines(&path);
+        assert_eq!(ls.len(), 5);
+        let mut prev = ZERO_HASH.to_string();
+        for (i, l) in ls.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["seq"], i as u64);
+            assert_eq!(v["prev_hash"], prev.as_str());
+            for k in [
+                "ts",
+                "cgroup_id",
+                "pid",
+                "comm",
+                "action",
+                "ip",
+                "port",
+                "protocol",
+                "host",
+                "verdict",
+                "rule",
+                "policy_hash",
+            ] {
+                assert!(v.get(k).is_some(), "missing {k} in {l}");
+            }
+            assert_eq!(v["identity"]["name"], "research-agent");
+            assert_eq!(
+                v["identity"]["spiffe_id"],
+                "spiffe://example.org/ns/agents/sa/research"
+            );
+            assert_eq!(v["action"], "connect");
+            assert_eq!(v["ip"], "203.0.113.9");
+            assert_eq!(v["port"], 443);
+            assert_eq!(v.get("detail").is_some(), i == 3);
+            prev = hex::encode(Sha256::digest(l.as_bytes()));
+        }
+        let report = verify(&path).unwrap();
+        assert_eq!(report.records, 5);
+        assert_eq!(report.last_seq, Some(4));
+        assert_eq!(report.head, prev);
+        assert!(report.chain_resumes.is_empty());
+    }
+
+    #[test]
+    fn audit_verify_ok_many_and_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        write_n(&path, 1000);
+        let r = verify(&path).unwrap();
+        assert_eq!((r.records, r.last_seq), (1000, Some(999)));
+
+        let empty = dir.path().join("empty.jsonl");
+        drop(AuditLog::open(&empty).unwrap());
+        let r = verify(&empty).unwrap();
+        assert_eq!((r.records, r.last_seq), (0, None));
+        assert_eq!(r.head, ZERO_HASH);
+    }
+
+    #[test]
+    fn audit_detects_modified_byte_in_middle_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        write_n(&path, 10);
+        let mut ls = lines(&path);
+        ls[4] = ls[4].replacen("\"curl\"", "\"curm\"", 1); // line 5 = seq 4
+        write_lines(&path, &ls);
+        let (line, problem) = broken(&path);
+        assert_eq!(line, 5);
+        assert_eq!(problem, Problem::Modified { seq: 4, next: 5 });
+        assert_eq!(
+            problem.to_string(),
+            "record 4 modified: prev_hash of record 5 does not match"
+        );
+    }
+
+    #[test]
+    fn audit_detects_modified_prev_hash_and_seq_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        write_n(&path, 10);
+        let orig = lines(&path);
+
+        let mut ls = orig.clone();
+        let v: serde_json::Value = serde_json::from_str(&ls[6]).unwrap();
+        let ph = v["prev_hash"].as_str().unwrap().to_string();
+        let mut flipped = ph.clone().into_bytes();
+        flipped[10] = if flipped[10] == b'0' { b'1' } else { b'0' };
+        ls[6] = ls[6].replace(&ph, std::str::from_utf8(&flipped).unwrap());
+        write_lines(&path, &ls);
+        assert_eq!(
+            broken(&path),
+            (
+                7,
+                Problem::PrevHashModified {
+                    seq: 6,
+                    prev: 5,
+                    next: 7
+                }
+            )
+        );
+
+        let mut ls = orig.clone();
+        ls[6] = ls[6].replacen("\"seq\":6", "\"seq\":60", 1);
+        write_lines(&path, &ls);
+        assert_eq!(
+            broken(&path),
+            (
+                7,
+                Problem::SeqModified {
+                    found: 60,
+                    expected: 6
+                }
+            )
+        );
+
+        let mut ls = orig;
+        ls[2] = ls[2].replacen("\"seq\":2", "\"seq\":2,", 1); // no longer JSON
+        write_lines(&path, &ls);
+        let (line, problem) = broken(&path);
+        assert_eq!(line, 3);
+        assert!(matches!(problem, Problem::Malformed(_)), "{problem:?}");
+    }
+
+    #[test]
+    fn audit_detects_deleted_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        write_n(&path, 10);
+        let orig = lines(&path);
+
+        let mut ls = orig.clone();
+        ls.remove(5); // seq 5
+        write_lines(&path, &ls);
+        let (line, problem) = broken(&path);
+        assert_eq!(
+            (line, problem.clone()),
+            (6, Problem::Missing { from: 4, to: 6 })
+        );
+        assert_eq!(problem.to_string(), "record 5 missing: seq jumps 4 -> 6");
+
+        let mut ls = orig.clone();
+        ls.drain(3..6);
+        write_lines(&path, &ls);
+        let (line, problem) = broken(&path);
+        assert_eq!(line, 4);
+        assert_eq!(
+            problem.to_string(),
+            "records 3..=5 missing: seq jumps 2 -> 6"
+        );
+
+        let mut ls = orig.clone();
+        ls.remove(0);
+        write_lines(&path, &ls);
+        assert_eq!(broken(&path), (1, Problem::BadStart { seq: 1 }));
+
+        // Cutting the tail is only visible against an anchored head.
+        let full_head = {
+            write_lines(&path, &orig);
+            verify(&path).unwrap().head
+        };
+        write_lines(&path, &orig[..8]);
+        let r = verify(&path).unwrap();
+        assert_eq!(r.last_seq, Some(7));
+        assert_ne!(r.head, full_head);
+    }
+
+    #[test]
+    fn audit_detects_reordered_and_duplicated_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        write_n(&path, 10);
+        let orig = lines(&path);
+
+        let mut ls = orig.clone();
+        ls.swap(3, 4);
+        write_lines(&path, &ls);
+        assert_eq!(broken(&path), (4, Problem::OutOfOrder { prev: 2, seq: 4 }));
+
+        let mut ls = orig.clone();
+        ls.swap(2, 7);
+        write_lines(&path, &ls);
+        assert_eq!(broken(&path), (3, Problem::OutOfOrder { prev: 1, seq: 7 }));
+
+        let mut ls = orig;
+        ls.insert(5, ls[4].clone());
+        write_lines(&path, &ls);
+        assert_eq!(broken(&path), (6, Problem::OutOfOrder { prev: 4, seq: 4 }));
+    }
+
+    #[test]
+    fn audit_reopen_continues_chain_with_lifecycle_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        {
+            let mut log = AuditLog::open(&path).unwrap();
+            log.append_lifecycle(&LifecycleEvent::new(LifecycleAction::Start, "v0.1.0"))
+                .unwrap();
+            log.append_decision(&decision(0)).unwrap();
+            log.flush().unwrap();
+        }
+        let head_before = verify(&path).unwrap().head;
+        {
+            let mut log = AuditLog::open(&path).unwrap();
+            assert_eq!(log.next_seq(), 2);
+            assert_eq!(log.head(), head_before);
+            let id = decision(0).identity;
+            let seq = log
+                .append_lifecycle(
+                    &LifecycleEvent::new(LifecycleAction::PolicyLoad, "policies/research.yaml")
+                        .with_identity(id)
+                        .with_cgroup_id(4242)
+                        .with_policy_hash("cd".repeat(32)),
+                )
+                .unwrap();
+            assert_eq!(seq, 2);
+            log.append_decision(&decision(1)).unwrap();
+            log.append_lifecycle(&LifecycleEvent::new(LifecycleAction::Stop, "signal"))
+                .unwrap();
+            log.flush().unwrap();
+            assert_eq!(log.appended(), 3);
+        }
+        let r = verify(&path).unwrap();
+        assert_eq!((r.records, r.last_seq), (5, Some(4)));
+        let ls = lines(&path);
+        let start: serde_json::Value = serde_json::from_str(&ls[0]).unwrap();
+        assert_eq!(start["action"], "start");
+        assert!(start["identity"].is_null());
+        let load: serde_json::Value = serde_json::from_str(&ls[2]).unwrap();
+        assert_eq!(load["action"], "policy_load");
+        assert_eq!(load["identity"]["name"], "research-agent");
+        assert_eq!(load["cgroup_id"], 4242);
+        assert_eq!(load["detail"], "policies/research.yaml");
+    }
+
+    #[test]
+    fn audit_torn_tail_is_truncated_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        write_n(&path, 4);
+        let good_len = fs::metadata(&path).unwrap().len();
+        let good_head = verify(&path).unwrap().head;
+        // Crash mid-record.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":4,"ts":"2027-01-"#).unwrap();
+        drop(f);
+        // verify reports the tail without failing.
+        let r = verify(&path).unwrap();
+        assert_eq!((r.records, r.unterminated_tail_bytes), (4, 23));
+
+        let mut log = AuditLog::open(&path).unwrap();
+        let torn = log.torn_tail().unwrap().clone();
+        assert_eq!((torn.offset, torn.len), (good_len, 23));
+        assert_eq!(log.next_seq(), 5);
+        log.append_decision(&decision(5)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+
+        let r = verify(&path).unwrap();
+        assert_eq!((r.records, r.last_seq), (6, Some(5)));
+        assert_eq!(r.chain_resumes, vec![4]);
+        assert_eq!(r.unterminated_tail_bytes, 0);
+        let resume: serde_json::Value = serde_json::from_str(&lines(&path)[4]).unwrap();
+        assert_eq!(resume["action"], "chain_resume");
+        assert_eq!(resume["prev_hash"], good_head.as_str());
+        let detail = resume["detail"].as_str().unwrap();
+        assert!(detail.contains("23 bytes"), "{detail}");
+        assert!(detail.contains("2027-01-"), "{detail}");
+    }
+
+    #[test]
+    fn audit_torn_tail_edge_cases() {
+        let dir = tempfile::tempdir().unwrap();
+
+        // Torn first line: new chain starting with chain_resume at seq 0.
+        let path = dir.path().join("first.jsonl");
+        fs::write(&path, b"\0\0\0\0").unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        assert_eq!(log.next_seq(), 1);
+        drop(log);
+        let r = verify(&path).unwrap();
+        assert_eq!((r.records, r.chain_resumes.clone()), (1, vec![0]));
+
+        // Complete record whose newline was lost: kept, only "\n" added.
+        let path = dir.path().join("nl.jsonl");
+        write_n(&path, 3);
+        let content = fs::read(&path).unwrap();
+        fs::write(&path, &content[..content.len() - 1]).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        assert!(log.torn_tail().is_none());
+        assert_eq!(log.next_seq(), 3);
+        drop(log);
+        assert_eq!(fs::read(&path).unwrap(), content);
+
+        // A complete but invalid last line is refused, not repaired.
+        let path = dir.path().join("bad.jsonl");
+        write_n(&path, 2);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"not json\n").unwrap();
+        drop(f);
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn audit_extreme_seq_does_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let max = format!("{{\"seq\":{},\"prev_hash\":\"{ZERO_HASH}\"}}", u64::MAX);
+        write_lines(&path, &[max.clone(), max]);
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Corrupt { .. })
+        ));
+        let err = verify(&path).unwrap_err();
+        assert_eq!(err.line(), Some(1));
+        let _ = err.to_string();
+    }
+
+    #[test]
+    fn audit_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let _first = AuditLog::open(&path).unwrap();
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Locked { .. })
+        ));
+    }
+
+    /// Throughput check for the ring-buffer path (not a regression gate):
+    /// `cargo test --release -p enforcer -- --ignored audit_throughput --nocapture`.
+    #[test]
+    #[ignore]
+    fn audit_throughput() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        let batch: Vec<_> = (0..1000).map(decision).collect();
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            log.append_batch(&batch).unwrap();
+        }
+        let per_sec = 200_000.0 / start.elapsed().as_secs_f64();
+        eprintln!("audit: {per_sec:.0} records/s");
+        let start = std::time::Instant::now();
+        verify(&path).unwrap();
+        eprintln!(
+            "verify: {:.0} records/s",
+            200_000.0 / start.elapsed().as_secs_f64()
+        );
+    }
+
+    #[test]
+    fn audit_fsync_option_writes_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let mut log = AuditLog::open_with(&path, AuditOptions { fsync: true }).unwrap();
+        log.append_decision(&decision(0)).unwrap();
+        log.flush().unwrap();
+        assert_eq!(verify(&path).unwrap().head, log.head());
+    }
+}

@@ -1,0 +1,636 @@
+//! Prometheus metrics (events/ -> metrics) and the `/metrics` + `/healthz`
+//! HTTP endpoint.
+//!
+//! Every metric is prefixed `enforcer_` (DESIGN.md section 5):
+//!
+//! | metric | type | labels | fed by |
+//! |---|---|---|---|
+//! | `enforcer_decisions_total` | counter | identity, action, verdict | kernel per-CPU counters, [`Metrics::set_decisions_total`] |
+//! | `enforcer_events_total` | counter | identity, action, verdict | ring-buffer events, [`Metrics::record_event`] |
+//! | `enforcer_events_lost_total` | counter | | kernel stat, [`Metrics::set_events_lost_total`] |
+//! | `enforcer_no_identity_decisions_total` | counter | | kernel stat, [`Metrics::set_no_identity_decisions_total`] |
+//! | `enforcer_dns_queries_total` | counter | identity, verdict | [`Metrics::record_dns_query`] |
+//! | `enforcer_attached_cgroups` | gauge | | [`Metrics::set_attached_cgroups`] |
+//! | `enforcer_policy_entries` | gauge | identity | LPM entries, [`Metrics::set_policy_entries`] |
+//! | `enforcer_policy_info` | gauge (=1) | identity, spiffe_id, mode, policy_hash | [`Metrics::set_policy_info`] |
+//! | `enforcer_policy_reloads_total` | counter | result (ok, rejected) | [`Metrics::record_policy_reload`] |
+//! | `enforcer_audit_records_total` | counter | | [`Metrics::inc_audit_records`] |
+//! | `enforcer_build_info` | gauge (=1) | version | set at construction |
+//! | `enforcer_capability` | gauge (1/0) | name | [`Metrics::set_capability`] |
+//!
+//! "Absolute-total" setters take the current value of a kernel counter and
+//! advance the Prometheus counter by the difference to the last value seen.
+//! Counters never go down: a total lower than the last one means the kernel
+//! counter was reset (slot reuse, map recreated), so the new total is added in
+//! full. The first value seen is added in full as well.
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::Context as _;
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
+use prometheus::{
+    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::events::{Action, Decision, Verdict};
+
+/// Outcome of a policy reload, the `result` label of `enforcer_policy_reloads_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadResult {
+    Ok,
+    Rejected,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// Last values seen by the absolute-total setters, and label sets that must
+/// be removable per identity.
+#[derive(Default)]
+struct Seen {
+    /// identity -> (action, verdict) -> last kernel total.
+    decisions: HashMap<String, HashMap<(String, String), u64>>,
+    events_lost: u64,
+    no_identity: u64,
+    /// identity -> [spiffe_id, mode, policy_hash] currently exported.
+    policy_info: HashMap<String, [String; 3]>,
+}
+
+/// The enforcer's metrics registry. Cheap to share: wrap in an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    decisions: IntCounterVec,
+    events: IntCounterVec,
+    events_lost: IntCounter,
+    no_identity_decisions: IntCounter,
+    dns_queries: IntCounterVec,
+    attached_cgroups: IntGauge,
+    policy_entries: IntGaugeVec,
+    policy_info: IntGaugeVec,
+    policy_reloads: IntCounterVec,
+    audit_records: IntCounter,
+    build_info: IntGaugeVec,
+    capability: IntGaugeVec,
+    state: Mutex<Seen>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Add `total` to `counter` under absolute-total semantics (module docs).
+fn advance(counter: &IntCounter, last: &mut u64, total: u64) {
+    let delta = if total >= *last { total - *last } else { total };
+    if delta > 0 {
+        counter.inc_by(delta);
+    }
+    *last = total;
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        // Names and labels are constants: registration cannot fail except by
+        // a programming error (duplicate name), caught by the tests.
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("static metric definition");
+            c
+        }
+        fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            reg(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+            )
+        }
+        fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            reg(
+                r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"),
+            )
+        }
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("valid counter"),
+            )
+        };
+        let r = &registry;
+        let m = Self {
+            decisions: counter_vec(
+                r,
+                "enforcer_decisions_total",
+                "Decisions taken in the kernel, from the kernel's per-CPU counters.",
+                &["identity", "action", "verdict"],
+            ),
+            events: counter_vec(
+                r,
+                "enforcer_events_total",
+                "Decision events received from the kernel ring buffer.",
+                &["identity", "action", "verdict"],
+            ),
+            events_lost: counter(
+                "enforcer_events_lost_total",
+                "Decision events the kernel could not put in the ring buffer (full).",
+            ),
+            no_identity_decisions: counter(
+                "enforcer_no_identity_decisions_total",
+                "Decisions for cgroups with no bound identity (denied, fail closed).",
+            ),
+            dns_queries: counter_vec(
+                r,
+                "enforcer_dns_queries_total",
+                "DNS queries seen by the enforcer's DNS proxy.",
+                &["identity", "verdict"],
+            ),
+            attached_cgroups: reg(
+                r,
+                IntGauge::new(
+                    "enforcer_attached_cgroups",
+                    "Cgroups the enforcement programs are attached to.",
+                )
+                .expect("valid gauge"),
+            ),
+            policy_entries: gauge_vec(
+                r,
+                "enforcer_policy_entries",
+                "Entries (LPM prefixes) in the identity's compiled egress table.",
+                &["identity"],
+            ),
+            policy_info: gauge_vec(
+                r,
+                "enforcer_policy_info",
+                "Policy in force per identity (always 1).",
+                &["identity", "spiffe_id", "mode", "policy_hash"],
+            ),
+            policy_reloads: counter_vec(
+                r,
+                "enforcer_policy_reloads_total",
+                "Policy reloads by result.",
+                &["result"],
+            ),
+            audit_records: counter(
+                "enforcer_audit_records_total",
+                "Records appended to the audit log.",
+            ),
+            build_info: gauge_vec(
+                r,
+                "enforcer_build_info",
+                "Build information (always 1).",
+                &["version"],
+            ),
+            capability: gauge_vec(
+                r,
+                "enforcer_capability",
+                "Kernel capability available to the enforcer (1) or missing (0).",
+                &["name"],
+            ),
+            registry,
+            state: Mutex::new(Seen::default()),
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for r in [ReloadResult::Ok, ReloadResult::Rejected] {
+            m.policy_reloads.with_label_values(&[r.as_str()]);
+        }
+        m
+    }
+
+    /// The registry, for collectors registered elsewhere.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn state(&self) -> MutexGuard<'_, Seen> {
+        // A panic while holding the lock leaves plain numbers behind: usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Advance `enforcer_decisions_total{identity,action,verdict}` to the
+    /// kernel's absolute `total` (absolute-total semantics, module docs).
+    pub fn set_decisions_total(&self, identity: &str, action: &str, verdict: &str, total: u64) {
+        let counter = self
+            .decisions
+            .with_label_values(&[identity, action, verdict]);
+        let mut st = self.state();
+        let last = st
+            .decisions
+            .entry(identity.to_string())
+            .or_default()
+            .entry((action.to_string(), verdict.to_string()))
+            .or_default();
+        advance(&counter, last, total);
+    }
+
+    /// Count one event read from the ring buffer.
+    pub fn record_event(&self, identity: &str, action: Action, verdict: Verdict) {
+        self.events
+            .with_label_values(&[identity, action.as_str(), verdict.as_str()])
+            .inc();
+    }
+
+    /// [`Self::record_event`] for a decoded decision.
+    pub fn record_decision(&self, d: &Decision) {
+        self.record_event(&d.identity.name, d.action, d.verdict);
+    }
+
+    /// Absolute-total setter for `enforcer_events_lost_total`.
+    pub fn set_events_lost_total(&self, total: u64) {
+        advance(&self.events_lost, &mut self.state().events_lost, total);
+    }
+
+    /// Absolute-total setter for `enforcer_no_identity_decisions_total`.
+    pub fn set_no_identity_decisions_total(&self, total: u64) {
+        advance(
+            &self.no_identity_decisions,
+            &mut self.state().no_identity,
+            total,
+        );
+    }
+
+    pub fn record_dns_query(&self, identity: &str, verdict: Verdict) {
+        self.dns_queries
+            .with_label_values(&[identity, verdict.as_str()])
+            .inc();
+    }
+
+    pub fn set_attached_cgroups(&self, n: u64) {
+        self.attached_cgroups.set(gauge_value(n));
+    }
+
+    pub fn set_policy_entries(&self, identity: &str, entries: u64) {
+        self.policy_entries
+            .with_label_values(&[identity])
+            .set(gauge_value(entries));
+    }
+
+    /// Export the policy in force for `identity`; the previous label set of
+    /// that identity (other hash, mode, ...) is removed.
+    pub fn set_policy_info(
+        &self,
+        identity: &str,
+        spiffe_id: Option<&str>,
+        mode: &str,
+        policy_hash: &str,
+    ) {
+        let new = [
+            spiffe_id.unwrap_or("").to_string(),
+            mode.to_string(),
+            policy_hash.to_string(),
+        ];
+        let mut st = self.state();
+        if let Some(old) = st.policy_info.get(identity) {
+            if *old == new {
+                return;
+            }
+            let _ = self
+                .policy_info
+                .remove_label_values(&[identity, &old[0], &old[1], &old[2]]);
+        }
+        self.policy_info
+            .with_label_values(&[identity, &new[0], &new[1], &new[2]])
+            .set(1);
+        st.policy_info.insert(identity.to_string(), new);
+    }
+
+    pub fn record_policy_reload(&self, result: ReloadResult) {
+        self.policy_reloads
+            .with_label_values(&[result.as_str()])
+            .inc();
+    }
+
+    pub fn inc_audit_records(&self, n: u64) {
+        self.audit_records.inc_by(n);
+    }
+
+    /// `enforcer_capability{name}`: 1 if available, 0 if missing (e.g. "bpf_lsm").
+    pub fn set_capability(&self, name: &str, available: bool) {
+        self.capability
+            .with_label_values(&[name])
+            .set(i64::from(available));
+    }
+
+    /// Drop every label set of `identity` (its policy was removed). Its
+    /// absolute-total history is forgotten too: if it comes back, its kernel
+    /// totals are counted from scratch.
+    pub fn forget_identity(&self, identity: &str) {
+        let mut st = self.state();
+        if let Some(seen) = st.decisions.remove(identity) {
+            for (action, verdict) in seen.keys() {
+                let _ = self
+                    .decisions
+                    .remove_label_values(&[identity, action, verdict]);
+            }
+        }
+        if let Some(old) = st.policy_info.remove(identity) {
+            let _ = self
+                .policy_info
+                .remove_label_values(&[identity, &old[0], &old[1], &old[2]]);
+        }
+        drop(st);
+        for verdict in Verdict::ALL {
+            for action in Action::ALL {
+                let _ =
+                    self.events
+                        .remove_label_values(&[identity, action.as_str(), verdict.as_str()]);
+            }
+            let _ = self
+                .dns_queries
+                .remove_label_values(&[identity, verdict.as_str()]);
+        }
+        let _ = self.policy_entries.remove_label_values(&[identity]);
+    }
+
+    /// Identities that currently have decision counters (for tests/status).
+    pub fn identities(&self) -> HashSet<String> {
+        let st = self.state();
+        st.decisions
+            .keys()
+            .chain(st.policy_info.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(4096);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())
+    }
+}
+
+/// Readiness probe for `/healthz`: must be quick and must not block.
+pub type HealthCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    health: HealthCheck,
+}
+
+/// `GET /metrics` and `GET /healthz` (200 "ok" / 503 "unhealthy").
+pub fn router(metrics: Arc<Metrics>, health: HealthCheck) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(health_handler))
+        .with_state(AppState { metrics, health })
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        s.metrics.render(),
+    )
+}
+
+async fn health_handler(State(s): State<AppState>) -> impl IntoResponse {
+    if (s.health)() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy")
+    }
+}
+
+/// Bind `addr` (port 0 picks one) and serve [`router`] on a spawned task.
+/// Returns the bound address and the task; abort the task to stop serving.
+/// There are no request timeouts: bind to a node-local address.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    addr: SocketAddr,
+    health: HealthCheck,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = router(metrics, health);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /metrics and /healthz");
+    Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The value of the sample `name{labels}` (labels exactly as rendered).
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let ctype = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-type")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        (status, ctype, body.to_string())
+    }
+
+    #[test]
+    fn metrics_decisions_absolute_total_and_reset() {
+        let m = Metrics::new();
+        let s = r#"enforcer_decisions_total{action="connect",identity="research",verdict="deny"}"#;
+        m.set_decisions_total("research", "connect", "deny", 5);
+        assert_eq!(sample(&m.render(), s), Some(5.0));
+        m.set_decisions_total("research", "connect", "deny", 12);
+        assert_eq!(sample(&m.render(), s), Some(12.0));
+        m.set_decisions_total("research", "connect", "deny", 12);
+        assert_eq!(sample(&m.render(), s), Some(12.0));
+        // Kernel counter reset (slot reused): 3 new decisions since.
+        m.set_decisions_total("research", "connect", "deny", 3);
+        assert_eq!(sample(&m.render(), s), Some(15.0));
+        m.set_decisions_total("research", "connect", "deny", 4);
+        assert_eq!(sample(&m.render(), s), Some(16.0));
+        // Label sets are independent.
+        m.set_decisions_total("research", "connect", "allow", 2);
+        let allow = s.replace("deny", "allow");
+        assert_eq!(sample(&m.render(), &allow), Some(2.0));
+        assert_eq!(sample(&m.render(), s), Some(16.0));
+    }
+
+    #[test]
+    fn metrics_scalar_absolute_totals() {
+        let m = Metrics::new();
+        m.set_events_lost_total(7);
+        m.set_events_lost_total(9);
+        m.set_events_lost_total(1);
+        m.set_no_identity_decisions_total(4);
+        let text = m.render();
+        assert_eq!(sample(&text, "enforcer_events_lost_total"), Some(10.0));
+        assert_eq!(
+            sample(&text, "enforcer_no_identity_decisions_total"),
+            Some(4.0)
+        );
+    }
+
+    #[test]
+    fn metrics_policy_info_replaces_and_forget_identity_removes() {
+        let m = Metrics::new();
+        let sp = Some("spiffe://example.org/ns/agents/sa/research");
+        m.set_policy_info("research", sp, "enforce", "aaaa");
+        m.set_policy_info("research", sp, "audit", "bbbb");
+        m.set_policy_info("other", None, "enforce", "cccc");
+        m.set_policy_entries("research", 12);
+        m.set_decisions_total("research", "connect", "deny", 1);
+        m.record_event("research", Action::Connect, Verdict::Deny);
+        m.record_dns_query("research", Verdict::Allow);
+        let text = m.render();
+        assert!(!text.contains("aaaa"), "{text}");
+        assert_eq!(
+            sample(
+                &text,
+                r#"enforcer_policy_info{identity="research",mode="audit",policy_hash="bbbb",spiffe_id="spiffe://example.org/ns/agents/sa/research"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"enforcer_policy_entries{identity="research"}"#),
+            Some(12.0)
+        );
+
+        m.forget_identity("research");
+        let text = m.render();
+        assert!(!text.contains(r#"identity="research""#), "{text}");
+        assert!(text.contains(r#"identity="other""#), "{text}");
+        assert_eq!(m.identities(), HashSet::from(["other".to_string()]));
+
+        // A returning identity starts its kernel totals from scratch.
+        m.set_decisions_total("research", "connect", "deny", 1);
+        assert_eq!(
+            sample(
+                &m.render(),
+                r#"enforcer_decisions_total{action="connect",identity="research",verdict="deny"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_http_scrape_and_healthz() {
+        let m = Arc::new(Metrics::new());
+        m.set_decisions_total("research", "connect", "deny", 42);
+        m.record_event("research", Action::Dns, Verdict::Allow);
+        m.record_event("research", Action::Dns, Verdict::Allow);
+        m.set_attached_cgroups(3);
+        m.set_policy_info("research", None, "enforce", "ab12");
+        m.record_policy_reload(ReloadResult::Rejected);
+        m.inc_audit_records(5);
+        m.set_capability("bpf_lsm", false);
+        m.set_capability("cgroup_sock_addr", true);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
+        let (addr, task) = serve(
+            m.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(move || h.load(Ordering::SeqCst)),
+        )
+        .await
+        .unwrap();
+        assert_ne!(addr.port(), 0);
+
+        let (status, ctype, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+        for (series, value) in [
+            (
+                r#"enforcer_decisions_total{action="connect",identity="research",verdict="deny"}"#,
+                42.0,
+            ),
+            (
+                r#"enforcer_events_total{action="dns",identity="research",verdict="allow"}"#,
+                2.0,
+            ),
+            ("enforcer_attached_cgroups", 3.0),
+            (
+                r#"enforcer_policy_info{identity="research",mode="enforce",policy_hash="ab12",spiffe_id=""}"#,
+                1.0,
+            ),
+            (r#"enforcer_policy_reloads_total{result="ok"}"#, 0.0),
+            (r#"enforcer_policy_reloads_total{result="rejected"}"#, 1.0),
+            ("enforcer_audit_records_total", 5.0),
+            ("enforcer_events_lost_total", 0.0),
+            (r#"enforcer_capability{name="bpf_lsm"}"#, 0.0),
+            (r#"enforcer_capability{name="cgroup_sock_addr"}"#, 1.0),
+            (
+                &format!(
+                    r#"enforcer_build_info{{version="{}"}}"#,
+                    env!("CARGO_PKG_VERSION")
+                ),
+                1.0,
+            ),
+        ] {
+            assert_eq!(sample(&body, series), Some(value), "{series} in\n{body}");
+        }
+        assert!(body.contains("# TYPE enforcer_decisions_total counter"));
+        assert!(body.contains("# TYPE enforcer_attached_cgroups gauge"));
+
+        let (status, _, body) = http_get(addr, "/healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+        healthy.store(false, Ordering::SeqCst);
+        let (status, _, _) = http_get(addr, "/healthz").await;
+        assert_eq!(status, 503);
+
+        let (status, _, _) = http_get(addr, "/nope").await;
+        assert_eq!(status, 404);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn metrics_serve_reports_bind_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = serve(Arc::new(Metrics::new()), addr, Arc::new(|| true))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("binding the metrics endpoint"));
+    }
+}
