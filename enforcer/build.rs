@@ -20,7 +20,10 @@ fn main() -> anyhow::Result<()> {
     }
     let toolchain = env::var("ENFORCER_NIGHTLY").unwrap_or_else(|_| EBPF_TOOLCHAIN.to_string());
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let root = manifest.parent().expect("workspace root").join("enforcer-ebpf");
+    let root = manifest
+        .parent()
+        .expect("workspace root")
+        .join("enforcer-ebpf");
     let root = root.to_str().expect("utf-8 path");
     println!("cargo:rerun-if-changed={root}/src");
     aya_build::build_ebpf(

@@ -5,7 +5,7 @@
 //! userspace bound in `IDENTITIES` names the identity. When none is bound, or
 //! the slot holds no policy, the caller fails closed.
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
-use enforcer_common::{MAX_CGROUP_DEPTH, PolicyState, SLOT_UNKNOWN, policy_flags};
+use enforcer_common::{policy_flags, PolicyState, MAX_CGROUP_DEPTH, SLOT_UNKNOWN};
 
 use crate::maps::{IDENTITIES, POLICIES};
 
@@ -40,11 +40,19 @@ pub fn current() -> Identity {
         }
     }
     let Some(slot) = slot else {
-        return Identity { cgroup_id, slot: SLOT_UNKNOWN, policy: None };
+        return Identity {
+            cgroup_id,
+            slot: SLOT_UNKNOWN,
+            policy: None,
+        };
     };
     let policy = POLICIES
         .get(slot)
         .copied()
         .filter(|p| p.flags & policy_flags::PRESENT != 0);
-    Identity { cgroup_id, slot, policy }
+    Identity {
+        cgroup_id,
+        slot,
+        policy,
+    }
 }

@@ -5,13 +5,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    COUNTERS_LEN, EVENTS_BYTES, GlobalConfig, IdentityBinding, MAX_EGRESS_V4, MAX_EGRESS_V6,
-    MAX_IDENTITIES, MAX_SLOTS, PolicyState, RuleSet, V4Key, V6Key, stat,
+    stat, GlobalConfig, IdentityBinding, PolicyState, RuleSet, V4Key, V6Key, COUNTERS_LEN,
+    EVENTS_BYTES, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_IDENTITIES, MAX_SLOTS,
 };
 
 #[map(name = "IDENTITIES")]
-pub static IDENTITIES: HashMap<u64, IdentityBinding> =
-    HashMap::with_max_entries(MAX_IDENTITIES, 0);
+pub static IDENTITIES: HashMap<u64, IdentityBinding> = HashMap::with_max_entries(MAX_IDENTITIES, 0);
 
 #[map(name = "POLICIES")]
 pub static POLICIES: Array<PolicyState> = Array::with_max_entries(MAX_SLOTS, 0);

@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
 };
-use enforcer_common::{Event, counter_index, stat, verdict};
+use enforcer_common::{counter_index, stat, verdict, Event};
 
 use crate::maps::{CONFIG, COUNTERS, EVENTS, STATS};
 

@@ -46,7 +46,11 @@ pub fn enforcer_sock_create(ctx: SockContext) -> i32 {
     };
     let id = identity::current();
     let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
-    let (v, ret) = if audit { (verdict::AUDIT, ALLOW) } else { (verdict::DENY, DENY) };
+    let (v, ret) = if audit {
+        (verdict::AUDIT, ALLOW)
+    } else {
+        (verdict::DENY, DENY)
+    };
     report::record(&Decision {
         cgroup_id: id.cgroup_id,
         slot: id.slot,

@@ -7,7 +7,7 @@
 //! identity's IPv4 table. Returning 0 makes the syscall fail with EPERM.
 use aya_ebpf::{macros::cgroup_sock_addr, maps::lpm_trie::Key, programs::SockAddrContext};
 use enforcer_common::{
-    MAX_PORT_RULES, RuleSet, V4Key, V6Key, action, policy_flags, proto, rule, stat, verdict,
+    action, policy_flags, proto, rule, stat, verdict, RuleSet, V4Key, V6Key, MAX_PORT_RULES,
 };
 
 use crate::{
@@ -70,14 +70,30 @@ fn match_rules(set: &RuleSet, port: u16, bit: u8) -> Option<u32> {
 
 #[inline(always)]
 fn lookup_v4(table_id: u32, addr: [u8; 4], port: u16, bit: u8) -> Option<u32> {
-    let key = Key::new(64, V4Key { table_id_be: table_id.to_be_bytes(), addr });
-    EGRESS_V4.get(&key).and_then(|set| match_rules(set, port, bit))
+    let key = Key::new(
+        64,
+        V4Key {
+            table_id_be: table_id.to_be_bytes(),
+            addr,
+        },
+    );
+    EGRESS_V4
+        .get(&key)
+        .and_then(|set| match_rules(set, port, bit))
 }
 
 #[inline(always)]
 fn lookup_v6(table_id: u32, addr: [u8; 16], port: u16, bit: u8) -> Option<u32> {
-    let key = Key::new(160, V6Key { table_id_be: table_id.to_be_bytes(), addr });
-    EGRESS_V6.get(&key).and_then(|set| match_rules(set, port, bit))
+    let key = Key::new(
+        160,
+        V6Key {
+            table_id_be: table_id.to_be_bytes(),
+            addr,
+        },
+    );
+    EGRESS_V6
+        .get(&key)
+        .and_then(|set| match_rules(set, port, bit))
 }
 
 /// Shared tail: identity, policy lookup, verdict, report.
@@ -123,7 +139,9 @@ fn decide(
 
 #[inline(always)]
 fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 #[inline(always)]
@@ -160,7 +178,12 @@ fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
             (*sa).protocol,
         )
     };
-    let (b0, b1, b2, b3) = (w0.to_ne_bytes(), w1.to_ne_bytes(), w2.to_ne_bytes(), w3.to_ne_bytes());
+    let (b0, b1, b2, b3) = (
+        w0.to_ne_bytes(),
+        w1.to_ne_bytes(),
+        w2.to_ne_bytes(),
+        w3.to_ne_bytes(),
+    );
     let addr = [
         b0[0], b0[1], b0[2], b0[3], b1[0], b1[1], b1[2], b1[3], b2[0], b2[1], b2[2], b2[3], b3[0],
         b3[1], b3[2], b3[3],
@@ -170,11 +193,23 @@ fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
     if is_v4_mapped {
         // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
         let v4 = b3;
-        return decide(action_kind, AF_INET6, sock_type, protocol, port, addr, |t, p, b| {
-            lookup_v4(t, v4, p, b)
-        });
+        return decide(
+            action_kind,
+            AF_INET6,
+            sock_type,
+            protocol,
+            port,
+            addr,
+            |t, p, b| lookup_v4(t, v4, p, b),
+        );
     }
-    decide(action_kind, AF_INET6, sock_type, protocol, port, addr, |t, p, b| {
-        lookup_v6(t, addr, p, b)
-    })
+    decide(
+        action_kind,
+        AF_INET6,
+        sock_type,
+        protocol,
+        port,
+        addr,
+        |t, p, b| lookup_v6(t, addr, p, b),
+    )
 }

@@ -101,7 +101,11 @@ type Hash = [u8; 32];
 #[serde(rename_all = "snake_case")]
 pub enum LifecycleAction {
     PolicyLoad,
+    /// A new version of an already loaded policy replaced the old one.
+    PolicyReload,
     PolicyReloadRejected,
+    /// A policy disappeared; its bound cgroups fail closed.
+    PolicyRemove,
     Attach,
     Detach,
     Start,
@@ -114,6 +118,8 @@ impl LifecycleAction {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::PolicyLoad => "policy_load",
+            Self::PolicyReload => "policy_reload",
+            Self::PolicyRemove => "policy_remove",
             Self::PolicyReloadRejected => "policy_reload_rejected",
             Self::Attach => "attach",
             Self::Detach => "detach",

@@ -1,17 +1,6 @@
-//! enforcer: kernel-level egress enforcement for AI-agent workloads.
-//!
-//! Data flows one way: policy files (`policy/`) + workload bindings
-//! (`daemon/`, `run`) -> compiled tables (`policy::compile`) -> BPF maps
-//! (`kernel/`) -> kernel verdicts -> ring buffer (`events/`) -> audit log
-//! (`audit`) and metrics (`metrics`).
-mod audit;
-mod daemon;
-mod events;
-mod kernel;
-mod metrics;
-mod policy;
-mod run;
-
+//! The `enforcer` command line. The implementation lives in the library
+//! (`src/lib.rs`); this file only parses arguments and dispatches.
+use enforcer::{audit, daemon, policy, run};
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
@@ -192,7 +181,25 @@ fn policy_check(files: &[PathBuf]) -> anyhow::Result<i32> {
 fn audit_verify(file: &std::path::Path) -> anyhow::Result<i32> {
     match audit::verify(file) {
         Ok(report) => {
-            println!("{}: {report}", file.display());
+            println!(
+                "{}: ok: {} records, chain intact; head {} (seq {}){}",
+                file.display(),
+                report.records,
+                report.head,
+                report
+                    .last_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                if report.chain_resumes.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; chain resumed after a torn write at seq {:?}",
+                        report.chain_resumes
+                    )
+                }
+            );
+            println!("  (a removed tail cannot be detected from the file alone: anchor the head hash elsewhere)");
             Ok(0)
         }
         Err(e) => {

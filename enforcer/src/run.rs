@@ -19,22 +19,22 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::{
-        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
     },
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 
 use crate::{
-    audit::AuditLog,
+    audit::{AuditLog, LifecycleAction},
     events::{
-        Decision, IdentityRef, Verdict,
         reader::{self, Attribution, Clock, SlotInfo},
         sink::{self, Sinks},
+        Decision, IdentityRef, Verdict,
     },
-    kernel::{Kernel, cgroup},
+    kernel::{cgroup, Kernel},
     metrics::{self, Metrics},
     policy,
 };
@@ -64,10 +64,7 @@ pub fn require_root(what: &str) -> Result<()> {
 }
 
 /// Pick the one policy to enforce from a file.
-pub fn select_policy(
-    path: &Path,
-    name: Option<&str>,
-) -> Result<policy::LoadedPolicy> {
+pub fn select_policy(path: &Path, name: Option<&str>) -> Result<policy::LoadedPolicy> {
     let mut all = policy::load_files(&[path.to_path_buf()]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let chosen = match name {
         Some(n) => {
@@ -83,7 +80,10 @@ pub fn select_policy(
             "{}: {} policies in this file; choose one with --policy-name ({})",
             path.display(),
             all.len(),
-            all.iter().map(|p| p.policy.metadata.name.as_str()).collect::<Vec<_>>().join(", ")
+            all.iter()
+                .map(|p| p.policy.metadata.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     policy::check_supported(&chosen).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -132,7 +132,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None
     };
     let attachment = kernel.attach(&cg.path, pin_dir.as_deref())?;
-    let ring = kernel.take_events().context("event ring buffer already taken")?;
+    let ring = kernel
+        .take_events()
+        .context("event ring buffer already taken")?;
 
     let attribution = Attribution::default();
     attribution.set(
@@ -146,25 +148,29 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let metrics = Arc::new(Metrics::new());
     metrics.set_attached_cgroups(1);
-    metrics.set_policy(
+    metrics.set_policy_info(
         &compiled.name,
-        compiled.spiffe_id.as_deref().unwrap_or(""),
+        compiled.spiffe_id.as_deref(),
         if compiled.audit { "audit" } else { "enforce" },
         &compiled.hash,
-        compiled.entry_count() as i64,
     );
+    metrics.set_policy_entries(&compiled.name, compiled.entry_count() as u64);
     let audit = match &args.audit_log {
-        Some(p) => Some(
-            AuditLog::open(p).with_context(|| format!("opening audit log {}", p.display()))?,
-        ),
+        Some(p) => {
+            Some(AuditLog::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
+        }
         None => None,
     };
     let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
     sinks.lifecycle(
-        "start",
+        LifecycleAction::Start,
         Some(&identity),
         &compiled.hash,
-        &format!("enforcer run {:?} in cgroup {}", args.command, cg.path.display()),
+        &format!(
+            "enforcer run {:?} in cgroup {}",
+            args.command,
+            cg.path.display()
+        ),
     );
 
     // Fork the agent while this process is still single-threaded.
@@ -184,9 +190,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let _server = match args.metrics_addr {
             Some(addr) => {
                 let r = running.clone();
-                let (bound, handle) =
-                    metrics::serve(metrics.clone(), addr, Arc::new(move || r.load(Ordering::Relaxed)))
-                        .await?;
+                let (bound, handle) = metrics::serve(
+                    metrics.clone(),
+                    addr,
+                    Arc::new(move || r.load(Ordering::Relaxed)),
+                )
+                .await?;
                 if !args.quiet {
                     eprintln!("enforcer: metrics on http://{bound}/metrics");
                 }
@@ -225,7 +234,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         // Ctrl-C reaches the agent through the terminal's process group;
         // SIGTERM/SIGHUP to enforcer are forwarded to it.
         let forward = tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
+            use tokio::signal::unix::{signal, SignalKind};
             let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::hangup()),
@@ -259,16 +268,26 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // Leftover descendants die with the cgroup; then detach and unpin.
     cg.kill_all(Duration::from_secs(2));
     attachment.release();
-    let counters = kernel.lock().unwrap_or_else(|e| e.into_inner()).slot_counters(SLOT);
+    let counters = kernel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .slot_counters(SLOT);
     sinks.lifecycle(
-        "stop",
+        LifecycleAction::Stop,
         Some(&identity),
         &compiled.hash,
         &format!("agent exited with status {code}"),
     );
     drop(cg);
     if !args.quiet {
-        print_summary(&args.command, code, &identity, compiled.audit, &counters, &summary);
+        print_summary(
+            &args.command,
+            code,
+            &identity,
+            compiled.audit,
+            &counters,
+            &summary,
+        );
     }
     Ok(code)
 }
@@ -279,7 +298,11 @@ fn summarize(d: &Decision, summary: &Mutex<Summary>) {
     if d.verdict != Verdict::Allow {
         let key = (
             d.action.as_str().to_string(),
-            format!("{} {}", sink::destination(d), d.protocol.as_deref().unwrap_or("")),
+            format!(
+                "{} {}",
+                sink::destination(d),
+                d.protocol.as_deref().unwrap_or("")
+            ),
             d.rule.clone(),
             d.verdict.as_str().to_string(),
         );
@@ -305,7 +328,12 @@ fn print_summary(
     summary: &Mutex<Summary>,
 ) {
     let s = summary.lock().unwrap_or_else(|e| e.into_inner());
-    let total = |v: Verdict| -> u64 { counters.iter().map(|row| row[v.kernel_code() as usize]).sum() };
+    let total = |v: Verdict| -> u64 {
+        counters
+            .iter()
+            .map(|row| row[v.kernel_code() as usize])
+            .sum()
+    };
     eprintln!(
         "\nenforcer: {} exited with status {code}; identity {}{} ({} mode)",
         command[0],
@@ -327,7 +355,10 @@ fn print_summary(
         eprintln!("enforcer: nothing was denied");
         return;
     }
-    eprintln!("enforcer: {:<8} {:<12} {:<34} {:<16} {:>5}  first by", "verdict", "action", "destination", "rule", "count");
+    eprintln!(
+        "enforcer: {:<8} {:<12} {:<34} {:<16} {:>5}  first by",
+        "verdict", "action", "destination", "rule", "count"
+    );
     for (i, ((action, dest, rule, verdict), (n, who))) in s.denials.iter().enumerate() {
         if i == 20 {
             eprintln!("enforcer: ... and {} more", s.denials.len() - 20);
@@ -401,7 +432,13 @@ fn spawn_agent(
     unsafe {
         cmd.pre_exec(move || {
             use std::io::Error;
-            let check = |r: libc::c_long| if r < 0 { Err(Error::last_os_error()) } else { Ok(()) };
+            let check = |r: libc::c_long| {
+                if r < 0 {
+                    Err(Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
             // 1. Join the agent cgroup ("0" means the writing process).
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             check(fd as libc::c_long)?;
@@ -425,7 +462,10 @@ fn spawn_agent(
             ) as libc::c_long)?;
             // 5. Empty the bounding and ambient sets.
             for cap in 0..=last_cap {
-                check(libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) as libc::c_long)?;
+                check(
+                    libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
+                        as libc::c_long,
+                )?;
             }
             check(libc::prctl(
                 libc::PR_CAP_AMBIENT,
@@ -463,7 +503,11 @@ fn spawn_agent(
                 permitted: 0,
                 inheritable: 0,
             }; 2];
-            check(libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()))?;
+            check(libc::syscall(
+                libc::SYS_capset,
+                &hdr as *const CapHeader,
+                data.as_ptr(),
+            ))?;
             // 8. No privilege gain through exec (setuid binaries, file caps).
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
             Ok(())

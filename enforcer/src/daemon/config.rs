@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -113,7 +113,9 @@ mod tests {
 
     #[test]
     fn unknown_field_is_an_error_with_location() {
-        let e = Config::parse("policiesDir: /p\nbogus: 1\n").unwrap_err().to_string();
+        let e = Config::parse("policiesDir: /p\nbogus: 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
         assert!(e.contains('2'), "line expected: {e}");
     }

@@ -79,7 +79,8 @@ pub async fn serve(path: &Path, state: Arc<Mutex<State>>) -> Result<tokio::task:
                 let reply = match line.trim() {
                     "status" => {
                         let s = state.lock().unwrap_or_else(|e| e.into_inner()).status();
-                        serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+                        serde_json::to_string(&s)
+                            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
                     }
                     other => serde_json::json!({ "error": format!("unknown request {other:?}") })
                         .to_string(),
@@ -173,7 +174,11 @@ pub fn render(st: &Status) -> String {
         let _ = writeln!(o, "\nwaiting for cgroup {c} to appear");
     }
     for r in &st.rejected {
-        let _ = writeln!(o, "\nREJECTED {} at {} (previous version stays in force):", r.file, r.at);
+        let _ = writeln!(
+            o,
+            "\nREJECTED {} at {} (previous version stays in force):",
+            r.file, r.at
+        );
         for e in &r.errors {
             let _ = writeln!(o, "  {e}");
         }

@@ -28,15 +28,15 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    audit::AuditLog,
+    audit::{AuditLog, LifecycleAction},
     events::{
-        IdentityRef,
         reader::{self, Attribution, Clock, SlotInfo},
         sink::{self, Sinks},
+        IdentityRef,
     },
-    kernel::{Attachment, Kernel, cgroup},
-    metrics::{self, Metrics},
-    policy::{self, LoadedPolicy, compile::CompiledPolicy},
+    kernel::{cgroup, Attachment, Kernel},
+    metrics::{self, Metrics, ReloadResult},
+    policy::{self, compile::CompiledPolicy, LoadedPolicy},
 };
 use config::Config;
 
@@ -182,7 +182,11 @@ impl State {
                                 ));
                             }
                         }
-                        if errs.is_empty() { Ok(out) } else { Err(errs) }
+                        if errs.is_empty() {
+                            Ok(out)
+                        } else {
+                            Err(errs)
+                        }
                     }
                 };
             match result {
@@ -211,15 +215,19 @@ impl State {
             }
         }
         for (file, r) in &new_rejections {
-            let is_new = self.rejected.get(file).map(|old| old.errors != r.errors).unwrap_or(true);
+            let is_new = self
+                .rejected
+                .get(file)
+                .map(|old| old.errors != r.errors)
+                .unwrap_or(true);
             if is_new {
                 for e in &r.errors {
                     tracing::error!("policy rejected, previous version stays in force: {e}");
                 }
-                self.metrics.inc_policy_reload("rejected");
+                self.metrics.record_policy_reload(ReloadResult::Rejected);
                 self.reloads_rejected += 1;
                 self.sinks.lifecycle(
-                    "policy_reload_rejected",
+                    LifecycleAction::PolicyReloadRejected,
                     None,
                     "",
                     &format!("{}: {}", file.display(), r.errors.join("; ")),
@@ -265,15 +273,20 @@ impl State {
                             rules: compiled.rules.clone(),
                         },
                     );
-                    self.metrics.set_policy(
+                    self.metrics.set_policy_info(
                         name,
-                        compiled.spiffe_id.as_deref().unwrap_or(""),
+                        compiled.spiffe_id.as_deref(),
                         if compiled.audit { "audit" } else { "enforce" },
                         &compiled.hash,
-                        compiled.entry_count() as i64,
                     );
+                    self.metrics
+                        .set_policy_entries(name, compiled.entry_count() as u64);
                     self.sinks.lifecycle(
-                        if fresh { "policy_load" } else { "policy_reload" },
+                        if fresh {
+                            LifecycleAction::PolicyLoad
+                        } else {
+                            LifecycleAction::PolicyReload
+                        },
                         Some(&Self::identity(compiled)),
                         &compiled.hash,
                         &format!("{} ({} entries)", source.display(), compiled.entry_count()),
@@ -289,7 +302,7 @@ impl State {
                 }
                 Err(e) => {
                     tracing::error!(policy = %name, "installing policy failed, previous version stays: {e:#}");
-                    self.metrics.inc_policy_reload("rejected");
+                    self.metrics.record_policy_reload(ReloadResult::Rejected);
                     self.reloads_rejected += 1;
                 }
             }
@@ -307,7 +320,7 @@ impl State {
                 let _ = self.kernel.remove_policy(a.slot);
                 self.metrics.forget_identity(&name);
                 self.sinks.lifecycle(
-                    "policy_remove",
+                    LifecycleAction::PolicyRemove,
                     Some(&Self::identity(&a.compiled)),
                     &a.compiled.hash,
                     &format!("{} removed; bound cgroups fail closed", a.source.display()),
@@ -315,7 +328,7 @@ impl State {
             }
         }
         if changed {
-            self.metrics.inc_policy_reload("ok");
+            self.metrics.record_policy_reload(ReloadResult::Ok);
             self.reloads_ok += 1;
         }
         self.slots.save(&self.slots_file());
@@ -343,7 +356,8 @@ impl State {
             if let Some(b) = self.bound.remove(&p) {
                 let _ = self.kernel.unbind_cgroup(b.attachment.cgroup_id);
                 tracing::info!(cgroup = %p.display(), "binding released");
-                self.sinks.lifecycle("detach", None, "", &p.display().to_string());
+                self.sinks
+                    .lifecycle(LifecycleAction::Detach, None, "", &p.display().to_string());
                 b.attachment.release();
             }
         }
@@ -395,21 +409,37 @@ impl State {
                     }
                     tracing::info!(cgroup = %path.display(), cgroup_id = id, policy = %policy, "attached");
                     self.sinks.lifecycle(
-                        "attach",
-                        self.active.get(&policy).map(|a| Self::identity(&a.compiled)).as_ref(),
-                        self.active.get(&policy).map(|a| a.compiled.hash.as_str()).unwrap_or(""),
+                        LifecycleAction::Attach,
+                        self.active
+                            .get(&policy)
+                            .map(|a| Self::identity(&a.compiled))
+                            .as_ref(),
+                        self.active
+                            .get(&policy)
+                            .map(|a| a.compiled.hash.as_str())
+                            .unwrap_or(""),
                         &format!("{} (cgroup id {id})", path.display()),
                     );
-                    self.bound.insert(path, Bound { attachment, policy, slot });
+                    self.bound.insert(
+                        path,
+                        Bound {
+                            attachment,
+                            policy,
+                            slot,
+                        },
+                    );
                 }
                 Err(e) => tracing::error!(cgroup = %path.display(), "attach failed: {e:#}"),
             }
         }
-        self.metrics.set_attached_cgroups(self.bound.len() as i64);
+        self.metrics.set_attached_cgroups(self.bound.len() as u64);
     }
 
     fn slot_names(&self) -> Vec<(u32, String)> {
-        self.active.iter().map(|(n, a)| (a.slot, n.clone())).collect()
+        self.active
+            .iter()
+            .map(|(n, a)| (a.slot, n.clone()))
+            .collect()
     }
 
     pub fn status(&self) -> control::Status {
@@ -459,7 +489,11 @@ impl State {
             policies_dir: self.cfg.policies_dir.display().to_string(),
             identities,
             fail_closed_cgroups: fail_closed,
-            waiting_cgroups: self.waiting.keys().map(|p| p.display().to_string()).collect(),
+            waiting_cgroups: self
+                .waiting
+                .keys()
+                .map(|p| p.display().to_string())
+                .collect(),
             rejected: self.rejected.values().cloned().collect(),
             reloads_ok: self.reloads_ok,
             reloads_rejected: self.reloads_rejected,
@@ -514,7 +548,12 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         reloads_rejected: 0,
     };
     let state = Arc::new(Mutex::new(state));
-    sinks.lifecycle("start", None, "", &format!("enforcer daemon, config {}", config_path.display()));
+    sinks.lifecycle(
+        LifecycleAction::Start,
+        None,
+        "",
+        &format!("enforcer daemon, config {}", config_path.display()),
+    );
     {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reload_policies();
@@ -544,12 +583,15 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
     let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
-    use tokio::signal::unix::{SignalKind, signal};
+    use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    println!("enforcer daemon: ready (control socket {})", cfg.control_socket.display());
+    println!(
+        "enforcer daemon: ready (control socket {})",
+        cfg.control_socket.display()
+    );
     loop {
         let why = tokio::select! {
             _ = hup.recv() => "sighup",
@@ -584,7 +626,12 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         sink::publish_kernel_counters(&s.kernel, &metrics, &names);
     }
     tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
-    sinks.lifecycle("stop", None, "", "daemon stopped; pinned links keep enforcing");
+    sinks.lifecycle(
+        LifecycleAction::Stop,
+        None,
+        "",
+        "daemon stopped; pinned links keep enforcing",
+    );
     reader_task.abort();
     control_task.abort();
     let _ = std::fs::remove_file(&cfg.control_socket);

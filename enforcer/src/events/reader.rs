@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{Event, action, rule};
+use enforcer_common::{action, Event};
 use tokio::io::unix::AsyncFd;
 
 use super::{Action, Decision, IdentityRef, Verdict};
@@ -43,19 +43,29 @@ pub struct Attribution(Arc<RwLock<HashMap<u32, SlotInfo>>>);
 
 impl Attribution {
     pub fn set(&self, slot: u32, info: SlotInfo) {
-        self.0.write().unwrap_or_else(|e| e.into_inner()).insert(slot, info);
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(slot, info);
     }
     pub fn get(&self, slot: u32) -> Option<SlotInfo> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned()
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&slot)
+            .cloned()
     }
 
     /// Turn a kernel event into an attributed decision.
     pub fn decision(&self, ev: &Event, clock: &Clock) -> Decision {
         let info = self.get(ev.slot);
-        let identity = info.as_ref().map(|i| i.identity.clone()).unwrap_or(IdentityRef {
-            name: "unknown".into(),
-            spiffe_id: None,
-        });
+        let identity = info
+            .as_ref()
+            .map(|i| i.identity.clone())
+            .unwrap_or(IdentityRef {
+                name: "unknown".into(),
+                spiffe_id: None,
+            });
         let rule = rule_name(ev.rule_id, info.as_ref().map(|i| i.rules.as_slice()));
         let act = Action::from_kernel(ev.action).unwrap_or(Action::Connect);
         let (ip, port, detail) = if ev.action == action::SOCK_CREATE {
@@ -97,17 +107,13 @@ impl Attribution {
 }
 
 pub fn rule_name(rule_id: u32, rules: Option<&[String]>) -> String {
-    match rule_id {
-        rule::DEFAULT_DENY => "default-deny".into(),
-        rule::NO_POLICY => "no-policy".into(),
-        rule::RAW_SOCKET => "raw-socket".into(),
-        rule::SOCKET_FAMILY => "socket-family".into(),
-        rule::SOCKET_OK => "socket".into(),
-        id => rules
-            .and_then(|r| r.get(id as usize - 1))
-            .cloned()
-            .unwrap_or_else(|| format!("egress[{}]", id - 1)),
+    if let Some(fixed) = crate::policy::rule_name(rule_id) {
+        return fixed.to_string();
     }
+    rules
+        .and_then(|r| r.get(rule_id as usize - 1))
+        .cloned()
+        .unwrap_or_else(|| format!("egress[{}]", rule_id - 1))
 }
 
 pub fn protocol_name(p: u8, sock_type: u8) -> String {
@@ -260,8 +266,15 @@ mod tests {
         assert_eq!(d.comm, "curl");
         assert_eq!(d.protocol.as_deref(), Some("tcp"));
         assert_eq!(d.verdict, Verdict::Deny);
-        let allowed = Event { rule_id: 1, verdict: 0, ..ev };
-        assert_eq!(a.decision(&allowed, &Clock::new()).rule, "egress[0] cidr 127.0.0.1/32");
+        let allowed = Event {
+            rule_id: 1,
+            verdict: 0,
+            ..ev
+        };
+        assert_eq!(
+            a.decision(&allowed, &Clock::new()).rule,
+            "egress[0] cidr 127.0.0.1/32"
+        );
         let unknown = Event { slot: 7, ..ev };
         assert_eq!(a.decision(&unknown, &Clock::new()).identity.name, "unknown");
     }

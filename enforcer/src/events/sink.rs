@@ -8,7 +8,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Decision, Verdict};
-use crate::{audit::AuditLog, kernel::Kernel, metrics::Metrics};
+use crate::{
+    audit::{AuditLog, LifecycleAction, LifecycleEvent},
+    kernel::Kernel,
+    metrics::Metrics,
+};
 
 const RECENT: usize = 20;
 
@@ -40,11 +44,11 @@ impl Sinks {
 
     pub fn handle(&self, d: &Decision) {
         self.metrics
-            .inc_event(&d.identity.name, d.action.as_str(), d.verdict.as_str());
+            .record_event(&d.identity.name, d.action, d.verdict);
         if let Some(a) = &self.audit {
             let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
             match a.append_decision(d) {
-                Ok(()) => self.metrics.inc_audit_records(),
+                Ok(_) => self.metrics.inc_audit_records(1),
                 Err(e) => tracing::error!("audit log write failed: {e:#}"),
             }
         }
@@ -77,17 +81,25 @@ impl Sinks {
     /// A lifecycle record (start, policy_load, reload rejected, attach, ...).
     pub fn lifecycle(
         &self,
-        action: &str,
+        action: LifecycleAction,
         identity: Option<&super::IdentityRef>,
         policy_hash: &str,
         detail: &str,
     ) {
-        if let Some(a) = &self.audit {
-            let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = a.append_lifecycle(action, identity, policy_hash, detail) {
-                tracing::error!("audit log write failed: {e:#}");
-            }
-            let _ = a.flush();
+        let Some(a) = &self.audit else {
+            return;
+        };
+        let mut ev = LifecycleEvent::new(action, detail);
+        if let Some(i) = identity {
+            ev = ev.with_identity(i.clone());
+        }
+        if !policy_hash.is_empty() {
+            ev = ev.with_policy_hash(policy_hash);
+        }
+        let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
+        match a.append_lifecycle(&ev).and_then(|_| a.flush()) {
+            Ok(()) => self.metrics.inc_audit_records(1),
+            Err(e) => tracing::error!("audit log write failed: {e:#}"),
         }
     }
 

@@ -14,18 +14,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, Program,
         links::{FdLink, PinnedLink},
+        CgroupAttachMode, Program,
     },
+    Ebpf, EbpfLoader,
 };
 use enforcer_common::{
-    GlobalConfig, IdentityBinding, MAX_SLOTS, PolicyState, RuleSet, V4Key, V6Key, action,
-    counter_index, map_names, policy_flags, prog_names, stat, verdict,
+    action, counter_index, map_names, policy_flags, prog_names, stat, verdict, GlobalConfig,
+    IdentityBinding, PolicyState, RuleSet, V4Key, V6Key, MAX_SLOTS,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -76,7 +76,6 @@ impl Attachment {
             let _ = fs::remove_dir(&d);
         }
     }
-
 }
 
 /// Counters of one identity slot: `[action][verdict]`.
@@ -185,7 +184,14 @@ impl Kernel {
 
     pub fn set_allow_sample(&mut self, allow_sample: u32) -> Result<()> {
         self.config
-            .set(0, GlobalConfig { allow_sample, _pad: 0 }, 0)
+            .set(
+                0,
+                GlobalConfig {
+                    allow_sample,
+                    _pad: 0,
+                },
+                0,
+            )
             .context("writing CONFIG")
     }
 
@@ -206,13 +212,17 @@ impl Kernel {
                     let id = p
                         .attach(&file, CgroupAttachMode::Single)
                         .map_err(|e| anyhow!("attaching {name} to {}: {e:#}", cgroup.display()))?;
-                    p.take_link(id)?.try_into().map_err(|e| anyhow!("{name}: {e}"))?
+                    p.take_link(id)?
+                        .try_into()
+                        .map_err(|e| anyhow!("{name}: {e}"))?
                 }
                 Program::CgroupSock(p) => {
                     let id = p
                         .attach(&file, CgroupAttachMode::Single)
                         .map_err(|e| anyhow!("attaching {name} to {}: {e:#}", cgroup.display()))?;
-                    p.take_link(id)?.try_into().map_err(|e| anyhow!("{name}: {e}"))?
+                    p.take_link(id)?
+                        .try_into()
+                        .map_err(|e| anyhow!("{name}: {e}"))?
                 }
                 _ => bail!("program {name} has an unexpected type"),
             };
@@ -227,7 +237,10 @@ impl Kernel {
         if let Some(dir) = pin_dir {
             fs::create_dir_all(dir)
                 .with_context(|| format!("creating link pin directory {}", dir.display()))?;
-            for (link, name) in std::mem::take(&mut att.links).into_iter().zip(prog_names::ALL) {
+            for (link, name) in std::mem::take(&mut att.links)
+                .into_iter()
+                .zip(prog_names::ALL)
+            {
                 let path = dir.join(name);
                 let _ = fs::remove_file(&path);
                 let pinned = link
@@ -320,7 +333,9 @@ impl Kernel {
         }
         if let Err(e) = result {
             self.delete_generation(&new);
-            return Err(e.context("policy tables not installed; the previous policy stays in force"));
+            return Err(
+                e.context("policy tables not installed; the previous policy stays in force")
+            );
         }
         let mut flags = policy_flags::PRESENT;
         if audit {
@@ -434,7 +449,6 @@ impl Kernel {
             .map(|v| v.iter().sum())
             .unwrap_or(0)
     }
-
 }
 
 fn raise_memlock() {

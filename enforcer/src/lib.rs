@@ -1,0 +1,13 @@
+//! enforcer: kernel-level egress enforcement for AI-agent workloads.
+//!
+//! Data flows one way: policy files (`policy/`) + workload bindings
+//! (`daemon/`, `run`) -> compiled tables (`policy::compile`) -> BPF maps
+//! (`kernel/`) -> kernel verdicts -> ring buffer (`events/`) -> audit log
+//! (`audit`) and metrics (`metrics`).
+pub mod audit;
+pub mod daemon;
+pub mod events;
+pub mod kernel;
+pub mod metrics;
+pub mod policy;
+pub mod run;
