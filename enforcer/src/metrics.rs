@@ -87,6 +87,9 @@ pub struct Metrics {
     build_info: IntGaugeVec,
     capability: IntGaugeVec,
     state: Mutex<Seen>,
+    /// Runs before each render: pulls the kernel's counters so that a scrape
+    /// sees the current totals, not the last poll's.
+    collector: Mutex<Option<Collector>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -214,6 +217,7 @@ impl Metrics {
             ),
             registry,
             state: Mutex::new(Seen::default()),
+            collector: Mutex::new(None),
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -380,7 +384,20 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format 0.0.4.
+    /// Install the hook that refreshes kernel-fed values before a render.
+    pub fn set_collector(&self, f: Collector) {
+        *self.collector.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
     pub fn render(&self) -> String {
+        if let Some(f) = self
+            .collector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f();
+        }
         let mut out = Vec::with_capacity(4096);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "encoding metrics");
@@ -388,6 +405,9 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())
     }
 }
+
+/// Refresh hook, see [`Metrics::set_collector`].
+pub type Collector = Box<dyn Fn() + Send + Sync>;
 
 /// Readiness probe for `/healthz`: must be quick and must not block.
 pub type HealthCheck = Arc<dyn Fn() -> bool + Send + Sync>;

@@ -181,6 +181,16 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let summary = Arc::new(Mutex::new(Summary::default()));
     let kernel = Arc::new(Mutex::new(kernel));
+    {
+        let weak_kernel = Arc::downgrade(&kernel);
+        let weak_metrics = Arc::downgrade(&metrics);
+        let slots = [(SLOT, compiled.name.clone())];
+        metrics.set_collector(Box::new(move || {
+            if let (Some(k), Some(m)) = (weak_kernel.upgrade(), weak_metrics.upgrade()) {
+                publish(&k, &m, &slots);
+            }
+        }));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

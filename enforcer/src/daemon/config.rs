@@ -9,6 +9,7 @@
 //! auditLog: /var/log/enforcer/audit.jsonl
 //! pinDir: /sys/fs/bpf/enforcer             # bpffs: maps and links pinned here
 //! controlSocket: /run/enforcer/enforcer.sock
+//! stateDir: /run/enforcer                  # identity slot table (survives daemon restarts)
 //! allowEvents: 1                           # allowed decisions as events: 1 all (default), 0 counted only, N ~1 in N
 //! ```
 use std::{
@@ -33,6 +34,9 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Small daemon state that must survive a restart (identity slots).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     #[serde(default = "default_allow_events")]
     pub allow_events: u32,
 }
@@ -52,6 +56,10 @@ fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/enforcer")
 }
 
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/run/enforcer")
+}
+
 fn default_control_socket() -> PathBuf {
     PathBuf::from(super::DEFAULT_CONTROL_SOCKET)
 }
@@ -65,6 +73,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         if cfg.policies_dir.is_relative() {
             cfg.policies_dir = base.join(&cfg.policies_dir);
+        }
+        if cfg.state_dir.is_relative() {
+            cfg.state_dir = base.join(&cfg.state_dir);
         }
         if let Some(a) = &cfg.audit_log {
             if a.is_relative() {

@@ -56,8 +56,9 @@ struct Bound {
     slot: u32,
 }
 
-/// Slot assignment, persisted next to the pinned maps so that a restarted
-/// daemon keeps every identity in the slot its cgroups already point to.
+/// Slot assignment, persisted in `stateDir` (bpffs holds only pins) so that a
+/// restarted daemon keeps every identity in the slot its cgroups already
+/// point to.
 #[derive(Default, Serialize, Deserialize)]
 struct SlotTable {
     slots: BTreeMap<String, u32>,
@@ -118,7 +119,7 @@ impl State {
         self.cfg.pin_dir.join("links").join(cgroup_id.to_string())
     }
     fn slots_file(&self) -> PathBuf {
-        self.cfg.pin_dir.join("slots.json")
+        self.cfg.state_dir.join("slots.json")
     }
 
     fn identity(c: &CompiledPolicy) -> IdentityRef {
@@ -530,7 +531,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     };
     let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
     let attribution = Attribution::default();
-    let slots = SlotTable::load(&cfg.pin_dir.join("slots.json"));
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
+    let slots = SlotTable::load(&cfg.state_dir.join("slots.json"));
     let state = State {
         cfg: cfg.clone(),
         kernel,
@@ -548,6 +551,17 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         reloads_rejected: 0,
     };
     let state = Arc::new(Mutex::new(state));
+    {
+        // Scrapes read the kernel counters at scrape time.
+        let weak_state = Arc::downgrade(&state);
+        let weak_metrics = Arc::downgrade(&metrics);
+        metrics.set_collector(Box::new(move || {
+            if let (Some(st), Some(m)) = (weak_state.upgrade(), weak_metrics.upgrade()) {
+                let s = st.lock().unwrap_or_else(|e| e.into_inner());
+                sink::publish_kernel_counters(&s.kernel, &m, &s.slot_names());
+            }
+        }));
+    }
     sinks.lifecycle(
         LifecycleAction::Start,
         None,

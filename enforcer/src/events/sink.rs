@@ -126,7 +126,8 @@ pub fn publish_kernel_counters(kernel: &Kernel, metrics: &Metrics, slots: &[(u32
     let unknown = (enforcer_common::SLOT_UNKNOWN, "unknown".to_string());
     for (slot, name) in slots.iter().chain(std::iter::once(&unknown)) {
         let c = kernel.slot_counters(*slot);
-        for a in Action::ALL {
+        // Actions decided in the kernel by this release.
+        for a in [Action::Connect, Action::Sendmsg, Action::SockCreate] {
             for v in Verdict::ALL {
                 let n = c[a.kernel_code() as usize][v.kernel_code() as usize];
                 if n > 0 || *slot != enforcer_common::SLOT_UNKNOWN {
