@@ -26,6 +26,12 @@ fn main() -> anyhow::Result<()> {
         .join("enforcer-ebpf");
     let root = root.to_str().expect("utf-8 path");
     println!("cargo:rerun-if-changed={root}/src");
+    // The eBPF object also embeds the shared types.
+    let common = manifest
+        .parent()
+        .expect("workspace root")
+        .join("enforcer-common/src");
+    println!("cargo:rerun-if-changed={}", common.display());
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "enforcer-ebpf",

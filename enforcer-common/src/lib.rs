@@ -91,6 +91,10 @@ pub mod rule {
     pub const SOCKET_FAMILY: u32 = 0xffff_fffd;
     /// Plain socket creation of an allowed family.
     pub const SOCKET_OK: u32 = 0xffff_fffc;
+    /// An inet socket of another protocol than TCP or UDP (SCTP, MPTCP,
+    /// UDP-Lite, ...): their multi-address connect paths are not all covered
+    /// by the connect/sendmsg hooks, so they cannot be created at all.
+    pub const SOCKET_PROTOCOL: u32 = 0xffff_fffb;
 }
 
 /// `PolicyState.flags` bits.

@@ -86,6 +86,7 @@ pub struct Metrics {
     audit_records: IntCounter,
     build_info: IntGaugeVec,
     capability: IntGaugeVec,
+    net_raw_processes: IntGaugeVec,
     state: Mutex<Seen>,
     /// Runs before each render: pulls the kernel's counters so that a scrape
     /// sees the current totals, not the last poll's.
@@ -215,6 +216,13 @@ impl Metrics {
                 "Kernel capability available to the enforcer (1) or missing (0).",
                 &["name"],
             ),
+            net_raw_processes: gauge_vec(
+                r,
+                "enforcer_net_raw_processes",
+                "Processes of an identity holding CAP_NET_RAW: their packet sockets cannot be \
+                 refused by cgroup hooks on a kernel without BPF LSM.",
+                &["identity"],
+            ),
             registry,
             state: Mutex::new(Seen::default()),
             collector: Mutex::new(None),
@@ -342,6 +350,13 @@ impl Metrics {
             .set(i64::from(available));
     }
 
+    /// `enforcer_net_raw_processes{identity}`.
+    pub fn set_net_raw_processes(&self, identity: &str, n: u64) {
+        self.net_raw_processes
+            .with_label_values(&[identity])
+            .set(gauge_value(n));
+    }
+
     /// Drop every label set of `identity` (its policy was removed). Its
     /// absolute-total history is forgotten too: if it comes back, its kernel
     /// totals are counted from scratch.
@@ -371,6 +386,7 @@ impl Metrics {
                 .remove_label_values(&[identity, verdict.as_str()]);
         }
         let _ = self.policy_entries.remove_label_values(&[identity]);
+        let _ = self.net_raw_processes.remove_label_values(&[identity]);
     }
 
     /// Identities that currently have decision counters (for tests/status).

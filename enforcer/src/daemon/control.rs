@@ -52,6 +52,9 @@ pub struct Status {
     pub reloads_ok: u64,
     pub reloads_rejected: u64,
     pub events_lost: u64,
+    /// Processes whose packet sockets cannot be refused on this kernel.
+    #[serde(default)]
+    pub net_raw_processes: Vec<String>,
 }
 
 pub async fn serve(path: &Path, state: Arc<Mutex<State>>) -> Result<tokio::task::JoinHandle<()>> {
@@ -169,6 +172,9 @@ pub fn render(st: &Status) -> String {
     }
     for c in &st.fail_closed_cgroups {
         let _ = writeln!(o, "\nFAIL CLOSED: {c}");
+    }
+    for p in &st.net_raw_processes {
+        let _ = writeln!(o, "\nWARNING: {p}");
     }
     for c in &st.waiting_cgroups {
         let _ = writeln!(o, "\nwaiting for cgroup {c} to appear");

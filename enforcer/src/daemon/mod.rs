@@ -112,6 +112,8 @@ pub struct State {
     started: chrono::DateTime<chrono::Utc>,
     reloads_ok: u64,
     reloads_rejected: u64,
+    /// Processes in bound cgroups holding CAP_NET_RAW (see `scan_net_raw`).
+    net_raw: BTreeMap<u32, String>,
 }
 
 impl State {
@@ -436,6 +438,43 @@ impl State {
         self.metrics.set_attached_cgroups(self.bound.len() as u64);
     }
 
+    /// `cgroup/sock_create` only runs for inet sockets: a process holding
+    /// CAP_NET_RAW can open an AF_PACKET socket that no cgroup hook sees, and
+    /// tc egress can be bypassed (PACKET_QDISC_BYPASS). Without BPF LSM
+    /// (`lsm_cgroup/socket_create`) the daemon cannot refuse it, so it finds
+    /// such processes and says so loudly: log (once per process), metric,
+    /// `enforcer status`. Containers should drop NET_RAW.
+    fn scan_net_raw(&mut self) {
+        let mut found: BTreeMap<u32, String> = BTreeMap::new();
+        let mut per_identity: BTreeMap<String, u64> = BTreeMap::new();
+        for (path, b) in &self.bound {
+            for pid in cgroup::pids_in_tree(path) {
+                if cgroup::holds_net_raw(pid) {
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
+                    let what = format!(
+                        "pid {pid} ({comm}) in {} [policy {}] holds CAP_NET_RAW: its packet \
+                         sockets cannot be refused without BPF LSM; drop NET_RAW from the workload",
+                        path.display(),
+                        b.policy
+                    );
+                    if !self.net_raw.contains_key(&pid) {
+                        tracing::warn!("{what}");
+                    }
+                    found.insert(pid, what);
+                    *per_identity.entry(b.policy.clone()).or_default() += 1;
+                }
+            }
+        }
+        for name in self.active.keys() {
+            self.metrics
+                .set_net_raw_processes(name, per_identity.get(name).copied().unwrap_or(0));
+        }
+        self.net_raw = found;
+    }
+
     fn slot_names(&self) -> Vec<(u32, String)> {
         self.active
             .iter()
@@ -499,6 +538,7 @@ impl State {
             reloads_ok: self.reloads_ok,
             reloads_rejected: self.reloads_rejected,
             events_lost: self.kernel.stat(enforcer_common::stat::EVENTS_LOST),
+            net_raw_processes: self.net_raw.values().cloned().collect(),
         }
     }
 }
@@ -549,6 +589,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         started: chrono::Utc::now(),
         reloads_ok: 0,
         reloads_rejected: 0,
+        net_raw: BTreeMap::new(),
     };
     let state = Arc::new(Mutex::new(state));
     {
@@ -572,6 +613,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reload_policies();
         s.reconcile_bindings();
+        s.scan_net_raw();
     }
 
     let _metrics_server = match cfg.metrics_addr {
@@ -636,6 +678,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             s.reload_policies();
         }
         s.reconcile_bindings();
+        s.scan_net_raw();
         let names = s.slot_names();
         sink::publish_kernel_counters(&s.kernel, &metrics, &names);
     }

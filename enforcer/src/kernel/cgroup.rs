@@ -141,9 +141,41 @@ pub fn pids_in_tree(dir: &Path) -> Vec<u32> {
     out
 }
 
+/// CAP_NET_RAW (bit 13) in the effective or permitted set of a process.
+pub fn holds_net_raw(pid: u32) -> bool {
+    const CAP_NET_RAW: u32 = 13;
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status.lines().any(|l| {
+        let Some(hex) = l
+            .strip_prefix("CapEff:")
+            .or_else(|| l.strip_prefix("CapPrm:"))
+        else {
+            return false;
+        };
+        u64::from_str_radix(hex.trim(), 16)
+            .map(|caps| caps & (1 << CAP_NET_RAW) != 0)
+            .unwrap_or(false)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_root_test_process_holds_net_raw_iff_capable() {
+        let expect = caps_has_net_raw();
+        assert_eq!(holds_net_raw(std::process::id()), expect);
+        assert!(!holds_net_raw(u32::MAX), "no such process");
+    }
+
+    fn caps_has_net_raw() -> bool {
+        let s = fs::read_to_string("/proc/self/status").unwrap();
+        let eff = s.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+        u64::from_str_radix(eff[7..].trim(), 16).unwrap() & (1 << 13) != 0
+    }
 
     #[test]
     fn unescapes_octal_mount_paths() {

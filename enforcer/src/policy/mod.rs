@@ -327,6 +327,7 @@ pub fn rule_name(rule_id: u32) -> Option<&'static str> {
         rule::RAW_SOCKET => Some("raw-socket"),
         rule::SOCKET_FAMILY => Some("socket-family"),
         rule::SOCKET_OK => Some("socket-ok"),
+        rule::SOCKET_PROTOCOL => Some("socket-protocol"),
         _ => None,
     }
 }
