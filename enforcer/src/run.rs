@@ -111,6 +111,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let user = args.user.as_deref().map(resolve_user).transpose()?;
     let mount = cgroup::cgroup2_mount()?;
 
+    collect_dead_runs(&mount.join("enforcer"), &args.pin_dir);
     let mut kernel = Kernel::load(None)?;
     kernel.set_allow_sample(args.allow_events)?;
     kernel
@@ -376,6 +377,37 @@ fn print_summary(
         }
         let rule = rule.split_whitespace().next().unwrap_or(rule);
         eprintln!("enforcer: {verdict:<8} {action:<12} {dest:<34} {rule:<16} {n:>5}  {who}");
+    }
+}
+
+/// A `run-<pid>` cgroup or pin directory whose enforcer died (SIGKILL,
+/// crash) stays behind on purpose: its pinned links keep the agent's
+/// leftover processes enforced. Once that enforcer pid is gone, the next
+/// run kills the leftovers, then removes the cgroup and the pins.
+fn collect_dead_runs(cgroup_parent: &Path, pin_dir: &Path) {
+    let dead = |name: &str| -> bool {
+        name.strip_prefix("run-")
+            .and_then(|p| p.parse::<u32>().ok())
+            .map(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+            .unwrap_or(false)
+    };
+    if let Ok(rd) = std::fs::read_dir(cgroup_parent) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() && dead(&name) {
+                tracing::info!(cgroup = %e.path().display(), "removing the cgroup of a dead enforcer run");
+                drop(cgroup::OwnedCgroup::adopt(e.path()));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(pin_dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                tracing::info!(pins = %e.path().display(), "removing the pins of a dead enforcer run");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 

@@ -75,6 +75,12 @@ impl OwnedCgroup {
         Ok(Self { path, id })
     }
 
+    /// Take ownership of an existing cgroup (it is removed on drop).
+    pub fn adopt(path: PathBuf) -> Self {
+        let id = cgroup_id(&path).unwrap_or(0);
+        Self { path, id }
+    }
+
     pub fn procs(&self) -> Vec<u32> {
         pids_in_tree(&self.path)
     }
