@@ -885,3 +885,40 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static M: Mutex<()> = Mutex::new(());
     M.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Collects the failures of independent checks so that one test reports
+/// every broken guarantee, not only the first one.
+#[derive(Default)]
+pub struct Checks {
+    failures: Vec<String>,
+}
+
+impl Checks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Run `f`; a panic inside it is recorded as a failure of `what`.
+    pub fn check(&mut self, what: &str, f: impl FnOnce()) {
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            self.failures.push(format!("[{what}] {msg}"));
+        }
+    }
+    pub fn fail(&mut self, msg: String) {
+        self.failures.push(msg);
+    }
+    /// Panic with every recorded failure.
+    #[track_caller]
+    pub fn finish(self) {
+        assert!(
+            self.failures.is_empty(),
+            "{} check(s) failed:\n\n{}",
+            self.failures.len(),
+            self.failures.join("\n\n")
+        );
+    }
+}

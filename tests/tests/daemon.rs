@@ -87,6 +87,7 @@ fn root_with_cap_net_raw_is_contained() {
     let dir = TestDir::new("capnetraw");
     let api = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let outside = SinkPair::bind("127.0.0.3");
+    let outside6 = SinkPair::bind("::1");
     let name = "capnetraw-agent";
     let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
     write_policy(&d, "p.yaml", name, api.port());
@@ -97,6 +98,14 @@ fn root_with_cap_net_raw_is_contained() {
     let mut control = Probe::spawn(&dir);
     assert_ok(&control.op("raw"), "raw socket outside the cgroup (control)");
     assert_ok(&control.op("packet"), "packet socket outside the cgroup (control)");
+    // ... and a hand-built frame on lo through AF_PACKET really is delivered
+    // (so the in-cgroup attempt below would leak if the socket were allowed).
+    let ctl = SinkPair::bind("::1");
+    assert_ok(&control.cmd(json!({"op": "packet_udp", "host": "::1", "port": ctl.port(), "data": "control"})), "packet frame outside the cgroup (control)");
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(20), || ctl.udp.bytes() > 0),
+        "control: AF_PACKET frame on lo was not delivered; the in-cgroup exfil check would prove nothing"
+    );
     control.kill();
 
     let mut p = Probe::spawn(&dir);
@@ -118,6 +127,11 @@ fn root_with_cap_net_raw_is_contained() {
     let denied = p.tcp("127.0.0.3", outside.port(), "capnetraw-denied");
     if denied["ok"] != false || denied["errno"].as_i64() != Some(EPERM) {
         failures.push(format!("denied connect: {denied}"));
+    }
+    // Exfiltration through a packet socket: a UDP datagram to [::1] built by hand.
+    let v = p.cmd(json!({"op": "packet_udp", "host": "::1", "port": outside6.port(), "data": "capnetraw-packet-exfil"}));
+    if v["ok"] == true || v["errno"].as_i64() != Some(EPERM) {
+        failures.push(format!("AF_PACKET frame sent from the bound cgroup: {v}"));
     }
     let denied_udp = p.udp("127.0.0.3", outside.port(), "capnetraw-denied");
     if denied_udp["ok"] != false || denied_udp["errno"].as_i64() != Some(EPERM) {
@@ -148,8 +162,10 @@ fn root_with_cap_net_raw_is_contained() {
         failures.push(format!("allowed bytes did not arrive: {:?}", api.text()));
     }
     std::thread::sleep(Duration::from_millis(300));
-    if outside.total_bytes() + outside.tcp.conns() + outside.udp.datagrams() != 0 {
-        failures.push(format!("traffic leaked: {}", outside.describe()));
+    for o in [&outside, &outside6] {
+        if o.total_bytes() + o.tcp.conns() + o.udp.datagrams() != 0 {
+            failures.push(format!("traffic leaked: {}", o.describe()));
+        }
     }
     // The raw-socket denial is audited with the identity.
     let ok = poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
