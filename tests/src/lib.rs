@@ -52,7 +52,8 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `enforcer` binary under test.
+/// The `enforcer` binary under test: `$ENFORCER_BIN`, else
+/// `<target>/debug/enforcer`, built once per test process.
 pub fn enforcer_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -61,23 +62,33 @@ pub fn enforcer_bin() -> &'static Path {
             assert!(p.is_file(), "ENFORCER_BIN={} does not exist", p.display());
             return p;
         }
+        // The test executable is <target>/debug/deps/<name>-<hash>: build the
+        // binary into the same target dir (whatever --target-dir/CARGO_TARGET_DIR
+        // said). Always run cargo (a no-op when fresh) so a stale binary is
+        // never tested; cargo does not hold its lock while tests run.
         let root = workspace_root();
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .map(|t| if t.is_relative() { root.join(t) } else { t })
-            .unwrap_or_else(|| root.join("target"));
-        let bin = target.join("debug").join("enforcer");
-        if !bin.is_file() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            eprintln!("building enforcer (cargo build -p enforcer) ...");
-            let st = Command::new(cargo)
-                .args(["build", "-p", "enforcer"])
-                .current_dir(&root)
-                .env("CARGO_TARGET_DIR", &target)
-                .status()
-                .expect("running cargo build -p enforcer");
-            assert!(st.success(), "cargo build -p enforcer failed: {st}");
-        }
+        let profile_dir = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+            .filter(|d| d.file_name().map(|n| n == "debug").unwrap_or(false))
+            .unwrap_or_else(|| {
+                std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .map(|t| if t.is_relative() { root.join(t) } else { t })
+                    .unwrap_or_else(|| root.join("target"))
+                    .join("debug")
+            });
+        let target = profile_dir.parent().unwrap().to_path_buf();
+        let bin = profile_dir.join("enforcer");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!("building enforcer (cargo build -p enforcer) into {} ...", target.display());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "enforcer"])
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("running cargo build -p enforcer");
+        assert!(st.success(), "cargo build -p enforcer failed: {st}");
         assert!(bin.is_file(), "{} missing after build", bin.display());
         bin
     })
