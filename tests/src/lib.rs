@@ -1,0 +1,935 @@
+//! Shared helpers for the black-box integration tests of `enforcer`.
+//!
+//! The tests run the real `enforcer` binary (`$ENFORCER_BIN`, or
+//! `<target>/debug/enforcer`, built once with `cargo build -p enforcer`) against
+//! hostile agents written in Python (`tests/agents/`). Everything they create
+//! (cgroups, bpffs pins, processes, listeners) is owned by a guard that removes
+//! it on drop, so a failing assertion cleans up too.
+//!
+//! Tests need root and a BPF-capable kernel. Without root a test fails when
+//! `CI` is set and prints `SKIP: needs root` otherwise ([`require_root`]).
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+pub use serde_json::{Value, json};
+
+// ---------------------------------------------------------------- environment
+
+/// `true` if the test may go on. Without root: panics when `CI` is set (a CI
+/// run must never pass by skipping), otherwise prints `SKIP: needs root`.
+#[must_use]
+pub fn require_root(test: &str) -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{test}: these integration tests need root and a BPF-capable kernel \
+             (CI is set, so not skipping)"
+        );
+    }
+    eprintln!("SKIP: needs root ({test})");
+    false
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `enforcer` binary under test: `$ENFORCER_BIN`, else
+/// `<target>/debug/enforcer`, built once per test process.
+pub fn enforcer_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("ENFORCER_BIN") {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "ENFORCER_BIN={} does not exist", p.display());
+            return p;
+        }
+        // The test executable is <target>/debug/deps/<name>-<hash>: build the
+        // binary into the same target dir (whatever --target-dir/CARGO_TARGET_DIR
+        // said). Always run cargo (a no-op when fresh) so a stale binary is
+        // never tested; cargo does not hold its lock while tests run.
+        let root = workspace_root();
+        let profile_dir = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+            .filter(|d| d.file_name().map(|n| n == "debug").unwrap_or(false))
+            .unwrap_or_else(|| {
+                std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .map(|t| if t.is_relative() { root.join(t) } else { t })
+                    .unwrap_or_else(|| root.join("target"))
+                    .join("debug")
+            });
+        let target = profile_dir.parent().unwrap().to_path_buf();
+        let bin = profile_dir.join("enforcer");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!("building enforcer (cargo build -p enforcer) into {} ...", target.display());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "enforcer"])
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("running cargo build -p enforcer");
+        assert!(st.success(), "cargo build -p enforcer failed: {st}");
+        assert!(bin.is_file(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A real python3 executable (not a shell shim: an unprivileged `--user`
+/// must be able to run it).
+pub fn python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        for c in ["/usr/bin/python3", "/usr/local/bin/python3"] {
+            if Path::new(c).is_file() {
+                return PathBuf::from(c);
+            }
+        }
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 is needed by the tests (the project's setup installs it)");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+pub fn agents_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("agents")
+}
+
+/// `<pid>-<name>`: unique per test process and test.
+pub fn unique(name: &str) -> String {
+    format!("{}-{name}", std::process::id())
+}
+
+/// A temporary directory readable by everyone (an agent under `--user
+/// nobody` must read its script), with the agent scripts copied in.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("enforcer-test-{}-", unique(name)))
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in ["hostile_agent.py", "probe.py"] {
+            let dst = dir.path().join(f);
+            std::fs::copy(agents_dir().join(f), &dst).unwrap();
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Self { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    pub fn agent(&self) -> PathBuf {
+        self.join("hostile_agent.py")
+    }
+    pub fn probe_script(&self) -> PathBuf {
+        self.join("probe.py")
+    }
+}
+
+/// Poll `f` every `every` until it returns true or `timeout` passes.
+pub fn poll_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(every);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (for addresses the enforcer binds itself).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn new(c: Child) -> Self {
+        Self(Some(c))
+    }
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().unwrap().id()
+    }
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+    /// Wait at most `timeout`; None if still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let c = self.0.as_mut().unwrap();
+        let mut st = None;
+        poll_until(timeout, Duration::from_millis(20), || {
+            st = c.try_wait().expect("try_wait");
+            st.is_some()
+        });
+        st
+    }
+    pub fn kill9(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn drain<R: Read + Send + 'static>(r: R) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut r = r;
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+/// Run `cmd` to completion with a bound; panics (after killing it) on timeout.
+pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    let mut g = ChildGuard::new(cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")));
+    let out = drain(g.child().stdout.take().unwrap());
+    let err = drain(g.child().stderr.take().unwrap());
+    let st = g.wait_timeout(timeout);
+    let Some(status) = st else {
+        g.kill9();
+        let (o, e) = (out.join().unwrap(), err.join().unwrap());
+        panic!(
+            "{cmd:?} did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&o),
+            String::from_utf8_lossy(&e)
+        );
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+pub fn enforcer() -> Command {
+    Command::new(enforcer_bin())
+}
+
+// ---------------------------------------------------------------- cgroups, bpffs
+
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 2 && f[2] == "cgroup2" {
+            return PathBuf::from(f[1]);
+        }
+    }
+    panic!("no cgroup2 mount in /proc/self/mounts");
+}
+
+/// Make sure a bpffs is mounted at /sys/fs/bpf (the daemon pins there).
+pub fn ensure_bpffs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        if !mounts.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[2] == "bpf" && f[1] == "/sys/fs/bpf"
+        }) {
+            let st = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status()
+                .expect("mount -t bpf");
+            assert!(st.success(), "mounting bpffs at /sys/fs/bpf failed");
+        }
+    });
+}
+
+/// A cgroup v2 directory owned by the test: its processes are killed and the
+/// whole subtree removed on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    /// `<cgroup2 mount>/enforcer-test-<pid>-<name>`
+    pub fn create(name: &str) -> Self {
+        let path = cgroup2_mount().join(format!("enforcer-test-{}", unique(name)));
+        if path.exists() {
+            remove_cgroup_tree(&path);
+        }
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+    /// A nested cgroup (removed with the parent).
+    pub fn child(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        p
+    }
+    /// Path relative to the cgroup2 mount (what daemon bindings may use).
+    pub fn relative(&self) -> PathBuf {
+        self.path.strip_prefix(cgroup2_mount()).unwrap().to_path_buf()
+    }
+}
+
+pub fn move_pid(cgroup_dir: &Path, pid: u32) {
+    std::fs::write(cgroup_dir.join("cgroup.procs"), format!("{pid}\n"))
+        .unwrap_or_else(|e| panic!("moving pid {pid} into {}: {e}", cgroup_dir.display()));
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = Vec::new();
+    if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                pids.extend(cgroup_pids(&e.path()));
+            }
+        }
+    }
+    pids
+}
+
+fn rmdir_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Kill every process in a cgroup subtree and remove it (best effort, bounded).
+pub fn remove_cgroup_tree(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let pids = cgroup_pids(path);
+        for p in &pids {
+            unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+        }
+        pids.is_empty()
+    });
+    poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        rmdir_tree(path);
+        !path.exists()
+    });
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// A pin directory on bpffs, `/sys/fs/bpf/enforcer-test-<pid>-<name>`,
+/// removed (`rm -r`) on drop: that unpins maps and links.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(name: &str) -> Self {
+        ensure_bpffs();
+        let path = PathBuf::from(format!("/sys/fs/bpf/enforcer-test-{}", unique(name)));
+        let _ = std::fs::remove_dir_all(&path);
+        Self { path }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------- listeners
+
+/// A TCP listener counting connections and bytes received.
+pub struct TcpSink {
+    pub addr: SocketAddr,
+    pub bytes: Arc<AtomicU64>,
+    pub conns: Arc<AtomicU64>,
+    pub data: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpSink {
+    pub fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let l = TcpListener::bind(addr)?;
+        let addr = l.local_addr()?;
+        l.set_nonblocking(true)?;
+        let s = Self {
+            addr,
+            bytes: Default::default(),
+            conns: Default::default(),
+            data: Default::default(),
+            stop: Default::default(),
+        };
+        let (bytes, conns, data, stop) = (s.bytes.clone(), s.conns.clone(), s.data.clone(), s.stop.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        conns.fetch_add(1, Ordering::SeqCst);
+                        let (bytes, data, stop) = (bytes.clone(), data.clone(), stop.clone());
+                        thread::spawn(move || {
+                            let _ = c.set_nonblocking(false);
+                            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                            let mut buf = [0u8; 4096];
+                            loop {
+                                match c.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        data.lock().unwrap().extend_from_slice(&buf[..n]);
+                                        bytes.fetch_add(n as u64, Ordering::SeqCst);
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                        ) =>
+                                    {
+                                        if stop.load(Ordering::Relaxed) {
+                                            break;
+                                        }
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(s)
+    }
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+    pub fn conns(&self) -> u64 {
+        self.conns.load(Ordering::SeqCst)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A UDP socket counting datagrams and bytes received.
+pub struct UdpSink {
+    pub addr: SocketAddr,
+    pub bytes: Arc<AtomicU64>,
+    pub datagrams: Arc<AtomicU64>,
+    pub data: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpSink {
+    pub fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let u = UdpSocket::bind(addr)?;
+        let addr = u.local_addr()?;
+        u.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let s = Self {
+            addr,
+            bytes: Default::default(),
+            datagrams: Default::default(),
+            data: Default::default(),
+            stop: Default::default(),
+        };
+        let (bytes, dg, data, stop) = (s.bytes.clone(), s.datagrams.clone(), s.data.clone(), s.stop.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = u.recv_from(&mut buf) {
+                    dg.fetch_add(1, Ordering::SeqCst);
+                    bytes.fetch_add(n as u64, Ordering::SeqCst);
+                    data.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            }
+        });
+        Ok(s)
+    }
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+    pub fn datagrams(&self) -> u64 {
+        self.datagrams.load(Ordering::SeqCst)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// TCP and UDP listeners on the same `ip` and the same (dynamic) port.
+pub struct SinkPair {
+    pub tcp: TcpSink,
+    pub udp: UdpSink,
+}
+
+impl SinkPair {
+    pub fn bind(ip: &str) -> Self {
+        let ip: IpAddr = ip.parse().unwrap();
+        for _ in 0..100 {
+            let tcp = TcpSink::bind(SocketAddr::new(ip, 0)).expect("tcp bind");
+            if let Ok(udp) = UdpSink::bind(SocketAddr::new(ip, tcp.port())) {
+                return Self { tcp, udp };
+            }
+        }
+        panic!("no port free for both tcp and udp on {ip}");
+    }
+    pub fn port(&self) -> u16 {
+        self.tcp.port()
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.tcp.bytes() + self.udp.bytes()
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: tcp {} conns {} bytes {:?}; udp {} datagrams {} bytes {:?}",
+            self.tcp.addr,
+            self.tcp.conns(),
+            self.tcp.bytes(),
+            self.tcp.text(),
+            self.udp.datagrams(),
+            self.udp.bytes(),
+            self.udp.text()
+        )
+    }
+}
+
+// ---------------------------------------------------------------- policies
+
+/// An AgentPolicy document with `cidr` rules: (cidr, ports, protocol).
+pub fn policy_yaml(name: &str, spiffe: &str, mode: &str, rules: &[(&str, &[u16], &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  \
+         identity:\n    spiffeId: {spiffe}\n  mode: {mode}\n  egress:\n"
+    );
+    for (cidr, ports, proto) in rules {
+        y.push_str(&format!("    - cidr: \"{cidr}\"\n"));
+        if !ports.is_empty() {
+            let p: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+            y.push_str(&format!("      ports: [{}]\n", p.join(", ")));
+        }
+        y.push_str(&format!("      protocol: {proto}\n"));
+    }
+    y
+}
+
+/// Write `text` to `path` atomically (temp file + rename in the same dir).
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+// ---------------------------------------------------------------- audit log, metrics
+
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    s.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?} in {}: {e}", path.display())))
+        .collect()
+}
+
+/// Plain HTTP/1.1 GET over a TcpStream: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Parse Prometheus text: (name, labels, value) per sample.
+pub fn parse_metrics(body: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in body.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let mut map = BTreeMap::new();
+        // label values here never contain `",`
+        for kv in labels.split("\",") {
+            if let Some((k, v)) = kv.split_once('=') {
+                map.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+            }
+        }
+        out.push((name.to_string(), map, value));
+    }
+    out
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels`; None
+/// if no sample matches.
+pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for (n, l, v) in parse_metrics(body) {
+        if n == name && labels.iter().all(|(k, want)| l.get(*k).map(|x| x == want).unwrap_or(false)) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------- probe
+
+/// A python process that executes one JSON command per line (agents/probe.py).
+/// Spawn it, move it into a cgroup, then drive it.
+pub struct Probe {
+    child: ChildGuard,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    pub pid: u32,
+}
+
+impl Probe {
+    pub fn spawn(dir: &TestDir) -> Self {
+        let mut c = Command::new(python());
+        c.arg(dir.probe_script())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = ChildGuard::new(c.spawn().expect("spawning probe"));
+        let stdin = child.child().stdin.take().unwrap();
+        let stdout = child.child().stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(20)).expect("probe did not start");
+        let v: Value = serde_json::from_str(&ready).unwrap();
+        assert_eq!(v["ready"], true, "{ready}");
+        let pid = child.id();
+        Self { child, stdin, lines: rx, pid }
+    }
+
+    pub fn cmd(&mut self, c: Value) -> Value {
+        writeln!(self.stdin, "{c}").expect("writing to probe");
+        self.stdin.flush().unwrap();
+        let l = self
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("probe gave no answer to {c}"));
+        serde_json::from_str(&l).unwrap()
+    }
+
+    pub fn tcp(&mut self, host: &str, port: u16, data: &str) -> Value {
+        self.cmd(json!({"op": "tcp", "host": host, "port": port, "data": data}))
+    }
+    pub fn udp(&mut self, host: &str, port: u16, data: &str) -> Value {
+        self.cmd(json!({"op": "udp", "host": host, "port": port, "data": data}))
+    }
+    pub fn op(&mut self, op: &str) -> Value {
+        self.cmd(json!({ "op": op }))
+    }
+    pub fn kill(&mut self) {
+        self.child.kill9();
+    }
+}
+
+pub const EPERM: i64 = libc::EPERM as i64;
+pub const EACCES: i64 = libc::EACCES as i64;
+
+/// Assert a probe answer is a failure with errno EPERM.
+#[track_caller]
+pub fn assert_eperm(v: &Value, what: &str) {
+    assert_eq!(v["ok"], false, "{what}: expected EPERM, but it succeeded: {v}");
+    assert_eq!(v["errno"].as_i64(), Some(EPERM), "{what}: expected EPERM: {v}");
+}
+
+#[track_caller]
+pub fn assert_ok(v: &Value, what: &str) {
+    assert_eq!(v["ok"], true, "{what}: expected success: {v}");
+}
+
+// ---------------------------------------------------------------- daemon
+
+/// `enforcer daemon` with its config, policies dir, pin dir, control socket,
+/// metrics address and audit log, all private to one test.
+pub struct Daemon {
+    pub child: Option<ChildGuard>,
+    pub config: PathBuf,
+    pub policies: PathBuf,
+    pub socket: PathBuf,
+    pub metrics: SocketAddr,
+    pub audit: PathBuf,
+    pub pin_dir: PathBuf,
+    pub stderr_log: PathBuf,
+}
+
+impl Daemon {
+    /// Write the config (bindings: (cgroup path, policy name)).
+    pub fn configure(dir: &TestDir, pins: &PinDir, bindings: &[(&Path, &str)]) -> Self {
+        let policies = dir.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        let d = Self {
+            child: None,
+            config: dir.join("daemon.yaml"),
+            policies,
+            socket: dir.join("run/enforcer.sock"),
+            metrics: SocketAddr::new("127.0.0.1".parse().unwrap(), free_port()),
+            audit: dir.join("audit.jsonl"),
+            pin_dir: pins.path.clone(),
+            stderr_log: dir.join("daemon.stderr"),
+        };
+        d.write_config(bindings);
+        d
+    }
+
+    pub fn write_config(&self, bindings: &[(&Path, &str)]) {
+        let mut y = format!(
+            "policiesDir: {}\nmetricsAddr: {}\nauditLog: {}\npinDir: {}\ncontrolSocket: {}\nallowEvents: 1\nbindings:\n",
+            self.policies.display(),
+            self.metrics,
+            self.audit.display(),
+            self.pin_dir.display(),
+            self.socket.display()
+        );
+        if bindings.is_empty() {
+            y = y.replace("bindings:\n", "bindings: []\n");
+        }
+        for (cg, pol) in bindings {
+            y.push_str(&format!("  - cgroup: {}\n    policy: {pol}\n", cg.display()));
+        }
+        write_atomic(&self.config, &y);
+    }
+
+    /// Start and wait (bounded) for "ready" on stdout.
+    pub fn start(&mut self) {
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)
+            .unwrap();
+        let mut c = enforcer();
+        c.args(["--log", "info", "daemon", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err);
+        let mut child = ChildGuard::new(c.spawn().expect("spawning enforcer daemon"));
+        let stdout = child.child().stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                let _ = tx.send(l);
+            }
+        });
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                if l.contains("ready") {
+                    break;
+                }
+            }
+            if let Some(st) = child.child().try_wait().unwrap() {
+                panic!("enforcer daemon exited early ({st}); stderr:\n{}", self.stderr());
+            }
+            if Instant::now() > end {
+                panic!("enforcer daemon not ready within 60 s; stderr:\n{}", self.stderr());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill9();
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// `enforcer status --socket S --json`
+    pub fn status(&self) -> Value {
+        let mut c = enforcer();
+        c.args(["status", "--json", "--socket"]).arg(&self.socket);
+        let out = output_with_timeout(c, Duration::from_secs(20));
+        assert!(
+            out.status.success(),
+            "enforcer status failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("status is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    pub fn scrape(&self) -> String {
+        let (code, body) = http_get(self.metrics, "/metrics").expect("scraping daemon metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        body
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Serializes tests that must not overlap (optional; most tests are
+/// independent: own ports, cgroups, pin dirs).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Collects the failures of independent checks so that one test reports
+/// every broken guarantee, not only the first one.
+#[derive(Default)]
+pub struct Checks {
+    failures: Vec<String>,
+}
+
+impl Checks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Run `f`; a panic inside it is recorded as a failure of `what`.
+    pub fn check(&mut self, what: &str, f: impl FnOnce()) {
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            self.failures.push(format!("[{what}] {msg}"));
+        }
+    }
+    pub fn fail(&mut self, msg: String) {
+        self.failures.push(msg);
+    }
+    /// Panic with every recorded failure.
+    #[track_caller]
+    pub fn finish(self) {
+        assert!(
+            self.failures.is_empty(),
+            "{} check(s) failed:\n\n{}",
+            self.failures.len(),
+            self.failures.join("\n\n")
+        );
+    }
+}
