@@ -2,11 +2,19 @@
 //!
 //! Order matters: the policy is compiled and the programs are attached to a
 //! fresh cgroup *before* the agent exists; the agent is forked into that
-//! cgroup, put in a new cgroup namespace rooted there, stripped of every
-//! capability (bounding, ambient, effective, permitted, inheritable), given
-//! `no_new_privs` and `SECBIT_NOROOT`, optionally switched to `--user`, and
-//! only then exec'd. It cannot move itself out (cgroup namespace: the
-//! parent's `cgroup.procs` is outside its root), load BPF or open raw sockets.
+//! cgroup, given a private mount namespace in which every cgroup2 mount is
+//! read-only, put in a new cgroup namespace rooted at its cgroup, stripped
+//! of every capability (bounding, ambient, effective, permitted,
+//! inheritable), given `no_new_privs` and `SECBIT_NOROOT`, optionally
+//! switched to `--user`, and only then exec'd.
+//!
+//! Why the read-only mount: a uid-0 process without capabilities still owns
+//! the root-owned `cgroup.procs` files, and a cgroup namespace only stops
+//! moves out of it when cgroup2 is mounted with `nsdelegate` (it is not on
+//! hybrid hosts). On a read-only mount every write fails with EROFS, and a
+//! capability-less process cannot remount it; a user namespace it creates
+//! inherits the mount with its read-only flag locked, and a cgroup2 it
+//! mounts there is rooted at its own cgroup.
 //!
 //! The links are pinned under bpffs while the agent runs, so that a crash of
 //! this process does not lift enforcement (the agent is also sent SIGKILL
@@ -466,6 +474,11 @@ fn spawn_agent(
     user: Option<(u32, u32)>,
 ) -> Result<std::process::Child> {
     let procs = CString::new(cgroup_dir.join("cgroup.procs").as_os_str().as_bytes())?;
+    let cgroup2_mounts: Vec<CString> = cgroup::cgroup2_mounts()?
+        .into_iter()
+        .map(|m| CString::new(m.as_os_str().as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let root = CString::new("/")?;
     let last_cap = last_cap();
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
@@ -487,12 +500,31 @@ fn spawn_agent(
             let w = libc::write(fd, b"0".as_ptr().cast(), 1);
             libc::close(fd);
             check(w as libc::c_long)?;
-            // 2. A cgroup namespace rooted at the agent cgroup: the parent's
-            //    cgroup.procs is outside it, so the agent cannot move out.
+            // 2. A private mount namespace where every cgroup2 mount is
+            //    read-only: no cgroup.procs write can move the agent out.
+            check(libc::unshare(libc::CLONE_NEWNS) as libc::c_long)?;
+            check(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) as libc::c_long)?;
+            for m in &cgroup2_mounts {
+                check(libc::mount(
+                    std::ptr::null(),
+                    m.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ) as libc::c_long)?;
+            }
+            // 3. A cgroup namespace rooted at the agent cgroup (it also hides
+            //    the host's cgroup paths from /proc/self/cgroup).
             check(libc::unshare(libc::CLONE_NEWCGROUP) as libc::c_long)?;
-            // 3. Die with enforcer.
+            // 4. Die with enforcer.
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
-            // 4. uid 0 gains no capabilities from exec; locked.
+            // 5. uid 0 gains no capabilities from exec; locked.
             const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
             const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
             check(libc::prctl(
@@ -502,7 +534,7 @@ fn spawn_agent(
                 0,
                 0,
             ) as libc::c_long)?;
-            // 5. Empty the bounding and ambient sets.
+            // 6. Empty the bounding and ambient sets.
             for cap in 0..=last_cap {
                 check(
                     libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
@@ -516,14 +548,14 @@ fn spawn_agent(
                 0,
                 0,
             ) as libc::c_long)?;
-            // 6. Optional unprivileged user.
+            // 7. Optional unprivileged user.
             if let Some((uid, gid)) = user {
                 let groups = [gid];
                 check(libc::setgroups(1, groups.as_ptr()) as libc::c_long)?;
                 check(libc::setresgid(gid, gid, gid) as libc::c_long)?;
                 check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
             }
-            // 7. Clear effective, permitted and inheritable sets.
+            // 8. Clear effective, permitted and inheritable sets.
             #[repr(C)]
             struct CapHeader {
                 version: u32,
@@ -550,7 +582,7 @@ fn spawn_agent(
                 &hdr as *const CapHeader,
                 data.as_ptr(),
             ))?;
-            // 8. No privilege gain through exec (setuid binaries, file caps).
+            // 9. No privilege gain through exec (setuid binaries, file caps).
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
             Ok(())
         });

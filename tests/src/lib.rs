@@ -16,15 +16,14 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio},
     sync::{
-        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc,
+        mpsc, Arc, Mutex, OnceLock,
     },
     thread,
     time::{Duration, Instant},
 };
 
-pub use serde_json::{Value, json};
+pub use serde_json::{json, Value};
 
 // ---------------------------------------------------------------- environment
 
@@ -81,7 +80,10 @@ pub fn enforcer_bin() -> &'static Path {
         let target = profile_dir.parent().unwrap().to_path_buf();
         let bin = profile_dir.join("enforcer");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        eprintln!("building enforcer (cargo build -p enforcer) into {} ...", target.display());
+        eprintln!(
+            "building enforcer (cargo build -p enforcer) into {} ...",
+            target.display()
+        );
         let st = Command::new(cargo)
             .args(["build", "-p", "enforcer"])
             .current_dir(&root)
@@ -171,7 +173,11 @@ pub fn poll_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> boo
 
 /// A free TCP port on 127.0.0.1 (for addresses the enforcer binds itself).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 // ---------------------------------------------------------------- processes
@@ -227,8 +233,13 @@ fn drain<R: Read + Send + 'static>(r: R) -> thread::JoinHandle<Vec<u8>> {
 
 /// Run `cmd` to completion with a bound; panics (after killing it) on timeout.
 pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
-    let mut g = ChildGuard::new(cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")));
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut g = ChildGuard::new(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+    );
     let out = drain(g.child().stdout.take().unwrap());
     let err = drain(g.child().stderr.take().unwrap());
     let st = g.wait_timeout(timeout);
@@ -307,7 +318,10 @@ impl Cgroup {
     }
     /// Path relative to the cgroup2 mount (what daemon bindings may use).
     pub fn relative(&self) -> PathBuf {
-        self.path.strip_prefix(cgroup2_mount()).unwrap().to_path_buf()
+        self.path
+            .strip_prefix(cgroup2_mount())
+            .unwrap()
+            .to_path_buf()
     }
 }
 
@@ -411,7 +425,12 @@ impl TcpSink {
             data: Default::default(),
             stop: Default::default(),
         };
-        let (bytes, conns, data, stop) = (s.bytes.clone(), s.conns.clone(), s.data.clone(), s.stop.clone());
+        let (bytes, conns, data, stop) = (
+            s.bytes.clone(),
+            s.conns.clone(),
+            s.data.clone(),
+            s.stop.clone(),
+        );
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match l.accept() {
@@ -432,7 +451,8 @@ impl TcpSink {
                                     Err(e)
                                         if matches!(
                                             e.kind(),
-                                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
                                         ) =>
                                     {
                                         if stop.load(Ordering::Relaxed) {
@@ -494,7 +514,12 @@ impl UdpSink {
             data: Default::default(),
             stop: Default::default(),
         };
-        let (bytes, dg, data, stop) = (s.bytes.clone(), s.datagrams.clone(), s.data.clone(), s.stop.clone());
+        let (bytes, dg, data, stop) = (
+            s.bytes.clone(),
+            s.datagrams.clone(),
+            s.data.clone(),
+            s.stop.clone(),
+        );
         thread::spawn(move || {
             let mut buf = [0u8; 65536];
             while !stop.load(Ordering::Relaxed) {
@@ -596,7 +621,10 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     s.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?} in {}: {e}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("bad JSON line {l:?} in {}: {e}", path.display()))
+        })
         .collect()
 }
 
@@ -604,7 +632,10 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -614,7 +645,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -647,7 +681,9 @@ pub fn parse_metrics(body: &str) -> Vec<(String, BTreeMap<String, String>, f64)>
             Some(x) => x,
             None => continue,
         };
-        let Ok(value) = value.parse::<f64>() else { continue };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
         let (name, labels) = match series.split_once('{') {
             Some((n, rest)) => (n, rest.trim_end_matches('}')),
             None => (series, ""),
@@ -669,7 +705,11 @@ pub fn parse_metrics(body: &str) -> Vec<(String, BTreeMap<String, String>, f64)>
 pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;
     for (n, l, v) in parse_metrics(body) {
-        if n == name && labels.iter().all(|(k, want)| l.get(*k).map(|x| x == want).unwrap_or(false)) {
+        if n == name
+            && labels
+                .iter()
+                .all(|(k, want)| l.get(*k).map(|x| x == want).unwrap_or(false))
+        {
             *found.get_or_insert(0.0) += v;
         }
     }
@@ -706,11 +746,18 @@ impl Probe {
                 }
             }
         });
-        let ready = rx.recv_timeout(Duration::from_secs(20)).expect("probe did not start");
+        let ready = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("probe did not start");
         let v: Value = serde_json::from_str(&ready).unwrap();
         assert_eq!(v["ready"], true, "{ready}");
         let pid = child.id();
-        Self { child, stdin, lines: rx, pid }
+        Self {
+            child,
+            stdin,
+            lines: rx,
+            pid,
+        }
     }
 
     pub fn cmd(&mut self, c: Value) -> Value {
@@ -743,8 +790,15 @@ pub const EACCES: i64 = libc::EACCES as i64;
 /// Assert a probe answer is a failure with errno EPERM.
 #[track_caller]
 pub fn assert_eperm(v: &Value, what: &str) {
-    assert_eq!(v["ok"], false, "{what}: expected EPERM, but it succeeded: {v}");
-    assert_eq!(v["errno"].as_i64(), Some(EPERM), "{what}: expected EPERM: {v}");
+    assert_eq!(
+        v["ok"], false,
+        "{what}: expected EPERM, but it succeeded: {v}"
+    );
+    assert_eq!(
+        v["errno"].as_i64(),
+        Some(EPERM),
+        "{what}: expected EPERM: {v}"
+    );
 }
 
 #[track_caller]
@@ -788,18 +842,22 @@ impl Daemon {
 
     pub fn write_config(&self, bindings: &[(&Path, &str)]) {
         let mut y = format!(
-            "policiesDir: {}\nmetricsAddr: {}\nauditLog: {}\npinDir: {}\ncontrolSocket: {}\nallowEvents: 1\nbindings:\n",
+            "policiesDir: {}\nmetricsAddr: {}\nauditLog: {}\npinDir: {}\ncontrolSocket: {}\nstateDir: {}\nallowEvents: 1\nbindings:\n",
             self.policies.display(),
             self.metrics,
             self.audit.display(),
             self.pin_dir.display(),
-            self.socket.display()
+            self.socket.display(),
+            self.config.parent().unwrap().join("state").display()
         );
         if bindings.is_empty() {
             y = y.replace("bindings:\n", "bindings: []\n");
         }
         for (cg, pol) in bindings {
-            y.push_str(&format!("  - cgroup: {}\n    policy: {pol}\n", cg.display()));
+            y.push_str(&format!(
+                "  - cgroup: {}\n    policy: {pol}\n",
+                cg.display()
+            ));
         }
         write_atomic(&self.config, &y);
     }
@@ -834,10 +892,16 @@ impl Daemon {
                 }
             }
             if let Some(st) = child.child().try_wait().unwrap() {
-                panic!("enforcer daemon exited early ({st}); stderr:\n{}", self.stderr());
+                panic!(
+                    "enforcer daemon exited early ({st}); stderr:\n{}",
+                    self.stderr()
+                );
             }
             if Instant::now() > end {
-                panic!("enforcer daemon not ready within 60 s; stderr:\n{}", self.stderr());
+                panic!(
+                    "enforcer daemon not ready within 60 s; stderr:\n{}",
+                    self.stderr()
+                );
             }
         }
         self.child = Some(child);
@@ -873,7 +937,10 @@ impl Daemon {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("status is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "status is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 

@@ -27,13 +27,19 @@ impl World {
             api: TcpSink::bind(lo).unwrap(),
             udp_ok: UdpSink::bind(lo).unwrap(),
             other: SinkPair::bind("127.0.0.1"),
-            attackers: hosts.iter().map(|h| (h.to_string(), SinkPair::bind(h))).collect(),
+            attackers: hosts
+                .iter()
+                .map(|h| (h.to_string(), SinkPair::bind(h)))
+                .collect(),
         }
     }
 
     fn agent_config(&self, prefix: &str) -> Value {
-        let attackers: BTreeMap<&str, u16> =
-            self.attackers.iter().map(|(h, s)| (h.as_str(), s.port())).collect();
+        let attackers: BTreeMap<&str, u16> = self
+            .attackers
+            .iter()
+            .map(|(h, s)| (h.as_str(), s.port()))
+            .collect();
         json!({
             "api_port": self.api.port(),
             "udp_port": self.udp_ok.port(),
@@ -61,11 +67,19 @@ impl World {
     fn assert_nothing_leaked(&self) {
         let mut leaks = Vec::new();
         for s in std::iter::once(&self.other).chain(self.attackers.iter().map(|(_, s)| s)) {
-            if s.tcp.conns() != 0 || s.tcp.bytes() != 0 || s.udp.datagrams() != 0 || s.udp.bytes() != 0 {
+            if s.tcp.conns() != 0
+                || s.tcp.bytes() != 0
+                || s.udp.datagrams() != 0
+                || s.udp.bytes() != 0
+            {
                 leaks.push(s.describe());
             }
         }
-        assert!(leaks.is_empty(), "traffic reached attacker listeners:\n{}", leaks.join("\n"));
+        assert!(
+            leaks.is_empty(),
+            "traffic reached attacker listeners:\n{}",
+            leaks.join("\n")
+        );
     }
 }
 
@@ -83,7 +97,13 @@ impl Run {
         self.records
             .iter()
             .find(|r| r["name"] == name)
-            .unwrap_or_else(|| panic!("agent did not report {name:?}; records: {:#?}\nstderr:\n{}", self.records, self.stderr()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "agent did not report {name:?}; records: {:#?}\nstderr:\n{}",
+                    self.records,
+                    self.stderr()
+                )
+            })
     }
     fn attempts(&self) -> impl Iterator<Item = &Value> {
         self.records.iter().filter(|r| r.get("expect").is_some())
@@ -135,12 +155,20 @@ fn run_agent(dir: &TestDir, policy: &Path, extra: &[&str], cfg: &Value, timeout:
             String::from_utf8_lossy(&stderr)
         );
     };
-    let out = Output { status, stdout, stderr };
+    let out = Output {
+        status,
+        stdout,
+        stderr,
+    };
     let records = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
         .collect();
-    Run { out, enforcer_pid: pid, records }
+    Run {
+        out,
+        enforcer_pid: pid,
+        records,
+    }
 }
 
 fn pin_arg(pins: &PinDir) -> String {
@@ -149,7 +177,10 @@ fn pin_arg(pins: &PinDir) -> String {
 
 fn ping_allowed_for_gid(gid: u32) -> bool {
     let r = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
-    let v: Vec<u64> = r.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = r
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     v.len() == 2 && v[0] <= gid as u64 && gid as u64 <= v[1]
 }
 
@@ -176,9 +207,12 @@ fn assert_attempts(run: &Run, gid: u32, as_root: bool) {
                         errno == Some(EPERM) || errno == Some(EACCES)
                     }
                     ("sock_create", _) => errno == Some(EPERM),
-                    // leaving the cgroup: must fail; ENOENT (outside the
-                    // cgroup namespace), EACCES/EPERM (permissions) are fine.
-                    ("cgroup", _) => matches!(errno, Some(e) if e == EPERM || e == EACCES || e == libc::ENOENT as i64 || e == libc::EROFS as i64 || e == libc::EBUSY as i64),
+                    // leaving the cgroup: must fail; EROFS (cgroup2 is
+                    // read-only in the agent's mount namespace) as uid 0,
+                    // EACCES/EPERM (permissions) as another user.
+                    ("cgroup", _) => {
+                        matches!(errno, Some(e) if e == EPERM || e == EACCES || e == libc::ENOENT as i64 || e == libc::EROFS as i64 || e == libc::EBUSY as i64)
+                    }
                     _ => false,
                 };
                 if ok || !errno_ok {
@@ -251,7 +285,11 @@ fn assert_attempts(run: &Run, gid: u32, as_root: bool) {
         problems.is_empty(),
         "agent attempts:\n{}\n\nall records:\n{}\n\nenforcer stderr:\n{}",
         problems.join("\n"),
-        run.records.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n"),
+        run.records
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
         run.stderr()
     );
 }
@@ -267,13 +305,30 @@ fn assert_allowed_arrived(run: &Run, w: &World) {
     let api_dst = format!("127.0.0.1:{}/tcp", w.api.port());
     let udp_dst = format!("127.0.0.1:{}/udp", w.udp_ok.port());
     let (api_sent, udp_sent) = (sent(&api_dst), sent(&udp_dst));
-    assert!(api_sent > 0 && udp_sent > 0, "nothing allowed was sent: {api_sent} {udp_sent}");
+    assert!(
+        api_sent > 0 && udp_sent > 0,
+        "nothing allowed was sent: {api_sent} {udp_sent}"
+    );
     poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
         w.api.bytes() >= api_sent && w.udp_ok.bytes() >= udp_sent
     });
-    assert_eq!(w.api.bytes(), api_sent, "api listener bytes: {:?}", w.api.text());
-    assert_eq!(w.udp_ok.bytes(), udp_sent, "udp listener bytes: {:?}", w.udp_ok.text());
-    assert!(w.api.text().contains("allowed_mapped_tcp"), "::ffff:127.0.0.1 did not arrive: {:?}", w.api.text());
+    assert_eq!(
+        w.api.bytes(),
+        api_sent,
+        "api listener bytes: {:?}",
+        w.api.text()
+    );
+    assert_eq!(
+        w.udp_ok.bytes(),
+        udp_sent,
+        "udp listener bytes: {:?}",
+        w.udp_ok.text()
+    );
+    assert!(
+        w.api.text().contains("allowed_mapped_tcp"),
+        "::ffff:127.0.0.1 did not arrive: {:?}",
+        w.api.text()
+    );
     // Anything that slipped through would have arrived by now as well.
     std::thread::sleep(Duration::from_millis(300));
     w.assert_nothing_leaked();
@@ -284,10 +339,15 @@ fn find<'a>(audit: &'a [Value], f: impl Fn(&Value) -> bool) -> Option<&'a Value>
 }
 
 fn assert_cgroup_removed(run: &Run) {
-    let p = cgroup2_mount().join("enforcer").join(format!("run-{}", run.enforcer_pid));
+    let p = cgroup2_mount()
+        .join("enforcer")
+        .join(format!("run-{}", run.enforcer_pid));
     if p.exists() {
         remove_cgroup_tree(&p);
-        panic!("enforcer run left its cgroup {} behind (nested cgroups of the agent?)", p.display());
+        panic!(
+            "enforcer run left its cgroup {} behind (nested cgroups of the agent?)",
+            p.display()
+        );
     }
 }
 
@@ -308,7 +368,12 @@ fn hostile_agent_under_run_is_contained() {
     let run = run_agent(
         &dir,
         &policy,
-        &["--audit-log", audit.to_str().unwrap(), "--pin-dir", &pin_arg(&pins)],
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--pin-dir",
+            &pin_arg(&pins),
+        ],
         &cfg,
         Duration::from_secs(120),
     );
@@ -324,7 +389,9 @@ fn hostile_agent_under_run_is_contained() {
     });
     checks.check("agent attempts", || assert_attempts(&run, 0, true));
     checks.check("traffic", || assert_allowed_arrived(&run, &w));
-    checks.check("audit log", || check_audit_log(&run, &w, &dir, &audit, name));
+    checks.check("audit log", || {
+        check_audit_log(&run, &w, &dir, &audit, name)
+    });
     checks.check("cgroup cleanup", || assert_cgroup_removed(&run));
     checks.finish();
 }
@@ -333,7 +400,8 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
     let recs = read_jsonl(audit);
     assert!(!recs.is_empty(), "audit log is empty");
     let spiffe = format!("spiffe://example.org/ns/tests/sa/{name}");
-    let ident_ok = |r: &Value| r["identity"]["name"] == name && r["identity"]["spiffe_id"] == spiffe.as_str();
+    let ident_ok =
+        |r: &Value| r["identity"]["name"] == name && r["identity"]["spiffe_id"] == spiffe.as_str();
     let deny = |action: &str, ip: &str, port: u16, proto: &str| {
         find(&recs, |r| {
             r["action"] == action
@@ -347,7 +415,12 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
     let p2 = w.attackers[0].1.port();
     let p3 = w.attackers[1].1.port();
     let p6 = w.attackers[2].1.port();
-    let dump = || recs.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n");
+    let dump = || {
+        recs.iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     for (action, ip, port, proto) in [
         ("connect", "127.0.0.2", p2, "tcp"),
         ("connect", "127.0.0.3", p3, "tcp"),
@@ -360,15 +433,25 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
         ("sendmsg", "127.0.0.1", w.other.port(), "udp"),
         ("sendmsg", "127.0.0.1", w.api.port(), "udp"),
     ] {
-        let r = deny(action, ip, port, proto)
-            .unwrap_or_else(|| panic!("no deny record for {action} {ip}:{port}/{proto} in audit log:\n{}", dump()));
+        let r = deny(action, ip, port, proto).unwrap_or_else(|| {
+            panic!(
+                "no deny record for {action} {ip}:{port}/{proto} in audit log:\n{}",
+                dump()
+            )
+        });
         assert_eq!(r["rule"], "default-deny", "{r}");
         assert!(ident_ok(&r), "identity: {r}");
         assert!(r["cgroup_id"].as_u64().unwrap_or(0) > 0, "cgroup_id: {r}");
         assert!(r["pid"].as_u64().unwrap_or(0) > 0, "pid: {r}");
         assert!(!r["comm"].as_str().unwrap_or("").is_empty(), "comm: {r}");
-        assert!(!r["policy_hash"].as_str().unwrap_or("").is_empty(), "policy_hash: {r}");
-        assert!(r["ts"].is_string() && r["seq"].is_u64() && r["prev_hash"].is_string(), "{r}");
+        assert!(
+            !r["policy_hash"].as_str().unwrap_or("").is_empty(),
+            "policy_hash: {r}"
+        );
+        assert!(
+            r["ts"].is_string() && r["seq"].is_u64() && r["prev_hash"].is_string(),
+            "{r}"
+        );
     }
     // IPv4-mapped destinations are attributed to the IPv4 address.
     assert!(
@@ -386,20 +469,33 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
         r["action"] == "connect" && r["verdict"] == "allow" && r["port"] == w.api.port()
     })
     .unwrap_or_else(|| panic!("no allow record for the api port:\n{}", dump()));
-    assert!(allow["rule"].as_str().unwrap().starts_with("egress[0]"), "{allow}");
+    assert!(
+        allow["rule"].as_str().unwrap().starts_with("egress[0]"),
+        "{allow}"
+    );
     assert!(ident_ok(allow), "{allow}");
     // Children and grandchildren are attributed to the same identity: their
     // denials come from pids other than the main agent's.
-    let main_pid = run.records.iter().find(|r| r["done"] == true).unwrap()["pid"].as_u64().unwrap();
+    let main_pid = run.records.iter().find(|r| r["done"] == true).unwrap()["pid"]
+        .as_u64()
+        .unwrap();
     let child_pids: Vec<u64> = run
         .records
         .iter()
-        .filter(|r| r["name"].as_str().map(|n| n.contains("child_tcp")).unwrap_or(false))
+        .filter(|r| {
+            r["name"]
+                .as_str()
+                .map(|n| n.contains("child_tcp"))
+                .unwrap_or(false)
+        })
         .map(|r| r["pid"].as_u64().unwrap())
         .collect();
     for cp in &child_pids {
         assert!(
-            find(&recs, |r| r["pid"] == *cp && r["verdict"] == "deny" && ident_ok(r)).is_some(),
+            find(&recs, |r| r["pid"] == *cp
+                && r["verdict"] == "deny"
+                && ident_ok(r))
+            .is_some(),
             "no deny record for descendant pid {cp} (main {main_pid}):\n{}",
             dump()
         );
@@ -408,15 +504,25 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
     // packet sockets fail in the kernel's capability check before the hook;
     // a ping socket reaches the hook only when ping_group_range admits gid 0.
     if ping_allowed_for_gid(0) {
-        let r = find(&recs, |r| r["action"] == "sock_create" && r["verdict"] == "deny")
-            .unwrap_or_else(|| panic!("no sock_create deny record:\n{}", dump()));
+        let r = find(&recs, |r| {
+            r["action"] == "sock_create" && r["verdict"] == "deny"
+        })
+        .unwrap_or_else(|| panic!("no sock_create deny record:\n{}", dump()));
         assert_eq!(r["rule"], "raw-socket", "{r}");
     } else {
         eprintln!("note: ping_group_range excludes gid 0: sock_create audit records are checked in the daemon test");
     }
     // Lifecycle records.
-    assert!(find(&recs, |r| r["action"] == "start").is_some(), "no start record:\n{}", dump());
-    assert!(find(&recs, |r| r["action"] == "stop").is_some(), "no stop record:\n{}", dump());
+    assert!(
+        find(&recs, |r| r["action"] == "start").is_some(),
+        "no start record:\n{}",
+        dump()
+    );
+    assert!(
+        find(&recs, |r| r["action"] == "stop").is_some(),
+        "no stop record:\n{}",
+        dump()
+    );
 
     // ---- verify, then tamper
     let verify = |p: &Path| {
@@ -425,7 +531,12 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
         output_with_timeout(c, Duration::from_secs(30))
     };
     let v = verify(audit);
-    assert_eq!(v.status.code(), Some(0), "audit verify failed on an untouched log: {}", String::from_utf8_lossy(&v.stderr));
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "audit verify failed on an untouched log: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
 
     let text = std::fs::read_to_string(audit).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -433,14 +544,21 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
         .iter()
         .position(|l| l.contains("\"verdict\":\"deny\""))
         .expect("a deny line");
-    assert!(idx + 1 < lines.len(), "the deny line must not be the last one");
+    assert!(
+        idx + 1 < lines.len(),
+        "the deny line must not be the last one"
+    );
     let mut tampered: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
     // deny -> allow: the one edit an attacker would want.
     tampered[idx] = tampered[idx].replacen("\"verdict\":\"deny\"", "\"verdict\":\"allow\"", 1);
     let t1 = dir.join("tampered.jsonl");
     std::fs::write(&t1, tampered.join("\n") + "\n").unwrap();
     let v = verify(&t1);
-    assert_eq!(v.status.code(), Some(1), "verify must fail on a modified record");
+    assert_eq!(
+        v.status.code(),
+        Some(1),
+        "verify must fail on a modified record"
+    );
 
     // Removing a record from the middle is detected too.
     let mut removed: Vec<&str> = lines.clone();
@@ -448,7 +566,11 @@ fn check_audit_log(run: &Run, w: &World, dir: &TestDir, audit: &Path, name: &str
     let t2 = dir.join("removed.jsonl");
     std::fs::write(&t2, removed.join("\n") + "\n").unwrap();
     let v = verify(&t2);
-    assert_eq!(v.status.code(), Some(1), "verify must fail when a record is removed");
+    assert_eq!(
+        v.status.code(),
+        Some(1),
+        "verify must fail when a record is removed"
+    );
 }
 
 /// Scenario 2: the same agent as `nobody`.
@@ -470,8 +592,17 @@ fn hostile_agent_as_nobody_is_contained() {
         &cfg,
         Duration::from_secs(120),
     );
-    assert_eq!(run.out.status.code(), Some(EXIT_CODE), "stderr:\n{}", run.stderr());
-    let done = run.records.iter().find(|r| r["done"] == true).expect("done record");
+    assert_eq!(
+        run.out.status.code(),
+        Some(EXIT_CODE),
+        "stderr:\n{}",
+        run.stderr()
+    );
+    let done = run
+        .records
+        .iter()
+        .find(|r| r["done"] == true)
+        .expect("done record");
     assert_eq!(done["uid"], 65534, "the agent did not run as nobody");
     assert_attempts(&run, 65534, false);
     // nobody cannot create cgroups in root's cgroup directory.
@@ -505,7 +636,13 @@ fn metrics_are_served_during_run() {
     c.arg("run")
         .arg("--policy")
         .arg(&policy)
-        .args(["--metrics-addr", &maddr.to_string(), "--pin-dir", &pin_arg(&pins), "-q"])
+        .args([
+            "--metrics-addr",
+            &maddr.to_string(),
+            "--pin-dir",
+            &pin_arg(&pins),
+            "-q",
+        ])
         .arg("--")
         .arg(python())
         .arg(dir.agent())
@@ -516,12 +653,17 @@ fn metrics_are_served_during_run() {
         .stderr(Stdio::null());
     let mut g = ChildGuard::new(c.spawn().unwrap());
     assert!(
-        poll_until(Duration::from_secs(60), Duration::from_millis(50), || ready.exists()
+        poll_until(Duration::from_secs(60), Duration::from_millis(50), || ready
+            .exists()
             || g.child().try_wait().unwrap().is_some()),
         "agent never became ready"
     );
-    assert!(ready.exists(), "enforcer/agent exited before the agent was ready");
-    let attempts: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    assert!(
+        ready.exists(),
+        "enforcer/agent exited before the agent was ready"
+    );
+    let attempts: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
     let denied_connects = attempts
         .iter()
         .filter(|r| r["hook"] == "connect" && r["errno"].as_i64() == Some(EPERM))
@@ -530,14 +672,25 @@ fn metrics_are_served_during_run() {
         .iter()
         .filter(|r| r["hook"] == "connect" && r["ok"] == true)
         .count() as f64;
-    assert!(denied_connects >= 3.0, "the agent should have been denied connects: {attempts:?}");
+    assert!(
+        denied_connects >= 3.0,
+        "the agent should have been denied connects: {attempts:?}"
+    );
 
     let mut body = String::new();
     let got = poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
         if let Ok((200, b)) = http_get(maddr, "/metrics") {
             body = b;
-            metric(&body, "enforcer_decisions_total", &[("identity", name), ("action", "connect"), ("verdict", "deny")])
-                .unwrap_or(0.0)
+            metric(
+                &body,
+                "enforcer_decisions_total",
+                &[
+                    ("identity", name),
+                    ("action", "connect"),
+                    ("verdict", "deny"),
+                ],
+            )
+            .unwrap_or(0.0)
                 >= denied_connects
         } else {
             false
@@ -548,13 +701,28 @@ fn metrics_are_served_during_run() {
         "enforcer_decisions_total{{identity={name},action=connect,verdict=deny}} < {denied_connects}:\n{body}"
     );
     assert!(
-        metric(&body, "enforcer_decisions_total", &[("identity", name), ("action", "connect"), ("verdict", "allow")])
-            .unwrap_or(0.0)
+        metric(
+            &body,
+            "enforcer_decisions_total",
+            &[
+                ("identity", name),
+                ("action", "connect"),
+                ("verdict", "allow")
+            ]
+        )
+        .unwrap_or(0.0)
             >= allowed_connects,
         "allowed connects not counted ({allowed_connects}):\n{body}"
     );
-    assert_eq!(metric(&body, "enforcer_attached_cgroups", &[]), Some(1.0), "{body}");
-    assert!(metric(&body, "enforcer_events_lost_total", &[]).is_some(), "{body}");
+    assert_eq!(
+        metric(&body, "enforcer_attached_cgroups", &[]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        metric(&body, "enforcer_events_lost_total", &[]).is_some(),
+        "{body}"
+    );
     assert!(
         metric(&body, "enforcer_policy_entries", &[("identity", name)]).unwrap_or(0.0) >= 1.0,
         "{body}"
@@ -563,7 +731,9 @@ fn metrics_are_served_during_run() {
     assert_eq!(code, 200, "/healthz");
 
     std::fs::write(&go, "go").unwrap();
-    let st = g.wait_timeout(Duration::from_secs(30)).expect("enforcer run did not exit after go");
+    let st = g
+        .wait_timeout(Duration::from_secs(30))
+        .expect("enforcer run did not exit after go");
     assert_eq!(st.code(), Some(EXIT_CODE));
     w.assert_nothing_leaked();
 }
@@ -586,16 +756,28 @@ fn audit_mode_allows_and_records() {
     let run = run_agent(
         &dir,
         &policy,
-        &["--audit-log", audit.to_str().unwrap(), "--pin-dir", &pin_arg(&pins)],
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--pin-dir",
+            &pin_arg(&pins),
+        ],
         &cfg,
         Duration::from_secs(60),
     );
-    assert_eq!(run.out.status.code(), Some(EXIT_CODE), "stderr:\n{}", run.stderr());
+    assert_eq!(
+        run.out.status.code(),
+        Some(EXIT_CODE),
+        "stderr:\n{}",
+        run.stderr()
+    );
     let r = run.by_name("tcp_127_0_0_2");
     assert_eq!(r["ok"], true, "audit mode must not block: {r}");
     let sent = r["sent"].as_u64().unwrap();
     let sink = &w.attackers[0].1;
-    poll_until(Duration::from_secs(5), Duration::from_millis(20), || sink.tcp.bytes() >= sent);
+    poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        sink.tcp.bytes() >= sent
+    });
     assert_eq!(sink.tcp.bytes(), sent, "bytes to 127.0.0.2 in audit mode");
     let recs = read_jsonl(&audit);
     let rec = find(&recs, |x| {
@@ -607,7 +789,10 @@ fn audit_mode_allows_and_records() {
     assert_eq!(rec["identity"]["name"], name, "{rec}");
     // The allowed one is still `allow`.
     assert!(
-        find(&recs, |x| x["action"] == "connect" && x["port"] == w.api.port() && x["verdict"] == "allow").is_some(),
+        find(&recs, |x| x["action"] == "connect"
+            && x["port"] == w.api.port()
+            && x["verdict"] == "allow")
+        .is_some(),
         "{recs:#?}"
     );
     assert!(
@@ -631,12 +816,19 @@ fn policy_check_reports_location_and_accepts_shipped_policies() {
     let mut c = enforcer();
     c.args(["policy", "check"]).arg(&bad);
     let out = output_with_timeout(c, Duration::from_secs(30));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(1), "bad policy must exit 1: {all}");
     let loc = format!("{}:8:", bad.display());
     assert!(all.contains(&loc), "error must name {loc}<column>: {all}");
     let after = &all[all.find(&loc).unwrap() + loc.len()..];
-    assert!(after.starts_with(|c: char| c.is_ascii_digit()), "no column after {loc}: {all}");
+    assert!(
+        after.starts_with(|c: char| c.is_ascii_digit()),
+        "no column after {loc}: {all}"
+    );
     assert!(all.contains("portz"), "error must name the field: {all}");
 
     // A bad value (not an unknown field) is located too.
@@ -650,9 +842,16 @@ fn policy_check_reports_location_and_accepts_shipped_policies() {
     let mut c = enforcer();
     c.args(["policy", "check"]).arg(&bad2);
     let out = output_with_timeout(c, Duration::from_secs(30));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(1), "bad cidr must exit 1: {all}");
-    assert!(all.contains(&format!("{}:7:", bad2.display())), "error must name line 7: {all}");
+    assert!(
+        all.contains(&format!("{}:7:", bad2.display())),
+        "error must name line 7: {all}"
+    );
 
     // One bad file among good ones still fails the whole check.
     let shipped = shipped_policies();
@@ -682,11 +881,20 @@ fn shipped_policies() -> Vec<PathBuf> {
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.path())
-                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml") | Some("yml")))
+                .filter(|p| {
+                    matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("yaml") | Some("yml")
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
     v.sort();
-    assert!(!v.is_empty(), "no shipped policies in {} (policies/*.yaml)", dir.display());
+    assert!(
+        !v.is_empty(),
+        "no shipped policies in {} (policies/*.yaml)",
+        dir.display()
+    );
     v
 }

@@ -51,6 +51,20 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Every mount point of a cgroup2 filesystem (the same hierarchy can be
+/// mounted in several places).
+pub fn cgroup2_mounts() -> Result<Vec<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (_, dir, fstype) = (it.next()?, it.next()?, it.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(dir)))
+        })
+        .collect())
+}
+
 /// The cgroup id of a cgroup2 directory: the kernfs inode number, which is
 /// what `bpf_get_current_cgroup_id()` returns in the kernel.
 pub fn cgroup_id(dir: &Path) -> Result<u64> {
