@@ -173,7 +173,9 @@ def leave_cgroup():
 
 # --- the agent ----------------------------------------------------------------
 
-print(f"agent: pid {os.getpid()}, uid {os.getuid()}, cgroup {open('/proc/self/cgroup').read().strip()}", flush=True)
+with open("/proc/self/cgroup") as f:
+    CGROUP = next((l[3:].strip() for l in f if l.startswith("0::")), "?")
+print(f"agent: pid {os.getpid()}, uid {os.getuid()}, cgroup2 {CGROUP}", flush=True)
 print("agent: doing my job", flush=True)
 
 body = b'{"model":"demo","messages":[{"role":"user","content":"summarize the quarterly report"}]}'
