@@ -7,7 +7,7 @@
 //! |----------|--------------------------------------------------|
 //! | `e10k`   | 10,000 CIDR rules (seeded random + the target)   |
 //! | `base`   | none: not bound, not attached (baseline)         |
-//! | `e100k`  | 100,000 CIDR rules                               |
+//! | `ebig`   | 100,000 CIDR rules (`--big-rules`)               |
 //! | `e10`    | 10 CIDR rules                                    |
 //!
 //! A worker process (`xtask bench-worker`) sits in each cgroup; the bench
@@ -101,8 +101,9 @@ fn policy_yaml(name: &str, n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> St
                 format!(", ports: [{}, \"{}-{}\"]", 1 + rng.below(65535), lo, lo + rng.below(5000))
             }
         };
-        let proto = ["tcp", "udp", "any"][rng.below(3) as usize];
-        let _ = writeln!(y, "    - {{cidr: {cidr}{ports}, protocol: {proto}}}");
+        // protocol omitted = any
+        let proto = ["", ", protocol: tcp", ", protocol: udp"][rng.below(3) as usize];
+        let _ = writeln!(y, "    - {{cidr: {cidr}{ports}{proto}}}");
         made += 1;
     }
     y
@@ -208,6 +209,12 @@ impl Daemon {
             }
             if sock.exists() {
                 if let Ok(status) = status_json(enforcer, &sock) {
+                    if let Some(r) = status["rejected"].as_array().filter(|r| !r.is_empty()) {
+                        bail!(
+                            "enforcer daemon rejected a bench policy: {}",
+                            serde_json::to_string_pretty(r).unwrap_or_default()
+                        );
+                    }
                     if bindings.iter().all(|(cg, pol)| attached(&status, cg, pol)) {
                         return Ok((d, started.elapsed()));
                     }
@@ -215,6 +222,13 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("enforcer daemon exited ({st}):\n{}", self.log_tail());
+        }
+        Ok(())
     }
 
     fn pid(&self) -> u32 {
@@ -462,8 +476,38 @@ fn probe(w: &mut Worker, denied_tcp: SocketAddrV4, denied_udp: SocketAddrV4, enf
     Ok(())
 }
 
+/// A TCP listener on 127.0.0.1 with the deepest accept queue the host
+/// allows: std's backlog of 128 overflows under a connect loop, and an
+/// overflowing queue drops SYNs (1 s retransmit stalls, not enforcement cost).
+fn deep_listener() -> Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    let backlog: i32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let l = TcpListener::from_raw_fd(fd);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of_val(&sa) as u32) < 0
+            || libc::listen(fd, backlog) < 0
+        {
+            bail!("bind/listen: {}", std::io::Error::last_os_error());
+        }
+        Ok(l)
+    }
+}
+
 fn spawn_listeners() -> Result<(SocketAddrV4, SocketAddrV4)> {
-    let tcp = TcpListener::bind("127.0.0.1:0")?;
+    let tcp = deep_listener()?;
     let udp = UdpSocket::bind("127.0.0.1:0")?;
     let (SocketAddr::V4(ta), SocketAddr::V4(ua)) = (tcp.local_addr()?, udp.local_addr()?) else {
         unreachable!()
@@ -480,6 +524,10 @@ fn spawn_listeners() -> Result<(SocketAddrV4, SocketAddrV4)> {
         }
     });
     Ok((ta, ua))
+}
+
+fn thousands(n: usize) -> String {
+    if n % 1000 == 0 { format!("{}k", n / 1000) } else { n.to_string() }
 }
 
 fn kernel_release() -> String {
@@ -500,7 +548,7 @@ fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
-pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool) -> Result<u8> {
+pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool, big: usize) -> Result<u8> {
     let root = util::repo_root();
     util::require_root("bench")?;
     let enforcer = util::enforcer_bin(&root, bin)?;
@@ -508,8 +556,12 @@ pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool) -> Result<
     let mount = util::cgroup2_mount()?;
     let tmp = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    let result = run_inner(&enforcer, &mount, &tmp, &root, rounds, secs, skip_scaling);
-    let _ = std::fs::remove_dir_all(&tmp);
+    let result = run_inner(&enforcer, &mount, &tmp, &root, rounds, secs, skip_scaling, big);
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    } else {
+        eprintln!("bench: kept {} (daemon configs, policies and logs)", tmp.display());
+    }
     remove_pins();
     result
 }
@@ -522,23 +574,24 @@ fn run_inner(
     rounds: u32,
     secs: f64,
     skip_scaling: bool,
+    big: usize,
 ) -> Result<u8> {
     let (tcp, udp) = spawn_listeners()?;
     // Denied probes: the same host, ports nobody allows (and nobody listens on).
     let denied_tcp = SocketAddrV4::new(*tcp.ip(), if tcp.port() == 9 { 10 } else { 9 });
     let denied_udp = SocketAddrV4::new(*udp.ip(), if udp.port() == 9 { 10 } else { 9 });
-    let cgs = BenchCgroups::create(mount, &["e10k", "base", "e100k", "e10"])?;
+    let cgs = BenchCgroups::create(mount, &["e10k", "base", "ebig", "e10"])?;
     eprintln!("bench: enforcer {}", enforcer.display());
     eprintln!("bench: targets tcp {tcp}, udp {udp}; cgroups under {}", cgs.root.display());
 
     let t0 = Instant::now();
     let p10 = policy_yaml("bench-10", 10, tcp, udp);
     let p10k = policy_yaml("bench-10k", 10_000, tcp, udp);
-    let p100k = if skip_scaling { String::new() } else { policy_yaml("bench-100k", 100_000, tcp, udp) };
+    let pbig = if skip_scaling { String::new() } else { policy_yaml("bench-big", big, tcp, udp) };
     eprintln!("bench: generated policies in {:.1}s (seed {SEED:#x})", t0.elapsed().as_secs_f64());
 
     // 1. Idle RSS: one policy, one binding.
-    let (d, ready) = Daemon::start(
+    let (mut d, ready) = Daemon::start(
         enforcer,
         &tmp.join("rss"),
         &[("bench-10", &p10)],
@@ -546,6 +599,7 @@ fn run_inner(
         Duration::from_secs(60),
     )?;
     std::thread::sleep(Duration::from_secs(2));
+    d.check_alive()?;
     let rss_kib = util::vm_rss_kib(d.pid())?;
     d.stop()?;
     let rss_mb = rss_kib as f64 / 1024.0;
@@ -558,14 +612,14 @@ fn run_inner(
     let mut policies = vec![("bench-10", p10.as_str()), ("bench-10k", p10k.as_str())];
     let mut bindings = vec![(cgs.path("e10"), "bench-10"), (cgs.path("e10k"), "bench-10k")];
     if !skip_scaling {
-        policies.push(("bench-100k", p100k.as_str()));
-        bindings.push((cgs.path("e100k"), "bench-100k"));
+        policies.push(("bench-big", pbig.as_str()));
+        bindings.push((cgs.path("ebig"), "bench-big"));
     }
     let (d, ready) = Daemon::start(enforcer, &tmp.join("main"), &policies, &bindings, Duration::from_secs(300))?;
     eprintln!(
         "bench: daemon with {} policies ({} rules) ready in {:.2}s",
         policies.len(),
-        if skip_scaling { 10_010 } else { 110_010 },
+        if skip_scaling { 10_010 } else { 10_010 + big },
         ready.as_secs_f64()
     );
     let mut w10k = Worker::start("e10k (10k rules)", &cgs.path("e10k"), tcp, udp)?;
@@ -580,12 +634,12 @@ fn run_inner(
     drop(w10k);
     drop(wbase);
     if !skip_scaling {
-        let mut w100k = Worker::start("e100k (100k rules)", &cgs.path("e100k"), tcp, udp)?;
+        let mut wbig = Worker::start(&format!("ebig ({big} rules)"), &cgs.path("ebig"), tcp, udp)?;
         let mut w10 = Worker::start("e10 (10 rules)", &cgs.path("e10"), tcp, udp)?;
-        probe(&mut w100k, denied_tcp, denied_udp, true)?;
+        probe(&mut wbig, denied_tcp, denied_udp, true)?;
         probe(&mut w10, denied_tcp, denied_udp, true)?;
-        comps.push(compare("connect: 100k rules vs 10 rules", Op::Connect, &mut w100k, &mut w10, 0.97, rounds, secs)?);
-        comps.push(compare("sendto: 100k rules vs 10 rules", Op::Sendto, &mut w100k, &mut w10, 0.97, rounds, secs)?);
+        comps.push(compare(&format!("connect: {} rules vs 10 rules", thousands(big)), Op::Connect, &mut wbig, &mut w10, 0.97, rounds, secs)?);
+        comps.push(compare(&format!("sendto: {} rules vs 10 rules", thousands(big)), Op::Sendto, &mut wbig, &mut w10, 0.97, rounds, secs)?);
     }
     let loaded_rss_mb = util::vm_rss_kib(d.pid()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
     d.stop()?;
@@ -634,7 +688,7 @@ fn run_inner(
         "{:<36} {:>12}   (informational: {} rules loaded)",
         "daemon RSS after the runs",
         format!("{loaded_rss_mb:.1} MB"),
-        if skip_scaling { 10_010 } else { 110_010 }
+        if skip_scaling { 10_010 } else { 10_010 + big }
     );
 
     let out_dir = root.join("target/bench");
@@ -646,6 +700,7 @@ fn run_inner(
         "rounds": rounds,
         "secs_per_round": secs,
         "seed": SEED,
+        "big_rules": big,
         "comparisons": comps.iter().map(Comparison::json).collect::<Vec<_>>(),
         "daemon_idle_rss_mb": rss_mb,
         "daemon_idle_rss_floor_mb": RSS_FLOOR_MB,

@@ -52,9 +52,12 @@ enum Cmd {
         /// Seconds per round per side.
         #[arg(long, default_value_t = 1.0)]
         secs: f64,
-        /// Skip the 100,000-vs-10-rule comparison.
+        /// Skip the big-vs-10-rule comparison.
         #[arg(long)]
         skip_scaling: bool,
+        /// Rules of the big policy in the scaling comparison.
+        #[arg(long, default_value_t = 100_000)]
+        big_rules: usize,
     },
     /// Load generator used by `bench` (runs inside the cgroup under test).
     #[command(hide = true)]
@@ -74,7 +77,8 @@ fn main() -> std::process::ExitCode {
             rounds,
             secs,
             skip_scaling,
-        } => bench::run(&bin, rounds, secs, skip_scaling),
+            big_rules,
+        } => bench::run(&bin, rounds, secs, skip_scaling, big_rules),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
     };
     match r {
