@@ -16,6 +16,9 @@
 //! The listeners (TCP accept + close, UDP drain) run in this process, in
 //! the bench's own, unenforced cgroup.
 //!
+//! A control comparison (A/A: two unenforced cgroups, `base2` vs `base`)
+//! shows how far the harness alone moves a ratio on this machine.
+//!
 //! Also: the idle RSS of a daemon with one policy and one binding.
 use std::{
     collections::HashSet,
@@ -417,7 +420,7 @@ impl Comparison {
             "subject_median_ops_per_sec": median(self.rounds.iter().map(|x| x.0).collect()),
             "reference_median_ops_per_sec": median(self.rounds.iter().map(|x| x.1).collect()),
             "rounds": self.rounds.iter().map(|(a, b)| json!({"subject": a, "reference": b, "ratio": a / b})).collect::<Vec<_>>(),
-            "pass": self.pass(),
+            "pass": if self.floor == 0.0 { serde_json::Value::Null } else { json!(self.pass()) },
         })
     }
 }
@@ -582,7 +585,7 @@ fn run_inner(
     // Denied probes: the same host, ports nobody allows (and nobody listens on).
     let denied_tcp = SocketAddrV4::new(*tcp.ip(), if tcp.port() == 9 { 10 } else { 9 });
     let denied_udp = SocketAddrV4::new(*udp.ip(), if udp.port() == 9 { 10 } else { 9 });
-    let cgs = BenchCgroups::create(mount, &["e10k", "base", "ebig", "e10"])?;
+    let cgs = BenchCgroups::create(mount, &["e10k", "base", "base2", "ebig", "e10"])?;
     eprintln!("bench: enforcer {}", enforcer.display());
     eprintln!("bench: targets tcp {tcp}, udp {udp}; cgroups under {}", cgs.root.display());
 
@@ -628,6 +631,12 @@ fn run_inner(
         compare("sendto: 10k rules vs unenforced", Op::Sendto, &mut w10k, &mut wbase, 0.90, rounds, secs)?,
     ];
     drop(w10k);
+    // Control (A/A): two unenforced cgroups, to show the harness's own noise.
+    let mut wbase2 = Worker::start("base2 (unenforced)", &cgs.path("base2"), tcp, udp)?;
+    probe(&mut wbase2, denied_tcp, denied_udp, false)?;
+    comps.push(compare("control connect: unenforced vs unenf.", Op::Connect, &mut wbase2, &mut wbase, 0.0, rounds, secs)?);
+    comps.push(compare("control sendto: unenforced vs unenf.", Op::Sendto, &mut wbase2, &mut wbase, 0.0, rounds, secs)?);
+    drop(wbase2);
     drop(wbase);
     let rss_10k_mb = util::vm_rss_kib(d.pid()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
     d.stop()?;
@@ -695,7 +704,7 @@ fn run_inner(
             lo,
             hi,
             c.floor,
-            if c.pass() { "PASS" } else { "MISS" }
+            if c.floor == 0.0 { "(control)" } else if c.pass() { "PASS" } else { "MISS" }
         );
     }
     let rss_pass = rss_mb < RSS_FLOOR_MB;
