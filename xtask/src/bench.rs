@@ -696,14 +696,14 @@ fn run_inner(
         let lo = r.iter().cloned().fold(f64::INFINITY, f64::min);
         let hi = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         println!(
-            "{:<36} {:>12.0} {:>12.0} {:>7.3}x {:>6.3}..{:<6.3}x {:>6.2}x  {}",
+            "{:<36} {:>12.0} {:>12.0} {:>7.3}x {:>6.3}..{:<6.3}x {:>7}  {}",
             c.name,
             median(c.rounds.iter().map(|x| x.0).collect()),
             median(c.rounds.iter().map(|x| x.1).collect()),
             c.ratio(),
             lo,
             hi,
-            c.floor,
+            if c.floor == 0.0 { "-".to_string() } else { format!("{:.2}x", c.floor) },
             if c.floor == 0.0 { "(control)" } else if c.pass() { "PASS" } else { "MISS" }
         );
     }
