@@ -1,1 +1,91 @@
-fn main() {}
+//! Project tasks: `cargo xtask demo`, `cargo xtask bench`.
+//!
+//! Both need root and the real kernel (they load the enforcer's eBPF
+//! programs through the `enforcer` binary). This crate does not depend on
+//! the enforcer crates: it drives the binary, like a user would.
+mod bench;
+mod demo;
+mod util;
+mod worker;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "enforcer project tasks (cargo xtask ...)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct BinArgs {
+    /// Use this enforcer binary instead of building it (also: $ENFORCER_BIN).
+    #[arg(long, env = "ENFORCER_BIN")]
+    pub enforcer_bin: Option<PathBuf>,
+    /// Build enforcer in debug mode (default: release).
+    #[arg(long)]
+    pub debug: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a prompt-injected agent under `enforcer run` and show what got out (needs root).
+    Demo {
+        #[command(flatten)]
+        bin: BinArgs,
+        /// Policy to enforce (also: $DEMO_POLICY). Default: policies/demo-agent.yaml.
+        #[arg(long, env = "DEMO_POLICY")]
+        policy: Option<PathBuf>,
+        /// Metrics address given to `enforcer run`.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_addr: String,
+    },
+    /// Measure enforcement overhead: connect/sendto rate enforced vs not, rule-count scaling, daemon RSS (needs root).
+    Bench {
+        #[command(flatten)]
+        bin: BinArgs,
+        /// Interleaved rounds per side and comparison.
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        /// Seconds per round per side.
+        #[arg(long, default_value_t = 1.0)]
+        secs: f64,
+        /// Skip the big-vs-10-rule comparison.
+        #[arg(long)]
+        skip_scaling: bool,
+        /// Rules of the big policy in the scaling comparison.
+        #[arg(long, default_value_t = 100_000)]
+        big_rules: usize,
+    },
+    /// Load generator used by `bench` (runs inside the cgroup under test).
+    #[command(hide = true)]
+    BenchWorker(worker::WorkerArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Demo {
+            bin,
+            policy,
+            metrics_addr,
+        } => demo::run(&bin, policy, &metrics_addr),
+        Cmd::Bench {
+            bin,
+            rounds,
+            secs,
+            skip_scaling,
+            big_rules,
+        } => bench::run(&bin, rounds, secs, skip_scaling, big_rules),
+        Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
+    };
+    match r {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

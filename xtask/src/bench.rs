@@ -1,0 +1,756 @@
+//! `cargo xtask bench`: what enforcement costs, measured on the real kernel.
+//!
+//! One `enforcer daemon` (the realistic deployment) binds bench cgroups to
+//! generated policies:
+//!
+//! | cgroup   | policy                                           |
+//! |----------|--------------------------------------------------|
+//! | `e10k`   | 10,000 CIDR rules (seeded random + the target)   |
+//! | `base`   | none: not bound, not attached (baseline)         |
+//! | `ebig`   | 100,000 CIDR rules (`--big-rules`)               |
+//! | `e10`    | 10 CIDR rules                                    |
+//!
+//! A worker process (`xtask bench-worker`) sits in each cgroup; the bench
+//! alternates them round by round (A B, B A, A B, ...) for each comparison,
+//! and reports the median of the per-round rate ratios and their spread.
+//! The listeners (TCP accept + close, UDP drain) run in this process, in
+//! the bench's own, unenforced cgroup.
+//!
+//! A control comparison (A/A: two unenforced cgroups, `base2` vs `base`)
+//! shows how far the harness alone moves a ratio on this machine.
+//!
+//! Also: the idle RSS of a daemon with one policy and one binding.
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use crate::{BinArgs, util};
+
+const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
+const SEED: u64 = 0x656e_666f_7263_6572; // "enforcer"
+const RSS_FLOOR_MB: f64 = 30.0;
+
+// ---------------------------------------------------------------------------
+// policies
+
+/// splitmix64: deterministic, dependency-free.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A policy of `n` egress rules: `n - 2` distinct random CIDRs (about 1 in
+/// 10 IPv6; none in 127.0.0.0/8 or ::1, prefix lengths mostly /16../32 with
+/// random ports and protocols) plus the two rules that allow the targets.
+fn policy_yaml(name: &str, n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> String {
+    let mut rng = Rng(SEED ^ n as u64);
+    let mut seen = HashSet::new();
+    let mut y = String::with_capacity(n * 64);
+    let _ = write!(
+        y,
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  \
+         identity:\n    spiffeId: spiffe://enforcer.bench/{name}\n  mode: enforce\n  egress:\n    \
+         - {{cidr: {}/32, ports: [{}], protocol: tcp}}\n    - {{cidr: {}/32, ports: [{}], protocol: udp}}\n",
+        tcp.ip(),
+        tcp.port(),
+        udp.ip(),
+        udp.port()
+    );
+    let mut made = 2;
+    while made < n {
+        let cidr = if rng.below(10) == 0 {
+            let len = 32 + rng.below(97) as u32; // /32../128
+            let raw = ((rng.next() as u128) << 64 | rng.next() as u128) & !0u128 << (128 - len);
+            let a = Ipv6Addr::from(raw);
+            if a.is_loopback() || a.to_ipv4_mapped().is_some() || !seen.insert((6, raw, len)) {
+                continue;
+            }
+            format!("{a}/{len}")
+        } else {
+            let len = match rng.below(10) {
+                0 => 8 + rng.below(8) as u32,
+                1..=4 => 16 + rng.below(8) as u32,
+                _ => 24 + rng.below(9) as u32,
+            };
+            let raw = (rng.next() as u32) & (!0u64 << (32 - len)) as u32;
+            if raw >> 24 == 127 || !seen.insert((4, raw as u128, len)) {
+                continue;
+            }
+            format!("{}/{len}", Ipv4Addr::from(raw))
+        };
+        let ports = match rng.below(3) {
+            0 => String::new(),
+            1 => format!(", ports: [{}]", 1 + rng.below(65535)),
+            _ => {
+                let lo = 1 + rng.below(60000);
+                format!(", ports: [{}, \"{}-{}\"]", 1 + rng.below(65535), lo, lo + rng.below(5000))
+            }
+        };
+        // protocol omitted = any
+        let proto = ["", ", protocol: tcp", ", protocol: udp"][rng.below(3) as usize];
+        let _ = writeln!(y, "    - {{cidr: {cidr}{ports}{proto}}}");
+        made += 1;
+    }
+    y
+}
+
+// ---------------------------------------------------------------------------
+// cgroups, daemon, workers
+
+struct BenchCgroups {
+    root: PathBuf,
+}
+
+impl BenchCgroups {
+    fn create(mount: &Path, names: &[&str]) -> Result<Self> {
+        let root = mount.join("enforcer-bench");
+        let me = Self { root };
+        me.cleanup();
+        std::fs::create_dir_all(&me.root)
+            .with_context(|| format!("creating {}", me.root.display()))?;
+        for n in names {
+            std::fs::create_dir(me.path(n)).with_context(|| format!("creating cgroup {n}"))?;
+        }
+        Ok(me)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+    fn cleanup(&self) {
+        if let Ok(rd) = std::fs::read_dir(&self.root) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+impl Drop for BenchCgroups {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+fn remove_pins() {
+    let _ = std::fs::remove_dir_all(PIN_DIR);
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `enforcer daemon` with `bindings` (cgroup path, policy name),
+    /// wait until every bound cgroup is attached with its policy installed.
+    fn start(
+        enforcer: &Path,
+        dir: &Path,
+        policies: &[(&str, &str)],
+        bindings: &[(PathBuf, &str)],
+        timeout: Duration,
+    ) -> Result<(Self, Duration)> {
+        remove_pins();
+        let _ = std::fs::remove_dir_all(dir);
+        let pdir = dir.join("policies");
+        std::fs::create_dir_all(&pdir)?;
+        for (name, yaml) in policies {
+            std::fs::write(pdir.join(format!("{name}.yaml")), yaml)?;
+        }
+        let sock = dir.join("control.sock");
+        let mut cfg = format!(
+            "policiesDir: {}\npinDir: {PIN_DIR}\ncontrolSocket: {}\nauditLog: {}\nallowEvents: 0\nbindings:\n",
+            pdir.display(),
+            sock.display(),
+            dir.join("audit.jsonl").display()
+        );
+        for (cg, pol) in bindings {
+            let _ = writeln!(cfg, "  - {{cgroup: {}, policy: {pol}}}", cg.display());
+        }
+        let cfg_path = dir.join("daemon.yaml");
+        std::fs::write(&cfg_path, cfg)?;
+        let log = dir.join("daemon.log");
+        let started = Instant::now();
+        let child = Command::new(enforcer)
+            .args(["--log", "info", "daemon", "--config"])
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(&log)?.try_clone()?)
+            .spawn()
+            .context("starting enforcer daemon")?;
+        let mut d = Daemon { child, log };
+        // Ready = control socket up and `enforcer status` lists every binding.
+        let deadline = started + timeout;
+        loop {
+            if let Some(st) = d.child.try_wait()? {
+                bail!("enforcer daemon exited ({st}) during startup:\n{}", d.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("enforcer daemon not ready after {timeout:?}:\n{}", d.log_tail());
+            }
+            if sock.exists() {
+                if let Ok(status) = status_json(enforcer, &sock) {
+                    if let Some(r) = status["rejected"].as_array().filter(|r| !r.is_empty()) {
+                        let errors: Vec<&str> = r
+                            .iter()
+                            .flat_map(|x| x["errors"].as_array().into_iter().flatten())
+                            .filter_map(|e| e.as_str())
+                            .collect();
+                        bail!("enforcer daemon rejected a bench policy: {}", errors.join("; "));
+                    }
+                    if bindings.iter().all(|(cg, pol)| attached(&status, cg, pol)) {
+                        return Ok((d, started.elapsed()));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("enforcer daemon exited ({st}):\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn stop(mut self) -> Result<()> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.wait();
+        remove_pins();
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            remove_pins();
+        }
+    }
+}
+
+fn status_json(enforcer: &Path, sock: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(enforcer)
+        .args(["status", "--json", "--socket"])
+        .arg(sock)
+        .stderr(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!("enforcer status failed");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn attached(status: &serde_json::Value, cg: &Path, policy: &str) -> bool {
+    let Some(ids) = status["identities"].as_array() else {
+        return false;
+    };
+    ids.iter().any(|id| {
+        id["name"] == policy
+            && id["cgroups"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["path"].as_str().map(Path::new) == Some(cg)))
+    })
+}
+
+struct Worker {
+    name: String,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Worker {
+    fn start(name: &str, cgroup: &Path, tcp: SocketAddrV4, udp: SocketAddrV4) -> Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["bench-worker", "--connect-addr", &tcp.to_string(), "--sendto-addr", &udp.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting bench worker")?;
+        // The worker blocks on stdin: move it before it makes any socket.
+        std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string())
+            .with_context(|| format!("moving worker into {}", cgroup.display()))?;
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Ok(Worker {
+            name: name.to_string(),
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    fn ask(&mut self, cmd: &str) -> Result<String> {
+        writeln!(self.stdin, "{cmd}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("bench worker {} died", self.name);
+        }
+        Ok(line.trim().to_string())
+    }
+
+    /// Operations per second of one timed loop.
+    fn rate(&mut self, op: Op, secs: f64) -> Result<f64> {
+        let a = self.ask(&format!("{} {secs}", op.name()))?;
+        let f: Vec<u64> = a.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        let [ops, errors, nanos, first_errno] = f[..] else {
+            bail!("bench worker {}: bad answer {a:?}", self.name);
+        };
+        if errors > 0 {
+            bail!(
+                "bench worker {} ({}): {errors} errors in {ops} operations (first errno {first_errno}): \
+                 the target must be allowed",
+                self.name,
+                op.name()
+            );
+        }
+        Ok(ops as f64 / (nanos as f64 / 1e9))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Connect,
+    Sendto,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Connect => "connect",
+            Op::Sendto => "sendto",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// comparisons
+
+struct Comparison {
+    name: String,
+    op: Op,
+    subject: String,
+    reference: String,
+    floor: f64,
+    rounds: Vec<(f64, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+impl Comparison {
+    fn ratios(&self) -> Vec<f64> {
+        self.rounds.iter().map(|(a, b)| a / b).collect()
+    }
+    fn ratio(&self) -> f64 {
+        median(self.ratios())
+    }
+    fn pass(&self) -> bool {
+        self.ratio() >= self.floor
+    }
+    fn json(&self) -> serde_json::Value {
+        let r = self.ratios();
+        json!({
+            "name": self.name,
+            "op": self.op.name(),
+            "subject": self.subject,
+            "reference": self.reference,
+            "floor": self.floor,
+            "median_ratio": self.ratio(),
+            "min_ratio": r.iter().cloned().fold(f64::INFINITY, f64::min),
+            "max_ratio": r.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+            "subject_median_ops_per_sec": median(self.rounds.iter().map(|x| x.0).collect()),
+            "reference_median_ops_per_sec": median(self.rounds.iter().map(|x| x.1).collect()),
+            "rounds": self.rounds.iter().map(|(a, b)| json!({"subject": a, "reference": b, "ratio": a / b})).collect::<Vec<_>>(),
+            "pass": if self.floor == 0.0 { serde_json::Value::Null } else { json!(self.pass()) },
+        })
+    }
+}
+
+/// `rounds` interleaved rounds: A B, B A, A B, ... (the order alternates so
+/// that drift and warm-up do not favour one side).
+fn compare(
+    name: &str,
+    op: Op,
+    a: &mut Worker,
+    b: &mut Worker,
+    floor: f64,
+    rounds: u32,
+    secs: f64,
+) -> Result<Comparison> {
+    eprint!("bench: {name:<44}");
+    // Warm-up, not recorded.
+    a.rate(op, secs / 4.0)?;
+    b.rate(op, secs / 4.0)?;
+    let mut out = Vec::new();
+    for i in 0..rounds {
+        let (ra, rb) = if i % 2 == 0 {
+            let ra = a.rate(op, secs)?;
+            (ra, b.rate(op, secs)?)
+        } else {
+            let rb = b.rate(op, secs)?;
+            (a.rate(op, secs)?, rb)
+        };
+        out.push((ra, rb));
+        eprint!(".");
+    }
+    let c = Comparison {
+        name: name.to_string(),
+        op,
+        subject: a.name.clone(),
+        reference: b.name.clone(),
+        floor,
+        rounds: out,
+    };
+    eprintln!(" {:.3}x", c.ratio());
+    Ok(c)
+}
+
+/// Check that the worker's cgroup really is enforced (or really is not).
+fn probe(w: &mut Worker, denied_tcp: SocketAddrV4, denied_udp: SocketAddrV4, enforced: bool) -> Result<()> {
+    let c = w.ask(&format!("probe-connect {denied_tcp}"))?;
+    let s = w.ask(&format!("probe-sendto {denied_udp}"))?;
+    let eperm = format!("errno {}", libc::EPERM);
+    if enforced && (c != eperm || s != eperm) {
+        bail!(
+            "cgroup {} should be enforced but a denied destination answered: connect {c}, sendto {s}",
+            w.name
+        );
+    }
+    if !enforced && (c == eperm || s == eperm) {
+        bail!("cgroup {} should not be enforced but got EPERM: connect {c}, sendto {s}", w.name);
+    }
+    Ok(())
+}
+
+/// A TCP listener on 127.0.0.1 with the deepest accept queue the host
+/// allows: std's backlog of 128 overflows under a connect loop, and an
+/// overflowing queue drops SYNs (1 s retransmit stalls, not enforcement cost).
+fn deep_listener() -> Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    let backlog: i32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let l = TcpListener::from_raw_fd(fd);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of_val(&sa) as u32) < 0
+            || libc::listen(fd, backlog) < 0
+        {
+            bail!("bind/listen: {}", std::io::Error::last_os_error());
+        }
+        Ok(l)
+    }
+}
+
+fn spawn_listeners() -> Result<(SocketAddrV4, SocketAddrV4)> {
+    let tcp = deep_listener()?;
+    let udp = UdpSocket::bind("127.0.0.1:0")?;
+    let (SocketAddr::V4(ta), SocketAddr::V4(ua)) = (tcp.local_addr()?, udp.local_addr()?) else {
+        unreachable!()
+    };
+    std::thread::spawn(move || {
+        for c in tcp.incoming() {
+            drop(c);
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        loop {
+            let _ = udp.recv_from(&mut buf);
+        }
+    });
+    Ok((ta, ua))
+}
+
+fn thousands(n: usize) -> String {
+    if n % 1000 == 0 { format!("{}k", n / 1000) } else { n.to_string() }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool, big: usize) -> Result<u8> {
+    let root = util::repo_root();
+    util::require_root("bench")?;
+    let enforcer = util::enforcer_bin(&root, bin)?;
+    util::ensure_bpffs()?;
+    let mount = util::cgroup2_mount()?;
+    let tmp = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let result = run_inner(&enforcer, &mount, &tmp, &root, rounds, secs, skip_scaling, big);
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    } else {
+        eprintln!("bench: kept {} (daemon configs, policies and logs)", tmp.display());
+    }
+    remove_pins();
+    result
+}
+
+fn run_inner(
+    enforcer: &Path,
+    mount: &Path,
+    tmp: &Path,
+    root: &Path,
+    rounds: u32,
+    secs: f64,
+    skip_scaling: bool,
+    big: usize,
+) -> Result<u8> {
+    let (tcp, udp) = spawn_listeners()?;
+    // Denied probes: the same host, ports nobody allows (and nobody listens on).
+    let denied_tcp = SocketAddrV4::new(*tcp.ip(), if tcp.port() == 9 { 10 } else { 9 });
+    let denied_udp = SocketAddrV4::new(*udp.ip(), if udp.port() == 9 { 10 } else { 9 });
+    let cgs = BenchCgroups::create(mount, &["e10k", "base", "base2", "ebig", "e10"])?;
+    eprintln!("bench: enforcer {}", enforcer.display());
+    eprintln!("bench: targets tcp {tcp}, udp {udp}; cgroups under {}", cgs.root.display());
+
+    let t0 = Instant::now();
+    let p10 = policy_yaml("bench-10", 10, tcp, udp);
+    let p10k = policy_yaml("bench-10k", 10_000, tcp, udp);
+    let pbig = if skip_scaling { String::new() } else { policy_yaml("bench-big", big, tcp, udp) };
+    eprintln!("bench: generated policies in {:.1}s (seed {SEED:#x})", t0.elapsed().as_secs_f64());
+
+    // 1. Idle RSS: one policy, one binding.
+    let (mut d, ready) = Daemon::start(
+        enforcer,
+        &tmp.join("rss"),
+        &[("bench-10", &p10)],
+        &[(cgs.path("e10"), "bench-10")],
+        Duration::from_secs(60),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    d.check_alive()?;
+    let rss_kib = util::vm_rss_kib(d.pid())?;
+    d.stop()?;
+    let rss_mb = rss_kib as f64 / 1024.0;
+    eprintln!(
+        "bench: daemon idle RSS (1 policy, 1 binding): {rss_mb:.1} MB (ready in {:.2}s)",
+        ready.as_secs_f64()
+    );
+
+    // 2. Enforced (10k rules) vs unenforced: one daemon; cgroup `base` is not bound.
+    let (d, ready) = Daemon::start(
+        enforcer,
+        &tmp.join("main"),
+        &[("bench-10k", &p10k)],
+        &[(cgs.path("e10k"), "bench-10k")],
+        Duration::from_secs(300),
+    )?;
+    eprintln!("bench: daemon with the 10k-rule policy ready in {:.2}s", ready.as_secs_f64());
+    let mut w10k = Worker::start("e10k (10k rules)", &cgs.path("e10k"), tcp, udp)?;
+    let mut wbase = Worker::start("base (unenforced)", &cgs.path("base"), tcp, udp)?;
+    probe(&mut w10k, denied_tcp, denied_udp, true)?;
+    probe(&mut wbase, denied_tcp, denied_udp, false)?;
+    let mut comps = vec![
+        compare("connect: 10k rules vs unenforced", Op::Connect, &mut w10k, &mut wbase, 0.97, rounds, secs)?,
+        compare("sendto: 10k rules vs unenforced", Op::Sendto, &mut w10k, &mut wbase, 0.90, rounds, secs)?,
+    ];
+    drop(w10k);
+    // Control (A/A): two unenforced cgroups, to show the harness's own noise.
+    let mut wbase2 = Worker::start("base2 (unenforced)", &cgs.path("base2"), tcp, udp)?;
+    probe(&mut wbase2, denied_tcp, denied_udp, false)?;
+    comps.push(compare("control connect: unenforced vs unenf.", Op::Connect, &mut wbase2, &mut wbase, 0.0, rounds, secs)?);
+    comps.push(compare("control sendto: unenforced vs unenf.", Op::Sendto, &mut wbase2, &mut wbase, 0.0, rounds, secs)?);
+    drop(wbase2);
+    drop(wbase);
+    let rss_10k_mb = util::vm_rss_kib(d.pid()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+    d.stop()?;
+
+    // 3. Lookup cost vs table size: big policy vs 10 rules, both enforced, a
+    //    second daemon run. A policy the daemon refuses is a MISS, not an abort.
+    let mut scaling_error = None;
+    let mut rss_big_mb = f64::NAN;
+    if !skip_scaling {
+        match Daemon::start(
+            enforcer,
+            &tmp.join("scaling"),
+            &[("bench-10", &p10), ("bench-big", &pbig)],
+            &[(cgs.path("e10"), "bench-10"), (cgs.path("ebig"), "bench-big")],
+            Duration::from_secs(300),
+        ) {
+            Ok((d, ready)) => {
+                eprintln!(
+                    "bench: daemon with the {}-rule and 10-rule policies ready in {:.2}s",
+                    big,
+                    ready.as_secs_f64()
+                );
+                let mut wbig = Worker::start(&format!("ebig ({big} rules)"), &cgs.path("ebig"), tcp, udp)?;
+                let mut w10 = Worker::start("e10 (10 rules)", &cgs.path("e10"), tcp, udp)?;
+                probe(&mut wbig, denied_tcp, denied_udp, true)?;
+                probe(&mut w10, denied_tcp, denied_udp, true)?;
+                let label = thousands(big);
+                comps.push(compare(&format!("connect: {label} rules vs 10 rules"), Op::Connect, &mut wbig, &mut w10, 0.97, rounds, secs)?);
+                comps.push(compare(&format!("sendto: {label} rules vs 10 rules"), Op::Sendto, &mut wbig, &mut w10, 0.97, rounds, secs)?);
+                drop(wbig);
+                drop(w10);
+                rss_big_mb = util::vm_rss_kib(d.pid()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+                d.stop()?;
+            }
+            Err(e) => {
+                eprintln!("bench: MISS: the {big}-rule comparison could not run: {e:#}");
+                scaling_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    // Report.
+    println!();
+    println!(
+        "enforcer bench: {rounds} interleaved rounds x {secs}s per side; kernel {}; {} CPUs ({})",
+        kernel_release(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cpu_model()
+    );
+    println!();
+    println!(
+        "{:<36} {:>12} {:>12} {:>8} {:>15} {:>7}  result",
+        "comparison", "subject/s", "reference/s", "ratio", "spread", "floor"
+    );
+    for c in &comps {
+        let r = c.ratios();
+        let lo = r.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        println!(
+            "{:<36} {:>12.0} {:>12.0} {:>7.3}x {:>6.3}..{:<6.3}x {:>7}  {}",
+            c.name,
+            median(c.rounds.iter().map(|x| x.0).collect()),
+            median(c.rounds.iter().map(|x| x.1).collect()),
+            c.ratio(),
+            lo,
+            hi,
+            if c.floor == 0.0 { "-".to_string() } else { format!("{:.2}x", c.floor) },
+            if c.floor == 0.0 { "(control)" } else if c.pass() { "PASS" } else { "MISS" }
+        );
+    }
+    let rss_pass = rss_mb < RSS_FLOOR_MB;
+    println!(
+        "{:<36} {:>12} {:>12} {:>8} {:>15} {:>7}  {}",
+        "daemon idle RSS (1 policy)",
+        format!("{rss_mb:.1} MB"),
+        "",
+        "",
+        "",
+        format!("<{RSS_FLOOR_MB} MB"),
+        if rss_pass { "PASS" } else { "MISS" }
+    );
+    if let Some(e) = &scaling_error {
+        let first = e.lines().next().unwrap_or("");
+        println!("{:<36} {:>12}  MISS: {first}", format!("{} rules vs 10 rules", thousands(big)), "not run");
+    }
+    println!("{:<36} {:>12}   (informational)", "daemon RSS, 10k-rule policy, loaded", format!("{rss_10k_mb:.1} MB"));
+    if !skip_scaling && scaling_error.is_none() {
+        println!(
+            "{:<36} {:>12}   (informational)",
+            format!("daemon RSS, {}+10 rules, loaded", thousands(big)),
+            format!("{rss_big_mb:.1} MB")
+        );
+    }
+
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let results = json!({
+        "kernel": kernel_release(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu_model(),
+        "rounds": rounds,
+        "secs_per_round": secs,
+        "seed": SEED,
+        "big_rules": big,
+        "comparisons": comps.iter().map(Comparison::json).collect::<Vec<_>>(),
+        "daemon_idle_rss_mb": rss_mb,
+        "daemon_idle_rss_floor_mb": RSS_FLOOR_MB,
+        "daemon_idle_rss_pass": rss_pass,
+        "daemon_rss_10k_loaded_mb": rss_10k_mb,
+        "daemon_rss_big_loaded_mb": rss_big_mb,
+        "scaling_error": scaling_error,
+    });
+    let path = out_dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    println!("\nresults: {}", path.display());
+    Ok(0)
+}

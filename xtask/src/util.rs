@@ -1,0 +1,163 @@
+//! Shared helpers: repository root, root check, setup, building enforcer,
+//! cgroup v2 and bpffs mounts.
+use std::{
+    io::BufRead,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::BinArgs;
+
+/// The pinned nightly of scripts/setup.sh (its LLVM must match bpf-linker's).
+const NIGHTLY: &str = "nightly-2026-05-20";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "`cargo xtask {what}` needs root: it runs the enforcer, which loads eBPF programs \
+             and creates cgroups.\n  Run it as root, e.g.: sudo -E env \"PATH=$PATH\" cargo xtask {what}"
+        );
+    }
+    Ok(())
+}
+
+fn have_bpf_linker() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn have_nightly() -> bool {
+    let Ok(out) = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return false;
+    };
+    out.status.success() && String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src"))
+}
+
+/// Run scripts/setup.sh when the eBPF toolchain is missing (it is idempotent).
+pub fn ensure_setup(root: &Path) -> Result<()> {
+    if have_bpf_linker() && have_nightly() {
+        return Ok(());
+    }
+    eprintln!("xtask: bpf-linker or the pinned toolchain {NIGHTLY} is missing: running scripts/setup.sh");
+    let st = Command::new("bash")
+        .arg(root.join("scripts/setup.sh"))
+        .current_dir(root)
+        .status()
+        .context("running scripts/setup.sh")?;
+    if !st.success() {
+        bail!("scripts/setup.sh failed ({st})");
+    }
+    Ok(())
+}
+
+/// The enforcer binary: `--enforcer-bin`/$ENFORCER_BIN, or built now.
+pub fn enforcer_bin(root: &Path, args: &BinArgs) -> Result<PathBuf> {
+    if let Some(p) = &args.enforcer_bin {
+        if !p.is_file() {
+            bail!("enforcer binary {} does not exist", p.display());
+        }
+        return Ok(p.canonicalize()?);
+    }
+    ensure_setup(root)?;
+    let profile = if args.debug { "debug" } else { "release" };
+    eprintln!("xtask: building enforcer ({profile})");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-p", "enforcer", "--message-format=json-render-diagnostics"]);
+    if !args.debug {
+        cmd.arg("--release");
+    }
+    let mut child = cmd
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo build")?;
+    let mut exe = None;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "enforcer" {
+            if let Some(e) = v["executable"].as_str() {
+                exe = Some(PathBuf::from(e));
+            }
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("cargo build -p enforcer failed ({st})");
+    }
+    exe.context("cargo build did not report the enforcer executable")
+}
+
+/// Where cgroup v2 is mounted (hybrid hosts: /sys/fs/cgroup/unified).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 3 && f[2] == "cgroup2" {
+            return Ok(PathBuf::from(f[1]));
+        }
+    }
+    bail!("no cgroup2 mount in /proc/self/mounts")
+}
+
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
+        return Ok(());
+    }
+    let st = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("mount -t bpf")?;
+    if !st.success() {
+        bail!("could not mount bpffs at /sys/fs/bpf");
+    }
+    Ok(())
+}
+
+/// Resident set size of a process, in KiB.
+pub fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for l in s.lines() {
+        if let Some(v) = l.strip_prefix("VmRSS:") {
+            return Ok(v.trim().trim_end_matches("kB").trim().parse()?);
+        }
+    }
+    bail!("no VmRSS for pid {pid}")
+}
+
+/// Minimal HTTP/1.0 GET on a loopback address (metrics scrape).
+pub fn http_get(addr: &str, path: &str, timeout: std::time::Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let sa: std::net::SocketAddr = addr.parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+        bail!("HTTP answer: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
