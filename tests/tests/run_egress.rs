@@ -193,10 +193,8 @@ fn assert_attempts(run: &Run, gid: u32, as_root: bool) {
         let ok = r["ok"].as_bool().unwrap();
         let errno = r["errno"].as_i64();
         match r["expect"].as_str().unwrap() {
-            "allow" => {
-                if !ok {
-                    problems.push(format!("{name}: allowed attempt failed: {r}"));
-                }
+            "allow" if !ok => {
+                problems.push(format!("{name}: allowed attempt failed: {r}"));
             }
             "deny" => {
                 let errno_ok = match (r["hook"].as_str().unwrap(), name) {
@@ -334,7 +332,7 @@ fn assert_allowed_arrived(run: &Run, w: &World) {
     w.assert_nothing_leaked();
 }
 
-fn find<'a>(audit: &'a [Value], f: impl Fn(&Value) -> bool) -> Option<&'a Value> {
+fn find(audit: &[Value], f: impl Fn(&Value) -> bool) -> Option<&Value> {
     audit.iter().find(|r| f(r))
 }
 

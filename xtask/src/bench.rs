@@ -30,10 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::{BinArgs, util};
+use crate::{util, BinArgs};
 
 const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
 const SEED: u64 = 0x656e_666f_7263_6572; // "enforcer"
@@ -101,7 +101,12 @@ fn policy_yaml(name: &str, n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> St
             1 => format!(", ports: [{}]", 1 + rng.below(65535)),
             _ => {
                 let lo = 1 + rng.below(60000);
-                format!(", ports: [{}, \"{}-{}\"]", 1 + rng.below(65535), lo, lo + rng.below(5000))
+                format!(
+                    ", ports: [{}, \"{}-{}\"]",
+                    1 + rng.below(65535),
+                    lo,
+                    lo + rng.below(5000)
+                )
             }
         };
         // protocol omitted = any
@@ -205,10 +210,16 @@ impl Daemon {
         let deadline = started + timeout;
         loop {
             if let Some(st) = d.child.try_wait()? {
-                bail!("enforcer daemon exited ({st}) during startup:\n{}", d.log_tail());
+                bail!(
+                    "enforcer daemon exited ({st}) during startup:\n{}",
+                    d.log_tail()
+                );
             }
             if Instant::now() > deadline {
-                bail!("enforcer daemon not ready after {timeout:?}:\n{}", d.log_tail());
+                bail!(
+                    "enforcer daemon not ready after {timeout:?}:\n{}",
+                    d.log_tail()
+                );
             }
             if sock.exists() {
                 if let Ok(status) = status_json(enforcer, &sock) {
@@ -218,7 +229,10 @@ impl Daemon {
                             .flat_map(|x| x["errors"].as_array().into_iter().flatten())
                             .filter_map(|e| e.as_str())
                             .collect();
-                        bail!("enforcer daemon rejected a bench policy: {}", errors.join("; "));
+                        bail!(
+                            "enforcer daemon rejected a bench policy: {}",
+                            errors.join("; ")
+                        );
                     }
                     if bindings.iter().all(|(cg, pol)| attached(&status, cg, pol)) {
                         return Ok((d, started.elapsed()));
@@ -290,9 +304,10 @@ fn attached(status: &serde_json::Value, cg: &Path, policy: &str) -> bool {
     };
     ids.iter().any(|id| {
         id["name"] == policy
-            && id["cgroups"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["path"].as_str().map(Path::new) == Some(cg)))
+            && id["cgroups"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["path"].as_str().map(Path::new) == Some(cg))
+            })
     })
 }
 
@@ -306,7 +321,13 @@ struct Worker {
 impl Worker {
     fn start(name: &str, cgroup: &Path, tcp: SocketAddrV4, udp: SocketAddrV4) -> Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["bench-worker", "--connect-addr", &tcp.to_string(), "--sendto-addr", &udp.to_string()])
+            .args([
+                "bench-worker",
+                "--connect-addr",
+                &tcp.to_string(),
+                "--sendto-addr",
+                &udp.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -337,7 +358,10 @@ impl Worker {
     /// Operations per second of one timed loop.
     fn rate(&mut self, op: Op, secs: f64) -> Result<f64> {
         let a = self.ask(&format!("{} {secs}", op.name()))?;
-        let f: Vec<u64> = a.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        let f: Vec<u64> = a
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
         let [ops, errors, nanos, first_errno] = f[..] else {
             bail!("bench worker {}: bad answer {a:?}", self.name);
         };
@@ -393,7 +417,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n == 0 {
         return f64::NAN;
     }
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 impl Comparison {
@@ -465,7 +493,12 @@ fn compare(
 }
 
 /// Check that the worker's cgroup really is enforced (or really is not).
-fn probe(w: &mut Worker, denied_tcp: SocketAddrV4, denied_udp: SocketAddrV4, enforced: bool) -> Result<()> {
+fn probe(
+    w: &mut Worker,
+    denied_tcp: SocketAddrV4,
+    denied_udp: SocketAddrV4,
+    enforced: bool,
+) -> Result<()> {
     let c = w.ask(&format!("probe-connect {denied_tcp}"))?;
     let s = w.ask(&format!("probe-sendto {denied_udp}"))?;
     let eperm = format!("errno {}", libc::EPERM);
@@ -476,7 +509,10 @@ fn probe(w: &mut Worker, denied_tcp: SocketAddrV4, denied_udp: SocketAddrV4, enf
         );
     }
     if !enforced && (c == eperm || s == eperm) {
-        bail!("cgroup {} should not be enforced but got EPERM: connect {c}, sendto {s}", w.name);
+        bail!(
+            "cgroup {} should not be enforced but got EPERM: connect {c}, sendto {s}",
+            w.name
+        );
     }
     Ok(())
 }
@@ -499,10 +535,16 @@ fn deep_listener() -> Result<TcpListener> {
         let sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+            },
             sin_zero: [0; 8],
         };
-        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of_val(&sa) as u32) < 0
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of_val(&sa) as u32,
+        ) < 0
             || libc::listen(fd, backlog) < 0
         {
             bail!("bind/listen: {}", std::io::Error::last_os_error());
@@ -532,7 +574,11 @@ fn spawn_listeners() -> Result<(SocketAddrV4, SocketAddrV4)> {
 }
 
 fn thousands(n: usize) -> String {
-    if n % 1000 == 0 { format!("{}k", n / 1000) } else { n.to_string() }
+    if n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
 }
 
 fn kernel_release() -> String {
@@ -561,16 +607,29 @@ pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool, big: usize
     let mount = util::cgroup2_mount()?;
     let tmp = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    let result = run_inner(&enforcer, &mount, &tmp, &root, rounds, secs, skip_scaling, big);
+    let result = run_inner(
+        &enforcer,
+        &mount,
+        &tmp,
+        &root,
+        rounds,
+        secs,
+        skip_scaling,
+        big,
+    );
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&tmp);
     } else {
-        eprintln!("bench: kept {} (daemon configs, policies and logs)", tmp.display());
+        eprintln!(
+            "bench: kept {} (daemon configs, policies and logs)",
+            tmp.display()
+        );
     }
     remove_pins();
     result
 }
 
+#[allow(clippy::too_many_arguments)] // one call site: the bench's parameters, spelled out
 fn run_inner(
     enforcer: &Path,
     mount: &Path,
@@ -587,13 +646,23 @@ fn run_inner(
     let denied_udp = SocketAddrV4::new(*udp.ip(), if udp.port() == 9 { 10 } else { 9 });
     let cgs = BenchCgroups::create(mount, &["e10k", "base", "base2", "ebig", "e10"])?;
     eprintln!("bench: enforcer {}", enforcer.display());
-    eprintln!("bench: targets tcp {tcp}, udp {udp}; cgroups under {}", cgs.root.display());
+    eprintln!(
+        "bench: targets tcp {tcp}, udp {udp}; cgroups under {}",
+        cgs.root.display()
+    );
 
     let t0 = Instant::now();
     let p10 = policy_yaml("bench-10", 10, tcp, udp);
     let p10k = policy_yaml("bench-10k", 10_000, tcp, udp);
-    let pbig = if skip_scaling { String::new() } else { policy_yaml("bench-big", big, tcp, udp) };
-    eprintln!("bench: generated policies in {:.1}s (seed {SEED:#x})", t0.elapsed().as_secs_f64());
+    let pbig = if skip_scaling {
+        String::new()
+    } else {
+        policy_yaml("bench-big", big, tcp, udp)
+    };
+    eprintln!(
+        "bench: generated policies in {:.1}s (seed {SEED:#x})",
+        t0.elapsed().as_secs_f64()
+    );
 
     // 1. Idle RSS: one policy, one binding.
     let (mut d, ready) = Daemon::start(
@@ -621,24 +690,61 @@ fn run_inner(
         &[(cgs.path("e10k"), "bench-10k")],
         Duration::from_secs(300),
     )?;
-    eprintln!("bench: daemon with the 10k-rule policy ready in {:.2}s", ready.as_secs_f64());
+    eprintln!(
+        "bench: daemon with the 10k-rule policy ready in {:.2}s",
+        ready.as_secs_f64()
+    );
     let mut w10k = Worker::start("e10k (10k rules)", &cgs.path("e10k"), tcp, udp)?;
     let mut wbase = Worker::start("base (unenforced)", &cgs.path("base"), tcp, udp)?;
     probe(&mut w10k, denied_tcp, denied_udp, true)?;
     probe(&mut wbase, denied_tcp, denied_udp, false)?;
     let mut comps = vec![
-        compare("connect: 10k rules vs unenforced", Op::Connect, &mut w10k, &mut wbase, 0.97, rounds, secs)?,
-        compare("sendto: 10k rules vs unenforced", Op::Sendto, &mut w10k, &mut wbase, 0.90, rounds, secs)?,
+        compare(
+            "connect: 10k rules vs unenforced",
+            Op::Connect,
+            &mut w10k,
+            &mut wbase,
+            0.97,
+            rounds,
+            secs,
+        )?,
+        compare(
+            "sendto: 10k rules vs unenforced",
+            Op::Sendto,
+            &mut w10k,
+            &mut wbase,
+            0.90,
+            rounds,
+            secs,
+        )?,
     ];
     drop(w10k);
     // Control (A/A): two unenforced cgroups, to show the harness's own noise.
     let mut wbase2 = Worker::start("base2 (unenforced)", &cgs.path("base2"), tcp, udp)?;
     probe(&mut wbase2, denied_tcp, denied_udp, false)?;
-    comps.push(compare("control connect: unenforced vs unenf.", Op::Connect, &mut wbase2, &mut wbase, 0.0, rounds, secs)?);
-    comps.push(compare("control sendto: unenforced vs unenf.", Op::Sendto, &mut wbase2, &mut wbase, 0.0, rounds, secs)?);
+    comps.push(compare(
+        "control connect: unenforced vs unenf.",
+        Op::Connect,
+        &mut wbase2,
+        &mut wbase,
+        0.0,
+        rounds,
+        secs,
+    )?);
+    comps.push(compare(
+        "control sendto: unenforced vs unenf.",
+        Op::Sendto,
+        &mut wbase2,
+        &mut wbase,
+        0.0,
+        rounds,
+        secs,
+    )?);
     drop(wbase2);
     drop(wbase);
-    let rss_10k_mb = util::vm_rss_kib(d.pid()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+    let rss_10k_mb = util::vm_rss_kib(d.pid())
+        .map(|k| k as f64 / 1024.0)
+        .unwrap_or(f64::NAN);
     d.stop()?;
 
     // 3. Lookup cost vs table size: big policy vs 10 rules, both enforced, a
@@ -650,7 +756,10 @@ fn run_inner(
             enforcer,
             &tmp.join("scaling"),
             &[("bench-10", &p10), ("bench-big", &pbig)],
-            &[(cgs.path("e10"), "bench-10"), (cgs.path("ebig"), "bench-big")],
+            &[
+                (cgs.path("e10"), "bench-10"),
+                (cgs.path("ebig"), "bench-big"),
+            ],
             Duration::from_secs(300),
         ) {
             Ok((d, ready)) => {
@@ -659,16 +768,35 @@ fn run_inner(
                     big,
                     ready.as_secs_f64()
                 );
-                let mut wbig = Worker::start(&format!("ebig ({big} rules)"), &cgs.path("ebig"), tcp, udp)?;
+                let mut wbig =
+                    Worker::start(&format!("ebig ({big} rules)"), &cgs.path("ebig"), tcp, udp)?;
                 let mut w10 = Worker::start("e10 (10 rules)", &cgs.path("e10"), tcp, udp)?;
                 probe(&mut wbig, denied_tcp, denied_udp, true)?;
                 probe(&mut w10, denied_tcp, denied_udp, true)?;
                 let label = thousands(big);
-                comps.push(compare(&format!("connect: {label} rules vs 10 rules"), Op::Connect, &mut wbig, &mut w10, 0.97, rounds, secs)?);
-                comps.push(compare(&format!("sendto: {label} rules vs 10 rules"), Op::Sendto, &mut wbig, &mut w10, 0.97, rounds, secs)?);
+                comps.push(compare(
+                    &format!("connect: {label} rules vs 10 rules"),
+                    Op::Connect,
+                    &mut wbig,
+                    &mut w10,
+                    0.97,
+                    rounds,
+                    secs,
+                )?);
+                comps.push(compare(
+                    &format!("sendto: {label} rules vs 10 rules"),
+                    Op::Sendto,
+                    &mut wbig,
+                    &mut w10,
+                    0.97,
+                    rounds,
+                    secs,
+                )?);
                 drop(wbig);
                 drop(w10);
-                rss_big_mb = util::vm_rss_kib(d.pid()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+                rss_big_mb = util::vm_rss_kib(d.pid())
+                    .map(|k| k as f64 / 1024.0)
+                    .unwrap_or(f64::NAN);
                 d.stop()?;
             }
             Err(e) => {
@@ -683,7 +811,9 @@ fn run_inner(
     println!(
         "enforcer bench: {rounds} interleaved rounds x {secs}s per side; kernel {}; {} CPUs ({})",
         kernel_release(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         cpu_model()
     );
     println!();
@@ -703,8 +833,18 @@ fn run_inner(
             c.ratio(),
             lo,
             hi,
-            if c.floor == 0.0 { "-".to_string() } else { format!("{:.2}x", c.floor) },
-            if c.floor == 0.0 { "(control)" } else if c.pass() { "PASS" } else { "MISS" }
+            if c.floor == 0.0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}x", c.floor)
+            },
+            if c.floor == 0.0 {
+                "(control)"
+            } else if c.pass() {
+                "PASS"
+            } else {
+                "MISS"
+            }
         );
     }
     let rss_pass = rss_mb < RSS_FLOOR_MB;
@@ -720,9 +860,17 @@ fn run_inner(
     );
     if let Some(e) = &scaling_error {
         let first = e.lines().next().unwrap_or("");
-        println!("{:<36} {:>12}  MISS: {first}", format!("{} rules vs 10 rules", thousands(big)), "not run");
+        println!(
+            "{:<36} {:>12}  MISS: {first}",
+            format!("{} rules vs 10 rules", thousands(big)),
+            "not run"
+        );
     }
-    println!("{:<36} {:>12}   (informational)", "daemon RSS, 10k-rule policy, loaded", format!("{rss_10k_mb:.1} MB"));
+    println!(
+        "{:<36} {:>12}   (informational)",
+        "daemon RSS, 10k-rule policy, loaded",
+        format!("{rss_10k_mb:.1} MB")
+    );
     if !skip_scaling && scaling_error.is_none() {
         println!(
             "{:<36} {:>12}   (informational)",

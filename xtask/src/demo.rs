@@ -11,15 +11,15 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
-        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 
-use crate::{BinArgs, util};
+use crate::{util, BinArgs};
 
 const AGENT: &str = "demo/injected_agent.py";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -121,7 +121,9 @@ fn tcp_accept(sock: TcpListener, l: Arc<Listener>) {
 fn udp_recv(sock: UdpSocket, l: Arc<Listener>) {
     let mut buf = [0u8; 65536];
     loop {
-        let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
         l.bytes.fetch_add(n as u64, Ordering::Relaxed);
         l.hits.fetch_add(1, Ordering::Relaxed);
         if l.role == Role::Api {
@@ -143,7 +145,11 @@ fn parse_attempt(line: &str) -> Option<Attempt> {
     if !(line.starts_with("ALLOWED ") || line.starts_with("BLOCKED ")) {
         return None;
     }
-    let cols: Vec<&str> = line.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+    let cols: Vec<&str> = line
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
     if cols.len() < 4 {
         return None;
     }
@@ -162,7 +168,11 @@ struct Style {
 
 impl Style {
     fn paint(&self, code: &str, s: &str) -> String {
-        if self.tty { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+        if self.tty {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
     }
     fn bold(&self, s: &str) -> String {
         self.paint("1", s)
@@ -187,7 +197,10 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
     let enforcer = util::enforcer_bin(&root, bin)?;
     let policy = policy.unwrap_or_else(|| root.join("policies/demo-agent.yaml"));
     if !policy.is_file() {
-        bail!("demo policy {} not found (override with --policy or $DEMO_POLICY)", policy.display());
+        bail!(
+            "demo policy {} not found (override with --policy or $DEMO_POLICY)",
+            policy.display()
+        );
     }
     let policy = policy.canonicalize()?;
     let out_dir = root.join("target/demo");
@@ -242,7 +255,10 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
     println!(
         "$ {} {}",
         rel(&root, &enforcer),
-        args.iter().map(|a| rel(&root, Path::new(a))).collect::<Vec<_>>().join(" ")
+        args.iter()
+            .map(|a| rel(&root, Path::new(a)))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let started = Instant::now();
     let mut child = Command::new(&enforcer)
@@ -276,7 +292,9 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            eprintln!("demo: the agent run takes over {AGENT_TIMEOUT:?}: sending SIGTERM to enforcer");
+            eprintln!(
+                "demo: the agent run takes over {AGENT_TIMEOUT:?}: sending SIGTERM to enforcer"
+            );
             unsafe { libc::kill(child_pid as i32, libc::SIGTERM) };
         });
     }
@@ -286,7 +304,11 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
         match parse_attempt(&line) {
             Some(a) => {
                 let painted = if a.verdict == "ALLOWED" {
-                    if a.kind == "legit" { st.green("ALLOWED") } else { st.red("ALLOWED") }
+                    if a.kind == "legit" {
+                        st.green("ALLOWED")
+                    } else {
+                        st.red("ALLOWED")
+                    }
                 } else if a.kind == "legit" {
                     st.red("BLOCKED")
                 } else {
@@ -311,25 +333,40 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
 
     // 1. What the agent tried.
     st.head("what the agent tried");
-    println!("  {:<8} {:<6} {:<32} {:<26} detail", "verdict", "kind", "vector", "destination");
+    println!(
+        "  {:<8} {:<6} {:<32} {:<26} detail",
+        "verdict", "kind", "vector", "destination"
+    );
     for a in &attempts {
         let ok = (a.kind == "legit") == (a.verdict == "ALLOWED");
         let v = match (ok, a.verdict.as_str()) {
             (true, v) => st.green(&format!("{v:<8}")),
             (false, v) => st.red(&format!("{v:<8}")),
         };
-        println!("  {v} {:<6} {:<32} {:<26} {}", a.kind, a.vector, a.dest, a.detail);
+        println!(
+            "  {v} {:<6} {:<32} {:<26} {}",
+            a.kind, a.vector, a.dest, a.detail
+        );
         if !ok {
             failures.push(if a.kind == "legit" {
-                format!("legitimate call `{}` to {} was blocked: {}", a.vector, a.dest, a.detail)
+                format!(
+                    "legitimate call `{}` to {} was blocked: {}",
+                    a.vector, a.dest, a.detail
+                )
             } else {
-                format!("exfiltration `{}` to {} went through: {}", a.vector, a.dest, a.detail)
+                format!(
+                    "exfiltration `{}` to {} went through: {}",
+                    a.vector, a.dest, a.detail
+                )
             });
         }
     }
     let legit = attempts.iter().filter(|a| a.kind == "legit").count();
     let exfil = attempts.len() - legit;
-    let blocked = attempts.iter().filter(|a| a.kind == "exfil" && a.verdict == "BLOCKED").count();
+    let blocked = attempts
+        .iter()
+        .filter(|a| a.kind == "exfil" && a.verdict == "BLOCKED")
+        .count();
     println!(
         "  {legit} legitimate calls, {exfil} exfiltration attempts ({blocked} blocked), agent run {:.1}s",
         elapsed.as_secs_f64()
@@ -349,11 +386,18 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
 
     // 2. What the listeners got: the ground truth.
     st.head("bytes received per listener");
-    println!("  {:<9} {:<5} {:<18} {:>8} {:>12}", "role", "proto", "address", "bytes", "conns/dgrams");
+    println!(
+        "  {:<9} {:<5} {:<18} {:>8} {:>12}",
+        "role", "proto", "address", "bytes", "conns/dgrams"
+    );
     for l in &listeners {
         let bytes = l.bytes.load(Ordering::Relaxed);
         let hits = l.hits.load(Ordering::Relaxed);
-        let role = if l.role == Role::Api { "API" } else { "attacker" };
+        let role = if l.role == Role::Api {
+            "API"
+        } else {
+            "attacker"
+        };
         let cell = format!("{bytes:>8}");
         let cell = match l.role {
             Role::Attacker if bytes > 0 => st.red(&cell),
@@ -361,7 +405,11 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
             Role::Api if bytes == 0 => st.red(&cell),
             Role::Api => st.green(&cell),
         };
-        println!("  {role:<9} {:<5} {:<18} {cell} {hits:>12}", proto_name(l.proto), l.addr.to_string());
+        println!(
+            "  {role:<9} {:<5} {:<18} {cell} {hits:>12}",
+            proto_name(l.proto),
+            l.addr.to_string()
+        );
         if l.role == Role::Attacker && bytes > 0 {
             failures.push(format!(
                 "ATTACKER LISTENER {} {} RECEIVED {bytes} BYTES",
@@ -370,7 +418,11 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
             ));
         }
         if l.role == Role::Api && bytes == 0 {
-            failures.push(format!("the API listener {} {} received nothing", proto_name(l.proto), l.addr));
+            failures.push(format!(
+                "the API listener {} {} received nothing",
+                proto_name(l.proto),
+                l.addr
+            ));
         }
     }
 
@@ -385,7 +437,9 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
     }
 
     // 4. Metrics.
-    st.head(&format!("metrics (last scrape of http://{metrics_addr}/metrics)"));
+    st.head(&format!(
+        "metrics (last scrape of http://{metrics_addr}/metrics)"
+    ));
     match last_scrape.lock().unwrap().as_deref() {
         Some(body) => {
             for l in body.lines().filter(|l| l.starts_with("enforcer_")) {
@@ -394,13 +448,17 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
         }
         None => {
             println!("  {}", st.red("no successful scrape"));
-            failures.push(format!("the metrics endpoint http://{metrics_addr}/metrics never answered"));
+            failures.push(format!(
+                "the metrics endpoint http://{metrics_addr}/metrics never answered"
+            ));
         }
     }
 
     // 5. Audit log.
     st.head("audit log");
-    let records = std::fs::read_to_string(&audit).map(|s| s.lines().count()).unwrap_or(0);
+    let records = std::fs::read_to_string(&audit)
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
     println!("  {} records in {}", records, rel(&root, &audit));
     println!("$ enforcer audit verify {}", rel(&root, &audit));
     let out = Command::new(&enforcer)
@@ -408,7 +466,10 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
         .arg(&audit)
         .current_dir(&root)
         .output()?;
-    for l in String::from_utf8_lossy(&out.stdout).lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
+    for l in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
         println!("  {l}");
     }
     if !out.status.success() {
@@ -423,7 +484,10 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
         );
         Ok(0)
     } else {
-        println!("{}", st.red("################################  FAILED  ################################"));
+        println!(
+            "{}",
+            st.red("################################  FAILED  ################################")
+        );
         for f in &failures {
             println!("{} {f}", st.red("FAILED:"));
         }

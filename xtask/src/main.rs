@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask demo`, `cargo xtask bench`.
+//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`.
 //!
 //! Both need root and the real kernel (they load the enforcer's eBPF
 //! programs through the `enforcer` binary). This crate does not depend on
 //! the enforcer crates: it drives the binary, like a user would.
 mod bench;
 mod demo;
+mod test;
 mod util;
 mod worker;
 
@@ -59,6 +60,8 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         big_rules: usize,
     },
+    /// The whole test suite, as CI runs it: setup, fmt, clippy, unit and real-kernel integration tests (needs root).
+    Test,
     /// Load generator used by `bench` (runs inside the cgroup under test).
     #[command(hide = true)]
     BenchWorker(worker::WorkerArgs),
@@ -79,6 +82,7 @@ fn main() -> std::process::ExitCode {
             skip_scaling,
             big_rules,
         } => bench::run(&bin, rounds, secs, skip_scaling, big_rules),
+        Cmd::Test => test::run(&util::repo_root()),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
     };
     match r {

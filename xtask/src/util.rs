@@ -6,7 +6,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 
 use crate::BinArgs;
 
@@ -48,7 +48,10 @@ fn have_nightly() -> bool {
     else {
         return false;
     };
-    out.status.success() && String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src"))
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("rust-src"))
 }
 
 /// Run scripts/setup.sh when the eBPF toolchain is missing (it is idempotent).
@@ -56,7 +59,9 @@ pub fn ensure_setup(root: &Path) -> Result<()> {
     if have_bpf_linker() && have_nightly() {
         return Ok(());
     }
-    eprintln!("xtask: bpf-linker or the pinned toolchain {NIGHTLY} is missing: running scripts/setup.sh");
+    eprintln!(
+        "xtask: bpf-linker or the pinned toolchain {NIGHTLY} is missing: running scripts/setup.sh"
+    );
     let st = Command::new("bash")
         .arg(root.join("scripts/setup.sh"))
         .current_dir(root)
@@ -80,7 +85,12 @@ pub fn enforcer_bin(root: &Path, args: &BinArgs) -> Result<PathBuf> {
     let profile = if args.debug { "debug" } else { "release" };
     eprintln!("xtask: building enforcer ({profile})");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "enforcer", "--message-format=json-render-diagnostics"]);
+    cmd.args([
+        "build",
+        "-p",
+        "enforcer",
+        "--message-format=json-render-diagnostics",
+    ]);
     if !args.debug {
         cmd.arg("--release");
     }
@@ -122,7 +132,10 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    {
         return Ok(());
     }
     let st = Command::new("mount")
@@ -152,11 +165,16 @@ pub fn http_get(addr: &str, path: &str, timeout: std::time::Duration) -> Result<
     let sa: std::net::SocketAddr = addr.parse()?;
     let mut s = std::net::TcpStream::connect_timeout(&sa, timeout)?;
     s.set_read_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").context("malformed HTTP answer")?;
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    let (head, body) = buf
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|c| c != "200") {
         bail!("HTTP answer: {}", head.lines().next().unwrap_or(""));
     }
     Ok(body.to_string())

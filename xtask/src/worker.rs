@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args)]
 pub struct WorkerArgs {
@@ -54,7 +54,10 @@ fn connect_once(sa: &libc::sockaddr_in) -> Result<(), i32> {
         if fd < 0 {
             return Err(errno());
         }
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
@@ -92,7 +95,11 @@ fn sendto_once(fd: i32, sa: &libc::sockaddr_in, buf: &[u8]) -> Result<(), i32> {
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
     };
-    if r < 0 { Err(errno()) } else { Ok(()) }
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
 }
 
 struct Tally {

@@ -673,3 +673,21 @@ fn fixed_rule_names() {
     assert_eq!(rule_name(rule::SOCKET_FAMILY), Some("socket-family"));
     assert_eq!(rule_name(1), None);
 }
+
+/// The YAML budget must admit policies as large as the kernel tables allow
+/// (the parser's default of 250k nodes stopped at ~37k rules).
+#[test]
+fn parses_a_100k_rule_policy() {
+    let mut text = String::from(
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: big\nspec:\n  egress:\n",
+    );
+    for i in 0..100_000u32 {
+        let [a, b, c, _] = (0x0a00_0000u32 + (i << 8)).to_be_bytes();
+        text.push_str(&format!(
+            "    - cidr: {a}.{b}.{c}.0/24\n      ports: [443, \"8000-8100\"]\n      protocol: tcp\n"
+        ));
+    }
+    let docs = parse_str(&text, std::path::Path::new("big.yaml")).expect("100k rules parse");
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs[0].policy.spec.egress.len(), 100_000);
+}

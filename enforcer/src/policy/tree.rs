@@ -132,8 +132,17 @@ pub struct SyntaxError {
 
 /// Parse every document of `text` (empty documents are skipped).
 pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
+    // The library's default budget (250k nodes) caps a policy at ~37k egress
+    // rules; the kernel tables take 1M IPv4 prefixes. Size the node and
+    // event budgets for that (a rule is 3-9 nodes) and keep every other
+    // default (alias/anchor limits still stop "billion laughs").
+    let max_rules = enforcer_common::MAX_EGRESS_V4 as usize;
     let options = serde_saphyr::options! {
         with_snippet: false,
+        budget: serde_saphyr::budget! {
+            max_nodes: 12 * max_rules,
+            max_events: 24 * max_rules,
+        },
     };
     serde_saphyr::from_multiple_with_options::<Node>(text, options).map_err(|e| {
         let (line, column) = e
