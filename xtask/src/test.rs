@@ -56,7 +56,49 @@ pub fn run(root: &Path) -> Result<u8> {
     test.args(["test", "--workspace", "--no-fail-fast"])
         .env_remove("AYA_BUILD_SKIP")
         .current_dir(root);
-    step("test", test)?;
+    let (passed, failed, ignored) = run_tests(test)?;
+    // One plain closing line for the whole suite (cargo's last line is the
+    // last crate's doc tests, often "0 passed").
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if failed > 0 || passed == 0 {
+        bail!("test failed: {failed} failed, {passed} passed");
+    }
     eprintln!("\n==> xtask test: all steps passed");
     Ok(0)
+}
+
+/// Run `cargo test`, echo its output, and add up its "test result:" lines.
+fn run_tests(mut cmd: Command) -> Result<(u64, u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("\n==> xtask test: test: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    let out = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut it = part.split_whitespace().rev();
+                let (Some(word), Some(n)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match word {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() && failed == 0 {
+        bail!("cargo test failed ({st}) before reporting test results");
+    }
+    Ok((passed, failed, ignored))
 }
