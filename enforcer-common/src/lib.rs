@@ -12,7 +12,18 @@
 //! STATS       PerCpuArray STAT_* -> u64
 //! CONFIG      Array     0 -> GlobalConfig
 //! EVENTS      RingBuf   Event records
+//! DNS_ORIG    LruHash   socket cookie          -> OrigDst (resolver the agent asked)
+//! LEARNED_V4  HashMap   {slot, ipv4}           -> Learned (address a DNS answer allowed)
+//! LEARNED_V6  HashMap   {slot, ipv6}           -> Learned
 //! ```
+//!
+//! DNS: a connect/sendmsg to port 53 (TCP or UDP, any address) of an identity
+//! whose `PolicyState.dns_port` is set is rewritten to the enforcer's DNS
+//! proxy for that identity (127.0.0.1 or ::1, that port); the original
+//! destination is kept under the socket cookie and restored by the
+//! recvmsg/getpeername hooks. Addresses that the proxy let through are
+//! installed in `LEARNED_*` before the answer is released, with the host
+//! rule's ports and protocols and an expiry (CLOCK_MONOTONIC ns).
 //!
 //! A cgroup is bound to an identity *slot*; the slot points at a *table id*
 //! (a generation of that identity's compiled policy). A reload writes the new
@@ -43,6 +54,13 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
+    pub const DNS_ORIG: &str = "DNS_ORIG";
+    pub const LEARNED_V4: &str = "LEARNED_V4";
+    pub const LEARNED_V6: &str = "LEARNED_V6";
+    pub const ALL: [&str; 11] = [
+        IDENTITIES, POLICIES, EGRESS_V4, EGRESS_V6, COUNTERS, STATS, CONFIG, EVENTS, DNS_ORIG,
+        LEARNED_V4, LEARNED_V6,
+    ];
 }
 
 pub mod prog_names {
@@ -51,7 +69,21 @@ pub mod prog_names {
     pub const SENDMSG4: &str = "enforcer_sendmsg4";
     pub const SENDMSG6: &str = "enforcer_sendmsg6";
     pub const SOCK_CREATE: &str = "enforcer_sock_create";
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_CREATE];
+    pub const RECVMSG4: &str = "enforcer_recvmsg4";
+    pub const RECVMSG6: &str = "enforcer_recvmsg6";
+    pub const GETPEERNAME4: &str = "enforcer_getpeername4";
+    pub const GETPEERNAME6: &str = "enforcer_getpeername6";
+    pub const ALL: [&str; 9] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        SOCK_CREATE,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
 }
 
 /// Max entries of the maps (userspace checks policies against these).
@@ -59,6 +91,11 @@ pub const MAX_IDENTITIES: u32 = 16384;
 pub const MAX_EGRESS_V4: u32 = 1 << 20;
 pub const MAX_EGRESS_V6: u32 = 1 << 18;
 pub const EVENTS_BYTES: u32 = 1 << 20;
+pub const MAX_DNS_ORIG: u32 = 65536;
+pub const MAX_LEARNED_V4: u32 = 1 << 18;
+pub const MAX_LEARNED_V6: u32 = 1 << 16;
+/// The port DNS is steered from.
+pub const DNS_PORT: u16 = 53;
 
 /// Actions (what the agent tried).
 pub mod action {
@@ -140,6 +177,44 @@ pub struct PolicyState {
     pub table_id: u32,
     /// `policy_flags::*`.
     pub flags: u32,
+    /// Port of this identity's DNS proxy on 127.0.0.1 and ::1 (0: no steering).
+    pub dns_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Where a steered DNS socket really sent to (restored on recvmsg/getpeername).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// IPv4 stored v4-mapped.
+    pub addr: [u8; 16],
+    /// Original port, host byte order (53).
+    pub port: u16,
+    /// The proxy port the socket was rewritten to, host byte order.
+    pub proxy_port: u16,
+    pub _pad: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedKey4 {
+    pub slot: u32,
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedKey6 {
+    pub slot: u32,
+    pub addr: [u8; 16],
+}
+
+/// An address a DNS answer allowed, until `expires_ns` (CLOCK_MONOTONIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    pub expires_ns: u64,
+    pub set: RuleSet,
 }
 
 #[repr(C)]
@@ -245,6 +320,10 @@ mod user {
     unsafe impl aya::Pod for V6Key {}
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for LearnedKey4 {}
+    unsafe impl aya::Pod for LearnedKey6 {}
+    unsafe impl aya::Pod for Learned {}
 }
 
 #[cfg(test)]
@@ -255,7 +334,11 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<IdentityBinding>(), 8);
-        assert_eq!(size_of::<PolicyState>(), 8);
+        assert_eq!(size_of::<PolicyState>(), 16);
+        assert_eq!(size_of::<OrigDst>(), 24);
+        assert_eq!(size_of::<LearnedKey4>(), 8);
+        assert_eq!(size_of::<LearnedKey6>(), 20);
+        assert_eq!(size_of::<Learned>(), 8 + size_of::<RuleSet>());
         assert_eq!(size_of::<PortRule>(), 12);
         assert_eq!(size_of::<RuleSet>(), 8 + 12 * MAX_PORT_RULES);
         assert_eq!(size_of::<V4Key>(), 8);

@@ -2,11 +2,12 @@
 //! `enforcer-common` so that userspace and kernel agree on one layout.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    stat, GlobalConfig, IdentityBinding, PolicyState, RuleSet, V4Key, V6Key, COUNTERS_LEN,
-    EVENTS_BYTES, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_IDENTITIES, MAX_SLOTS,
+    stat, GlobalConfig, IdentityBinding, Learned, LearnedKey4, LearnedKey6, OrigDst, PolicyState,
+    RuleSet, V4Key, V6Key, COUNTERS_LEN, EVENTS_BYTES, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6,
+    MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_SLOTS,
 };
 
 #[map(name = "IDENTITIES")]
@@ -32,3 +33,12 @@ pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map(name = "DNS_ORIG")]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_DNS_ORIG, 0);
+
+#[map(name = "LEARNED_V4")]
+pub static LEARNED_V4: HashMap<LearnedKey4, Learned> = HashMap::with_max_entries(MAX_LEARNED_V4, 0);
+
+#[map(name = "LEARNED_V6")]
+pub static LEARNED_V6: HashMap<LearnedKey6, Learned> = HashMap::with_max_entries(MAX_LEARNED_V6, 0);

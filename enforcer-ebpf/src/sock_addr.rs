@@ -1,18 +1,30 @@
-//! cgroup/connect4, connect6, sendmsg4, sendmsg6: the egress verdicts.
+//! cgroup/connect4, connect6, sendmsg4, sendmsg6: the egress verdicts;
+//! cgroup/recvmsg4, recvmsg6, getpeername4, getpeername6: DNS source restore.
 //!
 //! connect covers TCP (including TCP Fast Open: `sendto(MSG_FASTOPEN)` and
 //! `TCP_FASTOPEN_CONNECT` both pass through the connect hook) and connected
 //! UDP; sendmsg covers unconnected UDP (`sendto`, `sendmsg`, `sendmmsg`).
 //! An IPv4-mapped IPv6 destination (`::ffff:a.b.c.d`) is matched against the
 //! identity's IPv4 table. Returning 0 makes the syscall fail with EPERM.
-use aya_ebpf::{macros::cgroup_sock_addr, maps::lpm_trie::Key, programs::SockAddrContext};
+//!
+//! Verdict order: (1) port 53 of an identity with a DNS proxy is steered to
+//! the proxy (never judged by the CIDR table: names are judged by the
+//! proxy); (2) the identity's CIDR table (one LPM lookup); (3) addresses a
+//! DNS answer allowed (`LEARNED_*`, until they expire); else deny (or audit).
+use aya_ebpf::{
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
 use enforcer_common::{
-    action, policy_flags, proto, rule, stat, verdict, RuleSet, V4Key, V6Key, MAX_PORT_RULES,
+    action, policy_flags, proto, rule, stat, verdict, LearnedKey4, LearnedKey6, OrigDst,
+    PolicyState, RuleSet, V4Key, V6Key, DNS_PORT, MAX_PORT_RULES,
 };
 
 use crate::{
     identity,
-    maps::{EGRESS_V4, EGRESS_V6},
+    maps::{DNS_ORIG, EGRESS_V4, EGRESS_V6, LEARNED_V4, LEARNED_V6},
     report::{self, Decision},
 };
 
@@ -39,6 +51,30 @@ pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
     check6(&ctx, action::SENDMSG)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn enforcer_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn enforcer_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn enforcer_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn enforcer_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore6(&ctx);
+    ALLOW
 }
 
 #[inline(always)]
@@ -68,35 +104,68 @@ fn match_rules(set: &RuleSet, port: u16, bit: u8) -> Option<u32> {
     None
 }
 
-#[inline(always)]
-fn lookup_v4(table_id: u32, addr: [u8; 4], port: u16, bit: u8) -> Option<u32> {
-    let key = Key::new(
-        64,
-        V4Key {
-            table_id_be: table_id.to_be_bytes(),
-            addr,
-        },
-    );
-    EGRESS_V4
-        .get(&key)
-        .and_then(|set| match_rules(set, port, bit))
+/// The destination, as the tables see it.
+#[derive(Clone, Copy)]
+enum Dst {
+    V4([u8; 4]),
+    V6([u8; 16]),
 }
 
 #[inline(always)]
-fn lookup_v6(table_id: u32, addr: [u8; 16], port: u16, bit: u8) -> Option<u32> {
-    let key = Key::new(
-        160,
-        V6Key {
-            table_id_be: table_id.to_be_bytes(),
-            addr,
-        },
-    );
-    EGRESS_V6
-        .get(&key)
-        .and_then(|set| match_rules(set, port, bit))
+fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Option<u32> {
+    match dst {
+        Dst::V4(addr) => {
+            let key = Key::new(
+                64,
+                V4Key {
+                    table_id_be: p.table_id.to_be_bytes(),
+                    addr,
+                },
+            );
+            if let Some(r) = EGRESS_V4
+                .get(&key)
+                .and_then(|set| match_rules(set, port, bit))
+            {
+                return Some(r);
+            }
+            let learned = LEARNED_V4.get_ptr(LearnedKey4 { slot, addr })?;
+            let learned = unsafe { &*learned };
+            if learned.expires_ns <= unsafe { bpf_ktime_get_ns() } {
+                return None;
+            }
+            match_rules(&learned.set, port, bit)
+        }
+        Dst::V6(addr) => {
+            let key = Key::new(
+                160,
+                V6Key {
+                    table_id_be: p.table_id.to_be_bytes(),
+                    addr,
+                },
+            );
+            if let Some(r) = EGRESS_V6
+                .get(&key)
+                .and_then(|set| match_rules(set, port, bit))
+            {
+                return Some(r);
+            }
+            let learned = LEARNED_V6.get_ptr(LearnedKey6 { slot, addr })?;
+            let learned = unsafe { &*learned };
+            if learned.expires_ns <= unsafe { bpf_ktime_get_ns() } {
+                return None;
+            }
+            match_rules(&learned.set, port, bit)
+        }
+    }
 }
 
-/// Shared tail: identity, policy lookup, verdict, report.
+/// What the hook should do with the call.
+enum Outcome {
+    Verdict(i32),
+    /// Rewrite the destination to the identity's DNS proxy on this port.
+    SteerDns(u16),
+}
+
 #[inline(always)]
 fn decide(
     action_kind: u8,
@@ -105,16 +174,21 @@ fn decide(
     protocol: u32,
     port: u16,
     mapped: [u8; 16],
-    lookup: impl FnOnce(u32, u16, u8) -> Option<u32>,
-) -> i32 {
+    dst: Dst,
+) -> Outcome {
     let id = identity::current();
     let bit = proto_bit(protocol);
+    if let Some(p) = id.policy {
+        if port == DNS_PORT && p.dns_port != 0 && (bit == proto::TCP || bit == proto::UDP) {
+            return Outcome::SteerDns(p.dns_port);
+        }
+    }
     let (verdict_kind, rule_id, ret) = match id.policy {
         None => {
             report::bump_stat(stat::NO_IDENTITY);
             (verdict::DENY, rule::NO_POLICY, DENY)
         }
-        Some(p) => match lookup(p.table_id, port, bit) {
+        Some(p) => match lookup(&p, id.slot, dst, port, bit) {
             Some(rule_id) => (verdict::ALLOW, rule_id, ALLOW),
             None if p.flags & policy_flags::AUDIT != 0 => {
                 (verdict::AUDIT, rule::DEFAULT_DENY, ALLOW)
@@ -134,7 +208,7 @@ fn decide(
         family,
         sock_type: sock_type as u8,
     });
-    ret
+    Outcome::Verdict(ret)
 }
 
 #[inline(always)]
@@ -142,6 +216,25 @@ fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
     ]
+}
+
+const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
+const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Remember where the socket really sent to (for recvmsg/getpeername).
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, proxy_port: u16) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let _ = DNS_ORIG.insert(
+        cookie,
+        OrigDst {
+            addr,
+            port,
+            proxy_port,
+            _pad: [0; 4],
+        },
+        0,
+    );
 }
 
 #[inline(always)]
@@ -152,30 +245,38 @@ fn check4(ctx: &SockAddrContext, action_kind: u8) -> i32 {
         unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).type_, (*sa).protocol) };
     let addr = ip.to_ne_bytes();
     let port = u16::from_be(port_raw as u16);
-    decide(
+    let mapped = v4_mapped(addr);
+    match decide(
         action_kind,
         AF_INET,
         sock_type,
         protocol,
         port,
-        v4_mapped(addr),
-        |table, port, bit| lookup_v4(table, addr, port, bit),
-    )
+        mapped,
+        Dst::V4(addr),
+    ) {
+        Outcome::Verdict(v) => v,
+        Outcome::SteerDns(proxy_port) => {
+            remember(ctx, mapped, port, proxy_port);
+            unsafe {
+                (*sa).user_ip4 = u32::from_ne_bytes(LOOPBACK4);
+                (*sa).user_port = u32::from(proxy_port.to_be());
+            }
+            ALLOW
+        }
+    }
 }
 
 #[inline(always)]
-fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
+fn read_ip6(ctx: &SockAddrContext) -> [u8; 16] {
     let sa = ctx.sock_addr;
     // Context fields must be read as aligned 4-byte loads, one word at a time.
-    let (w0, w1, w2, w3, port_raw, sock_type, protocol) = unsafe {
+    let (w0, w1, w2, w3) = unsafe {
         (
             core::ptr::read_volatile(&(*sa).user_ip6[0]),
             core::ptr::read_volatile(&(*sa).user_ip6[1]),
             core::ptr::read_volatile(&(*sa).user_ip6[2]),
             core::ptr::read_volatile(&(*sa).user_ip6[3]),
-            (*sa).user_port,
-            (*sa).type_,
-            (*sa).protocol,
         )
     };
     let (b0, b1, b2, b3) = (
@@ -184,32 +285,125 @@ fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
         w2.to_ne_bytes(),
         w3.to_ne_bytes(),
     );
-    let addr = [
+    [
         b0[0], b0[1], b0[2], b0[3], b1[0], b1[1], b1[2], b1[3], b2[0], b2[1], b2[2], b2[3], b3[0],
         b3[1], b3[2], b3[3],
-    ];
-    let port = u16::from_be(port_raw as u16);
-    let is_v4_mapped = w0 == 0 && w1 == 0 && b2 == [0, 0, 0xff, 0xff];
-    if is_v4_mapped {
-        // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
-        let v4 = b3;
-        return decide(
-            action_kind,
-            AF_INET6,
-            sock_type,
-            protocol,
-            port,
-            addr,
-            |t, p, b| lookup_v4(t, v4, p, b),
+    ]
+}
+
+#[inline(always)]
+fn write_ip6(ctx: &SockAddrContext, a: [u8; 16]) {
+    let sa = ctx.sock_addr;
+    unsafe {
+        core::ptr::write_volatile(
+            &mut (*sa).user_ip6[0],
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        );
+        core::ptr::write_volatile(
+            &mut (*sa).user_ip6[1],
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        );
+        core::ptr::write_volatile(
+            &mut (*sa).user_ip6[2],
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        );
+        core::ptr::write_volatile(
+            &mut (*sa).user_ip6[3],
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
         );
     }
-    decide(
-        action_kind,
-        AF_INET6,
-        sock_type,
-        protocol,
-        port,
-        addr,
-        |t, p, b| lookup_v6(t, addr, p, b),
-    )
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+#[inline(always)]
+fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
+    let sa = ctx.sock_addr;
+    let addr = read_ip6(ctx);
+    let (port_raw, sock_type, protocol) = unsafe { ((*sa).user_port, (*sa).type_, (*sa).protocol) };
+    let port = u16::from_be(port_raw as u16);
+    // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
+    let mapped = is_v4_mapped(&addr);
+    let dst = if mapped {
+        Dst::V4([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        Dst::V6(addr)
+    };
+    match decide(action_kind, AF_INET6, sock_type, protocol, port, addr, dst) {
+        Outcome::Verdict(v) => v,
+        Outcome::SteerDns(proxy_port) => {
+            remember(ctx, addr, port, proxy_port);
+            // A dual-stack socket that asked a v4 resolver keeps talking v4.
+            let to = if mapped {
+                v4_mapped(LOOPBACK4)
+            } else {
+                LOOPBACK6
+            };
+            write_ip6(ctx, to);
+            unsafe { (*sa).user_port = u32::from(proxy_port.to_be()) };
+            ALLOW
+        }
+    }
+}
+
+/// If this socket was steered to a DNS proxy and the peer is that proxy,
+/// report the resolver it originally addressed.
+#[inline(always)]
+fn orig_for(ctx: &SockAddrContext, from: [u8; 16], port: u16) -> Option<OrigDst> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let orig = DNS_ORIG.get_ptr(cookie)?;
+    let orig = unsafe { *orig };
+    let from_proxy = port == orig.proxy_port && (from == v4_mapped(LOOPBACK4) || from == LOOPBACK6);
+    if from_proxy {
+        Some(orig)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn restore4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let (ip, port_raw) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let port = u16::from_be(port_raw as u16);
+    if port == 0 {
+        return;
+    }
+    let Some(orig) = orig_for(ctx, v4_mapped(ip.to_ne_bytes()), port) else {
+        return;
+    };
+    let a = orig.addr;
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        (*sa).user_port = u32::from(orig.port.to_be());
+    }
+}
+
+#[inline(always)]
+fn restore6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let from = read_ip6(ctx);
+    let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+    if port == 0 {
+        return;
+    }
+    let Some(orig) = orig_for(ctx, from, port) else {
+        return;
+    };
+    write_ip6(ctx, orig.addr);
+    unsafe { (*sa).user_port = u32::from(orig.port.to_be()) };
 }

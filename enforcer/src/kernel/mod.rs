@@ -7,6 +7,7 @@
 //! the old generation is deleted. A failure before the flip leaves the old
 //! generation in force and removes the partial new one.
 pub mod cgroup;
+pub mod learned;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -49,7 +50,10 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, GlobalConfig>,
     events: Option<RingBuf<MapData>>,
+    learned: Option<learned::LearnedTable>,
     installed: StdHashMap<u32, Installed>,
+    /// DNS proxy port per slot (kept across policy swaps).
+    dns_ports: StdHashMap<u32, u16>,
     next_table_id: u32,
 }
 
@@ -107,19 +111,10 @@ impl Kernel {
             Some(dir) => {
                 fs::create_dir_all(dir)
                     .with_context(|| format!("creating pin directory {}", dir.display()))?;
-                [
-                    map_names::IDENTITIES,
-                    map_names::POLICIES,
-                    map_names::EGRESS_V4,
-                    map_names::EGRESS_V6,
-                    map_names::COUNTERS,
-                    map_names::STATS,
-                    map_names::CONFIG,
-                    map_names::EVENTS,
-                ]
-                .into_iter()
-                .map(|n| (n, dir.join(n)))
-                .collect()
+                map_names::ALL
+                    .into_iter()
+                    .map(|n| (n, dir.join(n)))
+                    .collect()
             }
             None => Vec::new(),
         };
@@ -153,6 +148,10 @@ impl Kernel {
         let stats = map(&mut ebpf, map_names::STATS)?;
         let config = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
+        let learned = Some(learned::LearnedTable::new(
+            map(&mut ebpf, map_names::LEARNED_V4)?,
+            map(&mut ebpf, map_names::LEARNED_V6)?,
+        ));
         // Continue after the highest generation already present (pinned maps).
         let mut next_table_id = 1;
         for s in 0..MAX_SLOTS {
@@ -172,7 +171,9 @@ impl Kernel {
             stats,
             config,
             events,
+            learned,
             installed: StdHashMap::new(),
+            dns_ports: StdHashMap::new(),
             next_table_id,
         })
     }
@@ -180,6 +181,24 @@ impl Kernel {
     /// The ring buffer of decisions (taken once by the event reader).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The learned-address table (taken once, shared with the DNS proxy).
+    pub fn take_learned(&mut self) -> Option<learned::LearnedTable> {
+        self.learned.take()
+    }
+
+    /// Steer identity `slot`'s port-53 traffic to its DNS proxy on `port`
+    /// (0: no steering).
+    pub fn set_dns_port(&mut self, slot: u32, port: u16) -> Result<()> {
+        self.dns_ports.insert(slot, port);
+        let mut st = self.policies.get(&slot, 0).context("reading POLICIES")?;
+        if st.flags & policy_flags::PRESENT == 0 {
+            // Applied with the policy when it is installed.
+            return Ok(());
+        }
+        st.dns_port = port;
+        self.policies.set(slot, st, 0).context("writing POLICIES")
     }
 
     pub fn set_allow_sample(&mut self, allow_sample: u32) -> Result<()> {
@@ -341,7 +360,13 @@ impl Kernel {
         if audit {
             flags |= policy_flags::AUDIT;
         }
-        if let Err(e) = self.policies.set(slot, PolicyState { table_id, flags }, 0) {
+        let state = PolicyState {
+            table_id,
+            flags,
+            dns_port: self.dns_ports.get(&slot).copied().unwrap_or(0),
+            _pad: [0; 6],
+        };
+        if let Err(e) = self.policies.set(slot, state, 0) {
             self.delete_generation(&new);
             bail!("switching slot {slot} to its new tables: {e}");
         }
@@ -356,6 +381,7 @@ impl Kernel {
     /// Remove identity `slot`'s policy: its cgroups (if still bound) fail closed.
     pub fn remove_policy(&mut self, slot: u32) -> Result<()> {
         self.policies.set(slot, PolicyState::default(), 0)?;
+        self.dns_ports.remove(&slot);
         if let Some(old) = self.installed.remove(&slot) {
             self.delete_generation(&old);
         }

@@ -1,0 +1,188 @@
+//! Addresses that DNS answers allowed, per identity slot.
+//!
+//! The proxy calls `learn` before it releases an answer: the kernel entry
+//! exists before the agent can connect. Several names can resolve to one
+//! address: the kernel entry holds the union of their rules' ports and
+//! protocols and the latest expiry; `gc` drops names whose TTL ended and
+//! rewrites or deletes the kernel entry. The kernel checks the expiry
+//! itself on every lookup, so `gc` only reclaims space and keeps the gauges
+//! and the attribution (`host_of`) true.
+use std::{collections::HashMap as StdHashMap, net::IpAddr, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, MapData};
+use enforcer_common::{Learned, LearnedKey4, LearnedKey6, PortRule, RuleSet, MAX_PORT_RULES};
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// An IPv4-mapped IPv6 address is the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+struct ByName {
+    set: RuleSet,
+    expires_ns: u64,
+}
+
+pub struct LearnedTable {
+    v4: HashMap<MapData, LearnedKey4, Learned>,
+    v6: HashMap<MapData, LearnedKey6, Learned>,
+    entries: StdHashMap<(u32, IpAddr), StdHashMap<String, ByName>>,
+}
+
+impl LearnedTable {
+    pub fn new(
+        v4: HashMap<MapData, LearnedKey4, Learned>,
+        v6: HashMap<MapData, LearnedKey6, Learned>,
+    ) -> Self {
+        Self {
+            v4,
+            v6,
+            entries: StdHashMap::new(),
+        }
+    }
+
+    pub fn learn(
+        &mut self,
+        slot: u32,
+        ip: IpAddr,
+        set: &RuleSet,
+        ttl: Duration,
+        host: &str,
+    ) -> Result<()> {
+        let ip = canonical(ip);
+        let expires_ns = monotonic_ns().saturating_add(ttl.as_nanos() as u64);
+        self.entries.entry((slot, ip)).or_default().insert(
+            host.to_string(),
+            ByName {
+                set: *set,
+                expires_ns,
+            },
+        );
+        self.write(slot, ip)
+    }
+
+    /// Merge the names of (slot, ip) into one kernel entry (or delete it).
+    fn write(&mut self, slot: u32, ip: IpAddr) -> Result<()> {
+        let Some(names) = self.entries.get(&(slot, ip)) else {
+            return self.delete(slot, ip);
+        };
+        let mut merged = Learned::default();
+        let mut rules: Vec<PortRule> = Vec::new();
+        for n in names.values() {
+            merged.expires_ns = merged.expires_ns.max(n.expires_ns);
+            for r in &n.set.rules[..(n.set.count as usize).min(MAX_PORT_RULES)] {
+                if !rules.contains(r) {
+                    rules.push(*r);
+                }
+            }
+        }
+        if rules.len() > MAX_PORT_RULES {
+            tracing::warn!(%ip, slot, "more than {MAX_PORT_RULES} port rules learned for one address; keeping the first");
+            rules.truncate(MAX_PORT_RULES);
+        }
+        merged.set.count = rules.len() as u32;
+        merged.set.rules[..rules.len()].copy_from_slice(&rules);
+        match ip {
+            IpAddr::V4(a) => self
+                .v4
+                .insert(
+                    LearnedKey4 {
+                        slot,
+                        addr: a.octets(),
+                    },
+                    merged,
+                    0,
+                )
+                .context("writing LEARNED_V4"),
+            IpAddr::V6(a) => self
+                .v6
+                .insert(
+                    LearnedKey6 {
+                        slot,
+                        addr: a.octets(),
+                    },
+                    merged,
+                    0,
+                )
+                .context("writing LEARNED_V6"),
+        }
+    }
+
+    fn delete(&mut self, slot: u32, ip: IpAddr) -> Result<()> {
+        let r = match ip {
+            IpAddr::V4(a) => self.v4.remove(&LearnedKey4 {
+                slot,
+                addr: a.octets(),
+            }),
+            IpAddr::V6(a) => self.v6.remove(&LearnedKey6 {
+                slot,
+                addr: a.octets(),
+            }),
+        };
+        match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Drop expired names; returns how many (slot, ip) entries changed.
+    pub fn gc(&mut self) -> usize {
+        let now = monotonic_ns();
+        let mut changed = Vec::new();
+        for (key, names) in self.entries.iter_mut() {
+            let before = names.len();
+            names.retain(|_, n| n.expires_ns > now);
+            if names.len() != before {
+                changed.push(*key);
+            }
+        }
+        self.entries.retain(|_, names| !names.is_empty());
+        for (slot, ip) in &changed {
+            if let Err(e) = self.write(*slot, *ip) {
+                tracing::warn!("learned-address gc: {e:#}");
+            }
+        }
+        changed.len()
+    }
+
+    /// Forget everything identity `slot` learned (policy removed or replaced
+    /// by one whose names differ: the agent resolves again).
+    pub fn forget_slot(&mut self, slot: u32) {
+        let keys: Vec<(u32, IpAddr)> = self
+            .entries
+            .keys()
+            .filter(|(s, _)| *s == slot)
+            .copied()
+            .collect();
+        for (s, ip) in keys {
+            self.entries.remove(&(s, ip));
+            let _ = self.delete(s, ip);
+        }
+    }
+
+    /// The name an address was learned from (the latest to expire).
+    pub fn host_of(&self, slot: u32, ip: IpAddr) -> Option<String> {
+        let now = monotonic_ns();
+        self.entries
+            .get(&(slot, canonical(ip)))?
+            .iter()
+            .filter(|(_, n)| n.expires_ns > now)
+            .max_by_key(|(_, n)| n.expires_ns)
+            .map(|(h, _)| h.clone())
+    }
+
+    /// Live learned addresses of a slot.
+    pub fn count(&self, slot: u32) -> usize {
+        self.entries.keys().filter(|(s, _)| *s == slot).count()
+    }
+}
