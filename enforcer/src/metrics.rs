@@ -10,6 +10,11 @@
 //! | `enforcer_events_lost_total` | counter | | kernel stat, [`Metrics::set_events_lost_total`] |
 //! | `enforcer_no_identity_decisions_total` | counter | | kernel stat, [`Metrics::set_no_identity_decisions_total`] |
 //! | `enforcer_dns_queries_total` | counter | identity, verdict | [`Metrics::record_dns_query`] |
+//! | `enforcer_dns_refused_total` | counter | identity, reason | [`Metrics::record_dns_refused`] |
+//! | `enforcer_dns_query_duration_seconds` | histogram | identity | [`Metrics::observe_dns_latency`] |
+//! | `enforcer_dns_learned_addresses` | gauge | identity | [`Metrics::set_dns_learned`] |
+//! | `enforcer_dns_rebinding_blocked_total` | counter | identity | [`Metrics::add_dns_rebinding_blocked`] |
+//! | `enforcer_dns_malformed_total` | counter | identity | [`Metrics::inc_dns_malformed`] |
 //! | `enforcer_attached_cgroups` | gauge | | [`Metrics::set_attached_cgroups`] |
 //! | `enforcer_policy_entries` | gauge | identity | LPM entries, [`Metrics::set_policy_entries`] |
 //! | `enforcer_policy_info` | gauge (=1) | identity, spiffe_id, mode, policy_hash | [`Metrics::set_policy_info`] |
@@ -38,7 +43,8 @@ use axum::{
     Router,
 };
 use prometheus::{
-    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::events::{Action, Decision, Verdict};
@@ -87,6 +93,11 @@ pub struct Metrics {
     build_info: IntGaugeVec,
     capability: IntGaugeVec,
     net_raw_processes: IntGaugeVec,
+    dns_refused: IntCounterVec,
+    dns_latency: HistogramVec,
+    dns_learned: IntGaugeVec,
+    dns_rebinding: IntCounterVec,
+    dns_malformed: IntCounterVec,
     state: Mutex<Seen>,
     /// Runs before each render: pulls the kernel's counters so that a scrape
     /// sees the current totals, not the last poll's.
@@ -215,6 +226,47 @@ impl Metrics {
                 "enforcer_capability",
                 "Kernel capability available to the enforcer (1) or missing (0).",
                 &["name"],
+            ),
+            dns_refused: counter_vec(
+                r,
+                "enforcer_dns_refused_total",
+                "DNS queries answered REFUSED, by reason (name-not-allowed, query-type, \
+                 too-long, budget, upstream-error).",
+                &["identity", "reason"],
+            ),
+            dns_latency: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "enforcer_dns_query_duration_seconds",
+                        "Time from a query's arrival at the DNS proxy to its answer.",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.5,
+                    ]),
+                    &["identity"],
+                )
+                .expect("valid histogram"),
+            ),
+            dns_learned: gauge_vec(
+                r,
+                "enforcer_dns_learned_addresses",
+                "Addresses currently reachable because a DNS answer allowed them.",
+                &["identity"],
+            ),
+            dns_rebinding: counter_vec(
+                r,
+                "enforcer_dns_rebinding_blocked_total",
+                "Answer addresses in loopback/link-local/private ranges not installed \
+                 (no cidr rule covers them).",
+                &["identity"],
+            ),
+            dns_malformed: counter_vec(
+                r,
+                "enforcer_dns_malformed_total",
+                "Malformed DNS messages dropped by the proxy.",
+                &["identity"],
             ),
             net_raw_processes: gauge_vec(
                 r,
@@ -350,6 +402,30 @@ impl Metrics {
             .set(i64::from(available));
     }
 
+    pub fn record_dns_refused(&self, identity: &str, reason: &str) {
+        self.dns_refused.with_label_values(&[identity, reason]).inc();
+    }
+
+    pub fn observe_dns_latency(&self, identity: &str, seconds: f64) {
+        self.dns_latency
+            .with_label_values(&[identity])
+            .observe(seconds);
+    }
+
+    pub fn set_dns_learned(&self, identity: &str, n: u64) {
+        self.dns_learned
+            .with_label_values(&[identity])
+            .set(gauge_value(n));
+    }
+
+    pub fn add_dns_rebinding_blocked(&self, identity: &str, n: u64) {
+        self.dns_rebinding.with_label_values(&[identity]).inc_by(n);
+    }
+
+    pub fn inc_dns_malformed(&self, identity: &str) {
+        self.dns_malformed.with_label_values(&[identity]).inc();
+    }
+
     /// `enforcer_net_raw_processes{identity}`.
     pub fn set_net_raw_processes(&self, identity: &str, n: u64) {
         self.net_raw_processes
@@ -387,6 +463,20 @@ impl Metrics {
         }
         let _ = self.policy_entries.remove_label_values(&[identity]);
         let _ = self.net_raw_processes.remove_label_values(&[identity]);
+        let _ = self.dns_latency.remove_label_values(&[identity]);
+        let _ = self.dns_learned.remove_label_values(&[identity]);
+        let _ = self.dns_rebinding.remove_label_values(&[identity]);
+        let _ = self.dns_malformed.remove_label_values(&[identity]);
+        for reason in [
+            "name-not-allowed",
+            "query-type",
+            "too-long",
+            "budget",
+            "upstream-error",
+            "malformed",
+        ] {
+            let _ = self.dns_refused.remove_label_values(&[identity, reason]);
+        }
     }
 
     /// Identities that currently have decision counters (for tests/status).
