@@ -114,7 +114,7 @@ fn proto_mask(p: Protocol) -> u8 {
 }
 
 /// The family-specific form of a rule's CIDR (mapped IPv6 -> IPv4).
-fn family_net(net: IpNet) -> IpNet {
+pub(crate) fn family_net(net: IpNet) -> IpNet {
     if let IpNet::V6(n) = net {
         if n.prefix_len() >= 96 {
             if let Some(v4) = n.network().to_ipv4_mapped() {
