@@ -6,6 +6,7 @@
 //! (`audit`) and metrics (`metrics`).
 pub mod audit;
 pub mod daemon;
+pub mod dns;
 pub mod events;
 pub mod kernel;
 pub mod metrics;

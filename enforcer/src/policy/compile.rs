@@ -1,5 +1,10 @@
 //! Compilation of a policy's `cidr` rules into LPM-trie entries.
 //!
+//! `host:` rules are no LPM entries: the DNS proxy (`crate::dns`) installs
+//! the addresses the agent's own DNS answers return for them, each with the
+//! [`host_rule_set`] of the rule (checked here to fit one kernel value).
+//! They keep their rule ids (`spec.egress[i]` is `i + 1` for every rule).
+//!
 //! The kernel does **one** longest-prefix-match lookup per destination in the
 //! identity's table and then scans that prefix's [`RuleSet`] for the first
 //! entry admitting (port, protocol). So the entry of a prefix `P` must carry
@@ -109,7 +114,7 @@ fn proto_mask(p: Protocol) -> u8 {
 }
 
 /// The family-specific form of a rule's CIDR (mapped IPv6 -> IPv4).
-fn family_net(net: IpNet) -> IpNet {
+pub(crate) fn family_net(net: IpNet) -> IpNet {
     if let IpNet::V6(n) = net {
         if n.prefix_len() >= 96 {
             if let Some(v4) = n.network().to_ipv4_mapped() {
@@ -184,6 +189,22 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         }
     }
     let mut errors = Vec::new();
+    // `host:` rules are not LPM entries (the DNS proxy learns their
+    // addresses), but their port sets must fit one kernel entry as well.
+    for (pattern, ids) in host_groups(&spec.egress) {
+        if let Err(n) = host_rule_set(&spec.egress, &ids) {
+            let field = format!("spec.egress[{}].ports", ids[0] - 1);
+            let rules: Vec<String> = ids.iter().map(|id| format!("egress[{}]", id - 1)).collect();
+            errors.push(p.error(
+                &field,
+                format!(
+                    "host {pattern} needs {n} port/protocol entries, more than the \
+                     {MAX_PORT_RULES} one learned address can hold (rules {}); merge port ranges",
+                    rules.join(", ")
+                ),
+            ));
+        }
+    }
     let v4 = build(p, v4, &mut errors, |pf| {
         Ipv4Net::new(((pf.addr >> 96) as u32).into(), pf.len).expect("valid v4 prefix")
     });
@@ -210,6 +231,75 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     })
 }
 
+/// The `host:` rules of `egress` grouped by pattern, in file order of each
+/// pattern's first rule: (pattern, rule ids ascending).
+pub fn host_groups(egress: &[EgressRule]) -> Vec<(String, Vec<u32>)> {
+    let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
+    for (i, r) in egress.iter().enumerate() {
+        let Some(h) = &r.host else { continue };
+        let id = u32::try_from(i + 1).expect("fewer than 2^32 rules");
+        match groups.iter_mut().find(|(p, _)| p == h) {
+            Some((_, ids)) => ids.push(id),
+            None => groups.push((h.clone(), vec![id])),
+        }
+    }
+    groups
+}
+
+/// The kernel value for an address learned for the rules `ids` (rule ids of
+/// `egress`, ascending; normally the rules of one host pattern): one
+/// [`PortRule`] per merged port range and protocol mask, each with its rule
+/// id, reduced exactly like the entries of a prefix. `Err(n)` when that
+/// needs `n > MAX_PORT_RULES` entries.
+pub fn host_rule_set(egress: &[EgressRule], ids: &[u32]) -> Result<RuleSet, usize> {
+    let mut entries = Vec::new();
+    for &id in ids {
+        push_entries(&mut entries, &egress[id as usize - 1], id);
+    }
+    to_rule_set(&reduce(entries))
+}
+
+/// The port/protocol entries of rule `r` (id `id`).
+fn push_entries(entries: &mut Vec<Entry>, r: &EgressRule, id: u32) {
+    let mask = proto_mask(r.protocol);
+    if r.ports.is_empty() {
+        entries.push(Entry {
+            id,
+            mask,
+            lo: 0,
+            hi: u16::MAX,
+        });
+    } else {
+        entries.extend(r.ports.iter().map(|pr| Entry {
+            id,
+            mask,
+            lo: pr.lo,
+            hi: pr.hi,
+        }));
+    }
+}
+
+/// Reduced entries -> kernel value; `Err(len)` if they do not fit.
+fn to_rule_set(entries: &[Entry]) -> Result<RuleSet, usize> {
+    if entries.len() > MAX_PORT_RULES {
+        return Err(entries.len());
+    }
+    let mut set = RuleSet {
+        count: entries.len() as u32,
+        ..RuleSet::default()
+    };
+    for (slot, e) in set.rules.iter_mut().zip(entries) {
+        *slot = PortRule {
+            port_lo: e.lo,
+            port_hi: e.hi,
+            proto_mask: e.mask,
+            _pad: [0; 3],
+            rule_id: e.id,
+        };
+    }
+    Ok(set)
+}
+
 /// At most this many overflow errors are listed for one policy.
 const MAX_OVERFLOW_ERRORS: usize = 20;
 
@@ -234,23 +324,7 @@ fn build<N: std::fmt::Display>(
         while i < rules.len() && rules[i].0 == pfx {
             let id = rules[i].1;
             own_ids.push(id);
-            let r = &egress[id as usize - 1];
-            let mask = proto_mask(r.protocol);
-            if r.ports.is_empty() {
-                entries.push(Entry {
-                    id,
-                    mask,
-                    lo: 0,
-                    hi: u16::MAX,
-                });
-            } else {
-                entries.extend(r.ports.iter().map(|pr| Entry {
-                    id,
-                    mask,
-                    lo: pr.lo,
-                    hi: pr.hi,
-                }));
-            }
+            push_entries(&mut entries, &egress[id as usize - 1], id);
             i += 1;
         }
         while stack.last().is_some_and(|(top, _, _)| !top.contains(&pfx)) {
@@ -260,7 +334,8 @@ fn build<N: std::fmt::Display>(
             entries.extend_from_slice(parent);
         }
         let entries = reduce(entries);
-        if entries.len() > MAX_PORT_RULES {
+        let set = to_rule_set(&entries);
+        if set.is_err() {
             overflows += 1;
             if overflows <= MAX_OVERFLOW_ERRORS {
                 let mut involved: Vec<String> = stack
@@ -284,20 +359,7 @@ fn build<N: std::fmt::Display>(
                     ),
                 ));
             }
-        } else {
-            let mut set = RuleSet {
-                count: entries.len() as u32,
-                ..RuleSet::default()
-            };
-            for (slot, e) in set.rules.iter_mut().zip(&entries) {
-                *slot = PortRule {
-                    port_lo: e.lo,
-                    port_hi: e.hi,
-                    proto_mask: e.mask,
-                    _pad: [0; 3],
-                    rule_id: e.id,
-                };
-            }
+        } else if let Ok(set) = set {
             out.push((to_net(pfx), set));
         }
         stack.push((pfx, entries, own_ids));

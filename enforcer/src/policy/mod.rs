@@ -4,7 +4,8 @@
 //! Pipeline: YAML text -> [`tree`] (nodes with line/column) -> [`validate`]
 //! (schema check, every error collected, typed [`AgentPolicy`]) ->
 //! [`check_supported`] (what this release can enforce) -> [`compile`]
-//! (per-prefix LPM entries for the kernel tables).
+//! (per-prefix LPM entries for the kernel tables; `host:` rules and `dns:`
+//! are compiled for the DNS proxy by `crate::dns::compile_dns`).
 //!
 //! # Why `serde-saphyr`
 //!
@@ -288,26 +289,19 @@ fn io_error(path: &Path, e: &std::io::Error) -> PolicyError {
     }
 }
 
-/// Refuse what this release does not enforce yet (DNS-aware egress, file
-/// policy): `host:` rules, `dns:`, `files:` and `onTaint:`. A policy that
-/// passes is fully enforced by [`compile`]d CIDR/port/protocol rules and its
-/// `mode`.
+/// Refuse what this release does not enforce yet (file policy): `files:`
+/// and `onTaint:`. A policy that passes is fully enforced by its
+/// [`compile`]d CIDR/port/protocol rules, its `host:` rules and `dns:` block
+/// (through the per-identity DNS proxy, `crate::dns`) and its `mode`.
 pub fn check_supported(p: &LoadedPolicy) -> Result<(), PolicyErrors> {
-    const LATER: &str = "(DNS-aware egress / file policy arrives in a later release)";
+    const LATER: &str = "(file policy arrives in a later release)";
     let mut errors = Vec::new();
     let spec = &p.policy.spec;
-    for (i, r) in spec.egress.iter().enumerate() {
-        if r.host.is_some() {
-            let f = format!("spec.egress[{i}].host");
-            errors.push(p.error(&f, format!("not supported yet: {f} {LATER}")));
-        }
-    }
     let mut section = |present: bool, f: &str| {
         if present {
             errors.push(p.error(f, format!("not supported yet: {f} {LATER}")));
         }
     };
-    section(spec.dns.is_some(), "spec.dns");
     section(!spec.files.is_empty(), "spec.files");
     section(spec.on_taint.is_some(), "spec.onTaint");
     if errors.is_empty() {

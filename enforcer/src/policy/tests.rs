@@ -134,15 +134,7 @@ fn research_agent_validates_but_is_not_supported_yet() {
         .iter()
         .map(|e| (e.line, e.column, e.field.as_str()))
         .collect();
-    assert_eq!(
-        got,
-        vec![
-            (17, 7, "spec.egress[1].host"),
-            (19, 3, "spec.dns"),
-            (23, 3, "spec.files"),
-            (26, 3, "spec.onTaint"),
-        ]
-    );
+    assert_eq!(got, vec![(23, 3, "spec.files"), (26, 3, "spec.onTaint")]);
     for e in &e {
         assert_eq!(e.file, f);
         assert!(e.message.starts_with("not supported yet: "), "{e}");
@@ -478,6 +470,90 @@ fn duplicate_names_across_files() {
     // A missing file is an error naming it.
     let e = load_files(&[dir.path().join("nope.yaml")]).unwrap_err();
     assert!(e.to_string().contains("nope.yaml:0:0: cannot read"), "{e}");
+}
+
+#[test]
+fn host_rules_and_dns_are_supported() {
+    let yaml = spec(
+        "  egress:\n    - host: api.example.com\n      ports: [443]\n    - cidr: 10.0.0.0/8\n  dns:\n    upstream: [\"127.0.0.1:53\"]\n    queryTypes: [a, AAAA, Txt, txt]\n    namesPerMinute: 10\n",
+    );
+    let ps = parse(&yaml);
+    check_supported(&ps[0]).unwrap();
+    let dns = ps[0].policy.spec.dns.as_ref().unwrap();
+    assert_eq!(dns.query_types, vec!["A", "AAAA", "TXT"]);
+    assert_eq!(dns.names_per_minute, Some(10));
+    let c = compile(&ps[0]).unwrap();
+    // The host rule is no LPM entry but keeps its id: the cidr rule is id 2.
+    assert_eq!(c.v4.len(), 1);
+    assert_eq!(c.v4[0].1.rules[0].rule_id, 2);
+    assert_eq!(c.rules[0], "egress[0] host api.example.com ports 443 any");
+    // Omitted fields stay out of the canonical JSON (hashes are unchanged).
+    let ps = parse(&spec("  dns:\n    maxQueryLength: 100\n"));
+    let json = serde_json::to_string(&ps[0].policy).unwrap();
+    assert!(
+        !json.contains("queryTypes") && !json.contains("namesPerMinute"),
+        "{json}"
+    );
+}
+
+#[test]
+fn dns_query_types_and_budget_errors() {
+    one_err(
+        &spec("  dns:\n    queryTypes: [A, BOGUS]\n"),
+        7,
+        21,
+        "spec.dns.queryTypes[1]",
+        "unknown DNS record type \"BOGUS\"",
+    );
+    one_err(
+        &spec("  dns:\n    queryTypes: []\n"),
+        7,
+        17,
+        "spec.dns.queryTypes",
+        "an empty list allows no query type",
+    );
+    one_err(
+        &spec("  dns:\n    queryTypes: TXT\n"),
+        7,
+        17,
+        "spec.dns.queryTypes",
+        "expected a list of record types",
+    );
+    one_err(
+        &spec("  dns:\n    queryTypes: [1]\n"),
+        7,
+        18,
+        "spec.dns.queryTypes[0]",
+        "expected a string",
+    );
+    one_err(
+        &spec("  dns:\n    namesPerMinute: 0\n"),
+        7,
+        21,
+        "spec.dns.namesPerMinute",
+        "0 is out of range 1..=4294967295",
+    );
+    one_err(
+        &spec("  dns:\n    namesPerMinute: 5000000000\n"),
+        7,
+        21,
+        "spec.dns.namesPerMinute",
+        "out of range",
+    );
+    one_err(
+        &spec("  dns:\n    namesPerMinute: \"10\"\n"),
+        7,
+        21,
+        "spec.dns.namesPerMinute",
+        "expected an integer >= 1",
+    );
+    one_err(
+        &spec("  dns:\n    namesPerMinit: 10\n"),
+        7,
+        5,
+        "spec.dns.namesPerMinit",
+        "did you mean `namesPerMinute`?",
+    );
 }
 
 #[test]

@@ -155,6 +155,16 @@ pub struct Dns {
     /// 1..=253; `None` = 253.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_query_length: Option<u16>,
+    /// Record types the agent may query, canonical upper-case names as
+    /// hickory's `RecordType` spells them (`A`, `AAAA`, `TXT`, ...), without
+    /// duplicates. The list is the complete set (it replaces the default).
+    /// Empty = `[A, AAAA]` (the YAML field was omitted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_types: Vec<String>,
+    /// Distinct names per host rule and minute an identity may resolve,
+    /// `>= 1`; `None` = 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names_per_minute: Option<u32>,
 }
 
 /// TTL clamp for learned addresses, `min <= max`.

@@ -485,7 +485,17 @@ impl<'a> Validator<'a> {
     }
 
     fn dns(&mut self, node: &Node, path: &str) -> Option<Dns> {
-        let f = self.map(node, path, &["upstream", "ttl", "maxQueryLength"])?;
+        let f = self.map(
+            node,
+            path,
+            &[
+                "upstream",
+                "ttl",
+                "maxQueryLength",
+                "queryTypes",
+                "namesPerMinute",
+            ],
+        )?;
         let before = self.errors.len();
         let mut dns = Dns::default();
         if let Some((n, p)) = self.get(&f, "upstream") {
@@ -524,6 +534,35 @@ impl<'a> Validator<'a> {
                 Value::Int(i) if (1..=253).contains(i) => dns.max_query_length = Some(*i as u16),
                 Value::Int(i) => self.err(n, &p, format!("{i} is out of range 1..=253")),
                 _ => self.expected(n, &p, "an integer 1..=253"),
+            }
+        }
+        if let Some((n, p)) = self.get(&f, "queryTypes") {
+            match &n.value {
+                Value::Seq(items) if !items.is_empty() => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(t) = self.checked(item, &format!("{p}[{i}]"), query_type) {
+                            if !dns.query_types.contains(&t) {
+                                dns.query_types.push(t);
+                            }
+                        }
+                    }
+                }
+                Value::Seq(_) | Value::Null => self.err(
+                    n,
+                    &p,
+                    "an empty list allows no query type; omit `queryTypes` for the default \
+                     [A, AAAA]",
+                ),
+                _ => self.expected(n, &p, "a list of record types such as [A, AAAA, TXT]"),
+            }
+        }
+        if let Some((n, p)) = self.get(&f, "namesPerMinute") {
+            match &n.value {
+                Value::Int(i) if (1..=i128::from(u32::MAX)).contains(i) => {
+                    dns.names_per_minute = Some(*i as u32)
+                }
+                Value::Int(i) => self.err(n, &p, format!("{i} is out of range 1..={}", u32::MAX)),
+                _ => self.expected(n, &p, "an integer >= 1"),
             }
         }
         (self.errors.len() == before).then_some(dns)
@@ -770,6 +809,19 @@ fn port_range(s: &str) -> Result<PortRange, String> {
             Ok(PortRange { lo, hi })
         }
         _ => port_number(s).map(|p| PortRange { lo: p, hi: p }),
+    }
+}
+
+/// A DNS record type name as hickory's `RecordType` parses it
+/// (case-insensitive), returned in its canonical upper-case spelling.
+pub fn query_type(s: &str) -> Result<String, String> {
+    use hickory_proto::rr::RecordType;
+    match s.trim().to_ascii_uppercase().parse::<RecordType>() {
+        Ok(t) => Ok(t.to_string()),
+        Err(_) => Err(format!(
+            "unknown DNS record type {s:?}: expected a type name such as A, AAAA, CNAME, \
+             TXT, MX, SRV, HTTPS, NULL or ANY"
+        )),
     }
 }
 

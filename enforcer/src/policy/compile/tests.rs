@@ -279,21 +279,90 @@ fn overflow_through_covering_rules_names_them() {
         .starts_with("o.yaml:8:7: spec.egress[1].cidr: "));
 }
 
-#[test]
-fn unsupported_policies_are_refused() {
-    let mut p = loaded(vec![rule("10.0.0.0/8", &[], Protocol::Any)]);
-    p.policy.spec.egress.push(EgressRule {
+fn host(h: &str, ports: &[(u16, u16)], protocol: Protocol) -> EgressRule {
+    EgressRule {
         cidr: None,
-        host: Some("example.com".into()),
-        ports: vec![],
-        protocol: Protocol::Any,
-    });
-    let e = compile(&p).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("not supported yet: spec.egress[1].host"),
-        "{e}"
+        host: Some(h.into()),
+        ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
+        protocol,
+    }
+}
+
+#[test]
+fn host_rules_are_skipped_and_keep_rule_ids() {
+    let p = loaded(vec![
+        host("example.com", &[], Protocol::Any),
+        rule("10.0.0.0/8", &[], Protocol::Any),
+        host("*.example.com", &[(443, 443)], Protocol::Tcp),
+        rule("10.1.0.0/16", &[(53, 53)], Protocol::Udp),
+    ]);
+    let c = compile(&p).unwrap();
+    assert_eq!(c.v4.len(), 2);
+    assert_eq!(c.rules.len(), 4);
+    assert_eq!(c.rule_name(3), "egress[2]");
+    let ip: IpAddr = "10.1.2.3".parse().unwrap();
+    assert_eq!(matches(&c, ip, 53, UDP), Some(2));
+    assert_eq!(c.v4[1].1.rules[..c.v4[1].1.count as usize].len(), 1);
+}
+
+#[test]
+fn host_rule_sets_merge_ranges_and_rules_of_one_pattern() {
+    let egress = vec![
+        host(
+            "a.example",
+            &[(80, 80), (81, 90), (443, 443)],
+            Protocol::Tcp,
+        ),
+        rule("10.0.0.0/8", &[], Protocol::Any),
+        host("a.example", &[(53, 53), (85, 85)], Protocol::Any),
+        host("b.example", &[], Protocol::Udp),
+    ];
+    let groups = host_groups(&egress);
+    assert_eq!(
+        groups,
+        vec![
+            ("a.example".into(), vec![1, 3]),
+            ("b.example".into(), vec![4])
+        ]
     );
+    let set = host_rule_set(&egress, &[1, 3]).unwrap();
+    let got: Vec<(u16, u16, u8, u32)> = set.rules[..set.count as usize]
+        .iter()
+        .map(|r| (r.port_lo, r.port_hi, r.proto_mask, r.rule_id))
+        .collect();
+    // 80 and 81-90 merge; port 85 of rule 3 keeps only what rule 1 lacks (udp, other).
+    assert_eq!(
+        got,
+        vec![
+            (80, 90, TCP, 1),
+            (443, 443, TCP, 1),
+            (53, 53, ANY, 3),
+            (85, 85, UDP | OTHER, 3)
+        ]
+    );
+    let set = host_rule_set(&egress, &[4]).unwrap();
+    assert_eq!(set.count, 1);
+    assert_eq!(
+        (
+            set.rules[0].port_lo,
+            set.rules[0].port_hi,
+            set.rules[0].proto_mask
+        ),
+        (0, u16::MAX, UDP)
+    );
+}
+
+#[test]
+fn host_rule_with_too_many_port_ranges_is_an_error() {
+    let ports: Vec<(u16, u16)> = (0..20).map(|i| (1000 + 2 * i, 1000 + 2 * i)).collect();
+    let p = loaded(vec![
+        rule("10.0.0.0/8", &[], Protocol::Any),
+        host("x.example", &ports, Protocol::Tcp),
+    ]);
+    let e = compile(&p).unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    assert_eq!(e.0[0].field, "spec.egress[1].ports");
+    assert!(e.0[0].message.contains("host x.example needs 20"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,626 @@
+//! The proxy's sockets and tasks.
+//!
+//! Per served identity:
+//! - one UDP socket on 127.0.0.1 and one on [::1] (same port), each read by
+//!   one task in a loop. Malformed and refused queries are answered inline
+//!   (no task, no upstream traffic); an allowed query gets one spawned task
+//!   that waits for the upstream answer, learns, and replies from the socket
+//!   the query came in on;
+//! - one TCP listener on each of the two addresses; each connection is a
+//!   task (at most [`MAX_TCP_CONNS`] per listener) answering its queries in
+//!   order, forwarding over TCP;
+//! - one upstream UDP socket per address family, shared by all queries of
+//!   the identity, read by one task that hands each answer to the waiting
+//!   query by message id (a pending map; ids are random, an answer must come
+//!   from the upstream address the query went to). No per-query socket.
+//!   Truncated (TC) upstream answers are retried over TCP, one connection per
+//!   retry.
+//!
+//! Nothing is cached, so nothing is shared across identities. A policy swap
+//! (`serve_identity` again) replaces the policy under a lock read once per
+//! query; the sockets, the port and the name budget stay.
+use std::{
+    collections::{hash_map::RandomState, HashMap},
+    hash::BuildHasher,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use hickory_proto::op::{Message, ResponseCode};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::oneshot,
+    task::{JoinHandle, JoinSet},
+    time::timeout,
+};
+
+use super::{
+    message::{
+        answers_question, decide, error_reply, parse_query, process_answer, rule_text,
+        upstream_query, Budget, Decision, Query,
+    },
+    DnsEvent, DnsPolicy, DnsSink, Learner,
+};
+use crate::events::Verdict;
+
+/// How long one upstream gets before the next one is tried.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// A TCP client connection idle (or stalled in a message) this long is closed.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent TCP client connections per listener; more are closed at once.
+pub const MAX_TCP_CONNS: usize = 256;
+/// Attempts at finding a port free on all four sockets.
+const BIND_ATTEMPTS: usize = 64;
+
+/// The per-identity DNS proxy (see the module docs of `crate::dns`).
+pub struct DnsProxy {
+    learner: Arc<dyn Learner>,
+    sink: Arc<dyn DnsSink>,
+    served: Mutex<HashMap<u32, Served>>,
+}
+
+struct Served {
+    port: u16,
+    ident: Arc<Ident>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.ident.stopped.store(true, Ordering::SeqCst);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DnsProxy {
+    pub fn new(learner: Arc<dyn Learner>, sink: Arc<dyn DnsSink>) -> Self {
+        Self {
+            learner,
+            sink,
+            served: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Start serving identity `slot` (or swap its policy atomically if it is
+    /// already served): binds UDP and TCP on 127.0.0.1 and [::1] at one port
+    /// chosen by the OS ([::1] is skipped when the host has no IPv6).
+    /// Returns the port.
+    pub async fn serve_identity(&self, slot: u32, policy: Arc<DnsPolicy>) -> anyhow::Result<u16> {
+        if let Some(port) = self.swap(slot, &policy) {
+            return Ok(port);
+        }
+        let (port, udp, tcp) = bind_all().await?;
+        let up4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .context("binding the IPv4 upstream socket")?;
+        let up6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await.ok();
+        let up4 = Arc::new(UpSock::new(up4));
+        let up6 = up6.map(|s| Arc::new(UpSock::new(s)));
+        let ident = Arc::new(Ident {
+            slot,
+            policy: RwLock::new(policy.clone()),
+            budget: Mutex::new(Budget::new(Instant::now())),
+            stopped: AtomicBool::new(false),
+            learner: self.learner.clone(),
+            sink: self.sink.clone(),
+            up4: Some(up4.clone()),
+            up6: up6.clone(),
+        });
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(upstream_reader(up4)));
+        if let Some(up6) = up6 {
+            tasks.push(tokio::spawn(upstream_reader(up6)));
+        }
+        for s in udp {
+            tasks.push(tokio::spawn(udp_loop(ident.clone(), Arc::new(s))));
+        }
+        for l in tcp {
+            tasks.push(tokio::spawn(tcp_loop(ident.clone(), l)));
+        }
+        let served = Served { port, ident, tasks };
+        let mut map = lock(&self.served);
+        if let Some(existing) = map.get(&slot) {
+            // A concurrent call won: keep its sockets, take our policy.
+            *existing
+                .ident
+                .policy
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = policy;
+            return Ok(existing.port);
+        }
+        map.insert(slot, served);
+        tracing::debug!(slot, port, "DNS proxy serving identity");
+        Ok(port)
+    }
+
+    fn swap(&self, slot: u32, policy: &Arc<DnsPolicy>) -> Option<u16> {
+        let map = lock(&self.served);
+        let s = map.get(&slot)?;
+        *s.ident.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
+        Some(s.port)
+    }
+
+    /// Stop serving `slot`: its sockets close, answers still in flight are
+    /// neither learned nor released.
+    pub fn stop_identity(&self, slot: u32) {
+        let removed = lock(&self.served).remove(&slot);
+        drop(removed);
+    }
+
+    /// The port `slot` is served on.
+    pub fn port(&self, slot: u32) -> Option<u16> {
+        lock(&self.served).get(&slot).map(|s| s.port)
+    }
+}
+
+fn in_use(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AddrInUse
+}
+
+fn no_ipv6(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+}
+
+/// UDP 127.0.0.1:0 picks the port; UDP/TCP [::1] and TCP 127.0.0.1 must get
+/// the same one, else try again.
+async fn bind_all() -> anyhow::Result<(u16, Vec<UdpSocket>, Vec<TcpListener>)> {
+    for _ in 0..BIND_ATTEMPTS {
+        let u4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .context("binding UDP 127.0.0.1")?;
+        let port = u4.local_addr()?.port();
+        let t4 = match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
+            Ok(t) => t,
+            Err(e) if in_use(&e) => continue,
+            Err(e) => return Err(e).context("binding TCP 127.0.0.1"),
+        };
+        let u6 = match UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
+            Ok(s) => Some(s),
+            Err(e) if in_use(&e) => continue,
+            Err(e) if no_ipv6(&e) => None,
+            Err(e) => return Err(e).context("binding UDP [::1]"),
+        };
+        let mut udp = vec![u4];
+        let mut tcp = vec![t4];
+        if let Some(u6) = u6 {
+            match TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await {
+                Ok(t) => tcp.push(t),
+                Err(e) if in_use(&e) => continue,
+                Err(e) => return Err(e).context("binding TCP [::1]"),
+            }
+            udp.push(u6);
+        } else {
+            tracing::warn!(port, "no IPv6 loopback: DNS proxy serves 127.0.0.1 only");
+        }
+        return Ok((port, udp, tcp));
+    }
+    anyhow::bail!("no port free on UDP and TCP, 127.0.0.1 and [::1], after {BIND_ATTEMPTS} tries")
+}
+
+/// One identity being served.
+struct Ident {
+    slot: u32,
+    policy: RwLock<Arc<DnsPolicy>>,
+    budget: Mutex<Budget>,
+    stopped: AtomicBool,
+    learner: Arc<dyn Learner>,
+    sink: Arc<dyn DnsSink>,
+    up4: Option<Arc<UpSock>>,
+    up6: Option<Arc<UpSock>>,
+}
+
+/// What to do with a client message.
+enum Step {
+    /// Dropped (malformed, already counted).
+    Drop,
+    /// Reply right away (REFUSED).
+    Reply(Vec<u8>),
+    /// Ask the upstreams.
+    Forward(Box<Fwd>),
+}
+
+struct Fwd {
+    q: Query,
+    decision: Decision,
+    policy: Arc<DnsPolicy>,
+    /// The sanitized upstream query (id 0).
+    upstream: Vec<u8>,
+    client: SocketAddr,
+    transport: &'static str,
+    start: Instant,
+}
+
+impl Ident {
+    fn begin(
+        &self,
+        bytes: &[u8],
+        client: SocketAddr,
+        transport: &'static str,
+        start: Instant,
+    ) -> Step {
+        let Some(q) = parse_query(bytes) else {
+            self.sink.malformed(self.slot);
+            return Step::Drop;
+        };
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let decision = decide(&policy, &q, &mut lock(&self.budget), start);
+        if decision.verdict == Verdict::Deny {
+            let reply = error_reply(&q, ResponseCode::Refused);
+            self.report(&policy, &q, decision, client, transport, start, |ev| ev);
+            return Step::Reply(reply);
+        }
+        let upstream = upstream_query(&q);
+        Step::Forward(Box::new(Fwd {
+            q,
+            decision,
+            policy,
+            upstream,
+            client,
+            transport,
+            start,
+        }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &self,
+        policy: &DnsPolicy,
+        q: &Query,
+        d: Decision,
+        client: SocketAddr,
+        transport: &'static str,
+        start: Instant,
+        fill: impl FnOnce(DnsEvent) -> DnsEvent,
+    ) {
+        let ev = DnsEvent {
+            slot: self.slot,
+            identity: policy.identity.clone(),
+            policy_hash: policy.policy_hash.clone(),
+            client,
+            transport,
+            qname: q.qname.clone(),
+            qtype: q.qtype_text(),
+            verdict: d.verdict,
+            reason: d.reason,
+            rule: d.rule.map(|i| rule_text(&policy.hosts[i])),
+            answers: Vec::new(),
+            rebinding_blocked: Vec::new(),
+            latency: Duration::ZERO,
+        };
+        let mut ev = fill(ev);
+        ev.latency = start.elapsed();
+        self.sink.record(&ev);
+    }
+
+    /// Ask the upstreams in order until one answers the question.
+    async fn resolve(&self, f: &Fwd, tcp: bool) -> Option<Message> {
+        for &up in &f.policy.upstreams {
+            let m = if tcp {
+                tcp_exchange(up, &f.upstream).await
+            } else {
+                match self.udp_exchange(up, &f.upstream).await {
+                    Some(m) if m.metadata.truncation => tcp_exchange(up, &f.upstream).await,
+                    other => other,
+                }
+            };
+            match m {
+                Some(m) if answers_question(&f.q, &m) => return Some(m),
+                Some(_) => tracing::debug!(%up, "upstream answer does not match the question"),
+                None => tracing::debug!(%up, "upstream did not answer"),
+            }
+        }
+        None
+    }
+
+    async fn udp_exchange(&self, up: SocketAddr, query: &[u8]) -> Option<Message> {
+        let us = match up.ip() {
+            IpAddr::V4(_) => self.up4.as_ref()?,
+            IpAddr::V6(_) => self.up6.as_ref()?,
+        };
+        let (id, rx, _guard) = us.register(up)?;
+        let mut buf = query.to_vec();
+        buf.get_mut(..2)?.copy_from_slice(&id.to_be_bytes());
+        us.sock.send_to(&buf, up).await.ok()?;
+        let data = timeout(UPSTREAM_TIMEOUT, rx).await.ok()?.ok()?;
+        Message::from_vec(&data).ok()
+    }
+
+    /// Build the released answer, learning its addresses first. `None`
+    /// when the identity was stopped meanwhile. `udp_limit`: the client's
+    /// UDP size limit (a bigger answer is released truncated, unlearned).
+    fn finish(
+        &self,
+        f: Box<Fwd>,
+        resp: Option<Message>,
+        udp_limit: Option<usize>,
+    ) -> Option<Vec<u8>> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        let Fwd {
+            q,
+            decision,
+            policy,
+            client,
+            transport,
+            start,
+            ..
+        } = *f;
+        let Some(resp) = resp else {
+            let reply = error_reply(&q, ResponseCode::ServFail);
+            let d = Decision {
+                reason: if decision.verdict == Verdict::Allow {
+                    "upstream-error"
+                } else {
+                    decision.reason
+                },
+                ..decision
+            };
+            self.report(&policy, &q, d, client, transport, start, |ev| ev);
+            return Some(reply);
+        };
+        let rule = decision.rule.map(|i| &policy.hosts[i]);
+        let p = process_answer(&policy, &q, resp, rule.is_some());
+        let mut bytes = p.reply.to_vec().ok()?;
+        let mut learn = p.learn;
+        if udp_limit.is_some_and(|l| bytes.len() > l) {
+            bytes = p.reply.truncate().to_vec().ok()?;
+            learn.clear();
+        }
+        let mut d = decision;
+        let mut installed = Vec::with_capacity(learn.len());
+        if let Some(rule) = rule {
+            for (ip, ttl) in learn {
+                match self.learner.learn(self.slot, ip, &rule.set, ttl, &q.qname) {
+                    Ok(()) => installed.push(ip),
+                    Err(e) => {
+                        tracing::warn!(slot = self.slot, %ip, "learning a DNS answer failed: {e:#}");
+                        d.verdict = Verdict::Deny;
+                        d.reason = "learn-error";
+                        bytes = error_reply(&q, ResponseCode::ServFail);
+                        break;
+                    }
+                }
+            }
+        }
+        let blocked = p.blocked;
+        self.report(&policy, &q, d, client, transport, start, |mut ev| {
+            ev.answers = installed;
+            ev.rebinding_blocked = blocked;
+            ev
+        });
+        Some(bytes)
+    }
+}
+
+async fn udp_loop(ident: Arc<Ident>, sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, src) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("DNS proxy UDP receive: {e}");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let start = Instant::now();
+        match ident.begin(&buf[..n], src, "udp", start) {
+            Step::Drop => {}
+            Step::Reply(b) => {
+                let _ = sock.send_to(&b, src).await;
+            }
+            Step::Forward(f) => {
+                let ident = ident.clone();
+                let sock = sock.clone();
+                tokio::spawn(async move {
+                    let limit = f.q.udp_limit();
+                    let resp = ident.resolve(&f, false).await;
+                    if let Some(b) = ident.finish(f, resp, Some(limit)) {
+                        let _ = sock.send_to(&b, src).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn tcp_loop(ident: Arc<Ident>, listener: TcpListener) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, peer)) if conns.len() < MAX_TCP_CONNS => {
+                    conns.spawn(tcp_conn(ident.clone(), s, peer));
+                }
+                Ok(_) => tracing::debug!("DNS proxy: too many TCP connections"),
+                Err(e) => {
+                    tracing::debug!("DNS proxy TCP accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn tcp_conn(ident: Arc<Ident>, mut s: TcpStream, peer: SocketAddr) {
+    let _ = s.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        let len = match timeout(TCP_IDLE_TIMEOUT, s.read_u16()).await {
+            Ok(Ok(l)) => usize::from(l),
+            _ => return,
+        };
+        buf.resize(len, 0);
+        if !matches!(
+            timeout(TCP_IDLE_TIMEOUT, s.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        ) {
+            // The connection ended inside a message.
+            ident.sink.malformed(ident.slot);
+            return;
+        }
+        let start = Instant::now();
+        let reply = match ident.begin(&buf, peer, "tcp", start) {
+            Step::Drop => continue,
+            Step::Reply(b) => b,
+            Step::Forward(f) => {
+                let resp = ident.resolve(&f, true).await;
+                match ident.finish(f, resp, None) {
+                    Some(b) => b,
+                    None => return,
+                }
+            }
+        };
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&reply);
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One query over a fresh TCP connection to `up` (random id, checked).
+async fn tcp_exchange(up: SocketAddr, query: &[u8]) -> Option<Message> {
+    let id = (RandomState::new().hash_one(Instant::now()) & 0xffff) as u16;
+    let len = u16::try_from(query.len()).ok()?;
+    let mut out = Vec::with_capacity(query.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(query);
+    out.get_mut(2..4)?.copy_from_slice(&id.to_be_bytes());
+    let exchange = async {
+        let mut s = TcpStream::connect(up).await.ok()?;
+        let _ = s.set_nodelay(true);
+        s.write_all(&out).await.ok()?;
+        let n = usize::from(s.read_u16().await.ok()?);
+        let mut b = vec![0u8; n];
+        s.read_exact(&mut b).await.ok()?;
+        let m = Message::from_vec(&b).ok()?;
+        (m.metadata.id == id).then_some(m)
+    };
+    timeout(UPSTREAM_TIMEOUT, exchange).await.ok()?
+}
+
+/// An upstream UDP socket shared by the queries of one identity.
+struct UpSock {
+    sock: UdpSocket,
+    pending: Mutex<Pending>,
+}
+
+struct Pending {
+    /// id -> (upstream it was sent to, generation, waiter)
+    map: HashMap<u16, (SocketAddr, u64, oneshot::Sender<Vec<u8>>)>,
+    rng: u64,
+    generation: u64,
+}
+
+/// Removes a pending query (only its own generation) when dropped.
+struct PendingGuard<'a> {
+    us: &'a UpSock,
+    id: u16,
+    generation: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut p = lock(&self.us.pending);
+        if p.map.get(&self.id).is_some_and(|e| e.1 == self.generation) {
+            p.map.remove(&self.id);
+        }
+    }
+}
+
+impl UpSock {
+    fn new(sock: UdpSocket) -> Self {
+        Self {
+            sock,
+            pending: Mutex::new(Pending {
+                map: HashMap::new(),
+                rng: RandomState::new().hash_one(0u8) | 1,
+                generation: 0,
+            }),
+        }
+    }
+
+    /// A free random id for a query to `up`.
+    fn register(
+        &self,
+        up: SocketAddr,
+    ) -> Option<(u16, oneshot::Receiver<Vec<u8>>, PendingGuard<'_>)> {
+        let mut p = lock(&self.pending);
+        for _ in 0..16 {
+            // xorshift64
+            p.rng ^= p.rng << 13;
+            p.rng ^= p.rng >> 7;
+            p.rng ^= p.rng << 17;
+            let id = (p.rng >> 24) as u16;
+            if p.map.contains_key(&id) {
+                continue;
+            }
+            p.generation += 1;
+            let generation = p.generation;
+            let (tx, rx) = oneshot::channel();
+            p.map.insert(id, (up, generation, tx));
+            return Some((
+                id,
+                rx,
+                PendingGuard {
+                    us: self,
+                    id,
+                    generation,
+                },
+            ));
+        }
+        None
+    }
+}
+
+async fn upstream_reader(us: Arc<UpSock>) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, src) = match us.sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(_) => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        if n < 12 {
+            continue;
+        }
+        let id = u16::from_be_bytes([buf[0], buf[1]]);
+        let waiter = {
+            let mut p = lock(&us.pending);
+            if p.map.get(&id).is_some_and(|e| e.0 == src) {
+                p.map.remove(&id)
+            } else {
+                None
+            }
+        };
+        if let Some((_, _, tx)) = waiter {
+            let _ = tx.send(buf[..n].to_vec());
+        }
+    }
+}
