@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod daemon;
 pub mod dns;
+pub mod dns_bridge;
 pub mod events;
 pub mod kernel;
 pub mod metrics;

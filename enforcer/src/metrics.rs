@@ -403,7 +403,9 @@ impl Metrics {
     }
 
     pub fn record_dns_refused(&self, identity: &str, reason: &str) {
-        self.dns_refused.with_label_values(&[identity, reason]).inc();
+        self.dns_refused
+            .with_label_values(&[identity, reason])
+            .inc();
     }
 
     pub fn observe_dns_latency(&self, identity: &str, seconds: f64) {

@@ -37,6 +37,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     audit::{AuditLog, LifecycleAction},
+    dns_bridge::DnsService,
     events::{
         reader::{self, Attribution, Clock, SlotInfo},
         sink::{self, Sinks},
@@ -182,13 +183,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
         ),
     );
 
-    // Fork the agent while this process is still single-threaded.
-    let mut child = spawn_agent(&cg.path, &args.command, user)
-        .with_context(|| format!("starting {:?}", args.command[0]))?;
-    let child_pid = child.id();
-    tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
-
     let summary = Arc::new(Mutex::new(Summary::default()));
+    let dns = Arc::new(DnsService::new(
+        &mut kernel,
+        sinks.clone(),
+        metrics.clone(),
+        attribution.clone(),
+    )?);
+    let dns_policy = Arc::new(crate::dns::compile_dns(&loaded, &compiled));
     let kernel = Arc::new(Mutex::new(kernel));
     {
         let weak_kernel = Arc::downgrade(&kernel);
@@ -222,30 +224,42 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
             None => None,
         };
+        // The DNS proxy serves before the agent exists: its first query is
+        // already steered and answered.
+        let dns_port = dns.serve(&kernel, SLOT, dns_policy.clone()).await?;
+        tracing::info!(port = dns_port, "DNS proxy ready");
         let clock = Clock::new();
         let reader_task = {
-            let attribution = attribution.clone();
             let sinks = sinks.clone();
             let sinks_flush = sinks.clone();
             let summary = summary.clone();
+            let attribute = dns.attributor(attribution.clone());
             tokio::spawn(reader::run(
                 ring,
                 move |ev| {
-                    let d = attribution.decision(&ev, &clock);
+                    let d = attribute(&ev, &clock);
                     sinks.handle(&d);
                     summarize(&d, &summary);
                 },
                 move || sinks_flush.flush(),
             ))
         };
+        // The pre-exec hook makes only raw syscalls on memory prepared
+        // before the fork, so forking from this multi-threaded process is safe.
+        let mut child = spawn_agent(&cg.path, &args.command, user)
+            .with_context(|| format!("starting {:?}", args.command[0]))?;
+        let child_pid = child.id();
+        tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
         let poller = {
             let kernel = kernel.clone();
             let metrics = metrics.clone();
             let name = compiled.name.clone();
+            let dns = dns.clone();
             tokio::spawn(async move {
                 let slots = [(SLOT, name)];
                 loop {
                     publish(&kernel, &metrics, &slots);
+                    dns.gc(&metrics, &slots);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             })

@@ -33,6 +33,12 @@ pub struct IdentityStatus {
     pub rules: usize,
     pub entries: usize,
     pub cgroups: Vec<CgroupStatus>,
+    /// Port of the identity's DNS proxy on 127.0.0.1 and ::1 (0: none).
+    #[serde(default)]
+    pub dns_port: u16,
+    /// Addresses currently reachable because a DNS answer allowed them.
+    #[serde(default)]
+    pub learned_addresses: usize,
     /// action -> verdict -> count (kernel counters)
     pub decisions: BTreeMap<String, BTreeMap<String, u64>>,
     pub recent_denials: Vec<RecentDenialOut>,
@@ -141,6 +147,13 @@ pub fn render(st: &Status) -> String {
             i.rules,
             i.entries
         );
+        if i.dns_port != 0 {
+            let _ = writeln!(
+                o,
+                "  dns proxy 127.0.0.1/[::1]:{}  learned addresses {}",
+                i.dns_port, i.learned_addresses
+            );
+        }
         if i.cgroups.is_empty() {
             let _ = writeln!(o, "  cgroups: none bound");
         }

@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     audit::{AuditLog, LifecycleAction},
+    dns::DnsPolicy,
+    dns_bridge::DnsService,
     events::{
         reader::{self, Attribution, Clock, SlotInfo},
         sink::{self, Sinks},
@@ -45,6 +47,7 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/enforcer/enforcer.sock";
 /// One active policy.
 struct Active {
     compiled: CompiledPolicy,
+    dns: Arc<DnsPolicy>,
     source: PathBuf,
     slot: u32,
 }
@@ -114,6 +117,9 @@ pub struct State {
     reloads_rejected: u64,
     /// Processes in bound cgroups holding CAP_NET_RAW (see `scan_net_raw`).
     net_raw: BTreeMap<u32, String>,
+    dns: Arc<DnsService>,
+    /// DNS proxies to (re)start after a reload (async, outside the lock).
+    pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
 }
 
 impl State {
@@ -153,12 +159,13 @@ impl State {
         };
         files.sort();
         let now = chrono::Utc::now().to_rfc3339();
-        // name -> (compiled, source)
-        let mut desired: BTreeMap<String, (CompiledPolicy, PathBuf)> = BTreeMap::new();
+        // name -> (compiled, source, dns view)
+        let mut desired: BTreeMap<String, (CompiledPolicy, PathBuf, Arc<DnsPolicy>)> =
+            BTreeMap::new();
         let mut rejected_files: HashSet<PathBuf> = HashSet::new();
         let mut new_rejections: BTreeMap<PathBuf, Rejection> = BTreeMap::new();
         for file in &files {
-            let result: Result<Vec<(LoadedPolicy, CompiledPolicy)>, Vec<String>> =
+            let result: Result<Vec<(LoadedPolicy, CompiledPolicy, Arc<DnsPolicy>)>, Vec<String>> =
                 match policy::load_files(std::slice::from_ref(file)) {
                     Err(e) => Err(e.0.iter().map(|x| x.to_string()).collect()),
                     Ok(list) => {
@@ -170,13 +177,16 @@ impl State {
                                 continue;
                             }
                             match policy::compile::compile(&p) {
-                                Ok(c) => out.push((p, c)),
+                                Ok(c) => {
+                                    let d = Arc::new(crate::dns::compile_dns(&p, &c));
+                                    out.push((p, c, d))
+                                }
                                 Err(e) => errs.extend(e.0.iter().map(|x| x.to_string())),
                             }
                         }
-                        for (p, _) in &out {
+                        for (p, _, _) in &out {
                             let name = &p.policy.metadata.name;
-                            if let Some((_, other)) = desired.get(name) {
+                            if let Some((_, other, _)) = desired.get(name) {
                                 errs.push(format!(
                                     "{}:{}: metadata.name: duplicate policy name {name:?} (also in {})",
                                     file.display(),
@@ -194,8 +204,8 @@ impl State {
                 };
             match result {
                 Ok(list) => {
-                    for (_, c) in list {
-                        desired.insert(c.name.clone(), (c, file.clone()));
+                    for (_, c, d) in list {
+                        desired.insert(c.name.clone(), (c, file.clone(), d));
                     }
                 }
                 Err(errors) => {
@@ -214,7 +224,10 @@ impl State {
         // A rejected file keeps its previously active policies in force.
         for (name, a) in &self.active {
             if rejected_files.contains(&a.source) && !desired.contains_key(name) {
-                desired.insert(name.clone(), (a.compiled.clone(), a.source.clone()));
+                desired.insert(
+                    name.clone(),
+                    (a.compiled.clone(), a.source.clone(), a.dns.clone()),
+                );
             }
         }
         for (file, r) in &new_rejections {
@@ -241,7 +254,7 @@ impl State {
 
         // Apply changes.
         let mut changed = false;
-        for (name, (compiled, source)) in &desired {
+        for (name, (compiled, source, dns)) in &desired {
             let same = self
                 .active
                 .get(name)
@@ -294,10 +307,15 @@ impl State {
                         &compiled.hash,
                         &format!("{} ({} entries)", source.display(), compiled.entry_count()),
                     );
+                    if !fresh {
+                        self.dns.forget(slot);
+                    }
+                    self.pending_dns.push((slot, dns.clone()));
                     self.active.insert(
                         name.clone(),
                         Active {
                             compiled: compiled.clone(),
+                            dns: dns.clone(),
                             source: source.clone(),
                             slot,
                         },
@@ -321,6 +339,7 @@ impl State {
                 changed = true;
                 tracing::warn!(policy = %name, "policy removed: its bound cgroups now fail closed");
                 let _ = self.kernel.remove_policy(a.slot);
+                self.dns.stop(a.slot);
                 self.metrics.forget_identity(&name);
                 self.sinks.lifecycle(
                     LifecycleAction::PolicyRemove,
@@ -513,6 +532,8 @@ impl State {
                         cgroup_id: b.attachment.cgroup_id,
                     })
                     .collect(),
+                dns_port: self.kernel.dns_port(a.slot),
+                learned_addresses: self.dns.learned_count(a.slot),
                 decisions,
                 recent_denials: self.sinks.recent(name),
             });
@@ -571,6 +592,12 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     };
     let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
     let attribution = Attribution::default();
+    let dns = Arc::new(DnsService::new(
+        &mut kernel,
+        sinks.clone(),
+        metrics.clone(),
+        attribution.clone(),
+    )?);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
     let slots = SlotTable::load(&cfg.state_dir.join("slots.json"));
@@ -590,6 +617,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         reloads_ok: 0,
         reloads_rejected: 0,
         net_raw: BTreeMap::new(),
+        dns: dns.clone(),
+        pending_dns: Vec::new(),
     };
     let state = Arc::new(Mutex::new(state));
     {
@@ -612,6 +641,10 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reload_policies();
+    }
+    start_dns(&state, &dns).await;
+    {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reconcile_bindings();
         s.scan_net_raw();
     }
@@ -628,9 +661,10 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let reader_task = {
         let sinks_h = sinks.clone();
         let sinks_f = sinks.clone();
+        let attribute = dns.attributor(attribution);
         tokio::spawn(reader::run(
             ring,
-            move |ev| sinks_h.handle(&attribution.decision(&ev, &clock)),
+            move |ev| sinks_h.handle(&attribute(&ev, &clock)),
             move || sinks_f.flush(),
         ))
     };
@@ -661,26 +695,31 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        if why == "sighup" {
-            match Config::load(&config_path) {
-                Ok(new) => {
-                    if new.bindings != s.cfg.bindings {
-                        tracing::info!("bindings changed in config");
+        {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            if why == "sighup" {
+                match Config::load(&config_path) {
+                    Ok(new) => {
+                        if new.bindings != s.cfg.bindings {
+                            tracing::info!("bindings changed in config");
+                        }
+                        s.cfg.bindings = new.bindings;
                     }
-                    s.cfg.bindings = new.bindings;
+                    Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
                 }
-                Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
+            }
+            if why != "tick" {
+                tracing::info!(trigger = why, "reloading policies");
+                s.reload_policies();
             }
         }
-        if why != "tick" {
-            tracing::info!(trigger = why, "reloading policies");
-            s.reload_policies();
-        }
+        start_dns(&state, &dns).await;
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reconcile_bindings();
         s.scan_net_raw();
         let names = s.slot_names();
         sink::publish_kernel_counters(&s.kernel, &metrics, &names);
+        dns.gc(&metrics, &names);
     }
     tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
     sinks.lifecycle(
@@ -694,6 +733,25 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let _ = std::fs::remove_file(&cfg.control_socket);
     // Attachments are pinned: dropping them here closes our fds only.
     Ok(0)
+}
+
+/// (Re)start the DNS proxies a reload asked for, then point each identity's
+/// steering at its proxy port. The state lock is not held across the await.
+async fn start_dns(state: &Mutex<State>, dns: &DnsService) {
+    let pending = std::mem::take(&mut state.lock().unwrap_or_else(|e| e.into_inner()).pending_dns);
+    for (slot, policy) in pending {
+        let name = policy.identity.name.clone();
+        match dns.start(slot, policy).await {
+            Ok(port) => {
+                let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                match s.kernel.set_dns_port(slot, port) {
+                    Ok(()) => tracing::info!(policy = %name, port, "DNS proxy serving"),
+                    Err(e) => tracing::error!(policy = %name, "steering DNS to the proxy: {e:#}"),
+                }
+            }
+            Err(e) => tracing::error!(policy = %name, "starting the DNS proxy: {e:#}"),
+        }
+    }
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> Result<()> {

@@ -201,6 +201,11 @@ impl Kernel {
         self.policies.set(slot, st, 0).context("writing POLICIES")
     }
 
+    /// The DNS proxy port of `slot` (0: none).
+    pub fn dns_port(&self, slot: u32) -> u16 {
+        self.dns_ports.get(&slot).copied().unwrap_or(0)
+    }
+
     pub fn set_allow_sample(&mut self, allow_sample: u32) -> Result<()> {
         self.config
             .set(
@@ -319,36 +324,31 @@ impl Kernel {
         self.next_table_id = self.next_table_id.wrapping_add(1).max(1);
         let tid = table_id.to_be_bytes();
         let mut new = Installed::default();
-        let mut result = Ok(());
-        for (net, set) in v4 {
-            let key = Key::new(
-                32 + u32::from(net.prefix_len()),
-                V4Key {
+        let mut result = insert_all(
+            &mut self.v4,
+            "EGRESS_V4",
+            v4.iter().map(|(net, set)| {
+                let data = V4Key {
                     table_id_be: tid,
                     addr: net.network().octets(),
-                },
-            );
-            if let Err(e) = self.v4.insert(&key, set, 0) {
-                result = Err(anyhow!("inserting {net} into EGRESS_V4: {e}"));
-                break;
-            }
-            new.v4.push(key);
-        }
+                };
+                (net.to_string(), net.prefix_len(), data, set)
+            }),
+            &mut new.v4,
+        );
         if result.is_ok() {
-            for (net, set) in v6 {
-                let key = Key::new(
-                    32 + u32::from(net.prefix_len()),
-                    V6Key {
+            result = insert_all(
+                &mut self.v6,
+                "EGRESS_V6",
+                v6.iter().map(|(net, set)| {
+                    let data = V6Key {
                         table_id_be: tid,
                         addr: net.network().octets(),
-                    },
-                );
-                if let Err(e) = self.v6.insert(&key, set, 0) {
-                    result = Err(anyhow!("inserting {net} into EGRESS_V6: {e}"));
-                    break;
-                }
-                new.v6.push(key);
-            }
+                    };
+                    (net.to_string(), net.prefix_len(), data, set)
+                }),
+                &mut new.v6,
+            );
         }
         if let Err(e) = result {
             self.delete_generation(&new);
@@ -475,6 +475,24 @@ impl Kernel {
             .map(|v| v.iter().sum())
             .unwrap_or(0)
     }
+}
+
+/// Insert one generation's entries into a trie (key prefix = 32 bits of
+/// table id + the CIDR length), recording each key for later deletion.
+/// Stops at the first failure.
+fn insert_all<'a, K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, RuleSet>,
+    map_name: &str,
+    entries: impl Iterator<Item = (String, u8, K, &'a RuleSet)>,
+    keys: &mut Vec<Key<K>>,
+) -> Result<()> {
+    for (net, prefix_len, data, set) in entries {
+        let key = Key::new(32 + u32::from(prefix_len), data);
+        trie.insert(&key, set, 0)
+            .map_err(|e| anyhow!("inserting {net} into {map_name}: {e}"))?;
+        keys.push(key);
+    }
+    Ok(())
 }
 
 fn raise_memlock() {

@@ -1,0 +1,218 @@
+//! Glue between the DNS proxy (`dns/`) and the rest: the kernel's learned
+//! tables (`kernel::learned`), the audit log and metrics (`events::sink`),
+//! and connect attribution (which name an address was learned from).
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+use enforcer_common::RuleSet;
+
+use crate::{
+    dns::{DnsEvent, DnsPolicy, DnsProxy, DnsSink, Learner},
+    events::{
+        reader::{Attribution, Clock},
+        sink::Sinks,
+        Action, Decision, Verdict,
+    },
+    kernel::{learned::LearnedTable, Kernel},
+    metrics::Metrics,
+};
+
+/// Installs learned addresses in the kernel before the proxy releases an answer.
+struct KernelLearner {
+    table: Arc<Mutex<LearnedTable>>,
+}
+
+impl Learner for KernelLearner {
+    fn learn(&self, slot: u32, ip: IpAddr, set: &RuleSet, ttl: Duration, host: &str) -> Result<()> {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(slot, ip, set, ttl, host)
+    }
+}
+
+/// DNS decisions -> audit log, metrics, recent denials.
+struct Recorder {
+    sinks: Arc<Sinks>,
+    metrics: Arc<Metrics>,
+    attribution: Attribution,
+}
+
+impl DnsSink for Recorder {
+    fn record(&self, ev: &DnsEvent) {
+        let name = ev.identity.name.as_str();
+        self.metrics.record_dns_query(name, ev.verdict);
+        if ev.verdict != Verdict::Allow {
+            self.metrics.record_dns_refused(name, ev.reason);
+        }
+        self.metrics
+            .observe_dns_latency(name, ev.latency.as_secs_f64());
+        if !ev.rebinding_blocked.is_empty() {
+            self.metrics
+                .add_dns_rebinding_blocked(name, ev.rebinding_blocked.len() as u64);
+        }
+        let list = |v: &[IpAddr]| {
+            v.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut detail = format!(
+            "qtype={} reason={} transport={} latency_us={}",
+            ev.qtype,
+            ev.reason,
+            ev.transport,
+            ev.latency.as_micros()
+        );
+        if !ev.answers.is_empty() {
+            detail.push_str(&format!(" learned=[{}]", list(&ev.answers)));
+        }
+        if !ev.rebinding_blocked.is_empty() {
+            detail.push_str(&format!(
+                " rebinding_blocked=[{}]",
+                list(&ev.rebinding_blocked)
+            ));
+        }
+        self.sinks.handle(&Decision {
+            ts: chrono::Utc::now(),
+            identity: ev.identity.clone(),
+            cgroup_id: 0,
+            pid: 0,
+            comm: String::new(),
+            action: Action::Dns,
+            ip: Some(ev.client.ip()),
+            port: Some(ev.client.port()),
+            protocol: Some(ev.transport.to_string()),
+            host: Some(ev.qname.clone()),
+            verdict: ev.verdict,
+            rule: ev.rule.clone().unwrap_or_else(|| ev.reason.to_string()),
+            policy_hash: ev.policy_hash.clone(),
+            detail: Some(detail),
+        });
+    }
+
+    fn malformed(&self, slot: u32) {
+        let name = self
+            .attribution
+            .get(slot)
+            .map(|i| i.identity.name)
+            .unwrap_or_else(|| "unknown".into());
+        self.metrics.inc_dns_malformed(&name);
+    }
+}
+
+/// The DNS side of a controller (`run` or `daemon`): one proxy, one
+/// learned-address table.
+pub struct DnsService {
+    proxy: DnsProxy,
+    learned: Arc<Mutex<LearnedTable>>,
+}
+
+impl DnsService {
+    pub fn new(
+        kernel: &mut Kernel,
+        sinks: Arc<Sinks>,
+        metrics: Arc<Metrics>,
+        attribution: Attribution,
+    ) -> Result<Self> {
+        let table = kernel
+            .take_learned()
+            .ok_or_else(|| anyhow::anyhow!("learned-address tables already taken"))?;
+        let learned = Arc::new(Mutex::new(table));
+        let proxy = DnsProxy::new(
+            Arc::new(KernelLearner {
+                table: learned.clone(),
+            }),
+            Arc::new(Recorder {
+                sinks,
+                metrics,
+                attribution,
+            }),
+        );
+        Ok(Self { proxy, learned })
+    }
+
+    /// Serve (or update) identity `slot`'s proxy; the caller points the
+    /// kernel's DNS steering at the returned port.
+    pub async fn start(&self, slot: u32, policy: Arc<DnsPolicy>) -> Result<u16> {
+        self.proxy.serve_identity(slot, policy).await
+    }
+
+    /// Serve (or update) identity `slot`'s proxy and point its DNS steering
+    /// at it. `kernel` is only locked for the map update.
+    pub async fn serve(
+        &self,
+        kernel: &Mutex<Kernel>,
+        slot: u32,
+        policy: Arc<DnsPolicy>,
+    ) -> Result<u16> {
+        let port = self.proxy.serve_identity(slot, policy).await?;
+        kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_dns_port(slot, port)?;
+        Ok(port)
+    }
+
+    /// Stop identity `slot`'s proxy and forget what it learned.
+    pub fn stop(&self, slot: u32) {
+        self.proxy.stop_identity(slot);
+        self.forget(slot);
+    }
+
+    /// Forget what identity `slot` learned (its policy changed: names are
+    /// judged again under the new rules when the agent resolves again).
+    pub fn forget(&self, slot: u32) {
+        self.learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_slot(slot);
+    }
+
+    /// Drop expired learned addresses and publish the gauges.
+    pub fn gc(&self, metrics: &Metrics, slots: &[(u32, String)]) {
+        let mut t = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+        t.gc();
+        for (slot, name) in slots {
+            metrics.set_dns_learned(name, t.count(*slot) as u64);
+        }
+    }
+
+    /// The name `ip` was learned from by identity `slot`, if it still is.
+    pub fn host_of(&self, slot: u32, ip: IpAddr) -> Option<String> {
+        self.learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .host_of(slot, ip)
+    }
+
+    pub fn learned_count(&self, slot: u32) -> usize {
+        self.learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count(slot)
+    }
+
+    /// A decoder for the event reader: kernel event -> attributed decision,
+    /// with the DNS name a destination was learned from.
+    pub fn attributor(
+        &self,
+        attribution: Attribution,
+    ) -> impl Fn(&enforcer_common::Event, &Clock) -> Decision + Send + 'static {
+        let learned = self.learned.clone();
+        move |ev, clock| {
+            let mut d = attribution.decision(ev, clock);
+            if let Some(ip) = d.ip {
+                d.host = learned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .host_of(ev.slot, ip);
+            }
+            d
+        }
+    }
+}
