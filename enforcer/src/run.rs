@@ -104,6 +104,8 @@ struct Summary {
     /// (action, destination, rule, verdict) -> (count, first comm/pid)
     denials: BTreeMap<(String, String, String, String), (u64, String)>,
     events: u64,
+    dns_answered: u64,
+    dns_refused: u64,
 }
 
 pub fn run(args: RunArgs) -> Result<i32> {
@@ -184,6 +186,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
     );
 
     let summary = Arc::new(Mutex::new(Summary::default()));
+    {
+        let summary = summary.clone();
+        sinks.set_observer(Box::new(move |d| summarize(d, &summary)));
+    }
     let dns = Arc::new(DnsService::new(
         &mut kernel,
         sinks.clone(),
@@ -232,15 +238,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let reader_task = {
             let sinks = sinks.clone();
             let sinks_flush = sinks.clone();
-            let summary = summary.clone();
             let attribute = dns.attributor(attribution.clone());
             tokio::spawn(reader::run(
                 ring,
-                move |ev| {
-                    let d = attribute(&ev, &clock);
-                    sinks.handle(&d);
-                    summarize(&d, &summary);
-                },
+                move |ev| sinks.handle(&attribute(&ev, &clock)),
                 move || sinks_flush.flush(),
             ))
         };
@@ -328,21 +329,36 @@ pub fn run(args: RunArgs) -> Result<i32> {
 fn summarize(d: &Decision, summary: &Mutex<Summary>) {
     let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
     s.events += 1;
+    if d.action == crate::events::Action::Dns {
+        if d.verdict == Verdict::Allow {
+            s.dns_answered += 1;
+        } else {
+            s.dns_refused += 1;
+        }
+    }
     if d.verdict != Verdict::Allow {
+        let (dest, who) = match (d.action, &d.host) {
+            // The proxy sees a query, not a process: name the query.
+            (crate::events::Action::Dns, Some(name)) => (
+                name.clone(),
+                format!("dns proxy, from {}", sink::destination(d)),
+            ),
+            _ => (
+                format!(
+                    "{} {}",
+                    sink::destination(d),
+                    d.protocol.as_deref().unwrap_or("")
+                ),
+                format!("{} pid {}", d.comm, d.pid),
+            ),
+        };
         let key = (
             d.action.as_str().to_string(),
-            format!(
-                "{} {}",
-                sink::destination(d),
-                d.protocol.as_deref().unwrap_or("")
-            ),
+            dest,
             d.rule.clone(),
             d.verdict.as_str().to_string(),
         );
-        let e = s
-            .denials
-            .entry(key)
-            .or_insert((0, format!("{} pid {}", d.comm, d.pid)));
+        let e = s.denials.entry(key).or_insert((0, who));
         e.0 += 1;
     }
 }
@@ -384,6 +400,12 @@ fn print_summary(
         total(Verdict::Deny),
         total(Verdict::Audit)
     );
+    if s.dns_answered + s.dns_refused > 0 {
+        eprintln!(
+            "enforcer: dns: {} answered, {} refused",
+            s.dns_answered, s.dns_refused
+        );
+    }
     if s.denials.is_empty() {
         eprintln!("enforcer: nothing was denied");
         return;

@@ -27,10 +27,14 @@ pub struct RecentDenial {
     pub pid: u32,
 }
 
+type Observer = Box<dyn Fn(&Decision) + Send + Sync>;
+
 pub struct Sinks {
     pub metrics: Arc<Metrics>,
     pub audit: Option<Mutex<AuditLog>>,
     recent: Mutex<HashMap<String, VecDeque<RecentDenial>>>,
+    /// Extra consumer of every decision (`enforcer run`'s exit summary).
+    observer: Mutex<Option<Observer>>,
 }
 
 impl Sinks {
@@ -39,10 +43,23 @@ impl Sinks {
             metrics,
             audit: audit.map(Mutex::new),
             recent: Mutex::new(HashMap::new()),
+            observer: Mutex::new(None),
         }
     }
 
+    pub fn set_observer(&self, f: Observer) {
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
     pub fn handle(&self, d: &Decision) {
+        if let Some(f) = self
+            .observer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f(d);
+        }
         self.metrics
             .record_event(&d.identity.name, d.action, d.verdict);
         if let Some(a) = &self.audit {
