@@ -339,10 +339,13 @@ fn summarize(d: &Decision, summary: &Mutex<Summary>) {
     if d.verdict != Verdict::Allow {
         let (dest, who) = match (d.action, &d.host) {
             // The proxy sees a query, not a process: name the query.
-            (crate::events::Action::Dns, Some(name)) => (
-                name.clone(),
-                format!("dns proxy, from {}", sink::destination(d)),
-            ),
+            (crate::events::Action::Dns, Some(name)) => {
+                let from = match (d.ip, d.port) {
+                    (Some(ip), Some(port)) => std::net::SocketAddr::new(ip, port).to_string(),
+                    _ => "?".into(),
+                };
+                (name.clone(), format!("dns proxy, from {from}"))
+            }
             _ => (
                 format!(
                     "{} {}",

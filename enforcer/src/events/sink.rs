@@ -131,6 +131,9 @@ impl Sinks {
 }
 
 pub fn destination(d: &Decision) -> String {
+    if let (Action::Dns, Some(name)) = (d.action, &d.host) {
+        return format!("{name} ({})", d.protocol.as_deref().unwrap_or("dns"));
+    }
     match (d.ip, d.port) {
         (Some(std::net::IpAddr::V6(ip)), Some(p)) => format!("[{ip}]:{p}"),
         (Some(ip), Some(p)) => format!("{ip}:{p}"),
