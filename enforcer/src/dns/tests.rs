@@ -1,1 +1,909 @@
-//! Proxy tests.
+//! The proxy against a tiny in-test upstream (UDP and TCP on one loopback
+//! port, answers built with hickory-proto), a recording [`Learner`] and a
+//! recording [`DnsSink`].
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{
+        rdata::{A, AAAA, CNAME, TXT},
+        DNSClass, Name, RData, Record, RecordType,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
+
+use super::*;
+use crate::policy::{compile, parse_str};
+
+// ---------------------------------------------------------------- upstream
+
+/// What the fake upstream saw: (transport, lower-case name, type).
+type Seen = Arc<Mutex<Vec<(&'static str, String, RecordType)>>>;
+
+fn rec(name: &str, ttl: u32, data: RData) -> Record {
+    Record::from_rdata(Name::from_ascii(name).unwrap(), ttl, data)
+}
+
+fn a(s: &str) -> RData {
+    RData::A(A(s.parse().unwrap()))
+}
+
+/// The fake zone. `tc.example.com` is truncated over UDP.
+fn zone(name: &str, t: RecordType) -> Option<Vec<Record>> {
+    let n = name.trim_end_matches('.');
+    Some(match (n, t) {
+        ("api.example.com", RecordType::A) => vec![rec(n, 1, a("93.184.216.34"))],
+        ("api.example.com", RecordType::AAAA) => vec![rec(
+            n,
+            100_000,
+            RData::AAAA(AAAA("2606:4700::1".parse().unwrap())),
+        )],
+        ("api.example.com", RecordType::TXT) => {
+            vec![rec(n, 60, RData::TXT(TXT::new(vec!["hello".into()])))]
+        }
+        ("www.example.com", RecordType::A) => vec![
+            // Out of chain order on purpose, plus an unrelated address.
+            rec("e1.cdn.example.net", 30, a("93.184.216.35")),
+            rec(
+                "edge.cdn.example.net",
+                30,
+                RData::CNAME(CNAME(Name::from_ascii("e1.cdn.example.net.").unwrap())),
+            ),
+            rec(
+                n,
+                30,
+                RData::CNAME(CNAME(Name::from_ascii("edge.cdn.example.net.").unwrap())),
+            ),
+            rec("other.example.org", 30, a("1.2.3.4")),
+        ],
+        ("rebind.example.com", RecordType::A) => vec![
+            rec(n, 30, a("127.0.0.1")),
+            rec(n, 30, a("10.1.2.3")),
+            rec(n, 30, a("169.254.169.254")),
+            rec(n, 30, a("93.184.216.36")),
+        ],
+        ("rebind.example.com", RecordType::AAAA) => vec![
+            rec(n, 30, RData::AAAA(AAAA(Ipv6Addr::LOCALHOST))),
+            rec(
+                n,
+                30,
+                RData::AAAA(AAAA("::ffff:192.168.0.1".parse().unwrap())),
+            ),
+        ],
+        ("tc.example.com", RecordType::A) => vec![rec(n, 30, a("93.184.216.37"))],
+        _ => return None,
+    })
+}
+
+fn answer(query: &[u8], transport: &'static str, seen: &Seen) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let question = q.queries.first()?.clone();
+    let name = question.name().to_ascii().to_ascii_lowercase();
+    let t = question.query_type();
+    seen.lock()
+        .unwrap()
+        .push((transport, name.trim_end_matches('.').to_owned(), t));
+    let mut r = Message::response(q.metadata.id, OpCode::Query);
+    r.metadata.recursion_desired = q.metadata.recursion_desired;
+    r.metadata.recursion_available = true;
+    r.add_query(question);
+    if name == "tc.example.com." && transport == "udp" {
+        r.metadata.truncation = true;
+    } else {
+        match zone(&name, t) {
+            Some(rs) => {
+                r.add_answers(rs);
+            }
+            None => r.metadata.response_code = ResponseCode::NXDomain,
+        }
+    }
+    if q.edns.is_some() {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        r.set_edns(e);
+    }
+    r.to_vec().ok()
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    seen: Seen,
+}
+
+impl Upstream {
+    fn names(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.1.clone())
+            .collect()
+    }
+    fn transports(&self) -> Vec<&'static str> {
+        self.seen.lock().unwrap().iter().map(|s| s.0).collect()
+    }
+}
+
+async fn upstream() -> Upstream {
+    let seen: Seen = Arc::default();
+    let (udp, tcp) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+            break (udp, tcp);
+        }
+    };
+    let addr = udp.local_addr().unwrap();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        while let Ok((n, src)) = udp.recv_from(&mut buf).await {
+            if let Some(r) = answer(&buf[..n], "udp", &s) {
+                let _ = udp.send_to(&r, src).await;
+            }
+        }
+    });
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = tcp.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                while let Ok(len) = c.read_u16().await {
+                    let mut b = vec![0u8; usize::from(len)];
+                    if c.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    let Some(r) = answer(&b, "tcp", &s) else {
+                        return;
+                    };
+                    let mut out = (r.len() as u16).to_be_bytes().to_vec();
+                    out.extend_from_slice(&r);
+                    let _ = c.write_all(&out).await;
+                }
+            });
+        }
+    });
+    Upstream { addr, seen }
+}
+
+// ---------------------------------------------------------------- fakes
+
+/// (slot, ip, set, ttl, host) of one `learn` call.
+type LearnCall = (u32, IpAddr, enforcer_common::RuleSet, Duration, String);
+
+#[derive(Default)]
+struct FakeLearner {
+    calls: Mutex<Vec<LearnCall>>,
+    /// Shared with the test client: "learn <ip>" / "recv".
+    log: Arc<Mutex<Vec<String>>>,
+    fail: AtomicBool,
+}
+
+impl Learner for FakeLearner {
+    fn learn(
+        &self,
+        slot: u32,
+        ip: IpAddr,
+        set: &enforcer_common::RuleSet,
+        ttl: Duration,
+        host: &str,
+    ) -> anyhow::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            anyhow::bail!("table full");
+        }
+        // Slow on purpose: an answer released before this returns would be
+        // received (and logged) first.
+        std::thread::sleep(Duration::from_millis(30));
+        self.calls
+            .lock()
+            .unwrap()
+            .push((slot, ip, *set, ttl, host.to_owned()));
+        self.log.lock().unwrap().push(format!("learn {ip}"));
+        Ok(())
+    }
+}
+
+impl FakeLearner {
+    fn ips(&self) -> Vec<IpAddr> {
+        self.calls.lock().unwrap().iter().map(|c| c.1).collect()
+    }
+}
+
+#[derive(Default)]
+struct RecSink {
+    events: Mutex<Vec<DnsEvent>>,
+    malformed: AtomicU64,
+}
+
+impl DnsSink for RecSink {
+    fn record(&self, ev: &DnsEvent) {
+        self.events.lock().unwrap().push(ev.clone());
+    }
+    fn malformed(&self, _slot: u32) {
+        self.malformed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl RecSink {
+    fn last(&self) -> DnsEvent {
+        self.events
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("an event")
+    }
+}
+
+// ---------------------------------------------------------------- harness
+
+const SLOT: u32 = 7;
+
+struct Harness {
+    proxy: DnsProxy,
+    learner: Arc<FakeLearner>,
+    sink: Arc<RecSink>,
+    up: Upstream,
+    port: u16,
+}
+
+/// A policy document with `egress` and `dns` bodies (YAML, indented for `spec:`).
+fn policy(egress: &str, dns: &str, up: SocketAddr) -> Arc<DnsPolicy> {
+    let yaml = format!(
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: agent\n\
+         spec:\n  identity:\n    spiffeId: spiffe://t/agent\n  egress:\n{egress}  dns:\n    \
+         upstream: [\"{up}\"]\n{dns}"
+    );
+    let p = parse_str(&yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let c = compile(&p[0]).unwrap();
+    Arc::new(compile_dns(&p[0], &c))
+}
+
+const EGRESS: &str = "    - host: api.example.com\n      ports: [443]\n      protocol: tcp\n    \
+                      - host: www.example.com\n    - host: rebind.example.com\n    \
+                      - host: '*.example.com'\n      ports: [80]\n";
+
+async fn harness(egress: &str, dns: &str) -> Harness {
+    let up = upstream().await;
+    let learner = Arc::new(FakeLearner::default());
+    let sink = Arc::new(RecSink::default());
+    let proxy = DnsProxy::new(learner.clone(), sink.clone());
+    let port = proxy
+        .serve_identity(SLOT, policy(egress, dns, up.addr))
+        .await
+        .unwrap();
+    Harness {
+        proxy,
+        learner,
+        sink,
+        up,
+        port,
+    }
+}
+
+fn query_bytes(id: u16, name: &str, t: RecordType, edns: bool) -> Vec<u8> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    if edns {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+/// Send raw bytes over UDP to the proxy at `ip`; the reply, if one comes.
+async fn udp_raw(ip: IpAddr, port: u16, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let local: SocketAddr = if ip.is_ipv4() {
+        "127.0.0.1:0".parse().unwrap()
+    } else {
+        "[::1]:0".parse().unwrap()
+    };
+    let s = UdpSocket::bind(local).await.unwrap();
+    s.send_to(bytes, (ip, port)).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = tokio::time::timeout(wait, s.recv_from(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
+    Some(buf[..n].to_vec())
+}
+
+impl Harness {
+    async fn udp(&self, name: &str, t: RecordType) -> Message {
+        self.udp_at(IpAddr::V4(Ipv4Addr::LOCALHOST), name, t).await
+    }
+
+    async fn udp_at(&self, ip: IpAddr, name: &str, t: RecordType) -> Message {
+        let q = query_bytes(0x1234, name, t, true);
+        let r = udp_raw(ip, self.port, &q, Duration::from_secs(5))
+            .await
+            .expect("a reply");
+        self.learner.log.lock().unwrap().push("recv".into());
+        let m = Message::from_vec(&r).unwrap();
+        assert_eq!(m.metadata.id, 0x1234);
+        assert_eq!(m.metadata.message_type, MessageType::Response);
+        assert_eq!(m.queries.len(), 1);
+        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).unwrap();
+        assert_eq!(m.queries[0].name(), &fqdn);
+        assert_eq!(m.queries[0].query_type(), t);
+        m
+    }
+
+    async fn tcp(&self, name: &str, t: RecordType) -> Message {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let q = query_bytes(0x4321, name, t, false);
+        let mut out = (q.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&q);
+        s.write_all(&out).await.unwrap();
+        let len = s.read_u16().await.unwrap();
+        let mut b = vec![0u8; usize::from(len)];
+        s.read_exact(&mut b).await.unwrap();
+        let m = Message::from_vec(&b).unwrap();
+        assert_eq!(m.metadata.id, 0x4321);
+        m
+    }
+}
+
+fn addrs(m: &Message) -> Vec<IpAddr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn assert_refused(m: &Message) {
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(m.answers.is_empty() && m.authorities.is_empty());
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn allowed_name_is_learned_before_release_with_clamped_ttl() {
+    let h = harness(EGRESS, "").await;
+    let m = h.udp("api.example.com", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+    assert_eq!(m.answers[0].ttl, 5, "ttl 1 clamped up to dns.ttl.min");
+    assert_eq!(
+        *h.learner.log.lock().unwrap(),
+        vec!["learn 93.184.216.34".to_string(), "recv".into()]
+    );
+    let calls = h.learner.calls.lock().unwrap().clone();
+    let (slot, _, set, ttl, host) = &calls[0];
+    assert_eq!(
+        (*slot, *ttl, host.as_str()),
+        (SLOT, Duration::from_secs(5), "api.example.com")
+    );
+    assert_eq!(set.count, 1);
+    let r = set.rules[0];
+    assert_eq!(
+        (r.port_lo, r.port_hi, r.proto_mask, r.rule_id),
+        (443, 443, enforcer_common::proto::TCP, 1)
+    );
+    let ev = h.sink.last();
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.transport, ev.qtype.as_str()),
+        (Verdict::Allow, "allowed", "udp", "A")
+    );
+    assert_eq!(ev.rule.as_deref(), Some("egress[0] host api.example.com"));
+    assert_eq!(ev.answers, vec![ip("93.184.216.34")]);
+    assert_eq!(ev.identity.name, "agent");
+    assert_eq!(ev.identity.spiffe_id.as_deref(), Some("spiffe://t/agent"));
+
+    let m = h.udp("API.Example.COM.", RecordType::AAAA).await;
+    assert_eq!(addrs(&m), vec![ip("2606:4700::1")]);
+    assert_eq!(m.answers[0].ttl, 300, "clamped down to dns.ttl.max");
+    assert_eq!(
+        h.learner.calls.lock().unwrap()[1].3,
+        Duration::from_secs(300)
+    );
+}
+
+#[tokio::test]
+async fn disallowed_name_is_refused_and_never_forwarded() {
+    let h = harness(EGRESS, "").await;
+    for name in [
+        "secret123.attacker.example",
+        "example.com",
+        "example.com.evil.org",
+    ] {
+        let m = h.udp(name, RecordType::A).await;
+        assert_refused(&m);
+        let ev = h.sink.last();
+        assert_eq!((ev.verdict, ev.reason), (Verdict::Deny, "name-not-allowed"));
+        assert_eq!(ev.rule, None);
+    }
+    assert!(h.up.names().is_empty(), "{:?}", h.up.names());
+    assert!(h.learner.ips().is_empty());
+}
+
+#[tokio::test]
+async fn cname_chain_is_followed_and_unrelated_addresses_are_not_learned() {
+    let h = harness(EGRESS, "").await;
+    let m = h.udp("www.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.35"), ip("1.2.3.4")]);
+    assert_eq!(m.answers.len(), 4, "the answer is otherwise intact");
+    assert_eq!(h.learner.ips(), vec![ip("93.184.216.35")]);
+    // `www.example.com` has its own rule (all ports, any protocol, id 2).
+    let set = h.learner.calls.lock().unwrap()[0].2;
+    assert_eq!(
+        (
+            set.rules[0].port_lo,
+            set.rules[0].port_hi,
+            set.rules[0].rule_id
+        ),
+        (0, 65535, 2)
+    );
+}
+
+#[tokio::test]
+async fn txt_is_refused_unless_allowed_and_a_swap_keeps_the_port() {
+    let h = harness(EGRESS, "").await;
+    for t in [
+        RecordType::TXT,
+        RecordType::NULL,
+        RecordType::ANY,
+        RecordType::MX,
+    ] {
+        assert_refused(&h.udp("api.example.com", t).await);
+        assert_eq!(h.sink.last().reason, "query-type");
+    }
+    assert!(h.up.names().is_empty());
+    let p = policy(EGRESS, "    queryTypes: [A, aaaa, txt]\n", h.up.addr);
+    let port = h.proxy.serve_identity(SLOT, p).await.unwrap();
+    assert_eq!(port, h.port);
+    assert_eq!(h.proxy.port(SLOT), Some(h.port));
+    let m = h.udp("api.example.com", RecordType::TXT).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(matches!(m.answers[0].data, RData::TXT(_)));
+    assert_eq!(m.answers[0].ttl, 60);
+    assert!(h.learner.ips().is_empty(), "TXT carries no address");
+    assert_refused(&h.udp("api.example.com", RecordType::NULL).await);
+}
+
+#[tokio::test]
+async fn too_long_names_are_refused() {
+    let h = harness(EGRESS, "    maxQueryLength: 30\n").await;
+    let name = format!("{}.example.com", "a".repeat(18)); // 30 characters
+    assert_eq!(name.len(), 30);
+    let m = h.udp(&name, RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    let m = h.udp(&format!("b{name}"), RecordType::A).await;
+    assert_refused(&m);
+    assert_eq!(h.sink.last().reason, "too-long");
+    assert_eq!(h.up.names(), vec![name]);
+}
+
+#[tokio::test]
+async fn budget_cuts_off_after_n_distinct_names() {
+    let h = harness(EGRESS, "    namesPerMinute: 3\n").await;
+    for n in ["a", "b", "a", "c", "b"] {
+        let m = h.udp(&format!("{n}.example.com"), RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{n}");
+    }
+    let m = h.udp("d.example.com", RecordType::A).await;
+    assert_refused(&m);
+    let ev = h.sink.last();
+    assert_eq!((ev.verdict, ev.reason), (Verdict::Deny, "budget"));
+    assert_eq!(ev.rule.as_deref(), Some("egress[3] host *.example.com"));
+    // Seen names still resolve; other rules have their own budget.
+    assert_eq!(
+        h.udp("c.example.com", RecordType::A)
+            .await
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(
+        addrs(&h.udp("api.example.com", RecordType::A).await).len(),
+        1
+    );
+    assert!(!h.up.names().contains(&"d.example.com".to_string()));
+    let budget = h
+        .sink
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.reason == "budget")
+        .count();
+    assert_eq!(budget, 1);
+}
+
+#[tokio::test]
+async fn rebinding_addresses_are_stripped_unless_a_cidr_covers_them() {
+    let h = harness(EGRESS, "").await;
+    let m = h.udp("rebind.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.36")]);
+    assert_eq!(h.learner.ips(), vec![ip("93.184.216.36")]);
+    let ev = h.sink.last();
+    assert_eq!(
+        ev.rebinding_blocked,
+        vec![ip("127.0.0.1"), ip("10.1.2.3"), ip("169.254.169.254")]
+    );
+    assert_eq!(ev.verdict, Verdict::Allow);
+    let m = h.udp("rebind.example.com", RecordType::AAAA).await;
+    assert!(addrs(&m).is_empty());
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(h.sink.last().rebinding_blocked.len(), 2);
+
+    let egress = format!("{EGRESS}    - cidr: 10.0.0.0/8\n    - cidr: ::ffff:192.168.0.0/112\n");
+    let h = harness(&egress, "").await;
+    let m = h.udp("rebind.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("10.1.2.3"), ip("93.184.216.36")]);
+    assert_eq!(h.learner.ips(), vec![ip("10.1.2.3"), ip("93.184.216.36")]);
+    let m = h.udp("rebind.example.com", RecordType::AAAA).await;
+    assert_eq!(addrs(&m), vec![ip("::ffff:192.168.0.1")]);
+}
+
+#[tokio::test]
+async fn malformed_messages_are_dropped_and_counted() {
+    let h = harness(EGRESS, "").await;
+    let good = query_bytes(9, "api.example.com", RecordType::A, false);
+    let mut response = Message::from_vec(&good).unwrap();
+    response.metadata.message_type = MessageType::Response;
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff],
+        vec![0xab; 11],
+        vec![0x5a; 512],
+        good[..good.len() - 3].to_vec(),
+        good[..12].iter().chain([0x3f].iter()).copied().collect(),
+        response.to_vec().unwrap(),
+    ];
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    for g in &garbage {
+        assert!(udp_raw(lo, h.port, g, Duration::from_millis(200))
+            .await
+            .is_none());
+    }
+    assert_eq!(
+        h.sink.malformed.load(Ordering::SeqCst),
+        garbage.len() as u64
+    );
+    // TCP: a garbage message is dropped, the connection keeps serving.
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    s.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
+    let q = query_bytes(10, "api.example.com", RecordType::A, false);
+    let mut out = (q.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&q);
+    s.write_all(&out).await.unwrap();
+    let len = s.read_u16().await.unwrap();
+    let mut b = vec![0u8; usize::from(len)];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(Message::from_vec(&b).unwrap().metadata.id, 10);
+    // A connection cut inside a message counts too.
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    s.write_all(&[0, 40, 1, 2]).await.unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.sink.malformed.load(Ordering::SeqCst),
+        garbage.len() as u64 + 2
+    );
+    // Still serving over UDP.
+    assert_eq!(
+        addrs(&h.udp("api.example.com", RecordType::A).await).len(),
+        1
+    );
+    assert!(h
+        .sink
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|e| e.reason != "malformed"));
+}
+
+#[tokio::test]
+async fn tcp_clients_are_forwarded_over_tcp() {
+    let h = harness(EGRESS, "").await;
+    let m = h.tcp("api.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+    assert_eq!(h.up.transports(), vec!["tcp"]);
+    assert_eq!(h.learner.ips(), vec![ip("93.184.216.34")]);
+    assert_eq!(h.sink.last().transport, "tcp");
+    assert_refused(&h.tcp("evil.example.org", RecordType::A).await);
+}
+
+#[tokio::test]
+async fn truncated_upstream_answers_are_retried_over_tcp() {
+    let h = harness(EGRESS, "").await;
+    let m = h.udp("tc.example.com", RecordType::A).await;
+    assert!(!m.metadata.truncation);
+    assert_eq!(addrs(&m), vec![ip("93.184.216.37")]);
+    assert_eq!(h.up.transports(), vec!["udp", "tcp"]);
+    assert_eq!(h.learner.ips(), vec![ip("93.184.216.37")]);
+}
+
+#[tokio::test]
+async fn ipv6_loopback_is_served_on_the_same_port() {
+    let h = harness(EGRESS, "").await;
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        return; // no IPv6 on this host
+    }
+    let m = h
+        .udp_at(
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            "api.example.com",
+            RecordType::A,
+        )
+        .await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+    TcpStream::connect(("::1", h.port)).await.unwrap();
+}
+
+#[tokio::test]
+async fn next_upstream_after_a_timeout() {
+    // A socket that never answers, then the real upstream.
+    let dead = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let h = harness(EGRESS, "").await;
+    let mut p = (*policy(EGRESS, "", h.up.addr)).clone();
+    p.upstreams.insert(0, dead.local_addr().unwrap());
+    h.proxy.serve_identity(SLOT, Arc::new(p)).await.unwrap();
+    let t = std::time::Instant::now();
+    let m = h.udp("api.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m).len(), 1);
+    assert!(t.elapsed() >= Duration::from_millis(1900));
+
+    // No upstream answers at all: SERVFAIL, reported as upstream-error.
+    let mut p = (*policy(EGRESS, "", h.up.addr)).clone();
+    p.upstreams = vec![dead.local_addr().unwrap()];
+    h.proxy.serve_identity(SLOT, Arc::new(p)).await.unwrap();
+    let m = h.udp("api.example.com", RecordType::AAAA).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    let ev = h.sink.last();
+    assert_eq!((ev.verdict, ev.reason), (Verdict::Allow, "upstream-error"));
+}
+
+#[tokio::test]
+async fn a_failing_learner_gives_servfail() {
+    let h = harness(EGRESS, "").await;
+    h.learner.fail.store(true, Ordering::SeqCst);
+    let m = h.udp("api.example.com", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(m.answers.is_empty());
+    let ev = h.sink.last();
+    assert_eq!((ev.verdict, ev.reason), (Verdict::Deny, "learn-error"));
+}
+
+#[tokio::test]
+async fn audit_mode_forwards_and_reports_would_be_refusals() {
+    let up = upstream().await;
+    let mut p = (*policy(EGRESS, "", up.addr)).clone();
+    p.audit = true;
+    let learner = Arc::new(FakeLearner::default());
+    let sink = Arc::new(RecSink::default());
+    let proxy = DnsProxy::new(learner.clone(), sink.clone());
+    let port = proxy.serve_identity(1, Arc::new(p)).await.unwrap();
+    let q = query_bytes(1, "evil.example.org", RecordType::A, false);
+    let r = udp_raw(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        port,
+        &q,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        Message::from_vec(&r).unwrap().metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    let ev = sink.last();
+    assert_eq!(
+        (ev.verdict, ev.reason),
+        (Verdict::Audit, "name-not-allowed")
+    );
+    assert_eq!(up.names(), vec!["evil.example.org"]);
+}
+
+#[tokio::test]
+async fn stopped_identities_are_not_served() {
+    let h = harness(EGRESS, "").await;
+    h.proxy.stop_identity(SLOT);
+    assert_eq!(h.proxy.port(SLOT), None);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let q = query_bytes(1, "api.example.com", RecordType::A, false);
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    assert!(udp_raw(lo, h.port, &q, Duration::from_millis(300))
+        .await
+        .is_none());
+    assert!(h.learner.ips().is_empty());
+}
+
+#[tokio::test]
+async fn identities_are_isolated() {
+    let h = harness(EGRESS, "").await;
+    let other = policy("    - host: other.example.org\n", "", h.up.addr);
+    let port2 = h.proxy.serve_identity(SLOT + 1, other).await.unwrap();
+    assert_ne!(port2, h.port);
+    let q = query_bytes(1, "api.example.com", RecordType::A, false);
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let r = udp_raw(lo, port2, &q, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_refused(&Message::from_vec(&r).unwrap());
+    assert_eq!(h.sink.last().slot, SLOT + 1);
+    assert!(h.up.names().is_empty());
+}
+
+#[tokio::test]
+async fn forwarded_queries_are_rebuilt() {
+    // Extra sections and EDNS options of the agent's query never leave the
+    // proxy: the upstream gets only the question (and a bare OPT record).
+    let up_sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = up_sock.local_addr().unwrap();
+    let learner = Arc::new(FakeLearner::default());
+    let sink = Arc::new(RecSink::default());
+    let proxy = DnsProxy::new(learner, sink);
+    let port = proxy
+        .serve_identity(1, policy(EGRESS, "", up_addr))
+        .await
+        .unwrap();
+    let mut m = Message::new(77, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(
+        Name::from_ascii("api.example.com.").unwrap(),
+        RecordType::A,
+    ));
+    m.add_additional(rec(
+        "x.example.com",
+        1,
+        RData::TXT(TXT::new(vec!["the-secret".into()])),
+    ));
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&m.to_vec().unwrap(), ("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), up_sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let fwd = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(fwd.queries.len(), 1);
+    assert!(fwd.additionals.is_empty() && fwd.answers.is_empty() && fwd.authorities.is_empty());
+    assert!(fwd
+        .edns
+        .as_ref()
+        .is_some_and(|e| e.options().as_ref().is_empty()));
+    assert!(!buf[..n].windows(10).any(|w| w == b"the-secret"));
+}
+
+// ---------------------------------------------------------------- pure parts
+
+fn dp(patterns: &[&str]) -> DnsPolicy {
+    DnsPolicy {
+        identity: IdentityRef {
+            name: "t".into(),
+            spiffe_id: None,
+        },
+        policy_hash: String::new(),
+        hosts: patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| HostRule {
+                pattern: (*p).into(),
+                rule_id: i as u32 + 1,
+                set: Default::default(),
+            })
+            .collect(),
+        upstreams: vec![],
+        ttl_min: DEFAULT_TTL_MIN,
+        ttl_max: DEFAULT_TTL_MAX,
+        max_query_length: 253,
+        query_types: DEFAULT_QUERY_TYPES.to_vec(),
+        names_per_minute: 64,
+        cidrs: vec![],
+        audit: false,
+    }
+}
+
+#[test]
+fn match_host_prefers_exact_then_longest_wildcard() {
+    let p = dp(&[
+        "*.example.com",
+        "api.example.com",
+        "*.eu.example.com",
+        "*.eu.example.com",
+    ]);
+    let m = |q: &str| p.match_host(q).map(|h| h.rule_id);
+    assert_eq!(m("api.example.com"), Some(2));
+    assert_eq!(m("API.EXAMPLE.COM."), Some(2));
+    assert_eq!(m("a.example.com"), Some(1));
+    assert_eq!(m("a.b.example.com"), Some(1));
+    assert_eq!(
+        m("x.eu.example.com"),
+        Some(3),
+        "longer base, first in file order"
+    );
+    assert_eq!(m("eu.example.com"), Some(1));
+    assert_eq!(m("example.com"), None);
+    assert_eq!(m(".example.com"), None);
+    assert_eq!(m("aexample.com"), None);
+    assert_eq!(m("example.com.evil.org"), None);
+    assert_eq!(m(""), None);
+    assert_eq!(m("."), None);
+    assert_eq!(m("é.example.com"), Some(1), "non-ASCII never panics");
+}
+
+#[test]
+fn compile_dns_defaults_and_fields() {
+    let yaml = "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: a\n\
+                spec:\n  mode: audit\n  egress:\n    - cidr: ::ffff:10.0.0.0/104\n    \
+                - host: x.example\n      ports: [443]\n    - host: x.example\n      \
+                protocol: udp\n      ports: [53]\n    - host: '*.y.example'\n";
+    let p = parse_str(yaml, Path::new("t.yaml")).unwrap();
+    let c = compile(&p[0]).unwrap();
+    let d = compile_dns(&p[0], &c);
+    assert_eq!(d.hosts.len(), 2);
+    assert_eq!(
+        (d.hosts[0].pattern.as_str(), d.hosts[0].rule_id),
+        ("x.example", 2)
+    );
+    assert_eq!(d.hosts[0].set.count, 2, "both rules of the pattern");
+    assert_eq!(
+        (d.hosts[1].pattern.as_str(), d.hosts[1].rule_id),
+        ("*.y.example", 4)
+    );
+    assert_eq!((d.ttl_min, d.ttl_max), (DEFAULT_TTL_MIN, DEFAULT_TTL_MAX));
+    assert_eq!(d.max_query_length, 253);
+    assert_eq!(d.query_types, vec![RecordType::A, RecordType::AAAA]);
+    assert_eq!(d.names_per_minute, 64);
+    assert_eq!(d.cidrs, vec![ipnet::IpNet::from_str("10.0.0.0/8").unwrap()]);
+    assert!(d.audit);
+    assert_eq!(d.identity.name, "a");
+    assert_eq!(d.policy_hash, p[0].hash);
+    assert!(
+        !d.upstreams.is_empty(),
+        "from /etc/resolv.conf or 127.0.0.1"
+    );
+    let _ = DNSClass::IN;
+}
+
+#[test]
+fn resolv_conf_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("resolv.conf");
+    std::fs::write(
+        &f,
+        "# comment\nsearch example.com\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\n\
+         nameserver   ::1 \nnameserver bogus\noptions ndots:5\n",
+    )
+    .unwrap();
+    assert_eq!(
+        resolv_conf_nameservers(&f),
+        vec![
+            "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+            "[fe80::1]:53".parse().unwrap(),
+            "[::1]:53".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        resolv_conf_nameservers(&dir.path().join("missing")),
+        vec!["127.0.0.1:53".parse::<SocketAddr>().unwrap()]
+    );
+}

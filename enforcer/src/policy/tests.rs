@@ -93,6 +93,18 @@ fn demo_policy_is_what_the_demo_needs() {
 }
 
 #[test]
+fn dns_example_is_enforceable() {
+    let ps = load_files(&[shipped_dir().join("dns-agent.yaml")]).unwrap();
+    check_supported(&ps[0]).unwrap();
+    let c = compile(&ps[0]).unwrap();
+    assert_eq!(c.entry_count(), 0);
+    let d = crate::dns::compile_dns(&ps[0], &c);
+    assert_eq!(d.hosts.len(), 2);
+    assert!(d.match_host("raw.githubusercontent.com").is_some());
+    assert!(d.match_host("githubusercontent.com").is_none());
+}
+
+#[test]
 fn audit_example_is_audit() {
     let ps = load_files(&[shipped_dir().join("audit-example.yaml")]).unwrap();
     assert_eq!(ps[0].policy.spec.mode, Mode::Audit);
