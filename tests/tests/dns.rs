@@ -1146,3 +1146,57 @@ fn dns_metrics_and_audit() {
     });
     checks.finish();
 }
+
+/// The harness itself (no root, no enforcer): the test upstream answers
+/// the agent's hand-made queries over UDP and TCP, follows CNAMEs, serves
+/// TXT and suffixes, says NXDOMAIN otherwise, and logs every query.
+#[test]
+fn harness_upstream_and_agent_agree() {
+    let dir = TestDir::new("dns-harness");
+    let dns = DnsServer::start();
+    dns.set_ttl(42)
+        .add_addrs("api.example.com", &["127.0.0.5", "::1"])
+        .add_cname("www.example.com", "edge.cdn.test")
+        .add_addrs("edge.cdn.test", &["127.0.0.6"])
+        .add_txt("api.example.com", "hello")
+        .add_suffix("t.example.com", &["127.0.0.7"]);
+    let once = |cmd: Value| -> Value {
+        let mut c = std::process::Command::new(python());
+        c.arg(dir.dns_agent()).arg("once").arg(cmd.to_string());
+        let out = output_with_timeout(c, Duration::from_secs(20));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let port = dns.addr.port();
+    let q = |name: &str, qtype: &str, tcp: bool| {
+        once(
+            json!({"op": "resolve", "server": "127.0.0.1", "port": port, "name": name, "qtype": qtype, "tcp": tcp}),
+        )
+    };
+    for tcp in [false, true] {
+        let v = q("api.example.com", "A", tcp);
+        assert_eq!(v["ok"], true, "{v}");
+        assert_rcode(&v, NOERROR, "A");
+        assert_eq!(addrs(&v), vec!["127.0.0.5"], "{v}");
+        assert_eq!(v["ttls"], json!([42]), "{v}");
+        assert_eq!(v["src"], format!("127.0.0.1:{port}"), "{v}");
+        assert_eq!(addrs(&q("api.example.com", "AAAA", tcp)), vec!["::1"]);
+        let v = q("www.example.com", "A", tcp);
+        assert_eq!(addrs(&v), vec!["127.0.0.6"], "{v}");
+        assert_eq!(v["cnames"], json!(["edge.cdn.test"]), "{v}");
+        assert_eq!(q("api.example.com", "TXT", tcp)["txt"], json!(["hello"]));
+        assert_eq!(addrs(&q("abc.t.example.com", "A", tcp)), vec!["127.0.0.7"]);
+        assert_rcode(&q("nope.example.com", "A", tcp), 3, "NXDOMAIN");
+    }
+    assert!(dns.saw_type("api.example.com", "TXT"));
+    assert!(dns
+        .queries()
+        .iter()
+        .any(|l| l.tcp && l.name == "www.example.com"));
+    assert!(!dns.saw("never.example.com"));
+}
