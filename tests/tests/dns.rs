@@ -359,7 +359,12 @@ fn queries_to_any_resolver_are_steered() {
     env.dns.add_addrs("v6.example.com", &["::1"]);
     let mut a = env.run(
         "dns-steer",
-        &[host_rule("*.example.com", &[443], "tcp"), vouch_loopback()],
+        &[
+            host_rule("*.example.com", &[443], "tcp"),
+            vouch_loopback(),
+            // vouches for the AAAA answer ::1 (rebinding defence)
+            cidr_rule("::1/128", &[9], "tcp"),
+        ],
         &[],
     );
     let mut checks = Checks::new();
@@ -1038,6 +1043,14 @@ fn dns_metrics_and_audit() {
         )
         .unwrap_or(0.0)
             >= 4.0
+            // the gauge is published every 500 ms
+            && metric(
+                &body,
+                "enforcer_dns_learned_addresses",
+                &[("identity", name)],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
     });
     checks.check("queries_total deny", || {
         assert!(
