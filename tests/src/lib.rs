@@ -25,6 +25,8 @@ use std::{
 
 pub use serde_json::{json, Value};
 
+pub mod dns_server;
+
 // ---------------------------------------------------------------- environment
 
 /// `true` if the test may go on. Without root: panics when `CI` is set (a CI
@@ -136,7 +138,7 @@ impl TestDir {
             .tempdir()
             .expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        for f in ["hostile_agent.py", "probe.py"] {
+        for f in ["hostile_agent.py", "probe.py", "dns_agent.py"] {
             let dst = dir.path().join(f);
             std::fs::copy(agents_dir().join(f), &dst).unwrap();
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -154,6 +156,9 @@ impl TestDir {
     }
     pub fn probe_script(&self) -> PathBuf {
         self.join("probe.py")
+    }
+    pub fn dns_agent(&self) -> PathBuf {
+        self.join("dns_agent.py")
     }
 }
 
@@ -729,8 +734,13 @@ pub struct Probe {
 
 impl Probe {
     pub fn spawn(dir: &TestDir) -> Self {
+        Self::spawn_script(&dir.probe_script())
+    }
+
+    /// Any script that speaks the probe protocol (e.g. agents/dns_agent.py).
+    pub fn spawn_script(script: &Path) -> Self {
         let mut c = Command::new(python());
-        c.arg(dir.probe_script())
+        c.arg(script)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -998,5 +1008,246 @@ impl Checks {
             self.failures.len(),
             self.failures.join("\n\n")
         );
+    }
+}
+
+// ---------------------------------------------------------------- DNS-aware policies
+
+/// One `spec.egress` entry, as YAML flow mapping text.
+pub fn host_rule(host: &str, ports: &[u16], protocol: &str) -> String {
+    rule("host", host, ports, protocol)
+}
+
+/// One `spec.egress` cidr entry, as YAML flow mapping text.
+pub fn cidr_rule(cidr: &str, ports: &[u16], protocol: &str) -> String {
+    rule("cidr", cidr, ports, protocol)
+}
+
+fn rule(kind: &str, what: &str, ports: &[u16], protocol: &str) -> String {
+    let mut r = format!("{{{kind}: \"{what}\"");
+    if !ports.is_empty() {
+        let p: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+        r.push_str(&format!(", ports: [{}]", p.join(", ")));
+    }
+    r.push_str(&format!(", protocol: {protocol}}}"));
+    r
+}
+
+/// The rule that vouches for loopback answers (the rebinding defence only
+/// installs private/loopback addresses that a `cidr` rule contains). Port 9
+/// (discard): nothing in the tests listens there, so the rule itself
+/// allows nothing the tests use.
+pub fn vouch_loopback() -> String {
+    cidr_rule("127.0.0.0/8", &[9], "tcp")
+}
+
+/// An AgentPolicy with `egress` entries (see [`host_rule`], [`cidr_rule`])
+/// and a `dns:` block: `upstream` plus extra lines such as
+/// `namesPerMinute: 10`, `queryTypes: [A, TXT]`, `ttl: {min: 1s, max: 2s}`.
+pub fn dns_policy_yaml(
+    name: &str,
+    egress: &[String],
+    upstream: &str,
+    dns_extra: &[&str],
+) -> String {
+    let mut y = format!(
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  \
+         identity:\n    spiffeId: spiffe://example.org/ns/tests/sa/{name}\n  mode: enforce\n  egress:\n"
+    );
+    for e in egress {
+        y.push_str(&format!("    - {e}\n"));
+    }
+    y.push_str(&format!("  dns:\n    upstream: [\"{upstream}\"]\n"));
+    for l in dns_extra {
+        y.push_str(&format!("    {l}\n"));
+    }
+    y
+}
+
+// ---------------------------------------------------------------- interactive agent under `enforcer run`
+
+/// `enforcer run --policy P [extra] -- python3 <script>` where the script
+/// speaks the probe protocol (one JSON command per stdin line, one JSON
+/// answer per stdout line; first line `{"ready": true}`): the test drives
+/// the agent step by step *inside* the enforced cgroup.
+pub struct RunAgent {
+    child: ChildGuard,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    /// The agent's own pid (from its ready line).
+    pub pid: u32,
+}
+
+impl RunAgent {
+    pub fn spawn(policy: &Path, extra: &[String], script: &Path) -> Self {
+        let mut c = enforcer();
+        c.arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .args(extra)
+            .arg("--")
+            .arg(python())
+            .arg(script)
+            .current_dir(script.parent().unwrap())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::new(c.spawn().expect("spawning enforcer run"));
+        let stdin = child.child().stdin.take().unwrap();
+        let stdout = child.child().stdout.take().unwrap();
+        let mut se = child.child().stderr.take().unwrap();
+        let stderr: Arc<Mutex<Vec<u8>>> = Default::default();
+        {
+            let stderr = stderr.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = se.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                // Only the agent's JSON lines: anything else is not an answer.
+                if serde_json::from_str::<Value>(l.trim()).is_ok() && tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut me = Self {
+            child,
+            stdin: Some(stdin),
+            lines: rx,
+            stderr,
+            pid: 0,
+        };
+        let ready = match me.lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let st = me.child.wait_timeout(Duration::from_secs(2));
+                panic!(
+                    "agent under `enforcer run` did not start (enforcer status {st:?}); stderr:\n{}",
+                    me.stderr()
+                )
+            }
+        };
+        let v: Value = serde_json::from_str(&ready).unwrap();
+        assert_eq!(v["ready"], true, "{ready}");
+        me.pid = v["pid"].as_u64().unwrap_or(0) as u32;
+        me
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn cmd_timeout(&mut self, c: Value, timeout: Duration) -> Value {
+        let stdin = self.stdin.as_mut().expect("agent stdin open");
+        if writeln!(stdin, "{c}").and_then(|()| stdin.flush()).is_err() {
+            panic!("agent is gone (writing {c}); stderr:\n{}", self.stderr());
+        }
+        let l = self.lines.recv_timeout(timeout).unwrap_or_else(|_| {
+            panic!(
+                "agent gave no answer to {c} within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            )
+        });
+        serde_json::from_str(&l).unwrap()
+    }
+
+    pub fn cmd(&mut self, c: Value) -> Value {
+        self.cmd_timeout(c, Duration::from_secs(30))
+    }
+
+    pub fn tcp(&mut self, host: &str, port: u16, data: &str) -> Value {
+        self.cmd(json!({"op": "tcp", "host": host, "port": port, "data": data}))
+    }
+
+    /// Ask the agent to stop, wait for `enforcer run` to exit (it flushes
+    /// the audit log and prints its summary); kill it after `timeout`.
+    pub fn finish(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = writeln!(s, "{}", json!({"op": "exit"}));
+        }
+        let st = self.child.wait_timeout(timeout);
+        if st.is_none() {
+            self.child.kill9();
+        }
+        st
+    }
+}
+
+/// A TCP listener that accepts and drops connections, counting them, with
+/// the deepest accept queue the host allows (a connect loop overflows std's
+/// 128). Bound to `ip` (0.0.0.0 accepts connections to any 127.x.y.z).
+pub struct AcceptSink {
+    pub addr: SocketAddr,
+    pub conns: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AcceptSink {
+    pub fn bind(ip: std::net::Ipv4Addr) -> Self {
+        use std::os::fd::FromRawFd;
+        let l = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let l = TcpListener::from_raw_fd(fd);
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            assert!(
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of_val(&sa) as u32,
+                ) == 0
+                    && libc::listen(fd, 4096) == 0,
+                "bind/listen: {}",
+                std::io::Error::last_os_error()
+            );
+            l
+        };
+        l.set_nonblocking(true).unwrap();
+        let s = Self {
+            addr: l.local_addr().unwrap(),
+            conns: Default::default(),
+            stop: Default::default(),
+        };
+        let (conns, stop) = (s.conns.clone(), s.stop.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok(_) => {
+                        conns.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        s
+    }
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+    pub fn conns(&self) -> u64 {
+        self.conns.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for AcceptSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }

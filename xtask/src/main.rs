@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`.
+//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`,
+//! `cargo xtask bench-dns`.
 //!
 //! Both need root and the real kernel (they load the enforcer's eBPF
 //! programs through the `enforcer` binary). This crate does not depend on
 //! the enforcer crates: it drives the binary, like a user would.
 mod bench;
 mod demo;
+mod dns_bench;
 mod test;
 mod util;
 mod worker;
@@ -60,11 +62,31 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         big_rules: usize,
     },
+    /// Measure the DNS proxy: added latency (p50/p99) vs querying the upstream directly, and queries/s (needs root).
+    BenchDns {
+        #[command(flatten)]
+        bin: BinArgs,
+        /// Sequential queries per round per side.
+        #[arg(long, default_value_t = 2000)]
+        queries: usize,
+        /// Interleaved rounds (direct, proxy / proxy, direct, ...).
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Queries in flight for the throughput run.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds per throughput run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+    },
     /// The whole test suite, as CI runs it: setup, fmt, clippy, unit and real-kernel integration tests (needs root).
     Test,
     /// Load generator used by `bench` (runs inside the cgroup under test).
     #[command(hide = true)]
     BenchWorker(worker::WorkerArgs),
+    /// Query generator used by `bench-dns` (runs under `enforcer run`).
+    #[command(hide = true)]
+    BenchDnsWorker(dns_bench::DnsWorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -82,8 +104,16 @@ fn main() -> std::process::ExitCode {
             skip_scaling,
             big_rules,
         } => bench::run(&bin, rounds, secs, skip_scaling, big_rules),
+        Cmd::BenchDns {
+            bin,
+            queries,
+            rounds,
+            concurrency,
+            secs,
+        } => dns_bench::run(&bin, queries, rounds, concurrency, secs),
         Cmd::Test => test::run(&util::repo_root()),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
+        Cmd::BenchDnsWorker(args) => dns_bench::worker(&args).map(|()| 0),
     };
     match r {
         Ok(code) => std::process::ExitCode::from(code),
