@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
                  run scripts/setup.sh and rebuild"
             );
         }
-        fs::write(out_dir.join("enforcer"), [])?;
+        fs::write(out_dir.join("enforcer-ebpf"), [])?;
         return Ok(());
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);

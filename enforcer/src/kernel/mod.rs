@@ -31,7 +31,7 @@ use enforcer_common::{
 use ipnet::{Ipv4Net, Ipv6Net};
 
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
 /// Per-slot bookkeeping of what is installed in the tries.
 #[derive(Default)]
