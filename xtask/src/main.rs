@@ -6,6 +6,7 @@
 //! the enforcer crates: it drives the binary, like a user would.
 mod bench;
 mod demo;
+mod dns_upstream;
 mod dns_bench;
 mod test;
 mod util;

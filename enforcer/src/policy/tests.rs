@@ -76,19 +76,26 @@ fn demo_policy_is_what_the_demo_needs() {
     check_supported(p).unwrap();
     let c = compile(p).unwrap();
     assert!(!c.audit);
-    assert_eq!(c.v4.len(), 1);
+    // The API by name (egress[0]), not in the LPM tables.
+    assert_eq!(p.policy.spec.egress[0].host.as_deref(), Some("api.agent.demo"));
+    assert!(c.rules[0].contains("api.agent.demo"), "{:?}", c.rules);
+    // Telemetry (egress[1]) and the loopback voucher (egress[2]).
     assert!(c.v6.is_empty());
-    let (net, set) = &c.v4[0];
-    assert_eq!(net.to_string(), "127.0.0.1/32");
-    assert_eq!(set.count, 2);
-    let r = &set.rules[..2];
+    let nets: Vec<String> = c.v4.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(nets, ["127.0.0.1/32", "127.0.0.10/32"]);
+    let r = &c.v4[0].1.rules[0];
     assert_eq!(
-        (r[0].port_lo, r[0].port_hi, r[0].proto_mask, r[0].rule_id),
-        (8080, 8080, enforcer_common::proto::TCP, 1)
+        (r.port_lo, r.port_hi, r.proto_mask, r.rule_id),
+        (5353, 5353, enforcer_common::proto::UDP, 2)
+    );
+    let r = &c.v4[1].1.rules[0];
+    assert_eq!(
+        (r.port_lo, r.port_hi, r.proto_mask, r.rule_id),
+        (9, 9, enforcer_common::proto::TCP, 3)
     );
     assert_eq!(
-        (r[1].port_lo, r[1].port_hi, r[1].proto_mask, r[1].rule_id),
-        (5353, 5353, enforcer_common::proto::UDP, 2)
+        p.policy.spec.dns.as_ref().unwrap().upstream,
+        ["127.0.0.1:5300".parse::<std::net::SocketAddr>().unwrap()]
     );
 }
 
