@@ -189,6 +189,8 @@ struct FakeLearner {
     /// Shared with the test client: "learn <ip>" / "recv".
     log: Arc<Mutex<Vec<String>>>,
     fail: AtomicBool,
+    /// Sleep this long in `learn` (ms).
+    delay_ms: AtomicU64,
 }
 
 impl Learner for FakeLearner {
@@ -203,9 +205,9 @@ impl Learner for FakeLearner {
         if self.fail.load(Ordering::SeqCst) {
             anyhow::bail!("table full");
         }
-        // Slow on purpose: an answer released before this returns would be
-        // received (and logged) first.
-        std::thread::sleep(Duration::from_millis(30));
+        // Slow on purpose (in the ordering test): an answer released before
+        // this returns would be received (and logged) first.
+        std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
         self.calls
             .lock()
             .unwrap()
@@ -383,6 +385,7 @@ fn assert_refused(m: &Message) {
 #[tokio::test]
 async fn allowed_name_is_learned_before_release_with_clamped_ttl() {
     let h = harness(EGRESS, "").await;
+    h.learner.delay_ms.store(30, Ordering::SeqCst);
     let m = h.udp("api.example.com", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
@@ -791,6 +794,58 @@ async fn forwarded_queries_are_rebuilt() {
         .as_ref()
         .is_some_and(|e| e.options().as_ref().is_empty()));
     assert!(!buf[..n].windows(10).any(|w| w == b"the-secret"));
+}
+
+/// Load check (run in release: `cargo test --release -p enforcer --lib
+/// dns::tests::throughput -- --ignored --nocapture`): closed-loop clients
+/// against a loopback upstream, directly and through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load check, run by hand in release"]
+async fn throughput() {
+    let h = harness(EGRESS, "").await;
+    async fn run(target: SocketAddr, clients: usize, secs: u64) -> (f64, Duration, Duration) {
+        let q = query_bytes(1, "api.example.com", RecordType::A, true);
+        let until = std::time::Instant::now() + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let q = q.clone();
+            tasks.push(tokio::spawn(async move {
+                let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                s.connect(target).await.unwrap();
+                let mut lat = Vec::new();
+                let mut buf = vec![0u8; 2048];
+                while std::time::Instant::now() < until {
+                    let t = std::time::Instant::now();
+                    s.send(&q).await.unwrap();
+                    if tokio::time::timeout(Duration::from_secs(1), s.recv(&mut buf))
+                        .await
+                        .is_ok()
+                    {
+                        lat.push(t.elapsed());
+                    }
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        lat.sort();
+        let qps = lat.len() as f64 / secs as f64;
+        (qps, lat[lat.len() / 2], lat[lat.len() * 99 / 100])
+    }
+    let direct = run(h.up.addr, 16, 3).await;
+    let proxied = run(SocketAddr::from(([127, 0, 0, 1], h.port)), 16, 3).await;
+    println!(
+        "direct:  {:.0} q/s, p50 {:?}, p99 {:?}",
+        direct.0, direct.1, direct.2
+    );
+    println!(
+        "proxied: {:.0} q/s, p50 {:?}, p99 {:?}",
+        proxied.0, proxied.1, proxied.2
+    );
+    println!("added p99: {:?}", proxied.2.saturating_sub(direct.2));
 }
 
 // ---------------------------------------------------------------- pure parts
