@@ -44,7 +44,7 @@ def line(verdict, kind, vector, dest, detail):
 
 def errno_text(e):
     if e.errno is None:
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e.strerror or e}"
     name = errno.errorcode.get(e.errno, str(e.errno))
     return f"errno {e.errno} {name} ({os.strerror(e.errno)})"
 

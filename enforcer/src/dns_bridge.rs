@@ -77,6 +77,16 @@ impl DnsSink for Recorder {
                 list(&ev.rebinding_blocked)
             ));
         }
+        // An answered query names the host rule that admitted it; a refused
+        // one names why (its matching rule, if any, goes to the detail).
+        let rule = match (&ev.rule, ev.verdict) {
+            (Some(r), Verdict::Allow) => r.clone(),
+            (Some(r), _) => {
+                detail.push_str(&format!(" matched=\"{r}\""));
+                ev.reason.to_string()
+            }
+            (None, _) => ev.reason.to_string(),
+        };
         self.sinks.handle(&Decision {
             ts: chrono::Utc::now(),
             identity: ev.identity.clone(),
@@ -89,7 +99,7 @@ impl DnsSink for Recorder {
             protocol: Some(ev.transport.to_string()),
             host: Some(ev.qname.clone()),
             verdict: ev.verdict,
-            rule: ev.rule.clone().unwrap_or_else(|| ev.reason.to_string()),
+            rule,
             policy_hash: ev.policy_hash.clone(),
             detail: Some(detail),
         });

@@ -443,7 +443,10 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
     }
 
     // 2b. What the DNS server was asked: a refused name never reaches it.
-    st.head(&format!("queries that reached the DNS server {}", upstream.addr));
+    st.head(&format!(
+        "queries that reached the DNS server {}",
+        upstream.addr
+    ));
     let asked = upstream.queries();
     for q in &asked {
         println!("  {q}");
@@ -451,7 +454,10 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
     if asked.is_empty() {
         failures.push("the DNS server saw no query: the API's name was not resolved".into());
     }
-    for q in asked.iter().filter(|q| q.contains("attacker") || q.contains("TXT")) {
+    for q in asked
+        .iter()
+        .filter(|q| q.contains("attacker") || q.contains("TXT"))
+    {
         failures.push(format!("a refused query reached the DNS server: {q}"));
     }
 

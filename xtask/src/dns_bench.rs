@@ -24,7 +24,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     path::Path,
     process::{Command, Stdio},
-    str::FromStr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -33,90 +32,17 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use hickory_proto::{
-    op::{Message, MessageType, ResponseCode},
-    rr::{rdata::A, Name, RData, Record, RecordType},
-};
 use serde_json::json;
 
-use crate::{util, BinArgs};
+use crate::{
+    dns_upstream::{Upstream, Zone},
+    util, BinArgs,
+};
 
 const ZONE: &str = "bench.example.com";
 const NAMES: usize = 16;
 const P99_FLOOR_US: f64 = 1000.0;
 const QPS_FLOOR: f64 = 20_000.0;
-
-// ---------------------------------------------------------------------------
-// upstream responder
-
-struct Upstream {
-    addr: SocketAddr,
-    answered: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Upstream {
-    /// `threads` threads share one UDP socket.
-    fn start(threads: usize) -> Result<Self> {
-        let sock = UdpSocket::bind("127.0.0.1:0")?;
-        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let me = Self {
-            addr: sock.local_addr()?,
-            answered: Default::default(),
-            stop: Default::default(),
-        };
-        let suffix = format!(".{ZONE}");
-        for _ in 0..threads {
-            let sock = sock.try_clone()?;
-            let (answered, stop, suffix) = (me.answered.clone(), me.stop.clone(), suffix.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1500];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    if let Some(resp) = respond(&buf[..n], &suffix) {
-                        if sock.send_to(&resp, from).is_ok() {
-                            answered.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            });
-        }
-        Ok(me)
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn respond(raw: &[u8], suffix: &str) -> Option<Vec<u8>> {
-    let req = Message::from_vec(raw).ok()?;
-    if req.metadata.message_type != MessageType::Query {
-        return None;
-    }
-    let q = req.queries.first()?.clone();
-    let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
-    resp.metadata.recursion_desired = req.metadata.recursion_desired;
-    resp.metadata.recursion_available = true;
-    let name = q.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
-    resp.add_query(q.clone());
-    if name.ends_with(suffix) {
-        if q.query_type == RecordType::A {
-            resp.add_answer(Record::from_rdata(
-                Name::from_str(&format!("{name}.")).ok()?,
-                300,
-                RData::A(A(Ipv4Addr::new(127, 0, 0, 5))),
-            ));
-        }
-    } else {
-        resp.metadata.response_code = ResponseCode::NXDomain;
-    }
-    resp.to_vec().ok()
-}
 
 // ---------------------------------------------------------------------------
 // the bench (outside the cgroup)
@@ -153,7 +79,12 @@ pub fn run(
     util::require_root("bench-dns")?;
     let enforcer = util::enforcer_bin(&root, bin)?;
     util::ensure_bpffs()?;
-    let up = Upstream::start(2)?;
+    let up = Upstream::start(
+        "127.0.0.1:0",
+        2,
+        Zone::new(300).with(&format!("*.{ZONE}"), Ipv4Addr::new(127, 0, 0, 5)),
+        false,
+    )?;
     let tmp = std::env::temp_dir().join(format!("enforcer-bench-dns-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let pol = tmp.join("bench-dns.yaml");

@@ -60,7 +60,8 @@ impl Upstream {
     /// Serve `zone` on UDP `bind` with `threads` threads sharing one socket.
     /// With `log`, every query name (and type) is recorded.
     pub fn start(bind: &str, threads: usize, zone: Zone, log: bool) -> Result<Self> {
-        let sock = UdpSocket::bind(bind).with_context(|| format!("binding the DNS upstream on {bind}"))?;
+        let sock =
+            UdpSocket::bind(bind).with_context(|| format!("binding the DNS upstream on {bind}"))?;
         sock.set_read_timeout(Some(Duration::from_millis(200)))?;
         let me = Self {
             addr: sock.local_addr()?,

@@ -6,8 +6,8 @@
 //! the enforcer crates: it drives the binary, like a user would.
 mod bench;
 mod demo;
-mod dns_upstream;
 mod dns_bench;
+mod dns_upstream;
 mod test;
 mod util;
 mod worker;

@@ -77,7 +77,10 @@ fn demo_policy_is_what_the_demo_needs() {
     let c = compile(p).unwrap();
     assert!(!c.audit);
     // The API by name (egress[0]), not in the LPM tables.
-    assert_eq!(p.policy.spec.egress[0].host.as_deref(), Some("api.agent.demo"));
+    assert_eq!(
+        p.policy.spec.egress[0].host.as_deref(),
+        Some("api.agent.demo")
+    );
     assert!(c.rules[0].contains("api.agent.demo"), "{:?}", c.rules);
     // Telemetry (egress[1]) and the loopback voucher (egress[2]).
     assert!(c.v6.is_empty());
