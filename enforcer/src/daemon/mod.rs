@@ -168,44 +168,43 @@ impl State {
         let mut rejected_files: HashSet<PathBuf> = HashSet::new();
         let mut new_rejections: BTreeMap<PathBuf, Rejection> = BTreeMap::new();
         for file in &files {
-            let result: Result<Vec<Compiled>, Vec<String>> = match policy::load_files(
-                std::slice::from_ref(file),
-            ) {
-                Err(e) => Err(e.0.iter().map(|x| x.to_string()).collect()),
-                Ok(list) => {
-                    let mut out = Vec::new();
-                    let mut errs = Vec::new();
-                    for p in list {
-                        if let Err(e) = policy::check_supported(&p) {
-                            errs.extend(e.0.iter().map(|x| x.to_string()));
-                            continue;
-                        }
-                        match policy::compile::compile(&p) {
-                            Ok(c) => {
-                                let d = Arc::new(crate::dns::compile_dns(&p, &c));
-                                out.push((p, c, d))
+            let result: Result<Vec<Compiled>, Vec<String>> =
+                match policy::load_files(std::slice::from_ref(file)) {
+                    Err(e) => Err(e.0.iter().map(|x| x.to_string()).collect()),
+                    Ok(list) => {
+                        let mut out = Vec::new();
+                        let mut errs = Vec::new();
+                        for p in list {
+                            if let Err(e) = policy::check_supported(&p) {
+                                errs.extend(e.0.iter().map(|x| x.to_string()));
+                                continue;
                             }
-                            Err(e) => errs.extend(e.0.iter().map(|x| x.to_string())),
+                            match policy::compile::compile(&p) {
+                                Ok(c) => {
+                                    let d = Arc::new(crate::dns::compile_dns(&p, &c));
+                                    out.push((p, c, d))
+                                }
+                                Err(e) => errs.extend(e.0.iter().map(|x| x.to_string())),
+                            }
                         }
-                    }
-                    for (p, _, _) in &out {
-                        let name = &p.policy.metadata.name;
-                        if let Some((_, other, _)) = desired.get(name) {
-                            errs.push(format!(
+                        for (p, _, _) in &out {
+                            let name = &p.policy.metadata.name;
+                            if let Some((_, other, _)) = desired.get(name) {
+                                errs.push(format!(
                                 "{}:{}: metadata.name: duplicate policy name {name:?} (also in {})",
                                 file.display(),
                                 p.line,
                                 other.display()
                             ));
+                            }
+                        }
+                        if errs.is_empty() {
+                            Ok(out)
+                        } else {
+                            Err(errs)
                         }
                     }
-                    if errs.is_empty() {
-                        Ok(out)
-                    } else {
-                        Err(errs)
-                    }
-                }
-            };
+                };
             match result {
                 Ok(list) => {
                     for (_, c, d) in list {

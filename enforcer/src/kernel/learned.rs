@@ -40,15 +40,45 @@ pub struct LearnedTable {
 }
 
 impl LearnedTable {
+    /// Wrap the kernel maps. Entries already there (pinned maps of a daemon
+    /// that restarted) are adopted under a placeholder name so that they
+    /// expire and are reclaimed like the others; expired ones are deleted.
     pub fn new(
         v4: HashMap<MapData, LearnedKey4, Learned>,
         v6: HashMap<MapData, LearnedKey6, Learned>,
     ) -> Self {
-        Self {
+        let mut me = Self {
             v4,
             v6,
             entries: StdHashMap::new(),
+        };
+        let found: Vec<(u32, IpAddr, Learned)> = me
+            .v4
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k.slot, IpAddr::from(k.addr), v))
+            .chain(
+                me.v6
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .map(|(k, v)| (k.slot, IpAddr::from(k.addr), v)),
+            )
+            .collect();
+        let now = monotonic_ns();
+        for (slot, ip, v) in found {
+            if v.expires_ns <= now {
+                let _ = me.delete(slot, ip);
+                continue;
+            }
+            me.entries.entry((slot, ip)).or_default().insert(
+                "(learned before a restart)".to_string(),
+                ByName {
+                    set: v.set,
+                    expires_ns: v.expires_ns,
+                },
+            );
         }
+        me
     }
 
     pub fn learn(
