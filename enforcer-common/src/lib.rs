@@ -73,6 +73,8 @@ pub mod prog_names {
     pub const RECVMSG6: &str = "enforcer_recvmsg6";
     pub const GETPEERNAME4: &str = "enforcer_getpeername4";
     pub const GETPEERNAME6: &str = "enforcer_getpeername6";
+    /// Not in `ALL`: loaded on its own, only to probe for BPF LSM.
+    pub const LSM_PROBE: &str = "enforcer_lsm_probe";
     pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,

@@ -1,6 +1,7 @@
 //! enforcer eBPF programs. One module per hook family:
 //! - `sock_addr`: cgroup/connect4, connect6, sendmsg4, sendmsg6 (egress verdicts)
 //! - `sock`: cgroup/sock_create (raw, packet and ICMP sockets)
+//! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
 //! policy generation, fail closed), `report` (counters and ring-buffer events).
@@ -9,6 +10,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod identity;
+#[cfg(target_arch = "bpf")]
+mod lsm_probe;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

@@ -49,6 +49,11 @@ enum Cmd {
         /// Denials and audits are always sent.
         #[arg(long, default_value_t = 1)]
         allow_events: u32,
+        /// On a kernel without BPF LSM, run a policy that uses `files:`/`onTaint:`
+        /// with its network part only (said in the log, audit log and summary)
+        /// instead of refusing it.
+        #[arg(long)]
+        allow_degraded: bool,
         /// bpffs directory where links are pinned while the agent runs.
         #[arg(long, default_value = "/sys/fs/bpf/enforcer")]
         pin_dir: PathBuf,
@@ -129,6 +134,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             metrics_addr,
             user,
             allow_events,
+            allow_degraded,
             pin_dir,
             quiet,
             command,
@@ -139,6 +145,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             metrics_addr,
             user,
             allow_events,
+            allow_degraded,
             pin_dir,
             quiet,
             command,

