@@ -3,6 +3,7 @@
 use enforcer::{audit, daemon, policy, run};
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -99,6 +100,30 @@ enum PolicyCmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Convert an AIP (Agent Identity Protocol draft) AgentPolicy manifest into an enforcer policy.
+    ///
+    /// Reads an aip-proxy manifest (apiVersion aip.io/v1alpha*, kind AgentPolicy) and writes an
+    /// enforcer AgentPolicy: metadata.name (made a DNS label if needed), spec.mode (monitor
+    /// becomes audit) and spec.protected_paths (each one a `deny` file rule). Every AIP field that
+    /// cannot be carried over (MCP tool and method lists, tool rules, DLP, identity tokens, ...)
+    /// is listed on stderr, one line each, and as comments in the output. The result has no
+    /// egress rules, so it denies all network egress until you add some. Exit 0 with notes,
+    /// 1 if the manifest cannot be read or is not a valid AIP AgentPolicy.
+    ImportAip {
+        /// AIP manifest (YAML, e.g. agent.yaml).
+        file: PathBuf,
+        /// Write the enforcer policy to OUT instead of stdout.
+        #[arg(long, short = 'o', value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Home directory that `~/` in protected paths stands for on the agent's machine
+        /// (e.g. /home/agent); without it such paths are not carried over.
+        #[arg(long, value_name = "DIR", value_parser = policy::aip::base_dir)]
+        home: Option<PathBuf>,
+        /// Directory that relative protected paths are resolved against (aip-proxy uses its
+        /// own working directory); without it they are not carried over.
+        #[arg(long, value_name = "DIR", value_parser = policy::aip::base_dir)]
+        workdir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,6 +179,19 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Policy {
             command: PolicyCmd::Check { files },
         } => policy_check(&files),
+        Cmd::Policy {
+            command:
+                PolicyCmd::ImportAip {
+                    file,
+                    output,
+                    home,
+                    workdir,
+                },
+        } => policy_import_aip(
+            &file,
+            output.as_deref(),
+            &policy::aip::ImportOptions { home, workdir },
+        ),
         Cmd::Audit {
             command: AuditCmd::Verify { file },
         } => audit_verify(&file),
@@ -183,6 +221,59 @@ fn policy_check(files: &[PathBuf]) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+fn policy_import_aip(
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+    opts: &policy::aip::ImportOptions,
+) -> anyhow::Result<i32> {
+    if let Some(out) = output {
+        let same = matches!(
+            (file.canonicalize(), out.canonicalize()),
+            (Ok(a), Ok(b)) if a == b
+        );
+        if same {
+            eprintln!(
+                "{}: refusing to overwrite the AIP manifest with its conversion",
+                out.display()
+            );
+            return Ok(1);
+        }
+    }
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", file.display());
+            return Ok(1);
+        }
+    };
+    let conversion = match policy::aip::convert_str(&text, file, opts) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(1);
+        }
+    };
+    for note in &conversion.notes {
+        eprintln!("{note}");
+    }
+    let name = &conversion.policy.metadata.name;
+    match output {
+        Some(out) => {
+            std::fs::write(out, &conversion.yaml)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("{}: wrote enforcer policy {name}", out.display());
+        }
+        None => print!("{}", conversion.yaml),
+    }
+    eprintln!(
+        "{}: converted: {} protected path(s) carried over as file rules, {} item(s) not carried over",
+        file.display(),
+        conversion.policy.spec.files.len(),
+        conversion.not_carried().len()
+    );
+    Ok(0)
 }
 
 fn audit_verify(file: &std::path::Path) -> anyhow::Result<i32> {

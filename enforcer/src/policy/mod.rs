@@ -26,6 +26,7 @@
 //! unknown field and every bad value of a file in one run, each with its exact
 //! field path (`spec.egress[1].cidr`). The YAML itself is only ever parsed by
 //! the library.
+pub mod aip;
 pub mod compile;
 mod tree;
 pub mod types;
