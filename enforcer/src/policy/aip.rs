@@ -241,7 +241,8 @@ pub fn convert_str(
         for e in refused {
             c.notes.push(c.info(format!(
                 "`enforcer run` and `enforcer daemon` of this release refuse this policy ({}); \
-                 `enforcer policy check` accepts it",
+                 on a kernel without BPF LSM, `--allow-degraded` (daemon: `allowDegraded: \
+                 true`) runs its network part only; `enforcer policy check` accepts it",
                 e.message
             )));
         }
