@@ -10,6 +10,7 @@ mod dns_bench;
 mod dns_upstream;
 mod test;
 mod util;
+mod vm;
 mod worker;
 
 use std::path::PathBuf;
@@ -82,6 +83,8 @@ enum Cmd {
     },
     /// The whole test suite, as CI runs it: setup, fmt, clippy, unit and real-kernel integration tests (needs root).
     Test,
+    /// Run a command as root inside a VM booted with a Debian 6.1 kernel that loads BPF LSM programs (default: a self-check; needs root).
+    VmTest(vm::VmArgs),
     /// Load generator used by `bench` (runs inside the cgroup under test).
     #[command(hide = true)]
     BenchWorker(worker::WorkerArgs),
@@ -113,6 +116,7 @@ fn main() -> std::process::ExitCode {
             secs,
         } => dns_bench::run(&bin, queries, rounds, concurrency, secs),
         Cmd::Test => test::run(&util::repo_root()),
+        Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
         Cmd::BenchDnsWorker(args) => dns_bench::worker(&args).map(|()| 0),
     };
