@@ -148,8 +148,15 @@ impl DnsService {
 
     /// Serve (or update) identity `slot`'s proxy; the caller points the
     /// kernel's DNS steering at the returned port.
-    pub async fn start(&self, slot: u32, policy: Arc<DnsPolicy>) -> Result<u16> {
-        self.proxy.serve_identity(slot, policy).await
+    pub async fn start(
+        &self,
+        slot: u32,
+        policy: Arc<DnsPolicy>,
+        preferred_port: Option<u16>,
+    ) -> Result<u16> {
+        self.proxy
+            .serve_identity_on(slot, policy, preferred_port)
+            .await
     }
 
     /// Serve (or update) identity `slot`'s proxy and point its DNS steering

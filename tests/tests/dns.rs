@@ -1213,3 +1213,79 @@ fn harness_upstream_and_agent_agree() {
         .any(|l| l.tcp && l.name == "www.example.com"));
     assert!(!dns.saw("never.example.com"));
 }
+
+/// A daemon restart (kill -9): the pinned kernel state keeps steering the
+/// agent's DNS to the old proxy port, so the new daemon takes that port
+/// again and never turns steering off in between (a query is never judged
+/// by the CIDR table, i.e. never EPERM); names resolve again and learned
+/// addresses still connect.
+#[test]
+fn daemon_restart_keeps_the_dns_proxy_port() {
+    if !require_root("daemon_restart_keeps_the_dns_proxy_port") {
+        return;
+    }
+    let cg = Cgroup::create("dns-restart");
+    let pins = PinDir::new("dns-restart");
+    let dir = TestDir::new("dns-restart");
+    let dns = DnsServer::start();
+    let sink = TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap();
+    dns.add_addrs("r.example.com", &["127.0.0.5"]);
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, "dns-restart")]);
+    write_atomic(
+        &d.policies.join("r.yaml"),
+        &dns_policy_yaml(
+            "dns-restart",
+            &[
+                host_rule("r.example.com", &[sink.port()], "tcp"),
+                vouch_loopback(),
+            ],
+            &dns.upstream(),
+            &[],
+        ),
+    );
+    d.start();
+    let port_of = |d: &Daemon| -> u64 {
+        d.status()["identities"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == "dns-restart"))
+            .and_then(|i| i["dns_port"].as_u64())
+            .unwrap_or(0)
+    };
+    let old_port = port_of(&d);
+    assert_ne!(old_port, 0, "no DNS proxy port in status: {}", d.status());
+    let mut p = Probe::spawn_script(&dir.dns_agent());
+    move_pid(&cg.path, p.pid);
+    let q = |p: &mut Probe| {
+        p.cmd(json!({"op": "resolve", "server": RESOLVER, "port": 53, "name": "r.example.com", "qtype": "A"}))
+    };
+    let mut v = Value::Null;
+    poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        v = q(&mut p);
+        v["ok"] == true && v["rcode"] == NOERROR
+    });
+    assert_eq!(v["rcode"], NOERROR, "resolves before the restart: {v}");
+    assert_ok(&p.tcp("127.0.0.5", sink.port(), "before"), "connect before");
+
+    d.kill9();
+    d.start();
+    assert_eq!(
+        port_of(&d),
+        old_port,
+        "the restarted daemon took the old proxy port"
+    );
+    let mut v = Value::Null;
+    let answered = poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        v = q(&mut p);
+        // Never EPERM: steering stayed on across the restart.
+        assert_ne!(
+            v["errno"].as_i64(),
+            Some(libc::EPERM as i64),
+            "DNS judged by CIDR: {v}"
+        );
+        v["ok"] == true && v["rcode"] == NOERROR
+    });
+    assert!(answered, "resolves after the restart: {v}\n{}", d.stderr());
+    assert_ok(&p.tcp("127.0.0.5", sink.port(), "after"), "connect after");
+    p.kill();
+    d.kill9();
+}

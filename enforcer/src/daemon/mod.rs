@@ -791,7 +791,13 @@ async fn start_dns(state: &Mutex<State>, dns: &DnsService) {
     let pending = std::mem::take(&mut state.lock().unwrap_or_else(|e| e.into_inner()).pending_dns);
     for (slot, policy) in pending {
         let name = policy.identity.name.clone();
-        match dns.start(slot, policy).await {
+        // After a restart the pinned kernel state still steers to the old
+        // proxy's port: take the same one if it is free.
+        let preferred = {
+            let s = state.lock().unwrap_or_else(|e| e.into_inner());
+            Some(s.kernel.dns_port(slot)).filter(|p| *p != 0)
+        };
+        match dns.start(slot, policy, preferred).await {
             Ok(port) => {
                 let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
                 match s.kernel.set_dns_port(slot, port) {

@@ -99,10 +99,21 @@ impl DnsProxy {
     /// chosen by the OS ([::1] is skipped when the host has no IPv6).
     /// Returns the port.
     pub async fn serve_identity(&self, slot: u32, policy: Arc<DnsPolicy>) -> anyhow::Result<u16> {
+        self.serve_identity_on(slot, policy, None).await
+    }
+
+    /// [`Self::serve_identity`], trying `preferred` first: a restarted daemon
+    /// gets back the port the kernel's pinned steering still points at.
+    pub async fn serve_identity_on(
+        &self,
+        slot: u32,
+        policy: Arc<DnsPolicy>,
+        preferred: Option<u16>,
+    ) -> anyhow::Result<u16> {
         if let Some(port) = self.swap(slot, &policy) {
             return Ok(port);
         }
-        let (port, udp, tcp) = bind_all().await?;
+        let (port, udp, tcp) = bind_all(preferred).await?;
         let up4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
             .context("binding the IPv4 upstream socket")?;
@@ -176,11 +187,19 @@ fn no_ipv6(e: &io::Error) -> bool {
 
 /// UDP 127.0.0.1:0 picks the port; UDP/TCP [::1] and TCP 127.0.0.1 must get
 /// the same one, else try again.
-async fn bind_all() -> anyhow::Result<(u16, Vec<UdpSocket>, Vec<TcpListener>)> {
-    for _ in 0..BIND_ATTEMPTS {
-        let u4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .context("binding UDP 127.0.0.1")?;
+async fn bind_all(
+    preferred: Option<u16>,
+) -> anyhow::Result<(u16, Vec<UdpSocket>, Vec<TcpListener>)> {
+    for attempt in 0..BIND_ATTEMPTS {
+        let want = match (attempt, preferred) {
+            (0, Some(p)) => p,
+            _ => 0,
+        };
+        let u4 = match UdpSocket::bind((Ipv4Addr::LOCALHOST, want)).await {
+            Ok(s) => s,
+            Err(e) if want != 0 && in_use(&e) => continue,
+            Err(e) => return Err(e).context("binding UDP 127.0.0.1"),
+        };
         let port = u4.local_addr()?.port();
         let t4 = match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
             Ok(t) => t,

@@ -166,12 +166,18 @@ impl Kernel {
             map(&mut ebpf, map_names::LEARNED_V4)?,
             map(&mut ebpf, map_names::LEARNED_V6)?,
         ));
-        // Continue after the highest generation already present (pinned maps).
+        // Continue after the highest generation already present (pinned
+        // maps), and keep steering DNS where a previous daemon's proxies were
+        // until the new ones take over (ideally on the same ports).
         let mut next_table_id = 1;
+        let mut dns_ports = StdHashMap::new();
         for s in 0..MAX_SLOTS {
             if let Ok(p) = policies.get(&s, 0) {
                 if p.flags & policy_flags::PRESENT != 0 {
                     next_table_id = next_table_id.max(p.table_id.wrapping_add(1));
+                    if p.dns_port != 0 {
+                        dns_ports.insert(s, p.dns_port);
+                    }
                 }
             }
         }
@@ -187,7 +193,7 @@ impl Kernel {
             events,
             learned,
             installed: StdHashMap::new(),
-            dns_ports: StdHashMap::new(),
+            dns_ports,
             next_table_id,
         })
     }
