@@ -1,7 +1,7 @@
 //! The `enforcer` command line. The implementation lives in the library
 //! (`src/lib.rs`); this file only parses arguments and dispatches.
 use enforcer::{audit, daemon, policy, run};
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -27,44 +27,10 @@ struct Cli {
 enum Cmd {
     /// Run CMD in a fresh cgroup under POLICY; exit with CMD's status. Needs root.
     ///
-    /// The agent starts already enforced, in its own cgroup and cgroup
-    /// namespace, with no capabilities and no_new_privs. A summary of
-    /// denials is printed to stderr when it exits.
-    Run {
-        /// Policy file (YAML, AgentPolicy).
-        #[arg(long, short = 'p')]
-        policy: PathBuf,
-        /// Which policy of a multi-document file to enforce.
-        #[arg(long)]
-        policy_name: Option<String>,
-        /// Append one JSON line per decision here (SHA-256 chained).
-        #[arg(long)]
-        audit_log: Option<PathBuf>,
-        /// Serve Prometheus metrics (/metrics, /healthz) on this address.
-        #[arg(long)]
-        metrics_addr: Option<SocketAddr>,
-        /// Run CMD as this user (NAME, UID or UID:GID) instead of uid 0 without capabilities.
-        #[arg(long)]
-        user: Option<String>,
-        /// Allowed decisions sent as events: 1 = all (default), 0 = only counted, N = ~1 in N.
-        /// Denials and audits are always sent.
-        #[arg(long, default_value_t = 1)]
-        allow_events: u32,
-        /// On a kernel without BPF LSM, run a policy that uses `files:`/`onTaint:`
-        /// with its network part only (said in the log, audit log and summary)
-        /// instead of refusing it.
-        #[arg(long)]
-        allow_degraded: bool,
-        /// bpffs directory where links are pinned while the agent runs.
-        #[arg(long, default_value = "/sys/fs/bpf/enforcer")]
-        pin_dir: PathBuf,
-        /// Do not print the summary.
-        #[arg(long, short = 'q')]
-        quiet: bool,
-        /// The agent command and its arguments (after `--`).
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    /// The agent starts already enforced, in its own cgroup, with cgroup2
+    /// read-only in its own mount namespace, no capabilities and
+    /// no_new_privs. A summary of denials is printed to stderr when it exits.
+    Run(run::RunArgs),
     /// The node daemon: policies directory, static cgroup bindings, metrics, audit log.
     Daemon {
         /// Daemon configuration file (YAML).
@@ -152,29 +118,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
-        Cmd::Run {
-            policy,
-            policy_name,
-            audit_log,
-            metrics_addr,
-            user,
-            allow_events,
-            allow_degraded,
-            pin_dir,
-            quiet,
-            command,
-        } => run::run(run::RunArgs {
-            policy,
-            policy_name,
-            audit_log,
-            metrics_addr,
-            user,
-            allow_events,
-            allow_degraded,
-            pin_dir,
-            quiet,
-            command,
-        }),
+        Cmd::Run(args) => run::run(args),
         Cmd::Daemon { config } => daemon::main(&config),
         Cmd::Policy {
             command: PolicyCmd::Check { files },

@@ -48,16 +48,40 @@ use crate::{
     policy,
 };
 
+#[derive(clap::Args)]
 pub struct RunArgs {
+    /// Policy file (YAML, AgentPolicy).
+    #[arg(long, short = 'p')]
     pub policy: PathBuf,
+    /// Which policy of a multi-document file to enforce.
+    #[arg(long)]
     pub policy_name: Option<String>,
+    /// Append one JSON line per decision here (SHA-256 chained).
+    #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// Serve Prometheus metrics (/metrics, /healthz) on this address.
+    #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Run CMD as this user (NAME, UID or UID:GID) instead of uid 0 without capabilities.
+    #[arg(long)]
     pub user: Option<String>,
+    /// Allowed decisions sent as events: 1 = all (default), 0 = only counted, N = ~1 in N.
+    /// Denials and audits are always sent.
+    #[arg(long, default_value_t = 1)]
     pub allow_events: u32,
+    /// On a kernel without BPF LSM, run a policy that uses `files:`/`onTaint:`
+    /// with its network part only (said in the log, audit log and summary)
+    /// instead of refusing it.
+    #[arg(long)]
     pub allow_degraded: bool,
+    /// bpffs directory where links are pinned while the agent runs.
+    #[arg(long, default_value = "/sys/fs/bpf/enforcer")]
     pub pin_dir: PathBuf,
+    /// Do not print the summary.
+    #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// The agent command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
 
@@ -143,7 +167,6 @@ pub fn gate_file_policy(
 struct Summary {
     /// (action, destination, rule, verdict) -> (count, first comm/pid)
     denials: BTreeMap<(String, String, String, String), (u64, String)>,
-    events: u64,
     dns_answered: u64,
     dns_refused: u64,
 }
@@ -306,14 +329,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let child_pid = child.id();
         tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
         let poller = {
-            let kernel = kernel.clone();
             let metrics = metrics.clone();
             let name = compiled.name.clone();
             let dns = dns.clone();
             tokio::spawn(async move {
                 let slots = [(SLOT, name)];
                 loop {
-                    publish(&kernel, &metrics, &slots);
                     dns.gc(&metrics, &slots);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -346,7 +367,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
         tokio::time::sleep(reader::DRAIN_GRACE).await;
         reader_task.abort();
         poller.abort();
-        publish(&kernel, &metrics, &[(SLOT, compiled.name.clone())]);
         anyhow::Ok(status)
     })?;
 
@@ -382,7 +402,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
 fn summarize(d: &Decision, summary: &Mutex<Summary>) {
     let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
-    s.events += 1;
     if d.action == crate::events::Action::Dns {
         if d.verdict == Verdict::Allow {
             s.dns_answered += 1;

@@ -767,9 +767,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reconcile_bindings();
         s.scan_net_raw();
-        let names = s.slot_names();
-        sink::publish_kernel_counters(&s.kernel, &metrics, &names);
-        dns.gc(&metrics, &names);
+        // Kernel counters reach the metrics at scrape time (the collector).
+        dns.gc(&metrics, &s.slot_names());
     }
     tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
     sinks.lifecycle(
