@@ -15,7 +15,19 @@
 //! DNS_ORIG    LruHash   socket cookie          -> OrigDst (resolver the agent asked)
 //! LEARNED_V4  HashMap   {slot, ipv4}           -> Learned (address a DNS answer allowed)
 //! LEARNED_V6  HashMap   {slot, ipv6}           -> Learned
+//! FILE_RULES  HashMap   {ino, dev, table_id}   -> FileRuleValue (file policy, BPF LSM)
+//! FILE_OFFSETS Array    0 -> FileOffsets (struct member offsets from the kernel's BTF)
+//! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint)
 //! ```
+//!
+//! Files (BPF LSM `file_open`, `inode_link`, `inode_rename`): a file is
+//! matched by the identity of its inode (`i_ino`, `i_sb->s_dev`) and of its
+//! parent dentries' inodes, up to `MAX_FILE_DEPTH` levels, against
+//! `FILE_RULES` under the identity's current generation (`table_id`). The
+//! nearest match wins. Reading a `taint` file sets `TAINTED[slot]`; from then
+//! on the sock_addr hooks judge the identity by its onTaint generation
+//! (`PolicyState.taint_table_id`) and by the addresses learned for its
+//! onTaint host rules (learned keys with `TAINT_SLOT_BIT`).
 //!
 //! DNS: a connect/sendmsg to port 53 (TCP or UDP, any address) of an identity
 //! whose `PolicyState.dns_port` is set is rewritten to the enforcer's DNS
@@ -57,9 +69,24 @@ pub mod map_names {
     pub const DNS_ORIG: &str = "DNS_ORIG";
     pub const LEARNED_V4: &str = "LEARNED_V4";
     pub const LEARNED_V6: &str = "LEARNED_V6";
-    pub const ALL: [&str; 11] = [
-        IDENTITIES, POLICIES, EGRESS_V4, EGRESS_V6, COUNTERS, STATS, CONFIG, EVENTS, DNS_ORIG,
-        LEARNED_V4, LEARNED_V6,
+    pub const FILE_RULES: &str = "FILE_RULES";
+    pub const FILE_OFFSETS: &str = "FILE_OFFSETS";
+    pub const TAINTED: &str = "TAINTED";
+    pub const ALL: [&str; 14] = [
+        IDENTITIES,
+        POLICIES,
+        EGRESS_V4,
+        EGRESS_V6,
+        COUNTERS,
+        STATS,
+        CONFIG,
+        EVENTS,
+        DNS_ORIG,
+        LEARNED_V4,
+        LEARNED_V6,
+        FILE_RULES,
+        FILE_OFFSETS,
+        TAINTED,
     ];
 }
 
@@ -75,6 +102,17 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "enforcer_getpeername6";
     /// Not in `ALL`: loaded on its own, only to probe for BPF LSM.
     pub const LSM_PROBE: &str = "enforcer_lsm_probe";
+    /// BPF LSM file policy (not in `ALL`: global hooks, loaded only where
+    /// BPF LSM is available and a policy has `files:`).
+    pub const FILE_OPEN: &str = "enforcer_file_open";
+    pub const INODE_LINK: &str = "enforcer_inode_link";
+    pub const INODE_RENAME: &str = "enforcer_inode_rename";
+    /// (program, LSM hook)
+    pub const LSM: [(&str, &str); 3] = [
+        (FILE_OPEN, "file_open"),
+        (INODE_LINK, "inode_link"),
+        (INODE_RENAME, "inode_rename"),
+    ];
     pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,
@@ -96,6 +134,12 @@ pub const EVENTS_BYTES: u32 = 1 << 20;
 pub const MAX_DNS_ORIG: u32 = 65536;
 pub const MAX_LEARNED_V4: u32 = 1 << 18;
 pub const MAX_LEARNED_V6: u32 = 1 << 16;
+pub const MAX_FILE_RULES: u32 = 1 << 18;
+/// Parent dentries walked from an opened file to find a directory rule.
+pub const MAX_FILE_DEPTH: u32 = 48;
+/// `LearnedKey*.slot` bit of addresses learned for an identity's onTaint
+/// host rules (used once the identity is tainted).
+pub const TAINT_SLOT_BIT: u32 = 1 << 31;
 /// The port DNS is steered from.
 pub const DNS_PORT: u16 = 53;
 
@@ -106,6 +150,10 @@ pub mod action {
     pub const SOCK_CREATE: u8 = 2;
     pub const DNS: u8 = 3;
     pub const FILE_OPEN: u8 = 4;
+    /// link(2) of a protected file (a new name outside its tree).
+    pub const FILE_LINK: u8 = 5;
+    /// rename(2) of a protected file or directory.
+    pub const FILE_RENAME: u8 = 6;
     pub const COUNT: u32 = 8;
 }
 
@@ -114,6 +162,8 @@ pub mod verdict {
     pub const ALLOW: u8 = 0;
     pub const DENY: u8 = 1;
     pub const AUDIT: u8 = 2;
+    /// A `taint` file was opened (allowed): the identity's egress is clamped.
+    pub const TAINT: u8 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -134,6 +184,22 @@ pub mod rule {
     /// UDP-Lite, ...): their multi-address connect paths are not all covered
     /// by the connect/sendmsg hooks, so they cannot be created at all.
     pub const SOCKET_PROTOCOL: u32 = 0xffff_fffb;
+    /// An opened file sits deeper than `MAX_FILE_DEPTH` below any directory
+    /// the walk could check (fail closed for identities with directory rules).
+    pub const FILE_DEPTH: u32 = 0xffff_fffa;
+    /// The kernel's struct offsets are unknown (no BTF): file policy fails closed.
+    pub const FILE_NO_OFFSETS: u32 = 0xffff_fff9;
+    /// `spec.onTaint.egress[i]` has id `TAINT_BASE + i + 1`.
+    pub const TAINT_BASE: u32 = 0x4000_0000;
+    /// `spec.files[i]` has id `FILE_BASE + i + 1`.
+    pub const FILE_BASE: u32 = 0x2000_0000;
+}
+
+/// `FileRuleValue.access`.
+pub mod file_access {
+    pub const DENY: u8 = 1;
+    pub const AUDIT: u8 = 2;
+    pub const TAINT: u8 = 3;
 }
 
 /// `PolicyState.flags` bits.
@@ -142,6 +208,12 @@ pub mod policy_flags {
     pub const PRESENT: u32 = 1 << 0;
     /// mode: audit (would-be denials are recorded as `audit` and allowed).
     pub const AUDIT: u32 = 1 << 1;
+    /// The policy has `files:` rules (the LSM hooks look them up).
+    pub const FILES: u32 = 1 << 2;
+    /// Some file rule is a directory (walk parent dentries).
+    pub const FILE_DIRS: u32 = 1 << 3;
+    /// Judge egress by the onTaint generation once `TAINTED[slot]` is set.
+    pub const TAINT_CLAMP: u32 = 1 << 4;
 }
 
 /// Protocol mask bits in `PortRule.proto_mask`.
@@ -181,7 +253,52 @@ pub struct PolicyState {
     pub flags: u32,
     /// Port of this identity's DNS proxy on 127.0.0.1 and ::1 (0: no steering).
     pub dns_port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Generation of the onTaint egress tables (used once tainted).
+    pub taint_table_id: u32,
+}
+
+/// `FILE_RULES` key: an inode, by number and device (kernel `dev_t`:
+/// major << 20 | minor), in one generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub ino: u64,
+    pub dev: u32,
+    pub table_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileRuleValue {
+    /// `files[i]` -> `rule::FILE_BASE + i + 1`.
+    pub rule_id: u32,
+    /// `file_access::*`.
+    pub access: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Byte offsets of the struct members the LSM hooks read, taken from the
+/// running kernel's BTF by userspace (aya has no CO-RE field relocations).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileOffsets {
+    /// `struct file.f_inode`
+    pub file_f_inode: u32,
+    /// `struct file.f_path` + `struct path.dentry`
+    pub file_dentry: u32,
+    /// `struct inode.i_ino`
+    pub inode_i_ino: u32,
+    /// `struct inode.i_sb`
+    pub inode_i_sb: u32,
+    /// `struct super_block.s_dev`
+    pub sb_s_dev: u32,
+    /// `struct dentry.d_parent`
+    pub dentry_d_parent: u32,
+    /// `struct dentry.d_inode`
+    pub dentry_d_inode: u32,
+    /// 1 when the offsets above are filled in.
+    pub valid: u32,
 }
 
 /// Where a steered DNS socket really sent to (restored on recvmsg/getpeername).
@@ -272,7 +389,8 @@ pub struct GlobalConfig {
     /// 0: allowed decisions are only counted; 1: every allow is sent as an
     /// event; N: about one allow in N is sent (denies and audits always are).
     pub allow_sample: u32,
-    pub _pad: u32,
+    /// Number of slots with file rules: the LSM hooks return at once while 0.
+    pub file_slots: u32,
 }
 
 /// One decision, kernel -> userspace through the `EVENTS` ring buffer.
@@ -287,6 +405,8 @@ pub struct Event {
     pub slot: u32,
     pub rule_id: u32,
     /// Destination address. IPv4 is stored v4-mapped (`::ffff:a.b.c.d`).
+    /// File actions: bytes 0..8 the inode number, 8..12 the kernel dev_t
+    /// (little endian) of the file that matched.
     pub addr: [u8; 16],
     /// Destination port, host byte order.
     pub port: u16,
@@ -326,6 +446,9 @@ mod user {
     unsafe impl aya::Pod for LearnedKey4 {}
     unsafe impl aya::Pod for LearnedKey6 {}
     unsafe impl aya::Pod for Learned {}
+    unsafe impl aya::Pod for FileKey {}
+    unsafe impl aya::Pod for FileRuleValue {}
+    unsafe impl aya::Pod for FileOffsets {}
 }
 
 #[cfg(test)]
@@ -345,6 +468,9 @@ mod tests {
         assert_eq!(size_of::<RuleSet>(), 8 + 12 * MAX_PORT_RULES);
         assert_eq!(size_of::<V4Key>(), 8);
         assert_eq!(size_of::<V6Key>(), 20);
+        assert_eq!(size_of::<FileKey>(), 16);
+        assert_eq!(size_of::<FileRuleValue>(), 8);
+        assert_eq!(size_of::<FileOffsets>(), 32);
         assert_eq!(size_of::<Event>(), 8 + 8 + 4 * 4 + 16 + 2 + 4 + 2 + 16);
     }
 

@@ -268,7 +268,7 @@ impl Kernel {
                 0,
                 GlobalConfig {
                     allow_sample,
-                    _pad: 0,
+                    file_slots: 0,
                 },
                 0,
             )
@@ -420,7 +420,8 @@ impl Kernel {
             table_id,
             flags,
             dns_port: self.dns_ports.get(&slot).copied().unwrap_or(0),
-            _pad: [0; 6],
+            _pad: [0; 2],
+            taint_table_id: 0,
         };
         if let Err(e) = self.policies.set(slot, state, 0) {
             self.delete_generation(&new);
