@@ -1,6 +1,7 @@
 //! enforcer eBPF programs. One module per hook family:
 //! - `sock_addr`: cgroup/connect4, connect6, sendmsg4, sendmsg6 (egress verdicts)
 //! - `sock`: cgroup/sock_create (raw, packet and ICMP sockets)
+//! - `files`: lsm/file_open, inode_link, inode_rename (file policy, taint)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
@@ -8,6 +9,8 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod files;
 #[cfg(target_arch = "bpf")]
 mod identity;
 #[cfg(target_arch = "bpf")]

@@ -22,6 +22,7 @@ fn bump_counter(slot: u32, action: u8, verdict: u8) {
 }
 
 /// What a program decided, for counters and the event stream.
+#[derive(Clone, Copy)]
 pub struct Decision {
     pub cgroup_id: u64,
     pub slot: u32,

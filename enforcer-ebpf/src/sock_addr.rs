@@ -11,6 +11,8 @@
 //! the proxy (never judged by the CIDR table: names are judged by the
 //! proxy); (2) the identity's CIDR table (one LPM lookup); (3) addresses a
 //! DNS answer allowed (`LEARNED_*`, until they expire); else deny (or audit).
+//! Once the identity read a `taint` file (`TAINTED[slot]`), (2) and (3) use
+//! its onTaint generation and onTaint learned addresses instead.
 use aya_ebpf::{
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
@@ -19,12 +21,12 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     action, policy_flags, proto, rule, stat, verdict, LearnedKey4, LearnedKey6, OrigDst,
-    PolicyState, RuleSet, V4Key, V6Key, DNS_PORT, MAX_PORT_RULES,
+    PolicyState, RuleSet, V4Key, V6Key, DNS_PORT, MAX_PORT_RULES, TAINT_SLOT_BIT,
 };
 
 use crate::{
     identity,
-    maps::{DNS_ORIG, EGRESS_V4, EGRESS_V6, LEARNED_V4, LEARNED_V6},
+    maps::{DNS_ORIG, EGRESS_V4, EGRESS_V6, LEARNED_V4, LEARNED_V6, TAINTED},
     report::{self, Decision},
 };
 
@@ -111,14 +113,29 @@ enum Dst {
     V6([u8; 16]),
 }
 
+/// The generation and learned-address slot that judge the identity now:
+/// the onTaint ones once a `taint` file was read.
+#[inline(always)]
+fn tables(p: &PolicyState, slot: u32) -> (u32, u32) {
+    if p.flags & policy_flags::TAINT_CLAMP != 0 {
+        if let Some(t) = TAINTED.get(slot) {
+            if *t != 0 {
+                return (p.taint_table_id, slot | TAINT_SLOT_BIT);
+            }
+        }
+    }
+    (p.table_id, slot)
+}
+
 #[inline(always)]
 fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Option<u32> {
+    let (table_id, slot) = tables(p, slot);
     match dst {
         Dst::V4(addr) => {
             let key = Key::new(
                 64,
                 V4Key {
-                    table_id_be: p.table_id.to_be_bytes(),
+                    table_id_be: table_id.to_be_bytes(),
                     addr,
                 },
             );
@@ -139,7 +156,7 @@ fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Option<u3
             let key = Key::new(
                 160,
                 V6Key {
-                    table_id_be: p.table_id.to_be_bytes(),
+                    table_id_be: table_id.to_be_bytes(),
                     addr,
                 },
             );

@@ -112,6 +112,8 @@ pub enum LifecycleAction {
     Stop,
     /// Written by [`AuditLog::open`] itself after truncating a torn tail.
     ChainResume,
+    /// An identity read a `taint` file: its egress is now `onTaint` only.
+    TaintClamp,
 }
 
 impl LifecycleAction {
@@ -126,6 +128,7 @@ impl LifecycleAction {
             Self::Start => "start",
             Self::Stop => "stop",
             Self::ChainResume => "chain_resume",
+            Self::TaintClamp => "taint_clamp",
         }
     }
 }
@@ -182,6 +185,8 @@ struct DecisionRecord<'a> {
     port: Option<u16>,
     protocol: Option<&'a str>,
     host: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
     verdict: Verdict,
     rule: &'a str,
     policy_hash: &'a str,
@@ -379,6 +384,7 @@ impl AuditLog {
             port,
             protocol,
             host,
+            path,
             verdict,
             rule,
             policy_hash,
@@ -399,6 +405,7 @@ impl AuditLog {
                     port: *port,
                     protocol: protocol.as_deref(),
                     host: host.as_deref(),
+                    path: path.as_deref(),
                     verdict: *verdict,
                     rule,
                     policy_hash,
@@ -906,6 +913,7 @@ mod tests {
             port: Some(443),
             protocol: Some("tcp".into()),
             host: None,
+            path: None,
             verdict: if i.is_multiple_of(2) {
                 Verdict::Deny
             } else {

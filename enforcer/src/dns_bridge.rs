@@ -98,6 +98,7 @@ impl DnsSink for Recorder {
             port: Some(ev.client.port()),
             protocol: Some(ev.transport.to_string()),
             host: Some(ev.qname.clone()),
+            path: None,
             verdict: ev.verdict,
             rule,
             policy_hash: ev.policy_hash.clone(),

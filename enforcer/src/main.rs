@@ -146,19 +146,29 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
 fn policy_check(files: &[PathBuf]) -> anyhow::Result<i32> {
     match policy::load_files(files) {
         Ok(policies) => {
+            let mut failed = false;
             for p in &policies {
-                let note = match policy::check_supported(p) {
-                    Ok(()) => String::new(),
-                    Err(e) => format!(" (valid; `run`/`daemon` refuse it in this release: {e})"),
-                };
-                println!(
-                    "{}:{}: {} ok{note}",
-                    p.source.display(),
-                    p.line,
-                    p.policy.metadata.name
-                );
+                match policy::compile::compile(p) {
+                    Ok(c) => {
+                        let files = if c.files.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({} file rules: need BPF LSM)", c.files.len())
+                        };
+                        println!(
+                            "{}:{}: {} ok{files}",
+                            p.source.display(),
+                            p.line,
+                            p.policy.metadata.name
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
             }
-            Ok(0)
+            Ok(i32::from(failed))
         }
         Err(errors) => {
             eprintln!("{errors}");

@@ -17,6 +17,8 @@
 //! | `enforcer_dns_malformed_total` | counter | identity | [`Metrics::inc_dns_malformed`] |
 //! | `enforcer_attached_cgroups` | gauge | | [`Metrics::set_attached_cgroups`] |
 //! | `enforcer_policy_entries` | gauge | identity | LPM entries, [`Metrics::set_policy_entries`] |
+//! | `enforcer_identity_tainted` | gauge (1/0) | identity | set when the identity read a `taint` file, [`Metrics::set_tainted`] |
+//! | `enforcer_file_rules` | gauge | identity | inodes in the identity's file rule table, [`Metrics::set_file_rules`] |
 //! | `enforcer_policy_info` | gauge (=1) | identity, spiffe_id, mode, policy_hash | [`Metrics::set_policy_info`] |
 //! | `enforcer_policy_reloads_total` | counter | result (ok, rejected) | [`Metrics::record_policy_reload`] |
 //! | `enforcer_audit_records_total` | counter | | [`Metrics::inc_audit_records`] |
@@ -87,6 +89,8 @@ pub struct Metrics {
     dns_queries: IntCounterVec,
     attached_cgroups: IntGauge,
     policy_entries: IntGaugeVec,
+    tainted: IntGaugeVec,
+    file_rules: IntGaugeVec,
     policy_info: IntGaugeVec,
     policy_reloads: IntCounterVec,
     audit_records: IntCounter,
@@ -197,6 +201,18 @@ impl Metrics {
                 r,
                 "enforcer_policy_entries",
                 "Entries (LPM prefixes) in the identity's compiled egress table.",
+                &["identity"],
+            ),
+            tainted: gauge_vec(
+                r,
+                "enforcer_identity_tainted",
+                "1 once the identity read a `taint` file: its egress is clamped to spec.onTaint.",
+                &["identity"],
+            ),
+            file_rules: gauge_vec(
+                r,
+                "enforcer_file_rules",
+                "Inodes in the identity's file rule table (rule paths and the files listed under directory rules).",
                 &["identity"],
             ),
             policy_info: gauge_vec(
@@ -356,6 +372,18 @@ impl Metrics {
             .set(gauge_value(entries));
     }
 
+    pub fn set_tainted(&self, identity: &str, tainted: bool) {
+        self.tainted
+            .with_label_values(&[identity])
+            .set(i64::from(tainted));
+    }
+
+    pub fn set_file_rules(&self, identity: &str, inodes: u64) {
+        self.file_rules
+            .with_label_values(&[identity])
+            .set(gauge_value(inodes));
+    }
+
     /// Export the policy in force for `identity`; the previous label set of
     /// that identity (other hash, mode, ...) is removed.
     pub fn set_policy_info(
@@ -464,6 +492,8 @@ impl Metrics {
                 .remove_label_values(&[identity, verdict.as_str()]);
         }
         let _ = self.policy_entries.remove_label_values(&[identity]);
+        let _ = self.tainted.remove_label_values(&[identity]);
+        let _ = self.file_rules.remove_label_values(&[identity]);
         let _ = self.net_raw_processes.remove_label_values(&[identity]);
         let _ = self.dns_latency.remove_label_values(&[identity]);
         let _ = self.dns_learned.remove_label_values(&[identity]);

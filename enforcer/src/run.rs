@@ -196,8 +196,24 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let user = args.user.as_deref().map(resolve_user).transpose()?;
     kernel.set_allow_sample(args.allow_events)?;
+    let files = crate::kernel::files::resolve(&compiled.files);
+    for (id, path, why) in &files.unresolved {
+        eprintln!(
+            "enforcer: warning: {} ({}) is not protected: {why}",
+            compiled.rule_name(*id),
+            path.display()
+        );
+    }
+    for path in &files.truncated {
+        eprintln!(
+            "enforcer: warning: {} holds more than {} files: hard links made before this run to \
+             files beyond those are not matched",
+            path.display(),
+            crate::kernel::files::MAX_TREE_ENTRIES
+        );
+    }
     kernel
-        .install_policy(SLOT, compiled.audit, &compiled.v4, &compiled.v6)
+        .install_policy(SLOT, &compiled, &files)
         .context("installing the policy tables")?;
     let cg = cgroup::OwnedCgroup::create(
         &mount.join("enforcer"),
@@ -215,19 +231,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None
     };
     let attachment = kernel.attach(&cg.path, pin_dir.as_deref())?;
+    if !compiled.files.is_empty() {
+        // Only reached with BPF LSM available (gate_file_policy).
+        kernel
+            .attach_file_hooks(pin_dir.as_ref().map(|d| d.join("lsm")).as_deref())
+            .context("attaching the BPF LSM file hooks")?;
+    }
     let ring = kernel
         .take_events()
         .context("event ring buffer already taken")?;
 
     let attribution = Attribution::default();
-    attribution.set(
-        SLOT,
-        SlotInfo {
-            identity: identity.clone(),
-            policy_hash: compiled.hash.clone(),
-            rules: compiled.rules.clone(),
-        },
-    );
+    attribution.set(SLOT, SlotInfo::new(identity.clone(), &compiled));
 
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
@@ -239,6 +254,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         &compiled.hash,
     );
     metrics.set_policy_entries(&compiled.name, compiled.entry_count() as u64);
+    metrics.set_file_rules(&compiled.name, files.entries.len() as u64);
     let audit = match &args.audit_log {
         Some(p) => {
             Some(AuditLog::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
@@ -375,6 +391,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     // Leftover descendants die with the cgroup; then detach and unpin.
     cg.kill_all(Duration::from_secs(2));
+    kernel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .detach_file_hooks();
     attachment.release();
     let counters = kernel
         .lock()

@@ -53,6 +53,9 @@ struct Active {
     dns: Arc<DnsPolicy>,
     source: PathBuf,
     slot: u32,
+    /// `spec.files` resolved to inodes when installed (re-resolved on every
+    /// reconcile: a protected path created later gets its inode protected).
+    files: crate::kernel::files::ResolvedFiles,
 }
 
 /// One bound cgroup.
@@ -280,10 +283,11 @@ impl State {
         // Apply changes.
         let mut changed = false;
         for (name, (compiled, source, dns)) in &desired {
+            let files = crate::kernel::files::resolve(&compiled.files);
             let same = self
                 .active
                 .get(name)
-                .map(|a| a.compiled.hash == compiled.hash)
+                .map(|a| a.compiled.hash == compiled.hash && a.files == files)
                 .unwrap_or(false);
             if same {
                 if let Some(a) = self.active.get_mut(name) {
@@ -299,21 +303,21 @@ impl State {
             if fresh {
                 self.kernel.reset_slot_counters(slot);
             }
-            match self
-                .kernel
-                .install_policy(slot, compiled.audit, &compiled.v4, &compiled.v6)
-            {
+            let unresolved_before = self.active.get(name).map(|a| a.files.unresolved.clone());
+            if unresolved_before.as_ref() != Some(&files.unresolved) {
+                for (id, path, why) in &files.unresolved {
+                    tracing::warn!(policy = %name, rule = %compiled.rule_name(*id), path = %path.display(), "file rule not in force until the path exists ({why}); re-checked on every reconcile");
+                }
+            }
+            for path in &files.truncated {
+                tracing::warn!(policy = %name, path = %path.display(), "directory tree larger than {} entries: hard links made before the policy loaded to files beyond that are not matched", crate::kernel::files::MAX_TREE_ENTRIES);
+            }
+            match self.kernel.install_policy(slot, compiled, &files) {
                 Ok(()) => {
                     changed = true;
-                    tracing::info!(policy = %name, slot, entries = compiled.entry_count(), hash = %compiled.hash, "policy installed");
-                    self.attribution.set(
-                        slot,
-                        SlotInfo {
-                            identity: Self::identity(compiled),
-                            policy_hash: compiled.hash.clone(),
-                            rules: compiled.rules.clone(),
-                        },
-                    );
+                    tracing::info!(policy = %name, slot, entries = compiled.entry_count(), file_inodes = files.entries.len(), hash = %compiled.hash, "policy installed");
+                    self.attribution
+                        .set(slot, SlotInfo::new(Self::identity(compiled), compiled));
                     self.metrics.set_policy_info(
                         name,
                         compiled.spiffe_id.as_deref(),
@@ -322,6 +326,8 @@ impl State {
                     );
                     self.metrics
                         .set_policy_entries(name, compiled.entry_count() as u64);
+                    self.metrics
+                        .set_file_rules(name, files.entries.len() as u64);
                     self.sinks.lifecycle(
                         if fresh {
                             LifecycleAction::PolicyLoad
@@ -343,6 +349,7 @@ impl State {
                             dns: dns.clone(),
                             source: source.clone(),
                             slot,
+                            files,
                         },
                     );
                 }
@@ -364,6 +371,7 @@ impl State {
                 changed = true;
                 tracing::warn!(policy = %name, "policy removed: its bound cgroups now fail closed");
                 let _ = self.kernel.remove_policy(a.slot);
+                self.sinks.forget_taint(&name);
                 self.dns.stop(a.slot);
                 self.metrics.forget_identity(&name);
                 self.sinks.lifecycle(
@@ -611,7 +619,16 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let mount = cgroup::cgroup2_mount()?;
     ensure_bpffs(&cfg.pin_dir)?;
     let mut kernel = Kernel::load(Some(&cfg.pin_dir.join("maps")))?;
-    let lsm = kernel.probe_lsm();
+    let mut lsm = kernel.probe_lsm();
+    if lsm.available {
+        // Global hooks, idle (one array lookup) while no policy has files:.
+        if let Err(e) = kernel.attach_file_hooks(Some(&cfg.pin_dir.join("lsm"))) {
+            lsm = crate::kernel::LsmSupport {
+                available: false,
+                detail: format!("BPF LSM probe passed, but the file hooks failed: {e:#}"),
+            };
+        }
+    }
     if lsm.available {
         tracing::info!("BPF LSM available: {}", lsm.detail);
     } else {

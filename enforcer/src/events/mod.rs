@@ -17,6 +17,8 @@ pub enum Action {
     SockCreate,
     Dns,
     FileOpen,
+    FileLink,
+    FileRename,
 }
 
 impl Action {
@@ -28,6 +30,8 @@ impl Action {
             k::SOCK_CREATE => Self::SockCreate,
             k::DNS => Self::Dns,
             k::FILE_OPEN => Self::FileOpen,
+            k::FILE_LINK => Self::FileLink,
+            k::FILE_RENAME => Self::FileRename,
             _ => return None,
         })
     }
@@ -38,15 +42,22 @@ impl Action {
             Self::SockCreate => "sock_create",
             Self::Dns => "dns",
             Self::FileOpen => "file_open",
+            Self::FileLink => "file_link",
+            Self::FileRename => "file_rename",
         }
     }
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 7] = [
         Self::Connect,
         Self::Sendmsg,
         Self::SockCreate,
         Self::Dns,
         Self::FileOpen,
+        Self::FileLink,
+        Self::FileRename,
     ];
+    pub fn is_file(self) -> bool {
+        matches!(self, Self::FileOpen | Self::FileLink | Self::FileRename)
+    }
     pub fn kernel_code(self) -> u8 {
         use enforcer_common::action as k;
         match self {
@@ -55,6 +66,8 @@ impl Action {
             Self::SockCreate => k::SOCK_CREATE,
             Self::Dns => k::DNS,
             Self::FileOpen => k::FILE_OPEN,
+            Self::FileLink => k::FILE_LINK,
+            Self::FileRename => k::FILE_RENAME,
         }
     }
 }
@@ -65,6 +78,8 @@ pub enum Verdict {
     Allow,
     Deny,
     Audit,
+    /// A `taint` file was read (allowed); the identity's egress is clamped.
+    Taint,
 }
 
 impl Verdict {
@@ -74,6 +89,7 @@ impl Verdict {
             k::ALLOW => Self::Allow,
             k::DENY => Self::Deny,
             k::AUDIT => Self::Audit,
+            k::TAINT => Self::Taint,
             _ => return None,
         })
     }
@@ -82,15 +98,17 @@ impl Verdict {
             Self::Allow => "allow",
             Self::Deny => "deny",
             Self::Audit => "audit",
+            Self::Taint => "taint",
         }
     }
-    pub const ALL: [Verdict; 3] = [Self::Allow, Self::Deny, Self::Audit];
+    pub const ALL: [Verdict; 4] = [Self::Allow, Self::Deny, Self::Audit, Self::Taint];
     pub fn kernel_code(self) -> u8 {
         use enforcer_common::verdict as k;
         match self {
             Self::Allow => k::ALLOW,
             Self::Deny => k::DENY,
             Self::Audit => k::AUDIT,
+            Self::Taint => k::TAINT,
         }
     }
 }
@@ -119,6 +137,9 @@ pub struct Decision {
     pub protocol: Option<String>,
     /// DNS name the address was learned from, when known.
     pub host: Option<String>,
+    /// File actions: the path of the `files:` rule that matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub verdict: Verdict,
     /// Human-readable rule: "egress[2]", "default-deny", "no-policy", "raw-socket", ...
     pub rule: String,

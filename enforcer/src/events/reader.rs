@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{action, Event};
+use enforcer_common::{action, rule, verdict, Event};
 use tokio::io::unix::AsyncFd;
 
 use super::{Action, Decision, IdentityRef, Verdict};
@@ -35,6 +35,26 @@ pub struct SlotInfo {
     pub policy_hash: String,
     /// `rules[rule_id - 1]` is the name of rule `rule_id`.
     pub rules: Vec<String>,
+    /// Names of `spec.onTaint.egress[i]` (rule `TAINT_BASE + i + 1`).
+    pub taint_rules: Vec<String>,
+    /// Paths of `spec.files[i]` (rule `FILE_BASE + i + 1`).
+    pub files: Vec<String>,
+}
+
+impl SlotInfo {
+    pub fn new(identity: IdentityRef, compiled: &crate::policy::CompiledPolicy) -> Self {
+        Self {
+            identity,
+            policy_hash: compiled.hash.clone(),
+            rules: compiled.rules.clone(),
+            taint_rules: compiled.taint_rules.clone(),
+            files: compiled
+                .files
+                .iter()
+                .map(|f| f.path.display().to_string())
+                .collect(),
+        }
+    }
 }
 
 /// slot -> SlotInfo, shared between the controller (writer) and the reader.
@@ -66,9 +86,26 @@ impl Attribution {
                 name: "unknown".into(),
                 spiffe_id: None,
             });
-        let rule = rule_name(ev.rule_id, info.as_ref().map(|i| i.rules.as_slice()));
+        let rule = slot_rule_name(ev.rule_id, info.as_ref());
         let act = Action::from_kernel(ev.action).unwrap_or(Action::Connect);
-        let (ip, port, detail) = if ev.action == action::SOCK_CREATE {
+        let mut path = None;
+        let (ip, port, detail) = if act.is_file() {
+            let file_index = ev.rule_id.wrapping_sub(rule::FILE_BASE + 1) as usize;
+            path = info.as_ref().and_then(|i| i.files.get(file_index)).cloned();
+            let ino = u64::from_le_bytes(ev.addr[..8].try_into().unwrap_or_default());
+            let dev = u32::from_le_bytes(ev.addr[8..12].try_into().unwrap_or_default());
+            let mut detail = format!("inode {ino} on device {}:{}", dev >> 20, dev & 0xf_ffff);
+            if ev.verdict == verdict::TAINT {
+                detail.push_str("; identity tainted: egress clamped to spec.onTaint.egress");
+            }
+            if ev.rule_id == rule::FILE_DEPTH {
+                detail = format!(
+                    "file deeper than {} directories below any checked ancestor (fail closed)",
+                    enforcer_common::MAX_FILE_DEPTH
+                );
+            }
+            (None, None, Some(detail))
+        } else if ev.action == action::SOCK_CREATE {
             (
                 None,
                 None,
@@ -96,14 +133,35 @@ impl Attribution {
             action: act,
             ip,
             port,
-            protocol: Some(protocol_name(ev.protocol, ev.sock_type)),
+            protocol: (!act.is_file()).then(|| protocol_name(ev.protocol, ev.sock_type)),
             host: None,
+            path,
             verdict: Verdict::from_kernel(ev.verdict).unwrap_or(Verdict::Deny),
             rule,
             policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),
             detail,
         }
     }
+}
+
+/// The name of `rule_id` for this slot's policy (egress, onTaint and files
+/// rules have their own id ranges).
+pub fn slot_rule_name(rule_id: u32, info: Option<&SlotInfo>) -> String {
+    let index = |base: u32| rule_id.wrapping_sub(base + 1) as usize;
+    if rule_id > rule::TAINT_BASE && rule_id < rule::TAINT_BASE + rule::FILE_BASE {
+        return info
+            .and_then(|i| i.taint_rules.get(index(rule::TAINT_BASE)))
+            .cloned()
+            .unwrap_or_else(|| format!("onTaint.egress[{}]", index(rule::TAINT_BASE)));
+    }
+    if rule_id > rule::FILE_BASE && rule_id < rule::TAINT_BASE {
+        let i = index(rule::FILE_BASE);
+        return match info.and_then(|s| s.files.get(i)) {
+            Some(p) => format!("files[{i}] {p}"),
+            None => format!("files[{i}]"),
+        };
+    }
+    rule_name(rule_id, info.map(|i| i.rules.as_slice()))
 }
 
 pub fn rule_name(rule_id: u32, rules: Option<&[String]>) -> String {
@@ -242,6 +300,8 @@ mod tests {
                 },
                 policy_hash: "abc".into(),
                 rules: vec!["egress[0] cidr 127.0.0.1/32".into()],
+                taint_rules: vec!["onTaint.egress[0] cidr 127.0.0.2/32".into()],
+                files: vec!["/home/agent/.ssh".into()],
             },
         );
         let mut addr = [0u8; 16];
@@ -277,5 +337,54 @@ mod tests {
         );
         let unknown = Event { slot: 7, ..ev };
         assert_eq!(a.decision(&unknown, &Clock::new()).identity.name, "unknown");
+    }
+
+    #[test]
+    fn file_events_name_the_rule_path_inode_and_taint() {
+        let a = Attribution::default();
+        a.set(
+            1,
+            SlotInfo {
+                identity: IdentityRef {
+                    name: "demo".into(),
+                    spiffe_id: None,
+                },
+                policy_hash: "abc".into(),
+                rules: vec![],
+                taint_rules: vec!["onTaint.egress[0] host api.example".into()],
+                files: vec!["/home/agent/.ssh".into(), "/run/token".into()],
+            },
+        );
+        let mut addr = [0u8; 16];
+        addr[..8].copy_from_slice(&77u64.to_le_bytes());
+        addr[8..12].copy_from_slice(&((8u32 << 20) | 1).to_le_bytes());
+        let ev = Event {
+            slot: 1,
+            rule_id: rule::FILE_BASE + 2,
+            action: action::FILE_OPEN,
+            verdict: verdict::TAINT,
+            addr,
+            ..Event::default()
+        };
+        let d = a.decision(&ev, &Clock::new());
+        assert_eq!(d.action, Action::FileOpen);
+        assert_eq!(d.verdict, Verdict::Taint);
+        assert_eq!(d.rule, "files[1] /run/token");
+        assert_eq!(d.path.as_deref(), Some("/run/token"));
+        assert_eq!((d.ip, d.port, d.protocol.as_deref()), (None, None, None));
+        let detail = d.detail.unwrap();
+        assert!(detail.contains("inode 77 on device 8:1"), "{detail}");
+        assert!(detail.contains("clamped"), "{detail}");
+        let ev = Event {
+            slot: 1,
+            rule_id: rule::TAINT_BASE + 1,
+            action: action::CONNECT,
+            verdict: verdict::ALLOW,
+            ..Event::default()
+        };
+        assert_eq!(
+            a.decision(&ev, &Clock::new()).rule,
+            "onTaint.egress[0] host api.example"
+        );
     }
 }

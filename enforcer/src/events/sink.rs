@@ -35,6 +35,8 @@ pub struct Sinks {
     recent: Mutex<HashMap<String, VecDeque<RecentDenial>>>,
     /// Extra consumer of every decision (`enforcer run`'s exit summary).
     observer: Mutex<Option<Observer>>,
+    /// Identities that read a `taint` file (and when).
+    tainted: Mutex<HashMap<String, String>>,
 }
 
 impl Sinks {
@@ -44,6 +46,55 @@ impl Sinks {
             audit: audit.map(Mutex::new),
             recent: Mutex::new(HashMap::new()),
             observer: Mutex::new(None),
+            tainted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Identities tainted so far: name -> the record of the first taint.
+    pub fn tainted(&self) -> HashMap<String, String> {
+        self.tainted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The identity's workload ended (policy removed): forget its taint.
+    pub fn forget_taint(&self, identity: &str) {
+        self.tainted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity);
+        self.metrics.set_tainted(identity, false);
+    }
+
+    /// The kernel reported a `taint` read: the first one of an identity is
+    /// the clamp (log, metric, audit lifecycle record).
+    fn on_taint(&self, d: &Decision) {
+        let what = format!(
+            "{} (pid {}) read {} ({}): egress clamped to spec.onTaint.egress until the workload ends",
+            d.comm,
+            d.pid,
+            d.path.as_deref().unwrap_or("a taint file"),
+            d.rule
+        );
+        let first = {
+            let mut t = self.tainted.lock().unwrap_or_else(|e| e.into_inner());
+            if t.contains_key(&d.identity.name) {
+                false
+            } else {
+                t.insert(d.identity.name.clone(), what.clone());
+                true
+            }
+        };
+        if first {
+            tracing::warn!(identity = %d.identity.name, "identity tainted: {what}");
+            self.metrics.set_tainted(&d.identity.name, true);
+            self.lifecycle(
+                LifecycleAction::TaintClamp,
+                Some(&d.identity),
+                &d.policy_hash,
+                &what,
+            );
         }
     }
 
@@ -68,6 +119,9 @@ impl Sinks {
                 Ok(_) => self.metrics.inc_audit_records(1),
                 Err(e) => tracing::error!("audit log write failed: {e:#}"),
             }
+        }
+        if d.verdict == Verdict::Taint {
+            self.on_taint(d);
         }
         if d.verdict != Verdict::Allow {
             let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,6 +185,13 @@ impl Sinks {
 }
 
 pub fn destination(d: &Decision) -> String {
+    if d.action.is_file() {
+        return d
+            .path
+            .clone()
+            .or_else(|| d.detail.clone())
+            .unwrap_or_default();
+    }
     if let (Action::Dns, Some(name)) = (d.action, &d.host) {
         return format!("{name} ({})", d.protocol.as_deref().unwrap_or("dns"));
     }

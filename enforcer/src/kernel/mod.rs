@@ -6,13 +6,16 @@
 //! `POLICIES[slot]` update flips every cgroup of that identity to it, then
 //! the old generation is deleted. A failure before the flip leaves the old
 //! generation in force and removes the partial new one.
+pub mod btf;
 pub mod cgroup;
+pub mod files;
 pub mod learned;
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     fs,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,19 +28,46 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use enforcer_common::{
-    action, counter_index, map_names, policy_flags, prog_names, stat, verdict, GlobalConfig,
-    IdentityBinding, PolicyState, RuleSet, V4Key, V6Key, MAX_SLOTS,
+    action, counter_index, map_names, policy_flags, prog_names, stat, verdict, FileKey,
+    FileOffsets, FileRuleValue, GlobalConfig, IdentityBinding, PolicyState, RuleSet, V4Key, V6Key,
+    MAX_SLOTS,
 };
+
+use crate::policy::CompiledPolicy;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
-/// Per-slot bookkeeping of what is installed in the tries.
+/// Per-slot bookkeeping of what is installed in the tables (one generation:
+/// its main and onTaint LPM entries and its file rules).
 #[derive(Default)]
 struct Installed {
     v4: Vec<Key<V4Key>>,
     v6: Vec<Key<V6Key>>,
+    files: Vec<FileKey>,
+}
+
+/// `TAINTED[slot]`: set by the kernel when an identity opens a `taint`
+/// file; shared with the DNS proxy (which then answers onTaint names only).
+pub struct TaintTable {
+    map: Array<MapData, u64>,
+}
+
+impl TaintTable {
+    /// CLOCK_MONOTONIC ns of the taint, if `slot` is tainted.
+    pub fn tainted_since(&self, slot: u32) -> Option<u64> {
+        self.map.get(&slot, 0).ok().filter(|t| *t != 0)
+    }
+
+    pub fn is_tainted(&self, slot: u32) -> bool {
+        self.tainted_since(slot).is_some()
+    }
+
+    /// The identity's workload ended: the next one starts clean.
+    pub fn clear(&mut self, slot: u32) -> Result<()> {
+        self.map.set(slot, 0, 0).context("writing TAINTED")
+    }
 }
 
 pub struct Kernel {
@@ -51,6 +81,15 @@ pub struct Kernel {
     config: Array<MapData, GlobalConfig>,
     events: Option<RingBuf<MapData>>,
     learned: Option<learned::LearnedTable>,
+    file_rules: HashMap<MapData, FileKey, FileRuleValue>,
+    file_offsets: Array<MapData, FileOffsets>,
+    taint: Arc<Mutex<TaintTable>>,
+    /// Slots whose policy has file rules (`CONFIG.file_slots`).
+    file_slots: HashSet<u32>,
+    allow_sample: u32,
+    /// The BPF LSM file hooks, while attached.
+    lsm_links: Vec<FdLink>,
+    lsm_pinned: Vec<PinnedLink>,
     installed: StdHashMap<u32, Installed>,
     /// DNS proxy port per slot (kept across policy swaps).
     dns_ports: StdHashMap<u32, u16>,
@@ -160,27 +199,39 @@ impl Kernel {
         let v6 = map(&mut ebpf, map_names::EGRESS_V6)?;
         let counters = map(&mut ebpf, map_names::COUNTERS)?;
         let stats = map(&mut ebpf, map_names::STATS)?;
-        let config = map(&mut ebpf, map_names::CONFIG)?;
+        let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
         let learned = Some(learned::LearnedTable::new(
             map(&mut ebpf, map_names::LEARNED_V4)?,
             map(&mut ebpf, map_names::LEARNED_V6)?,
         ));
+        let file_rules = map(&mut ebpf, map_names::FILE_RULES)?;
+        let file_offsets = map(&mut ebpf, map_names::FILE_OFFSETS)?;
+        let taint = Arc::new(Mutex::new(TaintTable {
+            map: map(&mut ebpf, map_names::TAINTED)?,
+        }));
         // Continue after the highest generation already present (pinned
         // maps), and keep steering DNS where a previous daemon's proxies were
         // until the new ones take over (ideally on the same ports).
         let mut next_table_id = 1;
         let mut dns_ports = StdHashMap::new();
+        let mut file_slots = HashSet::new();
         for s in 0..MAX_SLOTS {
             if let Ok(p) = policies.get(&s, 0) {
                 if p.flags & policy_flags::PRESENT != 0 {
-                    next_table_id = next_table_id.max(p.table_id.wrapping_add(1));
+                    next_table_id = next_table_id
+                        .max(p.table_id.wrapping_add(1))
+                        .max(p.taint_table_id.wrapping_add(1));
                     if p.dns_port != 0 {
                         dns_ports.insert(s, p.dns_port);
+                    }
+                    if p.flags & policy_flags::FILES != 0 {
+                        file_slots.insert(s);
                     }
                 }
             }
         }
+        let allow_sample = config.get(&0, 0).map(|c| c.allow_sample).unwrap_or(0);
         Ok(Self {
             ebpf,
             identities,
@@ -192,6 +243,13 @@ impl Kernel {
             config,
             events,
             learned,
+            file_rules,
+            file_offsets,
+            taint,
+            file_slots,
+            allow_sample,
+            lsm_links: Vec::new(),
+            lsm_pinned: Vec::new(),
             installed: StdHashMap::new(),
             dns_ports,
             next_table_id,
@@ -263,16 +321,99 @@ impl Kernel {
     }
 
     pub fn set_allow_sample(&mut self, allow_sample: u32) -> Result<()> {
+        self.allow_sample = allow_sample;
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<()> {
         self.config
             .set(
                 0,
                 GlobalConfig {
-                    allow_sample,
-                    file_slots: 0,
+                    allow_sample: self.allow_sample,
+                    file_slots: self.file_slots.len() as u32,
                 },
                 0,
             )
             .context("writing CONFIG")
+    }
+
+    /// The taint flags (shared with the DNS proxy and the status report).
+    pub fn taint_table(&self) -> Arc<Mutex<TaintTable>> {
+        self.taint.clone()
+    }
+
+    /// Whether the BPF LSM file hooks are attached by this process (or
+    /// adopted from pins).
+    pub fn file_hooks_attached(&self) -> bool {
+        !self.lsm_links.is_empty() || !self.lsm_pinned.is_empty()
+    }
+
+    /// Give the LSM file hooks the running kernel's struct offsets, load
+    /// them and attach them (global hooks). With `pin_dir`, the links are
+    /// pinned there (and links a previous daemon pinned are adopted), so
+    /// file enforcement outlives this process like the cgroup programs do.
+    pub fn attach_file_hooks(&mut self, pin_dir: Option<&Path>) -> Result<()> {
+        if self.file_hooks_attached() {
+            return Ok(());
+        }
+        let btf_offsets = btf::Btf::from_sys_fs()
+            .and_then(|b| btf::file_offsets(&b))
+            .context("reading struct offsets from /sys/kernel/btf/vmlinux")?;
+        self.file_offsets
+            .set(0, btf_offsets, 0)
+            .context("writing FILE_OFFSETS")?;
+        if let Some(dir) = pin_dir {
+            let pinned: Vec<PinnedLink> = prog_names::LSM
+                .iter()
+                .filter_map(|(name, _)| PinnedLink::from_pin(dir.join(name)).ok())
+                .collect();
+            if pinned.len() == prog_names::LSM.len() {
+                self.lsm_pinned = pinned;
+                return Ok(());
+            }
+            for p in pinned {
+                let _ = p.unpin();
+            }
+        }
+        let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let mut links = Vec::new();
+        for (name, hook) in prog_names::LSM {
+            let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
+                bail!("eBPF object has no LSM program {name}");
+            };
+            prog.load(hook, &kbtf)
+                .map_err(|e| anyhow!("loading {name} (lsm/{hook}): {e:#}"))?;
+            let id = prog
+                .attach()
+                .map_err(|e| anyhow!("attaching {name} (lsm/{hook}): {e:#}"))?;
+            links.push(FdLink::from(prog.take_link(id)?));
+        }
+        if let Some(dir) = pin_dir {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("creating link pin directory {}", dir.display()))?;
+            for (link, (name, _)) in links.into_iter().zip(prog_names::LSM) {
+                let path = dir.join(name);
+                let _ = fs::remove_file(&path);
+                let pinned = link
+                    .pin(&path)
+                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
+                self.lsm_pinned.push(pinned);
+            }
+        } else {
+            self.lsm_links = links;
+        }
+        Ok(())
+    }
+
+    /// Detach the file hooks (and remove their pins).
+    pub fn detach_file_hooks(&mut self) {
+        self.lsm_links.clear();
+        for p in self.lsm_pinned.drain(..) {
+            if let Ok(l) = p.unpin() {
+                drop(l);
+            }
+        }
     }
 
     /// Attach every program to `cgroup`. With `pin_dir`, the links are pinned
@@ -365,22 +506,104 @@ impl Kernel {
         }))
     }
 
-    /// Install (or atomically replace) the compiled tables of identity `slot`.
+    /// Install (or atomically replace) the compiled tables of identity
+    /// `slot`: its CIDR entries, its onTaint CIDR entries (own table id) and
+    /// its file rules (under the main table id), then one `POLICIES` update.
     pub fn install_policy(
         &mut self,
         slot: u32,
-        audit: bool,
-        v4: &[(Ipv4Net, RuleSet)],
-        v6: &[(Ipv6Net, RuleSet)],
+        compiled: &CompiledPolicy,
+        files: &files::ResolvedFiles,
     ) -> Result<()> {
         if slot == 0 || slot >= MAX_SLOTS {
             bail!("identity slot {slot} out of range 1..{MAX_SLOTS}");
         }
-        let table_id = self.next_table_id;
-        self.next_table_id = self.next_table_id.wrapping_add(1).max(1);
-        let tid = table_id.to_be_bytes();
+        let table_id = self.fresh_table_id();
+        let taint_table_id = if compiled.taint.is_some() {
+            self.fresh_table_id()
+        } else {
+            0
+        };
         let mut new = Installed::default();
-        let mut result = insert_all(
+        let mut result = self.insert_cidrs(table_id, &compiled.v4, &compiled.v6, &mut new);
+        if let (Ok(()), Some(t)) = (&result, &compiled.taint) {
+            result = self.insert_cidrs(taint_table_id, &t.v4, &t.v6, &mut new);
+        }
+        if result.is_ok() {
+            for (inode, value) in &files.entries {
+                let key = FileKey {
+                    ino: inode.ino,
+                    dev: inode.dev,
+                    table_id,
+                };
+                if let Err(e) = self.file_rules.insert(key, value, 0) {
+                    result = Err(anyhow!("inserting a file rule into FILE_RULES: {e}"));
+                    break;
+                }
+                new.files.push(key);
+            }
+        }
+        if let Err(e) = result {
+            self.delete_generation(&new);
+            return Err(
+                e.context("policy tables not installed; the previous policy stays in force")
+            );
+        }
+        let mut flags = policy_flags::PRESENT;
+        if compiled.audit {
+            flags |= policy_flags::AUDIT;
+        }
+        if !compiled.files.is_empty() {
+            flags |= policy_flags::FILES;
+        }
+        if files.dirs {
+            flags |= policy_flags::FILE_DIRS;
+        }
+        if compiled.taint.is_some() {
+            flags |= policy_flags::TAINT_CLAMP;
+        }
+        let state = PolicyState {
+            table_id,
+            flags,
+            dns_port: self.dns_ports.get(&slot).copied().unwrap_or(0),
+            _pad: [0; 2],
+            taint_table_id,
+        };
+        if let Err(e) = self.policies.set(slot, state, 0) {
+            self.delete_generation(&new);
+            bail!("switching slot {slot} to its new tables: {e}");
+        }
+        let files_changed = if compiled.files.is_empty() {
+            self.file_slots.remove(&slot)
+        } else {
+            self.file_slots.insert(slot)
+        };
+        if files_changed {
+            self.write_config()?;
+        }
+        let old = self.installed.insert(slot, new);
+        match old {
+            Some(old) => self.delete_generation(&old),
+            None => self.delete_table_by_scan(slot, table_id, taint_table_id),
+        }
+        Ok(())
+    }
+
+    fn fresh_table_id(&mut self) -> u32 {
+        let id = self.next_table_id;
+        self.next_table_id = self.next_table_id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn insert_cidrs(
+        &mut self,
+        table_id: u32,
+        v4: &[(Ipv4Net, RuleSet)],
+        v6: &[(Ipv6Net, RuleSet)],
+        new: &mut Installed,
+    ) -> Result<()> {
+        let tid = table_id.to_be_bytes();
+        insert_all(
             &mut self.v4,
             "EGRESS_V4",
             v4.iter().map(|(net, set)| {
@@ -391,54 +614,34 @@ impl Kernel {
                 (net.to_string(), net.prefix_len(), data, set)
             }),
             &mut new.v4,
-        );
-        if result.is_ok() {
-            result = insert_all(
-                &mut self.v6,
-                "EGRESS_V6",
-                v6.iter().map(|(net, set)| {
-                    let data = V6Key {
-                        table_id_be: tid,
-                        addr: net.network().octets(),
-                    };
-                    (net.to_string(), net.prefix_len(), data, set)
-                }),
-                &mut new.v6,
-            );
-        }
-        if let Err(e) = result {
-            self.delete_generation(&new);
-            return Err(
-                e.context("policy tables not installed; the previous policy stays in force")
-            );
-        }
-        let mut flags = policy_flags::PRESENT;
-        if audit {
-            flags |= policy_flags::AUDIT;
-        }
-        let state = PolicyState {
-            table_id,
-            flags,
-            dns_port: self.dns_ports.get(&slot).copied().unwrap_or(0),
-            _pad: [0; 2],
-            taint_table_id: 0,
-        };
-        if let Err(e) = self.policies.set(slot, state, 0) {
-            self.delete_generation(&new);
-            bail!("switching slot {slot} to its new tables: {e}");
-        }
-        let old = self.installed.insert(slot, new);
-        match old {
-            Some(old) => self.delete_generation(&old),
-            None => self.delete_table_by_scan(slot, table_id),
-        }
-        Ok(())
+        )?;
+        insert_all(
+            &mut self.v6,
+            "EGRESS_V6",
+            v6.iter().map(|(net, set)| {
+                let data = V6Key {
+                    table_id_be: tid,
+                    addr: net.network().octets(),
+                };
+                (net.to_string(), net.prefix_len(), data, set)
+            }),
+            &mut new.v6,
+        )
     }
 
     /// Remove identity `slot`'s policy: its cgroups (if still bound) fail closed.
     pub fn remove_policy(&mut self, slot: u32) -> Result<()> {
         self.policies.set(slot, PolicyState::default(), 0)?;
+        // The workload of this identity is over: a later one starts clean.
+        let _ = self
+            .taint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear(slot);
         self.dns_ports.remove(&slot);
+        if self.file_slots.remove(&slot) {
+            self.write_config()?;
+        }
         if let Some(old) = self.installed.remove(&slot) {
             self.delete_generation(&old);
         }
@@ -452,18 +655,30 @@ impl Kernel {
         for k in &g.v6 {
             let _ = self.v6.remove(k);
         }
+        for k in &g.files {
+            let _ = self.file_rules.remove(k);
+        }
     }
 
     /// After a restart with pinned maps we do not know the keys of a slot's
     /// previous generations: remove every entry of a table id that no slot
     /// uses any more.
-    fn delete_table_by_scan(&mut self, _slot: u32, keep: u32) {
-        let live: std::collections::HashSet<u32> = (0..MAX_SLOTS)
+    fn delete_table_by_scan(&mut self, _slot: u32, keep: u32, keep_taint: u32) {
+        let live: HashSet<u32> = (0..MAX_SLOTS)
             .filter_map(|s| self.policies.get(&s, 0).ok())
             .filter(|p| p.flags & policy_flags::PRESENT != 0)
-            .map(|p| p.table_id)
-            .chain([keep])
+            .flat_map(|p| [p.table_id, p.taint_table_id])
+            .chain([keep, keep_taint])
             .collect();
+        let stale_files: Vec<FileKey> = self
+            .file_rules
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&k.table_id))
+            .collect();
+        for k in stale_files {
+            let _ = self.file_rules.remove(&k);
+        }
         let stale4: Vec<Key<V4Key>> = self
             .v4
             .keys()

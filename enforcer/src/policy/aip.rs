@@ -64,7 +64,7 @@ use super::{
     tree::{self, Node, Value},
     types::*,
     validate::dns_label,
-    LoadedPolicy, PolicyError, PolicyErrors,
+    PolicyError, PolicyErrors,
 };
 
 /// The AIP versions whose fields this converter knows.
@@ -235,17 +235,13 @@ pub fn convert_str(
         "spec.egress is empty: an AIP manifest says nothing about the network, so {egress}; \
          add egress rules for what the agent must reach"
     )));
-    if let Err(PolicyErrors(refused)) =
-        super::check_supported(&LoadedPolicy::from_policy(policy.clone(), file))
-    {
-        for e in refused {
-            c.notes.push(c.info(format!(
-                "`enforcer run` and `enforcer daemon` of this release refuse this policy ({}); \
-                 on a kernel without BPF LSM, `--allow-degraded` (daemon: `allowDegraded: \
-                 true`) runs its network part only; `enforcer policy check` accepts it",
-                e.message
-            )));
-        }
+    if !policy.spec.files.is_empty() {
+        c.notes.push(c.info(format!(
+            "spec.files needs BPF LSM ({}); on a kernel without it `enforcer run` and `enforcer \
+             daemon` refuse this policy unless `--allow-degraded` (daemon: `allowDegraded: \
+             true`), which runs its network part only",
+            crate::kernel::LSM_REQUIREMENT
+        )));
     }
     let yaml = render(&policy, &draft, file, &c.notes);
     // The output must be a valid enforcer policy, and mean exactly `policy`.
@@ -984,9 +980,7 @@ mod tests {
             .iter()
             .any(|l| l.starts_with("agent.yaml: note: spec.egress is empty")
                 && l.contains("denies ALL network egress")));
-        assert!(lines
-            .iter()
-            .any(|l| l.contains("refuse this policy (not supported yet: spec.files")));
+        assert!(lines.iter().any(|l| l.contains("spec.files needs BPF LSM")));
         // The notes are also in the output, as comments.
         assert!(c
             .yaml

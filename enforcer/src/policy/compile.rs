@@ -35,10 +35,13 @@
 //! IPv4 traffic sent through a mapped address.
 use std::fmt::Write as _;
 
-use enforcer_common::{proto, PortRule, RuleSet, MAX_PORT_RULES};
+use enforcer_common::{proto, rule, PortRule, RuleSet, MAX_PORT_RULES};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::{check_supported, EgressRule, LoadedPolicy, Mode, PolicyError, PolicyErrors, Protocol};
+use super::{
+    check_supported, EgressRule, FileAccess, LoadedPolicy, Mode, PolicyError, PolicyErrors,
+    Protocol,
+};
 
 /// What the daemon writes into the kernel tables for one identity.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +57,29 @@ pub struct CompiledPolicy {
     pub v6: Vec<(Ipv6Net, RuleSet)>,
     /// `rules[rule_id - 1]`: a short description of `spec.egress[rule_id - 1]`.
     pub rules: Vec<String>,
+    /// The onTaint generation (`spec.onTaint.egress`, ids `TAINT_BASE + i + 1`):
+    /// present when some file rule has `access: taint` (an absent onTaint
+    /// section then means: no egress at all once tainted).
+    pub taint: Option<CidrTables>,
+    /// Descriptions of `spec.onTaint.egress[i]`.
+    pub taint_rules: Vec<String>,
+    /// `spec.files`, in order (ids `FILE_BASE + i + 1`). Paths are resolved
+    /// to inodes when the policy is installed (`crate::kernel::files`).
+    pub files: Vec<CompiledFileRule>,
+}
+
+/// LPM entries of one list of egress rules.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CidrTables {
+    pub v4: Vec<(Ipv4Net, RuleSet)>,
+    pub v6: Vec<(Ipv6Net, RuleSet)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledFileRule {
+    pub rule_id: u32,
+    pub path: std::path::PathBuf,
+    pub access: FileAccess,
 }
 
 impl CompiledPolicy {
@@ -61,6 +87,12 @@ impl CompiledPolicy {
     pub fn rule_name(&self, rule_id: u32) -> String {
         if let Some(n) = super::rule_name(rule_id) {
             return n.to_owned();
+        }
+        if rule_id > rule::TAINT_BASE && rule_id < rule::TAINT_BASE + 0x1000_0000 {
+            return format!("onTaint.egress[{}]", rule_id - rule::TAINT_BASE - 1);
+        }
+        if rule_id > rule::FILE_BASE && rule_id < rule::FILE_BASE + 0x1000_0000 {
+            return format!("files[{}]", rule_id - rule::FILE_BASE - 1);
         }
         if rule_id as usize <= self.rules.len() {
             format!("egress[{}]", rule_id - 1)
@@ -162,13 +194,28 @@ pub fn describe_rule(index: usize, r: &EgressRule) -> String {
     s
 }
 
-/// Compile `p` (which must pass [`check_supported`]) into kernel entries.
-pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
-    check_supported(p)?;
-    let spec = &p.policy.spec;
+/// One list of egress rules being compiled: `spec.egress` or
+/// `spec.onTaint.egress`.
+struct Section<'a> {
+    rules: &'a [EgressRule],
+    /// Field path for errors (`spec.egress`).
+    field: &'a str,
+    /// Name in rule lists (`egress`).
+    short: &'a str,
+    /// Added to the 1-based index to make a rule id.
+    id_base: u32,
+}
+
+/// LPM entries of one section's `cidr` rules, plus the check that its
+/// `host:` rules fit one learned-address value.
+fn compile_section(
+    p: &LoadedPolicy,
+    section: &Section,
+    errors: &mut Vec<PolicyError>,
+) -> CidrTables {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
-    for (i, r) in spec.egress.iter().enumerate() {
+    for (i, r) in section.rules.iter().enumerate() {
         let Some(net) = r.cidr else { continue };
         let id = u32::try_from(i + 1).expect("fewer than 2^32 rules");
         match family_net(net) {
@@ -188,13 +235,15 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             )),
         }
     }
-    let mut errors = Vec::new();
     // `host:` rules are not LPM entries (the DNS proxy learns their
     // addresses), but their port sets must fit one kernel entry as well.
-    for (pattern, ids) in host_groups(&spec.egress) {
-        if let Err(n) = host_rule_set(&spec.egress, &ids) {
-            let field = format!("spec.egress[{}].ports", ids[0] - 1);
-            let rules: Vec<String> = ids.iter().map(|id| format!("egress[{}]", id - 1)).collect();
+    for (pattern, ids) in host_groups(section.rules) {
+        if let Err(n) = host_rule_set(section.rules, &ids) {
+            let field = format!("{}[{}].ports", section.field, ids[0] - 1);
+            let rules: Vec<String> = ids
+                .iter()
+                .map(|id| format!("{}[{}]", section.short, id - 1))
+                .collect();
             errors.push(p.error(
                 &field,
                 format!(
@@ -205,29 +254,78 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             ));
         }
     }
-    let v4 = build(p, v4, &mut errors, |pf| {
+    let v4 = build(p, section, v4, errors, |pf| {
         Ipv4Net::new(((pf.addr >> 96) as u32).into(), pf.len).expect("valid v4 prefix")
     });
-    let v6 = build(p, v6, &mut errors, |pf| {
+    let v6 = build(p, section, v6, errors, |pf| {
         Ipv6Net::new(pf.addr.into(), pf.len).expect("valid v6 prefix")
+    });
+    CidrTables { v4, v6 }
+}
+
+/// Compile `p` (which must pass [`check_supported`]) into kernel entries.
+pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
+    check_supported(p)?;
+    let spec = &p.policy.spec;
+    let mut errors = Vec::new();
+    let main = compile_section(
+        p,
+        &Section {
+            rules: &spec.egress,
+            field: "spec.egress",
+            short: "egress",
+            id_base: 0,
+        },
+        &mut errors,
+    );
+    let taints = spec.files.iter().any(|f| f.access == FileAccess::Taint);
+    let on_taint_rules: &[EgressRule] = spec.on_taint.as_ref().map_or(&[], |t| &t.egress);
+    let taint = taints.then(|| {
+        compile_section(
+            p,
+            &Section {
+                rules: on_taint_rules,
+                field: "spec.onTaint.egress",
+                short: "onTaint.egress",
+                id_base: rule::TAINT_BASE,
+            },
+            &mut errors,
+        )
     });
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
+    let files = spec
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| CompiledFileRule {
+            rule_id: rule::FILE_BASE + u32::try_from(i + 1).expect("fewer than 2^28 rules"),
+            path: f.path.clone(),
+            access: f.access,
+        })
+        .collect();
     let identity = spec.identity.as_ref();
     Ok(CompiledPolicy {
         name: p.policy.metadata.name.clone(),
         spiffe_id: identity.and_then(|i| i.spiffe_id.clone()),
         audit: spec.mode == Mode::Audit,
         hash: p.hash.clone(),
-        v4,
-        v6,
+        v4: main.v4,
+        v6: main.v6,
         rules: spec
             .egress
             .iter()
             .enumerate()
             .map(|(i, r)| describe_rule(i, r))
             .collect(),
+        taint,
+        taint_rules: on_taint_rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("onTaint.{}", describe_rule(i, r)))
+            .collect(),
+        files,
     })
 }
 
@@ -306,12 +404,14 @@ const MAX_OVERFLOW_ERRORS: usize = 20;
 /// The sorted-walk construction for one family (see module docs).
 fn build<N: std::fmt::Display>(
     p: &LoadedPolicy,
+    section: &Section,
     mut rules: Vec<(Prefix, u32)>,
     errors: &mut Vec<PolicyError>,
     to_net: impl Fn(Prefix) -> N,
 ) -> Vec<(N, RuleSet)> {
     rules.sort_unstable();
-    let egress = &p.policy.spec.egress;
+    let egress = section.rules;
+    let field_base = section.field;
     let mut out = Vec::new();
     // Chain of nested prefixes: (prefix, its complete entries, its own rule ids).
     let mut stack: Vec<(Prefix, Vec<Entry>, Vec<u32>)> = Vec::new();
@@ -342,10 +442,10 @@ fn build<N: std::fmt::Display>(
                     .iter()
                     .flat_map(|(sp, _, ids)| ids.iter().map(move |id| (*sp, *id)))
                     .chain(own_ids.iter().map(|id| (pfx, *id)))
-                    .map(|(sp, id)| format!("egress[{}] ({})", id - 1, to_net(sp)))
+                    .map(|(sp, id)| format!("{}[{}] ({})", section.short, id - 1, to_net(sp)))
                     .collect();
                 involved.sort();
-                let field = format!("spec.egress[{}].cidr", own_ids[0] - 1);
+                let field = format!("{field_base}[{}].cidr", own_ids[0] - 1);
                 errors.push(p.error(
                     &field,
                     format!(
@@ -359,18 +459,21 @@ fn build<N: std::fmt::Display>(
                     ),
                 ));
             }
-        } else if let Ok(set) = set {
+        } else if let Ok(mut set) = set {
+            for r in &mut set.rules[..set.count as usize] {
+                r.rule_id += section.id_base;
+            }
             out.push((to_net(pfx), set));
         }
         stack.push((pfx, entries, own_ids));
     }
     if overflows > MAX_OVERFLOW_ERRORS {
-        let (line, column) = p.span("spec.egress");
+        let (line, column) = p.span(field_base);
         errors.push(PolicyError {
             file: p.source.clone(),
             line,
             column,
-            field: "spec.egress".into(),
+            field: field_base.into(),
             message: format!(
                 "... and {} more prefixes over the {MAX_PORT_RULES}-entry limit",
                 overflows - MAX_OVERFLOW_ERRORS

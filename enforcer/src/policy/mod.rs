@@ -3,7 +3,7 @@
 //!
 //! Pipeline: YAML text -> [`tree`] (nodes with line/column) -> [`validate`]
 //! (schema check, every error collected, typed [`AgentPolicy`]) ->
-//! [`check_supported`] (what this release can enforce) -> [`compile`]
+//! [`check_supported`] (cross-section checks) -> [`compile`]
 //! (per-prefix LPM entries for the kernel tables; `host:` rules and `dns:`
 //! are compiled for the DNS proxy by `crate::dns::compile_dns`).
 //!
@@ -290,21 +290,25 @@ fn io_error(path: &Path, e: &std::io::Error) -> PolicyError {
     }
 }
 
-/// Refuse what this release does not enforce yet (file policy): `files:`
-/// and `onTaint:`. A policy that passes is fully enforced by its
-/// [`compile`]d CIDR/port/protocol rules, its `host:` rules and `dns:` block
-/// (through the per-identity DNS proxy, `crate::dns`) and its `mode`.
+/// Checks across sections that the schema alone cannot make (a file path
+/// listed twice). An `onTaint` without any `access: taint` file is valid
+/// and inert. Whether the kernel can enforce `files:` (BPF LSM) is decided
+/// by `run`/`daemon` at start, not here.
 pub fn check_supported(p: &LoadedPolicy) -> Result<(), PolicyErrors> {
-    const LATER: &str = "(file policy arrives in a later release)";
     let mut errors = Vec::new();
     let spec = &p.policy.spec;
-    let mut section = |present: bool, f: &str| {
-        if present {
-            errors.push(p.error(f, format!("not supported yet: {f} {LATER}")));
+    let mut seen: HashMap<&Path, usize> = HashMap::new();
+    for (i, f) in spec.files.iter().enumerate() {
+        if let Some(first) = seen.insert(f.path.as_path(), i) {
+            errors.push(p.error(
+                &format!("spec.files[{i}].path"),
+                format!(
+                    "{} is already listed as spec.files[{first}]",
+                    f.path.display()
+                ),
+            ));
         }
-    };
-    section(!spec.files.is_empty(), "spec.files");
-    section(spec.on_taint.is_some(), "spec.onTaint");
+    }
     if errors.is_empty() {
         Ok(())
     } else {
@@ -323,6 +327,8 @@ pub fn rule_name(rule_id: u32) -> Option<&'static str> {
         rule::SOCKET_FAMILY => Some("socket-family"),
         rule::SOCKET_OK => Some("socket-ok"),
         rule::SOCKET_PROTOCOL => Some("socket-protocol"),
+        rule::FILE_DEPTH => Some("file-depth"),
+        rule::FILE_NO_OFFSETS => Some("file-no-btf-offsets"),
         _ => None,
     }
 }

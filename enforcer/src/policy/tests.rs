@@ -122,7 +122,7 @@ fn audit_example_is_audit() {
 }
 
 #[test]
-fn research_agent_validates_but_is_not_supported_yet() {
+fn research_agent_validates_and_compiles_file_rules() {
     let f = shipped_dir().join("research-agent.yaml");
     let ps = load_files(std::slice::from_ref(&f)).unwrap();
     let p = &ps[0];
@@ -151,18 +151,60 @@ fn research_agent_validates_but_is_not_supported_yet() {
         Some("research")
     );
 
-    let e = check_supported(p).unwrap_err().0;
-    let got: Vec<(usize, usize, &str)> = e
-        .iter()
-        .map(|e| (e.line, e.column, e.field.as_str()))
-        .collect();
-    assert_eq!(got, vec![(23, 3, "spec.files"), (26, 3, "spec.onTaint")]);
-    for e in &e {
-        assert_eq!(e.file, f);
-        assert!(e.message.starts_with("not supported yet: "), "{e}");
-        assert!(e.message.contains("later release"), "{e}");
-    }
-    assert!(compile(p).is_err());
+    assert_eq!(spec.files[1].access, FileAccess::Taint);
+    check_supported(p).unwrap();
+    let c = compile(p).unwrap();
+    assert_eq!(c.files.len(), 2);
+    assert_eq!(c.files[0].rule_id, enforcer_common::rule::FILE_BASE + 1);
+    assert_eq!(
+        c.rule_name(enforcer_common::rule::FILE_BASE + 2),
+        "files[1]"
+    );
+    // A taint file: the onTaint generation exists (host rules only: no LPM entries).
+    let t = c.taint.as_ref().unwrap();
+    assert!(t.v4.is_empty() && t.v6.is_empty());
+    assert_eq!(
+        c.taint_rules,
+        vec!["onTaint.egress[0] host api.openai.com ports 443 any".to_string()]
+    );
+}
+
+#[test]
+fn file_rules_and_on_taint_compile_with_their_own_rule_ids() {
+    let yaml = spec(
+        "  egress:\n    - cidr: 10.0.0.0/8\n  files:\n    - path: /secret\n      access: taint\n    - path: /keys\n      access: deny\n  onTaint:\n    egress:\n      - cidr: 10.1.0.0/16\n        ports: [443]\n      - cidr: 192.0.2.1\n",
+    );
+    let ps = parse(&yaml);
+    let c = compile(&ps[0]).unwrap();
+    // Main generation: egress[0] only.
+    assert_eq!(c.v4.len(), 1);
+    assert_eq!(c.v4[0].1.rules[0].rule_id, 1);
+    let t = c.taint.clone().unwrap();
+    let ids: Vec<(String, u32)> =
+        t.v4.iter()
+            .map(|(n, s)| (n.to_string(), s.rules[0].rule_id))
+            .collect();
+    use enforcer_common::rule::TAINT_BASE;
+    assert_eq!(
+        ids,
+        vec![
+            ("10.1.0.0/16".to_string(), TAINT_BASE + 1),
+            ("192.0.2.1/32".to_string(), TAINT_BASE + 2)
+        ]
+    );
+    assert_eq!(c.rule_name(TAINT_BASE + 2), "onTaint.egress[1]");
+    // No taint file: no onTaint generation (and an onTaint section is inert).
+    let yaml = spec(
+        "  files:\n    - path: /keys\n      access: deny\n    - path: /keys\n      access: audit\n",
+    );
+    let e = compile(&parse(&yaml)[0]).unwrap_err();
+    assert!(e.to_string().contains("spec.files[1].path"), "{e}");
+    assert!(
+        e.to_string().contains("already listed as spec.files[0]"),
+        "{e}"
+    );
+    let yaml = spec("  files:\n    - path: /keys\n      access: deny\n");
+    assert!(compile(&parse(&yaml)[0]).unwrap().taint.is_none());
 }
 
 #[test]
