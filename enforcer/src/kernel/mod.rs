@@ -6,6 +6,7 @@
 //! `POLICIES[slot]` update flips every cgroup of that identity to it, then
 //! the old generation is deleted. A failure before the flip leaves the old
 //! generation in force and removes the partial new one.
+pub mod btf;
 pub mod cgroup;
 pub mod learned;
 
