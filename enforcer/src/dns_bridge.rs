@@ -11,7 +11,7 @@ use anyhow::Result;
 use enforcer_common::RuleSet;
 
 use crate::{
-    dns::{DnsEvent, DnsPolicy, DnsProxy, DnsSink, Learner},
+    dns::{DnsEvent, DnsPolicy, DnsProxy, DnsSink, Learner, TaintView},
     events::{
         reader::{Attribution, Clock},
         sink::Sinks,
@@ -68,6 +68,10 @@ impl DnsSink for Recorder {
             ev.transport,
             ev.latency.as_micros()
         );
+        if ev.tainted {
+            // Judged by the onTaint rules; learned under the taint key.
+            detail.push_str(" tainted=true");
+        }
         if !ev.answers.is_empty() {
             detail.push_str(&format!(" learned=[{}]", list(&ev.answers)));
         }
@@ -124,11 +128,14 @@ pub struct DnsService {
 }
 
 impl DnsService {
+    /// `taint` says whether an identity is tainted (its DNS is then judged
+    /// by its policy's onTaint rules).
     pub fn new(
         kernel: &mut Kernel,
         sinks: Arc<Sinks>,
         metrics: Arc<Metrics>,
         attribution: Attribution,
+        taint: Arc<dyn TaintView>,
     ) -> Result<Self> {
         let table = kernel
             .take_learned()
@@ -143,6 +150,7 @@ impl DnsService {
                 metrics,
                 attribution,
             }),
+            taint,
         );
         Ok(Self { proxy, learned })
     }

@@ -246,8 +246,8 @@ impl Metrics {
             dns_refused: counter_vec(
                 r,
                 "enforcer_dns_refused_total",
-                "DNS queries answered REFUSED, by reason (name-not-allowed, query-type, \
-                 too-long, budget, upstream-error).",
+                "DNS queries answered REFUSED, by reason (name-not-allowed, tainted, \
+                 query-type, too-long, budget, upstream-error).",
                 &["identity", "reason"],
             ),
             dns_latency: reg(
@@ -501,6 +501,7 @@ impl Metrics {
         let _ = self.dns_malformed.remove_label_values(&[identity]);
         for reason in [
             "name-not-allowed",
+            "tainted",
             "query-type",
             "too-long",
             "budget",

@@ -15,7 +15,10 @@ use hickory_proto::{
     rr::{DNSClass, Name, RData, RecordType},
 };
 
-use super::{DnsPolicy, HostRule};
+use enforcer_common::rule::TAINT_BASE;
+use ipnet::IpNet;
+
+use super::{match_in, DnsPolicy, HostRule};
 use crate::events::Verdict;
 
 /// EDNS payload size the proxy advertises (upstream and to clients): the
@@ -156,14 +159,26 @@ pub struct Decision {
     /// `Allow`: forward. `Deny`: REFUSED. `Audit`: forward, report.
     pub verdict: Verdict,
     pub reason: &'static str,
-    /// Index into `policy.hosts`.
+    /// Index into `policy.rules(tainted).hosts`.
     pub rule: Option<usize>,
+    /// Judged by the onTaint rules (the identity is tainted and the policy
+    /// has a taint clamp).
+    pub tainted: bool,
 }
 
-/// Judge `q` by `policy`; updates the budget when the name is otherwise allowed.
-pub fn decide(policy: &DnsPolicy, q: &Query, budget: &mut Budget, now: Instant) -> Decision {
+/// Judge `q` by `policy`'s rules, its onTaint rules if `tainted` (see
+/// [`DnsPolicy::rules`]); updates the budget when the name is otherwise
+/// allowed.
+pub fn decide(
+    policy: &DnsPolicy,
+    tainted: bool,
+    q: &Query,
+    budget: &mut Budget,
+    now: Instant,
+) -> Decision {
+    let view = policy.rules(tainted);
     let rule = if q.matchable {
-        policy.match_index(&q.qname)
+        match_in(view.hosts, &q.qname)
     } else {
         None
     };
@@ -175,17 +190,22 @@ pub fn decide(policy: &DnsPolicy, q: &Query, budget: &mut Budget, now: Instant) 
         },
         reason,
         rule,
+        tainted: view.tainted,
     };
     if q.text_len > policy.max_query_length {
         return refuse("too-long");
     }
     let Some(idx) = rule else {
-        return refuse("name-not-allowed");
+        return refuse(if view.tainted {
+            "tainted"
+        } else {
+            "name-not-allowed"
+        });
     };
     if q.qclass != DNSClass::IN || !policy.query_types.contains(&q.qtype) {
         return refuse("query-type");
     }
-    let h = &policy.hosts[idx];
+    let h = &view.hosts[idx];
     if !budget.admit(&h.pattern, &q.qname, policy.names_per_minute, now) {
         return refuse("budget");
     }
@@ -193,12 +213,16 @@ pub fn decide(policy: &DnsPolicy, q: &Query, budget: &mut Budget, now: Instant) 
         verdict: Verdict::Allow,
         reason: "allowed",
         rule,
+        tainted: view.tainted,
     }
 }
 
-/// `egress[i] host <pattern>`.
+/// `egress[i] host <pattern>`, or `onTaint.egress[i] host <pattern>`.
 pub fn rule_text(h: &HostRule) -> String {
-    format!("egress[{}] host {}", h.rule_id.saturating_sub(1), h.pattern)
+    match h.rule_id.checked_sub(TAINT_BASE + 1) {
+        Some(i) => format!("onTaint.egress[{i}] host {}", h.pattern),
+        None => format!("egress[{}] host {}", h.rule_id.saturating_sub(1), h.pattern),
+    }
 }
 
 /// A reply to `q` carrying only its question and `rcode`.
@@ -258,9 +282,16 @@ pub struct Processed {
 
 /// Clamp answer TTLs, follow the CNAME chain of the question through the
 /// answer section, collect its A/AAAA addresses and strip those in rebinding
-/// space that no `cidr` rule covers. The reply keeps the client's id and
-/// question. Addresses are only collected when `learn` is true.
-pub fn process_answer(policy: &DnsPolicy, q: &Query, mut resp: Message, learn: bool) -> Processed {
+/// space that none of `cidrs` (the `cidr` rules the query is judged by)
+/// covers. The reply keeps the client's id and question. Addresses are only
+/// collected when `learn` is true.
+pub fn process_answer(
+    policy: &DnsPolicy,
+    cidrs: &[IpNet],
+    q: &Query,
+    mut resp: Message,
+    learn: bool,
+) -> Processed {
     let (min, max) = (
         policy.ttl_min.as_secs().min(u64::from(u32::MAX)) as u32,
         policy.ttl_max.as_secs().min(u64::from(u32::MAX)) as u32,
@@ -301,7 +332,7 @@ pub fn process_answer(policy: &DnsPolicy, q: &Query, mut resp: Message, learn: b
             keep.push(true);
             continue;
         }
-        if is_rebinding_address(ip) && !policy.cidrs.iter().any(|n| covers(n, ip)) {
+        if is_rebinding_address(ip) && !cidrs.iter().any(|n| covers(n, ip)) {
             if !blocked.contains(&ip) {
                 blocked.push(ip);
             }
@@ -338,7 +369,7 @@ pub fn process_answer(policy: &DnsPolicy, q: &Query, mut resp: Message, learn: b
 }
 
 /// Does `net` contain `ip` (an IPv4-mapped IPv6 address counts as IPv4)?
-fn covers(net: &ipnet::IpNet, ip: IpAddr) -> bool {
+fn covers(net: &IpNet, ip: IpAddr) -> bool {
     net.contains(&ip) || net.contains(&canonical(ip))
 }
 

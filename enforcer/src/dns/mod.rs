@@ -22,6 +22,15 @@
 //!   remaining addresses, and the rest of the answer is left intact);
 //! - malformed messages are dropped and counted ([`DnsSink::malformed`]).
 //!
+//! Taint clamp: a policy with `access: taint` files or an `onTaint:` section
+//! has [`DnsPolicy::taint_hosts`]. Once the identity is tainted (asked of a
+//! [`TaintView`] per query, so a query sent after the taint file was opened
+//! is judged clamped) its queries are judged by the onTaint `host:` rules
+//! only: other names are refused with reason `tainted`, allowed names are
+//! learned under `slot | TAINT_SLOT_BIT` with the onTaint rule's ports
+//! (rule ids `TAINT_BASE + i + 1`), and only onTaint `cidr` rules vouch for
+//! rebinding-space addresses. The event says `tainted`.
+//!
 //! In `mode: audit` nothing is refused: a query that would be refused is
 //! forwarded and reported with verdict `Audit` and the reason it would have
 //! been refused for.
@@ -44,7 +53,10 @@ use ipnet::IpNet;
 
 use crate::{
     events::{IdentityRef, Verdict},
-    policy::{compile::host_groups, compile::host_rule_set, CompiledPolicy, LoadedPolicy},
+    policy::{
+        compile::{family_net, host_groups, host_rule_set},
+        CompiledPolicy, EgressRule, FileAccess, LoadedPolicy,
+    },
 };
 
 pub use message::is_rebinding_address;
@@ -68,7 +80,8 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 pub struct HostRule {
     /// `api.example.com` or `*.example.com` (lower case, no trailing dot).
     pub pattern: String,
-    /// Rule id of the first rule with this pattern (`egress[i]` -> i + 1).
+    /// Rule id of the first rule with this pattern (`egress[i]` -> i + 1,
+    /// `onTaint.egress[i]` -> `TAINT_BASE + i + 1`).
     pub rule_id: u32,
     /// Ports/protocols of every rule with this pattern, encoded like
     /// [`crate::policy::compile`] does for a prefix (one `PortRule` per merged
@@ -99,6 +112,25 @@ pub struct DnsPolicy {
     /// `mode: audit`: nothing is refused, would-be refusals are reported
     /// with verdict `Audit`.
     pub audit: bool,
+    /// The `host:` rules of `spec.onTaint.egress` (like `hosts`, rule ids
+    /// `TAINT_BASE + i + 1`), used instead of `hosts` once the identity is
+    /// tainted. `Some` when the policy has an `access: taint` file or an
+    /// `onTaint` section (`Some(vec![])`: no name is answered after taint);
+    /// `None`: the policy has no taint clamp.
+    pub taint_hosts: Option<Vec<HostRule>>,
+    /// The `cidr` rules of `spec.onTaint.egress` (as `cidrs`): they alone
+    /// vouch for rebinding-space answers once the identity is tainted.
+    pub taint_cidrs: Vec<IpNet>,
+}
+
+/// The rules one query is judged by: the policy's own, or its onTaint rules
+/// when the identity is tainted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RuleView<'a> {
+    pub hosts: &'a [HostRule],
+    pub cidrs: &'a [IpNet],
+    /// These are the onTaint rules.
+    pub tainted: bool,
 }
 
 impl DnsPolicy {
@@ -107,32 +139,90 @@ impl DnsPolicy {
     /// matches `a.example.com` and `a.b.example.com`, not `example.com`.
     /// Case-insensitive; a trailing dot is ignored.
     pub fn match_host(&self, qname: &str) -> Option<&HostRule> {
-        self.match_index(qname).map(|i| &self.hosts[i])
+        match_in(&self.hosts, qname).map(|i| &self.hosts[i])
     }
 
-    /// [`Self::match_host`] as an index into `hosts`.
-    pub(crate) fn match_index(&self, qname: &str) -> Option<usize> {
-        let name = qname.strip_suffix('.').unwrap_or(qname);
-        if name.is_empty() {
-            return None;
-        }
-        let mut best: Option<(usize, usize)> = None;
-        for (i, h) in self.hosts.iter().enumerate() {
-            let pat = h.pattern.strip_suffix('.').unwrap_or(&h.pattern);
-            if let Some(base) = pat.strip_prefix("*.") {
-                let fits = name.len() > base.len() + 1
-                    && name.as_bytes()[name.len() - base.len() - 1] == b'.'
-                    && name.is_char_boundary(name.len() - base.len())
-                    && name[name.len() - base.len()..].eq_ignore_ascii_case(base);
-                if fits && best.is_none_or(|(len, _)| base.len() > len) {
-                    best = Some((base.len(), i));
-                }
-            } else if pat.eq_ignore_ascii_case(name) {
-                return Some(i);
-            }
-        }
-        best.map(|(_, i)| i)
+    /// [`Self::match_host`] among the onTaint rules (`None` also when the
+    /// policy has no taint clamp).
+    pub fn match_taint_host(&self, qname: &str) -> Option<&HostRule> {
+        let hosts = self.taint_hosts.as_deref()?;
+        match_in(hosts, qname).map(|i| &hosts[i])
     }
+
+    /// The rules to judge by: the onTaint ones if the policy has a taint
+    /// clamp and the identity is `tainted`, else the policy's own.
+    pub(crate) fn rules(&self, tainted: bool) -> RuleView<'_> {
+        match (&self.taint_hosts, tainted) {
+            (Some(hosts), true) => RuleView {
+                hosts,
+                cidrs: &self.taint_cidrs,
+                tainted: true,
+            },
+            _ => RuleView {
+                hosts: &self.hosts,
+                cidrs: &self.cidrs,
+                tainted: false,
+            },
+        }
+    }
+}
+
+/// [`DnsPolicy::match_host`] over `hosts`, as an index into it.
+pub(crate) fn match_in(hosts: &[HostRule], qname: &str) -> Option<usize> {
+    let name = qname.strip_suffix('.').unwrap_or(qname);
+    if name.is_empty() {
+        return None;
+    }
+    let mut best: Option<(usize, usize)> = None;
+    for (i, h) in hosts.iter().enumerate() {
+        let pat = h.pattern.strip_suffix('.').unwrap_or(&h.pattern);
+        if let Some(base) = pat.strip_prefix("*.") {
+            let fits = name.len() > base.len() + 1
+                && name.as_bytes()[name.len() - base.len() - 1] == b'.'
+                && name.is_char_boundary(name.len() - base.len())
+                && name[name.len() - base.len()..].eq_ignore_ascii_case(base);
+            if fits && best.is_none_or(|(len, _)| base.len() > len) {
+                best = Some((base.len(), i));
+            }
+        } else if pat.eq_ignore_ascii_case(name) {
+            return Some(i);
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// The `host:` rules of `egress`, one per pattern (see [`HostRule`]), with
+/// every rule id (the rule's and each `PortRule`'s) offset by `id_base`.
+fn host_rules(egress: &[EgressRule], id_base: u32) -> Vec<HostRule> {
+    host_groups(egress)
+        .into_iter()
+        .filter_map(|(pattern, ids)| match host_rule_set(egress, &ids) {
+            Ok(mut set) => {
+                for r in &mut set.rules[..set.count as usize] {
+                    r.rule_id += id_base;
+                }
+                Some(HostRule {
+                    pattern,
+                    rule_id: id_base + ids[0],
+                    set,
+                })
+            }
+            Err(n) => {
+                // compile() refuses this; fail closed if it was skipped.
+                tracing::warn!(%pattern, entries = n, "host rule does not fit, ignored");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The `cidr` rules of `egress` in family form (mapped IPv6 -> IPv4).
+fn cidr_rules(egress: &[EgressRule]) -> Vec<IpNet> {
+    egress
+        .iter()
+        .filter_map(|r| r.cidr)
+        .map(family_net)
+        .collect()
 }
 
 /// The DNS proxy's view of `p` (which `compiled` was compiled from).
@@ -141,21 +231,10 @@ impl DnsPolicy {
 pub fn compile_dns(p: &LoadedPolicy, compiled: &CompiledPolicy) -> DnsPolicy {
     let spec = &p.policy.spec;
     let dns = spec.dns.clone().unwrap_or_default();
-    let hosts = host_groups(&spec.egress)
-        .into_iter()
-        .filter_map(|(pattern, ids)| match host_rule_set(&spec.egress, &ids) {
-            Ok(set) => Some(HostRule {
-                pattern,
-                rule_id: ids[0],
-                set,
-            }),
-            Err(n) => {
-                // compile() refuses this; fail closed if it was skipped.
-                tracing::warn!(%pattern, entries = n, "host rule does not fit, ignored");
-                None
-            }
-        })
-        .collect();
+    let hosts = host_rules(&spec.egress, 0);
+    let taint_egress = spec.on_taint.as_ref().map_or(&[][..], |t| &t.egress[..]);
+    let clamp = spec.on_taint.is_some() || spec.files.iter().any(|f| f.access == FileAccess::Taint);
+    let taint_hosts = clamp.then(|| host_rules(taint_egress, enforcer_common::rule::TAINT_BASE));
     let upstreams = if dns.upstream.is_empty() {
         resolv_conf_nameservers(Path::new(RESOLV_CONF))
     } else {
@@ -169,12 +248,7 @@ pub fn compile_dns(p: &LoadedPolicy, compiled: &CompiledPolicy) -> DnsPolicy {
     if query_types.is_empty() {
         query_types = DEFAULT_QUERY_TYPES.to_vec();
     }
-    let cidrs = spec
-        .egress
-        .iter()
-        .filter_map(|r| r.cidr)
-        .map(crate::policy::compile::family_net)
-        .collect();
+    let cidrs = cidr_rules(&spec.egress);
     DnsPolicy {
         identity: IdentityRef {
             name: compiled.name.clone(),
@@ -192,6 +266,8 @@ pub fn compile_dns(p: &LoadedPolicy, compiled: &CompiledPolicy) -> DnsPolicy {
         names_per_minute: dns.names_per_minute.unwrap_or(DEFAULT_NAMES_PER_MINUTE),
         cidrs,
         audit: compiled.audit,
+        taint_hosts,
+        taint_cidrs: cidr_rules(taint_egress),
     }
 }
 
@@ -234,6 +310,22 @@ pub trait Learner: Send + Sync + 'static {
     ) -> anyhow::Result<()>;
 }
 
+/// Whether an identity is tainted (a `taint` file was opened by one of its
+/// processes): the kernel's `TAINTED[slot]`. Asked once per query of an
+/// identity whose policy has a taint clamp.
+pub trait TaintView: Send + Sync + 'static {
+    fn is_tainted(&self, slot: u32) -> bool;
+}
+
+/// No identity is ever tainted.
+pub struct NeverTainted;
+
+impl TaintView for NeverTainted {
+    fn is_tainted(&self, _: u32) -> bool {
+        false
+    }
+}
+
 /// One decision of the proxy.
 #[derive(Clone, Debug)]
 pub struct DnsEvent {
@@ -252,12 +344,17 @@ pub struct DnsEvent {
     /// `Allow` (forwarded), `Deny` (REFUSED, or SERVFAIL for `learn-error`)
     /// or `Audit` (would have been refused, forwarded in `mode: audit`).
     pub verdict: Verdict,
-    /// `allowed`, `name-not-allowed`, `query-type`, `too-long`, `budget`,
-    /// `upstream-error` (verdict Allow, the agent got SERVFAIL), `learn-error`
-    /// (the Learner failed: SERVFAIL), `malformed`.
+    /// `allowed`, `name-not-allowed`, `tainted` (the identity is tainted
+    /// and no onTaint host rule matches the name), `query-type`, `too-long`,
+    /// `budget`, `upstream-error` (verdict Allow, the agent got SERVFAIL),
+    /// `learn-error` (the Learner failed: SERVFAIL), `malformed`.
     pub reason: &'static str,
-    /// `egress[i] host <pattern>` of the matching rule.
+    /// `egress[i] host <pattern>` (or `onTaint.egress[i] host <pattern>`)
+    /// of the matching rule.
     pub rule: Option<String>,
+    /// The identity was tainted: the query was judged by the onTaint rules
+    /// and its addresses learned under `slot | TAINT_SLOT_BIT`.
+    pub tainted: bool,
     /// Addresses installed before the answer was released.
     pub answers: Vec<IpAddr>,
     /// Answer addresses in rebinding space: not installed, stripped.

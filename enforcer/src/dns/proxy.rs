@@ -18,7 +18,10 @@
 //!
 //! Nothing is cached, so nothing is shared across identities. A policy swap
 //! (`serve_identity` again) replaces the policy under a lock read once per
-//! query; the sockets, the port and the name budget stay.
+//! query; the sockets, the port and the name budget stay. Whether the
+//! identity is tainted is asked of the [`TaintView`] once per query (only if
+//! its policy has a taint clamp), right after the policy is read; that
+//! query's decision, learning and report all follow that one answer.
 use std::{
     collections::{hash_map::RandomState, HashMap},
     hash::BuildHasher,
@@ -32,6 +35,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use enforcer_common::TAINT_SLOT_BIT;
 use hickory_proto::op::{Message, ResponseCode};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -46,7 +50,7 @@ use super::{
         answers_question, decide, error_reply, parse_query, process_answer, rule_text,
         upstream_query, Budget, Decision, Query,
     },
-    DnsEvent, DnsPolicy, DnsSink, Learner,
+    DnsEvent, DnsPolicy, DnsSink, Learner, TaintView,
 };
 use crate::events::Verdict;
 
@@ -63,6 +67,7 @@ const BIND_ATTEMPTS: usize = 64;
 pub struct DnsProxy {
     learner: Arc<dyn Learner>,
     sink: Arc<dyn DnsSink>,
+    taint: Arc<dyn TaintView>,
     served: Mutex<HashMap<u32, Served>>,
 }
 
@@ -86,10 +91,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl DnsProxy {
-    pub fn new(learner: Arc<dyn Learner>, sink: Arc<dyn DnsSink>) -> Self {
+    /// `taint` tells, per query, whether an identity is tainted (the proxy
+    /// then judges it by its policy's onTaint rules).
+    pub fn new(
+        learner: Arc<dyn Learner>,
+        sink: Arc<dyn DnsSink>,
+        taint: Arc<dyn TaintView>,
+    ) -> Self {
         Self {
             learner,
             sink,
+            taint,
             served: Mutex::new(HashMap::new()),
         }
     }
@@ -127,6 +139,7 @@ impl DnsProxy {
             stopped: AtomicBool::new(false),
             learner: self.learner.clone(),
             sink: self.sink.clone(),
+            taint: self.taint.clone(),
             up4: Some(up4.clone()),
             up6: up6.clone(),
         });
@@ -237,6 +250,7 @@ struct Ident {
     stopped: AtomicBool,
     learner: Arc<dyn Learner>,
     sink: Arc<dyn DnsSink>,
+    taint: Arc<dyn TaintView>,
     up4: Option<Arc<UpSock>>,
     up6: Option<Arc<UpSock>>,
 }
@@ -279,7 +293,10 @@ impl Ident {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let decision = decide(&policy, &q, &mut lock(&self.budget), start);
+        // Asked after the policy is read: a query sent once the taint file
+        // was opened is judged clamped.
+        let tainted = policy.taint_hosts.is_some() && self.taint.is_tainted(self.slot);
+        let decision = decide(&policy, tainted, &q, &mut lock(&self.budget), start);
         if decision.verdict == Verdict::Deny {
             let reply = error_reply(&q, ResponseCode::Refused);
             self.report(&policy, &q, decision, client, transport, start, |ev| ev);
@@ -318,7 +335,8 @@ impl Ident {
             qtype: q.qtype_text(),
             verdict: d.verdict,
             reason: d.reason,
-            rule: d.rule.map(|i| rule_text(&policy.hosts[i])),
+            rule: d.rule.map(|i| rule_text(&policy.rules(d.tainted).hosts[i])),
+            tainted: d.tainted,
             answers: Vec::new(),
             rebinding_blocked: Vec::new(),
             latency: Duration::ZERO,
@@ -395,8 +413,9 @@ impl Ident {
             self.report(&policy, &q, d, client, transport, start, |ev| ev);
             return Some(reply);
         };
-        let rule = decision.rule.map(|i| &policy.hosts[i]);
-        let p = process_answer(&policy, &q, resp, rule.is_some());
+        let view = policy.rules(decision.tainted);
+        let rule = decision.rule.map(|i| &view.hosts[i]);
+        let p = process_answer(&policy, view.cidrs, &q, resp, rule.is_some());
         let mut bytes = p.reply.to_vec().ok()?;
         let mut learn = p.learn;
         if udp_limit.is_some_and(|l| bytes.len() > l) {
@@ -406,11 +425,19 @@ impl Ident {
         let mut d = decision;
         let mut installed = Vec::with_capacity(learn.len());
         if let Some(rule) = rule {
+            // onTaint addresses live under their own key, which the kernel
+            // looks up (instead of the plain one) once the identity is
+            // tainted (see the enforcer-common docs).
+            let slot = if view.tainted {
+                self.slot | TAINT_SLOT_BIT
+            } else {
+                self.slot
+            };
             for (ip, ttl) in learn {
-                match self.learner.learn(self.slot, ip, &rule.set, ttl, &q.qname) {
+                match self.learner.learn(slot, ip, &rule.set, ttl, &q.qname) {
                     Ok(()) => installed.push(ip),
                     Err(e) => {
-                        tracing::warn!(slot = self.slot, %ip, "learning a DNS answer failed: {e:#}");
+                        tracing::warn!(slot, %ip, "learning a DNS answer failed: {e:#}");
                         d.verdict = Verdict::Deny;
                         d.reason = "learn-error";
                         bytes = error_reply(&q, ResponseCode::ServFail);

@@ -1,6 +1,6 @@
 //! The proxy against a tiny in-test upstream (UDP and TCP on one loopback
-//! port, answers built with hickory-proto), a recording [`Learner`] and a
-//! recording [`DnsSink`].
+//! port, answers built with hickory-proto), a recording [`Learner`], a
+//! recording [`DnsSink`] and a switchable [`TaintView`].
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::Path,
@@ -26,6 +26,7 @@ use tokio::{
 
 use super::*;
 use crate::policy::{compile, parse_str};
+use enforcer_common::{rule::TAINT_BASE, TAINT_SLOT_BIT};
 
 // ---------------------------------------------------------------- upstream
 
@@ -83,6 +84,8 @@ fn zone(name: &str, t: RecordType) -> Option<Vec<Record>> {
             ),
         ],
         ("tc.example.com", RecordType::A) => vec![rec(n, 30, a("93.184.216.37"))],
+        ("a.example", RecordType::A) => vec![rec(n, 30, a("198.51.100.1"))],
+        ("b.example", RecordType::A) => vec![rec(n, 30, a("203.0.113.2"))],
         _ => return None,
     })
 }
@@ -249,6 +252,26 @@ impl RecSink {
     }
 }
 
+/// A taint flag the test flips; records which slots were asked about.
+#[derive(Default)]
+struct FakeTaint {
+    tainted: AtomicBool,
+    asked: Mutex<Vec<u32>>,
+}
+
+impl TaintView for FakeTaint {
+    fn is_tainted(&self, slot: u32) -> bool {
+        self.asked.lock().unwrap().push(slot);
+        self.tainted.load(Ordering::SeqCst)
+    }
+}
+
+impl FakeTaint {
+    fn taint(&self) {
+        self.tainted.store(true, Ordering::SeqCst);
+    }
+}
+
 // ---------------------------------------------------------------- harness
 
 const SLOT: u32 = 7;
@@ -257,20 +280,36 @@ struct Harness {
     proxy: DnsProxy,
     learner: Arc<FakeLearner>,
     sink: Arc<RecSink>,
+    taint: Arc<FakeTaint>,
     up: Upstream,
     port: u16,
 }
 
 /// A policy document with `egress` and `dns` bodies (YAML, indented for `spec:`).
 fn policy(egress: &str, dns: &str, up: SocketAddr) -> Arc<DnsPolicy> {
+    policy_with(egress, dns, "", up)
+}
+
+/// [`policy`] with more `spec:` fields (`rest`, YAML indented by two:
+/// `files:`, `onTaint:`, `mode:`).
+fn policy_with(egress: &str, dns: &str, rest: &str, up: SocketAddr) -> Arc<DnsPolicy> {
     let yaml = format!(
         "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: agent\n\
          spec:\n  identity:\n    spiffeId: spiffe://t/agent\n  egress:\n{egress}  dns:\n    \
-         upstream: [\"{up}\"]\n{dns}"
+         upstream: [\"{up}\"]\n{dns}{rest}"
     );
     let p = parse_str(&yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let c = compile(&p[0]).unwrap();
-    Arc::new(compile_dns(&p[0], &c))
+    Arc::new(compile_dns(&p[0], &compiled(&p[0])))
+}
+
+/// What `compile_dns` reads of a compiled policy (name, identity, mode,
+/// hash), also for a policy with `files:` / `onTaint:`, which
+/// `check_supported` may refuse.
+fn compiled(p: &LoadedPolicy) -> CompiledPolicy {
+    let mut bare = p.clone();
+    bare.policy.spec.files.clear();
+    bare.policy.spec.on_taint = None;
+    compile(&bare).unwrap()
 }
 
 const EGRESS: &str = "    - host: api.example.com\n      ports: [443]\n      protocol: tcp\n    \
@@ -278,18 +317,22 @@ const EGRESS: &str = "    - host: api.example.com\n      ports: [443]\n      pro
                       - host: '*.example.com'\n      ports: [80]\n";
 
 async fn harness(egress: &str, dns: &str) -> Harness {
+    harness_with(|up| policy(egress, dns, up)).await
+}
+
+/// A proxy serving `SLOT` with the policy `make` builds for the upstream's address.
+async fn harness_with(make: impl FnOnce(SocketAddr) -> Arc<DnsPolicy>) -> Harness {
     let up = upstream().await;
     let learner = Arc::new(FakeLearner::default());
     let sink = Arc::new(RecSink::default());
-    let proxy = DnsProxy::new(learner.clone(), sink.clone());
-    let port = proxy
-        .serve_identity(SLOT, policy(egress, dns, up.addr))
-        .await
-        .unwrap();
+    let taint = Arc::new(FakeTaint::default());
+    let proxy = DnsProxy::new(learner.clone(), sink.clone(), taint.clone());
+    let port = proxy.serve_identity(SLOT, make(up.addr)).await.unwrap();
     Harness {
         proxy,
         learner,
         sink,
+        taint,
         up,
         port,
     }
@@ -700,7 +743,7 @@ async fn audit_mode_forwards_and_reports_would_be_refusals() {
     p.audit = true;
     let learner = Arc::new(FakeLearner::default());
     let sink = Arc::new(RecSink::default());
-    let proxy = DnsProxy::new(learner.clone(), sink.clone());
+    let proxy = DnsProxy::new(learner.clone(), sink.clone(), Arc::new(NeverTainted));
     let port = proxy.serve_identity(1, Arc::new(p)).await.unwrap();
     let q = query_bytes(1, "evil.example.org", RecordType::A, false);
     let r = udp_raw(
@@ -761,7 +804,7 @@ async fn forwarded_queries_are_rebuilt() {
     let up_addr = up_sock.local_addr().unwrap();
     let learner = Arc::new(FakeLearner::default());
     let sink = Arc::new(RecSink::default());
-    let proxy = DnsProxy::new(learner, sink);
+    let proxy = DnsProxy::new(learner, sink, Arc::new(NeverTainted));
     let port = proxy
         .serve_identity(1, policy(EGRESS, "", up_addr))
         .await
@@ -794,6 +837,191 @@ async fn forwarded_queries_are_rebuilt() {
         .as_ref()
         .is_some_and(|e| e.options().as_ref().is_empty()));
     assert!(!buf[..n].windows(10).any(|w| w == b"the-secret"));
+}
+
+// ---------------------------------------------------------------- taint clamp
+
+/// A host rule for `a.example` (all ports).
+const TAINT_EGRESS: &str = "    - host: a.example\n";
+/// A taint file and an onTaint section allowing `b.example` port 443.
+const TAINT_REST: &str = "  files:\n    - path: /home/agent/.ssh\n      access: taint\n  \
+                          onTaint:\n    egress:\n      - host: b.example\n        ports: [443]\n";
+/// A taint file and no onTaint section.
+const TAINT_FILES_ONLY: &str = "  files:\n    - path: /home/agent/.ssh\n      access: taint\n";
+
+#[tokio::test]
+async fn taint_clamps_names_to_on_taint_rules() {
+    let h = harness_with(|up| policy_with(TAINT_EGRESS, "", TAINT_REST, up)).await;
+
+    // Clean: the policy's own rules.
+    let m = h.udp("a.example", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("198.51.100.1")]);
+    let calls = h.learner.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let (slot, learned, set, _, host) = &calls[0];
+    assert_eq!(
+        (*slot, *learned, host.as_str()),
+        (SLOT, ip("198.51.100.1"), "a.example")
+    );
+    assert_eq!(
+        (
+            set.count,
+            set.rules[0].port_lo,
+            set.rules[0].port_hi,
+            set.rules[0].rule_id
+        ),
+        (1, 0, 65535, 1)
+    );
+    let ev = h.sink.last();
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.tainted),
+        (Verdict::Allow, "allowed", false)
+    );
+    assert_eq!(ev.rule.as_deref(), Some("egress[0] host a.example"));
+
+    assert_refused(&h.udp("b.example", RecordType::A).await);
+    let ev = h.sink.last();
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.tainted),
+        (Verdict::Deny, "name-not-allowed", false)
+    );
+    assert_eq!(h.up.names(), vec!["a.example"]);
+
+    // Tainted: the onTaint rules only.
+    h.taint.taint();
+    assert_refused(&h.udp("a.example", RecordType::A).await);
+    let ev = h.sink.last();
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.tainted),
+        (Verdict::Deny, "tainted", true)
+    );
+    assert_eq!(ev.rule, None);
+    assert_refused(&h.tcp("a.example", RecordType::A).await);
+    assert_eq!(h.sink.last().reason, "tainted");
+    assert_eq!(
+        h.up.names(),
+        vec!["a.example"],
+        "never forwarded once tainted"
+    );
+
+    let m = h.udp("b.example", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&m), vec![ip("203.0.113.2")]);
+    let calls = h.learner.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let (slot, learned, set, ttl, host) = &calls[1];
+    assert_eq!(
+        (*slot, *learned, *ttl, host.as_str()),
+        (
+            SLOT | TAINT_SLOT_BIT,
+            ip("203.0.113.2"),
+            Duration::from_secs(30),
+            "b.example"
+        )
+    );
+    assert_eq!(set.count, 1);
+    let r = set.rules[0];
+    assert_eq!(
+        (r.port_lo, r.port_hi, r.proto_mask, r.rule_id),
+        (443, 443, enforcer_common::proto::ANY, TAINT_BASE + 1)
+    );
+    let ev = h.sink.last();
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.tainted),
+        (Verdict::Allow, "allowed", true)
+    );
+    assert_eq!(ev.rule.as_deref(), Some("onTaint.egress[0] host b.example"));
+    assert_eq!(ev.answers, vec![ip("203.0.113.2")]);
+    assert_eq!(h.up.names(), vec!["a.example", "b.example"]);
+    assert!(h.taint.asked.lock().unwrap().iter().all(|s| *s == SLOT));
+}
+
+#[tokio::test]
+async fn taint_without_on_taint_refuses_every_name() {
+    let h = harness_with(|up| policy_with(TAINT_EGRESS, "", TAINT_FILES_ONLY, up)).await;
+    let m = h.udp("a.example", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("198.51.100.1")]);
+    h.taint.taint();
+    for name in ["a.example", "b.example", "api.example.com"] {
+        for t in [RecordType::A, RecordType::AAAA] {
+            assert_refused(&h.udp(name, t).await);
+            let ev = h.sink.last();
+            assert_eq!(
+                (ev.verdict, ev.reason, ev.tainted),
+                (Verdict::Deny, "tainted", true),
+                "{name} {t}"
+            );
+        }
+    }
+    assert_eq!(h.up.names(), vec!["a.example"]);
+    assert_eq!(h.learner.ips(), vec![ip("198.51.100.1")]);
+}
+
+#[tokio::test]
+async fn tainted_rebinding_is_vouched_by_on_taint_cidrs_only() {
+    let egress = "    - host: rebind.example.com\n    - cidr: 10.0.0.0/8\n";
+    let rest = "  onTaint:\n    egress:\n      - host: rebind.example.com\n      \
+                - cidr: 127.0.0.0/8\n";
+    let h = harness_with(|up| policy_with(egress, "", rest, up)).await;
+    let m = h.udp("rebind.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("10.1.2.3"), ip("93.184.216.36")]);
+    h.taint.taint();
+    let m = h.udp("rebind.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("127.0.0.1"), ip("93.184.216.36")]);
+    let ev = h.sink.last();
+    assert!(ev.tainted);
+    assert_eq!(
+        ev.rebinding_blocked,
+        vec![ip("10.1.2.3"), ip("169.254.169.254")]
+    );
+    let calls = h.learner.calls.lock().unwrap().clone();
+    let tainted: Vec<(u32, IpAddr)> = calls[2..].iter().map(|c| (c.0, c.1)).collect();
+    assert_eq!(
+        tainted,
+        vec![
+            (SLOT | TAINT_SLOT_BIT, ip("127.0.0.1")),
+            (SLOT | TAINT_SLOT_BIT, ip("93.184.216.36"))
+        ]
+    );
+    assert_eq!(calls[2].2.rules[0].rule_id, TAINT_BASE + 1);
+}
+
+#[tokio::test]
+async fn tainted_audit_mode_forwards_and_reports() {
+    let h = harness_with(|up| {
+        let mut p = (*policy_with(TAINT_EGRESS, "", TAINT_REST, up)).clone();
+        p.audit = true;
+        Arc::new(p)
+    })
+    .await;
+    h.taint.taint();
+    let m = h.udp("a.example", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("198.51.100.1")]);
+    let ev = h.sink.last();
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.tainted),
+        (Verdict::Audit, "tainted", true)
+    );
+    assert!(
+        h.learner.ips().is_empty(),
+        "no onTaint rule: nothing learned"
+    );
+    let m = h.udp("b.example", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("203.0.113.2")]);
+    assert_eq!(h.sink.last().verdict, Verdict::Allow);
+    assert_eq!(h.learner.calls.lock().unwrap()[0].0, SLOT | TAINT_SLOT_BIT);
+    assert_eq!(h.up.names(), vec!["a.example", "b.example"]);
+}
+
+#[tokio::test]
+async fn without_a_taint_clamp_the_taint_view_is_not_asked() {
+    let h = harness(EGRESS, "").await;
+    h.taint.taint();
+    let m = h.udp("api.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+    assert_eq!(h.learner.calls.lock().unwrap()[0].0, SLOT);
+    assert!(!h.sink.last().tainted);
+    assert!(h.taint.asked.lock().unwrap().is_empty());
 }
 
 /// Load check (run in release: `cargo test --release -p enforcer --lib
@@ -874,6 +1102,8 @@ fn dp(patterns: &[&str]) -> DnsPolicy {
         names_per_minute: 64,
         cidrs: vec![],
         audit: false,
+        taint_hosts: None,
+        taint_cidrs: vec![],
     }
 }
 
@@ -903,6 +1133,28 @@ fn match_host_prefers_exact_then_longest_wildcard() {
     assert_eq!(m(""), None);
     assert_eq!(m("."), None);
     assert_eq!(m("é.example.com"), Some(1), "non-ASCII never panics");
+
+    // The onTaint rules are matched the same way.
+    let t = DnsPolicy {
+        hosts: vec![],
+        taint_hosts: Some(p.hosts.clone()),
+        ..p.clone()
+    };
+    for q in [
+        "api.example.com",
+        "API.EXAMPLE.COM.",
+        "a.b.example.com",
+        "x.eu.example.com",
+        "eu.example.com",
+        "example.com",
+        "aexample.com",
+        "",
+        "é.example.com",
+    ] {
+        assert_eq!(t.match_taint_host(q), p.match_host(q), "{q}");
+        assert_eq!(t.match_host(q), None);
+        assert_eq!(p.match_taint_host(q), None, "no taint clamp");
+    }
 }
 
 #[test]
@@ -937,6 +1189,77 @@ fn compile_dns_defaults_and_fields() {
         "from /etc/resolv.conf or 127.0.0.1"
     );
     let _ = DNSClass::IN;
+}
+
+#[test]
+fn compile_dns_taint_hosts_have_taint_rule_ids() {
+    let doc = |rest: &str| {
+        let yaml = format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: a\n\
+             spec:\n  egress:\n    - cidr: 10.0.0.0/8\n    - host: x.example\n{rest}"
+        );
+        let p = parse_str(&yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        compile_dns(&p[0], &compiled(&p[0]))
+    };
+    let d = doc(
+        "  files:\n    - path: /etc/secret\n      access: taint\n  onTaint:\n    egress:\n      \
+         - cidr: ::ffff:192.168.0.0/112\n      - host: b.example\n        ports: [443]\n      \
+         - host: b.example\n        protocol: udp\n        ports: [53]\n      \
+         - host: '*.c.example'\n",
+    );
+    assert_eq!(d.hosts.len(), 1);
+    assert_eq!(d.hosts[0].rule_id, 2, "own rules keep their ids");
+    assert_eq!(d.cidrs, vec![ipnet::IpNet::from_str("10.0.0.0/8").unwrap()]);
+    let t = d.taint_hosts.as_ref().expect("a taint clamp");
+    assert_eq!(t.len(), 2);
+    assert_eq!(
+        (t[0].pattern.as_str(), t[0].rule_id),
+        ("b.example", TAINT_BASE + 2)
+    );
+    let set = t[0].set;
+    let rules: Vec<(u16, u16, u8, u32)> = set.rules[..set.count as usize]
+        .iter()
+        .map(|r| (r.port_lo, r.port_hi, r.proto_mask, r.rule_id))
+        .collect();
+    assert_eq!(
+        rules,
+        vec![
+            (443, 443, enforcer_common::proto::ANY, TAINT_BASE + 2),
+            (53, 53, enforcer_common::proto::UDP, TAINT_BASE + 3)
+        ]
+    );
+    assert_eq!(
+        (t[1].pattern.as_str(), t[1].rule_id, t[1].set.count),
+        ("*.c.example", TAINT_BASE + 4, 1)
+    );
+    assert_eq!(t[1].set.rules[0].rule_id, TAINT_BASE + 4);
+    assert_eq!(
+        d.taint_cidrs,
+        vec![ipnet::IpNet::from_str("192.168.0.0/16").unwrap()]
+    );
+    assert_eq!(
+        d.match_taint_host("x.c.example").map(|h| h.rule_id),
+        Some(TAINT_BASE + 4)
+    );
+    assert_eq!(d.match_taint_host("x.example"), None);
+    assert_eq!(d.match_host("b.example"), None);
+    assert_eq!(
+        message::rule_text(&t[1]),
+        "onTaint.egress[3] host *.c.example"
+    );
+    assert_eq!(message::rule_text(&d.hosts[0]), "egress[1] host x.example");
+
+    // A taint file without onTaint: nothing is allowed after taint.
+    let d = doc("  files:\n    - path: /etc/secret\n      access: taint\n");
+    assert_eq!(d.taint_hosts, Some(vec![]));
+    assert!(d.taint_cidrs.is_empty());
+    // onTaint without a taint file still declares the clamp.
+    let d = doc("  onTaint:\n    egress:\n      - host: b.example\n");
+    assert_eq!(d.taint_hosts.map(|t| t.len()), Some(1));
+    // No taint file, no onTaint: no clamp.
+    let d = doc("  files:\n    - path: /etc/secret\n      access: deny\n");
+    assert_eq!(d.taint_hosts, None);
+    assert_eq!(doc("").taint_hosts, None);
 }
 
 #[test]

@@ -7,11 +7,17 @@
 //! rewrites or deletes the kernel entry. The kernel checks the expiry
 //! itself on every lookup, so `gc` only reclaims space and keeps the gauges
 //! and the attribution (`host_of`) true.
+//!
+//! Addresses learned for an identity's onTaint host rules are kept under
+//! `slot | TAINT_SLOT_BIT`; `forget_slot`, `host_of` and `count` take the
+//! plain slot and cover both keys.
 use std::{collections::HashMap as StdHashMap, net::IpAddr, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
-use enforcer_common::{Learned, LearnedKey4, LearnedKey6, PortRule, RuleSet, MAX_PORT_RULES};
+use enforcer_common::{
+    Learned, LearnedKey4, LearnedKey6, PortRule, RuleSet, MAX_PORT_RULES, TAINT_SLOT_BIT,
+};
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
@@ -26,6 +32,12 @@ fn canonical(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
     }
+}
+
+/// Is `key_slot` (a learned key's slot) one of identity `slot`'s: the plain
+/// slot or its onTaint key?
+fn of_identity(key_slot: u32, slot: u32) -> bool {
+    key_slot & !TAINT_SLOT_BIT == slot & !TAINT_SLOT_BIT
 }
 
 struct ByName {
@@ -185,13 +197,14 @@ impl LearnedTable {
         changed.len()
     }
 
-    /// Forget everything identity `slot` learned (policy removed or replaced
-    /// by one whose names differ: the agent resolves again).
+    /// Forget everything identity `slot` learned, for its own and for its
+    /// onTaint rules (policy removed or replaced by one whose names differ:
+    /// the agent resolves again).
     pub fn forget_slot(&mut self, slot: u32) {
         let keys: Vec<(u32, IpAddr)> = self
             .entries
             .keys()
-            .filter(|(s, _)| *s == slot)
+            .filter(|(s, _)| of_identity(*s, slot))
             .copied()
             .collect();
         for (s, ip) in keys {
@@ -200,19 +213,41 @@ impl LearnedTable {
         }
     }
 
-    /// The name an address was learned from (the latest to expire).
+    /// The name an address was learned from by identity `slot`, for its own
+    /// or its onTaint rules (the latest to expire).
     pub fn host_of(&self, slot: u32, ip: IpAddr) -> Option<String> {
         let now = monotonic_ns();
-        self.entries
-            .get(&(slot, canonical(ip)))?
+        let ip = canonical(ip);
+        let base = slot & !TAINT_SLOT_BIT;
+        [base, base | TAINT_SLOT_BIT]
             .iter()
+            .filter_map(|s| self.entries.get(&(*s, ip)))
+            .flatten()
             .filter(|(_, n)| n.expires_ns > now)
             .max_by_key(|(_, n)| n.expires_ns)
             .map(|(h, _)| h.clone())
     }
 
-    /// Live learned addresses of a slot.
+    /// Live learned addresses of identity `slot` (own and onTaint keys).
     pub fn count(&self, slot: u32) -> usize {
-        self.entries.keys().filter(|(s, _)| *s == slot).count()
+        self.entries
+            .keys()
+            .filter(|(s, _)| of_identity(*s, slot))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taint_keys_belong_to_their_identity() {
+        assert!(of_identity(7, 7));
+        assert!(of_identity(7 | TAINT_SLOT_BIT, 7));
+        assert!(of_identity(7, 7 | TAINT_SLOT_BIT));
+        assert!(!of_identity(8, 7));
+        assert!(!of_identity(8 | TAINT_SLOT_BIT, 7));
+        assert!(!of_identity(0, 7 | TAINT_SLOT_BIT));
     }
 }
