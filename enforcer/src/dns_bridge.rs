@@ -128,14 +128,13 @@ pub struct DnsService {
 }
 
 impl DnsService {
-    /// `taint` says whether an identity is tainted (its DNS is then judged
-    /// by its policy's onTaint rules).
+    /// The proxy asks the kernel's `TAINTED` flags whether an identity is
+    /// tainted (its DNS is then judged by its policy's onTaint rules).
     pub fn new(
         kernel: &mut Kernel,
         sinks: Arc<Sinks>,
         metrics: Arc<Metrics>,
         attribution: Attribution,
-        taint: Arc<dyn TaintView>,
     ) -> Result<Self> {
         let table = kernel
             .take_learned()
@@ -150,7 +149,7 @@ impl DnsService {
                 metrics,
                 attribution,
             }),
-            taint,
+            Arc::new(KernelTaint(kernel.taint_table())),
         );
         Ok(Self { proxy, learned })
     }
@@ -240,5 +239,18 @@ impl DnsService {
             }
             d
         }
+    }
+}
+
+/// The kernel's `TAINTED` flags as the DNS proxy sees them (asked once per
+/// query of an identity with a taint clamp).
+pub struct KernelTaint(pub Arc<std::sync::Mutex<crate::kernel::TaintTable>>);
+
+impl TaintView for KernelTaint {
+    fn is_tainted(&self, slot: u32) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_tainted(slot)
     }
 }

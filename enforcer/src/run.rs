@@ -288,8 +288,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
         sinks.clone(),
         metrics.clone(),
         attribution.clone(),
-        // TODO(taint): kernel TaintTable
-        Arc::new(crate::dns::NeverTainted),
     )?);
     let dns_policy = Arc::new(crate::dns::compile_dns(&loaded, &compiled));
     let kernel = Arc::new(Mutex::new(kernel));

@@ -662,8 +662,6 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         sinks.clone(),
         metrics.clone(),
         attribution.clone(),
-        // TODO(taint): kernel TaintTable
-        Arc::new(crate::dns::NeverTainted),
     )?);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
