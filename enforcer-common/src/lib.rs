@@ -18,6 +18,7 @@
 //! FILE_RULES  HashMap   {ino, dev, table_id}   -> FileRuleValue (file policy, BPF LSM)
 //! FILE_OFFSETS Array    0 -> FileOffsets (struct member offsets from the kernel's BTF)
 //! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint)
+//! RESOLVED    HashMap   {ino, dev, 0}          -> u32 (inodes the resolver thread's open showed)
 //! ```
 //!
 //! Files (BPF LSM `file_open`, `inode_link`, `inode_rename`): a file is
@@ -72,7 +73,8 @@ pub mod map_names {
     pub const FILE_RULES: &str = "FILE_RULES";
     pub const FILE_OFFSETS: &str = "FILE_OFFSETS";
     pub const TAINTED: &str = "TAINTED";
-    pub const ALL: [&str; 14] = [
+    pub const RESOLVED: &str = "RESOLVED";
+    pub const ALL: [&str; 15] = [
         IDENTITIES,
         POLICIES,
         EGRESS_V4,
@@ -87,6 +89,7 @@ pub mod map_names {
         FILE_RULES,
         FILE_OFFSETS,
         TAINTED,
+        RESOLVED,
     ];
 }
 
@@ -135,6 +138,7 @@ pub const MAX_DNS_ORIG: u32 = 65536;
 pub const MAX_LEARNED_V4: u32 = 1 << 18;
 pub const MAX_LEARNED_V6: u32 = 1 << 16;
 pub const MAX_FILE_RULES: u32 = 1 << 18;
+pub const MAX_RESOLVED: u32 = 64;
 /// Parent dentries walked from an opened file to find a directory rule.
 pub const MAX_FILE_DEPTH: u32 = 48;
 /// `LearnedKey*.slot` bit of addresses learned for an identity's onTaint
@@ -391,6 +395,11 @@ pub struct GlobalConfig {
     pub allow_sample: u32,
     /// Number of slots with file rules: the LSM hooks return at once while 0.
     pub file_slots: u32,
+    /// Thread id of the enforcer thread resolving rule paths (0: none): the
+    /// file hooks record the inodes that thread's opens present in
+    /// `RESOLVED` instead of judging them (see `enforcer::kernel::files`).
+    pub resolver_tid: u32,
+    pub _pad: u32,
 }
 
 /// One decision, kernel -> userspace through the `EVENTS` ring buffer.

@@ -19,7 +19,7 @@
 //! from the running kernel's BTF (`FILE_OFFSETS`); without them the hooks
 //! fail closed for identities with file rules.
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::lsm,
     programs::LsmContext,
     EbpfContext,
@@ -31,7 +31,7 @@ use enforcer_common::{
 
 use crate::{
     identity,
-    maps::{CONFIG, FILE_OFFSETS, FILE_RULES, TAINTED},
+    maps::{CONFIG, FILE_OFFSETS, FILE_RULES, RESOLVED, TAINTED},
     report::{self, Decision},
 };
 
@@ -136,11 +136,16 @@ fn find(
 /// rename: arg `dentry_arg` is the `struct dentry *` of the existing name.
 #[inline(always)]
 fn check(ctx: &LsmContext, act: u8, dentry_arg: usize) -> i32 {
-    let active = match CONFIG.get(0) {
-        Some(c) => c.file_slots,
-        None => 0,
+    let Some(cfg) = CONFIG.get(0) else {
+        return ALLOW;
     };
-    if active == 0 {
+    if cfg.resolver_tid != 0 && cfg.resolver_tid == bpf_get_current_pid_tgid() as u32 {
+        if act == action::FILE_OPEN {
+            resolve(ctx);
+        }
+        return ALLOW;
+    }
+    if cfg.file_slots == 0 {
         return ALLOW;
     }
     let id = identity::current();
@@ -227,6 +232,24 @@ fn check(ctx: &LsmContext, act: u8, dentry_arg: usize) -> i32 {
             }
         }
     }
+}
+
+/// The enforcer's resolver thread opened a rule path: record the inode the
+/// hook sees (on overlayfs there are two opens, the overlay inode and the
+/// real one, neither of which `stat` reports exactly).
+#[inline(always)]
+fn resolve(ctx: &LsmContext) {
+    let Some(off) = FILE_OFFSETS.get(0) else {
+        return;
+    };
+    let inode = read_u64(arg(ctx, 0), off.file_f_inode);
+    let sb = read_u64(inode, off.inode_i_sb);
+    let key = FileKey {
+        ino: read_u64(inode, off.inode_i_ino),
+        dev: read_u32(sb, off.sb_s_dev),
+        table_id: 0,
+    };
+    let _ = RESOLVED.insert(&key, &1, 0);
 }
 
 /// A would-be denial: denied, or recorded as audit in `mode: audit`.

@@ -8,7 +8,7 @@ use enforcer_common::{
     stat, FileKey, FileOffsets, FileRuleValue, GlobalConfig, IdentityBinding, Learned, LearnedKey4,
     LearnedKey6, OrigDst, PolicyState, RuleSet, V4Key, V6Key, COUNTERS_LEN, EVENTS_BYTES,
     MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4,
-    MAX_LEARNED_V6, MAX_SLOTS,
+    MAX_LEARNED_V6, MAX_RESOLVED, MAX_SLOTS,
 };
 
 #[map(name = "IDENTITIES")]
@@ -53,3 +53,6 @@ pub static FILE_OFFSETS: Array<FileOffsets> = Array::with_max_entries(1, 0);
 
 #[map(name = "TAINTED")]
 pub static TAINTED: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);
+
+#[map(name = "RESOLVED")]
+pub static RESOLVED: HashMap<FileKey, u32> = HashMap::with_max_entries(MAX_RESOLVED, 0);

@@ -196,7 +196,24 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let user = args.user.as_deref().map(resolve_user).transpose()?;
     kernel.set_allow_sample(args.allow_events)?;
-    let files = crate::kernel::files::resolve(&compiled.files);
+    let pin_dir = if bpffs_mounted(&args.pin_dir) {
+        Some(args.pin_dir.join(format!("run-{}", std::process::id())))
+    } else {
+        tracing::warn!(
+            "bpffs is not mounted at {}: enforcement is not pinned and ends if enforcer is killed \
+             (the agent is killed with it: PR_SET_PDEATHSIG)",
+            args.pin_dir.display()
+        );
+        None
+    };
+    if !compiled.files.is_empty() {
+        // Only reached with BPF LSM available (gate_file_policy). Attached
+        // before the paths are resolved: the resolver needs the hooks.
+        kernel
+            .attach_file_hooks(pin_dir.as_ref().map(|d| d.join("lsm")).as_deref())
+            .context("attaching the BPF LSM file hooks")?;
+    }
+    let files = kernel.resolve_files(&compiled.files);
     for (id, path, why) in &files.unresolved {
         eprintln!(
             "enforcer: warning: {} ({}) is not protected: {why}",
@@ -220,23 +237,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         &format!("run-{}", std::process::id()),
     )?;
     kernel.bind_cgroup(cg.id, SLOT)?;
-    let pin_dir = if bpffs_mounted(&args.pin_dir) {
-        Some(args.pin_dir.join(format!("run-{}", std::process::id())))
-    } else {
-        tracing::warn!(
-            "bpffs is not mounted at {}: enforcement is not pinned and ends if enforcer is killed \
-             (the agent is killed with it: PR_SET_PDEATHSIG)",
-            args.pin_dir.display()
-        );
-        None
-    };
     let attachment = kernel.attach(&cg.path, pin_dir.as_deref())?;
-    if !compiled.files.is_empty() {
-        // Only reached with BPF LSM available (gate_file_policy).
-        kernel
-            .attach_file_hooks(pin_dir.as_ref().map(|d| d.join("lsm")).as_deref())
-            .context("attaching the BPF LSM file hooks")?;
-    }
     let ring = kernel
         .take_events()
         .context("event ring buffer already taken")?;

@@ -283,7 +283,7 @@ impl State {
         // Apply changes.
         let mut changed = false;
         for (name, (compiled, source, dns)) in &desired {
-            let files = crate::kernel::files::resolve(&compiled.files);
+            let files = self.kernel.resolve_files(&compiled.files);
             let same = self
                 .active
                 .get(name)

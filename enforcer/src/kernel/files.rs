@@ -2,8 +2,15 @@
 //!
 //! The kernel matches a file by its inode (number and the kernel `dev_t` of
 //! its superblock) and by the inodes of its parent directories (bounded
-//! walk). Here each rule's path is resolved with `stat` (following
-//! symlinks: a rule on a symlink protects its target). A directory rule also
+//! walk). Here each rule's path is resolved (following symlinks: a rule on
+//! a symlink protects its target) in two ways: `stat`, and — when the LSM
+//! hooks are attached — by opening the path from a *resolver thread* whose
+//! opens the hooks record in `RESOLVED` instead of judging ([`Observer`]).
+//! The second is what makes overlayfs (container root filesystems) and
+//! other stacked filesystems work: there an open presents the overlay inode
+//! and then the real one, and `stat` reports neither exactly (overlayfs
+//! without xino gives the overlay inode a private number and `stat` a
+//! per-layer pseudo device). A directory rule also
 //! lists the non-directory inodes already inside its tree (same filesystem,
 //! symlinks not followed, at most [`MAX_TREE_ENTRIES`] per policy), so that
 //! a hard link to one of them made elsewhere *before* the policy was loaded
@@ -68,8 +75,38 @@ fn access_code(a: FileAccess) -> u8 {
     }
 }
 
+/// Shows which inodes the kernel's hooks see when `path` is opened.
+pub trait Observer {
+    /// `follow`: follow a final symlink (rule paths) or not (tree entries).
+    fn kernel_view(&mut self, path: &Path, follow: bool) -> Vec<Inode>;
+}
+
+/// No kernel view (hooks not attached): `stat` only.
+pub struct StatOnly;
+
+impl Observer for StatOnly {
+    fn kernel_view(&mut self, _path: &Path, _follow: bool) -> Vec<Inode> {
+        Vec::new()
+    }
+}
+
+/// Every key of one path: its `stat` identity and what the kernel saw.
+fn keys(obs: &mut dyn Observer, path: &Path, meta: &fs::Metadata, follow: bool) -> Vec<Inode> {
+    let mut k = vec![Inode::of(meta)];
+    // Only regular files and directories are opened: a FIFO or a device
+    // could block or act on open.
+    if meta.is_file() || meta.is_dir() {
+        for i in obs.kernel_view(path, follow) {
+            if !k.contains(&i) {
+                k.push(i);
+            }
+        }
+    }
+    k
+}
+
 /// Resolve every rule (see module docs).
-pub fn resolve(rules: &[CompiledFileRule]) -> ResolvedFiles {
+pub fn resolve(rules: &[CompiledFileRule], obs: &mut dyn Observer) -> ResolvedFiles {
     let mut out = ResolvedFiles::default();
     // Shallow paths first: a deeper rule then overrides what a directory
     // above it listed.
@@ -104,25 +141,29 @@ pub fn resolve(rules: &[CompiledFileRule]) -> ResolvedFiles {
                 out.truncated.push(r.path.clone());
             }
             listed += found.len();
-            for i in found {
-                map.insert(i, value);
+            for (path, meta) in found {
+                for i in keys(obs, &path, &meta, false) {
+                    map.insert(i, value);
+                }
             }
         }
-        map.insert(root, value);
+        for i in keys(obs, &r.path, &meta, true) {
+            map.insert(i, value);
+        }
     }
     // Explicit rules win over what a tree listing found at the same inode
     // (a hard link of a rule's file inside another rule's tree).
     for r in rules {
         if let Ok(meta) = fs::metadata(&r.path) {
             if !meta.is_dir() {
-                map.insert(
-                    Inode::of(&meta),
-                    FileRuleValue {
-                        rule_id: r.rule_id,
-                        access: access_code(r.access),
-                        _pad: [0; 3],
-                    },
-                );
+                let value = FileRuleValue {
+                    rule_id: r.rule_id,
+                    access: access_code(r.access),
+                    _pad: [0; 3],
+                };
+                for i in keys(obs, &r.path, &meta, true) {
+                    map.insert(i, value);
+                }
             }
         }
     }
@@ -131,25 +172,26 @@ pub fn resolve(rules: &[CompiledFileRule]) -> ResolvedFiles {
     out
 }
 
-/// Non-directory inodes under `dir` on device `dev`; false when `budget`
-/// ran out first.
-fn list_tree(dir: &Path, dev: u32, out: &mut Vec<Inode>, budget: usize) -> bool {
+/// Non-directory entries under `dir`, not crossing into directories of
+/// another device (symlinks are not followed nor listed); false when `budget` ran out first.
+fn list_tree(dir: &Path, dev: u32, out: &mut Vec<(PathBuf, fs::Metadata)>, budget: usize) -> bool {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = fs::read_dir(&d) else { continue };
         for entry in rd.flatten() {
             let Ok(meta) = entry.metadata() else { continue };
-            let inode = Inode::of(&meta);
-            if inode.dev != dev {
-                continue;
-            }
             if meta.is_dir() {
-                stack.push(entry.path());
+                // Directories on another device are other mounts: not
+                // descended into. (Files are not compared: overlayfs
+                // reports per-layer pseudo devices for them.)
+                if Inode::of(&meta).dev == dev {
+                    stack.push(entry.path());
+                }
             } else if !meta.file_type().is_symlink() {
                 if out.len() >= budget {
                     return false;
                 }
-                out.push(inode);
+                out.push((entry.path(), meta));
             }
         }
     }
@@ -193,7 +235,7 @@ mod tests {
             rule(2, &t.path().join("kh-link"), FileAccess::Audit),
             rule(3, &t.path().join("missing"), FileAccess::Deny),
         ];
-        let r = resolve(&rules);
+        let r = resolve(&rules, &mut StatOnly);
         assert!(r.dirs);
         let get = |p: &Path| {
             let i = Inode::of(&fs::metadata(p).unwrap());

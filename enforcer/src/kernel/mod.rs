@@ -83,6 +83,8 @@ pub struct Kernel {
     learned: Option<learned::LearnedTable>,
     file_rules: HashMap<MapData, FileKey, FileRuleValue>,
     file_offsets: Array<MapData, FileOffsets>,
+    resolved: HashMap<MapData, FileKey, u32>,
+    resolver_tid: u32,
     taint: Arc<Mutex<TaintTable>>,
     /// Slots whose policy has file rules (`CONFIG.file_slots`).
     file_slots: HashSet<u32>,
@@ -207,6 +209,7 @@ impl Kernel {
         ));
         let file_rules = map(&mut ebpf, map_names::FILE_RULES)?;
         let file_offsets = map(&mut ebpf, map_names::FILE_OFFSETS)?;
+        let resolved = map(&mut ebpf, map_names::RESOLVED)?;
         let taint = Arc::new(Mutex::new(TaintTable {
             map: map(&mut ebpf, map_names::TAINTED)?,
         }));
@@ -245,6 +248,8 @@ impl Kernel {
             learned,
             file_rules,
             file_offsets,
+            resolved,
+            resolver_tid: 0,
             taint,
             file_slots,
             allow_sample,
@@ -332,6 +337,8 @@ impl Kernel {
                 GlobalConfig {
                     allow_sample: self.allow_sample,
                     file_slots: self.file_slots.len() as u32,
+                    resolver_tid: self.resolver_tid,
+                    _pad: 0,
                 },
                 0,
             )
@@ -404,6 +411,38 @@ impl Kernel {
             self.lsm_links = links;
         }
         Ok(())
+    }
+
+    /// Resolve `spec.files` to the inode keys the hooks will see: `stat`,
+    /// plus, while the hooks are attached, what they record for this
+    /// thread's own opens of each path (see `files` module docs).
+    pub fn resolve_files(
+        &mut self,
+        rules: &[crate::policy::compile::CompiledFileRule],
+    ) -> files::ResolvedFiles {
+        if rules.is_empty() {
+            return files::ResolvedFiles::default();
+        }
+        if !self.file_hooks_attached() {
+            return files::resolve(rules, &mut files::StatOnly);
+        }
+        self.resolver_tid = nix::unistd::gettid().as_raw() as u32;
+        if let Err(e) = self.write_config() {
+            tracing::warn!("file rules resolved by stat only: {e:#}");
+            self.resolver_tid = 0;
+            return files::resolve(rules, &mut files::StatOnly);
+        }
+        let out = files::resolve(
+            rules,
+            &mut KernelObserver {
+                resolved: &mut self.resolved,
+            },
+        );
+        self.resolver_tid = 0;
+        if let Err(e) = self.write_config() {
+            tracing::error!("clearing the resolver thread id: {e:#}");
+        }
+        out
     }
 
     /// Detach the file hooks (and remove their pins).
@@ -746,6 +785,45 @@ impl Kernel {
             .get(&index, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
+    }
+}
+
+/// Opens paths from the resolver thread and reads back the inodes the LSM
+/// hook recorded for those opens.
+struct KernelObserver<'a> {
+    resolved: &'a mut HashMap<MapData, FileKey, u32>,
+}
+
+impl files::Observer for KernelObserver<'_> {
+    fn kernel_view(&mut self, path: &Path, follow: bool) -> Vec<files::Inode> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let stale: Vec<FileKey> = self.resolved.keys().filter_map(|k| k.ok()).collect();
+        for k in stale {
+            let _ = self.resolved.remove(&k);
+        }
+        let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+        if !follow {
+            flags |= libc::O_NOFOLLOW;
+        }
+        match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)
+        {
+            Ok(f) => drop(f),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), "resolver open failed: {e}");
+                return Vec::new();
+            }
+        }
+        self.resolved
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| files::Inode {
+                ino: k.ino,
+                dev: k.dev,
+            })
+            .collect()
     }
 }
 

@@ -1,0 +1,375 @@
+//! File policy (BPF LSM) and the taint clamp, on a real kernel.
+//!
+//! These tests need a kernel that accepts BPF LSM programs. The host kernel
+//! of these machines refuses them, so the tests are `#[ignore]`d in the
+//! host run and `cargo xtask test` runs them inside the VM runner
+//! (`cargo xtask vm-test -- <this test binary> --ignored`), where they must
+//! pass: they assert that BPF LSM is there instead of skipping.
+//!
+//! The hostile agent (`tests/agents/file_agent.py`) runs under `enforcer
+//! run` and tries every way in to a protected file; whatever it manages to
+//! read it then sends to a loopback listener that the policy allows, so the
+//! listener proves that no protected byte left.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use enforcer_tests::*;
+use serde_json::Value;
+
+const SECRET: &str = "SECRET-ID-RSA-7f3a";
+const DEEP: &str = "SECRET-DEEP-91c2";
+const LATER: &str = "SECRET-LATER-5d0e";
+const TOKEN: &str = "TAINT-TOKEN-4b1f";
+
+fn require_bpf_lsm() {
+    let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    assert!(
+        lsm.split(',').any(|m| m.trim() == "bpf"),
+        "these tests need BPF LSM (run them with `cargo xtask vm-test`); this kernel's LSMs: {lsm}"
+    );
+}
+
+fn file_agent() -> PathBuf {
+    agents_dir().join("file_agent.py")
+}
+
+/// `enforcer run --policy P --audit-log A -- python3 file_agent.py --json VECTORS`
+/// in the background; returns the child and its output collector.
+fn spawn_run(policy: &Path, audit: &Path, vectors: &[String]) -> (ChildGuard, OutputThreads) {
+    let mut c = Command::new(enforcer_bin());
+    c.arg("run")
+        .arg("--policy")
+        .arg(policy)
+        .arg("--audit-log")
+        .arg(audit)
+        .arg("--")
+        .arg(python())
+        .arg(file_agent())
+        .arg("--json")
+        .args(vectors)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut g = ChildGuard::new(c.spawn().expect("spawning enforcer run"));
+    let t = OutputThreads::take(g.child());
+    (g, t)
+}
+
+struct OutputThreads {
+    out: std::thread::JoinHandle<Vec<u8>>,
+    err: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl OutputThreads {
+    fn take(c: &mut std::process::Child) -> Self {
+        let mut so = c.stdout.take().unwrap();
+        let mut se = c.stderr.take().unwrap();
+        Self {
+            out: std::thread::spawn(move || {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut so, &mut v).ok();
+                v
+            }),
+            err: std::thread::spawn(move || {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut se, &mut v).ok();
+                v
+            }),
+        }
+    }
+    fn finish(self, g: &mut ChildGuard, timeout: Duration) -> Output {
+        let status = g.wait_timeout(timeout);
+        if status.is_none() {
+            g.kill9();
+        }
+        let out = Output {
+            status: status
+                .unwrap_or_else(|| panic!("enforcer run did not finish within {timeout:?}")),
+            stdout: self.out.join().unwrap(),
+            stderr: self.err.join().unwrap(),
+        };
+        out
+    }
+}
+
+/// The agent's JSON result object (the last JSON line of its stdout).
+fn results(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON from the agent; stdout:\n{text}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+fn assert_denied(r: &Value, key: &str) {
+    let v = &r[key];
+    assert_eq!(v["ok"], false, "{key} must be refused: {v}");
+    let e = v["errno"].as_str().unwrap_or("");
+    assert!(
+        e == "EPERM" || e == "EACCES",
+        "{key}: refused by the policy (EPERM/EACCES), got {v}"
+    );
+}
+
+fn assert_read(r: &Value, key: &str, content: &str) {
+    let v = &r[key];
+    assert_eq!(v["ok"], true, "{key} must open: {v}");
+    assert!(
+        v["data"].as_str().unwrap_or("").contains(content),
+        "{key} read the wrong data: {v}"
+    );
+}
+
+fn write(path: &Path, s: &str) {
+    std::fs::write(path, s).unwrap();
+}
+
+/// Every evasion class against `deny` rules, on one filesystem (`root`).
+fn evasion_on(root: &Path, label: &str) {
+    let ssh = root.join("ssh");
+    std::fs::create_dir_all(ssh.join("sub")).unwrap();
+    std::fs::create_dir_all(root.join("work")).unwrap();
+    write(&ssh.join("id_rsa"), SECRET);
+    write(&ssh.join("sub/deep"), DEEP);
+    write(&root.join("public.txt"), "PUBLIC-DATA");
+    write(&root.join("notes.txt"), "NOTES-DATA");
+    // Made before the policy: a hard link outside the tree and a symlink.
+    std::fs::hard_link(ssh.join("id_rsa"), root.join("prelink")).unwrap();
+    // (relative: it resolves once the test renames ssh/ to keys/ below)
+    std::os::unix::fs::symlink("keys/id_rsa", root.join("symlink")).unwrap();
+    let sink = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let policy = root.join("policy.yaml");
+    write(
+        &policy,
+        &format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: files-{label}\n\
+             spec:\n  egress:\n    - cidr: 127.0.0.1/32\n      ports: [{}]\n      protocol: tcp\n  \
+             files:\n    - path: {}\n      access: deny\n    - path: {}\n      access: audit\n",
+            sink.port(),
+            ssh.display(),
+            root.join("notes.txt").display()
+        ),
+    );
+    let audit = root.join("audit.jsonl");
+    // After the agent says it is running (the policy is in force), the
+    // test renames the protected directory and a file in it, and creates a
+    // new file inside: the agent then only knows the new names.
+    let keys = root.join("keys");
+    let p = |s: &str| root.join(s).display().to_string();
+    let vectors: Vec<String> = vec![
+        format!("create={}", p("ready")),
+        format!("wait={}", p("go")),
+        format!("open={}", p("keys/id_rsa")),
+        format!("open={}", p("keys/sub/deep2")),
+        format!("open={}", p("keys/later.key")),
+        format!("open={}", p("symlink")),
+        format!("symlink={},{}", p("keys/id_rsa"), p("work/own-symlink")),
+        format!("open={}", p("prelink")),
+        format!("hardlink={},{}", p("keys/id_rsa"), p("work/own-hardlink")),
+        format!("relative={},{}", p("work"), "../keys/./sub/../id_rsa"),
+        format!("procroot={}", p("keys/id_rsa")),
+        format!("procfd={}", p("keys/id_rsa")),
+        format!("iouring={}", p("keys/id_rsa")),
+        format!("rename={},{}", p("keys/id_rsa"), p("work/moved")),
+        format!("list={}", p("keys")),
+        format!("create={}", p("keys/planted")),
+        format!("open={}", p("public.txt")),
+        format!("open={}", p("notes.txt")),
+        format!("send=127.0.0.1,{}", sink.port()),
+    ];
+    let (mut g, threads) = spawn_run(&policy, &audit, &vectors);
+    assert!(
+        poll_until(Duration::from_secs(120), Duration::from_millis(20), || {
+            root.join("ready").exists()
+        }),
+        "the agent did not start"
+    );
+    std::fs::rename(ssh.join("sub/deep"), ssh.join("sub/deep2")).unwrap();
+    std::fs::rename(&ssh, &keys).unwrap();
+    write(&keys.join("later.key"), LATER);
+    write(&root.join("go"), "");
+    let out = threads.finish(&mut g, Duration::from_secs(180));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let r = results(&out);
+    for k in [
+        "open", "open#2", "open#3", "open#4", "symlink", "open#5", "relative", "procroot",
+        "procfd", "iouring", "rename", "list",
+    ] {
+        assert_denied(&r, k);
+    }
+    assert_eq!(
+        r["hardlink"]["link_errno"], "EPERM",
+        "link(2) refused: {}",
+        r["hardlink"]
+    );
+    assert_eq!(
+        r["rename"]["rename_errno"], "EPERM",
+        "rename(2) refused: {}",
+        r["rename"]
+    );
+    assert_eq!(
+        r["procfd"]["opath_ok"], true,
+        "O_PATH itself is not an open: {}",
+        r["procfd"]
+    );
+    assert_denied(&r, "create#2");
+    assert_read(&r, "open#6", "PUBLIC-DATA");
+    assert_read(&r, "open#7", "NOTES-DATA");
+    assert_eq!(r["send"]["ok"], true, "{}", r["send"]);
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            sink.text().contains("NOTES-DATA")
+        }),
+        "the allowed exfiltration channel got nothing: {:?}",
+        sink.text()
+    );
+    let got = sink.text();
+    for s in [SECRET, DEEP, LATER] {
+        assert!(!got.contains(s), "a protected byte left: {got:?}");
+    }
+    // O_CREAT makes the name before the open is judged: it may exist, but
+    // nothing was written through it.
+    assert_eq!(
+        std::fs::metadata(keys.join("planted")).map_or(0, |m| m.len()),
+        0
+    );
+    assert!(
+        std::fs::exists(keys.join("id_rsa")).unwrap(),
+        "rename was refused"
+    );
+
+    // The audit log names the rule path, and the chain verifies.
+    let recs = read_jsonl(&audit);
+    let file_recs = |action: &str, verdict: &str| {
+        recs.iter()
+            .filter(|r| r["action"] == action && r["verdict"] == verdict)
+            .count()
+    };
+    assert!(file_recs("file_open", "deny") >= 10, "{recs:#?}");
+    assert!(file_recs("file_link", "deny") >= 1, "{recs:#?}");
+    assert!(file_recs("file_rename", "deny") >= 1, "{recs:#?}");
+    assert!(file_recs("file_open", "audit") >= 1, "{recs:#?}");
+    let deny = recs
+        .iter()
+        .find(|r| r["action"] == "file_open" && r["verdict"] == "deny")
+        .unwrap();
+    assert_eq!(deny["path"], ssh.display().to_string(), "{deny}");
+    assert_eq!(deny["identity"]["name"], format!("files-{label}"));
+    assert!(deny["detail"].as_str().unwrap().contains("inode"), "{deny}");
+    let v = Command::new(enforcer_bin())
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn deny_rules_hold_against_every_evasion_on_overlayfs_or_disk() {
+    require_bpf_lsm();
+    // The test dir lives under /tmp: an overlay in the VM runner.
+    let dir = TestDir::new("files-evasion");
+    evasion_on(dir.path(), "disk");
+}
+
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn deny_rules_hold_against_every_evasion_on_tmpfs() {
+    require_bpf_lsm();
+    let dir = tempfile::Builder::new()
+        .prefix("enforcer-files-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    evasion_on(dir.path(), "tmpfs");
+}
+
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn taint_clamps_egress_of_every_process_of_the_agent() {
+    require_bpf_lsm();
+    let dir = TestDir::new("files-taint");
+    let root = dir.path();
+    let token = root.join("token");
+    write(&token, TOKEN);
+    // Allowed before the taint; after it only the onTaint host is.
+    let before = TcpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let on_taint = TcpSink::bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let policy = root.join("policy.yaml");
+    write(
+        &policy,
+        &format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: taint-agent\n\
+             spec:\n  egress:\n    - cidr: 127.0.0.2/32\n      ports: [{b}]\n      protocol: tcp\n  \
+             files:\n    - path: {t}\n      access: taint\n  onTaint:\n    egress:\n      - cidr: \
+             127.0.0.3/32\n        ports: [{o}]\n        protocol: tcp\n",
+            b = before.port(),
+            t = token.display(),
+            o = on_taint.port()
+        ),
+    );
+    let audit = root.join("audit.jsonl");
+    let vectors = vec![
+        format!("connect=127.0.0.2,{}", before.port()),
+        format!("send=127.0.0.3,{}", on_taint.port()),
+        format!("open={}", token.display()),
+        format!("send=127.0.0.2,{}", before.port()),
+        format!("child_send=127.0.0.2,{}", before.port()),
+        format!("send=127.0.0.3,{}", on_taint.port()),
+        format!("child_send=127.0.0.3,{}", on_taint.port()),
+    ];
+    let (mut g, threads) = spawn_run(&policy, &audit, &vectors);
+    let out = threads.finish(&mut g, Duration::from_secs(180));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let r = results(&out);
+    // Before: the ordinary policy (127.0.0.2 allowed, the onTaint host not).
+    assert_eq!(r["connect"]["ok"], true, "{r}");
+    assert_denied(&r, "send");
+    // The taint file itself is readable.
+    assert_read(&r, "open", TOKEN);
+    // After: the host allowed before is refused, for the agent and for a
+    // process it starts later; the onTaint host is allowed.
+    assert_denied(&r, "send#2");
+    assert_eq!(r["child_send"]["ok"], false, "{r}");
+    assert_eq!(r["send#3"]["ok"], true, "{r}");
+    assert_eq!(r["child_send#2"]["ok"], true, "{r}");
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            on_taint.text().contains("CHILD:")
+        }),
+        "onTaint host: {:?}",
+        on_taint.text()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(before.conns(), 1, "only the pre-taint connect reached it");
+    assert_eq!(before.bytes(), 0, "zero bytes after the taint");
+    // The audit log records the read and the clamp.
+    let recs = read_jsonl(&audit);
+    let taint_read = recs
+        .iter()
+        .find(|r| r["action"] == "file_open" && r["verdict"] == "taint")
+        .unwrap_or_else(|| panic!("no taint record: {recs:#?}"));
+    assert_eq!(taint_read["path"], token.display().to_string());
+    assert!(
+        recs.iter().any(|r| r["action"] == "taint_clamp"
+            && r["detail"].as_str().unwrap_or("").contains("onTaint")),
+        "no taint_clamp record: {recs:#?}"
+    );
+    assert!(
+        recs.iter().any(|r| r["action"] == "connect"
+            && r["verdict"] == "deny"
+            && r["port"] == before.port()),
+        "{recs:#?}"
+    );
+    assert!(err.contains("tainted") || err.contains("taint"), "{err}");
+}
