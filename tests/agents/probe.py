@@ -14,6 +14,7 @@ cgroup *before* it does anything and then probe repeatedly:
   {"op": "packet_udp", "host": h, "port": p, "data": s}
                      AF_PACKET on "lo": hand-built Ethernet/IPv4/UDP frame
                      from 127.0.0.1 to h:p (bypasses connect/sendmsg hooks)
+  {"op": "read", "path": p}   open + read the first 64 bytes
   {"op": "cgroup"}   the 0:: line of /proc/self/cgroup
   {"op": "exit"}
 Answer: {"ok": bool, "errno": int|null, "err": str|null, ...}.
@@ -96,6 +97,9 @@ def do(cmd):
         return {}
     if op == "packet_udp":
         return {"sent": packet_udp(cmd["host"], cmd["port"], cmd["data"].encode())}
+    if op == "read":
+        with open(cmd["path"], "rb") as f:
+            return {"data": f.read(64).decode("latin-1")}
     if op == "cgroup":
         with open("/proc/self/cgroup") as f:
             for line in f:

@@ -5,8 +5,8 @@
 //! reported consistently (status and metric): on a kernel without BPF LSM
 //! (this project's host) a policy with `files:` is refused with the kernel
 //! requirement, or run degraded (network part only) on request; on a kernel
-//! with it (the VM runner), file enforcement is not implemented yet and the
-//! policy is refused with "not supported yet".
+//! with it (the VM runner), the policy is accepted and enforced (the file
+//! rules themselves are tested in files.rs).
 use std::time::Duration;
 
 use enforcer_tests::*;
@@ -53,13 +53,13 @@ fn file_policy_is_refused_or_degraded_by_kernel_capability() {
         output_with_timeout(c, Duration::from_secs(60))
     };
 
-    let refused = run(&[]);
-    let err = String::from_utf8_lossy(&refused.stderr).to_string();
-    assert_eq!(refused.status.code(), Some(1), "must refuse: {err}");
-    assert!(api.bytes() == 0, "the agent must not have run");
+    let first = run(&[]);
+    let err = String::from_utf8_lossy(&first.stderr).to_string();
     if err.contains("no BPF LSM") {
-        // The kernel lacks BPF LSM: the error names the file position and
-        // the kernel requirement.
+        // The kernel lacks BPF LSM: refused before the agent ran; the error
+        // names the file position and the kernel requirement.
+        assert_eq!(first.status.code(), Some(1), "must refuse: {err}");
+        assert!(api.bytes() == 0, "the agent must not have run");
         assert!(err.contains("files.yaml:"), "{err}");
         assert!(err.contains("lsm="), "{err}");
         assert!(err.contains("--allow-degraded"), "{err}");
@@ -86,9 +86,14 @@ fn file_policy_is_refused_or_degraded_by_kernel_capability() {
             "zero bytes to the attacker"
         );
     } else {
-        // BPF LSM is there: file enforcement is not implemented yet, which
-        // must be said, not ignored.
-        assert!(err.contains("not supported yet"), "{err}");
+        // BPF LSM is there: the policy runs, file rules and all.
+        let out = String::from_utf8_lossy(&first.stdout).to_string();
+        assert_eq!(first.status.code(), Some(7), "agent's status: {err}");
+        assert!(!err.contains("DEGRADED"), "{err}");
+        assert!(
+            out.contains(&format!("attacker-errno {}", libc::EPERM)),
+            "{out}"
+        );
     }
 }
 
@@ -122,19 +127,26 @@ fn daemon_reports_bpf_lsm_capability() {
         Some(if available { 1.0 } else { 0.0 }),
         "metric matches status"
     );
-    // Either way the file policy is rejected (the kernel lacks BPF LSM and
-    // allowDegraded is off, or file enforcement is not implemented yet),
-    // with the reason in status, and the bound cgroup fails closed.
+    // Without BPF LSM (and allowDegraded off) the file policy is rejected
+    // with the reason in status, and the bound cgroup fails closed; with
+    // it, the policy is in force.
     let rejected = st["rejected"].to_string();
-    assert!(rejected.contains("files.yaml"), "{st}");
     if available {
-        assert!(rejected.contains("not supported yet"), "{st}");
-    } else {
+        assert_eq!(st["rejected"], serde_json::json!([]), "{st}");
         assert!(
-            rejected.contains("no BPF LSM") && rejected.contains("lsm="),
+            st["identities"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|i| i["name"] == "files-agent")),
             "{st}"
         );
+        d.kill9();
+        return;
     }
+    assert!(rejected.contains("files.yaml"), "{st}");
+    assert!(
+        rejected.contains("no BPF LSM") && rejected.contains("lsm="),
+        "{st}"
+    );
     assert!(
         st["fail_closed_cgroups"]
             .to_string()

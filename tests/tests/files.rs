@@ -145,6 +145,16 @@ fn evasion_on(root: &Path, label: &str) {
     std::fs::hard_link(ssh.join("id_rsa"), root.join("prelink")).unwrap();
     // (relative: it resolves once the test renames ssh/ to keys/ below)
     std::os::unix::fs::symlink("keys/id_rsa", root.join("symlink")).unwrap();
+    // A bind mount of the protected directory, made before the policy.
+    let bind = root.join("bindmnt");
+    std::fs::create_dir_all(&bind).unwrap();
+    let st = Command::new("mount")
+        .arg("--bind")
+        .arg(&ssh)
+        .arg(&bind)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount --bind");
     let sink = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let policy = root.join("policy.yaml");
     write(
@@ -181,6 +191,7 @@ fn evasion_on(root: &Path, label: &str) {
         format!("rename={},{}", p("keys/id_rsa"), p("work/moved")),
         format!("list={}", p("keys")),
         format!("create={}", p("keys/planted")),
+        format!("open={}", p("bindmnt/id_rsa")),
         format!("open={}", p("public.txt")),
         format!("open={}", p("notes.txt")),
         format!("send=127.0.0.1,{}", sink.port()),
@@ -197,12 +208,13 @@ fn evasion_on(root: &Path, label: &str) {
     write(&keys.join("later.key"), LATER);
     write(&root.join("go"), "");
     let out = threads.finish(&mut g, Duration::from_secs(180));
+    let _ = Command::new("umount").arg(&bind).status();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(0), "{err}");
     let r = results(&out);
     for k in [
-        "open", "open#2", "open#3", "open#4", "symlink", "open#5", "relative", "procroot",
-        "procfd", "iouring", "rename", "list",
+        "open", "open#2", "open#3", "open#4", "symlink", "open#5", "open#6", "relative",
+        "procroot", "procfd", "iouring", "rename", "list",
     ] {
         assert_denied(&r, k);
     }
@@ -222,8 +234,8 @@ fn evasion_on(root: &Path, label: &str) {
         r["procfd"]
     );
     assert_denied(&r, "create#2");
-    assert_read(&r, "open#6", "PUBLIC-DATA");
-    assert_read(&r, "open#7", "NOTES-DATA");
+    assert_read(&r, "open#7", "PUBLIC-DATA");
+    assert_read(&r, "open#8", "NOTES-DATA");
     assert_eq!(r["send"]["ok"], true, "{}", r["send"]);
     assert!(
         poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
@@ -372,4 +384,102 @@ fn taint_clamps_egress_of_every_process_of_the_agent() {
         "{recs:#?}"
     );
     assert!(err.contains("tainted") || err.contains("taint"), "{err}");
+}
+
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
+    require_bpf_lsm();
+    let _serial = serial();
+    let cg = Cgroup::create("files-daemon");
+    let pins = PinDir::new("files-daemon");
+    let dir = TestDir::new("files-daemon");
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("secrets")).unwrap();
+    write(&root.join("secrets/key"), SECRET);
+    write(&root.join("token"), TOKEN);
+    write(&root.join("public"), "PUBLIC-DATA");
+    let before = TcpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let on_taint = TcpSink::bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, "files-daemon")]);
+    write_atomic(
+        &d.policies.join("files.yaml"),
+        &format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: files-daemon\n\
+             spec:\n  egress:\n    - cidr: 127.0.0.2/32\n      ports: [{b}]\n  files:\n    - path: \
+             {s}\n      access: deny\n    - path: {t}\n      access: taint\n  onTaint:\n    \
+             egress:\n      - cidr: 127.0.0.3/32\n        ports: [{o}]\n",
+            b = before.port(),
+            s = root.join("secrets").display(),
+            t = root.join("token").display(),
+            o = on_taint.port()
+        ),
+    );
+    d.start();
+    let st = d.status();
+    assert_eq!(st["capabilities"]["bpf_lsm"]["available"], true, "{st}");
+    assert_eq!(st["rejected"], serde_json::json!([]), "{st}");
+    let id = st["identities"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "files-daemon"))
+        .unwrap_or_else(|| panic!("{st}"))
+        .clone();
+    assert_eq!(id["file_rules"], 2, "{id}");
+    assert!(id["file_inodes"].as_u64().unwrap() >= 3, "{id}");
+    assert!(id["tainted"].is_null(), "{id}");
+
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cg.path, p.pid);
+    let read = |p: &mut Probe, path: &Path| {
+        p.cmd(serde_json::json!({"op": "read", "path": path.display().to_string()}))
+    };
+    let r = read(&mut p, &root.join("secrets/key"));
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    assert_eq!(read(&mut p, &root.join("public"))["data"], "PUBLIC-DATA");
+    assert_eq!(p.tcp("127.0.0.2", before.port(), "")["ok"], true);
+    assert_eq!(read(&mut p, &root.join("token"))["data"], TOKEN);
+    let r = p.tcp("127.0.0.2", before.port(), "after-taint");
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    assert_eq!(
+        p.tcp("127.0.0.3", on_taint.port(), "to-on-taint")["ok"],
+        true
+    );
+    // A process started in the cgroup after the taint is clamped too.
+    let mut q = Probe::spawn(&dir);
+    move_pid(&cg.path, q.pid);
+    let r = q.tcp("127.0.0.2", before.port(), "later-process");
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    assert!(poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || on_taint.text().contains("to-on-taint")
+    ));
+    assert_eq!(before.bytes(), 0, "zero bytes after the taint");
+    // Status and metrics say so.
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            metric(
+                &d.scrape(),
+                "enforcer_identity_tainted",
+                &[("identity", "files-daemon")],
+            ) == Some(1.0)
+        }),
+        "{}",
+        d.scrape()
+    );
+    let st = d.status();
+    let id = st["identities"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "files-daemon"))
+        .unwrap()
+        .clone();
+    assert!(
+        id["tainted"].as_str().unwrap_or("").contains("token"),
+        "{id}"
+    );
+    assert!(
+        id["recent_denials"].to_string().contains("file_open"),
+        "{id}"
+    );
+    d.kill9();
 }

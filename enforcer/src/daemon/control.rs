@@ -42,6 +42,17 @@ pub struct IdentityStatus {
     /// action -> verdict -> count (kernel counters)
     pub decisions: BTreeMap<String, BTreeMap<String, u64>>,
     pub recent_denials: Vec<RecentDenialOut>,
+    /// `spec.files` rules, and the inodes they resolved to.
+    #[serde(default)]
+    pub file_rules: usize,
+    #[serde(default)]
+    pub file_inodes: usize,
+    /// Rule paths that do not exist yet (not in force until they do).
+    #[serde(default)]
+    pub unresolved_files: Vec<String>,
+    /// Set once the identity read a `taint` file: what it read, when.
+    #[serde(default)]
+    pub tainted: Option<String>,
 }
 
 pub type RecentDenialOut = RecentDenial;
@@ -183,6 +194,19 @@ pub fn render(st: &Status) -> String {
                     m.get("audit").unwrap_or(&0)
                 );
             }
+        }
+        if i.file_rules > 0 {
+            let _ = writeln!(
+                o,
+                "  files: {} rules, {} inodes",
+                i.file_rules, i.file_inodes
+            );
+        }
+        for u in &i.unresolved_files {
+            let _ = writeln!(o, "  file rule NOT IN FORCE (path missing): {u}");
+        }
+        if let Some(t) = &i.tainted {
+            let _ = writeln!(o, "  TAINTED: {t}");
         }
         if !i.recent_denials.is_empty() {
             let _ = writeln!(o, "  recent denials:");

@@ -536,6 +536,7 @@ impl State {
 
     pub fn status(&self) -> control::Status {
         let mut identities = Vec::new();
+        let tainted = self.sinks.tainted();
         for (name, a) in &self.active {
             let counters = self.kernel.slot_counters(a.slot);
             let mut decisions = BTreeMap::new();
@@ -569,6 +570,20 @@ impl State {
                 learned_addresses: self.dns.learned_count(a.slot),
                 decisions,
                 recent_denials: self.sinks.recent(name),
+                file_rules: a.compiled.files.len(),
+                file_inodes: a.files.entries.len(),
+                unresolved_files: a
+                    .files
+                    .unresolved
+                    .iter()
+                    .map(|(_, p, why)| format!("{} ({why})", p.display()))
+                    .collect(),
+                tainted: tainted.get(name).cloned().or_else(|| {
+                    let t = self.kernel.taint_table();
+                    let t = t.lock().unwrap_or_else(|e| e.into_inner());
+                    t.is_tainted(a.slot)
+                        .then(|| "tainted (the kernel's flag; the read was recorded before this daemon started)".to_string())
+                }),
             });
         }
         let fail_closed = self
