@@ -283,12 +283,18 @@ impl State {
         // Apply changes.
         let mut changed = false;
         for (name, (compiled, source, dns)) in &desired {
-            let files = self.kernel.resolve_files(&compiled.files);
-            let same = self
+            // Paths are resolved again only for a new policy or while some
+            // rule path is missing (a protected path created later gets
+            // protected); a complete resolution stays valid (inodes).
+            let previous = self
                 .active
                 .get(name)
-                .map(|a| a.compiled.hash == compiled.hash && a.files == files)
-                .unwrap_or(false);
+                .filter(|a| a.compiled.hash == compiled.hash);
+            let files = match previous {
+                Some(a) if a.files.unresolved.is_empty() => a.files.clone(),
+                _ => self.kernel.resolve_files(&compiled.files),
+            };
+            let same = previous.is_some_and(|a| a.files == files);
             if same {
                 if let Some(a) = self.active.get_mut(name) {
                     a.source = source.clone();
