@@ -23,6 +23,7 @@ Commands:
       -> {"iterations", "resolve_fail", "connect_fail", "errors": [...],
           "secs"}
   {"op": "child", "cmd": {...}}   run cmd in a child process (same tree)
+  {"op": "read", "path": p}       open + read the first 64 bytes
   {"op": "exit"}
 Answer: {"ok": bool, "errno": int|null, "err": str|null, ...}.
 """
@@ -225,6 +226,9 @@ def do(cmd):
         return loop(cmd)
     if op == "child":
         return child(cmd)
+    if op == "read":
+        with open(cmd["path"], "rb") as f:
+            return {"data": f.read(64).decode("latin-1")}
     if op == "exit":
         sys.exit(cmd.get("code", 0))
     raise ValueError("unknown op %r" % op)

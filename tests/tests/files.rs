@@ -483,3 +483,90 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
     );
     d.kill9();
 }
+
+/// The clamp reaches DNS: once tainted, the identity's names are judged by
+/// the onTaint host rules (others REFUSED, never forwarded) and the
+/// addresses learned before for the ordinary rules no longer open anything.
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn taint_clamps_dns_to_on_taint_host_rules() {
+    require_bpf_lsm();
+    use enforcer_tests::dns_server::DnsServer;
+    let dir = TestDir::new("files-taint-dns");
+    let pins = PinDir::new("files-taint-dns");
+    let dns = DnsServer::start();
+    dns.add_addrs("api.before.test", &["127.0.0.5"]);
+    dns.add_addrs("api.after.test", &["127.0.0.6"]);
+    let before = TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap();
+    let after = TcpSink::bind("127.0.0.6:0".parse().unwrap()).unwrap();
+    let token = dir.join("token");
+    write(&token, TOKEN);
+    let mut yaml = dns_policy_yaml(
+        "taint-dns",
+        &[
+            host_rule("api.before.test", &[before.port()], "tcp"),
+            vouch_loopback(),
+        ],
+        &dns.upstream(),
+        &[],
+    );
+    yaml.push_str(&format!(
+        "  files:\n    - {{path: {}, access: taint}}\n  onTaint:\n    egress:\n      - {}\n      - {}\n",
+        token.display(),
+        host_rule("api.after.test", &[after.port()], "tcp"),
+        vouch_loopback()
+    ));
+    let policy = dir.join("taint-dns.yaml");
+    write(&policy, &yaml);
+    let mut a = RunAgent::spawn(
+        &policy,
+        &["--pin-dir".into(), pins.path.display().to_string()],
+        &dir.dns_agent(),
+    );
+    let q = |a: &mut RunAgent, name: &str| {
+        a.cmd(
+            serde_json::json!({"op": "resolve", "server": "127.0.0.9", "port": 53,
+            "name": name, "qtype": "A", "tcp": false, "connected": false, "timeout": 5}),
+        )
+    };
+    // Before: the ordinary host rule.
+    let v = q(&mut a, "api.before.test");
+    assert_eq!(v["rcode"], 0, "{v}");
+    assert_ok(&a.tcp("127.0.0.5", before.port(), ""), "before the taint");
+    assert_eq!(q(&mut a, "api.after.test")["rcode"], 5, "not yet allowed");
+    // The taint read.
+    let r = a.cmd(serde_json::json!({"op": "read", "path": token.display().to_string()}));
+    assert_eq!(r["data"], TOKEN, "{r}");
+    // After: the ordinary name is refused and not forwarded again, its
+    // learned address is closed; the onTaint name resolves and connects.
+    let forwarded = dns.count("api.before.test");
+    assert_eq!(
+        q(&mut a, "api.before.test")["rcode"],
+        5,
+        "refused once tainted"
+    );
+    assert_eq!(
+        dns.count("api.before.test"),
+        forwarded,
+        "{}",
+        dns.describe()
+    );
+    assert_eperm(
+        &a.tcp("127.0.0.5", before.port(), "after-taint"),
+        "a learned address of the ordinary rules after the taint",
+    );
+    let v = q(&mut a, "api.after.test");
+    assert_eq!(v["rcode"], 0, "{v}");
+    assert_ok(
+        &a.tcp("127.0.0.6", after.port(), "on-taint-host"),
+        "the onTaint host",
+    );
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || after.text() == "on-taint-host"
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(before.bytes(), 0, "zero bytes after the taint");
+    a.finish(Duration::from_secs(20));
+}

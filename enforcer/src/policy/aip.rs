@@ -975,7 +975,7 @@ mod tests {
         ));
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.contains("--workdir")), "{lines:#?}");
-        // The egress note and the "not supported yet" note of this release.
+        // The egress note and the BPF LSM note of the file rules.
         assert!(lines
             .iter()
             .any(|l| l.starts_with("agent.yaml: note: spec.egress is empty")
