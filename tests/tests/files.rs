@@ -570,3 +570,41 @@ fn taint_clamps_dns_to_on_taint_host_rules() {
     assert_eq!(before.bytes(), 0, "zero bytes after the taint");
     a.finish(Duration::from_secs(20));
 }
+
+/// `mode: audit`: deny rules record `audit` and allow.
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn audit_mode_records_file_denials_and_allows_them() {
+    require_bpf_lsm();
+    let dir = TestDir::new("files-audit");
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("ssh")).unwrap();
+    write(&root.join("ssh/id_rsa"), SECRET);
+    let policy = root.join("policy.yaml");
+    write(
+        &policy,
+        &format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: files-audit\n\
+             spec:\n  mode: audit\n  files:\n    - path: {}\n      access: deny\n",
+            root.join("ssh").display()
+        ),
+    );
+    let audit = root.join("audit.jsonl");
+    let vectors = vec![format!("open={}", root.join("ssh/id_rsa").display())];
+    let (mut g, threads) = spawn_run(&policy, &audit, &vectors);
+    let out = threads.finish(&mut g, Duration::from_secs(120));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_read(&results(&out), "open", SECRET);
+    let recs = read_jsonl(&audit);
+    assert!(
+        recs.iter().any(|r| r["action"] == "file_open"
+            && r["verdict"] == "audit"
+            && r["rule"].as_str().unwrap_or("").starts_with("files[0]")),
+        "{recs:#?}"
+    );
+}
