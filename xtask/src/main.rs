@@ -1,13 +1,14 @@
 //! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`,
-//! `cargo xtask bench-dns`.
+//! `cargo xtask bench-dns`, `cargo xtask bench-open`, `cargo xtask vm-test`.
 //!
-//! Both need root and the real kernel (they load the enforcer's eBPF
+//! They need root and the real kernel (they load the enforcer's eBPF
 //! programs through the `enforcer` binary). This crate does not depend on
 //! the enforcer crates: it drives the binary, like a user would.
 mod bench;
 mod demo;
 mod dns_bench;
 mod dns_upstream;
+mod open_bench;
 mod test;
 mod util;
 mod vm;
@@ -81,6 +82,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
     },
+    /// Measure the BPF LSM file hooks: open() rate with them attached vs detached, in the VM runner (needs root).
+    BenchOpen(open_bench::OpenArgs),
     /// The whole test suite, as CI runs it: setup, fmt, clippy, unit and real-kernel integration tests (needs root).
     Test,
     /// Run a command as root inside a VM booted with a Debian 6.1 kernel that loads BPF LSM programs (default: a self-check; needs root).
@@ -91,6 +94,9 @@ enum Cmd {
     /// Query generator used by `bench-dns` (runs under `enforcer run`).
     #[command(hide = true)]
     BenchDnsWorker(dns_bench::DnsWorkerArgs),
+    /// Open/close loop used by `bench-open` (runs as the agent or beside it).
+    #[command(hide = true)]
+    BenchOpenWorker(open_bench::OpenWorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -115,10 +121,12 @@ fn main() -> std::process::ExitCode {
             concurrency,
             secs,
         } => dns_bench::run(&bin, queries, rounds, concurrency, secs),
+        Cmd::BenchOpen(args) => open_bench::run(&args),
         Cmd::Test => test::run(&util::repo_root()),
         Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
         Cmd::BenchDnsWorker(args) => dns_bench::worker(&args).map(|()| 0),
+        Cmd::BenchOpenWorker(args) => open_bench::worker(&args).map(|()| 0),
     };
     match r {
         Ok(code) => std::process::ExitCode::from(code),

@@ -82,16 +82,22 @@ pub fn enforcer_bin(root: &Path, args: &BinArgs) -> Result<PathBuf> {
         return Ok(p.canonicalize()?);
     }
     ensure_setup(root)?;
-    let profile = if args.debug { "debug" } else { "release" };
-    eprintln!("xtask: building enforcer ({profile})");
+    cargo_build_bin(root, "enforcer", !args.debug)
+}
+
+/// `cargo build -p PACKAGE [--release]`; the path of the binary named
+/// PACKAGE, as cargo reports it (so `$CARGO_TARGET_DIR` is honoured).
+pub fn cargo_build_bin(root: &Path, package: &str, release: bool) -> Result<PathBuf> {
+    let profile = if release { "release" } else { "debug" };
+    eprintln!("xtask: building {package} ({profile})");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args([
         "build",
         "-p",
-        "enforcer",
+        package,
         "--message-format=json-render-diagnostics",
     ]);
-    if !args.debug {
+    if release {
         cmd.arg("--release");
     }
     let mut child = cmd
@@ -105,7 +111,7 @@ pub fn enforcer_bin(root: &Path, args: &BinArgs) -> Result<PathBuf> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "enforcer" {
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == package {
             if let Some(e) = v["executable"].as_str() {
                 exe = Some(PathBuf::from(e));
             }
@@ -113,9 +119,9 @@ pub fn enforcer_bin(root: &Path, args: &BinArgs) -> Result<PathBuf> {
     }
     let st = child.wait()?;
     if !st.success() {
-        bail!("cargo build -p enforcer failed ({st})");
+        bail!("cargo build -p {package} failed ({st})");
     }
-    exe.context("cargo build did not report the enforcer executable")
+    exe.with_context(|| format!("cargo build did not report the {package} executable"))
 }
 
 /// Where cgroup v2 is mounted (hybrid hosts: /sys/fs/cgroup/unified).
