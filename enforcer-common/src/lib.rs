@@ -16,7 +16,7 @@
 //! LEARNED_V4  HashMap   {slot, ipv4}           -> Learned (address a DNS answer allowed)
 //! LEARNED_V6  HashMap   {slot, ipv6}           -> Learned
 //! FILE_RULES  HashMap   {ino, dev, table_id}   -> FileRuleValue (file policy, BPF LSM)
-//! FILE_OFFSETS Array    0 -> FileOffsets (struct member offsets from the kernel's BTF)
+//! FILE_BLOOM  Array     word -> u64 (Bloom filter of every FILE_RULES inode: `bloom_bit`)
 //! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint)
 //! RESOLVED    HashMap   {ino, dev, 0}          -> u32 (inodes the resolver thread's open showed)
 //! ```
@@ -71,7 +71,7 @@ pub mod map_names {
     pub const LEARNED_V4: &str = "LEARNED_V4";
     pub const LEARNED_V6: &str = "LEARNED_V6";
     pub const FILE_RULES: &str = "FILE_RULES";
-    pub const FILE_OFFSETS: &str = "FILE_OFFSETS";
+    pub const FILE_BLOOM: &str = "FILE_BLOOM";
     pub const TAINTED: &str = "TAINTED";
     pub const RESOLVED: &str = "RESOLVED";
     pub const ALL: [&str; 15] = [
@@ -87,7 +87,7 @@ pub mod map_names {
         LEARNED_V4,
         LEARNED_V6,
         FILE_RULES,
-        FILE_OFFSETS,
+        FILE_BLOOM,
         TAINTED,
         RESOLVED,
     ];
@@ -139,6 +139,33 @@ pub const MAX_LEARNED_V4: u32 = 1 << 18;
 pub const MAX_LEARNED_V6: u32 = 1 << 16;
 pub const MAX_FILE_RULES: u32 = 1 << 18;
 pub const MAX_RESOLVED: u32 = 64;
+/// `FILE_BLOOM`: 2^23 bits in 2^17 u64 words (1 MiB).
+pub const BLOOM_BITS_LOG2: u32 = 23;
+pub const BLOOM_WORDS: u32 = 1 << (BLOOM_BITS_LOG2 - 6);
+
+/// The `FILE_BLOOM` bit of an inode. The file hooks look an inode up in
+/// `FILE_RULES` only when its bit is set, so the opened file and each
+/// parent directory cost a few loads and a bit test, not a hash lookup.
+#[inline(always)]
+pub const fn bloom_bit(ino: u64, dev: u32) -> u32 {
+    ((ino ^ ((dev as u64) << 40)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BLOOM_BITS_LOG2))
+        as u32
+}
+
+/// Names of the read-only globals of the eBPF object that carry the struct
+/// member offsets (set by userspace at load, from the running kernel's BTF;
+/// the verifier then sees them as constants, so the hooks read kernel
+/// structs with direct loads).
+pub mod globals {
+    pub const FILE_F_INODE: &str = "ENFORCER_OFF_FILE_F_INODE";
+    pub const FILE_DENTRY: &str = "ENFORCER_OFF_FILE_DENTRY";
+    pub const INODE_I_INO: &str = "ENFORCER_OFF_INODE_I_INO";
+    pub const INODE_I_SB: &str = "ENFORCER_OFF_INODE_I_SB";
+    pub const SB_S_DEV: &str = "ENFORCER_OFF_SB_S_DEV";
+    pub const DENTRY_D_PARENT: &str = "ENFORCER_OFF_DENTRY_D_PARENT";
+    pub const DENTRY_D_INODE: &str = "ENFORCER_OFF_DENTRY_D_INODE";
+    pub const VALID: &str = "ENFORCER_OFF_VALID";
+}
 /// Parent dentries walked from an opened file to find a directory rule.
 pub const MAX_FILE_DEPTH: u32 = 48;
 /// `LearnedKey*.slot` bit of addresses learned for an identity's onTaint
@@ -283,7 +310,8 @@ pub struct FileRuleValue {
 }
 
 /// Byte offsets of the struct members the LSM hooks read, taken from the
-/// running kernel's BTF by userspace (aya has no CO-RE field relocations).
+/// running kernel's BTF by userspace (aya has no CO-RE field relocations)
+/// and set as the object's read-only globals ([`globals`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FileOffsets {

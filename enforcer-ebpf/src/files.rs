@@ -12,151 +12,269 @@
 //! file inside a protected tree) a new name: a hard link or a move outside
 //! the tree would leave the walk with nothing to find.
 //!
-//! The hooks are global (BPF LSM is not per cgroup): they return at once
-//! while no identity has file rules (`CONFIG.file_slots == 0`) and for
-//! processes outside every bound cgroup. A bound cgroup without a policy
-//! fails closed. Struct member offsets come from userspace, which reads them
-//! from the running kernel's BTF (`FILE_OFFSETS`); without them the hooks
-//! fail closed for identities with file rules.
+//! Cost. The hooks are global (BPF LSM is not per cgroup) and run for every
+//! open on the machine. They return at once while no identity has file
+//! rules (`CONFIG.file_slots == 0`). Otherwise the opened file and each of
+//! its parents cost three direct loads and a bit test in `FILE_BLOOM` (a
+//! Bloom filter of every rule inode); only an inode whose bit is set costs
+//! the identity lookup (cgroup -> slot -> policy) and a `FILE_RULES` lookup.
+//! Struct member offsets are read-only globals set by userspace from the
+//! running kernel's BTF, so the verifier sees constants and allows direct
+//! (fault-safe) loads through the hook's typed arguments; without them
+//! (`ENFORCER_OFF_VALID == 0`) the hooks fail closed for agents.
+//!
+//! A bound cgroup without a policy is denied the files that some policy
+//! protects (its egress fails closed in the sock_addr hooks).
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::lsm,
     programs::LsmContext,
-    EbpfContext,
 };
 use enforcer_common::{
-    action, file_access, policy_flags, rule, verdict, FileKey, FileOffsets, FileRuleValue,
+    action, bloom_bit, file_access, policy_flags, rule, verdict, FileKey, PolicyState,
     MAX_FILE_DEPTH, SLOT_UNKNOWN,
 };
 
 use crate::{
-    identity,
-    maps::{CONFIG, FILE_OFFSETS, FILE_RULES, RESOLVED, TAINTED},
+    identity::{self, Identity},
+    maps::{CONFIG, FILE_BLOOM, FILE_RULES, RESOLVED, TAINTED},
     report::{self, Decision},
 };
 
 const ALLOW: i32 = 0;
 const EPERM: i32 = -1;
 
-/// Hook argument `n` as a plain number. Read through probe_read so that
-/// the verifier sees a scalar: offsets taken from a map may then be added
-/// to it, which it refuses on a typed (BTF) pointer.
+// Struct member offsets (bytes), set at load time (`enforcer_common::globals`).
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_FILE_F_INODE: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_FILE_DENTRY: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_INODE_I_INO: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_INODE_I_SB: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_SB_S_DEV: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_DENTRY_D_PARENT: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_DENTRY_D_INODE: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_VALID: u32 = 0;
+
 #[inline(always)]
-fn arg(ctx: &LsmContext, n: usize) -> u64 {
-    let p = ctx.as_ptr() as *const u64;
-    unsafe { bpf_probe_read_kernel(p.wrapping_add(n)) }.unwrap_or(0)
+fn off(v: &'static u32) -> usize {
+    // Volatile: the value is patched into the object at load time.
+    unsafe { core::ptr::read_volatile(v) as usize }
+}
+
+/// `*(base + off)` as a pointer; null stays null.
+#[inline(always)]
+fn load_ptr(base: *const u8, off: usize) -> *const u8 {
+    if base.is_null() {
+        return core::ptr::null();
+    }
+    unsafe { core::ptr::read(base.add(off) as *const *const u8) }
 }
 
 #[inline(always)]
-fn read_u64(base: u64, off: u32) -> u64 {
-    if base == 0 {
+fn load_u64(base: *const u8, off: usize) -> u64 {
+    if base.is_null() {
         return 0;
     }
-    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const u64) }.unwrap_or(0)
+    unsafe { core::ptr::read(base.add(off) as *const u64) }
 }
 
 #[inline(always)]
-fn read_u32(base: u64, off: u32) -> u32 {
-    if base == 0 {
+fn load_u32(base: *const u8, off: usize) -> u32 {
+    if base.is_null() {
         return 0;
     }
-    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const u32) }.unwrap_or(0)
+    unsafe { core::ptr::read(base.add(off) as *const u32) }
 }
 
 #[lsm(hook = "file_open")]
 pub fn enforcer_file_open(ctx: LsmContext) -> i32 {
     // file_open(struct file *file), then the previous BPF program's verdict.
-    let prev = arg(&ctx, 1) as i32;
+    let prev: i32 = ctx.arg(1);
     if prev != 0 {
         return prev;
     }
-    check(&ctx, action::FILE_OPEN, 0)
+    let file: *const u8 = ctx.arg(0);
+    let (dentry, inode) = if file.is_null() {
+        (core::ptr::null(), core::ptr::null())
+    } else {
+        (
+            load_ptr(file, off(&ENFORCER_OFF_FILE_DENTRY)),
+            load_ptr(file, off(&ENFORCER_OFF_FILE_F_INODE)),
+        )
+    };
+    check(action::FILE_OPEN, dentry, inode)
 }
 
 #[lsm(hook = "inode_link")]
 pub fn enforcer_inode_link(ctx: LsmContext) -> i32 {
     // inode_link(struct dentry *old_dentry, struct inode *dir, struct dentry *new_dentry)
-    let prev = arg(&ctx, 3) as i32;
+    let prev: i32 = ctx.arg(3);
     if prev != 0 {
         return prev;
     }
-    check(&ctx, action::FILE_LINK, 0)
+    let dentry: *const u8 = ctx.arg(0);
+    let inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));
+    check(action::FILE_LINK, dentry, inode)
 }
 
 #[lsm(hook = "inode_rename")]
 pub fn enforcer_inode_rename(ctx: LsmContext) -> i32 {
     // inode_rename(struct inode *old_dir, struct dentry *old_dentry,
     //              struct inode *new_dir, struct dentry *new_dentry)
-    let prev = arg(&ctx, 4) as i32;
+    let prev: i32 = ctx.arg(4);
     if prev != 0 {
         return prev;
     }
-    check(&ctx, action::FILE_RENAME, 1)
+    let dentry: *const u8 = ctx.arg(1);
+    let inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));
+    check(action::FILE_RENAME, dentry, inode)
 }
 
+#[inline(always)]
+fn bloom_has(ino: u64, dev: u32) -> bool {
+    let bit = bloom_bit(ino, dev);
+    match FILE_BLOOM.get(bit >> 6) {
+        Some(w) => *w & (1u64 << (bit & 63)) != 0,
+        None => true,
+    }
+}
+
+/// What the nearest protected ancestor-or-self of the file says.
 enum Found {
+    /// No rule, or not an agent.
     Nothing,
-    Rule(FileRuleValue, u64),
+    /// (slot's identity, policy, rule value, inode number)
+    Rule(Identity, PolicyState, enforcer_common::FileRuleValue, u64),
+    /// A bound cgroup without a policy reached a protected inode.
+    NoPolicy(Identity),
     TooDeep,
 }
 
-/// The rule of the nearest protected ancestor-or-self of (dentry, inode).
+/// The agent behind the current task, resolved once per hook run.
+enum Who {
+    NotAgent,
+    Agent(Identity, PolicyState),
+    NoPolicy(Identity),
+}
+
 #[inline(always)]
-fn find(
-    off: &FileOffsets,
-    mut dentry: u64,
-    mut inode: u64,
-    key: &mut FileKey,
-    dirs: bool,
-) -> Found {
+fn who() -> Who {
+    let id = identity::current();
+    if id.slot == SLOT_UNKNOWN {
+        return Who::NotAgent;
+    }
+    match id.policy {
+        Some(p) if p.flags & policy_flags::FILES != 0 => Who::Agent(id, p),
+        Some(_) => Who::NotAgent,
+        None => Who::NoPolicy(id),
+    }
+}
+
+/// Where a walk stopped.
+enum Walk {
+    /// Reached the filesystem root (or a null link) without a hit.
+    End,
+    /// An inode whose Bloom bit is set: (dentry, its number).
+    Hit(*const u8, u64),
+    TooDeep,
+}
+
+/// Walk from (dentry, inode) up the parents to the first inode whose
+/// `FILE_BLOOM` bit is set.
+#[inline(always)]
+fn walk(mut dentry: *const u8, mut inode: *const u8, dev: u32) -> Walk {
     let mut depth = 0u32;
     while depth < MAX_FILE_DEPTH {
-        if inode != 0 {
-            key.ino = read_u64(inode, off.inode_i_ino);
-            if let Some(v) = unsafe { FILE_RULES.get(&*key) } {
-                return Found::Rule(*v, key.ino);
+        if !inode.is_null() {
+            let ino = load_u64(inode, off(&ENFORCER_OFF_INODE_I_INO));
+            if bloom_has(ino, dev) {
+                return Walk::Hit(dentry, ino);
             }
         }
-        if !dirs || dentry == 0 {
-            return Found::Nothing;
+        if dentry.is_null() {
+            return Walk::End;
         }
-        let parent = read_u64(dentry, off.dentry_d_parent);
-        if parent == 0 || parent == dentry {
+        let parent = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_PARENT));
+        if parent.is_null() || parent == dentry {
             // The root of this filesystem: nothing above it protects the file.
-            return Found::Nothing;
+            return Walk::End;
         }
         dentry = parent;
-        inode = read_u64(dentry, off.dentry_d_inode);
+        inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));
         depth += 1;
+    }
+    Walk::TooDeep
+}
+
+/// The nearest rule of (dentry, inode) for the current task. The identity
+/// is resolved once, at the first Bloom hit, outside the walk loops (the
+/// verifier explores each loop on its own instead of their product).
+#[inline(always)]
+fn find(dentry: *const u8, inode: *const u8) -> Found {
+    let sb = load_ptr(inode, off(&ENFORCER_OFF_INODE_I_SB));
+    let dev = load_u32(sb, off(&ENFORCER_OFF_SB_S_DEV));
+    // Nothing from the first walk but (dentry, ino) flows on: the verifier
+    // then sees one state here whatever level the hit was at, and explores
+    // the identity lookup and the second walk once.
+    let (mut d, mut ino) = match walk(dentry, inode, dev) {
+        Walk::End => return Found::Nothing,
+        Walk::TooDeep => return Found::TooDeep,
+        Walk::Hit(d, ino) => (d, ino),
+    };
+    let (id, p) = match who() {
+        Who::Agent(id, p) => (id, p),
+        Who::NoPolicy(id) => return Found::NoPolicy(id),
+        _ => return Found::Nothing,
+    };
+    let mut key = FileKey {
+        ino,
+        dev,
+        table_id: p.table_id,
+    };
+    // From the first hit on, the same walk with a FILE_RULES lookup at
+    // every Bloom hit (the hit itself first). Its own bound: at most
+    // MAX_FILE_DEPTH levels above the hit.
+    let mut hit = true;
+    let mut depth = 0u32;
+    while depth < MAX_FILE_DEPTH {
+        if hit {
+            key.ino = ino;
+            if let Some(v) = unsafe { FILE_RULES.get(&key) } {
+                return Found::Rule(id, p, *v, ino);
+            }
+        }
+        if d.is_null() {
+            return Found::Nothing;
+        }
+        let parent = load_ptr(d, off(&ENFORCER_OFF_DENTRY_D_PARENT));
+        if parent.is_null() || parent == d {
+            return Found::Nothing;
+        }
+        d = parent;
+        let i = load_ptr(d, off(&ENFORCER_OFF_DENTRY_D_INODE));
+        depth += 1;
+        hit = false;
+        if !i.is_null() {
+            ino = load_u64(i, off(&ENFORCER_OFF_INODE_I_INO));
+            hit = bloom_has(ino, dev);
+        }
     }
     Found::TooDeep
 }
 
-/// Judge the hook's file. Open: arg 0 is the `struct file *`; link and
-/// rename: arg `dentry_arg` is the `struct dentry *` of the existing name.
 #[inline(always)]
-fn check(ctx: &LsmContext, act: u8, dentry_arg: usize) -> i32 {
-    let Some(cfg) = CONFIG.get(0) else {
-        return ALLOW;
-    };
-    if cfg.resolver_tid != 0 && cfg.resolver_tid == bpf_get_current_pid_tgid() as u32 {
-        if act == action::FILE_OPEN {
-            resolve(ctx);
-        }
-        return ALLOW;
-    }
-    if cfg.file_slots == 0 {
-        return ALLOW;
-    }
-    let id = identity::current();
-    if id.slot == SLOT_UNKNOWN {
-        // Not an agent: no binding in this cgroup or above.
-        return ALLOW;
-    }
-    let mut d = Decision {
+fn decision(id: &Identity, act: u8, rule_id: u32) -> Decision {
+    Decision {
         cgroup_id: id.cgroup_id,
         slot: id.slot,
-        rule_id: rule::NO_POLICY,
+        rule_id,
         action: act,
         verdict: verdict::DENY,
         addr: [0; 16],
@@ -164,48 +282,52 @@ fn check(ctx: &LsmContext, act: u8, dentry_arg: usize) -> i32 {
         protocol: 0,
         family: 0,
         sock_type: 0,
-    };
-    let Some(p) = id.policy else {
-        report::record(&d);
-        return EPERM;
-    };
-    if p.flags & policy_flags::FILES == 0 {
-        return ALLOW;
     }
-    let audit = p.flags & policy_flags::AUDIT != 0;
-    let Some(off) = FILE_OFFSETS.get(0) else {
+}
+
+/// Judge the hook's file: `dentry` (of the name used) and `inode`.
+#[inline(always)]
+fn check(act: u8, dentry: *const u8, inode: *const u8) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
         return ALLOW;
     };
-    if off.valid == 0 {
-        d.rule_id = rule::FILE_NO_OFFSETS;
-        return finish(&d, audit);
-    }
-    let (dentry, inode) = if act == action::FILE_OPEN {
-        let file = arg(ctx, 0);
-        (
-            read_u64(file, off.file_dentry),
-            read_u64(file, off.file_f_inode),
-        )
-    } else {
-        let dentry = arg(ctx, dentry_arg);
-        (dentry, read_u64(dentry, off.dentry_d_inode))
-    };
-    let sb = read_u64(inode, off.inode_i_sb);
-    let dev = read_u32(sb, off.sb_s_dev);
-    let mut key = FileKey {
-        ino: 0,
-        dev,
-        table_id: p.table_id,
-    };
-    let dirs = p.flags & policy_flags::FILE_DIRS != 0;
-    match find(off, dentry, inode, &mut key, dirs) {
-        Found::Nothing => ALLOW,
-        Found::TooDeep => {
-            d.rule_id = rule::FILE_DEPTH;
-            finish(&d, audit)
+    if cfg.resolver_tid != 0 && cfg.resolver_tid == bpf_get_current_pid_tgid() as u32 {
+        if act == action::FILE_OPEN {
+            resolve(inode);
         }
-        Found::Rule(v, ino) => {
-            d.rule_id = v.rule_id;
+        return ALLOW;
+    }
+    if cfg.file_slots == 0 {
+        return ALLOW;
+    }
+    if off(&ENFORCER_OFF_VALID) == 0 {
+        // No struct offsets: every agent with file rules fails closed.
+        return match who() {
+            Who::Agent(id, p) => finish(
+                &decision(&id, act, rule::FILE_NO_OFFSETS),
+                p.flags & policy_flags::AUDIT != 0,
+            ),
+            _ => ALLOW,
+        };
+    }
+    match find(dentry, inode) {
+        Found::Nothing => ALLOW,
+        Found::NoPolicy(id) => {
+            report::record(&decision(&id, act, rule::NO_POLICY));
+            EPERM
+        }
+        Found::TooDeep => match who() {
+            Who::Agent(id, p) if p.flags & policy_flags::FILE_DIRS != 0 => finish(
+                &decision(&id, act, rule::FILE_DEPTH),
+                p.flags & policy_flags::AUDIT != 0,
+            ),
+            _ => ALLOW,
+        },
+        Found::Rule(id, p, v, ino) => {
+            let audit = p.flags & policy_flags::AUDIT != 0;
+            let sb = load_ptr(inode, off(&ENFORCER_OFF_INODE_I_SB));
+            let dev = load_u32(sb, off(&ENFORCER_OFF_SB_S_DEV));
+            let mut d = decision(&id, act, v.rule_id);
             d.addr[..8].copy_from_slice(&ino.to_le_bytes());
             d.addr[8..12].copy_from_slice(&dev.to_le_bytes());
             match v.access {
@@ -238,15 +360,14 @@ fn check(ctx: &LsmContext, act: u8, dentry_arg: usize) -> i32 {
 /// hook sees (on overlayfs there are two opens, the overlay inode and the
 /// real one, neither of which `stat` reports exactly).
 #[inline(always)]
-fn resolve(ctx: &LsmContext) {
-    let Some(off) = FILE_OFFSETS.get(0) else {
+fn resolve(inode: *const u8) {
+    if off(&ENFORCER_OFF_VALID) == 0 || inode.is_null() {
         return;
-    };
-    let inode = read_u64(arg(ctx, 0), off.file_f_inode);
-    let sb = read_u64(inode, off.inode_i_sb);
+    }
+    let sb = load_ptr(inode, off(&ENFORCER_OFF_INODE_I_SB));
     let key = FileKey {
-        ino: read_u64(inode, off.inode_i_ino),
-        dev: read_u32(sb, off.sb_s_dev),
+        ino: load_u64(inode, off(&ENFORCER_OFF_INODE_I_INO)),
+        dev: load_u32(sb, off(&ENFORCER_OFF_SB_S_DEV)),
         table_id: 0,
     };
     let _ = RESOLVED.insert(&key, &1, 0);

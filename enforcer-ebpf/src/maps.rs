@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    stat, FileKey, FileOffsets, FileRuleValue, GlobalConfig, IdentityBinding, Learned, LearnedKey4,
+    stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, Learned, LearnedKey4,
     LearnedKey6, OrigDst, PolicyState, RuleSet, V4Key, V6Key, COUNTERS_LEN, EVENTS_BYTES,
     MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4,
-    MAX_LEARNED_V6, MAX_RESOLVED, MAX_SLOTS,
+    MAX_LEARNED_V6, MAX_RESOLVED, MAX_SLOTS, BLOOM_WORDS,
 };
 
 #[map(name = "IDENTITIES")]
@@ -48,8 +48,8 @@ pub static LEARNED_V6: HashMap<LearnedKey6, Learned> = HashMap::with_max_entries
 pub static FILE_RULES: HashMap<FileKey, FileRuleValue> =
     HashMap::with_max_entries(MAX_FILE_RULES, 0);
 
-#[map(name = "FILE_OFFSETS")]
-pub static FILE_OFFSETS: Array<FileOffsets> = Array::with_max_entries(1, 0);
+#[map(name = "FILE_BLOOM")]
+pub static FILE_BLOOM: Array<u64> = Array::with_max_entries(BLOOM_WORDS, 0);
 
 #[map(name = "TAINTED")]
 pub static TAINTED: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);

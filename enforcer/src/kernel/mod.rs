@@ -28,7 +28,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use enforcer_common::{
-    action, counter_index, map_names, policy_flags, prog_names, stat, verdict, FileKey,
+    action, bloom_bit, counter_index, globals, map_names, policy_flags, prog_names, stat,
+    verdict, FileKey, BLOOM_WORDS,
     FileOffsets, FileRuleValue, GlobalConfig, IdentityBinding, PolicyState, RuleSet, V4Key, V6Key,
     MAX_SLOTS,
 };
@@ -82,7 +83,11 @@ pub struct Kernel {
     events: Option<RingBuf<MapData>>,
     learned: Option<learned::LearnedTable>,
     file_rules: HashMap<MapData, FileKey, FileRuleValue>,
-    file_offsets: Array<MapData, FileOffsets>,
+    /// Struct member offsets given to the file hooks (valid == 0: none).
+    offsets: FileOffsets,
+    file_bloom: Array<MapData, u64>,
+    /// What `FILE_BLOOM` holds (mirror).
+    bloom_words: Vec<u64>,
     resolved: HashMap<MapData, FileKey, u32>,
     resolver_tid: u32,
     taint: Arc<Mutex<TaintTable>>,
@@ -176,6 +181,27 @@ impl Kernel {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // The file hooks read kernel structs at these offsets (constants to
+        // the verifier). Without BTF they stay 0 and the hooks fail closed.
+        let offsets = match btf::Btf::from_sys_fs().and_then(|b| btf::file_offsets(&b)) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("no struct offsets for the file hooks (file policy fails closed): {e}");
+                FileOffsets::default()
+            }
+        };
+        for (name, value) in [
+            (globals::FILE_F_INODE, &offsets.file_f_inode),
+            (globals::FILE_DENTRY, &offsets.file_dentry),
+            (globals::INODE_I_INO, &offsets.inode_i_ino),
+            (globals::INODE_I_SB, &offsets.inode_i_sb),
+            (globals::SB_S_DEV, &offsets.sb_s_dev),
+            (globals::DENTRY_D_PARENT, &offsets.dentry_d_parent),
+            (globals::DENTRY_D_INODE, &offsets.dentry_d_inode),
+            (globals::VALID, &offsets.valid),
+        ] {
+            loader.override_global(name, value, true);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             let hint = if matches!(nix::unistd::geteuid().as_raw(), 0) {
                 ""
@@ -208,7 +234,14 @@ impl Kernel {
             map(&mut ebpf, map_names::LEARNED_V6)?,
         ));
         let file_rules = map(&mut ebpf, map_names::FILE_RULES)?;
-        let file_offsets = map(&mut ebpf, map_names::FILE_OFFSETS)?;
+        let file_bloom: Array<MapData, u64> = map(&mut ebpf, map_names::FILE_BLOOM)?;
+        let mut bloom_words = vec![0u64; BLOOM_WORDS as usize];
+        if pin_maps.is_some() {
+            // A previous daemon's bits stay until every policy is reinstalled.
+            for (i, w) in bloom_words.iter_mut().enumerate() {
+                *w = file_bloom.get(&(i as u32), 0).unwrap_or(0);
+            }
+        }
         let resolved = map(&mut ebpf, map_names::RESOLVED)?;
         let taint = Arc::new(Mutex::new(TaintTable {
             map: map(&mut ebpf, map_names::TAINTED)?,
@@ -247,7 +280,9 @@ impl Kernel {
             events,
             learned,
             file_rules,
-            file_offsets,
+            offsets,
+            file_bloom,
+            bloom_words,
             resolved,
             resolver_tid: 0,
             taint,
@@ -364,12 +399,12 @@ impl Kernel {
         if self.file_hooks_attached() {
             return Ok(());
         }
-        let btf_offsets = btf::Btf::from_sys_fs()
-            .and_then(|b| btf::file_offsets(&b))
-            .context("reading struct offsets from /sys/kernel/btf/vmlinux")?;
-        self.file_offsets
-            .set(0, btf_offsets, 0)
-            .context("writing FILE_OFFSETS")?;
+        if self.offsets.valid == 0 {
+            bail!(
+                "the file hooks need struct offsets from the kernel's BTF \
+                 (/sys/kernel/btf/vmlinux), which could not be read"
+            );
+        }
         if let Some(dir) = pin_dir {
             let pinned: Vec<PinnedLink> = prog_names::LSM
                 .iter()
@@ -582,6 +617,10 @@ impl Kernel {
                 new.files.push(key);
             }
         }
+        if result.is_ok() {
+            // The new inodes' bits before the flip: the hooks must see them.
+            result = self.bloom_add(&new.files);
+        }
         if let Err(e) = result {
             self.delete_generation(&new);
             return Err(
@@ -625,7 +664,57 @@ impl Kernel {
             Some(old) => self.delete_generation(&old),
             None => self.delete_table_by_scan(slot, table_id, taint_table_id),
         }
+        self.bloom_rebuild();
         Ok(())
+    }
+
+    /// Set the `FILE_BLOOM` bits of `keys` (only words that change are written).
+    fn bloom_add(&mut self, keys: &[FileKey]) -> Result<()> {
+        let mut changed = HashSet::new();
+        for k in keys {
+            let bit = bloom_bit(k.ino, k.dev);
+            let (w, m) = ((bit >> 6) as usize, 1u64 << (bit & 63));
+            if self.bloom_words[w] & m == 0 {
+                self.bloom_words[w] |= m;
+                changed.insert(w);
+            }
+        }
+        for w in changed {
+            self.file_bloom
+                .set(w as u32, self.bloom_words[w], 0)
+                .context("writing FILE_BLOOM")?;
+        }
+        Ok(())
+    }
+
+    /// Recompute `FILE_BLOOM` from the installed file rules, clearing bits
+    /// nothing needs any more. Skipped while some slot's rules were installed
+    /// by a previous daemon and are not known here yet (their bits stay).
+    fn bloom_rebuild(&mut self) {
+        let unknown = (0..MAX_SLOTS).any(|s| {
+            !self.installed.contains_key(&s)
+                && self
+                    .policies
+                    .get(&s, 0)
+                    .is_ok_and(|p| p.flags & policy_flags::FILES != 0)
+        });
+        if unknown {
+            return;
+        }
+        let mut fresh = vec![0u64; BLOOM_WORDS as usize];
+        for k in self.installed.values().flat_map(|g| g.files.iter()) {
+            let bit = bloom_bit(k.ino, k.dev);
+            fresh[(bit >> 6) as usize] |= 1u64 << (bit & 63);
+        }
+        for (w, v) in fresh.iter().enumerate() {
+            if self.bloom_words[w] != *v {
+                if let Err(e) = self.file_bloom.set(w as u32, *v, 0) {
+                    tracing::warn!("clearing FILE_BLOOM: {e}");
+                    return;
+                }
+                self.bloom_words[w] = *v;
+            }
+        }
     }
 
     fn fresh_table_id(&mut self) -> u32 {
@@ -684,6 +773,7 @@ impl Kernel {
         if let Some(old) = self.installed.remove(&slot) {
             self.delete_generation(&old);
         }
+        self.bloom_rebuild();
         Ok(())
     }
 
