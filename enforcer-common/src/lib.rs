@@ -75,21 +75,8 @@ pub mod map_names {
     pub const TAINTED: &str = "TAINTED";
     pub const RESOLVED: &str = "RESOLVED";
     pub const ALL: [&str; 15] = [
-        IDENTITIES,
-        POLICIES,
-        EGRESS_V4,
-        EGRESS_V6,
-        COUNTERS,
-        STATS,
-        CONFIG,
-        EVENTS,
-        DNS_ORIG,
-        LEARNED_V4,
-        LEARNED_V6,
-        FILE_RULES,
-        FILE_BLOOM,
-        TAINTED,
-        RESOLVED,
+        IDENTITIES, POLICIES, EGRESS_V4, EGRESS_V6, COUNTERS, STATS, CONFIG, EVENTS, DNS_ORIG,
+        LEARNED_V4, LEARNED_V6, FILE_RULES, FILE_BLOOM, TAINTED, RESOLVED,
     ];
 }
 

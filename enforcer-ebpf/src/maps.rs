@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, Learned, LearnedKey4,
-    LearnedKey6, OrigDst, PolicyState, RuleSet, V4Key, V6Key, COUNTERS_LEN, EVENTS_BYTES,
+    stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, Learned, LearnedKey4, LearnedKey6,
+    OrigDst, PolicyState, RuleSet, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES,
     MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4,
-    MAX_LEARNED_V6, MAX_RESOLVED, MAX_SLOTS, BLOOM_WORDS,
+    MAX_LEARNED_V6, MAX_RESOLVED, MAX_SLOTS,
 };
 
 #[map(name = "IDENTITIES")]

@@ -28,10 +28,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use enforcer_common::{
-    action, bloom_bit, counter_index, globals, map_names, policy_flags, prog_names, stat,
-    verdict, FileKey, BLOOM_WORDS,
-    FileOffsets, FileRuleValue, GlobalConfig, IdentityBinding, PolicyState, RuleSet, V4Key, V6Key,
-    MAX_SLOTS,
+    action, bloom_bit, counter_index, globals, map_names, policy_flags, prog_names, stat, verdict,
+    FileKey, FileOffsets, FileRuleValue, GlobalConfig, IdentityBinding, PolicyState, RuleSet,
+    V4Key, V6Key, BLOOM_WORDS, MAX_SLOTS,
 };
 
 use crate::policy::CompiledPolicy;
@@ -186,7 +185,9 @@ impl Kernel {
         let offsets = match btf::Btf::from_sys_fs().and_then(|b| btf::file_offsets(&b)) {
             Ok(o) => o,
             Err(e) => {
-                tracing::warn!("no struct offsets for the file hooks (file policy fails closed): {e}");
+                tracing::warn!(
+                    "no struct offsets for the file hooks (file policy fails closed): {e}"
+                );
                 FileOffsets::default()
             }
         };
