@@ -481,6 +481,46 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
         id["recent_denials"].to_string().contains("file_open"),
         "{id}"
     );
+    let lsm_pins = |p: &Path| std::fs::read_dir(p).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(
+        lsm_pins(&pins.path.join("lsm")),
+        3,
+        "the three LSM links are pinned"
+    );
+
+    // kill -9: the pinned hooks keep enforcing the file rules and the clamp.
+    d.kill9();
+    let r = read(&mut p, &root.join("secrets/key"));
+    assert_eq!(r["errno"], libc::EPERM, "while the daemon is dead: {r}");
+    let r = q.tcp("127.0.0.2", before.port(), "daemon-dead");
+    assert_eq!(r["errno"], libc::EPERM, "still tainted: {r}");
+    // A restarted daemon adopts the hooks (no second set) and keeps both.
+    d.start();
+    assert_eq!(
+        lsm_pins(&pins.path.join("lsm")),
+        3,
+        "adopted, not attached twice"
+    );
+    let r = read(&mut p, &root.join("secrets/key"));
+    assert_eq!(r["errno"], libc::EPERM, "after the restart: {r}");
+    assert_eq!(read(&mut p, &root.join("public"))["data"], "PUBLIC-DATA");
+    let r = q.tcp("127.0.0.2", before.port(), "restarted");
+    assert_eq!(
+        r["errno"],
+        libc::EPERM,
+        "still tainted after the restart: {r}"
+    );
+    let st = d.status();
+    let id = st["identities"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "files-daemon"))
+        .unwrap()
+        .clone();
+    assert!(
+        id["tainted"].is_string(),
+        "the kernel's taint flag survives: {id}"
+    );
+    assert_eq!(before.bytes(), 0, "zero bytes after the taint");
     d.kill9();
 }
 
