@@ -18,14 +18,17 @@
 //! Under systemd every component is escaped (`-` becomes `_`, so the UID
 //! `1b4e28ba-2fa1-…` appears as `1b4e28ba_2fa1_…`) and each level is a slice
 //! named by all the components above it joined with `-` (systemd's slice
-//! expansion). The kubelet's `--cgroup-root` is prepended to the list: under
-//! cgroupfs as path components (`/foo` → `foo/kubepods/…`); under systemd only
-//! its base name counts, split at `-` (`/kubelet` → `kubelet.slice/
-//! kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/…`, the layout of
-//! kind nodes). [`resolve_pod`] also tries the root as a plain directory
-//! prefix in front of the default layout, which is what a kubelet confined to
-//! a delegated subtree looks like from the host, and what the integration
-//! tests build.
+//! expansion, runc's `ExpandSlice`). The kubelet parses its `--cgroup-root`
+//! as a cgroupfs path and prepends its components to the list, so under
+//! cgroupfs `/foo` gives `foo/kubepods/…` and under systemd `/kubelet` gives
+//! `kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/…`
+//! (the layout of kind nodes). [`resolve_pod`] also tries the root as a
+//! plain directory prefix in front of the default layout, which is what a
+//! kubelet in its own cgroup namespace with the default root looks like from
+//! the host, and what the integration tests build. A kubelet with both (a
+//! namespaced node *and* a non-default root, as in kind) is found by passing
+//! the node's cgroup-namespace root as `cgroup_root` and the kubelet's flag as
+//! `kubelet_root`: `cgroup_root` is only a directory to resolve under.
 //!
 //! Inside the pod cgroup the runtime creates one cgroup per container (the
 //! sandbox "pause" container included):
@@ -239,18 +242,17 @@ fn systemd_path(parts: &[String]) -> PathBuf {
     path
 }
 
-/// The kubelet's parse of a systemd `--cgroup-root`: base name, `.slice`
-/// dropped, split at `-`, each part unescaped (`_` → `-`) — to be escaped
-/// again by [`systemd_path`]. `/` or empty: no parts.
-fn systemd_root_parts(root: &Path) -> Vec<String> {
-    let Some(base) = root.file_name().and_then(|b| b.to_str()) else {
-        return Vec::new();
-    };
-    let base = base.strip_suffix(".slice").unwrap_or(base);
-    if base.is_empty() {
-        return Vec::new();
-    }
-    base.split('-').map(|p| p.replace('_', "-")).collect()
+/// The kubelet's parse of `--cgroup-root`, whatever the driver: a cgroupfs
+/// path split at `/` (`ParseCgroupfsToCgroupName` in
+/// `pkg/kubelet/cm/container_manager_linux.go`). Under systemd these parts
+/// are then escaped and expanded like the rest of the name. `/`: no parts.
+fn root_parts(root: &Path) -> Option<Vec<String>> {
+    let rel = relative_root(root)?;
+    Some(
+        rel.components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect(),
+    )
 }
 
 /// A kubelet root as a relative path (leading `/` dropped); `None` if it
@@ -288,8 +290,7 @@ fn pod_candidates_rooted(
     let mut out = Vec::new();
     match driver {
         Driver::Systemd => {
-            let root_parts = kubelet_root.map(systemd_root_parts).unwrap_or_default();
-            let mut full = root_parts.clone();
+            let mut full = kubelet_root.and_then(root_parts).unwrap_or_default();
             full.extend(name.iter().cloned());
             out.push(systemd_path(&full));
             // The default layout below the root taken as a directory prefix.
@@ -643,20 +644,29 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(resolve_pod(t.path(), None, &p), None);
-        for root in ["/kubelet", "/kubelet.slice", "kubelet.slice"] {
+        for root in ["/kubelet", "kubelet", "/kubelet/"] {
             assert_eq!(
                 resolve_pod(t.path(), Some(Path::new(root)), &p),
                 Some((dir.clone(), Driver::Systemd)),
                 "{root}"
             );
         }
-        // A dashed root is split the way the kubelet splits it.
-        let r = pod_candidates_rooted(&p, Driver::Systemd, Some(Path::new("/a-b_c.slice")));
+        // A root is a cgroupfs path to the kubelet: components are escaped
+        // and expanded like the rest of the name.
+        let r = pod_candidates_rooted(&p, Driver::Systemd, Some(Path::new("/a-b")));
         assert_eq!(
             r[0],
             PathBuf::from(format!(
-                "a.slice/a-b_c.slice/a-b_c-kubepods.slice/a-b_c-kubepods-besteffort.slice/\
-                 a-b_c-kubepods-besteffort-pod{UID_}.slice"
+                "a_b.slice/a_b-kubepods.slice/a_b-kubepods-besteffort.slice/\
+                 a_b-kubepods-besteffort-pod{UID_}.slice"
+            ))
+        );
+        let r = pod_candidates_rooted(&p, Driver::Systemd, Some(Path::new("/a/b")));
+        assert_eq!(
+            r[0],
+            PathBuf::from(format!(
+                "a.slice/a-b.slice/a-b-kubepods.slice/a-b-kubepods-besteffort.slice/\
+                 a-b-kubepods-besteffort-pod{UID_}.slice"
             ))
         );
         // "/" is the default root.
