@@ -1,2 +1,3 @@
-//! Kubernetes: which pods are agents (binding), where their cgroups are.
+//! Kubernetes: which pods are agents (binding), the node's pods (watch).
 pub mod binding;
+pub mod watch;
