@@ -1,5 +1,12 @@
-//! Kubernetes integration: mapping pods and their containers onto the cgroup
-//! v2 directories the enforcer binds (`cgroups`). The pod watcher that fills
-//! these types from Pod objects lives elsewhere; nothing here talks to the
-//! API server.
+//! Kubernetes integration, by concern:
+//! - `watch`: the node's pods from the API server (kube runtime watcher,
+//!   scoped to `spec.nodeName`), kept in a `PodCache`;
+//! - `binding`: which AgentPolicy selects a pod (`spec.identity.kubernetes`)
+//!   and its SPIFFE ID;
+//! - `cgroups`: a pod's and its containers' cgroup v2 directories
+//!   (containerd / CRI-O, systemd / cgroupfs drivers).
+//!
+//! Not wired into the daemon yet: the daemon binds static cgroup paths.
+pub mod binding;
 pub mod cgroups;
+pub mod watch;
