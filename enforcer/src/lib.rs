@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dns;
 pub mod dns_bridge;
 pub mod events;
+pub mod k8s;
 pub mod kernel;
 pub mod metrics;
 pub mod policy;

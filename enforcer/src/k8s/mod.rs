@@ -1,0 +1,2 @@
+//! Kubernetes integration.
+pub mod crd;
