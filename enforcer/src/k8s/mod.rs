@@ -1,2 +1,5 @@
 //! Kubernetes integration.
 pub mod crd;
+
+#[cfg(test)]
+mod deploy_tests;
