@@ -1,6 +1,6 @@
 //! The `enforcer` command line. The implementation lives in the library
 //! (`src/lib.rs`); this file only parses arguments and dispatches.
-use enforcer::{audit, daemon, policy, run};
+use enforcer::{audit, daemon, k8s, policy, run};
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
@@ -56,6 +56,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Kubernetes tools.
+    K8s {
+        #[command(subcommand)]
+        command: K8sCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum K8sCmd {
+    /// Print the AgentPolicy CustomResourceDefinition (YAML), generated from the policy types.
+    ///
+    /// deploy/10-crd.yaml is this output: `enforcer k8s crd > deploy/10-crd.yaml`.
+    Crd,
 }
 
 #[derive(Subcommand)]
@@ -140,6 +153,12 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             command: AuditCmd::Verify { file },
         } => audit_verify(&file),
         Cmd::Status { socket, json } => daemon::control::status(&socket, json),
+        Cmd::K8s {
+            command: K8sCmd::Crd,
+        } => {
+            print!("{}", k8s::crd::crd_yaml());
+            Ok(0)
+        }
     }
 }
 

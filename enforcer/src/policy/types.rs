@@ -5,17 +5,27 @@
 //! `lo <= hi`, exactly one of `cidr`/`host` is set, ...). They derive serde so
 //! that the canonical JSON of a policy (its hash) and a JSON round trip (for
 //! `enforcer status`) are available; unknown fields are refused in JSON too.
+//!
+//! The serde form of every type is the policy file's own form (a port is
+//! `443` or `"8000-8100"`, a duration `"5s"`, a CIDR `"10.0.0.0/8"` or a bare
+//! address), and the `JsonSchema` derives describe exactly that form: the
+//! `AgentPolicy` CRD (`crate::k8s::crd`) uses [`Spec`] as its spec, so a
+//! policy file's `spec:` and a CRD object's `spec:` are the same document.
+//! Deserializing runs the same value checks as the file validator (CIDR in
+//! network form, `lo <= hi`, durations with a unit), so JSON from the API
+//! server cannot smuggle in a value a file could not hold.
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The only accepted `apiVersion`.
 pub const API_VERSION: &str = "enforcer.dev/v1alpha1";
 /// The only accepted `kind`.
 pub const KIND: &str = "AgentPolicy";
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AgentPolicy {
     pub api_version: String,
@@ -24,7 +34,7 @@ pub struct AgentPolicy {
     pub spec: Spec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     /// RFC 1123 DNS label (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 bytes),
@@ -32,7 +42,7 @@ pub struct Metadata {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,7 +60,7 @@ pub struct Spec {
     pub on_taint: Option<OnTaint>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Identity {
     /// `spiffe://<trust-domain>/<path>`.
@@ -60,7 +70,7 @@ pub struct Identity {
     pub kubernetes: Option<KubernetesIdentity>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KubernetesIdentity {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,7 +82,7 @@ pub struct KubernetesIdentity {
 }
 
 /// A Kubernetes label selector (`matchLabels` and `matchExpressions` are ANDed).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -81,7 +91,7 @@ pub struct LabelSelector {
     pub match_expressions: Vec<LabelSelectorRequirement>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelSelectorRequirement {
     pub key: String,
@@ -91,7 +101,7 @@ pub struct LabelSelectorRequirement {
     pub values: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SelectorOperator {
     In,
     NotIn,
@@ -99,7 +109,7 @@ pub enum SelectorOperator {
     DoesNotExist,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Undeclared egress fails with EPERM.
@@ -110,11 +120,16 @@ pub enum Mode {
 }
 
 /// One allowlist entry. Exactly one of `cidr` and `host` is set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.cidr) != has(self.host)",
+    "message": "exactly one of cidr and host must be set"
+}]))]
 pub struct EgressRule {
     /// Network form (no host bits set); a bare address is a /32 or /128.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "cidr_serde")]
+    #[schemars(schema_with = "cidr_schema")]
     pub cidr: Option<IpNet>,
     /// Lower-case DNS name, or `*.` followed by one (matches one or more labels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,15 +141,15 @@ pub struct EgressRule {
     pub protocol: Protocol,
 }
 
-/// Inclusive port range, `1 <= lo <= hi <= 65535`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Inclusive port range, `1 <= lo <= hi <= 65535`. Written (and serialized)
+/// as a number `443` when `lo == hi`, else as a string `"8000-8100"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PortRange {
     pub lo: u16,
     pub hi: u16,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -144,7 +159,7 @@ pub enum Protocol {
     Any,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Dns {
     /// Empty = the nameservers of `/etc/resolv.conf`.
@@ -167,15 +182,20 @@ pub struct Dns {
     pub names_per_minute: Option<u32>,
 }
 
-/// TTL clamp for learned addresses, `min <= max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// TTL clamp for learned addresses, `min <= max`. Each is written `<n>s`,
+/// `<n>m` or `<n>h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DnsTtl {
+    #[serde(with = "duration_serde")]
+    #[schemars(schema_with = "duration_schema")]
     pub min: Duration,
+    #[serde(with = "duration_serde")]
+    #[schemars(schema_with = "duration_schema")]
     pub max: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FileRule {
     /// Absolute path of a file or a directory tree.
@@ -183,7 +203,7 @@ pub struct FileRule {
     pub access: FileAccess,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FileAccess {
     Deny,
@@ -192,9 +212,103 @@ pub enum FileAccess {
     Taint,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OnTaint {
     #[serde(default)]
     pub egress: Vec<EgressRule>,
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.lo == self.hi {
+            s.serialize_u16(self.lo)
+        } else {
+            s.collect_str(&format_args!("{}-{}", self.lo, self.hi))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Int(i) => i.to_string(),
+            Raw::Str(s) => s,
+        };
+        super::validate::port_range(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for PortRange {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortRange".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    /// Kubernetes' structural form of "int or string" (the API server then
+    /// accepts exactly these two types here; deserializing checks the
+    /// range). No `anyOf`: kube's structural rewriter would empty its
+    /// branches anyway, and `x-kubernetes-int-or-string` alone says it all.
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A port (1-65535) as a number, or an inclusive range \"lo-hi\" as a string.",
+            "x-kubernetes-int-or-string": true
+        })
+    }
+}
+
+fn cidr_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "IPv4/IPv6 CIDR in network form (no host bits), or a bare address (/32, /128).",
+        "type": "string"
+    })
+}
+
+fn duration_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "A whole number with a unit: s, m or h (5s, 300s, 5m).",
+        "type": "string",
+        "pattern": "^[0-9]+[smh]$"
+    })
+}
+
+/// `cidr:` as the file writes it; parsed with the file validator's rules.
+mod cidr_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<IpNet>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(net) => s.collect_str(net),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpNet>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| super::super::validate::parse_cidr(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// A duration as the file writes it: `"300s"` (serialized in seconds).
+mod duration_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}s", v.as_secs()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let t = String::deserialize(d)?;
+        super::super::validate::duration(&t).map_err(serde::de::Error::custom)
+    }
 }

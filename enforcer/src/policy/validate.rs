@@ -797,7 +797,7 @@ fn port_number(s: &str) -> Result<u16, String> {
 }
 
 /// `"443"` or `"8000-8100"` (inclusive, lo <= hi).
-fn port_range(s: &str) -> Result<PortRange, String> {
+pub(super) fn port_range(s: &str) -> Result<PortRange, String> {
     match s.split_once('-') {
         Some((lo, hi)) if !lo.trim().is_empty() => {
             let (lo, hi) = (port_number(lo)?, port_number(hi)?);
@@ -837,7 +837,7 @@ fn upstream(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// `<n>s`, `<n>m` or `<n>h`.
-fn duration(s: &str) -> Result<Duration, String> {
+pub(super) fn duration(s: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
             "invalid duration {s:?}: expected a whole number with a unit s, m or h (5s, 300s, 5m)"
