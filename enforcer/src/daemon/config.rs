@@ -12,6 +12,11 @@
 //! stateDir: /run/enforcer                  # identity slot table (survives daemon restarts)
 //! allowEvents: 1                           # allowed decisions as events: 1 all (default), 0 counted only, N ~1 in N
 //! allowDegraded: false                     # no BPF LSM: run file policies' network part only
+//! kubernetes:                              # optional: bind this node's pods (DaemonSet)
+//!   nodeName: node-a                       # default: $NODE_NAME (downward API)
+//!   trustDomain: cluster.local             # SPIFFE trust domain of derived IDs
+//!   kubeletCgroupRoot: /kubelet            # the kubelet's --cgroup-root, if any
+//!   apiServer: https://10.0.0.1:443        # default: in-cluster config / kubeconfig
 //! ```
 use std::{
     net::SocketAddr,
@@ -44,6 +49,29 @@ pub struct Config {
     /// use `files:`/`onTaint:` instead of rejecting them (said everywhere).
     #[serde(default)]
     pub allow_degraded: bool,
+    /// Kubernetes mode: watch this node's pods and bind those an
+    /// AgentPolicy selects (`spec.identity.kubernetes`).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesConfig {
+    /// Default: the `NODE_NAME` environment variable.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub kubelet_cgroup_root: Option<PathBuf>,
+    /// API server URL; default: in-cluster service account, else kubeconfig.
+    #[serde(default)]
+    pub api_server: Option<String>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq, Hash)]

@@ -53,6 +53,29 @@ pub struct IdentityStatus {
     /// Set once the identity read a `taint` file: what it read, when.
     #[serde(default)]
     pub tainted: Option<String>,
+    /// Kubernetes mode: the bound pods of this identity.
+    #[serde(default)]
+    pub pods: Vec<PodStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub spiffe_id: String,
+    /// The pod-level cgroup the programs are attached to (empty: not yet).
+    pub cgroup: String,
+    pub containers: Vec<ContainerStatusOut>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerStatusOut {
+    pub name: String,
+    pub kind: String,
+    pub container_id: Option<String>,
+    /// The container's own cgroup, once it exists.
+    pub cgroup: Option<String>,
 }
 
 pub type RecentDenialOut = RecentDenial;
@@ -207,6 +230,29 @@ pub fn render(st: &Status) -> String {
         }
         if let Some(t) = &i.tainted {
             let _ = writeln!(o, "  TAINTED: {t}");
+        }
+        for p in &i.pods {
+            let _ = writeln!(
+                o,
+                "  pod {}/{} ({}) cgroup {}",
+                p.namespace,
+                p.name,
+                p.spiffe_id,
+                if p.cgroup.is_empty() {
+                    "(not yet)"
+                } else {
+                    &p.cgroup
+                }
+            );
+            for c in &p.containers {
+                let _ = writeln!(
+                    o,
+                    "    {} {} {}",
+                    c.kind,
+                    c.name,
+                    c.cgroup.as_deref().unwrap_or("(no cgroup yet)")
+                );
+            }
         }
         if !i.recent_denials.is_empty() {
             let _ = writeln!(o, "  recent denials:");

@@ -65,6 +65,21 @@ struct Bound {
     slot: u32,
 }
 
+/// Kubernetes mode (config `kubernetes:`).
+pub struct K8s {
+    cache: Arc<Mutex<crate::k8s::watch::PodCache>>,
+    trust_domain: String,
+    kubelet_root: Option<PathBuf>,
+}
+
+/// A pod bound through its pod-level cgroup.
+#[derive(Clone, Debug)]
+struct PodBinding {
+    entry: crate::k8s::watch::PodEntry,
+    policy: String,
+    spiffe_id: String,
+}
+
 /// Slot assignment, persisted in `stateDir` (bpffs holds only pins) so that a
 /// restarted daemon keeps every identity in the slot its cgroups already
 /// point to.
@@ -127,6 +142,10 @@ pub struct State {
     lsm: crate::kernel::LsmSupport,
     /// Per policy: what is not enforced because the kernel lacks BPF LSM.
     degraded: BTreeMap<String, String>,
+    /// Kubernetes mode: the node's pods (filled by the watcher task).
+    k8s: Option<K8s>,
+    /// Kubernetes mode: pod-level cgroup -> the pod bound there (status).
+    pods: HashMap<PathBuf, PodBinding>,
     /// DNS proxies to (re)start after a reload (async, outside the lock).
     pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
 }
@@ -407,6 +426,13 @@ impl State {
             };
             wanted.insert(path, b.policy.clone());
         }
+        let pods = self.pod_bindings();
+        for (path, p) in &pods {
+            wanted
+                .entry(path.clone())
+                .or_insert_with(|| p.policy.clone());
+        }
+        self.pods = pods;
         let gone: Vec<PathBuf> = self
             .bound
             .keys()
@@ -479,7 +505,17 @@ impl State {
                             .get(&policy)
                             .map(|a| a.compiled.hash.as_str())
                             .unwrap_or(""),
-                        &format!("{} (cgroup id {id})", path.display()),
+                        &match self.pods.get(&path) {
+                            Some(p) => format!(
+                                "{} (cgroup id {id}): pod {}/{} uid {} ({})",
+                                path.display(),
+                                p.entry.info.namespace,
+                                p.entry.info.name,
+                                p.entry.info.uid,
+                                p.spiffe_id
+                            ),
+                            None => format!("{} (cgroup id {id})", path.display()),
+                        },
                     );
                     self.bound.insert(
                         path,
@@ -494,6 +530,78 @@ impl State {
             }
         }
         self.metrics.set_attached_cgroups(self.bound.len() as u64);
+    }
+
+    /// Kubernetes mode: the pod-level cgroup of every pod of this node that
+    /// an active policy selects. Binding the pod-level cgroup (created with
+    /// the pod sandbox, before any app container starts) means init, app and
+    /// ephemeral containers start already enforced (the programs run for
+    /// every descendant cgroup). Pods two policies select are bound to a
+    /// policy name that cannot exist, so they fail closed.
+    fn pod_bindings(&self) -> HashMap<PathBuf, PodBinding> {
+        use crate::k8s::{binding, cgroups};
+        let mut out = HashMap::new();
+        let Some(k) = &self.k8s else {
+            return out;
+        };
+        let identities: Vec<(String, crate::policy::Identity)> = self
+            .active
+            .iter()
+            .map(|(n, a)| {
+                (
+                    n.clone(),
+                    crate::policy::Identity {
+                        spiffe_id: a.compiled.spiffe_id.clone(),
+                        kubernetes: a.compiled.kubernetes.clone(),
+                    },
+                )
+            })
+            .collect();
+        let cache = k.cache.lock().unwrap_or_else(|e| e.into_inner());
+        for pod in cache.pods() {
+            let (policy, id) = match binding::bind(
+                identities.iter().map(|(n, i)| (n.as_str(), Some(i))),
+                &pod.info,
+            ) {
+                binding::Binding::None => continue,
+                binding::Binding::Policy(p) => {
+                    let id = identities
+                        .iter()
+                        .find(|(n, _)| *n == p)
+                        .map(|(_, i)| i.clone());
+                    (p, id)
+                }
+                binding::Binding::Conflict(names) => {
+                    tracing::error!(pod = %format!("{}/{}", pod.info.namespace, pod.info.name), policies = ?names, "pod selected by more than one AgentPolicy: it fails closed until that is fixed");
+                    (format!("conflict: {}", names.join(", ")), None)
+                }
+            };
+            let qos = pod
+                .qos
+                .as_deref()
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(cgroups::QosClass::BestEffort);
+            let pod_ref = cgroups::PodRef {
+                uid: &pod.info.uid,
+                qos,
+            };
+            let Some((path, _driver)) =
+                cgroups::resolve_pod(&self.mount, k.kubelet_root.as_deref(), &pod_ref)
+            else {
+                tracing::debug!(pod = %pod.info.name, "pod cgroup not found yet");
+                continue;
+            };
+            let spiffe_id = binding::spiffe_id(id.as_ref(), &k.trust_domain, &pod.info);
+            out.insert(
+                path,
+                PodBinding {
+                    entry: pod.clone(),
+                    policy,
+                    spiffe_id,
+                },
+            );
+        }
+        out
     }
 
     /// `cgroup/sock_create` only runs for inet sockets: a process holding
@@ -540,6 +648,64 @@ impl State {
             .collect()
     }
 
+    fn pod_status(&self, policy: &str) -> Vec<control::PodStatus> {
+        use crate::k8s::cgroups;
+        let mut out: Vec<control::PodStatus> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.policy == policy)
+            .map(|(path, p)| {
+                let qos = p
+                    .entry
+                    .qos
+                    .as_deref()
+                    .and_then(|q| q.parse().ok())
+                    .unwrap_or(cgroups::QosClass::BestEffort);
+                let pod_ref = cgroups::PodRef {
+                    uid: &p.entry.info.uid,
+                    qos,
+                };
+                let kubelet_root = self.k8s.as_ref().and_then(|k| k.kubelet_root.clone());
+                control::PodStatus {
+                    namespace: p.entry.info.namespace.clone(),
+                    name: p.entry.info.name.clone(),
+                    uid: p.entry.info.uid.clone(),
+                    spiffe_id: p.spiffe_id.clone(),
+                    cgroup: if self.bound.contains_key(path) {
+                        path.display().to_string()
+                    } else {
+                        String::new()
+                    },
+                    containers: p
+                        .entry
+                        .containers
+                        .iter()
+                        .map(|c| control::ContainerStatusOut {
+                            name: c.name.clone(),
+                            kind: format!("{:?}", c.kind).to_lowercase(),
+                            container_id: c.container_id.clone(),
+                            cgroup: c
+                                .container_id
+                                .as_deref()
+                                .and_then(|id| id.parse::<cgroups::ContainerId>().ok())
+                                .and_then(|id| {
+                                    cgroups::resolve_container(
+                                        &self.mount,
+                                        kubelet_root.as_deref(),
+                                        &pod_ref,
+                                        &id,
+                                    )
+                                })
+                                .map(|p| p.display().to_string()),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
     pub fn status(&self) -> control::Status {
         let mut identities = Vec::new();
         let tainted = self.sinks.tainted();
@@ -584,6 +750,7 @@ impl State {
                     .iter()
                     .map(|(_, p, why)| format!("{} ({why})", p.display()))
                     .collect(),
+                pods: self.pod_status(name),
                 tainted: tainted.get(name).cloned().or_else(|| {
                     let t = self.kernel.taint_table();
                     let t = t.lock().unwrap_or_else(|e| e.into_inner());
@@ -707,8 +874,52 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         lsm: lsm.clone(),
         degraded: BTreeMap::new(),
         pending_dns: Vec::new(),
+        k8s: None,
+        pods: HashMap::new(),
     };
     let state = Arc::new(Mutex::new(state));
+    // Kubernetes mode: this node's pods, watched in the background; a change
+    // wakes the reconcile loop.
+    let pods_changed = Arc::new(tokio::sync::Notify::new());
+    let _pod_watcher = match &cfg.kubernetes {
+        Some(kc) => {
+            let node = kc
+                .node_name
+                .clone()
+                .or_else(|| std::env::var("NODE_NAME").ok())
+                .filter(|n| !n.is_empty())
+                .context(
+                    "kubernetes: no node name (set kubernetes.nodeName or NODE_NAME from the \
+                     downward API: fieldRef spec.nodeName)",
+                )?;
+            let client = match &kc.api_server {
+                Some(url) => {
+                    let uri = url
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("kubernetes.apiServer {url:?}: {e}"))?;
+                    kube::Client::try_from(kube::Config::new(uri)).context("kubernetes client")?
+                }
+                None => kube::Client::try_default()
+                    .await
+                    .context("kubernetes client (in-cluster service account or kubeconfig)")?,
+            };
+            let cache = Arc::new(Mutex::new(crate::k8s::watch::PodCache::default()));
+            state.lock().unwrap_or_else(|e| e.into_inner()).k8s = Some(K8s {
+                cache: cache.clone(),
+                trust_domain: kc.trust_domain.clone(),
+                kubelet_root: kc.kubelet_cgroup_root.clone(),
+            });
+            tracing::info!(node = %node, "kubernetes: watching this node's pods");
+            let notify = pods_changed.clone();
+            Some(tokio::spawn(crate::k8s::watch::run(
+                client,
+                node,
+                cache,
+                move || notify.notify_one(),
+            )))
+        }
+        None => None,
+    };
     {
         // Scrapes read the kernel counters at scrape time.
         let weak_state = Arc::downgrade(&state);
@@ -780,6 +991,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
                 w
             }
             _ = tick.tick() => "tick",
+            _ = pods_changed.notified() => "pods",
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
@@ -796,7 +1008,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
                     Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
                 }
             }
-            if why != "tick" {
+            if why != "tick" && why != "pods" {
                 tracing::info!(trigger = why, "reloading policies");
                 s.reload_policies();
             }

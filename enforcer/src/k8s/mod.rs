@@ -7,8 +7,11 @@
 //!   (containerd / CRI-O, systemd / cgroupfs drivers);
 //! - `crd`: the `AgentPolicy` CRD, generated from the policy types.
 //!
-//! Not wired into the daemon yet: the daemon binds static cgroup paths and
-//! reads policies from files.
+//! The daemon's `kubernetes:` mode uses `watch`, `binding` and `cgroups`:
+//! each pod of its node that an active policy selects has its pod-level
+//! cgroup bound to that policy (released when the pod goes). Policies still
+//! come from files (e.g. a ConfigMap); reading `AgentPolicy` objects (the
+//! CRD) is not wired yet.
 pub mod binding;
 pub mod cgroups;
 pub mod crd;

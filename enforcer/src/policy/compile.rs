@@ -66,6 +66,9 @@ pub struct CompiledPolicy {
     /// `spec.files`, in order (ids `FILE_BASE + i + 1`). Paths are resolved
     /// to inodes when the policy is installed (`crate::kernel::files`).
     pub files: Vec<CompiledFileRule>,
+    /// `spec.identity.kubernetes`: the pods this policy binds (daemon in
+    /// Kubernetes mode, `crate::k8s::binding`).
+    pub kubernetes: Option<super::KubernetesIdentity>,
 }
 
 /// LPM entries of one list of egress rules.
@@ -326,6 +329,7 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             .map(|(i, r)| format!("onTaint.{}", describe_rule(i, r)))
             .collect(),
         files,
+        kubernetes: identity.and_then(|i| i.kubernetes.clone()),
     })
 }
 
