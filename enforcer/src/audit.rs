@@ -187,6 +187,12 @@ struct DecisionRecord<'a> {
     host: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a str>,
     verdict: Verdict,
     rule: &'a str,
     policy_hash: &'a str,
@@ -385,6 +391,7 @@ impl AuditLog {
             protocol,
             host,
             path,
+            workload,
             verdict,
             rule,
             policy_hash,
@@ -406,6 +413,9 @@ impl AuditLog {
                     protocol: protocol.as_deref(),
                     host: host.as_deref(),
                     path: path.as_deref(),
+                    namespace: workload.as_ref().map(|w| w.namespace.as_str()),
+                    pod: workload.as_ref().map(|w| w.pod.as_str()),
+                    container: workload.as_ref().and_then(|w| w.container.as_deref()),
                     verdict: *verdict,
                     rule,
                     policy_hash,
@@ -914,6 +924,7 @@ mod tests {
             protocol: Some("tcp".into()),
             host: None,
             path: None,
+            workload: None,
             verdict: if i.is_multiple_of(2) {
                 Verdict::Deny
             } else {

@@ -103,6 +103,7 @@ impl DnsSink for Recorder {
             protocol: Some(ev.transport.to_string()),
             host: Some(ev.qname.clone()),
             path: None,
+            workload: None,
             verdict: ev.verdict,
             rule,
             policy_hash: ev.policy_hash.clone(),

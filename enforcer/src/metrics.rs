@@ -7,6 +7,8 @@
 //! |---|---|---|---|
 //! | `enforcer_decisions_total` | counter | identity, action, verdict | kernel per-CPU counters, [`Metrics::set_decisions_total`] |
 //! | `enforcer_events_total` | counter | identity, action, verdict | ring-buffer events, [`Metrics::record_event`] |
+//! | `enforcer_pod_events_total` | counter | identity, namespace, pod, container, action, verdict | events of bound pods (Kubernetes mode), [`Metrics::record_pod_event`] |
+//! | `enforcer_pod_info` | gauge (=1) | identity, spiffe_id, namespace, pod, uid | bound pods, [`Metrics::set_pods`] |
 //! | `enforcer_events_lost_total` | counter | | kernel stat, [`Metrics::set_events_lost_total`] |
 //! | `enforcer_no_identity_decisions_total` | counter | | kernel stat, [`Metrics::set_no_identity_decisions_total`] |
 //! | `enforcer_dns_queries_total` | counter | identity, verdict | [`Metrics::record_dns_query`] |
@@ -79,11 +81,21 @@ struct Seen {
     policy_info: HashMap<String, [String; 3]>,
 }
 
+/// (identity, spiffe_id, namespace, pod, uid) of a bound pod.
+pub type PodLabels = (String, String, String, String, String);
+
+/// (namespace, pod) -> label sets of its `enforcer_pod_events_total` series.
+type PodSeries = HashMap<(String, String), Vec<Vec<String>>>;
+
 /// The enforcer's metrics registry. Cheap to share: wrap in an `Arc`.
 pub struct Metrics {
     registry: Registry,
     decisions: IntCounterVec,
     events: IntCounterVec,
+    pod_events: IntCounterVec,
+    pod_info: IntGaugeVec,
+    /// Label sets of `pod_events` per (namespace, pod), to remove a gone pod's.
+    pod_series: Mutex<PodSeries>,
     events_lost: IntCounter,
     no_identity_decisions: IntCounter,
     dns_queries: IntCounterVec,
@@ -175,6 +187,19 @@ impl Metrics {
                 "Decision events received from the kernel ring buffer.",
                 &["identity", "action", "verdict"],
             ),
+            pod_events: counter_vec(
+                r,
+                "enforcer_pod_events_total",
+                "Decision events of processes in a bound pod (Kubernetes mode), by container.",
+                &["identity", "namespace", "pod", "container", "action", "verdict"],
+            ),
+            pod_info: gauge_vec(
+                r,
+                "enforcer_pod_info",
+                "1 for each pod bound to an identity (Kubernetes mode).",
+                &["identity", "spiffe_id", "namespace", "pod", "uid"],
+            ),
+            pod_series: Mutex::new(HashMap::new()),
             events_lost: counter(
                 "enforcer_events_lost_total",
                 "Decision events the kernel could not put in the ring buffer (full).",
@@ -335,6 +360,53 @@ impl Metrics {
         self.events
             .with_label_values(&[identity, action.as_str(), verdict.as_str()])
             .inc();
+    }
+
+    /// An event of a process in a bound pod (its container when known).
+    pub fn record_pod_event(
+        &self,
+        identity: &str,
+        w: &crate::events::Workload,
+        action: Action,
+        verdict: Verdict,
+    ) {
+        let labels = vec![
+            identity.to_string(),
+            w.namespace.clone(),
+            w.pod.clone(),
+            w.container.clone().unwrap_or_default(),
+            action.as_str().to_string(),
+            verdict.as_str().to_string(),
+        ];
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        self.pod_events.with_label_values(&refs).inc();
+        let mut s = self.pod_series.lock().unwrap_or_else(|e| e.into_inner());
+        let v = s.entry((w.namespace.clone(), w.pod.clone())).or_default();
+        if !v.contains(&labels) {
+            v.push(labels);
+        }
+    }
+
+    /// The bound pods: (identity, spiffe_id, namespace, pod, uid). Pods no
+    /// longer listed lose their `enforcer_pod_info` and event series.
+    pub fn set_pods(&self, pods: &[PodLabels]) {
+        self.pod_info.reset();
+        for (identity, spiffe, ns, pod, uid) in pods {
+            self.pod_info
+                .with_label_values(&[identity, spiffe, ns, pod, uid])
+                .set(1);
+        }
+        let mut s = self.pod_series.lock().unwrap_or_else(|e| e.into_inner());
+        s.retain(|(ns, pod), series| {
+            let keep = pods.iter().any(|p| &p.2 == ns && &p.3 == pod);
+            if !keep {
+                for l in series.iter() {
+                    let refs: Vec<&str> = l.iter().map(String::as_str).collect();
+                    let _ = self.pod_events.remove_label_values(&refs);
+                }
+            }
+            keep
+        });
     }
 
     /// [`Self::record_event`] for a decoded decision.

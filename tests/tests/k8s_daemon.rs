@@ -244,6 +244,60 @@ fn daemon_binds_the_pods_a_policy_selects() {
         container.display().to_string()
     );
 
+    // Audit records and metrics name the pod and the container: the
+    // daemon maps container cgroup ids on its next reconcile (2 s tick or
+    // a pod event), so the agent keeps trying until a record carries them.
+    let labelled = |recs: &[Value]| {
+        recs.iter().any(|r| {
+            r["action"] == "connect"
+                && r["verdict"] == "deny"
+                && r["namespace"] == "agents"
+                && r["pod"] == "research-0"
+                && r["container"] == "agent"
+        })
+    };
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(250), || {
+            assert_eperm(&p.tcp("127.0.0.2", outside.port(), "again"), "still denied");
+            labelled(&read_jsonl(&d.audit))
+        }),
+        "no audit record with namespace/pod/container: {:#?}",
+        read_jsonl(&d.audit)
+    );
+    let m = d.scrape();
+    assert!(
+        metric(
+            &m,
+            "enforcer_pod_events_total",
+            &[
+                ("identity", "research"),
+                ("namespace", "agents"),
+                ("pod", "research-0"),
+                ("container", "agent"),
+                ("action", "connect"),
+                ("verdict", "deny")
+            ]
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "enforcer_pod_info",
+            &[
+                ("identity", "research"),
+                ("spiffe_id", "spiffe://example.org/ns/agents/sa/research"),
+                ("namespace", "agents"),
+                ("pod", "research-0"),
+                ("uid", uid.as_str())
+            ]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(outside.bytes() + outside.conns(), 0, "zero bytes out");
+
     // The pod is deleted: the binding is released.
     fake.pods.lock().unwrap().clear();
     fake.event("DELETED", &pod);
@@ -255,6 +309,12 @@ fn daemon_binds_the_pods_a_policy_selects() {
         }),
         "pod not released: {:#}",
         d.status()
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            !d.scrape().contains("enforcer_pod_info{")
+        }),
+        "enforcer_pod_info of a gone pod"
     );
     drop(p);
     d.kill9();

@@ -433,6 +433,9 @@ impl State {
                 .or_insert_with(|| p.policy.clone());
         }
         self.pods = pods;
+        if self.k8s.is_some() {
+            self.publish_workloads();
+        }
         let gone: Vec<PathBuf> = self
             .bound
             .keys()
@@ -646,6 +649,75 @@ impl State {
             .iter()
             .map(|(n, a)| (a.slot, n.clone()))
             .collect()
+    }
+
+    /// Kubernetes mode: tell the event attribution which cgroup ids are
+    /// which pod and container (audit records and `enforcer_pod_events_total`
+    /// carry namespace, pod and container), and export the bound pods.
+    fn publish_workloads(&self) {
+        use crate::{events::Workload, k8s::cgroups};
+        let mut map = HashMap::new();
+        let mut info = Vec::new();
+        let kubelet_root = self.k8s.as_ref().and_then(|k| k.kubelet_root.clone());
+        for (path, p) in &self.pods {
+            let (ns, pod) = (&p.entry.info.namespace, &p.entry.info.name);
+            info.push((
+                p.policy.clone(),
+                p.spiffe_id.clone(),
+                ns.clone(),
+                pod.clone(),
+                p.entry.info.uid.clone(),
+            ));
+            if let Ok(id) = cgroup::cgroup_id(path) {
+                map.insert(
+                    id,
+                    Workload {
+                        namespace: ns.clone(),
+                        pod: pod.clone(),
+                        container: None,
+                    },
+                );
+            }
+            let qos = p
+                .entry
+                .qos
+                .as_deref()
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(cgroups::QosClass::BestEffort);
+            let pod_ref = cgroups::PodRef {
+                uid: &p.entry.info.uid,
+                qos,
+            };
+            for c in &p.entry.containers {
+                let Some(cid) = c
+                    .container_id
+                    .as_deref()
+                    .and_then(|id| id.parse::<cgroups::ContainerId>().ok())
+                else {
+                    continue;
+                };
+                let Some(dir) = cgroups::resolve_container(
+                    &self.mount,
+                    kubelet_root.as_deref(),
+                    &pod_ref,
+                    &cid,
+                ) else {
+                    continue;
+                };
+                if let Ok(id) = cgroup::cgroup_id(&dir) {
+                    map.insert(
+                        id,
+                        Workload {
+                            namespace: ns.clone(),
+                            pod: pod.clone(),
+                            container: Some(c.name.clone()),
+                        },
+                    );
+                }
+            }
+        }
+        self.attribution.set_workloads(map);
+        self.metrics.set_pods(&info);
     }
 
     fn pod_status(&self, policy: &str) -> Vec<control::PodStatus> {

@@ -121,6 +121,16 @@ pub struct IdentityRef {
     pub spiffe_id: Option<String>,
 }
 
+/// The Kubernetes workload of a decision (daemon in Kubernetes mode): the
+/// pod, and the container when the process ran in a container's cgroup.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Workload {
+    pub namespace: String,
+    pub pod: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
 /// One decision, decoded and attributed, ready for the audit log / metrics.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Decision {
@@ -140,6 +150,9 @@ pub struct Decision {
     /// File actions: the path of the `files:` rule that matched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Kubernetes mode: the pod (and container) the process ran in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
     pub verdict: Verdict,
     /// Human-readable rule: "egress[2]", "default-deny", "no-policy", "raw-socket", ...
     pub rule: String,

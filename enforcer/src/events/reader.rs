@@ -59,9 +59,26 @@ impl SlotInfo {
 
 /// slot -> SlotInfo, shared between the controller (writer) and the reader.
 #[derive(Clone, Default)]
-pub struct Attribution(Arc<RwLock<HashMap<u32, SlotInfo>>>);
+pub struct Attribution(
+    Arc<RwLock<HashMap<u32, SlotInfo>>>,
+    /// cgroup id -> Kubernetes workload (pod and container cgroups).
+    Arc<RwLock<HashMap<u64, super::Workload>>>,
+);
 
 impl Attribution {
+    /// Replace the cgroup id -> workload map (daemon, Kubernetes mode).
+    pub fn set_workloads(&self, m: HashMap<u64, super::Workload>) {
+        *self.1.write().unwrap_or_else(|e| e.into_inner()) = m;
+    }
+
+    pub fn workload(&self, cgroup_id: u64) -> Option<super::Workload> {
+        self.1
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cgroup_id)
+            .cloned()
+    }
+
     pub fn set(&self, slot: u32, info: SlotInfo) {
         self.0
             .write()
@@ -136,6 +153,7 @@ impl Attribution {
             protocol: (!act.is_file()).then(|| protocol_name(ev.protocol, ev.sock_type)),
             host: None,
             path,
+            workload: self.workload(ev.cgroup_id),
             verdict: Verdict::from_kernel(ev.verdict).unwrap_or(Verdict::Deny),
             rule,
             policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),

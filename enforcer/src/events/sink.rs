@@ -113,6 +113,10 @@ impl Sinks {
         }
         self.metrics
             .record_event(&d.identity.name, d.action, d.verdict);
+        if let Some(w) = &d.workload {
+            self.metrics
+                .record_pod_event(&d.identity.name, w, d.action, d.verdict);
+        }
         if let Some(a) = &self.audit {
             let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
             match a.append_decision(d) {
