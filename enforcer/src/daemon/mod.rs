@@ -579,17 +579,8 @@ impl State {
                     (format!("conflict: {}", names.join(", ")), None)
                 }
             };
-            let qos = pod
-                .qos
-                .as_deref()
-                .and_then(|q| q.parse().ok())
-                .unwrap_or(cgroups::QosClass::BestEffort);
-            let pod_ref = cgroups::PodRef {
-                uid: &pod.info.uid,
-                qos,
-            };
             let Some((path, _driver)) =
-                cgroups::resolve_pod(&self.mount, k.kubelet_root.as_deref(), &pod_ref)
+                cgroups::resolve_pod(&self.mount, k.kubelet_root.as_deref(), &pod.pod_ref())
             else {
                 tracing::debug!(pod = %pod.info.name, "pod cgroup not found yet");
                 continue;
@@ -655,10 +646,9 @@ impl State {
     /// which pod and container (audit records and `enforcer_pod_events_total`
     /// carry namespace, pod and container), and export the bound pods.
     fn publish_workloads(&self) {
-        use crate::{events::Workload, k8s::cgroups};
+        use crate::events::Workload;
         let mut map = HashMap::new();
         let mut info = Vec::new();
-        let kubelet_root = self.k8s.as_ref().and_then(|k| k.kubelet_root.clone());
         for (path, p) in &self.pods {
             let (ns, pod) = (&p.entry.info.namespace, &p.entry.info.name);
             info.push((
@@ -678,100 +668,72 @@ impl State {
                     },
                 );
             }
-            let qos = p
-                .entry
-                .qos
-                .as_deref()
-                .and_then(|q| q.parse().ok())
-                .unwrap_or(cgroups::QosClass::BestEffort);
-            let pod_ref = cgroups::PodRef {
-                uid: &p.entry.info.uid,
-                qos,
-            };
-            for c in &p.entry.containers {
-                let Some(cid) = c
-                    .container_id
-                    .as_deref()
-                    .and_then(|id| id.parse::<cgroups::ContainerId>().ok())
-                else {
+            for (c, dir) in self.container_cgroups(&p.entry) {
+                let Some(id) = dir.and_then(|d| cgroup::cgroup_id(&d).ok()) else {
                     continue;
                 };
-                let Some(dir) = cgroups::resolve_container(
-                    &self.mount,
-                    kubelet_root.as_deref(),
-                    &pod_ref,
-                    &cid,
-                ) else {
-                    continue;
-                };
-                if let Ok(id) = cgroup::cgroup_id(&dir) {
-                    map.insert(
-                        id,
-                        Workload {
-                            namespace: ns.clone(),
-                            pod: pod.clone(),
-                            container: Some(c.name.clone()),
-                        },
-                    );
-                }
+                map.insert(
+                    id,
+                    Workload {
+                        namespace: ns.clone(),
+                        pod: pod.clone(),
+                        container: Some(c.name.clone()),
+                    },
+                );
             }
         }
         self.attribution.set_workloads(map);
         self.metrics.set_pods(&info);
     }
 
-    fn pod_status(&self, policy: &str) -> Vec<control::PodStatus> {
+    /// Each container of `e` with its cgroup directory, once it exists.
+    fn container_cgroups<'e>(
+        &self,
+        e: &'e crate::k8s::watch::PodEntry,
+    ) -> Vec<(&'e crate::k8s::watch::ContainerEntry, Option<PathBuf>)> {
         use crate::k8s::cgroups;
+        let kubelet_root = self.k8s.as_ref().and_then(|k| k.kubelet_root.as_deref());
+        let pod = e.pod_ref();
+        e.containers
+            .iter()
+            .map(|c| {
+                let dir = c
+                    .container_id
+                    .as_deref()
+                    .and_then(|id| id.parse::<cgroups::ContainerId>().ok())
+                    .and_then(|id| {
+                        cgroups::resolve_container(&self.mount, kubelet_root, &pod, &id)
+                    });
+                (c, dir)
+            })
+            .collect()
+    }
+
+    fn pod_status(&self, policy: &str) -> Vec<control::PodStatus> {
         let mut out: Vec<control::PodStatus> = self
             .pods
             .iter()
             .filter(|(_, p)| p.policy == policy)
-            .map(|(path, p)| {
-                let qos = p
-                    .entry
-                    .qos
-                    .as_deref()
-                    .and_then(|q| q.parse().ok())
-                    .unwrap_or(cgroups::QosClass::BestEffort);
-                let pod_ref = cgroups::PodRef {
-                    uid: &p.entry.info.uid,
-                    qos,
-                };
-                let kubelet_root = self.k8s.as_ref().and_then(|k| k.kubelet_root.clone());
-                control::PodStatus {
-                    namespace: p.entry.info.namespace.clone(),
-                    name: p.entry.info.name.clone(),
-                    uid: p.entry.info.uid.clone(),
-                    spiffe_id: p.spiffe_id.clone(),
-                    cgroup: if self.bound.contains_key(path) {
-                        path.display().to_string()
-                    } else {
-                        String::new()
-                    },
-                    containers: p
-                        .entry
-                        .containers
-                        .iter()
-                        .map(|c| control::ContainerStatusOut {
-                            name: c.name.clone(),
-                            kind: format!("{:?}", c.kind).to_lowercase(),
-                            container_id: c.container_id.clone(),
-                            cgroup: c
-                                .container_id
-                                .as_deref()
-                                .and_then(|id| id.parse::<cgroups::ContainerId>().ok())
-                                .and_then(|id| {
-                                    cgroups::resolve_container(
-                                        &self.mount,
-                                        kubelet_root.as_deref(),
-                                        &pod_ref,
-                                        &id,
-                                    )
-                                })
-                                .map(|p| p.display().to_string()),
-                        })
-                        .collect(),
-                }
+            .map(|(path, p)| control::PodStatus {
+                namespace: p.entry.info.namespace.clone(),
+                name: p.entry.info.name.clone(),
+                uid: p.entry.info.uid.clone(),
+                spiffe_id: p.spiffe_id.clone(),
+                cgroup: if self.bound.contains_key(path) {
+                    path.display().to_string()
+                } else {
+                    String::new()
+                },
+                containers: self
+                    .container_cgroups(&p.entry)
+                    .into_iter()
+                    .map(|(c, dir)| control::ContainerStatusOut {
+                        name: c.name.clone(),
+                        kind: format!("{:?}", c.kind).to_lowercase(),
+                        container_id: c.container_id.clone(),
+                        cgroup: dir.map(|d| d.display().to_string()),
+                    })
+                    .collect(),
             })
             .collect();
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

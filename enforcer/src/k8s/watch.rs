@@ -49,6 +49,21 @@ pub struct PodEntry {
     pub containers: Vec<ContainerEntry>,
 }
 
+impl PodEntry {
+    /// The pod's reference for cgroup resolution (`BestEffort` when the
+    /// API has not reported a QoS class yet).
+    pub fn pod_ref(&self) -> super::cgroups::PodRef<'_> {
+        super::cgroups::PodRef {
+            uid: &self.info.uid,
+            qos: self
+                .qos
+                .as_deref()
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(super::cgroups::QosClass::BestEffort),
+        }
+    }
+}
+
 /// The parts of `p` the enforcer uses; `None` without a UID, name or namespace.
 pub fn pod_entry(p: &Pod) -> Option<PodEntry> {
     let m = &p.metadata;
