@@ -140,53 +140,119 @@ fn identity<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
         .and_then(|a| a.iter().find(|i| i["name"] == name))
 }
 
+/// One node as the tests set it up: the kubelet's systemd + containerd
+/// layout under a test cgroup prefix (given as `kubeletCgroupRoot`), the fake
+/// API server listing one pod of this node, a policy file selecting it, and
+/// the daemon in Kubernetes mode. Fields drop in order: the daemon first.
+struct Node {
+    d: Daemon,
+    fake: FakeApi,
+    pod: Value,
+    uid: String,
+    /// The pod-level cgroup (`kubepods-burstable-pod<uid_>.slice`).
+    pod_dir: PathBuf,
+    /// The app container's cgroup (not created by `Node::start`).
+    container: PathBuf,
+    api: TcpSink,
+    outside: TcpSink,
+    dir: TestDir,
+    _pins: PinDir,
+    _prefix: Cgroup,
+}
+
+impl Node {
+    /// `sandbox`: the pod-level cgroup exists before the daemon starts.
+    /// `extra_config`: more top-level daemon config lines.
+    fn start(name: &str, sandbox: bool, extra_config: &str) -> Self {
+        let prefix = Cgroup::create(name);
+        let pins = PinDir::new(name);
+        let dir = TestDir::new(name);
+        let api = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let outside = TcpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+
+        let pid = std::process::id();
+        let uid = format!("{pid:08x}-7c1e-4a2b-9f00-0016d3cca427");
+        let cid = format!("{:016x}", u64::from(pid) << 8 | 0xc3).repeat(4);
+        let qos_dir = prefix.path.join("kubepods.slice/kubepods-burstable.slice");
+        let pod_dir = qos_dir.join(format!(
+            "kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        // The kubelet made its QoS-level cgroups when it started.
+        std::fs::create_dir_all(&qos_dir).unwrap();
+        if sandbox {
+            std::fs::create_dir(&pod_dir).unwrap();
+        }
+        let pod = pod_json(&uid, &format!("containerd://{cid}"));
+        let fake = FakeApi::start(vec![pod.clone()]);
+
+        let mut d = Daemon::configure(&dir, &pins, &[]);
+        let kubelet_root = PathBuf::from("/").join(prefix.relative());
+        let cfg = std::fs::read_to_string(&d.config).unwrap();
+        write_atomic(
+            &d.config,
+            &format!(
+                "{cfg}{extra_config}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  \
+                 apiServer: http://{}\n  kubeletCgroupRoot: {}\n",
+                fake.addr,
+                kubelet_root.display()
+            ),
+        );
+        write_atomic(
+            &d.policies.join("research.yaml"),
+            &format!(
+                "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: research\n\
+                 spec:\n  identity:\n    kubernetes:\n      namespace: agents\n      serviceAccount: \
+                 research\n      podSelector:\n        matchLabels: {{app: research}}\n  egress:\n    \
+                 - cidr: 127.0.0.1/32\n      ports: [{}]\n      protocol: tcp\n",
+                api.port()
+            ),
+        );
+        d.start();
+        Self {
+            d,
+            fake,
+            pod,
+            uid,
+            container: pod_dir.join(format!("cri-containerd-{cid}.scope")),
+            pod_dir,
+            api,
+            outside,
+            dir,
+            _pins: pins,
+            _prefix: prefix,
+        }
+    }
+
+    /// The pods `enforcer status` lists for the policy.
+    fn pods(&self) -> Vec<Value> {
+        identity(&self.d.status(), "research")
+            .and_then(|i| i["pods"].as_array().cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// A denied connect in the audit log that carries namespace, pod and container.
+fn labelled_denial(recs: &[Value]) -> bool {
+    recs.iter().any(|r| {
+        r["action"] == "connect"
+            && r["verdict"] == "deny"
+            && r["namespace"] == "agents"
+            && r["pod"] == "research-0"
+            && r["container"] == "agent"
+    })
+}
+
 #[test]
 fn daemon_binds_the_pods_a_policy_selects() {
     if !require_root("daemon_binds_the_pods_a_policy_selects") {
         return;
     }
     let _serial = serial();
-    let prefix = Cgroup::create("k8s-daemon");
-    let pins = PinDir::new("k8s-daemon");
-    let dir = TestDir::new("k8s-daemon");
-    let api = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let outside = TcpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
-
-    let pid = std::process::id();
-    let uid = format!("{pid:08x}-7c1e-4a2b-9f00-0016d3cca427");
-    let cid = format!("{:016x}", u64::from(pid) << 8 | 0xc3).repeat(4);
     // The sandbox exists: the kubelet made the pod-level cgroup.
-    let pod_dir = prefix.path.join(format!(
-        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
-        uid.replace('-', "_")
-    ));
-    std::fs::create_dir_all(&pod_dir).unwrap();
-    let pod = pod_json(&uid, &format!("containerd://{cid}"));
-    let fake = FakeApi::start(vec![pod.clone()]);
-
-    let mut d = Daemon::configure(&dir, &pins, &[]);
-    let kubelet_root = PathBuf::from("/").join(prefix.relative());
-    let cfg = std::fs::read_to_string(&d.config).unwrap();
-    write_atomic(
-        &d.config,
-        &format!(
-            "{cfg}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  apiServer: \
-             http://{}\n  kubeletCgroupRoot: {}\n",
-            fake.addr,
-            kubelet_root.display()
-        ),
-    );
-    write_atomic(
-        &d.policies.join("research.yaml"),
-        &format!(
-            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: research\n\
-             spec:\n  identity:\n    kubernetes:\n      namespace: agents\n      serviceAccount: \
-             research\n      podSelector:\n        matchLabels: {{app: research}}\n  egress:\n    \
-             - cidr: 127.0.0.1/32\n      ports: [{}]\n      protocol: tcp\n",
-            api.port()
-        ),
-    );
-    d.start();
+    let n = Node::start("k8s-daemon", true, "");
+    let (d, fake, api, outside) = (&n.d, &n.fake, &n.api, &n.outside);
+    let (pod_dir, container, uid, dir) = (&n.pod_dir, &n.container, &n.uid, &n.dir);
 
     // The watcher lists this node's pods; the pod's cgroup gets bound.
     assert!(
@@ -211,10 +277,9 @@ fn daemon_binds_the_pods_a_policy_selects() {
     );
 
     // The app container starts after the binding: enforced from its start.
-    let container = pod_dir.join(format!("cri-containerd-{cid}.scope"));
-    std::fs::create_dir(&container).unwrap();
-    let mut p = Probe::spawn(&dir);
-    move_pid(&container, p.pid);
+    std::fs::create_dir(container).unwrap();
+    let mut p = Probe::spawn(dir);
+    move_pid(container, p.pid);
     assert_ok(&p.tcp("127.0.0.1", api.port(), "from-the-pod"), "allowed");
     assert_eperm(
         &p.tcp("127.0.0.2", outside.port(), "exfil"),
@@ -244,24 +309,14 @@ fn daemon_binds_the_pods_a_policy_selects() {
         container.display().to_string()
     );
 
-    // Audit records and metrics name the pod and the container: the
-    // daemon maps container cgroup ids on its next reconcile (2 s tick or
-    // a pod event), so the agent keeps trying until a record carries them.
-    let labelled = |recs: &[Value]| {
-        recs.iter().any(|r| {
-            r["action"] == "connect"
-                && r["verdict"] == "deny"
-                && r["namespace"] == "agents"
-                && r["pod"] == "research-0"
-                && r["container"] == "agent"
-        })
-    };
+    // Audit records and metrics name the pod and the container, from the
+    // first denial on: the container cgroup, made after the daemon's last
+    // reconcile, is placed under its pod when its first event arrives.
     assert!(
-        poll_until(Duration::from_secs(15), Duration::from_millis(250), || {
-            assert_eperm(&p.tcp("127.0.0.2", outside.port(), "again"), "still denied");
-            labelled(&read_jsonl(&d.audit))
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            labelled_denial(&read_jsonl(&d.audit))
         }),
-        "no audit record with namespace/pod/container: {:#?}",
+        "the first denial has no namespace/pod/container: {:#?}",
         read_jsonl(&d.audit)
     );
     let m = d.scrape();
@@ -300,7 +355,7 @@ fn daemon_binds_the_pods_a_policy_selects() {
 
     // The pod is deleted: the binding is released.
     fake.pods.lock().unwrap().clear();
-    fake.event("DELETED", &pod);
+    fake.event("DELETED", &n.pod);
     assert!(
         poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
             identity(&d.status(), "research")
@@ -317,5 +372,69 @@ fn daemon_binds_the_pods_a_policy_selects() {
         "enforcer_pod_info of a gone pod"
     );
     drop(p);
-    d.kill9();
+}
+
+/// The pod object reaches the daemon before the kubelet made its cgroup (the
+/// usual order: the API server schedules, then the kubelet creates the pod
+/// cgroup, the sandbox, the containers). The daemon lists the pod as
+/// selected but not bound, watches the QoS-level directory, and binds the
+/// pod cgroup when it appears. The periodic resync is set to an hour here,
+/// and no pod event follows the list, so only that watch can bind it; the
+/// container cgroup is made after that reconcile, so only the placement at
+/// first event can name it.
+#[test]
+fn pod_cgroup_made_after_the_pod_object_is_bound_when_it_appears() {
+    if !require_root("pod_cgroup_made_after_the_pod_object_is_bound_when_it_appears") {
+        return;
+    }
+    let _serial = serial();
+    let n = Node::start("k8s-late-cgroup", false, "resyncSeconds: 3600\n");
+
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            let p = n.pods();
+            p.len() == 1 && p[0]["cgroup"] == ""
+        }),
+        "the selected pod is not listed as waiting for its cgroup: {:#}\n{}",
+        n.d.status(),
+        n.d.stderr()
+    );
+    assert!(!n.pod_dir.exists());
+
+    // The kubelet creates the pod cgroup: bound without a resync.
+    std::fs::create_dir(&n.pod_dir).unwrap();
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            n.pods()
+                .first()
+                .is_some_and(|p| p["cgroup"] == n.pod_dir.display().to_string())
+        }),
+        "pod cgroup not bound when it appeared: {:#}\n{}",
+        n.d.status(),
+        n.d.stderr()
+    );
+
+    // The container starts inside the bound pod cgroup: enforced.
+    std::fs::create_dir(&n.container).unwrap();
+    let mut p = Probe::spawn(&n.dir);
+    move_pid(&n.container, p.pid);
+    assert_ok(&p.tcp("127.0.0.1", n.api.port(), "late-pod"), "allowed");
+    assert_eperm(
+        &p.tcp("127.0.0.2", n.outside.port(), "exfil"),
+        "not in the policy",
+    );
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || n.api.text().contains("late-pod")
+    ));
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            labelled_denial(&read_jsonl(&n.d.audit))
+        }),
+        "the denial has no namespace/pod/container: {:#?}",
+        read_jsonl(&n.d.audit)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(n.outside.bytes() + n.outside.conns(), 0, "zero bytes out");
 }

@@ -12,6 +12,7 @@
 //! stateDir: /run/enforcer                  # identity slot table (survives daemon restarts)
 //! allowEvents: 1                           # allowed decisions as events: 1 all (default), 0 counted only, N ~1 in N
 //! allowDegraded: false                     # no BPF LSM: run file policies' network part only
+//! resyncSeconds: 2                         # periodic reconcile (bindings that did not exist yet)
 //! kubernetes:                              # optional: bind this node's pods (DaemonSet)
 //!   nodeName: node-a                       # default: $NODE_NAME (downward API)
 //!   trustDomain: cluster.local             # SPIFFE trust domain of derived IDs
@@ -49,6 +50,12 @@ pub struct Config {
     /// use `files:`/`onTaint:` instead of rejecting them (said everywhere).
     #[serde(default)]
     pub allow_degraded: bool,
+    /// Seconds between periodic reconciles (bound cgroups that did not
+    /// exist yet, file rule paths, pods whose cgroup is not watched). Pod
+    /// events, policy changes and a selected pod's cgroup appearing trigger
+    /// a reconcile at once.
+    #[serde(default = "default_resync_seconds")]
+    pub resync_seconds: u64,
     /// Kubernetes mode: watch this node's pods and bind those an
     /// AgentPolicy selects (`spec.identity.kubernetes`).
     #[serde(default)]
@@ -79,6 +86,10 @@ fn default_trust_domain() -> String {
 pub struct Binding {
     pub cgroup: PathBuf,
     pub policy: String,
+}
+
+fn default_resync_seconds() -> u64 {
+    2
 }
 
 fn default_allow_events() -> u32 {
@@ -126,6 +137,9 @@ impl Config {
                 bail!("bindings: cgroup {} is bound twice", b.cgroup.display());
             }
         }
+        if cfg.resync_seconds == 0 {
+            bail!("resyncSeconds: must be at least 1");
+        }
         Ok(cfg)
     }
 }
@@ -153,6 +167,9 @@ mod tests {
         assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/enforcer"));
         assert!(c.bindings.is_empty());
         assert_eq!(c.allow_events, 1);
+        assert_eq!(c.resync_seconds, 2);
+        let e = Config::parse("policiesDir: /p\nresyncSeconds: 0\n").unwrap_err();
+        assert!(e.to_string().contains("resyncSeconds"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Reconcile loop: policies directory + static bindings (config) ->
 //! compiled tables -> kernel. Runs at start, on SIGHUP, on any change in the
-//! policies directory (inotify, debounced) and every few seconds (for bound
+//! policies directory (inotify, debounced), on pod events and when a selected
+//! pod's cgroup appears (Kubernetes mode), and every `resyncSeconds` (for bound
 //! cgroups that did not exist yet).
 //!
 //! Reload semantics: each file is validated on its own. A file with any
@@ -70,6 +71,12 @@ pub struct K8s {
     cache: Arc<Mutex<crate::k8s::watch::PodCache>>,
     trust_domain: String,
     kubelet_root: Option<PathBuf>,
+    /// Wakes the reconcile loop (pod events, a pod cgroup appearing).
+    wake: Arc<tokio::sync::Notify>,
+    /// inotify on the QoS-level directories where selected pods without a
+    /// cgroup yet will get theirs (see `watch_pending_pods`).
+    parents: Option<notify::RecommendedWatcher>,
+    watched: HashSet<PathBuf>,
 }
 
 /// A pod bound through its pod-level cgroup.
@@ -146,6 +153,10 @@ pub struct State {
     k8s: Option<K8s>,
     /// Kubernetes mode: pod-level cgroup -> the pod bound there (status).
     pods: HashMap<PathBuf, PodBinding>,
+    /// Kubernetes mode: pods a policy selects whose pod-level cgroup does
+    /// not exist yet (sandbox not made; bound when it appears, see
+    /// `watch_pending_pods`).
+    pending_pods: Vec<PodBinding>,
     /// DNS proxies to (re)start after a reload (async, outside the lock).
     pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
 }
@@ -426,13 +437,15 @@ impl State {
             };
             wanted.insert(path, b.policy.clone());
         }
-        let pods = self.pod_bindings();
+        let (pods, pending) = self.pod_bindings();
         for (path, p) in &pods {
             wanted
                 .entry(path.clone())
                 .or_insert_with(|| p.policy.clone());
         }
         self.pods = pods;
+        self.pending_pods = pending;
+        self.watch_pending_pods();
         if self.k8s.is_some() {
             self.publish_workloads();
         }
@@ -541,11 +554,12 @@ impl State {
     /// ephemeral containers start already enforced (the programs run for
     /// every descendant cgroup). Pods two policies select are bound to a
     /// policy name that cannot exist, so they fail closed.
-    fn pod_bindings(&self) -> HashMap<PathBuf, PodBinding> {
+    fn pod_bindings(&self) -> (HashMap<PathBuf, PodBinding>, Vec<PodBinding>) {
         use crate::k8s::{binding, cgroups};
         let mut out = HashMap::new();
+        let mut pending = Vec::new();
         let Some(k) = &self.k8s else {
-            return out;
+            return (out, pending);
         };
         let identities: Vec<(String, crate::policy::Identity)> = self
             .active
@@ -579,23 +593,90 @@ impl State {
                     (format!("conflict: {}", names.join(", ")), None)
                 }
             };
-            let Some((path, _driver)) =
-                cgroups::resolve_pod(&self.mount, k.kubelet_root.as_deref(), &pod.pod_ref())
-            else {
-                tracing::debug!(pod = %pod.info.name, "pod cgroup not found yet");
-                continue;
-            };
             let spiffe_id = binding::spiffe_id(id.as_ref(), &k.trust_domain, &pod.info);
-            out.insert(
-                path,
-                PodBinding {
-                    entry: pod.clone(),
-                    policy,
-                    spiffe_id,
-                },
-            );
+            let b = PodBinding {
+                entry: pod.clone(),
+                policy,
+                spiffe_id,
+            };
+            match cgroups::resolve_pod(&self.mount, k.kubelet_root.as_deref(), &pod.pod_ref()) {
+                Some((path, _driver)) => {
+                    out.insert(path, b);
+                }
+                None => {
+                    tracing::debug!(pod = %pod.info.name, "pod cgroup not found yet");
+                    pending.push(b);
+                }
+            }
         }
-        out
+        (out, pending)
+    }
+
+    /// A selected pod whose cgroup does not exist yet is bound the moment the
+    /// kubelet creates it: inotify on its QoS-level parent directories wakes
+    /// the reconcile loop (`IN_CREATE`; mkdir on cgroupfs is reported like on
+    /// any file system), instead of waiting for the periodic resync. The
+    /// kubelet creates the pod cgroup before the sandbox and the containers,
+    /// so the pod's first process starts in a bound cgroup unless the
+    /// sandbox is created faster than the daemon reacts. Watches are dropped
+    /// when no pending pod needs them.
+    fn watch_pending_pods(&mut self) {
+        use notify::{RecursiveMode, Watcher};
+        let Some(k) = self.k8s.as_mut() else {
+            return;
+        };
+        let mut wanted: HashSet<PathBuf> = HashSet::new();
+        for p in &self.pending_pods {
+            for dir in crate::k8s::cgroups::pod_parent_dirs(
+                &self.mount,
+                k.kubelet_root.as_deref(),
+                &p.entry.pod_ref(),
+            ) {
+                if dir.is_dir() {
+                    wanted.insert(dir);
+                }
+            }
+        }
+        if wanted.is_empty() && k.watched.is_empty() {
+            return;
+        }
+        if k.parents.is_none() {
+            let wake = k.wake.clone();
+            match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok_and(|ev| ev.kind.is_create()) {
+                    wake.notify_one();
+                }
+            }) {
+                Ok(w) => k.parents = Some(w),
+                Err(e) => {
+                    tracing::warn!(
+                        "inotify unavailable ({e}): pods are bound on the periodic resync"
+                    );
+                    return;
+                }
+            }
+        }
+        let Some(w) = k.parents.as_mut() else {
+            return;
+        };
+        for gone in k.watched.difference(&wanted).cloned().collect::<Vec<_>>() {
+            let _ = w.unwatch(&gone);
+            k.watched.remove(&gone);
+        }
+        for dir in wanted {
+            if k.watched.contains(&dir) {
+                continue;
+            }
+            match w.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    tracing::debug!(dir = %dir.display(), "watching for pod cgroups");
+                    k.watched.insert(dir);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), "watching for pod cgroups: {e}; bound on the periodic resync")
+                }
+            }
+        }
     }
 
     /// `cgroup/sock_create` only runs for inet sockets: a process holding
@@ -645,10 +726,14 @@ impl State {
     /// Kubernetes mode: tell the event attribution which cgroup ids are
     /// which pod and container (audit records and `enforcer_pod_events_total`
     /// carry namespace, pod and container), and export the bound pods.
+    /// The pods' cgroup directories go along, so that a container cgroup
+    /// created after this call is placed at its first event
+    /// (`Attribution::workload`).
     fn publish_workloads(&self) {
-        use crate::events::Workload;
+        use crate::events::{reader::PodScope, Workload};
         let mut map = HashMap::new();
         let mut info = Vec::new();
+        let mut scopes = Vec::new();
         for (path, p) in &self.pods {
             let (ns, pod) = (&p.entry.info.namespace, &p.entry.info.name);
             info.push((
@@ -658,6 +743,21 @@ impl State {
                 pod.clone(),
                 p.entry.info.uid.clone(),
             ));
+            scopes.push(PodScope {
+                dir: path.clone(),
+                namespace: ns.clone(),
+                pod: pod.clone(),
+                containers: p
+                    .entry
+                    .containers
+                    .iter()
+                    .filter_map(|c| {
+                        let id = c.container_id.as_deref()?;
+                        let id = id.parse::<crate::k8s::cgroups::ContainerId>().ok()?;
+                        Some((id.id, c.name.clone()))
+                    })
+                    .collect(),
+            });
             if let Ok(id) = cgroup::cgroup_id(path) {
                 map.insert(
                     id,
@@ -682,7 +782,7 @@ impl State {
                 );
             }
         }
-        self.attribution.set_workloads(map);
+        self.attribution.set_workloads(map, scopes);
         self.metrics.set_pods(&info);
     }
 
@@ -709,33 +809,44 @@ impl State {
             .collect()
     }
 
+    /// The pods bound to `policy` on this node, and those selected whose
+    /// pod-level cgroup does not exist yet (`cgroup` empty).
     fn pod_status(&self, policy: &str) -> Vec<control::PodStatus> {
-        let mut out: Vec<control::PodStatus> = self
+        let row = |p: &PodBinding, cgroup: String| control::PodStatus {
+            namespace: p.entry.info.namespace.clone(),
+            name: p.entry.info.name.clone(),
+            uid: p.entry.info.uid.clone(),
+            spiffe_id: p.spiffe_id.clone(),
+            cgroup,
+            containers: self
+                .container_cgroups(&p.entry)
+                .into_iter()
+                .map(|(c, dir)| control::ContainerStatusOut {
+                    name: c.name.clone(),
+                    kind: format!("{:?}", c.kind).to_lowercase(),
+                    container_id: c.container_id.clone(),
+                    cgroup: dir.map(|d| d.display().to_string()),
+                })
+                .collect(),
+        };
+        let bound = self
             .pods
             .iter()
             .filter(|(_, p)| p.policy == policy)
-            .map(|(path, p)| control::PodStatus {
-                namespace: p.entry.info.namespace.clone(),
-                name: p.entry.info.name.clone(),
-                uid: p.entry.info.uid.clone(),
-                spiffe_id: p.spiffe_id.clone(),
-                cgroup: if self.bound.contains_key(path) {
+            .map(|(path, p)| {
+                let cgroup = if self.bound.contains_key(path) {
                     path.display().to_string()
                 } else {
                     String::new()
-                },
-                containers: self
-                    .container_cgroups(&p.entry)
-                    .into_iter()
-                    .map(|(c, dir)| control::ContainerStatusOut {
-                        name: c.name.clone(),
-                        kind: format!("{:?}", c.kind).to_lowercase(),
-                        container_id: c.container_id.clone(),
-                        cgroup: dir.map(|d| d.display().to_string()),
-                    })
-                    .collect(),
-            })
-            .collect();
+                };
+                row(p, cgroup)
+            });
+        let pending = self
+            .pending_pods
+            .iter()
+            .filter(|p| p.policy == policy)
+            .map(|p| row(p, String::new()));
+        let mut out: Vec<control::PodStatus> = bound.chain(pending).collect();
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         out
     }
@@ -910,6 +1021,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         pending_dns: Vec::new(),
         k8s: None,
         pods: HashMap::new(),
+        pending_pods: Vec::new(),
     };
     let state = Arc::new(Mutex::new(state));
     // Kubernetes mode: this node's pods, watched in the background; a change
@@ -942,6 +1054,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
                 cache: cache.clone(),
                 trust_domain: kc.trust_domain.clone(),
                 kubelet_root: kc.kubelet_cgroup_root.clone(),
+                wake: pods_changed.clone(),
+                parents: None,
+                watched: HashSet::new(),
             });
             tracing::info!(node = %node, "kubernetes: watching this node's pods");
             let notify = pods_changed.clone();
@@ -1010,7 +1125,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.resync_seconds));
     println!(
         "enforcer daemon: ready (control socket {})",
         cfg.control_socket.display()

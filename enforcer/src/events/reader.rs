@@ -6,9 +6,11 @@
 //! name, policy hash) is looked up in a shared table that the controller
 //! updates when policies change.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     mem::size_of,
     net::{IpAddr, Ipv6Addr},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -59,34 +61,87 @@ impl SlotInfo {
 
 /// slot -> SlotInfo, shared between the controller (writer) and the reader.
 #[derive(Clone, Default)]
-pub struct Attribution(
-    Arc<RwLock<HashMap<u32, SlotInfo>>>,
-    /// cgroup id -> Kubernetes workload (pod and container cgroups).
-    Arc<RwLock<HashMap<u64, super::Workload>>>,
-);
+pub struct Attribution {
+    slots: Arc<RwLock<HashMap<u32, SlotInfo>>>,
+    /// Kubernetes mode: which pod and container a cgroup id is.
+    workloads: Arc<RwLock<Workloads>>,
+}
+
+/// cgroup id -> Kubernetes workload, published by the daemon on each
+/// reconcile, plus what it needs to place a cgroup it has not mapped yet.
+#[derive(Default)]
+struct Workloads {
+    known: HashMap<u64, super::Workload>,
+    pods: Vec<PodScope>,
+    /// Ids looked up under every pod without a match, until the next publish.
+    missed: HashSet<u64>,
+}
+
+/// A bound pod as the event attribution sees it: its pod-level cgroup
+/// directory and its containers' runtime IDs (64 hex digits) with names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodScope {
+    pub dir: PathBuf,
+    pub namespace: String,
+    pub pod: String,
+    /// (container ID without the `<runtime>://` prefix, container name).
+    pub containers: Vec<(String, String)>,
+}
+
+/// Bound on the cgroups examined per miss (children of one pod directory).
+const MAX_SCOPE_CHILDREN: usize = 256;
 
 impl Attribution {
-    /// Replace the cgroup id -> workload map (daemon, Kubernetes mode).
-    pub fn set_workloads(&self, m: HashMap<u64, super::Workload>) {
-        *self.1.write().unwrap_or_else(|e| e.into_inner()) = m;
+    /// Replace the cgroup id -> workload map and the bound pods (daemon,
+    /// Kubernetes mode; on every reconcile).
+    pub fn set_workloads(&self, known: HashMap<u64, super::Workload>, pods: Vec<PodScope>) {
+        *self.workloads.write().unwrap_or_else(|e| e.into_inner()) = Workloads {
+            known,
+            pods,
+            missed: HashSet::new(),
+        };
     }
 
+    /// The pod (and container) of `cgroup_id`. A container cgroup created
+    /// since the last publish (the daemon maps containers on its 2 s
+    /// reconcile tick and on pod events, and the kubelet reports a new
+    /// container's ID only after it started) is placed here on first sight:
+    /// it is a child directory of a bound pod's cgroup whose inode is the id;
+    /// its name holds the container ID, which names the container once the
+    /// pod's status lists it (until then: the pod, no container). Found ids
+    /// are remembered; ids under no pod are remembered as misses until the
+    /// next publish, so a flood of events costs one directory scan.
     pub fn workload(&self, cgroup_id: u64) -> Option<super::Workload> {
-        self.1
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&cgroup_id)
-            .cloned()
+        {
+            let w = self.workloads.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(found) = w.known.get(&cgroup_id) {
+                return Some(found.clone());
+            }
+            if w.pods.is_empty() || w.missed.contains(&cgroup_id) {
+                return None;
+            }
+        }
+        let mut w = self.workloads.write().unwrap_or_else(|e| e.into_inner());
+        let found = w.pods.iter().find_map(|p| p.place(cgroup_id));
+        match &found {
+            Some(found) => {
+                w.known.insert(cgroup_id, found.clone());
+            }
+            None => {
+                w.missed.insert(cgroup_id);
+            }
+        }
+        found
     }
 
     pub fn set(&self, slot: u32, info: SlotInfo) {
-        self.0
+        self.slots
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(slot, info);
     }
     pub fn get(&self, slot: u32) -> Option<SlotInfo> {
-        self.0
+        self.slots
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&slot)
@@ -159,6 +214,37 @@ impl Attribution {
             policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),
             detail,
         }
+    }
+}
+
+impl PodScope {
+    /// The workload of `cgroup_id` if it is this pod's cgroup or one of its
+    /// direct children (the container cgroups, in every kubelet layout).
+    fn place(&self, cgroup_id: u64) -> Option<super::Workload> {
+        let workload = |container: Option<String>| super::Workload {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            container,
+        };
+        if std::fs::metadata(&self.dir).ok()?.ino() == cgroup_id {
+            return Some(workload(None));
+        }
+        let rd = std::fs::read_dir(&self.dir).ok()?;
+        for e in rd.flatten().take(MAX_SCOPE_CHILDREN) {
+            let Ok(md) = e.metadata() else { continue };
+            if !md.is_dir() || md.ino() != cgroup_id {
+                continue;
+            }
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let container = self
+                .containers
+                .iter()
+                .find(|(id, _)| name.contains(id.as_str()))
+                .map(|(_, n)| n.clone());
+            return Some(workload(container));
+        }
+        None
     }
 }
 
@@ -304,6 +390,61 @@ mod tests {
         };
         let bytes: [u8; size_of::<Event>()] = unsafe { std::mem::transmute(ev) };
         assert_eq!(decode(&bytes), Some(ev));
+    }
+
+    /// A container cgroup made after the daemon's last publish is placed at
+    /// its first event: by inode under a bound pod's directory, named once
+    /// the pod's status lists its container ID, and cached; ids under no
+    /// pod are misses until the next publish.
+    #[test]
+    fn unmapped_container_cgroup_is_placed_under_its_pod() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pod_dir = tmp.path().join("kubepods-besteffort-poduid.slice");
+        let id = "a".repeat(64);
+        let named = pod_dir.join(format!("cri-containerd-{id}.scope"));
+        let unnamed = pod_dir.join(format!("cri-containerd-{}.scope", "b".repeat(64)));
+        let elsewhere = tmp.path().join("other");
+        for d in [&named, &unnamed, &elsewhere] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+        let a = Attribution::default();
+        // Nothing published (not Kubernetes mode): no workload, no scan.
+        assert_eq!(a.workload(ino(&named)), None);
+        a.set_workloads(
+            HashMap::new(),
+            vec![PodScope {
+                dir: pod_dir.clone(),
+                namespace: "agents".into(),
+                pod: "coder-0".into(),
+                containers: vec![(id.clone(), "agent".into())],
+            }],
+        );
+        let w = |c: Option<&str>| {
+            Some(crate::events::Workload {
+                namespace: "agents".into(),
+                pod: "coder-0".into(),
+                container: c.map(str::to_string),
+            })
+        };
+        assert_eq!(a.workload(ino(&named)), w(Some("agent")));
+        assert_eq!(
+            a.workload(ino(&unnamed)),
+            w(None),
+            "ID not in the pod status yet"
+        );
+        assert_eq!(a.workload(ino(&pod_dir)), w(None));
+        assert_eq!(a.workload(ino(&elsewhere)), None);
+        // Cached: the answer survives the directory going away...
+        let named_ino = ino(&named);
+        std::fs::remove_dir(&named).unwrap();
+        assert_eq!(a.workload(named_ino), w(Some("agent")));
+        let gone = ino(&elsewhere);
+        // ...and a miss stays a miss until the next publish.
+        assert!(a.workloads.read().unwrap().missed.contains(&gone));
+        a.set_workloads(HashMap::new(), Vec::new());
+        assert_eq!(a.workload(gone), None);
+        assert!(a.workloads.read().unwrap().missed.is_empty());
     }
 
     #[test]

@@ -379,6 +379,28 @@ pub fn resolve_pod(
     })
 }
 
+/// The directories the kubelet creates the pod's cgroup in (its QoS-level
+/// parents, every driver), absolute under `cgroup_root`. The daemon watches
+/// those that exist while a selected pod has no cgroup yet, so the pod is
+/// bound when its cgroup appears rather than on the next periodic resync.
+pub fn pod_parent_dirs(
+    cgroup_root: &Path,
+    kubelet_root: Option<&Path>,
+    pod: &PodRef,
+) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for d in DRIVERS {
+        for rel in pod_candidates_rooted(pod, d, kubelet_root) {
+            if let Some(parent) = cgroup_root.join(rel).parent() {
+                if !out.iter().any(|p| p == parent) {
+                    out.push(parent.to_path_buf());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Find one container's cgroup under `cgroup_root`, as [`resolve_pod`] does
 /// for the pod. Never CRI-O's `crio-conmon-<id>` (the monitor, not the
 /// container). For status and attribution: enforcement binds the pod.
@@ -734,6 +756,39 @@ mod tests {
                 "kubepods.slice/kubepods-pod6f1b2c3d4e5f60718293a4b5c6d7e8f9.slice"
             )]
         );
+    }
+
+    #[test]
+    fn pod_parent_dirs_are_the_qos_level_directories() {
+        let root = Path::new("/sys/fs/cgroup");
+        let pod = pod(QosClass::Burstable);
+        assert_eq!(
+            pod_parent_dirs(root, None, &pod),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice"),
+                PathBuf::from("/sys/fs/cgroup/kubepods/burstable"),
+            ]
+        );
+        let g = pod_parent_dirs(
+            root,
+            None,
+            &super::PodRef {
+                uid: UID,
+                qos: QosClass::Guaranteed,
+            },
+        );
+        assert_eq!(
+            g,
+            vec![
+                PathBuf::from("/sys/fs/cgroup/kubepods.slice"),
+                PathBuf::from("/sys/fs/cgroup/kubepods"),
+            ]
+        );
+        let hostile = super::PodRef {
+            uid: "../x",
+            qos: QosClass::Burstable,
+        };
+        assert!(pod_parent_dirs(root, None, &hostile).is_empty());
     }
 
     #[test]
