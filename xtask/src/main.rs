@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`,
-//! `cargo xtask bench-dns`, `cargo xtask bench-open`, `cargo xtask vm-test`.
+//! `cargo xtask bench-dns`, `cargo xtask bench-open`, `cargo xtask vm-test`,
+//! `cargo xtask image`.
 //!
 //! They need root and the real kernel (they load the enforcer's eBPF
 //! programs through the `enforcer` binary). This crate does not depend on
@@ -8,6 +9,7 @@ mod bench;
 mod demo;
 mod dns_bench;
 mod dns_upstream;
+mod image;
 mod open_bench;
 mod test;
 mod util;
@@ -86,6 +88,8 @@ enum Cmd {
     BenchOpen(open_bench::OpenArgs),
     /// The whole test suite, as CI runs it: setup, fmt, clippy, unit and real-kernel integration tests (needs root).
     Test,
+    /// Build the DaemonSet's container image as an OCI archive (no container engine needed).
+    Image(image::ImageArgs),
     /// Run a command as root inside a VM booted with a Debian 6.1 kernel that loads BPF LSM programs (default: a self-check; needs root).
     VmTest(vm::VmArgs),
     /// Load generator used by `bench` (runs inside the cgroup under test).
@@ -124,6 +128,7 @@ fn main() -> std::process::ExitCode {
         Cmd::BenchOpen(args) => open_bench::run(&args),
         Cmd::Test => test::run(&util::repo_root()),
         Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
+        Cmd::Image(args) => image::run(&args),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
         Cmd::BenchDnsWorker(args) => dns_bench::worker(&args).map(|()| 0),
         Cmd::BenchOpenWorker(args) => open_bench::worker(&args).map(|()| 0),
