@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | `enforcer_decisions_total` | counter | identity, action, verdict | kernel per-CPU counters, [`Metrics::set_decisions_total`] |
 //! | `enforcer_events_total` | counter | identity, action, verdict | ring-buffer events, [`Metrics::record_event`] |
-//! | `enforcer_pod_events_total` | counter | identity, namespace, pod, container, action, verdict | events of bound pods (Kubernetes mode), [`Metrics::record_pod_event`] |
+//! | `enforcer_pod_events_total` | counter | identity, spiffe_id, namespace, pod, container, action, verdict | events of bound pods (Kubernetes mode), [`Metrics::record_pod_event`] |
 //! | `enforcer_pod_info` | gauge (=1) | identity, spiffe_id, namespace, pod, uid | bound pods, [`Metrics::set_pods`] |
 //! | `enforcer_events_lost_total` | counter | | kernel stat, [`Metrics::set_events_lost_total`] |
 //! | `enforcer_no_identity_decisions_total` | counter | | kernel stat, [`Metrics::set_no_identity_decisions_total`] |
@@ -191,7 +191,15 @@ impl Metrics {
                 r,
                 "enforcer_pod_events_total",
                 "Decision events of processes in a bound pod (Kubernetes mode), by container.",
-                &["identity", "namespace", "pod", "container", "action", "verdict"],
+                &[
+                    "identity",
+                    "spiffe_id",
+                    "namespace",
+                    "pod",
+                    "container",
+                    "action",
+                    "verdict",
+                ],
             ),
             pod_info: gauge_vec(
                 r,
@@ -372,6 +380,7 @@ impl Metrics {
     ) {
         let labels = vec![
             identity.to_string(),
+            w.spiffe_id.clone(),
             w.namespace.clone(),
             w.pod.clone(),
             w.container.clone().unwrap_or_default(),

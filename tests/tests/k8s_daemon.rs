@@ -232,10 +232,12 @@ impl Node {
     }
 }
 
-/// A denied connect in the audit log that carries namespace, pod and container.
+/// A denied connect in the audit log that carries the pod's SPIFFE ID
+/// (derived: the policy sets none), namespace, pod and container.
 fn labelled_denial(recs: &[Value]) -> bool {
     recs.iter().any(|r| {
         r["action"] == "connect"
+            && r["identity"]["spiffe_id"] == "spiffe://example.org/ns/agents/sa/research"
             && r["verdict"] == "deny"
             && r["namespace"] == "agents"
             && r["pod"] == "research-0"
@@ -326,6 +328,7 @@ fn daemon_binds_the_pods_a_policy_selects() {
             "enforcer_pod_events_total",
             &[
                 ("identity", "research"),
+                ("spiffe_id", "spiffe://example.org/ns/agents/sa/research"),
                 ("namespace", "agents"),
                 ("pod", "research-0"),
                 ("container", "agent"),

@@ -745,6 +745,7 @@ impl State {
             ));
             scopes.push(PodScope {
                 dir: path.clone(),
+                spiffe_id: p.spiffe_id.clone(),
                 namespace: ns.clone(),
                 pod: pod.clone(),
                 containers: p
@@ -762,6 +763,7 @@ impl State {
                 map.insert(
                     id,
                     Workload {
+                        spiffe_id: p.spiffe_id.clone(),
                         namespace: ns.clone(),
                         pod: pod.clone(),
                         container: None,
@@ -775,6 +777,7 @@ impl State {
                 map.insert(
                     id,
                     Workload {
+                        spiffe_id: p.spiffe_id.clone(),
                         namespace: ns.clone(),
                         pod: pod.clone(),
                         container: Some(c.name.clone()),

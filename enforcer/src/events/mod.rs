@@ -125,6 +125,11 @@ pub struct IdentityRef {
 /// pod, and the container when the process ran in a container's cgroup.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Workload {
+    /// The pod's SPIFFE ID (the policy's `spiffeId`, or derived from the
+    /// pod's namespace and service account); it becomes the decision's
+    /// `identity.spiffe_id`.
+    #[serde(skip)]
+    pub spiffe_id: String,
     pub namespace: String,
     pub pod: String,
     #[serde(skip_serializing_if = "Option::is_none")]

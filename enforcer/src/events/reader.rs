@@ -82,6 +82,7 @@ struct Workloads {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodScope {
     pub dir: PathBuf,
+    pub spiffe_id: String,
     pub namespace: String,
     pub pod: String,
     /// (container ID without the `<runtime>://` prefix, container name).
@@ -151,13 +152,19 @@ impl Attribution {
     /// Turn a kernel event into an attributed decision.
     pub fn decision(&self, ev: &Event, clock: &Clock) -> Decision {
         let info = self.get(ev.slot);
-        let identity = info
+        let mut identity = info
             .as_ref()
             .map(|i| i.identity.clone())
             .unwrap_or(IdentityRef {
                 name: "unknown".into(),
                 spiffe_id: None,
             });
+        // Kubernetes mode: the pod's own SPIFFE ID (derived per namespace
+        // and service account when the policy does not set one).
+        let workload = self.workload(ev.cgroup_id);
+        if let Some(w) = workload.as_ref().filter(|w| !w.spiffe_id.is_empty()) {
+            identity.spiffe_id = Some(w.spiffe_id.clone());
+        }
         let rule = slot_rule_name(ev.rule_id, info.as_ref());
         let act = Action::from_kernel(ev.action).unwrap_or(Action::Connect);
         let mut path = None;
@@ -208,7 +215,7 @@ impl Attribution {
             protocol: (!act.is_file()).then(|| protocol_name(ev.protocol, ev.sock_type)),
             host: None,
             path,
-            workload: self.workload(ev.cgroup_id),
+            workload,
             verdict: Verdict::from_kernel(ev.verdict).unwrap_or(Verdict::Deny),
             rule,
             policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),
@@ -222,6 +229,7 @@ impl PodScope {
     /// direct children (the container cgroups, in every kubelet layout).
     fn place(&self, cgroup_id: u64) -> Option<super::Workload> {
         let workload = |container: Option<String>| super::Workload {
+            spiffe_id: self.spiffe_id.clone(),
             namespace: self.namespace.clone(),
             pod: self.pod.clone(),
             container,
@@ -415,6 +423,7 @@ mod tests {
             HashMap::new(),
             vec![PodScope {
                 dir: pod_dir.clone(),
+                spiffe_id: "spiffe://example.org/ns/agents/sa/coder".into(),
                 namespace: "agents".into(),
                 pod: "coder-0".into(),
                 containers: vec![(id.clone(), "agent".into())],
@@ -422,6 +431,7 @@ mod tests {
         );
         let w = |c: Option<&str>| {
             Some(crate::events::Workload {
+                spiffe_id: "spiffe://example.org/ns/agents/sa/coder".into(),
                 namespace: "agents".into(),
                 pod: "coder-0".into(),
                 container: c.map(str::to_string),
@@ -435,6 +445,17 @@ mod tests {
         );
         assert_eq!(a.workload(ino(&pod_dir)), w(None));
         assert_eq!(a.workload(ino(&elsewhere)), None);
+        // A decision of a process in the pod carries the pod's SPIFFE ID.
+        let ev = Event {
+            cgroup_id: ino(&named),
+            ..Default::default()
+        };
+        let d = a.decision(&ev, &Clock::new());
+        assert_eq!(
+            d.identity.spiffe_id.as_deref(),
+            Some("spiffe://example.org/ns/agents/sa/coder")
+        );
+        assert_eq!(d.workload, w(Some("agent")));
         // Cached: the answer survives the directory going away...
         let named_ino = ino(&named);
         std::fs::remove_dir(&named).unwrap();
