@@ -936,6 +936,14 @@ impl Daemon {
     }
 
     /// `enforcer status --socket S --json`
+    /// The identity `name` in `enforcer status --json`, if the daemon has it.
+    pub fn identity(&self, name: &str) -> Option<Value> {
+        self.status()["identities"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == name))
+            .cloned()
+    }
+
     pub fn status(&self) -> Value {
         let mut c = enforcer();
         c.args(["status", "--json", "--socket"]).arg(&self.socket);

@@ -1245,9 +1245,7 @@ fn daemon_restart_keeps_the_dns_proxy_port() {
     );
     d.start();
     let port_of = |d: &Daemon| -> u64 {
-        d.status()["identities"]
-            .as_array()
-            .and_then(|a| a.iter().find(|i| i["name"] == "dns-restart"))
+        d.identity("dns-restart")
             .and_then(|i| i["dns_port"].as_u64())
             .unwrap_or(0)
     };

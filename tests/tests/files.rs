@@ -407,10 +407,12 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
         &format!(
             "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: files-daemon\n\
              spec:\n  egress:\n    - cidr: 127.0.0.2/32\n      ports: [{b}]\n  files:\n    - path: \
-             {s}\n      access: deny\n    - path: {t}\n      access: taint\n  onTaint:\n    \
-             egress:\n      - cidr: 127.0.0.3/32\n        ports: [{o}]\n",
+             {s}\n      access: deny\n    - path: {t}\n      access: taint\n    - path: {l}\n      \
+             access: deny\n  onTaint:\n    egress:\n      - cidr: 127.0.0.3/32\n        ports: \
+             [{o}]\n",
             b = before.port(),
             s = root.join("secrets").display(),
+            l = root.join("late-key").display(),
             t = root.join("token").display(),
             o = on_taint.port()
         ),
@@ -419,14 +421,16 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
     let st = d.status();
     assert_eq!(st["capabilities"]["bpf_lsm"]["available"], true, "{st}");
     assert_eq!(st["rejected"], serde_json::json!([]), "{st}");
-    let id = st["identities"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == "files-daemon"))
-        .unwrap_or_else(|| panic!("{st}"))
-        .clone();
-    assert_eq!(id["file_rules"], 2, "{id}");
+    let id = d.identity("files-daemon").unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(id["file_rules"], 3, "{id}");
     assert!(id["file_inodes"].as_u64().unwrap() >= 3, "{id}");
     assert!(id["tainted"].is_null(), "{id}");
+    // A rule whose path does not exist yet is said to be not in force...
+    let late = root.join("late-key");
+    assert!(
+        id["unresolved_files"].to_string().contains("late-key"),
+        "{id}"
+    );
 
     let mut p = Probe::spawn(&dir);
     move_pid(&cg.path, p.pid);
@@ -436,6 +440,21 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
     let r = read(&mut p, &root.join("secrets/key"));
     assert_eq!(r["errno"], libc::EPERM, "{r}");
     assert_eq!(read(&mut p, &root.join("public"))["data"], "PUBLIC-DATA");
+    // ...and protected once it is created: the daemon resolves missing rule
+    // paths again on every reconcile (every resyncSeconds, 2 s here).
+    write(&late, SECRET);
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            d.identity("files-daemon").is_some_and(|i| {
+                i["unresolved_files"] == serde_json::json!([])
+                    && i["file_inodes"].as_u64().unwrap_or(0) >= 4
+            })
+        }),
+        "the created rule path was not resolved: {}",
+        d.status()
+    );
+    let r = read(&mut p, &late);
+    assert_eq!(r["errno"], libc::EPERM, "a rule path created later: {r}");
     assert_eq!(p.tcp("127.0.0.2", before.port(), "")["ok"], true);
     assert_eq!(read(&mut p, &root.join("token"))["data"], TOKEN);
     let r = p.tcp("127.0.0.2", before.port(), "after-taint");
@@ -467,12 +486,7 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
         "{}",
         d.scrape()
     );
-    let st = d.status();
-    let id = st["identities"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == "files-daemon"))
-        .unwrap()
-        .clone();
+    let id = d.identity("files-daemon").unwrap();
     assert!(
         id["tainted"].as_str().unwrap_or("").contains("token"),
         "{id}"
@@ -510,12 +524,7 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
         libc::EPERM,
         "still tainted after the restart: {r}"
     );
-    let st = d.status();
-    let id = st["identities"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == "files-daemon"))
-        .unwrap()
-        .clone();
+    let id = d.identity("files-daemon").unwrap();
     assert!(
         id["tainted"].is_string(),
         "the kernel's taint flag survives: {id}"

@@ -1163,6 +1163,11 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             if why != "tick" && why != "pods" {
                 tracing::info!(trigger = why, "reloading policies");
                 s.reload_policies();
+            } else if s.active.values().any(|a| !a.files.unresolved.is_empty()) {
+                // A `files:` rule path that did not exist: resolve it again
+                // (the reload keeps everything else as is and installs the
+                // policy again, atomically, only if a path now resolves).
+                s.reload_policies();
             }
         }
         start_dns(&state, &dns).await;
