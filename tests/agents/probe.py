@@ -7,6 +7,9 @@ cgroup *before* it does anything and then probe repeatedly:
 
   {"op": "tcp", "host": h, "port": p, "data": s}   connect + send
   {"op": "udp", "host": h, "port": p, "data": s}   unconnected sendto
+  {"op": "udp_many", "host": h, "port": p, "count": n}
+                     n sendto()s of one byte on one socket, as fast as it can;
+                     returns how many were sent and how many failed with EPERM
   {"op": "raw"}      socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
   {"op": "raw6"}     socket(AF_INET6, SOCK_RAW, IPPROTO_ICMPV6)
   {"op": "ping"}     socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)
@@ -86,6 +89,19 @@ def do(cmd):
             return {"sent": s.sendto(cmd["data"].encode(), (cmd["host"], cmd["port"]))}
         finally:
             s.close()
+    if op == "udp_many":
+        s = socket.socket(fam(cmd["host"]), socket.SOCK_DGRAM)
+        sent = eperm = 0
+        try:
+            for _ in range(cmd["count"]):
+                try:
+                    s.sendto(b"x", (cmd["host"], cmd["port"]))
+                    sent += 1
+                except PermissionError:
+                    eperm += 1
+        finally:
+            s.close()
+        return {"sent": sent, "eperm": eperm}
     if op in ("raw", "raw6", "ping", "packet"):
         args = {
             "raw": (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),

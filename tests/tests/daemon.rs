@@ -534,3 +534,68 @@ fn daemon_restart_keeps_enforcing() {
     p.kill();
     d.kill9();
 }
+
+/// The event ring buffer overflows while nothing reads it (the daemon is
+/// stopped with SIGSTOP): every verdict is still given at once, the events
+/// that did not fit are counted in the kernel and reported once the daemon
+/// runs again (`enforcer_events_lost_total`, `enforcer status`), the
+/// per-identity decision counters (kernel counters, not events) miss
+/// nothing, and zero bytes get out.
+#[test]
+fn ring_buffer_overflow_is_counted_and_never_delays_a_verdict() {
+    if !require_root("ring_buffer_overflow_is_counted_and_never_delays_a_verdict") {
+        return;
+    }
+    let cg = Cgroup::create("overflow");
+    let pins = PinDir::new("overflow");
+    let dir = TestDir::new("overflow");
+    let api = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let outside = UdpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let name = "overflow-agent";
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
+    write_policy(&d, "p.yaml", name, api.port());
+    d.start();
+    let lost = |d: &Daemon| metric(&d.scrape(), "enforcer_events_lost_total", &[]);
+    assert_eq!(lost(&d), Some(0.0));
+
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cg.path, p.pid);
+    // The ring holds 1 MiB: about 12,000 events of this size.
+    let n: u64 = 40_000;
+    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGSTOP) }, 0);
+    let r = p.cmd(serde_json::json!({
+        "op": "udp_many", "host": "127.0.0.2", "port": outside.port(), "count": n
+    }));
+    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGCONT) }, 0);
+    assert_eq!(r["eperm"], n, "every sendto refused at once: {r}");
+    assert_eq!(r["sent"], 0, "{r}");
+
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+            lost(&d).unwrap_or(0.0) >= (n / 2) as f64
+        }),
+        "lost events not counted: {:?}",
+        lost(&d)
+    );
+    let st = d.status();
+    assert!(
+        st["events_lost"].as_u64().unwrap_or(0) >= n / 2,
+        "status: {}",
+        st["events_lost"]
+    );
+    let denied = metric(
+        &d.scrape(),
+        "enforcer_decisions_total",
+        &[
+            ("identity", name),
+            ("action", "sendmsg"),
+            ("verdict", "deny"),
+        ],
+    );
+    assert!(
+        denied.unwrap_or(0.0) >= n as f64,
+        "kernel counters count every verdict: {denied:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(outside.bytes() + outside.datagrams(), 0, "zero bytes out");
+}
