@@ -92,16 +92,20 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "enforcer_getpeername6";
     /// Not in `ALL`: loaded on its own, only to probe for BPF LSM.
     pub const LSM_PROBE: &str = "enforcer_lsm_probe";
-    /// BPF LSM file policy (not in `ALL`: global hooks, loaded only where
-    /// BPF LSM is available and a policy has `files:`).
+    /// BPF LSM hooks (not in `ALL`: global hooks, loaded only where BPF
+    /// LSM is available: by the daemon at start, by `enforcer run` when the
+    /// policy has `files:`). File policy:
     pub const FILE_OPEN: &str = "enforcer_file_open";
     pub const INODE_LINK: &str = "enforcer_inode_link";
     pub const INODE_RENAME: &str = "enforcer_inode_rename";
+    /// Packet sockets of agents (no cgroup hook sees AF_PACKET).
+    pub const SOCKET_CREATE: &str = "enforcer_socket_create";
     /// (program, LSM hook)
-    pub const LSM: [(&str, &str); 3] = [
+    pub const LSM: [(&str, &str); 4] = [
         (FILE_OPEN, "file_open"),
         (INODE_LINK, "inode_link"),
         (INODE_RENAME, "inode_rename"),
+        (SOCKET_CREATE, "socket_create"),
     ];
     pub const ALL: [&str; 9] = [
         CONNECT4,

@@ -11,6 +11,8 @@ use crate::maps::{IDENTITIES, POLICIES};
 
 pub struct Identity {
     pub cgroup_id: u64,
+    /// The cgroup or an ancestor is bound (an agent), even to no policy.
+    pub bound: bool,
     pub slot: u32,
     /// `None`: no identity or no policy for it (fail closed).
     pub policy: Option<PolicyState>,
@@ -24,8 +26,15 @@ fn slot_of(cgroup_id: u64) -> Option<u32> {
 #[inline(always)]
 pub fn current() -> Identity {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let mut slot = slot_of(cgroup_id);
-    if slot.is_none() {
+    // (bound, slot) as two always-initialized values rather than an
+    // Option<u32>: LLVM may read an Option's payload on the None path, and
+    // the verifier rejects a read of a register that was never written.
+    let mut bound = false;
+    let mut slot = SLOT_UNKNOWN;
+    if let Some(s) = slot_of(cgroup_id) {
+        bound = true;
+        slot = s;
+    } else {
         // Nested cgroup: walk root -> leaf and keep the deepest bound ancestor.
         let mut level: i32 = 0;
         while level < MAX_CGROUP_DEPTH {
@@ -34,24 +43,27 @@ pub fn current() -> Identity {
                 break;
             }
             if let Some(s) = slot_of(id) {
-                slot = Some(s);
+                bound = true;
+                slot = s;
             }
             level += 1;
         }
     }
-    let Some(slot) = slot else {
+    if !bound {
         return Identity {
             cgroup_id,
+            bound: false,
             slot: SLOT_UNKNOWN,
             policy: None,
         };
-    };
+    }
     let policy = POLICIES
         .get(slot)
         .copied()
         .filter(|p| p.flags & policy_flags::PRESENT != 0);
     Identity {
         cgroup_id,
+        bound: true,
         slot,
         policy,
     }

@@ -2,6 +2,7 @@
 //! - `sock_addr`: cgroup/connect4, connect6, sendmsg4, sendmsg6 (egress verdicts)
 //! - `sock`: cgroup/sock_create (raw, packet and ICMP sockets)
 //! - `files`: lsm/file_open, inode_link, inode_rename (file policy, taint)
+//! - `lsm_socket`: lsm/socket_create (packet sockets of agents)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
@@ -15,6 +16,8 @@ mod files;
 mod identity;
 #[cfg(target_arch = "bpf")]
 mod lsm_probe;
+#[cfg(target_arch = "bpf")]
+mod lsm_socket;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

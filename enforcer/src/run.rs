@@ -210,7 +210,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         // Only reached with BPF LSM available (gate_file_policy). Attached
         // before the paths are resolved: the resolver needs the hooks.
         kernel
-            .attach_file_hooks(pin_dir.as_ref().map(|d| d.join("lsm")).as_deref())
+            .attach_lsm_hooks(pin_dir.as_ref().map(|d| d.join("lsm")).as_deref())
             .context("attaching the BPF LSM file hooks")?;
     }
     let files = kernel.resolve_files(&compiled.files);

@@ -681,11 +681,13 @@ impl State {
 
     /// `cgroup/sock_create` only runs for inet sockets: a process holding
     /// CAP_NET_RAW can open an AF_PACKET socket that no cgroup hook sees, and
-    /// tc egress can be bypassed (PACKET_QDISC_BYPASS). Without BPF LSM
-    /// (`lsm_cgroup/socket_create`) the daemon cannot refuse it, so it finds
-    /// such processes and says so loudly: log (once per process), metric,
-    /// `enforcer status`. Containers should drop NET_RAW.
+    /// tc egress can be bypassed (PACKET_QDISC_BYPASS). With BPF LSM the
+    /// daemon's `lsm/socket_create` hook refuses those sockets; without it
+    /// the daemon cannot, so it finds such processes and says so loudly: log
+    /// (once per process), metric, `enforcer status`. Containers should drop
+    /// NET_RAW either way (the metric counts them in both cases).
     fn scan_net_raw(&mut self) {
+        let refused = self.kernel.lsm_hooks_attached();
         let mut found: BTreeMap<u32, String> = BTreeMap::new();
         let mut per_identity: BTreeMap<String, u64> = BTreeMap::new();
         for (path, b) in &self.bound {
@@ -697,12 +699,21 @@ impl State {
                         .to_string();
                     let what = format!(
                         "pid {pid} ({comm}) in {} [policy {}] holds CAP_NET_RAW: its packet \
-                         sockets cannot be refused without BPF LSM; drop NET_RAW from the workload",
+                         sockets {}; drop NET_RAW from the workload",
                         path.display(),
-                        b.policy
+                        b.policy,
+                        if refused {
+                            "are refused by the BPF LSM socket_create hook"
+                        } else {
+                            "cannot be refused without BPF LSM"
+                        }
                     );
                     if !self.net_raw.contains_key(&pid) {
-                        tracing::warn!("{what}");
+                        if refused {
+                            tracing::info!("{what}");
+                        } else {
+                            tracing::warn!("{what}");
+                        }
                     }
                     found.insert(pid, what);
                     *per_identity.entry(b.policy.clone()).or_default() += 1;
@@ -958,7 +969,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let mut lsm = kernel.probe_lsm();
     if lsm.available {
         // Global hooks, idle (one array lookup) while no policy has files:.
-        if let Err(e) = kernel.attach_file_hooks(Some(&cfg.pin_dir.join("lsm"))) {
+        if let Err(e) = kernel.attach_lsm_hooks(Some(&cfg.pin_dir.join("lsm"))) {
             lsm = crate::kernel::LsmSupport {
                 available: false,
                 detail: format!("BPF LSM probe passed, but the file hooks failed: {e:#}"),

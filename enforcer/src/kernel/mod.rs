@@ -388,7 +388,7 @@ impl Kernel {
 
     /// Whether the BPF LSM file hooks are attached by this process (or
     /// adopted from pins).
-    pub fn file_hooks_attached(&self) -> bool {
+    pub fn lsm_hooks_attached(&self) -> bool {
         !self.lsm_links.is_empty() || !self.lsm_pinned.is_empty()
     }
 
@@ -396,8 +396,8 @@ impl Kernel {
     /// them and attach them (global hooks). With `pin_dir`, the links are
     /// pinned there (and links a previous daemon pinned are adopted), so
     /// file enforcement outlives this process like the cgroup programs do.
-    pub fn attach_file_hooks(&mut self, pin_dir: Option<&Path>) -> Result<()> {
-        if self.file_hooks_attached() {
+    pub fn attach_lsm_hooks(&mut self, pin_dir: Option<&Path>) -> Result<()> {
+        if self.lsm_hooks_attached() {
             return Ok(());
         }
         if self.offsets.valid == 0 {
@@ -459,7 +459,7 @@ impl Kernel {
         if rules.is_empty() {
             return files::ResolvedFiles::default();
         }
-        if !self.file_hooks_attached() {
+        if !self.lsm_hooks_attached() {
             return files::resolve(rules, &mut files::StatOnly);
         }
         self.resolver_tid = nix::unistd::gettid().as_raw() as u32;
