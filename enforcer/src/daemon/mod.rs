@@ -683,7 +683,8 @@ impl State {
     /// the pod sandbox, before any app container starts) means init, app and
     /// ephemeral containers start already enforced (the programs run for
     /// every descendant cgroup). Pods two policies select are bound to a
-    /// policy name that cannot exist, so they fail closed.
+    /// policy name that cannot exist, so they fail closed; so do bound pods
+    /// whose policy was removed (until the pod goes).
     fn pod_bindings(&self) -> HashMap<PathBuf, PodBinding> {
         use crate::k8s::{binding, cgroups};
         let mut out = HashMap::new();
@@ -709,7 +710,19 @@ impl State {
                 identities.iter().map(|(n, i)| (n.as_str(), Some(i))),
                 &pod.info,
             ) {
-                binding::Binding::None => continue,
+                // A pod this daemon bound stays bound while it lives: when
+                // its policy goes away (file or object deleted) or stops
+                // selecting it, it keeps its binding to that name, which is
+                // no longer loaded, so it fails closed instead of being let
+                // go unenforced.
+                binding::Binding::None => match self
+                    .pods
+                    .values()
+                    .find(|b| b.entry.info.uid == pod.info.uid)
+                {
+                    Some(prev) => (prev.policy.clone(), None),
+                    None => continue,
+                },
                 binding::Binding::Policy(p) => {
                     let id = identities
                         .iter()
