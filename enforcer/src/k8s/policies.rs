@@ -74,6 +74,12 @@ pub fn policy_object(o: &DynamicObject) -> Option<PolicyObject> {
     })
 }
 
+/// Equal but for `status`.
+fn same_policy(a: &PolicyObject, b: &PolicyObject) -> bool {
+    (&a.uid, &a.namespace, &a.name, a.generation, &a.spec)
+        == (&b.uid, &b.namespace, &b.name, b.generation, &b.spec)
+}
+
 /// The cluster's `AgentPolicy` objects by UID, kept from watcher events.
 #[derive(Debug, Default)]
 pub struct PolicyCache {
@@ -82,11 +88,16 @@ pub struct PolicyCache {
 }
 
 impl PolicyCache {
-    /// Apply one watcher event; true when the visible content changed.
+    /// Apply one watcher event; true when what the policies depend on
+    /// changed. A change of `status` alone (the daemons' own writes) is
+    /// stored but is no change: it does not need a reload.
     pub fn apply(&mut self, ev: watcher::Event<DynamicObject>) -> bool {
         match ev {
             watcher::Event::Apply(o) => match policy_object(&o) {
-                Some(e) => self.objects.insert(e.uid.clone(), e.clone()) != Some(e),
+                Some(e) => {
+                    let old = self.objects.insert(e.uid.clone(), e.clone());
+                    old.is_none_or(|old| !same_policy(&old, &e))
+                }
                 None => false,
             },
             watcher::Event::Delete(o) => o
@@ -105,11 +116,15 @@ impl PolicyCache {
                 false
             }
             watcher::Event::InitDone => match self.relist.take() {
-                Some(all) if all != self.objects => {
+                Some(all) => {
+                    let changed = all.len() != self.objects.len()
+                        || all.iter().any(|(uid, o)| {
+                            self.objects.get(uid).is_none_or(|old| !same_policy(old, o))
+                        });
                     self.objects = all;
-                    true
+                    changed
                 }
-                _ => false,
+                None => false,
             },
         }
     }

@@ -458,3 +458,39 @@ async fn status_writer_applies_the_status_per_node_records_an_event_and_skips_no
     assert_eq!(w.sync(std::slice::from_ref(&valid)).await, 0);
     server.await.unwrap();
 }
+
+#[test]
+fn cache_ignores_status_only_changes_but_keeps_the_status() {
+    let o = |spec: Value, status: Option<Value>| -> DynamicObject {
+        let mut v = object("agents", "research", "u1", "1", spec);
+        if let Some(st) = status {
+            v["status"] = st;
+        }
+        serde_json::from_value(v).unwrap()
+    };
+    let mut c = PolicyCache::default();
+    assert!(c.apply(watcher::Event::Apply(o(json!({}), None))));
+    let st = json!({"observedGeneration": 1, "policyHash": "abc"});
+    assert!(
+        !c.apply(watcher::Event::Apply(o(json!({}), Some(st)))),
+        "status only"
+    );
+    assert_eq!(
+        c.get("u1")
+            .unwrap()
+            .status
+            .as_ref()
+            .unwrap()
+            .policy_hash
+            .as_deref(),
+        Some("abc")
+    );
+    assert!(c.apply(watcher::Event::Apply(o(json!({"mode": "audit"}), None))));
+    // A relist with the same objects is no change; with one less, it is.
+    assert!(!c.apply(watcher::Event::Init));
+    assert!(!c.apply(watcher::Event::InitApply(o(json!({"mode": "audit"}), None))));
+    assert!(!c.apply(watcher::Event::InitDone));
+    assert!(!c.apply(watcher::Event::Init));
+    assert!(c.apply(watcher::Event::InitDone));
+    assert!(c.is_empty());
+}
