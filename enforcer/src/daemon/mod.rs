@@ -1,16 +1,31 @@
 //! `enforcer daemon --config FILE`: the node daemon.
 //!
-//! Reconcile loop: policies directory + static bindings (config) ->
-//! compiled tables -> kernel. Runs at start, on SIGHUP, on any change in the
-//! policies directory (inotify, debounced) and every few seconds (for bound
-//! cgroups that did not exist yet).
+//! Reconcile loop: policy sources + static bindings (config) + (Kubernetes
+//! mode) the node's pods -> compiled tables -> kernel. Runs at start, on
+//! SIGHUP, on any change in the policies directory (inotify, debounced), on
+//! a change of the node's pods or of the `AgentPolicy` objects, and every
+//! few seconds (for bound cgroups that did not exist yet).
 //!
-//! Reload semantics: each file is validated on its own. A file with any
+//! Policy sources ([`Source`]): the files of the policies directory and, in
+//! Kubernetes mode with `agentPolicies` (default), the cluster's
+//! `AgentPolicy` objects (`k8s::policies`). Both go through one path:
+//! validate (an object: the file validator on its spec, then the namespace
+//! rule of `k8s::crd::object_policy`) -> check -> compile -> BPF LSM gate ->
+//! install. An object's identity is `<namespace>/<name>`; it only selects
+//! pods of its own namespace. Files come first: a name two sources define
+//! stays with the first one (an object's name cannot be a file policy's).
+//!
+//! Reload semantics: each source is validated on its own. A source with any
 //! error is rejected as a whole, reported (log, audit record,
-//! `enforcer_policy_reloads_total{result="rejected"}`, `enforcer status`) and
-//! the policies it held before stay in force. Valid changes replace an
-//! identity's tables atomically (see `kernel`). A policy that disappears
-//! leaves its bound cgroups failing closed.
+//! `enforcer_policy_reloads_total{result="rejected"}`, `enforcer status`;
+//! an object also in its status and an Event) and the policies it held
+//! before stay in force (an object: the version last accepted for its UID).
+//! Valid changes replace an identity's tables atomically (see `kernel`). A
+//! policy that disappears (file removed, object deleted) leaves its bound
+//! cgroups, and the pods bound to it, failing closed.
+//!
+//! Kubernetes mode writes each object's status (`k8s::policies::StatusWriter`,
+//! in a task of its own, fed after each reconcile) only when it changes.
 //!
 //! Maps and links are pinned under `pinDir`: enforcement continues while the
 //! daemon is down or restarting, and a restarted daemon adopts what it finds.
