@@ -787,6 +787,51 @@ fn daemon_enforces_agentpolicy_objects() {
         "the intruder allows nothing here",
     );
 
+    // 4b. A valid object that uses `files:`: the spec is Accepted on every
+    //     node; whether this node enforces it depends on its BPF LSM, and
+    //     that goes to this node's entry only.
+    let lsm = d.status()["capabilities"]["bpf_lsm"]["available"] == true;
+    let filesy = agentpolicy(
+        "agents",
+        "filesy",
+        "uid-p3",
+        1,
+        json!({"identity": {"kubernetes": {"podSelector": {"matchLabels": {"app": "nobody"}}}},
+               "files": [{"path": "/nonexistent/enforcer-test", "access": "deny"}]}),
+    );
+    fake.policies.lock().unwrap().push(filesy.clone());
+    fake.event(Res::Policies, "ADDED", &filesy);
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            last_status(&fake, "agents", "filesy", 1).is_some()
+        }),
+        "no status for the files: object: {:?}",
+        fake.writes.lock().unwrap()
+    );
+    let (_, b) = last_status(&fake, "agents", "filesy", 1).unwrap();
+    assert_eq!(b["status"]["conditions"][0]["status"], "True", "{b:#}");
+    assert!(b["status"]["policyHash"].is_string(), "{b:#}");
+    let node = &b["status"]["nodes"][0];
+    assert_eq!(node["enforced"], lsm, "{b:#}");
+    if !lsm {
+        assert!(
+            node["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("BPF LSM")),
+            "{b:#}"
+        );
+        assert!(
+            fake.events("agents")
+                .iter()
+                .any(|e| e["regarding"]["name"] == "filesy"
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("not enforced on this node"))),
+            "{:?}",
+            fake.events("agents")
+        );
+    }
+
     // 5. DELETED: the policy is gone, the pod's cgroup fails closed.
     fake.policies
         .lock()
