@@ -165,6 +165,18 @@ impl SlotTable {
             }
         }
     }
+    /// Drop the entries `keep` refuses; returns them.
+    fn reclaim(&mut self, mut keep: impl FnMut(&str, u32) -> bool) -> Vec<(String, u32)> {
+        let mut freed = Vec::new();
+        self.slots.retain(|n, s| {
+            let k = keep(n, *s);
+            if !k {
+                freed.push((n.clone(), *s));
+            }
+            k
+        });
+        freed
+    }
     fn get_or_alloc(&mut self, name: &str) -> Option<u32> {
         if let Some(s) = self.slots.get(name) {
             return Some(*s);
@@ -478,7 +490,14 @@ impl State {
                 }
                 continue;
             }
-            let Some(slot) = self.slots.get_or_alloc(name) else {
+            let slot = match self.slots.get_or_alloc(name) {
+                Some(s) => Some(s),
+                None => {
+                    self.reclaim_slots();
+                    self.slots.get_or_alloc(name)
+                }
+            };
+            let Some(slot) = slot else {
                 tracing::error!(policy = %name, "no free identity slot");
                 continue;
             };
@@ -570,6 +589,29 @@ impl State {
             self.reloads_ok += 1;
         }
         self.slots.save(&self.slots_file());
+    }
+
+    /// The slot table is full (identities come and go with AgentPolicy
+    /// objects, and the table outlives daemon restarts): free the slots of
+    /// identities that are not loaded and that no cgroup points to any more,
+    /// neither one this daemon bound nor one in the kernel's pinned binding
+    /// map (cgroups of a previous run not adopted yet). A slot is reused
+    /// only once nothing can still be enforced through it; nothing is freed
+    /// when the binding map cannot be read.
+    fn reclaim_slots(&mut self) {
+        let Some(in_use) = self.kernel.slots_in_use() else {
+            tracing::warn!("identity slots full and the binding map unreadable: nothing reclaimed");
+            return;
+        };
+        let (active, bound) = (&self.active, &self.bound);
+        let freed = self.slots.reclaim(|name, slot| {
+            active.contains_key(name)
+                || in_use.contains(&slot)
+                || bound.values().any(|b| b.slot == slot)
+        });
+        for (name, slot) in freed {
+            tracing::info!(policy = %name, slot, "identity slot reclaimed (policy gone, no cgroup bound to it)");
+        }
     }
 
     /// Attach to bound cgroups that exist, bind them to their identity slot
@@ -1387,4 +1429,34 @@ fn watch_dir(
         .map_err(|e| tracing::warn!("watching {}: {e}; reload with SIGHUP", dir.display()))
         .ok()?;
     Some(w)
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::SlotTable;
+
+    #[test]
+    fn a_full_slot_table_reuses_only_what_reclaim_frees() {
+        let mut t = SlotTable::default();
+        let max = enforcer_common::MAX_SLOTS;
+        for i in 1..max {
+            assert_eq!(t.get_or_alloc(&format!("ns/p{i}")), Some(i));
+        }
+        assert_eq!(t.get_or_alloc("ns/new"), None, "full");
+        assert_eq!(
+            t.get_or_alloc("ns/p7"),
+            Some(7),
+            "existing names keep their slot"
+        );
+        // Only p7 and p9 are gone and unreferenced.
+        let freed = t.reclaim(|n, _| n != "ns/p7" && n != "ns/p9");
+        assert_eq!(
+            freed,
+            vec![("ns/p7".to_string(), 7), ("ns/p9".to_string(), 9)]
+        );
+        assert_eq!(t.get_or_alloc("ns/new"), Some(7));
+        assert_eq!(t.get_or_alloc("ns/new2"), Some(9));
+        assert_eq!(t.get_or_alloc("ns/new3"), None);
+        assert_eq!(t.get_or_alloc("ns/p8"), Some(8));
+    }
 }
