@@ -16,7 +16,10 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -43,6 +46,9 @@ struct FakeApi {
     seen: Arc<Mutex<Vec<String>>>,
     /// Writes: (method, path?query, JSON body).
     writes: Arc<Mutex<Vec<(String, String, Value)>>>,
+    /// Whether the AgentPolicy CRD is installed (else 404, as a real API
+    /// server answers for a resource it does not serve).
+    crd: Arc<AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -52,6 +58,7 @@ struct Shared {
     watchers: Arc<Mutex<Vec<(Res, TcpStream)>>>,
     seen: Arc<Mutex<Vec<String>>>,
     writes: Arc<Mutex<Vec<(String, String, Value)>>>,
+    crd: Arc<AtomicBool>,
 }
 
 impl FakeApi {
@@ -64,6 +71,7 @@ impl FakeApi {
             watchers: Arc::new(Mutex::new(Vec::new())),
             seen: Arc::new(Mutex::new(Vec::new())),
             writes: Arc::new(Mutex::new(Vec::new())),
+            crd: Arc::new(AtomicBool::new(true)),
         };
         let s2 = sh.clone();
         std::thread::spawn(move || {
@@ -79,6 +87,7 @@ impl FakeApi {
             watchers: sh.watchers,
             seen: sh.seen,
             writes: sh.writes,
+            crd: sh.crd,
         }
     }
 
@@ -189,7 +198,7 @@ fn serve(mut conn: TcpStream, sh: &Shared) {
         }
         let res = if path == "/api/v1/pods" {
             Res::Pods
-        } else if path == POLICIES {
+        } else if path == POLICIES && sh.crd.load(Ordering::SeqCst) {
             Res::Policies
         } else {
             respond(
@@ -276,6 +285,8 @@ fn daemon_binds_the_pods_a_policy_selects() {
     std::fs::create_dir_all(&pod_dir).unwrap();
     let pod = pod_json(&uid, &format!("containerd://{cid}"));
     let fake = FakeApi::start(vec![pod.clone()]);
+    // This cluster has no AgentPolicy CRD: file policies must keep working.
+    fake.crd.store(false, Ordering::SeqCst);
 
     let mut d = Daemon::configure(&dir, &pins, &[]);
     let kubelet_root = PathBuf::from("/").join(prefix.relative());
@@ -323,13 +334,24 @@ fn daemon_binds_the_pods_a_policy_selects() {
         "every pod request is scoped to the node: {:?}",
         fake.seen.lock().unwrap()
     );
-    // AgentPolicy objects are watched too (none exist): no status writes.
-    assert!(fake
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|r| r.starts_with(POLICIES)));
+    // The missing CRD (404) is said loudly and retried with backoff; no
+    // status is written.
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+            fake.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.starts_with(POLICIES))
+                .count()
+                >= 2
+                && d.stderr()
+                    .contains("is the CRD deploy/10-crd.yaml installed?")
+        }),
+        "AgentPolicy list not retried or not logged: {:?}\n{}",
+        fake.seen.lock().unwrap(),
+        d.stderr()
+    );
     assert!(fake.writes.lock().unwrap().is_empty());
 
     // The app container starts after the binding: enforced from its start.
