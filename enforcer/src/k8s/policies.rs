@@ -221,10 +221,9 @@ pub struct Report {
 
 /// The field manager of `node`'s status writes.
 pub fn field_manager(node: &str) -> String {
-    // Field managers are at most 128 characters.
-    let mut m = format!("enforcer-node-{node}");
-    m.truncate(128);
-    m
+    // Field managers are at most 128 characters (node names are DNS
+    // subdomains, at most 253).
+    format!("enforcer-node-{node}").chars().take(128).collect()
 }
 
 /// The status `node` wants on the object of `r`, or `None` when the

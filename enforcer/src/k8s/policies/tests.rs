@@ -293,6 +293,13 @@ fn at(secs: i64) -> Time {
 }
 
 #[test]
+fn field_manager_is_per_node_and_short_enough() {
+    assert_eq!(field_manager("node-a"), "enforcer-node-node-a");
+    let long = "é".repeat(200);
+    assert_eq!(field_manager(&long).chars().count(), 128);
+}
+
+#[test]
 fn desired_status_writes_only_changes_and_keeps_transition_times() {
     let valid = Verdict::Valid("abc".into());
     // Nothing stored: write, with this node's entry.
