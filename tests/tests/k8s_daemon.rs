@@ -7,51 +7,93 @@
 //! pod's cgroups are real, in the kubelet's systemd + containerd layout
 //! under a test prefix (given as `kubelet_cgroup_root`); a process in the
 //! container's cgroup is enforced by the policy that selects the pod.
+//!
+//! It also serves `AgentPolicy` objects (list + watch of
+//! `/apis/enforcer.dev/v1alpha1/agentpolicies`) and records the status
+//! writes (server-side apply PATCH of `.../status`) and Events (POST) the
+//! daemon sends.
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
 use enforcer_tests::*;
 use serde_json::{json, Value};
 
-/// The fake API server: a pod list, and watch streams it can send events on.
+/// Watch streams by resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Res {
+    Pods,
+    Policies,
+}
+
+const POLICIES: &str = "/apis/enforcer.dev/v1alpha1/agentpolicies";
+
+/// The fake API server: a pod list and an AgentPolicy list, watch streams
+/// it can send events on, and the writes (PATCH, POST) it received.
 struct FakeApi {
     addr: SocketAddr,
     pods: Arc<Mutex<Vec<Value>>>,
-    watchers: Arc<Mutex<Vec<TcpStream>>>,
-    /// Request lines seen (method path?query).
+    policies: Arc<Mutex<Vec<Value>>>,
+    watchers: Arc<Mutex<Vec<(Res, TcpStream)>>>,
+    /// Request targets seen (path?query).
     seen: Arc<Mutex<Vec<String>>>,
+    /// Writes: (method, path?query, JSON body).
+    writes: Arc<Mutex<Vec<(String, String, Value)>>>,
+    /// Whether the AgentPolicy CRD is installed (else 404, as a real API
+    /// server answers for a resource it does not serve).
+    crd: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+struct Shared {
+    pods: Arc<Mutex<Vec<Value>>>,
+    policies: Arc<Mutex<Vec<Value>>>,
+    watchers: Arc<Mutex<Vec<(Res, TcpStream)>>>,
+    seen: Arc<Mutex<Vec<String>>>,
+    writes: Arc<Mutex<Vec<(String, String, Value)>>>,
+    crd: Arc<AtomicBool>,
 }
 
 impl FakeApi {
     fn start(pods: Vec<Value>) -> Self {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let pods = Arc::new(Mutex::new(pods));
-        let watchers = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (p, w, s) = (pods.clone(), watchers.clone(), seen.clone());
+        let sh = Shared {
+            pods: Arc::new(Mutex::new(pods)),
+            policies: Arc::new(Mutex::new(Vec::new())),
+            watchers: Arc::new(Mutex::new(Vec::new())),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            writes: Arc::new(Mutex::new(Vec::new())),
+            crd: Arc::new(AtomicBool::new(true)),
+        };
+        let s2 = sh.clone();
         std::thread::spawn(move || {
             for conn in l.incoming().flatten() {
-                let (p, w, s) = (p.clone(), w.clone(), s.clone());
-                std::thread::spawn(move || serve(conn, &p, &w, &s));
+                let sh = s2.clone();
+                std::thread::spawn(move || serve(conn, &sh));
             }
         });
         Self {
             addr,
-            pods,
-            watchers,
-            seen,
+            pods: sh.pods,
+            policies: sh.policies,
+            watchers: sh.watchers,
+            seen: sh.seen,
+            writes: sh.writes,
+            crd: sh.crd,
         }
     }
 
-    /// Send one watch event to every open watch.
-    fn event(&self, kind: &str, pod: &Value) {
-        let mut line = serde_json::to_vec(&json!({"type": kind, "object": pod})).unwrap();
+    /// Send one watch event to every open watch of `res`.
+    fn event(&self, res: Res, kind: &str, obj: &Value) {
+        let mut line = serde_json::to_vec(&json!({"type": kind, "object": obj})).unwrap();
         line.push(b'\n');
         let chunk = [
             format!("{:x}\r\n", line.len()).into_bytes(),
@@ -59,65 +101,145 @@ impl FakeApi {
             b"\r\n".to_vec(),
         ]
         .concat();
-        for s in self.watchers.lock().unwrap().iter_mut() {
-            let _ = s.write_all(&chunk).and_then(|()| s.flush());
+        for (r, s) in self.watchers.lock().unwrap().iter_mut() {
+            if *r == res {
+                let _ = s.write_all(&chunk).and_then(|()| s.flush());
+            }
         }
+    }
+
+    fn watching(&self, res: Res) -> bool {
+        self.watchers.lock().unwrap().iter().any(|(r, _)| *r == res)
+    }
+
+    /// Status writes so far to object `ns`/`name`, as (query, body).
+    fn status_writes(&self, ns: &str, name: &str) -> Vec<(String, Value)> {
+        let path =
+            format!("/apis/enforcer.dev/v1alpha1/namespaces/{ns}/agentpolicies/{name}/status");
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, t, _)| m == "PATCH" && t.split('?').next() == Some(path.as_str()))
+            .map(|(_, t, b)| (t.split('?').nth(1).unwrap_or("").to_string(), b.clone()))
+            .collect()
+    }
+
+    /// Events posted in `ns`.
+    fn events(&self, ns: &str) -> Vec<Value> {
+        let path = format!("/apis/events.k8s.io/v1/namespaces/{ns}/events");
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, t, _)| m == "POST" && t.split('?').next() == Some(path.as_str()))
+            .map(|(_, _, b)| b.clone())
+            .collect()
     }
 }
 
-fn serve(
-    mut conn: TcpStream,
-    pods: &Mutex<Vec<Value>>,
-    watchers: &Mutex<Vec<TcpStream>>,
-    seen: &Mutex<Vec<String>>,
-) {
+fn respond(conn: &mut TcpStream, code: &str, body: &Value) {
+    let body = serde_json::to_vec(body).unwrap();
+    let _ = conn.write_all(
+        format!(
+            "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let _ = conn.write_all(&body);
+    let _ = conn.flush();
+}
+
+fn serve(mut conn: TcpStream, sh: &Shared) {
     let mut r = BufReader::new(conn.try_clone().unwrap());
     loop {
         let mut line = String::new();
         if r.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
-        // Headers (no request bodies for GETs).
+        let mut len = 0usize;
         loop {
             let mut h = String::new();
             if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                 break;
             }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
         }
-        let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
-        seen.lock().unwrap().push(target.clone());
-        let on_node = target.contains("fieldSelector=spec.nodeName%3Dnode-a");
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let target = parts.next().unwrap_or("").to_string();
+        sh.seen.lock().unwrap().push(target.clone());
+        let path = target.split('?').next().unwrap_or("").to_string();
+        if method == "PATCH" || method == "POST" {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            sh.writes
+                .lock()
+                .unwrap()
+                .push((method.clone(), target.clone(), v.clone()));
+            respond(
+                &mut conn,
+                if method == "POST" {
+                    "201 Created"
+                } else {
+                    "200 OK"
+                },
+                &v,
+            );
+            continue;
+        }
+        let res = if path == "/api/v1/pods" {
+            Res::Pods
+        } else if path == POLICIES && sh.crd.load(Ordering::SeqCst) {
+            Res::Policies
+        } else {
+            respond(
+                &mut conn,
+                "404 Not Found",
+                &json!({"apiVersion": "v1", "kind": "Status", "metadata": {},
+                        "status": "Failure", "reason": "NotFound", "code": 404}),
+            );
+            continue;
+        };
         if target.contains("watch=true") {
             let _ = conn.write_all(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
             );
             let _ = conn.flush();
-            watchers.lock().unwrap().push(conn.try_clone().unwrap());
+            sh.watchers
+                .lock()
+                .unwrap()
+                .push((res, conn.try_clone().unwrap()));
             // Hold the watch open; events are written by FakeApi::event.
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
-        let items = if on_node {
-            pods.lock().unwrap().clone()
-        } else {
-            vec![]
+        let (kind, items) = match res {
+            Res::Pods if target.contains("fieldSelector=spec.nodeName%3Dnode-a") => {
+                ("PodList", sh.pods.lock().unwrap().clone())
+            }
+            Res::Pods => ("PodList", vec![]),
+            Res::Policies => ("AgentPolicyList", sh.policies.lock().unwrap().clone()),
         };
-        let body = serde_json::to_vec(&json!({
-            "apiVersion": "v1", "kind": "PodList",
-            "metadata": {"resourceVersion": "100"},
-            "items": items,
-        }))
-        .unwrap();
-        let _ = conn.write_all(
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
+        respond(
+            &mut conn,
+            "200 OK",
+            &json!({
+                "apiVersion": if res == Res::Pods { "v1" } else { "enforcer.dev/v1alpha1" },
+                "kind": kind,
+                "metadata": {"resourceVersion": "100"},
+                "items": items,
+            }),
         );
-        let _ = conn.write_all(&body);
-        let _ = conn.flush();
     }
 }
 
@@ -140,10 +262,23 @@ fn identity<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
         .and_then(|a| a.iter().find(|i| i["name"] == name))
 }
 
+/// How a test's node starts.
+struct NodeOpts<'a> {
+    /// The pod-level cgroup exists before the daemon starts.
+    sandbox: bool,
+    /// More top-level daemon config lines.
+    extra_config: &'a str,
+    /// The AgentPolicy CRD is installed (else its requests get 404).
+    crd: bool,
+    /// The `research` policy file selects the pod.
+    policy_file: bool,
+}
+
 /// One node as the tests set it up: the kubelet's systemd + containerd
 /// layout under a test cgroup prefix (given as `kubeletCgroupRoot`), the fake
-/// API server listing one pod of this node, a policy file selecting it, and
-/// the daemon in Kubernetes mode. Fields drop in order: the daemon first.
+/// API server listing one pod of this node, optionally a policy file
+/// selecting it, and the daemon in Kubernetes mode. Fields drop in order:
+/// the daemon first.
 struct Node {
     d: Daemon,
     fake: FakeApi,
@@ -161,9 +296,13 @@ struct Node {
 }
 
 impl Node {
-    /// `sandbox`: the pod-level cgroup exists before the daemon starts.
-    /// `extra_config`: more top-level daemon config lines.
-    fn start(name: &str, sandbox: bool, extra_config: &str) -> Self {
+    fn start(name: &str, o: NodeOpts) -> Self {
+        let NodeOpts {
+            sandbox,
+            extra_config,
+            crd,
+            policy_file,
+        } = o;
         let prefix = Cgroup::create(name);
         let pins = PinDir::new(name);
         let dir = TestDir::new(name);
@@ -185,6 +324,7 @@ impl Node {
         }
         let pod = pod_json(&uid, &format!("containerd://{cid}"));
         let fake = FakeApi::start(vec![pod.clone()]);
+        fake.crd.store(crd, Ordering::SeqCst);
 
         let mut d = Daemon::configure(&dir, &pins, &[]);
         let kubelet_root = PathBuf::from("/").join(prefix.relative());
@@ -198,16 +338,18 @@ impl Node {
                 kubelet_root.display()
             ),
         );
-        write_atomic(
-            &d.policies.join("research.yaml"),
-            &format!(
-                "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: research\n\
-                 spec:\n  identity:\n    kubernetes:\n      namespace: agents\n      serviceAccount: \
-                 research\n      podSelector:\n        matchLabels: {{app: research}}\n  egress:\n    \
-                 - cidr: 127.0.0.1/32\n      ports: [{}]\n      protocol: tcp\n",
-                api.port()
-            ),
-        );
+        if policy_file {
+            write_atomic(
+                &d.policies.join("research.yaml"),
+                &format!(
+                    "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: research\n\
+                     spec:\n  identity:\n    kubernetes:\n      namespace: agents\n      serviceAccount: \
+                     research\n      podSelector:\n        matchLabels: {{app: research}}\n  egress:\n    \
+                     - cidr: 127.0.0.1/32\n      ports: [{}]\n      protocol: tcp\n",
+                    api.port()
+                ),
+            );
+        }
         d.start();
         Self {
             d,
@@ -252,7 +394,16 @@ fn daemon_binds_the_pods_a_policy_selects() {
     }
     let _serial = serial();
     // The sandbox exists: the kubelet made the pod-level cgroup.
-    let n = Node::start("k8s-daemon", true, "");
+    // This cluster has no AgentPolicy CRD: file policies must keep working.
+    let n = Node::start(
+        "k8s-daemon",
+        NodeOpts {
+            sandbox: true,
+            extra_config: "",
+            crd: false,
+            policy_file: true,
+        },
+    );
     let (d, fake, api, outside) = (&n.d, &n.fake, &n.api, &n.outside);
     let (pod_dir, container, uid, dir) = (&n.pod_dir, &n.container, &n.uid, &n.dir);
 
@@ -273,10 +424,30 @@ fn daemon_binds_the_pods_a_policy_selects() {
             .lock()
             .unwrap()
             .iter()
+            .filter(|r| r.starts_with("/api/v1/pods"))
             .all(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
-        "every request is scoped to the node: {:?}",
+        "every pod request is scoped to the node: {:?}",
         fake.seen.lock().unwrap()
     );
+    // The missing CRD (404) is said loudly and retried with backoff; no
+    // status is written.
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
+            fake.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.starts_with(POLICIES))
+                .count()
+                >= 2
+                && d.stderr()
+                    .contains("is the CRD deploy/10-crd.yaml installed?")
+        }),
+        "AgentPolicy list not retried or not logged: {:?}\n{}",
+        fake.seen.lock().unwrap(),
+        d.stderr()
+    );
+    assert!(fake.writes.lock().unwrap().is_empty());
 
     // The app container starts after the binding: enforced from its start.
     std::fs::create_dir(container).unwrap();
@@ -358,7 +529,7 @@ fn daemon_binds_the_pods_a_policy_selects() {
 
     // The pod is deleted: the binding is released.
     fake.pods.lock().unwrap().clear();
-    fake.event("DELETED", &n.pod);
+    fake.event(Res::Pods, "DELETED", &n.pod);
     assert!(
         poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
             identity(&d.status(), "research")
@@ -391,7 +562,15 @@ fn pod_cgroup_made_after_the_pod_object_is_bound_when_it_appears() {
         return;
     }
     let _serial = serial();
-    let n = Node::start("k8s-late-cgroup", false, "resyncSeconds: 3600\n");
+    let n = Node::start(
+        "k8s-late-cgroup",
+        NodeOpts {
+            sandbox: false,
+            extra_config: "resyncSeconds: 3600\n",
+            crd: true,
+            policy_file: true,
+        },
+    );
 
     assert!(
         poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
@@ -440,4 +619,417 @@ fn pod_cgroup_made_after_the_pod_object_is_bound_when_it_appears() {
     );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(n.outside.bytes() + n.outside.conns(), 0, "zero bytes out");
+}
+
+fn agentpolicy(ns: &str, name: &str, uid: &str, generation: i64, spec: Value) -> Value {
+    json!({
+        "apiVersion": "enforcer.dev/v1alpha1", "kind": "AgentPolicy",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "generation": generation,
+                     "resourceVersion": format!("{}", 200 + generation)},
+        "spec": spec,
+    })
+}
+
+/// The `Accepted` condition and this node's entry of the last status
+/// write to `ns`/`name` for `generation`.
+fn last_status(fake: &FakeApi, ns: &str, name: &str, generation: i64) -> Option<(String, Value)> {
+    fake.status_writes(ns, name)
+        .into_iter()
+        .rev()
+        .find(|(_, b)| b["status"]["observedGeneration"] == generation)
+}
+
+/// `file:LINE:COLUMN: field` is in `msg`, with numbers.
+fn has_position(msg: &str, file: &str, field: &str) -> bool {
+    msg.lines().any(|l| {
+        let Some(rest) = l.strip_prefix(&format!("{file}:")) else {
+            return false;
+        };
+        let mut it = rest.splitn(3, ':');
+        let (Some(line), Some(col), Some(tail)) = (it.next(), it.next(), it.next()) else {
+            return false;
+        };
+        line.parse::<u32>().is_ok_and(|n| n > 0)
+            && col.parse::<u32>().is_ok_and(|n| n > 0)
+            && tail.trim_start().starts_with(field)
+    })
+}
+
+#[test]
+fn daemon_enforces_agentpolicy_objects() {
+    if !require_root("daemon_enforces_agentpolicy_objects") {
+        return;
+    }
+    let _serial = serial();
+    // No policy file at all: everything comes from objects.
+    let n = Node::start(
+        "k8s-crdpol",
+        NodeOpts {
+            sandbox: true,
+            extra_config: "",
+            crd: true,
+            policy_file: false,
+        },
+    );
+    let (d, fake, api, outside) = (&n.d, &n.fake, &n.api, &n.outside);
+    let (pod_dir, container, dir) = (&n.pod_dir, &n.container, &n.dir);
+    let api2 = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    std::fs::create_dir(container).unwrap();
+    let mut p = Probe::spawn(dir);
+    move_pid(container, p.pid);
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            fake.watching(Res::Policies) && fake.watching(Res::Pods)
+        }),
+        "no AgentPolicy watch: {:?}\n{}",
+        fake.seen.lock().unwrap(),
+        d.stderr()
+    );
+    let ident = "agents/research";
+    let pods_of = |st: &Value| {
+        identity(st, ident)
+            .and_then(|i| i["pods"].as_array().cloned())
+            .unwrap_or_default()
+    };
+
+    // 1. ADDED: the namespace is left unset (it is the object's own).
+    let selector = json!({"serviceAccount": "research",
+                          "podSelector": {"matchLabels": {"app": "research"}}});
+    let v1 = agentpolicy(
+        "agents",
+        "research",
+        "uid-p1",
+        1,
+        json!({"identity": {"kubernetes": selector},
+               "egress": [{"cidr": "127.0.0.1/32", "ports": [api.port()], "protocol": "tcp"}]}),
+    );
+    fake.policies.lock().unwrap().push(v1.clone());
+    fake.event(Res::Policies, "ADDED", &v1);
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            let p = pods_of(&d.status());
+            p.len() == 1 && p[0]["cgroup"] == pod_dir.display().to_string()
+        }),
+        "pod not bound to the object's policy: {:#}\n{}",
+        d.status(),
+        d.stderr()
+    );
+    let st = d.status();
+    let id = identity(&st, ident).unwrap();
+    assert_eq!(id["source"], "agentpolicy/agents/research", "{id:#}");
+    let hash_v1 = id["policy_hash"].as_str().unwrap().to_string();
+    assert_ok(
+        &p.tcp("127.0.0.1", api.port(), "v1-allowed"),
+        "allowed by v1",
+    );
+    assert_eperm(&p.tcp("127.0.0.2", outside.port(), "exfil"), "not in v1");
+    assert_eperm(
+        &p.tcp("127.0.0.1", api2.port(), "v1-api2"),
+        "api2 not in v1",
+    );
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || api.text().contains("v1-allowed")
+    ));
+    // Status: Accepted, the hash, this node's entry with the bound pod,
+    // applied with this node's field manager.
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            last_status(fake, "agents", "research", 1)
+                .is_some_and(|(_, b)| b["status"]["nodes"][0]["boundPods"] == 1)
+        }),
+        "no accepted status with the bound pod: {:?}",
+        fake.writes.lock().unwrap()
+    );
+    let (q, b) = last_status(fake, "agents", "research", 1).unwrap();
+    assert!(
+        q.contains("fieldManager=enforcer-node-node-a") && q.contains("force=true"),
+        "{q}"
+    );
+    let st = &b["status"];
+    assert_eq!(st["conditions"][0]["type"], "Accepted");
+    assert_eq!(st["conditions"][0]["status"], "True", "{st:#}");
+    assert_eq!(st["policyHash"], hash_v1.as_str());
+    assert_eq!(st["nodes"][0]["node"], "node-a");
+    assert_eq!(st["nodes"][0]["enforced"], true);
+    assert!(
+        fake.events("agents").is_empty(),
+        "no event for an accepted object"
+    );
+
+    // 2. MODIFIED to an invalid spec (host bits set; it would also allow
+    //    api2): rejected, reported, and v1 stays enforced.
+    let v2 = agentpolicy(
+        "agents",
+        "research",
+        "uid-p1",
+        2,
+        json!({"identity": {"kubernetes": selector},
+               "egress": [{"cidr": "127.0.0.1/8", "ports": [api.port(), api2.port()], "protocol": "tcp"}]}),
+    );
+    *fake.policies.lock().unwrap() = vec![v2.clone()];
+    fake.event(Res::Policies, "MODIFIED", &v2);
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            last_status(fake, "agents", "research", 2).is_some()
+                && !fake.events("agents").is_empty()
+        }),
+        "no rejected status and event: {:?}\n{}",
+        fake.writes.lock().unwrap(),
+        d.stderr()
+    );
+    let (_, b) = last_status(fake, "agents", "research", 2).unwrap();
+    let c = &b["status"]["conditions"][0];
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("Invalid")),
+        "{b:#}"
+    );
+    let msg = c["message"].as_str().unwrap();
+    assert!(
+        has_position(msg, "agentpolicy/agents/research", "spec.egress[0].cidr"),
+        "{msg}"
+    );
+    assert_eq!(
+        b["status"]["nodes"][0]["enforced"], true,
+        "v1 still enforced"
+    );
+    assert_eq!(b["status"]["nodes"][0]["policyHash"], hash_v1.as_str());
+    let ev = &fake.events("agents")[0];
+    assert_eq!(ev["type"], "Warning");
+    assert_eq!(ev["reason"], "PolicyRejected");
+    assert_eq!(ev["regarding"]["kind"], "AgentPolicy");
+    assert_eq!(ev["regarding"]["name"], "research");
+    assert_eq!(ev["regarding"]["uid"], "uid-p1");
+    let st = d.status();
+    assert!(
+        st["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["file"] == "agentpolicy/agents/research"),
+        "{st:#}"
+    );
+    assert_eq!(
+        identity(&st, ident).unwrap()["policy_hash"],
+        hash_v1.as_str()
+    );
+    assert_ok(
+        &p.tcp("127.0.0.1", api.port(), "v1-still"),
+        "v1 still allows",
+    );
+    assert_eperm(
+        &p.tcp("127.0.0.2", outside.port(), "exfil2"),
+        "still denied",
+    );
+    assert_eperm(
+        &p.tcp("127.0.0.1", api2.port(), "v2-api2"),
+        "invalid v2 not applied",
+    );
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || api.text().contains("v1-still")
+    ));
+    let audit = read_jsonl(&d.audit);
+    assert!(
+        audit.iter().any(|r| r["action"] == "policy_reload_rejected"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("agentpolicy/agents/research: "))),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|r| r["action"] == "policy_load"
+            && r["identity"]["name"] == ident
+            && r["detail"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("agentpolicy/agents/research "))),
+        "{audit:#?}"
+    );
+    // Written once: the daemon does not rewrite an unchanged status.
+    let writes_v2 = fake.status_writes("agents", "research").len();
+
+    // 3. MODIFIED to a valid change: api2 is now allowed.
+    let v3 = agentpolicy(
+        "agents",
+        "research",
+        "uid-p1",
+        3,
+        json!({"identity": {"kubernetes": selector},
+               "egress": [{"cidr": "127.0.0.1/32", "ports": [api.port(), api2.port()], "protocol": "tcp"}]}),
+    );
+    *fake.policies.lock().unwrap() = vec![v3.clone()];
+    fake.event(Res::Policies, "MODIFIED", &v3);
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            identity(&d.status(), ident).is_some_and(|i| i["policy_hash"] != hash_v1.as_str())
+        }),
+        "v3 not applied: {:#}\n{}",
+        d.status(),
+        d.stderr()
+    );
+    assert_ok(
+        &p.tcp("127.0.0.1", api2.port(), "v3-api2"),
+        "v3 allows api2",
+    );
+    assert_ok(&p.tcp("127.0.0.1", api.port(), "v3-api"), "v3 allows api");
+    assert_eperm(
+        &p.tcp("127.0.0.2", outside.port(), "exfil3"),
+        "still denied",
+    );
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || api2.text().contains("v3-api2")
+    ));
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            last_status(fake, "agents", "research", 3)
+                .is_some_and(|(_, b)| b["status"]["conditions"][0]["status"] == "True")
+        }),
+        "no accepted status for v3"
+    );
+    assert!(fake.status_writes("agents", "research").len() > writes_v2);
+
+    // 4. An object in another namespace that selects this pod's namespace:
+    //    rejected (and it does not make the pod a conflict).
+    let grab = agentpolicy(
+        "intruder",
+        "grab",
+        "uid-p2",
+        1,
+        json!({"identity": {"kubernetes": {"namespace": "agents",
+                                           "podSelector": {"matchLabels": {"app": "research"}}}},
+               "egress": [{"cidr": "127.0.0.2/32"}]}),
+    );
+    fake.policies.lock().unwrap().push(grab.clone());
+    fake.event(Res::Policies, "ADDED", &grab);
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            last_status(fake, "intruder", "grab", 1).is_some()
+        }),
+        "no status for the cross-namespace object: {:?}",
+        fake.writes.lock().unwrap()
+    );
+    let (_, b) = last_status(fake, "intruder", "grab", 1).unwrap();
+    let c = &b["status"]["conditions"][0];
+    assert_eq!(c["status"], "False", "{b:#}");
+    let msg = c["message"].as_str().unwrap();
+    assert!(
+        has_position(
+            msg,
+            "agentpolicy/intruder/grab",
+            "spec.identity.kubernetes.namespace"
+        ) && msg.contains("not this object's namespace"),
+        "{msg}"
+    );
+    assert_eq!(b["status"]["nodes"][0]["enforced"], false);
+    assert!(
+        !fake.events("intruder").is_empty(),
+        "rejection event in the object's namespace"
+    );
+    let st = d.status();
+    assert!(identity(&st, "intruder/grab").is_none(), "{st:#}");
+    assert_eq!(
+        pods_of(&st).len(),
+        1,
+        "still bound to agents/research: {st:#}"
+    );
+    assert_ok(
+        &p.tcp("127.0.0.1", api.port(), "after-grab"),
+        "still the pod's own policy",
+    );
+    assert_eperm(
+        &p.tcp("127.0.0.2", outside.port(), "grab-exfil"),
+        "the intruder allows nothing here",
+    );
+
+    // 4b. A valid object that uses `files:`: the spec is Accepted on every
+    //     node; whether this node enforces it depends on its BPF LSM, and
+    //     that goes to this node's entry only.
+    let lsm = d.status()["capabilities"]["bpf_lsm"]["available"] == true;
+    let filesy = agentpolicy(
+        "agents",
+        "filesy",
+        "uid-p3",
+        1,
+        json!({"identity": {"kubernetes": {"podSelector": {"matchLabels": {"app": "nobody"}}}},
+               "files": [{"path": "/nonexistent/enforcer-test", "access": "deny"}]}),
+    );
+    fake.policies.lock().unwrap().push(filesy.clone());
+    fake.event(Res::Policies, "ADDED", &filesy);
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            last_status(fake, "agents", "filesy", 1).is_some()
+        }),
+        "no status for the files: object: {:?}",
+        fake.writes.lock().unwrap()
+    );
+    let (_, b) = last_status(fake, "agents", "filesy", 1).unwrap();
+    assert_eq!(b["status"]["conditions"][0]["status"], "True", "{b:#}");
+    assert!(b["status"]["policyHash"].is_string(), "{b:#}");
+    let node = &b["status"]["nodes"][0];
+    assert_eq!(node["enforced"], lsm, "{b:#}");
+    if !lsm {
+        assert!(
+            node["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("BPF LSM")),
+            "{b:#}"
+        );
+        assert!(
+            fake.events("agents")
+                .iter()
+                .any(|e| e["regarding"]["name"] == "filesy"
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("not enforced on this node"))),
+            "{:?}",
+            fake.events("agents")
+        );
+    }
+
+    // 5. DELETED: the policy is gone, the pod's cgroup fails closed.
+    fake.policies
+        .lock()
+        .unwrap()
+        .retain(|o| o["metadata"]["uid"] != "uid-p1");
+    fake.event(Res::Policies, "DELETED", &v3);
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            let st = d.status();
+            identity(&st, ident).is_none()
+                && st["fail_closed_cgroups"].as_array().is_some_and(|a| {
+                    a.iter().any(|c| {
+                        c.as_str()
+                            .is_some_and(|c| c.starts_with(&pod_dir.display().to_string()))
+                    })
+                })
+        }),
+        "pod not failing closed after the delete: {:#}\n{}",
+        d.status(),
+        d.stderr()
+    );
+    let before = api.bytes();
+    assert_eperm(
+        &p.tcp("127.0.0.1", api.port(), "after-delete"),
+        "fails closed",
+    );
+    assert_eperm(
+        &p.tcp("127.0.0.1", api2.port(), "after-delete2"),
+        "fails closed",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(api.bytes(), before, "zero bytes after the delete");
+    assert!(!api.text().contains("after-delete"));
+    assert_eq!(outside.bytes() + outside.conns(), 0, "zero bytes out");
+    assert!(read_jsonl(&d.audit)
+        .iter()
+        .any(|r| r["action"] == "policy_remove"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("agentpolicy/agents/research removed"))));
+    drop(p);
 }

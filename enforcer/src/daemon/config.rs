@@ -18,6 +18,7 @@
 //!   trustDomain: cluster.local             # SPIFFE trust domain of derived IDs
 //!   kubeletCgroupRoot: /kubelet            # the kubelet's --cgroup-root, if any
 //!   apiServer: https://10.0.0.1:443        # default: in-cluster config / kubeconfig
+//!   agentPolicies: true                    # also read AgentPolicy objects (default true)
 //! ```
 use std::{
     net::SocketAddr,
@@ -75,6 +76,14 @@ pub struct KubernetesConfig {
     /// API server URL; default: in-cluster service account, else kubeconfig.
     #[serde(default)]
     pub api_server: Option<String>,
+    /// Watch `AgentPolicy` objects (all namespaces) and enforce them next
+    /// to the policy files. Default true; false for clusters without the CRD.
+    #[serde(default = "default_true")]
+    pub agent_policies: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_trust_domain() -> String {
@@ -189,5 +198,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("bound twice"), "{e}");
+    }
+
+    #[test]
+    fn agent_policies_default_on_in_kubernetes_mode() {
+        let c = Config::parse("policiesDir: /p\nkubernetes: {nodeName: n}\n").unwrap();
+        assert!(c.kubernetes.unwrap().agent_policies);
+        let c = Config::parse("policiesDir: /p\nkubernetes: {nodeName: n, agentPolicies: false}\n")
+            .unwrap();
+        assert!(!c.kubernetes.unwrap().agent_policies);
     }
 }

@@ -1,17 +1,32 @@
 //! `enforcer daemon --config FILE`: the node daemon.
 //!
-//! Reconcile loop: policies directory + static bindings (config) ->
-//! compiled tables -> kernel. Runs at start, on SIGHUP, on any change in the
-//! policies directory (inotify, debounced), on pod events and when a selected
-//! pod's cgroup appears (Kubernetes mode), and every `resyncSeconds` (for bound
-//! cgroups that did not exist yet).
+//! Reconcile loop: policy sources + static bindings (config) + (Kubernetes
+//! mode) the node's pods -> compiled tables -> kernel. Runs at start, on
+//! SIGHUP, on any change in the policies directory (inotify, debounced), on
+//! a change of the node's pods or of the `AgentPolicy` objects, when a
+//! selected pod's cgroup appears, and every `resyncSeconds` (for bound
+//! cgroups that did not exist yet, and `files:` paths that did not).
 //!
-//! Reload semantics: each file is validated on its own. A file with any
+//! Policy sources ([`Source`]): the files of the policies directory and, in
+//! Kubernetes mode with `agentPolicies` (default), the cluster's
+//! `AgentPolicy` objects (`k8s::policies`). Both go through one path:
+//! validate (an object: the file validator on its spec, then the namespace
+//! rule of `k8s::crd::object_policy`) -> check -> compile -> BPF LSM gate ->
+//! install. An object's identity is `<namespace>/<name>`; it only selects
+//! pods of its own namespace. Files come first: a name two sources define
+//! stays with the first one (an object's name cannot be a file policy's).
+//!
+//! Reload semantics: each source is validated on its own. A source with any
 //! error is rejected as a whole, reported (log, audit record,
-//! `enforcer_policy_reloads_total{result="rejected"}`, `enforcer status`) and
-//! the policies it held before stay in force. Valid changes replace an
-//! identity's tables atomically (see `kernel`). A policy that disappears
-//! leaves its bound cgroups failing closed.
+//! `enforcer_policy_reloads_total{result="rejected"}`, `enforcer status`;
+//! an object also in its status and an Event) and the policies it held
+//! before stay in force (an object: the version last accepted for its UID).
+//! Valid changes replace an identity's tables atomically (see `kernel`). A
+//! policy that disappears (file removed, object deleted) leaves its bound
+//! cgroups, and the pods bound to it, failing closed.
+//!
+//! Kubernetes mode writes each object's status (`k8s::policies::StatusWriter`,
+//! in a task of its own, fed after each reconcile) only when it changes.
 //!
 //! Maps and links are pinned under `pinDir`: enforcement continues while the
 //! daemon is down or restarting, and a restarted daemon adopts what it finds.
@@ -52,11 +67,56 @@ type Compiled = (LoadedPolicy, CompiledPolicy, Arc<DnsPolicy>);
 struct Active {
     compiled: CompiledPolicy,
     dns: Arc<DnsPolicy>,
-    source: PathBuf,
+    source: Source,
     slot: u32,
     /// `spec.files` resolved to inodes when installed (re-resolved on every
     /// reconcile: a protected path created later gets its inode protected).
     files: crate::kernel::files::ResolvedFiles,
+}
+
+/// Where a policy comes from: a policy file, or an `AgentPolicy` object
+/// (keyed by UID: a deleted and re-created object is another source).
+/// Shown (status, audit records, logs) as the path, or as
+/// `agentpolicy/<namespace>/<name>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    File(PathBuf),
+    Object {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Object {
+                namespace, name, ..
+            } => write!(f, "agentpolicy/{namespace}/{name}"),
+        }
+    }
+}
+
+/// A source's policies ready for the kernel, and what stops them.
+#[derive(Default)]
+struct Prepared {
+    compiled: Vec<Compiled>,
+    /// Hashes of the policies that validated and compiled (before the gate).
+    hashes: Vec<String>,
+    /// Errors of the spec itself (validator, namespace rule, compiler): the
+    /// same on every node.
+    spec_errors: Vec<String>,
+    /// Errors of this node (no BPF LSM, the name is taken by another source).
+    node_errors: Vec<String>,
+}
+
+/// The last evaluation of an `AgentPolicy` object (for its status).
+struct ObjectResult {
+    generation: Option<i64>,
+    verdict: crate::k8s::policies::Verdict,
+    node_errors: Vec<String>,
 }
 
 /// One bound cgroup.
@@ -69,6 +129,8 @@ struct Bound {
 /// Kubernetes mode (config `kubernetes:`).
 pub struct K8s {
     cache: Arc<Mutex<crate::k8s::watch::PodCache>>,
+    /// `AgentPolicy` objects (`None` with `agentPolicies: false`).
+    policies: Option<Arc<Mutex<crate::k8s::policies::PolicyCache>>>,
     trust_domain: String,
     kubelet_root: Option<PathBuf>,
     /// Wakes the reconcile loop (pod events, a pod cgroup appearing).
@@ -110,6 +172,18 @@ impl SlotTable {
             }
         }
     }
+    /// Drop the entries `keep` refuses; returns them.
+    fn reclaim(&mut self, mut keep: impl FnMut(&str, u32) -> bool) -> Vec<(String, u32)> {
+        let mut freed = Vec::new();
+        self.slots.retain(|n, s| {
+            let k = keep(n, *s);
+            if !k {
+                freed.push((n.clone(), *s));
+            }
+            k
+        });
+        freed
+    }
     fn get_or_alloc(&mut self, name: &str) -> Option<u32> {
         if let Some(s) = self.slots.get(name) {
             return Some(*s);
@@ -135,7 +209,9 @@ pub struct State {
     active: BTreeMap<String, Active>,
     bound: HashMap<PathBuf, Bound>,
     slots: SlotTable,
-    rejected: BTreeMap<PathBuf, Rejection>,
+    rejected: BTreeMap<Source, Rejection>,
+    /// `AgentPolicy` objects by UID: the last reload's verdict.
+    object_results: BTreeMap<String, ObjectResult>,
     waiting: BTreeMap<PathBuf, String>,
     attribution: Attribution,
     sinks: Arc<Sinks>,
@@ -176,122 +252,216 @@ impl State {
         }
     }
 
-    /// Read every policy file; apply what is valid, keep the old version of
-    /// what is not.
-    fn reload_policies(&mut self) {
-        let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.cfg.policies_dir) {
-            Ok(rd) => rd
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.is_file()
-                        && matches!(
-                            p.extension().and_then(|e| e.to_str()),
-                            Some("yaml") | Some("yml")
-                        )
-                })
-                .collect(),
+    /// The policy files of the policies directory (sorted); `None` when the
+    /// directory cannot be read (the file policies then stay as they are).
+    fn policy_files(&self) -> Option<Vec<PathBuf>> {
+        match std::fs::read_dir(&self.cfg.policies_dir) {
+            Ok(rd) => {
+                let mut files: Vec<PathBuf> = rd
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.is_file()
+                            && matches!(
+                                p.extension().and_then(|e| e.to_str()),
+                                Some("yaml") | Some("yml")
+                            )
+                    })
+                    .collect();
+                files.sort();
+                Some(files)
+            }
             Err(e) => {
                 tracing::error!(dir = %self.cfg.policies_dir.display(), "reading policies directory: {e}");
-                return;
-            }
-        };
-        files.sort();
-        let now = chrono::Utc::now().to_rfc3339();
-        // name -> (compiled, source, dns view)
-        let mut desired: BTreeMap<String, (CompiledPolicy, PathBuf, Arc<DnsPolicy>)> =
-            BTreeMap::new();
-        let mut rejected_files: HashSet<PathBuf> = HashSet::new();
-        let mut new_rejections: BTreeMap<PathBuf, Rejection> = BTreeMap::new();
-        for file in &files {
-            let result: Result<Vec<Compiled>, Vec<String>> =
-                match policy::load_files(std::slice::from_ref(file)) {
-                    Err(e) => Err(e.0.iter().map(|x| x.to_string()).collect()),
-                    Ok(list) => {
-                        let mut out = Vec::new();
-                        let mut errs = Vec::new();
-                        for mut p in list {
-                            match crate::run::gate_file_policy(
-                                &mut p,
-                                &self.lsm,
-                                self.cfg.allow_degraded,
-                            ) {
-                                Ok(Some(note)) => {
-                                    if self.degraded.get(&p.policy.metadata.name) != Some(&note) {
-                                        tracing::warn!("{note}");
-                                    }
-                                    self.degraded.insert(p.policy.metadata.name.clone(), note);
-                                }
-                                Ok(None) => {
-                                    self.degraded.remove(&p.policy.metadata.name);
-                                }
-                                Err(e) => {
-                                    errs.push(format!("{e:#}"));
-                                    continue;
-                                }
-                            }
-                            if let Err(e) = policy::check_supported(&p) {
-                                errs.extend(e.0.iter().map(|x| x.to_string()));
-                                continue;
-                            }
-                            match policy::compile::compile(&p) {
-                                Ok(c) => {
-                                    let d = Arc::new(crate::dns::compile_dns(&p, &c));
-                                    out.push((p, c, d))
-                                }
-                                Err(e) => errs.extend(e.0.iter().map(|x| x.to_string())),
-                            }
-                        }
-                        for (p, _, _) in &out {
-                            let name = &p.policy.metadata.name;
-                            if let Some((_, other, _)) = desired.get(name) {
-                                errs.push(format!(
-                                "{}:{}: metadata.name: duplicate policy name {name:?} (also in {})",
-                                file.display(),
-                                p.line,
-                                other.display()
-                            ));
-                            }
-                        }
-                        if errs.is_empty() {
-                            Ok(out)
-                        } else {
-                            Err(errs)
-                        }
-                    }
-                };
-            match result {
-                Ok(list) => {
-                    for (_, c, d) in list {
-                        desired.insert(c.name.clone(), (c, file.clone(), d));
-                    }
-                }
-                Err(errors) => {
-                    rejected_files.insert(file.clone());
-                    new_rejections.insert(
-                        file.clone(),
-                        Rejection {
-                            file: file.display().to_string(),
-                            errors,
-                            at: now.clone(),
-                        },
-                    );
-                }
+                None
             }
         }
-        // A rejected file keeps its previously active policies in force.
+    }
+
+    /// Kubernetes mode with `agentPolicies`: the `AgentPolicy` objects.
+    fn policy_objects(&self) -> Vec<crate::k8s::policies::PolicyObject> {
+        match self.k8s.as_ref().and_then(|k| k.policies.as_ref()) {
+            Some(c) => c
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .objects()
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The policies of one source, as validated, or its errors.
+    fn load_source(
+        src: &Source,
+        objects: &[crate::k8s::policies::PolicyObject],
+    ) -> Result<Vec<LoadedPolicy>, Vec<String>> {
+        let strings = |e: policy::PolicyErrors| e.0.iter().map(|x| x.to_string()).collect();
+        match src {
+            Source::File(file) => policy::load_files(std::slice::from_ref(file)).map_err(strings),
+            Source::Object { uid, .. } => {
+                let Some(o) = objects.iter().find(|o| &o.uid == uid) else {
+                    return Err(vec![format!("{src}: the object is gone")]);
+                };
+                crate::k8s::crd::object_policy(&o.namespace, &o.name, &o.spec)
+                    .map(|p| vec![p])
+                    .map_err(strings)
+            }
+        }
+    }
+
+    /// check -> compile -> BPF LSM gate: a source's policies ready for the
+    /// kernel, or why not. The spec's own errors come first and are the
+    /// same on every node (the gate may strip `files:` on this node only, so
+    /// the spec is compiled before it, and again when it stripped).
+    fn prepare(&mut self, list: Vec<LoadedPolicy>) -> Prepared {
+        let mut out = Prepared::default();
+        for mut p in list {
+            if let Err(e) = policy::check_supported(&p) {
+                out.spec_errors.extend(e.0.iter().map(|x| x.to_string()));
+                continue;
+            }
+            let full = match policy::compile::compile(&p) {
+                Ok(c) => c,
+                Err(e) => {
+                    out.spec_errors.extend(e.0.iter().map(|x| x.to_string()));
+                    continue;
+                }
+            };
+            out.hashes.push(full.hash.clone());
+            let name = p.policy.metadata.name.clone();
+            let c = match crate::run::gate_file_policy(&mut p, &self.lsm, self.cfg.allow_degraded) {
+                Ok(Some(note)) => {
+                    if self.degraded.get(&name) != Some(&note) {
+                        tracing::warn!("{note}");
+                    }
+                    self.degraded.insert(name, note);
+                    match policy::compile::compile(&p) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            out.node_errors.extend(e.0.iter().map(|x| x.to_string()));
+                            continue;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    self.degraded.remove(&name);
+                    full
+                }
+                Err(e) => {
+                    out.node_errors.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            let d = Arc::new(crate::dns::compile_dns(&p, &c));
+            out.compiled.push((p, c, d));
+        }
+        out
+    }
+
+    /// Read every policy source (files, then `AgentPolicy` objects); apply
+    /// what is valid, keep the old version of what is not.
+    fn reload_policies(&mut self) {
+        let files = self.policy_files();
+        let objects = self.policy_objects();
+        let mut sources: Vec<Source> = files
+            .iter()
+            .flatten()
+            .map(|f| Source::File(f.clone()))
+            .collect();
+        let mut objs: Vec<Source> = objects
+            .iter()
+            .map(|o| Source::Object {
+                namespace: o.namespace.clone(),
+                name: o.name.clone(),
+                uid: o.uid.clone(),
+            })
+            .collect();
+        objs.sort();
+        sources.extend(objs);
+        let now = chrono::Utc::now().to_rfc3339();
+        // name -> (compiled, source, dns view)
+        let mut desired: BTreeMap<String, (CompiledPolicy, Source, Arc<DnsPolicy>)> =
+            BTreeMap::new();
+        let mut rejected_sources: HashSet<Source> = HashSet::new();
+        let mut new_rejections: BTreeMap<Source, Rejection> = BTreeMap::new();
+        let mut object_results: BTreeMap<String, ObjectResult> = BTreeMap::new();
+        for src in &sources {
+            let mut prep = match Self::load_source(src, &objects) {
+                Err(errors) => Prepared {
+                    spec_errors: errors,
+                    ..Prepared::default()
+                },
+                Ok(list) => self.prepare(list),
+            };
+            // The first source that defines a name keeps it (files come
+            // before objects; an object's name `<ns>/<name>` cannot be a
+            // file policy's name, which is a DNS label).
+            for (p, _, _) in &prep.compiled {
+                let name = &p.policy.metadata.name;
+                if let Some((_, other, _)) = desired.get(name) {
+                    prep.node_errors.push(format!(
+                        "{src}:{}: metadata.name: duplicate policy name {name:?}: {other} defines \
+                         it first and stays in force",
+                        p.line,
+                    ));
+                }
+            }
+            if let Source::Object { uid, .. } = src {
+                let generation = objects
+                    .iter()
+                    .find(|o| &o.uid == uid)
+                    .and_then(|o| o.generation);
+                object_results.insert(
+                    uid.clone(),
+                    ObjectResult {
+                        generation,
+                        verdict: match prep.hashes.first() {
+                            Some(h) if prep.spec_errors.is_empty() => {
+                                crate::k8s::policies::Verdict::Valid(h.clone())
+                            }
+                            _ => crate::k8s::policies::Verdict::Invalid(prep.spec_errors.clone()),
+                        },
+                        node_errors: prep.node_errors.clone(),
+                    },
+                );
+            }
+            if prep.spec_errors.is_empty() && prep.node_errors.is_empty() {
+                for (_, c, d) in prep.compiled {
+                    desired.insert(c.name.clone(), (c, src.clone(), d));
+                }
+            } else {
+                rejected_sources.insert(src.clone());
+                let mut errors = prep.spec_errors;
+                errors.extend(prep.node_errors);
+                new_rejections.insert(
+                    src.clone(),
+                    Rejection {
+                        file: src.to_string(),
+                        errors,
+                        at: now.clone(),
+                    },
+                );
+            }
+        }
+        self.object_results = object_results;
+        // A rejected source keeps its previously active policies in force
+        // (an object: the version last accepted of that UID); so do all
+        // file policies while the directory cannot be read.
         for (name, a) in &self.active {
-            if rejected_files.contains(&a.source) && !desired.contains_key(name) {
+            let keep = rejected_sources.contains(&a.source)
+                || (files.is_none() && matches!(a.source, Source::File(_)));
+            if keep && !desired.contains_key(name) {
                 desired.insert(
                     name.clone(),
                     (a.compiled.clone(), a.source.clone(), a.dns.clone()),
                 );
             }
         }
-        for (file, r) in &new_rejections {
+        for (src, r) in &new_rejections {
             let is_new = self
                 .rejected
-                .get(file)
+                .get(src)
                 .map(|old| old.errors != r.errors)
                 .unwrap_or(true);
             if is_new {
@@ -304,7 +474,7 @@ impl State {
                     LifecycleAction::PolicyReloadRejected,
                     None,
                     "",
-                    &format!("{}: {}", file.display(), r.errors.join("; ")),
+                    &format!("{src}: {}", r.errors.join("; ")),
                 );
             }
         }
@@ -331,7 +501,14 @@ impl State {
                 }
                 continue;
             }
-            let Some(slot) = self.slots.get_or_alloc(name) else {
+            let slot = match self.slots.get_or_alloc(name) {
+                Some(s) => Some(s),
+                None => {
+                    self.reclaim_slots();
+                    self.slots.get_or_alloc(name)
+                }
+            };
+            let Some(slot) = slot else {
                 tracing::error!(policy = %name, "no free identity slot");
                 continue;
             };
@@ -372,7 +549,7 @@ impl State {
                         },
                         Some(&Self::identity(compiled)),
                         &compiled.hash,
-                        &format!("{} ({} entries)", source.display(), compiled.entry_count()),
+                        &format!("{source} ({} entries)", compiled.entry_count()),
                     );
                     if !fresh {
                         self.dns.forget(slot);
@@ -414,7 +591,7 @@ impl State {
                     LifecycleAction::PolicyRemove,
                     Some(&Self::identity(&a.compiled)),
                     &a.compiled.hash,
-                    &format!("{} removed; bound cgroups fail closed", a.source.display()),
+                    &format!("{} removed; bound cgroups fail closed", a.source),
                 );
             }
         }
@@ -423,6 +600,29 @@ impl State {
             self.reloads_ok += 1;
         }
         self.slots.save(&self.slots_file());
+    }
+
+    /// The slot table is full (identities come and go with AgentPolicy
+    /// objects, and the table outlives daemon restarts): free the slots of
+    /// identities that are not loaded and that no cgroup points to any more,
+    /// neither one this daemon bound nor one in the kernel's pinned binding
+    /// map (cgroups of a previous run not adopted yet). A slot is reused
+    /// only once nothing can still be enforced through it; nothing is freed
+    /// when the binding map cannot be read.
+    fn reclaim_slots(&mut self) {
+        let Some(in_use) = self.kernel.slots_in_use() else {
+            tracing::warn!("identity slots full and the binding map unreadable: nothing reclaimed");
+            return;
+        };
+        let (active, bound) = (&self.active, &self.bound);
+        let freed = self.slots.reclaim(|name, slot| {
+            active.contains_key(name)
+                || in_use.contains(&slot)
+                || bound.values().any(|b| b.slot == slot)
+        });
+        for (name, slot) in freed {
+            tracing::info!(policy = %name, slot, "identity slot reclaimed (policy gone, no cgroup bound to it)");
+        }
     }
 
     /// Attach to bound cgroups that exist, bind them to their identity slot
@@ -553,7 +753,8 @@ impl State {
     /// the pod sandbox, before any app container starts) means init, app and
     /// ephemeral containers start already enforced (the programs run for
     /// every descendant cgroup). Pods two policies select are bound to a
-    /// policy name that cannot exist, so they fail closed.
+    /// policy name that cannot exist, so they fail closed; so do bound pods
+    /// whose policy was removed (until the pod goes).
     fn pod_bindings(&self) -> (HashMap<PathBuf, PodBinding>, Vec<PodBinding>) {
         use crate::k8s::{binding, cgroups};
         let mut out = HashMap::new();
@@ -580,7 +781,19 @@ impl State {
                 identities.iter().map(|(n, i)| (n.as_str(), Some(i))),
                 &pod.info,
             ) {
-                binding::Binding::None => continue,
+                // A pod this daemon bound stays bound while it lives: when
+                // its policy goes away (file or object deleted) or stops
+                // selecting it, it keeps its binding to that name, which is
+                // no longer loaded, so it fails closed instead of being let
+                // go unenforced.
+                binding::Binding::None => match self
+                    .pods
+                    .values()
+                    .find(|b| b.entry.info.uid == pod.info.uid)
+                {
+                    Some(prev) => (prev.policy.clone(), None),
+                    None => continue,
+                },
                 binding::Binding::Policy(p) => {
                     let id = identities
                         .iter()
@@ -677,6 +890,59 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Kubernetes mode: what this node reports on each `AgentPolicy` object
+    /// (written by `k8s::policies::StatusWriter`, outside the state lock).
+    fn policy_reports(&self) -> Vec<crate::k8s::policies::Report> {
+        use crate::k8s::{
+            crd::{identity_name, NodeStatus},
+            policies::{Report, Verdict},
+        };
+        let mut out = Vec::new();
+        for o in self.policy_objects() {
+            // Not evaluated yet, or an older generation: the next reload reports.
+            let Some(r) = self
+                .object_results
+                .get(&o.uid)
+                .filter(|r| r.generation == o.generation)
+            else {
+                continue;
+            };
+            let name = identity_name(&o.namespace, &o.name);
+            let active = self
+                .active
+                .get(&name)
+                .filter(|a| matches!(&a.source, Source::Object { uid, .. } if *uid == o.uid));
+            let bound = self
+                .pods
+                .iter()
+                .filter(|(path, p)| p.policy == name && self.bound.contains_key(*path))
+                .count();
+            let message = if !r.node_errors.is_empty() {
+                Some(r.node_errors.join("\n"))
+            } else if active.is_none() && matches!(r.verdict, Verdict::Valid(_)) {
+                Some("not installed on this node (see the daemon's log)".into())
+            } else {
+                None
+            };
+            out.push(Report {
+                uid: o.uid.clone(),
+                namespace: o.namespace.clone(),
+                name: o.name.clone(),
+                generation: o.generation,
+                current: o.status.clone(),
+                verdict: r.verdict.clone(),
+                node: NodeStatus {
+                    node: String::new(),
+                    enforced: active.is_some(),
+                    policy_hash: active.map(|a| a.compiled.hash.clone()),
+                    bound_pods: i32::try_from(bound).unwrap_or(i32::MAX),
+                    message,
+                },
+            });
+        }
+        out
     }
 
     /// `cgroup/sock_create` only runs for inet sockets: a process holding
@@ -884,7 +1150,7 @@ impl State {
                 spiffe_id: a.compiled.spiffe_id.clone(),
                 mode: if a.compiled.audit { "audit" } else { "enforce" }.into(),
                 policy_hash: a.compiled.hash.clone(),
-                source: a.source.display().to_string(),
+                source: a.source.to_string(),
                 slot: a.slot,
                 rules: a.compiled.rules.len(),
                 entries: a.compiled.entry_count(),
@@ -1021,6 +1287,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         bound: HashMap::new(),
         slots,
         rejected: BTreeMap::new(),
+        object_results: BTreeMap::new(),
         waiting: BTreeMap::new(),
         attribution: attribution.clone(),
         sinks: sinks.clone(),
@@ -1038,51 +1305,75 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         pending_pods: Vec::new(),
     };
     let state = Arc::new(Mutex::new(state));
-    // Kubernetes mode: this node's pods, watched in the background; a change
-    // wakes the reconcile loop.
+    // Kubernetes mode: this node's pods and the AgentPolicy objects, watched
+    // in the background; a change wakes the reconcile loop. Status reports
+    // go to a writer task (API calls never hold the state lock or block
+    // the loop).
     let pods_changed = Arc::new(tokio::sync::Notify::new());
-    let _pod_watcher = match &cfg.kubernetes {
-        Some(kc) => {
-            let node = kc
-                .node_name
-                .clone()
-                .or_else(|| std::env::var("NODE_NAME").ok())
-                .filter(|n| !n.is_empty())
-                .context(
-                    "kubernetes: no node name (set kubernetes.nodeName or NODE_NAME from the \
-                     downward API: fieldRef spec.nodeName)",
-                )?;
-            let client = match &kc.api_server {
-                Some(url) => {
-                    let uri = url
-                        .parse()
-                        .map_err(|e| anyhow::anyhow!("kubernetes.apiServer {url:?}: {e}"))?;
-                    kube::Client::try_from(kube::Config::new(uri)).context("kubernetes client")?
-                }
-                None => kube::Client::try_default()
-                    .await
-                    .context("kubernetes client (in-cluster service account or kubeconfig)")?,
-            };
-            let cache = Arc::new(Mutex::new(crate::k8s::watch::PodCache::default()));
-            state.lock().unwrap_or_else(|e| e.into_inner()).k8s = Some(K8s {
-                cache: cache.clone(),
-                trust_domain: kc.trust_domain.clone(),
-                kubelet_root: kc.kubelet_cgroup_root.clone(),
-                wake: pods_changed.clone(),
-                parents: None,
-                watched: HashSet::new(),
-            });
-            tracing::info!(node = %node, "kubernetes: watching this node's pods");
-            let notify = pods_changed.clone();
-            Some(tokio::spawn(crate::k8s::watch::run(
-                client,
-                node,
-                cache,
+    let policies_changed = Arc::new(tokio::sync::Notify::new());
+    let mut k8s_tasks = Vec::new();
+    let mut status_tx: Option<tokio::sync::watch::Sender<Vec<crate::k8s::policies::Report>>> = None;
+    if let Some(kc) = &cfg.kubernetes {
+        let node = kc
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|n| !n.is_empty())
+            .context(
+                "kubernetes: no node name (set kubernetes.nodeName or NODE_NAME from the \
+                 downward API: fieldRef spec.nodeName)",
+            )?;
+        let client = match &kc.api_server {
+            Some(url) => {
+                let uri = url
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("kubernetes.apiServer {url:?}: {e}"))?;
+                kube::Client::try_from(kube::Config::new(uri)).context("kubernetes client")?
+            }
+            None => kube::Client::try_default()
+                .await
+                .context("kubernetes client (in-cluster service account or kubeconfig)")?,
+        };
+        let cache = Arc::new(Mutex::new(crate::k8s::watch::PodCache::default()));
+        let policies = kc
+            .agent_policies
+            .then(|| Arc::new(Mutex::new(crate::k8s::policies::PolicyCache::default())));
+        state.lock().unwrap_or_else(|e| e.into_inner()).k8s = Some(K8s {
+            cache: cache.clone(),
+            policies: policies.clone(),
+            trust_domain: kc.trust_domain.clone(),
+            kubelet_root: kc.kubelet_cgroup_root.clone(),
+            wake: pods_changed.clone(),
+            parents: None,
+            watched: HashSet::new(),
+        });
+        tracing::info!(node = %node, "kubernetes: watching this node's pods");
+        let notify = pods_changed.clone();
+        k8s_tasks.push(tokio::spawn(crate::k8s::watch::run(
+            client.clone(),
+            node.clone(),
+            cache,
+            move || notify.notify_one(),
+        )));
+        if let Some(policies) = policies {
+            tracing::info!("kubernetes: watching AgentPolicy objects (all namespaces)");
+            let notify = policies_changed.clone();
+            k8s_tasks.push(tokio::spawn(crate::k8s::policies::run(
+                client.clone(),
+                policies,
                 move || notify.notify_one(),
-            )))
+            )));
+            let (tx, mut rx) = tokio::sync::watch::channel(Vec::new());
+            status_tx = Some(tx);
+            let mut writer = crate::k8s::policies::StatusWriter::new(client, &node);
+            k8s_tasks.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let reports = rx.borrow_and_update().clone();
+                    writer.sync(&reports).await;
+                }
+            }));
         }
-        None => None,
-    };
+    }
     {
         // Scrapes read the kernel counters at scrape time.
         let weak_state = Arc::downgrade(&state);
@@ -1109,6 +1400,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reconcile_bindings();
         s.scan_net_raw();
+        if let Some(tx) = &status_tx {
+            tx.send_replace(s.policy_reports());
+        }
     }
 
     let _metrics_server = match cfg.metrics_addr {
@@ -1155,6 +1449,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             }
             _ = tick.tick() => "tick",
             _ = pods_changed.notified() => "pods",
+            _ = policies_changed.notified() => "agentpolicies",
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
@@ -1185,6 +1480,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reconcile_bindings();
         s.scan_net_raw();
+        if let Some(tx) = &status_tx {
+            tx.send_replace(s.policy_reports());
+        }
         // Kernel counters reach the metrics at scrape time (the collector).
         dns.gc(&metrics, &s.slot_names());
     }
@@ -1197,6 +1495,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     );
     reader_task.abort();
     control_task.abort();
+    for t in k8s_tasks {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&cfg.control_socket);
     // Attachments are pinned: dropping them here closes our fds only.
     Ok(0)
@@ -1262,4 +1563,34 @@ fn watch_dir(
         .map_err(|e| tracing::warn!("watching {}: {e}; reload with SIGHUP", dir.display()))
         .ok()?;
     Some(w)
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::SlotTable;
+
+    #[test]
+    fn a_full_slot_table_reuses_only_what_reclaim_frees() {
+        let mut t = SlotTable::default();
+        let max = enforcer_common::MAX_SLOTS;
+        for i in 1..max {
+            assert_eq!(t.get_or_alloc(&format!("ns/p{i}")), Some(i));
+        }
+        assert_eq!(t.get_or_alloc("ns/new"), None, "full");
+        assert_eq!(
+            t.get_or_alloc("ns/p7"),
+            Some(7),
+            "existing names keep their slot"
+        );
+        // Only p7 and p9 are gone and unreferenced.
+        let freed = t.reclaim(|n, _| n != "ns/p7" && n != "ns/p9");
+        assert_eq!(
+            freed,
+            vec![("ns/p7".to_string(), 7), ("ns/p9".to_string(), 9)]
+        );
+        assert_eq!(t.get_or_alloc("ns/new"), Some(7));
+        assert_eq!(t.get_or_alloc("ns/new2"), Some(9));
+        assert_eq!(t.get_or_alloc("ns/new3"), None);
+        assert_eq!(t.get_or_alloc("ns/p8"), Some(8));
+    }
 }

@@ -46,7 +46,6 @@ pub const CONDITION_ACCEPTED: &str = "Accepted";
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
     ),
-    printcolumn(name = "Pods", type_ = "integer", json_path = ".status.boundPods"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -56,61 +55,99 @@ pub const CONDITION_ACCEPTED: &str = "Accepted";
 #[serde(transparent)]
 pub struct AgentPolicySpec(pub Spec);
 
-/// What the daemon reports about an `AgentPolicy` object.
+/// What the daemons report about an `AgentPolicy` object.
+///
+/// Every node's daemon validates every object, so the status has two parts:
+/// - node-independent (`observedGeneration`, the `Accepted` condition,
+///   `policyHash`): a function of the spec alone (validator, namespace rule,
+///   compiler), so all nodes compute the same value; a daemon writes it only
+///   when it differs from what the object already says (ignoring
+///   `lastTransitionTime`), so N nodes do not fight;
+/// - per node (`nodes`, a map list keyed by `node`): what this node enforces.
+///   Each daemon writes only its own entry (server-side apply with the field
+///   manager `enforcer-node-<node>`, which owns that entry alone).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentPolicyStatus {
     /// `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Accepted`: `True` when the spec validated and is enforced, `False`
+    /// `Accepted`: `True` (reason `Valid`) when the spec validated, `False`
     /// with reason `Invalid` and the validator's errors (field:line:column of
     /// the spec rendered as YAML) in `message`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// SHA-256 of the policy's canonical JSON (as in the audit log).
+    /// SHA-256 of the accepted policy's canonical JSON (as in the audit log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_hash: Option<String>,
-    /// Pods this policy is bound to on the reporting node.
+    /// One entry per node whose daemon reported on this object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// What one node's daemon enforces of an `AgentPolicy` object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// The node's name.
+    pub node: String,
+    /// Whether a version of this object is enforced on the node (after a
+    /// rejected change, the previously accepted version stays enforced).
+    pub enforced: bool,
+    /// `policy_hash` of the version enforced on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bound_pods: Option<i32>,
+    pub policy_hash: Option<String>,
+    /// Pods of the node bound to this policy.
+    #[serde(default)]
+    pub bound_pods: i32,
+    /// Why the node does not enforce the current spec (e.g. no BPF LSM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl AgentPolicyStatus {
-    /// Status of an object whose spec was accepted and is enforced.
-    pub fn accepted(generation: Option<i64>, hash: &str, bound_pods: i32, now: Time) -> Self {
+    /// The node-independent part of a status whose spec was accepted.
+    pub fn accepted(generation: Option<i64>, hash: &str, now: Time) -> Self {
         Self {
             observed_generation: generation,
             conditions: vec![Condition {
                 type_: CONDITION_ACCEPTED.into(),
                 status: "True".into(),
                 reason: "Valid".into(),
-                message: "policy validated and installed".into(),
+                message: "policy validated".into(),
                 observed_generation: generation,
                 last_transition_time: now,
             }],
             policy_hash: Some(hash.to_owned()),
-            bound_pods: Some(bound_pods),
+            nodes: Vec::new(),
         }
     }
 
-    /// Status of an object whose spec was rejected; `errors` are the
-    /// validator's (one per line in the condition's message).
-    pub fn rejected(generation: Option<i64>, errors: &PolicyErrors, now: Time) -> Self {
+    /// The node-independent part of a status whose spec was rejected;
+    /// `errors` are the validator's (one per line in the condition's message).
+    pub fn rejected(generation: Option<i64>, errors: &[String], now: Time) -> Self {
         Self {
             observed_generation: generation,
             conditions: vec![Condition {
                 type_: CONDITION_ACCEPTED.into(),
                 status: "False".into(),
                 reason: "Invalid".into(),
-                message: errors.to_string(),
+                message: errors.join("\n"),
                 observed_generation: generation,
                 last_transition_time: now,
             }],
             policy_hash: None,
-            bound_pods: Some(0),
+            nodes: Vec::new(),
         }
+    }
+
+    /// The `Accepted` condition, if any.
+    pub fn accepted_condition(&self) -> Option<&Condition> {
+        self.conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_ACCEPTED)
     }
 }
 
@@ -159,6 +196,61 @@ pub fn policy_from_object(
     })?;
     let mut loaded = policy::parse_str(&text, &source)?;
     Ok(loaded.remove(0))
+}
+
+/// The identity name of the policy of object `namespace`/`name`:
+/// `<namespace>/<name>`. Namespaces and object names cannot contain `/`,
+/// so two objects never share an identity name, and a file policy's name
+/// (an RFC 1123 label) never equals an object's.
+pub fn identity_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The policy an `AgentPolicy` object declares, as the daemon enforces it:
+/// [`policy_from_object`] (the file validator), then the namespace rule and
+/// the identity name.
+///
+/// Namespace rule: an object only selects pods of its own namespace (whoever
+/// may create an AgentPolicy in namespace A must not bind, and so control,
+/// pods in B). An unset `spec.identity.kubernetes.namespace` becomes the
+/// object's namespace; another namespace is an error located at that field.
+/// An object without `spec.identity.kubernetes` selects no pod.
+///
+/// The policy is named [`identity_name`] (its audit, metric and status
+/// identity); its hash is computed over the policy as enforced (with that
+/// name and namespace).
+pub fn object_policy(
+    namespace: &str,
+    name: &str,
+    spec: &serde_json::Value,
+) -> Result<LoadedPolicy, PolicyErrors> {
+    let mut p = policy_from_object(namespace, name, spec)?;
+    if let Some(k) = p
+        .policy
+        .spec
+        .identity
+        .as_mut()
+        .and_then(|i| i.kubernetes.as_mut())
+    {
+        match k.namespace.as_deref() {
+            None => k.namespace = Some(namespace.to_owned()),
+            Some(n) if n == namespace => {}
+            Some(n) => {
+                let n = n.to_owned();
+                return Err(PolicyErrors(vec![p.error(
+                    "spec.identity.kubernetes.namespace",
+                    format!(
+                        "{n:?} is not this object's namespace {namespace:?}: an AgentPolicy \
+                         only selects pods of its own namespace (leave it unset, or create \
+                         the object in {n:?})"
+                    ),
+                )]));
+            }
+        }
+    }
+    p.policy.metadata.name = identity_name(namespace, name);
+    p.hash = policy::policy_hash(&p.policy);
+    Ok(p)
 }
 
 #[cfg(test)]

@@ -836,6 +836,18 @@ impl Kernel {
             .with_context(|| format!("binding cgroup {cgroup_id} to slot {slot}"))
     }
 
+    /// The identity slots some cgroup is bound to (the binding map, pinned:
+    /// it also holds cgroups of a previous run); `None` when the map cannot
+    /// be read completely.
+    pub fn slots_in_use(&self) -> Option<std::collections::HashSet<u32>> {
+        let mut out = std::collections::HashSet::new();
+        for r in self.identities.iter() {
+            let (_, b) = r.ok()?;
+            out.insert(b.slot);
+        }
+        Some(out)
+    }
+
     pub fn unbind_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
         match self.identities.remove(&cgroup_id) {
             Ok(()) => Ok(()),

@@ -233,15 +233,74 @@ fn invalid_object_is_rejected_with_location_in_the_status() {
         "{msg}"
     );
     let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
-    let st = AgentPolicyStatus::rejected(Some(3), &errors, now.clone());
+    let lines: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+    let st = AgentPolicyStatus::rejected(Some(3), &lines, now.clone());
     assert_eq!(st.conditions[0].type_, CONDITION_ACCEPTED);
     assert_eq!(st.conditions[0].status, "False");
     assert_eq!(st.conditions[0].message, msg);
     let ok = policy_from_object("agents", "research", &serde_json::json!({})).unwrap();
-    let st = AgentPolicyStatus::accepted(Some(3), &ok.hash, 2, now);
+    let st = AgentPolicyStatus::accepted(Some(3), &ok.hash, now);
     let v = serde_json::to_value(&st).unwrap();
     assert_eq!(v["observedGeneration"], 3);
-    assert_eq!(v["boundPods"], 2);
     assert_eq!(v["policyHash"], ok.hash);
     assert_eq!(v["conditions"][0]["status"], "True");
+}
+
+#[test]
+fn object_policy_is_named_by_namespace_and_selects_only_its_namespace() {
+    // Unset namespace: the object's own.
+    let spec = serde_json::json!({
+        "identity": {"kubernetes": {"podSelector": {"matchLabels": {"app": "research"}}}},
+        "egress": [{"cidr": "10.0.0.0/8"}]
+    });
+    let p = object_policy("agents", "research", &spec).unwrap();
+    assert_eq!(p.policy.metadata.name, "agents/research");
+    assert_eq!(
+        p.policy
+            .spec
+            .identity
+            .as_ref()
+            .unwrap()
+            .kubernetes
+            .as_ref()
+            .unwrap()
+            .namespace
+            .as_deref(),
+        Some("agents")
+    );
+    assert_eq!(p.hash, crate::policy::policy_hash(&p.policy));
+    let same_ns = serde_json::json!({
+        "identity": {"kubernetes": {"namespace": "agents"}}
+    });
+    assert!(object_policy("agents", "research", &same_ns).is_ok());
+    // Without identity.kubernetes it selects nothing and stays so.
+    let none = object_policy("agents", "research", &serde_json::json!({})).unwrap();
+    assert!(none.policy.spec.identity.is_none());
+
+    // Another namespace: rejected, at the field, with line:column.
+    let other = serde_json::json!({
+        "identity": {"kubernetes": {"namespace": "payments", "serviceAccount": "x"}},
+        "egress": [{"cidr": "10.0.0.0/8"}]
+    });
+    let e = object_policy("agents", "research", &other).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    let err = &e.0[0];
+    assert_eq!(err.field, "spec.identity.kubernetes.namespace");
+    assert!(err.line > 1 && err.column > 1, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("agentpolicy/agents/research:")
+            && msg.contains("\"payments\" is not this object's namespace \"agents\""),
+        "{msg}"
+    );
+    // The rendered line at that position is the namespace field.
+    let doc = serde_saphyr::to_string(&serde_json::json!({
+        "apiVersion": crate::policy::API_VERSION,
+        "kind": crate::policy::KIND,
+        "metadata": {"name": "research"},
+        "spec": other,
+    }))
+    .unwrap();
+    let line = doc.lines().nth(err.line - 1).unwrap();
+    assert!(line.contains("namespace: payments"), "{line:?} in\n{doc}");
 }
