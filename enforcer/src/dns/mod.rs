@@ -60,7 +60,7 @@ use crate::{
 };
 
 pub use message::is_rebinding_address;
-pub use proxy::DnsProxy;
+pub use proxy::{DnsProxy, NetnsFailure, NetnsServed};
 
 /// Default `dns.ttl.min`.
 pub const DEFAULT_TTL_MIN: Duration = Duration::from_secs(5);
