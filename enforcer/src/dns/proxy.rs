@@ -385,6 +385,22 @@ struct NetnsSockets {
     up6: Option<std::net::UdpSocket>,
 }
 
+/// Whether `lo` is up in the namespace of `sock` (SIOCGIFFLAGS on it).
+fn loopback_up(sock: &std::net::UdpSocket) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: ifreq is plain data; the ioctl fills ifru_flags for the name.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *c as libc::c_char;
+    }
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    Ok(i32::from(flags) & libc::IFF_UP != 0)
+}
+
 /// Runs inside the target namespace: bind the listeners at `port` and the
 /// upstream sockets. 127.0.0.1 must work; [::1] is best effort.
 fn bind_netns(port: u16, want_v6: bool) -> Result<NetnsSockets, NetnsFailure> {
@@ -404,6 +420,22 @@ fn bind_netns(port: u16, want_v6: bool) -> Result<NetnsSockets, NetnsFailure> {
     };
     let u4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
         .map_err(|e| fail(&format!("UDP 127.0.0.1:{port}"), e))?;
+    // 127.0.0.1 binds even while `lo` is down, but nothing reaches it then.
+    match loopback_up(&u4) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(NetnsFailure {
+                reason: "loopback-unavailable",
+                detail: "the loopback interface `lo` is down in the namespace".into(),
+            })
+        }
+        Err(e) => {
+            return Err(NetnsFailure {
+                reason: "loopback-unavailable",
+                detail: format!("reading the flags of `lo`: {e}"),
+            })
+        }
+    }
     let t4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
         .map_err(|e| fail(&format!("TCP 127.0.0.1:{port}"), e))?;
     let mut udp = vec![u4];
