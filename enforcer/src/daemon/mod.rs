@@ -12,6 +12,10 @@
 //! identity's tables atomically (see `kernel`). A policy that disappears
 //! leaves its bound cgroups failing closed.
 //!
+//! After each reconcile the DNS proxy's listeners follow the network
+//! namespaces of the bound processes (`dns_netns`): a Kubernetes pod's DNS
+//! is steered to its own loopback, where the daemon must listen too.
+//!
 //! Maps and links are pinned under `pinDir`: enforcement continues while the
 //! daemon is down or restarting, and a restarted daemon adopts what it finds.
 pub mod config;
