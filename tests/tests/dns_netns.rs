@@ -133,6 +133,15 @@ fn fds_to(pid: u32, ns: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// `enforcer status` as text.
+fn status_text(d: &Daemon) -> String {
+    let mut c = enforcer();
+    c.args(["status", "--socket"]).arg(&d.socket);
+    let out = output_with_timeout(c, Duration::from_secs(20));
+    assert!(out.status.success(), "enforcer status: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn gauge(d: &Daemon, name: &str) -> Option<f64> {
     metric(
         &d.scrape(),
@@ -254,6 +263,11 @@ fn dns_is_served_in_the_agents_network_namespace() {
             fds_to(d.pid(), &ns.name()) >= 1,
             "the daemon holds the netns"
         );
+        let text = status_text(&d);
+        assert!(
+            text.contains(&format!("dns proxy also in {}", ns.name())),
+            "{text}"
+        );
     });
 
     // The agent and the namespace go: the daemon closes its listeners there.
@@ -334,6 +348,11 @@ fn namespace_with_loopback_down_is_reported_then_served() {
                 .unwrap_or("")
                 .starts_with("loopback-unavailable"),
             "{st:?}"
+        );
+        let text = status_text(&d);
+        assert!(
+            text.contains(&format!("dns proxy NOT in {}", ns.name())),
+            "{text}"
         );
     });
     checks.check("error counted and logged", || {
