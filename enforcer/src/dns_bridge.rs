@@ -11,7 +11,7 @@ use anyhow::Result;
 use enforcer_common::RuleSet;
 
 use crate::{
-    dns::{DnsEvent, DnsPolicy, DnsProxy, DnsSink, Learner, TaintView},
+    dns::{DnsEvent, DnsPolicy, DnsProxy, DnsSink, Learner, NetnsFailure, NetnsServed, TaintView},
     events::{
         reader::{Attribution, Clock},
         sink::Sinks,
@@ -182,6 +182,26 @@ impl DnsService {
             .unwrap_or_else(|e| e.into_inner())
             .set_dns_port(slot, port)?;
         Ok(port)
+    }
+
+    /// Serve identity `slot` inside network namespace `ns` too (see
+    /// [`DnsProxy::serve_netns`]).
+    pub async fn serve_netns(
+        &self,
+        slot: u32,
+        ns: Arc<crate::netns::Netns>,
+    ) -> std::result::Result<(), NetnsFailure> {
+        self.proxy.serve_netns(slot, ns).await
+    }
+
+    /// Close identity `slot`'s listeners in namespace `id`.
+    pub fn close_netns(&self, slot: u32, id: crate::netns::NetnsId) -> bool {
+        self.proxy.close_netns(slot, id)
+    }
+
+    /// The other namespaces identity `slot` is served in.
+    pub fn netns_of(&self, slot: u32) -> Vec<NetnsServed> {
+        self.proxy.netns_of(slot)
     }
 
     /// Stop identity `slot`'s proxy and forget what it learned.

@@ -12,5 +12,6 @@ pub mod events;
 pub mod k8s;
 pub mod kernel;
 pub mod metrics;
+pub mod netns;
 pub mod policy;
 pub mod run;

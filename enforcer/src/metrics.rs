@@ -17,6 +17,8 @@
 //! | `enforcer_dns_learned_addresses` | gauge | identity | [`Metrics::set_dns_learned`] |
 //! | `enforcer_dns_rebinding_blocked_total` | counter | identity | [`Metrics::add_dns_rebinding_blocked`] |
 //! | `enforcer_dns_malformed_total` | counter | identity | [`Metrics::inc_dns_malformed`] |
+//! | `enforcer_dns_netns_listeners` | gauge | identity | network namespaces besides the daemon's (pods) where the identity's DNS proxy listens, [`Metrics::set_dns_netns_listeners`] |
+//! | `enforcer_dns_netns_errors_total` | counter | identity, reason | failed attempts at listening in a workload's namespace (retried every reconcile), [`Metrics::inc_dns_netns_error`] |
 //! | `enforcer_attached_cgroups` | gauge | | [`Metrics::set_attached_cgroups`] |
 //! | `enforcer_policy_entries` | gauge | identity | LPM entries, [`Metrics::set_policy_entries`] |
 //! | `enforcer_identity_tainted` | gauge (1/0) | identity | set when the identity read a `taint` file, [`Metrics::set_tainted`] |
@@ -114,6 +116,8 @@ pub struct Metrics {
     dns_learned: IntGaugeVec,
     dns_rebinding: IntCounterVec,
     dns_malformed: IntCounterVec,
+    dns_netns_listeners: IntGaugeVec,
+    dns_netns_errors: IntCounterVec,
     state: Mutex<Seen>,
     /// Runs before each render: pulls the kernel's counters so that a scrape
     /// sees the current totals, not the last poll's.
@@ -316,6 +320,20 @@ impl Metrics {
                 "enforcer_dns_malformed_total",
                 "Malformed DNS messages dropped by the proxy.",
                 &["identity"],
+            ),
+            dns_netns_listeners: gauge_vec(
+                r,
+                "enforcer_dns_netns_listeners",
+                "Network namespaces besides the daemon's (pods) where the identity's DNS proxy \
+                 listens.",
+                &["identity"],
+            ),
+            dns_netns_errors: counter_vec(
+                r,
+                "enforcer_dns_netns_errors_total",
+                "Failed attempts at opening the identity's DNS proxy listeners in a workload's \
+                 network namespace (reason: loopback-unavailable, port-in-use, setns, other).",
+                &["identity", "reason"],
             ),
             net_raw_processes: gauge_vec(
                 r,
@@ -537,6 +555,20 @@ impl Metrics {
         self.dns_malformed.with_label_values(&[identity]).inc();
     }
 
+    /// `enforcer_dns_netns_listeners{identity}`.
+    pub fn set_dns_netns_listeners(&self, identity: &str, n: u64) {
+        self.dns_netns_listeners
+            .with_label_values(&[identity])
+            .set(gauge_value(n));
+    }
+
+    /// `enforcer_dns_netns_errors_total{identity,reason}`.
+    pub fn inc_dns_netns_error(&self, identity: &str, reason: &str) {
+        self.dns_netns_errors
+            .with_label_values(&[identity, reason])
+            .inc();
+    }
+
     /// `enforcer_net_raw_processes{identity}`.
     pub fn set_net_raw_processes(&self, identity: &str, n: u64) {
         self.net_raw_processes
@@ -580,6 +612,18 @@ impl Metrics {
         let _ = self.dns_learned.remove_label_values(&[identity]);
         let _ = self.dns_rebinding.remove_label_values(&[identity]);
         let _ = self.dns_malformed.remove_label_values(&[identity]);
+        let _ = self.dns_netns_listeners.remove_label_values(&[identity]);
+        for reason in [
+            "loopback-unavailable",
+            "port-in-use",
+            "setns",
+            "not-served",
+            "other",
+        ] {
+            let _ = self
+                .dns_netns_errors
+                .remove_label_values(&[identity, reason]);
+        }
         for reason in [
             "name-not-allowed",
             "tainted",

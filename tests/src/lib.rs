@@ -740,8 +740,15 @@ impl Probe {
     /// Any script that speaks the probe protocol (e.g. agents/dns_agent.py).
     pub fn spawn_script(script: &Path) -> Self {
         let mut c = Command::new(python());
-        c.arg(script)
-            .stdin(Stdio::piped())
+        c.arg(script);
+        Self::spawn_command(c)
+    }
+
+    /// A command that ends in a probe-protocol script, e.g. `nsenter
+    /// --net=... python3 dns_agent.py` (the probe's pid is the command's:
+    /// the wrapper must exec it).
+    pub fn spawn_command(mut c: Command) -> Self {
+        c.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = ChildGuard::new(c.spawn().expect("spawning probe"));

@@ -36,6 +36,11 @@ pub struct IdentityStatus {
     /// Port of the identity's DNS proxy on 127.0.0.1 and ::1 (0: none).
     #[serde(default)]
     pub dns_port: u16,
+    /// Network namespaces other than the daemon's (Kubernetes pods) where
+    /// bound processes of the identity live, and whether the proxy listens
+    /// there (at `dns_port`).
+    #[serde(default)]
+    pub dns_netns: Vec<NetnsStatus>,
     /// Addresses currently reachable because a DNS answer allowed them.
     #[serde(default)]
     pub learned_addresses: usize,
@@ -56,6 +61,27 @@ pub struct IdentityStatus {
     /// Kubernetes mode: the bound pods of this identity.
     #[serde(default)]
     pub pods: Vec<PodStatus>,
+}
+
+/// The DNS proxy in one workload network namespace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetnsStatus {
+    /// `net:[<inode>]`, as `readlink /proc/<pid>/ns/net` prints it.
+    pub netns: String,
+    pub dev: u64,
+    pub inode: u64,
+    /// A bound process in that namespace.
+    pub pid: u32,
+    /// The bound cgroup it was found under.
+    pub cgroup: String,
+    /// Kubernetes mode: `namespace/pod`.
+    pub pod: Option<String>,
+    /// The proxy listens there.
+    pub serving: bool,
+    /// [::1] is served there too.
+    pub ipv6: bool,
+    /// Why it does not (retried on every reconcile).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,6 +225,25 @@ pub fn render(st: &Status) -> String {
                 "  dns proxy 127.0.0.1/[::1]:{}  learned addresses {}",
                 i.dns_port, i.learned_addresses
             );
+        }
+        for n in &i.dns_netns {
+            let who = match &n.pod {
+                Some(p) => format!("pod {p}, cgroup {}, pid {}", n.cgroup, n.pid),
+                None => format!("cgroup {}, pid {}", n.cgroup, n.pid),
+            };
+            match &n.error {
+                None => {
+                    let _ = writeln!(
+                        o,
+                        "  dns proxy also in {} ({who}){}",
+                        n.netns,
+                        if n.ipv6 { "" } else { " 127.0.0.1 only" }
+                    );
+                }
+                Some(e) => {
+                    let _ = writeln!(o, "  dns proxy NOT in {} ({who}): {e}", n.netns);
+                }
+            }
         }
         if i.cgroups.is_empty() {
             let _ = writeln!(o, "  cgroups: none bound");

@@ -28,10 +28,15 @@
 //! Kubernetes mode writes each object's status (`k8s::policies::StatusWriter`,
 //! in a task of its own, fed after each reconcile) only when it changes.
 //!
+//! After each reconcile the DNS proxy's listeners follow the network
+//! namespaces of the bound processes (`dns_netns`): a Kubernetes pod's DNS
+//! is steered to its own loopback, where the daemon must listen too.
+//!
 //! Maps and links are pinned under `pinDir`: enforcement continues while the
 //! daemon is down or restarting, and a restarted daemon adopts what it finds.
 pub mod config;
 pub mod control;
+pub mod dns_netns;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -235,6 +240,11 @@ pub struct State {
     pending_pods: Vec<PodBinding>,
     /// DNS proxies to (re)start after a reload (async, outside the lock).
     pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
+    /// The daemon's own network namespace (its proxy's home listeners).
+    own_netns: Option<crate::netns::NetnsId>,
+    /// (slot, namespace) used by bound processes, served by the DNS proxy
+    /// there or not (see `dns_netns`).
+    dns_netns: BTreeMap<(u32, crate::netns::NetnsId), dns_netns::NetnsUse>,
 }
 
 impl State {
@@ -1164,6 +1174,7 @@ impl State {
                     })
                     .collect(),
                 dns_port: self.kernel.dns_port(a.slot),
+                dns_netns: self.netns_status(a.slot),
                 learned_addresses: self.dns.learned_count(a.slot),
                 decisions,
                 recent_denials: self.sinks.recent(name),
@@ -1300,6 +1311,12 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         lsm: lsm.clone(),
         degraded: BTreeMap::new(),
         pending_dns: Vec::new(),
+        own_netns: crate::netns::NetnsId::own()
+            .map_err(|e| {
+                tracing::error!("reading /proc/self/ns/net: {e}; DNS proxy listeners in workload network namespaces are disabled")
+            })
+            .ok(),
+        dns_netns: BTreeMap::new(),
         k8s: None,
         pods: HashMap::new(),
         pending_pods: Vec::new(),
@@ -1404,6 +1421,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             tx.send_replace(s.policy_reports());
         }
     }
+    dns_netns::sync(&state, &dns, &metrics).await;
 
     let _metrics_server = match cfg.metrics_addr {
         Some(addr) => {
@@ -1477,14 +1495,17 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             }
         }
         start_dns(&state, &dns).await;
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        s.reconcile_bindings();
-        s.scan_net_raw();
-        if let Some(tx) = &status_tx {
-            tx.send_replace(s.policy_reports());
+        {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.reconcile_bindings();
+            s.scan_net_raw();
+            if let Some(tx) = &status_tx {
+                tx.send_replace(s.policy_reports());
+            }
+            // Kernel counters reach the metrics at scrape time (the collector).
+            dns.gc(&metrics, &s.slot_names());
         }
-        // Kernel counters reach the metrics at scrape time (the collector).
-        dns.gc(&metrics, &s.slot_names());
+        dns_netns::sync(&state, &dns, &metrics).await;
     }
     tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
     sinks.lifecycle(

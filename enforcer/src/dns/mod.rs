@@ -1,7 +1,10 @@
 //! DNS-aware egress: the per-identity DNS proxy.
 //!
 //! Every DNS query of an agent (UDP or TCP, any address, port 53) is steered
-//! in the kernel to this proxy, at a loopback port of the agent's identity.
+//! in the kernel to this proxy, at a loopback port of the agent's identity,
+//! on the loopback of the agent's own network namespace: the proxy listens
+//! in its own namespace and, per identity, in the other namespaces its
+//! agents use (Kubernetes pods; see `proxy` and `daemon::dns_netns`).
 //! The proxy decides by the identity's `host:` rules and `dns:` block:
 //!
 //! - names no `host:` rule matches, names longer than `maxQueryLength`, query
@@ -60,7 +63,7 @@ use crate::{
 };
 
 pub use message::is_rebinding_address;
-pub use proxy::DnsProxy;
+pub use proxy::{DnsProxy, NetnsFailure, NetnsServed};
 
 /// Default `dns.ttl.min`.
 pub const DEFAULT_TTL_MIN: Duration = Duration::from_secs(5);

@@ -16,6 +16,19 @@
 //!   Truncated (TC) upstream answers are retried over TCP, one connection per
 //!   retry.
 //!
+//! Network namespaces: the kernel steers to `127.0.0.1:<port>` in the
+//! *caller's* network namespace. The set above (the "home" set) serves the
+//! proxy's own namespace; [`DnsProxy::serve_netns`] adds, for one identity,
+//! the same listeners (same port, same per-identity logic, budget and
+//! policy) inside another namespace (a Kubernetes pod's), created there on a
+//! short-lived thread ([`crate::netns::Netns::run`]), with upstream UDP
+//! sockets of their own made in that namespace too; TCP upstream
+//! connections of that set are made there as well. So a pod's queries leave
+//! from the pod's namespace and reach its resolver as the pod would (its
+//! routes, a node-local or loopback resolver, NetworkPolicies).
+//! [`DnsProxy::close_netns`] closes such a set; stopping the identity closes
+//! all of them.
+//!
 //! Nothing is cached, so nothing is shared across identities. A policy swap
 //! (`serve_identity` again) replaces the policy under a lock read once per
 //! query; the sockets, the port and the name budget stay. Whether the
@@ -52,7 +65,10 @@ use super::{
     },
     DnsEvent, DnsPolicy, DnsSink, Learner, TaintView,
 };
-use crate::events::Verdict;
+use crate::{
+    events::Verdict,
+    netns::{Netns, NetnsId},
+};
 
 /// How long one upstream gets before the next one is tried.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -73,8 +89,12 @@ pub struct DnsProxy {
 
 struct Served {
     port: u16,
+    /// The home set serves [::1] too (the netns sets try to).
+    v6: bool,
     ident: Arc<Ident>,
     tasks: Vec<JoinHandle<()>>,
+    /// Listener sets in other network namespaces.
+    netns: HashMap<NetnsId, NetnsSet>,
 }
 
 impl Drop for Served {
@@ -84,6 +104,56 @@ impl Drop for Served {
             t.abort();
         }
     }
+}
+
+/// One identity's listeners (and upstream sockets) in another network
+/// namespace. Dropping it stops its tasks, which closes its sockets and,
+/// with the last reference, the namespace fd.
+struct NetnsSet {
+    v6: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for NetnsSet {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A listener set in another network namespace, as [`DnsProxy::netns_of`]
+/// reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsServed {
+    pub id: NetnsId,
+    /// [::1] is served there too.
+    pub v6: bool,
+}
+
+/// Why [`DnsProxy::serve_netns`] could not serve a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsFailure {
+    /// `loopback-unavailable` (127.0.0.1 cannot be bound: the pod's `lo` is
+    /// down), `port-in-use` (something in the pod holds the identity's
+    /// port), `not-served` (the identity has no proxy), `setns`, `other`.
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl std::fmt::Display for NetnsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+/// Where the queries of one listener set go out: upstream UDP sockets made
+/// in the set's namespace, and that namespace for TCP upstream connections
+/// (`None`: the proxy's own).
+struct Egress {
+    up4: Option<Arc<UpSock>>,
+    up6: Option<Arc<UpSock>>,
+    netns: Option<Arc<Netns>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -126,12 +196,11 @@ impl DnsProxy {
             return Ok(port);
         }
         let (port, udp, tcp) = bind_all(preferred).await?;
+        let v6 = udp.len() > 1;
         let up4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
             .context("binding the IPv4 upstream socket")?;
         let up6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await.ok();
-        let up4 = Arc::new(UpSock::new(up4));
-        let up6 = up6.map(|s| Arc::new(UpSock::new(s)));
         let ident = Arc::new(Ident {
             slot,
             policy: RwLock::new(policy.clone()),
@@ -140,21 +209,15 @@ impl DnsProxy {
             learner: self.learner.clone(),
             sink: self.sink.clone(),
             taint: self.taint.clone(),
-            up4: Some(up4.clone()),
-            up6: up6.clone(),
         });
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(upstream_reader(up4)));
-        if let Some(up6) = up6 {
-            tasks.push(tokio::spawn(upstream_reader(up6)));
-        }
-        for s in udp {
-            tasks.push(tokio::spawn(udp_loop(ident.clone(), Arc::new(s))));
-        }
-        for l in tcp {
-            tasks.push(tokio::spawn(tcp_loop(ident.clone(), l)));
-        }
-        let served = Served { port, ident, tasks };
+        let tasks = spawn_set(&ident, udp, tcp, Some(up4), up6, None);
+        let served = Served {
+            port,
+            v6,
+            ident,
+            tasks,
+            netns: HashMap::new(),
+        };
         let mut map = lock(&self.served);
         if let Some(existing) = map.get(&slot) {
             // A concurrent call won: keep its sockets, take our policy.
@@ -188,6 +251,220 @@ impl DnsProxy {
     pub fn port(&self, slot: u32) -> Option<u16> {
         lock(&self.served).get(&slot).map(|s| s.port)
     }
+
+    /// Serve identity `slot` inside network namespace `ns` too: UDP and TCP
+    /// on 127.0.0.1 (and [::1] when the home set serves it and `ns` has it)
+    /// at the identity's port, bound in `ns` on a short-lived thread, plus
+    /// upstream sockets made in `ns` (queries arriving there are forwarded
+    /// from there). A no-op if already served there. The set lives until
+    /// [`Self::close_netns`] or [`Self::stop_identity`].
+    pub async fn serve_netns(&self, slot: u32, ns: Arc<Netns>) -> Result<(), NetnsFailure> {
+        let (port, want_v6, ident) = {
+            let map = lock(&self.served);
+            let Some(s) = map.get(&slot) else {
+                return Err(NetnsFailure {
+                    reason: "not-served",
+                    detail: format!("identity slot {slot} has no DNS proxy"),
+                });
+            };
+            if s.netns.contains_key(&ns.id) {
+                return Ok(());
+            }
+            (s.port, s.v6, s.ident.clone())
+        };
+        let socks = ns
+            .run(move || Ok(bind_netns(port, want_v6)))
+            .await
+            .map_err(|e| NetnsFailure {
+                reason: "setns",
+                detail: format!("entering {}: {e}", ns.id),
+            })??;
+        let NetnsSockets { udp, tcp, up4, up6 } = socks;
+        let into_tokio = || -> io::Result<_> {
+            let udp = udp
+                .into_iter()
+                .map(UdpSocket::from_std)
+                .collect::<io::Result<Vec<_>>>()?;
+            let tcp = tcp
+                .into_iter()
+                .map(TcpListener::from_std)
+                .collect::<io::Result<Vec<_>>>()?;
+            let up4 = UdpSocket::from_std(up4)?;
+            let up6 = up6.map(UdpSocket::from_std).transpose()?;
+            Ok((udp, tcp, up4, up6))
+        };
+        let (udp, tcp, up4, up6) = into_tokio().map_err(|e| NetnsFailure {
+            reason: "other",
+            detail: format!("registering the sockets made in {}: {e}", ns.id),
+        })?;
+        let v6 = udp.len() > 1;
+        let id = ns.id;
+        let tasks = spawn_set(&ident, udp, tcp, Some(up4), up6, Some(ns));
+        let set = NetnsSet { v6, tasks };
+        let mut map = lock(&self.served);
+        match map.get_mut(&slot) {
+            // Still the same proxy (not stopped and restarted meanwhile).
+            Some(s) if Arc::ptr_eq(&s.ident, &ident) => {
+                s.netns.entry(id).or_insert(set);
+                tracing::debug!(slot, port, netns = %id, "DNS proxy serving identity in a namespace");
+                Ok(())
+            }
+            _ => Err(NetnsFailure {
+                reason: "not-served",
+                detail: format!(
+                    "identity slot {slot} stopped while its listeners in {id} were made"
+                ),
+            }),
+        }
+    }
+
+    /// Close identity `slot`'s listener set in namespace `id` (the namespace
+    /// is no longer used by its processes).
+    pub fn close_netns(&self, slot: u32, id: NetnsId) -> bool {
+        let removed = lock(&self.served)
+            .get_mut(&slot)
+            .and_then(|s| s.netns.remove(&id));
+        removed.is_some()
+    }
+
+    /// The other namespaces identity `slot` is served in.
+    pub fn netns_of(&self, slot: u32) -> Vec<NetnsServed> {
+        let map = lock(&self.served);
+        let mut v: Vec<NetnsServed> = map
+            .get(&slot)
+            .map(|s| {
+                s.netns
+                    .iter()
+                    .map(|(id, set)| NetnsServed {
+                        id: *id,
+                        v6: set.v6,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by_key(|n| n.id);
+        v
+    }
+}
+
+/// Start the tasks of one listener set: its upstream readers, one task per
+/// UDP socket, one per TCP listener.
+fn spawn_set(
+    ident: &Arc<Ident>,
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+    up4: Option<UdpSocket>,
+    up6: Option<UdpSocket>,
+    netns: Option<Arc<Netns>>,
+) -> Vec<JoinHandle<()>> {
+    let up4 = up4.map(|s| Arc::new(UpSock::new(s)));
+    let up6 = up6.map(|s| Arc::new(UpSock::new(s)));
+    let mut tasks = Vec::new();
+    for u in up4.iter().chain(up6.iter()) {
+        tasks.push(tokio::spawn(upstream_reader(u.clone())));
+    }
+    let egress = Arc::new(Egress { up4, up6, netns });
+    for s in udp {
+        tasks.push(tokio::spawn(udp_loop(
+            ident.clone(),
+            egress.clone(),
+            Arc::new(s),
+        )));
+    }
+    for l in tcp {
+        tasks.push(tokio::spawn(tcp_loop(ident.clone(), egress.clone(), l)));
+    }
+    tasks
+}
+
+/// The std sockets of one namespace's listener set (non-blocking).
+struct NetnsSockets {
+    udp: Vec<std::net::UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
+    up4: std::net::UdpSocket,
+    up6: Option<std::net::UdpSocket>,
+}
+
+/// Whether `lo` is up in the namespace of `sock` (SIOCGIFFLAGS on it).
+fn loopback_up(sock: &std::net::UdpSocket) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: ifreq is plain data; the ioctl fills ifru_flags for the name.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *c as libc::c_char;
+    }
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    Ok(i32::from(flags) & libc::IFF_UP != 0)
+}
+
+/// Runs inside the target namespace: bind the listeners at `port` and the
+/// upstream sockets. 127.0.0.1 must work; [::1] is best effort.
+fn bind_netns(port: u16, want_v6: bool) -> Result<NetnsSockets, NetnsFailure> {
+    let fail = |what: &str, e: io::Error| NetnsFailure {
+        reason: if in_use(&e) {
+            "port-in-use"
+        } else if e.kind() == io::ErrorKind::AddrNotAvailable {
+            "loopback-unavailable"
+        } else {
+            "other"
+        },
+        detail: format!("binding {what}: {e}"),
+    };
+    let nb = |what: &str, e: io::Error| NetnsFailure {
+        reason: "other",
+        detail: format!("{what}: set_nonblocking: {e}"),
+    };
+    let u4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
+        .map_err(|e| fail(&format!("UDP 127.0.0.1:{port}"), e))?;
+    // 127.0.0.1 binds even while `lo` is down, but nothing reaches it then.
+    match loopback_up(&u4) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(NetnsFailure {
+                reason: "loopback-unavailable",
+                detail: "the loopback interface `lo` is down in the namespace".into(),
+            })
+        }
+        Err(e) => {
+            return Err(NetnsFailure {
+                reason: "loopback-unavailable",
+                detail: format!("reading the flags of `lo`: {e}"),
+            })
+        }
+    }
+    let t4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+        .map_err(|e| fail(&format!("TCP 127.0.0.1:{port}"), e))?;
+    let mut udp = vec![u4];
+    let mut tcp = vec![t4];
+    if want_v6 {
+        let v6 = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port))
+            .and_then(|u| std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)).map(|t| (u, t)));
+        match v6 {
+            Ok((u, t)) => {
+                udp.push(u);
+                tcp.push(t);
+            }
+            // The caller reports a set without [::1] (`NetnsServed::v6`).
+            Err(e) => tracing::warn!(
+                port,
+                "DNS proxy in a namespace: [::1]:{port} not served: {e}"
+            ),
+        }
+    }
+    let up4 = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .map_err(|e| fail("the IPv4 upstream socket", e))?;
+    let up6 = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok();
+    for u in udp.iter().chain(std::iter::once(&up4)).chain(up6.iter()) {
+        u.set_nonblocking(true).map_err(|e| nb("UDP", e))?;
+    }
+    for t in &tcp {
+        t.set_nonblocking(true).map_err(|e| nb("TCP", e))?;
+    }
+    Ok(NetnsSockets { udp, tcp, up4, up6 })
 }
 
 fn in_use(e: &io::Error) -> bool {
@@ -251,8 +528,6 @@ struct Ident {
     learner: Arc<dyn Learner>,
     sink: Arc<dyn DnsSink>,
     taint: Arc<dyn TaintView>,
-    up4: Option<Arc<UpSock>>,
-    up6: Option<Arc<UpSock>>,
 }
 
 /// What to do with a client message.
@@ -346,14 +621,16 @@ impl Ident {
         self.sink.record(&ev);
     }
 
-    /// Ask the upstreams in order until one answers the question.
-    async fn resolve(&self, f: &Fwd, tcp: bool) -> Option<Message> {
+    /// Ask the upstreams in order until one answers the question, through
+    /// the sockets of the listener set the query came in on.
+    async fn resolve(&self, eg: &Egress, f: &Fwd, tcp: bool) -> Option<Message> {
+        let ns = eg.netns.as_ref();
         for &up in &f.policy.upstreams {
             let m = if tcp {
-                tcp_exchange(up, &f.upstream).await
+                tcp_exchange(ns, up, &f.upstream).await
             } else {
-                match self.udp_exchange(up, &f.upstream).await {
-                    Some(m) if m.metadata.truncation => tcp_exchange(up, &f.upstream).await,
+                match udp_exchange(eg, up, &f.upstream).await {
+                    Some(m) if m.metadata.truncation => tcp_exchange(ns, up, &f.upstream).await,
                     other => other,
                 }
             };
@@ -364,19 +641,6 @@ impl Ident {
             }
         }
         None
-    }
-
-    async fn udp_exchange(&self, up: SocketAddr, query: &[u8]) -> Option<Message> {
-        let us = match up.ip() {
-            IpAddr::V4(_) => self.up4.as_ref()?,
-            IpAddr::V6(_) => self.up6.as_ref()?,
-        };
-        let (id, rx, _guard) = us.register(up)?;
-        let mut buf = query.to_vec();
-        buf.get_mut(..2)?.copy_from_slice(&id.to_be_bytes());
-        us.sock.send_to(&buf, up).await.ok()?;
-        let data = timeout(UPSTREAM_TIMEOUT, rx).await.ok()?.ok()?;
-        Message::from_vec(&data).ok()
     }
 
     /// Build the released answer, learning its addresses first. `None`
@@ -456,7 +720,7 @@ impl Ident {
     }
 }
 
-async fn udp_loop(ident: Arc<Ident>, sock: Arc<UdpSocket>) {
+async fn udp_loop(ident: Arc<Ident>, eg: Arc<Egress>, sock: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, src) = match sock.recv_from(&mut buf).await {
@@ -475,10 +739,11 @@ async fn udp_loop(ident: Arc<Ident>, sock: Arc<UdpSocket>) {
             }
             Step::Forward(f) => {
                 let ident = ident.clone();
+                let eg = eg.clone();
                 let sock = sock.clone();
                 tokio::spawn(async move {
                     let limit = f.q.udp_limit();
-                    let resp = ident.resolve(&f, false).await;
+                    let resp = ident.resolve(&eg, &f, false).await;
                     if let Some(b) = ident.finish(f, resp, Some(limit)) {
                         let _ = sock.send_to(&b, src).await;
                     }
@@ -488,13 +753,13 @@ async fn udp_loop(ident: Arc<Ident>, sock: Arc<UdpSocket>) {
     }
 }
 
-async fn tcp_loop(ident: Arc<Ident>, listener: TcpListener) {
+async fn tcp_loop(ident: Arc<Ident>, eg: Arc<Egress>, listener: TcpListener) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, peer)) if conns.len() < MAX_TCP_CONNS => {
-                    conns.spawn(tcp_conn(ident.clone(), s, peer));
+                    conns.spawn(tcp_conn(ident.clone(), eg.clone(), s, peer));
                 }
                 Ok(_) => tracing::debug!("DNS proxy: too many TCP connections"),
                 Err(e) => {
@@ -507,7 +772,7 @@ async fn tcp_loop(ident: Arc<Ident>, listener: TcpListener) {
     }
 }
 
-async fn tcp_conn(ident: Arc<Ident>, mut s: TcpStream, peer: SocketAddr) {
+async fn tcp_conn(ident: Arc<Ident>, eg: Arc<Egress>, mut s: TcpStream, peer: SocketAddr) {
     let _ = s.set_nodelay(true);
     let mut buf = Vec::new();
     loop {
@@ -529,7 +794,7 @@ async fn tcp_conn(ident: Arc<Ident>, mut s: TcpStream, peer: SocketAddr) {
             Step::Drop => continue,
             Step::Reply(b) => b,
             Step::Forward(f) => {
-                let resp = ident.resolve(&f, true).await;
+                let resp = ident.resolve(&eg, &f, true).await;
                 match ident.finish(f, resp, None) {
                     Some(b) => b,
                     None => return,
@@ -548,8 +813,43 @@ async fn tcp_conn(ident: Arc<Ident>, mut s: TcpStream, peer: SocketAddr) {
     }
 }
 
+async fn udp_exchange(eg: &Egress, up: SocketAddr, query: &[u8]) -> Option<Message> {
+    let us = match up.ip() {
+        IpAddr::V4(_) => eg.up4.as_ref()?,
+        IpAddr::V6(_) => eg.up6.as_ref()?,
+    };
+    let (id, rx, _guard) = us.register(up)?;
+    let mut buf = query.to_vec();
+    buf.get_mut(..2)?.copy_from_slice(&id.to_be_bytes());
+    us.sock.send_to(&buf, up).await.ok()?;
+    let data = timeout(UPSTREAM_TIMEOUT, rx).await.ok()?.ok()?;
+    Message::from_vec(&data).ok()
+}
+
+/// A TCP connection to `up` from namespace `ns` (`None`: the proxy's own):
+/// the socket is made there, then connected from here.
+async fn tcp_connect(ns: Option<&Arc<Netns>>, up: SocketAddr) -> Option<TcpStream> {
+    let Some(ns) = ns else {
+        return TcpStream::connect(up).await.ok();
+    };
+    let domain = if up.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = ns
+        .run(move || crate::netns::socket(domain, libc::SOCK_STREAM))
+        .await
+        .map_err(|e| tracing::debug!(netns = %ns.id, "TCP upstream socket: {e}"))
+        .ok()?;
+    tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+        .connect(up)
+        .await
+        .ok()
+}
+
 /// One query over a fresh TCP connection to `up` (random id, checked).
-async fn tcp_exchange(up: SocketAddr, query: &[u8]) -> Option<Message> {
+async fn tcp_exchange(ns: Option<&Arc<Netns>>, up: SocketAddr, query: &[u8]) -> Option<Message> {
     let id = (RandomState::new().hash_one(Instant::now()) & 0xffff) as u16;
     let len = u16::try_from(query.len()).ok()?;
     let mut out = Vec::with_capacity(query.len() + 2);
@@ -557,7 +857,7 @@ async fn tcp_exchange(up: SocketAddr, query: &[u8]) -> Option<Message> {
     out.extend_from_slice(query);
     out.get_mut(2..4)?.copy_from_slice(&id.to_be_bytes());
     let exchange = async {
-        let mut s = TcpStream::connect(up).await.ok()?;
+        let mut s = tcp_connect(ns, up).await?;
         let _ = s.set_nodelay(true);
         s.write_all(&out).await.ok()?;
         let n = usize::from(s.read_u16().await.ok()?);

@@ -1285,3 +1285,27 @@ fn resolv_conf_parsing() {
         vec!["127.0.0.1:53".parse::<SocketAddr>().unwrap()]
     );
 }
+
+/// A listener set in a namespace where the identity's port is taken (here:
+/// the proxy's own, where the home set holds it) is refused with a reason,
+/// not half made; an identity without a proxy is `not-served`.
+#[tokio::test]
+async fn serve_netns_reports_a_taken_port_and_an_unserved_identity() {
+    let h = harness(EGRESS, "").await;
+    let own = Arc::new(crate::netns::Netns::open_pid(std::process::id()).unwrap());
+    let e = h
+        .proxy
+        .serve_netns(SLOT + 1, own.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason, "not-served", "{e}");
+    match h.proxy.serve_netns(SLOT, own).await {
+        Err(e) if e.reason == "setns" => {} // not root: cannot enter a namespace
+        Err(e) => assert_eq!(e.reason, "port-in-use", "{e}"),
+        Ok(()) => panic!("the home set's port was bound twice"),
+    }
+    assert!(h.proxy.netns_of(SLOT).is_empty());
+    // The home set still answers.
+    let m = h.udp("api.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+}
