@@ -91,9 +91,19 @@ impl DnsSink for Recorder {
             }
             (None, _) => ev.reason.to_string(),
         };
+        // A query that came in on a listener in a pod's network namespace
+        // names the pod (not the container: a pod's containers share it),
+        // and the pod's SPIFFE ID.
+        let workload = ev
+            .netns
+            .and_then(|id| self.attribution.netns_workload(ev.slot, id));
+        let mut identity = ev.identity.clone();
+        if let Some(w) = workload.as_ref().filter(|w| !w.spiffe_id.is_empty()) {
+            identity.spiffe_id = Some(w.spiffe_id.clone());
+        }
         self.sinks.handle(&Decision {
             ts: chrono::Utc::now(),
-            identity: ev.identity.clone(),
+            identity,
             cgroup_id: 0,
             pid: 0,
             comm: String::new(),
@@ -103,7 +113,7 @@ impl DnsSink for Recorder {
             protocol: Some(ev.transport.to_string()),
             host: Some(ev.qname.clone()),
             path: None,
-            workload: None,
+            workload,
             verdict: ev.verdict,
             rule,
             policy_hash: ev.policy_hash.clone(),

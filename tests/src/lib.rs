@@ -1266,3 +1266,91 @@ impl Drop for AcceptSink {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+// ---------------------------------------------------------------- network namespaces
+
+/// A network namespace held by an `unshare --net sleep` process.
+pub struct TestNetns {
+    holder: ChildGuard,
+    pub path: PathBuf,
+    fd: std::fs::File,
+    pub inode: u64,
+}
+
+impl TestNetns {
+    /// A fresh namespace; its loopback is brought up when `lo_up`.
+    pub fn new(lo_up: bool) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        let mut c = Command::new("unshare");
+        c.args(["--net", "--", "sleep", "100000"]);
+        let holder = ChildGuard::new(c.spawn().expect("unshare --net"));
+        let path = PathBuf::from(format!("/proc/{}/ns/net", holder.id()));
+        let mut inode = own;
+        assert!(
+            poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+                inode = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(own);
+                inode != own
+            }),
+            "unshare --net did not make a namespace"
+        );
+        let fd = std::fs::File::open(&path).unwrap();
+        if lo_up {
+            let st = Command::new("nsenter")
+                .arg(format!("--net={}", path.display()))
+                .args(["ip", "link", "set", "lo", "up"])
+                .status()
+                .expect("nsenter ip link set lo up");
+            assert!(st.success(), "bringing lo up in the test namespace");
+        }
+        Self {
+            holder,
+            path,
+            fd,
+            inode,
+        }
+    }
+
+    /// The process holding the namespace (a pod's sandbox, in a test).
+    pub fn holder_pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// Kill the holder: the namespace goes with its last process.
+    pub fn kill_holder(&mut self) {
+        self.holder.kill9();
+    }
+
+    /// `net:[<inode>]`
+    pub fn name(&self) -> String {
+        format!("net:[{}]", self.inode)
+    }
+
+    /// Run `f` on a thread inside the namespace (sockets it makes stay there).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd;
+        let fd = self.fd.as_raw_fd();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                assert_eq!(
+                    unsafe { libc::setns(fd, libc::CLONE_NEWNET) },
+                    0,
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                );
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// `dns_agent.py` inside the namespace (not yet in any bound cgroup).
+    pub fn agent(&self, dir: &TestDir) -> Probe {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path.display()))
+            .arg(python())
+            .arg(dir.dns_agent());
+        Probe::spawn_command(c)
+    }
+}

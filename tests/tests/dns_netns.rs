@@ -11,9 +11,6 @@
 //! the proxy forwards a pod's queries from the pod's namespace, so an answer
 //! proves it, and nothing in the daemon's namespace could have answered.
 use std::{
-    fs::File,
-    os::fd::AsRawFd,
-    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
@@ -23,81 +20,6 @@ use enforcer_tests::{dns_server::DnsServer, *};
 const RESOLVER: &str = "127.0.0.9";
 const NOERROR: i64 = 0;
 const REFUSED: i64 = 5;
-
-/// A network namespace held by an `unshare --net sleep` process.
-struct TestNetns {
-    holder: ChildGuard,
-    path: PathBuf,
-    fd: File,
-    inode: u64,
-}
-
-impl TestNetns {
-    /// A fresh namespace; its loopback is brought up when `lo_up`.
-    fn new(lo_up: bool) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
-        let mut c = Command::new("unshare");
-        c.args(["--net", "--", "sleep", "100000"]);
-        let holder = ChildGuard::new(c.spawn().expect("unshare --net"));
-        let path = PathBuf::from(format!("/proc/{}/ns/net", holder.id()));
-        let mut inode = own;
-        assert!(
-            poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
-                inode = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(own);
-                inode != own
-            }),
-            "unshare --net did not make a namespace"
-        );
-        let fd = File::open(&path).unwrap();
-        if lo_up {
-            let st = Command::new("nsenter")
-                .arg(format!("--net={}", path.display()))
-                .args(["ip", "link", "set", "lo", "up"])
-                .status()
-                .expect("nsenter ip link set lo up");
-            assert!(st.success(), "bringing lo up in the test namespace");
-        }
-        Self {
-            holder,
-            path,
-            fd,
-            inode,
-        }
-    }
-
-    /// `net:[<inode>]`
-    fn name(&self) -> String {
-        format!("net:[{}]", self.inode)
-    }
-
-    /// Run `f` on a thread inside the namespace (sockets it makes stay there).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let fd = self.fd.as_raw_fd();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                assert_eq!(
-                    unsafe { libc::setns(fd, libc::CLONE_NEWNET) },
-                    0,
-                    "setns: {}",
-                    std::io::Error::last_os_error()
-                );
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-
-    /// `dns_agent.py` inside the namespace (not yet in any bound cgroup).
-    fn agent(&self, dir: &TestDir) -> Probe {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path.display()))
-            .arg(python())
-            .arg(dir.dns_agent());
-        Probe::spawn_command(c)
-    }
-}
 
 fn resolve(p: &mut Probe, name: &str, tcp: bool) -> Value {
     p.cmd(
@@ -272,7 +194,7 @@ fn dns_is_served_in_the_agents_network_namespace() {
 
     // The agent and the namespace go: the daemon closes its listeners there.
     a.kill();
-    ns.holder.kill9();
+    ns.kill_holder();
     let ns_name = ns.name();
     let start = Instant::now();
     let closed = poll_until(Duration::from_secs(15), Duration::from_millis(250), || {

@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer_tests::*;
+use enforcer_tests::{dns_server::DnsServer, *};
 use serde_json::{json, Value};
 
 /// Watch streams by resource.
@@ -1032,4 +1032,129 @@ fn daemon_enforces_agentpolicy_objects() {
                 .as_str()
                 .is_some_and(|s| s.starts_with("agentpolicy/agents/research removed"))));
     drop(p);
+}
+
+/// A pod in its own network namespace (every pod without hostNetwork),
+/// bound through an AgentPolicy object with a host rule. The kernel steers
+/// the pod's DNS to the proxy port on the pod's own loopback: the daemon
+/// serves it there and forwards from there (the upstream exists only in the
+/// pod's namespace), so the allowed name resolves and its address opens; a
+/// denied name is refused and never forwarded; an address no answer gave
+/// stays closed. The DNS decisions name the pod and its SPIFFE ID.
+#[test]
+fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
+    if !require_root("pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy") {
+        return;
+    }
+    let _serial = serial();
+    let n = Node::start(
+        "k8s-netns",
+        NodeOpts {
+            sandbox: true,
+            extra_config: "",
+            crd: true,
+            policy_file: false,
+        },
+    );
+    let (d, fake, dir) = (&n.d, &n.fake, &n.dir);
+    // The pod's sandbox holds its network namespace, in the pod cgroup.
+    let ns = TestNetns::new(true);
+    move_pid(&n.pod_dir, ns.holder_pid());
+    let (dns, site, never) = ns.run(|| {
+        (
+            DnsServer::start_on("127.0.0.53".parse().unwrap()),
+            TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap(),
+            TcpSink::bind("127.0.0.6:0".parse().unwrap()).unwrap(),
+        )
+    });
+    dns.add_addrs("allowed.example.com", &["127.0.0.5"])
+        .add_addrs("denied.example.com", &["127.0.0.6"]);
+    let policy = agentpolicy(
+        "agents",
+        "research",
+        "uid-netns",
+        1,
+        json!({"identity": {"kubernetes": {"serviceAccount": "research",
+                                            "podSelector": {"matchLabels": {"app": "research"}}}},
+               // The cidr rule vouches for loopback answers (rebinding
+               // protection drops private and loopback answers otherwise).
+               "egress": [{"host": "allowed.example.com", "ports": [site.port()], "protocol": "tcp"},
+                          {"cidr": "127.0.0.0/8", "ports": [9], "protocol": "tcp"}],
+               "dns": {"upstream": [dns.upstream()]}}),
+    );
+    fake.policies.lock().unwrap().push(policy.clone());
+    fake.event(Res::Policies, "ADDED", &policy);
+
+    // The app container, in the pod's namespace and its container cgroup.
+    std::fs::create_dir(&n.container).unwrap();
+    let mut a = ns.agent(dir);
+    move_pid(&n.container, a.pid);
+    let resolve = |a: &mut Probe, name: &str| {
+        a.cmd(
+            json!({"op": "resolve", "server": "10.96.0.10", "port": 53, "name": name,
+                     "qtype": "A", "tcp": false, "timeout": 3}),
+        )
+    };
+    let mut v = Value::Null;
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(250), || {
+            v = resolve(&mut a, "allowed.example.com");
+            v["ok"] == true && v["rcode"] == 0
+        }),
+        "the pod's DNS is not served in its namespace: {v}\n{:#}\n{}",
+        d.status(),
+        d.stderr()
+    );
+    assert_eq!(v["addrs"], json!(["127.0.0.5"]), "{v}");
+    assert!(dns.count("allowed.example.com") >= 1, "{}", dns.describe());
+    assert_ok(
+        &a.tcp("127.0.0.5", site.port(), "via-dns"),
+        "the answer opens",
+    );
+    assert!(poll_until(
+        Duration::from_secs(3),
+        Duration::from_millis(20),
+        || site.text().contains("via-dns")
+    ));
+    let v = resolve(&mut a, "denied.example.com");
+    assert_eq!(v["rcode"], 5, "REFUSED: {v}");
+    assert_eq!(dns.count("denied.example.com"), 0, "{}", dns.describe());
+    assert_eperm(&a.tcp("127.0.0.6", never.port(), "leak"), "never resolved");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(never.bytes() + never.conns(), 0, "zero bytes out");
+
+    // The DNS decisions name the pod (not a container: the pod's
+    // containers share the namespace) and its SPIFFE ID.
+    let spiffe = "spiffe://example.org/ns/agents/sa/research";
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            read_jsonl(&d.audit).iter().any(|r| {
+                r["action"] == "dns"
+                    && r["host"] == "denied.example.com"
+                    && r["verdict"] == "deny"
+                    && r["identity"]["name"] == "agents/research"
+                    && r["identity"]["spiffe_id"] == spiffe
+                    && r["namespace"] == "agents"
+                    && r["pod"] == "research-0"
+            })
+        }),
+        "no DNS record naming the pod: {:#?}",
+        read_jsonl(&d.audit)
+    );
+    let m = d.scrape();
+    assert!(
+        metric(
+            &m,
+            "enforcer_pod_events_total",
+            &[
+                ("identity", "agents/research"),
+                ("spiffe_id", spiffe),
+                ("pod", "research-0"),
+                ("action", "dns"),
+                ("verdict", "allow")
+            ]
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
 }

@@ -48,6 +48,8 @@ pub struct NetnsUse {
     pub cgroup: PathBuf,
     /// Kubernetes mode: `namespace/pod` bound at that cgroup.
     pub pod: Option<String>,
+    /// Kubernetes mode: that pod, for DNS audit records and metrics.
+    pub workload: Option<crate::events::Workload>,
     /// Why the proxy cannot serve there (retried every reconcile).
     pub error: Option<NetnsFailure>,
     /// [::1] is served there too.
@@ -94,6 +96,12 @@ impl State {
                         .pods
                         .get(path)
                         .map(|p| format!("{}/{}", p.entry.info.namespace, p.entry.info.name)),
+                    workload: self.pods.get(path).map(|p| crate::events::Workload {
+                        spiffe_id: p.spiffe_id.clone(),
+                        namespace: p.entry.info.namespace.clone(),
+                        pod: p.entry.info.name.clone(),
+                        container: None,
+                    }),
                     error: None,
                     v6: false,
                 });
@@ -196,5 +204,12 @@ pub async fn sync(state: &Mutex<State>, dns: &DnsService, metrics: &Metrics) {
     wanted.retain(|_, u| u.error.as_ref().is_none_or(|e| e.reason != "raced"));
     let active: HashSet<u32> = slots.iter().map(|(s, _)| *s).collect();
     wanted.retain(|(s, _), _| active.contains(s));
-    lock().dns_netns = wanted;
+    let mut s = lock();
+    s.attribution.set_netns_workloads(
+        wanted
+            .iter()
+            .filter_map(|(k, u)| Some((*k, u.workload.clone()?)))
+            .collect(),
+    );
+    s.dns_netns = wanted;
 }

@@ -337,6 +337,9 @@ pub struct DnsEvent {
     pub policy_hash: String,
     /// The agent's socket.
     pub client: SocketAddr,
+    /// The network namespace of the listener the query came in on (a
+    /// workload's, see `DnsProxy::serve_netns`); `None`: the proxy's own.
+    pub netns: Option<crate::netns::NetnsId>,
     /// `"udp"` or `"tcp"`.
     pub transport: &'static str,
     /// Lower case, no trailing dot; bytes outside `[a-z0-9_-]` of a label are

@@ -540,25 +540,28 @@ enum Step {
     Forward(Box<Fwd>),
 }
 
+/// Where a query came from: the agent's socket, the transport, and the
+/// network namespace of the listener set it came in on (`None`: the
+/// proxy's own), which names the workload (pod) in the audit record.
+#[derive(Clone, Copy)]
+struct Origin {
+    client: SocketAddr,
+    transport: &'static str,
+    netns: Option<NetnsId>,
+}
+
 struct Fwd {
     q: Query,
     decision: Decision,
     policy: Arc<DnsPolicy>,
     /// The sanitized upstream query (id 0).
     upstream: Vec<u8>,
-    client: SocketAddr,
-    transport: &'static str,
+    origin: Origin,
     start: Instant,
 }
 
 impl Ident {
-    fn begin(
-        &self,
-        bytes: &[u8],
-        client: SocketAddr,
-        transport: &'static str,
-        start: Instant,
-    ) -> Step {
+    fn begin(&self, bytes: &[u8], origin: Origin, start: Instant) -> Step {
         let Some(q) = parse_query(bytes) else {
             self.sink.malformed(self.slot);
             return Step::Drop;
@@ -574,7 +577,7 @@ impl Ident {
         let decision = decide(&policy, tainted, &q, &mut lock(&self.budget), start);
         if decision.verdict == Verdict::Deny {
             let reply = error_reply(&q, ResponseCode::Refused);
-            self.report(&policy, &q, decision, client, transport, start, |ev| ev);
+            self.report(&policy, &q, decision, origin, start, |ev| ev);
             return Step::Reply(reply);
         }
         let upstream = upstream_query(&q);
@@ -583,8 +586,7 @@ impl Ident {
             decision,
             policy,
             upstream,
-            client,
-            transport,
+            origin,
             start,
         }))
     }
@@ -595,8 +597,7 @@ impl Ident {
         policy: &DnsPolicy,
         q: &Query,
         d: Decision,
-        client: SocketAddr,
-        transport: &'static str,
+        origin: Origin,
         start: Instant,
         fill: impl FnOnce(DnsEvent) -> DnsEvent,
     ) {
@@ -604,8 +605,9 @@ impl Ident {
             slot: self.slot,
             identity: policy.identity.clone(),
             policy_hash: policy.policy_hash.clone(),
-            client,
-            transport,
+            client: origin.client,
+            transport: origin.transport,
+            netns: origin.netns,
             qname: q.qname.clone(),
             qtype: q.qtype_text(),
             verdict: d.verdict,
@@ -659,8 +661,7 @@ impl Ident {
             q,
             decision,
             policy,
-            client,
-            transport,
+            origin,
             start,
             ..
         } = *f;
@@ -674,7 +675,7 @@ impl Ident {
                 },
                 ..decision
             };
-            self.report(&policy, &q, d, client, transport, start, |ev| ev);
+            self.report(&policy, &q, d, origin, start, |ev| ev);
             return Some(reply);
         };
         let view = policy.rules(decision.tainted);
@@ -711,7 +712,7 @@ impl Ident {
             }
         }
         let blocked = p.blocked;
-        self.report(&policy, &q, d, client, transport, start, |mut ev| {
+        self.report(&policy, &q, d, origin, start, |mut ev| {
             ev.answers = installed;
             ev.rebinding_blocked = blocked;
             ev
@@ -732,7 +733,12 @@ async fn udp_loop(ident: Arc<Ident>, eg: Arc<Egress>, sock: Arc<UdpSocket>) {
             }
         };
         let start = Instant::now();
-        match ident.begin(&buf[..n], src, "udp", start) {
+        let origin = Origin {
+            client: src,
+            transport: "udp",
+            netns: eg.netns.as_ref().map(|n| n.id),
+        };
+        match ident.begin(&buf[..n], origin, start) {
             Step::Drop => {}
             Step::Reply(b) => {
                 let _ = sock.send_to(&b, src).await;
@@ -790,7 +796,12 @@ async fn tcp_conn(ident: Arc<Ident>, eg: Arc<Egress>, mut s: TcpStream, peer: So
             return;
         }
         let start = Instant::now();
-        let reply = match ident.begin(&buf, peer, "tcp", start) {
+        let origin = Origin {
+            client: peer,
+            transport: "tcp",
+            netns: eg.netns.as_ref().map(|n| n.id),
+        };
+        let reply = match ident.begin(&buf, origin, start) {
             Step::Drop => continue,
             Step::Reply(b) => b,
             Step::Forward(f) => {

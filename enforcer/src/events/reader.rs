@@ -65,6 +65,9 @@ pub struct Attribution {
     slots: Arc<RwLock<HashMap<u32, SlotInfo>>>,
     /// Kubernetes mode: which pod and container a cgroup id is.
     workloads: Arc<RwLock<Workloads>>,
+    /// (slot, network namespace) -> the pod whose namespace it is (DNS
+    /// decisions: the proxy knows the namespace a query came in on).
+    netns: Arc<RwLock<HashMap<(u32, crate::netns::NetnsId), super::Workload>>>,
 }
 
 /// cgroup id -> Kubernetes workload, published by the daemon on each
@@ -101,6 +104,21 @@ impl Attribution {
             pods,
             missed: HashSet::new(),
         };
+    }
+
+    /// Replace the (slot, network namespace) -> pod map (daemon, on every
+    /// sync of the DNS listeners in workload namespaces).
+    pub fn set_netns_workloads(&self, m: HashMap<(u32, crate::netns::NetnsId), super::Workload>) {
+        *self.netns.write().unwrap_or_else(|e| e.into_inner()) = m;
+    }
+
+    /// The pod whose network namespace `id` is, for identity `slot`.
+    pub fn netns_workload(&self, slot: u32, id: crate::netns::NetnsId) -> Option<super::Workload> {
+        self.netns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(slot, id))
+            .cloned()
     }
 
     /// The pod (and container) of `cgroup_id`. A container cgroup created
