@@ -248,6 +248,33 @@ pub fn object_policy(
             }
         }
     }
+    // The SPIFFE ID an object declares names its own namespace, so that an
+    // object cannot label its pods' audit records and metrics with another
+    // namespace's workload identity.
+    if let Some(id) = p
+        .policy
+        .spec
+        .identity
+        .as_ref()
+        .and_then(|i| i.spiffe_id.as_deref())
+    {
+        let path = id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.find('/').map(|i| &rest[i..]))
+            .unwrap_or("");
+        let want = format!("/ns/{namespace}/");
+        if !path.starts_with(&want) {
+            let id = id.to_owned();
+            return Err(PolicyErrors(vec![p.error(
+                "spec.identity.spiffeId",
+                format!(
+                    "{id:?} is not an identity of this object's namespace {namespace:?}: an \
+                     AgentPolicy's spiffeId must have the path {want}... (or leave it unset: \
+                     spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount> is derived per pod)"
+                ),
+            )]));
+        }
+    }
     p.policy.metadata.name = identity_name(namespace, name);
     p.hash = policy::policy_hash(&p.policy);
     Ok(p)

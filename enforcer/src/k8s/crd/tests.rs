@@ -304,3 +304,27 @@ fn object_policy_is_named_by_namespace_and_selects_only_its_namespace() {
     let line = doc.lines().nth(err.line - 1).unwrap();
     assert!(line.contains("namespace: payments"), "{line:?} in\n{doc}");
 }
+
+#[test]
+fn object_spiffe_id_must_name_its_namespace() {
+    let ok = serde_json::json!({
+        "identity": {"spiffeId": "spiffe://example.org/ns/agents/sa/research"}
+    });
+    assert!(object_policy("agents", "research", &ok).is_ok());
+    for bad in [
+        "spiffe://example.org/ns/payments/sa/research",
+        "spiffe://example.org/ns/agents-2/sa/research",
+        "spiffe://example.org/workload/research",
+    ] {
+        let spec = serde_json::json!({"identity": {"spiffeId": bad}});
+        let errs = object_policy("agents", "research", &spec).unwrap_err();
+        let err = &errs.0[0];
+        assert_eq!(err.field, "spec.identity.spiffeId", "{bad}");
+        assert!(err.line > 0, "{bad}: a position");
+        assert!(
+            err.message.contains("must have the path /ns/agents/"),
+            "{bad}: {}",
+            err.message
+        );
+    }
+}
