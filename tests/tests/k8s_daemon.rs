@@ -1158,3 +1158,62 @@ fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
         "{m}"
     );
 }
+
+/// The policy of a bound pod is deleted while the daemon is down. The
+/// pinned kernel state keeps enforcing it meanwhile; the restarted daemon
+/// does not bind the pod again (no policy selects it), so it must remove
+/// the stale policy from the kernel: the pod's cgroup then fails closed
+/// instead of keeping a deleted (maybe permissive) policy in force.
+#[test]
+fn policy_deleted_while_the_daemon_is_down_fails_closed_after_restart() {
+    if !require_root("policy_deleted_while_the_daemon_is_down_fails_closed_after_restart") {
+        return;
+    }
+    let _serial = serial();
+    let mut n = Node::start(
+        "k8s-stale",
+        NodeOpts {
+            sandbox: true,
+            extra_config: "",
+            crd: false,
+            policy_file: true,
+        },
+    );
+    std::fs::create_dir(&n.container).unwrap();
+    let mut p = Probe::spawn(&n.dir);
+    move_pid(&n.container, p.pid);
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            n.pods().first().is_some_and(|p| p["cgroup"] != "")
+        }),
+        "pod not bound: {:#}",
+        n.d.status()
+    );
+    assert_ok(&p.tcp("127.0.0.1", n.api.port(), "before"), "allowed");
+
+    n.d.kill9();
+    std::fs::remove_file(n.d.policies.join("research.yaml")).unwrap();
+    assert_ok(
+        &p.tcp("127.0.0.1", n.api.port(), "daemon-down"),
+        "the pinned policy keeps enforcing while the daemon is down",
+    );
+    n.d.start();
+    let before = n.api.bytes();
+    assert_eperm(
+        &p.tcp("127.0.0.1", n.api.port(), "after-restart"),
+        "the deleted policy is out of the kernel: fail closed",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(n.api.bytes(), before, "zero bytes after the restart");
+    assert!(
+        read_jsonl(&n.d.audit).iter().any(|r| {
+            r["action"] == "policy_remove"
+                && r["identity"]["name"] == "research"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("not loaded after a daemon restart"))
+        }),
+        "{:#?}",
+        read_jsonl(&n.d.audit)
+    );
+}

@@ -232,6 +232,11 @@ pub struct State {
     degraded: BTreeMap<String, String>,
     /// Kubernetes mode: the node's pods (filled by the watcher task).
     k8s: Option<K8s>,
+    /// Policies of a previous daemon that are gone were removed from the
+    /// kernel: file policies (after the first reload), objects (after the
+    /// first complete list). See `sweep_stale_policies`.
+    swept_files: bool,
+    swept_objects: bool,
     /// Kubernetes mode: pod-level cgroup -> the pod bound there (status).
     pods: HashMap<PathBuf, PodBinding>,
     /// Kubernetes mode: pods a policy selects whose pod-level cgroup does
@@ -609,7 +614,68 @@ impl State {
             self.metrics.record_policy_reload(ReloadResult::Ok);
             self.reloads_ok += 1;
         }
+        self.sweep_stale_policies();
         self.slots.save(&self.slots_file());
+    }
+
+    /// After a restart the pinned kernel state still enforces every policy
+    /// the previous daemon had installed. Once this daemon knows every
+    /// source of a kind (files: after its first reload; objects: after the
+    /// first complete list), a policy of that kind that it did not load
+    /// (deleted while the daemon was down, or invalid now) is removed from
+    /// the kernel: its cgroups fail closed rather than keep a deleted
+    /// policy in force. (The version last accepted for an object that is
+    /// invalid now is not kept across a restart: it fails closed too.)
+    fn sweep_stale_policies(&mut self) {
+        let objects_known = match &self.k8s {
+            Some(K8s {
+                policies: Some(c), ..
+            }) => c.lock().unwrap_or_else(|e| e.into_inner()).synced(),
+            _ => true,
+        };
+        let sweep_files = !self.swept_files;
+        let sweep_objects = !self.swept_objects && objects_known;
+        if !sweep_files && !sweep_objects {
+            return;
+        }
+        let stale: Vec<(String, u32)> = self
+            .slots
+            .slots
+            .iter()
+            .filter(|(name, _)| !self.active.contains_key(*name))
+            .filter(|(name, _)| {
+                if crate::k8s::crd::is_object_identity(name) {
+                    sweep_objects
+                } else {
+                    sweep_files
+                }
+            })
+            .map(|(n, s)| (n.clone(), *s))
+            .collect();
+        for (name, slot) in stale {
+            if !self.kernel.policy_present(slot) {
+                continue;
+            }
+            tracing::warn!(policy = %name, slot, "a previous daemon's policy is not loaded any more (removed while the daemon was down, or invalid now): removed from the kernel; its cgroups fail closed");
+            if let Err(e) = self.kernel.remove_policy(slot) {
+                tracing::error!(policy = %name, slot, "removing it: {e:#}");
+                continue;
+            }
+            self.dns.stop(slot);
+            self.sinks.lifecycle(
+                LifecycleAction::PolicyRemove,
+                Some(&IdentityRef {
+                    name: name.clone(),
+                    spiffe_id: None,
+                }),
+                "",
+                "not loaded after a daemon restart; bound cgroups fail closed",
+            );
+        }
+        self.swept_files = true;
+        if objects_known {
+            self.swept_objects = true;
+        }
     }
 
     /// The slot table is full (identities come and go with AgentPolicy
@@ -1318,6 +1384,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             .ok(),
         dns_netns: BTreeMap::new(),
         k8s: None,
+        swept_files: false,
+        swept_objects: false,
         pods: HashMap::new(),
         pending_pods: Vec::new(),
     };

@@ -206,6 +206,12 @@ pub fn identity_name(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// Whether an identity name is an object's (`<namespace>/<name>`; a file
+/// policy's name is a DNS label, without `/`).
+pub fn is_object_identity(name: &str) -> bool {
+    name.contains('/')
+}
+
 /// The policy an `AgentPolicy` object declares, as the daemon enforces it:
 /// [`policy_from_object`] (the file validator), then the namespace rule and
 /// the identity name.

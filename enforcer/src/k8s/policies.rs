@@ -85,6 +85,9 @@ fn same_policy(a: &PolicyObject, b: &PolicyObject) -> bool {
 pub struct PolicyCache {
     objects: BTreeMap<String, PolicyObject>,
     relist: Option<BTreeMap<String, PolicyObject>>,
+    /// A complete list arrived at least once (until then an absent object
+    /// may just not be listed yet).
+    synced: bool,
 }
 
 impl PolicyCache {
@@ -117,6 +120,7 @@ impl PolicyCache {
             }
             watcher::Event::InitDone => match self.relist.take() {
                 Some(all) => {
+                    self.synced = true;
                     let changed = all.len() != self.objects.len()
                         || all.iter().any(|(uid, o)| {
                             self.objects.get(uid).is_none_or(|old| !same_policy(old, o))
@@ -127,6 +131,11 @@ impl PolicyCache {
                 None => false,
             },
         }
+    }
+
+    /// Whether a complete list of the objects arrived at least once.
+    pub fn synced(&self) -> bool {
+        self.synced
     }
 
     pub fn get(&self, uid: &str) -> Option<&PolicyObject> {

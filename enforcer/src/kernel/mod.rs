@@ -224,8 +224,8 @@ impl Kernel {
         }
         let identities = map(&mut ebpf, map_names::IDENTITIES)?;
         let policies: Array<MapData, PolicyState> = map(&mut ebpf, map_names::POLICIES)?;
-        let v4 = map(&mut ebpf, map_names::EGRESS_V4)?;
-        let v6 = map(&mut ebpf, map_names::EGRESS_V6)?;
+        let mut v4: LpmTrie<MapData, V4Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V4)?;
+        let mut v6: LpmTrie<MapData, V6Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V6)?;
         let counters = map(&mut ebpf, map_names::COUNTERS)?;
         let stats = map(&mut ebpf, map_names::STATS)?;
         let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
@@ -234,7 +234,8 @@ impl Kernel {
             map(&mut ebpf, map_names::LEARNED_V4)?,
             map(&mut ebpf, map_names::LEARNED_V6)?,
         ));
-        let file_rules = map(&mut ebpf, map_names::FILE_RULES)?;
+        let mut file_rules: HashMap<MapData, FileKey, FileRuleValue> =
+            map(&mut ebpf, map_names::FILE_RULES)?;
         let file_bloom: Array<MapData, u64> = map(&mut ebpf, map_names::FILE_BLOOM)?;
         let mut bloom_words = vec![0u64; BLOOM_WORDS as usize];
         if pin_maps.is_some() {
@@ -253,9 +254,15 @@ impl Kernel {
         let mut next_table_id = 1;
         let mut dns_ports = StdHashMap::new();
         let mut file_slots = HashSet::new();
+        // table id -> the slot whose present generation uses it.
+        let mut owner: StdHashMap<u32, u32> = StdHashMap::new();
         for s in 0..MAX_SLOTS {
             if let Ok(p) = policies.get(&s, 0) {
                 if p.flags & policy_flags::PRESENT != 0 {
+                    owner.insert(p.table_id, s);
+                    if p.taint_table_id != 0 {
+                        owner.insert(p.taint_table_id, s);
+                    }
                     next_table_id = next_table_id
                         .max(p.table_id.wrapping_add(1))
                         .max(p.taint_table_id.wrapping_add(1));
@@ -266,6 +273,41 @@ impl Kernel {
                         file_slots.insert(s);
                     }
                 }
+            }
+        }
+        // A previous daemon's generations (pinned maps): adopted as installed,
+        // so that the next install or a removal of that slot deletes them;
+        // entries of no present generation (an install interrupted by a
+        // crash) are deleted now.
+        let mut installed: StdHashMap<u32, Installed> = StdHashMap::new();
+        if pin_maps.is_some() {
+            let mut orphans = 0usize;
+            let keys: Vec<Key<V4Key>> = v4.keys().flatten().collect();
+            for k in keys {
+                match owner.get(&u32::from_be_bytes(k.data().table_id_be)) {
+                    Some(s) => installed.entry(*s).or_default().v4.push(k),
+                    None => orphans += usize::from(v4.remove(&k).is_ok()),
+                }
+            }
+            let keys: Vec<Key<V6Key>> = v6.keys().flatten().collect();
+            for k in keys {
+                match owner.get(&u32::from_be_bytes(k.data().table_id_be)) {
+                    Some(s) => installed.entry(*s).or_default().v6.push(k),
+                    None => orphans += usize::from(v6.remove(&k).is_ok()),
+                }
+            }
+            let keys: Vec<FileKey> = file_rules.keys().flatten().collect();
+            for k in keys {
+                match owner.get(&k.table_id) {
+                    Some(s) => installed.entry(*s).or_default().files.push(k),
+                    None => orphans += usize::from(file_rules.remove(&k).is_ok()),
+                }
+            }
+            if orphans > 0 {
+                tracing::info!(
+                    entries = orphans,
+                    "deleted pinned table entries of no present policy generation"
+                );
             }
         }
         let allow_sample = config.get(&0, 0).map(|c| c.allow_sample).unwrap_or(0);
@@ -291,7 +333,7 @@ impl Kernel {
             allow_sample,
             lsm_links: Vec::new(),
             lsm_pinned: Vec::new(),
-            installed: StdHashMap::new(),
+            installed,
             dns_ports,
             next_table_id,
         })
@@ -357,6 +399,14 @@ impl Kernel {
     }
 
     /// The DNS proxy port of `slot` (0: none).
+    /// Whether `POLICIES[slot]` holds a policy (one this process installed,
+    /// or a previous daemon's, pinned).
+    pub fn policy_present(&self, slot: u32) -> bool {
+        self.policies
+            .get(&slot, 0)
+            .is_ok_and(|p| p.flags & policy_flags::PRESENT != 0)
+    }
+
     pub fn dns_port(&self, slot: u32) -> u16 {
         self.dns_ports.get(&slot).copied().unwrap_or(0)
     }
