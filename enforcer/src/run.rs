@@ -345,6 +345,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             .with_context(|| format!("starting {:?}", args.command[0]))?;
         let child_pid = child.id();
         tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
+        crate::kernel::release_free_memory();
         let poller = {
             let metrics = metrics.clone();
             let name = compiled.name.clone();

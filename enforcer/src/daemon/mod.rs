@@ -1490,6 +1490,11 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         }
     }
     dns_netns::sync(&state, &dns, &metrics).await;
+    // Start-up parsed the kernel's BTF (struct offsets, the BPF LSM probe)
+    // and the eBPF object: ~20 MB of small allocations, freed now but kept
+    // by the allocator. Hand them back to the kernel (a long-lived node
+    // daemon's RSS is what operators watch).
+    crate::kernel::release_free_memory();
 
     let _metrics_server = match cfg.metrics_addr {
         Some(addr) => {

@@ -39,6 +39,17 @@ use ipnet::{Ipv4Net, Ipv6Net};
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
+/// Return the heap memory freed so far to the kernel (glibc's `malloc_trim`):
+/// loading parses the kernel's BTF and the eBPF object into many small
+/// allocations that the allocator keeps after they are freed.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns unused heap pages; no pointer is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Per-slot bookkeeping of what is installed in the tables (one generation:
 /// its main and onTaint LPM entries and its file rules).
 #[derive(Default)]
