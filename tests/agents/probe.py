@@ -10,6 +10,7 @@ cgroup *before* it does anything and then probe repeatedly:
   {"op": "udp_many", "host": h, "port": p, "count": n}
                      n sendto()s of one byte on one socket, as fast as it can;
                      returns how many were sent and how many failed with EPERM
+  {"op": "socket", "family": f, "type": t}   socket(f, t, 0), closed at once
   {"op": "raw"}      socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
   {"op": "raw6"}     socket(AF_INET6, SOCK_RAW, IPPROTO_ICMPV6)
   {"op": "ping"}     socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)
@@ -102,6 +103,9 @@ def do(cmd):
         finally:
             s.close()
         return {"sent": sent, "eperm": eperm}
+    if op == "socket":
+        socket.socket(cmd["family"], cmd["type"], 0).close()
+        return {}
     if op in ("raw", "raw6", "ping", "packet"):
         args = {
             "raw": (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),

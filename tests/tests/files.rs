@@ -663,6 +663,8 @@ fn audit_mode_records_file_denials_and_allows_them() {
 /// AF_PACKET. With BPF LSM the daemon refuses its packet sockets (EPERM,
 /// rule raw-socket, recorded), so a hand-built UDP frame never reaches the
 /// listener; a process outside every bound cgroup keeps its packet sockets.
+/// AF_XDP, AF_VSOCK and AF_TIPC sockets are refused too; AF_UNIX and
+/// AF_NETLINK stay open.
 #[test]
 #[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
 fn daemon_refuses_packet_sockets_of_agents() {
@@ -712,6 +714,33 @@ fn daemon_refuses_packet_sockets_of_agents() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(target.datagrams(), before, "zero frames from the agent");
     assert!(!target.text().contains("exfil"));
+    // Other families no cgroup hook judges: AF_XDP (frames, CAP_NET_RAW),
+    // AF_VSOCK (the host of a VM-isolated runtime, no capability), AF_TIPC.
+    // Outside the cgroup they are not refused by enforcer (the kernel may
+    // still lack the family: EAFNOSUPPORT); inside they are EPERM.
+    for (family, kind) in [
+        (44, libc::SOCK_RAW),
+        (40, libc::SOCK_STREAM),
+        (30, libc::SOCK_RDM),
+    ] {
+        let want = serde_json::json!({"op": "socket", "family": family, "type": kind});
+        let c = control.cmd(want.clone());
+        assert_ne!(
+            c["errno"],
+            libc::EPERM,
+            "family {family} outside the cgroup: {c}"
+        );
+        let r = p.cmd(want);
+        assert_eq!(r["errno"], libc::EPERM, "family {family} in the agent: {r}");
+    }
+    // Ordinary families stay open to the agent.
+    for (family, kind) in [
+        (libc::AF_UNIX, libc::SOCK_STREAM),
+        (libc::AF_NETLINK, libc::SOCK_RAW),
+    ] {
+        let r = p.cmd(serde_json::json!({"op": "socket", "family": family, "type": kind}));
+        assert_eq!(r["ok"], true, "family {family} in the agent: {r}");
+    }
 
     assert!(
         poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
@@ -719,6 +748,11 @@ fn daemon_refuses_packet_sockets_of_agents() {
                 r["action"] == "sock_create"
                     && r["verdict"] == "deny"
                     && r["rule"] == "raw-socket"
+                    && r["identity"]["name"] == "packet-agent"
+            }) && read_jsonl(&d.audit).iter().any(|r| {
+                r["action"] == "sock_create"
+                    && r["verdict"] == "deny"
+                    && r["rule"] == "socket-family"
                     && r["identity"]["name"] == "packet-agent"
             })
         }),
