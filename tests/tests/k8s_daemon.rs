@@ -946,10 +946,10 @@ fn daemon_enforces_agentpolicy_objects() {
         "the intruder allows nothing here",
     );
 
-    // 4b. A valid object that uses `files:`: the spec is Accepted on every
-    //     node; whether this node enforces it depends on its BPF LSM, and
-    //     that goes to this node's entry only.
-    let lsm = d.status()["capabilities"]["bpf_lsm"]["available"] == true;
+    // 4b. A valid object that selects pods and uses `files:`: the spec is
+    //     Accepted (valid everywhere), but no node enforces it: rule paths
+    //     would resolve in the daemon's mount namespace, not the pods'
+    //     (refused per node, whatever its BPF LSM; without allowDegraded).
     let filesy = agentpolicy(
         "agents",
         "filesy",
@@ -971,25 +971,24 @@ fn daemon_enforces_agentpolicy_objects() {
     assert_eq!(b["status"]["conditions"][0]["status"], "True", "{b:#}");
     assert!(b["status"]["policyHash"].is_string(), "{b:#}");
     let node = &b["status"]["nodes"][0];
-    assert_eq!(node["enforced"], lsm, "{b:#}");
-    if !lsm {
-        assert!(
-            node["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("BPF LSM")),
-            "{b:#}"
-        );
-        assert!(
-            fake.events("agents")
-                .iter()
-                .any(|e| e["regarding"]["name"] == "filesy"
-                    && e["note"]
-                        .as_str()
-                        .is_some_and(|n| n.contains("not enforced on this node"))),
-            "{:?}",
-            fake.events("agents")
-        );
-    }
+    assert_eq!(node["enforced"], false, "{b:#}");
+    assert!(
+        node["message"].as_str().is_some_and(
+            |m| m.contains("not supported for pods yet") && m.contains("mount namespace")
+        ),
+        "{b:#}"
+    );
+    assert!(
+        fake.events("agents")
+            .iter()
+            .any(|e| e["regarding"]["name"] == "filesy"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("not enforced on this node"))),
+        "{:?}",
+        fake.events("agents")
+    );
+    assert!(identity(&d.status(), "agents/filesy").is_none());
 
     // 5. DELETED: the policy is gone, the pod's cgroup fails closed.
     fake.policies

@@ -345,8 +345,25 @@ impl State {
             };
             out.hashes.push(full.hash.clone());
             let name = p.policy.metadata.name.clone();
-            let c = match crate::run::gate_file_policy(&mut p, &self.lsm, self.cfg.allow_degraded) {
-                Ok(Some(note)) => {
+            // Pods first (independent of the kernel), then BPF LSM; each may
+            // strip files:/onTaint: under allowDegraded, or refuse.
+            let pod_note = match self.gate_pod_file_policy(&mut p) {
+                Ok(n) => n,
+                Err(e) => {
+                    out.node_errors.push(e);
+                    continue;
+                }
+            };
+            let lsm_note =
+                match crate::run::gate_file_policy(&mut p, &self.lsm, self.cfg.allow_degraded) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        out.node_errors.push(format!("{e:#}"));
+                        continue;
+                    }
+                };
+            let c = match pod_note.or(lsm_note) {
+                Some(note) => {
                     if self.degraded.get(&name) != Some(&note) {
                         tracing::warn!("{note}");
                     }
@@ -359,19 +376,59 @@ impl State {
                         }
                     }
                 }
-                Ok(None) => {
+                None => {
                     self.degraded.remove(&name);
                     full
-                }
-                Err(e) => {
-                    out.node_errors.push(format!("{e:#}"));
-                    continue;
                 }
             };
             let d = Arc::new(crate::dns::compile_dns(&p, &c));
             out.compiled.push((p, c, d));
         }
         out
+    }
+
+    /// Kubernetes mode: `files:` rules name paths in the agent's container,
+    /// but the daemon resolves them to inodes in its own mount namespace (the
+    /// DaemonSet container's), where they are missing or other files.
+    /// Resolving them per pod (through `/proc/<pid>/root`) is not built, so
+    /// a policy that selects pods and uses `files:`/`onTaint:` is refused on
+    /// this node with its position and the reason, or, with
+    /// `allowDegraded`, enforced for network egress only and said
+    /// everywhere (log, `enforcer status`, the object's node entry), like a
+    /// kernel without BPF LSM. Policies of static cgroup bindings (processes
+    /// in the daemon's mount namespace) are not affected.
+    fn gate_pod_file_policy(&self, p: &mut LoadedPolicy) -> Result<Option<String>, String> {
+        let spec = &p.policy.spec;
+        let uses_files = !spec.files.is_empty() || spec.on_taint.is_some();
+        let selects_pods = spec
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.kubernetes.is_some());
+        if self.k8s.is_none() || !uses_files || !selects_pods {
+            return Ok(None);
+        }
+        let name = p.policy.metadata.name.clone();
+        let (line, col) = p.span(if spec.files.is_empty() {
+            "spec.onTaint"
+        } else {
+            "spec.files"
+        });
+        if !self.cfg.allow_degraded {
+            return Err(format!(
+                "{}:{line}:{col}: policy {name:?} selects Kubernetes pods and uses file policy, \
+                 which is not supported for pods yet: its paths would be resolved in the \
+                 daemon's mount namespace, not in the pods' containers. Remove files:/onTaint:, \
+                 or set allowDegraded: true to enforce its network part only.",
+                p.source.display()
+            ));
+        }
+        p.policy.spec.files.clear();
+        p.policy.spec.on_taint = None;
+        Ok(Some(format!(
+            "DEGRADED: policy {name:?}: files/onTaint NOT enforced for its pods (paths resolve \
+             in the daemon's mount namespace, not the pods'; per-pod resolution is not built); \
+             network egress is enforced"
+        )))
     }
 
     /// Read every policy source (files, then `AgentPolicy` objects); apply
