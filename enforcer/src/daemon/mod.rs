@@ -387,6 +387,42 @@ impl State {
         out
     }
 
+    /// A `files:` rule path that did not exist when its policy was
+    /// installed: resolve that policy's paths again (periodic resync), and
+    /// install the policy again, atomically, only if something now
+    /// resolves differently. Other policies are not touched.
+    fn retry_unresolved_files(&mut self) {
+        let waiting: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(_, a)| !a.files.unresolved.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            let Some(a) = self.active.get(&name) else {
+                continue;
+            };
+            let files = self.kernel.resolve_files(&a.compiled.files);
+            if files == a.files {
+                continue;
+            }
+            let (slot, compiled) = (a.slot, a.compiled.clone());
+            match self.kernel.install_policy(slot, &compiled, &files) {
+                Ok(()) => {
+                    tracing::info!(policy = %name, file_inodes = files.entries.len(), unresolved = files.unresolved.len(), "file rule paths resolved again; policy reinstalled");
+                    self.metrics
+                        .set_file_rules(&name, files.entries.len() as u64);
+                    if let Some(a) = self.active.get_mut(&name) {
+                        a.files = files;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(policy = %name, "reinstalling with the newly resolved paths failed; the installed version stays: {e:#}")
+                }
+            }
+        }
+    }
+
     /// Kubernetes mode: `files:` rules name paths in the agent's container,
     /// but the daemon resolves them to inodes in its own mount namespace (the
     /// DaemonSet container's), where they are missing or other files.
@@ -1617,11 +1653,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             if why != "tick" && why != "pods" {
                 tracing::info!(trigger = why, "reloading policies");
                 s.reload_policies();
-            } else if s.active.values().any(|a| !a.files.unresolved.is_empty()) {
-                // A `files:` rule path that did not exist: resolve it again
-                // (the reload keeps everything else as is and installs the
-                // policy again, atomically, only if a path now resolves).
-                s.reload_policies();
+            } else {
+                s.retry_unresolved_files();
             }
         }
         start_dns(&state, &dns).await;
