@@ -619,6 +619,21 @@ fn pod_cgroup_made_after_the_pod_object_is_bound_when_it_appears() {
     );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(n.outside.bytes() + n.outside.conns(), 0, "zero bytes out");
+
+    // The pod finishes (a Job's pod): neither bound nor waiting any more.
+    drop(p);
+    let mut done = n.pod.clone();
+    done["status"]["phase"] = json!("Succeeded");
+    done["metadata"]["resourceVersion"] = json!("95");
+    *n.fake.pods.lock().unwrap() = vec![done.clone()];
+    n.fake.event(Res::Pods, "MODIFIED", &done);
+    assert!(
+        poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+            n.pods().is_empty()
+        }),
+        "a finished pod is still listed: {:#}",
+        n.d.status()
+    );
 }
 
 fn agentpolicy(ns: &str, name: &str, uid: &str, generation: i64, spec: Value) -> Value {

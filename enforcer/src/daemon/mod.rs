@@ -154,6 +154,18 @@ struct PodBinding {
     spiffe_id: String,
 }
 
+impl PodBinding {
+    /// The pod (and a container of it) as decisions name it.
+    fn workload(&self, container: Option<String>) -> crate::events::Workload {
+        crate::events::Workload {
+            spiffe_id: self.spiffe_id.clone(),
+            namespace: self.entry.info.namespace.clone(),
+            pod: self.entry.info.name.clone(),
+            container,
+        }
+    }
+}
+
 /// Slot assignment, persisted in `stateDir` (bpffs holds only pins) so that a
 /// restarted daemon keeps every identity in the slot its cgroups already
 /// point to.
@@ -310,6 +322,7 @@ impl State {
     fn load_source(
         src: &Source,
         objects: &[crate::k8s::policies::PolicyObject],
+        trust_domain: &str,
     ) -> Result<Vec<LoadedPolicy>, Vec<String>> {
         let strings = |e: policy::PolicyErrors| e.0.iter().map(|x| x.to_string()).collect();
         match src {
@@ -318,7 +331,7 @@ impl State {
                 let Some(o) = objects.iter().find(|o| &o.uid == uid) else {
                     return Err(vec![format!("{src}: the object is gone")]);
                 };
-                crate::k8s::crd::object_policy(&o.namespace, &o.name, &o.spec)
+                crate::k8s::crd::object_policy(&o.namespace, &o.name, &o.spec, trust_domain)
                     .map(|p| vec![p])
                     .map_err(strings)
             }
@@ -495,7 +508,12 @@ impl State {
         let mut new_rejections: BTreeMap<Source, Rejection> = BTreeMap::new();
         let mut object_results: BTreeMap<String, ObjectResult> = BTreeMap::new();
         for src in &sources {
-            let mut prep = match Self::load_source(src, &objects) {
+            let trust_domain = self
+                .k8s
+                .as_ref()
+                .map(|k| k.trust_domain.clone())
+                .unwrap_or_default();
+            let mut prep = match Self::load_source(src, &objects, &trust_domain) {
                 Err(errors) => Prepared {
                     spec_errors: errors,
                     ..Prepared::default()
@@ -707,6 +725,9 @@ impl State {
             self.metrics.record_policy_reload(ReloadResult::Ok);
             self.reloads_ok += 1;
         }
+        // Degradation notes of policies no longer loaded go with them.
+        let active = &self.active;
+        self.degraded.retain(|name, _| active.contains_key(name));
         self.sweep_stale_policies();
         self.slots.save(&self.slots_file());
     }
@@ -946,6 +967,11 @@ impl State {
             .collect();
         let cache = k.cache.lock().unwrap_or_else(|e| e.into_inner());
         for pod in cache.pods() {
+            // A finished pod (a Job's, say) has no processes and, soon, no
+            // cgroup: neither bound nor waiting for one.
+            if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
+                continue;
+            }
             let (policy, id) = match binding::bind(
                 identities.iter().map(|(n, i)| (n.as_str(), Some(i))),
                 &pod.info,
@@ -1176,7 +1202,7 @@ impl State {
     /// created after this call is placed at its first event
     /// (`Attribution::workload`).
     fn publish_workloads(&self) {
-        use crate::events::{reader::PodScope, Workload};
+        use crate::events::reader::PodScope;
         let mut map = HashMap::new();
         let mut info = Vec::new();
         let mut scopes = Vec::new();
@@ -1206,29 +1232,13 @@ impl State {
                     .collect(),
             });
             if let Ok(id) = cgroup::cgroup_id(path) {
-                map.insert(
-                    id,
-                    Workload {
-                        spiffe_id: p.spiffe_id.clone(),
-                        namespace: ns.clone(),
-                        pod: pod.clone(),
-                        container: None,
-                    },
-                );
+                map.insert(id, p.workload(None));
             }
             for (c, dir) in self.container_cgroups(&p.entry) {
                 let Some(id) = dir.and_then(|d| cgroup::cgroup_id(&d).ok()) else {
                     continue;
                 };
-                map.insert(
-                    id,
-                    Workload {
-                        spiffe_id: p.spiffe_id.clone(),
-                        namespace: ns.clone(),
-                        pod: pod.clone(),
-                        container: Some(c.name.clone()),
-                    },
-                );
+                map.insert(id, p.workload(Some(c.name.clone())));
             }
         }
         self.attribution.set_workloads(map, scopes);

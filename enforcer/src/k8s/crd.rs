@@ -229,6 +229,7 @@ pub fn object_policy(
     namespace: &str,
     name: &str,
     spec: &serde_json::Value,
+    trust_domain: &str,
 ) -> Result<LoadedPolicy, PolicyErrors> {
     let mut p = policy_from_object(namespace, name, spec)?;
     if let Some(k) = p
@@ -254,9 +255,10 @@ pub fn object_policy(
             }
         }
     }
-    // The SPIFFE ID an object declares names its own namespace, so that an
-    // object cannot label its pods' audit records and metrics with another
-    // namespace's workload identity.
+    // The SPIFFE ID an object declares is one of its own namespace in the
+    // cluster's trust domain, so that an object cannot label its pods'
+    // audit records and metrics with another namespace's (or another trust
+    // domain's) workload identity.
     if let Some(id) = p
         .policy
         .spec
@@ -264,19 +266,15 @@ pub fn object_policy(
         .as_ref()
         .and_then(|i| i.spiffe_id.as_deref())
     {
-        let path = id
-            .strip_prefix("spiffe://")
-            .and_then(|rest| rest.find('/').map(|i| &rest[i..]))
-            .unwrap_or("");
-        let want = format!("/ns/{namespace}/");
-        if !path.starts_with(&want) {
+        let want = format!("spiffe://{trust_domain}/ns/{namespace}/");
+        if !id.starts_with(&want) {
             let id = id.to_owned();
             return Err(PolicyErrors(vec![p.error(
                 "spec.identity.spiffeId",
                 format!(
                     "{id:?} is not an identity of this object's namespace {namespace:?}: an \
-                     AgentPolicy's spiffeId must have the path {want}... (or leave it unset: \
-                     spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount> is derived per pod)"
+                     AgentPolicy's spiffeId must start with {want} (or leave it unset: \
+                     spiffe://{trust_domain}/ns/<namespace>/sa/<serviceAccount> is derived per pod)"
                 ),
             )]));
         }

@@ -253,7 +253,7 @@ fn object_policy_is_named_by_namespace_and_selects_only_its_namespace() {
         "identity": {"kubernetes": {"podSelector": {"matchLabels": {"app": "research"}}}},
         "egress": [{"cidr": "10.0.0.0/8"}]
     });
-    let p = object_policy("agents", "research", &spec).unwrap();
+    let p = object_policy("agents", "research", &spec, "example.org").unwrap();
     assert_eq!(p.policy.metadata.name, "agents/research");
     assert_eq!(
         p.policy
@@ -272,9 +272,9 @@ fn object_policy_is_named_by_namespace_and_selects_only_its_namespace() {
     let same_ns = serde_json::json!({
         "identity": {"kubernetes": {"namespace": "agents"}}
     });
-    assert!(object_policy("agents", "research", &same_ns).is_ok());
+    assert!(object_policy("agents", "research", &same_ns, "example.org").is_ok());
     // Without identity.kubernetes it selects nothing and stays so.
-    let none = object_policy("agents", "research", &serde_json::json!({})).unwrap();
+    let none = object_policy("agents", "research", &serde_json::json!({}), "example.org").unwrap();
     assert!(none.policy.spec.identity.is_none());
 
     // Another namespace: rejected, at the field, with line:column.
@@ -282,7 +282,7 @@ fn object_policy_is_named_by_namespace_and_selects_only_its_namespace() {
         "identity": {"kubernetes": {"namespace": "payments", "serviceAccount": "x"}},
         "egress": [{"cidr": "10.0.0.0/8"}]
     });
-    let e = object_policy("agents", "research", &other).unwrap_err();
+    let e = object_policy("agents", "research", &other, "example.org").unwrap_err();
     assert_eq!(e.0.len(), 1, "{e}");
     let err = &e.0[0];
     assert_eq!(err.field, "spec.identity.kubernetes.namespace");
@@ -310,19 +310,21 @@ fn object_spiffe_id_must_name_its_namespace() {
     let ok = serde_json::json!({
         "identity": {"spiffeId": "spiffe://example.org/ns/agents/sa/research"}
     });
-    assert!(object_policy("agents", "research", &ok).is_ok());
+    assert!(object_policy("agents", "research", &ok, "example.org").is_ok());
     for bad in [
         "spiffe://example.org/ns/payments/sa/research",
         "spiffe://example.org/ns/agents-2/sa/research",
         "spiffe://example.org/workload/research",
+        "spiffe://other.example/ns/agents/sa/research",
     ] {
         let spec = serde_json::json!({"identity": {"spiffeId": bad}});
-        let errs = object_policy("agents", "research", &spec).unwrap_err();
+        let errs = object_policy("agents", "research", &spec, "example.org").unwrap_err();
         let err = &errs.0[0];
         assert_eq!(err.field, "spec.identity.spiffeId", "{bad}");
         assert!(err.line > 0, "{bad}: a position");
         assert!(
-            err.message.contains("must have the path /ns/agents/"),
+            err.message
+                .contains("must start with spiffe://example.org/ns/agents/"),
             "{bad}: {}",
             err.message
         );

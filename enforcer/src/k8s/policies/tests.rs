@@ -205,7 +205,7 @@ async fn a_bad_spec_value_in_the_list_is_kept_raw_for_the_validator() {
     let runner = tokio::spawn(run(client, cache.clone(), || {}));
     wait_for(&cache, &["agents/bad"]).await;
     let spec = cache.lock().unwrap().get("u9").unwrap().spec.clone();
-    let e = crate::k8s::crd::object_policy("agents", "bad", &spec)
+    let e = crate::k8s::crd::object_policy("agents", "bad", &spec, "example.org")
         .unwrap_err()
         .to_string();
     assert!(e.contains("host bits"), "{e}");
