@@ -635,7 +635,22 @@ impl State {
                 }
             };
             let Some(slot) = slot else {
-                tracing::error!(policy = %name, "no free identity slot");
+                let why = format!(
+                    "policy {name:?}: no free identity slot ({} in use, none reclaimable); \
+                     not installed",
+                    enforcer_common::MAX_SLOTS - 1
+                );
+                tracing::error!("{why}");
+                self.metrics.record_policy_reload(ReloadResult::Rejected);
+                self.reloads_rejected += 1;
+                self.rejected.insert(
+                    source.clone(),
+                    Rejection {
+                        file: source.to_string(),
+                        errors: vec![why],
+                        at: chrono::Utc::now().to_rfc3339(),
+                    },
+                );
                 continue;
             };
             let fresh = !self.active.contains_key(name);
