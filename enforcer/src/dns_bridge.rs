@@ -214,6 +214,11 @@ impl DnsService {
         self.proxy.netns_of(slot)
     }
 
+    /// How many namespaces one identity is served in, at most.
+    pub fn netns_limit(&self) -> usize {
+        self.proxy.netns_limit()
+    }
+
     /// Stop identity `slot`'s proxy and forget what it learned.
     pub fn stop(&self, slot: u32) {
         self.proxy.stop_identity(slot);

@@ -18,7 +18,7 @@
 //! | `enforcer_dns_rebinding_blocked_total` | counter | identity | [`Metrics::add_dns_rebinding_blocked`] |
 //! | `enforcer_dns_malformed_total` | counter | identity | [`Metrics::inc_dns_malformed`] |
 //! | `enforcer_dns_netns_listeners` | gauge | identity | network namespaces besides the daemon's (pods) where the identity's DNS proxy listens, [`Metrics::set_dns_netns_listeners`] |
-//! | `enforcer_dns_netns_errors_total` | counter | identity, reason | failed attempts at listening in a workload's namespace (retried every reconcile), [`Metrics::inc_dns_netns_error`] |
+//! | `enforcer_dns_netns_errors_total` | counter | identity, reason | failed attempts at listening in a workload's namespace (retried every reconcile; `limit`: once per namespace beyond `dns::MAX_NETNS_PER_IDENTITY`), [`Metrics::inc_dns_netns_error`] |
 //! | `enforcer_attached_cgroups` | gauge | | [`Metrics::set_attached_cgroups`] |
 //! | `enforcer_policy_entries` | gauge | identity | LPM entries, [`Metrics::set_policy_entries`] |
 //! | `enforcer_identity_tainted` | gauge (1/0) | identity | set when the identity read a `taint` file, [`Metrics::set_tainted`] |
@@ -332,7 +332,8 @@ impl Metrics {
                 r,
                 "enforcer_dns_netns_errors_total",
                 "Failed attempts at opening the identity's DNS proxy listeners in a workload's \
-                 network namespace (reason: loopback-unavailable, port-in-use, setns, other).",
+                 network namespace (reason: loopback-unavailable, port-in-use, setns, other; limit: \
+                 once per namespace beyond the identity's cap).",
                 &["identity", "reason"],
             ),
             net_raw_processes: gauge_vec(

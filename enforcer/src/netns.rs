@@ -8,10 +8,12 @@
 //! `/proc/<pid>/ns/net` points to), holds one open ([`Netns`]: an owned fd,
 //! closed on drop) and runs a closure inside it on a short-lived dedicated
 //! OS thread ([`Netns::run`]): the thread enters the namespace with
-//! `setns(CLONE_NEWNET)`, runs the closure (create and bind sockets: a socket
-//! belongs to the namespace it was created in, whichever thread uses it
-//! later) and exits. It never returns to a thread pool, so no tokio worker
-//! ever runs in another namespace.
+//! `setns(CLONE_NEWNET)`, runs the closure (bind the proxy's listeners: a
+//! socket belongs to the namespace it was created in, whichever thread uses
+//! it later) and exits. It never returns to a thread pool, so no tokio worker
+//! ever runs in another namespace. Only listeners are made there: the
+//! proxy's upstream traffic never leaves from a workload's namespace (its
+//! routes and addresses are the workload's to choose; see `dns::proxy`).
 use std::{
     fmt,
     fs::File,
@@ -104,18 +106,6 @@ impl Netns {
         rx.await
             .map_err(|_| io::Error::other("the namespace thread ended without an answer"))?
     }
-}
-
-/// A non-blocking, close-on-exec socket of `domain`/`ty` created in the
-/// calling thread's network namespace (meant for [`Netns::run`]).
-pub fn socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

@@ -86,6 +86,7 @@ impl DnsServer {
         Self::start_on("127.0.0.1".parse().unwrap())
     }
 
+    /// Bind UDP and TCP on the same free port of `ip` and serve.
     pub fn start_on(ip: IpAddr) -> Self {
         let (udp, tcp) = (0..100)
             .find_map(|_| {
@@ -94,6 +95,18 @@ impl DnsServer {
                 Some((udp, tcp))
             })
             .expect("no port free for both UDP and TCP");
+        Self::serve(udp, tcp)
+    }
+
+    /// Bind UDP and TCP on exactly `addr` and serve (e.g. a fake resolver
+    /// at another server's address, in another network namespace).
+    pub fn start_at(addr: SocketAddr) -> Self {
+        let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("UDP {addr}: {e}"));
+        let tcp = TcpListener::bind(addr).unwrap_or_else(|e| panic!("TCP {addr}: {e}"));
+        Self::serve(udp, tcp)
+    }
+
+    fn serve(udp: UdpSocket, tcp: TcpListener) -> Self {
         let addr = udp.local_addr().unwrap();
         let s = Self {
             addr,

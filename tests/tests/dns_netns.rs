@@ -6,10 +6,13 @@
 //! network namespace (an `unshare --net` holder process), binds a real
 //! cgroup with the daemon's config `bindings`, and runs
 //! `agents/dns_agent.py` inside that namespace (`nsenter --net`) and inside
-//! the cgroup. The upstream DNS server (`enforcer_tests::dns_server`) and
-//! the "outside hosts" (TCP sinks on 127.0.0.x) live in that namespace only:
-//! the proxy forwards a pod's queries from the pod's namespace, so an answer
-//! proves it, and nothing in the daemon's namespace could have answered.
+//! the cgroup. The "outside hosts" (TCP sinks on 127.0.0.x) live in that
+//! namespace only; the upstream DNS server (`enforcer_tests::dns_server`, on
+//! 127.0.0.53) lives in the daemon's (the test's own) namespace only: the
+//! proxy listens in the agent's namespace but forwards from its own, so an
+//! answer proves both. The agent controls its namespace: a fake resolver
+//! there, on the upstream's very address, must never be asked (else it
+//! would choose the addresses the proxy learns for an allowed name).
 use std::{
     process::Command,
     time::{Duration, Instant},
@@ -73,10 +76,11 @@ fn gauge(d: &Daemon, name: &str) -> Option<f64> {
 }
 
 /// The daemon listens in the agent's namespace: an allowed name resolves
-/// (UDP and TCP) through the proxy, forwarded from that namespace, and its
-/// answer is reachable; a denied name is refused and never forwarded; an
-/// address never resolved is EPERM. When the agent and the namespace go,
-/// the daemon closes its listeners there and keeps no fd to it.
+/// (UDP and TCP) through the proxy, forwarded from the daemon's namespace,
+/// and its answer is reachable; a denied name is refused and never
+/// forwarded; an address never resolved is EPERM. When the agent and the
+/// namespace go, the daemon closes its listeners there and keeps no fd to
+/// it.
 #[test]
 fn dns_is_served_in_the_agents_network_namespace() {
     if !require_root("dns_is_served_in_the_agents_network_namespace") {
@@ -87,14 +91,15 @@ fn dns_is_served_in_the_agents_network_namespace() {
     let pins = PinDir::new(name);
     let dir = TestDir::new(name);
     let mut ns = TestNetns::new(true);
-    // Upstream and outside hosts exist only inside the namespace.
-    let (dns, sink, never) = ns.run(|| {
+    // The outside hosts exist only inside the namespace; the upstream only
+    // in the daemon's.
+    let (sink, never) = ns.run(|| {
         (
-            DnsServer::start_on("127.0.0.53".parse().unwrap()),
             TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap(),
             TcpSink::bind("127.0.0.6:0".parse().unwrap()).unwrap(),
         )
     });
+    let dns = DnsServer::start_on("127.0.0.53".parse().unwrap());
     dns.add_addrs("allowed.example.com", &["127.0.0.5"])
         .add_addrs("denied.example.com", &["127.0.0.6"]);
     let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
@@ -136,9 +141,12 @@ fn dns_is_served_in_the_agents_network_namespace() {
         assert_eq!(v["rcode"], NOERROR, "TCP query: {v}");
         assert_eq!(v["addrs"], json!(["127.0.0.5"]), "{v}");
     });
-    checks.check("the query was forwarded (from the namespace)", || {
-        assert!(dns.count("allowed.example.com") >= 1, "{}", dns.describe());
-    });
+    checks.check(
+        "the query was forwarded (from the daemon's namespace)",
+        || {
+            assert!(dns.count("allowed.example.com") >= 1, "{}", dns.describe());
+        },
+    );
     checks.check("connect to the answer", || {
         assert_ok(
             &a.tcp("127.0.0.5", sink.port(), "hello-allowed"),
@@ -200,6 +208,8 @@ fn dns_is_served_in_the_agents_network_namespace() {
     let closed = poll_until(Duration::from_secs(15), Duration::from_millis(250), || {
         netns_status(&d, name).is_empty() && gauge(&d, name) == Some(0.0)
     });
+    // Only the listener set holds the namespace fd (forwards in flight hold
+    // none), and it is closed before the status entry goes.
     checks.check("listeners closed after the namespace went", || {
         assert!(
             closed,
@@ -220,6 +230,107 @@ fn dns_is_served_in_the_agents_network_namespace() {
             d.stderr()
         );
     });
+    d.kill9();
+    checks.finish();
+}
+
+/// The agent owns its namespace (with a user namespace, `unshare -Urn`, an
+/// agent may make one and add any address there): a fake resolver in the
+/// agent's namespace, on the upstream's very address and port, answers the
+/// allowed name with an attacker address. The proxy forwards from the
+/// daemon's namespace only: the agent gets the real answer, the fake is
+/// never asked, and the attacker address stays EPERM with zero bytes.
+#[test]
+fn a_fake_resolver_in_the_agents_namespace_is_never_asked() {
+    if !require_root("a_fake_resolver_in_the_agents_namespace_is_never_asked") {
+        return;
+    }
+    let name = "dns-netns-fake";
+    let cg = Cgroup::create(name);
+    let pins = PinDir::new(name);
+    let dir = TestDir::new(name);
+    let ns = TestNetns::new(true);
+    // The real upstream, in the daemon's namespace.
+    let dns = DnsServer::start_on("127.0.0.53".parse().unwrap());
+    dns.add_addrs("allowed.example.com", &["127.0.0.5"]);
+    // The agent's side: the real host, the attacker's host and the fake
+    // resolver at the upstream's address, all in the agent's namespace.
+    let (sink, evil, fake) = ns.run(|| {
+        (
+            TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap(),
+            TcpSink::bind("127.0.0.7:0".parse().unwrap()).unwrap(),
+            DnsServer::start_at(dns.addr),
+        )
+    });
+    fake.add_addrs("allowed.example.com", &["127.0.0.7"]);
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
+    write_atomic(
+        &d.policies.join("p.yaml"),
+        &dns_policy_yaml(
+            name,
+            &[
+                host_rule("allowed.example.com", &[sink.port(), evil.port()], "tcp"),
+                vouch_loopback(),
+            ],
+            &dns.upstream(),
+            &[],
+        ),
+    );
+    d.start();
+    let mut a = ns.agent(&dir);
+    move_pid(&cg.path, a.pid);
+    let mut checks = Checks::new();
+    let mut v = Value::Null;
+    poll_until(Duration::from_secs(15), Duration::from_millis(250), || {
+        v = resolve(&mut a, "allowed.example.com", false);
+        v["ok"] == true && v["rcode"] == NOERROR
+    });
+    checks.check("the real answer (UDP)", || {
+        assert_eq!(
+            v["rcode"],
+            NOERROR,
+            "A allowed.example.com: {v}\ndaemon stderr:\n{}",
+            d.stderr()
+        );
+        assert_eq!(v["addrs"], json!(["127.0.0.5"]), "{v}");
+    });
+    checks.check("the real answer (TCP)", || {
+        let v = resolve(&mut a, "allowed.example.com", true);
+        assert_eq!(v["rcode"], NOERROR, "TCP query: {v}");
+        assert_eq!(v["addrs"], json!(["127.0.0.5"]), "{v}");
+    });
+    checks.check("the real upstream was asked, the fake never", || {
+        assert!(dns.count("allowed.example.com") >= 1, "{}", dns.describe());
+        assert_eq!(
+            fake.queries().len(),
+            0,
+            "the fake resolver in the agent's namespace was asked: {}",
+            fake.describe()
+        );
+    });
+    checks.check("the real answer opens", || {
+        assert_ok(
+            &a.tcp("127.0.0.5", sink.port(), "hello-real"),
+            "connect to the real answer",
+        );
+        assert!(
+            poll_until(Duration::from_secs(3), Duration::from_millis(20), || sink
+                .text()
+                == "hello-real"),
+            "the real host got: {:?}",
+            sink.text()
+        );
+    });
+    checks.check("the fake's address is EPERM, zero bytes", || {
+        assert_eperm(
+            &a.tcp("127.0.0.7", evil.port(), "exfil"),
+            "connect to the address only the fake resolver gave",
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(evil.bytes(), 0, "bytes reached the attacker's 127.0.0.7");
+        assert_eq!(evil.conns(), 0, "a connection reached 127.0.0.7");
+    });
+    a.kill();
     d.kill9();
     checks.finish();
 }

@@ -1051,10 +1051,12 @@ fn daemon_enforces_agentpolicy_objects() {
 /// A pod in its own network namespace (every pod without hostNetwork),
 /// bound through an AgentPolicy object with a host rule. The kernel steers
 /// the pod's DNS to the proxy port on the pod's own loopback: the daemon
-/// serves it there and forwards from there (the upstream exists only in the
-/// pod's namespace), so the allowed name resolves and its address opens; a
-/// denied name is refused and never forwarded; an address no answer gave
-/// stays closed. The DNS decisions name the pod and its SPIFFE ID.
+/// serves it there and forwards from its own namespace (the upstream exists
+/// only in the daemon's; a fake resolver at the same address in the pod's
+/// namespace is never asked), so the allowed name resolves and its address
+/// opens; a denied name is refused and never forwarded; an address no
+/// answer gave stays closed. The DNS decisions name the pod and its SPIFFE
+/// ID.
 #[test]
 fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
     if !require_root("pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy") {
@@ -1074,15 +1076,20 @@ fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
     // The pod's sandbox holds its network namespace, in the pod cgroup.
     let ns = TestNetns::new(true);
     move_pid(&n.pod_dir, ns.holder_pid());
-    let (dns, site, never) = ns.run(|| {
-        (
-            DnsServer::start_on("127.0.0.53".parse().unwrap()),
-            TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap(),
-            TcpSink::bind("127.0.0.6:0".parse().unwrap()).unwrap(),
-        )
-    });
+    // The upstream lives in the daemon's namespace (as cluster DNS is
+    // reached from the DaemonSet's); the sites and a fake resolver at the
+    // upstream's address live in the pod's.
+    let dns = DnsServer::start_on("127.0.0.53".parse().unwrap());
     dns.add_addrs("allowed.example.com", &["127.0.0.5"])
         .add_addrs("denied.example.com", &["127.0.0.6"]);
+    let (site, never, fake_dns) = ns.run(|| {
+        (
+            TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap(),
+            TcpSink::bind("127.0.0.6:0".parse().unwrap()).unwrap(),
+            DnsServer::start_at(dns.addr),
+        )
+    });
+    fake_dns.add_addrs("allowed.example.com", &["127.0.0.6"]);
     let policy = agentpolicy(
         "agents",
         "research",
@@ -1095,6 +1102,15 @@ fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
                "egress": [{"host": "allowed.example.com", "ports": [site.port()], "protocol": "tcp"},
                           {"cidr": "127.0.0.0/8", "ports": [9], "protocol": "tcp"}],
                "dns": {"upstream": [dns.upstream()]}}),
+    );
+    // An event sent before the daemon watches would be lost (the list it
+    // made before would not have the object either).
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+            fake.watching(Res::Policies) && fake.watching(Res::Pods)
+        }),
+        "no AgentPolicy watch: {:?}",
+        fake.seen.lock().unwrap()
     );
     fake.policies.lock().unwrap().push(policy.clone());
     fake.event(Res::Policies, "ADDED", &policy);
@@ -1121,6 +1137,7 @@ fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
     );
     assert_eq!(v["addrs"], json!(["127.0.0.5"]), "{v}");
     assert!(dns.count("allowed.example.com") >= 1, "{}", dns.describe());
+    assert_eq!(fake_dns.queries().len(), 0, "{}", fake_dns.describe());
     assert_ok(
         &a.tcp("127.0.0.5", site.port(), "via-dns"),
         "the answer opens",

@@ -12,11 +12,19 @@
 //!   cgroup bound to a loaded policy with a DNS proxy;
 //! - for each new (namespace, identity) opens the namespace (one fd, held
 //!   by the listener set and closed with it) and asks the proxy to serve the
-//!   identity there ([`crate::dns::DnsProxy::serve_netns`]); a failure (the
-//!   pod's loopback is down, its port is taken there) is logged loudly with
-//!   the cgroup, the pod and the pid, counted
+//!   identity there ([`crate::dns::DnsProxy::serve_netns`]): listeners only,
+//!   the queries go upstream from the daemon's own namespace (a workload
+//!   controls its namespace's routes and addresses; see `dns::proxy`); a
+//!   failure (the pod's loopback is down, its port is taken there) is logged
+//!   loudly with the cgroup, the pod and the pid, counted
 //!   (`enforcer_dns_netns_errors_total{identity,reason}`), shown in
 //!   `enforcer status`, and retried on the next reconcile;
+//! - serves at most [`crate::dns::MAX_NETNS_PER_IDENTITY`] namespaces per identity (the
+//!   ones served first stay served): more are not served (their DNS fails,
+//!   closed), shown in status with reason `limit`, counted once per
+//!   namespace (`reason="limit"`), and logged at error level once per
+//!   identity when it reaches the cap (each further namespace at debug);
+//!   they are served once served ones go;
 //! - closes the listener sets of namespaces no bound process of the
 //!   identity uses any more (the pod went). Removing a policy or restarting
 //!   its proxy on another port closes all of them (they live in the proxy's
@@ -96,12 +104,7 @@ impl State {
                         .pods
                         .get(path)
                         .map(|p| format!("{}/{}", p.entry.info.namespace, p.entry.info.name)),
-                    workload: self.pods.get(path).map(|p| crate::events::Workload {
-                        spiffe_id: p.spiffe_id.clone(),
-                        namespace: p.entry.info.namespace.clone(),
-                        pod: p.entry.info.name.clone(),
-                        container: None,
-                    }),
+                    workload: self.pods.get(path).map(|p| p.workload(None)),
                     error: None,
                     v6: false,
                 });
@@ -130,6 +133,50 @@ impl State {
     }
 }
 
+type Key = (u32, NetnsId);
+
+/// What came of one wanted (identity, namespace) this round.
+#[derive(Debug)]
+enum Attempt {
+    /// Served (already, or from now on).
+    Served { v6: bool },
+    /// The process moved or its pid was reused between the scan and the
+    /// open: not served, forgotten until a scan finds it again.
+    Raced,
+    /// Not served (retried next round).
+    Failed(NetnsFailure),
+}
+
+/// Apply this round's attempts to the wanted entries: record v6 or the
+/// error, drop raced entries (never served, so they neither show in status
+/// nor name a workload for DNS records) and entries of identities no
+/// longer served.
+fn settle(
+    wanted: &mut BTreeMap<Key, NetnsUse>,
+    attempts: BTreeMap<Key, Attempt>,
+    active: &HashSet<u32>,
+) {
+    for (k, a) in attempts {
+        match a {
+            Attempt::Served { v6 } => {
+                if let Some(u) = wanted.get_mut(&k) {
+                    u.v6 = v6;
+                    u.error = None;
+                }
+            }
+            Attempt::Raced => {
+                wanted.remove(&k);
+            }
+            Attempt::Failed(e) => {
+                if let Some(u) = wanted.get_mut(&k) {
+                    u.error = Some(e);
+                }
+            }
+        }
+    }
+    wanted.retain(|(s, _), _| active.contains(s));
+}
+
 /// Open, keep and close the proxy's listeners in the namespaces of bound
 /// processes (module docs). The state lock is not held across an await.
 pub async fn sync(state: &Mutex<State>, dns: &DnsService, metrics: &Metrics) {
@@ -151,46 +198,95 @@ pub async fn sync(state: &Mutex<State>, dns: &DnsService, metrics: &Metrics) {
             }
         }
     }
-    // Open what is new (or failed before).
-    for ((slot, id), u) in wanted.iter_mut() {
-        if let Some(s) = dns.netns_of(*slot).into_iter().find(|s| s.id == *id) {
-            u.v6 = s.v6;
+    let cap = dns.netns_limit();
+    let limited_before = |slot: u32| {
+        previous
+            .iter()
+            .any(|((s, _), u)| *s == slot && u.error.as_ref().is_some_and(|e| e.reason == "limit"))
+    };
+    // Open what is new (or failed before), up to the cap per identity.
+    let mut attempts = BTreeMap::new();
+    let mut served_now: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut limited_now: BTreeMap<u32, usize> = BTreeMap::new();
+    for (&(slot, id), u) in &wanted {
+        let served = dns.netns_of(slot);
+        if let Some(s) = served.iter().find(|s| s.id == id) {
+            attempts.insert((slot, id), Attempt::Served { v6: s.v6 });
             continue;
         }
-        let opened = Netns::open_pid(u.pid)
-            .map_err(|e| NetnsFailure {
-                reason: "other",
-                detail: format!("opening /proc/{}/ns/net: {e}", u.pid),
+        let n = *served_now.entry(slot).or_insert(served.len());
+        let r = if n >= cap {
+            // Not even opened: an agent holding thousands of namespaces
+            // costs one scan, no fd.
+            Err(NetnsFailure {
+                reason: "limit",
+                detail: format!(
+                    "the identity's DNS proxy already serves {n} namespaces (at most {cap})"
+                ),
             })
-            .and_then(|ns| {
-                if ns.id == *id {
-                    Ok(ns)
-                } else {
-                    // The process moved or the pid was reused: next round.
-                    Err(NetnsFailure {
-                        reason: "raced",
-                        detail: format!("pid {} left {id}", u.pid),
-                    })
-                }
-            });
-        let r = match opened {
-            Ok(ns) => dns.serve_netns(*slot, Arc::new(ns)).await,
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(()) => {
-                u.v6 = dns.netns_of(*slot).iter().any(|s| s.id == *id && s.v6);
-                tracing::info!(identity = %u.identity, netns = %id, ipv6 = u.v6, "DNS proxy listening in the namespace of {}", u.what());
+        } else {
+            let opened = Netns::open_pid(u.pid)
+                .map_err(|e| NetnsFailure {
+                    reason: "other",
+                    detail: format!("opening /proc/{}/ns/net: {e}", u.pid),
+                })
+                .and_then(|ns| {
+                    if ns.id == id {
+                        Ok(ns)
+                    } else {
+                        // The process moved or the pid was reused: next round.
+                        Err(NetnsFailure {
+                            reason: "raced",
+                            detail: format!("pid {} left {id}", u.pid),
+                        })
+                    }
+                });
+            match opened {
+                Ok(ns) => dns.serve_netns(slot, Arc::new(ns)).await,
+                Err(e) => Err(e),
             }
-            Err(e) if e.reason == "raced" => {}
+        };
+        let attempt = match r {
+            Ok(()) => {
+                let v6 = dns.netns_of(slot).iter().any(|s| s.id == id && s.v6);
+                *served_now.entry(slot).or_default() += 1;
+                tracing::info!(identity = %u.identity, netns = %id, ipv6 = v6, "DNS proxy listening in the namespace of {}", u.what());
+                Attempt::Served { v6 }
+            }
+            Err(e) if e.reason == "raced" => {
+                tracing::debug!(identity = %u.identity, netns = %id, "{}", e.detail);
+                Attempt::Raced
+            }
+            Err(e) if e.reason == "limit" => {
+                let before = previous.get(&(slot, id)).and_then(|p| p.error.as_ref());
+                if before.is_none_or(|b| b.reason != "limit") {
+                    // Counted once per namespace refused, not per round.
+                    metrics.inc_dns_netns_error(&u.identity, e.reason);
+                    tracing::debug!(identity = %u.identity, netns = %id, "DNS proxy not listening in the namespace of {}: {e}", u.what());
+                }
+                *limited_now.entry(slot).or_default() += 1;
+                Attempt::Failed(e)
+            }
             Err(e) => {
                 metrics.inc_dns_netns_error(&u.identity, e.reason);
-                let before = previous.get(&(*slot, *id)).and_then(|p| p.error.as_ref());
+                let before = previous.get(&(slot, id)).and_then(|p| p.error.as_ref());
                 if before != Some(&e) {
                     tracing::error!(identity = %u.identity, netns = %id, reason = e.reason, "DNS proxy cannot listen in the namespace of {}: {}; that workload's DNS fails (closed) until this is fixed (retried every reconcile)", u.what(), e.detail);
                 }
-                u.error = Some(e);
+                Attempt::Failed(e)
             }
+        };
+        attempts.insert((slot, id), attempt);
+    }
+    for (slot, name) in &slots {
+        match limited_now.get(slot) {
+            Some(n) if !limited_before(*slot) => {
+                tracing::error!(identity = %name, limit = cap, refused = n, "DNS proxy: the identity's processes use more than {cap} network namespaces; {n} more are not served (their DNS fails, closed) until served ones go (status: reason `limit`)");
+            }
+            None if limited_before(*slot) => {
+                tracing::info!(identity = %name, "DNS proxy: the identity is back under its limit of {cap} network namespaces");
+            }
+            _ => {}
         }
     }
     let mut served_count: BTreeMap<&str, u64> = BTreeMap::new();
@@ -201,15 +297,75 @@ pub async fn sync(state: &Mutex<State>, dns: &DnsService, metrics: &Metrics) {
         metrics.set_dns_netns_listeners(name, *n);
     }
     // Keep only what is still wanted (and not a passing race).
-    wanted.retain(|_, u| u.error.as_ref().is_none_or(|e| e.reason != "raced"));
     let active: HashSet<u32> = slots.iter().map(|(s, _)| *s).collect();
-    wanted.retain(|(s, _), _| active.contains(s));
+    settle(&mut wanted, attempts, &active);
     let mut s = lock();
     s.attribution.set_netns_workloads(
         wanted
             .iter()
+            .filter(|(_, u)| u.error.is_none())
             .filter_map(|(k, u)| Some((*k, u.workload.clone()?)))
             .collect(),
     );
     s.dns_netns = wanted;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(identity: &str) -> NetnsUse {
+        NetnsUse {
+            identity: identity.into(),
+            pid: 1,
+            cgroup: PathBuf::from("/sys/fs/cgroup/x"),
+            pod: None,
+            workload: None,
+            error: None,
+            v6: false,
+        }
+    }
+
+    fn ns(ino: u64) -> NetnsId {
+        NetnsId { dev: 4, ino }
+    }
+
+    /// A raced namespace (never served) is dropped: not shown as serving,
+    /// not used to name a workload; failures are kept with their reason,
+    /// served ones get their v6 flag; identities no longer served go.
+    #[test]
+    fn settle_drops_raced_and_inactive_entries() {
+        let mut wanted: BTreeMap<Key, NetnsUse> = [
+            ((1, ns(10)), entry("a")),
+            ((1, ns(11)), entry("a")),
+            ((1, ns(12)), entry("a")),
+            ((1, ns(13)), entry("a")),
+            ((2, ns(10)), entry("b")),
+        ]
+        .into_iter()
+        .collect();
+        let fail = |reason| NetnsFailure {
+            reason,
+            detail: String::new(),
+        };
+        let attempts = [
+            ((1, ns(10)), Attempt::Served { v6: true }),
+            ((1, ns(11)), Attempt::Raced),
+            ((1, ns(12)), Attempt::Failed(fail("limit"))),
+            ((1, ns(13)), Attempt::Failed(fail("port-in-use"))),
+            ((2, ns(10)), Attempt::Served { v6: false }),
+        ]
+        .into_iter()
+        .collect();
+        settle(&mut wanted, attempts, &HashSet::from([1]));
+        let keys: Vec<Key> = wanted.keys().copied().collect();
+        assert_eq!(keys, vec![(1, ns(10)), (1, ns(12)), (1, ns(13))]);
+        assert!(wanted[&(1, ns(10))].v6);
+        assert!(wanted[&(1, ns(10))].error.is_none());
+        assert_eq!(wanted[&(1, ns(12))].error.as_ref().unwrap().reason, "limit");
+        assert_eq!(
+            wanted[&(1, ns(13))].error.as_ref().unwrap().reason,
+            "port-in-use"
+        );
+    }
 }

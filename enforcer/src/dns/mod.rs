@@ -63,7 +63,7 @@ use crate::{
 };
 
 pub use message::is_rebinding_address;
-pub use proxy::{DnsProxy, NetnsFailure, NetnsServed};
+pub use proxy::{DnsProxy, NetnsFailure, NetnsServed, MAX_NETNS_PER_IDENTITY};
 
 /// Default `dns.ttl.min`.
 pub const DEFAULT_TTL_MIN: Duration = Duration::from_secs(5);

@@ -20,14 +20,19 @@
 //! *caller's* network namespace. The set above (the "home" set) serves the
 //! proxy's own namespace; [`DnsProxy::serve_netns`] adds, for one identity,
 //! the same listeners (same port, same per-identity logic, budget and
-//! policy) inside another namespace (a Kubernetes pod's), created there on a
-//! short-lived thread ([`crate::netns::Netns::run`]), with upstream UDP
-//! sockets of their own made in that namespace too; TCP upstream
-//! connections of that set are made there as well. So a pod's queries leave
-//! from the pod's namespace and reach its resolver as the pod would (its
-//! routes, a node-local or loopback resolver, NetworkPolicies).
-//! [`DnsProxy::close_netns`] closes such a set; stopping the identity closes
-//! all of them.
+//! policy) inside another namespace (a Kubernetes pod's), bound there on a
+//! short-lived thread ([`crate::netns::Netns::run`]). Only the listeners
+//! live there: every query, whichever set it came in on, goes upstream from
+//! the proxy's own namespace, through the identity's one pair of upstream
+//! UDP sockets (and TCP connections made here). An agent controls its own
+//! namespace (with a user namespace it may create one, add the upstream's
+//! address to an interface there and answer as the resolver): forwarding
+//! from there would let it choose the addresses the proxy learns for an
+//! allowed name. So an upstream only reachable inside a pod (a loopback
+//! resolver in the pod) is not supported. At most [`MAX_NETNS_PER_IDENTITY`]
+//! namespaces are served per identity (more: `limit`).
+//! [`DnsProxy::close_netns`] closes such a set (and the namespace fd it
+//! holds); stopping the identity closes all of them.
 //!
 //! Nothing is cached, so nothing is shared across identities. A policy swap
 //! (`serve_identity` again) replaces the policy under a lock read once per
@@ -78,6 +83,13 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_TCP_CONNS: usize = 256;
 /// Attempts at finding a port free on all four sockets.
 const BIND_ATTEMPTS: usize = 64;
+/// Network namespaces (besides the proxy's own) one identity is served in,
+/// at most. Each costs a namespace fd, up to four sockets and their tasks;
+/// an agent holding many namespaces (sleeping processes in namespaces of
+/// its own) must not exhaust the daemon's fds for every identity. More are
+/// refused (`limit`: their DNS fails, closed). 128 is above the kubelet's
+/// default of 110 pods per node: one identity's pods on one node all fit.
+pub const MAX_NETNS_PER_IDENTITY: usize = 128;
 
 /// The per-identity DNS proxy (see the module docs of `crate::dns`).
 pub struct DnsProxy {
@@ -85,6 +97,8 @@ pub struct DnsProxy {
     sink: Arc<dyn DnsSink>,
     taint: Arc<dyn TaintView>,
     served: Mutex<HashMap<u32, Served>>,
+    /// [`MAX_NETNS_PER_IDENTITY`] (lower in tests).
+    netns_limit: usize,
 }
 
 struct Served {
@@ -92,6 +106,9 @@ struct Served {
     /// The home set serves [::1] too (the netns sets try to).
     v6: bool,
     ident: Arc<Ident>,
+    /// The identity's upstream sockets (in the proxy's own namespace), used
+    /// by every listener set of the identity.
+    egress: Arc<Egress>,
     tasks: Vec<JoinHandle<()>>,
     /// Listener sets in other network namespaces.
     netns: HashMap<NetnsId, NetnsSet>,
@@ -106,12 +123,15 @@ impl Drop for Served {
     }
 }
 
-/// One identity's listeners (and upstream sockets) in another network
-/// namespace. Dropping it stops its tasks, which closes its sockets and,
-/// with the last reference, the namespace fd.
+/// One identity's listeners in another network namespace. Dropping it
+/// closes the namespace fd and stops its tasks, which closes its listening
+/// sockets (a forward still in flight keeps its UDP listener until it
+/// replied, never the namespace fd).
 struct NetnsSet {
     v6: bool,
     tasks: Vec<JoinHandle<()>>,
+    /// The namespace, held open with the listeners (the only fd to it).
+    _ns: Arc<Netns>,
 }
 
 impl Drop for NetnsSet {
@@ -136,7 +156,9 @@ pub struct NetnsServed {
 pub struct NetnsFailure {
     /// `loopback-unavailable` (127.0.0.1 cannot be bound: the pod's `lo` is
     /// down), `port-in-use` (something in the pod holds the identity's
-    /// port), `not-served` (the identity has no proxy), `setns`, `other`.
+    /// port), `limit` (the identity is served in
+    /// [`MAX_NETNS_PER_IDENTITY`] namespaces already), `not-served` (the
+    /// identity has no proxy), `setns`, `other`.
     pub reason: &'static str,
     pub detail: String,
 }
@@ -147,13 +169,13 @@ impl std::fmt::Display for NetnsFailure {
     }
 }
 
-/// Where the queries of one listener set go out: upstream UDP sockets made
-/// in the set's namespace, and that namespace for TCP upstream connections
-/// (`None`: the proxy's own).
+/// Where an identity's queries go out: its upstream UDP sockets, made in
+/// the proxy's own namespace and shared by all its listener sets (TCP
+/// upstream connections are made in the proxy's namespace too). Holds no
+/// namespace.
 struct Egress {
     up4: Option<Arc<UpSock>>,
     up6: Option<Arc<UpSock>>,
-    netns: Option<Arc<Netns>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -173,7 +195,22 @@ impl DnsProxy {
             sink,
             taint,
             served: Mutex::new(HashMap::new()),
+            netns_limit: MAX_NETNS_PER_IDENTITY,
         }
+    }
+
+    /// At most `n` namespaces per identity instead of
+    /// [`MAX_NETNS_PER_IDENTITY`] (tests).
+    #[cfg(test)]
+    pub(crate) fn with_netns_limit(mut self, n: usize) -> Self {
+        self.netns_limit = n;
+        self
+    }
+
+    /// How many namespaces (besides its own) an identity is served in, at
+    /// most.
+    pub fn netns_limit(&self) -> usize {
+        self.netns_limit
     }
 
     /// Start serving identity `slot` (or swap its policy atomically if it is
@@ -195,12 +232,13 @@ impl DnsProxy {
         if let Some(port) = self.swap(slot, &policy) {
             return Ok(port);
         }
-        let (port, udp, tcp) = bind_all(preferred).await?;
+        let (port, udp, tcp) = bind_home(preferred)?;
         let v6 = udp.len() > 1;
         let up4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
             .context("binding the IPv4 upstream socket")?;
         let up6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await.ok();
+        let (egress, mut tasks) = spawn_egress(up4, up6);
         let ident = Arc::new(Ident {
             slot,
             policy: RwLock::new(policy.clone()),
@@ -210,11 +248,12 @@ impl DnsProxy {
             sink: self.sink.clone(),
             taint: self.taint.clone(),
         });
-        let tasks = spawn_set(&ident, udp, tcp, Some(up4), up6, None);
+        tasks.extend(spawn_set(&ident, &egress, udp, tcp, None));
         let served = Served {
             port,
             v6,
             ident,
+            egress,
             tasks,
             netns: HashMap::new(),
         };
@@ -253,12 +292,22 @@ impl DnsProxy {
     }
 
     /// Serve identity `slot` inside network namespace `ns` too: UDP and TCP
-    /// on 127.0.0.1 (and [::1] when the home set serves it and `ns` has it)
-    /// at the identity's port, bound in `ns` on a short-lived thread, plus
-    /// upstream sockets made in `ns` (queries arriving there are forwarded
-    /// from there). A no-op if already served there. The set lives until
-    /// [`Self::close_netns`] or [`Self::stop_identity`].
+    /// listeners on 127.0.0.1 (and [::1] when the home set serves it and
+    /// `ns` has it) at the identity's port, bound in `ns` on a short-lived
+    /// thread. Queries arriving there go upstream from the proxy's own
+    /// namespace, through the identity's upstream sockets (module docs). A
+    /// no-op if already served there; `limit` once the identity is served
+    /// in [`MAX_NETNS_PER_IDENTITY`] namespaces. The set, and with it `ns`
+    /// (the fd), lives until [`Self::close_netns`] or
+    /// [`Self::stop_identity`].
     pub async fn serve_netns(&self, slot: u32, ns: Arc<Netns>) -> Result<(), NetnsFailure> {
+        let limit = |n: usize| NetnsFailure {
+            reason: "limit",
+            detail: format!(
+                "the identity's DNS proxy already serves {n} namespaces (at most {})",
+                self.netns_limit
+            ),
+        };
         let (port, want_v6, ident) = {
             let map = lock(&self.served);
             let Some(s) = map.get(&slot) else {
@@ -270,42 +319,37 @@ impl DnsProxy {
             if s.netns.contains_key(&ns.id) {
                 return Ok(());
             }
+            if s.netns.len() >= self.netns_limit {
+                return Err(limit(s.netns.len()));
+            }
             (s.port, s.v6, s.ident.clone())
         };
-        let socks = ns
-            .run(move || Ok(bind_netns(port, want_v6)))
+        let v6 = if want_v6 { V6::BestEffort } else { V6::No };
+        let (_, udp, tcp) = ns
+            .run(move || Ok(bind_in_netns(port, v6)))
             .await
             .map_err(|e| NetnsFailure {
                 reason: "setns",
                 detail: format!("entering {}: {e}", ns.id),
             })??;
-        let NetnsSockets { udp, tcp, up4, up6 } = socks;
-        let into_tokio = || -> io::Result<_> {
-            let udp = udp
-                .into_iter()
-                .map(UdpSocket::from_std)
-                .collect::<io::Result<Vec<_>>>()?;
-            let tcp = tcp
-                .into_iter()
-                .map(TcpListener::from_std)
-                .collect::<io::Result<Vec<_>>>()?;
-            let up4 = UdpSocket::from_std(up4)?;
-            let up6 = up6.map(UdpSocket::from_std).transpose()?;
-            Ok((udp, tcp, up4, up6))
-        };
-        let (udp, tcp, up4, up6) = into_tokio().map_err(|e| NetnsFailure {
+        let (udp, tcp) = into_tokio(udp, tcp).map_err(|e| NetnsFailure {
             reason: "other",
             detail: format!("registering the sockets made in {}: {e}", ns.id),
         })?;
         let v6 = udp.len() > 1;
         let id = ns.id;
-        let tasks = spawn_set(&ident, udp, tcp, Some(up4), up6, Some(ns));
-        let set = NetnsSet { v6, tasks };
         let mut map = lock(&self.served);
         match map.get_mut(&slot) {
             // Still the same proxy (not stopped and restarted meanwhile).
             Some(s) if Arc::ptr_eq(&s.ident, &ident) => {
-                s.netns.entry(id).or_insert(set);
+                if s.netns.contains_key(&id) {
+                    return Ok(());
+                }
+                if s.netns.len() >= self.netns_limit {
+                    return Err(limit(s.netns.len()));
+                }
+                let tasks = spawn_set(&ident, &s.egress, udp, tcp, Some(id));
+                s.netns.insert(id, NetnsSet { v6, tasks, _ns: ns });
                 tracing::debug!(slot, port, netns = %id, "DNS proxy serving identity in a namespace");
                 Ok(())
             }
@@ -347,42 +391,64 @@ impl DnsProxy {
     }
 }
 
-/// Start the tasks of one listener set: its upstream readers, one task per
-/// UDP socket, one per TCP listener.
+/// An identity's egress (its upstream UDP sockets, made in the proxy's own
+/// namespace) and the tasks reading them.
+fn spawn_egress(up4: UdpSocket, up6: Option<UdpSocket>) -> (Arc<Egress>, Vec<JoinHandle<()>>) {
+    let up4 = Some(Arc::new(UpSock::new(up4)));
+    let up6 = up6.map(|s| Arc::new(UpSock::new(s)));
+    let tasks = up4
+        .iter()
+        .chain(up6.iter())
+        .map(|u| tokio::spawn(upstream_reader(u.clone())))
+        .collect();
+    (Arc::new(Egress { up4, up6 }), tasks)
+}
+
+/// Start the tasks of one listener set: one per UDP socket, one per TCP
+/// listener. `netns`: the namespace the listeners live in (`None`: the
+/// proxy's own), named in the audit records; queries go out through
+/// `egress` whatever it is.
 fn spawn_set(
     ident: &Arc<Ident>,
+    egress: &Arc<Egress>,
     udp: Vec<UdpSocket>,
     tcp: Vec<TcpListener>,
-    up4: Option<UdpSocket>,
-    up6: Option<UdpSocket>,
-    netns: Option<Arc<Netns>>,
+    netns: Option<NetnsId>,
 ) -> Vec<JoinHandle<()>> {
-    let up4 = up4.map(|s| Arc::new(UpSock::new(s)));
-    let up6 = up6.map(|s| Arc::new(UpSock::new(s)));
     let mut tasks = Vec::new();
-    for u in up4.iter().chain(up6.iter()) {
-        tasks.push(tokio::spawn(upstream_reader(u.clone())));
-    }
-    let egress = Arc::new(Egress { up4, up6, netns });
     for s in udp {
         tasks.push(tokio::spawn(udp_loop(
             ident.clone(),
             egress.clone(),
             Arc::new(s),
+            netns,
         )));
     }
     for l in tcp {
-        tasks.push(tokio::spawn(tcp_loop(ident.clone(), egress.clone(), l)));
+        tasks.push(tokio::spawn(tcp_loop(
+            ident.clone(),
+            egress.clone(),
+            l,
+            netns,
+        )));
     }
     tasks
 }
 
-/// The std sockets of one namespace's listener set (non-blocking).
-struct NetnsSockets {
+/// Std sockets (non-blocking) into tokio ones.
+fn into_tokio(
     udp: Vec<std::net::UdpSocket>,
     tcp: Vec<std::net::TcpListener>,
-    up4: std::net::UdpSocket,
-    up6: Option<std::net::UdpSocket>,
+) -> io::Result<(Vec<UdpSocket>, Vec<TcpListener>)> {
+    let udp = udp
+        .into_iter()
+        .map(UdpSocket::from_std)
+        .collect::<io::Result<Vec<_>>>()?;
+    let tcp = tcp
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok((udp, tcp))
 }
 
 /// Whether `lo` is up in the namespace of `sock` (SIOCGIFFLAGS on it).
@@ -401,49 +467,64 @@ fn loopback_up(sock: &std::net::UdpSocket) -> io::Result<bool> {
     Ok(i32::from(flags) & libc::IFF_UP != 0)
 }
 
-/// Runs inside the target namespace: bind the listeners at `port` and the
-/// upstream sockets. 127.0.0.1 must work; [::1] is best effort.
-fn bind_netns(port: u16, want_v6: bool) -> Result<NetnsSockets, NetnsFailure> {
-    let fail = |what: &str, e: io::Error| NetnsFailure {
-        reason: if in_use(&e) {
-            "port-in-use"
-        } else if e.kind() == io::ErrorKind::AddrNotAvailable {
-            "loopback-unavailable"
-        } else {
-            "other"
-        },
-        detail: format!("binding {what}: {e}"),
-    };
-    let nb = |what: &str, e: io::Error| NetnsFailure {
-        reason: "other",
-        detail: format!("{what}: set_nonblocking: {e}"),
-    };
+/// What to do about [::1] when binding a listener set.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum V6 {
+    /// 127.0.0.1 only.
+    No,
+    /// Serve [::1] too unless the host has no IPv6; any other failure
+    /// fails the whole set (the home set: its port is chosen freely, so a
+    /// taken [::1] port means "try another port").
+    Strict,
+    /// Serve [::1] too if it binds at all (a namespace's set: the port is
+    /// the identity's, fixed; a failure is logged and the set serves
+    /// 127.0.0.1 only).
+    BestEffort,
+}
+
+/// Why [`bind_listeners`] failed: which socket, and the error.
+struct BindError {
+    what: String,
+    err: io::Error,
+}
+
+type StdListeners = (u16, Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>);
+
+/// Bind one listener set in the calling thread's network namespace: UDP
+/// and TCP on 127.0.0.1 at `port` (0: UDP picks it, the rest follow), and
+/// [::1] as `v6` says. Sockets are non-blocking. Returns the port.
+fn bind_listeners(port: u16, v6: V6) -> Result<StdListeners, BindError> {
+    let err = |what: String| move |err| BindError { what, err };
     let u4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
-        .map_err(|e| fail(&format!("UDP 127.0.0.1:{port}"), e))?;
-    // 127.0.0.1 binds even while `lo` is down, but nothing reaches it then.
-    match loopback_up(&u4) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(NetnsFailure {
-                reason: "loopback-unavailable",
-                detail: "the loopback interface `lo` is down in the namespace".into(),
-            })
-        }
-        Err(e) => {
-            return Err(NetnsFailure {
-                reason: "loopback-unavailable",
-                detail: format!("reading the flags of `lo`: {e}"),
-            })
-        }
-    }
+        .map_err(err(format!("UDP 127.0.0.1:{port}")))?;
+    let port = u4
+        .local_addr()
+        .map_err(err("UDP 127.0.0.1 (local address)".into()))?
+        .port();
     let t4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-        .map_err(|e| fail(&format!("TCP 127.0.0.1:{port}"), e))?;
+        .map_err(err(format!("TCP 127.0.0.1:{port}")))?;
     let mut udp = vec![u4];
     let mut tcp = vec![t4];
-    if want_v6 {
-        let v6 = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port))
-            .and_then(|u| std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)).map(|t| (u, t)));
-        match v6 {
+    let six = || {
+        let u = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port))
+            .map_err(err(format!("UDP [::1]:{port}")))?;
+        let t = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port))
+            .map_err(err(format!("TCP [::1]:{port}")))?;
+        Ok::<_, BindError>((u, t))
+    };
+    match v6 {
+        V6::No => {}
+        V6::Strict => match six() {
+            Ok((u, t)) => {
+                udp.push(u);
+                tcp.push(t);
+            }
+            Err(e) if no_ipv6(&e.err) => {
+                tracing::warn!(port, "no IPv6 loopback: DNS proxy serves 127.0.0.1 only")
+            }
+            Err(e) => return Err(e),
+        },
+        V6::BestEffort => match six() {
             Ok((u, t)) => {
                 udp.push(u);
                 tcp.push(t);
@@ -451,20 +532,49 @@ fn bind_netns(port: u16, want_v6: bool) -> Result<NetnsSockets, NetnsFailure> {
             // The caller reports a set without [::1] (`NetnsServed::v6`).
             Err(e) => tracing::warn!(
                 port,
-                "DNS proxy in a namespace: [::1]:{port} not served: {e}"
+                "DNS proxy in a namespace: [::1]:{port} not served: binding {}: {}",
+                e.what,
+                e.err
             ),
-        }
+        },
     }
-    let up4 = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .map_err(|e| fail("the IPv4 upstream socket", e))?;
-    let up6 = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok();
-    for u in udp.iter().chain(std::iter::once(&up4)).chain(up6.iter()) {
-        u.set_nonblocking(true).map_err(|e| nb("UDP", e))?;
+    for u in &udp {
+        u.set_nonblocking(true)
+            .map_err(err("UDP (set_nonblocking)".into()))?;
     }
     for t in &tcp {
-        t.set_nonblocking(true).map_err(|e| nb("TCP", e))?;
+        t.set_nonblocking(true)
+            .map_err(err("TCP (set_nonblocking)".into()))?;
     }
-    Ok(NetnsSockets { udp, tcp, up4, up6 })
+    Ok((port, udp, tcp))
+}
+
+/// Runs inside the target namespace: the listeners at the identity's
+/// `port` ([`bind_listeners`]), and `lo` must be up. No upstream socket is
+/// made here.
+fn bind_in_netns(port: u16, v6: V6) -> Result<StdListeners, NetnsFailure> {
+    let bound = bind_listeners(port, v6).map_err(|BindError { what, err }| NetnsFailure {
+        reason: if in_use(&err) {
+            "port-in-use"
+        } else if err.kind() == io::ErrorKind::AddrNotAvailable {
+            "loopback-unavailable"
+        } else {
+            "other"
+        },
+        detail: format!("binding {what}: {err}"),
+    })?;
+    // 127.0.0.1 binds even while `lo` is down, but nothing reaches it then.
+    match loopback_up(&bound.1[0]) {
+        Ok(true) => Ok(bound),
+        Ok(false) => Err(NetnsFailure {
+            reason: "loopback-unavailable",
+            detail: "the loopback interface `lo` is down in the namespace".into(),
+        }),
+        Err(e) => Err(NetnsFailure {
+            reason: "loopback-unavailable",
+            detail: format!("reading the flags of `lo`: {e}"),
+        }),
+    }
 }
 
 fn in_use(e: &io::Error) -> bool {
@@ -475,46 +585,26 @@ fn no_ipv6(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(libc::EAFNOSUPPORT)
 }
 
-/// UDP 127.0.0.1:0 picks the port; UDP/TCP [::1] and TCP 127.0.0.1 must get
-/// the same one, else try again.
-async fn bind_all(
-    preferred: Option<u16>,
-) -> anyhow::Result<(u16, Vec<UdpSocket>, Vec<TcpListener>)> {
+/// The home set, in the proxy's own namespace: a port free on UDP and TCP,
+/// 127.0.0.1 and [::1] (`preferred` first), else try again.
+fn bind_home(preferred: Option<u16>) -> anyhow::Result<(u16, Vec<UdpSocket>, Vec<TcpListener>)> {
     for attempt in 0..BIND_ATTEMPTS {
         let want = match (attempt, preferred) {
             (0, Some(p)) => p,
             _ => 0,
         };
-        let u4 = match UdpSocket::bind((Ipv4Addr::LOCALHOST, want)).await {
-            Ok(s) => s,
-            Err(e) if want != 0 && in_use(&e) => continue,
-            Err(e) => return Err(e).context("binding UDP 127.0.0.1"),
-        };
-        let port = u4.local_addr()?.port();
-        let t4 = match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
-            Ok(t) => t,
-            Err(e) if in_use(&e) => continue,
-            Err(e) => return Err(e).context("binding TCP 127.0.0.1"),
-        };
-        let u6 = match UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await {
-            Ok(s) => Some(s),
-            Err(e) if in_use(&e) => continue,
-            Err(e) if no_ipv6(&e) => None,
-            Err(e) => return Err(e).context("binding UDP [::1]"),
-        };
-        let mut udp = vec![u4];
-        let mut tcp = vec![t4];
-        if let Some(u6) = u6 {
-            match TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await {
-                Ok(t) => tcp.push(t),
-                Err(e) if in_use(&e) => continue,
-                Err(e) => return Err(e).context("binding TCP [::1]"),
+        match bind_listeners(want, V6::Strict) {
+            Ok((port, udp, tcp)) => {
+                let (udp, tcp) = into_tokio(udp, tcp).context("registering the DNS sockets")?;
+                return Ok((port, udp, tcp));
             }
-            udp.push(u6);
-        } else {
-            tracing::warn!(port, "no IPv6 loopback: DNS proxy serves 127.0.0.1 only");
+            // A taken port (the preferred one, or the one UDP 127.0.0.1
+            // got on another socket): another try.
+            Err(e) if in_use(&e.err) => continue,
+            Err(BindError { what, err }) => {
+                return Err(err).with_context(|| format!("binding {what}"))
+            }
         }
-        return Ok((port, udp, tcp));
     }
     anyhow::bail!("no port free on UDP and TCP, 127.0.0.1 and [::1], after {BIND_ATTEMPTS} tries")
 }
@@ -623,16 +713,15 @@ impl Ident {
         self.sink.record(&ev);
     }
 
-    /// Ask the upstreams in order until one answers the question, through
-    /// the sockets of the listener set the query came in on.
+    /// Ask the upstreams in order until one answers the question, from the
+    /// proxy's own namespace (whichever set the query came in on).
     async fn resolve(&self, eg: &Egress, f: &Fwd, tcp: bool) -> Option<Message> {
-        let ns = eg.netns.as_ref();
         for &up in &f.policy.upstreams {
             let m = if tcp {
-                tcp_exchange(ns, up, &f.upstream).await
+                tcp_exchange(up, &f.upstream).await
             } else {
                 match udp_exchange(eg, up, &f.upstream).await {
-                    Some(m) if m.metadata.truncation => tcp_exchange(ns, up, &f.upstream).await,
+                    Some(m) if m.metadata.truncation => tcp_exchange(up, &f.upstream).await,
                     other => other,
                 }
             };
@@ -721,7 +810,12 @@ impl Ident {
     }
 }
 
-async fn udp_loop(ident: Arc<Ident>, eg: Arc<Egress>, sock: Arc<UdpSocket>) {
+async fn udp_loop(
+    ident: Arc<Ident>,
+    eg: Arc<Egress>,
+    sock: Arc<UdpSocket>,
+    netns: Option<NetnsId>,
+) {
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, src) = match sock.recv_from(&mut buf).await {
@@ -736,7 +830,7 @@ async fn udp_loop(ident: Arc<Ident>, eg: Arc<Egress>, sock: Arc<UdpSocket>) {
         let origin = Origin {
             client: src,
             transport: "udp",
-            netns: eg.netns.as_ref().map(|n| n.id),
+            netns,
         };
         match ident.begin(&buf[..n], origin, start) {
             Step::Drop => {}
@@ -759,13 +853,18 @@ async fn udp_loop(ident: Arc<Ident>, eg: Arc<Egress>, sock: Arc<UdpSocket>) {
     }
 }
 
-async fn tcp_loop(ident: Arc<Ident>, eg: Arc<Egress>, listener: TcpListener) {
+async fn tcp_loop(
+    ident: Arc<Ident>,
+    eg: Arc<Egress>,
+    listener: TcpListener,
+    netns: Option<NetnsId>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, peer)) if conns.len() < MAX_TCP_CONNS => {
-                    conns.spawn(tcp_conn(ident.clone(), eg.clone(), s, peer));
+                    conns.spawn(tcp_conn(ident.clone(), eg.clone(), s, peer, netns));
                 }
                 Ok(_) => tracing::debug!("DNS proxy: too many TCP connections"),
                 Err(e) => {
@@ -778,7 +877,13 @@ async fn tcp_loop(ident: Arc<Ident>, eg: Arc<Egress>, listener: TcpListener) {
     }
 }
 
-async fn tcp_conn(ident: Arc<Ident>, eg: Arc<Egress>, mut s: TcpStream, peer: SocketAddr) {
+async fn tcp_conn(
+    ident: Arc<Ident>,
+    eg: Arc<Egress>,
+    mut s: TcpStream,
+    peer: SocketAddr,
+    netns: Option<NetnsId>,
+) {
     let _ = s.set_nodelay(true);
     let mut buf = Vec::new();
     loop {
@@ -799,7 +904,7 @@ async fn tcp_conn(ident: Arc<Ident>, eg: Arc<Egress>, mut s: TcpStream, peer: So
         let origin = Origin {
             client: peer,
             transport: "tcp",
-            netns: eg.netns.as_ref().map(|n| n.id),
+            netns,
         };
         let reply = match ident.begin(&buf, origin, start) {
             Step::Drop => continue,
@@ -837,30 +942,9 @@ async fn udp_exchange(eg: &Egress, up: SocketAddr, query: &[u8]) -> Option<Messa
     Message::from_vec(&data).ok()
 }
 
-/// A TCP connection to `up` from namespace `ns` (`None`: the proxy's own):
-/// the socket is made there, then connected from here.
-async fn tcp_connect(ns: Option<&Arc<Netns>>, up: SocketAddr) -> Option<TcpStream> {
-    let Some(ns) = ns else {
-        return TcpStream::connect(up).await.ok();
-    };
-    let domain = if up.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let fd = ns
-        .run(move || crate::netns::socket(domain, libc::SOCK_STREAM))
-        .await
-        .map_err(|e| tracing::debug!(netns = %ns.id, "TCP upstream socket: {e}"))
-        .ok()?;
-    tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
-        .connect(up)
-        .await
-        .ok()
-}
-
-/// One query over a fresh TCP connection to `up` (random id, checked).
-async fn tcp_exchange(ns: Option<&Arc<Netns>>, up: SocketAddr, query: &[u8]) -> Option<Message> {
+/// One query over a fresh TCP connection to `up`, from the proxy's own
+/// namespace (random id, checked).
+async fn tcp_exchange(up: SocketAddr, query: &[u8]) -> Option<Message> {
     let id = (RandomState::new().hash_one(Instant::now()) & 0xffff) as u16;
     let len = u16::try_from(query.len()).ok()?;
     let mut out = Vec::with_capacity(query.len() + 2);
@@ -868,7 +952,7 @@ async fn tcp_exchange(ns: Option<&Arc<Netns>>, up: SocketAddr, query: &[u8]) -> 
     out.extend_from_slice(query);
     out.get_mut(2..4)?.copy_from_slice(&id.to_be_bytes());
     let exchange = async {
-        let mut s = tcp_connect(ns, up).await?;
+        let mut s = TcpStream::connect(up).await.ok()?;
         let _ = s.set_nodelay(true);
         s.write_all(&out).await.ok()?;
         let n = usize::from(s.read_u16().await.ok()?);

@@ -1309,3 +1309,36 @@ async fn serve_netns_reports_a_taken_port_and_an_unserved_identity() {
     let m = h.udp("api.example.com", RecordType::A).await;
     assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
 }
+
+/// An identity already served in as many namespaces as its cap allows is
+/// refused with `limit` before anything is bound (here the cap is 0); the
+/// home set still answers.
+#[tokio::test]
+async fn serve_netns_beyond_the_cap_is_refused_with_limit() {
+    let up = upstream().await;
+    let proxy = DnsProxy::new(
+        Arc::new(FakeLearner::default()),
+        Arc::new(RecSink::default()),
+        Arc::new(FakeTaint::default()),
+    )
+    .with_netns_limit(0);
+    let port = proxy
+        .serve_identity(SLOT, policy(EGRESS, "", up.addr))
+        .await
+        .unwrap();
+    assert_eq!(proxy.netns_limit(), 0);
+    let own = Arc::new(crate::netns::Netns::open_pid(std::process::id()).unwrap());
+    let e = proxy.serve_netns(SLOT, own).await.unwrap_err();
+    assert_eq!(e.reason, "limit", "{e}");
+    assert!(proxy.netns_of(SLOT).is_empty());
+    assert_eq!(proxy.port(SLOT), Some(port));
+    assert_eq!(
+        super::MAX_NETNS_PER_IDENTITY,
+        DnsProxy::new(
+            Arc::new(FakeLearner::default()),
+            Arc::new(RecSink::default()),
+            Arc::new(FakeTaint::default()),
+        )
+        .netns_limit()
+    );
+}
