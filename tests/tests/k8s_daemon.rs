@@ -1063,19 +1063,18 @@ fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
         return;
     }
     let _serial = serial();
+    // No periodic resync: what happens, happens on events.
     let n = Node::start(
         "k8s-netns",
         NodeOpts {
             sandbox: true,
-            extra_config: "",
+            extra_config: "resyncSeconds: 3600\n",
             crd: true,
             policy_file: false,
         },
     );
     let (d, fake, dir) = (&n.d, &n.fake, &n.dir);
-    // The pod's sandbox holds its network namespace, in the pod cgroup.
     let ns = TestNetns::new(true);
-    move_pid(&n.pod_dir, ns.holder_pid());
     // The upstream lives in the daemon's namespace (as cluster DNS is
     // reached from the DaemonSet's); the sites and a fake resolver at the
     // upstream's address live in the pod's.
@@ -1114,6 +1113,20 @@ fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
     );
     fake.policies.lock().unwrap().push(policy.clone());
     fake.event(Res::Policies, "ADDED", &policy);
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+            identity(&d.status(), "agents/research")
+                .and_then(|i| i["pods"].as_array().cloned())
+                .is_some_and(|p| p.len() == 1 && p[0]["cgroup"] != "")
+        }),
+        "pod not bound: {:#}",
+        d.status()
+    );
+    // Then the sandbox starts: its process, holding the pod's network
+    // namespace, enters the (empty) pod cgroup. That change of the pod's
+    // cgroup.events is what makes the daemon serve the namespace (the
+    // resync is an hour away and no API event follows).
+    move_pid(&n.pod_dir, ns.holder_pid());
 
     // The app container, in the pod's namespace and its container cgroup.
     std::fs::create_dir(&n.container).unwrap();

@@ -1043,6 +1043,11 @@ impl State {
     /// so the pod's first process starts in a bound cgroup unless the
     /// sandbox is created faster than the daemon reacts. Watches are dropped
     /// when no pending pod needs them.
+    ///
+    /// Each bound pod's `cgroup.events` is watched too: it changes when the
+    /// pod's first process arrives (`populated 1`, the sandbox) and when its
+    /// last one leaves, which wakes the loop to serve DNS in the pod's
+    /// network namespace at once (see `dns_netns`) and to close it after.
     fn watch_pending_pods(&mut self) {
         use notify::{RecursiveMode, Watcher};
         let Some(k) = self.k8s.as_mut() else {
@@ -1060,13 +1065,19 @@ impl State {
                 }
             }
         }
+        for path in self.pods.keys() {
+            let events = path.join("cgroup.events");
+            if events.is_file() {
+                wanted.insert(events);
+            }
+        }
         if wanted.is_empty() && k.watched.is_empty() {
             return;
         }
         if k.parents.is_none() {
             let wake = k.wake.clone();
             match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok_and(|ev| ev.kind.is_create()) {
+                if res.is_ok_and(|ev| ev.kind.is_create() || ev.kind.is_modify()) {
                     wake.notify_one();
                 }
             }) {
