@@ -10,7 +10,8 @@
 //!   `<namespace>/<name>`, only pods of the object's own namespace);
 //! - `policies`: the cluster's `AgentPolicy` objects (watcher, all
 //!   namespaces, kept in a `PolicyCache`) and the status and events the
-//!   daemon writes about them.
+//!   daemon writes about them;
+//! - `cache`: the by-UID cache both watchers keep (relist replaces it).
 //!
 //! The daemon's `kubernetes:` mode uses all of them: policies come from the
 //! policy files (e.g. a ConfigMap) and from `AgentPolicy` objects
@@ -18,6 +19,7 @@
 //! active policy selects has its pod-level cgroup bound to that policy
 //! (released when the pod goes).
 pub mod binding;
+pub mod cache;
 pub mod cgroups;
 pub mod crd;
 pub mod policies;

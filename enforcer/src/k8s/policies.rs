@@ -21,7 +21,7 @@
 //! wrote), ignoring `lastTransitionTime`, which is kept while the
 //! condition's status does not flip. A write that reports a rejection also
 //! records a `Warning` Event (`PolicyRejected`) regarding the object.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::{api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::Time};
@@ -82,76 +82,40 @@ fn same_policy(a: &PolicyObject, b: &PolicyObject) -> bool {
 
 /// The cluster's `AgentPolicy` objects by UID, kept from watcher events.
 #[derive(Debug, Default)]
-pub struct PolicyCache {
-    objects: BTreeMap<String, PolicyObject>,
-    relist: Option<BTreeMap<String, PolicyObject>>,
-    /// A complete list arrived at least once (until then an absent object
-    /// may just not be listed yet).
-    synced: bool,
-}
+pub struct PolicyCache(super::cache::UidCache<PolicyObject>);
 
 impl PolicyCache {
     /// Apply one watcher event; true when what the policies depend on
     /// changed. A change of `status` alone (the daemons' own writes) is
     /// stored but is no change: it does not need a reload.
     pub fn apply(&mut self, ev: watcher::Event<DynamicObject>) -> bool {
-        match ev {
-            watcher::Event::Apply(o) => match policy_object(&o) {
-                Some(e) => {
-                    let old = self.objects.insert(e.uid.clone(), e.clone());
-                    old.is_none_or(|old| !same_policy(&old, &e))
-                }
-                None => false,
-            },
-            watcher::Event::Delete(o) => o
-                .metadata
-                .uid
-                .as_ref()
-                .is_some_and(|u| self.objects.remove(u).is_some()),
-            watcher::Event::Init => {
-                self.relist = Some(BTreeMap::new());
-                false
-            }
-            watcher::Event::InitApply(o) => {
-                if let (Some(r), Some(e)) = (self.relist.as_mut(), policy_object(&o)) {
-                    r.insert(e.uid.clone(), e);
-                }
-                false
-            }
-            watcher::Event::InitDone => match self.relist.take() {
-                Some(all) => {
-                    self.synced = true;
-                    let changed = all.len() != self.objects.len()
-                        || all.iter().any(|(uid, o)| {
-                            self.objects.get(uid).is_none_or(|old| !same_policy(old, o))
-                        });
-                    self.objects = all;
-                    changed
-                }
-                None => false,
-            },
-        }
+        self.0.apply(
+            ev,
+            |o| policy_object(o).map(|e| (e.uid.clone(), e)),
+            same_policy,
+        )
     }
 
-    /// Whether a complete list of the objects arrived at least once.
+    /// Whether a complete list of the objects arrived at least once (until
+    /// then an absent object may just not be listed yet).
     pub fn synced(&self) -> bool {
-        self.synced
+        self.0.synced()
     }
 
     pub fn get(&self, uid: &str) -> Option<&PolicyObject> {
-        self.objects.get(uid)
+        self.0.get(uid)
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &PolicyObject> {
-        self.objects.values()
+        self.0.values()
     }
 
     pub fn len(&self) -> usize {
-        self.objects.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
+        self.0.is_empty()
     }
 }
 

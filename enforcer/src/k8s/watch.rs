@@ -12,7 +12,6 @@
 //! What is kept of a pod ([`PodEntry`]): identity fields for the binding
 //! (`super::binding`), its QoS class and UID (its pod-level cgroup), and the
 //! container IDs of its init, app and ephemeral containers (their cgroups).
-use std::collections::BTreeMap;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
@@ -111,59 +110,32 @@ pub fn pod_entry(p: &Pod) -> Option<PodEntry> {
 
 /// The node's pods by UID, kept from watcher events.
 #[derive(Debug, Default)]
-pub struct PodCache {
-    pods: BTreeMap<String, PodEntry>,
-    /// Pods seen since the last `Init` of a relist (replace all at `InitDone`).
-    relist: Option<BTreeMap<String, PodEntry>>,
-}
+pub struct PodCache(super::cache::UidCache<PodEntry>);
 
 impl PodCache {
     /// Apply one watcher event; true when the visible content changed.
     pub fn apply(&mut self, ev: watcher::Event<Pod>) -> bool {
-        match ev {
-            watcher::Event::Apply(p) => match pod_entry(&p) {
-                Some(e) => self.pods.insert(e.info.uid.clone(), e.clone()) != Some(e),
-                None => false,
-            },
-            watcher::Event::Delete(p) => p
-                .metadata
-                .uid
-                .as_ref()
-                .is_some_and(|u| self.pods.remove(u).is_some()),
-            watcher::Event::Init => {
-                self.relist = Some(BTreeMap::new());
-                false
-            }
-            watcher::Event::InitApply(p) => {
-                if let (Some(r), Some(e)) = (self.relist.as_mut(), pod_entry(&p)) {
-                    r.insert(e.info.uid.clone(), e);
-                }
-                false
-            }
-            watcher::Event::InitDone => match self.relist.take() {
-                Some(all) if all != self.pods => {
-                    self.pods = all;
-                    true
-                }
-                _ => false,
-            },
-        }
+        self.0.apply(
+            ev,
+            |p| pod_entry(p).map(|e| (e.info.uid.clone(), e)),
+            PartialEq::eq,
+        )
     }
 
     pub fn get(&self, uid: &str) -> Option<&PodEntry> {
-        self.pods.get(uid)
+        self.0.get(uid)
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &PodEntry> {
-        self.pods.values()
+        self.0.values()
     }
 
     pub fn len(&self) -> usize {
-        self.pods.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pods.is_empty()
+        self.0.is_empty()
     }
 }
 
