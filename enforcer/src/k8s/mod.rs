@@ -27,3 +27,5 @@ pub mod watch;
 
 #[cfg(test)]
 mod deploy_tests;
+#[cfg(test)]
+mod mock_api;

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tower_test::mock;
 
 use super::*;
+use crate::k8s::mock_api::{events, query};
 
 const PATH: &str = "/apis/enforcer.dev/v1alpha1/agentpolicies";
 
@@ -29,25 +30,7 @@ fn object(ns: &str, name: &str, uid: &str, rv: &str, spec: Value) -> Value {
 }
 
 fn list(rv: &str, items: Vec<Value>) -> Response<Body> {
-    let body = json!({
-        "apiVersion": "enforcer.dev/v1alpha1", "kind": "AgentPolicyList",
-        "metadata": {"resourceVersion": rv},
-        "items": items,
-    });
-    Response::new(Body::from(serde_json::to_vec(&body).unwrap()))
-}
-
-fn events(evs: &[(&str, Value)]) -> Response<Body> {
-    let mut body = Vec::new();
-    for (t, o) in evs {
-        serde_json::to_writer(&mut body, &json!({"type": t, "object": o})).unwrap();
-        body.push(b'\n');
-    }
-    Response::new(Body::from(body))
-}
-
-fn query(r: &Request<Body>) -> String {
-    r.uri().query().unwrap_or("").to_string()
+    crate::k8s::mock_api::list("enforcer.dev/v1alpha1", "AgentPolicyList", rv, items)
 }
 
 async fn body_json(req: Request<Body>) -> Value {

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tower_test::mock;
 
 use super::*;
+use crate::k8s::mock_api::{events, query};
 
 const NODE: &str = "node-a";
 
@@ -55,25 +56,7 @@ fn pod(name: &str, uid: &str, rv: &str, containers: &[(&str, Option<&str>)]) -> 
 }
 
 fn list(rv: &str, items: Vec<Value>) -> Response<Body> {
-    let body = json!({
-        "apiVersion": "v1", "kind": "PodList",
-        "metadata": {"resourceVersion": rv},
-        "items": items,
-    });
-    Response::new(Body::from(serde_json::to_vec(&body).unwrap()))
-}
-
-fn events(evs: &[(&str, Value)]) -> Response<Body> {
-    let mut body = Vec::new();
-    for (t, o) in evs {
-        serde_json::to_writer(&mut body, &json!({"type": t, "object": o})).unwrap();
-        body.push(b'\n');
-    }
-    Response::new(Body::from(body))
-}
-
-fn query(r: &Request<Body>) -> String {
-    r.uri().query().unwrap_or("").to_string()
+    crate::k8s::mock_api::list("v1", "PodList", rv, items)
 }
 
 fn uids(cache: &Mutex<PodCache>) -> Vec<String> {
