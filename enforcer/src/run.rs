@@ -132,17 +132,10 @@ pub fn gate_file_policy(
     lsm: &crate::kernel::LsmSupport,
     allow_degraded: bool,
 ) -> Result<Option<String>> {
-    let spec = &p.policy.spec;
-    let uses_files = !spec.files.is_empty() || spec.on_taint.is_some();
-    if !uses_files || lsm.available {
+    let Some((line, col)) = p.file_policy_span().filter(|_| !lsm.available) else {
         return Ok(None);
-    }
+    };
     let name = p.policy.metadata.name.clone();
-    let (line, col) = p.span(if spec.files.is_empty() {
-        "spec.onTaint"
-    } else {
-        "spec.files"
-    });
     if !allow_degraded {
         bail!(
             "{}:{line}:{col}: policy {name:?} uses file policy, but this kernel has no BPF LSM: \
@@ -158,8 +151,7 @@ pub fn gate_file_policy(
          network egress is enforced",
         lsm.detail
     );
-    p.policy.spec.files.clear();
-    p.policy.spec.on_taint = None;
+    p.strip_file_policy();
     Ok(Some(note))
 }
 

@@ -447,21 +447,19 @@ impl State {
     /// kernel without BPF LSM. Policies of static cgroup bindings (processes
     /// in the daemon's mount namespace) are not affected.
     fn gate_pod_file_policy(&self, p: &mut LoadedPolicy) -> Result<Option<String>, String> {
-        let spec = &p.policy.spec;
-        let uses_files = !spec.files.is_empty() || spec.on_taint.is_some();
-        let selects_pods = spec
+        let selects_pods = p
+            .policy
+            .spec
             .identity
             .as_ref()
             .is_some_and(|i| i.kubernetes.is_some());
-        if self.k8s.is_none() || !uses_files || !selects_pods {
+        let Some((line, col)) = p
+            .file_policy_span()
+            .filter(|_| self.k8s.is_some() && selects_pods)
+        else {
             return Ok(None);
-        }
+        };
         let name = p.policy.metadata.name.clone();
-        let (line, col) = p.span(if spec.files.is_empty() {
-            "spec.onTaint"
-        } else {
-            "spec.files"
-        });
         if !self.cfg.allow_degraded {
             return Err(format!(
                 "{}:{line}:{col}: policy {name:?} selects Kubernetes pods and uses file policy, \
@@ -471,8 +469,7 @@ impl State {
                 p.source.display()
             ));
         }
-        p.policy.spec.files.clear();
-        p.policy.spec.on_taint = None;
+        p.strip_file_policy();
         Ok(Some(format!(
             "DEGRADED: policy {name:?}: files/onTaint NOT enforced for its pods (paths resolve \
              in the daemon's mount namespace, not the pods'; per-pod resolution is not built); \

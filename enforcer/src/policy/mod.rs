@@ -92,6 +92,27 @@ impl LoadedPolicy {
     }
 
     /// An error about `field` of this policy, located where it was written.
+    /// Where the policy's file part (`files:`, else `onTaint:`) starts, or
+    /// `None` when it has none: what needs BPF LSM (and, for pods, per-pod
+    /// path resolution).
+    pub fn file_policy_span(&self) -> Option<(usize, usize)> {
+        let spec = &self.policy.spec;
+        if !spec.files.is_empty() {
+            Some(self.span("spec.files"))
+        } else if spec.on_taint.is_some() {
+            Some(self.span("spec.onTaint"))
+        } else {
+            None
+        }
+    }
+
+    /// Drop the file part (`files:`, `onTaint:`): the network part of a
+    /// policy run degraded.
+    pub fn strip_file_policy(&mut self) {
+        self.policy.spec.files.clear();
+        self.policy.spec.on_taint = None;
+    }
+
     pub fn error(&self, field: &str, message: impl Into<String>) -> PolicyError {
         let (line, column) = self.span(field);
         PolicyError {
