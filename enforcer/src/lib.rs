@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod run;
+pub mod sandbox;

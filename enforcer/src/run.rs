@@ -21,11 +21,8 @@
 //! through PR_SET_PDEATHSIG). On exit the cgroup is emptied and removed.
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     net::SocketAddr,
-    os::unix::{ffi::OsStrExt, process::CommandExt, process::ExitStatusExt},
     path::{Path, PathBuf},
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -62,9 +59,15 @@ pub struct RunArgs {
     /// Serve Prometheus metrics (/metrics, /healthz) on this address.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
-    /// Run CMD as this user (NAME, UID or UID:GID) instead of uid 0 without capabilities.
+    /// Run CMD as this user (NAME, UID or UID:GID). Default: the user who ran sudo
+    /// (SUDO_UID/SUDO_GID). uid 0 only with an explicit `--user root`, and then with a
+    /// read-only file system except the working directory, a private /tmp and `spec.writable`.
     #[arg(long)]
     pub user: Option<String>,
+    /// Keep this inherited descriptor open for CMD (repeatable); every other
+    /// descriptor but 0-2 is closed before CMD starts.
+    #[arg(long = "pass-fd", value_name = "FD")]
+    pub pass_fds: Vec<i32>,
     /// Allowed decisions sent as events: 1 = all (default), 0 = only counted, N = ~1 in N.
     /// Denials and audits are always sent.
     #[arg(long, default_value_t = 1)]
@@ -186,7 +189,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
         name: compiled.name.clone(),
         spiffe_id: compiled.spiffe_id.clone(),
     };
-    let user = args.user.as_deref().map(resolve_user).transpose()?;
+    let user = crate::sandbox::resolve_user(args.user.as_deref(), &|k| std::env::var(k).ok())?;
+    let filter = crate::sandbox::seccomp::build().context("building the seccomp filter")?;
     kernel.set_allow_sample(args.allow_events)?;
     let pin_dir = if bpffs_mounted(&args.pin_dir) {
         Some(args.pin_dir.join(format!("run-{}", std::process::id())))
@@ -230,6 +234,32 @@ pub fn run(args: RunArgs) -> Result<i32> {
     )?;
     kernel.bind_cgroup(cg.id, SLOT)?;
     let attachment = kernel.attach(&cg.path, pin_dir.as_deref())?;
+    let (prepared, view) = crate::sandbox::prepare(
+        &crate::sandbox::Options {
+            cgroup_dir: &cg.path,
+            command: &args.command,
+            user: &user,
+            writable: &loaded.policy.spec.writable,
+            pass_fds: &args.pass_fds,
+        },
+        &filter,
+    )?;
+    let containment = format!(
+        "agent user: {}; {}; writable: {}; seccomp: bpf, perf_event_open, io_uring, mount, \
+         namespaces, keyrings, modules, other processes' memory refused; sockets: AF_UNIX, \
+         AF_INET, AF_INET6, AF_NETLINK only",
+        view.user,
+        view.view,
+        if view.writable.is_empty() {
+            "host permissions".to_string()
+        } else {
+            view.writable
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
     let ring = kernel
         .take_events()
         .context("event ring buffer already taken")?;
@@ -260,7 +290,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         Some(&identity),
         &compiled.hash,
         &format!(
-            "enforcer run {:?} in cgroup {}; bpf_lsm: {}{}",
+            "enforcer run {:?} in cgroup {}; {containment}; bpf_lsm: {}{}",
             args.command,
             cg.path.display(),
             lsm.detail,
@@ -331,13 +361,25 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 move || sinks_flush.flush(),
             ))
         };
-        // The pre-exec hook makes only raw syscalls on memory prepared
-        // before the fork, so forking from this multi-threaded process is safe.
-        let mut child = spawn_agent(&cg.path, &args.command, user)
+        // The forked side makes only raw syscalls on memory prepared
+        // before the clone, so cloning this multi-threaded process is safe.
+        let spawned = crate::sandbox::spawn(&prepared)
             .with_context(|| format!("starting {:?}", args.command[0]))?;
-        let child_pid = child.id();
+        let child_pid = spawned.init_pid;
         tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
         crate::kernel::release_free_memory();
+        let supervisor = {
+            let sinks = sinks.clone();
+            let identity = identity.clone();
+            let hash = compiled.hash.clone();
+            let cgroup_id = cg.id;
+            tokio::spawn(crate::sandbox::seccomp::serve(
+                spawned.listener,
+                move |call| {
+                    sinks.handle(&refused_call_decision(&call, &identity, &hash, cgroup_id));
+                },
+            ))
+        };
         let poller = {
             let metrics = metrics.clone();
             let name = compiled.name.clone();
@@ -350,27 +392,46 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 }
             })
         };
-        // Ctrl-C reaches the agent through the terminal's process group;
-        // SIGTERM/SIGHUP to enforcer are forwarded to it.
+        // The agent has a session of its own (no terminal signal reaches
+        // it through enforcer's process group): SIGINT, SIGTERM, SIGHUP,
+        // SIGQUIT and SIGWINCH to enforcer are forwarded to its init, which
+        // passes them on to the agent.
         let forward = tokio::spawn(async move {
+            use nix::sys::signal::Signal;
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::hangup()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
+            let kinds = [
+                (SignalKind::terminate(), Signal::SIGTERM),
+                (SignalKind::hangup(), Signal::SIGHUP),
+                (SignalKind::interrupt(), Signal::SIGINT),
+                (SignalKind::quit(), Signal::SIGQUIT),
+                (SignalKind::window_change(), Signal::SIGWINCH),
+            ];
+            let mut streams = Vec::new();
+            for (k, sig) in kinds {
+                if let Ok(s) = signal(k) {
+                    streams.push((s, sig));
+                }
+            }
             loop {
-                let sig = tokio::select! {
-                    _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
-                    _ = hup.recv() => nix::sys::signal::Signal::SIGHUP,
-                    _ = int.recv() => continue,
-                };
+                let futs = streams
+                    .iter_mut()
+                    .map(|(s, sig)| {
+                        let sig = *sig;
+                        Box::pin(async move {
+                            s.recv().await;
+                            sig
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                if futs.is_empty() {
+                    return;
+                }
+                let (sig, _, _) = futures::future::select_all(futs).await;
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child_pid as i32), sig);
             }
         });
-        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        let status = tokio::task::spawn_blocking(move || wait_exit(child_pid)).await??;
+        supervisor.abort();
         running.store(false, Ordering::Relaxed);
         forward.abort();
         // Let the last events of the agent arrive.
@@ -380,9 +441,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         anyhow::Ok(status)
     })?;
 
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let code = status;
     // Leftover descendants die with the cgroup; then detach and unpin.
     cg.kill_all(Duration::from_secs(2));
     kernel
@@ -410,6 +469,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             &counters,
             &summary,
         );
+        eprintln!("enforcer: containment: {containment}");
     }
     Ok(code)
 }
@@ -558,160 +618,47 @@ fn bpffs_mounted(dir: &Path) -> bool {
     })
 }
 
-/// uid, gid and supplementary gid for `--user NAME|UID[:GID]`.
-fn resolve_user(spec: &str) -> Result<(u32, u32)> {
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let (uid, default_gid) = match u.parse::<u32>() {
-        Ok(uid) => (uid, uid),
-        Err(_) => {
-            let user = nix::unistd::User::from_name(u)?
-                .with_context(|| format!("--user: no such user {u:?}"))?;
-            (user.uid.as_raw(), user.gid.as_raw())
+/// Wait for the agent's init; its exit code is the agent's (128+signal
+/// when the agent was killed; likewise when init itself was).
+fn wait_exit(pid: u32) -> Result<i32> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid as i32), None) {
+            Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("waiting for the agent"),
         }
-    };
-    let gid = match g {
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => nix::unistd::Group::from_name(g)?
-                .with_context(|| format!("--user: no such group {g:?}"))?
-                .gid
-                .as_raw(),
-        },
-        None => default_gid,
-    };
-    Ok((uid, gid))
-}
-
-fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(63)
-}
-
-/// Fork the agent into `cgroup_dir` with no capabilities. The pre-exec hook
-/// only makes raw syscalls on data prepared before the fork.
-fn spawn_agent(
-    cgroup_dir: &Path,
-    command: &[String],
-    user: Option<(u32, u32)>,
-) -> Result<std::process::Child> {
-    let procs = CString::new(cgroup_dir.join("cgroup.procs").as_os_str().as_bytes())?;
-    let cgroup2_mounts: Vec<CString> = cgroup::cgroup2_mounts()?
-        .into_iter()
-        .map(|m| CString::new(m.as_os_str().as_bytes()))
-        .collect::<Result<_, _>>()?;
-    let root = CString::new("/")?;
-    let last_cap = last_cap();
-    let mut cmd = Command::new(&command[0]);
-    cmd.args(&command[1..]);
-    // SAFETY: the closure runs in the forked child and only performs
-    // async-signal-safe syscalls on memory allocated before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::io::Error;
-            let check = |r: libc::c_long| {
-                if r < 0 {
-                    Err(Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            };
-            // 1. Join the agent cgroup ("0" means the writing process).
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            check(fd as libc::c_long)?;
-            let w = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            check(w as libc::c_long)?;
-            // 2. A private mount namespace where every cgroup2 mount is
-            //    read-only: no cgroup.procs write can move the agent out.
-            check(libc::unshare(libc::CLONE_NEWNS) as libc::c_long)?;
-            check(libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_SLAVE,
-                std::ptr::null(),
-            ) as libc::c_long)?;
-            for m in &cgroup2_mounts {
-                check(libc::mount(
-                    std::ptr::null(),
-                    m.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ) as libc::c_long)?;
-            }
-            // 3. A cgroup namespace rooted at the agent cgroup (it also hides
-            //    the host's cgroup paths from /proc/self/cgroup).
-            check(libc::unshare(libc::CLONE_NEWCGROUP) as libc::c_long)?;
-            // 4. Die with enforcer.
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
-            // 5. uid 0 gains no capabilities from exec; locked.
-            const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
-            const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
-            check(libc::prctl(
-                libc::PR_SET_SECUREBITS,
-                SECBIT_NOROOT | SECBIT_NOROOT_LOCKED,
-                0,
-                0,
-                0,
-            ) as libc::c_long)?;
-            // 6. Empty the bounding and ambient sets.
-            for cap in 0..=last_cap {
-                check(
-                    libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
-                        as libc::c_long,
-                )?;
-            }
-            check(libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) as libc::c_long)?;
-            // 7. Optional unprivileged user.
-            if let Some((uid, gid)) = user {
-                let groups = [gid];
-                check(libc::setgroups(1, groups.as_ptr()) as libc::c_long)?;
-                check(libc::setresgid(gid, gid, gid) as libc::c_long)?;
-                check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
-            }
-            // 8. Clear effective, permitted and inheritable sets.
-            #[repr(C)]
-            struct CapHeader {
-                version: u32,
-                pid: i32,
-            }
-            #[repr(C)]
-            #[derive(Clone, Copy)]
-            struct CapData {
-                effective: u32,
-                permitted: u32,
-                inheritable: u32,
-            }
-            let hdr = CapHeader {
-                version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-                pid: 0,
-            };
-            let data = [CapData {
-                effective: 0,
-                permitted: 0,
-                inheritable: 0,
-            }; 2];
-            check(libc::syscall(
-                libc::SYS_capset,
-                &hdr as *const CapHeader,
-                data.as_ptr(),
-            ))?;
-            // 9. No privilege gain through exec (setuid binaries, file caps).
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
-            Ok(())
-        });
     }
-    Ok(cmd.spawn()?)
+}
+
+/// A call the seccomp filter refused, as a decision of the identity.
+fn refused_call_decision(
+    call: &crate::sandbox::seccomp::RefusedCall,
+    identity: &IdentityRef,
+    policy_hash: &str,
+    cgroup_id: u64,
+) -> Decision {
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", call.pid))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default();
+    Decision {
+        ts: chrono::Utc::now(),
+        identity: identity.clone(),
+        cgroup_id,
+        pid: call.pid,
+        comm,
+        action: crate::events::Action::Syscall,
+        ip: None,
+        port: None,
+        protocol: None,
+        host: None,
+        path: None,
+        workload: None,
+        verdict: Verdict::Deny,
+        rule: format!("seccomp:{}", call.syscall),
+        policy_hash: policy_hash.to_string(),
+        detail: Some(call.detail.clone()),
+    }
 }

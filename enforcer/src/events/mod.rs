@@ -19,6 +19,9 @@ pub enum Action {
     FileOpen,
     FileLink,
     FileRename,
+    /// A system call the agent's seccomp filter refused (`enforcer run`);
+    /// decided in userspace, never counted by the kernel.
+    Syscall,
 }
 
 impl Action {
@@ -44,8 +47,10 @@ impl Action {
             Self::FileOpen => "file_open",
             Self::FileLink => "file_link",
             Self::FileRename => "file_rename",
+            Self::Syscall => "syscall",
         }
     }
+    /// The actions the kernel decides and counts.
     pub const ALL: [Action; 7] = [
         Self::Connect,
         Self::Sendmsg,
@@ -68,6 +73,8 @@ impl Action {
             Self::FileOpen => k::FILE_OPEN,
             Self::FileLink => k::FILE_LINK,
             Self::FileRename => k::FILE_RENAME,
+            // Not a kernel action: never in ALL, never an index.
+            Self::Syscall => u8::MAX,
         }
     }
 }

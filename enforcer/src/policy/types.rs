@@ -58,6 +58,12 @@ pub struct Spec {
     pub files: Vec<FileRule>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_taint: Option<OnTaint>,
+    /// `enforcer run` with `--user root` only: absolute paths the agent may
+    /// write besides its working directory and its private `/tmp` (the rest
+    /// of the file system is read-only for a uid-0 agent). Ignored by the
+    /// daemon (a pod has its own file system).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -242,7 +242,9 @@ impl<'a> Validator<'a> {
         let f = self.map(
             node,
             path,
-            &["identity", "mode", "egress", "dns", "files", "onTaint"],
+            &[
+                "identity", "mode", "egress", "dns", "files", "onTaint", "writable",
+            ],
         )?;
         let mut ok = true;
         let mut spec = Spec::default();
@@ -282,6 +284,12 @@ impl<'a> Validator<'a> {
             });
             ok &= t.is_some();
             spec.on_taint = t;
+        }
+        if let Some((n, p)) = self.get(&f, "writable") {
+            match self.writable(n, &p) {
+                Some(w) => spec.writable = w,
+                None => ok = false,
+            }
         }
         ok.then_some(spec)
     }
@@ -578,6 +586,17 @@ impl<'a> Validator<'a> {
             return None;
         }
         self.checked(node, path, duration)
+    }
+
+    fn writable(&mut self, node: &Node, path: &str) -> Option<Vec<PathBuf>> {
+        let before = self.errors.len();
+        let mut out = Vec::new();
+        for (i, item) in self.seq(node, path)?.iter().enumerate() {
+            if let Some(p) = self.checked(item, &format!("{path}[{i}]"), file_path) {
+                out.push(p);
+            }
+        }
+        (self.errors.len() == before).then_some(out)
     }
 
     fn files(&mut self, node: &Node, path: &str) -> Option<Vec<FileRule>> {
