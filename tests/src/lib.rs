@@ -1098,7 +1098,7 @@ impl RunAgent {
     pub fn spawn(policy: &Path, extra: &[String], script: &Path) -> Self {
         let mut c = enforcer();
         c.arg("run")
-            .arg("--policy")
+            .args(["--user", "root", "--policy"])
             .arg(policy)
             .args(extra)
             .arg("--")

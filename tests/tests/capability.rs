@@ -43,7 +43,12 @@ fn file_policy_is_refused_or_degraded_by_kernel_capability() {
     write_atomic(&pol, &files_policy("files-agent", api.port()));
     let run = |extra: &[&str]| {
         let mut c = enforcer();
-        c.arg("run").arg("--policy").arg(&pol).args(extra).arg("--");
+        c.arg("run")
+            .args(["--user", "root", "--policy"])
+            .arg(&pol)
+            .args(extra)
+            .current_dir(dir.path())
+            .arg("--");
         c.arg(python()).args([
             "-c",
             AGENT,

@@ -41,11 +41,16 @@ fn file_agent() -> PathBuf {
 /// in the background; returns the child and its output collector.
 fn spawn_run(policy: &Path, audit: &Path, vectors: &[String]) -> (ChildGuard, OutputThreads) {
     let mut c = Command::new(enforcer_bin());
+    // uid 0 (explicit --user root), working directory = the test's
+    // directory, so that its files are in the agent's view (/tmp and
+    // /dev/shm are private to the agent otherwise).
     c.arg("run")
+        .args(["--user", "root"])
         .arg("--policy")
         .arg(policy)
         .arg("--audit-log")
         .arg(audit)
+        .current_dir(policy.parent().expect("policy in a directory"))
         .arg("--")
         .arg(python())
         .arg(file_agent())

@@ -34,8 +34,9 @@ fn run_with(allow_events: &str) -> (String, Vec<serde_json::Value>) {
     let audit = dir.join("audit.jsonl");
     let mut c = enforcer();
     c.arg("run")
-        .arg("--policy")
+        .args(["--user", "root", "--policy"])
         .arg(&pol)
+        .current_dir(dir.path())
         .arg("--audit-log")
         .arg(&audit)
         .args(["--allow-events", allow_events, "--"])

@@ -257,6 +257,8 @@ pub fn run(bin: &BinArgs, policy: Option<PathBuf>, metrics_addr: &str) -> Result
 
     let args: Vec<String> = vec![
         "run".into(),
+        "--user".into(),
+        "root".into(),
         "--policy".into(),
         policy.display().to_string(),
         "--audit-log".into(),

@@ -114,7 +114,7 @@ fn run_worker(
     secs: f64,
 ) -> Result<serde_json::Value> {
     let mut child = Command::new(enforcer)
-        .args(["run", "-q", "--policy"])
+        .args(["run", "-q", "--user", "root", "--policy"])
         .arg(policy)
         .arg("--")
         .arg(std::env::current_exe()?)

@@ -488,8 +488,9 @@ impl Ctx {
             Side::Agent => {
                 let t = Instant::now();
                 let out = Command::new(&self.enforcer)
-                    .args(["run", "--quiet", "--policy"])
+                    .args(["run", "--quiet", "--user", "root", "--policy"])
                     .arg(&self.tree.policy)
+                    .current_dir(&self.tree.root)
                     .arg("--")
                     .args(self.worker_cmd(secs))
                     .stdin(Stdio::null())
@@ -531,8 +532,9 @@ impl Ctx {
             Side::Outside => {
                 let log = self.tree.logs.join("enforcer-c.log");
                 let child = Command::new(&self.enforcer)
-                    .args(["run", "--quiet", "--policy"])
+                    .args(["run", "--quiet", "--user", "root", "--policy"])
                     .arg(&self.tree.policy)
+                    .current_dir(&self.tree.root)
                     .args(["--", "sh", "-c", "echo ready; exec sleep 1000"])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())

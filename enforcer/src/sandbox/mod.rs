@@ -200,7 +200,8 @@ pub fn check_writable_for_root(path: &Path, homes: &[PathBuf]) -> Result<(), Str
         }
     }
     for t in PROTECTED_TREES {
-        if path.starts_with(t) {
+        // /dev/shm is private to the agent (a tmpfs of its own).
+        if path.starts_with(t) && !path.starts_with("/dev/shm") {
             return Err(format!("it lies in {t}"));
         }
     }
@@ -293,7 +294,10 @@ fn cstr(p: impl AsRef<OsStr>) -> Result<CString> {
 }
 
 fn under_private(p: &Path) -> bool {
-    p.starts_with("/tmp") || p.starts_with("/run") || p.starts_with("/var/run")
+    p.starts_with("/tmp")
+        || p.starts_with("/run")
+        || p.starts_with("/var/run")
+        || p.starts_with("/dev/shm")
 }
 
 fn writable_entry(path: &Path, mounts: &[MountLine]) -> Result<Writable> {
