@@ -2,8 +2,9 @@
 # Idempotent setup for a fresh machine of this kind (Debian bookworm, rustup, root).
 # Installs what the eBPF build needs and says what it is doing:
 #   - Debian: llvm-22-dev + libpolly-22-dev (bpf-linker links against LLVM 22,
-#     libseccomp-dev (the agent's seccomp filter of `enforcer run`),
-#     the LLVM of the pinned nightly), iproute2 (tests), python3 (demo agent)
+#     the LLVM of the pinned nightly), iproute2 (tests), python3 (demo agent),
+#     libseccomp-dev (the agent's seccomp filter under `enforcer run`),
+#     bpftool (tests check attachments from outside)
 #   - rustup: the pinned nightly with rust-src (build-std=core for bpfel)
 #   - cargo: bpf-linker 0.13.0 built against LLVM 22
 set -euo pipefail
@@ -19,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need_pkgs=()
-for p in "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 python3 libzstd-dev zlib1g-dev libseccomp-dev pkg-config; do
+for p in "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 python3 libzstd-dev zlib1g-dev libseccomp-dev pkg-config bpftool; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     need_pkgs+=("$p")
   fi

@@ -44,6 +44,8 @@ pub struct Prepared {
     pub root_mode: bool,
     pub ro_mounts: Vec<RoMount>,
     pub writable: Vec<Writable>,
+    /// bpffs mount points, parents before children.
+    pub bpf_mounts: Vec<CString>,
     pub bpf_covers: Vec<CString>,
     /// `/etc/resolv.conf`'s target when it lies under /run (systemd-resolved).
     pub resolv: Option<Writable>,
@@ -303,6 +305,7 @@ unsafe fn bind_ro(chan: c_int, stage: u8, path: &CString) {
 /// # Safety
 /// Only in the child of `clone(CLONE_NEWPID|CLONE_NEWNS)`.
 pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
+    libc::prctl(libc::PR_SET_NAME, c"enforcer-init".as_ptr(), 0, 0, 0);
     let mut all: libc::sigset_t = std::mem::zeroed();
     libc::sigfillset(&mut all);
     libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
@@ -469,8 +472,17 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
         bind_at(chan, w, fd, false);
         libc::close(fd);
     }
-    // 8. No usable bpffs: an empty read-only tmpfs over every bpffs mount
-    //    point and over /sys/fs/bpf.
+    // 8. No bpffs: every bpffs mount is detached from this namespace (the
+    //    pins stay in the host's), then an empty read-only tmpfs covers
+    //    each of their mount points and /sys/fs/bpf.
+    for m in p.bpf_mounts.iter().rev() {
+        check_or(
+            chan,
+            S_BPFFS,
+            libc::umount2(m.as_ptr(), libc::MNT_DETACH),
+            &[libc::ENOENT, libc::EINVAL],
+        );
+    }
     for c in &p.bpf_covers {
         check_or(
             chan,

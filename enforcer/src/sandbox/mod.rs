@@ -421,16 +421,17 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
     }
     ro_mounts.dedup_by(|a, b| a.path == b.path);
 
-    let mut covers: Vec<PathBuf> = all
+    let mut bpf_mounts: Vec<PathBuf> = all
         .iter()
         .filter(|m| m.fstype == "bpf")
         .map(|m| m.point.clone())
         .collect();
+    bpf_mounts.sort();
+    bpf_mounts.dedup();
+    let mut covers = bpf_mounts.clone();
     if Path::new("/sys/fs/bpf").is_dir() {
         covers.push("/sys/fs/bpf".into());
     }
-    // Deepest first would be hidden by a cover above; covering the top
-    // ones is enough, but every point is covered so each stays empty.
     covers.sort();
     covers.dedup();
     let bpf_covers = covers.iter().map(cstr).collect::<Result<Vec<_>>>()?;
@@ -545,6 +546,7 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
             root_mode,
             ro_mounts,
             writable,
+            bpf_mounts: bpf_mounts.iter().map(cstr).collect::<Result<Vec<_>>>()?,
             bpf_covers,
             resolv,
             run_user_dir: cstr(&run_user_dir)?,
