@@ -193,6 +193,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let filter = crate::sandbox::seccomp::build().context("building the seccomp filter")?;
     kernel.set_allow_sample(args.allow_events)?;
     let pin_dir = if bpffs_mounted(&args.pin_dir) {
+        crate::kernel::private_dir(&args.pin_dir)
+            .with_context(|| format!("pin directory {}", args.pin_dir.display()))?;
         Some(args.pin_dir.join(format!("run-{}", std::process::id())))
     } else {
         tracing::warn!(

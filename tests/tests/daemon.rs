@@ -487,11 +487,34 @@ fn daemon_restart_keeps_enforcing() {
         "late joiner while the daemon is dead",
     );
 
+    std::thread::sleep(Duration::from_secs(2));
     d.start();
     let st = d.status();
     assert!(
         cgroup_listed(&st, name, &cg.path),
         "restarted daemon does not list the cgroup: {st:#}"
+    );
+    // The restart reports the gap: a start record that says the previous
+    // daemon died and for how long the node had none.
+    let starts: Vec<Value> = read_jsonl(&d.audit)
+        .into_iter()
+        .filter(|r| r["action"] == "start")
+        .collect();
+    let last = starts.last().expect("start records");
+    let detail = last["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("died without stopping") && detail.contains("s without a daemon"),
+        "the restart did not report the gap: {last}"
+    );
+    let secs: u64 = detail
+        .split(" s without a daemon")
+        .next()
+        .and_then(|h| h.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        secs >= 2,
+        "gap of {secs} s, the daemon was down >= 2 s: {detail}"
     );
     assert_eq!(
         count_pins(&pins.path.join("links")),

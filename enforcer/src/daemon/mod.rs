@@ -37,6 +37,7 @@
 pub mod config;
 pub mod control;
 pub mod dns_netns;
+pub mod heartbeat;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -1596,11 +1597,28 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             }
         }));
     }
+    // How long the node ran without a daemon (pins kept enforcing).
+    let gap = heartbeat::previous(&cfg.state_dir).map(|prev| {
+        let lost = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .kernel
+            .stat(enforcer_common::stat::EVENTS_LOST);
+        heartbeat::describe_gap(prev, chrono::Utc::now().timestamp(), lost)
+    });
+    if let Some(g) = &gap {
+        tracing::warn!("{g}");
+    }
+    heartbeat::beat(&cfg.state_dir, false);
     sinks.lifecycle(
         LifecycleAction::Start,
         None,
         "",
-        &format!("enforcer daemon, config {}", config_path.display()),
+        &format!(
+            "enforcer daemon, config {}{}",
+            config_path.display(),
+            gap.as_deref().map(|g| format!("; {g}")).unwrap_or_default()
+        ),
     );
     {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1702,7 +1720,11 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             dns.gc(&metrics, &s.slot_names());
         }
         dns_netns::sync(&state, &dns, &metrics).await;
+        if why == "tick" {
+            heartbeat::beat(&cfg.state_dir, false);
+        }
     }
+    heartbeat::beat(&cfg.state_dir, true);
     tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
     sinks.lifecycle(
         LifecycleAction::Stop,
@@ -1758,7 +1780,8 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
             pin_dir.display()
         );
     }
-    std::fs::create_dir_all(pin_dir.join("links"))?;
+    crate::kernel::private_dir(pin_dir)?;
+    crate::kernel::private_dir(&pin_dir.join("links"))?;
     Ok(())
 }
 

@@ -179,7 +179,7 @@ impl Kernel {
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, PathBuf)> = match pin_maps {
             Some(dir) => {
-                fs::create_dir_all(dir)
+                private_dir(dir)
                     .with_context(|| format!("creating pin directory {}", dir.display()))?;
                 map_names::ALL
                     .into_iter()
@@ -494,7 +494,7 @@ impl Kernel {
             links.push(FdLink::from(prog.take_link(id)?));
         }
         if let Some(dir) = pin_dir {
-            fs::create_dir_all(dir)
+            private_dir(dir)
                 .with_context(|| format!("creating link pin directory {}", dir.display()))?;
             for (link, (name, _)) in links.into_iter().zip(prog_names::LSM) {
                 let path = dir.join(name);
@@ -592,7 +592,7 @@ impl Kernel {
             pin_dir: None,
         };
         if let Some(dir) = pin_dir {
-            fs::create_dir_all(dir)
+            private_dir(dir)
                 .with_context(|| format!("creating link pin directory {}", dir.display()))?;
             for (link, name) in std::mem::take(&mut att.links)
                 .into_iter()
@@ -1017,4 +1017,30 @@ fn raise_memlock() {
     };
     // SAFETY: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// Create `dir` (and missing parents) for pinned objects: owned by root,
+/// mode 0700, so that no other uid can open a pin (`BPF_OBJ_GET` checks
+/// only the file's permissions since Linux 6.5). An existing directory with
+/// wider permissions is tightened (and said so). Parents made here are 0700
+/// too. uid 0 without capabilities is still the owner: workloads must not
+/// see the bpffs at all (`enforcer run` hides it; pods do not mount it).
+pub fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    if meta.mode() & 0o077 != 0 || meta.uid() != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", meta.mode() & 0o7777),
+            uid = meta.uid(),
+            "pin directory was open to other users: now root-owned, mode 0700"
+        );
+        std::os::unix::fs::chown(dir, Some(0), Some(0))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
