@@ -148,6 +148,7 @@ const NS_FLAGS: &[(u64, &str)] = &[
 const CLONE_NEWTIME: u64 = 0x80;
 /// ioctls refused: pushing input into a terminal (the user's shell runs it
 /// after the agent ends) and the Linux console.
+#[allow(clippy::unnecessary_cast)] // c_ulong or c_int depending on the target
 const IOCTLS: &[(u64, &str)] = &[
     (libc::TIOCSTI as u64, "TIOCSTI"),
     (libc::TIOCLINUX as u64, "TIOCLINUX"),
