@@ -236,6 +236,15 @@ pub fn run(args: RunArgs) -> Result<i32> {
     )?;
     kernel.bind_cgroup(cg.id, SLOT)?;
     let attachment = kernel.attach(&cg.path, pin_dir.as_deref())?;
+    // The audit log exists before the agent's view is built, so that it is
+    // bound read-only there (AuditLog::open appends to it).
+    if let Some(p) = &args.audit_log {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("creating audit log {}", p.display()))?;
+    }
     let (prepared, view) = crate::sandbox::prepare(
         &crate::sandbox::Options {
             cgroup_dir: &cg.path,
@@ -243,6 +252,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
             user: &user,
             writable: &loaded.policy.spec.writable,
             pass_fds: &args.pass_fds,
+            protect: &[Some(args.policy.clone()), args.audit_log.clone()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
         },
         &filter,
     )?;

@@ -190,6 +190,19 @@ def main():
     record("host_tmp_marker_visible", lambda: os.path.exists(HINT["host_tmp_marker"]),
            expect_value=False)
     record("unix_socket_in_run", lambda: socket.socket(socket.AF_UNIX).connect(HINT["run_socket"]))
+    record("abstract_unix_socket",
+           lambda: socket.socket(socket.AF_UNIX).connect("\0" + HINT["abstract_socket"]))
+    for path in [HINT["policy"], HINT["audit_log"]]:
+        record("write_enforcer_file", lambda path=path: append(path), path=path)
+
+    def setuid_file():
+        p = os.path.join(EXCH, "suid-%d" % os.getpid())
+        with open(p, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(p, 0o4755)
+    record("chmod_setuid", setuid_file)
+    record("create_setuid",
+           lambda: os.close(os.open(os.path.join(EXCH, "suid2"), os.O_CREAT | os.O_WRONLY, 0o6755)))
     exfil("files")
 
     # ---- 4. the enforcer process and other agents -------------------------

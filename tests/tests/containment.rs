@@ -130,6 +130,13 @@ fn expect(r: &Value, ok: bool, errnos: &[&str]) -> Option<String> {
     })
 }
 
+/// Landlock with scopes (ABI 6, Linux 6.12+): abstract unix sockets and
+/// signals outside the agent are closed.
+fn landlock_scopes() -> bool {
+    // SAFETY: the version query of landlock_create_ruleset takes no memory.
+    unsafe { libc::syscall(444, std::ptr::null::<u8>(), 0usize, 1u32) >= 6 }
+}
+
 fn contain(who: As) {
     let tag = if who == As::Root {
         "contain-root"
@@ -169,6 +176,23 @@ fn contain(who: As) {
         let n = unix_conns.clone();
         std::thread::spawn(move || loop {
             if ul.accept().is_ok() {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        });
+    }
+    // A host daemon's abstract unix socket (the agent shares the host's
+    // network namespace): closed where Landlock has scopes (6.12+).
+    let abstract_name = format!("enforcer-test-{}", unique(tag));
+    let abstract_conns = Arc::new(AtomicU64::new(0));
+    {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&abstract_name).unwrap();
+        let l = UnixListener::bind_addr(&addr).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let n = abstract_conns.clone();
+        std::thread::spawn(move || loop {
+            if l.accept().is_ok() {
                 n.fetch_add(1, Ordering::SeqCst);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -280,6 +304,9 @@ fn contain(who: As) {
         "pass_fd": pfd[1],
         "host_tmp_marker": marker.display().to_string(),
         "run_socket": run_socket.display().to_string(),
+        "abstract_socket": abstract_name,
+        "policy": pol.display().to_string(),
+        "audit_log": audit.display().to_string(),
     });
     write_atomic(&exch.join("hint.json"), &hint.to_string());
     let done = poll_until(Duration::from_secs(90), Duration::from_millis(100), || {
@@ -370,6 +397,13 @@ fn contain(who: As) {
                 }
             }
             "unix_socket_in_run" => problems.extend(expect(r, false, &["ENOENT"])),
+            "abstract_unix_socket" => {
+                if landlock_scopes() {
+                    problems.extend(expect(r, false, &["EPERM"]))
+                }
+            }
+            "write_enforcer_file" => problems.extend(expect(r, false, &["EROFS", "EACCES"])),
+            "chmod_setuid" | "create_setuid" => problems.extend(expect(r, false, &["EPERM"])),
             "proc_pids" => {
                 let pids: Vec<u64> = serde_json::from_value(r["value"].clone()).unwrap();
                 if pids.first() != Some(&1) || pids.iter().any(|p| *p > 100) {
@@ -417,6 +451,10 @@ fn contain(who: As) {
         "inherited_socket_write",
         "unshare_user",
         "tiocsti",
+        "abstract_unix_socket",
+        "write_enforcer_file",
+        "chmod_setuid",
+        "create_setuid",
         "exfil_tcp_after_syscalls",
         "allowed_api",
     ] {
@@ -449,6 +487,22 @@ fn contain(who: As) {
         0,
         "a /run socket was reached"
     );
+    if landlock_scopes() {
+        assert_eq!(
+            abstract_conns.load(Ordering::SeqCst),
+            0,
+            "a host abstract socket was reached"
+        );
+    }
+    for f in ["suid-2", "suid2"] {
+        if let Ok(m) = std::fs::metadata(exch.join(f)) {
+            assert_eq!(
+                m.permissions().mode() & 0o6000,
+                0,
+                "{f} is set-id on the host"
+            );
+        }
+    }
     assert!(
         poll_until(Duration::from_secs(5), Duration::from_millis(20), || api
             .text()
@@ -502,6 +556,7 @@ fn contain(who: As) {
         "init_module()",
         "io_uring_setup()",
         "TIOCSTI",
+        "chmod(mode 0o4755)",
     ] {
         assert!(
             refused.iter().any(|r| r.contains(d)),

@@ -53,6 +53,14 @@ pub struct Prepared {
     pub devices: Vec<Device>,
     pub proc_ro: Vec<CString>,
     pub proc_masked: Vec<CString>,
+    /// Files enforcer reads or writes (policy, audit log, its binary) that
+    /// lie in the agent's view: bound read-only over themselves.
+    pub protect_files: Vec<CString>,
+    /// /var/run is a directory of its own (not the usual symlink to /run).
+    pub var_run_dir: bool,
+    /// The kernel's Landlock ABI has scopes (6.12+): the agent may not
+    /// connect to abstract unix sockets nor signal processes outside.
+    pub landlock_scope: bool,
     pub cwd: CString,
     pub uid: u32,
     pub gid: u32,
@@ -95,6 +103,7 @@ pub const STAGES: &[&str] = &[
     "closing inherited descriptors",
     "executing the agent",
     "setting the parent-death signal",
+    "scoping abstract unix sockets and signals (Landlock)",
 ];
 const S_CGROUP: u8 = 0;
 const S_PRIVATE: u8 = 1;
@@ -119,6 +128,7 @@ const S_LISTENER: u8 = 19;
 const S_FDS: u8 = 20;
 const S_EXEC: u8 = 21;
 const S_PDEATH: u8 = 22;
+const S_LANDLOCK: u8 = 23;
 
 /// Message tags on the channel.
 pub const MSG_ERROR: u8 = b'E';
@@ -345,7 +355,14 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
                 NULLP,
                 m.path.as_ptr(),
                 NULLP,
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | m.flags,
+                // nosuid, nodev: no device node or set-uid file on any
+                // mount opens a way around the read-only view.
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | m.flags,
                 NULLP,
             ),
             // Gone, or shadowed by a later mount (then unreachable).
@@ -371,6 +388,9 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     tmpfs(chan, S_TMP, c"/tmp", nosuid_nodev, c"mode=1777");
     tmpfs(chan, S_TMP, c"/run", nosuid_nodev, c"mode=755");
+    if p.var_run_dir {
+        tmpfs(chan, S_TMP, c"/var/run", nosuid_nodev, c"mode=755");
+    }
     check_or(
         chan,
         S_TMP,
@@ -471,6 +491,10 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
         };
         bind_at(chan, w, fd, false);
         libc::close(fd);
+    }
+    // 7b. enforcer's own files in the view: read-only.
+    for f in &p.protect_files {
+        bind_ro(chan, S_BIND, f);
     }
     // 8. No bpffs: every bpffs mount is detached from this namespace (the
     //    pins stay in the host's), then an empty read-only tmpfs covers
@@ -716,6 +740,30 @@ unsafe fn agent_main(p: &Prepared, chan: c_int) -> ! {
         S_NNP,
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
     );
+    // No core dump: a pipe core_pattern hands it to a root helper.
+    let core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    check(chan, S_CAPS, libc::setrlimit(libc::RLIMIT_CORE, &core));
+    if p.landlock_scope {
+        // struct landlock_ruleset_attr { handled_access_fs, handled_access_net, scoped }
+        const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;
+        const SCOPE_SIGNAL: u64 = 2;
+        let attr: [u64; 3] = [0, 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL];
+        let fd = libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+            0u32,
+        );
+        if fd < 0 {
+            fail(chan, S_LANDLOCK, errno());
+        }
+        let r = libc::syscall(libc::SYS_landlock_restrict_self, fd as c_int, 0u32);
+        libc::close(fd as c_int);
+        check(chan, S_LANDLOCK, r as c_int);
+    }
     // The filter; its listener goes to enforcer.
     let prog = libc::sock_fprog {
         len: p.filter.len() as u16,

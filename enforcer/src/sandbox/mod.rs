@@ -137,6 +137,8 @@ pub struct Options<'a> {
     /// spec.writable of the policy.
     pub writable: &'a [PathBuf],
     pub pass_fds: &'a [RawFd],
+    /// enforcer's own files (policy, audit log): read-only in the view.
+    pub protect: &'a [PathBuf],
 }
 
 /// Paths a uid-0 agent's writable set must neither be nor contain: the
@@ -192,6 +194,20 @@ const PROTECTED_TREES: &[&str] = &[
 pub fn check_writable_for_root(path: &Path, homes: &[PathBuf]) -> Result<(), String> {
     if path == Path::new("/") {
         return Err("the whole file system".into());
+    }
+    // Dot files and directories (.ssh, .bashrc, .config/systemd, .git/hooks
+    // of a home) hold what runs later as their owner.
+    if path
+        .components()
+        .any(|c| c.as_os_str().as_encoded_bytes().first() == Some(&b'.'))
+    {
+        return Err("a hidden (dot) file or directory is on its path".into());
+    }
+    if path.starts_with("/var") && !path.starts_with("/var/tmp") {
+        return Err("it lies in /var (only /var/tmp may be writable)".into());
+    }
+    if path.starts_with("/opt") {
+        return Err("it lies in /opt".into());
     }
     for p in PROTECTED {
         let p = Path::new(p);
@@ -348,6 +364,21 @@ fn resolve_exe(cmd: &str, path_var: Option<OsString>) -> Result<PathBuf> {
     bail!("{cmd}: command not found in PATH")
 }
 
+/// The kernel's Landlock ABI version (0: none).
+pub fn landlock_abi() -> i64 {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: the version query takes no memory.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    v.max(0)
+}
+
 fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -462,16 +493,28 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
     } else {
         Vec::new()
     };
-    let proc_ro = ["sys", "sysrq-trigger", "irq", "bus", "fs"]
-        .iter()
-        .map(|p| cstr(format!("/proc/{p}")))
-        .collect::<Result<Vec<_>>>()?;
+    let proc_ro = [
+        "sys",
+        "sysrq-trigger",
+        "irq",
+        "bus",
+        "fs",
+        "pressure",
+        "acpi",
+        "scsi",
+    ]
+    .iter()
+    .map(|p| cstr(format!("/proc/{p}")))
+    .collect::<Result<Vec<_>>>()?;
     let proc_masked = [
         "kcore",
         "keys",
         "timer_list",
         "sched_debug",
         "latency_stats",
+        "kpageflags",
+        "kpagecount",
+        "kpagecgroup",
     ]
     .iter()
     .map(|p| cstr(format!("/proc/{p}")))
@@ -529,6 +572,18 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
         .map(|(soft, _)| soft.min(1 << 20) as i32)
         .unwrap_or(1 << 16);
 
+    // enforcer's own files, if the agent's view holds them at all: the
+    // policy, the audit log (the agent must not rewrite its own record),
+    // the enforcer binary.
+    let mut protect_files = Vec::new();
+    let exe_self = std::env::current_exe().ok();
+    for f in o.protect.iter().chain(exe_self.iter()) {
+        if let Ok(c) = std::fs::canonicalize(f) {
+            if c.is_file() {
+                protect_files.push(cstr(&c)?);
+            }
+        }
+    }
     let view = if root_mode {
         "uid 0: read-only file system except the working directory and spec.writable; private \
          /tmp, /run, /dev; bpffs hidden; own PID namespace"
@@ -553,6 +608,11 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
             devices,
             proc_ro,
             proc_masked,
+            protect_files,
+            var_run_dir: std::fs::symlink_metadata("/var/run")
+                .map(|m| m.is_dir())
+                .unwrap_or(false),
+            landlock_scope: landlock_abi() >= 6,
             cwd: cstr(&cwd)?,
             uid: user.uid,
             gid: user.gid,
@@ -596,7 +656,13 @@ pub fn spawn(p: &Prepared) -> Result<Spawned> {
     }
     // SAFETY: fresh descriptors we own.
     let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD) as libc::c_ulong;
+    // New PID, mount, IPC (SysV objects and POSIX queues of the host are
+    // root-owned and uid 0 owns them) and UTS namespaces.
+    let flags = (libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: a fork-like clone (no new stack); the child runs only
     // init_main, which makes raw system calls on `p` and never returns.
     let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
@@ -722,6 +788,19 @@ mod tests {
             "/var",
             "/run/x",
             "/var/lib/docker",
+        ] {
+            assert!(
+                check_writable_for_root(Path::new(bad), &homes).is_err(),
+                "{bad} accepted"
+            );
+        }
+        for bad in [
+            "/root/.bashrc",
+            "/root/.ssh",
+            "/home/alice/.config/systemd/user",
+            "/var/www",
+            "/opt/app/bin",
+            "/home/alice/work/.git/hooks",
         ] {
             assert!(
                 check_writable_for_root(Path::new(bad), &homes).is_err(),
