@@ -27,9 +27,11 @@ struct Cli {
 enum Cmd {
     /// Run CMD in a fresh cgroup under POLICY; exit with CMD's status. Needs root.
     ///
-    /// The agent starts already enforced, in its own cgroup, with cgroup2
-    /// read-only in its own mount namespace, no capabilities and
-    /// no_new_privs. A summary of denials is printed to stderr when it exits.
+    /// The agent starts already enforced, in its own cgroup, contained: its own PID
+    /// namespace and session, a private mount view without bpffs (read-only for uid 0),
+    /// a seccomp filter whose refusals are recorded, no capabilities, no_new_privs, no
+    /// inherited descriptors, and the sudo user unless --user says otherwise. A summary
+    /// of denials is printed to stderr when it exits.
     Run(run::RunArgs),
     /// The node daemon: policies directory, static cgroup bindings, metrics, audit log.
     Daemon {

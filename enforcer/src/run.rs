@@ -1,24 +1,16 @@
 //! `enforcer run --policy FILE -- CMD ARGS...`: enforce one agent locally.
 //!
 //! Order matters: the policy is compiled and the programs are attached to a
-//! fresh cgroup *before* the agent exists; the agent is forked into that
-//! cgroup, given a private mount namespace in which every cgroup2 mount is
-//! read-only, put in a new cgroup namespace rooted at its cgroup, stripped
-//! of every capability (bounding, ambient, effective, permitted,
-//! inheritable), given `no_new_privs` and `SECBIT_NOROOT`, optionally
-//! switched to `--user`, and only then exec'd.
-//!
-//! Why the read-only mount: a uid-0 process without capabilities still owns
-//! the root-owned `cgroup.procs` files, and a cgroup namespace only stops
-//! moves out of it when cgroup2 is mounted with `nsdelegate` (it is not on
-//! hybrid hosts). On a read-only mount every write fails with EROFS, and a
-//! capability-less process cannot remount it; a user namespace it creates
-//! inherits the mount with its read-only flag locked, and a cgroup2 it
-//! mounts there is rooted at its own cgroup.
+//! fresh cgroup *before* the agent exists; the agent is then started in
+//! that cgroup by `sandbox` (its own PID namespace under a small init, a
+//! private mount view without bpffs, seccomp, no capabilities, no
+//! inherited descriptors; see `sandbox/mod.rs`), which hands back the
+//! seccomp listener whose refusals become decisions here.
 //!
 //! The links are pinned under bpffs while the agent runs, so that a crash of
-//! this process does not lift enforcement (the agent is also sent SIGKILL
-//! through PR_SET_PDEATHSIG). On exit the cgroup is emptied and removed.
+//! this process does not lift enforcement (the agent's init is also sent
+//! SIGKILL through PR_SET_PDEATHSIG, which ends its PID namespace). On exit
+//! the cgroup is emptied and removed.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
