@@ -55,12 +55,24 @@ fn have_nightly() -> bool {
 }
 
 /// Run scripts/setup.sh when the eBPF toolchain is missing (it is idempotent).
+/// libseccomp's development library (the agent's filter under `enforcer run`).
+fn have_libseccomp_dev() -> bool {
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+        "/usr/lib64",
+    ]
+    .iter()
+    .any(|d| Path::new(d).join("libseccomp.so").exists())
+}
+
 pub fn ensure_setup(root: &Path) -> Result<()> {
-    if have_bpf_linker() && have_nightly() {
+    if have_bpf_linker() && have_nightly() && have_libseccomp_dev() {
         return Ok(());
     }
     eprintln!(
-        "xtask: bpf-linker or the pinned toolchain {NIGHTLY} is missing: running scripts/setup.sh"
+        "xtask: bpf-linker, the pinned toolchain {NIGHTLY} or libseccomp-dev is missing: running scripts/setup.sh"
     );
     let st = Command::new("bash")
         .arg(root.join("scripts/setup.sh"))
