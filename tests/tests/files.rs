@@ -33,8 +33,14 @@ fn require_bpf_lsm() {
     );
 }
 
-fn file_agent() -> PathBuf {
-    agents_dir().join("file_agent.py")
+/// The agent script, copied into `dir`: the agent sees its working
+/// directory, not the checkout (which may itself lie under the private /tmp).
+fn file_agent(dir: &Path) -> PathBuf {
+    let dst = dir.join("file_agent.py");
+    if !dst.exists() {
+        std::fs::copy(agents_dir().join("file_agent.py"), &dst).unwrap();
+    }
+    dst
 }
 
 /// `enforcer run --policy P --audit-log A -- python3 file_agent.py --json VECTORS`
@@ -53,7 +59,7 @@ fn spawn_run(policy: &Path, audit: &Path, vectors: &[String]) -> (ChildGuard, Ou
         .current_dir(policy.parent().expect("policy in a directory"))
         .arg("--")
         .arg(python())
-        .arg(file_agent())
+        .arg(file_agent(policy.parent().expect("policy in a directory")))
         .arg("--json")
         .args(vectors)
         .stdin(Stdio::null())

@@ -30,6 +30,8 @@ pub struct Writable {
     /// The path is under the private /tmp or /run: it must be reached
     /// before those are covered (an O_PATH fd opened in the new namespace).
     pub under_private: bool,
+    /// Bound read-only (the command's own executable under a private dir).
+    pub read_only: bool,
 }
 
 pub struct Device {
@@ -489,7 +491,7 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
             check(chan, S_OPEN_WRITABLE, f);
             f
         };
-        bind_at(chan, w, fd, false);
+        bind_at(chan, w, fd, w.read_only);
         libc::close(fd);
     }
     // 7b. enforcer's own files in the view: read-only.

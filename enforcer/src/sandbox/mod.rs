@@ -344,6 +344,7 @@ fn writable_entry(path: &Path, mounts: &[MountLine]) -> Result<Writable> {
         is_dir: meta.is_dir(),
         flags: flags & !libc::MS_RDONLY,
         under_private: private,
+        read_only: false,
     })
 }
 
@@ -435,10 +436,22 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
     writable_paths.sort_by_key(|p| p.as_os_str().len());
     writable_paths.dedup();
     anyhow::ensure!(writable_paths.len() <= 64, "at most 64 writable paths");
-    let writable = writable_paths
+    let mut writable = writable_paths
         .iter()
         .map(|p| writable_entry(p, &all))
         .collect::<Result<Vec<_>>>()?;
+    // The command itself stays visible when it lies under a private
+    // directory (/tmp, /run, /dev/shm) outside the working directory:
+    // bound read-only at its path. (A script passed as an argument is not:
+    // keep it in the working directory.)
+    let exe = resolve_exe(&o.command[0], std::env::var_os("PATH"))?;
+    if let Ok(canon) = std::fs::canonicalize(&exe) {
+        if under_private(&canon) && !writable_paths.iter().any(|w| canon.starts_with(w)) {
+            let mut e = writable_entry(&canon, &all)?;
+            e.read_only = true;
+            writable.push(e);
+        }
+    }
 
     // Read-only mounts: cgroup2 always, everything for uid 0.
     let mut ro_mounts = Vec::new();
@@ -522,7 +535,6 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
 
     // The command, its environment (HOME/USER/LOGNAME of the agent's user,
     // a private XDG_RUNTIME_DIR).
-    let exe = resolve_exe(&o.command[0], std::env::var_os("PATH"))?;
     let argv_store = o.command.iter().map(cstr).collect::<Result<Vec<_>>>()?;
     let run_user_dir = PathBuf::from(format!("/run/user/{}", user.uid));
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
