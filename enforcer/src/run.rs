@@ -375,7 +375,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let child_pid = spawned.init_pid;
         tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
         crate::kernel::release_free_memory();
-        let supervisor = {
+        let mut supervisor = {
             let sinks = sinks.clone();
             let identity = identity.clone();
             let hash = compiled.hash.clone();
@@ -438,7 +438,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
         });
         let status = tokio::task::spawn_blocking(move || wait_exit(child_pid)).await??;
-        supervisor.abort();
+        // The listener hangs up once no process is left under the filter:
+        // the supervisor then records what it still counts and ends.
+        if tokio::time::timeout(Duration::from_secs(2), &mut supervisor)
+            .await
+            .is_err()
+        {
+            supervisor.abort();
+        }
         running.store(false, Ordering::Relaxed);
         forward.abort();
         // Let the last events of the agent arrive.

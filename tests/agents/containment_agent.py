@@ -280,6 +280,13 @@ def main():
         s.close()
     record("allowed_api", allowed)
 
+    # ---- 8. a flood of refused calls (the log must not grow without bound)
+    for _ in range(500):
+        try:
+            bpf(BPF_PROG_GET_NEXT_ID)
+        except OSError:
+            pass
+
     with open(os.path.join(EXCH, "results.tmp"), "w") as f:
         json.dump(RESULTS, f)
     os.rename(os.path.join(EXCH, "results.tmp"), os.path.join(EXCH, "results.json"))

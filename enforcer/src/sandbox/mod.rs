@@ -168,25 +168,11 @@ const PROTECTED: &[&str] = &[
     "/var/run",
     "/snap",
 ];
-/// ... nor lie under (a project may live under /root or /home/<user>).
+/// ... nor lie under (a project may live under /root or /home/<user>;
+/// /var is refused but for /var/tmp, below).
 const PROTECTED_TREES: &[&str] = &[
-    "/etc",
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/boot",
-    "/var/spool",
-    "/var/lib",
-    "/var/log",
-    "/proc",
-    "/sys",
-    "/dev",
-    "/run",
-    "/var/run",
+    "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/proc",
+    "/sys", "/dev", "/run",
 ];
 
 /// Refuse a writable path for a uid-0 agent that holds or is a host file

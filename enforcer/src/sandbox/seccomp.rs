@@ -463,12 +463,27 @@ pub async fn serve(listener: OwnedFd, mut record: impl FnMut(RefusedCall)) {
     const RATE: u32 = 100;
     let mut window = std::time::Instant::now();
     let (mut in_window, mut suppressed) = (0u32, 0u64);
+    let mut last_pid = 0u32;
     loop {
-        let mut guard = match afd.readable().await {
+        // A quiet second flushes the count of calls not recorded one by one.
+        let ready = tokio::time::timeout(std::time::Duration::from_secs(1), afd.readable()).await;
+        let Ok(ready) = ready else {
+            if suppressed > 0 {
+                record(RefusedCall {
+                    pid: last_pid,
+                    syscall: "rate-limited".into(),
+                    detail: format!("{suppressed} more refused calls, not recorded one by one"),
+                });
+            }
+            window = std::time::Instant::now();
+            (in_window, suppressed) = (0, 0);
+            continue;
+        };
+        let mut guard = match ready {
             Ok(g) => g,
             Err(e) => {
                 tracing::debug!("seccomp listener closed: {e}");
-                return;
+                break;
             }
         };
         // POLLHUP without POLLIN: no process left under the filter.
@@ -480,7 +495,7 @@ pub async fn serve(listener: OwnedFd, mut record: impl FnMut(RefusedCall)) {
         // SAFETY: one valid pollfd, zero timeout.
         let n = unsafe { libc::poll(&mut pfd, 1, 0) };
         if n > 0 && pfd.revents & libc::POLLIN == 0 && pfd.revents & libc::POLLHUP != 0 {
-            return;
+            break;
         }
         if n == 0 {
             guard.clear_ready();
@@ -510,14 +525,13 @@ pub async fn serve(listener: OwnedFd, mut record: impl FnMut(RefusedCall)) {
         if let Err(e) = resp.respond(fd) {
             tracing::debug!("seccomp response: {e}");
         }
+        last_pid = call.pid;
         if window.elapsed() >= std::time::Duration::from_secs(1) {
             if suppressed > 0 {
                 record(RefusedCall {
                     pid: call.pid,
                     syscall: "rate-limited".into(),
-                    detail: format!(
-                        "{suppressed} more refused calls in the last second, not recorded one by one"
-                    ),
+                    detail: format!("{suppressed} more refused calls, not recorded one by one"),
                 });
             }
             window = std::time::Instant::now();
@@ -530,5 +544,12 @@ pub async fn serve(listener: OwnedFd, mut record: impl FnMut(RefusedCall)) {
         } else {
             suppressed += 1;
         }
+    }
+    if suppressed > 0 {
+        record(RefusedCall {
+            pid: last_pid,
+            syscall: "rate-limited".into(),
+            detail: format!("{suppressed} more refused calls, not recorded one by one"),
+        });
     }
 }
