@@ -16,6 +16,11 @@
 //! LEARNED_V4  HashMap   {slot, ipv4}           -> Learned (address a DNS answer allowed)
 //! LEARNED_V6  HashMap   {slot, ipv6}           -> Learned
 //! FILE_RULES  HashMap   {ino, dev, table_id}   -> FileRuleValue (file policy, BPF LSM)
+//! NAMES       LpmTrie   {table_id BE, reversed name} -> RuleSet (host rules, for first-bytes checks)
+//! INSPECT     SkStorage socket                 -> InspectState (connections whose first bytes are judged)
+//! SCRATCH     PerCpuArray depth (0, 1)         -> Scratch (ClientHello / request head gathered)
+//! DEPTH       PerCpuArray 0                    -> u32 (nesting of the egress program on this CPU)
+//! REASONS     PerCpuArray reason_index(slot, reason, audit) -> u64 (refused first bytes)
 //! FILE_BLOOM  Array     word -> u64 (Bloom filter of every FILE_RULES inode: `bloom_bit`)
 //! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint)
 //! RESOLVED    HashMap   {ino, dev, 0}          -> u32 (inodes the resolver thread's open showed)
@@ -44,6 +49,8 @@
 //! `POLICIES[slot].table_id` in one map update (atomic for every cgroup of the
 //! identity), then deletes the old generation's entries.
 #![no_std]
+
+pub mod first_bytes;
 
 /// Maximum port/protocol entries that one LPM prefix can carry. The compiler
 /// folds every rule whose CIDR covers a prefix into that prefix's entry, so
@@ -74,9 +81,15 @@ pub mod map_names {
     pub const FILE_BLOOM: &str = "FILE_BLOOM";
     pub const TAINTED: &str = "TAINTED";
     pub const RESOLVED: &str = "RESOLVED";
-    pub const ALL: [&str; 15] = [
+    pub const NAMES: &str = "NAMES";
+    pub const INSPECT: &str = "INSPECT";
+    pub const SCRATCH: &str = "SCRATCH";
+    pub const DEPTH: &str = "DEPTH";
+    pub const REASONS: &str = "REASONS";
+    /// Pinned by the daemon (SCRATCH and DEPTH are per-program scratch, not pinned).
+    pub const ALL: [&str; 18] = [
         IDENTITIES, POLICIES, EGRESS_V4, EGRESS_V6, COUNTERS, STATS, CONFIG, EVENTS, DNS_ORIG,
-        LEARNED_V4, LEARNED_V6, FILE_RULES, FILE_BLOOM, TAINTED, RESOLVED,
+        LEARNED_V4, LEARNED_V6, FILE_RULES, FILE_BLOOM, TAINTED, RESOLVED, NAMES, INSPECT, REASONS,
     ];
 }
 
@@ -90,6 +103,8 @@ pub mod prog_names {
     pub const RECVMSG6: &str = "enforcer_recvmsg6";
     pub const GETPEERNAME4: &str = "enforcer_getpeername4";
     pub const GETPEERNAME6: &str = "enforcer_getpeername6";
+    /// cgroup_skb/egress: the first bytes of connections to learned addresses.
+    pub const INSPECT: &str = "enforcer_inspect";
     /// Not in `ALL`: loaded on its own, only to probe for BPF LSM.
     pub const LSM_PROBE: &str = "enforcer_lsm_probe";
     /// BPF LSM hooks (not in `ALL`: global hooks, loaded only where BPF
@@ -107,7 +122,7 @@ pub mod prog_names {
         (INODE_RENAME, "inode_rename"),
         (SOCKET_CREATE, "socket_create"),
     ];
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -117,6 +132,7 @@ pub mod prog_names {
         RECVMSG6,
         GETPEERNAME4,
         GETPEERNAME6,
+        INSPECT,
     ];
 }
 
@@ -130,6 +146,8 @@ pub const MAX_LEARNED_V4: u32 = 1 << 18;
 pub const MAX_LEARNED_V6: u32 = 1 << 16;
 pub const MAX_FILE_RULES: u32 = 1 << 18;
 pub const MAX_RESOLVED: u32 = 64;
+/// `NAMES` entries (host patterns of every generation).
+pub const MAX_NAMES: u32 = 1 << 16;
 /// `FILE_BLOOM`: 2^23 bits in 2^17 u64 words (1 MiB).
 pub const BLOOM_BITS_LOG2: u32 = 23;
 pub const BLOOM_WORDS: u32 = 1 << (BLOOM_BITS_LOG2 - 6);
@@ -176,6 +194,9 @@ pub mod action {
     pub const FILE_LINK: u8 = 5;
     /// rename(2) of a protected file or directory.
     pub const FILE_RENAME: u8 = 6;
+    /// The first bytes of a connection to a learned address (TLS SNI or
+    /// HTTP Host), or UDP to such an address (not inspectable).
+    pub const INSPECT: u8 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -238,6 +259,22 @@ pub mod policy_flags {
     pub const TAINT_CLAMP: u32 = 1 << 4;
 }
 
+/// `PortRule.flags` bits.
+pub mod rule_flags {
+    /// `inspect: none`: connections to the rule's learned addresses are not
+    /// judged by their first bytes (and UDP to them is allowed).
+    pub const RAW: u8 = 1 << 0;
+}
+
+/// `InspectState.status`.
+pub mod inspect_status {
+    /// Waiting for the first bytes: nothing may leave.
+    pub const PENDING: u8 = 1;
+    pub const PASSED: u8 = 2;
+    /// Refused: every later payload is dropped.
+    pub const REFUSED: u8 = 3;
+}
+
 /// Protocol mask bits in `PortRule.proto_mask`.
 pub mod proto {
     pub const TCP: u8 = 1 << 0;
@@ -256,6 +293,16 @@ pub mod stat {
     pub const EVENTS_LOST: u32 = 0;
     /// Decisions made for a cgroup with no bound identity (fail closed).
     pub const NO_IDENTITY: u32 = 1;
+    /// Segments held (dropped before they left) because the first bytes
+    /// were not complete yet; TCP sends them again with what follows.
+    pub const INSPECT_HELD: u32 = 2;
+    /// Segments of refused connections dropped after the refusal.
+    pub const INSPECT_DROPPED: u32 = 3;
+    /// The egress program ran nested deeper than its scratch space (failed closed).
+    pub const INSPECT_NESTED: u32 = 4;
+    /// A connect to a learned address refused because its socket state
+    /// could not be created (fail closed).
+    pub const INSPECT_NO_STATE: u32 = 5;
     pub const COUNT: u32 = 8;
 }
 
@@ -367,7 +414,9 @@ pub struct PortRule {
     pub port_hi: u16,
     /// `proto::*` mask.
     pub proto_mask: u8,
-    pub _pad: [u8; 3],
+    /// `rule_flags::*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// Rule id reported in events (`egress[i]` -> i + 1).
     pub rule_id: u32,
 }
@@ -446,9 +495,91 @@ pub struct Event {
     pub family: u8,
     /// Socket type (SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_RAW 3, ...).
     pub sock_type: u8,
-    pub _pad: u8,
+    /// `first_bytes::reason::*` (action INSPECT), else 0.
+    pub reason: u8,
     pub comm: [u8; 16],
 }
+
+/// Socket storage of a connection whose first bytes are judged (created by
+/// the connect hook, read by the egress program).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InspectState {
+    pub cgroup_id: u64,
+    pub slot: u32,
+    /// The learned-address rule that admitted the connect.
+    pub rule_id: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// `inspect_status::*`.
+    pub status: u8,
+    /// The identity was in audit mode at connect time.
+    pub audit: u8,
+    pub _pad: u32,
+}
+
+/// `NAMES` LPM key data: table id (big endian), then the host name reversed
+/// (`first_bytes::name_key`, `first_bytes::pattern_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameKey {
+    pub table_id_be: [u8; 4],
+    pub name: [u8; first_bytes::KEY_NAME],
+}
+
+impl Default for NameKey {
+    fn default() -> Self {
+        Self {
+            table_id_be: [0; 4],
+            name: [0; first_bytes::KEY_NAME],
+        }
+    }
+}
+
+/// An `action::INSPECT` decision with the name the first bytes presented
+/// and the connection's local end (ring buffer; told apart from `Event` by
+/// its size).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InspectEvent {
+    pub event: Event,
+    /// `first_bytes::kind::*`.
+    pub kind: u8,
+    /// Bytes of `name` used.
+    pub name_len: u8,
+    /// The presented name was longer than `name`.
+    pub truncated: u8,
+    pub _pad: [u8; 3],
+    /// Local port, host byte order (0: unknown, e.g. UDP refused at connect).
+    pub src_port: u16,
+    /// Local address (IPv4 v4-mapped).
+    pub src: [u8; 16],
+    /// The name as presented (raw bytes, not validated).
+    pub name: [u8; first_bytes::PRESENTED_MAX],
+}
+
+impl Default for InspectEvent {
+    fn default() -> Self {
+        Self {
+            event: Event::default(),
+            kind: 0,
+            name_len: 0,
+            truncated: 0,
+            _pad: [0; 3],
+            src_port: 0,
+            src: [0; 16],
+            name: [0; first_bytes::PRESENTED_MAX],
+        }
+    }
+}
+
+/// Index into `REASONS` for (slot, reason, audit).
+#[inline(always)]
+pub const fn reason_index(slot: u32, reason: u8, audit: bool) -> u32 {
+    (slot * first_bytes::reason::COUNT + reason as u32) * 2 + audit as u32
+}
+
+pub const REASONS_LEN: u32 = MAX_SLOTS * first_bytes::reason::COUNT * 2;
 
 /// Index into `COUNTERS` for (slot, action, verdict).
 #[inline(always)]
@@ -477,6 +608,9 @@ mod user {
     unsafe impl aya::Pod for FileKey {}
     unsafe impl aya::Pod for FileRuleValue {}
     unsafe impl aya::Pod for FileOffsets {}
+    unsafe impl aya::Pod for InspectState {}
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for InspectEvent {}
 }
 
 #[cfg(test)]
@@ -500,6 +634,9 @@ mod tests {
         assert_eq!(size_of::<FileRuleValue>(), 8);
         assert_eq!(size_of::<FileOffsets>(), 32);
         assert_eq!(size_of::<Event>(), 8 + 8 + 4 * 4 + 16 + 2 + 4 + 2 + 16);
+        assert_eq!(size_of::<InspectState>(), 24);
+        assert_eq!(size_of::<NameKey>(), 256);
+        assert_eq!(size_of::<InspectEvent>(), size_of::<Event>() + 8 + 16 + 128);
     }
 
     #[test]

@@ -282,6 +282,7 @@ fn decision(id: &Identity, act: u8, rule_id: u32) -> Decision {
         protocol: 0,
         family: 0,
         sock_type: 0,
+        reason: 0,
     }
 }
 

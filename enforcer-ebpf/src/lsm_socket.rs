@@ -68,6 +68,7 @@ pub fn enforcer_socket_create(ctx: LsmContext) -> i32 {
         protocol: protocol as u8,
         family: family as u8,
         sock_type: sock_type as u8,
+        reason: 0,
     });
     if audit {
         0

@@ -1,6 +1,7 @@
 //! enforcer eBPF programs. One module per hook family:
 //! - `sock_addr`: cgroup/connect4, connect6, sendmsg4, sendmsg6 (egress verdicts)
 //! - `sock`: cgroup/sock_create (raw, packet and ICMP sockets)
+//! - `inspect`: cgroup_skb/egress (first bytes of connections to learned addresses)
 //! - `files`: lsm/file_open, inode_link, inode_rename (file policy, taint)
 //! - `lsm_socket`: lsm/socket_create (packet sockets of agents)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
@@ -14,6 +15,8 @@
 mod files;
 #[cfg(target_arch = "bpf")]
 mod identity;
+#[cfg(target_arch = "bpf")]
+mod inspect;
 #[cfg(target_arch = "bpf")]
 mod lsm_probe;
 #[cfg(target_arch = "bpf")]

@@ -1,14 +1,17 @@
 //! Every map of the object. Names, key and value types come from
 //! `enforcer-common` so that userspace and kernel agree on one layout.
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, Learned, LearnedKey4, LearnedKey6,
-    OrigDst, PolicyState, RuleSet, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES,
-    MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4,
-    MAX_LEARNED_V6, MAX_RESOLVED, MAX_SLOTS,
+    first_bytes::BUF,
+    stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, InspectState, Learned,
+    LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet, V4Key, V6Key, BLOOM_WORDS,
+    COUNTERS_LEN, EVENTS_BYTES, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES,
+    MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED, MAX_SLOTS,
+    REASONS_LEN,
 };
 
 #[map(name = "IDENTITIES")]
@@ -56,3 +59,29 @@ pub static TAINTED: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);
 
 #[map(name = "RESOLVED")]
 pub static RESOLVED: HashMap<FileKey, u32> = HashMap::with_max_entries(MAX_RESOLVED, 0);
+
+#[map(name = "NAMES")]
+pub static NAMES: LpmTrie<NameKey, RuleSet> = LpmTrie::with_max_entries(MAX_NAMES, 0);
+
+/// Socket storage (a BTF map: the kernel requires BTF for it).
+#[btf_map]
+pub static INSPECT: SkStorage<InspectState> = SkStorage::new();
+
+#[map(name = "REASONS")]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASONS_LEN, 0);
+
+/// Scratch space of the egress program: one per nesting level on a CPU
+/// (a softirq can interrupt the program in process context).
+#[repr(C)]
+pub struct Scratch {
+    pub buf: [u8; 2 * BUF],
+    pub key: Key<NameKey>,
+    /// `first_bytes::name_key` writes 256 bytes from `key.data.name`.
+    pub slack: [u8; 8],
+}
+
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+
+#[map(name = "DEPTH")]
+pub static DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -3,9 +3,12 @@
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
 };
-use enforcer_common::{counter_index, stat, verdict, Event};
+use enforcer_common::{
+    action, counter_index, first_bytes::PRESENTED_MAX, reason_index, stat, verdict, Event,
+    InspectEvent,
+};
 
-use crate::maps::{CONFIG, COUNTERS, EVENTS, STATS};
+use crate::maps::{CONFIG, COUNTERS, EVENTS, REASONS, STATS};
 
 #[inline(always)]
 pub fn bump_stat(index: u32) {
@@ -34,6 +37,8 @@ pub struct Decision {
     pub protocol: u8,
     pub family: u8,
     pub sock_type: u8,
+    /// `first_bytes::reason::*` (action INSPECT), else 0.
+    pub reason: u8,
 }
 
 #[inline(always)]
@@ -52,19 +57,22 @@ fn wants_event(v: u8) -> bool {
     }
 }
 
+/// Count a decision: refused first bytes by reason, the rest by (action, verdict).
 #[inline(always)]
-pub fn record(d: &Decision) {
-    bump_counter(d.slot, d.action, d.verdict);
-    if !wants_event(d.verdict) {
-        return;
+fn count(d: &Decision) {
+    if d.action == action::INSPECT && d.verdict != verdict::ALLOW {
+        let i = reason_index(d.slot, d.reason, d.verdict == verdict::AUDIT);
+        if let Some(p) = REASONS.get_ptr_mut(i) {
+            unsafe { *p += 1 };
+        }
+    } else {
+        bump_counter(d.slot, d.action, d.verdict);
     }
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        bump_stat(stat::EVENTS_LOST);
-        return;
-    };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    entry.write(Event {
+}
+
+#[inline(always)]
+fn event(d: &Decision, pid_tgid: u64, comm: [u8; 16]) -> Event {
+    Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: d.cgroup_id,
         pid: (pid_tgid >> 32) as u32,
@@ -78,8 +86,68 @@ pub fn record(d: &Decision) {
         protocol: d.protocol,
         family: d.family,
         sock_type: d.sock_type,
-        _pad: 0,
+        reason: d.reason,
         comm,
-    });
+    }
+}
+
+/// The local end and the presented name of an INSPECT decision.
+pub struct Presented<'a> {
+    pub kind: u8,
+    pub src: [u8; 16],
+    pub src_port: u16,
+    /// The scratch buffer and the name's place in it (len 0: none).
+    pub buf: &'a [u8; 2 * enforcer_common::first_bytes::BUF],
+    pub off: usize,
+    pub len: usize,
+}
+
+#[inline(always)]
+pub fn record_inspect(d: &Decision, p: &Presented) {
+    count(d);
+    if !wants_event(d.verdict) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<InspectEvent>(0) else {
+        bump_stat(stat::EVENTS_LOST);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    let out = entry.as_mut_ptr();
+    unsafe {
+        (*out).event = event(d, pid_tgid, comm);
+        (*out).kind = p.kind;
+        (*out).truncated = u8::from(p.len > PRESENTED_MAX);
+        (*out)._pad = [0; 3];
+        (*out).src_port = p.src_port;
+        (*out).src = p.src;
+        let n = if p.len > PRESENTED_MAX {
+            PRESENTED_MAX
+        } else {
+            p.len
+        };
+        (*out).name_len = n as u8;
+        // A fixed-size copy (no loop for the verifier to walk): the bytes
+        // past `name_len` are whatever followed the name.
+        let src = p.buf.as_ptr().add(p.off & enforcer_common::first_bytes::MASK);
+        core::ptr::copy_nonoverlapping(src, (*out).name.as_mut_ptr(), PRESENTED_MAX);
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+pub fn record(d: &Decision) {
+    count(d);
+    if !wants_event(d.verdict) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump_stat(stat::EVENTS_LOST);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    entry.write(event(d, pid_tgid, comm));
     entry.submit(0);
 }

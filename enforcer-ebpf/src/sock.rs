@@ -76,6 +76,7 @@ pub fn enforcer_sock_create(ctx: SockContext) -> i32 {
         protocol: protocol as u8,
         family: family as u8,
         sock_type: sock_type as u8,
+        reason: 0,
     });
     ret
 }

@@ -13,20 +13,27 @@
 //! DNS answer allowed (`LEARNED_*`, until they expire); else deny (or audit).
 //! Once the identity read a `taint` file (`TAINTED[slot]`), (2) and (3) use
 //! its onTaint generation and onTaint learned addresses instead.
+//!
+//! An address allowed only by (3) is a name's: unless the admitting host
+//! rule says `inspect: none`, a TCP connect gets socket storage (`INSPECT`,
+//! pending) and the egress program (`inspect.rs`) judges its first bytes;
+//! UDP to it is refused (QUIC's first bytes are encrypted).
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    action, policy_flags, proto, rule, stat, verdict, LearnedKey4, LearnedKey6, OrigDst,
-    PolicyState, RuleSet, V4Key, V6Key, DNS_PORT, MAX_PORT_RULES, TAINT_SLOT_BIT,
+    action, first_bytes::reason, inspect_status, policy_flags, proto, rule, rule_flags, stat,
+    verdict, InspectState, LearnedKey4, LearnedKey6, OrigDst, PolicyState, RuleSet, V4Key, V6Key,
+    DNS_PORT, MAX_PORT_RULES, TAINT_SLOT_BIT,
 };
 
 use crate::{
     identity,
-    maps::{DNS_ORIG, EGRESS_V4, EGRESS_V6, LEARNED_V4, LEARNED_V6, TAINTED},
+    maps::{DNS_ORIG, EGRESS_V4, EGRESS_V6, INSPECT, LEARNED_V4, LEARNED_V6, TAINTED},
     report::{self, Decision},
 };
 
@@ -90,7 +97,7 @@ fn proto_bit(protocol: u32) -> u8 {
 
 /// First rule of the set that admits (port, protocol), as its rule id.
 #[inline(always)]
-fn match_rules(set: &RuleSet, port: u16, bit: u8) -> Option<u32> {
+pub(crate) fn match_rules(set: &RuleSet, port: u16, bit: u8) -> Option<u32> {
     let count = set.count as usize;
     let mut i = 0usize;
     while i < MAX_PORT_RULES {
@@ -106,6 +113,60 @@ fn match_rules(set: &RuleSet, port: u16, bit: u8) -> Option<u32> {
     None
 }
 
+/// The admitting rule of a lookup. Plain fields, every one written on
+/// every path (no `Option` of a tuple: LLVM may move an `Option`'s
+/// undefined payload on the `None` path, which the verifier rejects).
+#[derive(Clone, Copy)]
+struct Match {
+    found: bool,
+    rule_id: u32,
+    /// The first bytes must be judged (a learned address, no `inspect: none`).
+    judge: bool,
+}
+
+const NO_MATCH: Match = Match {
+    found: false,
+    rule_id: 0,
+    judge: false,
+};
+
+/// A learned address's admitting rule: the first with `inspect: none` if
+/// any admits (port, protocol) (then nothing is judged), else the first.
+#[inline(always)]
+fn match_learned(set: &RuleSet, port: u16, bit: u8) -> Match {
+    let count = set.count as usize;
+    // Two plain values, not an Option<u32>: LLVM may read an Option's
+    // payload on the None path, which the verifier rejects.
+    let mut found = false;
+    let mut first: u32 = 0;
+    let mut i = 0usize;
+    while i < MAX_PORT_RULES {
+        if i >= count {
+            break;
+        }
+        let r = &set.rules[i];
+        if r.proto_mask & bit != 0 && port >= r.port_lo && port <= r.port_hi {
+            if r.flags & rule_flags::RAW != 0 {
+                return Match {
+                    found: true,
+                    rule_id: r.rule_id,
+                    judge: false,
+                };
+            }
+            if !found {
+                found = true;
+                first = r.rule_id;
+            }
+        }
+        i += 1;
+    }
+    Match {
+        found,
+        rule_id: first,
+        judge: found,
+    }
+}
+
 /// The destination, as the tables see it.
 #[derive(Clone, Copy)]
 enum Dst {
@@ -116,7 +177,7 @@ enum Dst {
 /// The generation and learned-address slot that judge the identity now:
 /// the onTaint ones once a `taint` file was read.
 #[inline(always)]
-fn tables(p: &PolicyState, slot: u32) -> (u32, u32) {
+pub(crate) fn tables(p: &PolicyState, slot: u32) -> (u32, u32) {
     if p.flags & policy_flags::TAINT_CLAMP != 0 {
         if let Some(t) = TAINTED.get(slot) {
             if *t != 0 {
@@ -127,8 +188,9 @@ fn tables(p: &PolicyState, slot: u32) -> (u32, u32) {
     (p.table_id, slot)
 }
 
+/// The admitting rule.
 #[inline(always)]
-fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Option<u32> {
+fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Match {
     let (table_id, slot) = tables(p, slot);
     match dst {
         Dst::V4(addr) => {
@@ -143,14 +205,20 @@ fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Option<u3
                 .get(&key)
                 .and_then(|set| match_rules(set, port, bit))
             {
-                return Some(r);
+                return Match {
+                    found: true,
+                    rule_id: r,
+                    judge: false,
+                };
             }
-            let learned = LEARNED_V4.get_ptr(LearnedKey4 { slot, addr })?;
+            let Some(learned) = LEARNED_V4.get_ptr(LearnedKey4 { slot, addr }) else {
+                return NO_MATCH;
+            };
             let learned = unsafe { &*learned };
             if learned.expires_ns <= unsafe { bpf_ktime_get_ns() } {
-                return None;
+                return NO_MATCH;
             }
-            match_rules(&learned.set, port, bit)
+            match_learned(&learned.set, port, bit)
         }
         Dst::V6(addr) => {
             let key = Key::new(
@@ -164,21 +232,29 @@ fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Option<u3
                 .get(&key)
                 .and_then(|set| match_rules(set, port, bit))
             {
-                return Some(r);
+                return Match {
+                    found: true,
+                    rule_id: r,
+                    judge: false,
+                };
             }
-            let learned = LEARNED_V6.get_ptr(LearnedKey6 { slot, addr })?;
+            let Some(learned) = LEARNED_V6.get_ptr(LearnedKey6 { slot, addr }) else {
+                return NO_MATCH;
+            };
             let learned = unsafe { &*learned };
             if learned.expires_ns <= unsafe { bpf_ktime_get_ns() } {
-                return None;
+                return NO_MATCH;
             }
-            match_rules(&learned.set, port, bit)
+            match_learned(&learned.set, port, bit)
         }
     }
 }
 
 /// What the hook should do with the call.
 enum Outcome {
-    Verdict(i32),
+    /// Allow or deny; for an allowed TCP connect, the socket state to keep
+    /// (`Some`: judge its first bytes; `None`: clear a previous connect's).
+    Verdict(i32, Option<InspectState>),
     /// Rewrite the destination to the identity's DNS proxy on this port.
     SteerDns(u16),
 }
@@ -200,32 +276,120 @@ fn decide(
             return Outcome::SteerDns(p.dns_port);
         }
     }
+    let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
+    let mut inspect = None;
+    let mut act = action_kind;
+    let mut why = 0u8;
     let (verdict_kind, rule_id, ret) = match id.policy {
         None => {
             report::bump_stat(stat::NO_IDENTITY);
             (verdict::DENY, rule::NO_POLICY, DENY)
         }
         Some(p) => match lookup(&p, id.slot, dst, port, bit) {
-            Some(rule_id) => (verdict::ALLOW, rule_id, ALLOW),
-            None if p.flags & policy_flags::AUDIT != 0 => {
-                (verdict::AUDIT, rule::DEFAULT_DENY, ALLOW)
+            Match {
+                found: true,
+                rule_id,
+                judge: true,
+            } if bit != proto::TCP => {
+                // UDP to a name's address: its first bytes cannot be judged.
+                act = action::INSPECT;
+                why = reason::UDP;
+                if audit {
+                    (verdict::AUDIT, rule_id, ALLOW)
+                } else {
+                    (verdict::DENY, rule_id, DENY)
+                }
             }
-            None => (verdict::DENY, rule::DEFAULT_DENY, DENY),
+            Match {
+                found: true,
+                rule_id,
+                judge,
+            } => {
+                if judge {
+                    inspect = Some(InspectState {
+                        cgroup_id: id.cgroup_id,
+                        slot: id.slot,
+                        rule_id,
+                        port,
+                        status: inspect_status::PENDING,
+                        audit: u8::from(audit),
+                        _pad: 0,
+                    });
+                }
+                (verdict::ALLOW, rule_id, ALLOW)
+            }
+            _ if audit => (verdict::AUDIT, rule::DEFAULT_DENY, ALLOW),
+            _ => (verdict::DENY, rule::DEFAULT_DENY, DENY),
         },
     };
     report::record(&Decision {
         cgroup_id: id.cgroup_id,
         slot: id.slot,
         rule_id,
-        action: action_kind,
+        action: act,
         verdict: verdict_kind,
         addr: mapped,
         port,
         protocol: protocol as u8,
         family,
         sock_type: sock_type as u8,
+        reason: why,
     });
-    Outcome::Verdict(ret)
+    Outcome::Verdict(ret, inspect)
+}
+
+/// Keep (or clear) the socket's first-bytes state for an allowed TCP
+/// connect. False: the state could not be created (the caller fails closed).
+#[inline(always)]
+fn keep_state(ctx: &SockAddrContext, protocol: u32, st: Option<InspectState>) -> bool {
+    if protocol != proto::IPPROTO_TCP {
+        return true;
+    }
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let map = core::ptr::from_ref(&INSPECT).cast_mut().cast();
+    match st {
+        Some(v) => {
+            let p = unsafe {
+                bpf_sk_storage_get(
+                    map,
+                    sk.cast(),
+                    core::ptr::null_mut(),
+                    u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+                )
+            }
+            .cast::<InspectState>();
+            if p.is_null() {
+                return false;
+            }
+            unsafe { *p = v };
+            true
+        }
+        None => {
+            // A socket connecting again (after a failed connect) to an
+            // address that needs no judging.
+            let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }
+                .cast::<InspectState>();
+            if !p.is_null() {
+                unsafe { (*p).status = inspect_status::PASSED };
+            }
+            true
+        }
+    }
+}
+
+/// The verdict of an allowed call after its socket state is kept.
+#[inline(always)]
+fn finish(ctx: &SockAddrContext, action_kind: u8, ret: i32, st: Option<InspectState>) -> i32 {
+    if ret != ALLOW || action_kind != action::CONNECT {
+        return ret;
+    }
+    let protocol = unsafe { (*ctx.sock_addr).protocol };
+    if keep_state(ctx, protocol, st) {
+        ALLOW
+    } else {
+        report::bump_stat(enforcer_common::stat::INSPECT_NO_STATE);
+        DENY
+    }
 }
 
 #[inline(always)]
@@ -272,7 +436,7 @@ fn check4(ctx: &SockAddrContext, action_kind: u8) -> i32 {
         mapped,
         Dst::V4(addr),
     ) {
-        Outcome::Verdict(v) => v,
+        Outcome::Verdict(v, st) => finish(ctx, action_kind, v, st),
         Outcome::SteerDns(proxy_port) => {
             remember(ctx, mapped, port, proxy_port);
             unsafe {
@@ -361,7 +525,7 @@ fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
         Dst::V6(addr)
     };
     match decide(action_kind, AF_INET6, sock_type, protocol, port, addr, dst) {
-        Outcome::Verdict(v) => v,
+        Outcome::Verdict(v, st) => finish(ctx, action_kind, v, st),
         Outcome::SteerDns(proxy_port) => {
             remember(ctx, addr, port, proxy_port);
             // A dual-stack socket that asked a v4 resolver keeps talking v4.

@@ -22,18 +22,19 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{
+        cgroup_skb::CgroupSkbAttachType,
         links::{FdLink, PinnedLink},
         CgroupAttachMode, Program,
     },
     Ebpf, EbpfLoader,
 };
 use enforcer_common::{
-    action, bloom_bit, counter_index, globals, map_names, policy_flags, prog_names, stat, verdict,
-    FileKey, FileOffsets, FileRuleValue, GlobalConfig, IdentityBinding, PolicyState, RuleSet,
-    V4Key, V6Key, BLOOM_WORDS, MAX_SLOTS,
+    action, bloom_bit, counter_index, first_bytes, globals, map_names, policy_flags, prog_names,
+    reason_index, stat, verdict, FileKey, FileOffsets, FileRuleValue, GlobalConfig,
+    IdentityBinding, NameKey, PolicyState, RuleSet, V4Key, V6Key, BLOOM_WORDS, MAX_SLOTS,
 };
 
-use crate::policy::CompiledPolicy;
+use crate::policy::{compile::NameEntry, CompiledPolicy};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
@@ -57,6 +58,7 @@ struct Installed {
     v4: Vec<Key<V4Key>>,
     v6: Vec<Key<V6Key>>,
     files: Vec<FileKey>,
+    names: Vec<Key<NameKey>>,
 }
 
 /// `TAINTED[slot]`: set by the kernel when an identity opens a `taint`
@@ -87,7 +89,9 @@ pub struct Kernel {
     policies: Array<MapData, PolicyState>,
     v4: LpmTrie<MapData, V4Key, RuleSet>,
     v6: LpmTrie<MapData, V6Key, RuleSet>,
+    names: LpmTrie<MapData, NameKey, RuleSet>,
     counters: PerCpuArray<MapData, u64>,
+    reasons: PerCpuArray<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, GlobalConfig>,
     events: Option<RingBuf<MapData>>,
@@ -229,6 +233,7 @@ impl Kernel {
             let res = match prog {
                 Program::CgroupSockAddr(p) => p.load(),
                 Program::CgroupSock(p) => p.load(),
+                Program::CgroupSkb(p) => p.load(),
                 _ => bail!("program {name} has an unexpected type"),
             };
             res.map_err(|e| anyhow!("loading program {name}: {e:#}"))?;
@@ -237,7 +242,9 @@ impl Kernel {
         let policies: Array<MapData, PolicyState> = map(&mut ebpf, map_names::POLICIES)?;
         let mut v4: LpmTrie<MapData, V4Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V4)?;
         let mut v6: LpmTrie<MapData, V6Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V6)?;
+        let mut names: LpmTrie<MapData, NameKey, RuleSet> = map(&mut ebpf, map_names::NAMES)?;
         let counters = map(&mut ebpf, map_names::COUNTERS)?;
+        let reasons = map(&mut ebpf, map_names::REASONS)?;
         let stats = map(&mut ebpf, map_names::STATS)?;
         let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
@@ -307,6 +314,13 @@ impl Kernel {
                     None => orphans += usize::from(v6.remove(&k).is_ok()),
                 }
             }
+            let keys: Vec<Key<NameKey>> = names.keys().flatten().collect();
+            for k in keys {
+                match owner.get(&u32::from_be_bytes(k.data().table_id_be)) {
+                    Some(s) => installed.entry(*s).or_default().names.push(k),
+                    None => orphans += usize::from(names.remove(&k).is_ok()),
+                }
+            }
             let keys: Vec<FileKey> = file_rules.keys().flatten().collect();
             for k in keys {
                 match owner.get(&k.table_id) {
@@ -328,7 +342,9 @@ impl Kernel {
             policies,
             v4,
             v6,
+            names,
             counters,
+            reasons,
             stats,
             config,
             events,
@@ -581,6 +597,18 @@ impl Kernel {
                         .try_into()
                         .map_err(|e| anyhow!("{name}: {e}"))?
                 }
+                Program::CgroupSkb(p) => {
+                    let id = p
+                        .attach(
+                            &file,
+                            CgroupSkbAttachType::Egress,
+                            CgroupAttachMode::Single,
+                        )
+                        .map_err(|e| anyhow!("attaching {name} to {}: {e:#}", cgroup.display()))?;
+                    p.take_link(id)?
+                        .try_into()
+                        .map_err(|e| anyhow!("{name}: {e}"))?
+                }
                 _ => bail!("program {name} has an unexpected type"),
             };
             links.push(link);
@@ -664,6 +692,12 @@ impl Kernel {
         let mut result = self.insert_cidrs(table_id, &compiled.v4, &compiled.v6, &mut new);
         if let (Ok(()), Some(t)) = (&result, &compiled.taint) {
             result = self.insert_cidrs(taint_table_id, &t.v4, &t.v6, &mut new);
+        }
+        if result.is_ok() {
+            result = self.insert_names(table_id, &compiled.names, &mut new);
+        }
+        if let (Ok(()), Some(_)) = (&result, &compiled.taint) {
+            result = self.insert_names(taint_table_id, &compiled.taint_names, &mut new);
         }
         if result.is_ok() {
             for (inode, value) in &files.entries {
@@ -819,6 +853,28 @@ impl Kernel {
         )
     }
 
+    /// The host patterns of one generation into `NAMES` (first-bytes checks).
+    fn insert_names(
+        &mut self,
+        table_id: u32,
+        entries: &[NameEntry],
+        new: &mut Installed,
+    ) -> Result<()> {
+        for e in entries {
+            let mut data = NameKey {
+                table_id_be: table_id.to_be_bytes(),
+                ..NameKey::default()
+            };
+            data.name[..e.len].copy_from_slice(&e.key[..e.len]);
+            let key = Key::new(32 + 8 * e.len as u32, data);
+            self.names
+                .insert(&key, e.set, 0)
+                .with_context(|| format!("inserting host {} into NAMES", e.pattern))?;
+            new.names.push(key);
+        }
+        Ok(())
+    }
+
     /// Remove identity `slot`'s policy: its cgroups (if still bound) fail closed.
     pub fn remove_policy(&mut self, slot: u32) -> Result<()> {
         self.policies.set(slot, PolicyState::default(), 0)?;
@@ -848,6 +904,9 @@ impl Kernel {
         }
         for k in &g.files {
             let _ = self.file_rules.remove(k);
+        }
+        for k in &g.names {
+            let _ = self.names.remove(k);
         }
     }
 
@@ -887,6 +946,15 @@ impl Kernel {
             .collect();
         for k in stale6 {
             let _ = self.v6.remove(&k);
+        }
+        let stale_names: Vec<Key<NameKey>> = self
+            .names
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().table_id_be)))
+            .collect();
+        for k in stale_names {
+            let _ = self.names.remove(&k);
         }
     }
 
@@ -930,9 +998,33 @@ impl Kernel {
         out
     }
 
+    /// Refused first bytes of `slot` by reason: (reason, audit, total), non-zero only.
+    pub fn slot_reasons(&self, slot: u32) -> Vec<(u8, bool, u64)> {
+        let mut out = Vec::new();
+        for r in 1..first_bytes::reason::COUNT as u8 {
+            for audit in [false, true] {
+                let idx = reason_index(slot, r, audit);
+                if let Ok(vals) = self.reasons.get(&idx, 0) {
+                    let total: u64 = vals.iter().sum();
+                    if total > 0 {
+                        out.push((r, audit, total));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Reset a slot's counters (when a slot is reused for another identity).
     pub fn reset_slot_counters(&mut self, slot: u32) {
         let ncpu = aya::util::nr_cpus().unwrap_or(1);
+        for r in 0..first_bytes::reason::COUNT as u8 {
+            for audit in [false, true] {
+                if let Ok(zero) = aya::maps::PerCpuValues::try_from(vec![0u64; ncpu]) {
+                    let _ = self.reasons.set(reason_index(slot, r, audit), zero, 0);
+                }
+            }
+        }
         for a in 0..action::COUNT as u8 {
             for v in 0..verdict::COUNT as u8 {
                 let idx = counter_index(slot, a, v);

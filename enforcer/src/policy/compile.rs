@@ -35,12 +35,12 @@
 //! IPv4 traffic sent through a mapped address.
 use std::fmt::Write as _;
 
-use enforcer_common::{proto, rule, PortRule, RuleSet, MAX_PORT_RULES};
+use enforcer_common::{first_bytes, proto, rule, rule_flags, PortRule, RuleSet, MAX_PORT_RULES};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
-    check_supported, EgressRule, FileAccess, LoadedPolicy, Mode, PolicyError, PolicyErrors,
-    Protocol,
+    check_supported, EgressRule, FileAccess, Inspect, LoadedPolicy, Mode, PolicyError,
+    PolicyErrors, Protocol,
 };
 
 /// What the daemon writes into the kernel tables for one identity.
@@ -63,12 +63,31 @@ pub struct CompiledPolicy {
     pub taint: Option<CidrTables>,
     /// Descriptions of `spec.onTaint.egress[i]`.
     pub taint_rules: Vec<String>,
+    /// `NAMES` entries of `spec.egress`'s host rules (first-bytes checks).
+    pub names: Vec<NameEntry>,
+    /// `NAMES` entries of `spec.onTaint.egress`'s host rules (ids `TAINT_BASE + i + 1`).
+    pub taint_names: Vec<NameEntry>,
+    /// Host rules with `inspect: none` (descriptions), shown by `policy
+    /// check`, `status` and the audit start record.
+    pub uninspected: Vec<String>,
     /// `spec.files`, in order (ids `FILE_BASE + i + 1`). Paths are resolved
     /// to inodes when the policy is installed (`crate::kernel::files`).
     pub files: Vec<CompiledFileRule>,
     /// `spec.identity.kubernetes`: the pods this policy binds (daemon in
     /// Kubernetes mode, `crate::k8s::binding`).
     pub kubernetes: Option<super::KubernetesIdentity>,
+}
+
+/// One host pattern in the kernel's `NAMES` trie: its reversed key (see
+/// `enforcer_common::first_bytes`) and the port rules of every host rule
+/// whose pattern covers it (its own, and those of shorter wildcards).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NameEntry {
+    pub pattern: String,
+    pub key: [u8; first_bytes::KEY_NAME],
+    /// Key bytes used (the LPM prefix is `32 + 8 * len` bits with the table id).
+    pub len: usize,
+    pub set: RuleSet,
 }
 
 /// LPM entries of one list of egress rules.
@@ -117,6 +136,8 @@ struct Entry {
     mask: u8,
     lo: u16,
     hi: u16,
+    /// `rule_flags::*` of the rule (a function of `id`).
+    flags: u8,
 }
 
 /// A prefix with its address left-aligned in 128 bits (IPv4 in the top 32),
@@ -194,6 +215,9 @@ pub fn describe_rule(index: usize, r: &EgressRule) -> String {
         Protocol::Udp => " udp",
         Protocol::Any => " any",
     });
+    if r.host.is_some() && r.inspect == Inspect::None {
+        s.push_str(" inspect none");
+    }
     s
 }
 
@@ -295,8 +319,39 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             &mut errors,
         )
     });
+    let mut names = Vec::new();
+    let mut taint_names = Vec::new();
+    for (rules, id_base, field, out) in [
+        (&spec.egress[..], 0, "spec.egress", &mut names),
+        (on_taint_rules, rule::TAINT_BASE, "spec.onTaint.egress", &mut taint_names),
+    ] {
+        if id_base != 0 && !taints {
+            continue;
+        }
+        match name_entries(rules, id_base) {
+            Ok(e) => *out = e,
+            Err((pattern, n)) => {
+                let i = rules
+                    .iter()
+                    .position(|r| r.host.as_deref() == Some(pattern.as_str()))
+                    .unwrap_or(0);
+                errors.push(p.error(
+                    &format!("{field}[{i}].host"),
+                    format!(
+                        "the names covered by {pattern} (with the wildcards above it) need {n} \
+                         port/protocol entries, more than the {MAX_PORT_RULES} one name can hold; \
+                         merge port ranges"
+                    ),
+                ));
+            }
+        }
+    }
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
+    }
+    let mut uninspected_rules = uninspected(&spec.egress, "");
+    if taints {
+        uninspected_rules.extend(uninspected(on_taint_rules, "onTaint."));
     }
     let files = spec
         .files
@@ -328,6 +383,9 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             .enumerate()
             .map(|(i, r)| format!("onTaint.{}", describe_rule(i, r)))
             .collect(),
+        names,
+        taint_names,
+        uninspected: uninspected_rules,
         files,
         kubernetes: identity.and_then(|i| i.kubernetes.clone()),
     })
@@ -348,6 +406,54 @@ pub fn host_groups(egress: &[EgressRule]) -> Vec<(String, Vec<u32>)> {
     groups
 }
 
+/// The `NAMES` entries of `egress`'s host rules, rule ids offset by
+/// `id_base`: one per pattern, carrying its own rules and those of every
+/// wildcard pattern that covers it (the kernel's longest-prefix lookup
+/// returns only the most specific entry). `Err((pattern, n))` when an
+/// entry needs `n > MAX_PORT_RULES` port rules.
+pub fn name_entries(egress: &[EgressRule], id_base: u32) -> Result<Vec<NameEntry>, (String, usize)> {
+    let keyed: Vec<(String, [u8; first_bytes::KEY_NAME], usize, Vec<u32>)> = host_groups(egress)
+        .into_iter()
+        .filter_map(|(pattern, ids)| {
+            let (key, len) = first_bytes::pattern_key(&pattern)?;
+            Some((pattern, key, len, ids))
+        })
+        .collect();
+    let mut out = Vec::with_capacity(keyed.len());
+    for (pattern, key, len, ids) in &keyed {
+        let mut all = ids.clone();
+        for (other, okey, olen, oids) in &keyed {
+            let wildcard = okey[olen - 1] == b'.';
+            if other != pattern && wildcard && olen <= len && okey[..*olen] == key[..*olen] {
+                all.extend(oids);
+            }
+        }
+        all.sort_unstable();
+        all.dedup();
+        let mut set = host_rule_set(egress, &all).map_err(|n| (pattern.clone(), n))?;
+        for r in &mut set.rules[..set.count as usize] {
+            r.rule_id += id_base;
+        }
+        out.push(NameEntry {
+            pattern: pattern.clone(),
+            key: *key,
+            len: *len,
+            set,
+        });
+    }
+    Ok(out)
+}
+
+/// Descriptions of the host rules of `egress` with `inspect: none`.
+fn uninspected(egress: &[EgressRule], prefix: &str) -> Vec<String> {
+    egress
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.host.is_some() && r.inspect == Inspect::None)
+        .map(|(i, r)| format!("{prefix}{}", describe_rule(i, r)))
+        .collect()
+}
+
 /// The kernel value for an address learned for the rules `ids` (rule ids of
 /// `egress`, ascending; normally the rules of one host pattern): one
 /// [`PortRule`] per merged port range and protocol mask, each with its rule
@@ -364,12 +470,18 @@ pub fn host_rule_set(egress: &[EgressRule], ids: &[u32]) -> Result<RuleSet, usiz
 /// The port/protocol entries of rule `r` (id `id`).
 fn push_entries(entries: &mut Vec<Entry>, r: &EgressRule, id: u32) {
     let mask = proto_mask(r.protocol);
+    let flags = if r.host.is_some() && r.inspect == Inspect::None {
+        rule_flags::RAW
+    } else {
+        0
+    };
     if r.ports.is_empty() {
         entries.push(Entry {
             id,
             mask,
             lo: 0,
             hi: u16::MAX,
+            flags,
         });
     } else {
         entries.extend(r.ports.iter().map(|pr| Entry {
@@ -377,6 +489,7 @@ fn push_entries(entries: &mut Vec<Entry>, r: &EgressRule, id: u32) {
             mask,
             lo: pr.lo,
             hi: pr.hi,
+            flags,
         }));
     }
 }
@@ -395,7 +508,8 @@ fn to_rule_set(entries: &[Entry]) -> Result<RuleSet, usize> {
             port_lo: e.lo,
             port_hi: e.hi,
             proto_mask: e.mask,
-            _pad: [0; 3],
+            flags: e.flags,
+            _pad: [0; 2],
             rule_id: e.id,
         };
     }

@@ -145,6 +145,32 @@ pub struct EgressRule {
     pub ports: Vec<PortRange>,
     #[serde(default)]
     pub protocol: Protocol,
+    /// `host:` rules only: whether a connection to the name's addresses
+    /// must first present the name (TLS SNI or HTTP Host), judged in the
+    /// kernel before any byte leaves (`name`, the default), or may carry
+    /// anything (`none`: SSH and other protocols without a name; also
+    /// allows UDP to the addresses).
+    #[serde(default, skip_serializing_if = "Inspect::is_default")]
+    pub inspect: Inspect,
+}
+
+/// `EgressRule.inspect`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Inspect {
+    /// The first bytes must be a TLS ClientHello or an HTTP/1.x request
+    /// naming a host rule of the identity that admits the port.
+    #[default]
+    Name,
+    /// No check of the first bytes (opt-out, shown by `policy check`,
+    /// `status` and the audit start record).
+    None,
+}
+
+impl Inspect {
+    pub fn is_default(&self) -> bool {
+        *self == Self::Name
+    }
 }
 
 /// Inclusive port range, `1 <= lo <= hi <= 65535`. Written (and serialized)

@@ -417,7 +417,7 @@ impl<'a> Validator<'a> {
     }
 
     fn egress_rule(&mut self, node: &Node, path: &str) -> Option<EgressRule> {
-        let f = self.map(node, path, &["cidr", "host", "ports", "protocol"])?;
+        let f = self.map(node, path, &["cidr", "host", "ports", "protocol", "inspect"])?;
         let before = self.errors.len();
         let cidr = self.get(&f, "cidr");
         let host = self.get(&f, "host");
@@ -469,6 +469,38 @@ impl<'a> Validator<'a> {
                 protocol = pr;
             }
         }
+        let mut inspect = Inspect::Name;
+        if let Some((n, p)) = self.get(&f, "inspect") {
+            if let Some(i) =
+                self.enumerated(n, &p, &[("name", Inspect::Name), ("none", Inspect::None)])
+            {
+                if cidr.is_some() {
+                    self.err(
+                        n,
+                        &p,
+                        "`inspect` applies to `host` rules only: a `cidr` rule's connections \
+                         are never judged by their first bytes",
+                    );
+                }
+                inspect = i;
+            }
+        }
+        if let (Some(h), Inspect::Name) = (&host, inspect) {
+            let body = h.strip_prefix("*.").unwrap_or(h);
+            if body.len() > enforcer_common::first_bytes::NAME_MAX {
+                if let Some((n, p)) = self.get(&f, "host") {
+                    self.err(
+                        n,
+                        &p,
+                        format!(
+                            "a name longer than {} characters cannot be checked against the \
+                             TLS SNI / HTTP Host in the kernel; shorten it or add `inspect: none`",
+                            enforcer_common::first_bytes::NAME_MAX
+                        ),
+                    );
+                }
+            }
+        }
         if self.errors.len() != before {
             return None;
         }
@@ -477,6 +509,7 @@ impl<'a> Validator<'a> {
             host,
             ports,
             protocol,
+            inspect,
         })
     }
 

@@ -13,6 +13,7 @@ fn rule(cidr: &str, ports: &[(u16, u16)], protocol: Protocol) -> EgressRule {
         host: None,
         ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
         protocol,
+        inspect: Inspect::Name,
     }
 }
 
@@ -285,6 +286,7 @@ fn host(h: &str, ports: &[(u16, u16)], protocol: Protocol) -> EgressRule {
         host: Some(h.into()),
         ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
         protocol,
+        inspect: Inspect::Name,
     }
 }
 
@@ -375,6 +377,7 @@ fn hundred_thousand_rules() {
             host: None,
             ports: vec![PortRange { lo: 80, hi: 80 }],
             protocol: Protocol::Tcp,
+            inspect: Inspect::Name,
         });
     }
     for i in 0..1000u128 {
@@ -384,6 +387,7 @@ fn hundred_thousand_rules() {
             host: None,
             ports: vec![],
             protocol: Protocol::Udp,
+            inspect: Inspect::Name,
         });
     }
     let c = compile(&loaded(egress)).unwrap();
@@ -486,6 +490,7 @@ fn compiled_tables_agree_with_brute_force() {
                     host: None,
                     ports,
                     protocol,
+                    inspect: Inspect::Name,
                 }
             })
             .collect();

@@ -1,0 +1,329 @@
+//! cgroup_skb/egress: the first bytes of connections to learned addresses.
+//!
+//! The connect hook gave such a socket pending state (`INSPECT`). Until its
+//! first bytes were judged, no segment carrying payload leaves: each is
+//! dropped here (the sender's TCP keeps the bytes queued, appends what the
+//! agent writes next and sends the lot again, so a ClientHello written in
+//! pieces arrives here whole). Segments without payload (SYN, ACK, FIN,
+//! RST) pass. A data-carrying SYN (TCP Fast Open) is judged like any segment.
+//! The judge (`enforcer_common::first_bytes`) reads the TLS ClientHello's
+//! server name or the HTTP/1.x request's Host, and the name must match one
+//! of the identity's host rules that admits the port (`NAMES`, one LPM
+//! lookup under the identity's current generation: the onTaint one once
+//! tainted). Then the socket is passed (one storage lookup per segment from
+//! then on) or refused (its payload is dropped for good; userspace resets
+//! the connection when the event arrives).
+//!
+//! Sockets without state (every other connection of the cgroup) cost one
+//! socket-storage lookup per segment.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_loop, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_load_bytes},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use enforcer_common::{
+    action,
+    first_bytes::{self, kind, name_key, reason, Body, Loops, Outcome, Stream, BUF, MASK},
+    inspect_status, policy_flags, proto, stat, verdict, InspectState, PolicyState,
+};
+
+use crate::{
+    maps::{Scratch, DEPTH, INSPECT, NAMES, POLICIES, SCRATCH},
+    report::{self, Decision, Presented},
+    sock_addr::{match_rules, tables},
+};
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+
+#[cgroup_skb(egress)]
+pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return PASS;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return PASS;
+    }
+    let map = core::ptr::from_ref(&INSPECT).cast_mut().cast::<c_void>();
+    let st = unsafe { bpf_sk_storage_get(map, full.cast(), core::ptr::null_mut(), 0) }
+        .cast::<InspectState>();
+    if st.is_null() {
+        return PASS;
+    }
+    let status = unsafe { (*st).status };
+    if status == inspect_status::PASSED {
+        return PASS;
+    }
+    let Some(seg) = segment(skb) else {
+        // Not a TCP segment we can read: nothing of a pending or refused
+        // socket leaves unjudged.
+        return DROP;
+    };
+    if seg.payload_len == 0 {
+        return PASS;
+    }
+    if status != inspect_status::PENDING {
+        report::bump_stat(stat::INSPECT_DROPPED);
+        return DROP;
+    }
+    let Some(depth) = DEPTH.get_ptr_mut(0) else {
+        return DROP;
+    };
+    let d = unsafe { *depth };
+    if d >= 2 {
+        report::bump_stat(stat::INSPECT_NESTED);
+        return DROP;
+    }
+    unsafe { *depth = d + 1 };
+    let ret = match SCRATCH.get_ptr_mut(d) {
+        Some(scratch) => judge(skb, unsafe { &mut *st }, &seg, unsafe { &mut *scratch }),
+        None => DROP,
+    };
+    unsafe { *depth = d };
+    ret
+}
+
+/// Where a segment's payload starts and its addresses.
+struct Segment {
+    payload_off: usize,
+    payload_len: usize,
+    family: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+}
+
+#[inline(always)]
+fn load<const N: usize>(skb: *mut __sk_buff, off: usize) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    let r = unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
+    if r == 0 {
+        Some(out)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn segment(skb: *mut __sk_buff) -> Option<Segment> {
+    let len = unsafe { (*skb).len } as usize;
+    let protocol = u16::from_be(unsafe { (*skb).protocol } as u16);
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let (l4, family) = if protocol == ETH_P_IP {
+        let h: [u8; 20] = load(skb, 0)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        // TCP, not a fragment (MF or an offset).
+        if h[9] != IPPROTO_TCP || ihl < 20 || (h[6] & 0x3f) != 0 || h[7] != 0 {
+            return None;
+        }
+        src[10] = 0xff;
+        src[11] = 0xff;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        src[12..16].copy_from_slice(&h[12..16]);
+        dst[12..16].copy_from_slice(&h[16..20]);
+        (ihl, 2u8)
+    } else if protocol == ETH_P_IPV6 {
+        let h: [u8; 40] = load(skb, 0)?;
+        // TCP right after the fixed header (no extension headers).
+        if h[6] != IPPROTO_TCP {
+            return None;
+        }
+        src.copy_from_slice(&h[8..24]);
+        dst.copy_from_slice(&h[24..40]);
+        (40usize, 10u8)
+    } else {
+        return None;
+    };
+    let t: [u8; 20] = load(skb, l4)?;
+    let doff = ((t[12] >> 4) as usize) * 4;
+    let payload_off = l4 + doff;
+    if doff < 20 || payload_off > len {
+        return None;
+    }
+    Some(Segment {
+        payload_off,
+        payload_len: len - payload_off,
+        family,
+        src,
+        dst,
+        src_port: u16::from_be_bytes([t[0], t[1]]),
+        dst_port: u16::from_be_bytes([t[2], t[3]]),
+    })
+}
+
+/// Long loops through `bpf_loop` (Linux 5.17): the verifier checks the
+/// step once.
+struct BpfLoops;
+
+impl Loops for BpfLoops {
+    #[inline(always)]
+    fn repeat<B: Body>(n: u32, body: &mut B) {
+        let f: extern "C" fn(u32, *mut c_void) -> i64 = step::<B>;
+        unsafe {
+            bpf_loop(
+                n,
+                f as *mut c_void,
+                core::ptr::from_mut(body).cast(),
+                0,
+            )
+        };
+    }
+}
+
+extern "C" fn step<B: Body>(i: u32, ctx: *mut c_void) -> i64 {
+    let body = unsafe { &mut *ctx.cast::<B>() };
+    if body.step(i as usize) {
+        0
+    } else {
+        1
+    }
+}
+
+/// The segment's payload as the stream's first bytes (nothing passed yet,
+/// so the payload starts at stream offset 0).
+struct Payload {
+    skb: *mut __sk_buff,
+    off: usize,
+    len: usize,
+}
+
+impl Stream for Payload {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    fn copy(&self, off: usize, buf: &mut [u8; 2 * BUF], at: usize, len: usize) -> bool {
+        let at = at & MASK;
+        let len = (len.wrapping_sub(1) & MASK) + 1;
+        let dst = unsafe { buf.as_mut_ptr().add(at) };
+        unsafe {
+            bpf_skb_load_bytes(
+                self.skb.cast(),
+                (self.off + off) as u32,
+                dst.cast(),
+                len as u32,
+            ) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn copy_small<const N: usize>(&self, off: usize, out: &mut [u8; N]) -> bool {
+        unsafe {
+            bpf_skb_load_bytes(
+                self.skb.cast(),
+                (self.off + off) as u32,
+                out.as_mut_ptr().cast(),
+                N as u32,
+            ) == 0
+        }
+    }
+}
+
+#[inline(always)]
+fn judge(skb: *mut __sk_buff, st: &mut InspectState, seg: &Segment, scratch: &mut Scratch) -> i32 {
+    let stream = Payload {
+        skb,
+        off: seg.payload_off,
+        len: seg.payload_len,
+    };
+    let outcome = first_bytes::judge::<_, BpfLoops>(&stream, &mut scratch.buf);
+    let (k, why, off, len, rule_id) = match outcome {
+        Outcome::NeedMore => {
+            report::bump_stat(stat::INSPECT_HELD);
+            return DROP;
+        }
+        Outcome::Refuse {
+            kind,
+            reason,
+            off,
+            len,
+        } => (kind, reason, off, len, st.rule_id),
+        Outcome::Name { kind, off, len } => match allowed(st, scratch, off, len) {
+            Ok(rule_id) => (kind, reason::NONE, off, len, rule_id),
+            Err(r) => (kind, r, off, len, st.rule_id),
+        },
+    };
+    let policy: Option<PolicyState> = POLICIES
+        .get(st.slot)
+        .copied()
+        .filter(|p| p.flags & policy_flags::PRESENT != 0);
+    let audit = matches!(policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
+    let (v, ret) = if why == reason::NONE {
+        st.status = inspect_status::PASSED;
+        (verdict::ALLOW, PASS)
+    } else if audit {
+        st.status = inspect_status::PASSED;
+        (verdict::AUDIT, PASS)
+    } else {
+        st.status = inspect_status::REFUSED;
+        (verdict::DENY, DROP)
+    };
+    report::record_inspect(
+        &Decision {
+            cgroup_id: st.cgroup_id,
+            slot: st.slot,
+            rule_id,
+            action: action::INSPECT,
+            verdict: v,
+            addr: seg.dst,
+            port: seg.dst_port,
+            protocol: IPPROTO_TCP,
+            family: seg.family,
+            sock_type: 1,
+            reason: why,
+        },
+        &Presented {
+            kind: if k == kind::UNKNOWN { kind::UNKNOWN } else { k },
+            src: seg.src,
+            src_port: seg.src_port,
+            buf: &scratch.buf,
+            off,
+            len,
+        },
+    );
+    ret
+}
+
+/// Does the presented name match a host rule of the identity (its current
+/// generation) that admits the port? The rule id, or the refusal reason.
+#[inline(always)]
+fn allowed(st: &InspectState, scratch: &mut Scratch, off: usize, len: usize) -> Result<u32, u8> {
+    // The name plus the slack behind the key: 256 bytes of the map value.
+    let out = unsafe {
+        &mut *scratch
+            .key
+            .data
+            .name
+            .as_mut_ptr()
+            .cast::<[u8; first_bytes::KEY_BUF]>()
+    };
+    let n = name_key::<BpfLoops>(&scratch.buf, off, len, out)?;
+    let Some(p) = POLICIES
+        .get(st.slot)
+        .copied()
+        .filter(|p| p.flags & policy_flags::PRESENT != 0)
+    else {
+        return Err(reason::NO_STATE);
+    };
+    let (table_id, _) = tables(&p, st.slot);
+    scratch.key.data.table_id_be = table_id.to_be_bytes();
+    scratch.key.prefix_len = 32 + 8 * n as u32;
+    NAMES
+        .get(&scratch.key)
+        .and_then(|set| match_rules(set, st.port, proto::TCP))
+        .ok_or(reason::NAME_MISMATCH)
+}
