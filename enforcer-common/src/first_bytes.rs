@@ -93,6 +93,7 @@ pub mod kind {
 }
 
 /// The connection's first bytes, as far as they were sent.
+#[allow(clippy::len_without_is_empty)]
 pub trait Stream {
     /// Bytes available (from stream offset 0).
     fn len(&self) -> usize;
@@ -499,7 +500,7 @@ fn http<L: Loops>(buf: &[u8; 2 * BUF], n: usize) -> Outcome {
         1 if m.letters > 0 && m.letters <= MAX_METHOD => {}
         _ => return not,
     }
-    let mut p = m.letters + 1;
+    let p = m.letters + 1;
     // Request target: origin form, or absolute form `http://authority...`.
     if p + 7 > n {
         return Outcome::NeedMore;

@@ -106,7 +106,8 @@ struct Segment {
 #[inline(always)]
 fn load<const N: usize>(skb: *mut __sk_buff, off: usize) -> Option<[u8; N]> {
     let mut out = [0u8; N];
-    let r = unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
+    let r =
+        unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
     if r == 0 {
         Some(out)
     } else {
@@ -171,14 +172,7 @@ impl Loops for BpfLoops {
     #[inline(always)]
     fn repeat<B: Body>(n: u32, body: &mut B) {
         let f: extern "C" fn(u32, *mut c_void) -> i64 = step::<B>;
-        unsafe {
-            bpf_loop(
-                n,
-                f as *mut c_void,
-                core::ptr::from_mut(body).cast(),
-                0,
-            )
-        };
+        unsafe { bpf_loop(n, f as *mut c_void, core::ptr::from_mut(body).cast(), 0) };
     }
 }
 

@@ -6,12 +6,11 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    first_bytes::BUF,
-    stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, InspectState, Learned,
-    LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet, V4Key, V6Key, BLOOM_WORDS,
-    COUNTERS_LEN, EVENTS_BYTES, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES,
-    MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED, MAX_SLOTS,
-    REASONS_LEN,
+    first_bytes::BUF, stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, InspectState,
+    Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet, V4Key, V6Key,
+    BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6,
+    MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED,
+    MAX_SLOTS, REASONS_LEN,
 };
 
 #[map(name = "IDENTITIES")]

@@ -130,7 +130,10 @@ pub fn record_inspect(d: &Decision, p: &Presented) {
         (*out).name_len = n as u8;
         // A fixed-size copy (no loop for the verifier to walk): the bytes
         // past `name_len` are whatever followed the name.
-        let src = p.buf.as_ptr().add(p.off & enforcer_common::first_bytes::MASK);
+        let src = p
+            .buf
+            .as_ptr()
+            .add(p.off & enforcer_common::first_bytes::MASK);
         core::ptr::copy_nonoverlapping(src, (*out).name.as_mut_ptr(), PRESENTED_MAX);
     }
     entry.submit(0);

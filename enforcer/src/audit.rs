@@ -198,6 +198,14 @@ struct DecisionRecord<'a> {
     policy_hash: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
+    /// Action `inspect`: `tls`, `http`, `other`, `udp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_bytes: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    /// The name the first bytes presented (SNI or Host), escaped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presented: Option<&'a str>,
     prev_hash: &'a str,
 }
 
@@ -396,6 +404,7 @@ impl AuditLog {
             rule,
             policy_hash,
             detail,
+            first_bytes,
         } = d;
         self.append_with(|buf, seq, prev_hash| {
             serde_json::to_writer(
@@ -420,6 +429,9 @@ impl AuditLog {
                     rule,
                     policy_hash,
                     detail: detail.as_deref(),
+                    first_bytes: first_bytes.as_ref().map(|f| f.kind),
+                    reason: first_bytes.as_ref().and_then(|f| f.reason),
+                    presented: first_bytes.as_ref().and_then(|f| f.name.as_deref()),
                     prev_hash,
                 },
             )
@@ -933,6 +945,7 @@ mod tests {
             rule: "default-deny".into(),
             policy_hash: "ab".repeat(32),
             detail: (i == 3).then(|| "family=inet".to_string()),
+            first_bytes: None,
         }
     }
 

@@ -118,6 +118,7 @@ impl DnsSink for Recorder {
             rule,
             policy_hash: ev.policy_hash.clone(),
             detail: Some(detail),
+            first_bytes: None,
         });
     }
 

@@ -182,6 +182,7 @@ fn policy_check(files: &[PathBuf]) -> anyhow::Result<i32> {
                             p.line,
                             p.policy.metadata.name
                         );
+                        println!("  {}", c.inspection_note());
                     }
                     Err(e) => {
                         eprintln!("{e}");

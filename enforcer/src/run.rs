@@ -297,9 +297,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         Some(&identity),
         &compiled.hash,
         &format!(
-            "enforcer run {:?} in cgroup {}; {containment}; bpf_lsm: {}{}",
+            "enforcer run {:?} in cgroup {}; {containment}; {}; bpf_lsm: {}{}",
             args.command,
             cg.path.display(),
+            compiled.inspection_note(),
             lsm.detail,
             degraded
                 .as_deref()
@@ -364,7 +365,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             let attribute = dns.attributor(attribution.clone());
             tokio::spawn(reader::run(
                 ring,
-                move |ev| sinks.handle(&attribute(&ev, &clock)),
+                move |r: reader::Decoded| {
+                    let mut d = attribute(&r.ev, &clock);
+                    d.first_bytes = r.first;
+                    sinks.handle(&d)
+                },
                 move || sinks_flush.flush(),
             ))
         };
@@ -674,5 +679,6 @@ fn refused_call_decision(
         rule: format!("seccomp:{}", call.syscall),
         policy_hash: policy_hash.to_string(),
         detail: Some(call.detail.clone()),
+        first_bytes: None,
     }
 }

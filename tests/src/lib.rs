@@ -138,7 +138,12 @@ impl TestDir {
             .tempdir()
             .expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        for f in ["hostile_agent.py", "probe.py", "dns_agent.py"] {
+        for f in [
+            "hostile_agent.py",
+            "probe.py",
+            "dns_agent.py",
+            "tls_agent.py",
+        ] {
             let dst = dir.path().join(f);
             std::fs::copy(agents_dir().join(f), &dst).unwrap();
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();

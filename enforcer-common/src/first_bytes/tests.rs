@@ -14,7 +14,10 @@ impl Stream for Bytes<'_> {
         self.0.len()
     }
     fn copy(&self, off: usize, buf: &mut [u8; 2 * BUF], at: usize, len: usize) -> bool {
-        assert!((1..=BUF).contains(&len) && at < BUF, "copy({off}, {at}, {len})");
+        assert!(
+            (1..=BUF).contains(&len) && at < BUF,
+            "copy({off}, {at}, {len})"
+        );
         match self.0.get(off..off + len) {
             Some(src) => {
                 buf[at..at + len].copy_from_slice(src);
@@ -212,7 +215,11 @@ fn a_hello_in_several_records_is_gathered() {
         }
         // Many small records: more than the kernel gathers.
         let tiny = h.records(msg.len() / MAX_RECORDS as usize - 1);
-        assert_eq!(said(&tiny), Said::Refused("malformed"), "{who} tiny records");
+        assert_eq!(
+            said(&tiny),
+            Said::Refused("malformed"),
+            "{who} tiny records"
+        );
     }
 }
 
@@ -228,7 +235,10 @@ fn other_names_and_tricks_are_seen_as_such() {
     assert_eq!(with(&[b"ALLOWED.Test"]), name("allowed.test"));
     assert_eq!(with(&[b"allowed.test."]), name("allowed.test"));
     assert_eq!(with(&[b"allowed.test.."]), Said::Refused("bad-name"));
-    assert_eq!(with(&[b"allowed.test.attacker"]), name("allowed.test.attacker"));
+    assert_eq!(
+        with(&[b"allowed.test.attacker"]),
+        name("allowed.test.attacker")
+    );
     assert_eq!(with(&[b"127.0.0.1"]), Said::Refused("bad-name"));
     assert_eq!(with(&[b"a..b"]), Said::Refused("bad-name"));
     assert_eq!(with(&[b".allowed.test"]), Said::Refused("bad-name"));
@@ -251,7 +261,10 @@ fn other_names_and_tricks_are_seen_as_such() {
     // (the kernel does not count label lengths).
     let mut n64 = vec![b'a'; 64];
     n64.extend_from_slice(b".test");
-    assert_eq!(with(&[&n64]), Said::Name(format!("{}.test", "a".repeat(64))));
+    assert_eq!(
+        with(&[&n64]),
+        Said::Name(format!("{}.test", "a".repeat(64)))
+    );
     // No server_name at all.
     assert_eq!(said(&h.without(0).records(16384)), Said::Refused("no-sni"));
     // Two server_name extensions.
@@ -276,38 +289,66 @@ fn extension_order_grease_and_size_do_not_matter() {
         let i = last.exts.iter().position(|(t, _)| *t == 0).unwrap();
         let sni = last.exts.remove(i);
         last.exts.push(sni);
-        assert_eq!(said(&last.records(16384)), name("allowed.test"), "{who} sni last");
+        assert_eq!(
+            said(&last.records(16384)),
+            name("allowed.test"),
+            "{who} sni last"
+        );
         // Reversed order, with GREASE extensions in front and behind.
         let mut rev = h.clone();
         rev.exts.reverse();
         rev.exts.insert(0, (0x0a0a, vec![]));
         rev.exts.push((0xfafa, vec![0]));
-        assert_eq!(said(&rev.records(16384)), name("allowed.test"), "{who} reversed");
+        assert_eq!(
+            said(&rev.records(16384)),
+            name("allowed.test"),
+            "{who} reversed"
+        );
         // A post-quantum-sized key share (X25519MLKEM768 is 1216 bytes):
         // 1.5 - 2.5 KB in all, in one record and in records of 1024.
         let mut pq = h.clone();
         pq.exts.push((0x0033, vec![0x11; 1400]));
         assert!(pq.message().len() > 1500);
         assert_eq!(said(&pq.records(16384)), name("allowed.test"), "{who} pq");
-        assert_eq!(said(&pq.records(1024)), name("allowed.test"), "{who} pq 1024");
+        assert_eq!(
+            said(&pq.records(1024)),
+            name("allowed.test"),
+            "{who} pq 1024"
+        );
         // Past what the kernel gathers: refused, not misread.
         let mut huge = h.clone();
         huge.exts.push((21, vec![0; BUF]));
-        assert_eq!(said(&huge.records(16384)), Said::Refused("too-long"), "{who} huge");
+        assert_eq!(
+            said(&huge.records(16384)),
+            Said::Refused("too-long"),
+            "{who} huge"
+        );
     }
 }
 
 #[test]
 fn not_tls_not_http_and_broken_records() {
-    assert_eq!(said(b"SSH-2.0-OpenSSH_9.2\r\n"), Said::Refused("not-tls-or-http"));
+    assert_eq!(
+        said(b"SSH-2.0-OpenSSH_9.2\r\n"),
+        Said::Refused("not-tls-or-http")
+    );
     assert_eq!(said(b"\x00\x01secret"), Said::Refused("not-tls-or-http"));
     assert_eq!(said(b"secret=hunter2"), Said::Refused("not-tls-or-http"));
-    assert_eq!(said(b"Secret hunter2\r\n"), Said::Refused("not-tls-or-http"));
+    assert_eq!(
+        said(b"Secret hunter2\r\n"),
+        Said::Refused("not-tls-or-http")
+    );
     // Handshake record of another version, or an empty one.
-    assert_eq!(said(b"\x16\x02\x00\x00\x05hello"), Said::Refused("malformed"));
+    assert_eq!(
+        said(b"\x16\x02\x00\x00\x05hello"),
+        Said::Refused("malformed")
+    );
     assert_eq!(said(b"\x16\x03\x01\x00\x00"), Said::Refused("malformed"));
     // A handshake that is no ClientHello.
-    assert_eq!(said(b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"), Said::Refused("malformed"));
+    assert_eq!(
+        said(b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"),
+        Said::Refused("malformed")
+    );
     // A second record of another type in the middle of the ClientHello.
     let msg = Hello::parse(FIXTURES[0].1).message();
     let mut r = records_of(&msg[..100], 100);
@@ -322,8 +363,14 @@ fn http_requests_name_their_host() {
         ok("GET / HTTP/1.1\r\nHost: allowed.test\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"),
         name("allowed.test")
     );
-    assert_eq!(ok("POST /x?d=1 HTTP/1.0\r\nhost:Allowed.Test:8080\r\n\r\nbody"), name("allowed.test"));
-    assert_eq!(ok("GET / HTTP/1.1\nHOST: \tallowed.test. \n\n"), name("allowed.test"));
+    assert_eq!(
+        ok("POST /x?d=1 HTTP/1.0\r\nhost:Allowed.Test:8080\r\n\r\nbody"),
+        name("allowed.test")
+    );
+    assert_eq!(
+        ok("GET / HTTP/1.1\nHOST: \tallowed.test. \n\n"),
+        name("allowed.test")
+    );
     assert_eq!(
         ok("GET http://allowed.test:80/x HTTP/1.1\r\nHost: allowed.test\r\n\r\n"),
         name("allowed.test")
@@ -332,17 +379,38 @@ fn http_requests_name_their_host() {
         ok("GET http://attacker.test/x HTTP/1.1\r\nHost: allowed.test\r\n\r\n"),
         Said::Refused("host-conflict")
     );
-    assert_eq!(ok("GET / HTTP/1.1\r\nX: y\r\n\r\n"), Said::Refused("no-host"));
+    assert_eq!(
+        ok("GET / HTTP/1.1\r\nX: y\r\n\r\n"),
+        Said::Refused("no-host")
+    );
     assert_eq!(
         ok("GET / HTTP/1.1\r\nHost: allowed.test\r\nHost: attacker.test\r\n\r\n"),
         Said::Refused("no-host")
     );
-    assert_eq!(ok("GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"), Said::Refused("bad-name"));
-    assert_eq!(ok("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), Said::Refused("bad-name"));
-    assert_eq!(ok("GET / HTTP/2.0\r\nHost: allowed.test\r\n\r\n"), Said::Refused("not-tls-or-http"));
-    assert_eq!(ok("CONNECT attacker.test:443 HTTP/1.1\r\nHost: allowed.test\r\n\r\n"), Said::Refused("not-tls-or-http"));
-    assert_eq!(ok("GET https://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n"), Said::Refused("not-tls-or-http"));
-    assert_eq!(ok("get / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"), Said::Refused("not-tls-or-http"));
+    assert_eq!(
+        ok("GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
+        Said::Refused("bad-name")
+    );
+    assert_eq!(
+        ok("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        Said::Refused("bad-name")
+    );
+    assert_eq!(
+        ok("GET / HTTP/2.0\r\nHost: allowed.test\r\n\r\n"),
+        Said::Refused("not-tls-or-http")
+    );
+    assert_eq!(
+        ok("CONNECT attacker.test:443 HTTP/1.1\r\nHost: allowed.test\r\n\r\n"),
+        Said::Refused("not-tls-or-http")
+    );
+    assert_eq!(
+        ok("GET https://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n"),
+        Said::Refused("not-tls-or-http")
+    );
+    assert_eq!(
+        ok("get / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"),
+        Said::Refused("not-tls-or-http")
+    );
     // Every prefix of a request waits for the end of its head.
     let req = b"GET /?d=secret HTTP/1.1\r\nHost: allowed.test\r\nAccept: */*\r\n\r\n";
     for k in 1..req.len() {
@@ -471,7 +539,9 @@ fn agrees_with_a_reference_parser_on_mutated_hellos() {
                 let j = rng.below(h.exts.len());
                 h.exts.swap(i, j);
             }
-            3 => h.exts.push((rng.below(0xffff) as u16, vec![0x42; rng.below(300)])),
+            3 => h
+                .exts
+                .push((rng.below(0xffff) as u16, vec![0x42; rng.below(300)])),
             _ => {}
         }
         let mut bytes = h.records(1 + rng.below(3000));

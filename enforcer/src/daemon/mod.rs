@@ -1655,7 +1655,11 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         let attribute = dns.attributor(attribution);
         tokio::spawn(reader::run(
             ring,
-            move |ev| sinks_h.handle(&attribute(&ev, &clock)),
+            move |r: reader::Decoded| {
+                let mut d = attribute(&r.ev, &clock);
+                d.first_bytes = r.first;
+                sinks_h.handle(&d)
+            },
             move || sinks_f.flush(),
         ))
     };

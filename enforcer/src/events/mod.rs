@@ -19,6 +19,9 @@ pub enum Action {
     FileOpen,
     FileLink,
     FileRename,
+    /// The first bytes of a connection to a learned address (TLS SNI or
+    /// HTTP Host), or UDP to such an address.
+    Inspect,
     /// A system call the agent's seccomp filter refused (`enforcer run`);
     /// decided in userspace, never counted by the kernel.
     Syscall,
@@ -35,6 +38,7 @@ impl Action {
             k::FILE_OPEN => Self::FileOpen,
             k::FILE_LINK => Self::FileLink,
             k::FILE_RENAME => Self::FileRename,
+            k::INSPECT => Self::Inspect,
             _ => return None,
         })
     }
@@ -47,11 +51,12 @@ impl Action {
             Self::FileOpen => "file_open",
             Self::FileLink => "file_link",
             Self::FileRename => "file_rename",
+            Self::Inspect => "inspect",
             Self::Syscall => "syscall",
         }
     }
     /// The actions the kernel decides and counts.
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 8] = [
         Self::Connect,
         Self::Sendmsg,
         Self::SockCreate,
@@ -59,6 +64,7 @@ impl Action {
         Self::FileOpen,
         Self::FileLink,
         Self::FileRename,
+        Self::Inspect,
     ];
     pub fn is_file(self) -> bool {
         matches!(self, Self::FileOpen | Self::FileLink | Self::FileRename)
@@ -73,6 +79,7 @@ impl Action {
             Self::FileOpen => k::FILE_OPEN,
             Self::FileLink => k::FILE_LINK,
             Self::FileRename => k::FILE_RENAME,
+            Self::Inspect => k::INSPECT,
             // Not a kernel action: never in ALL, never an index.
             Self::Syscall => u8::MAX,
         }
@@ -173,4 +180,20 @@ pub struct Decision {
     /// Extra detail (socket family/type for sock_create, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Action `inspect`: what the first bytes were and said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bytes: Option<FirstBytes>,
+}
+
+/// What a connection's first bytes were (action `inspect`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FirstBytes {
+    /// `tls`, `http`, or `other` (`udp` for UDP refused at connect/sendmsg).
+    pub kind: &'static str,
+    /// Why they were refused (`name-mismatch`, `no-sni`, `ech`,
+    /// `not-tls-or-http`, ...); `None` when allowed.
+    pub reason: Option<&'static str>,
+    /// The name presented (TLS SNI or HTTP Host), non-printable bytes
+    /// escaped, at most 128 bytes of it (`...` when cut).
+    pub name: Option<String>,
 }

@@ -16,10 +16,10 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{action, rule, verdict, Event};
+use enforcer_common::{action, first_bytes, rule, verdict, Event, InspectEvent};
 use tokio::io::unix::AsyncFd;
 
-use super::{Action, Decision, IdentityRef, Verdict};
+use super::{Action, Decision, FirstBytes, IdentityRef, Verdict};
 
 /// Decode one ring-buffer record. Short records are rejected (never read past the end).
 pub fn decode(bytes: &[u8]) -> Option<Event> {
@@ -28,6 +28,68 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     }
     // SAFETY: length checked; Event is plain old data; unaligned read.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+/// One ring-buffer record: the event, and for action `inspect` what the
+/// first bytes were.
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    pub ev: Event,
+    pub first: Option<FirstBytes>,
+}
+
+/// Decode a record of either size (`Event`, or `InspectEvent` for judged first bytes).
+pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
+    if bytes.len() >= size_of::<InspectEvent>() {
+        // SAFETY: length checked; InspectEvent is plain old data; unaligned read.
+        let ie = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<InspectEvent>()) };
+        let n = usize::from(ie.name_len).min(first_bytes::PRESENTED_MAX);
+        let mut name = escape_name(&ie.name[..n]);
+        if ie.truncated != 0 {
+            name.push_str("...");
+        }
+        let kind = match ie.kind {
+            first_bytes::kind::TLS => "tls",
+            first_bytes::kind::HTTP => "http",
+            _ => "other",
+        };
+        let reason = first_bytes::reason::as_str(ie.event.reason);
+        return Some(Decoded {
+            ev: ie.event,
+            first: Some(FirstBytes {
+                kind,
+                reason: (!reason.is_empty()).then_some(reason),
+                name: (n > 0).then_some(name),
+            }),
+        });
+    }
+    let ev = decode(bytes)?;
+    let first = (ev.action == action::INSPECT).then(|| {
+        let reason = first_bytes::reason::as_str(ev.reason);
+        FirstBytes {
+            kind: if ev.reason == first_bytes::reason::UDP {
+                "udp"
+            } else {
+                "other"
+            },
+            reason: (!reason.is_empty()).then_some(reason),
+            name: None,
+        }
+    });
+    Some(Decoded { ev, first })
+}
+
+/// A presented name for the log: printable ASCII kept, the rest `\xNN`.
+pub fn escape_name(raw: &[u8]) -> String {
+    let mut s = String::with_capacity(raw.len());
+    for &c in raw {
+        if c.is_ascii_graphic() && c != b'\\' && c != b'"' {
+            s.push(c as char);
+        } else {
+            s.push_str(&format!("\\x{c:02x}"));
+        }
+    }
+    s
 }
 
 /// What the controller knows about an identity slot.
@@ -238,6 +300,7 @@ impl Attribution {
             rule,
             policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),
             detail,
+            first_bytes: None,
         }
     }
 }
@@ -374,7 +437,7 @@ impl Default for Clock {
 /// `handle` for each event. `flush` runs after each drained batch.
 pub async fn run(
     ring: RingBuf<MapData>,
-    mut handle: impl FnMut(Event) + Send,
+    mut handle: impl FnMut(Decoded) + Send,
     mut flush: impl FnMut() + Send,
 ) -> anyhow::Result<()> {
     // SAFETY: RingBuf owns its map fd; it stays open and unchanged for the
@@ -386,8 +449,8 @@ pub async fn run(
         let ring = guard.get_inner_mut();
         let mut n = 0usize;
         while let Some(item) = ring.next() {
-            if let Some(ev) = decode(&item) {
-                handle(ev);
+            if let Some(d) = decode_record(&item) {
+                handle(d);
             }
             n += 1;
         }

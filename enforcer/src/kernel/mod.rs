@@ -599,11 +599,7 @@ impl Kernel {
                 }
                 Program::CgroupSkb(p) => {
                     let id = p
-                        .attach(
-                            &file,
-                            CgroupSkbAttachType::Egress,
-                            CgroupAttachMode::Single,
-                        )
+                        .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
                         .map_err(|e| anyhow!("attaching {name} to {}: {e:#}", cgroup.display()))?;
                     p.take_link(id)?
                         .try_into()

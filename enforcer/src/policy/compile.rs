@@ -123,6 +123,19 @@ impl CompiledPolicy {
         }
     }
 
+    /// What `policy check`, `status` and the audit start record say of
+    /// first-bytes checks: on for every host rule but the listed opt-outs.
+    pub fn inspection_note(&self) -> String {
+        if self.uninspected.is_empty() {
+            "first bytes (TLS SNI / HTTP Host) checked for every host rule".to_string()
+        } else {
+            format!(
+                "first bytes (TLS SNI / HTTP Host) checked for every host rule except: {}",
+                self.uninspected.join("; ")
+            )
+        }
+    }
+
     /// Number of LPM entries (both families).
     pub fn entry_count(&self) -> usize {
         self.v4.len() + self.v6.len()
@@ -323,7 +336,12 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     let mut taint_names = Vec::new();
     for (rules, id_base, field, out) in [
         (&spec.egress[..], 0, "spec.egress", &mut names),
-        (on_taint_rules, rule::TAINT_BASE, "spec.onTaint.egress", &mut taint_names),
+        (
+            on_taint_rules,
+            rule::TAINT_BASE,
+            "spec.onTaint.egress",
+            &mut taint_names,
+        ),
     ] {
         if id_base != 0 && !taints {
             continue;
@@ -411,7 +429,10 @@ pub fn host_groups(egress: &[EgressRule]) -> Vec<(String, Vec<u32>)> {
 /// wildcard pattern that covers it (the kernel's longest-prefix lookup
 /// returns only the most specific entry). `Err((pattern, n))` when an
 /// entry needs `n > MAX_PORT_RULES` port rules.
-pub fn name_entries(egress: &[EgressRule], id_base: u32) -> Result<Vec<NameEntry>, (String, usize)> {
+pub fn name_entries(
+    egress: &[EgressRule],
+    id_base: u32,
+) -> Result<Vec<NameEntry>, (String, usize)> {
     let keyed: Vec<(String, [u8; first_bytes::KEY_NAME], usize, Vec<u32>)> = host_groups(egress)
         .into_iter()
         .filter_map(|(pattern, ids)| {

@@ -417,7 +417,11 @@ impl<'a> Validator<'a> {
     }
 
     fn egress_rule(&mut self, node: &Node, path: &str) -> Option<EgressRule> {
-        let f = self.map(node, path, &["cidr", "host", "ports", "protocol", "inspect"])?;
+        let f = self.map(
+            node,
+            path,
+            &["cidr", "host", "ports", "protocol", "inspect"],
+        )?;
         let before = self.errors.len();
         let cidr = self.get(&f, "cidr");
         let host = self.get(&f, "host");
