@@ -1033,9 +1033,13 @@ impl Checks {
 
 // ---------------------------------------------------------------- DNS-aware policies
 
-/// One `spec.egress` entry, as YAML flow mapping text.
+/// One `spec.egress` host entry, as YAML flow mapping text, with
+/// `inspect: none`: the DNS tests send raw bytes to learned addresses (they
+/// test what a name opens, not what a connection names); the first-bytes
+/// checks every host rule gets by default are tested in `first_bytes.rs`.
 pub fn host_rule(host: &str, ports: &[u16], protocol: &str) -> String {
-    rule("host", host, ports, protocol)
+    let r = rule("host", host, ports, protocol);
+    format!("{}, inspect: none}}", r.trim_end_matches('}'))
 }
 
 /// One `spec.egress` cidr entry, as YAML flow mapping text.

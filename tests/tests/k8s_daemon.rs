@@ -1098,7 +1098,7 @@ fn pod_in_its_own_network_namespace_gets_its_dns_through_the_proxy() {
                                             "podSelector": {"matchLabels": {"app": "research"}}}},
                // The cidr rule vouches for loopback answers (rebinding
                // protection drops private and loopback answers otherwise).
-               "egress": [{"host": "allowed.example.com", "ports": [site.port()], "protocol": "tcp"},
+               "egress": [{"host": "allowed.example.com", "ports": [site.port()], "protocol": "tcp", "inspect": "none"},
                           {"cidr": "127.0.0.0/8", "ports": [9], "protocol": "tcp"}],
                "dns": {"upstream": [dns.upstream()]}}),
     );
