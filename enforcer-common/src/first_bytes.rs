@@ -496,6 +496,7 @@ fn http<L: Loops>(buf: &[u8; 2 * BUF], n: usize) -> Outcome {
     };
     L::repeat(MAX_METHOD as u32 + 1, &mut m);
     match m.stop {
+        0 if m.letters > MAX_METHOD => return not,
         0 => return Outcome::NeedMore,
         1 if m.letters > 0 && m.letters <= MAX_METHOD => {}
         _ => return not,

@@ -18,8 +18,8 @@
 //! FILE_RULES  HashMap   {ino, dev, table_id}   -> FileRuleValue (file policy, BPF LSM)
 //! NAMES       LpmTrie   {table_id BE, reversed name} -> RuleSet (host rules, for first-bytes checks)
 //! INSPECT     SkStorage socket                 -> InspectState (connections whose first bytes are judged)
-//! SCRATCH     PerCpuArray depth (0, 1)         -> Scratch (ClientHello / request head gathered)
-//! DEPTH       PerCpuArray 0                    -> u32 (nesting of the egress program on this CPU)
+//! SCRATCH     PerCpuArray 0                    -> Scratch (ClientHello / request head gathered)
+//! GENERATION  PerCpuArray 0                    -> u64 (bumped at each run's start and end: guards SCRATCH)
 //! REASONS     PerCpuArray reason_index(slot, reason, audit) -> u64 (refused first bytes)
 //! FILE_BLOOM  Array     word -> u64 (Bloom filter of every FILE_RULES inode: `bloom_bit`)
 //! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint)
@@ -298,7 +298,9 @@ pub mod stat {
     pub const INSPECT_HELD: u32 = 2;
     /// Segments of refused connections dropped after the refusal.
     pub const INSPECT_DROPPED: u32 = 3;
-    /// The egress program ran nested deeper than its scratch space (failed closed).
+    /// Another run of the egress program used the per-CPU scratch space
+    /// during a judgement (a softirq or a preempting task): the segment was
+    /// held and TCP sends it again.
     pub const INSPECT_NESTED: u32 = 4;
     /// A connect to a learned address refused because its socket state
     /// could not be created (fail closed).
@@ -515,7 +517,16 @@ pub struct InspectState {
     pub status: u8,
     /// The identity was in audit mode at connect time.
     pub audit: u8,
-    pub _pad: u32,
+    /// The connecting process (thread group id) and its `comm`, for the
+    /// record (the egress program may run in softirq context, and before
+    /// Linux 6.4 cgroup_skb programs cannot read the current task).
+    pub pid: u32,
+    pub comm: [u8; 16],
+    /// Sequence number of the SYN (`isn`), seen by the egress program;
+    /// `seq_known` once it was.
+    pub isn: u32,
+    pub seq_known: u8,
+    pub _pad: [u8; 3],
 }
 
 /// `NAMES` LPM key data: table id (big endian), then the host name reversed
@@ -634,7 +645,7 @@ mod tests {
         assert_eq!(size_of::<FileRuleValue>(), 8);
         assert_eq!(size_of::<FileOffsets>(), 32);
         assert_eq!(size_of::<Event>(), 8 + 8 + 4 * 4 + 16 + 2 + 4 + 2 + 16);
-        assert_eq!(size_of::<InspectState>(), 24);
+        assert_eq!(size_of::<InspectState>(), 48);
         assert_eq!(size_of::<NameKey>(), 256);
         assert_eq!(size_of::<InspectEvent>(), size_of::<Event>() + 8 + 16 + 128);
     }

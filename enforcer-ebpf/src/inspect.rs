@@ -11,8 +11,10 @@
 //! of the identity's host rules that admits the port (`NAMES`, one LPM
 //! lookup under the identity's current generation: the onTaint one once
 //! tainted). Then the socket is passed (one storage lookup per segment from
-//! then on) or refused (its payload is dropped for good; userspace resets
-//! the connection when the event arrives).
+//! then on; a retransmission from the stream's start is judged again) or
+//! refused (its payload is dropped for good). Segments of a judged socket
+//! must start at the stream's start while pending (sequence numbers from
+//! the SYN seen here) and must not carry urgent data.
 //!
 //! Sockets without state (every other connection of the cgroup) cost one
 //! socket-storage lookup per segment.
@@ -31,7 +33,7 @@ use enforcer_common::{
 };
 
 use crate::{
-    maps::{Scratch, DEPTH, INSPECT, NAMES, POLICIES, SCRATCH},
+    maps::{Scratch, GENERATION, INSPECT, NAMES, POLICIES, SCRATCH},
     report::{self, Decision, Presented},
     sock_addr::{match_rules, tables},
 };
@@ -59,37 +61,92 @@ pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
     if st.is_null() {
         return PASS;
     }
-    let status = unsafe { (*st).status };
-    if status == inspect_status::PASSED {
-        return PASS;
-    }
+    let st = unsafe { &mut *st };
     let Some(seg) = segment(skb) else {
-        // Not a TCP segment we can read: nothing of a pending or refused
-        // socket leaves unjudged.
+        // Not a TCP segment we can read: nothing of a judged socket leaves
+        // unread (IPv6 extension headers, fragments).
         return DROP;
     };
+    if seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK == 0 {
+        // The connection's first sequence number: payload starts at isn + 1.
+        st.isn = seg.seq;
+        st.seq_known = 1;
+    }
     if seg.payload_len == 0 {
         return PASS;
     }
-    if status != inspect_status::PENDING {
-        report::bump_stat(stat::INSPECT_DROPPED);
-        return DROP;
+    // Stream offset of the payload's first byte (a SYN takes one number).
+    let start = seg
+        .seq
+        .wrapping_add(u32::from(seg.flags & TCP_SYN != 0))
+        .wrapping_sub(st.isn.wrapping_add(1));
+    match st.status {
+        inspect_status::PASSED => {
+            // A retransmission from the stream's start is judged again: the
+            // bytes TCP sends again may not be the ones judged (pages shared
+            // with the agent through sendfile, splice or MSG_ZEROCOPY).
+            if start != 0 || st.seq_known == 0 {
+                return PASS;
+            }
+        }
+        inspect_status::PENDING => {
+            if st.seq_known == 0 || start != 0 {
+                // Nothing passed yet, so TCP sends from the start; anything
+                // else (a queue between TCP and here) is held.
+                report::bump_stat(stat::INSPECT_HELD);
+                return DROP;
+            }
+        }
+        _ => {
+            report::bump_stat(stat::INSPECT_DROPPED);
+            return DROP;
+        }
     }
-    let Some(depth) = DEPTH.get_ptr_mut(0) else {
+    if seg.flags & TCP_URG != 0 {
+        // Urgent data: a receiver without SO_OOBINLINE takes one byte out of
+        // the stream, so it would read other first bytes than the judge.
+        return refuse_urgent(st, &seg);
+    }
+    let Some(gen) = GENERATION.get_ptr_mut(0) else {
         return DROP;
     };
-    let d = unsafe { *depth };
-    if d >= 2 {
-        report::bump_stat(stat::INSPECT_NESTED);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return DROP;
-    }
-    unsafe { *depth = d + 1 };
-    let ret = match SCRATCH.get_ptr_mut(d) {
-        Some(scratch) => judge(skb, unsafe { &mut *st }, &seg, unsafe { &mut *scratch }),
-        None => DROP,
     };
-    unsafe { *depth = d };
-    ret
+    // The scratch space is per CPU. Another run on this CPU (a softirq
+    // interrupting this one, or a task preempting it) bumps the generation
+    // at its start and end: if it changed while this run used the scratch
+    // space, the result is not trusted and the segment is held (TCP sends
+    // it again).
+    let mine = unsafe { *gen }.wrapping_add(1);
+    unsafe { *gen = mine };
+    let verdict = judge(skb, st, &seg, unsafe { &mut *scratch }, gen, mine);
+    unsafe { *gen = (*gen).wrapping_add(1) };
+    verdict
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_URG: u8 = 0x20;
+const TCP_ACK: u8 = 0x10;
+
+/// Urgent data on a connection being judged: refused.
+#[inline(always)]
+fn refuse_urgent(st: &mut InspectState, seg: &Segment) -> i32 {
+    st.status = inspect_status::REFUSED;
+    report::record(&Decision {
+        cgroup_id: st.cgroup_id,
+        slot: st.slot,
+        rule_id: st.rule_id,
+        action: action::INSPECT,
+        verdict: verdict::DENY,
+        addr: seg.dst,
+        port: seg.dst_port,
+        protocol: IPPROTO_TCP,
+        family: seg.family,
+        sock_type: 1,
+        reason: reason::MALFORMED,
+    });
+    DROP
 }
 
 /// Where a segment's payload starts and its addresses.
@@ -101,6 +158,9 @@ struct Segment {
     dst: [u8; 16],
     src_port: u16,
     dst_port: u16,
+    seq: u32,
+    /// TCP flags byte.
+    flags: u8,
 }
 
 #[inline(always)]
@@ -161,6 +221,8 @@ fn segment(skb: *mut __sk_buff) -> Option<Segment> {
         dst,
         src_port: u16::from_be_bytes([t[0], t[1]]),
         dst_port: u16::from_be_bytes([t[2], t[3]]),
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        flags: t[13],
     })
 }
 
@@ -228,7 +290,15 @@ impl Stream for Payload {
 }
 
 #[inline(always)]
-fn judge(skb: *mut __sk_buff, st: &mut InspectState, seg: &Segment, scratch: &mut Scratch) -> i32 {
+fn judge(
+    skb: *mut __sk_buff,
+    st: &mut InspectState,
+    seg: &Segment,
+    scratch: &mut Scratch,
+    gen: *mut u64,
+    mine: u64,
+) -> i32 {
+    let again = st.status == inspect_status::PASSED;
     let stream = Payload {
         skb,
         off: seg.payload_off,
@@ -251,6 +321,15 @@ fn judge(skb: *mut __sk_buff, st: &mut InspectState, seg: &Segment, scratch: &mu
             Err(r) => (kind, r, off, len, st.rule_id),
         },
     };
+    if unsafe { *gen } != mine {
+        // Another run used the scratch space meanwhile: hold, judge again.
+        report::bump_stat(stat::INSPECT_NESTED);
+        return DROP;
+    }
+    if again && why == reason::NONE {
+        // A retransmission from the start that still names an allowed host.
+        return PASS;
+    }
     let policy: Option<PolicyState> = POLICIES
         .get(st.slot)
         .copied()
@@ -288,6 +367,8 @@ fn judge(skb: *mut __sk_buff, st: &mut InspectState, seg: &Segment, scratch: &mu
             off,
             len,
         },
+        st.pid,
+        st.comm,
     );
     ret
 }

@@ -69,8 +69,7 @@ pub static INSPECT: SkStorage<InspectState> = SkStorage::new();
 #[map(name = "REASONS")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASONS_LEN, 0);
 
-/// Scratch space of the egress program: one per nesting level on a CPU
-/// (a softirq can interrupt the program in process context).
+/// Scratch space of the egress program, per CPU (guarded by `GENERATION`).
 #[repr(C)]
 pub struct Scratch {
     pub buf: [u8; 2 * BUF],
@@ -80,7 +79,9 @@ pub struct Scratch {
 }
 
 #[map(name = "SCRATCH")]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-#[map(name = "DEPTH")]
-pub static DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// Bumped by each run of the egress program at its start and end: a run
+/// whose scratch space another run used meanwhile sees it changed.
+#[map(name = "GENERATION")]
+pub static GENERATION: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

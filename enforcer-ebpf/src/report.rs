@@ -102,8 +102,11 @@ pub struct Presented<'a> {
     pub len: usize,
 }
 
+/// Record a judgement of the egress program: `pid` and `comm` are the
+/// connecting process's (kept at connect; cgroup_skb programs cannot read
+/// the current task before Linux 6.4, and may run in softirq context).
 #[inline(always)]
-pub fn record_inspect(d: &Decision, p: &Presented) {
+pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
     count(d);
     if !wants_event(d.verdict) {
         return;
@@ -112,11 +115,9 @@ pub fn record_inspect(d: &Decision, p: &Presented) {
         bump_stat(stat::EVENTS_LOST);
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
     let out = entry.as_mut_ptr();
     unsafe {
-        (*out).event = event(d, pid_tgid, comm);
+        (*out).event = event(d, (u64::from(pid) << 32) | u64::from(pid), comm);
         (*out).kind = p.kind;
         (*out).truncated = u8::from(p.len > PRESENTED_MAX);
         (*out)._pad = [0; 3];

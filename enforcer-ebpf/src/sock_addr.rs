@@ -254,7 +254,9 @@ fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Match {
 enum Outcome {
     /// Allow or deny; for an allowed TCP connect, the socket state to keep
     /// (`Some`: judge its first bytes; `None`: clear a previous connect's).
-    Verdict(i32, Option<InspectState>),
+    /// (Plain values, no `Option`: LLVM may move an `Option`'s undefined
+    /// payload, which the verifier rejects.)
+    Verdict(i32, bool, InspectState),
     /// Rewrite the destination to the identity's DNS proxy on this port.
     SteerDns(u16),
 }
@@ -276,8 +278,9 @@ fn decide(
             return Outcome::SteerDns(p.dns_port);
         }
     }
-    let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
-    let mut inspect = None;
+    let mut audit = false;
+    let mut judge_it = false;
+    let mut inspect = InspectState::default();
     let mut act = action_kind;
     let mut why = 0u8;
     let (verdict_kind, rule_id, ret) = match id.policy {
@@ -285,7 +288,10 @@ fn decide(
             report::bump_stat(stat::NO_IDENTITY);
             (verdict::DENY, rule::NO_POLICY, DENY)
         }
-        Some(p) => match lookup(&p, id.slot, dst, port, bit) {
+        Some(p) => match {
+            audit = p.flags & policy_flags::AUDIT != 0;
+            lookup(&p, id.slot, dst, port, bit)
+        } {
             Match {
                 found: true,
                 rule_id,
@@ -306,15 +312,21 @@ fn decide(
                 judge,
             } => {
                 if judge {
-                    inspect = Some(InspectState {
+                    judge_it = true;
+                    inspect = InspectState {
                         cgroup_id: id.cgroup_id,
                         slot: id.slot,
                         rule_id,
                         port,
                         status: inspect_status::PENDING,
                         audit: u8::from(audit),
-                        _pad: 0,
-                    });
+                        // Filled in by `keep_state` (connect only).
+                        pid: 0,
+                        comm: [0; 16],
+                        isn: 0,
+                        seq_known: 0,
+                        _pad: [0; 3],
+                    };
                 }
                 (verdict::ALLOW, rule_id, ALLOW)
             }
@@ -335,20 +347,20 @@ fn decide(
         sock_type: sock_type as u8,
         reason: why,
     });
-    Outcome::Verdict(ret, inspect)
+    Outcome::Verdict(ret, judge_it, inspect)
 }
 
 /// Keep (or clear) the socket's first-bytes state for an allowed TCP
 /// connect. False: the state could not be created (the caller fails closed).
 #[inline(always)]
-fn keep_state(ctx: &SockAddrContext, protocol: u32, st: Option<InspectState>) -> bool {
+fn keep_state(ctx: &SockAddrContext, protocol: u32, judge: bool, st: &InspectState) -> bool {
     if protocol != proto::IPPROTO_TCP {
         return true;
     }
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     let map = core::ptr::from_ref(&INSPECT).cast_mut().cast();
-    match st {
-        Some(v) => {
+    match judge {
+        true => {
             let p = unsafe {
                 bpf_sk_storage_get(
                     map,
@@ -361,10 +373,16 @@ fn keep_state(ctx: &SockAddrContext, protocol: u32, st: Option<InspectState>) ->
             if p.is_null() {
                 return false;
             }
-            unsafe { *p = v };
+            unsafe {
+                *p = *st;
+                (*p).pid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+                if let Ok(c) = aya_ebpf::helpers::bpf_get_current_comm() {
+                    (*p).comm = c;
+                }
+            }
             true
         }
-        None => {
+        false => {
             // A socket connecting again (after a failed connect) to an
             // address that needs no judging.
             let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }
@@ -379,12 +397,12 @@ fn keep_state(ctx: &SockAddrContext, protocol: u32, st: Option<InspectState>) ->
 
 /// The verdict of an allowed call after its socket state is kept.
 #[inline(always)]
-fn finish(ctx: &SockAddrContext, action_kind: u8, ret: i32, st: Option<InspectState>) -> i32 {
+fn finish(ctx: &SockAddrContext, action_kind: u8, ret: i32, judge: bool, st: &InspectState) -> i32 {
     if ret != ALLOW || action_kind != action::CONNECT {
         return ret;
     }
     let protocol = unsafe { (*ctx.sock_addr).protocol };
-    if keep_state(ctx, protocol, st) {
+    if keep_state(ctx, protocol, judge, st) {
         ALLOW
     } else {
         report::bump_stat(enforcer_common::stat::INSPECT_NO_STATE);
@@ -436,7 +454,7 @@ fn check4(ctx: &SockAddrContext, action_kind: u8) -> i32 {
         mapped,
         Dst::V4(addr),
     ) {
-        Outcome::Verdict(v, st) => finish(ctx, action_kind, v, st),
+        Outcome::Verdict(v, judge, st) => finish(ctx, action_kind, v, judge, &st),
         Outcome::SteerDns(proxy_port) => {
             remember(ctx, mapped, port, proxy_port);
             unsafe {
@@ -525,7 +543,7 @@ fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
         Dst::V6(addr)
     };
     match decide(action_kind, AF_INET6, sock_type, protocol, port, addr, dst) {
-        Outcome::Verdict(v, st) => finish(ctx, action_kind, v, st),
+        Outcome::Verdict(v, judge, st) => finish(ctx, action_kind, v, judge, &st),
         Outcome::SteerDns(proxy_port) => {
             remember(ctx, addr, port, proxy_port);
             // A dual-stack socket that asked a v4 resolver keeps talking v4.

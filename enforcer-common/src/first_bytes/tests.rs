@@ -411,6 +411,8 @@ fn http_requests_name_their_host() {
         ok("get / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"),
         Said::Refused("not-tls-or-http")
     );
+    assert_eq!(ok("ABCDEFGHIJKLMNOPQ"), Said::Refused("not-tls-or-http"));
+    assert_eq!(ok("ABCDEFGHIJKLMNOP"), Said::More);
     // Every prefix of a request waits for the end of its head.
     let req = b"GET /?d=secret HTTP/1.1\r\nHost: allowed.test\r\nAccept: */*\r\n\r\n";
     for k in 1..req.len() {

@@ -334,6 +334,7 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     });
     let mut names = Vec::new();
     let mut taint_names = Vec::new();
+    // (A host rule that does not fit was reported above; its names would not either.)
     for (rules, id_base, field, out) in [
         (&spec.egress[..], 0, "spec.egress", &mut names),
         (
@@ -343,7 +344,7 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             &mut taint_names,
         ),
     ] {
-        if id_base != 0 && !taints {
+        if (id_base != 0 && !taints) || !errors.is_empty() {
             continue;
         }
         match name_entries(rules, id_base) {
