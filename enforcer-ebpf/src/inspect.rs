@@ -102,17 +102,17 @@ pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
             return DROP;
         }
     }
-    if seg.flags & TCP_URG != 0 {
-        // Urgent data: a receiver without SO_OOBINLINE takes one byte out of
-        // the stream, so it would read other first bytes than the judge.
-        return refuse_urgent(st, &seg);
-    }
     let Some(gen) = GENERATION.get_ptr_mut(0) else {
         return DROP;
     };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return DROP;
     };
+    if seg.flags & TCP_URG != 0 {
+        // Urgent data: a receiver without SO_OOBINLINE takes one byte out of
+        // the stream, so it would read other first bytes than the judge.
+        return refuse_urgent(st, &seg, unsafe { &*scratch });
+    }
     // The scratch space is per CPU. Another run on this CPU (a softirq
     // interrupting this one, or a task preempting it) bumps the generation
     // at its start and end: if it changed while this run used the scratch
@@ -131,21 +131,33 @@ const TCP_ACK: u8 = 0x10;
 
 /// Urgent data on a connection being judged: refused.
 #[inline(always)]
-fn refuse_urgent(st: &mut InspectState, seg: &Segment) -> i32 {
+fn refuse_urgent(st: &mut InspectState, seg: &Segment, scratch: &Scratch) -> i32 {
     st.status = inspect_status::REFUSED;
-    report::record(&Decision {
-        cgroup_id: st.cgroup_id,
-        slot: st.slot,
-        rule_id: st.rule_id,
-        action: action::INSPECT,
-        verdict: verdict::DENY,
-        addr: seg.dst,
-        port: seg.dst_port,
-        protocol: IPPROTO_TCP,
-        family: seg.family,
-        sock_type: 1,
-        reason: reason::MALFORMED,
-    });
+    report::record_inspect(
+        &Decision {
+            cgroup_id: st.cgroup_id,
+            slot: st.slot,
+            rule_id: st.rule_id,
+            action: action::INSPECT,
+            verdict: verdict::DENY,
+            addr: seg.dst,
+            port: seg.dst_port,
+            protocol: IPPROTO_TCP,
+            family: seg.family,
+            sock_type: 1,
+            reason: reason::MALFORMED,
+        },
+        &Presented {
+            kind: kind::UNKNOWN,
+            src: seg.src,
+            src_port: seg.src_port,
+            buf: &scratch.buf,
+            off: 0,
+            len: 0,
+        },
+        st.pid,
+        st.comm,
+    );
     DROP
 }
 

@@ -5,7 +5,7 @@
 //!
 //! | metric | type | labels | fed by |
 //! |---|---|---|---|
-//! | `enforcer_decisions_total` | counter | identity, action, verdict | kernel per-CPU counters, [`Metrics::set_decisions_total`] |
+//! | `enforcer_decisions_total` | counter | identity, action, verdict, reason | kernel per-CPU counters, [`Metrics::set_decisions_total`]; `reason` is set for refused first bytes (action `inspect`: `name-mismatch`, `no-sni`, `ech`, ...), else empty |
 //! | `enforcer_events_total` | counter | identity, action, verdict | ring-buffer events, [`Metrics::record_event`] |
 //! | `enforcer_pod_events_total` | counter | identity, spiffe_id, namespace, pod, container, action, verdict | events of bound pods (Kubernetes mode), [`Metrics::record_pod_event`] |
 //! | `enforcer_pod_info` | gauge (=1) | identity, spiffe_id, namespace, pod, uid | bound pods, [`Metrics::set_pods`] |
@@ -75,8 +75,8 @@ impl ReloadResult {
 /// be removable per identity.
 #[derive(Default)]
 struct Seen {
-    /// identity -> (action, verdict) -> last kernel total.
-    decisions: HashMap<String, HashMap<(String, String), u64>>,
+    /// identity -> (action, verdict, reason) -> last kernel total.
+    decisions: HashMap<String, HashMap<(String, String, String), u64>>,
     events_lost: u64,
     no_identity: u64,
     /// identity -> [spiffe_id, mode, policy_hash] currently exported.
@@ -183,7 +183,7 @@ impl Metrics {
                 r,
                 "enforcer_decisions_total",
                 "Decisions taken in the kernel, from the kernel's per-CPU counters.",
-                &["identity", "action", "verdict"],
+                &["identity", "action", "verdict", "reason"],
             ),
             events: counter_vec(
                 r,
@@ -369,15 +369,27 @@ impl Metrics {
     /// Advance `enforcer_decisions_total{identity,action,verdict}` to the
     /// kernel's absolute `total` (absolute-total semantics, module docs).
     pub fn set_decisions_total(&self, identity: &str, action: &str, verdict: &str, total: u64) {
+        self.set_decisions_total_reason(identity, action, verdict, "", total);
+    }
+
+    /// As [`Self::set_decisions_total`], with a `reason` (refused first bytes).
+    pub fn set_decisions_total_reason(
+        &self,
+        identity: &str,
+        action: &str,
+        verdict: &str,
+        reason: &str,
+        total: u64,
+    ) {
         let counter = self
             .decisions
-            .with_label_values(&[identity, action, verdict]);
+            .with_label_values(&[identity, action, verdict, reason]);
         let mut st = self.state();
         let last = st
             .decisions
             .entry(identity.to_string())
             .or_default()
-            .entry((action.to_string(), verdict.to_string()))
+            .entry((action.to_string(), verdict.to_string(), reason.to_string()))
             .or_default();
         advance(&counter, last, total);
     }
@@ -583,10 +595,10 @@ impl Metrics {
     pub fn forget_identity(&self, identity: &str) {
         let mut st = self.state();
         if let Some(seen) = st.decisions.remove(identity) {
-            for (action, verdict) in seen.keys() {
+            for (action, verdict, reason) in seen.keys() {
                 let _ = self
                     .decisions
-                    .remove_label_values(&[identity, action, verdict]);
+                    .remove_label_values(&[identity, action, verdict, reason]);
             }
         }
         if let Some(old) = st.policy_info.remove(identity) {
@@ -763,7 +775,7 @@ mod tests {
     #[test]
     fn metrics_decisions_absolute_total_and_reset() {
         let m = Metrics::new();
-        let s = r#"enforcer_decisions_total{action="connect",identity="research",verdict="deny"}"#;
+        let s = r#"enforcer_decisions_total{action="connect",identity="research",reason="",verdict="deny"}"#;
         m.set_decisions_total("research", "connect", "deny", 5);
         assert_eq!(sample(&m.render(), s), Some(5.0));
         m.set_decisions_total("research", "connect", "deny", 12);
@@ -833,7 +845,7 @@ mod tests {
         assert_eq!(
             sample(
                 &m.render(),
-                r#"enforcer_decisions_total{action="connect",identity="research",verdict="deny"}"#
+                r#"enforcer_decisions_total{action="connect",identity="research",reason="",verdict="deny"}"#
             ),
             Some(1.0)
         );
@@ -867,7 +879,7 @@ mod tests {
         assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
         for (series, value) in [
             (
-                r#"enforcer_decisions_total{action="connect",identity="research",verdict="deny"}"#,
+                r#"enforcer_decisions_total{action="connect",identity="research",reason="",verdict="deny"}"#,
                 42.0,
             ),
             (

@@ -366,6 +366,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             tokio::spawn(reader::run(
                 ring,
                 move |r: reader::Decoded| {
+                    r.reset_refused();
                     let mut d = attribute(&r.ev, &clock);
                     d.first_bytes = r.first;
                     sinks.handle(&d)
@@ -468,10 +469,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .unwrap_or_else(|e| e.into_inner())
         .detach_file_hooks();
     attachment.release();
-    let counters = kernel
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .slot_counters(SLOT);
+    let (counters, reasons) = {
+        let k = kernel.lock().unwrap_or_else(|e| e.into_inner());
+        (k.slot_counters(SLOT), k.slot_reasons(SLOT))
+    };
     sinks.lifecycle(
         LifecycleAction::Stop,
         Some(&identity),
@@ -486,6 +487,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             &identity,
             compiled.audit,
             &counters,
+            &reasons,
             &summary,
         );
         eprintln!("enforcer: containment: {containment}");
@@ -512,14 +514,22 @@ fn summarize(d: &Decision, summary: &Mutex<Summary>) {
                 };
                 (name.clone(), format!("dns proxy, from {from}"))
             }
-            _ => (
-                format!(
+            _ => {
+                let mut dest = format!(
                     "{} {}",
                     sink::destination(d),
                     d.protocol.as_deref().unwrap_or("")
-                ),
-                format!("{} pid {}", d.comm, d.pid),
-            ),
+                );
+                if let Some(f) = &d.first_bytes {
+                    dest.push_str(&format!(
+                        ": {} {} ({})",
+                        f.kind,
+                        f.name.as_deref().unwrap_or("-"),
+                        f.reason.unwrap_or("")
+                    ));
+                }
+                (dest, format!("{} pid {}", d.comm, d.pid))
+            }
         };
         let key = (
             d.action.as_str().to_string(),
@@ -543,6 +553,7 @@ fn print_summary(
     identity: &IdentityRef,
     audit_mode: bool,
     counters: &crate::kernel::SlotCounters,
+    reasons: &[(u8, bool, u64)],
     summary: &Mutex<Summary>,
 ) {
     let s = summary.lock().unwrap_or_else(|e| e.into_inner());
@@ -563,12 +574,31 @@ fn print_summary(
             .unwrap_or_default(),
         if audit_mode { "audit" } else { "enforce" }
     );
+    // Refused first bytes are counted by reason, not in the counters.
+    let refused: u64 = reasons.iter().filter(|r| !r.1).map(|r| r.2).sum();
+    let audited: u64 = reasons.iter().filter(|r| r.1).map(|r| r.2).sum();
     eprintln!(
         "enforcer: decisions: {} allowed, {} denied, {} audited",
         total(Verdict::Allow),
-        total(Verdict::Deny),
-        total(Verdict::Audit)
+        total(Verdict::Deny) + refused,
+        total(Verdict::Audit) + audited
     );
+    if !reasons.is_empty() {
+        let by: Vec<String> = reasons
+            .iter()
+            .map(|(r, audit, n)| {
+                format!(
+                    "{} {n}{}",
+                    enforcer_common::first_bytes::reason::as_str(*r),
+                    if *audit { " (audit)" } else { "" }
+                )
+            })
+            .collect();
+        eprintln!(
+            "enforcer: first bytes refused (TLS SNI / HTTP Host): {}",
+            by.join(", ")
+        );
+    }
     if s.dns_answered + s.dns_refused > 0 {
         eprintln!(
             "enforcer: dns: {} answered, {} refused",

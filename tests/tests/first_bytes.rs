@@ -458,6 +458,31 @@ fn first_bytes_name_the_host() {
     let v = a.cmd(json!({"op": "udp", "host": FRONT_IP, "port": port, "data": "SECRET"}));
     assert_eq!(v["errno"], libc::EPERM, "udp: {v}");
 
+    // Metrics: refusals by reason (the poller publishes the kernel's counters).
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            http_get(metrics, "/metrics").is_ok_and(|(_, body)| {
+                let n = |reason: &str| {
+                    metric(
+                        &body,
+                        "enforcer_decisions_total",
+                        &[
+                            ("action", "inspect"),
+                            ("verdict", "deny"),
+                            ("reason", reason),
+                        ],
+                    )
+                    .unwrap_or(0.0)
+                };
+                n("name-mismatch") >= 3.0 && n("no-sni") >= 1.0 && n("ech") >= 1.0
+            })
+        }),
+        "enforcer_decisions_total{{action=inspect,verdict=deny,reason=...}}:\n{}",
+        http_get(metrics, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default()
+    );
+
     // ---- allowed again after the refusals
     let v = curl(
         &mut a,

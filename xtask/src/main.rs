@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`,
-//! `cargo xtask bench-dns`, `cargo xtask bench-open`, `cargo xtask vm-test`,
+//! `cargo xtask bench-dns`, `cargo xtask bench-open`, `cargo xtask bench-tls`, `cargo xtask vm-test`,
 //! `cargo xtask image`.
 //!
 //! They need root and the real kernel (they load the enforcer's eBPF
@@ -12,6 +12,7 @@ mod dns_upstream;
 mod image;
 mod open_bench;
 mod test;
+mod tls_bench;
 mod util;
 mod vm;
 mod worker;
@@ -95,6 +96,19 @@ enum Cmd {
     /// Load generator used by `bench` (runs inside the cgroup under test).
     #[command(hide = true)]
     BenchWorker(worker::WorkerArgs),
+    /// What the kernel's first-bytes check (TLS SNI) costs a TLS client:
+    /// handshake + request rate to a learned address, inspected vs
+    /// `inspect: none`, interleaved (root, real kernel).
+    BenchTls {
+        #[command(flatten)]
+        bin: BinArgs,
+        /// Handshakes per round per side.
+        #[arg(long, default_value_t = 200)]
+        conns: usize,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
     /// Query generator used by `bench-dns` (runs under `enforcer run`).
     #[command(hide = true)]
     BenchDnsWorker(dns_bench::DnsWorkerArgs),
@@ -130,6 +144,7 @@ fn main() -> std::process::ExitCode {
         Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
         Cmd::Image(args) => image::run(&args),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
+        Cmd::BenchTls { bin, conns, rounds } => tls_bench::run(&bin, conns, rounds),
         Cmd::BenchDnsWorker(args) => dns_bench::worker(&args).map(|()| 0),
         Cmd::BenchOpenWorker(args) => open_bench::worker(&args).map(|()| 0),
     };

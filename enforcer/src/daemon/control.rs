@@ -61,6 +61,13 @@ pub struct IdentityStatus {
     /// Kubernetes mode: the bound pods of this identity.
     #[serde(default)]
     pub pods: Vec<PodStatus>,
+    /// First-bytes checks of host rules: on, and the `inspect: none` opt-outs.
+    #[serde(default)]
+    pub first_bytes: String,
+    /// Refused first bytes (TLS SNI / HTTP Host) by reason (`reason` or
+    /// `reason (audit)`).
+    #[serde(default)]
+    pub first_bytes_refused: BTreeMap<String, u64>,
 }
 
 /// The DNS proxy in one workload network namespace.
@@ -225,6 +232,17 @@ pub fn render(st: &Status) -> String {
                 "  dns proxy 127.0.0.1/[::1]:{}  learned addresses {}",
                 i.dns_port, i.learned_addresses
             );
+        }
+        if !i.first_bytes.is_empty() {
+            let _ = writeln!(o, "  {}", i.first_bytes);
+        }
+        if !i.first_bytes_refused.is_empty() {
+            let by: Vec<String> = i
+                .first_bytes_refused
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            let _ = writeln!(o, "  first bytes refused: {}", by.join(", "));
         }
         for n in &i.dns_netns {
             let who = match &n.pod {

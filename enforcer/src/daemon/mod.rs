@@ -1380,6 +1380,16 @@ impl State {
                     .map(|(_, p, why)| format!("{} ({why})", p.display()))
                     .collect(),
                 pods: self.pod_status(name),
+                first_bytes: a.compiled.inspection_note(),
+                first_bytes_refused: self
+                    .kernel
+                    .slot_reasons(a.slot)
+                    .into_iter()
+                    .map(|(r, audit, n)| {
+                        let r = enforcer_common::first_bytes::reason::as_str(r);
+                        (if audit { format!("{r} (audit)") } else { r.to_string() }, n)
+                    })
+                    .collect(),
                 tainted: tainted.get(name).cloned().or_else(|| {
                     let t = self.kernel.taint_table();
                     let t = t.lock().unwrap_or_else(|e| e.into_inner());
@@ -1656,6 +1666,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         tokio::spawn(reader::run(
             ring,
             move |r: reader::Decoded| {
+                r.reset_refused();
                 let mut d = attribute(&r.ev, &clock);
                 d.first_bytes = r.first;
                 sinks_h.handle(&d)

@@ -36,6 +36,31 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
 pub struct Decoded {
     pub ev: Event,
     pub first: Option<FirstBytes>,
+    /// Judged first bytes: the connection's (local, peer) ends.
+    pub conn: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+}
+
+impl Decoded {
+    /// Reset a connection whose first bytes were refused (the agent's next
+    /// read or write fails at once; see `kernel::reset`).
+    pub fn reset_refused(&self) {
+        if self.ev.verdict != verdict::DENY {
+            return;
+        }
+        if let Some((src, dst)) = self.conn {
+            if let Err(e) = crate::kernel::reset::destroy_tcp(src, dst) {
+                tracing::debug!(%src, %dst, "resetting a refused connection: {e}");
+            }
+        }
+    }
+}
+
+fn endpoint(addr: [u8; 16], port: u16) -> std::net::SocketAddr {
+    let v6 = Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => std::net::SocketAddr::new(IpAddr::V4(v4), port),
+        None => std::net::SocketAddr::new(IpAddr::V6(v6), port),
+    }
 }
 
 /// Decode a record of either size (`Event`, or `InspectEvent` for judged first bytes).
@@ -54,7 +79,14 @@ pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
             _ => "other",
         };
         let reason = first_bytes::reason::as_str(ie.event.reason);
+        let conn = (ie.src_port != 0).then(|| {
+            (
+                endpoint(ie.src, ie.src_port),
+                endpoint(ie.event.addr, ie.event.port),
+            )
+        });
         return Some(Decoded {
+            conn,
             ev: ie.event,
             first: Some(FirstBytes {
                 kind,
@@ -76,7 +108,11 @@ pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
             name: None,
         }
     });
-    Some(Decoded { ev, first })
+    Some(Decoded {
+        ev,
+        first,
+        conn: None,
+    })
 }
 
 /// A presented name for the log: printable ASCII kept, the rest `\xNN`.

@@ -220,6 +220,22 @@ pub fn publish_kernel_counters(kernel: &Kernel, metrics: &Metrics, slots: &[(u32
                 }
             }
         }
+        // First bytes: allowed judgements by (action, verdict), refusals by reason.
+        let allowed =
+            c[Action::Inspect.kernel_code() as usize][Verdict::Allow.kernel_code() as usize];
+        if allowed > 0 || *slot != enforcer_common::SLOT_UNKNOWN {
+            metrics.set_decisions_total(name, Action::Inspect.as_str(), "allow", allowed);
+        }
+        for (reason, audit, n) in kernel.slot_reasons(*slot) {
+            let v = if audit { Verdict::Audit } else { Verdict::Deny };
+            metrics.set_decisions_total_reason(
+                name,
+                Action::Inspect.as_str(),
+                v.as_str(),
+                enforcer_common::first_bytes::reason::as_str(reason),
+                n,
+            );
+        }
     }
     metrics.set_events_lost_total(kernel.stat(enforcer_common::stat::EVENTS_LOST));
     metrics.set_no_identity_decisions_total(kernel.stat(enforcer_common::stat::NO_IDENTITY));

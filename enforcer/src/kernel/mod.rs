@@ -10,6 +10,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod files;
 pub mod learned;
+pub mod reset;
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
