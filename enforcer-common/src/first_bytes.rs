@@ -118,6 +118,17 @@ pub trait Body {
 /// iteration (a byte-by-byte scan of 8 KiB would exceed its budget).
 pub trait Loops {
     fn repeat<B: Body>(n: u32, body: &mut B);
+    /// `v`, as a value the verifier cannot know. Every field a step writes
+    /// starts from one: Linux before 6.7 verifies a `bpf_loop` callback as
+    /// if it ran exactly once, and would otherwise take the constants of
+    /// that one run for facts and prune the code that reads them after the
+    /// loop (seen on 6.1: a request line judged not HTTP).
+    fn num(v: usize) -> usize {
+        v
+    }
+    fn flag(v: bool) -> bool {
+        v
+    }
 }
 
 /// A plain bounded loop.
@@ -150,9 +161,19 @@ pub enum Outcome {
     },
 }
 
+/// `i & mask`, computed on a value LLVM cannot reason about: otherwise it
+/// drops a mask it proves redundant from an earlier comparison, and an
+/// older verifier that did not carry that comparison's bound over to this
+/// register refuses the access (seen on 6.1).
+#[inline(always)]
+fn masked(i: usize, mask: usize) -> usize {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&i) & mask }
+}
+
 #[inline(always)]
 fn b(buf: &[u8; 2 * BUF], i: usize) -> usize {
-    buf[i & MASK] as usize
+    buf[masked(i, MASK)] as usize
 }
 
 #[inline(always)]
@@ -294,12 +315,12 @@ fn client_hello<L: Loops>(buf: &[u8; 2 * BUF], n: usize) -> Outcome {
     p += 2;
     let mut walk = ExtWalk {
         buf,
-        p,
+        p: L::num(p),
         end,
-        found: false,
-        name_off: 0,
-        name_len: 0,
-        verdict: 0,
+        found: L::flag(false),
+        name_off: L::num(0),
+        name_len: L::num(0),
+        verdict: L::num(0) as u8,
     };
     L::repeat(MAX_EXTENSIONS, &mut walk);
     let (name_off, name_len) = (walk.name_off, walk.name_len);
@@ -424,8 +445,8 @@ fn run<L: Loops>(buf: &[u8; 2 * BUF], off: usize, len: usize, back: bool, stop: 
         len,
         back,
         stop,
-        count: 0,
-        ended: false,
+        count: L::num(0),
+        ended: L::flag(false),
     };
     L::repeat(256, &mut r);
     r
@@ -491,8 +512,8 @@ fn http<L: Loops>(buf: &[u8; 2 * BUF], n: usize) -> Outcome {
     let mut m = Method {
         buf,
         n,
-        letters: 0,
-        stop: 0,
+        letters: L::num(0),
+        stop: L::num(0) as u8,
     };
     L::repeat(MAX_METHOD as u32 + 1, &mut m);
     match m.stop {
@@ -535,14 +556,14 @@ fn http<L: Loops>(buf: &[u8; 2 * BUF], n: usize) -> Outcome {
         buf,
         n,
         target: p,
-        line: 0,
-        first_line: true,
-        host_seen: false,
-        host_again: false,
-        host_off: 0,
-        host_end: 0,
-        ended: false,
-        bad: false,
+        line: L::num(0),
+        first_line: L::flag(true),
+        host_seen: L::flag(false),
+        host_again: L::flag(false),
+        host_off: L::num(0),
+        host_end: L::num(0),
+        ended: L::flag(false),
+        bad: L::flag(false),
     };
     L::repeat(BUF as u32, &mut scan);
     if scan.bad {
@@ -582,7 +603,7 @@ fn http<L: Loops>(buf: &[u8; 2 * BUF], n: usize) -> Outcome {
             a: auth_off,
             b: host_off,
             len: a,
-            equal: true,
+            equal: L::flag(true),
         };
         L::repeat(256, &mut same);
         if !same.equal || a > 256 {
@@ -720,17 +741,16 @@ pub fn name_key<L: Loops>(
         off,
         len,
         out,
-        done: 0,
-        after_dot: true,
-        digits_only: true,
-        bad: false,
+        done: L::num(0),
+        after_dot: L::flag(true),
+        digits_only: L::flag(true),
+        bad: L::flag(false),
     };
     L::repeat(NAME_MAX as u32, &mut check);
     // An IP literal (last label all digits) is no host name.
     if check.bad || check.done != len || check.after_dot || check.digits_only {
         return Err(reason::BAD_NAME);
     }
-    check.out[len & 0xff] = 0;
     Ok(len + 1)
 }
 
@@ -778,7 +798,13 @@ impl Body for NameCheck<'_> {
             }
             self.after_dot = false;
         }
-        self.out[(self.len - 1 - i) & 0xff] = c as u8;
+        self.out[masked(self.len - 1 - i, 0xff)] = c as u8;
+        if i == 0 {
+            // The terminator (written here, where the index is masked for
+            // the verifier: after the loop LLVM knows `len < 256` and drops
+            // the mask).
+            self.out[masked(self.len, 0xff)] = 0;
+        }
         self.done = i + 1;
         true
     }

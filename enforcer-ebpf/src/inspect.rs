@@ -33,7 +33,7 @@ use enforcer_common::{
 };
 
 use crate::{
-    maps::{Scratch, GENERATION, INSPECT, NAMES, POLICIES, SCRATCH},
+    maps::{Scratch, GENERATION, INSPECT, NAMES, OPAQUE, POLICIES, SCRATCH},
     report::{self, Decision, Presented},
     sock_addr::{match_rules, tables},
 };
@@ -243,11 +243,30 @@ fn segment(skb: *mut __sk_buff) -> Option<Segment> {
 struct BpfLoops;
 
 impl Loops for BpfLoops {
-    #[inline(always)]
+    // A subprogram of its own per body type: one `bpf_loop` call site per
+    // callback (LLVM would otherwise be free to merge call sites of
+    // different callbacks, which the kernel's bpf_loop inlining keys on).
+    #[inline(never)]
     fn repeat<B: Body>(n: u32, body: &mut B) {
         let f: extern "C" fn(u32, *mut c_void) -> i64 = step::<B>;
         unsafe { bpf_loop(n, f as *mut c_void, core::ptr::from_mut(body).cast(), 0) };
     }
+
+    #[inline(always)]
+    fn num(v: usize) -> usize {
+        v.wrapping_add(opaque_zero() as usize)
+    }
+
+    #[inline(always)]
+    fn flag(v: bool) -> bool {
+        v ^ (opaque_zero() != 0)
+    }
+}
+
+/// 0, read from a map the verifier cannot see into (`OPAQUE` is never written).
+#[inline(always)]
+fn opaque_zero() -> u64 {
+    OPAQUE.get(0).copied().unwrap_or(0)
 }
 
 extern "C" fn step<B: Body>(i: u32, ctx: *mut c_void) -> i64 {
@@ -275,8 +294,9 @@ impl Stream for Payload {
 
     #[inline(always)]
     fn copy(&self, off: usize, buf: &mut [u8; 2 * BUF], at: usize, len: usize) -> bool {
-        let at = at & MASK;
-        let len = (len.wrapping_sub(1) & MASK) + 1;
+        // Masks on values LLVM cannot reason about (see first_bytes::masked).
+        let at = unsafe { core::ptr::read_volatile(&at) } & MASK;
+        let len = (unsafe { core::ptr::read_volatile(&len) }.wrapping_sub(1) & MASK) + 1;
         let dst = unsafe { buf.as_mut_ptr().add(at) };
         unsafe {
             bpf_skb_load_bytes(

@@ -85,3 +85,8 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// whose scratch space another run used meanwhile sees it changed.
 #[map(name = "GENERATION")]
 pub static GENERATION: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// One u64 that stays 0: an opaque zero for the egress program's loop state
+/// (see `first_bytes::Loops::num`). Never written.
+#[map(name = "OPAQUE")]
+pub static OPAQUE: Array<u64> = Array::with_max_entries(1, 0);

@@ -278,7 +278,8 @@ fn first_bytes_name_the_host() {
     assert_eq!(
         v["out"],
         "hello allowed.test:".to_string() + &port.to_string(),
-        "curl http: {v}"
+        "curl http: {v}\n{}",
+        std::fs::read_to_string(&audit).unwrap_or_default()
     );
     allowed_conns += 1;
     let v = a.cmd(json!({"op": "tls", "host": FRONT_IP, "port": port, "sni": "allowed.test",
