@@ -294,9 +294,8 @@ impl Stream for Payload {
 
     #[inline(always)]
     fn copy(&self, off: usize, buf: &mut [u8; 2 * BUF], at: usize, len: usize) -> bool {
-        // Masks on values LLVM cannot reason about (see first_bytes::masked).
-        let at = unsafe { core::ptr::read_volatile(&at) } & MASK;
-        let len = (unsafe { core::ptr::read_volatile(&len) }.wrapping_sub(1) & MASK) + 1;
+        let at = at & MASK;
+        let len = (len.wrapping_sub(1) & MASK) + 1;
         let dst = unsafe { buf.as_mut_ptr().add(at) };
         unsafe {
             bpf_skb_load_bytes(
