@@ -278,7 +278,8 @@ fn decide(
             return Outcome::SteerDns(p.dns_port);
         }
     }
-    let mut audit = false;
+    // Set in the `Some` arm (read only there).
+    let audit: bool;
     let mut judge_it = false;
     let mut inspect = InspectState::default();
     let mut act = action_kind;
