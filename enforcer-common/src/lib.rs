@@ -20,6 +20,7 @@
 //! INSPECT     SkStorage socket                 -> InspectState (connections whose first bytes are judged)
 //! SCRATCH     PerCpuArray 0                    -> Scratch (ClientHello / request head gathered)
 //! GENERATION  PerCpuArray 0                    -> u64 (bumped at each run's start and end: guards SCRATCH)
+//! OPAQUE      Array     0                      -> u64 (always 0; an opaque zero for the verifier)
 //! REASONS     PerCpuArray reason_index(slot, reason, audit) -> u64 (refused first bytes)
 //! FILE_BLOOM  Array     word -> u64 (Bloom filter of every FILE_RULES inode: `bloom_bit`)
 //! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint)
@@ -84,9 +85,11 @@ pub mod map_names {
     pub const NAMES: &str = "NAMES";
     pub const INSPECT: &str = "INSPECT";
     pub const SCRATCH: &str = "SCRATCH";
-    pub const DEPTH: &str = "DEPTH";
+    pub const GENERATION: &str = "GENERATION";
+    pub const OPAQUE: &str = "OPAQUE";
     pub const REASONS: &str = "REASONS";
-    /// Pinned by the daemon (SCRATCH and DEPTH are per-program scratch, not pinned).
+    /// Pinned by the daemon (SCRATCH, GENERATION and OPAQUE are the egress
+    /// program's scratch, not pinned).
     pub const ALL: [&str; 18] = [
         IDENTITIES, POLICIES, EGRESS_V4, EGRESS_V6, COUNTERS, STATS, CONFIG, EVENTS, DNS_ORIG,
         LEARNED_V4, LEARNED_V6, FILE_RULES, FILE_BLOOM, TAINTED, RESOLVED, NAMES, INSPECT, REASONS,

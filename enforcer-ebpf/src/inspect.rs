@@ -391,7 +391,7 @@ fn judge(
             reason: why,
         },
         &Presented {
-            kind: if k == kind::UNKNOWN { kind::UNKNOWN } else { k },
+            kind: k,
             src: seg.src,
             src_port: seg.src_port,
             buf: &scratch.buf,
