@@ -23,7 +23,9 @@
 //! OPAQUE      Array     0                      -> u64 (always 0; an opaque zero for the verifier)
 //! REASONS     PerCpuArray reason_index(slot, reason, audit) -> u64 (refused first bytes)
 //! FILE_BLOOM  Array     word -> u64 (Bloom filter of every FILE_RULES inode: `bloom_bit`)
-//! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint)
+//! TAINTED     Array     slot (u32)             -> u64 (0: clean; else ktime of the taint);
+//!                                                 [0] (no slot): nonzero once any slot was
+//!                                                 tainted (the egress program's clamp gate)
 //! RESOLVED    HashMap   {ino, dev, 0}          -> u32 (inodes the resolver thread's open showed)
 //! ```
 //!
@@ -108,6 +110,9 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "enforcer_getpeername6";
     /// cgroup_skb/egress: the first bytes of connections to learned addresses.
     pub const INSPECT: &str = "enforcer_inspect";
+    /// cgroup_skb/ingress: connections and datagrams from peers outside the
+    /// identity (`spec.ingress`).
+    pub const INGRESS: &str = "enforcer_ingress";
     /// Not in `ALL`: loaded on its own, only to probe for BPF LSM.
     pub const LSM_PROBE: &str = "enforcer_lsm_probe";
     /// BPF LSM hooks (not in `ALL`: global hooks, loaded only where BPF
@@ -125,7 +130,7 @@ pub mod prog_names {
         (INODE_RENAME, "inode_rename"),
         (SOCKET_CREATE, "socket_create"),
     ];
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -136,6 +141,7 @@ pub mod prog_names {
         GETPEERNAME4,
         GETPEERNAME6,
         INSPECT,
+        INGRESS,
     ];
 }
 
@@ -200,7 +206,15 @@ pub mod action {
     /// The first bytes of a connection to a learned address (TLS SNI or
     /// HTTP Host), or UDP to such an address (not inspectable).
     pub const INSPECT: u8 = 7;
-    pub const COUNT: u32 = 8;
+    /// A packet of an open socket, refused by the egress program: IPv4
+    /// options or an IPv6 routing header (`rule::IP_OPTIONS`), or a
+    /// destination outside `onTaint.egress` once the identity is tainted
+    /// (`rule::TAINT_CLAMP`).
+    pub const PACKET: u8 = 8;
+    /// A connection or datagram from a peer outside the identity
+    /// (`spec.ingress`): `addr` is the peer, `port` the local port.
+    pub const INGRESS: u8 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Verdicts.
@@ -235,10 +249,19 @@ pub mod rule {
     pub const FILE_DEPTH: u32 = 0xffff_fffa;
     /// The kernel's struct offsets are unknown (no BTF): file policy fails closed.
     pub const FILE_NO_OFFSETS: u32 = 0xffff_fff9;
+    /// An IPv4 packet with options or an IPv6 packet with a routing (or
+    /// hop-by-hop, destination options) header: its first hop is not the
+    /// destination the connect/sendmsg hooks judged.
+    pub const IP_OPTIONS: u32 = 0xffff_fff8;
+    /// A packet of a socket opened before the identity was tainted, to a
+    /// destination `onTaint.egress` does not admit.
+    pub const TAINT_CLAMP: u32 = 0xffff_fff7;
     /// `spec.onTaint.egress[i]` has id `TAINT_BASE + i + 1`.
     pub const TAINT_BASE: u32 = 0x4000_0000;
     /// `spec.files[i]` has id `FILE_BASE + i + 1`.
     pub const FILE_BASE: u32 = 0x2000_0000;
+    /// `spec.ingress[i]` has id `INGRESS_BASE + i + 1`.
+    pub const INGRESS_BASE: u32 = 0x1000_0000;
 }
 
 /// `FileRuleValue.access`.
@@ -276,6 +299,8 @@ pub mod inspect_status {
     pub const PASSED: u8 = 2;
     /// Refused: every later payload is dropped.
     pub const REFUSED: u8 = 3;
+    /// Cut by the taint clamp: every later packet is dropped.
+    pub const CLAMPED: u8 = 4;
 }
 
 /// Protocol mask bits in `PortRule.proto_mask`.
@@ -308,6 +333,11 @@ pub mod stat {
     /// A connect to a learned address refused because its socket state
     /// could not be created (fail closed).
     pub const INSPECT_NO_STATE: u32 = 5;
+    /// Packets dropped by the egress program's guard (IP options, routing
+    /// headers, the taint clamp on open sockets), each.
+    pub const PACKET_DROPPED: u32 = 6;
+    /// Packets from peers outside the identity dropped at ingress, each.
+    pub const INGRESS_DROPPED: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -330,6 +360,10 @@ pub struct PolicyState {
     pub _pad: [u8; 2],
     /// Generation of the onTaint egress tables (used once tainted).
     pub taint_table_id: u32,
+    /// Generation of the `spec.ingress` tables (peer address -> local
+    /// ports), in the `EGRESS_*` maps; 0: none (every peer refused).
+    pub ingress_table_id: u32,
+    pub _pad2: u32,
 }
 
 /// `FILE_RULES` key: an inode, by number and device (kernel `dev_t`:
@@ -529,7 +563,12 @@ pub struct InspectState {
     /// `seq_known` once it was.
     pub isn: u32,
     pub seq_known: u8,
-    pub _pad: [u8; 3],
+    /// Created while the identity was tainted (judged by its onTaint
+    /// generation): the taint clamp leaves it to the first-bytes judge.
+    pub tainted: u8,
+    /// The taint clamp recorded this socket (once per socket).
+    pub clamp_seen: u8,
+    pub _pad: u8,
 }
 
 /// `NAMES` LPM key data: table id (big endian), then the host name reversed

@@ -345,6 +345,11 @@ fn check(act: u8, dentry: *const u8, inode: *const u8) -> i32 {
                             }
                         }
                     }
+                    // Opens the egress program's clamp gate (slot 0 is no
+                    // identity's).
+                    if let Some(any) = TAINTED.get_ptr_mut(0) {
+                        unsafe { *any = 1 };
+                    }
                     d.verdict = verdict::TAINT;
                     report::record(&d);
                     ALLOW

@@ -33,16 +33,15 @@ use enforcer_common::{
 };
 
 use crate::{
+    guard::{self, Guard},
     maps::{Scratch, GENERATION, INSPECT, NAMES, OPAQUE, POLICIES, SCRATCH},
+    packet::{load, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP},
     report::{self, Decision, Presented},
     sock_addr::{match_rules, tables},
 };
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
 
 #[cgroup_skb(egress)]
 pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
@@ -54,6 +53,9 @@ pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
         return PASS;
+    }
+    if let Guard::Drop = guard::egress(skb, full) {
+        return DROP;
     }
     let map = core::ptr::from_ref(&INSPECT).cast_mut().cast::<c_void>();
     let st = unsafe { bpf_sk_storage_get(map, full.cast(), core::ptr::null_mut(), 0) }
@@ -173,18 +175,6 @@ struct Segment {
     seq: u32,
     /// TCP flags byte.
     flags: u8,
-}
-
-#[inline(always)]
-fn load<const N: usize>(skb: *mut __sk_buff, off: usize) -> Option<[u8; N]> {
-    let mut out = [0u8; N];
-    let r =
-        unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
-    if r == 0 {
-        Some(out)
-    } else {
-        None
-    }
 }
 
 #[inline(always)]

@@ -1,20 +1,28 @@
 //! enforcer eBPF programs. One module per hook family:
 //! - `sock_addr`: cgroup/connect4, connect6, sendmsg4, sendmsg6 (egress verdicts)
 //! - `sock`: cgroup/sock_create (raw, packet and ICMP sockets)
-//! - `inspect`: cgroup_skb/egress (first bytes of connections to learned addresses)
+//! - `inspect`: cgroup_skb/egress (first bytes of connections to learned
+//!   addresses), after `guard` (IP options, the taint clamp on open sockets)
+//! - `ingress`: cgroup_skb/ingress (connections and datagrams from peers
+//!   outside the identity)
 //! - `files`: lsm/file_open, inode_link, inode_rename (file policy, taint)
 //! - `lsm_socket`: lsm/socket_create (packet sockets of agents)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
-//! policy generation, fail closed), `report` (counters and ring-buffer events).
+//! policy generation, fail closed), `report` (counters and ring-buffer
+//! events), `packet` (IP and transport headers of cgroup_skb packets).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod files;
 #[cfg(target_arch = "bpf")]
+mod guard;
+#[cfg(target_arch = "bpf")]
 mod identity;
+#[cfg(target_arch = "bpf")]
+mod ingress;
 #[cfg(target_arch = "bpf")]
 mod inspect;
 #[cfg(target_arch = "bpf")]
@@ -23,6 +31,8 @@ mod lsm_probe;
 mod lsm_socket;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod packet;
 #[cfg(target_arch = "bpf")]
 mod report;
 #[cfg(target_arch = "bpf")]

@@ -155,3 +155,30 @@ pub fn record(d: &Decision) {
     entry.write(event(d, pid_tgid, comm));
     entry.submit(0);
 }
+
+/// Record a packet refused by a cgroup_skb program (no current task there:
+/// `pid` and `comm` are what the socket's state kept, else 0), with the
+/// packet's local end so that userspace can reset the connection.
+#[inline(always)]
+pub fn record_packet(d: &Decision, src: [u8; 16], src_port: u16, pid: u32, comm: [u8; 16]) {
+    count(d);
+    if !wants_event(d.verdict) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<InspectEvent>(0) else {
+        bump_stat(stat::EVENTS_LOST);
+        return;
+    };
+    let out = entry.as_mut_ptr();
+    unsafe {
+        (*out).event = event(d, (u64::from(pid) << 32) | u64::from(pid), comm);
+        (*out).kind = 0;
+        (*out).truncated = 0;
+        (*out)._pad = [0; 3];
+        (*out).src_port = src_port;
+        (*out).src = src;
+        (*out).name_len = 0;
+        (*out).name = [0; PRESENTED_MAX];
+    }
+    entry.submit(0);
+}

@@ -87,7 +87,7 @@ pub fn enforcer_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn proto_bit(protocol: u32) -> u8 {
+pub(crate) fn proto_bit(protocol: u32) -> u8 {
     match protocol {
         proto::IPPROTO_TCP => proto::TCP,
         proto::IPPROTO_UDP => proto::UDP,
@@ -117,11 +117,11 @@ pub(crate) fn match_rules(set: &RuleSet, port: u16, bit: u8) -> Option<u32> {
 /// every path (no `Option` of a tuple: LLVM may move an `Option`'s
 /// undefined payload on the `None` path, which the verifier rejects).
 #[derive(Clone, Copy)]
-struct Match {
-    found: bool,
-    rule_id: u32,
+pub(crate) struct Match {
+    pub found: bool,
+    pub rule_id: u32,
     /// The first bytes must be judged (a learned address, no `inspect: none`).
-    judge: bool,
+    pub judge: bool,
 }
 
 const NO_MATCH: Match = Match {
@@ -169,7 +169,7 @@ fn match_learned(set: &RuleSet, port: u16, bit: u8) -> Match {
 
 /// The destination, as the tables see it.
 #[derive(Clone, Copy)]
-enum Dst {
+pub(crate) enum Dst {
     V4([u8; 4]),
     V6([u8; 16]),
 }
@@ -190,8 +190,14 @@ pub(crate) fn tables(p: &PolicyState, slot: u32) -> (u32, u32) {
 
 /// The admitting rule.
 #[inline(always)]
-fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Match {
+pub(crate) fn lookup(p: &PolicyState, slot: u32, dst: Dst, port: u16, bit: u8) -> Match {
     let (table_id, slot) = tables(p, slot);
+    lookup_in(table_id, slot, dst, port, bit)
+}
+
+/// The admitting rule in one generation (`table_id`) and learned slot.
+#[inline(always)]
+pub(crate) fn lookup_in(table_id: u32, slot: u32, dst: Dst, port: u16, bit: u8) -> Match {
     match dst {
         Dst::V4(addr) => {
             let key = Key::new(
@@ -326,7 +332,9 @@ fn decide(
                         comm: [0; 16],
                         isn: 0,
                         seq_known: 0,
-                        _pad: [0; 3],
+                        tainted: u8::from(tables(&p, id.slot).0 != p.table_id),
+                        clamp_seen: 0,
+                        _pad: 0,
                     };
                 }
                 (verdict::ALLOW, rule_id, ALLOW)

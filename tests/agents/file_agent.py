@@ -393,8 +393,55 @@ def v_child_send(host, port):
     return {"ok": True}
 
 
+HELD = {}
+
+
+def v_hold(host, port):
+    # A TCP connection opened now and kept: it sends one greeting at once.
+    s = _connect(host, port)
+    s.sendall(b"HELD-BEFORE;")
+    HELD["tcp:%s:%s" % (host, port)] = s
+    return {"ok": True}
+
+
+def v_hold_udp(host, port):
+    # A connected UDP socket opened now and kept (sends go out with no
+    # address: no sendmsg hook runs for them).
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, int(port)))
+    s.send(b"HELD-BEFORE;")
+    HELD["udp:%s:%s" % (host, port)] = s
+    return {"ok": True}
+
+
+def v_held_send(kind, host, port):
+    # Write the stolen data on a socket opened before (kind tcp or udp);
+    # then read: a connection cut by the enforcer shows an error.
+    s = HELD["%s:%s:%s" % (kind, host, port)]
+    payload = ("HELD-AFTER:" + "|".join(STOLEN) + ";").encode("latin-1")
+    res = {"ok": True, "bytes": 0}
+    try:
+        for _ in range(3):
+            res["bytes"] += s.send(payload)
+            time.sleep(0.2)
+        if kind == "tcp":
+            s.settimeout(3)
+            try:
+                data = s.recv(1)
+                res["recv"] = "eof" if data == b"" else "data"
+            except OSError as e:
+                res["recv_errno"] = ename(e.errno)
+    except OSError as e:
+        res = {"ok": False, "errno": ename(e.errno), "error": oserr_text(e), "bytes": res["bytes"]}
+    return res
+
+
 VECTORS = {
     "wait": (v_wait, 1),
+    "hold": (v_hold, 2),
+    "hold_udp": (v_hold_udp, 2),
+    "held_send": (v_held_send, 3),
     "connect": (v_connect, 2),
     "send": (v_send, 2),
     "child_send": (v_child_send, 2),

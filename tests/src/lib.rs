@@ -143,6 +143,7 @@ impl TestDir {
             "probe.py",
             "dns_agent.py",
             "tls_agent.py",
+            "channel_agent.py",
         ] {
             let dst = dir.path().join(f);
             std::fs::copy(agents_dir().join(f), &dst).unwrap();
@@ -242,6 +243,45 @@ fn drain<R: Read + Send + 'static>(r: R) -> thread::JoinHandle<Vec<u8>> {
 }
 
 /// Run `cmd` to completion with a bound; panics (after killing it) on timeout.
+/// Collectors of a child's stdout and stderr (read on threads so that
+/// neither pipe fills).
+pub struct OutputThreads {
+    out: std::thread::JoinHandle<Vec<u8>>,
+    err: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl OutputThreads {
+    pub fn take(c: &mut std::process::Child) -> Self {
+        let mut so = c.stdout.take().unwrap();
+        let mut se = c.stderr.take().unwrap();
+        Self {
+            out: std::thread::spawn(move || {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut so, &mut v).ok();
+                v
+            }),
+            err: std::thread::spawn(move || {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut se, &mut v).ok();
+                v
+            }),
+        }
+    }
+    pub fn finish(self, g: &mut ChildGuard, timeout: Duration) -> Output {
+        let status = g.wait_timeout(timeout);
+        if status.is_none() {
+            g.kill9();
+        }
+        let out = Output {
+            status: status
+                .unwrap_or_else(|| panic!("enforcer run did not finish within {timeout:?}")),
+            stdout: self.out.join().unwrap(),
+            stderr: self.err.join().unwrap(),
+        };
+        out
+    }
+}
+
 pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())

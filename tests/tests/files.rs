@@ -70,43 +70,6 @@ fn spawn_run(policy: &Path, audit: &Path, vectors: &[String]) -> (ChildGuard, Ou
     (g, t)
 }
 
-struct OutputThreads {
-    out: std::thread::JoinHandle<Vec<u8>>,
-    err: std::thread::JoinHandle<Vec<u8>>,
-}
-
-impl OutputThreads {
-    fn take(c: &mut std::process::Child) -> Self {
-        let mut so = c.stdout.take().unwrap();
-        let mut se = c.stderr.take().unwrap();
-        Self {
-            out: std::thread::spawn(move || {
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut so, &mut v).ok();
-                v
-            }),
-            err: std::thread::spawn(move || {
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut se, &mut v).ok();
-                v
-            }),
-        }
-    }
-    fn finish(self, g: &mut ChildGuard, timeout: Duration) -> Output {
-        let status = g.wait_timeout(timeout);
-        if status.is_none() {
-            g.kill9();
-        }
-        let out = Output {
-            status: status
-                .unwrap_or_else(|| panic!("enforcer run did not finish within {timeout:?}")),
-            stdout: self.out.join().unwrap(),
-            stderr: self.err.join().unwrap(),
-        };
-        out
-    }
-}
-
 /// The agent's JSON result object (the last JSON line of its stdout).
 fn results(out: &Output) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
@@ -396,6 +359,100 @@ fn taint_clamps_egress_of_every_process_of_the_agent() {
         "{recs:#?}"
     );
     assert!(err.contains("tainted") || err.contains("taint"), "{err}");
+}
+
+/// The clamp reaches sockets opened before the taint read: a TCP
+/// connection and a connected UDP socket to a host allowed before (not by
+/// onTaint) carry nothing written after the read; a connection to the
+/// onTaint host keeps working.
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn taint_clamp_cuts_sockets_opened_before_the_taint() {
+    require_bpf_lsm();
+    let dir = TestDir::new("files-taint-open");
+    let root = dir.path();
+    let token = root.join("token");
+    write(&token, TOKEN);
+    let before = TcpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let before_udp = UdpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let on_taint = TcpSink::bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let policy = root.join("policy.yaml");
+    write(
+        &policy,
+        &format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: taint-open\n\
+             spec:\n  egress:\n    - cidr: 127.0.0.2/32\n      ports: [{b}]\n      protocol: tcp\n    \
+             - cidr: 127.0.0.2/32\n      ports: [{u}]\n      protocol: udp\n    \
+             - cidr: 127.0.0.3/32\n      ports: [{o}]\n      protocol: tcp\n  \
+             files:\n    - path: {t}\n      access: taint\n  onTaint:\n    egress:\n      - cidr: \
+             127.0.0.3/32\n        ports: [{o}]\n        protocol: tcp\n",
+            b = before.port(),
+            u = before_udp.port(),
+            t = token.display(),
+            o = on_taint.port()
+        ),
+    );
+    let audit = root.join("audit.jsonl");
+    let vectors = vec![
+        format!("hold=127.0.0.2,{}", before.port()),
+        format!("hold_udp=127.0.0.2,{}", before_udp.port()),
+        format!("hold=127.0.0.3,{}", on_taint.port()),
+        format!("open={}", token.display()),
+        format!("held_send=tcp,127.0.0.2,{}", before.port()),
+        format!("held_send=udp,127.0.0.2,{}", before_udp.port()),
+        format!("held_send=tcp,127.0.0.3,{}", on_taint.port()),
+    ];
+    let (mut g, threads) = spawn_run(&policy, &audit, &vectors);
+    let out = threads.finish(&mut g, Duration::from_secs(180));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let r = results(&out);
+    for k in ["hold", "hold_udp", "hold#2"] {
+        assert_eq!(r[k]["ok"], true, "{k} before the taint: {r}");
+    }
+    assert_read(&r, "open", TOKEN);
+    // The onTaint host's connection carries the data on.
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            on_taint.text().contains(TOKEN)
+        }),
+        "onTaint host: {:?}\n{r}",
+        on_taint.text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // Zero bytes written after the read reached the host allowed before.
+    assert_eq!(before.text(), "HELD-BEFORE;", "{r}");
+    assert!(
+        !before_udp.text().contains("HELD-AFTER"),
+        "connected UDP after the taint: {:?}",
+        before_udp.text()
+    );
+    assert!(before_udp.text().contains("HELD-BEFORE"), "{r}");
+    // The TCP connection was cut: its reader sees an error, not a reply.
+    let cut = &r["held_send"];
+    assert!(
+        cut["ok"] == false || cut["recv_errno"].is_string() || cut["recv"] == "eof",
+        "the clamped connection was not cut: {cut}"
+    );
+    let recs = read_jsonl(&audit);
+    let clamped: Vec<&Value> = recs
+        .iter()
+        .filter(|x| x["action"] == "packet" && x["rule"] == "taint-clamp" && x["verdict"] == "deny")
+        .collect();
+    assert!(
+        clamped
+            .iter()
+            .any(|x| x["port"] == before.port() && x["protocol"] == "tcp"),
+        "no taint-clamp record for the TCP connection: {recs:#?}"
+    );
+    assert!(
+        clamped
+            .iter()
+            .any(|x| x["port"] == before_udp.port() && x["protocol"] == "udp"),
+        "no taint-clamp record for the UDP socket: {recs:#?}"
+    );
+    // One record per socket, not one per dropped packet.
+    assert!(clamped.len() <= 2, "{clamped:#?}");
 }
 
 #[test]

@@ -22,6 +22,12 @@ pub enum Action {
     /// The first bytes of a connection to a learned address (TLS SNI or
     /// HTTP Host), or UDP to such an address.
     Inspect,
+    /// A packet of an open socket refused by the egress program (IP
+    /// options / routing header, or the taint clamp).
+    Packet,
+    /// A connection or datagram from a peer outside the identity
+    /// (`spec.ingress`): the address is the peer's, the port the local one.
+    Ingress,
     /// A system call the agent's seccomp filter refused (`enforcer run`);
     /// decided in userspace, never counted by the kernel.
     Syscall,
@@ -39,6 +45,8 @@ impl Action {
             k::FILE_LINK => Self::FileLink,
             k::FILE_RENAME => Self::FileRename,
             k::INSPECT => Self::Inspect,
+            k::PACKET => Self::Packet,
+            k::INGRESS => Self::Ingress,
             _ => return None,
         })
     }
@@ -52,11 +60,13 @@ impl Action {
             Self::FileLink => "file_link",
             Self::FileRename => "file_rename",
             Self::Inspect => "inspect",
+            Self::Packet => "packet",
+            Self::Ingress => "ingress",
             Self::Syscall => "syscall",
         }
     }
     /// The actions the kernel decides and counts.
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 10] = [
         Self::Connect,
         Self::Sendmsg,
         Self::SockCreate,
@@ -65,6 +75,8 @@ impl Action {
         Self::FileLink,
         Self::FileRename,
         Self::Inspect,
+        Self::Packet,
+        Self::Ingress,
     ];
     pub fn is_file(self) -> bool {
         matches!(self, Self::FileOpen | Self::FileLink | Self::FileRename)
@@ -80,6 +92,8 @@ impl Action {
             Self::FileLink => k::FILE_LINK,
             Self::FileRename => k::FILE_RENAME,
             Self::Inspect => k::INSPECT,
+            Self::Packet => k::PACKET,
+            Self::Ingress => k::INGRESS,
             // Not a kernel action: never in ALL, never an index.
             Self::Syscall => u8::MAX,
         }

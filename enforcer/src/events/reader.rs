@@ -44,7 +44,14 @@ impl Decoded {
     /// Reset a connection whose first bytes were refused (the agent's next
     /// read or write fails at once; see `kernel::reset`).
     pub fn reset_refused(&self) {
-        if self.ev.verdict != verdict::DENY {
+        // First bytes refused, or a socket cut by the taint clamp (TCP: a
+        // connection; IP options leave the socket usable).
+        let cut = match self.ev.action {
+            action::INSPECT => true,
+            action::PACKET => self.ev.rule_id == enforcer_common::rule::TAINT_CLAMP,
+            _ => false,
+        };
+        if self.ev.verdict != verdict::DENY || !cut || self.ev.protocol != 6 {
             return;
         }
         if let Some((src, dst)) = self.conn {
@@ -85,6 +92,14 @@ pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
                 endpoint(ie.event.addr, ie.event.port),
             )
         });
+        if ie.event.action != action::INSPECT {
+            // A packet refused by a cgroup_skb program: no first bytes.
+            return Some(Decoded {
+                conn,
+                ev: ie.event,
+                first: None,
+            });
+        }
         return Some(Decoded {
             conn,
             ev: ie.event,
@@ -139,6 +154,8 @@ pub struct SlotInfo {
     pub taint_rules: Vec<String>,
     /// Paths of `spec.files[i]` (rule `FILE_BASE + i + 1`).
     pub files: Vec<String>,
+    /// Descriptions of `spec.ingress[i]` (rule `INGRESS_BASE + i + 1`).
+    pub ingress_rules: Vec<String>,
 }
 
 impl SlotInfo {
@@ -148,6 +165,7 @@ impl SlotInfo {
             policy_hash: compiled.hash.clone(),
             rules: compiled.rules.clone(),
             taint_rules: compiled.taint_rules.clone(),
+            ingress_rules: compiled.ingress_rules.clone(),
             files: compiled
                 .files
                 .iter()
@@ -317,7 +335,24 @@ impl Attribution {
                 Some(v4) if ev.family == 2 => IpAddr::V4(v4),
                 _ => IpAddr::V6(v6),
             };
-            (Some(ip), Some(ev.port), None)
+            let detail = match (ev.action, ev.rule_id) {
+                (action::INGRESS, _) => Some(format!(
+                    "from peer {ip} to local port {} (spec.ingress)",
+                    ev.port
+                )),
+                (action::PACKET, rule::IP_OPTIONS) => Some(
+                    "IPv4 options or an IPv6 routing/hop-by-hop/destination-options header: \
+                     the first hop would not be the judged destination"
+                        .to_string(),
+                ),
+                (action::PACKET, rule::TAINT_CLAMP) => Some(
+                    "socket opened before the taint read; destination outside \
+                     spec.onTaint.egress: cut"
+                        .to_string(),
+                ),
+                _ => None,
+            };
+            (Some(ip), Some(ev.port), detail)
         };
         Decision {
             ts: clock.wall(ev.ts_ns),
@@ -382,6 +417,12 @@ pub fn slot_rule_name(rule_id: u32, info: Option<&SlotInfo>) -> String {
             .and_then(|i| i.taint_rules.get(index(rule::TAINT_BASE)))
             .cloned()
             .unwrap_or_else(|| format!("onTaint.egress[{}]", index(rule::TAINT_BASE)));
+    }
+    if rule_id > rule::INGRESS_BASE && rule_id < rule::FILE_BASE {
+        return info
+            .and_then(|i| i.ingress_rules.get(index(rule::INGRESS_BASE)))
+            .cloned()
+            .unwrap_or_else(|| format!("ingress[{}]", index(rule::INGRESS_BASE)));
     }
     if rule_id > rule::FILE_BASE && rule_id < rule::TAINT_BASE {
         let i = index(rule::FILE_BASE);
@@ -591,6 +632,7 @@ mod tests {
         a.set(
             1,
             SlotInfo {
+                ingress_rules: Vec::new(),
                 identity: IdentityRef {
                     name: "demo".into(),
                     spiffe_id: Some("spiffe://x/y".into()),
@@ -642,6 +684,7 @@ mod tests {
         a.set(
             1,
             SlotInfo {
+                ingress_rules: Vec::new(),
                 identity: IdentityRef {
                     name: "demo".into(),
                     spiffe_id: None,

@@ -282,9 +282,13 @@ impl Kernel {
                     if p.taint_table_id != 0 {
                         owner.insert(p.taint_table_id, s);
                     }
+                    if p.ingress_table_id != 0 {
+                        owner.insert(p.ingress_table_id, s);
+                    }
                     next_table_id = next_table_id
                         .max(p.table_id.wrapping_add(1))
-                        .max(p.taint_table_id.wrapping_add(1));
+                        .max(p.taint_table_id.wrapping_add(1))
+                        .max(p.ingress_table_id.wrapping_add(1));
                     if p.dns_port != 0 {
                         dns_ports.insert(s, p.dns_port);
                     }
@@ -599,8 +603,13 @@ impl Kernel {
                         .map_err(|e| anyhow!("{name}: {e}"))?
                 }
                 Program::CgroupSkb(p) => {
+                    let kind = if name == prog_names::INGRESS {
+                        CgroupSkbAttachType::Ingress
+                    } else {
+                        CgroupSkbAttachType::Egress
+                    };
                     let id = p
-                        .attach(&file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                        .attach(&file, kind, CgroupAttachMode::Single)
                         .map_err(|e| anyhow!("attaching {name} to {}: {e:#}", cgroup.display()))?;
                     p.take_link(id)?
                         .try_into()
@@ -685,8 +694,21 @@ impl Kernel {
         } else {
             0
         };
+        let ingress_table_id = if compiled.ingress.v4.is_empty() && compiled.ingress.v6.is_empty() {
+            0
+        } else {
+            self.fresh_table_id()
+        };
         let mut new = Installed::default();
         let mut result = self.insert_cidrs(table_id, &compiled.v4, &compiled.v6, &mut new);
+        if result.is_ok() && ingress_table_id != 0 {
+            result = self.insert_cidrs(
+                ingress_table_id,
+                &compiled.ingress.v4,
+                &compiled.ingress.v6,
+                &mut new,
+            );
+        }
         if let (Ok(()), Some(t)) = (&result, &compiled.taint) {
             result = self.insert_cidrs(taint_table_id, &t.v4, &t.v6, &mut new);
         }
@@ -739,6 +761,8 @@ impl Kernel {
             dns_port: self.dns_ports.get(&slot).copied().unwrap_or(0),
             _pad: [0; 2],
             taint_table_id,
+            ingress_table_id,
+            _pad2: 0,
         };
         if let Err(e) = self.policies.set(slot, state, 0) {
             self.delete_generation(&new);
@@ -755,7 +779,7 @@ impl Kernel {
         let old = self.installed.insert(slot, new);
         match old {
             Some(old) => self.delete_generation(&old),
-            None => self.delete_table_by_scan(slot, table_id, taint_table_id),
+            None => self.delete_table_by_scan(table_id, taint_table_id, ingress_table_id),
         }
         self.bloom_rebuild();
         Ok(())
@@ -910,12 +934,12 @@ impl Kernel {
     /// After a restart with pinned maps we do not know the keys of a slot's
     /// previous generations: remove every entry of a table id that no slot
     /// uses any more.
-    fn delete_table_by_scan(&mut self, _slot: u32, keep: u32, keep_taint: u32) {
+    fn delete_table_by_scan(&mut self, keep: u32, keep_taint: u32, keep_ingress: u32) {
         let live: HashSet<u32> = (0..MAX_SLOTS)
             .filter_map(|s| self.policies.get(&s, 0).ok())
             .filter(|p| p.flags & policy_flags::PRESENT != 0)
-            .flat_map(|p| [p.table_id, p.taint_table_id])
-            .chain([keep, keep_taint])
+            .flat_map(|p| [p.table_id, p.taint_table_id, p.ingress_table_id])
+            .chain([keep, keep_taint, keep_ingress])
             .collect();
         let stale_files: Vec<FileKey> = self
             .file_rules

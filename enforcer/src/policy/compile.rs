@@ -63,6 +63,11 @@ pub struct CompiledPolicy {
     pub taint: Option<CidrTables>,
     /// Descriptions of `spec.onTaint.egress[i]`.
     pub taint_rules: Vec<String>,
+    /// `spec.ingress` (ids `INGRESS_BASE + i + 1`): peer prefix -> local
+    /// ports, in their own generation (`PolicyState.ingress_table_id`).
+    pub ingress: CidrTables,
+    /// Descriptions of `spec.ingress[i]`.
+    pub ingress_rules: Vec<String>,
     /// `NAMES` entries of `spec.egress`'s host rules (first-bytes checks).
     pub names: Vec<NameEntry>,
     /// `NAMES` entries of `spec.onTaint.egress`'s host rules (ids `TAINT_BASE + i + 1`).
@@ -112,6 +117,9 @@ impl CompiledPolicy {
         }
         if rule_id > rule::TAINT_BASE && rule_id < rule::TAINT_BASE + 0x1000_0000 {
             return format!("onTaint.egress[{}]", rule_id - rule::TAINT_BASE - 1);
+        }
+        if rule_id > rule::INGRESS_BASE && rule_id < rule::INGRESS_BASE + 0x1000_0000 {
+            return format!("ingress[{}]", rule_id - rule::INGRESS_BASE - 1);
         }
         if rule_id > rule::FILE_BASE && rule_id < rule::FILE_BASE + 0x1000_0000 {
             return format!("files[{}]", rule_id - rule::FILE_BASE - 1);
@@ -332,6 +340,17 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             &mut errors,
         )
     });
+    let ingress_as_egress: Vec<EgressRule> = spec.ingress.iter().map(|r| r.as_egress()).collect();
+    let ingress = compile_section(
+        p,
+        &Section {
+            rules: &ingress_as_egress,
+            field: "spec.ingress",
+            short: "ingress",
+            id_base: rule::INGRESS_BASE,
+        },
+        &mut errors,
+    );
     let mut names = Vec::new();
     let mut taint_names = Vec::new();
     // (A host rule that does not fit was reported above; its names would not either.)
@@ -401,6 +420,12 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             .iter()
             .enumerate()
             .map(|(i, r)| format!("onTaint.{}", describe_rule(i, r)))
+            .collect(),
+        ingress,
+        ingress_rules: ingress_as_egress
+            .iter()
+            .enumerate()
+            .map(|(i, r)| describe_rule(i, r).replacen("egress", "ingress", 1))
             .collect(),
         names,
         taint_names,

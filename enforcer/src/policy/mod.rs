@@ -350,6 +350,8 @@ pub fn rule_name(rule_id: u32) -> Option<&'static str> {
         rule::SOCKET_PROTOCOL => Some("socket-protocol"),
         rule::FILE_DEPTH => Some("file-depth"),
         rule::FILE_NO_OFFSETS => Some("file-no-btf-offsets"),
+        rule::IP_OPTIONS => Some("ip-options"),
+        rule::TAINT_CLAMP => Some("taint-clamp"),
         _ => None,
     }
 }

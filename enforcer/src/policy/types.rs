@@ -52,6 +52,12 @@ pub struct Spec {
     /// Allowlist; anything not matched is denied (`enforce`) or recorded (`audit`).
     #[serde(default)]
     pub egress: Vec<EgressRule>,
+    /// Peers that may open a connection to (or send a datagram to an
+    /// unconnected socket of) the agent; anything else from outside the
+    /// identity is dropped before the agent's socket sees it. Empty: no
+    /// inbound connection at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<IngressRule>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Dns>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -152,6 +158,36 @@ pub struct EgressRule {
     /// allows UDP to the addresses).
     #[serde(default, skip_serializing_if = "Inspect::is_default")]
     pub inspect: Inspect,
+}
+
+/// One `spec.ingress` rule: peers in `cidr` may connect to the agent's
+/// `ports` (its local ports) over `protocol`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IngressRule {
+    /// Peer addresses. Network form (no host bits set); a bare address is a
+    /// /32 or /128.
+    #[serde(with = "cidr_serde_required")]
+    #[schemars(schema_with = "cidr_schema")]
+    pub cidr: IpNet,
+    /// The agent's local ports. Empty = all ports (the YAML field was omitted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl IngressRule {
+    /// The same rule in the egress compiler's form (a peer CIDR and ports).
+    pub fn as_egress(&self) -> EgressRule {
+        EgressRule {
+            cidr: Some(self.cidr),
+            host: None,
+            ports: self.ports.clone(),
+            protocol: self.protocol,
+            inspect: Inspect::default(),
+        }
+    }
 }
 
 /// `EgressRule.inspect`.
@@ -328,6 +364,19 @@ mod cidr_serde {
         Option::<String>::deserialize(d)?
             .map(|t| super::super::validate::parse_cidr(&t).map_err(serde::de::Error::custom))
             .transpose()
+    }
+}
+
+mod cidr_serde_required {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &IpNet, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+        let t = String::deserialize(d)?;
+        super::super::validate::parse_cidr(&t).map_err(serde::de::Error::custom)
     }
 }
 

@@ -243,7 +243,7 @@ impl<'a> Validator<'a> {
             node,
             path,
             &[
-                "identity", "mode", "egress", "dns", "files", "onTaint", "writable",
+                "identity", "mode", "egress", "ingress", "dns", "files", "onTaint", "writable",
             ],
         )?;
         let mut ok = true;
@@ -261,6 +261,12 @@ impl<'a> Validator<'a> {
         if let Some((n, p)) = self.get(&f, "egress") {
             match self.egress(n, &p) {
                 Some(e) => spec.egress = e,
+                None => ok = false,
+            }
+        }
+        if let Some((n, p)) = self.get(&f, "ingress") {
+            match self.ingress(n, &p) {
+                Some(e) => spec.ingress = e,
                 None => ok = false,
             }
         }
@@ -411,6 +417,45 @@ impl<'a> Validator<'a> {
             match self.egress_rule(item, &format!("{path}[{i}]")) {
                 Some(r) => out.push(r),
                 None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn ingress(&mut self, node: &Node, path: &str) -> Option<Vec<IngressRule>> {
+        let items = self.seq(node, path)?;
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            // Peers are judged by address: no `host` (a peer's name is not
+            // known when its SYN arrives) and nothing to inspect.
+            let Some(f) = self.map(item, &p, &["cidr", "ports", "protocol"]) else {
+                ok = false;
+                continue;
+            };
+            if self.get(&f, "cidr").is_none() {
+                self.err_at(
+                    f.line,
+                    f.column,
+                    &p,
+                    "an ingress rule needs `cidr` (the peers' addresses)",
+                );
+                ok = false;
+                continue;
+            }
+            match self.egress_rule(item, &p) {
+                Some(EgressRule {
+                    cidr: Some(cidr),
+                    ports,
+                    protocol,
+                    ..
+                }) => out.push(IngressRule {
+                    cidr,
+                    ports,
+                    protocol,
+                }),
+                _ => ok = false,
             }
         }
         ok.then_some(out)
