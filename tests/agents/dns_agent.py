@@ -15,7 +15,11 @@ Commands:
    "tcp": false, "connected": false, "timeout": 5}
       -> {"rcode": int, "addrs": [...], "cnames": [...], "txt": [...],
           "ttls": [...], "src": "ip:port" (sender of the UDP reply / TCP
-          peer), "peer": "ip:port" (getpeername, connected UDP and TCP)}
+          peer), "peer": "ip:port" (getpeername, connected UDP and TCP),
+          "qname": question name of the reply (letter case kept),
+          "owners": [owner name of each answer record],
+          "question_same": the reply's question section is byte for byte
+          the query's}
   {"op": "tcp", "host": h, "port": p, "data": s}   connect + send
   {"op": "loop", "server": ip, "port": 53, "names": [...], "iterations": N,
    "connect_port": p}
@@ -80,13 +84,17 @@ def read_name(msg, off):
 def parse_reply(msg, qid):
     rid, flags, qd, an, _ns, _ar = struct.unpack("!HHHHHH", msg[:12])
     out = {"rcode": flags & 0xF, "id_ok": rid == qid, "qr": bool(flags & 0x8000),
-           "tc": bool(flags & 0x0200), "addrs": [], "cnames": [], "txt": [], "ttls": []}
+           "tc": bool(flags & 0x0200), "addrs": [], "cnames": [], "txt": [], "ttls": [],
+           "qname": None, "owners": []}
     off = 12
     for _ in range(qd):
-        _, off = read_name(msg, off)
+        qname, off = read_name(msg, off)
+        if out["qname"] is None:
+            out["qname"] = qname
         off += 4
     for _ in range(an):
-        _, off = read_name(msg, off)
+        owner, off = read_name(msg, off)
+        out["owners"].append(owner)
         rtype, _cls, ttl, rdlen = struct.unpack("!HHIH", msg[off:off + 10])
         off += 10
         rd = msg[off:off + rdlen]
@@ -154,6 +162,8 @@ def resolve(cmd):
         finally:
             s.close()
     out = parse_reply(msg, qid)
+    # The query has one question and nothing after it.
+    out["question_same"] = msg[4:6] == q[4:6] and msg[12:len(q)] == q[12:]
     out.update(extra)
     return out
 

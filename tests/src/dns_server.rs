@@ -3,7 +3,8 @@
 //! It serves a small zone that the test configures (A/AAAA addresses, CNAME
 //! chains, TXT, suffix wildcards) with one TTL, answers built with
 //! `hickory-proto`, and logs every query it received, so that a test can
-//! assert that a name the enforcer's proxy refused NEVER reached it.
+//! assert that a name the enforcer's proxy refused NEVER reached it (and
+//! in what letter case a forwarded name arrived: [`LoggedQuery::raw`]).
 //!
 //! Threads only (no async runtime): one UDP loop, one TCP accept loop, one
 //! thread per TCP connection. Everything stops when the server is dropped.
@@ -42,6 +43,8 @@ pub enum Answer {
 pub struct LoggedQuery {
     /// Lower case, without the trailing dot.
     pub name: String,
+    /// The name as it arrived (letter case kept), without the trailing dot.
+    pub raw: String,
     /// `A`, `AAAA`, `TXT`, `ANY`, ...
     pub qtype: String,
     pub tcp: bool,
@@ -240,6 +243,17 @@ impl DnsServer {
             .count()
     }
 
+    /// The names of every query received so far as they arrived (letter
+    /// case kept, no trailing dot).
+    pub fn raw_names(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|q| q.raw.clone())
+            .collect()
+    }
+
     pub fn saw(&self, name: &str) -> bool {
         self.count(name) > 0
     }
@@ -262,7 +276,7 @@ impl DnsServer {
                 "\n  {} {} {} from {}",
                 if q.tcp { "tcp" } else { "udp" },
                 q.qtype,
-                q.name,
+                q.raw,
                 q.from
             ));
         }
@@ -345,9 +359,11 @@ fn answer(
         resp.metadata.response_code = ResponseCode::FormErr;
         return resp.to_vec().ok();
     };
-    let qname = normalize(&q.name.to_ascii());
+    let raw = q.name.to_ascii();
+    let qname = normalize(&raw);
     log.lock().unwrap().push(LoggedQuery {
         name: qname.clone(),
+        raw: raw.trim_end_matches('.').to_string(),
         qtype: q.query_type.to_string(),
         tcp,
         from,

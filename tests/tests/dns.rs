@@ -520,6 +520,120 @@ fn overlong_names_are_refused() {
     assert_rcode(&v_short, NOERROR, "54-byte name");
 }
 
+/// Scenario 4c: The letter case of a name carries nothing upstream ("0x20
+/// encoding": `aPi.ExAmple.COM` spells bits in its case). The upstream
+/// receives only the canonical lower-case name, over UDP and TCP; the agent
+/// gets its question back byte for byte (and the answer records of the
+/// queried name in its spelling), the learned addresses (CNAME chains
+/// followed) are reachable, and case variants of a name are one name in
+/// the name budget.
+#[test]
+fn letter_case_never_reaches_the_upstream() {
+    if !require_root("letter_case_never_reaches_the_upstream") {
+        return;
+    }
+    let env = Env::new("dns-case");
+    let sink = TcpSink::bind("127.0.0.5:0".parse().unwrap()).unwrap();
+    let cdn = TcpSink::bind("127.0.0.6:0".parse().unwrap()).unwrap();
+    env.dns.add_addrs("api.example.com", &["127.0.0.5"]);
+    env.dns
+        .add_cname("www.example.com", "edge.cdn.test")
+        .add_addrs("edge.cdn.test", &["127.0.0.6"]);
+    env.dns.add_suffix("t.example.com", &["127.0.0.7"]);
+    let mut a = env.run(
+        "dns-case",
+        &[
+            host_rule("api.example.com", &[sink.port()], "tcp"),
+            host_rule("www.example.com", &[cdn.port()], "tcp"),
+            host_rule("*.t.example.com", &[443], "tcp"),
+            vouch_loopback(),
+        ],
+        &["namesPerMinute: 2"],
+    );
+    let mut checks = Checks::new();
+    for (name, tcp) in [("aPi.ExAmple.COM", false), ("API.EXAMPLE.COM", true)] {
+        let v = resolve(&mut a, RESOLVER, name, "A", tcp);
+        checks.check(&format!("answer to {name} (tcp: {tcp})"), || {
+            assert_rcode(&v, NOERROR, name);
+            assert_eq!(addrs(&v), vec!["127.0.0.5"], "{v}");
+            assert_eq!(v["id_ok"], true, "{v}");
+            assert_eq!(v["question_same"], true, "the question as asked: {v}");
+            assert_eq!(v["qname"], name, "{v}");
+            assert_eq!(v["owners"], json!([name]), "{v}");
+        });
+    }
+    checks.check(
+        "connect to the address learned for a mixed-case query",
+        || {
+            assert_ok(
+                &a.tcp("127.0.0.5", sink.port(), "case"),
+                "connect to api.example.com's address",
+            );
+        },
+    );
+    let v = resolve(&mut a, RESOLVER, "WwW.Example.Com", "A", false);
+    checks.check("cname chain of a mixed-case query", || {
+        assert_rcode(&v, NOERROR, "A WwW.Example.Com");
+        assert_eq!(addrs(&v), vec!["127.0.0.6"], "{v}");
+        assert_eq!(v["cnames"], json!(["edge.cdn.test"]), "{v}");
+        assert_eq!(v["owners"], json!(["WwW.Example.Com", "edge.cdn.test"]));
+        assert_eq!(v["question_same"], true, "{v}");
+        assert_ok(
+            &a.tcp("127.0.0.6", cdn.port(), "case-cname"),
+            "connect to the CNAME target's address",
+        );
+    });
+    // namesPerMinute 2: four spellings of x, then y, fit; z does not.
+    let budget: Vec<(&str, i64)> = [
+        "x.t.example.com",
+        "X.t.example.com",
+        "x.T.EXAMPLE.COM",
+        "X.T.Example.Com",
+        "y.t.example.com",
+        "z.t.example.com",
+    ]
+    .into_iter()
+    .map(|n| {
+        let rcode = resolve(&mut a, RESOLVER, n, "A", false)["rcode"]
+            .as_i64()
+            .unwrap_or(-1);
+        (n, rcode)
+    })
+    .collect();
+    finish(&mut a);
+    checks.check("case variants are one name in the budget", || {
+        let want = [NOERROR, NOERROR, NOERROR, NOERROR, NOERROR, REFUSED];
+        let got: Vec<i64> = budget.iter().map(|b| b.1).collect();
+        assert_eq!(got, want, "{budget:?}");
+    });
+    checks.check("the upstream saw lower-case names only", || {
+        let raw = env.dns.raw_names();
+        assert!(
+            raw.iter().all(|n| *n == n.to_ascii_lowercase()),
+            "{}",
+            env.dns.describe()
+        );
+        assert_eq!(
+            raw,
+            [
+                "api.example.com",
+                "api.example.com",
+                "www.example.com",
+                "x.t.example.com",
+                "x.t.example.com",
+                "x.t.example.com",
+                "x.t.example.com",
+                "y.t.example.com",
+            ],
+            "{}",
+            env.dns.describe()
+        );
+        let tcp = env.dns.queries().iter().filter(|q| q.tcp).count();
+        assert_eq!(tcp, 1, "{}", env.dns.describe());
+    });
+    checks.finish();
+}
+
 /// Scenario 5: TXT (and ANY, NULL) are refused by default; TXT is answered when the
 /// policy lists it.
 #[test]

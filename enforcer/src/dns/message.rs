@@ -3,6 +3,16 @@
 //! sanitized upstream query, and turn an upstream answer into the released
 //! answer plus the addresses to learn. Messages are parsed and built with
 //! hickory-proto only.
+//!
+//! Letter case: a name is judged, counted and forwarded in its canonical
+//! form (ASCII lower case, [`Name::to_lowercase`]); the agent's spelling
+//! never leaves the proxy. Otherwise the case pattern of an allowed name
+//! (`aPi.ExAmple.com`, "0x20 encoding") would carry up to one bit per
+//! letter to the upstream past the name budget. The client still gets its
+//! question back exactly as it asked it (stub resolvers compare the
+//! question, and 0x20-checking ones compare its case), and the answer
+//! records owned by the queried name carry that spelling too, as a
+//! resolver that compresses them against the question would send them.
 use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
@@ -30,7 +40,11 @@ const CLASSIC_UDP_LIMIT: usize = 512;
 /// A client query that parsed as one standard question.
 #[derive(Debug)]
 pub struct Query {
+    /// The client's message; its question keeps the client's spelling.
     pub msg: Message,
+    /// The question's name in canonical form (ASCII lower case): the name
+    /// asked upstream.
+    pub canonical: Name,
     /// Lower case, no trailing dot, odd bytes escaped (`\DDD`).
     pub qname: String,
     /// Every label is `[a-z0-9_-]` only (so the name can match a rule).
@@ -73,7 +87,8 @@ pub fn parse_query(bytes: &[u8]) -> Option<Query> {
         return None;
     }
     let q = &msg.queries[0];
-    let (qname, matchable, text_len) = name_text(q.name());
+    let canonical = q.name().to_lowercase();
+    let (qname, matchable, text_len) = name_text(&canonical);
     let (qtype, qclass) = (q.query_type(), q.query_class());
     let edns = msg
         .edns
@@ -81,6 +96,7 @@ pub fn parse_query(bytes: &[u8]) -> Option<Query> {
         .map(|e| (e.max_payload(), e.flags().dnssec_ok));
     Some(Query {
         msg,
+        canonical,
         qname,
         matchable,
         text_len,
@@ -116,6 +132,8 @@ fn name_text(name: &Name) -> (String, bool, usize) {
 
 /// Per-identity budget of distinct names per host pattern, in fixed
 /// one-minute windows. A name already seen in the window never counts twice.
+/// Names and patterns are compared ASCII case-insensitively (case variants
+/// of one name are one name).
 #[derive(Debug)]
 pub struct Budget {
     start: Instant,
@@ -138,6 +156,16 @@ impl Budget {
             self.start = now;
             self.seen.clear();
         }
+        // Callers pass lower-case names already ([`Query::qname`]); the
+        // budget does not rely on it.
+        let lower = |s: &str| -> Option<String> {
+            s.bytes()
+                .any(|b| b.is_ascii_uppercase())
+                .then(|| s.to_ascii_lowercase())
+        };
+        let (pattern_lc, qname_lc) = (lower(pattern), lower(qname));
+        let pattern = pattern_lc.as_deref().unwrap_or(pattern);
+        let qname = qname_lc.as_deref().unwrap_or(qname);
         let names = match self.seen.get_mut(pattern) {
             Some(n) => n,
             None => self.seen.entry(pattern.to_owned()).or_default(),
@@ -247,25 +275,31 @@ fn edns(dnssec_ok: bool) -> Edns {
 }
 
 /// The query sent upstream (id 0; the forwarder sets the id in the first
-/// two bytes): the client's RD/CD/AD flags and its one question, with a
-/// bare EDNS record. Nothing else of the client's message (other sections,
-/// EDNS options) leaves the proxy.
+/// two bytes): the client's RD/CD/AD flags and its one question with the
+/// name in canonical form (lower case: the client's letter case is not
+/// forwarded), with a bare EDNS record. Nothing else of the client's
+/// message (other sections, EDNS options, the case of its name) leaves the
+/// proxy.
 pub fn upstream_query(q: &Query) -> Vec<u8> {
     let mut m = Message::new(0, MessageType::Query, OpCode::Query);
     let md = &q.msg.metadata;
     m.metadata.recursion_desired = md.recursion_desired;
     m.metadata.checking_disabled = md.checking_disabled;
     m.metadata.authentic_data = md.authentic_data;
-    m.queries.clone_from(&q.msg.queries);
+    let mut question = q.msg.queries[0].clone();
+    question.set_name(q.canonical.clone());
+    m.queries.push(question);
     m.edns = Some(edns(q.edns.is_some_and(|(_, d)| d)));
     m.to_vec().unwrap_or_default()
 }
 
-/// Is `resp` an answer to the question of `q` (ids are checked by the forwarder)?
+/// Is `resp` an answer to the question of `q` (ids are checked by the
+/// forwarder)? Names compare case-insensitively (hickory's `Name` equality):
+/// an upstream may echo the canonical name in any case.
 pub fn answers_question(q: &Query, resp: &Message) -> bool {
     resp.metadata.message_type == MessageType::Response
         && resp.queries.len() == 1
-        && resp.queries[0].name() == q.msg.queries[0].name()
+        && resp.queries[0].name() == &q.canonical
         && resp.queries[0].query_type() == q.qtype
         && resp.queries[0].query_class() == q.qclass
 }
@@ -283,8 +317,9 @@ pub struct Processed {
 /// Clamp answer TTLs, follow the CNAME chain of the question through the
 /// answer section, collect its A/AAAA addresses and strip those in rebinding
 /// space that none of `cidrs` (the `cidr` rules the query is judged by)
-/// covers. The reply keeps the client's id and question. Addresses are only
-/// collected when `learn` is true.
+/// covers. The reply keeps the client's id and question (its spelling, as
+/// it asked), and records owned by the queried name are given that spelling
+/// too. Addresses are only collected when `learn` is true.
 pub fn process_answer(
     policy: &DnsPolicy,
     cidrs: &[IpNet],
@@ -300,8 +335,9 @@ pub fn process_answer(
         r.ttl = r.ttl.clamp(min, max.max(min));
     }
     // Names of the chain: the question, then every CNAME target reached
-    // from it (in any record order; bounded by the answer size).
-    let mut chain: Vec<&Name> = vec![q.msg.queries[0].name()];
+    // from it (in any record order; bounded by the answer size). `Name`
+    // equality ignores ASCII case, so the upstream's spelling does not matter.
+    let mut chain: Vec<&Name> = vec![&q.canonical];
     loop {
         let before = chain.len();
         for r in &resp.answers {
@@ -353,6 +389,17 @@ pub fn process_answer(
     // The client's id and question (in its spelling), our EDNS if it had one.
     resp.metadata.id = q.msg.metadata.id;
     resp.queries.clone_from(&q.msg.queries);
+    let asked = q.msg.queries[0].name();
+    for r in resp
+        .answers
+        .iter_mut()
+        .chain(&mut resp.authorities)
+        .chain(&mut resp.additionals)
+    {
+        if r.name == *asked {
+            r.name.clone_from(asked);
+        }
+    }
     resp.edns = q.edns.map(|(_, d)| {
         let mut e = edns(d);
         if let Some(up) = &resp.edns {
@@ -472,6 +519,163 @@ mod tests {
             "another pattern has its own budget"
         );
         assert!(b.admit("*.x", "c.x", 2, t0 + BUDGET_WINDOW));
+    }
+
+    #[test]
+    fn budget_ignores_letter_case() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(t0);
+        assert!(b.admit("*.x", "a.x", 1, t0));
+        for variant in ["A.x", "a.X", "A.X"] {
+            assert!(b.admit("*.x", variant, 1, t0), "{variant} is a.x");
+        }
+        assert!(b.admit("*.X", "a.x", 1, t0), "patterns too");
+        assert!(!b.admit("*.x", "b.x", 1, t0));
+        assert!(!b.admit("*.x", "B.x", 1, t0));
+    }
+
+    /// A mixed-case query as a stub resolver sends it (RD, EDNS).
+    fn mixed_case_query(name: &str) -> (Vec<u8>, Query) {
+        let mut m = Message::new(0x5a5a, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii(name).unwrap(),
+            RecordType::A,
+        ));
+        m.edns = Some(edns(false));
+        let bytes = m.to_vec().unwrap();
+        let q = parse_query(&bytes).unwrap();
+        (bytes, q)
+    }
+
+    #[test]
+    fn the_upstream_query_carries_the_canonical_name_only() {
+        let (_, q) = mixed_case_query("aPi.ExAmple.COM.");
+        assert_eq!(q.qname, "api.example.com");
+        assert!(q
+            .canonical
+            .eq_case(&Name::from_ascii("api.example.com.").unwrap()));
+        assert!(
+            q.msg.queries[0]
+                .name()
+                .eq_case(&Name::from_ascii("aPi.ExAmple.COM.").unwrap()),
+            "the client's message keeps its spelling"
+        );
+        let up = upstream_query(&q);
+        let fwd = Message::from_vec(&up).unwrap();
+        assert_eq!(fwd.queries.len(), 1);
+        assert!(fwd.queries[0].name().eq_case(&q.canonical));
+        assert_eq!(fwd.queries[0].query_type(), RecordType::A);
+        assert!(fwd.metadata.recursion_desired);
+        // Not a byte of the upstream query is an upper-case letter.
+        assert!(!up.iter().any(u8::is_ascii_uppercase), "{up:?}");
+        // Case variants of one name are one upstream query.
+        let (_, q2) = mixed_case_query("API.example.com.");
+        assert_eq!(upstream_query(&q2), up);
+    }
+
+    fn test_policy() -> DnsPolicy {
+        DnsPolicy {
+            identity: crate::events::IdentityRef {
+                name: "t".into(),
+                spiffe_id: None,
+            },
+            policy_hash: String::new(),
+            hosts: Vec::new(),
+            upstreams: Vec::new(),
+            ttl_min: Duration::from_secs(5),
+            ttl_max: Duration::from_secs(300),
+            max_query_length: 253,
+            query_types: vec![RecordType::A],
+            names_per_minute: 64,
+            cidrs: Vec::new(),
+            audit: false,
+            taint_hosts: None,
+            taint_cidrs: Vec::new(),
+        }
+    }
+
+    /// The upstream's answer to `up` (the canonical query): the question
+    /// as received, `answers` in lower case.
+    fn upstream_answer(up: &[u8], answers: Vec<hickory_proto::rr::Record>) -> Message {
+        let fwd = Message::from_vec(up).unwrap();
+        let mut r = Message::new(fwd.metadata.id, MessageType::Response, OpCode::Query);
+        r.metadata.recursion_available = true;
+        r.queries = fwd.queries;
+        r.answers = answers;
+        r
+    }
+
+    fn rec(name: &str, data: RData) -> hickory_proto::rr::Record {
+        hickory_proto::rr::Record::from_rdata(Name::from_ascii(name).unwrap(), 60, data)
+    }
+
+    #[test]
+    fn the_reply_carries_the_question_as_the_client_asked_it() {
+        use hickory_proto::rr::rdata::{A, CNAME};
+        let (bytes, q) = mixed_case_query("WwW.ExAmple.COM.");
+        let resp = upstream_answer(
+            &upstream_query(&q),
+            vec![
+                rec(
+                    "www.example.com.",
+                    RData::CNAME(CNAME(Name::from_ascii("edge.example.net.").unwrap())),
+                ),
+                rec(
+                    "edge.example.net.",
+                    RData::A(A("93.184.216.40".parse().unwrap())),
+                ),
+                rec(
+                    "www.example.com.",
+                    RData::A(A("93.184.216.41".parse().unwrap())),
+                ),
+            ],
+        );
+        assert!(answers_question(&q, &resp), "a lower-case echo answers it");
+        let p = process_answer(&test_policy(), &[], &q, resp, true);
+        let learned: Vec<IpAddr> = p.learn.iter().map(|(ip, _)| *ip).collect();
+        assert_eq!(
+            learned,
+            vec![
+                "93.184.216.40".parse::<IpAddr>().unwrap(),
+                "93.184.216.41".parse().unwrap()
+            ],
+            "the CNAME chain is followed from the canonical name"
+        );
+        let out = p.reply.to_vec().unwrap();
+        // Header (12 bytes), then the question: byte for byte the client's.
+        let name = q.msg.queries[0].name();
+        let qlen = name.iter().map(|l| l.len() + 1).sum::<usize>() + 1 + 4;
+        assert_eq!(qlen, 21);
+        assert_eq!(&out[12..12 + qlen], &bytes[12..12 + qlen]);
+        assert_eq!(&out[..2], &bytes[..2], "the client's id");
+        // Records owned by the queried name carry the client's spelling;
+        // others are as the upstream sent them.
+        let reply = Message::from_vec(&out).unwrap();
+        let asked = Name::from_ascii("WwW.ExAmple.COM.").unwrap();
+        assert!(reply.queries[0].name().eq_case(&asked));
+        assert!(reply.answers[0].name.eq_case(&asked));
+        assert!(reply.answers[1]
+            .name
+            .eq_case(&Name::from_ascii("edge.example.net.").unwrap()));
+        assert!(reply.answers[2].name.eq_case(&asked));
+        // Refusals, SERVFAIL and truncated answers carry it too.
+        for r in [
+            error_reply(&q, ResponseCode::Refused),
+            p.reply.truncate().to_vec().unwrap(),
+        ] {
+            assert_eq!(&r[12..12 + qlen], &bytes[12..12 + qlen]);
+        }
+    }
+
+    #[test]
+    fn an_upstream_echo_in_another_case_still_answers() {
+        let (_, q) = mixed_case_query("api.example.com.");
+        let mut resp = upstream_answer(&upstream_query(&q), Vec::new());
+        resp.queries[0].set_name(Name::from_ascii("API.EXAMPLE.COM.").unwrap());
+        assert!(answers_question(&q, &resp));
+        resp.queries[0].set_name(Name::from_ascii("apj.example.com.").unwrap());
+        assert!(!answers_question(&q, &resp));
     }
 
     #[test]

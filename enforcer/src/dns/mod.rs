@@ -12,7 +12,8 @@
 //!   `namesPerMinute` budget of their rule are answered REFUSED and never
 //!   reach the upstream;
 //! - allowed queries are forwarded (a rebuilt query: header flags, the one
-//!   question and a bare EDNS record, nothing else of the agent's bytes) to
+//!   question with its name in canonical lower case, and a bare EDNS record,
+//!   nothing else of the agent's bytes, not even its letter case) to
 //!   the upstreams, and before the answer is released every A/AAAA address of
 //!   the queried name (CNAME chains followed) is installed through the
 //!   [`Learner`] with the rule's ports/protocols, for the record's TTL clamped

@@ -30,8 +30,9 @@ use enforcer_common::{rule::TAINT_BASE, TAINT_SLOT_BIT};
 
 // ---------------------------------------------------------------- upstream
 
-/// What the fake upstream saw: (transport, lower-case name, type).
-type Seen = Arc<Mutex<Vec<(&'static str, String, RecordType)>>>;
+/// What the fake upstream saw: (transport, lower-case name, type, the name
+/// as it arrived, letter case kept).
+type Seen = Arc<Mutex<Vec<(&'static str, String, RecordType, String)>>>;
 
 fn rec(name: &str, ttl: u32, data: RData) -> Record {
     Record::from_rdata(Name::from_ascii(name).unwrap(), ttl, data)
@@ -93,11 +94,15 @@ fn zone(name: &str, t: RecordType) -> Option<Vec<Record>> {
 fn answer(query: &[u8], transport: &'static str, seen: &Seen) -> Option<Vec<u8>> {
     let q = Message::from_vec(query).ok()?;
     let question = q.queries.first()?.clone();
-    let name = question.name().to_ascii().to_ascii_lowercase();
+    let raw = question.name().to_ascii();
+    let name = raw.to_ascii_lowercase();
     let t = question.query_type();
-    seen.lock()
-        .unwrap()
-        .push((transport, name.trim_end_matches('.').to_owned(), t));
+    seen.lock().unwrap().push((
+        transport,
+        name.trim_end_matches('.').to_owned(),
+        t,
+        raw.trim_end_matches('.').to_owned(),
+    ));
     let mut r = Message::response(q.metadata.id, OpCode::Query);
     r.metadata.recursion_desired = q.metadata.recursion_desired;
     r.metadata.recursion_available = true;
@@ -132,6 +137,15 @@ impl Upstream {
             .unwrap()
             .iter()
             .map(|s| s.1.clone())
+            .collect()
+    }
+    /// The names as they arrived (letter case kept).
+    fn raw_names(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.3.clone())
             .collect()
     }
     fn transports(&self) -> Vec<&'static str> {
@@ -383,7 +397,11 @@ impl Harness {
         assert_eq!(m.metadata.message_type, MessageType::Response);
         assert_eq!(m.queries.len(), 1);
         let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).unwrap();
-        assert_eq!(m.queries[0].name(), &fqdn);
+        assert!(
+            m.queries[0].name().eq_case(&fqdn),
+            "the question as asked: {} for {fqdn}",
+            m.queries[0].name()
+        );
         assert_eq!(m.queries[0].query_type(), t);
         m
     }
@@ -683,6 +701,113 @@ async fn truncated_upstream_answers_are_retried_over_tcp() {
     assert_eq!(addrs(&m), vec![ip("93.184.216.37")]);
     assert_eq!(h.up.transports(), vec!["udp", "tcp"]);
     assert_eq!(h.learner.ips(), vec![ip("93.184.216.37")]);
+}
+
+/// The owner names of `m`'s answer records, as sent.
+fn owners(m: &Message) -> Vec<String> {
+    m.answers.iter().map(|r| r.name.to_ascii()).collect()
+}
+
+#[tokio::test]
+async fn mixed_case_names_go_upstream_in_lower_case() {
+    // The case pattern of an allowed name ("0x20 encoding") would carry a
+    // bit per letter to the upstream: only the canonical name goes there,
+    // and the client still gets its question, in its spelling, answered.
+    let h = harness(EGRESS, "").await;
+    let m = h.udp("aPi.ExAmple.COM", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+    assert_eq!(owners(&m), vec!["aPi.ExAmple.COM."]);
+    let m = h.udp("WwW.eXample.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.35"), ip("1.2.3.4")]);
+    assert_eq!(
+        owners(&m),
+        vec![
+            "e1.cdn.example.net.",
+            "edge.cdn.example.net.",
+            "WwW.eXample.com.",
+            "other.example.org."
+        ],
+        "only the queried name's records take the client's spelling"
+    );
+    let m = h.udp("TC.example.COM", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.37")]);
+    let m = h.tcp("API.EXAMPLE.COM", RecordType::AAAA).await;
+    assert!(m.queries[0]
+        .name()
+        .eq_case(&Name::from_ascii("API.EXAMPLE.COM.").unwrap()));
+    assert_eq!(addrs(&m), vec![ip("2606:4700::1")]);
+    assert_eq!(
+        h.up.raw_names(),
+        vec![
+            "api.example.com",
+            "www.example.com",
+            "tc.example.com",
+            "tc.example.com",
+            "api.example.com"
+        ]
+    );
+    assert_eq!(h.up.transports(), vec!["udp", "udp", "udp", "tcp", "tcp"]);
+    assert_eq!(
+        h.learner.ips(),
+        vec![
+            ip("93.184.216.34"),
+            ip("93.184.216.35"),
+            ip("93.184.216.37"),
+            ip("2606:4700::1")
+        ],
+        "learned through the CNAME chain as well"
+    );
+    let hosts: Vec<String> = h
+        .learner
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.4.clone())
+        .collect();
+    assert_eq!(
+        hosts,
+        vec![
+            "api.example.com",
+            "www.example.com",
+            "tc.example.com",
+            "api.example.com"
+        ]
+    );
+    assert_eq!(h.sink.last().qname, "api.example.com");
+
+    // Byte for byte: the reply's question section is the client's.
+    let q = query_bytes(0x0b0b, "aPI.exAMPLE.cOm", RecordType::A, false);
+    let r = udp_raw(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        h.port,
+        &q,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("a reply");
+    assert_eq!(&r[..2], &q[..2]);
+    assert_eq!(&r[4..6], &q[4..6], "one question");
+    assert_eq!(&r[12..q.len()], &q[12..], "the question, as asked");
+    assert_eq!(h.up.raw_names().last().unwrap(), "api.example.com");
+}
+
+#[tokio::test]
+async fn case_variants_of_a_name_are_one_name_in_the_budget() {
+    let h = harness(EGRESS, "    namesPerMinute: 1\n").await;
+    for n in [
+        "a.example.com",
+        "A.example.com",
+        "a.EXAMPLE.COM",
+        "A.ExAmPlE.cOm",
+    ] {
+        let m = h.udp(n, RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{n}");
+        assert_eq!(h.sink.last().reason, "allowed", "{n}");
+    }
+    assert_refused(&h.udp("B.example.com", RecordType::A).await);
+    assert_eq!(h.sink.last().reason, "budget");
+    assert_eq!(h.up.raw_names(), vec!["a.example.com"; 4]);
 }
 
 #[tokio::test]
