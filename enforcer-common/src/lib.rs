@@ -123,12 +123,17 @@ pub mod prog_names {
     pub const INODE_RENAME: &str = "enforcer_inode_rename";
     /// Packet sockets of agents (no cgroup hook sees AF_PACKET).
     pub const SOCKET_CREATE: &str = "enforcer_socket_create";
+    /// Inet sockets created outside the identity (SCM_RIGHTS, pidfd_getfd).
+    pub const SOCKET_CONNECT: &str = "enforcer_socket_connect";
+    pub const SOCKET_SENDMSG: &str = "enforcer_socket_sendmsg";
     /// (program, LSM hook)
-    pub const LSM: [(&str, &str); 4] = [
+    pub const LSM: [(&str, &str); 6] = [
         (FILE_OPEN, "file_open"),
         (INODE_LINK, "inode_link"),
         (INODE_RENAME, "inode_rename"),
         (SOCKET_CREATE, "socket_create"),
+        (SOCKET_CONNECT, "socket_connect"),
+        (SOCKET_SENDMSG, "socket_sendmsg"),
     ];
     pub const ALL: [&str; 11] = [
         CONNECT4,
@@ -183,6 +188,16 @@ pub mod globals {
     pub const DENTRY_D_PARENT: &str = "ENFORCER_OFF_DENTRY_D_PARENT";
     pub const DENTRY_D_INODE: &str = "ENFORCER_OFF_DENTRY_D_INODE";
     pub const VALID: &str = "ENFORCER_OFF_VALID";
+    /// [`super::SockOffsets`], in its field order.
+    pub const SOCK: [&str; 7] = [
+        "ENFORCER_SOFF_SOCKET_SK",
+        "ENFORCER_SOFF_SOCK_FAMILY",
+        "ENFORCER_SOFF_SOCK_CGROUP",
+        "ENFORCER_SOFF_CGROUP_KN",
+        "ENFORCER_SOFF_KN_ID",
+        "ENFORCER_SOFF_KN_PARENT",
+        "ENFORCER_SOFF_VALID",
+    ];
 }
 /// Parent dentries walked from an opened file to find a directory rule.
 pub const MAX_FILE_DEPTH: u32 = 48;
@@ -236,6 +251,10 @@ pub mod rule {
     pub const NO_POLICY: u32 = 0xffff_ffff;
     /// Raw, packet or ICMP socket creation.
     pub const RAW_SOCKET: u32 = 0xffff_fffe;
+    /// An inet socket created outside the identity (passed in with
+    /// SCM_RIGHTS, taken with pidfd_getfd, inherited): the agent may not
+    /// connect or send on it (BPF LSM).
+    pub const FOREIGN_SOCKET: u32 = 0xffff_fff6;
     /// Socket family outside the allowed set (unix, inet, inet6, netlink).
     pub const SOCKET_FAMILY: u32 = 0xffff_fffd;
     /// Plain socket creation of an allowed family.
@@ -384,6 +403,27 @@ pub struct FileRuleValue {
     /// `file_access::*`.
     pub access: u8,
     pub _pad: [u8; 3],
+}
+
+/// Byte offsets the LSM socket hooks read (a socket's cgroup), from BTF
+/// like [`FileOffsets`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `struct socket.sk`
+    pub socket_sk: u32,
+    /// `struct sock.__sk_common.skc_family`
+    pub sock_family: u32,
+    /// `struct sock.sk_cgrp_data.cgroup`
+    pub sock_cgroup: u32,
+    /// `struct cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node.id`
+    pub kn_id: u32,
+    /// `struct kernfs_node.parent` (`__parent` since Linux 6.15)
+    pub kn_parent: u32,
+    /// 1 when the offsets above are filled in.
+    pub valid: u32,
 }
 
 /// Byte offsets of the struct members the LSM hooks read, taken from the
@@ -661,6 +701,7 @@ mod user {
     unsafe impl aya::Pod for FileKey {}
     unsafe impl aya::Pod for FileRuleValue {}
     unsafe impl aya::Pod for FileOffsets {}
+    unsafe impl aya::Pod for SockOffsets {}
     unsafe impl aya::Pod for InspectState {}
     unsafe impl aya::Pod for NameKey {}
     unsafe impl aya::Pod for InspectEvent {}
@@ -674,7 +715,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<IdentityBinding>(), 8);
-        assert_eq!(size_of::<PolicyState>(), 16);
+        assert_eq!(size_of::<PolicyState>(), 24);
+        assert_eq!(size_of::<SockOffsets>(), 28);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<LearnedKey4>(), 8);
         assert_eq!(size_of::<LearnedKey6>(), 20);

@@ -15,11 +15,16 @@
 //! sockets (`kern`) are not judged. Sockets of those four families cost one
 //! comparison; a refused family of a process outside every bound cgroup
 //! costs the identity lookup and is allowed.
-use aya_ebpf::{macros::lsm, programs::LsmContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_probe_read_kernel},
+    macros::lsm,
+    programs::LsmContext,
+};
 use enforcer_common::{action, policy_flags, rule, verdict};
 
 use crate::{
     identity,
+    maps::IDENTITIES,
     report::{self, Decision},
 };
 
@@ -68,6 +73,133 @@ pub fn enforcer_socket_create(ctx: LsmContext) -> i32 {
         protocol: protocol as u8,
         family: family as u8,
         sock_type: sock_type as u8,
+        reason: 0,
+    });
+    if audit {
+        0
+    } else {
+        EPERM
+    }
+}
+
+// Struct member offsets (bytes), set at load time (`enforcer_common::globals::SOCK`).
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_SOCKET_SK: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_SOCK_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_SOCK_CGROUP: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_CGROUP_KN: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_KN_ID: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_KN_PARENT: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_VALID: u32 = 0;
+
+#[inline(always)]
+fn off(v: &'static u32) -> usize {
+    // Volatile: the value is patched into the object at load time.
+    unsafe { core::ptr::read_volatile(v) as usize }
+}
+
+/// `*(base + off)` read with `bpf_probe_read_kernel` (0 when unreadable).
+#[inline(always)]
+fn read_u64(base: u64, off: usize) -> u64 {
+    if base == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((base as usize + off) as *const u64) }.unwrap_or(0)
+}
+
+/// lsm/socket_connect and lsm/socket_sendmsg: an inet socket that a process
+/// of an identity did not create within that identity (received over
+/// SCM_RIGHTS, taken with `pidfd_getfd`, inherited from outside) is judged
+/// by its creator's cgroup by every cgroup hook: a host process's socket
+/// would carry the agent's data past its policy. Refused (EPERM, rule
+/// `foreign-socket`; recorded as audit and allowed in `mode: audit`).
+///
+/// Cost for every other send on the host: two offsets, three kernel reads
+/// and one helper call; a socket of the sender's own cgroup (the usual
+/// case) passes there. A cgroup mismatch looks up both identities.
+#[lsm(hook = "socket_connect")]
+pub fn enforcer_socket_connect(ctx: LsmContext) -> i32 {
+    // socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)
+    let prev: i32 = ctx.arg(3);
+    if prev != 0 {
+        return prev;
+    }
+    foreign(ctx.arg::<u64>(0), action::CONNECT)
+}
+
+#[lsm(hook = "socket_sendmsg")]
+pub fn enforcer_socket_sendmsg(ctx: LsmContext) -> i32 {
+    // socket_sendmsg(struct socket *sock, struct msghdr *msg, int size)
+    let prev: i32 = ctx.arg(3);
+    if prev != 0 {
+        return prev;
+    }
+    foreign(ctx.arg::<u64>(0), action::SENDMSG)
+}
+
+#[inline(always)]
+fn foreign(sock: u64, act: u8) -> i32 {
+    if off(&ENFORCER_SOFF_VALID) == 0 {
+        return 0;
+    }
+    let sk = read_u64(sock, off(&ENFORCER_SOFF_SOCKET_SK));
+    if sk == 0 {
+        return 0;
+    }
+    let family = unsafe {
+        bpf_probe_read_kernel((sk as usize + off(&ENFORCER_SOFF_SOCK_FAMILY)) as *const u16)
+    }
+    .unwrap_or(0);
+    if family != AF_INET as u16 && family != AF_INET6 as u16 {
+        return 0;
+    }
+    let cgrp = read_u64(sk, off(&ENFORCER_SOFF_SOCK_CGROUP));
+    let kn = read_u64(cgrp, off(&ENFORCER_SOFF_CGROUP_KN));
+    let sock_cgroup = read_u64(kn, off(&ENFORCER_SOFF_KN_ID));
+    if sock_cgroup == unsafe { bpf_get_current_cgroup_id() } {
+        return 0;
+    }
+    let id = identity::current();
+    if !id.bound {
+        return 0;
+    }
+    // The socket's identity: its cgroup or the nearest bound ancestor.
+    let mut node = kn;
+    let mut sock_slot = enforcer_common::SLOT_UNKNOWN;
+    let mut level = 0;
+    while level < enforcer_common::MAX_CGROUP_DEPTH {
+        if node == 0 {
+            break;
+        }
+        let cg = read_u64(node, off(&ENFORCER_SOFF_KN_ID));
+        if let Some(b) = IDENTITIES.get_ptr(cg) {
+            sock_slot = unsafe { (*b).slot };
+            break;
+        }
+        node = read_u64(node, off(&ENFORCER_SOFF_KN_PARENT));
+        level += 1;
+    }
+    if sock_slot == id.slot {
+        return 0;
+    }
+    let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
+    report::record(&Decision {
+        cgroup_id: id.cgroup_id,
+        slot: id.slot,
+        rule_id: rule::FOREIGN_SOCKET,
+        action: act,
+        verdict: if audit { verdict::AUDIT } else { verdict::DENY },
+        addr: [0; 16],
+        port: 0,
+        protocol: 0,
+        family: family as u8,
+        sock_type: 0,
         reason: 0,
     });
     if audit {

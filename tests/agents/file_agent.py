@@ -437,7 +437,34 @@ def v_held_send(kind, host, port):
     return res
 
 
+def v_foreign(path, host, tcp_port, udp_port):
+    # Sockets made by a process outside the agent's identity, received
+    # over SCM_RIGHTS: a TCP socket connected to host:tcp_port, a fresh TCP
+    # socket, a UDP socket. The agent tries to send on each.
+    import socket
+    u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    u.connect(path)
+    _, fds, _, _ = socket.recv_fds(u, 16, 3)
+    if len(fds) != 3:
+        return {"ok": False, "errno": None, "error": "got %d fds" % len(fds)}
+    connected, fresh, dgram = (socket.socket(fileno=fd) for fd in fds)
+    payload = ("FOREIGN:" + "|".join(STOLEN)).encode("latin-1")
+    res = {"ok": True}
+    for name, fn in (
+        ("send", lambda: connected.send(payload)),
+        ("connect", lambda: fresh.connect((host, int(tcp_port)))),
+        ("sendto", lambda: dgram.sendto(payload, (host, int(udp_port)))),
+    ):
+        try:
+            fn()
+            res[name] = "ok"
+        except OSError as e:
+            res[name] = ename(e.errno)
+    return res
+
+
 VECTORS = {
+    "foreign": (v_foreign, 4),
     "wait": (v_wait, 1),
     "hold": (v_hold, 2),
     "hold_udp": (v_hold_udp, 2),

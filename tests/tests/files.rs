@@ -455,6 +455,85 @@ fn taint_clamp_cuts_sockets_opened_before_the_taint() {
     assert!(clamped.len() <= 2, "{clamped:#?}");
 }
 
+/// Sockets created outside the identity (a host process passes them in
+/// over SCM_RIGHTS): the agent can neither send on them nor connect them,
+/// even to a destination its policy allows.
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn foreign_sockets_carry_nothing() {
+    require_bpf_lsm();
+    let dir = TestDir::new("files-foreign");
+    let root = dir.path();
+    let sink = TcpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let udp = UdpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let path = root.join("fds.sock");
+    // The host process: makes the sockets outside every bound cgroup and
+    // hands them to whoever connects.
+    let giver = format!(
+        "import socket,sys\n\
+         l=socket.socket(socket.AF_UNIX); l.bind(sys.argv[1]); l.listen(1)\n\
+         print('ready', flush=True)\n\
+         c,_=l.accept()\n\
+         t=socket.create_connection(('127.0.0.2', {tp})); f=socket.socket(); d=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         socket.send_fds(c, [b'x'], [t.fileno(), f.fileno(), d.fileno()])\n\
+         c.recv(1)\n",
+        tp = sink.port()
+    );
+    let mut gc = Command::new(python());
+    gc.args(["-c", &giver])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut giver = ChildGuard::new(gc.spawn().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(giver.child().stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let policy = root.join("policy.yaml");
+    write(
+        &policy,
+        &format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: foreign\n\
+             spec:\n  egress:\n    - cidr: 127.0.0.2/32\n      ports: [{t}, {u}]\n\
+             {local}",
+            t = sink.port(),
+            u = udp.port(),
+            local = format_args!("  local:\n    - path: {}\n", path.display()),
+        ),
+    );
+    let audit = root.join("audit.jsonl");
+    let vectors = vec![format!(
+        "foreign={},127.0.0.2,{},{}",
+        path.display(),
+        sink.port(),
+        udp.port()
+    )];
+    let (mut g, threads) = spawn_run(&policy, &audit, &vectors);
+    let out = threads.finish(&mut g, Duration::from_secs(120));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let r = results(&out);
+    let f = &r["foreign"];
+    assert_eq!(f["ok"], true, "{r}\n{err}");
+    for k in ["send", "connect", "sendto"] {
+        assert_eq!(f[k], "EPERM", "{k} on a foreign socket: {f}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.bytes(), 0, "bytes over the foreign TCP socket");
+    assert_eq!(sink.conns(), 1, "only the host process's own connect");
+    assert_eq!(udp.datagrams(), 0, "datagrams over the foreign UDP socket");
+    let recs = read_jsonl(&audit);
+    assert!(
+        recs.iter()
+            .any(|x| x["rule"] == "foreign-socket" && x["verdict"] == "deny"),
+        "no foreign-socket record: {recs:#?}"
+    );
+    giver.kill9();
+}
+
 #[test]
 #[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
 fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {

@@ -13,7 +13,9 @@
 //!    with `lsm=...,bpf` under QEMU/TCG), because this host's kernel refuses
 //!    BPF LSM programs: `tests/tests/files.rs` (ignored in step 4, run here
 //!    with `--ignored`) and `tests/tests/capability.rs` (the
-//!    kernel-has-BPF-LSM side of the capability detection).
+//!    kernel-has-BPF-LSM side of the capability detection); and
+//!    `first_bytes.rs` and `channels.rs` again (the cgroup_skb programs on
+//!    Linux 6.1).
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -134,7 +136,11 @@ fn test_binaries(root: &Path, cargo: &std::ffi::OsStr, names: &[&str]) -> Result
 
 /// Step 5: the BPF LSM tests inside the VM runner.
 fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
-    let bins = test_binaries(root, cargo, &["files", "capability", "first_bytes"])?;
+    let bins = test_binaries(
+        root,
+        cargo,
+        &["files", "capability", "first_bytes", "channels"],
+    )?;
     let mut build = Command::new(cargo);
     build.args(["build", "-p", "enforcer"]).current_dir(root);
     step("build enforcer for the VM", build)?;
@@ -144,14 +150,17 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
     let enforcer = target.join("debug/enforcer");
     let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
     // The binaries run in one boot; the status is the first failure's.
-    // first_bytes also runs on the host: here it proves the egress program
-    // on Linux 6.1 (its verifier checks bpf_loop callbacks differently).
+    // first_bytes and channels also run on the host: here they prove the
+    // cgroup_skb programs on Linux 6.1 (its verifier checks bpf_loop
+    // callbacks differently, and its cgroup_skb helpers differ).
     let script = format!(
         "st=0; {files} --ignored --test-threads=1 || st=$?; \
-         {cap} --test-threads=1 || st=$?; {fb} --test-threads=1 || st=$?; exit $st",
+         {cap} --test-threads=1 || st=$?; {fb} --test-threads=1 || st=$?; \
+         {ch} --test-threads=1 || st=$?; exit $st",
         files = q(&bins[0]),
         cap = q(&bins[1]),
         fb = q(&bins[2]),
+        ch = q(&bins[3]),
     );
     let exe = std::env::current_exe().context("xtask's own path")?;
     let mut vm = Command::new(exe);

@@ -8,7 +8,7 @@
 //! them to the programs through the `FILE_OFFSETS` map.
 //!
 //! Format: <https://docs.kernel.org/bpf/btf.html>.
-use enforcer_common::FileOffsets;
+use enforcer_common::{FileOffsets, SockOffsets};
 
 const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
@@ -273,6 +273,21 @@ pub fn file_offsets(btf: &Btf) -> Result<FileOffsets, BtfError> {
         sb_s_dev: btf.member_offset("super_block", "s_dev")?,
         dentry_d_parent: btf.member_offset("dentry", "d_parent")?,
         dentry_d_inode: btf.member_offset("dentry", "d_inode")?,
+        valid: 1,
+    })
+}
+
+/// The offsets the LSM socket hooks need (a socket's cgroup id).
+pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
+    Ok(SockOffsets {
+        socket_sk: btf.member_offset("socket", "sk")?,
+        sock_family: btf.member_offset("sock", "__sk_common.skc_family")?,
+        sock_cgroup: btf.member_offset("sock", "sk_cgrp_data.cgroup")?,
+        cgroup_kn: btf.member_offset("cgroup", "kn")?,
+        kn_id: btf.member_offset("kernfs_node", "id")?,
+        kn_parent: btf
+            .member_offset("kernfs_node", "parent")
+            .or_else(|_| btf.member_offset("kernfs_node", "__parent"))?,
         valid: 1,
     })
 }

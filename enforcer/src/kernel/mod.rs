@@ -219,6 +219,29 @@ impl Kernel {
         ] {
             loader.override_global(name, value, true);
         }
+        // The socket hooks' offsets (a socket's cgroup); without them the
+        // foreign-socket check is off (said in the log).
+        let sock = match btf::Btf::from_sys_fs().and_then(|b| btf::sock_offsets(&b)) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(
+                    "no struct offsets for the socket hooks (foreign inet sockets not judged): {e}"
+                );
+                enforcer_common::SockOffsets::default()
+            }
+        };
+        let sock_values = [
+            sock.socket_sk,
+            sock.sock_family,
+            sock.sock_cgroup,
+            sock.cgroup_kn,
+            sock.kn_id,
+            sock.kn_parent,
+            sock.valid,
+        ];
+        for (name, value) in globals::SOCK.iter().zip(sock_values.iter()) {
+            loader.override_global(name, value, true);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             let hint = if matches!(nix::unistd::geteuid().as_raw(), 0) {
                 ""

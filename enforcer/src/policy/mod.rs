@@ -352,6 +352,7 @@ pub fn rule_name(rule_id: u32) -> Option<&'static str> {
         rule::FILE_NO_OFFSETS => Some("file-no-btf-offsets"),
         rule::IP_OPTIONS => Some("ip-options"),
         rule::TAINT_CLAMP => Some("taint-clamp"),
+        rule::FOREIGN_SOCKET => Some("foreign-socket"),
         _ => None,
     }
 }

@@ -111,7 +111,7 @@ fn schema_is_structural_and_closed() {
     keys.sort();
     assert_eq!(
         keys,
-        ["dns", "egress", "files", "identity", "mode", "onTaint", "writable"]
+        ["dns", "egress", "files", "identity", "ingress", "mode", "onTaint", "writable"]
     );
     let egress = &spec["egress"]["items"];
     assert_eq!(
