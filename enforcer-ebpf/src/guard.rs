@@ -36,6 +36,7 @@ use crate::{
 };
 
 /// What the guard says about a packet.
+#[repr(u32)]
 pub enum Guard {
     /// Not the guard's business: go on to the first-bytes judge.
     Next,
@@ -44,14 +45,20 @@ pub enum Guard {
     Audit,
 }
 
-#[inline(always)]
+/// A subprogram of its own (`inline(never)`): its paths end in one return,
+/// so the verifier sees the same caller state after it whatever the guard
+/// did, and the first-bytes judge after it is not explored once per guard
+/// path (Linux 6.1 refused the inlined version as too complex).
+#[inline(never)]
 pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock) -> Guard {
     let ip = packet::ip(skb);
     if !ip.ok {
         return Guard::Next;
     }
     if ip.options {
-        return refuse(skb, sk, &ip, rule::IP_OPTIONS, false);
+        let id = identity::of_skb(skb);
+        let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
+        return refuse(skb, sk, &ip, rule::IP_OPTIONS, id.cgroup_id, id.slot, audit);
     }
     match TAINTED.get(0) {
         Some(any) if *any != 0 => clamp(skb, sk, &ip),
@@ -65,6 +72,7 @@ fn clamp(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock, ip: &Ip) ->
     let Some(p) = id.policy else {
         return Guard::Next;
     };
+    let audit = p.flags & policy_flags::AUDIT != 0;
     if p.flags & policy_flags::TAINT_CLAMP == 0 {
         return Guard::Next;
     }
@@ -90,16 +98,10 @@ fn clamp(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock, ip: &Ip) ->
     if !ports.ok {
         // Not TCP or UDP (or unreadable): nothing of a tainted identity
         // leaves unjudged.
-        return refuse(
-            skb,
-            sk,
-            ip,
-            rule::TAINT_CLAMP,
-            p.flags & policy_flags::AUDIT != 0,
-        );
+        return refuse(skb, sk, ip, rule::TAINT_CLAMP, id.cgroup_id, id.slot, audit);
     }
     let dport = ports.dst;
-    if p.dns_port != 0 && dport == p.dns_port && packet::is_loopback(&ip.dst) {
+    if p.dns_port != 0 && dport == p.dns_port && packet::is_proxy_addr(&ip.dst) {
         return Guard::Next;
     }
     let bit = if ip.proto == packet::IPPROTO_TCP {
@@ -116,13 +118,7 @@ fn clamp(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock, ip: &Ip) ->
     if m.found && !m.judge {
         return Guard::Next;
     }
-    refuse(
-        skb,
-        sk,
-        ip,
-        rule::TAINT_CLAMP,
-        p.flags & policy_flags::AUDIT != 0,
-    )
+    refuse(skb, sk, ip, rule::TAINT_CLAMP, id.cgroup_id, id.slot, audit)
 }
 
 /// Drop (or, in audit mode, record and pass) a packet. The taint clamp cuts
@@ -134,10 +130,10 @@ fn refuse(
     sk: *mut bpf_sock,
     ip: &Ip,
     rule_id: u32,
+    cgroup_id: u64,
+    slot: u32,
     audit: bool,
 ) -> Guard {
-    let id = identity::of_skb(skb);
-    let audit = audit || matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
     let mut pid = 0;
     let mut comm = [0u8; 16];
     if rule_id == rule::TAINT_CLAMP {
@@ -160,8 +156,8 @@ fn refuse(
             if st.status == 0 {
                 // New state: the socket's first bytes are not judged.
                 st.status = inspect_status::PASSED;
-                st.cgroup_id = id.cgroup_id;
-                st.slot = id.slot;
+                st.cgroup_id = cgroup_id;
+                st.slot = slot;
             }
             if !audit {
                 st.status = inspect_status::CLAMPED;
@@ -187,8 +183,8 @@ fn refuse(
     };
     report::record_packet(
         &Decision {
-            cgroup_id: id.cgroup_id,
-            slot: id.slot,
+            cgroup_id,
+            slot,
             rule_id,
             action: action::PACKET,
             verdict: if audit { verdict::AUDIT } else { verdict::DENY },
@@ -199,10 +195,10 @@ fn refuse(
             sock_type,
             reason: 0,
         },
-        ip.src,
+        &ip.src,
         sport,
         pid,
-        comm,
+        &comm,
     );
     if audit {
         Guard::Audit

@@ -85,10 +85,7 @@ fn judge(skb: *mut __sk_buff) -> i32 {
     // move the undefined payload on the `None` path, which the verifier
     // rejects.
     let Some(p) = id.policy else {
-        report::bump_stat(stat::NO_IDENTITY);
-        let ip = packet::ip(skb);
-        let ports = packet::ports(skb, &ip);
-        return refuse(&who, &ip, ports.dst, rule::NO_POLICY);
+        return refuse_no_policy(&who);
     };
     let ip = packet::ip(skb);
     if !ip.ok {
@@ -126,7 +123,7 @@ fn judge(skb: *mut __sk_buff) -> i32 {
         }
     } else {
         // (3) the identity's DNS proxy, or a reply from a peer it may send to.
-        if local && p.dns_port != 0 && sport == p.dns_port && packet::is_loopback(&ip.src) {
+        if local && p.dns_port != 0 && sport == p.dns_port && packet::is_proxy_addr(&ip.src) {
             return PASS;
         }
         if may_send_to(&p, id.slot, peer, sport, bit) {
@@ -175,7 +172,10 @@ fn ingress_rule(table_id: u32, peer: Dst, port: u16, bit: u8) -> Option<u32> {
 /// A datagram's sender is a peer the identity may send to (a reply).
 #[inline(never)]
 fn may_send_to(p: &PolicyState, slot: u32, peer: Dst, port: u16, bit: u8) -> bool {
-    lookup(p, slot, peer, port, bit).found
+    // A learned address whose first bytes must be judged is not one the
+    // identity may send UDP to (sock_addr refuses it): not a reply either.
+    let m = lookup(p, slot, peer, port, bit);
+    m.found && !m.judge
 }
 
 /// An admitted connection is recorded like an allowed connect (sampled by
@@ -265,11 +265,31 @@ fn record(who: &Who, ip: &Ip, port: u16, rule_id: u32, v: u8) {
             sock_type: if ip.proto == IPPROTO_UDP { 2 } else { 1 },
             reason: 0,
         },
-        ip.dst,
+        &ip.dst,
         port,
         0,
-        [0; 16],
+        &[0; 16],
     );
+}
+
+/// A bound cgroup without a policy receives nothing (fail closed). Recorded
+/// without the packet's addresses: parsing them here would put a second
+/// packet parse on the entry's stack frame (512 bytes for the whole call
+/// chain).
+#[inline(never)]
+fn refuse_no_policy(who: &Who) -> i32 {
+    report::bump_stat(stat::NO_IDENTITY);
+    let none = Ip {
+        ok: false,
+        family: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        l4: 0,
+        options: false,
+        later_fragment: false,
+    };
+    refuse(who, &none, 0, rule::NO_POLICY)
 }
 
 #[inline(always)]

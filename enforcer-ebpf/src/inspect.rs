@@ -57,6 +57,14 @@ pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
     if let Guard::Drop = guard::egress(skb, full) {
         return DROP;
     }
+    first_bytes(skb, full)
+}
+
+/// The judge of a socket with first-bytes state. A subprogram of its own,
+/// like the guard: the entry's frame stays small, and the verifier's limit
+/// on the stack of a call chain (512 bytes) applies to each separately.
+#[inline(never)]
+fn first_bytes(skb: *mut __sk_buff, full: *mut aya_ebpf::bindings::bpf_sock) -> i32 {
     let map = core::ptr::from_ref(&INSPECT).cast_mut().cast::<c_void>();
     let st = unsafe { bpf_sk_storage_get(map, full.cast(), core::ptr::null_mut(), 0) }
         .cast::<InspectState>();

@@ -10,13 +10,16 @@ const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_DSTOPTS: u8 = 60;
 
+/// `N` bytes of the packet at `off`. The buffer is not zeroed first (the
+/// helper writes it, or fails): a zeroing loop per call would cost the
+/// verifier a walk of N stores at every call site.
 #[inline(always)]
 pub fn load<const N: usize>(skb: *mut __sk_buff, off: usize) -> Option<[u8; N]> {
-    let mut out = [0u8; N];
-    let r =
-        unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
+    let mut out = core::mem::MaybeUninit::<[u8; N]>::uninit();
+    let r = unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
     if r == 0 {
-        Some(out)
+        // SAFETY: the helper wrote all N bytes.
+        Some(unsafe { out.assume_init() })
     } else {
         None
     }
@@ -60,19 +63,17 @@ const NOT_IP: Ip = Ip {
 #[inline(always)]
 pub fn ip(skb: *mut __sk_buff) -> Ip {
     let protocol = u16::from_be(unsafe { (*skb).protocol } as u16);
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
     if protocol == ETH_P_IP {
         let Some(h) = load::<20>(skb, 0) else {
             return NOT_IP;
         };
         let ihl = ((h[0] & 0x0f) as usize) * 4;
-        src[10] = 0xff;
-        src[11] = 0xff;
-        dst[10] = 0xff;
-        dst[11] = 0xff;
-        src[12..16].copy_from_slice(&h[12..16]);
-        dst[12..16].copy_from_slice(&h[16..20]);
+        let src = [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, h[12], h[13], h[14], h[15],
+        ];
+        let dst = [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, h[16], h[17], h[18], h[19],
+        ];
         Ip {
             ok: true,
             family: 2,
@@ -87,8 +88,12 @@ pub fn ip(skb: *mut __sk_buff) -> Ip {
         let Some(h) = load::<40>(skb, 0) else {
             return NOT_IP;
         };
-        src.copy_from_slice(&h[8..24]);
-        dst.copy_from_slice(&h[24..40]);
+        let Some(src) = h[8..24].try_into().ok() else {
+            return NOT_IP;
+        };
+        let Some(dst) = h[24..40].try_into().ok() else {
+            return NOT_IP;
+        };
         // Up to three extension headers of the kinds this guard refuses
         // (hop-by-hop, routing, destination options), to find the ports.
         let mut next = h[6];
@@ -167,10 +172,13 @@ pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
         && a[11] == 0xff
 }
 
+/// 127.0.0.1 or ::1: the addresses the identity's DNS proxy listens on
+/// (`enforcer::dns::proxy`); another loopback address on the proxy's port
+/// is someone else.
 #[inline(always)]
-pub fn is_loopback(a: &[u8; 16]) -> bool {
+pub fn is_proxy_addr(a: &[u8; 16]) -> bool {
     if is_v4_mapped(a) {
-        return a[12] == 127;
+        return a[12] == 127 && a[13] == 0 && a[14] == 0 && a[15] == 1;
     }
     *a == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
 }

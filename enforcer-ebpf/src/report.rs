@@ -158,9 +158,12 @@ pub fn record(d: &Decision) {
 
 /// Record a packet refused by a cgroup_skb program (no current task there:
 /// `pid` and `comm` are what the socket's state kept, else 0), with the
-/// packet's local end so that userspace can reset the connection.
+/// packet's local end so that userspace can reset the connection. Fields
+/// are written one by one into the reserved record (no copy of the whole
+/// record on the stack: the cgroup_skb programs' call chains are near the
+/// 512-byte limit); `name` is left unwritten (`name_len` 0).
 #[inline(always)]
-pub fn record_packet(d: &Decision, src: [u8; 16], src_port: u16, pid: u32, comm: [u8; 16]) {
+pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm: &[u8; 16]) {
     count(d);
     if !wants_event(d.verdict) {
         return;
@@ -171,14 +174,28 @@ pub fn record_packet(d: &Decision, src: [u8; 16], src_port: u16, pid: u32, comm:
     };
     let out = entry.as_mut_ptr();
     unsafe {
-        (*out).event = event(d, (u64::from(pid) << 32) | u64::from(pid), comm);
+        let e = &mut (*out).event;
+        e.ts_ns = bpf_ktime_get_ns();
+        e.cgroup_id = d.cgroup_id;
+        e.pid = pid;
+        e.tid = pid;
+        e.slot = d.slot;
+        e.rule_id = d.rule_id;
+        e.addr = d.addr;
+        e.port = d.port;
+        e.action = d.action;
+        e.verdict = d.verdict;
+        e.protocol = d.protocol;
+        e.family = d.family;
+        e.sock_type = d.sock_type;
+        e.reason = d.reason;
+        e.comm = *comm;
         (*out).kind = 0;
         (*out).truncated = 0;
         (*out)._pad = [0; 3];
         (*out).src_port = src_port;
-        (*out).src = src;
+        (*out).src = *src;
         (*out).name_len = 0;
-        (*out).name = [0; PRESENTED_MAX];
     }
     entry.submit(0);
 }

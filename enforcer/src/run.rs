@@ -196,12 +196,21 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
         None
     };
-    if !compiled.files.is_empty() {
-        // Only reached with BPF LSM available (gate_file_policy). Attached
-        // before the paths are resolved: the resolver needs the hooks.
-        kernel
+    if lsm.available {
+        // Global hooks: file policy (attached before the paths are resolved:
+        // the resolver needs them), and the socket hooks (families no cgroup
+        // hook sees, inet sockets created outside the identity) for every
+        // policy. Idle costs: see README "Files" and "foreign sockets".
+        let attached = kernel
             .attach_lsm_hooks(pin_dir.as_ref().map(|d| d.join("lsm")).as_deref())
-            .context("attaching the BPF LSM file hooks")?;
+            .context("attaching the BPF LSM hooks");
+        match attached {
+            Err(e) if !compiled.files.is_empty() => return Err(e),
+            Err(e) => tracing::warn!(
+                "{e:#}: socket families and foreign sockets are judged by the cgroup hooks only"
+            ),
+            Ok(()) => {}
+        }
     }
     let files = kernel.resolve_files(&compiled.files);
     for (id, path, why) in &files.unresolved {
