@@ -113,6 +113,8 @@ pub mod prog_names {
     /// cgroup_skb/ingress: connections and datagrams from peers outside the
     /// identity (`spec.ingress`).
     pub const INGRESS: &str = "enforcer_ingress";
+    /// cgroup/setsockopt: IP options and IPv6 routing headers refused.
+    pub const SETSOCKOPT: &str = "enforcer_setsockopt";
     /// Not in `ALL`: loaded on its own, only to probe for BPF LSM.
     pub const LSM_PROBE: &str = "enforcer_lsm_probe";
     /// BPF LSM hooks (not in `ALL`: global hooks, loaded only where BPF
@@ -126,16 +128,18 @@ pub mod prog_names {
     /// Inet sockets created outside the identity (SCM_RIGHTS, pidfd_getfd).
     pub const SOCKET_CONNECT: &str = "enforcer_socket_connect";
     pub const SOCKET_SENDMSG: &str = "enforcer_socket_sendmsg";
+    pub const FILE_RECEIVE: &str = "enforcer_file_receive";
     /// (program, LSM hook)
-    pub const LSM: [(&str, &str); 6] = [
+    pub const LSM: [(&str, &str); 7] = [
         (FILE_OPEN, "file_open"),
         (INODE_LINK, "inode_link"),
         (INODE_RENAME, "inode_rename"),
         (SOCKET_CREATE, "socket_create"),
         (SOCKET_CONNECT, "socket_connect"),
         (SOCKET_SENDMSG, "socket_sendmsg"),
+        (FILE_RECEIVE, "file_receive"),
     ];
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -147,6 +151,7 @@ pub mod prog_names {
         GETPEERNAME6,
         INSPECT,
         INGRESS,
+        SETSOCKOPT,
     ];
 }
 
@@ -189,13 +194,16 @@ pub mod globals {
     pub const DENTRY_D_INODE: &str = "ENFORCER_OFF_DENTRY_D_INODE";
     pub const VALID: &str = "ENFORCER_OFF_VALID";
     /// [`super::SockOffsets`], in its field order.
-    pub const SOCK: [&str; 7] = [
+    pub const SOCK: [&str; 10] = [
         "ENFORCER_SOFF_SOCKET_SK",
         "ENFORCER_SOFF_SOCK_FAMILY",
         "ENFORCER_SOFF_SOCK_CGROUP",
         "ENFORCER_SOFF_CGROUP_KN",
         "ENFORCER_SOFF_KN_ID",
         "ENFORCER_SOFF_KN_PARENT",
+        "ENFORCER_SOFF_FILE_F_INODE",
+        "ENFORCER_SOFF_FILE_PRIVATE_DATA",
+        "ENFORCER_SOFF_INODE_I_MODE",
         "ENFORCER_SOFF_VALID",
     ];
 }
@@ -229,7 +237,13 @@ pub mod action {
     /// A connection or datagram from a peer outside the identity
     /// (`spec.ingress`): `addr` is the peer, `port` the local port.
     pub const INGRESS: u8 = 9;
-    pub const COUNT: u32 = 10;
+    /// A socket option refused (`rule::IP_OPTIONS`): `port` holds the
+    /// option name, `protocol` its level.
+    pub const SETSOCKOPT: u8 = 10;
+    /// An inet socket made outside the identity, refused at receipt
+    /// (SCM_RIGHTS, pidfd_getfd; `rule::FOREIGN_SOCKET`).
+    pub const FD_RECEIVE: u8 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Verdicts.
@@ -422,6 +436,12 @@ pub struct SockOffsets {
     pub kn_id: u32,
     /// `struct kernfs_node.parent` (`__parent` since Linux 6.15)
     pub kn_parent: u32,
+    /// `struct file.f_inode`
+    pub file_f_inode: u32,
+    /// `struct file.private_data` (a socket file's `struct socket`)
+    pub file_private_data: u32,
+    /// `struct inode.i_mode`
+    pub inode_i_mode: u32,
     /// 1 when the offsets above are filled in.
     pub valid: u32,
 }
@@ -716,7 +736,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<IdentityBinding>(), 8);
         assert_eq!(size_of::<PolicyState>(), 24);
-        assert_eq!(size_of::<SockOffsets>(), 28);
+        assert_eq!(size_of::<SockOffsets>(), 40);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<LearnedKey4>(), 8);
         assert_eq!(size_of::<LearnedKey6>(), 20);

@@ -96,6 +96,12 @@ static ENFORCER_SOFF_KN_ID: u32 = 0;
 #[unsafe(no_mangle)]
 static ENFORCER_SOFF_KN_PARENT: u32 = 0;
 #[unsafe(no_mangle)]
+static ENFORCER_SOFF_FILE_F_INODE: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_FILE_PRIVATE_DATA: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_SOFF_INODE_I_MODE: u32 = 0;
+#[unsafe(no_mangle)]
 static ENFORCER_SOFF_VALID: u32 = 0;
 
 #[inline(always)]
@@ -113,7 +119,7 @@ fn read_u64(base: u64, off: usize) -> u64 {
     unsafe { bpf_probe_read_kernel((base as usize + off) as *const u64) }.unwrap_or(0)
 }
 
-/// lsm/socket_connect and lsm/socket_sendmsg: an inet socket that a process
+/// lsm/socket_connect and lsm/socket_sendmsg (and `file_receive` above): an inet socket that a process
 /// of an identity did not create within that identity (received over
 /// SCM_RIGHTS, taken with `pidfd_getfd`, inherited from outside) is judged
 /// by its creator's cgroup by every cgroup hook: a host process's socket
@@ -141,6 +147,42 @@ pub fn enforcer_socket_sendmsg(ctx: LsmContext) -> i32 {
         return prev;
     }
     foreign(ctx.arg::<u64>(0), action::SENDMSG)
+}
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// lsm/file_receive: the door itself. A process of an identity receiving
+/// an inet socket made outside it (SCM_RIGHTS, `pidfd_getfd`) is refused
+/// the descriptor (EPERM; `recvmsg` reports `MSG_CTRUNC`). Without this, a
+/// received socket could still carry data with no send call the hooks see:
+/// `sendfile`/`splice` (before Linux 6.5 they skip `socket_sendmsg`), IP
+/// options set on it (every ACK carries them), or `listen` on a fresh one.
+/// Other files pass after two reads.
+#[lsm(hook = "file_receive")]
+pub fn enforcer_file_receive(ctx: LsmContext) -> i32 {
+    // file_receive(struct file *file)
+    let prev: i32 = ctx.arg(1);
+    if prev != 0 {
+        return prev;
+    }
+    if off(&ENFORCER_SOFF_VALID) == 0 {
+        return 0;
+    }
+    let file: u64 = ctx.arg(0);
+    let inode = read_u64(file, off(&ENFORCER_SOFF_FILE_F_INODE));
+    if inode == 0 {
+        return 0;
+    }
+    let mode = unsafe {
+        bpf_probe_read_kernel((inode as usize + off(&ENFORCER_SOFF_INODE_I_MODE)) as *const u16)
+    }
+    .unwrap_or(0);
+    if mode & S_IFMT != S_IFSOCK {
+        return 0;
+    }
+    let sock = read_u64(file, off(&ENFORCER_SOFF_FILE_PRIVATE_DATA));
+    foreign(sock, action::FD_RECEIVE)
 }
 
 #[inline(always)]

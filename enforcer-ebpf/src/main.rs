@@ -1,12 +1,15 @@
 //! enforcer eBPF programs. One module per hook family:
 //! - `sock_addr`: cgroup/connect4, connect6, sendmsg4, sendmsg6 (egress verdicts)
 //! - `sock`: cgroup/sock_create (raw, packet and ICMP sockets)
+//! - `sockopt`: cgroup/setsockopt (IP options, IPv6 routing headers)
 //! - `inspect`: cgroup_skb/egress (first bytes of connections to learned
 //!   addresses), after `guard` (IP options, the taint clamp on open sockets)
 //! - `ingress`: cgroup_skb/ingress (connections and datagrams from peers
 //!   outside the identity)
 //! - `files`: lsm/file_open, inode_link, inode_rename (file policy, taint)
-//! - `lsm_socket`: lsm/socket_create (packet sockets of agents)
+//! - `lsm_socket`: lsm/socket_create (packet sockets of agents),
+//!   socket_connect, socket_sendmsg, file_receive (inet sockets created
+//!   outside the identity)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
@@ -39,6 +42,8 @@ mod report;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod sockopt;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

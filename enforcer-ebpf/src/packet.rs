@@ -16,7 +16,8 @@ const IPV6_DSTOPTS: u8 = 60;
 #[inline(always)]
 pub fn load<const N: usize>(skb: *mut __sk_buff, off: usize) -> Option<[u8; N]> {
     let mut out = core::mem::MaybeUninit::<[u8; N]>::uninit();
-    let r = unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
+    let r =
+        unsafe { bpf_skb_load_bytes(skb.cast(), off as u32, out.as_mut_ptr().cast(), N as u32) };
     if r == 0 {
         // SAFETY: the helper wrote all N bytes.
         Some(unsafe { out.assume_init() })

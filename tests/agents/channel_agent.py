@@ -134,6 +134,8 @@ def ipopts(cfg):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         opt, err = set_v4_options(s)
         r = {"setopt": opt or err}
+        if not opt:
+            return r  # refused: nothing to send with options
         s.settimeout(3)
         try:
             s.connect(("127.0.0.1", cfg["tcp_port"]))
@@ -148,6 +150,8 @@ def ipopts(cfg):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         opt, err = set_v4_options(s)
         r = {"setopt": opt or err}
+        if not opt:
+            return r
         s.sendto(payload, ("127.0.0.1", cfg["udp_port"]))
         r["ok"] = True
         return r
@@ -186,8 +190,29 @@ def ipopts(cfg):
                 errs.append("%s:%s" % (name, ename(e.errno)))
         if "setopt" not in r:
             r["setopt"] = ",".join(errs)
+            return r
         s.sendto(payload, ("::1", cfg["udp6_port"]))
         r["ok"] = True
+        return r
+
+    def udp6_rthdr_cmsg():
+        # The routing header as a control message of one sendmsg.
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        hops = socket.inet_pton(socket.AF_INET6, "::1")
+        r = {"setopt": "cmsg"}
+        errs = []
+        for name, hdr in (
+            ("type2", bytes([0, 2, 2, 1, 0, 0, 0, 0]) + hops),
+            ("type4", bytes([0, 2, 4, 0, 0, 0, 0, 0]) + hops),
+        ):
+            try:
+                s.sendmsg([payload], [(socket.IPPROTO_IPV6, IPV6_RTHDR, hdr)], 0,
+                          ("::1", cfg["udp6_port"]))
+                r.update({"ok": True, "type": name})
+                return r
+            except OSError as e:
+                errs.append("%s:%s" % (name, ename(e.errno)))
+        r.update({"ok": False, "errno": ",".join(errs)})
         return r
 
     def control():
@@ -202,6 +227,7 @@ def ipopts(cfg):
     res["udp_options"] = attempt(udp_opts)
     res["udp_retopts"] = attempt(udp_retopts)
     res["udp6_rthdr"] = attempt(udp6_rthdr)
+    res["udp6_rthdr_cmsg"] = attempt(udp6_rthdr_cmsg)
     res["control"] = attempt(control)
     time.sleep(0.5)
     sys.stdout.write(json.dumps(res) + "\n")

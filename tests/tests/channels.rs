@@ -294,9 +294,26 @@ fn ip_options_and_routing_headers_never_leave() {
     assert_eq!(opt_tcp.bytes(), 0, "{r}");
     assert_eq!(opt_udp.datagrams(), 0, "{r}");
     assert_eq!(opt_udp6.datagrams(), 0, "{r}");
-    // Where the kernel accepted the options, the egress program dropped
-    // the packets and said so.
+    // The socket options are refused at setsockopt (cgroup/setsockopt):
+    // the kernel would have let an unprivileged agent set a Record Route
+    // option and an IPv6 routing header (measured here).
+    let set = |k: &str| r[k]["setopt"].as_str().unwrap_or("").to_string();
+    assert_eq!(set("tcp_options"), "EPERM", "IP_OPTIONS on TCP: {r}");
+    assert_eq!(set("udp_options"), "EPERM", "IP_OPTIONS on UDP: {r}");
+    assert!(
+        set("udp6_rthdr").split(',').all(|e| e.ends_with(":EPERM")),
+        "IPV6_RTHDR: {r}"
+    );
     let recs = read_jsonl(&audit);
+    let refused_opts = recs
+        .iter()
+        .filter(|x| {
+            x["action"] == "setsockopt" && x["rule"] == "ip-options" && x["verdict"] == "deny"
+        })
+        .count();
+    assert!(refused_opts >= 4, "setsockopt refusals recorded: {recs:#?}");
+    // Per-message options (control messages) reach the egress program,
+    // which drops the packet and says so.
     let dropped = |port: u16| {
         recs.iter().any(|x| {
             x["action"] == "packet"
@@ -305,24 +322,19 @@ fn ip_options_and_routing_headers_never_leave() {
                 && x["port"] == port
         })
     };
-    let v4_set = ["lsrr", "rr"];
-    let set = |k: &str| r[k]["setopt"].as_str().unwrap_or("");
-    assert!(
-        v4_set.contains(&set("tcp_options")),
-        "IP_OPTIONS is open to an unprivileged process on Linux: {r}"
-    );
-    assert!(
-        dropped(opt_tcp.port()),
-        "no ip-options record (tcp): {recs:#?}"
-    );
+    assert_eq!(r["udp_retopts"]["errno"], "EPERM", "IP_RETOPTS cmsg: {r}");
     assert!(
         dropped(opt_udp.port()),
-        "no ip-options record (udp): {recs:#?}"
+        "no ip-options record (IP_RETOPTS): {recs:#?}"
     );
-    if set("udp6_rthdr").starts_with("type") && !set("udp6_rthdr").contains(':') {
+    if r["udp6_rthdr_cmsg"]["type"].is_string()
+        || r["udp6_rthdr_cmsg"]["errno"]
+            .as_str()
+            .is_some_and(|e| e.contains("EPERM"))
+    {
         assert!(
             dropped(opt_udp6.port()),
-            "no ip-options record (IPv6 rthdr): {r}\n{recs:#?}"
+            "no ip-options record (IPV6_RTHDR cmsg): {r}\n{recs:#?}"
         );
     }
     eprintln!("options the kernel accepted: {r}");

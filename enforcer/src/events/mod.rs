@@ -28,6 +28,11 @@ pub enum Action {
     /// A connection or datagram from a peer outside the identity
     /// (`spec.ingress`): the address is the peer's, the port the local one.
     Ingress,
+    /// A socket option refused (IP options, IPv6 routing headers).
+    Setsockopt,
+    /// An inet socket made outside the identity, refused when the agent
+    /// would receive it (SCM_RIGHTS, pidfd_getfd).
+    FdReceive,
     /// A system call the agent's seccomp filter refused (`enforcer run`);
     /// decided in userspace, never counted by the kernel.
     Syscall,
@@ -47,6 +52,8 @@ impl Action {
             k::INSPECT => Self::Inspect,
             k::PACKET => Self::Packet,
             k::INGRESS => Self::Ingress,
+            k::SETSOCKOPT => Self::Setsockopt,
+            k::FD_RECEIVE => Self::FdReceive,
             _ => return None,
         })
     }
@@ -62,11 +69,13 @@ impl Action {
             Self::Inspect => "inspect",
             Self::Packet => "packet",
             Self::Ingress => "ingress",
+            Self::Setsockopt => "setsockopt",
+            Self::FdReceive => "fd_receive",
             Self::Syscall => "syscall",
         }
     }
     /// The actions the kernel decides and counts.
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 12] = [
         Self::Connect,
         Self::Sendmsg,
         Self::SockCreate,
@@ -77,6 +86,8 @@ impl Action {
         Self::Inspect,
         Self::Packet,
         Self::Ingress,
+        Self::Setsockopt,
+        Self::FdReceive,
     ];
     pub fn is_file(self) -> bool {
         matches!(self, Self::FileOpen | Self::FileLink | Self::FileRename)
@@ -94,6 +105,8 @@ impl Action {
             Self::Inspect => k::INSPECT,
             Self::Packet => k::PACKET,
             Self::Ingress => k::INGRESS,
+            Self::Setsockopt => k::SETSOCKOPT,
+            Self::FdReceive => k::FD_RECEIVE,
             // Not a kernel action: never in ALL, never an index.
             Self::Syscall => u8::MAX,
         }

@@ -318,6 +318,20 @@ impl Attribution {
                 );
             }
             (None, None, Some(detail))
+        } else if ev.action == action::SETSOCKOPT {
+            let level = if ev.protocol == 0 {
+                "SOL_IP"
+            } else {
+                "SOL_IPV6"
+            };
+            (
+                None,
+                None,
+                Some(format!(
+                    "setsockopt({level}, {}): IP options / IPv6 extension headers route past the judged destination",
+                    ev.port
+                )),
+            )
         } else if ev.action == action::SOCK_CREATE {
             (
                 None,

@@ -288,6 +288,9 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
         kn_parent: btf
             .member_offset("kernfs_node", "parent")
             .or_else(|_| btf.member_offset("kernfs_node", "__parent"))?,
+        file_f_inode: btf.member_offset("file", "f_inode")?,
+        file_private_data: btf.member_offset("file", "private_data")?,
+        inode_i_mode: btf.member_offset("inode", "i_mode")?,
         valid: 1,
     })
 }

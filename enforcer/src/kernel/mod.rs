@@ -10,6 +10,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod files;
 pub mod learned;
+pub mod link;
 pub mod reset;
 
 use std::{
@@ -124,6 +125,8 @@ pub struct Attachment {
     pub cgroup_id: u64,
     links: Vec<FdLink>,
     pinned: Vec<PinnedLink>,
+    /// Links made by hand (`link.rs`), not pinned: closing them detaches.
+    raw: Vec<std::os::fd::OwnedFd>,
     pin_dir: Option<PathBuf>,
 }
 
@@ -137,6 +140,7 @@ impl Attachment {
             }
         }
         self.links.clear();
+        self.raw.clear();
         if let Some(d) = self.pin_dir.take() {
             let _ = fs::remove_dir(&d);
         }
@@ -237,6 +241,9 @@ impl Kernel {
             sock.cgroup_kn,
             sock.kn_id,
             sock.kn_parent,
+            sock.file_f_inode,
+            sock.file_private_data,
+            sock.inode_i_mode,
             sock.valid,
         ];
         for (name, value) in globals::SOCK.iter().zip(sock_values.iter()) {
@@ -258,6 +265,7 @@ impl Kernel {
                 Program::CgroupSockAddr(p) => p.load(),
                 Program::CgroupSock(p) => p.load(),
                 Program::CgroupSkb(p) => p.load(),
+                Program::CgroupSockopt(p) => p.load(),
                 _ => bail!("program {name} has an unexpected type"),
             };
             res.map_err(|e| anyhow!("loading program {name}: {e:#}"))?;
@@ -604,6 +612,9 @@ impl Kernel {
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut links = Vec::new();
         for name in prog_names::ALL {
+            if name == prog_names::SETSOCKOPT {
+                continue;
+            }
             let prog = self
                 .ebpf
                 .program_mut(name)
@@ -642,19 +653,51 @@ impl Kernel {
             };
             links.push(link);
         }
+        // cgroup/setsockopt: linked by hand (see link.rs).
+        let sockopt = {
+            let Some(Program::CgroupSockopt(p)) = self.ebpf.program(prog_names::SETSOCKOPT) else {
+                bail!("no program {}", prog_names::SETSOCKOPT);
+            };
+            let fd = p
+                .fd()
+                .map_err(|e| anyhow!("{}: {e}", prog_names::SETSOCKOPT))?;
+            link::cgroup_link(
+                std::os::fd::AsFd::as_fd(fd),
+                std::os::fd::AsFd::as_fd(&file),
+                link::BPF_CGROUP_SETSOCKOPT,
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "attaching {} to {}: {e}",
+                    prog_names::SETSOCKOPT,
+                    cgroup.display()
+                )
+            })?
+        };
         let mut att = Attachment {
             cgroup_id,
             links,
             pinned: Vec::new(),
+            raw: Vec::new(),
             pin_dir: None,
         };
         if let Some(dir) = pin_dir {
             private_dir(dir)
                 .with_context(|| format!("creating link pin directory {}", dir.display()))?;
-            for (link, name) in std::mem::take(&mut att.links)
-                .into_iter()
-                .zip(prog_names::ALL)
-            {
+            let path = dir.join(prog_names::SETSOCKOPT);
+            let _ = fs::remove_file(&path);
+            link::pin(std::os::fd::AsFd::as_fd(&sockopt), &path)
+                .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
+            drop(sockopt);
+            att.pinned.push(
+                PinnedLink::from_pin(&path)
+                    .map_err(|e| anyhow!("reopening pinned link {}: {e}", path.display()))?,
+            );
+            for (link, name) in std::mem::take(&mut att.links).into_iter().zip(
+                prog_names::ALL
+                    .into_iter()
+                    .filter(|n| *n != prog_names::SETSOCKOPT),
+            ) {
                 let path = dir.join(name);
                 let _ = fs::remove_file(&path);
                 let pinned = link
@@ -663,6 +706,8 @@ impl Kernel {
                 att.pinned.push(pinned);
             }
             att.pin_dir = Some(dir.to_path_buf());
+        } else {
+            att.raw.push(sockopt);
         }
         Ok(att)
     }
@@ -695,6 +740,7 @@ impl Kernel {
             cgroup_id,
             links: Vec::new(),
             pinned,
+            raw: Vec::new(),
             pin_dir: Some(dir.to_path_buf()),
         }))
     }
