@@ -269,6 +269,10 @@ pub mod rule {
     /// SCM_RIGHTS, taken with pidfd_getfd, inherited): the agent may not
     /// connect or send on it (BPF LSM).
     pub const FOREIGN_SOCKET: u32 = 0xffff_fff6;
+    /// A socket option pinning the socket to an interface (SO_BINDTODEVICE,
+    /// SO_BINDTOIFINDEX, IP(V6)_UNICAST_IF): the same address through
+    /// another interface or VRF is another host.
+    pub const BIND_DEVICE: u32 = 0xffff_fff5;
     /// Socket family outside the allowed set (unix, inet, inet6, netlink).
     pub const SOCKET_FAMILY: u32 = 0xffff_fffd;
     /// Plain socket creation of an allowed family.

@@ -51,6 +51,13 @@ pub enum Guard {
 /// path (Linux 6.1 refused the inlined version as too complex).
 #[inline(never)]
 pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock) -> Guard {
+    // The common case costs one byte read and one array lookup: the whole
+    // header is parsed only for a packet with options or a tainted slot.
+    let options = packet::has_options(skb);
+    let tainted = matches!(TAINTED.get(0), Some(any) if *any != 0);
+    if !options && !tainted {
+        return Guard::Next;
+    }
     let ip = packet::ip(skb);
     if !ip.ok {
         return Guard::Next;
@@ -60,10 +67,7 @@ pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock) -> Gua
         let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
         return refuse(skb, sk, &ip, rule::IP_OPTIONS, id.cgroup_id, id.slot, audit);
     }
-    match TAINTED.get(0) {
-        Some(any) if *any != 0 => clamp(skb, sk, &ip),
-        _ => Guard::Next,
-    }
+    clamp(skb, sk, &ip)
 }
 
 #[inline(always)]

@@ -60,6 +60,26 @@ const NOT_IP: Ip = Ip {
     later_fragment: false,
 };
 
+/// IPv4 options or an IPv6 extension header of the refused kinds, from one
+/// byte (an unreadable header counts as options: the full parse decides).
+#[inline(always)]
+pub fn has_options(skb: *mut __sk_buff) -> bool {
+    let protocol = u16::from_be(unsafe { (*skb).protocol } as u16);
+    if protocol == ETH_P_IP {
+        match load::<1>(skb, 0) {
+            Some(b) => b[0] != 0x45,
+            None => true,
+        }
+    } else if protocol == ETH_P_IPV6 {
+        match load::<1>(skb, 6) {
+            Some(b) => is_ext(b[0]),
+            None => true,
+        }
+    } else {
+        false
+    }
+}
+
 /// The IP header (`ok` false for another protocol or an unreadable packet).
 #[inline(always)]
 pub fn ip(skb: *mut __sk_buff) -> Ip {

@@ -215,6 +215,23 @@ def ipopts(cfg):
         r.update({"ok": False, "errno": ",".join(errs)})
         return r
 
+    def bind_device():
+        # Pinning a socket to an interface: refused (the same address
+        # through another interface or VRF is another host).
+        r = {}
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for name, lvl, opt, val in (
+            ("so_bindtodevice", socket.SOL_SOCKET, 25, b"lo"),
+            ("ip_unicast_if", socket.IPPROTO_IP, 50, struct.pack("!I", 1)),
+        ):
+            try:
+                s.setsockopt(lvl, opt, val)
+                r[name] = "ok"
+            except OSError as e:
+                r[name] = ename(e.errno)
+        r["ok"] = True
+        return r
+
     def control():
         t = socket.create_connection(("127.0.0.1", cfg["control_tcp"]), timeout=5)
         t.sendall(b"CONTROL")
@@ -228,6 +245,7 @@ def ipopts(cfg):
     res["udp_retopts"] = attempt(udp_retopts)
     res["udp6_rthdr"] = attempt(udp6_rthdr)
     res["udp6_rthdr_cmsg"] = attempt(udp6_rthdr_cmsg)
+    res["bind_device"] = attempt(bind_device)
     res["control"] = attempt(control)
     time.sleep(0.5)
     sys.stdout.write(json.dumps(res) + "\n")

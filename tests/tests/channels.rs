@@ -150,11 +150,18 @@ fn inbound_connections_need_an_ingress_rule() {
         "go_file": go.to_str().unwrap(),
     });
     let (mut g, threads) = spawn_agent(&dir, &policy, &audit, "serve", &cfg);
-    assert!(
-        poll_until(Duration::from_secs(30), Duration::from_millis(20), || ready
-            .exists()),
-        "the agent did not get ready"
-    );
+    // Generous: under QEMU/TCG (the VM runner) loading and verifying the
+    // programs alone takes tens of seconds.
+    if !poll_until(Duration::from_secs(150), Duration::from_millis(50), || {
+        ready.exists()
+    }) {
+        std::fs::write(&go, "").unwrap();
+        let out = threads.finish(&mut g, Duration::from_secs(30));
+        panic!(
+            "the agent did not get ready; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let me: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
     assert_eq!(me["ok"], true, "the agent's own loopback connection: {me}");
 
@@ -304,7 +311,17 @@ fn ip_options_and_routing_headers_never_leave() {
         set("udp6_rthdr").split(',').all(|e| e.ends_with(":EPERM")),
         "IPV6_RTHDR: {r}"
     );
+    for k in ["so_bindtodevice", "ip_unicast_if"] {
+        assert_eq!(r["bind_device"][k], "EPERM", "{k}: {r}");
+    }
     let recs = read_jsonl(&audit);
+    assert!(
+        recs.iter()
+            .filter(|x| x["action"] == "setsockopt" && x["rule"] == "bind-device")
+            .count()
+            >= 2,
+        "bind-device refusals recorded: {recs:#?}"
+    );
     let refused_opts = recs
         .iter()
         .filter(|x| {

@@ -654,8 +654,8 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
     let lsm_pins = |p: &Path| std::fs::read_dir(p).map(|r| r.count()).unwrap_or(0);
     assert_eq!(
         lsm_pins(&pins.path.join("lsm")),
-        4,
-        "the four LSM links are pinned"
+        7,
+        "every LSM link is pinned (files, socket families, foreign sockets)"
     );
 
     // kill -9: the pinned hooks keep enforcing the file rules and the clamp.

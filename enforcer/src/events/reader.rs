@@ -319,18 +319,20 @@ impl Attribution {
             }
             (None, None, Some(detail))
         } else if ev.action == action::SETSOCKOPT {
-            let level = if ev.protocol == 0 {
-                "SOL_IP"
+            let level = match ev.protocol {
+                0 => "SOL_IP",
+                1 => "SOL_SOCKET",
+                _ => "SOL_IPV6",
+            };
+            let why = if ev.rule_id == rule::BIND_DEVICE {
+                "pins the socket to an interface: the same address elsewhere"
             } else {
-                "SOL_IPV6"
+                "IP options / IPv6 extension headers route past the judged destination"
             };
             (
                 None,
                 None,
-                Some(format!(
-                    "setsockopt({level}, {}): IP options / IPv6 extension headers route past the judged destination",
-                    ev.port
-                )),
+                Some(format!("setsockopt({level}, {}): {why}", ev.port)),
             )
         } else if ev.action == action::SOCK_CREATE {
             (

@@ -353,6 +353,7 @@ pub fn rule_name(rule_id: u32) -> Option<&'static str> {
         rule::IP_OPTIONS => Some("ip-options"),
         rule::TAINT_CLAMP => Some("taint-clamp"),
         rule::FOREIGN_SOCKET => Some("foreign-socket"),
+        rule::BIND_DEVICE => Some("bind-device"),
         _ => None,
     }
 }
