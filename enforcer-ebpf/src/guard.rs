@@ -51,9 +51,15 @@ pub enum Guard {
 /// path (Linux 6.1 refused the inlined version as too complex).
 #[inline(never)]
 pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock) -> Guard {
-    // The common case costs one byte read and one array lookup: the whole
-    // header is parsed only for a packet with options or a tainted slot.
-    let options = packet::has_options(skb);
+    // The common case costs one array lookup (TCP) or one byte read and one
+    // array lookup (UDP): the whole header is parsed only for a packet with
+    // options or while a slot is tainted. A TCP socket of an agent cannot
+    // carry options: the setsockopt program refuses them and TCP takes no
+    // per-message IP options (cmsgs); datagram sockets can take them per
+    // message (`IP_RETOPTS`, an `IPV6_RTHDR` cmsg), so their packets are
+    // read.
+    let tcp = unsafe { (*sk).protocol } == u32::from(packet::IPPROTO_TCP);
+    let options = !tcp && packet::has_options(skb);
     let tainted = matches!(TAINTED.get(0), Some(any) if *any != 0);
     if !options && !tainted {
         return Guard::Next;
