@@ -57,6 +57,12 @@ pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
     if let Guard::Drop = guard::egress(skb, full) {
         return DROP;
     }
+    // Only TCP sockets get first-bytes state (the connect hook refuses UDP
+    // to a learned address; a UDP socket cut by the taint clamp is the
+    // guard's): a datagram skips the storage lookup.
+    if unsafe { (*full).protocol } != u32::from(IPPROTO_TCP) {
+        return PASS;
+    }
     first_bytes(skb, full)
 }
 
