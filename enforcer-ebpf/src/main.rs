@@ -5,6 +5,7 @@
 //! - `files`: lsm/file_open, inode_link, inode_rename (file policy, taint)
 //! - `lsm_socket`: lsm/socket_create (packet sockets of agents)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
+//! - `unix`: cgroup/connect_unix, cgroup/sendmsg_unix (unix sockets by `spec.local`)
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
 //! policy generation, fail closed), `report` (counters and ring-buffer events).
@@ -29,6 +30,8 @@ mod report;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod unix;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

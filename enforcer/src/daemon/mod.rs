@@ -1669,6 +1669,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
                 r.reset_refused();
                 let mut d = attribute(&r.ev, &clock);
                 d.first_bytes = r.first;
+                d.unix = r.unix;
                 sinks_h.handle(&d)
             },
             move || sinks_f.flush(),

@@ -22,6 +22,10 @@ pub enum Action {
     /// The first bytes of a connection to a learned address (TLS SNI or
     /// HTTP Host), or UDP to such an address.
     Inspect,
+    /// connect(2) of a unix socket (`spec.local`).
+    UnixConnect,
+    /// sendto/sendmsg of a unix datagram socket to an address (`spec.local`).
+    UnixSend,
     /// A system call the agent's seccomp filter refused (`enforcer run`);
     /// decided in userspace, never counted by the kernel.
     Syscall,
@@ -39,6 +43,8 @@ impl Action {
             k::FILE_LINK => Self::FileLink,
             k::FILE_RENAME => Self::FileRename,
             k::INSPECT => Self::Inspect,
+            k::UNIX_CONNECT => Self::UnixConnect,
+            k::UNIX_SEND => Self::UnixSend,
             _ => return None,
         })
     }
@@ -52,11 +58,13 @@ impl Action {
             Self::FileLink => "file_link",
             Self::FileRename => "file_rename",
             Self::Inspect => "inspect",
+            Self::UnixConnect => "unix_connect",
+            Self::UnixSend => "unix_send",
             Self::Syscall => "syscall",
         }
     }
     /// The actions the kernel decides and counts.
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 10] = [
         Self::Connect,
         Self::Sendmsg,
         Self::SockCreate,
@@ -65,9 +73,14 @@ impl Action {
         Self::FileLink,
         Self::FileRename,
         Self::Inspect,
+        Self::UnixConnect,
+        Self::UnixSend,
     ];
     pub fn is_file(self) -> bool {
         matches!(self, Self::FileOpen | Self::FileLink | Self::FileRename)
+    }
+    pub fn is_unix(self) -> bool {
+        matches!(self, Self::UnixConnect | Self::UnixSend)
     }
     pub fn kernel_code(self) -> u8 {
         use enforcer_common::action as k;
@@ -80,6 +93,8 @@ impl Action {
             Self::FileLink => k::FILE_LINK,
             Self::FileRename => k::FILE_RENAME,
             Self::Inspect => k::INSPECT,
+            Self::UnixConnect => k::UNIX_CONNECT,
+            Self::UnixSend => k::UNIX_SEND,
             // Not a kernel action: never in ALL, never an index.
             Self::Syscall => u8::MAX,
         }
@@ -183,6 +198,19 @@ pub struct Decision {
     /// Action `inspect`: what the first bytes were and said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_bytes: Option<FirstBytes>,
+    /// Actions `unix_connect` / `unix_send`: the socket address the agent gave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix: Option<UnixAddress>,
+}
+
+/// A unix socket address as the agent wrote it (actions `unix_connect`, `unix_send`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnixAddress {
+    /// `path`, `abstract`, or `unreadable` (the hook could not read it).
+    pub kind: &'static str,
+    /// The path, or the abstract name without its leading NUL;
+    /// non-printable bytes escaped as `\xNN`.
+    pub name: String,
 }
 
 /// What a connection's first bytes were (action `inspect`).

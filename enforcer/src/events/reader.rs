@@ -16,7 +16,9 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{action, first_bytes, rule, verdict, Event, InspectEvent};
+use enforcer_common::{
+    action, first_bytes, rule, unix_kind, verdict, Event, InspectEvent, UnixEvent, UNIX_NAME_MAX,
+};
 use tokio::io::unix::AsyncFd;
 
 use super::{Action, Decision, FirstBytes, IdentityRef, Verdict};
@@ -38,6 +40,8 @@ pub struct Decoded {
     pub first: Option<FirstBytes>,
     /// Judged first bytes: the connection's (local, peer) ends.
     pub conn: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// Unix socket decisions: the address.
+    pub unix: Option<super::UnixAddress>,
 }
 
 impl Decoded {
@@ -87,11 +91,31 @@ pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
         });
         return Some(Decoded {
             conn,
+            unix: None,
             ev: ie.event,
             first: Some(FirstBytes {
                 kind,
                 reason: (!reason.is_empty()).then_some(reason),
                 name: (n > 0).then_some(name),
+            }),
+        });
+    }
+    if bytes.len() >= size_of::<UnixEvent>() {
+        // SAFETY: length checked; UnixEvent is plain old data; unaligned read.
+        let ue = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<UnixEvent>()) };
+        let n = usize::from(ue.len).min(UNIX_NAME_MAX);
+        let kind = match ue.kind {
+            unix_kind::PATH => "path",
+            unix_kind::ABSTRACT => "abstract",
+            _ => "unreadable",
+        };
+        return Some(Decoded {
+            ev: ue.event,
+            first: None,
+            conn: None,
+            unix: Some(super::UnixAddress {
+                kind,
+                name: crate::policy::local::display_name(ue.kind, &ue.name[..n]),
             }),
         });
     }
@@ -112,6 +136,7 @@ pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
         ev,
         first,
         conn: None,
+        unix: None,
     })
 }
 
@@ -139,6 +164,8 @@ pub struct SlotInfo {
     pub taint_rules: Vec<String>,
     /// Paths of `spec.files[i]` (rule `FILE_BASE + i + 1`).
     pub files: Vec<String>,
+    /// Descriptions of `spec.local[i]` (rule `LOCAL_BASE + i + 1`).
+    pub local: Vec<String>,
 }
 
 impl SlotInfo {
@@ -152,6 +179,11 @@ impl SlotInfo {
                 .files
                 .iter()
                 .map(|f| f.path.display().to_string())
+                .collect(),
+            local: compiled
+                .local
+                .iter()
+                .map(|l| l.description.clone())
                 .collect(),
         }
     }
@@ -300,6 +332,16 @@ impl Attribution {
                 );
             }
             (None, None, Some(detail))
+        } else if act.is_unix() {
+            let detail = match ev.rule_id {
+                rule::UNIX_RESOLVER => Some(format!(
+                    "resolver IPC socket refused: {}",
+                    crate::policy::local::RESOLVER_REASON
+                )),
+                rule::DEFAULT_DENY => Some("unix socket not listed in spec.local".to_string()),
+                _ => None,
+            };
+            (None, None, detail)
         } else if ev.action == action::SOCK_CREATE {
             (
                 None,
@@ -328,7 +370,8 @@ impl Attribution {
             action: act,
             ip,
             port,
-            protocol: (!act.is_file()).then(|| protocol_name(ev.protocol, ev.sock_type)),
+            protocol: (!act.is_file() && !act.is_unix())
+                .then(|| protocol_name(ev.protocol, ev.sock_type)),
             host: None,
             path,
             workload,
@@ -337,6 +380,7 @@ impl Attribution {
             policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),
             detail,
             first_bytes: None,
+            unix: None,
         }
     }
 }
@@ -382,6 +426,13 @@ pub fn slot_rule_name(rule_id: u32, info: Option<&SlotInfo>) -> String {
             .and_then(|i| i.taint_rules.get(index(rule::TAINT_BASE)))
             .cloned()
             .unwrap_or_else(|| format!("onTaint.egress[{}]", index(rule::TAINT_BASE)));
+    }
+    if rule_id > rule::LOCAL_BASE && rule_id < rule::FILE_BASE {
+        let i = index(rule::LOCAL_BASE);
+        return info
+            .and_then(|s| s.local.get(i))
+            .cloned()
+            .unwrap_or_else(|| format!("local[{i}]"));
     }
     if rule_id > rule::FILE_BASE && rule_id < rule::TAINT_BASE {
         let i = index(rule::FILE_BASE);

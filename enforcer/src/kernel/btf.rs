@@ -277,6 +277,16 @@ pub fn file_offsets(btf: &Btf) -> Result<FileOffsets, BtfError> {
     })
 }
 
+/// `struct bpf_sock_addr_kern`'s `uaddr` and `uaddrlen` (the unix socket
+/// hooks read the address through them). `uaddrlen` exists since Linux 6.7,
+/// the first kernel with those hooks.
+pub fn sock_addr_offsets(btf: &Btf) -> Result<(u32, u32), BtfError> {
+    Ok((
+        btf.member_offset("bpf_sock_addr_kern", "uaddr")?,
+        btf.member_offset("bpf_sock_addr_kern", "uaddrlen")?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +446,9 @@ mod tests {
         assert!([16, 24].contains(&(o.inode_i_ino - o.inode_i_sb)), "{o:?}");
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         if release.starts_with("6.18.") {
+            // struct bpf_sock_addr_kern { struct sock *sk; struct sockaddr
+            // *uaddr; u64 tmp_reg; void *t_ctx; u32 uaddrlen; }
+            assert_eq!(sock_addr_offsets(&btf).unwrap(), (8, 32));
             // v6.18 with FS_POSIX_ACL, SECURITY and no lock debugging (this
             // host, and the usual distribution kernel): `struct file` is
             // f_lock(4) f_mode(4) f_op f_mapping private_data f_inode(32) ...

@@ -32,7 +32,8 @@ use aya::{
 use enforcer_common::{
     action, bloom_bit, counter_index, first_bytes, globals, map_names, policy_flags, prog_names,
     reason_index, stat, verdict, FileKey, FileOffsets, FileRuleValue, GlobalConfig,
-    IdentityBinding, NameKey, PolicyState, RuleSet, V4Key, V6Key, BLOOM_WORDS, MAX_SLOTS,
+    IdentityBinding, NameKey, PolicyState, RuleSet, UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS,
+    MAX_SLOTS,
 };
 
 use crate::policy::{compile::NameEntry, CompiledPolicy};
@@ -60,6 +61,8 @@ struct Installed {
     v6: Vec<Key<V6Key>>,
     files: Vec<FileKey>,
     names: Vec<Key<NameKey>>,
+    /// `spec.local` entries (`UNIX_RULES`).
+    unix: Vec<UnixKey>,
 }
 
 /// `TAINTED[slot]`: set by the kernel when an identity opens a `taint`
@@ -113,6 +116,9 @@ pub struct Kernel {
     lsm_links: Vec<FdLink>,
     lsm_pinned: Vec<PinnedLink>,
     installed: StdHashMap<u32, Installed>,
+    unix_rules: HashMap<MapData, UnixKey, UnixRule>,
+    /// Whether the unix socket hooks loaded (Linux >= 6.7).
+    unix: UnixSupport,
     /// DNS proxy port per slot (kept across policy swaps).
     dns_ports: StdHashMap<u32, u16>,
     next_table_id: u32,
@@ -150,6 +156,21 @@ pub struct LsmSupport {
     /// What the probe saw: the error, or "lsm/file_open loaded and attached".
     pub detail: String,
 }
+
+/// Whether the cgroup unix socket hooks (`cgroup/connect_unix`,
+/// `cgroup/sendmsg_unix`, Linux >= 6.7) loaded: without them `spec.local`
+/// is not enforced and agents reach every unix socket.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct UnixSupport {
+    pub available: bool,
+    pub detail: String,
+}
+
+/// What is lost without the unix socket hooks, in the words a user can act on.
+pub const UNIX_REQUIREMENT: &str = "unix socket policy (`spec.local`, the resolver IPC refusal) \
+    needs the cgroup/connect_unix and cgroup/sendmsg_unix hooks of Linux >= 6.7; without them \
+    agents can connect to every unix socket (local proxies, docker.sock, D-Bus, \
+    systemd-resolved's varlink socket)";
 
 /// The kernel requirement, in the words a user can act on.
 pub const LSM_REQUIREMENT: &str = "file policy (`files:`, `onTaint:`) needs BPF LSM: a kernel \
@@ -207,6 +228,13 @@ impl Kernel {
                 FileOffsets::default()
             }
         };
+        let sock_addr = btf::Btf::from_sys_fs().and_then(|b| btf::sock_addr_offsets(&b));
+        let (uaddr_off, uaddrlen_off) = match &sock_addr {
+            Ok(o) => *o,
+            Err(_) => (0, 0),
+        };
+        loader.override_global(globals::SOCK_ADDR_UADDR, &uaddr_off, true);
+        loader.override_global(globals::SOCK_ADDR_UADDRLEN, &uaddrlen_off, true);
         for (name, value) in [
             (globals::FILE_F_INODE, &offsets.file_f_inode),
             (globals::FILE_DENTRY, &offsets.file_dentry),
@@ -239,6 +267,17 @@ impl Kernel {
             };
             res.map_err(|e| anyhow!("loading program {name}: {e:#}"))?;
         }
+        let unix = match sock_addr {
+            Err(e) => UnixSupport {
+                available: false,
+                detail: format!(
+                    "no struct bpf_sock_addr_kern.uaddrlen in the kernel's BTF (Linux < 6.7?): {e}"
+                ),
+            },
+            Ok(_) => load_unix_programs(&mut ebpf),
+        };
+        let mut unix_rules: HashMap<MapData, UnixKey, UnixRule> =
+            map(&mut ebpf, map_names::UNIX_RULES)?;
         let identities = map(&mut ebpf, map_names::IDENTITIES)?;
         let policies: Array<MapData, PolicyState> = map(&mut ebpf, map_names::POLICIES)?;
         let mut v4: LpmTrie<MapData, V4Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V4)?;
@@ -329,6 +368,14 @@ impl Kernel {
                     None => orphans += usize::from(file_rules.remove(&k).is_ok()),
                 }
             }
+            // (Table id 0: the resolver sockets, rewritten by set_resolver_sockets.)
+            let keys: Vec<UnixKey> = unix_rules.keys().flatten().collect();
+            for k in keys.into_iter().filter(|k| k.table_id != 0) {
+                match owner.get(&k.table_id) {
+                    Some(s) => installed.entry(*s).or_default().unix.push(k),
+                    None => orphans += usize::from(unix_rules.remove(&k).is_ok()),
+                }
+            }
             if orphans > 0 {
                 tracing::info!(
                     entries = orphans,
@@ -362,9 +409,52 @@ impl Kernel {
             lsm_links: Vec::new(),
             lsm_pinned: Vec::new(),
             installed,
+            unix_rules,
+            unix,
             dns_ports,
             next_table_id,
         })
+    }
+
+    /// Whether the unix socket hooks loaded (they are attached with the
+    /// other cgroup programs).
+    pub fn unix_support(&self) -> UnixSupport {
+        self.unix.clone()
+    }
+
+    /// Replace the resolver IPC sockets (`UNIX_RULES` table id 0): refused
+    /// for every identity with rule `UNIX_RESOLVER`.
+    pub fn set_resolver_sockets(&mut self, sockets: &[PathBuf]) -> Result<()> {
+        let keys = crate::policy::local::resolver_keys(sockets);
+        let stale: Vec<UnixKey> = self
+            .unix_rules
+            .keys()
+            .flatten()
+            .filter(|k| k.table_id == 0 && !keys.contains(k))
+            .collect();
+        let value = UnixRule {
+            rule_id: enforcer_common::rule::UNIX_RESOLVER,
+            _pad: 0,
+        };
+        for k in &keys {
+            self.unix_rules
+                .insert(k, value, 0)
+                .context("inserting a resolver socket into UNIX_RULES")?;
+        }
+        for k in stale {
+            let _ = self.unix_rules.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The cgroup programs this kernel attaches: every one of
+    /// `prog_names::ALL`, and the unix socket hooks where they loaded.
+    fn cgroup_programs(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = prog_names::ALL.to_vec();
+        if self.unix.available {
+            names.extend(prog_names::UNIX);
+        }
+        names
     }
 
     /// The ring buffer of decisions (taken once by the event reader).
@@ -576,7 +666,8 @@ impl Kernel {
         let file = fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut links = Vec::new();
-        for name in prog_names::ALL {
+        let names = self.cgroup_programs();
+        for name in names.iter().copied() {
             let prog = self
                 .ebpf
                 .program_mut(name)
@@ -619,10 +710,7 @@ impl Kernel {
         if let Some(dir) = pin_dir {
             private_dir(dir)
                 .with_context(|| format!("creating link pin directory {}", dir.display()))?;
-            for (link, name) in std::mem::take(&mut att.links)
-                .into_iter()
-                .zip(prog_names::ALL)
-            {
+            for (link, name) in std::mem::take(&mut att.links).into_iter().zip(names) {
                 let path = dir.join(name);
                 let _ = fs::remove_file(&path);
                 let pinned = link
@@ -646,7 +734,7 @@ impl Kernel {
         let cgroup_id = cgroup::cgroup_id(cgroup)?;
         let mut pinned = Vec::new();
         let mut complete = true;
-        for name in prog_names::ALL {
+        for name in self.cgroup_programs() {
             let path = dir.join(name);
             match PinnedLink::from_pin(&path) {
                 Ok(l) => pinned.push(l),
@@ -708,6 +796,17 @@ impl Kernel {
                     break;
                 }
                 new.files.push(key);
+            }
+        }
+        if result.is_ok() {
+            let value_of = |rule_id| UnixRule { rule_id, _pad: 0 };
+            for l in &compiled.local {
+                let key = l.key(table_id);
+                if let Err(e) = self.unix_rules.insert(key, value_of(l.rule_id), 0) {
+                    result = Err(anyhow!("inserting {} into UNIX_RULES: {e}", l.description));
+                    break;
+                }
+                new.unix.push(key);
             }
         }
         if result.is_ok() {
@@ -905,6 +1004,9 @@ impl Kernel {
         for k in &g.names {
             let _ = self.names.remove(k);
         }
+        for k in &g.unix {
+            let _ = self.unix_rules.remove(k);
+        }
     }
 
     /// After a restart with pinned maps we do not know the keys of a slot's
@@ -952,6 +1054,15 @@ impl Kernel {
             .collect();
         for k in stale_names {
             let _ = self.names.remove(&k);
+        }
+        let stale_unix: Vec<UnixKey> = self
+            .unix_rules
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.table_id != 0 && !live.contains(&k.table_id))
+            .collect();
+        for k in stale_unix {
+            let _ = self.unix_rules.remove(&k);
         }
     }
 
@@ -1038,6 +1149,66 @@ impl Kernel {
             .get(&index, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
+    }
+}
+
+/// Load `cgroup/connect_unix` and `cgroup/sendmsg_unix` (Linux >= 6.7; an
+/// older kernel refuses the attach type). Either both load or neither stays.
+fn load_unix_programs(ebpf: &mut Ebpf) -> UnixSupport {
+    let mut loaded = Vec::new();
+    for name in prog_names::UNIX {
+        let res = match ebpf.program_mut(name) {
+            Some(Program::CgroupSockAddr(p)) => p
+                .load()
+                .map_err(|e| anyhow!("{}", short_load_error(&format!("{e:#}")))),
+            _ => Err(anyhow!(
+                "the eBPF object has no cgroup sock_addr program {name}"
+            )),
+        };
+        if let Err(e) = res {
+            for done in loaded {
+                if let Some(Program::CgroupSockAddr(p)) = ebpf.program_mut(done) {
+                    let _ = p.unload();
+                }
+            }
+            return UnixSupport {
+                available: false,
+                detail: format!(
+                    "loading {name} failed (cgroup unix socket hooks need Linux >= 6.7): {e}"
+                ),
+            };
+        }
+        loaded.push(name);
+    }
+    UnixSupport {
+        available: true,
+        detail: "cgroup/connect_unix and cgroup/sendmsg_unix loaded".into(),
+    }
+}
+
+/// A program load error without the verifier's log, but with its last
+/// line (the reason), for logs and status.
+fn short_load_error(e: &str) -> String {
+    match e.split_once(" Verifier output:") {
+        Some((head, log)) => {
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| {
+                    !l.trim().is_empty()
+                        && !l.starts_with("processed")
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                })
+                .unwrap_or("")
+                .trim();
+            if last.is_empty() {
+                head.to_string()
+            } else {
+                format!("{head} (verifier: {last})")
+            }
+        }
+        None => e.to_string(),
     }
 }
 
