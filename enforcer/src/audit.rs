@@ -956,6 +956,7 @@ mod tests {
             policy_hash: "ab".repeat(32),
             detail: (i == 3).then(|| "family=inet".to_string()),
             first_bytes: None,
+            unix: None,
         }
     }
 

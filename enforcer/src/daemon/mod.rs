@@ -241,6 +241,10 @@ pub struct State {
     net_raw: BTreeMap<u32, String>,
     dns: Arc<DnsService>,
     lsm: crate::kernel::LsmSupport,
+    /// Whether the cgroup unix socket hooks loaded (`spec.local`).
+    unix: crate::kernel::UnixSupport,
+    /// The resolver IPC sockets in force (config, else the default list).
+    resolvers: Vec<PathBuf>,
     /// Per policy: what is not enforced because the kernel lacks BPF LSM.
     degraded: BTreeMap<String, String>,
     /// Kubernetes mode: the node's pods (filled by the watcher task).
@@ -348,6 +352,10 @@ impl State {
         for mut p in list {
             if let Err(e) = policy::check_supported(&p) {
                 out.spec_errors.extend(e.0.iter().map(|x| x.to_string()));
+                continue;
+            }
+            if let Err(e) = crate::run::check_local_resolvers(&p, &self.resolvers) {
+                out.node_errors.push(format!("{e:#}"));
                 continue;
             }
             let full = match policy::compile::compile(&p) {
@@ -1420,13 +1428,34 @@ impl State {
             reloads_rejected: self.reloads_rejected,
             events_lost: self.kernel.stat(enforcer_common::stat::EVENTS_LOST),
             net_raw_processes: self.net_raw.values().cloned().collect(),
-            capabilities: BTreeMap::from([(
-                "bpf_lsm".to_string(),
-                control::Capability {
-                    available: self.lsm.available,
-                    detail: self.lsm.detail.clone(),
-                },
-            )]),
+            capabilities: BTreeMap::from([
+                (
+                    "bpf_lsm".to_string(),
+                    control::Capability {
+                        available: self.lsm.available,
+                        detail: self.lsm.detail.clone(),
+                    },
+                ),
+                (
+                    "cgroup_unix".to_string(),
+                    control::Capability {
+                        available: self.unix.available,
+                        detail: if self.unix.available {
+                            format!(
+                                "{}; spec.local enforced; resolver sockets refused: {}",
+                                self.unix.detail,
+                                self.resolvers
+                                    .iter()
+                                    .map(|p| p.display().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        } else {
+                            format!("{}; {}", self.unix.detail, crate::kernel::UNIX_REQUIREMENT)
+                        },
+                    },
+                ),
+            ]),
             degraded: self.degraded.values().cloned().collect(),
         }
     }
@@ -1469,10 +1498,29 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             }
         );
     }
+    let unix = kernel.unix_support();
+    let resolvers = if cfg.resolver_sockets.is_empty() {
+        policy::local::default_resolver_sockets()
+    } else {
+        cfg.resolver_sockets.clone()
+    };
+    if unix.available {
+        tracing::info!("unix socket hooks available: {}", unix.detail);
+    } else {
+        tracing::warn!(
+            "unix socket hooks unavailable: {}; {}: spec.local is NOT enforced",
+            unix.detail,
+            crate::kernel::UNIX_REQUIREMENT
+        );
+    }
+    kernel
+        .set_resolver_sockets(&resolvers)
+        .context("installing the resolver socket list")?;
     kernel.set_allow_sample(cfg.allow_events)?;
     let ring = kernel.take_events().context("event ring buffer")?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
+    metrics.set_capability("cgroup_unix", unix.available);
     let audit = match &cfg.audit_log {
         Some(p) => {
             if let Some(d) = p.parent() {
@@ -1512,6 +1560,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         net_raw: BTreeMap::new(),
         dns: dns.clone(),
         lsm: lsm.clone(),
+        unix,
+        resolvers,
         degraded: BTreeMap::new(),
         pending_dns: Vec::new(),
         own_netns: crate::netns::NetnsId::own()

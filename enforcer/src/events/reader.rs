@@ -650,6 +650,7 @@ mod tests {
                 rules: vec!["egress[0] cidr 127.0.0.1/32".into()],
                 taint_rules: vec!["onTaint.egress[0] cidr 127.0.0.2/32".into()],
                 files: vec!["/home/agent/.ssh".into()],
+                local: vec![],
             },
         );
         let mut addr = [0u8; 16];
@@ -701,6 +702,7 @@ mod tests {
                 rules: vec![],
                 taint_rules: vec!["onTaint.egress[0] host api.example".into()],
                 files: vec!["/home/agent/.ssh".into(), "/run/token".into()],
+                local: vec![],
             },
         );
         let mut addr = [0u8; 16];
@@ -734,5 +736,65 @@ mod tests {
             a.decision(&ev, &Clock::new()).rule,
             "onTaint.egress[0] host api.example"
         );
+    }
+
+    #[test]
+    fn unix_events_carry_the_address_and_name_the_rule() {
+        use enforcer_common::{unix_kind, UnixEvent};
+        let a = Attribution::default();
+        a.set(
+            1,
+            SlotInfo {
+                identity: IdentityRef {
+                    name: "demo".into(),
+                    spiffe_id: None,
+                },
+                policy_hash: "abc".into(),
+                rules: vec![],
+                taint_rules: vec![],
+                files: vec![],
+                local: vec!["local[0] abstract bus".into()],
+            },
+        );
+        let mut ue = UnixEvent::default();
+        ue.event.slot = 1;
+        ue.event.action = action::UNIX_CONNECT;
+        ue.event.verdict = verdict::ALLOW;
+        ue.event.rule_id = rule::LOCAL_BASE + 1;
+        ue.kind = unix_kind::ABSTRACT;
+        ue.len = 4;
+        ue.name[..4].copy_from_slice(b"\0bus");
+        // SAFETY: plain old data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ue as *const UnixEvent).cast::<u8>(),
+                size_of::<UnixEvent>(),
+            )
+        };
+        let r = decode_record(bytes).unwrap();
+        let u = r.unix.clone().unwrap();
+        assert_eq!((u.kind, u.name.as_str()), ("abstract", "bus"));
+        let d = a.decision(&r.ev, &Clock::new());
+        assert_eq!(d.action, super::super::Action::UnixConnect);
+        assert_eq!(d.rule, "local[0] abstract bus");
+        assert_eq!(d.protocol, None);
+
+        ue.kind = unix_kind::PATH;
+        ue.name = [0; enforcer_common::UNIX_NAME_MAX];
+        ue.name[..12].copy_from_slice(b"/run/x\x01.sock");
+        ue.len = 11;
+        ue.event.rule_id = rule::UNIX_RESOLVER;
+        ue.event.verdict = verdict::DENY;
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ue as *const UnixEvent).cast::<u8>(),
+                size_of::<UnixEvent>(),
+            )
+        };
+        let r = decode_record(bytes).unwrap();
+        assert_eq!(r.unix.as_ref().unwrap().name, "/run/x\\x01.soc");
+        let d = a.decision(&r.ev, &Clock::new());
+        assert_eq!(d.rule, "resolver-ipc");
+        assert!(d.detail.unwrap().contains("bypass the DNS proxy"));
     }
 }
