@@ -289,6 +289,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 .into_iter()
                 .flatten()
                 .collect::<Vec<_>>(),
+            abstract_by_policy: unix.available
+                && loaded
+                    .policy
+                    .spec
+                    .local
+                    .iter()
+                    .any(|l| l.abstract_name.is_some()),
         },
         &filter,
     )?;

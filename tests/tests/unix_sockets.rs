@@ -1,0 +1,498 @@
+//! Unix sockets by policy (`spec.local`) through `enforcer run`, on the
+//! host kernel's cgroup unix hooks (`cgroup/connect_unix`,
+//! `cgroup/sendmsg_unix`, Linux >= 6.7).
+//!
+//! A hostile agent (agents/unix_agent.py) tries to have local services talk
+//! to the network for it: a fake systemd-resolved (a varlink server that
+//! records every name asked of `io.systemd.Resolve.ResolveHostname`),
+//! passed as the resolver socket; a unix-socket "proxy" outside the
+//! identity; a host daemon's abstract socket; a datagram server. None of
+//! them may receive a byte, and the audit log must hold each denial with
+//! its reason. What `spec.local` lists works.
+use std::{
+    io::{Read, Write},
+    os::linux::net::SocketAddrExt,
+    os::unix::{
+        fs::PermissionsExt,
+        net::{SocketAddr as UnixAddr, UnixDatagram, UnixListener},
+    },
+    path::Path,
+    process::Command,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use enforcer_tests::*;
+
+/// The cgroup unix hooks exist (Linux >= 6.7).
+fn kernel_has_unix_hooks() -> bool {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = r.trim().split(['.', '-']);
+    let major: u32 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let minor: u32 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 7)
+}
+
+fn skip(test: &str) -> bool {
+    if !require_root(test) {
+        return true;
+    }
+    if !kernel_has_unix_hooks() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: needs Linux >= 6.7 (CI is set, so not skipping)"
+        );
+        eprintln!("SKIP: needs Linux >= 6.7 ({test})");
+        return true;
+    }
+    false
+}
+
+/// What one listener received.
+#[derive(Default)]
+struct Seen {
+    conns: AtomicU64,
+    bytes: AtomicU64,
+    text: Mutex<String>,
+}
+
+impl Seen {
+    fn conns(&self) -> u64 {
+        self.conns.load(Ordering::SeqCst)
+    }
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+    fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+}
+
+fn open_to_all(path: &Path) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
+/// A stream listener that counts connections and bytes and answers `reply`.
+fn stream_sink(l: UnixListener, reply: &'static [u8]) -> Arc<Seen> {
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            s.conns.fetch_add(1, Ordering::SeqCst);
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = c.read(&mut buf) {
+                s.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                s.text
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                let _ = c.write_all(reply);
+            }
+        }
+    });
+    seen
+}
+
+fn path_sink(path: &Path, reply: &'static [u8]) -> Arc<Seen> {
+    let l = UnixListener::bind(path).unwrap();
+    open_to_all(path);
+    stream_sink(l, reply)
+}
+
+fn abstract_sink(name: &str) -> Arc<Seen> {
+    let addr = UnixAddr::from_abstract_name(name.as_bytes()).unwrap();
+    stream_sink(UnixListener::bind_addr(&addr).unwrap(), b"ok")
+}
+
+fn dgram_sink(path: &Path) -> Arc<Seen> {
+    let d = UnixDatagram::bind(path).unwrap();
+    open_to_all(path);
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = d.recv(&mut buf) {
+            s.conns.fetch_add(1, Ordering::SeqCst);
+            s.bytes.fetch_add(n as u64, Ordering::SeqCst);
+            s.text
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    seen
+}
+
+/// A fake systemd-resolved varlink server: records the name of every
+/// `io.systemd.Resolve.ResolveHostname` call and answers 127.0.0.9.
+fn fake_resolved(path: &Path) -> Arc<Mutex<Vec<String>>> {
+    let names = Arc::new(Mutex::new(Vec::new()));
+    let l = UnixListener::bind(path).unwrap();
+    open_to_all(path);
+    let n = names.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut msg = Vec::new();
+            let mut b = [0u8; 1];
+            while let Ok(1) = c.read(&mut b) {
+                if b[0] == 0 {
+                    break;
+                }
+                msg.push(b[0]);
+            }
+            let Ok(v) = serde_json::from_slice::<Value>(&msg) else {
+                continue;
+            };
+            if v["method"] == "io.systemd.Resolve.ResolveHostname" {
+                let name = v["parameters"]["name"].as_str().unwrap_or("").to_string();
+                n.lock().unwrap().push(name.clone());
+                let reply = json!({"parameters": {"name": name, "flags": 0, "addresses": [
+                    {"ifindex": 1, "family": 2, "address": [127, 0, 0, 9]}]}});
+                let mut out = serde_json::to_vec(&reply).unwrap();
+                out.push(0);
+                let _ = c.write_all(&out);
+            }
+        }
+    });
+    names
+}
+
+struct World {
+    dir: TestDir,
+    names: Arc<Mutex<Vec<String>>>,
+    proxy: Arc<Seen>,
+    allowed: Arc<Seen>,
+    abstract_bad: Arc<Seen>,
+    abstract_ok: Arc<Seen>,
+    dgram_bad: Arc<Seen>,
+    dgram_ok: Arc<Seen>,
+    abstract_bad_name: String,
+    abstract_ok_name: String,
+}
+
+impl World {
+    fn new(test: &str) -> Self {
+        let dir = TestDir::new(test);
+        std::fs::copy(
+            agents_dir().join("unix_agent.py"),
+            dir.join("unix_agent.py"),
+        )
+        .unwrap();
+        open_to_all(&dir.join("unix_agent.py"));
+        let abstract_bad_name = format!("enforcer-test-{}-daemon", unique(test));
+        let abstract_ok_name = format!("enforcer-test-{}-helper", unique(test));
+        let w = Self {
+            names: fake_resolved(&dir.join("resolve.varlink")),
+            proxy: path_sink(
+                &dir.join("proxy.sock"),
+                b"HTTP/1.1 200 Connection established\r\n\r\n",
+            ),
+            allowed: path_sink(&dir.join("allowed.sock"), b"welcome"),
+            abstract_bad: abstract_sink(&abstract_bad_name),
+            abstract_ok: abstract_sink(&abstract_ok_name),
+            dgram_bad: dgram_sink(&dir.join("dgram-bad.sock")),
+            dgram_ok: dgram_sink(&dir.join("dgram-ok.sock")),
+            abstract_bad_name,
+            abstract_ok_name,
+            dir,
+        };
+        std::os::unix::fs::symlink(w.dir.join("allowed.sock"), w.dir.join("alias.sock")).unwrap();
+        w
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn policy(&self, name: &str, mode: &str) -> std::path::PathBuf {
+        let p = self.dir.join(&format!("{name}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\n\
+                 spec:\n  mode: {mode}\n  egress: []\n  local:\n    - path: {}\n    - abstract: {}\n\
+                 \x20   - path: {}\n",
+                self.path("allowed.sock"),
+                self.abstract_ok_name,
+                self.path("dgram-ok.sock"),
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    fn agent_config(&self, secret: &str) -> Value {
+        json!({
+            "resolver": self.path("resolve.varlink"),
+            "proxy": self.path("proxy.sock"),
+            "allowed": self.path("allowed.sock"),
+            "alias": self.path("alias.sock"),
+            "abstract_bad": self.abstract_bad_name,
+            "abstract_ok": self.abstract_ok_name,
+            "dgram_bad": self.path("dgram-bad.sock"),
+            "dgram_ok": self.path("dgram-ok.sock"),
+            "secret": secret,
+        })
+    }
+
+    /// `enforcer run` of the agent: (exit ok, records by name, stderr, audit log).
+    fn run(&self, policy: &Path, secret: &str) -> (bool, Vec<Value>, String, Vec<Value>) {
+        let audit = self.dir.join(&format!("audit-{secret}.jsonl"));
+        let mut c = Command::new(enforcer_bin());
+        c.arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .arg("--audit-log")
+            .arg(&audit)
+            .args(["--user", "65534:65534"])
+            .arg("--resolver-socket")
+            .arg(self.dir.join("resolve.varlink"))
+            .arg("--")
+            .arg(python())
+            .arg(self.dir.join("unix_agent.py"))
+            .arg(self.agent_config(secret).to_string())
+            .current_dir(self.dir.path());
+        let out = output_with_timeout(c, Duration::from_secs(60));
+        let records = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+            .collect();
+        // Give the event reader a moment: the audit log is flushed on exit.
+        (
+            out.status.success(),
+            records,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            read_jsonl(&audit),
+        )
+    }
+}
+
+fn by_name<'a>(records: &'a [Value], name: &str, stderr: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("agent did not report {name}: {records:#?}\nstderr:\n{stderr}"))
+}
+
+/// The decision records of `action` on `socket`.
+fn decisions<'a>(audit: &'a [Value], action: &str, socket: &str) -> Vec<&'a Value> {
+    audit
+        .iter()
+        .filter(|r| r["action"] == action && r["socket"] == socket)
+        .collect()
+}
+
+#[test]
+fn hostile_agent_reaches_no_local_service_outside_spec_local() {
+    if skip("hostile_agent_reaches_no_local_service_outside_spec_local") {
+        return;
+    }
+    let w = World::new("unix-enforce");
+    let policy = w.policy("unix-agent", "enforce");
+    let secret = "s3cr3t-enforce";
+    let (ok, recs, stderr, audit) = w.run(&policy, secret);
+    assert!(ok, "enforcer run failed:\n{stderr}");
+
+    // The agent's own view: refused with EPERM, allowed ones worked.
+    let mut problems = Vec::new();
+    for n in [
+        "resolver_varlink",
+        "proxy",
+        "proxy_relative",
+        "allowed_via_symlink",
+        "abstract_bad",
+        "abstract_ok_extended",
+        "dgram_sendto_bad",
+        "dgram_connect_bad",
+    ] {
+        let r = by_name(&recs, n, &stderr);
+        if r["ok"] != json!(false) || r["errno"] != "EPERM" {
+            problems.push(format!("{n}: expected EPERM: {r}"));
+        }
+    }
+    for n in [
+        "allowed_path",
+        "allowed_path_nul_garbage",
+        "abstract_ok",
+        "dgram_sendto_ok",
+        "socketpair",
+    ] {
+        let r = by_name(&recs, n, &stderr);
+        if r["ok"] != json!(true) {
+            problems.push(format!("{n}: expected to work: {r}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nstderr:\n{stderr}",
+        problems.join("\n")
+    );
+    assert_eq!(by_name(&recs, "allowed_path", &stderr)["reply"], "welcome");
+
+    // Nothing arrived anywhere it must not.
+    poll_until(Duration::from_secs(2), Duration::from_millis(50), || {
+        w.allowed.conns() >= 2 && w.dgram_ok.conns() >= 1
+    });
+    assert!(
+        w.names.lock().unwrap().is_empty(),
+        "the fake resolver was asked {:?}",
+        w.names.lock().unwrap()
+    );
+    for (what, s) in [
+        ("proxy", &w.proxy),
+        ("abstract daemon", &w.abstract_bad),
+        ("datagram server", &w.dgram_bad),
+    ] {
+        assert_eq!(
+            (s.conns(), s.bytes()),
+            (0, 0),
+            "{what} received {:?}",
+            s.text()
+        );
+    }
+    assert!(!w.abstract_ok.text().contains(secret));
+    assert_eq!(w.allowed.conns(), 2, "{}", w.allowed.text());
+    assert!(w.allowed.text().contains("hello-allowed"));
+    assert!(w.allowed.text().contains("hello-nul"));
+    assert_eq!(w.abstract_ok.text(), "hello-abstract");
+    assert_eq!(w.dgram_ok.text(), "hello-dgram");
+
+    // The audit log says what was refused, where, and why.
+    let resolver = decisions(&audit, "unix_connect", &w.path("resolve.varlink"));
+    assert_eq!(resolver.len(), 1, "{audit:#?}");
+    assert_eq!(resolver[0]["verdict"], "deny");
+    assert_eq!(resolver[0]["rule"], "resolver-ipc");
+    assert_eq!(resolver[0]["socket_kind"], "path");
+    assert!(
+        resolver[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("resolver IPC would bypass the DNS proxy"),
+        "{}",
+        resolver[0]
+    );
+    for (action, socket, kind) in [
+        ("unix_connect", w.path("proxy.sock"), "path"),
+        ("unix_connect", "proxy.sock".to_string(), "path"),
+        ("unix_connect", w.path("alias.sock"), "path"),
+        ("unix_connect", w.abstract_bad_name.clone(), "abstract"),
+        (
+            "unix_connect",
+            format!("{}\\x00x", w.abstract_ok_name),
+            "abstract",
+        ),
+        ("unix_send", w.path("dgram-bad.sock"), "path"),
+        ("unix_connect", w.path("dgram-bad.sock"), "path"),
+    ] {
+        let d = decisions(&audit, action, &socket);
+        assert_eq!(d.len(), 1, "{action} {socket}: {audit:#?}");
+        assert_eq!(d[0]["verdict"], "deny", "{}", d[0]);
+        assert_eq!(d[0]["rule"], "default-deny", "{}", d[0]);
+        assert_eq!(d[0]["socket_kind"], kind, "{}", d[0]);
+        assert_eq!(d[0]["identity"]["name"], "unix-agent");
+    }
+    for (action, socket, rule) in [
+        ("unix_connect", w.path("allowed.sock"), "local[0]"),
+        ("unix_connect", w.abstract_ok_name.clone(), "local[1]"),
+        ("unix_send", w.path("dgram-ok.sock"), "local[2]"),
+    ] {
+        let d = decisions(&audit, action, &socket);
+        assert!(!d.is_empty(), "{action} {socket}: {audit:#?}");
+        assert!(d
+            .iter()
+            .all(|r| r["verdict"] == "allow" && r["rule"].as_str().unwrap().starts_with(rule)));
+    }
+    // The summary names the refusals.
+    assert!(stderr.contains("resolver-ipc"), "{stderr}");
+}
+
+#[test]
+fn audit_mode_records_and_allows() {
+    if skip("audit_mode_records_and_allows") {
+        return;
+    }
+    let w = World::new("unix-audit");
+    let policy = w.policy("unix-audit", "audit");
+    let (ok, recs, stderr, audit) = w.run(&policy, "audit-secret");
+    assert!(ok, "enforcer run failed:\n{stderr}");
+    // Audit mode: the would-be denials happen and are recorded.
+    assert_eq!(by_name(&recs, "proxy", &stderr)["ok"], true, "{stderr}");
+    poll_until(Duration::from_secs(2), Duration::from_millis(50), || {
+        w.proxy.conns() >= 1
+    });
+    assert!(w.proxy.conns() >= 1);
+    let d = decisions(&audit, "unix_connect", &w.path("proxy.sock"));
+    assert_eq!(d.len(), 1, "{audit:#?}");
+    assert_eq!(d[0]["verdict"], "audit");
+    let r = decisions(&audit, "unix_connect", &w.path("resolve.varlink"));
+    assert_eq!(r.len(), 1, "{audit:#?}");
+    assert_eq!(
+        (&r[0]["verdict"], &r[0]["rule"]),
+        (&json!("audit"), &json!("resolver-ipc"))
+    );
+}
+
+#[test]
+fn spec_local_cannot_list_a_resolver_socket() {
+    if !require_root("spec_local_cannot_list_a_resolver_socket") {
+        return;
+    }
+    let dir = TestDir::new("unix-resolver-listed");
+    // The default list: refused by the validator (`policy check` too).
+    let p = dir.join("p.yaml");
+    std::fs::write(
+        &p,
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: r\nspec:\n  \
+         local:\n    - path: /run/systemd/resolve/io.systemd.Resolve\n",
+    )
+    .unwrap();
+    let out = output_with_timeout(
+        {
+            let mut c = enforcer();
+            c.args(["policy", "check"]).arg(&p);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("p.yaml:7:13"), "{text}");
+    assert!(
+        text.contains("resolver IPC would bypass the DNS proxy"),
+        "{text}"
+    );
+    // A configured resolver socket: refused by `enforcer run`.
+    let sock = dir.join("resolve.varlink");
+    let q = dir.join("q.yaml");
+    std::fs::write(
+        &q,
+        format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: r\nspec:\n  \
+             local:\n    - path: {}\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut c = enforcer();
+    c.args(["run", "--user", "65534:65534", "--policy"])
+        .arg(&q)
+        .arg("--resolver-socket")
+        .arg(&sock)
+        .args(["--", "/bin/true"])
+        .current_dir(dir.path());
+    let out = output_with_timeout(c, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("resolver IPC would bypass the DNS proxy"),
+        "{err}"
+    );
+}
