@@ -97,12 +97,30 @@ pub mod map_names {
     pub const OPAQUE: &str = "OPAQUE";
     pub const REASONS: &str = "REASONS";
     pub const UNIX_RULES: &str = "UNIX_RULES";
+    pub const UNIX_INODES: &str = "UNIX_INODES";
     /// Pinned by the daemon (SCRATCH, GENERATION and OPAQUE are the egress
     /// program's scratch, not pinned).
-    pub const ALL: [&str; 19] = [
-        IDENTITIES, POLICIES, EGRESS_V4, EGRESS_V6, COUNTERS, STATS, CONFIG, EVENTS, DNS_ORIG,
-        LEARNED_V4, LEARNED_V6, FILE_RULES, FILE_BLOOM, TAINTED, RESOLVED, NAMES, INSPECT, REASONS,
+    pub const ALL: [&str; 20] = [
+        IDENTITIES,
+        POLICIES,
+        EGRESS_V4,
+        EGRESS_V6,
+        COUNTERS,
+        STATS,
+        CONFIG,
+        EVENTS,
+        DNS_ORIG,
+        LEARNED_V4,
+        LEARNED_V6,
+        FILE_RULES,
+        FILE_BLOOM,
+        TAINTED,
+        RESOLVED,
+        NAMES,
+        INSPECT,
+        REASONS,
         UNIX_RULES,
+        UNIX_INODES,
     ];
 }
 
@@ -140,6 +158,14 @@ pub mod prog_names {
     pub const CONNECT_UNIX: &str = "enforcer_connect_unix";
     pub const SENDMSG_UNIX: &str = "enforcer_sendmsg_unix";
     pub const UNIX: [&str; 2] = [CONNECT_UNIX, SENDMSG_UNIX];
+    /// BPF LSM unix hooks (they see the peer socket): preferred over the
+    /// cgroup unix hooks where BPF LSM works. (program, LSM hook)
+    pub const UNIX_STREAM_CONNECT: &str = "enforcer_unix_stream_connect";
+    pub const UNIX_MAY_SEND: &str = "enforcer_unix_may_send";
+    pub const UNIX_LSM: [(&str, &str); 2] = [
+        (UNIX_STREAM_CONNECT, "unix_stream_connect"),
+        (UNIX_MAY_SEND, "unix_may_send"),
+    ];
     pub const ALL: [&str; 10] = [
         CONNECT4,
         CONNECT6,
@@ -199,6 +225,16 @@ pub mod globals {
     /// `struct bpf_sock_addr_kern.uaddr` and `.uaddrlen` (the unix hooks).
     pub const SOCK_ADDR_UADDR: &str = "ENFORCER_OFF_SOCK_ADDR_UADDR";
     pub const SOCK_ADDR_UADDRLEN: &str = "ENFORCER_OFF_SOCK_ADDR_UADDRLEN";
+    /// The BPF LSM unix hooks (`UnixLsmOffsets`).
+    pub const SOCKET_SK: &str = "ENFORCER_OFF_SOCKET_SK";
+    pub const SOCK_CGROUP: &str = "ENFORCER_OFF_SOCK_CGROUP";
+    pub const CGROUP_KN: &str = "ENFORCER_OFF_CGROUP_KN";
+    pub const KN_ID: &str = "ENFORCER_OFF_KN_ID";
+    pub const KN_PARENT: &str = "ENFORCER_OFF_KN_PARENT";
+    pub const UNIX_SOCK_ADDR: &str = "ENFORCER_OFF_UNIX_SOCK_ADDR";
+    pub const UNIX_SOCK_DENTRY: &str = "ENFORCER_OFF_UNIX_SOCK_DENTRY";
+    pub const UNIX_ADDRESS_LEN: &str = "ENFORCER_OFF_UNIX_ADDRESS_LEN";
+    pub const UNIX_ADDRESS_NAME: &str = "ENFORCER_OFF_UNIX_ADDRESS_NAME";
 }
 /// Parent dentries walked from an opened file to find a directory rule.
 pub const MAX_FILE_DEPTH: u32 = 48;
@@ -266,6 +302,9 @@ pub mod rule {
     pub const UNIX_RESOLVER: u32 = 0xffff_fff8;
     /// A unix socket address the hook could not read (fail closed).
     pub const UNIX_UNREADABLE: u32 = 0xffff_fff7;
+    /// BPF LSM unix hooks: the peer socket belongs to the same identity
+    /// (its cgroup is bound to the caller's slot): the agent's own helpers.
+    pub const UNIX_SAME_IDENTITY: u32 = 0xffff_fff6;
     /// `spec.local[i]` has id `LOCAL_BASE + i + 1`.
     pub const LOCAL_BASE: u32 = 0x1000_0000;
     /// `spec.onTaint.egress[i]` has id `TAINT_BASE + i + 1`.
@@ -479,6 +518,32 @@ impl Default for UnixEvent {
             _pad2: [0; 4],
         }
     }
+}
+
+/// Struct member offsets the BPF LSM unix hooks read (from the kernel's BTF).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixLsmOffsets {
+    /// `struct socket.sk`
+    pub socket_sk: u32,
+    /// `struct sock.sk_cgrp_data.cgroup`
+    pub sock_cgroup: u32,
+    /// `struct cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node.id`
+    pub kn_id: u32,
+    /// `struct kernfs_node.parent`
+    pub kn_parent: u32,
+    /// `struct unix_sock.addr`
+    pub unix_sock_addr: u32,
+    /// `struct unix_sock.path.dentry`
+    pub unix_sock_dentry: u32,
+    /// `struct unix_address.len`
+    pub unix_address_len: u32,
+    /// `struct unix_address.name`
+    pub unix_address_name: u32,
+    /// 1 when the offsets above are filled in.
+    pub valid: u32,
 }
 
 /// Where a steered DNS socket really sent to (restored on recvmsg/getpeername).
@@ -733,6 +798,7 @@ mod user {
     unsafe impl aya::Pod for UnixKey {}
     unsafe impl aya::Pod for UnixRule {}
     unsafe impl aya::Pod for UnixEvent {}
+    unsafe impl aya::Pod for UnixLsmOffsets {}
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! - `lsm_socket`: lsm/socket_create (packet sockets of agents)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
 //! - `unix`: cgroup/connect_unix, cgroup/sendmsg_unix (unix sockets by `spec.local`)
+//! - `unix_lsm`: lsm/unix_stream_connect, lsm/unix_may_send (the same, seeing the peer)
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
 //! policy generation, fail closed), `report` (counters and ring-buffer events).
@@ -32,6 +33,8 @@ mod sock;
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod unix;
+#[cfg(target_arch = "bpf")]
+mod unix_lsm;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -93,3 +93,8 @@ pub static OPAQUE: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "UNIX_RULES")]
 pub static UNIX_RULES: HashMap<UnixKey, UnixRule> = HashMap::with_max_entries(MAX_UNIX_RULES, 0);
+
+/// BPF LSM unix hooks: socket inodes of `spec.local` paths (per generation)
+/// and of the resolver sockets (table id 0).
+#[map(name = "UNIX_INODES")]
+pub static UNIX_INODES: HashMap<FileKey, UnixRule> = HashMap::with_max_entries(MAX_UNIX_RULES, 0);

@@ -202,22 +202,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         args.resolver_sockets.clone()
     };
     check_local_resolvers(&loaded, &resolvers)?;
-    let unix = kernel.unix_support();
-    if !unix.available {
-        tracing::warn!(
-            "unix socket hooks unavailable: {}; {}",
-            unix.detail,
-            crate::kernel::UNIX_REQUIREMENT
-        );
-        eprintln!(
-            "enforcer: WARNING: unix sockets are NOT enforced on this kernel ({}): the agent can \
-             reach every unix socket, including resolver IPC",
-            unix.detail
-        );
-    }
-    kernel
-        .set_resolver_sockets(&resolvers)
-        .context("installing the resolver socket list")?;
+
     let identity = IdentityRef {
         name: compiled.name.clone(),
         spiffe_id: compiled.spiffe_id.clone(),
@@ -237,6 +222,31 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
         None
     };
+    if lsm.available {
+        // The BPF LSM unix hooks see the peer socket: preferred over the
+        // cgroup unix hooks (which are then not attached).
+        if let Err(e) =
+            kernel.attach_unix_lsm_hooks(pin_dir.as_ref().map(|d| d.join("unix-lsm")).as_deref())
+        {
+            tracing::warn!("BPF LSM unix hooks: {e:#}");
+        }
+    }
+    let unix = kernel.unix_support();
+    if !unix.available {
+        tracing::warn!(
+            "unix socket hooks unavailable: {}; {}",
+            unix.detail,
+            crate::kernel::UNIX_REQUIREMENT
+        );
+        eprintln!(
+            "enforcer: WARNING: unix sockets are NOT enforced on this kernel ({}): the agent can \
+             reach every unix socket, including resolver IPC",
+            unix.detail
+        );
+    }
+    kernel
+        .set_resolver_sockets(&resolvers)
+        .context("installing the resolver socket list")?;
     if !compiled.files.is_empty() {
         // Only reached with BPF LSM available (gate_file_policy). Attached
         // before the paths are resolved: the resolver needs the hooks.

@@ -1498,6 +1498,13 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             }
         );
     }
+    if lsm.available {
+        // The BPF LSM unix hooks see the peer socket: preferred over the
+        // cgroup unix hooks (which are then not attached to cgroups).
+        if let Err(e) = kernel.attach_unix_lsm_hooks(Some(&cfg.pin_dir.join("unix-lsm"))) {
+            tracing::warn!("BPF LSM unix hooks: {e:#}");
+        }
+    }
     let unix = kernel.unix_support();
     let resolvers = if cfg.resolver_sockets.is_empty() {
         policy::local::default_resolver_sockets()

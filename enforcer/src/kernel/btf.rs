@@ -287,6 +287,22 @@ pub fn sock_addr_offsets(btf: &Btf) -> Result<(u32, u32), BtfError> {
     ))
 }
 
+/// The offsets the BPF LSM unix hooks need.
+pub fn unix_lsm_offsets(btf: &Btf) -> Result<enforcer_common::UnixLsmOffsets, BtfError> {
+    Ok(enforcer_common::UnixLsmOffsets {
+        socket_sk: btf.member_offset("socket", "sk")?,
+        sock_cgroup: btf.member_offset("sock", "sk_cgrp_data.cgroup")?,
+        cgroup_kn: btf.member_offset("cgroup", "kn")?,
+        kn_id: btf.member_offset("kernfs_node", "id")?,
+        kn_parent: btf.member_offset("kernfs_node", "parent")?,
+        unix_sock_addr: btf.member_offset("unix_sock", "addr")?,
+        unix_sock_dentry: btf.member_offset("unix_sock", "path.dentry")?,
+        unix_address_len: btf.member_offset("unix_address", "len")?,
+        unix_address_name: btf.member_offset("unix_address", "name")?,
+        valid: 1,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

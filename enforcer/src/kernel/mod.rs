@@ -19,6 +19,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use std::os::unix::ffi::OsStrExt;
+
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
@@ -63,6 +65,8 @@ struct Installed {
     names: Vec<Key<NameKey>>,
     /// `spec.local` entries (`UNIX_RULES`).
     unix: Vec<UnixKey>,
+    /// `spec.local` paths as socket inodes (`UNIX_INODES`, BPF LSM hooks).
+    unix_inodes: Vec<FileKey>,
 }
 
 /// `TAINTED[slot]`: set by the kernel when an identity opens a `taint`
@@ -117,8 +121,17 @@ pub struct Kernel {
     lsm_pinned: Vec<PinnedLink>,
     installed: StdHashMap<u32, Installed>,
     unix_rules: HashMap<MapData, UnixKey, UnixRule>,
+    unix_inodes: HashMap<MapData, FileKey, UnixRule>,
     /// Whether the unix socket hooks loaded (Linux >= 6.7).
     unix: UnixSupport,
+    /// The BPF LSM unix hooks are attached: they judge unix sockets, and
+    /// the cgroup unix hooks are not attached.
+    unix_lsm: bool,
+    unix_lsm_links: Vec<FdLink>,
+    unix_lsm_pinned: Vec<PinnedLink>,
+    unix_lsm_offsets_valid: bool,
+    /// The resolver sockets (re-resolved to inodes with each install).
+    resolvers: Vec<PathBuf>,
     /// DNS proxy port per slot (kept across policy swaps).
     dns_ports: StdHashMap<u32, u16>,
     next_table_id: u32,
@@ -235,6 +248,26 @@ impl Kernel {
         };
         loader.override_global(globals::SOCK_ADDR_UADDR, &uaddr_off, true);
         loader.override_global(globals::SOCK_ADDR_UADDRLEN, &uaddrlen_off, true);
+        let unix_lsm = match btf::Btf::from_sys_fs().and_then(|b| btf::unix_lsm_offsets(&b)) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!("no struct offsets for the BPF LSM unix hooks: {e}");
+                enforcer_common::UnixLsmOffsets::default()
+            }
+        };
+        for (name, value) in [
+            (globals::SOCKET_SK, &unix_lsm.socket_sk),
+            (globals::SOCK_CGROUP, &unix_lsm.sock_cgroup),
+            (globals::CGROUP_KN, &unix_lsm.cgroup_kn),
+            (globals::KN_ID, &unix_lsm.kn_id),
+            (globals::KN_PARENT, &unix_lsm.kn_parent),
+            (globals::UNIX_SOCK_ADDR, &unix_lsm.unix_sock_addr),
+            (globals::UNIX_SOCK_DENTRY, &unix_lsm.unix_sock_dentry),
+            (globals::UNIX_ADDRESS_LEN, &unix_lsm.unix_address_len),
+            (globals::UNIX_ADDRESS_NAME, &unix_lsm.unix_address_name),
+        ] {
+            loader.override_global(name, value, true);
+        }
         for (name, value) in [
             (globals::FILE_F_INODE, &offsets.file_f_inode),
             (globals::FILE_DENTRY, &offsets.file_dentry),
@@ -278,6 +311,8 @@ impl Kernel {
         };
         let mut unix_rules: HashMap<MapData, UnixKey, UnixRule> =
             map(&mut ebpf, map_names::UNIX_RULES)?;
+        let mut unix_inodes: HashMap<MapData, FileKey, UnixRule> =
+            map(&mut ebpf, map_names::UNIX_INODES)?;
         let identities = map(&mut ebpf, map_names::IDENTITIES)?;
         let policies: Array<MapData, PolicyState> = map(&mut ebpf, map_names::POLICIES)?;
         let mut v4: LpmTrie<MapData, V4Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V4)?;
@@ -376,6 +411,13 @@ impl Kernel {
                     None => orphans += usize::from(unix_rules.remove(&k).is_ok()),
                 }
             }
+            let keys: Vec<FileKey> = unix_inodes.keys().flatten().collect();
+            for k in keys.into_iter().filter(|k| k.table_id != 0) {
+                match owner.get(&k.table_id) {
+                    Some(s) => installed.entry(*s).or_default().unix_inodes.push(k),
+                    None => orphans += usize::from(unix_inodes.remove(&k).is_ok()),
+                }
+            }
             if orphans > 0 {
                 tracing::info!(
                     entries = orphans,
@@ -410,7 +452,13 @@ impl Kernel {
             lsm_pinned: Vec::new(),
             installed,
             unix_rules,
+            unix_inodes,
             unix,
+            unix_lsm: false,
+            unix_lsm_links: Vec::new(),
+            unix_lsm_pinned: Vec::new(),
+            unix_lsm_offsets_valid: unix_lsm.valid != 0,
+            resolvers: Vec::new(),
             dns_ports,
             next_table_id,
         })
@@ -444,14 +492,168 @@ impl Kernel {
         for k in stale {
             let _ = self.unix_rules.remove(&k);
         }
+        self.resolvers = sockets.to_vec();
+        self.write_resolver_inodes()
+    }
+
+    /// The resolver sockets' inodes (`UNIX_INODES` table id 0) for the BPF
+    /// LSM unix hooks: those that exist now.
+    fn write_resolver_inodes(&mut self) -> Result<()> {
+        let value = UnixRule {
+            rule_id: enforcer_common::rule::UNIX_RESOLVER,
+            _pad: 0,
+        };
+        let resolvers = self.resolvers.clone();
+        let mut keys: Vec<FileKey> = Vec::new();
+        for p in &resolvers {
+            for k in self.socket_inodes(p, 0) {
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+        }
+        let stale: Vec<FileKey> = self
+            .unix_inodes
+            .keys()
+            .flatten()
+            .filter(|k| k.table_id == 0 && !keys.contains(k))
+            .collect();
+        for k in &keys {
+            self.unix_inodes
+                .insert(k, value, 0)
+                .context("inserting a resolver socket into UNIX_INODES")?;
+        }
+        for k in stale {
+            let _ = self.unix_inodes.remove(&k);
+        }
         Ok(())
+    }
+
+    /// The inode keys of the unix socket at `path` as the BPF LSM unix
+    /// hooks will see it: what `stat` says, and what the hooks record when
+    /// this thread connects to it (refused by them: nothing reaches the
+    /// service). They differ on stacked file systems (overlayfs).
+    fn socket_inodes(&mut self, path: &Path, table_id: u32) -> Vec<FileKey> {
+        let mut out: Vec<FileKey> = socket_inode(path, table_id).into_iter().collect();
+        if !self.unix_lsm || out.is_empty() {
+            return out;
+        }
+        self.resolver_tid = nix::unistd::gettid().as_raw() as u32;
+        if self.write_config().is_ok() {
+            let stale: Vec<FileKey> = self.resolved.keys().filter_map(|k| k.ok()).collect();
+            for k in stale {
+                let _ = self.resolved.remove(&k);
+            }
+            for ty in [libc::SOCK_STREAM, libc::SOCK_SEQPACKET, libc::SOCK_DGRAM] {
+                probe_connect(path, ty);
+                let seen: Vec<FileKey> = self.resolved.keys().filter_map(|k| k.ok()).collect();
+                if !seen.is_empty() {
+                    for k in seen {
+                        let k = FileKey { table_id, ..k };
+                        if !out.contains(&k) {
+                            out.push(k);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        self.resolver_tid = 0;
+        if let Err(e) = self.write_config() {
+            tracing::error!("clearing the resolver thread id: {e:#}");
+        }
+        out
+    }
+
+    /// Whether the BPF LSM unix hooks judge unix sockets.
+    pub fn unix_lsm_attached(&self) -> bool {
+        self.unix_lsm
+    }
+
+    /// Load and attach `lsm/unix_stream_connect` and `lsm/unix_may_send`
+    /// (BPF LSM must work): they see the peer socket, so they replace the
+    /// cgroup unix hooks (which are then not attached to new cgroups).
+    /// With `pin_dir`, the links are pinned (and adopted) like the file hooks'.
+    pub fn attach_unix_lsm_hooks(&mut self, pin_dir: Option<&Path>) -> Result<()> {
+        if self.unix_lsm {
+            return Ok(());
+        }
+        if !self.unix_lsm_offsets_valid {
+            bail!(
+                "the BPF LSM unix hooks need struct offsets from the kernel's BTF \
+                 (/sys/kernel/btf/vmlinux), which could not be read"
+            );
+        }
+        if let Some(dir) = pin_dir {
+            let pinned: Vec<PinnedLink> = prog_names::UNIX_LSM
+                .iter()
+                .filter_map(|(name, _)| PinnedLink::from_pin(dir.join(name)).ok())
+                .collect();
+            if pinned.len() == prog_names::UNIX_LSM.len() {
+                self.unix_lsm_pinned = pinned;
+                self.set_unix_lsm();
+                return Ok(());
+            }
+            for p in pinned {
+                let _ = p.unpin();
+            }
+        }
+        let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let mut links = Vec::new();
+        for (name, hook) in prog_names::UNIX_LSM {
+            let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
+                bail!("eBPF object has no LSM program {name}");
+            };
+            prog.load(hook, &kbtf).map_err(|e| {
+                anyhow!(
+                    "loading {name} (lsm/{hook}): {}",
+                    short_load_error(&format!("{e:#}"))
+                )
+            })?;
+            let id = prog
+                .attach()
+                .map_err(|e| anyhow!("attaching {name} (lsm/{hook}): {e:#}"))?;
+            links.push(FdLink::from(prog.take_link(id)?));
+        }
+        if let Some(dir) = pin_dir {
+            private_dir(dir)
+                .with_context(|| format!("creating link pin directory {}", dir.display()))?;
+            for (link, (name, _)) in links.into_iter().zip(prog_names::UNIX_LSM) {
+                let path = dir.join(name);
+                let _ = fs::remove_file(&path);
+                let pinned = link
+                    .pin(&path)
+                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
+                self.unix_lsm_pinned.push(pinned);
+            }
+        } else {
+            self.unix_lsm_links = links;
+        }
+        self.set_unix_lsm();
+        Ok(())
+    }
+
+    fn set_unix_lsm(&mut self) {
+        self.unix_lsm = true;
+        self.unix = UnixSupport {
+            available: true,
+            detail: format!(
+                "BPF LSM unix_stream_connect and unix_may_send attached (the peer socket is \
+                 judged: same identity, path by inode, abstract name){}",
+                if self.unix.available {
+                    "; the cgroup unix hooks are not attached"
+                } else {
+                    ""
+                }
+            ),
+        };
     }
 
     /// The cgroup programs this kernel attaches: every one of
     /// `prog_names::ALL`, and the unix socket hooks where they loaded.
     fn cgroup_programs(&self) -> Vec<&'static str> {
         let mut names: Vec<&'static str> = prog_names::ALL.to_vec();
-        if self.unix.available {
+        if self.unix.available && !self.unix_lsm {
             names.extend(prog_names::UNIX);
         }
         names
@@ -649,10 +851,16 @@ impl Kernel {
         out
     }
 
-    /// Detach the file hooks (and remove their pins).
+    /// Detach the BPF LSM file hooks and unix hooks (and remove their pins).
     pub fn detach_file_hooks(&mut self) {
         self.lsm_links.clear();
         for p in self.lsm_pinned.drain(..) {
+            if let Ok(l) = p.unpin() {
+                drop(l);
+            }
+        }
+        self.unix_lsm_links.clear();
+        for p in self.unix_lsm_pinned.drain(..) {
             if let Ok(l) = p.unpin() {
                 drop(l);
             }
@@ -807,6 +1015,43 @@ impl Kernel {
                     break;
                 }
                 new.unix.push(key);
+            }
+        }
+        if result.is_ok() && self.unix_lsm {
+            // The BPF LSM hooks match paths by socket inode: a path that
+            // does not exist (yet) allows nothing there (said in the log).
+            for l in compiled
+                .local
+                .iter()
+                .filter(|l| l.kind == enforcer_common::unix_kind::PATH)
+            {
+                let path = Path::new(std::ffi::OsStr::from_bytes(&l.name));
+                let keys = self.socket_inodes(path, table_id);
+                if keys.is_empty() {
+                    tracing::warn!(
+                        "{}: not a socket now: nothing is allowed there until the policy is \
+                         installed again",
+                        l.description
+                    );
+                }
+                let value = UnixRule {
+                    rule_id: l.rule_id,
+                    _pad: 0,
+                };
+                for key in keys {
+                    if let Err(e) = self.unix_inodes.insert(key, value, 0) {
+                        result = Err(anyhow!("inserting {} into UNIX_INODES: {e}", l.description));
+                        break;
+                    }
+                    new.unix_inodes.push(key);
+                }
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() {
+                // Resolver sockets may have been (re)created since.
+                result = self.write_resolver_inodes();
             }
         }
         if result.is_ok() {
@@ -1007,6 +1252,9 @@ impl Kernel {
         for k in &g.unix {
             let _ = self.unix_rules.remove(k);
         }
+        for k in &g.unix_inodes {
+            let _ = self.unix_inodes.remove(k);
+        }
     }
 
     /// After a restart with pinned maps we do not know the keys of a slot's
@@ -1063,6 +1311,15 @@ impl Kernel {
             .collect();
         for k in stale_unix {
             let _ = self.unix_rules.remove(&k);
+        }
+        let stale_inodes: Vec<FileKey> = self
+            .unix_inodes
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.table_id != 0 && !live.contains(&k.table_id))
+            .collect();
+        for k in stale_inodes {
+            let _ = self.unix_inodes.remove(&k);
         }
     }
 
@@ -1184,6 +1441,49 @@ fn load_unix_programs(ebpf: &mut Ebpf) -> UnixSupport {
         available: true,
         detail: "cgroup/connect_unix and cgroup/sendmsg_unix loaded".into(),
     }
+}
+
+/// connect(2) a unix socket of type `ty` to `path` (the BPF LSM unix hooks
+/// refuse it for the resolver thread after recording the peer's inode).
+fn probe_connect(path: &Path, ty: i32) {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: plain syscalls on a socket this function owns; the address is
+    // a local sockaddr_un whose path fits (checked).
+    unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        if bytes.len() >= addr.sun_path.len() {
+            return;
+        }
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let fd = libc::socket(
+            libc::AF_UNIX,
+            ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        if fd < 0 {
+            return;
+        }
+        let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+        libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len);
+        libc::close(fd);
+    }
+}
+
+/// The inode key of the unix socket at `path` (symlinks followed).
+fn socket_inode(path: &Path, table_id: u32) -> Option<FileKey> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = fs::metadata(path).ok()?;
+    if !m.file_type().is_socket() {
+        return None;
+    }
+    Some(FileKey {
+        ino: m.ino(),
+        dev: files::kernel_dev(m.dev()),
+        table_id,
+    })
 }
 
 /// A program load error without the verifier's log, but with its last

@@ -375,6 +375,7 @@ pub fn rule_name(rule_id: u32) -> Option<&'static str> {
         rule::FILE_NO_OFFSETS => Some("file-no-btf-offsets"),
         rule::UNIX_RESOLVER => Some("resolver-ipc"),
         rule::UNIX_UNREADABLE => Some("unix-address-unreadable"),
+        rule::UNIX_SAME_IDENTITY => Some("unix-same-identity"),
         _ => None,
     }
 }
