@@ -334,7 +334,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
-    metrics.set_capability("cgroup_unix", unix.available);
+    metrics.set_capability("unix_sockets", unix.available);
     metrics.set_attached_cgroups(1);
     metrics.set_policy_info(
         &compiled.name,

@@ -134,7 +134,11 @@ fn test_binaries(root: &Path, cargo: &std::ffi::OsStr, names: &[&str]) -> Result
 
 /// Step 5: the BPF LSM tests inside the VM runner.
 fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
-    let bins = test_binaries(root, cargo, &["files", "capability", "first_bytes"])?;
+    let bins = test_binaries(
+        root,
+        cargo,
+        &["files", "capability", "first_bytes", "unix_lsm"],
+    )?;
     let mut build = Command::new(cargo);
     build.args(["build", "-p", "enforcer"]).current_dir(root);
     step("build enforcer for the VM", build)?;
@@ -146,12 +150,15 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
     // The binaries run in one boot; the status is the first failure's.
     // first_bytes also runs on the host: here it proves the egress program
     // on Linux 6.1 (its verifier checks bpf_loop callbacks differently).
+    // unix_lsm: the BPF LSM unix hooks (ignored on the host, like files).
     let script = format!(
         "st=0; {files} --ignored --test-threads=1 || st=$?; \
-         {cap} --test-threads=1 || st=$?; {fb} --test-threads=1 || st=$?; exit $st",
+         {cap} --test-threads=1 || st=$?; {fb} --test-threads=1 || st=$?; \
+         {ul} --ignored --test-threads=1 || st=$?; exit $st",
         files = q(&bins[0]),
         cap = q(&bins[1]),
         fb = q(&bins[2]),
+        ul = q(&bins[3]),
     );
     let exe = std::env::current_exe().context("xtask's own path")?;
     let mut vm = Command::new(exe);
@@ -168,7 +175,8 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
     Ok(VmResult {
         passed: results.iter().map(|r| r.0).sum(),
         failed: results.iter().map(|r| r.1).sum(),
-        lsm_tests: files.0 + files.1,
+        // The host-ignored binaries: files (first) and unix_lsm (fourth).
+        lsm_tests: files.0 + files.1 + results.get(3).map_or(0, |r| r.0 + r.1),
     })
 }
 

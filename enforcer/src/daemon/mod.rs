@@ -1437,7 +1437,7 @@ impl State {
                     },
                 ),
                 (
-                    "cgroup_unix".to_string(),
+                    "unix_sockets".to_string(),
                     control::Capability {
                         available: self.unix.available,
                         detail: if self.unix.available {
@@ -1527,7 +1527,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let ring = kernel.take_events().context("event ring buffer")?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
-    metrics.set_capability("cgroup_unix", unix.available);
+    metrics.set_capability("unix_sockets", unix.available);
     let audit = match &cfg.audit_log {
         Some(p) => {
             if let Some(d) = p.parent() {

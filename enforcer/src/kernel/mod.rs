@@ -170,9 +170,10 @@ pub struct LsmSupport {
     pub detail: String,
 }
 
-/// Whether the cgroup unix socket hooks (`cgroup/connect_unix`,
-/// `cgroup/sendmsg_unix`, Linux >= 6.7) loaded: without them `spec.local`
-/// is not enforced and agents reach every unix socket.
+/// Whether unix socket policy is enforced: the BPF LSM unix hooks are
+/// attached, or the cgroup unix hooks (`cgroup/connect_unix`,
+/// `cgroup/sendmsg_unix`, Linux >= 6.7) loaded. Without either
+/// `spec.local` is not enforced and agents reach every unix socket.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct UnixSupport {
     pub available: bool,
@@ -181,9 +182,9 @@ pub struct UnixSupport {
 
 /// What is lost without the unix socket hooks, in the words a user can act on.
 pub const UNIX_REQUIREMENT: &str = "unix socket policy (`spec.local`, the resolver IPC refusal) \
-    needs the cgroup/connect_unix and cgroup/sendmsg_unix hooks of Linux >= 6.7; without them \
-    agents can connect to every unix socket (local proxies, docker.sock, D-Bus, \
-    systemd-resolved's varlink socket)";
+    needs BPF LSM (lsm/unix_stream_connect, lsm/unix_may_send) or the cgroup/connect_unix and \
+    cgroup/sendmsg_unix hooks of Linux >= 6.7; without them agents can connect to every unix \
+    socket (local proxies, docker.sock, D-Bus, systemd-resolved's varlink socket)";
 
 /// The kernel requirement, in the words a user can act on.
 pub const LSM_REQUIREMENT: &str = "file policy (`files:`, `onTaint:`) needs BPF LSM: a kernel \
