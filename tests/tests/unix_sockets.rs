@@ -8,7 +8,8 @@
 //! passed as the resolver socket; a unix-socket "proxy" outside the
 //! identity; a host daemon's abstract socket; a datagram server. None of
 //! them may receive a byte, and the audit log must hold each denial with
-//! its reason. What `spec.local` lists works.
+//! its reason. What `spec.local` lists works. The daemon enforces the same
+//! with its `resolverSockets:` and reports the capability.
 use std::{
     io::{Read, Write},
     os::linux::net::SocketAddrExt,
@@ -495,4 +496,95 @@ fn spec_local_cannot_list_a_resolver_socket() {
         err.contains("resolver IPC would bypass the DNS proxy"),
         "{err}"
     );
+}
+
+#[test]
+fn daemon_enforces_spec_local_and_reports_the_capability() {
+    if skip("daemon_enforces_spec_local_and_reports_the_capability") {
+        return;
+    }
+    let cg = Cgroup::create("unix-daemon");
+    let pins = PinDir::new("unix-daemon");
+    let dir = TestDir::new("unix-daemon");
+    let names = fake_resolved(&dir.join("resolve.varlink"));
+    let proxy = path_sink(&dir.join("proxy.sock"), b"ok");
+    let allowed = path_sink(&dir.join("allowed.sock"), b"ok");
+    let name = "unix-daemon-agent";
+    let d = {
+        let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
+        let cfg = std::fs::read_to_string(&d.config).unwrap();
+        write_atomic(
+            &d.config,
+            &format!(
+                "{cfg}resolverSockets: [{}]\n",
+                dir.join("resolve.varlink").display()
+            ),
+        );
+        write_atomic(
+            &d.policies.join("p.yaml"),
+            &format!(
+                "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\n\
+                 spec:\n  egress: []\n  local:\n    - path: {}\n",
+                dir.join("allowed.sock").display()
+            ),
+        );
+        d.start();
+        d
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || d
+            .identity(name)
+            .is_some()),
+        "daemon did not install {name}: {}",
+        d.stderr()
+    );
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cg.path, p.pid);
+    let path = |n: &str| dir.join(n).display().to_string();
+    let unix = |p: &mut Probe, target: String| {
+        p.cmd(json!({"op": "unix", "path": target, "data": "from-the-agent"}))
+    };
+    assert_ok(&unix(&mut p, path("allowed.sock")), "listed socket");
+    assert_eperm(&unix(&mut p, path("proxy.sock")), "unlisted socket");
+    assert_eperm(&unix(&mut p, path("resolve.varlink")), "resolver socket");
+    p.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!((proxy.conns(), proxy.bytes()), (0, 0), "{}", proxy.text());
+    assert!(names.lock().unwrap().is_empty());
+    assert!(allowed.text().contains("from-the-agent"));
+
+    let st = d.status();
+    assert_eq!(
+        st["capabilities"]["unix_sockets"]["available"], true,
+        "{st:#}"
+    );
+    let body = d.scrape();
+    assert_eq!(
+        metric(&body, "enforcer_capability", &[("name", "unix_sockets")]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            metric(
+                &d.scrape(),
+                "enforcer_decisions_total",
+                &[
+                    ("identity", name),
+                    ("action", "unix_connect"),
+                    ("verdict", "deny"),
+                ],
+            ) == Some(2.0)
+        }),
+        "{}",
+        d.scrape()
+    );
+    let audit = read_jsonl(&d.audit);
+    let r: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["action"] == "unix_connect" && r["rule"] == "resolver-ipc")
+        .collect();
+    assert_eq!(r.len(), 1, "{audit:#?}");
+    assert_eq!(r[0]["identity"]["name"], name);
+    assert_eq!(r[0]["socket"], path("resolve.varlink"));
 }
