@@ -74,11 +74,11 @@ pub fn enforcer_sendmsg_unix(ctx: *mut bpf_sock_addr) -> i32 {
 /// A `UnixKey` with room after `name` for the NUL that
 /// `bpf_probe_read_kernel_str` writes after a 108-byte path.
 #[repr(C)]
-struct KeyBuf {
-    key: UnixKey,
+pub(crate) struct KeyBuf {
+    pub(crate) key: UnixKey,
     /// Room for copies of up to 128 bytes from `key.name` (the verifier
     /// knows the copy length only as a 7-bit value).
-    slack: [u8; 24],
+    pub(crate) slack: [u8; 24],
 }
 
 /// The address of the call as a `UnixKey` (table id 0); `kind == 0` when it
@@ -107,20 +107,30 @@ fn read_key(ctx: *mut bpf_sock_addr, buf: &mut KeyBuf) {
     if r1 != 0 || r2 != 0 || uaddr == 0 || alen <= SUN_PATH {
         return;
     }
-    // sun_path bytes the address holds: 1..=108 (masked so that the
-    // verifier sees the bound on the register passed to the helpers).
-    let n = u64::from(alen) - u64::from(SUN_PATH);
+    read_sun_path(uaddr + u64::from(SUN_PATH), u64::from(alen - SUN_PATH), buf);
+}
+
+/// `sun_path` of an address of `n` path bytes at kernel address `src` into
+/// `buf` (`kind` stays 0 when it cannot be read): an abstract name is every
+/// byte; a path stops at its first NUL, at most `n` bytes, as
+/// `unix_mkname_bsd` terminates the kernel's copy. Shared with the BPF LSM
+/// hooks (the peer's bound address).
+#[inline(always)]
+pub(crate) fn read_sun_path(src: u64, n: u64, buf: &mut KeyBuf) {
+    // 1..=108 bytes. Masked after a volatile read so that LLVM cannot drop
+    // the mask as redundant: the verifier must see the bound on the very
+    // register passed to the helpers.
     if n == 0 || n > UNIX_NAME_MAX as u64 {
         return;
     }
-    let n = (n & 0x7f) as u32;
-    let src = (uaddr + u64::from(SUN_PATH)) as *const core::ffi::c_void;
+    let n = (unsafe { core::ptr::read_volatile(&n) } & 0x7f) as u32;
+    let src = src as *const core::ffi::c_void;
     let mut first: u8 = 0;
     if unsafe { bpf_probe_read_kernel((&mut first as *mut u8).cast(), 1, src) } != 0 {
         return;
     }
     if first == 0 {
-        // Abstract: every byte up to uaddrlen (the rest stays zero).
+        // Abstract: every byte up to the address length (the rest stays zero).
         if unsafe { bpf_probe_read_kernel(buf.key.name.as_mut_ptr().cast(), n, src) } != 0 {
             return;
         }
@@ -128,9 +138,8 @@ fn read_key(ctx: *mut bpf_sock_addr, buf: &mut KeyBuf) {
         buf.key.kind = unix_kind::ABSTRACT;
         return;
     }
-    // A path: up to its first NUL, at most n bytes. The helper copies at
-    // most `n` bytes and then a NUL (into `slack` for a 108-byte path),
-    // like `unix_mkname_bsd` terminates the kernel's copy at uaddrlen.
+    // A path: the helper copies at most `n` bytes and then a NUL (into
+    // `slack` for a 108-byte path).
     let r = unsafe { bpf_probe_read_kernel_str(buf.key.name.as_mut_ptr().cast(), n + 1, src) };
     if r <= 1 {
         return;

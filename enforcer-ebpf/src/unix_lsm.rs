@@ -22,16 +22,11 @@
 //! allowed. Struct member offsets come from the kernel's BTF (globals set
 //! at load); kernel memory is read with `bpf_probe_read_kernel`.
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid,
-        generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str},
-    },
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_probe_read_kernel},
     macros::lsm,
     programs::LsmContext,
 };
-use enforcer_common::{
-    action, policy_flags, rule, stat, unix_kind, verdict, FileKey, UnixKey, UNIX_NAME_MAX,
-};
+use enforcer_common::{action, policy_flags, rule, stat, unix_kind, verdict, FileKey, UnixKey};
 
 use crate::{
     files::{
@@ -42,6 +37,7 @@ use crate::{
     maps::{CONFIG, IDENTITIES, RESOLVED, UNIX_INODES, UNIX_RULES},
     report::{self, Decision},
     sock_addr::tables,
+    unix::{read_sun_path, KeyBuf},
 };
 
 const EPERM: i32 = -1;
@@ -158,13 +154,6 @@ fn peer_slot(sk: u64) -> Option<u32> {
     None
 }
 
-/// A `UnixKey` with room after `name` (see `unix.rs`).
-#[repr(C)]
-struct KeyBuf {
-    key: UnixKey,
-    slack: [u8; 24],
-}
-
 /// The peer's bound address (as the server bound it) into `buf`.
 #[inline(always)]
 fn peer_name(sk: u64, buf: &mut KeyBuf) {
@@ -172,30 +161,16 @@ fn peer_name(sk: u64, buf: &mut KeyBuf) {
     if addr == 0 {
         return;
     }
-    let len = read_u32(addr, off(&ENFORCER_OFF_UNIX_ADDRESS_LEN)) as u64;
-    if len <= 2 || len > 2 + UNIX_NAME_MAX as u64 {
+    // `unix_address.len` is the whole sockaddr_un's length.
+    let len = u64::from(read_u32(addr, off(&ENFORCER_OFF_UNIX_ADDRESS_LEN)));
+    if len <= 2 {
         return;
     }
-    let n = ((len - 2) & 0x7f) as u32;
-    let src = (addr + off(&ENFORCER_OFF_UNIX_ADDRESS_NAME) + 2) as *const core::ffi::c_void;
-    let mut first: u8 = 0;
-    if unsafe { bpf_probe_read_kernel((&mut first as *mut u8).cast(), 1, src) } != 0 {
-        return;
-    }
-    if first == 0 {
-        if unsafe { bpf_probe_read_kernel(buf.key.name.as_mut_ptr().cast(), n, src) } != 0 {
-            return;
-        }
-        buf.key.len = n as u8;
-        buf.key.kind = unix_kind::ABSTRACT;
-        return;
-    }
-    let r = unsafe { bpf_probe_read_kernel_str(buf.key.name.as_mut_ptr().cast(), n + 1, src) };
-    if r <= 1 {
-        return;
-    }
-    buf.key.len = (r - 1) as u8;
-    buf.key.kind = unix_kind::PATH;
+    read_sun_path(
+        addr + off(&ENFORCER_OFF_UNIX_ADDRESS_NAME) + 2,
+        len - 2,
+        buf,
+    );
 }
 
 /// The peer's socket inode, if it is bound to a path.

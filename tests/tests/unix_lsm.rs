@@ -27,12 +27,10 @@ fn lsm_hooks_judge_the_peer_socket() {
     require_bpf_lsm();
     let dir = TestDir::new("unix-lsm");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::copy(
-        agents_dir().join("unix_lsm_agent.py"),
-        dir.join("unix_lsm_agent.py"),
-    )
-    .unwrap();
-    open_to_all(&dir.join("unix_lsm_agent.py"));
+    for f in ["unix_lsm_agent.py", "unix_agent.py"] {
+        std::fs::copy(agents_dir().join(f), dir.join(f)).unwrap();
+        open_to_all(&dir.join(f));
+    }
     let p = |n: &str| dir.join(n).display().to_string();
     let names = fake_resolved(&dir.join("resolve.varlink"));
     let proxy = path_sink(&dir.join("proxy.sock"), b"HTTP/1.1 200 OK\r\n\r\n");

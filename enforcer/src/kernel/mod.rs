@@ -585,15 +585,29 @@ impl Kernel {
                  (/sys/kernel/btf/vmlinux), which could not be read"
             );
         }
+        let (links, pinned) = self.attach_lsm_set(&prog_names::UNIX_LSM, pin_dir)?;
+        self.unix_lsm_links = links;
+        self.unix_lsm_pinned = pinned;
+        self.set_unix_lsm();
+        Ok(())
+    }
+
+    /// Load and attach the LSM programs `progs` ((program, hook)). With
+    /// `pin_dir`, their links are pinned there, and a complete set a
+    /// previous daemon pinned there is adopted instead (a partial one is
+    /// removed first). Returns the links (unpinned) or the pins.
+    fn attach_lsm_set(
+        &mut self,
+        progs: &[(&'static str, &'static str)],
+        pin_dir: Option<&Path>,
+    ) -> Result<(Vec<FdLink>, Vec<PinnedLink>)> {
         if let Some(dir) = pin_dir {
-            let pinned: Vec<PinnedLink> = prog_names::UNIX_LSM
+            let pinned: Vec<PinnedLink> = progs
                 .iter()
                 .filter_map(|(name, _)| PinnedLink::from_pin(dir.join(name)).ok())
                 .collect();
-            if pinned.len() == prog_names::UNIX_LSM.len() {
-                self.unix_lsm_pinned = pinned;
-                self.set_unix_lsm();
-                return Ok(());
+            if pinned.len() == progs.len() {
+                return Ok((Vec::new(), pinned));
             }
             for p in pinned {
                 let _ = p.unpin();
@@ -601,7 +615,7 @@ impl Kernel {
         }
         let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         let mut links = Vec::new();
-        for (name, hook) in prog_names::UNIX_LSM {
+        for (name, hook) in progs {
             let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
                 bail!("eBPF object has no LSM program {name}");
             };
@@ -616,22 +630,21 @@ impl Kernel {
                 .map_err(|e| anyhow!("attaching {name} (lsm/{hook}): {e:#}"))?;
             links.push(FdLink::from(prog.take_link(id)?));
         }
-        if let Some(dir) = pin_dir {
-            private_dir(dir)
-                .with_context(|| format!("creating link pin directory {}", dir.display()))?;
-            for (link, (name, _)) in links.into_iter().zip(prog_names::UNIX_LSM) {
-                let path = dir.join(name);
-                let _ = fs::remove_file(&path);
-                let pinned = link
-                    .pin(&path)
-                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
-                self.unix_lsm_pinned.push(pinned);
-            }
-        } else {
-            self.unix_lsm_links = links;
+        let Some(dir) = pin_dir else {
+            return Ok((links, Vec::new()));
+        };
+        private_dir(dir)
+            .with_context(|| format!("creating link pin directory {}", dir.display()))?;
+        let mut pinned = Vec::new();
+        for (link, (name, _)) in links.into_iter().zip(progs) {
+            let path = dir.join(name);
+            let _ = fs::remove_file(&path);
+            pinned.push(
+                link.pin(&path)
+                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?,
+            );
         }
-        self.set_unix_lsm();
-        Ok(())
+        Ok((Vec::new(), pinned))
     }
 
     fn set_unix_lsm(&mut self) {
@@ -777,46 +790,9 @@ impl Kernel {
                  (/sys/kernel/btf/vmlinux), which could not be read"
             );
         }
-        if let Some(dir) = pin_dir {
-            let pinned: Vec<PinnedLink> = prog_names::LSM
-                .iter()
-                .filter_map(|(name, _)| PinnedLink::from_pin(dir.join(name)).ok())
-                .collect();
-            if pinned.len() == prog_names::LSM.len() {
-                self.lsm_pinned = pinned;
-                return Ok(());
-            }
-            for p in pinned {
-                let _ = p.unpin();
-            }
-        }
-        let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
-        let mut links = Vec::new();
-        for (name, hook) in prog_names::LSM {
-            let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
-                bail!("eBPF object has no LSM program {name}");
-            };
-            prog.load(hook, &kbtf)
-                .map_err(|e| anyhow!("loading {name} (lsm/{hook}): {e:#}"))?;
-            let id = prog
-                .attach()
-                .map_err(|e| anyhow!("attaching {name} (lsm/{hook}): {e:#}"))?;
-            links.push(FdLink::from(prog.take_link(id)?));
-        }
-        if let Some(dir) = pin_dir {
-            private_dir(dir)
-                .with_context(|| format!("creating link pin directory {}", dir.display()))?;
-            for (link, (name, _)) in links.into_iter().zip(prog_names::LSM) {
-                let path = dir.join(name);
-                let _ = fs::remove_file(&path);
-                let pinned = link
-                    .pin(&path)
-                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
-                self.lsm_pinned.push(pinned);
-            }
-        } else {
-            self.lsm_links = links;
-        }
+        let (links, pinned) = self.attach_lsm_set(&prog_names::LSM, pin_dir)?;
+        self.lsm_links = links;
+        self.lsm_pinned = pinned;
         Ok(())
     }
 
