@@ -188,3 +188,85 @@ fn lsm_hooks_judge_the_peer_socket() {
         audit[0]
     );
 }
+
+/// The daemon with the BPF LSM unix hooks: a listed socket that its service
+/// re-creates (a new inode at the same path) is allowed again after the
+/// periodic resync; another socket stays refused; the agent's own helper
+/// socket needs no listing.
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test), see module docs"]
+fn daemon_follows_a_re_created_socket() {
+    require_bpf_lsm();
+    let cg = Cgroup::create("unix-lsm-daemon");
+    let pins = PinDir::new("unix-lsm-daemon");
+    let dir = TestDir::new("unix-lsm-daemon");
+    let svc = dir.join("svc.sock");
+    let first = path_sink(&svc, b"first");
+    let other = path_sink(&dir.join("other.sock"), b"other");
+    let name = "unix-lsm-daemon-agent";
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
+    write_atomic(
+        &d.policies.join("p.yaml"),
+        &format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\n\
+             spec:\n  egress: []\n  local:\n    - path: {}\n",
+            svc.display()
+        ),
+    );
+    d.start();
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(200), || d
+            .identity(name)
+            .is_some()),
+        "daemon did not install {name}: {}",
+        d.stderr()
+    );
+    let st = d.status();
+    assert_eq!(
+        st["capabilities"]["unix_sockets"]["available"], true,
+        "{st:#}"
+    );
+    assert!(
+        st["capabilities"]["unix_sockets"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("BPF LSM"),
+        "{st:#}"
+    );
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cg.path, p.pid);
+    let unix = |p: &mut Probe, target: &std::path::Path, data: &str| {
+        p.cmd(json!({"op": "unix", "path": target.display().to_string(), "data": data}))
+    };
+    assert_ok(&unix(&mut p, &svc, "to-first"), "listed socket");
+    assert_eperm(
+        &unix(&mut p, &dir.join("other.sock"), "to-other"),
+        "unlisted socket",
+    );
+    // The service restarts: a new socket (inode) at the same path.
+    std::fs::remove_file(&svc).unwrap();
+    let second = path_sink(&svc, b"second");
+    let ok = poll_until(Duration::from_secs(20), Duration::from_millis(300), || {
+        unix(&mut p, &svc, "to-second")["ok"] == json!(true)
+    });
+    assert!(
+        ok,
+        "the re-created socket stayed refused; daemon:\n{}",
+        d.stderr()
+    );
+    assert!(
+        d.stderr().contains("re-created"),
+        "the daemon did not say it reinstalled: {}",
+        d.stderr()
+    );
+    assert_eperm(
+        &unix(&mut p, &dir.join("other.sock"), "to-other"),
+        "unlisted socket",
+    );
+    p.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(first.text().contains("to-first"));
+    assert!(second.text().contains("to-second"));
+    assert_eq!((other.conns(), other.bytes()), (0, 0), "{}", other.text());
+    d.kill9();
+}

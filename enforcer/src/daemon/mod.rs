@@ -445,6 +445,37 @@ impl State {
         }
     }
 
+    /// BPF LSM unix hooks match `spec.local` paths by socket inode: a
+    /// service that re-created its socket (or one that appeared since) needs
+    /// the policy installed again (periodic resync); the resolver sockets
+    /// likewise.
+    fn retry_moved_unix_sockets(&mut self) {
+        self.kernel.refresh_resolver_inodes();
+        let moved: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(_, a)| self.kernel.unix_sockets_moved(a.slot, &a.compiled))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in moved {
+            let Some(a) = self.active.get(&name) else {
+                continue;
+            };
+            let (slot, compiled, files) = (a.slot, a.compiled.clone(), a.files.clone());
+            match self.kernel.install_policy(slot, &compiled, &files) {
+                Ok(()) => tracing::info!(
+                    policy = %name,
+                    "a spec.local socket is a new inode (re-created); policy reinstalled"
+                ),
+                Err(e) => tracing::error!(
+                    policy = %name,
+                    "reinstalling for a re-created spec.local socket failed; the installed \
+                     version stays: {e:#}"
+                ),
+            }
+        }
+    }
+
     /// Kubernetes mode: `files:` rules name paths in the agent's container,
     /// but the daemon resolves them to inodes in its own mount namespace (the
     /// DaemonSet container's), where they are missing or other files.
@@ -1779,6 +1810,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
                 s.reload_policies();
             } else {
                 s.retry_unresolved_files();
+                s.retry_moved_unix_sockets();
             }
         }
         start_dns(&state, &dns).await;

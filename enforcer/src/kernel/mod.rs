@@ -566,6 +566,47 @@ impl Kernel {
         out
     }
 
+    /// BPF LSM unix hooks: whether a `spec.local` path of `slot`'s
+    /// installed generation now names a socket inode that generation does
+    /// not hold (the service re-created its socket, or it appeared): the
+    /// policy must be installed again. Cheap: one `stat` per path.
+    pub fn unix_sockets_moved(&self, slot: u32, compiled: &CompiledPolicy) -> bool {
+        if !self.unix_lsm {
+            return false;
+        }
+        let Some(g) = self.installed.get(&slot) else {
+            return false;
+        };
+        compiled
+            .local
+            .iter()
+            .filter(|l| l.kind == enforcer_common::unix_kind::PATH)
+            .filter_map(|l| socket_inode(Path::new(std::ffi::OsStr::from_bytes(&l.name)), 0))
+            .any(|k| {
+                !g.unix_inodes
+                    .iter()
+                    .any(|i| i.ino == k.ino && i.dev == k.dev)
+            })
+    }
+
+    /// BPF LSM unix hooks: resolve the resolver sockets again when one of
+    /// them now is a socket inode not in `UNIX_INODES` (re-created).
+    pub fn refresh_resolver_inodes(&mut self) {
+        if !self.unix_lsm {
+            return;
+        }
+        let moved = self
+            .resolvers
+            .iter()
+            .filter_map(|p| socket_inode(p, 0))
+            .any(|k| self.unix_inodes.get(&k, 0).is_err());
+        if moved {
+            if let Err(e) = self.write_resolver_inodes() {
+                tracing::warn!("resolving the resolver sockets again: {e:#}");
+            }
+        }
+    }
+
     /// Whether the BPF LSM unix hooks judge unix sockets.
     pub fn unix_lsm_attached(&self) -> bool {
         self.unix_lsm
