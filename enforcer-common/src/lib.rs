@@ -27,7 +27,15 @@
 //!                                                 [0] (no slot): nonzero once any slot was
 //!                                                 tainted (the egress program's clamp gate)
 //! RESOLVED    HashMap   {ino, dev, 0}          -> u32 (inodes the resolver thread's open showed)
+//! UNIX_RULES  HashMap   {table_id, kind, len, name[108]} -> UnixRule (spec.local; table 0: resolver IPC)
 //! ```
+//!
+//! Unix sockets (`cgroup/connect_unix`, `cgroup/sendmsg_unix`, Linux >= 6.7):
+//! the address the agent gave (`sun_path` as a string: a path up to its
+//! first NUL, or an abstract name) is looked up exactly, first under table
+//! id 0 (the resolver IPC sockets: always refused, rule `UNIX_RESOLVER`),
+//! then under the identity's current generation (`spec.local`); anything
+//! else is refused (`DEFAULT_DENY`), or recorded in audit mode.
 //!
 //! Files (BPF LSM `file_open`, `inode_link`, `inode_rename`): a file is
 //! matched by the identity of its inode (`i_ino`, `i_sb->s_dev`) and of its
@@ -90,11 +98,31 @@ pub mod map_names {
     pub const GENERATION: &str = "GENERATION";
     pub const OPAQUE: &str = "OPAQUE";
     pub const REASONS: &str = "REASONS";
+    pub const UNIX_RULES: &str = "UNIX_RULES";
+    pub const UNIX_INODES: &str = "UNIX_INODES";
     /// Pinned by the daemon (SCRATCH, GENERATION and OPAQUE are the egress
     /// program's scratch, not pinned).
-    pub const ALL: [&str; 18] = [
-        IDENTITIES, POLICIES, EGRESS_V4, EGRESS_V6, COUNTERS, STATS, CONFIG, EVENTS, DNS_ORIG,
-        LEARNED_V4, LEARNED_V6, FILE_RULES, FILE_BLOOM, TAINTED, RESOLVED, NAMES, INSPECT, REASONS,
+    pub const ALL: [&str; 20] = [
+        IDENTITIES,
+        POLICIES,
+        EGRESS_V4,
+        EGRESS_V6,
+        COUNTERS,
+        STATS,
+        CONFIG,
+        EVENTS,
+        DNS_ORIG,
+        LEARNED_V4,
+        LEARNED_V6,
+        FILE_RULES,
+        FILE_BLOOM,
+        TAINTED,
+        RESOLVED,
+        NAMES,
+        INSPECT,
+        REASONS,
+        UNIX_RULES,
+        UNIX_INODES,
     ];
 }
 
@@ -139,6 +167,19 @@ pub mod prog_names {
         (SOCKET_SENDMSG, "socket_sendmsg"),
         (FILE_RECEIVE, "file_receive"),
     ];
+    /// cgroup/connect_unix and cgroup/sendmsg_unix (Linux >= 6.7; not in
+    /// `ALL`: loaded when the kernel has them, see `enforcer::kernel`).
+    pub const CONNECT_UNIX: &str = "enforcer_connect_unix";
+    pub const SENDMSG_UNIX: &str = "enforcer_sendmsg_unix";
+    pub const UNIX: [&str; 2] = [CONNECT_UNIX, SENDMSG_UNIX];
+    /// BPF LSM unix hooks (they see the peer socket): preferred over the
+    /// cgroup unix hooks where BPF LSM works. (program, LSM hook)
+    pub const UNIX_STREAM_CONNECT: &str = "enforcer_unix_stream_connect";
+    pub const UNIX_MAY_SEND: &str = "enforcer_unix_may_send";
+    pub const UNIX_LSM: [(&str, &str); 2] = [
+        (UNIX_STREAM_CONNECT, "unix_stream_connect"),
+        (UNIX_MAY_SEND, "unix_may_send"),
+    ];
     pub const ALL: [&str; 12] = [
         CONNECT4,
         CONNECT6,
@@ -167,6 +208,10 @@ pub const MAX_FILE_RULES: u32 = 1 << 18;
 pub const MAX_RESOLVED: u32 = 64;
 /// `NAMES` entries (host patterns of every generation).
 pub const MAX_NAMES: u32 = 1 << 16;
+/// `UNIX_RULES` entries (`spec.local` of every generation, resolver sockets).
+pub const MAX_UNIX_RULES: u32 = 1 << 14;
+/// `sun_path` bytes (`struct sockaddr_un`).
+pub const UNIX_NAME_MAX: usize = 108;
 /// `FILE_BLOOM`: 2^23 bits in 2^17 u64 words (1 MiB).
 pub const BLOOM_BITS_LOG2: u32 = 23;
 pub const BLOOM_WORDS: u32 = 1 << (BLOOM_BITS_LOG2 - 6);
@@ -206,6 +251,19 @@ pub mod globals {
         "ENFORCER_SOFF_INODE_I_MODE",
         "ENFORCER_SOFF_VALID",
     ];
+    /// `struct bpf_sock_addr_kern.uaddr` and `.uaddrlen` (the unix hooks).
+    pub const SOCK_ADDR_UADDR: &str = "ENFORCER_OFF_SOCK_ADDR_UADDR";
+    pub const SOCK_ADDR_UADDRLEN: &str = "ENFORCER_OFF_SOCK_ADDR_UADDRLEN";
+    /// The BPF LSM unix hooks (`UnixLsmOffsets`).
+    pub const SOCKET_SK: &str = "ENFORCER_OFF_SOCKET_SK";
+    pub const SOCK_CGROUP: &str = "ENFORCER_OFF_SOCK_CGROUP";
+    pub const CGROUP_KN: &str = "ENFORCER_OFF_CGROUP_KN";
+    pub const KN_ID: &str = "ENFORCER_OFF_KN_ID";
+    pub const KN_PARENT: &str = "ENFORCER_OFF_KN_PARENT";
+    pub const UNIX_SOCK_ADDR: &str = "ENFORCER_OFF_UNIX_SOCK_ADDR";
+    pub const UNIX_SOCK_DENTRY: &str = "ENFORCER_OFF_UNIX_SOCK_DENTRY";
+    pub const UNIX_ADDRESS_LEN: &str = "ENFORCER_OFF_UNIX_ADDRESS_LEN";
+    pub const UNIX_ADDRESS_NAME: &str = "ENFORCER_OFF_UNIX_ADDRESS_NAME";
 }
 /// Parent dentries walked from an opened file to find a directory rule.
 pub const MAX_FILE_DEPTH: u32 = 48;
@@ -243,7 +301,11 @@ pub mod action {
     /// An inet socket made outside the identity, refused at receipt
     /// (SCM_RIGHTS, pidfd_getfd; `rule::FOREIGN_SOCKET`).
     pub const FD_RECEIVE: u8 = 11;
-    pub const COUNT: u32 = 12;
+    /// connect(2) of a unix socket (stream, seqpacket or datagram).
+    pub const UNIX_CONNECT: u8 = 12;
+    /// sendto/sendmsg of a unix datagram socket with a destination address.
+    pub const UNIX_SEND: u8 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Verdicts.
@@ -293,6 +355,16 @@ pub mod rule {
     /// A packet of a socket opened before the identity was tainted, to a
     /// destination `onTaint.egress` does not admit.
     pub const TAINT_CLAMP: u32 = 0xffff_fff7;
+    /// A resolver IPC socket (systemd-resolved varlink, nscd): always
+    /// refused, since the resolver would resolve names outside the DNS proxy.
+    pub const UNIX_RESOLVER: u32 = 0xffff_fff4;
+    /// A unix socket address the hook could not read (fail closed).
+    pub const UNIX_UNREADABLE: u32 = 0xffff_fff3;
+    /// BPF LSM unix hooks: the peer socket belongs to the same identity
+    /// (its cgroup is bound to the caller's slot): the agent's own helpers.
+    pub const UNIX_SAME_IDENTITY: u32 = 0xffff_fff2;
+    /// `spec.local[i]` has id `LOCAL_BASE + i + 1`.
+    pub const LOCAL_BASE: u32 = 0x0800_0000;
     /// `spec.onTaint.egress[i]` has id `TAINT_BASE + i + 1`.
     pub const TAINT_BASE: u32 = 0x4000_0000;
     /// `spec.files[i]` has id `FILE_BASE + i + 1`.
@@ -306,6 +378,14 @@ pub mod file_access {
     pub const DENY: u8 = 1;
     pub const AUDIT: u8 = 2;
     pub const TAINT: u8 = 3;
+}
+
+/// `UnixKey.kind`.
+pub mod unix_kind {
+    /// A file-system path (`sun_path` up to its first NUL).
+    pub const PATH: u8 = 1;
+    /// An abstract name (`sun_path[0] == 0`; every byte of the address counts).
+    pub const ABSTRACT: u8 = 2;
 }
 
 /// `PolicyState.flags` bits.
@@ -470,6 +550,96 @@ pub struct FileOffsets {
     pub dentry_d_parent: u32,
     /// `struct dentry.d_inode`
     pub dentry_d_inode: u32,
+    /// 1 when the offsets above are filled in.
+    pub valid: u32,
+}
+
+/// `UNIX_RULES` key: a unix socket address as the agent wrote it, in one
+/// generation (table id 0: the resolver sockets, for every identity).
+/// `name` is `sun_path`'s first `len` bytes, zero-padded: for a path, up to
+/// (without) its first NUL; for an abstract name, the leading NUL and the
+/// name (`len` = address length - 2).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixKey {
+    pub table_id: u32,
+    /// `unix_kind::*`.
+    pub kind: u8,
+    pub len: u8,
+    pub _pad: [u8; 2],
+    pub name: [u8; UNIX_NAME_MAX],
+}
+
+impl Default for UnixKey {
+    fn default() -> Self {
+        Self {
+            table_id: 0,
+            kind: 0,
+            len: 0,
+            _pad: [0; 2],
+            name: [0; UNIX_NAME_MAX],
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixRule {
+    /// `spec.local[i]` -> `rule::LOCAL_BASE + i + 1`; `rule::UNIX_RESOLVER`.
+    pub rule_id: u32,
+    pub _pad: u32,
+}
+
+/// An `action::UNIX_CONNECT` / `UNIX_SEND` decision with the address
+/// (ring buffer; told apart from `Event` and `InspectEvent` by its size).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixEvent {
+    pub event: Event,
+    /// `unix_kind::*` (0: the address could not be read).
+    pub kind: u8,
+    /// Bytes of `name` used (as in `UnixKey`).
+    pub len: u8,
+    pub _pad: [u8; 6],
+    pub name: [u8; UNIX_NAME_MAX],
+    pub _pad2: [u8; 4],
+}
+
+impl Default for UnixEvent {
+    fn default() -> Self {
+        Self {
+            event: Event::default(),
+            kind: 0,
+            len: 0,
+            _pad: [0; 6],
+            name: [0; UNIX_NAME_MAX],
+            _pad2: [0; 4],
+        }
+    }
+}
+
+/// Struct member offsets the BPF LSM unix hooks read (from the kernel's BTF).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixLsmOffsets {
+    /// `struct socket.sk`
+    pub socket_sk: u32,
+    /// `struct sock.sk_cgrp_data.cgroup`
+    pub sock_cgroup: u32,
+    /// `struct cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node.id`
+    pub kn_id: u32,
+    /// `struct kernfs_node.parent`
+    pub kn_parent: u32,
+    /// `struct unix_sock.addr`
+    pub unix_sock_addr: u32,
+    /// `struct unix_sock.path.dentry`
+    pub unix_sock_dentry: u32,
+    /// `struct unix_address.len`
+    pub unix_address_len: u32,
+    /// `struct unix_address.name`
+    pub unix_address_name: u32,
     /// 1 when the offsets above are filled in.
     pub valid: u32,
 }
@@ -729,6 +899,10 @@ mod user {
     unsafe impl aya::Pod for InspectState {}
     unsafe impl aya::Pod for NameKey {}
     unsafe impl aya::Pod for InspectEvent {}
+    unsafe impl aya::Pod for UnixKey {}
+    unsafe impl aya::Pod for UnixRule {}
+    unsafe impl aya::Pod for UnixEvent {}
+    unsafe impl aya::Pod for UnixLsmOffsets {}
 }
 
 #[cfg(test)]
@@ -756,6 +930,15 @@ mod tests {
         assert_eq!(size_of::<InspectState>(), 48);
         assert_eq!(size_of::<NameKey>(), 256);
         assert_eq!(size_of::<InspectEvent>(), size_of::<Event>() + 8 + 16 + 128);
+        assert_eq!(size_of::<UnixKey>(), 8 + UNIX_NAME_MAX);
+        assert_eq!(size_of::<UnixRule>(), 8);
+        assert_eq!(
+            size_of::<UnixEvent>(),
+            size_of::<Event>() + 8 + UNIX_NAME_MAX + 4
+        );
+        // The reader tells records apart by size.
+        assert_ne!(size_of::<UnixEvent>(), size_of::<InspectEvent>());
+        assert!(size_of::<UnixEvent>() < size_of::<InspectEvent>());
     }
 
     #[test]
@@ -764,6 +947,6 @@ mod tests {
         assert_eq!(counter_index(0, 0, 1), 1);
         assert_eq!(counter_index(0, 1, 0), verdict::COUNT);
         assert_eq!(counter_index(1, 0, 0), action::COUNT * verdict::COUNT);
-        assert!(counter_index(MAX_SLOTS - 1, 7, 3) < COUNTERS_LEN);
+        assert!(counter_index(MAX_SLOTS - 1, 9, 3) < COUNTERS_LEN);
     }
 }

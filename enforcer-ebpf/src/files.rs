@@ -50,17 +50,17 @@ static ENFORCER_OFF_FILE_F_INODE: u32 = 0;
 #[unsafe(no_mangle)]
 static ENFORCER_OFF_FILE_DENTRY: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_OFF_INODE_I_INO: u32 = 0;
+pub(crate) static ENFORCER_OFF_INODE_I_INO: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_OFF_INODE_I_SB: u32 = 0;
+pub(crate) static ENFORCER_OFF_INODE_I_SB: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_OFF_SB_S_DEV: u32 = 0;
+pub(crate) static ENFORCER_OFF_SB_S_DEV: u32 = 0;
 #[unsafe(no_mangle)]
 static ENFORCER_OFF_DENTRY_D_PARENT: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_OFF_DENTRY_D_INODE: u32 = 0;
+pub(crate) static ENFORCER_OFF_DENTRY_D_INODE: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_OFF_VALID: u32 = 0;
+pub(crate) static ENFORCER_OFF_VALID: u32 = 0;
 
 #[inline(always)]
 fn off(v: &'static u32) -> usize {

@@ -11,6 +11,8 @@
 //!   socket_connect, socket_sendmsg, file_receive (inet sockets created
 //!   outside the identity)
 //! - `lsm_probe`: lsm/file_open, the BPF LSM capability probe
+//! - `unix`: cgroup/connect_unix, cgroup/sendmsg_unix (unix sockets by `spec.local`)
+//! - `unix_lsm`: lsm/unix_stream_connect, lsm/unix_may_send (the same, seeing the peer)
 //!
 //! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
 //! policy generation, fail closed), `report` (counters and ring-buffer
@@ -44,6 +46,10 @@ mod sock;
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sockopt;
+#[cfg(target_arch = "bpf")]
+mod unix;
+#[cfg(target_arch = "bpf")]
+mod unix_lsm;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

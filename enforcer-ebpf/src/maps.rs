@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     first_bytes::BUF, stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, InspectState,
-    Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet, V4Key, V6Key,
-    BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6,
-    MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED,
-    MAX_SLOTS, REASONS_LEN,
+    Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet, UnixKey, UnixRule,
+    V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES, MAX_DNS_ORIG, MAX_EGRESS_V4,
+    MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES,
+    MAX_RESOLVED, MAX_SLOTS, MAX_UNIX_RULES, REASONS_LEN,
 };
 
 #[map(name = "IDENTITIES")]
@@ -90,3 +90,11 @@ pub static GENERATION: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// (see `first_bytes::Loops::num`). Never written.
 #[map(name = "OPAQUE")]
 pub static OPAQUE: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map(name = "UNIX_RULES")]
+pub static UNIX_RULES: HashMap<UnixKey, UnixRule> = HashMap::with_max_entries(MAX_UNIX_RULES, 0);
+
+/// BPF LSM unix hooks: socket inodes of `spec.local` paths (per generation)
+/// and of the resolver sockets (table id 0).
+#[map(name = "UNIX_INODES")]
+pub static UNIX_INODES: HashMap<FileKey, UnixRule> = HashMap::with_max_entries(MAX_UNIX_RULES, 0);

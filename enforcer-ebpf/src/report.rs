@@ -199,3 +199,28 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
     }
     entry.submit(0);
 }
+
+/// Record a unix socket decision with the address the agent gave.
+#[inline(always)]
+pub fn record_unix(d: &Decision, key: &enforcer_common::UnixKey) {
+    count(d);
+    if !wants_event(d.verdict) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<enforcer_common::UnixEvent>(0) else {
+        bump_stat(stat::EVENTS_LOST);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    let out = entry.as_mut_ptr();
+    unsafe {
+        (*out).event = event(d, pid_tgid, comm);
+        (*out).kind = key.kind;
+        (*out).len = key.len;
+        (*out)._pad = [0; 6];
+        (*out).name = key.name;
+        (*out)._pad2 = [0; 4];
+    }
+    entry.submit(0);
+}

@@ -206,6 +206,13 @@ struct DecisionRecord<'a> {
     /// The name the first bytes presented (SNI or Host), escaped.
     #[serde(skip_serializing_if = "Option::is_none")]
     presented: Option<&'a str>,
+    /// Unix socket actions: the address the agent gave (a path, or an
+    /// abstract name without its leading NUL; non-printable bytes `\xNN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<&'a str>,
+    /// `path`, `abstract` or `unreadable`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket_kind: Option<&'a str>,
     prev_hash: &'a str,
 }
 
@@ -405,6 +412,7 @@ impl AuditLog {
             policy_hash,
             detail,
             first_bytes,
+            unix,
         } = d;
         self.append_with(|buf, seq, prev_hash| {
             serde_json::to_writer(
@@ -432,6 +440,8 @@ impl AuditLog {
                     first_bytes: first_bytes.as_ref().map(|f| f.kind),
                     reason: first_bytes.as_ref().and_then(|f| f.reason),
                     presented: first_bytes.as_ref().and_then(|f| f.name.as_deref()),
+                    socket: unix.as_ref().map(|u| u.name.as_str()),
+                    socket_kind: unix.as_ref().map(|u| u.kind),
                     prev_hash,
                 },
             )
@@ -946,6 +956,7 @@ mod tests {
             policy_hash: "ab".repeat(32),
             detail: (i == 3).then(|| "family=inet".to_string()),
             first_bytes: None,
+            unix: None,
         }
     }
 

@@ -119,6 +119,7 @@ impl DnsSink for Recorder {
             policy_hash: ev.policy_hash.clone(),
             detail: Some(detail),
             first_bytes: None,
+            unix: None,
         });
     }
 

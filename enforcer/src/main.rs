@@ -183,6 +183,11 @@ fn policy_check(files: &[PathBuf]) -> anyhow::Result<i32> {
                             p.policy.metadata.name
                         );
                         println!("  {}", c.inspection_note());
+                        println!(
+                            "  unix sockets: {} listed in spec.local; every other one refused, \
+                             resolver IPC always (needs BPF LSM or Linux >= 6.7)",
+                            c.local.len()
+                        );
                     }
                     Err(e) => {
                         eprintln!("{e}");

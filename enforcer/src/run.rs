@@ -69,6 +69,12 @@ pub struct RunArgs {
     /// instead of refusing it.
     #[arg(long)]
     pub allow_degraded: bool,
+    /// A resolver IPC socket the agent may never reach (repeatable; replaces
+    /// the default list: systemd-resolved's varlink sockets and nscd's,
+    /// under /run and /var/run). Resolving through one would bypass the DNS
+    /// proxy; `spec.local` cannot list one. Needs Linux >= 6.7.
+    #[arg(long = "resolver-socket", value_name = "PATH")]
+    pub resolver_sockets: Vec<PathBuf>,
     /// bpffs directory where links are pinned while the agent runs.
     #[arg(long, default_value = "/sys/fs/bpf/enforcer")]
     pub pin_dir: PathBuf,
@@ -150,6 +156,19 @@ pub fn gate_file_policy(
     Ok(Some(note))
 }
 
+/// `spec.local` must not name a resolver socket of the configured list
+/// (the validator checked the default list; an operator's list may differ).
+pub fn check_local_resolvers(p: &policy::LoadedPolicy, resolvers: &[PathBuf]) -> Result<()> {
+    for (i, r) in p.policy.spec.local.iter().enumerate() {
+        let Some(path) = &r.path else { continue };
+        if let Some(m) = policy::local::resolver_conflict(path, resolvers) {
+            let e = p.error(&format!("spec.local[{i}].path"), m);
+            bail!("{e}");
+        }
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct Summary {
     /// (action, destination, rule, verdict) -> (count, first comm/pid)
@@ -177,6 +196,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     policy::check_supported(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
     let compiled = policy::compile::compile(&loaded).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let resolvers = if args.resolver_sockets.is_empty() {
+        policy::local::default_resolver_sockets()
+    } else {
+        args.resolver_sockets.clone()
+    };
+    check_local_resolvers(&loaded, &resolvers)?;
+
     let identity = IdentityRef {
         name: compiled.name.clone(),
         spiffe_id: compiled.spiffe_id.clone(),
@@ -196,6 +222,31 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
         None
     };
+    if lsm.available {
+        // The BPF LSM unix hooks see the peer socket: preferred over the
+        // cgroup unix hooks (which are then not attached).
+        if let Err(e) =
+            kernel.attach_unix_lsm_hooks(pin_dir.as_ref().map(|d| d.join("unix-lsm")).as_deref())
+        {
+            tracing::warn!("BPF LSM unix hooks: {e:#}");
+        }
+    }
+    let unix = kernel.unix_support();
+    if !unix.available {
+        tracing::warn!(
+            "unix socket hooks unavailable: {}; {}",
+            unix.detail,
+            crate::kernel::UNIX_REQUIREMENT
+        );
+        eprintln!(
+            "enforcer: WARNING: unix sockets are NOT enforced on this kernel ({}): the agent can \
+             reach every unix socket, including resolver IPC",
+            unix.detail
+        );
+    }
+    kernel
+        .set_resolver_sockets(&resolvers)
+        .context("installing the resolver socket list")?;
     if lsm.available {
         // Global hooks: file policy (attached before the paths are resolved:
         // the resolver needs them), and the socket hooks (families no cgroup
@@ -257,6 +308,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 .into_iter()
                 .flatten()
                 .collect::<Vec<_>>(),
+            abstract_by_policy: unix.available
+                && loaded
+                    .policy
+                    .spec
+                    .local
+                    .iter()
+                    .any(|l| l.abstract_name.is_some()),
         },
         &filter,
     )?;
@@ -285,6 +343,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
+    metrics.set_capability("unix_sockets", unix.available);
     metrics.set_attached_cgroups(1);
     metrics.set_policy_info(
         &compiled.name,
@@ -306,11 +365,23 @@ pub fn run(args: RunArgs) -> Result<i32> {
         Some(&identity),
         &compiled.hash,
         &format!(
-            "enforcer run {:?} in cgroup {}; {containment}; {}; bpf_lsm: {}{}",
+            "enforcer run {:?} in cgroup {}; {containment}; {}; bpf_lsm: {}; unix sockets: {} \
+             ({}; resolver sockets refused: {}){}",
             args.command,
             cg.path.display(),
             compiled.inspection_note(),
             lsm.detail,
+            if unix.available {
+                "enforced by spec.local"
+            } else {
+                "NOT enforced"
+            },
+            unix.detail,
+            resolvers
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             degraded
                 .as_deref()
                 .map(|n| format!("; {n}"))
@@ -378,6 +449,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     r.reset_refused();
                     let mut d = attribute(&r.ev, &clock);
                     d.first_bytes = r.first;
+                    d.unix = r.unix;
                     sinks.handle(&d)
                 },
                 move || sinks_flush.flush(),
@@ -719,5 +791,6 @@ fn refused_call_decision(
         policy_hash: policy_hash.to_string(),
         detail: Some(call.detail.clone()),
         first_bytes: None,
+        unix: None,
     }
 }

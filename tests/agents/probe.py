@@ -18,6 +18,8 @@ cgroup *before* it does anything and then probe repeatedly:
   {"op": "packet_udp", "host": h, "port": p, "data": s}
                      AF_PACKET on "lo": hand-built Ethernet/IPv4/UDP frame
                      from 127.0.0.1 to h:p (bypasses connect/sendmsg hooks)
+  {"op": "unix", "path": p, "data": s}   AF_UNIX stream connect + send
+                     ("\u0000name": an abstract socket)
   {"op": "read", "path": p}   open + read the first 64 bytes
   {"op": "cgroup"}   the 0:: line of /proc/self/cgroup
   {"op": "exit"}
@@ -80,6 +82,15 @@ def do(cmd):
         s.settimeout(5)
         try:
             s.connect((cmd["host"], cmd["port"]))
+            s.sendall(cmd["data"].encode())
+            return {"sent": len(cmd["data"])}
+        finally:
+            s.close()
+    if op == "unix":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(cmd["path"])
             s.sendall(cmd["data"].encode())
             return {"sent": len(cmd["data"])}
         finally:

@@ -139,7 +139,7 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
     let bins = test_binaries(
         root,
         cargo,
-        &["files", "capability", "first_bytes", "channels"],
+        &["files", "capability", "first_bytes", "channels", "unix_lsm"],
     )?;
     let mut build = Command::new(cargo);
     build.args(["build", "-p", "enforcer"]).current_dir(root);
@@ -153,14 +153,16 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
     // first_bytes and channels also run on the host: here they prove the
     // cgroup_skb programs on Linux 6.1 (its verifier checks bpf_loop
     // callbacks differently, and its cgroup_skb helpers differ).
+    // unix_lsm: the BPF LSM unix hooks (ignored on the host, like files).
     let script = format!(
         "st=0; {files} --ignored --test-threads=1 || st=$?; \
          {cap} --test-threads=1 || st=$?; {fb} --test-threads=1 || st=$?; \
-         {ch} --test-threads=1 || st=$?; exit $st",
+         {ch} --test-threads=1 || st=$?; {ul} --ignored --test-threads=1 || st=$?; exit $st",
         files = q(&bins[0]),
         cap = q(&bins[1]),
         fb = q(&bins[2]),
         ch = q(&bins[3]),
+        ul = q(&bins[4]),
     );
     let exe = std::env::current_exe().context("xtask's own path")?;
     let mut vm = Command::new(exe);
@@ -177,7 +179,8 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
     Ok(VmResult {
         passed: results.iter().map(|r| r.0).sum(),
         failed: results.iter().map(|r| r.1).sum(),
-        lsm_tests: files.0 + files.1,
+        // The host-ignored binaries: files (first) and unix_lsm (fifth).
+        lsm_tests: files.0 + files.1 + results.get(4).map_or(0, |r| r.0 + r.1),
     })
 }
 

@@ -13,6 +13,7 @@
 //! allowEvents: 1                           # allowed decisions as events: 1 all (default), 0 counted only, N ~1 in N
 //! allowDegraded: false                     # no BPF LSM: run file policies' network part only
 //! resyncSeconds: 2                         # periodic reconcile (bindings that did not exist yet)
+//! resolverSockets: [/run/systemd/resolve/io.systemd.Resolve, ...]  # resolver IPC sockets agents may never reach (default: resolved's varlink + nscd, /run and /var/run)
 //! kubernetes:                              # optional: bind this node's pods (DaemonSet)
 //!   nodeName: node-a                       # default: $NODE_NAME (downward API)
 //!   trustDomain: cluster.local             # SPIFFE trust domain of derived IDs
@@ -57,6 +58,12 @@ pub struct Config {
     /// a reconcile at once.
     #[serde(default = "default_resync_seconds")]
     pub resync_seconds: u64,
+    /// Resolver IPC sockets no agent may connect or send to (resolving
+    /// through one would bypass the DNS proxy); `spec.local` cannot list
+    /// one. Empty (the default): systemd-resolved's varlink sockets and
+    /// nscd's (`policy::local::DEFAULT_RESOLVER_SOCKETS`). Needs Linux >= 6.7.
+    #[serde(default)]
+    pub resolver_sockets: Vec<PathBuf>,
     /// Kubernetes mode: watch this node's pods and bind those an
     /// AgentPolicy selects (`spec.identity.kubernetes`).
     #[serde(default)]

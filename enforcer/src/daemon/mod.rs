@@ -241,6 +241,10 @@ pub struct State {
     net_raw: BTreeMap<u32, String>,
     dns: Arc<DnsService>,
     lsm: crate::kernel::LsmSupport,
+    /// Whether the cgroup unix socket hooks loaded (`spec.local`).
+    unix: crate::kernel::UnixSupport,
+    /// The resolver IPC sockets in force (config, else the default list).
+    resolvers: Vec<PathBuf>,
     /// Per policy: what is not enforced because the kernel lacks BPF LSM.
     degraded: BTreeMap<String, String>,
     /// Kubernetes mode: the node's pods (filled by the watcher task).
@@ -350,6 +354,10 @@ impl State {
                 out.spec_errors.extend(e.0.iter().map(|x| x.to_string()));
                 continue;
             }
+            if let Err(e) = crate::run::check_local_resolvers(&p, &self.resolvers) {
+                out.node_errors.push(format!("{e:#}"));
+                continue;
+            }
             let full = match policy::compile::compile(&p) {
                 Ok(c) => c,
                 Err(e) => {
@@ -433,6 +441,37 @@ impl State {
                 Err(e) => {
                     tracing::error!(policy = %name, "reinstalling with the newly resolved paths failed; the installed version stays: {e:#}")
                 }
+            }
+        }
+    }
+
+    /// BPF LSM unix hooks match `spec.local` paths by socket inode: a
+    /// service that re-created its socket (or one that appeared since) needs
+    /// the policy installed again (periodic resync); the resolver sockets
+    /// likewise.
+    fn retry_moved_unix_sockets(&mut self) {
+        self.kernel.refresh_resolver_inodes();
+        let moved: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(_, a)| self.kernel.unix_sockets_moved(a.slot, &a.compiled))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in moved {
+            let Some(a) = self.active.get(&name) else {
+                continue;
+            };
+            let (slot, compiled, files) = (a.slot, a.compiled.clone(), a.files.clone());
+            match self.kernel.install_policy(slot, &compiled, &files) {
+                Ok(()) => tracing::info!(
+                    policy = %name,
+                    "a spec.local socket is a new inode (re-created); policy reinstalled"
+                ),
+                Err(e) => tracing::error!(
+                    policy = %name,
+                    "reinstalling for a re-created spec.local socket failed; the installed \
+                     version stays: {e:#}"
+                ),
             }
         }
     }
@@ -1420,13 +1459,34 @@ impl State {
             reloads_rejected: self.reloads_rejected,
             events_lost: self.kernel.stat(enforcer_common::stat::EVENTS_LOST),
             net_raw_processes: self.net_raw.values().cloned().collect(),
-            capabilities: BTreeMap::from([(
-                "bpf_lsm".to_string(),
-                control::Capability {
-                    available: self.lsm.available,
-                    detail: self.lsm.detail.clone(),
-                },
-            )]),
+            capabilities: BTreeMap::from([
+                (
+                    "bpf_lsm".to_string(),
+                    control::Capability {
+                        available: self.lsm.available,
+                        detail: self.lsm.detail.clone(),
+                    },
+                ),
+                (
+                    "unix_sockets".to_string(),
+                    control::Capability {
+                        available: self.unix.available,
+                        detail: if self.unix.available {
+                            format!(
+                                "{}; spec.local enforced; resolver sockets refused: {}",
+                                self.unix.detail,
+                                self.resolvers
+                                    .iter()
+                                    .map(|p| p.display().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        } else {
+                            format!("{}; {}", self.unix.detail, crate::kernel::UNIX_REQUIREMENT)
+                        },
+                    },
+                ),
+            ]),
             degraded: self.degraded.values().cloned().collect(),
         }
     }
@@ -1469,10 +1529,36 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             }
         );
     }
+    if lsm.available {
+        // The BPF LSM unix hooks see the peer socket: preferred over the
+        // cgroup unix hooks (which are then not attached to cgroups).
+        if let Err(e) = kernel.attach_unix_lsm_hooks(Some(&cfg.pin_dir.join("unix-lsm"))) {
+            tracing::warn!("BPF LSM unix hooks: {e:#}");
+        }
+    }
+    let unix = kernel.unix_support();
+    let resolvers = if cfg.resolver_sockets.is_empty() {
+        policy::local::default_resolver_sockets()
+    } else {
+        cfg.resolver_sockets.clone()
+    };
+    if unix.available {
+        tracing::info!("unix socket hooks available: {}", unix.detail);
+    } else {
+        tracing::warn!(
+            "unix socket hooks unavailable: {}; {}: spec.local is NOT enforced",
+            unix.detail,
+            crate::kernel::UNIX_REQUIREMENT
+        );
+    }
+    kernel
+        .set_resolver_sockets(&resolvers)
+        .context("installing the resolver socket list")?;
     kernel.set_allow_sample(cfg.allow_events)?;
     let ring = kernel.take_events().context("event ring buffer")?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
+    metrics.set_capability("unix_sockets", unix.available);
     let audit = match &cfg.audit_log {
         Some(p) => {
             if let Some(d) = p.parent() {
@@ -1512,6 +1598,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         net_raw: BTreeMap::new(),
         dns: dns.clone(),
         lsm: lsm.clone(),
+        unix,
+        resolvers,
         degraded: BTreeMap::new(),
         pending_dns: Vec::new(),
         own_netns: crate::netns::NetnsId::own()
@@ -1669,6 +1757,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
                 r.reset_refused();
                 let mut d = attribute(&r.ev, &clock);
                 d.first_bytes = r.first;
+                d.unix = r.unix;
                 sinks_h.handle(&d)
             },
             move || sinks_f.flush(),
@@ -1721,6 +1810,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
                 s.reload_policies();
             } else {
                 s.retry_unresolved_files();
+                s.retry_moved_unix_sockets();
             }
         }
         start_dns(&state, &dns).await;

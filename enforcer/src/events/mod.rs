@@ -33,6 +33,10 @@ pub enum Action {
     /// An inet socket made outside the identity, refused when the agent
     /// would receive it (SCM_RIGHTS, pidfd_getfd).
     FdReceive,
+    /// connect(2) of a unix socket (`spec.local`).
+    UnixConnect,
+    /// sendto/sendmsg of a unix datagram socket to an address (`spec.local`).
+    UnixSend,
     /// A system call the agent's seccomp filter refused (`enforcer run`);
     /// decided in userspace, never counted by the kernel.
     Syscall,
@@ -54,6 +58,8 @@ impl Action {
             k::INGRESS => Self::Ingress,
             k::SETSOCKOPT => Self::Setsockopt,
             k::FD_RECEIVE => Self::FdReceive,
+            k::UNIX_CONNECT => Self::UnixConnect,
+            k::UNIX_SEND => Self::UnixSend,
             _ => return None,
         })
     }
@@ -71,11 +77,13 @@ impl Action {
             Self::Ingress => "ingress",
             Self::Setsockopt => "setsockopt",
             Self::FdReceive => "fd_receive",
+            Self::UnixConnect => "unix_connect",
+            Self::UnixSend => "unix_send",
             Self::Syscall => "syscall",
         }
     }
     /// The actions the kernel decides and counts.
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 14] = [
         Self::Connect,
         Self::Sendmsg,
         Self::SockCreate,
@@ -88,9 +96,14 @@ impl Action {
         Self::Ingress,
         Self::Setsockopt,
         Self::FdReceive,
+        Self::UnixConnect,
+        Self::UnixSend,
     ];
     pub fn is_file(self) -> bool {
         matches!(self, Self::FileOpen | Self::FileLink | Self::FileRename)
+    }
+    pub fn is_unix(self) -> bool {
+        matches!(self, Self::UnixConnect | Self::UnixSend)
     }
     pub fn kernel_code(self) -> u8 {
         use enforcer_common::action as k;
@@ -107,6 +120,8 @@ impl Action {
             Self::Ingress => k::INGRESS,
             Self::Setsockopt => k::SETSOCKOPT,
             Self::FdReceive => k::FD_RECEIVE,
+            Self::UnixConnect => k::UNIX_CONNECT,
+            Self::UnixSend => k::UNIX_SEND,
             // Not a kernel action: never in ALL, never an index.
             Self::Syscall => u8::MAX,
         }
@@ -210,6 +225,19 @@ pub struct Decision {
     /// Action `inspect`: what the first bytes were and said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_bytes: Option<FirstBytes>,
+    /// Actions `unix_connect` / `unix_send`: the socket address the agent gave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix: Option<UnixAddress>,
+}
+
+/// A unix socket address as the agent wrote it (actions `unix_connect`, `unix_send`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnixAddress {
+    /// `path`, `abstract`, or `unreadable` (the hook could not read it).
+    pub kind: &'static str,
+    /// The path, or the abstract name without its leading NUL;
+    /// non-printable bytes escaped as `\xNN`.
+    pub name: String,
 }
 
 /// What a connection's first bytes were (action `inspect`).

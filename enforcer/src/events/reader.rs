@@ -16,7 +16,9 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use enforcer_common::{action, first_bytes, rule, verdict, Event, InspectEvent};
+use enforcer_common::{
+    action, first_bytes, rule, unix_kind, verdict, Event, InspectEvent, UnixEvent, UNIX_NAME_MAX,
+};
 use tokio::io::unix::AsyncFd;
 
 use super::{Action, Decision, FirstBytes, IdentityRef, Verdict};
@@ -38,6 +40,8 @@ pub struct Decoded {
     pub first: Option<FirstBytes>,
     /// Judged first bytes: the connection's (local, peer) ends.
     pub conn: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// Unix socket decisions: the address.
+    pub unix: Option<super::UnixAddress>,
 }
 
 impl Decoded {
@@ -96,17 +100,38 @@ pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
             // A packet refused by a cgroup_skb program: no first bytes.
             return Some(Decoded {
                 conn,
+                unix: None,
                 ev: ie.event,
                 first: None,
             });
         }
         return Some(Decoded {
             conn,
+            unix: None,
             ev: ie.event,
             first: Some(FirstBytes {
                 kind,
                 reason: (!reason.is_empty()).then_some(reason),
                 name: (n > 0).then_some(name),
+            }),
+        });
+    }
+    if bytes.len() >= size_of::<UnixEvent>() {
+        // SAFETY: length checked; UnixEvent is plain old data; unaligned read.
+        let ue = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<UnixEvent>()) };
+        let n = usize::from(ue.len).min(UNIX_NAME_MAX);
+        let kind = match ue.kind {
+            unix_kind::PATH => "path",
+            unix_kind::ABSTRACT => "abstract",
+            _ => "unreadable",
+        };
+        return Some(Decoded {
+            ev: ue.event,
+            first: None,
+            conn: None,
+            unix: Some(super::UnixAddress {
+                kind,
+                name: crate::policy::local::display_name(ue.kind, &ue.name[..n]),
             }),
         });
     }
@@ -127,6 +152,7 @@ pub fn decode_record(bytes: &[u8]) -> Option<Decoded> {
         ev,
         first,
         conn: None,
+        unix: None,
     })
 }
 
@@ -156,6 +182,8 @@ pub struct SlotInfo {
     pub files: Vec<String>,
     /// Descriptions of `spec.ingress[i]` (rule `INGRESS_BASE + i + 1`).
     pub ingress_rules: Vec<String>,
+    /// Descriptions of `spec.local[i]` (rule `LOCAL_BASE + i + 1`).
+    pub local: Vec<String>,
 }
 
 impl SlotInfo {
@@ -170,6 +198,11 @@ impl SlotInfo {
                 .files
                 .iter()
                 .map(|f| f.path.display().to_string())
+                .collect(),
+            local: compiled
+                .local
+                .iter()
+                .map(|l| l.description.clone())
                 .collect(),
         }
     }
@@ -334,6 +367,16 @@ impl Attribution {
                 None,
                 Some(format!("setsockopt({level}, {}): {why}", ev.port)),
             )
+        } else if act.is_unix() {
+            let detail = match ev.rule_id {
+                rule::UNIX_RESOLVER => Some(format!(
+                    "resolver IPC socket refused: {}",
+                    crate::policy::local::RESOLVER_REASON
+                )),
+                rule::DEFAULT_DENY => Some("unix socket not listed in spec.local".to_string()),
+                _ => None,
+            };
+            (None, None, detail)
         } else if ev.action == action::SOCK_CREATE {
             (
                 None,
@@ -379,7 +422,8 @@ impl Attribution {
             action: act,
             ip,
             port,
-            protocol: (!act.is_file()).then(|| protocol_name(ev.protocol, ev.sock_type)),
+            protocol: (!act.is_file() && !act.is_unix())
+                .then(|| protocol_name(ev.protocol, ev.sock_type)),
             host: None,
             path,
             workload,
@@ -388,6 +432,7 @@ impl Attribution {
             policy_hash: info.map(|i| i.policy_hash).unwrap_or_default(),
             detail,
             first_bytes: None,
+            unix: None,
         }
     }
 }
@@ -439,6 +484,13 @@ pub fn slot_rule_name(rule_id: u32, info: Option<&SlotInfo>) -> String {
             .and_then(|i| i.ingress_rules.get(index(rule::INGRESS_BASE)))
             .cloned()
             .unwrap_or_else(|| format!("ingress[{}]", index(rule::INGRESS_BASE)));
+    }
+    if rule_id > rule::LOCAL_BASE && rule_id < rule::INGRESS_BASE {
+        let i = index(rule::LOCAL_BASE);
+        return info
+            .and_then(|s| s.local.get(i))
+            .cloned()
+            .unwrap_or_else(|| format!("local[{i}]"));
     }
     if rule_id > rule::FILE_BASE && rule_id < rule::TAINT_BASE {
         let i = index(rule::FILE_BASE);
@@ -657,6 +709,7 @@ mod tests {
                 rules: vec!["egress[0] cidr 127.0.0.1/32".into()],
                 taint_rules: vec!["onTaint.egress[0] cidr 127.0.0.2/32".into()],
                 files: vec!["/home/agent/.ssh".into()],
+                local: vec![],
             },
         );
         let mut addr = [0u8; 16];
@@ -709,6 +762,7 @@ mod tests {
                 rules: vec![],
                 taint_rules: vec!["onTaint.egress[0] host api.example".into()],
                 files: vec!["/home/agent/.ssh".into(), "/run/token".into()],
+                local: vec![],
             },
         );
         let mut addr = [0u8; 16];
@@ -742,5 +796,66 @@ mod tests {
             a.decision(&ev, &Clock::new()).rule,
             "onTaint.egress[0] host api.example"
         );
+    }
+
+    #[test]
+    fn unix_events_carry_the_address_and_name_the_rule() {
+        use enforcer_common::{unix_kind, UnixEvent};
+        let a = Attribution::default();
+        a.set(
+            1,
+            SlotInfo {
+                ingress_rules: Vec::new(),
+                identity: IdentityRef {
+                    name: "demo".into(),
+                    spiffe_id: None,
+                },
+                policy_hash: "abc".into(),
+                rules: vec![],
+                taint_rules: vec![],
+                files: vec![],
+                local: vec!["local[0] abstract bus".into()],
+            },
+        );
+        let mut ue = UnixEvent::default();
+        ue.event.slot = 1;
+        ue.event.action = action::UNIX_CONNECT;
+        ue.event.verdict = verdict::ALLOW;
+        ue.event.rule_id = rule::LOCAL_BASE + 1;
+        ue.kind = unix_kind::ABSTRACT;
+        ue.len = 4;
+        ue.name[..4].copy_from_slice(b"\0bus");
+        // SAFETY: plain old data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ue as *const UnixEvent).cast::<u8>(),
+                size_of::<UnixEvent>(),
+            )
+        };
+        let r = decode_record(bytes).unwrap();
+        let u = r.unix.clone().unwrap();
+        assert_eq!((u.kind, u.name.as_str()), ("abstract", "bus"));
+        let d = a.decision(&r.ev, &Clock::new());
+        assert_eq!(d.action, super::super::Action::UnixConnect);
+        assert_eq!(d.rule, "local[0] abstract bus");
+        assert_eq!(d.protocol, None);
+
+        ue.kind = unix_kind::PATH;
+        ue.name = [0; enforcer_common::UNIX_NAME_MAX];
+        ue.name[..12].copy_from_slice(b"/run/x\x01.sock");
+        ue.len = 11;
+        ue.event.rule_id = rule::UNIX_RESOLVER;
+        ue.event.verdict = verdict::DENY;
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&ue as *const UnixEvent).cast::<u8>(),
+                size_of::<UnixEvent>(),
+            )
+        };
+        let r = decode_record(bytes).unwrap();
+        assert_eq!(r.unix.as_ref().unwrap().name, "/run/x\\x01.soc");
+        let d = a.decision(&r.ev, &Clock::new());
+        assert_eq!(d.rule, "resolver-ipc");
+        assert!(d.detail.unwrap().contains("bypass the DNS proxy"));
     }
 }

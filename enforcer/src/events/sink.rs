@@ -199,6 +199,12 @@ pub fn destination(d: &Decision) -> String {
     if let (Action::Dns, Some(name)) = (d.action, &d.host) {
         return format!("{name} ({})", d.protocol.as_deref().unwrap_or("dns"));
     }
+    if let Some(u) = &d.unix {
+        return match u.kind {
+            "abstract" => format!("unix @{}", u.name),
+            _ => format!("unix {}", u.name),
+        };
+    }
     match (d.ip, d.port) {
         (Some(std::net::IpAddr::V6(ip)), Some(p)) => format!("[{ip}]:{p}"),
         (Some(ip), Some(p)) => format!("{ip}:{p}"),
@@ -212,7 +218,13 @@ pub fn publish_kernel_counters(kernel: &Kernel, metrics: &Metrics, slots: &[(u32
     for (slot, name) in slots.iter().chain(std::iter::once(&unknown)) {
         let c = kernel.slot_counters(*slot);
         // Actions decided in the kernel by this release.
-        for a in [Action::Connect, Action::Sendmsg, Action::SockCreate] {
+        for a in [
+            Action::Connect,
+            Action::Sendmsg,
+            Action::SockCreate,
+            Action::UnixConnect,
+            Action::UnixSend,
+        ] {
             for v in Verdict::ALL {
                 let n = c[a.kernel_code() as usize][v.kernel_code() as usize];
                 if n > 0 || *slot != enforcer_common::SLOT_UNKNOWN {

@@ -295,6 +295,34 @@ pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
     })
 }
 
+/// `struct bpf_sock_addr_kern`'s `uaddr` and `uaddrlen` (the unix socket
+/// hooks read the address through them). `uaddrlen` exists since Linux 6.7,
+/// the first kernel with those hooks.
+pub fn sock_addr_offsets(btf: &Btf) -> Result<(u32, u32), BtfError> {
+    Ok((
+        btf.member_offset("bpf_sock_addr_kern", "uaddr")?,
+        btf.member_offset("bpf_sock_addr_kern", "uaddrlen")?,
+    ))
+}
+
+/// The offsets the BPF LSM unix hooks need.
+pub fn unix_lsm_offsets(btf: &Btf) -> Result<enforcer_common::UnixLsmOffsets, BtfError> {
+    Ok(enforcer_common::UnixLsmOffsets {
+        socket_sk: btf.member_offset("socket", "sk")?,
+        sock_cgroup: btf.member_offset("sock", "sk_cgrp_data.cgroup")?,
+        cgroup_kn: btf.member_offset("cgroup", "kn")?,
+        kn_id: btf.member_offset("kernfs_node", "id")?,
+        kn_parent: btf
+            .member_offset("kernfs_node", "parent")
+            .or_else(|_| btf.member_offset("kernfs_node", "__parent"))?,
+        unix_sock_addr: btf.member_offset("unix_sock", "addr")?,
+        unix_sock_dentry: btf.member_offset("unix_sock", "path.dentry")?,
+        unix_address_len: btf.member_offset("unix_address", "len")?,
+        unix_address_name: btf.member_offset("unix_address", "name")?,
+        valid: 1,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +482,9 @@ mod tests {
         assert!([16, 24].contains(&(o.inode_i_ino - o.inode_i_sb)), "{o:?}");
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         if release.starts_with("6.18.") {
+            // struct bpf_sock_addr_kern { struct sock *sk; struct sockaddr
+            // *uaddr; u64 tmp_reg; void *t_ctx; u32 uaddrlen; }
+            assert_eq!(sock_addr_offsets(&btf).unwrap(), (8, 32));
             // v6.18 with FS_POSIX_ACL, SECURITY and no lock debugging (this
             // host, and the usual distribution kernel): `struct file` is
             // f_lock(4) f_mode(4) f_op f_mapping private_data f_inode(32) ...

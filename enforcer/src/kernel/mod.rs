@@ -20,6 +20,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use std::os::unix::ffi::OsStrExt;
+
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
@@ -33,7 +35,8 @@ use aya::{
 use enforcer_common::{
     action, bloom_bit, counter_index, first_bytes, globals, map_names, policy_flags, prog_names,
     reason_index, stat, verdict, FileKey, FileOffsets, FileRuleValue, GlobalConfig,
-    IdentityBinding, NameKey, PolicyState, RuleSet, V4Key, V6Key, BLOOM_WORDS, MAX_SLOTS,
+    IdentityBinding, NameKey, PolicyState, RuleSet, UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS,
+    MAX_SLOTS,
 };
 
 use crate::policy::{compile::NameEntry, CompiledPolicy};
@@ -61,6 +64,10 @@ struct Installed {
     v6: Vec<Key<V6Key>>,
     files: Vec<FileKey>,
     names: Vec<Key<NameKey>>,
+    /// `spec.local` entries (`UNIX_RULES`).
+    unix: Vec<UnixKey>,
+    /// `spec.local` paths as socket inodes (`UNIX_INODES`, BPF LSM hooks).
+    unix_inodes: Vec<FileKey>,
 }
 
 /// `TAINTED[slot]`: set by the kernel when an identity opens a `taint`
@@ -114,6 +121,18 @@ pub struct Kernel {
     lsm_links: Vec<FdLink>,
     lsm_pinned: Vec<PinnedLink>,
     installed: StdHashMap<u32, Installed>,
+    unix_rules: HashMap<MapData, UnixKey, UnixRule>,
+    unix_inodes: HashMap<MapData, FileKey, UnixRule>,
+    /// Whether the unix socket hooks loaded (Linux >= 6.7).
+    unix: UnixSupport,
+    /// The BPF LSM unix hooks are attached: they judge unix sockets, and
+    /// the cgroup unix hooks are not attached.
+    unix_lsm: bool,
+    unix_lsm_links: Vec<FdLink>,
+    unix_lsm_pinned: Vec<PinnedLink>,
+    unix_lsm_offsets_valid: bool,
+    /// The resolver sockets (re-resolved to inodes with each install).
+    resolvers: Vec<PathBuf>,
     /// DNS proxy port per slot (kept across policy swaps).
     dns_ports: StdHashMap<u32, u16>,
     next_table_id: u32,
@@ -154,6 +173,22 @@ pub struct LsmSupport {
     /// What the probe saw: the error, or "lsm/file_open loaded and attached".
     pub detail: String,
 }
+
+/// Whether unix socket policy is enforced: the BPF LSM unix hooks are
+/// attached, or the cgroup unix hooks (`cgroup/connect_unix`,
+/// `cgroup/sendmsg_unix`, Linux >= 6.7) loaded. Without either
+/// `spec.local` is not enforced and agents reach every unix socket.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct UnixSupport {
+    pub available: bool,
+    pub detail: String,
+}
+
+/// What is lost without the unix socket hooks, in the words a user can act on.
+pub const UNIX_REQUIREMENT: &str = "unix socket policy (`spec.local`, the resolver IPC refusal) \
+    needs BPF LSM (lsm/unix_stream_connect, lsm/unix_may_send) or the cgroup/connect_unix and \
+    cgroup/sendmsg_unix hooks of Linux >= 6.7; without them agents can connect to every unix \
+    socket (local proxies, docker.sock, D-Bus, systemd-resolved's varlink socket)";
 
 /// The kernel requirement, in the words a user can act on.
 pub const LSM_REQUIREMENT: &str = "file policy (`files:`, `onTaint:`) needs BPF LSM: a kernel \
@@ -211,6 +246,33 @@ impl Kernel {
                 FileOffsets::default()
             }
         };
+        let sock_addr = btf::Btf::from_sys_fs().and_then(|b| btf::sock_addr_offsets(&b));
+        let (uaddr_off, uaddrlen_off) = match &sock_addr {
+            Ok(o) => *o,
+            Err(_) => (0, 0),
+        };
+        loader.override_global(globals::SOCK_ADDR_UADDR, &uaddr_off, true);
+        loader.override_global(globals::SOCK_ADDR_UADDRLEN, &uaddrlen_off, true);
+        let unix_lsm = match btf::Btf::from_sys_fs().and_then(|b| btf::unix_lsm_offsets(&b)) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!("no struct offsets for the BPF LSM unix hooks: {e}");
+                enforcer_common::UnixLsmOffsets::default()
+            }
+        };
+        for (name, value) in [
+            (globals::SOCKET_SK, &unix_lsm.socket_sk),
+            (globals::SOCK_CGROUP, &unix_lsm.sock_cgroup),
+            (globals::CGROUP_KN, &unix_lsm.cgroup_kn),
+            (globals::KN_ID, &unix_lsm.kn_id),
+            (globals::KN_PARENT, &unix_lsm.kn_parent),
+            (globals::UNIX_SOCK_ADDR, &unix_lsm.unix_sock_addr),
+            (globals::UNIX_SOCK_DENTRY, &unix_lsm.unix_sock_dentry),
+            (globals::UNIX_ADDRESS_LEN, &unix_lsm.unix_address_len),
+            (globals::UNIX_ADDRESS_NAME, &unix_lsm.unix_address_name),
+        ] {
+            loader.override_global(name, value, true);
+        }
         for (name, value) in [
             (globals::FILE_F_INODE, &offsets.file_f_inode),
             (globals::FILE_DENTRY, &offsets.file_dentry),
@@ -270,6 +332,19 @@ impl Kernel {
             };
             res.map_err(|e| anyhow!("loading program {name}: {e:#}"))?;
         }
+        let unix = match sock_addr {
+            Err(e) => UnixSupport {
+                available: false,
+                detail: format!(
+                    "no struct bpf_sock_addr_kern.uaddrlen in the kernel's BTF (Linux < 6.7?): {e}"
+                ),
+            },
+            Ok(_) => load_unix_programs(&mut ebpf),
+        };
+        let mut unix_rules: HashMap<MapData, UnixKey, UnixRule> =
+            map(&mut ebpf, map_names::UNIX_RULES)?;
+        let mut unix_inodes: HashMap<MapData, FileKey, UnixRule> =
+            map(&mut ebpf, map_names::UNIX_INODES)?;
         let identities = map(&mut ebpf, map_names::IDENTITIES)?;
         let policies: Array<MapData, PolicyState> = map(&mut ebpf, map_names::POLICIES)?;
         let mut v4: LpmTrie<MapData, V4Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V4)?;
@@ -364,6 +439,21 @@ impl Kernel {
                     None => orphans += usize::from(file_rules.remove(&k).is_ok()),
                 }
             }
+            // (Table id 0: the resolver sockets, rewritten by set_resolver_sockets.)
+            let keys: Vec<UnixKey> = unix_rules.keys().flatten().collect();
+            for k in keys.into_iter().filter(|k| k.table_id != 0) {
+                match owner.get(&k.table_id) {
+                    Some(s) => installed.entry(*s).or_default().unix.push(k),
+                    None => orphans += usize::from(unix_rules.remove(&k).is_ok()),
+                }
+            }
+            let keys: Vec<FileKey> = unix_inodes.keys().flatten().collect();
+            for k in keys.into_iter().filter(|k| k.table_id != 0) {
+                match owner.get(&k.table_id) {
+                    Some(s) => installed.entry(*s).or_default().unix_inodes.push(k),
+                    None => orphans += usize::from(unix_inodes.remove(&k).is_ok()),
+                }
+            }
             if orphans > 0 {
                 tracing::info!(
                     entries = orphans,
@@ -397,9 +487,266 @@ impl Kernel {
             lsm_links: Vec::new(),
             lsm_pinned: Vec::new(),
             installed,
+            unix_rules,
+            unix_inodes,
+            unix,
+            unix_lsm: false,
+            unix_lsm_links: Vec::new(),
+            unix_lsm_pinned: Vec::new(),
+            unix_lsm_offsets_valid: unix_lsm.valid != 0,
+            resolvers: Vec::new(),
             dns_ports,
             next_table_id,
         })
+    }
+
+    /// Whether the unix socket hooks loaded (they are attached with the
+    /// other cgroup programs).
+    pub fn unix_support(&self) -> UnixSupport {
+        self.unix.clone()
+    }
+
+    /// Replace the resolver IPC sockets (`UNIX_RULES` table id 0): refused
+    /// for every identity with rule `UNIX_RESOLVER`.
+    pub fn set_resolver_sockets(&mut self, sockets: &[PathBuf]) -> Result<()> {
+        let keys = crate::policy::local::resolver_keys(sockets);
+        let stale: Vec<UnixKey> = self
+            .unix_rules
+            .keys()
+            .flatten()
+            .filter(|k| k.table_id == 0 && !keys.contains(k))
+            .collect();
+        let value = UnixRule {
+            rule_id: enforcer_common::rule::UNIX_RESOLVER,
+            _pad: 0,
+        };
+        for k in &keys {
+            self.unix_rules
+                .insert(k, value, 0)
+                .context("inserting a resolver socket into UNIX_RULES")?;
+        }
+        for k in stale {
+            let _ = self.unix_rules.remove(&k);
+        }
+        self.resolvers = sockets.to_vec();
+        self.write_resolver_inodes()
+    }
+
+    /// The resolver sockets' inodes (`UNIX_INODES` table id 0) for the BPF
+    /// LSM unix hooks: those that exist now.
+    fn write_resolver_inodes(&mut self) -> Result<()> {
+        let value = UnixRule {
+            rule_id: enforcer_common::rule::UNIX_RESOLVER,
+            _pad: 0,
+        };
+        let resolvers = self.resolvers.clone();
+        let mut keys: Vec<FileKey> = Vec::new();
+        for p in &resolvers {
+            for k in self.socket_inodes(p, 0) {
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+        }
+        let stale: Vec<FileKey> = self
+            .unix_inodes
+            .keys()
+            .flatten()
+            .filter(|k| k.table_id == 0 && !keys.contains(k))
+            .collect();
+        for k in &keys {
+            self.unix_inodes
+                .insert(k, value, 0)
+                .context("inserting a resolver socket into UNIX_INODES")?;
+        }
+        for k in stale {
+            let _ = self.unix_inodes.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The inode keys of the unix socket at `path` as the BPF LSM unix
+    /// hooks will see it: what `stat` says, and what the hooks record when
+    /// this thread connects to it (refused by them: nothing reaches the
+    /// service). They differ on stacked file systems (overlayfs).
+    fn socket_inodes(&mut self, path: &Path, table_id: u32) -> Vec<FileKey> {
+        let mut out: Vec<FileKey> = socket_inode(path, table_id).into_iter().collect();
+        if !self.unix_lsm || out.is_empty() {
+            return out;
+        }
+        self.resolver_tid = nix::unistd::gettid().as_raw() as u32;
+        if self.write_config().is_ok() {
+            let stale: Vec<FileKey> = self.resolved.keys().filter_map(|k| k.ok()).collect();
+            for k in stale {
+                let _ = self.resolved.remove(&k);
+            }
+            for ty in [libc::SOCK_STREAM, libc::SOCK_SEQPACKET, libc::SOCK_DGRAM] {
+                probe_connect(path, ty);
+                let seen: Vec<FileKey> = self.resolved.keys().filter_map(|k| k.ok()).collect();
+                if !seen.is_empty() {
+                    for k in seen {
+                        let k = FileKey { table_id, ..k };
+                        if !out.contains(&k) {
+                            out.push(k);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        self.resolver_tid = 0;
+        if let Err(e) = self.write_config() {
+            tracing::error!("clearing the resolver thread id: {e:#}");
+        }
+        out
+    }
+
+    /// BPF LSM unix hooks: whether a `spec.local` path of `slot`'s
+    /// installed generation now names a socket inode that generation does
+    /// not hold (the service re-created its socket, or it appeared): the
+    /// policy must be installed again. Cheap: one `stat` per path.
+    pub fn unix_sockets_moved(&self, slot: u32, compiled: &CompiledPolicy) -> bool {
+        if !self.unix_lsm {
+            return false;
+        }
+        let Some(g) = self.installed.get(&slot) else {
+            return false;
+        };
+        compiled
+            .local
+            .iter()
+            .filter(|l| l.kind == enforcer_common::unix_kind::PATH)
+            .filter_map(|l| socket_inode(Path::new(std::ffi::OsStr::from_bytes(&l.name)), 0))
+            .any(|k| {
+                !g.unix_inodes
+                    .iter()
+                    .any(|i| i.ino == k.ino && i.dev == k.dev)
+            })
+    }
+
+    /// BPF LSM unix hooks: resolve the resolver sockets again when one of
+    /// them now is a socket inode not in `UNIX_INODES` (re-created).
+    pub fn refresh_resolver_inodes(&mut self) {
+        if !self.unix_lsm {
+            return;
+        }
+        let moved = self
+            .resolvers
+            .iter()
+            .filter_map(|p| socket_inode(p, 0))
+            .any(|k| self.unix_inodes.get(&k, 0).is_err());
+        if moved {
+            if let Err(e) = self.write_resolver_inodes() {
+                tracing::warn!("resolving the resolver sockets again: {e:#}");
+            }
+        }
+    }
+
+    /// Whether the BPF LSM unix hooks judge unix sockets.
+    pub fn unix_lsm_attached(&self) -> bool {
+        self.unix_lsm
+    }
+
+    /// Load and attach `lsm/unix_stream_connect` and `lsm/unix_may_send`
+    /// (BPF LSM must work): they see the peer socket, so they replace the
+    /// cgroup unix hooks (which are then not attached to new cgroups).
+    /// With `pin_dir`, the links are pinned (and adopted) like the file hooks'.
+    pub fn attach_unix_lsm_hooks(&mut self, pin_dir: Option<&Path>) -> Result<()> {
+        if self.unix_lsm {
+            return Ok(());
+        }
+        if !self.unix_lsm_offsets_valid {
+            bail!(
+                "the BPF LSM unix hooks need struct offsets from the kernel's BTF \
+                 (/sys/kernel/btf/vmlinux), which could not be read"
+            );
+        }
+        let (links, pinned) = self.attach_lsm_set(&prog_names::UNIX_LSM, pin_dir)?;
+        self.unix_lsm_links = links;
+        self.unix_lsm_pinned = pinned;
+        self.set_unix_lsm();
+        Ok(())
+    }
+
+    /// Load and attach the LSM programs `progs` ((program, hook)). With
+    /// `pin_dir`, their links are pinned there, and a complete set a
+    /// previous daemon pinned there is adopted instead (a partial one is
+    /// removed first). Returns the links (unpinned) or the pins.
+    fn attach_lsm_set(
+        &mut self,
+        progs: &[(&'static str, &'static str)],
+        pin_dir: Option<&Path>,
+    ) -> Result<(Vec<FdLink>, Vec<PinnedLink>)> {
+        if let Some(dir) = pin_dir {
+            let pinned: Vec<PinnedLink> = progs
+                .iter()
+                .filter_map(|(name, _)| PinnedLink::from_pin(dir.join(name)).ok())
+                .collect();
+            if pinned.len() == progs.len() {
+                return Ok((Vec::new(), pinned));
+            }
+            for p in pinned {
+                let _ = p.unpin();
+            }
+        }
+        let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let mut links = Vec::new();
+        for (name, hook) in progs {
+            let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
+                bail!("eBPF object has no LSM program {name}");
+            };
+            prog.load(hook, &kbtf).map_err(|e| {
+                anyhow!(
+                    "loading {name} (lsm/{hook}): {}",
+                    short_load_error(&format!("{e:#}"))
+                )
+            })?;
+            let id = prog
+                .attach()
+                .map_err(|e| anyhow!("attaching {name} (lsm/{hook}): {e:#}"))?;
+            links.push(FdLink::from(prog.take_link(id)?));
+        }
+        let Some(dir) = pin_dir else {
+            return Ok((links, Vec::new()));
+        };
+        private_dir(dir)
+            .with_context(|| format!("creating link pin directory {}", dir.display()))?;
+        let mut pinned = Vec::new();
+        for (link, (name, _)) in links.into_iter().zip(progs) {
+            let path = dir.join(name);
+            let _ = fs::remove_file(&path);
+            pinned.push(
+                link.pin(&path)
+                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?,
+            );
+        }
+        Ok((Vec::new(), pinned))
+    }
+
+    fn set_unix_lsm(&mut self) {
+        self.unix_lsm = true;
+        self.unix = UnixSupport {
+            available: true,
+            detail: format!(
+                "BPF LSM unix_stream_connect and unix_may_send attached (the peer socket is \
+                 judged: same identity, path by inode, abstract name){}",
+                if self.unix.available {
+                    "; the cgroup unix hooks are not attached"
+                } else {
+                    ""
+                }
+            ),
+        };
+    }
+
+    /// The cgroup programs this kernel attaches: every one of
+    /// `prog_names::ALL`, and the unix socket hooks where they loaded.
+    fn cgroup_programs(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = prog_names::ALL.to_vec();
+        if self.unix.available && !self.unix_lsm {
+            names.extend(prog_names::UNIX);
+        }
+        names
     }
 
     /// The ring buffer of decisions (taken once by the event reader).
@@ -519,46 +866,9 @@ impl Kernel {
                  (/sys/kernel/btf/vmlinux), which could not be read"
             );
         }
-        if let Some(dir) = pin_dir {
-            let pinned: Vec<PinnedLink> = prog_names::LSM
-                .iter()
-                .filter_map(|(name, _)| PinnedLink::from_pin(dir.join(name)).ok())
-                .collect();
-            if pinned.len() == prog_names::LSM.len() {
-                self.lsm_pinned = pinned;
-                return Ok(());
-            }
-            for p in pinned {
-                let _ = p.unpin();
-            }
-        }
-        let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
-        let mut links = Vec::new();
-        for (name, hook) in prog_names::LSM {
-            let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
-                bail!("eBPF object has no LSM program {name}");
-            };
-            prog.load(hook, &kbtf)
-                .map_err(|e| anyhow!("loading {name} (lsm/{hook}): {e:#}"))?;
-            let id = prog
-                .attach()
-                .map_err(|e| anyhow!("attaching {name} (lsm/{hook}): {e:#}"))?;
-            links.push(FdLink::from(prog.take_link(id)?));
-        }
-        if let Some(dir) = pin_dir {
-            private_dir(dir)
-                .with_context(|| format!("creating link pin directory {}", dir.display()))?;
-            for (link, (name, _)) in links.into_iter().zip(prog_names::LSM) {
-                let path = dir.join(name);
-                let _ = fs::remove_file(&path);
-                let pinned = link
-                    .pin(&path)
-                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
-                self.lsm_pinned.push(pinned);
-            }
-        } else {
-            self.lsm_links = links;
-        }
+        let (links, pinned) = self.attach_lsm_set(&prog_names::LSM, pin_dir)?;
+        self.lsm_links = links;
+        self.lsm_pinned = pinned;
         Ok(())
     }
 
@@ -594,10 +904,16 @@ impl Kernel {
         out
     }
 
-    /// Detach the file hooks (and remove their pins).
+    /// Detach the BPF LSM file hooks and unix hooks (and remove their pins).
     pub fn detach_file_hooks(&mut self) {
         self.lsm_links.clear();
         for p in self.lsm_pinned.drain(..) {
+            if let Ok(l) = p.unpin() {
+                drop(l);
+            }
+        }
+        self.unix_lsm_links.clear();
+        for p in self.unix_lsm_pinned.drain(..) {
             if let Ok(l) = p.unpin() {
                 drop(l);
             }
@@ -611,10 +927,13 @@ impl Kernel {
         let file = fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut links = Vec::new();
-        for name in prog_names::ALL {
-            if name == prog_names::SETSOCKOPT {
-                continue;
-            }
+        // Every cgroup program but cgroup/setsockopt (linked by hand below).
+        let names: Vec<&'static str> = self
+            .cgroup_programs()
+            .into_iter()
+            .filter(|n| *n != prog_names::SETSOCKOPT)
+            .collect();
+        for name in names.iter().copied() {
             let prog = self
                 .ebpf
                 .program_mut(name)
@@ -693,11 +1012,7 @@ impl Kernel {
                 PinnedLink::from_pin(&path)
                     .map_err(|e| anyhow!("reopening pinned link {}: {e}", path.display()))?,
             );
-            for (link, name) in std::mem::take(&mut att.links).into_iter().zip(
-                prog_names::ALL
-                    .into_iter()
-                    .filter(|n| *n != prog_names::SETSOCKOPT),
-            ) {
+            for (link, name) in std::mem::take(&mut att.links).into_iter().zip(names) {
                 let path = dir.join(name);
                 let _ = fs::remove_file(&path);
                 let pinned = link
@@ -723,7 +1038,7 @@ impl Kernel {
         let cgroup_id = cgroup::cgroup_id(cgroup)?;
         let mut pinned = Vec::new();
         let mut complete = true;
-        for name in prog_names::ALL {
+        for name in self.cgroup_programs() {
             let path = dir.join(name);
             match PinnedLink::from_pin(&path) {
                 Ok(l) => pinned.push(l),
@@ -799,6 +1114,54 @@ impl Kernel {
                     break;
                 }
                 new.files.push(key);
+            }
+        }
+        if result.is_ok() {
+            let value_of = |rule_id| UnixRule { rule_id, _pad: 0 };
+            for l in &compiled.local {
+                let key = l.key(table_id);
+                if let Err(e) = self.unix_rules.insert(key, value_of(l.rule_id), 0) {
+                    result = Err(anyhow!("inserting {} into UNIX_RULES: {e}", l.description));
+                    break;
+                }
+                new.unix.push(key);
+            }
+        }
+        if result.is_ok() && self.unix_lsm {
+            // The BPF LSM hooks match paths by socket inode: a path that
+            // does not exist (yet) allows nothing there (said in the log).
+            for l in compiled
+                .local
+                .iter()
+                .filter(|l| l.kind == enforcer_common::unix_kind::PATH)
+            {
+                let path = Path::new(std::ffi::OsStr::from_bytes(&l.name));
+                let keys = self.socket_inodes(path, table_id);
+                if keys.is_empty() {
+                    tracing::warn!(
+                        "{}: not a socket now: nothing is allowed there until the policy is \
+                         installed again",
+                        l.description
+                    );
+                }
+                let value = UnixRule {
+                    rule_id: l.rule_id,
+                    _pad: 0,
+                };
+                for key in keys {
+                    if let Err(e) = self.unix_inodes.insert(key, value, 0) {
+                        result = Err(anyhow!("inserting {} into UNIX_INODES: {e}", l.description));
+                        break;
+                    }
+                    new.unix_inodes.push(key);
+                }
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() {
+                // Resolver sockets may have been (re)created since.
+                result = self.write_resolver_inodes();
             }
         }
         if result.is_ok() {
@@ -998,6 +1361,12 @@ impl Kernel {
         for k in &g.names {
             let _ = self.names.remove(k);
         }
+        for k in &g.unix {
+            let _ = self.unix_rules.remove(k);
+        }
+        for k in &g.unix_inodes {
+            let _ = self.unix_inodes.remove(k);
+        }
     }
 
     /// After a restart with pinned maps we do not know the keys of a slot's
@@ -1045,6 +1414,24 @@ impl Kernel {
             .collect();
         for k in stale_names {
             let _ = self.names.remove(&k);
+        }
+        let stale_unix: Vec<UnixKey> = self
+            .unix_rules
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.table_id != 0 && !live.contains(&k.table_id))
+            .collect();
+        for k in stale_unix {
+            let _ = self.unix_rules.remove(&k);
+        }
+        let stale_inodes: Vec<FileKey> = self
+            .unix_inodes
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.table_id != 0 && !live.contains(&k.table_id))
+            .collect();
+        for k in stale_inodes {
+            let _ = self.unix_inodes.remove(&k);
         }
     }
 
@@ -1131,6 +1518,109 @@ impl Kernel {
             .get(&index, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
+    }
+}
+
+/// Load `cgroup/connect_unix` and `cgroup/sendmsg_unix` (Linux >= 6.7; an
+/// older kernel refuses the attach type). Either both load or neither stays.
+fn load_unix_programs(ebpf: &mut Ebpf) -> UnixSupport {
+    let mut loaded = Vec::new();
+    for name in prog_names::UNIX {
+        let res = match ebpf.program_mut(name) {
+            Some(Program::CgroupSockAddr(p)) => p
+                .load()
+                .map_err(|e| anyhow!("{}", short_load_error(&format!("{e:#}")))),
+            _ => Err(anyhow!(
+                "the eBPF object has no cgroup sock_addr program {name}"
+            )),
+        };
+        if let Err(e) = res {
+            for done in loaded {
+                if let Some(Program::CgroupSockAddr(p)) = ebpf.program_mut(done) {
+                    let _ = p.unload();
+                }
+            }
+            return UnixSupport {
+                available: false,
+                detail: format!(
+                    "loading {name} failed (cgroup unix socket hooks need Linux >= 6.7): {e}"
+                ),
+            };
+        }
+        loaded.push(name);
+    }
+    UnixSupport {
+        available: true,
+        detail: "cgroup/connect_unix and cgroup/sendmsg_unix loaded".into(),
+    }
+}
+
+/// connect(2) a unix socket of type `ty` to `path` (the BPF LSM unix hooks
+/// refuse it for the resolver thread after recording the peer's inode).
+fn probe_connect(path: &Path, ty: i32) {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: plain syscalls on a socket this function owns; the address is
+    // a local sockaddr_un whose path fits (checked).
+    unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        if bytes.len() >= addr.sun_path.len() {
+            return;
+        }
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let fd = libc::socket(
+            libc::AF_UNIX,
+            ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        if fd < 0 {
+            return;
+        }
+        let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+        libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len);
+        libc::close(fd);
+    }
+}
+
+/// The inode key of the unix socket at `path` (symlinks followed).
+fn socket_inode(path: &Path, table_id: u32) -> Option<FileKey> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = fs::metadata(path).ok()?;
+    if !m.file_type().is_socket() {
+        return None;
+    }
+    Some(FileKey {
+        ino: m.ino(),
+        dev: files::kernel_dev(m.dev()),
+        table_id,
+    })
+}
+
+/// A program load error without the verifier's log, but with its last
+/// line (the reason), for logs and status.
+fn short_load_error(e: &str) -> String {
+    match e.split_once(" Verifier output:") {
+        Some((head, log)) => {
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| {
+                    !l.trim().is_empty()
+                        && !l.starts_with("processed")
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                })
+                .unwrap_or("")
+                .trim();
+            if last.is_empty() {
+                head.to_string()
+            } else {
+                format!("{head} (verifier: {last})")
+            }
+        }
+        None => e.to_string(),
     }
 }
 

@@ -81,6 +81,9 @@ pub struct CompiledPolicy {
     /// `spec.identity.kubernetes`: the pods this policy binds (daemon in
     /// Kubernetes mode, `crate::k8s::binding`).
     pub kubernetes: Option<super::KubernetesIdentity>,
+    /// `spec.local`, in order (ids `LOCAL_BASE + i + 1`): `UNIX_RULES`
+    /// entries of the main generation.
+    pub local: Vec<super::local::CompiledLocal>,
 }
 
 /// One host pattern in the kernel's `NAMES` trie: its reversed key (see
@@ -123,6 +126,14 @@ impl CompiledPolicy {
         }
         if rule_id > rule::FILE_BASE && rule_id < rule::FILE_BASE + 0x1000_0000 {
             return format!("files[{}]", rule_id - rule::FILE_BASE - 1);
+        }
+        if rule_id > rule::LOCAL_BASE && rule_id < rule::FILE_BASE {
+            let i = (rule_id - rule::LOCAL_BASE - 1) as usize;
+            return self
+                .local
+                .get(i)
+                .map(|l| l.description.clone())
+                .unwrap_or_else(|| format!("local[{i}]"));
         }
         if rule_id as usize <= self.rules.len() {
             format!("egress[{}]", rule_id - 1)
@@ -432,6 +443,12 @@ pub fn compile(p: &LoadedPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         uninspected: uninspected_rules,
         files,
         kubernetes: identity.and_then(|i| i.kubernetes.clone()),
+        local: spec
+            .local
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| super::local::CompiledLocal::from_rule(i, r))
+            .collect(),
     })
 }
 

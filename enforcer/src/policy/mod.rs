@@ -28,6 +28,7 @@
 //! the library.
 pub mod aip;
 pub mod compile;
+pub mod local;
 mod tree;
 pub mod types;
 mod validate;
@@ -330,6 +331,28 @@ pub fn check_supported(p: &LoadedPolicy) -> Result<(), PolicyErrors> {
             ));
         }
     }
+    // spec.local again (a CRD object did not pass the YAML validator), and
+    // duplicates.
+    let resolvers = local::default_resolver_sockets();
+    let mut seen_local: HashMap<(Option<&Path>, Option<&str>), usize> = HashMap::new();
+    for (i, r) in spec.local.iter().enumerate() {
+        if let Err((field, m)) = local::check_rule(r, &resolvers) {
+            let f = if field.is_empty() {
+                format!("spec.local[{i}]")
+            } else {
+                format!("spec.local[{i}].{field}")
+            };
+            errors.push(p.error(&f, m));
+            continue;
+        }
+        let key = (r.path.as_deref(), r.abstract_name.as_deref());
+        if let Some(first) = seen_local.insert(key, i) {
+            errors.push(p.error(
+                &format!("spec.local[{i}]"),
+                format!("the same socket is already listed as spec.local[{first}]"),
+            ));
+        }
+    }
     if errors.is_empty() {
         Ok(())
     } else {
@@ -354,6 +377,9 @@ pub fn rule_name(rule_id: u32) -> Option<&'static str> {
         rule::TAINT_CLAMP => Some("taint-clamp"),
         rule::FOREIGN_SOCKET => Some("foreign-socket"),
         rule::BIND_DEVICE => Some("bind-device"),
+        rule::UNIX_RESOLVER => Some("resolver-ipc"),
+        rule::UNIX_UNREADABLE => Some("unix-address-unreadable"),
+        rule::UNIX_SAME_IDENTITY => Some("unix-same-identity"),
         _ => None,
     }
 }

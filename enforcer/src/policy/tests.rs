@@ -831,3 +831,106 @@ fn parses_a_100k_rule_policy() {
     assert_eq!(docs.len(), 1);
     assert_eq!(docs[0].policy.spec.egress.len(), 100_000);
 }
+
+#[test]
+fn local_rules_validate_and_compile_with_their_own_rule_ids() {
+    let p = parse(&spec(
+        "  local:\n    - path: /run/proxy.sock\n    - abstract: my-helper\n",
+    ));
+    assert_eq!(p[0].policy.spec.local.len(), 2);
+    let c = compile::compile(&p[0]).unwrap();
+    assert_eq!(c.local.len(), 2);
+    assert_eq!(c.local[0].rule_id, enforcer_common::rule::LOCAL_BASE + 1);
+    assert_eq!(c.local[0].name, b"/run/proxy.sock");
+    assert_eq!(c.local[1].name, b"\0my-helper");
+    assert_eq!(
+        c.rule_name(enforcer_common::rule::LOCAL_BASE + 2),
+        "local[1] abstract my-helper"
+    );
+    assert_eq!(
+        c.rule_name(enforcer_common::rule::UNIX_RESOLVER),
+        "resolver-ipc"
+    );
+    // The policy hash of a policy without `local:` does not change.
+    let plain = parse(&spec("  egress: []\n"));
+    let json = serde_json::to_string(&plain[0].policy).unwrap();
+    assert!(!json.contains("local"), "{json}");
+}
+
+#[test]
+fn local_errors() {
+    one_err(
+        &spec("  local:\n    - path: /run/systemd/resolve/io.systemd.Resolve\n"),
+        7,
+        13,
+        "spec.local[0].path",
+        "resolver IPC would bypass the DNS proxy",
+    );
+    one_err(
+        &spec("  local:\n    - path: /var/run/nscd/socket\n"),
+        7,
+        13,
+        "spec.local[0].path",
+        "resolver IPC socket",
+    );
+    one_err(
+        &spec("  local:\n    - path: run/x.sock\n"),
+        7,
+        13,
+        "spec.local[0].path",
+        "must be absolute",
+    );
+    one_err(
+        &spec("  local:\n    - path: /run//x.sock\n"),
+        7,
+        13,
+        "spec.local[0].path",
+        "normalized",
+    );
+    one_err(
+        &spec("  local:\n    - path: /a\n      abstract: b\n"),
+        8,
+        17,
+        "spec.local[0].abstract",
+        "not both",
+    );
+    one_err(
+        &spec("  local:\n    - {}\n"),
+        7,
+        7,
+        "spec.local[0]",
+        "needs `path` or `abstract`",
+    );
+    let e = errs(&spec("  local:\n    - socket: /a\n"));
+    assert!(
+        e.iter()
+            .any(|e| e.field == "spec.local[0].socket" && e.message.contains("unknown field")),
+        "{e:?}"
+    );
+    one_err(
+        &spec(&format!("  local:\n    - abstract: {}\n", "a".repeat(108))),
+        7,
+        17,
+        "spec.local[0].abstract",
+        "longer than 107",
+    );
+    let dup = parse(&spec(
+        "  local:\n    - path: /a.sock\n    - path: /a.sock\n",
+    ));
+    let e = check_supported(&dup[0]).unwrap_err().0;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!((e[0].line, e[0].column), (8, 7));
+    assert!(
+        e[0].message.contains("already listed as spec.local[0]"),
+        "{e:?}"
+    );
+    // A policy that did not come through the YAML validator (a CRD object)
+    // is checked again: a resolver socket is refused there too.
+    let mut crd = dup[0].clone();
+    crd.policy.spec.local = vec![LocalRule {
+        path: Some("/run/systemd/resolve/io.systemd.Resolve".into()),
+        abstract_name: None,
+    }];
+    let e = check_supported(&crd).unwrap_err().0;
+    assert!(e[0].message.contains("bypass the DNS proxy"), "{e:?}");
+}

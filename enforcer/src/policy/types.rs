@@ -70,6 +70,28 @@ pub struct Spec {
     /// daemon (a pod has its own file system).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub writable: Vec<PathBuf>,
+    /// Unix sockets the agent may connect or send to (by the address it
+    /// writes); every other unix socket address is refused (`enforce`) or
+    /// recorded (`audit`). Resolver IPC sockets cannot be listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local: Vec<LocalRule>,
+}
+
+/// `spec.local[i]`: one unix socket. Exactly one of `path` and `abstract` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.path) != has(self.abstract)",
+    "message": "exactly one of path and abstract must be set"
+}]))]
+pub struct LocalRule {
+    /// Absolute, normalized socket path, at most 108 bytes, matched as the
+    /// exact string the agent connects to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Abstract-namespace name (without the leading NUL), 1..=107 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "abstract")]
+    pub abstract_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

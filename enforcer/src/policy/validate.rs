@@ -244,6 +244,7 @@ impl<'a> Validator<'a> {
             path,
             &[
                 "identity", "mode", "egress", "ingress", "dns", "files", "onTaint", "writable",
+                "local",
             ],
         )?;
         let mut ok = true;
@@ -294,6 +295,12 @@ impl<'a> Validator<'a> {
         if let Some((n, p)) = self.get(&f, "writable") {
             match self.writable(n, &p) {
                 Some(w) => spec.writable = w,
+                None => ok = false,
+            }
+        }
+        if let Some((n, p)) = self.get(&f, "local") {
+            match self.local(n, &p) {
+                Some(l) => spec.local = l,
                 None => ok = false,
             }
         }
@@ -677,6 +684,55 @@ impl<'a> Validator<'a> {
             if let Some(p) = self.checked(item, &format!("{path}[{i}]"), file_path) {
                 out.push(p);
             }
+        }
+        (self.errors.len() == before).then_some(out)
+    }
+
+    /// `spec.local`: `- path: /abs/socket` or `- abstract: name`. A resolver
+    /// IPC socket (the default list) is an error that says why.
+    fn local(&mut self, node: &Node, path: &str) -> Option<Vec<LocalRule>> {
+        use super::local::{
+            default_resolver_sockets, local_abstract, local_path, resolver_conflict,
+        };
+        let before = self.errors.len();
+        let resolvers = default_resolver_sockets();
+        let mut out = Vec::new();
+        for (i, item) in self.seq(node, path)?.iter().enumerate() {
+            let ip = format!("{path}[{i}]");
+            let Some(f) = self.map(item, &ip, &["path", "abstract"]) else {
+                continue;
+            };
+            let rule = match (self.get(&f, "path"), self.get(&f, "abstract")) {
+                (Some((n, p)), None) => self.checked(n, &p, local_path).and_then(|sp| {
+                    match resolver_conflict(&sp, &resolvers) {
+                        Some(m) => {
+                            self.err(n, &p, m);
+                            None
+                        }
+                        None => Some(LocalRule {
+                            path: Some(sp),
+                            abstract_name: None,
+                        }),
+                    }
+                }),
+                (None, Some((n, p))) => self.checked(n, &p, local_abstract).map(|a| LocalRule {
+                    path: None,
+                    abstract_name: Some(a),
+                }),
+                (Some(_), Some((n, p))) => {
+                    self.err(
+                        n,
+                        &p,
+                        "a rule has either `path` or `abstract`, not both; split it into two rules",
+                    );
+                    None
+                }
+                (None, None) => {
+                    self.err_at(f.line, f.column, &ip, "a rule needs `path` or `abstract`");
+                    None
+                }
+            };
+            out.extend(rule);
         }
         (self.errors.len() == before).then_some(out)
     }

@@ -63,6 +63,10 @@ pub struct Prepared {
     /// The kernel's Landlock ABI has scopes (6.12+): the agent may not
     /// connect to abstract unix sockets nor signal processes outside.
     pub landlock_scope: bool,
+    /// With `landlock_scope`: also scope abstract unix sockets. Off when the
+    /// policy's `spec.local` lists abstract names and the cgroup unix hooks
+    /// judge them (Landlock would refuse every abstract socket outside).
+    pub landlock_abstract: bool,
     pub cwd: CString,
     pub uid: u32,
     pub gid: u32,
@@ -752,7 +756,12 @@ unsafe fn agent_main(p: &Prepared, chan: c_int) -> ! {
         // struct landlock_ruleset_attr { handled_access_fs, handled_access_net, scoped }
         const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;
         const SCOPE_SIGNAL: u64 = 2;
-        let attr: [u64; 3] = [0, 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL];
+        let scoped = if p.landlock_abstract {
+            SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+        } else {
+            SCOPE_SIGNAL
+        };
+        let attr: [u64; 3] = [0, 0, scoped];
         let fd = libc::syscall(
             libc::SYS_landlock_create_ruleset,
             attr.as_ptr(),

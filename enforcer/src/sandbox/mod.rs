@@ -139,6 +139,9 @@ pub struct Options<'a> {
     pub pass_fds: &'a [RawFd],
     /// enforcer's own files (policy, audit log): read-only in the view.
     pub protect: &'a [PathBuf],
+    /// Abstract unix sockets are judged by `spec.local` (the cgroup unix
+    /// hooks): Landlock does not scope them then.
+    pub abstract_by_policy: bool,
 }
 
 /// Paths a uid-0 agent's writable set must neither be nor contain: the
@@ -611,6 +614,7 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
                 .map(|m| m.is_dir())
                 .unwrap_or(false),
             landlock_scope: landlock_abi() >= 6,
+            landlock_abstract: !o.abstract_by_policy,
             cwd: cstr(&cwd)?,
             uid: user.uid,
             gid: user.gid,

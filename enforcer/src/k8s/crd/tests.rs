@@ -111,7 +111,11 @@ fn schema_is_structural_and_closed() {
     keys.sort();
     assert_eq!(
         keys,
-        ["dns", "egress", "files", "identity", "ingress", "mode", "onTaint", "writable"]
+        ["dns", "egress", "files", "identity", "ingress", "local", "mode", "onTaint", "writable"]
+    );
+    assert_eq!(
+        spec["local"]["items"]["x-kubernetes-validations"][0]["rule"],
+        "has(self.path) != has(self.abstract)"
     );
     let egress = &spec["egress"]["items"];
     assert_eq!(
