@@ -258,11 +258,14 @@ pub mod action {
     /// The first bytes of a connection to a learned address (TLS SNI or
     /// HTTP Host), or UDP to such an address (not inspectable).
     pub const INSPECT: u8 = 7;
+    // 8..=11 are kept free: concurrent work on `main` numbers its new
+    // actions there, and kernel numbers must stay unique across the merge.
     /// connect(2) of a unix socket (stream, seqpacket or datagram).
-    pub const UNIX_CONNECT: u8 = 8;
-    /// sendto/sendmsg of a unix datagram socket with a destination address.
-    pub const UNIX_SEND: u8 = 9;
-    pub const COUNT: u32 = 10;
+    pub const UNIX_CONNECT: u8 = 12;
+    /// A datagram to a unix socket: sendto/sendmsg with an address (cgroup
+    /// hook), or any datagram send and datagram connect (BPF LSM hook).
+    pub const UNIX_SEND: u8 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Verdicts.
@@ -299,14 +302,17 @@ pub mod rule {
     pub const FILE_NO_OFFSETS: u32 = 0xffff_fff9;
     /// A resolver IPC socket (systemd-resolved varlink, nscd): always
     /// refused, since the resolver would resolve names outside the DNS proxy.
-    pub const UNIX_RESOLVER: u32 = 0xffff_fff8;
+    /// (0xffff_fff8..=0xffff_fff5 are kept free for concurrent work on `main`.)
+    pub const UNIX_RESOLVER: u32 = 0xffff_fff4;
     /// A unix socket address the hook could not read (fail closed).
-    pub const UNIX_UNREADABLE: u32 = 0xffff_fff7;
+    pub const UNIX_UNREADABLE: u32 = 0xffff_fff3;
     /// BPF LSM unix hooks: the peer socket belongs to the same identity
     /// (its cgroup is bound to the caller's slot): the agent's own helpers.
-    pub const UNIX_SAME_IDENTITY: u32 = 0xffff_fff6;
-    /// `spec.local[i]` has id `LOCAL_BASE + i + 1`.
-    pub const LOCAL_BASE: u32 = 0x1000_0000;
+    pub const UNIX_SAME_IDENTITY: u32 = 0xffff_fff2;
+    /// `spec.local[i]` has id `LOCAL_BASE + i + 1` (below `LOCAL_END`;
+    /// 0x1000_0000.. is kept free for concurrent work on `main`).
+    pub const LOCAL_BASE: u32 = 0x0800_0000;
+    pub const LOCAL_END: u32 = 0x1000_0000;
     /// `spec.onTaint.egress[i]` has id `TAINT_BASE + i + 1`.
     pub const TAINT_BASE: u32 = 0x4000_0000;
     /// `spec.files[i]` has id `FILE_BASE + i + 1`.
@@ -842,6 +848,6 @@ mod tests {
         assert_eq!(counter_index(0, 0, 1), 1);
         assert_eq!(counter_index(0, 1, 0), verdict::COUNT);
         assert_eq!(counter_index(1, 0, 0), action::COUNT * verdict::COUNT);
-        assert!(counter_index(MAX_SLOTS - 1, 9, 3) < COUNTERS_LEN);
+        assert!(counter_index(MAX_SLOTS - 1, 13, 3) < COUNTERS_LEN);
     }
 }

@@ -294,7 +294,10 @@ pub fn unix_lsm_offsets(btf: &Btf) -> Result<enforcer_common::UnixLsmOffsets, Bt
         sock_cgroup: btf.member_offset("sock", "sk_cgrp_data.cgroup")?,
         cgroup_kn: btf.member_offset("cgroup", "kn")?,
         kn_id: btf.member_offset("kernfs_node", "id")?,
-        kn_parent: btf.member_offset("kernfs_node", "parent")?,
+        // `__parent` since Linux 6.15.
+        kn_parent: btf
+            .member_offset("kernfs_node", "parent")
+            .or_else(|_| btf.member_offset("kernfs_node", "__parent"))?,
         unix_sock_addr: btf.member_offset("unix_sock", "addr")?,
         unix_sock_dentry: btf.member_offset("unix_sock", "path.dentry")?,
         unix_address_len: btf.member_offset("unix_address", "len")?,
@@ -465,6 +468,13 @@ mod tests {
             // struct bpf_sock_addr_kern { struct sock *sk; struct sockaddr
             // *uaddr; u64 tmp_reg; void *t_ctx; u32 uaddrlen; }
             assert_eq!(sock_addr_offsets(&btf).unwrap(), (8, 32));
+            // The BPF LSM unix hooks' offsets resolve too (`kernfs_node`'s
+            // parent is `__parent` since 6.15).
+            let u = unix_lsm_offsets(&btf).unwrap();
+            assert_eq!(
+                (u.valid, u.socket_sk != 0, u.unix_sock_addr != 0),
+                (1, true, true)
+            );
             // v6.18 with FS_POSIX_ACL, SECURITY and no lock debugging (this
             // host, and the usual distribution kernel): `struct file` is
             // f_lock(4) f_mode(4) f_op f_mapping private_data f_inode(32) ...
