@@ -365,6 +365,7 @@ pub mod rule {
     pub const UNIX_SAME_IDENTITY: u32 = 0xffff_fff2;
     /// `spec.local[i]` has id `LOCAL_BASE + i + 1`.
     pub const LOCAL_BASE: u32 = 0x0800_0000;
+    pub const LOCAL_END: u32 = 0x1000_0000;
     /// `spec.onTaint.egress[i]` has id `TAINT_BASE + i + 1`.
     pub const TAINT_BASE: u32 = 0x4000_0000;
     /// `spec.files[i]` has id `FILE_BASE + i + 1`.

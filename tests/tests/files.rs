@@ -668,7 +668,7 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
     d.start();
     assert_eq!(
         lsm_pins(&pins.path.join("lsm")),
-        4,
+        7,
         "adopted, not attached twice"
     );
     let r = read(&mut p, &root.join("secrets/key"));

@@ -485,7 +485,7 @@ pub fn slot_rule_name(rule_id: u32, info: Option<&SlotInfo>) -> String {
             .cloned()
             .unwrap_or_else(|| format!("ingress[{}]", index(rule::INGRESS_BASE)));
     }
-    if rule_id > rule::LOCAL_BASE && rule_id < rule::INGRESS_BASE {
+    if rule_id > rule::LOCAL_BASE && rule_id < rule::LOCAL_END {
         let i = index(rule::LOCAL_BASE);
         return info
             .and_then(|s| s.local.get(i))

@@ -485,6 +485,18 @@ mod tests {
             // struct bpf_sock_addr_kern { struct sock *sk; struct sockaddr
             // *uaddr; u64 tmp_reg; void *t_ctx; u32 uaddrlen; }
             assert_eq!(sock_addr_offsets(&btf).unwrap(), (8, 32));
+            // The BPF LSM unix hooks' offsets resolve too (`kernfs_node`'s
+            // parent is `__parent` since 6.15), and so do the socket hooks'.
+            let u = unix_lsm_offsets(&btf).unwrap();
+            assert_eq!(
+                (u.valid, u.socket_sk != 0, u.unix_sock_addr != 0),
+                (1, true, true)
+            );
+            let so = sock_offsets(&btf).unwrap();
+            assert_eq!(
+                (so.valid, so.socket_sk, so.kn_parent != 0),
+                (1, u.socket_sk, true)
+            );
             // v6.18 with FS_POSIX_ACL, SECURITY and no lock debugging (this
             // host, and the usual distribution kernel): `struct file` is
             // f_lock(4) f_mode(4) f_op f_mapping private_data f_inode(32) ...

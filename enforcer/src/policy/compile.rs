@@ -127,7 +127,7 @@ impl CompiledPolicy {
         if rule_id > rule::FILE_BASE && rule_id < rule::FILE_BASE + 0x1000_0000 {
             return format!("files[{}]", rule_id - rule::FILE_BASE - 1);
         }
-        if rule_id > rule::LOCAL_BASE && rule_id < rule::FILE_BASE {
+        if rule_id > rule::LOCAL_BASE && rule_id < rule::LOCAL_END {
             let i = (rule_id - rule::LOCAL_BASE - 1) as usize;
             return self
                 .local
