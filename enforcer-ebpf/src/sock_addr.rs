@@ -34,6 +34,7 @@ use enforcer_common::{
 use crate::{
     identity,
     maps::{DNS_ORIG, EGRESS_V4, EGRESS_V6, INSPECT, LEARNED_V4, LEARNED_V6, TAINTED},
+    packet,
     report::{self, Decision},
 };
 
@@ -523,29 +524,13 @@ fn write_ip6(ctx: &SockAddrContext, a: [u8; 16]) {
 }
 
 #[inline(always)]
-fn is_v4_mapped(a: &[u8; 16]) -> bool {
-    a[0] == 0
-        && a[1] == 0
-        && a[2] == 0
-        && a[3] == 0
-        && a[4] == 0
-        && a[5] == 0
-        && a[6] == 0
-        && a[7] == 0
-        && a[8] == 0
-        && a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff
-}
-
-#[inline(always)]
 fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
     let sa = ctx.sock_addr;
     let addr = read_ip6(ctx);
     let (port_raw, sock_type, protocol) = unsafe { ((*sa).user_port, (*sa).type_, (*sa).protocol) };
     let port = u16::from_be(port_raw as u16);
     // ::ffff:a.b.c.d reaches an IPv4 host: judge it by the IPv4 rules.
-    let mapped = is_v4_mapped(&addr);
+    let mapped = packet::is_v4_mapped(&addr);
     let dst = if mapped {
         Dst::V4([addr[12], addr[13], addr[14], addr[15]])
     } else {
