@@ -100,9 +100,15 @@ pub mod map_names {
     pub const REASONS: &str = "REASONS";
     pub const UNIX_RULES: &str = "UNIX_RULES";
     pub const UNIX_INODES: &str = "UNIX_INODES";
-    /// Pinned by the daemon (SCRATCH, GENERATION and OPAQUE are the egress
-    /// program's scratch, not pinned).
-    pub const ALL: [&str; 20] = [
+    /// Bumped by userspace after every change of `IDENTITIES`: it
+    /// invalidates each CPU's `IDENTITY_CACHE`.
+    pub const IDENTITY_GEN: &str = "IDENTITY_GEN";
+    /// Per CPU: the last cgroup -> identity resolution (not pinned: each
+    /// program set keeps its own; `IDENTITY_GEN`, pinned, validates it).
+    pub const IDENTITY_CACHE: &str = "IDENTITY_CACHE";
+    /// Pinned by the daemon (SCRATCH, GENERATION, OPAQUE and IDENTITY_CACHE
+    /// are per-program-set scratch, not pinned).
+    pub const ALL: [&str; 21] = [
         IDENTITIES,
         POLICIES,
         EGRESS_V4,
@@ -123,6 +129,7 @@ pub mod map_names {
         REASONS,
         UNIX_RULES,
         UNIX_INODES,
+        IDENTITY_GEN,
     ];
 }
 

@@ -1,11 +1,20 @@
 //! The egress program's guard, run on every packet of an agent's sockets
 //! before the first-bytes judge (`inspect.rs`):
 //!
-//! - **IP options and IPv6 routing headers**: a packet carrying IPv4
-//!   options (source routing: `IP_OPTIONS`, an `IP_RETOPTS` cmsg) or an
-//!   IPv6 hop-by-hop, routing or destination-options header
-//!   (`IPV6_RTHDR`, ...) goes first to a hop the connect/sendmsg hooks
-//!   never judged. It is dropped and recorded (`rule::IP_OPTIONS`).
+//! - **IP options and IPv6 extension headers**: a packet carrying IPv4
+//!   options (source routing or Record Route: `IP_OPTIONS`, an
+//!   `IP_RETOPTS` cmsg) or an IPv6 hop-by-hop, routing or
+//!   destination-options header (`IPV6_RTHDR`, ...) goes first to a hop the
+//!   connect/sendmsg hooks never judged, or carries bytes they never saw.
+//!   It is dropped and recorded (`rule::IP_OPTIONS`). This includes a
+//!   listener's SYN-ACKs (sent for a request socket; Linux >= 6.5 runs the
+//!   program for them; before, userspace also attaches cgroup/setsockopt,
+//!   which refuses the options when they are set).
+//! - **Interface pinning**: a packet of a socket bound to an interface
+//!   (`SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`) is dropped and recorded
+//!   (`rule::BIND_DEVICE`): the same address through another interface or
+//!   VRF is another host. The one exception is an IPv6 link-local
+//!   destination, whose scope id binds the socket to its interface.
 //! - **The taint clamp on open sockets**: the connect/sendmsg hooks read
 //!   `TAINTED` when a connection is opened or a datagram addressed; a socket
 //!   opened before the identity read a `taint` file would keep sending. Once
@@ -49,19 +58,19 @@ pub enum Guard {
 /// so the verifier sees the same caller state after it whatever the guard
 /// did, and the first-bytes judge after it is not explored once per guard
 /// path (Linux 6.1 refused the inlined version as too complex).
+///
+/// `full` is the packet's full socket, or null for a request socket's
+/// SYN-ACK (only the options are judged then).
 #[inline(never)]
-pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock) -> Guard {
-    // The common case costs one array lookup (TCP) or one byte read and one
-    // array lookup (UDP): the whole header is parsed only for a packet with
-    // options or while a slot is tainted. A TCP socket of an agent cannot
-    // carry options: the setsockopt program refuses them and TCP takes no
-    // per-message IP options (cmsgs); datagram sockets can take them per
-    // message (`IP_RETOPTS`, an `IPV6_RTHDR` cmsg), so their packets are
-    // read.
-    let tcp = unsafe { (*sk).protocol } == u32::from(packet::IPPROTO_TCP);
-    let options = !tcp && packet::has_options(skb);
+pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, full: *mut bpf_sock) -> Guard {
+    // The common case costs one byte read from the packet, one field read
+    // and one array lookup: the header is parsed only for a packet with
+    // options, of a socket pinned to an interface, or while a slot is
+    // tainted.
+    let options = packet::has_options(skb);
+    let pinned = !full.is_null() && unsafe { (*full).bound_dev_if } != 0;
     let tainted = matches!(TAINTED.get(0), Some(any) if *any != 0);
-    if !options && !tainted {
+    if !options && !pinned && !tainted {
         return Guard::Next;
     }
     let ip = packet::ip(skb);
@@ -69,11 +78,39 @@ pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, sk: *mut bpf_sock) -> Gua
         return Guard::Next;
     }
     if ip.options {
-        let id = identity::of_skb(skb);
-        let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
-        return refuse(skb, sk, &ip, rule::IP_OPTIONS, id.cgroup_id, id.slot, audit);
+        return refuse_plain(skb, full, &ip, rule::IP_OPTIONS);
     }
-    clamp(skb, sk, &ip)
+    if full.is_null() {
+        return Guard::Next;
+    }
+    if pinned && !is_link_local6(&ip) {
+        return refuse_plain(skb, full, &ip, rule::BIND_DEVICE);
+    }
+    if tainted {
+        return clamp(skb, full, &ip);
+    }
+    Guard::Next
+}
+
+/// fe80::/10: the scope id of such a destination binds the socket to its
+/// interface (the address means nothing without one).
+#[inline(always)]
+fn is_link_local6(ip: &Ip) -> bool {
+    ip.family == 10 && ip.dst[0] == 0xfe && ip.dst[1] & 0xc0 == 0x80
+}
+
+/// A refusal of the packet alone (options, interface pinning): recorded per
+/// packet, the socket keeps its state.
+#[inline(always)]
+fn refuse_plain(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    sk: *mut bpf_sock,
+    ip: &Ip,
+    rule_id: u32,
+) -> Guard {
+    let id = identity::of_skb(skb);
+    let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
+    refuse(skb, sk, ip, rule_id, id.cgroup_id, id.slot, audit)
 }
 
 #[inline(always)]

@@ -4,6 +4,14 @@
 //! descendant cgroup too. The nearest ancestor (or the cgroup itself) that
 //! userspace bound in `IDENTITIES` names the identity. When none is bound, or
 //! the slot holds no policy, the caller fails closed.
+//!
+//! Every hook resolves the identity of each call, so the resolution is
+//! cached per CPU (`IDENTITY_CACHE`: the last cgroup id and what it
+//! resolved to, stamped with `IDENTITY_GEN`, which userspace bumps after
+//! every change of `IDENTITIES`): a hit costs two array reads instead of a
+//! hash lookup (and, for a nested cgroup, the walk). The entry is written
+//! key-last and read key-value-key, so a program that interrupts another
+//! on the same CPU (softirq) never takes a half-written entry.
 use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{
@@ -13,7 +21,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{policy_flags, PolicyState, MAX_CGROUP_DEPTH, SLOT_UNKNOWN};
 
-use crate::maps::{IDENTITIES, POLICIES};
+use crate::maps::{IDENTITIES, IDENTITY_CACHE, IDENTITY_GEN, POLICIES};
 
 pub struct Identity {
     pub cgroup_id: u64,
@@ -57,31 +65,71 @@ pub fn of_sk(sk: *mut aya_ebpf::bindings::bpf_sock) -> Identity {
     })
 }
 
+const CACHE_BOUND: u64 = 1 << 31;
+const CACHE_SLOT: u64 = CACHE_BOUND - 1;
+
+/// `bound << 31 | slot` of the nearest bound cgroup (the cgroup itself or
+/// an ancestor), from `IDENTITIES`.
+#[inline(always)]
+fn resolve(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> u64 {
+    if let Some(s) = slot_of(cgroup_id) {
+        return CACHE_BOUND | (u64::from(s) & CACHE_SLOT);
+    }
+    // Nested cgroup: walk root -> leaf and keep the deepest bound ancestor.
+    let mut res = 0u64;
+    let mut level: i32 = 0;
+    while level < MAX_CGROUP_DEPTH {
+        let id = ancestor(level);
+        if id == 0 || id == cgroup_id {
+            break;
+        }
+        if let Some(s) = slot_of(id) {
+            res = CACHE_BOUND | (u64::from(s) & CACHE_SLOT);
+        }
+        level += 1;
+    }
+    res
+}
+
 #[inline(always)]
 fn find(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Identity {
-    // (bound, slot) as two always-initialized values rather than an
-    // Option<u32>: LLVM may read an Option's payload on the None path, and
+    let gen = u64::from(match IDENTITY_GEN.get(0) {
+        Some(g) => *g,
+        None => 0,
+    });
+    let cache = match IDENTITY_CACHE.get_ptr_mut(0) {
+        Some(c) if cgroup_id != 0 => c,
+        _ => core::ptr::null_mut(),
+    };
+    // `bound << 31 | slot` in one always-initialized value (MISS until
+    // resolved): LLVM may read an Option's payload on the None path, and
     // the verifier rejects a read of a register that was never written.
-    let mut bound = false;
-    let mut slot = SLOT_UNKNOWN;
-    if let Some(s) = slot_of(cgroup_id) {
-        bound = true;
-        slot = s;
-    } else {
-        // Nested cgroup: walk root -> leaf and keep the deepest bound ancestor.
-        let mut level: i32 = 0;
-        while level < MAX_CGROUP_DEPTH {
-            let id = ancestor(level);
-            if id == 0 || id == cgroup_id {
-                break;
-            }
-            if let Some(s) = slot_of(id) {
-                bound = true;
-                slot = s;
-            }
-            level += 1;
+    const MISS: u64 = u64::MAX;
+    let mut res = MISS;
+    if !cache.is_null() {
+        let (k1, v, k2) = unsafe {
+            (
+                core::ptr::read_volatile(&(*cache)[0]),
+                core::ptr::read_volatile(&(*cache)[1]),
+                core::ptr::read_volatile(&(*cache)[0]),
+            )
+        };
+        if k1 == cgroup_id && k2 == cgroup_id && v >> 32 == gen {
+            res = v & (CACHE_BOUND | CACHE_SLOT);
         }
     }
+    if res == MISS {
+        res = resolve(cgroup_id, ancestor);
+        if !cache.is_null() {
+            unsafe {
+                core::ptr::write_volatile(&mut (*cache)[0], 0);
+                core::ptr::write_volatile(&mut (*cache)[1], (gen << 32) | res);
+                core::ptr::write_volatile(&mut (*cache)[0], cgroup_id);
+            }
+        }
+    }
+    let bound = res & CACHE_BOUND != 0;
+    let slot = (res & CACHE_SLOT) as u32;
     if !bound {
         return Identity {
             cgroup_id,

@@ -50,12 +50,14 @@ pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
     if sk.is_null() {
         return PASS;
     }
+    // Null for a request socket (a listener's SYN-ACK): the guard judges
+    // its options, nothing else applies.
     let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return PASS;
-    }
     if let Guard::Drop = guard::egress(skb, full) {
         return DROP;
+    }
+    if full.is_null() {
+        return PASS;
     }
     // Only TCP sockets get first-bytes state (the connect hook refuses UDP
     // to a learned address; a UDP socket cut by the taint clamp is the
@@ -63,7 +65,64 @@ pub fn enforcer_inspect(ctx: SkBuffContext) -> i32 {
     if unsafe { (*full).protocol } != u32::from(IPPROTO_TCP) {
         return PASS;
     }
+    // A segment with no payload and no SYN changes no first-bytes state
+    // (the judge passes it whatever the state): no storage lookup for the
+    // ACKs, FINs and RSTs of every connection.
+    if bare_segment(skb) {
+        return PASS;
+    }
     first_bytes(skb, full)
+}
+
+/// A plain TCP segment (no IP options or extension headers) without SYN and
+/// without payload, read directly from the packet. False when unsure (the
+/// judge then reads it in full).
+#[inline(always)]
+fn bare_segment(skb: *mut __sk_buff) -> bool {
+    let protocol = u16::from_be(unsafe { (*skb).protocol } as u16);
+    let (data, end, len) = unsafe {
+        (
+            (*skb).data as usize,
+            (*skb).data_end as usize,
+            (*skb).len as usize,
+        )
+    };
+    let (l4, doff, flags) = if protocol == ETH_P_IP {
+        if data + 40 > end {
+            return false;
+        }
+        let (vihl, proto, doff, flags) = unsafe {
+            (
+                *(data as *const u8),
+                *((data + 9) as *const u8),
+                *((data + 32) as *const u8),
+                *((data + 33) as *const u8),
+            )
+        };
+        if vihl != 0x45 || proto != IPPROTO_TCP {
+            return false;
+        }
+        (20usize, doff, flags)
+    } else if protocol == ETH_P_IPV6 {
+        if data + 60 > end {
+            return false;
+        }
+        let (next, doff, flags) = unsafe {
+            (
+                *((data + 6) as *const u8),
+                *((data + 52) as *const u8),
+                *((data + 53) as *const u8),
+            )
+        };
+        if next != IPPROTO_TCP {
+            return false;
+        }
+        (40usize, doff, flags)
+    } else {
+        return false;
+    };
+    let headers = l4 + ((doff >> 4) as usize) * 4;
+    flags & TCP_SYN == 0 && len == headers
 }
 
 /// The judge of a socket with first-bytes state. A subprogram of its own,

@@ -16,6 +16,15 @@ use enforcer_common::{
 #[map(name = "IDENTITIES")]
 pub static IDENTITIES: HashMap<u64, IdentityBinding> = HashMap::with_max_entries(MAX_IDENTITIES, 0);
 
+/// Bumped by userspace after each change of `IDENTITIES` (see `identity`).
+#[map(name = "IDENTITY_GEN")]
+pub static IDENTITY_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per CPU: `[cgroup id, gen << 32 | bound << 31 | slot]` of the last
+/// resolution (see `identity::find`).
+#[map(name = "IDENTITY_CACHE")]
+pub static IDENTITY_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "POLICIES")]
 pub static POLICIES: Array<PolicyState> = Array::with_max_entries(MAX_SLOTS, 0);
 

@@ -152,8 +152,11 @@ def ipopts(cfg):
         r = {"setopt": opt or err}
         if not opt:
             return r
-        s.sendto(payload, ("127.0.0.1", cfg["udp_port"]))
-        r["ok"] = True
+        try:
+            s.sendto(payload, ("127.0.0.1", cfg["udp_port"]))
+            r["ok"] = True
+        except OSError as e:  # the egress program dropped it
+            r.update({"ok": False, "errno": ename(e.errno)})
         return r
 
     def udp_retopts():
@@ -191,8 +194,11 @@ def ipopts(cfg):
         if "setopt" not in r:
             r["setopt"] = ",".join(errs)
             return r
-        s.sendto(payload, ("::1", cfg["udp6_port"]))
-        r["ok"] = True
+        try:
+            s.sendto(payload, ("::1", cfg["udp6_port"]))
+            r["ok"] = True
+        except OSError as e:  # the egress program dropped it
+            r.update({"ok": False, "errno": ename(e.errno)})
         return r
 
     def udp6_rthdr_cmsg():
@@ -215,20 +221,64 @@ def ipopts(cfg):
         r.update({"ok": False, "errno": ",".join(errs)})
         return r
 
-    def bind_device():
-        # Pinning a socket to an interface: refused (the same address
-        # through another interface or VRF is another host).
+    def listener6_rthdr():
+        # A listener's IPv6 routing header goes out on its SYN-ACKs (sent
+        # for a request socket) and on every packet of the accepted
+        # connections: the agent's own client connects to it.
+        l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("::1", cfg["listen6_port"]))
+        hops = socket.inet_pton(socket.AF_INET6, "::1")
         r = {}
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        errs = []
+        for name, hdr in (
+            ("type2", bytes([0, 2, 2, 1, 0, 0, 0, 0]) + hops),
+            ("type4", bytes([0, 2, 4, 0, 0, 0, 0, 0]) + hops),
+        ):
+            try:
+                l.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, hdr)
+                r["setopt"] = name
+                break
+            except OSError as e:
+                errs.append("%s:%s" % (name, ename(e.errno)))
+        if "setopt" not in r:
+            r["setopt"] = ",".join(errs)
+            return r
+        l.listen(4)
+        c = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        c.settimeout(3)
+        try:
+            c.connect(("::1", cfg["listen6_port"]))
+            r["ok"] = True
+        except OSError as e:
+            r.update({"ok": False, "errno": ename(e.errno) or "timeout"})
+        c.close()
+        l.close()
+        return r
+
+    def bind_device():
+        # Pinning a socket to an interface (the same address through
+        # another interface or VRF is another host): refused at setsockopt
+        # (Linux < 6.5) or the socket's packets are dropped; a datagram is
+        # sent to an allowed receiver after a successful SO_BINDTODEVICE.
+        r = {}
         for name, lvl, opt, val in (
             ("so_bindtodevice", socket.SOL_SOCKET, 25, b"lo"),
             ("ip_unicast_if", socket.IPPROTO_IP, 50, struct.pack("!I", 1)),
         ):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
                 s.setsockopt(lvl, opt, val)
                 r[name] = "ok"
             except OSError as e:
                 r[name] = ename(e.errno)
+                continue
+            if name == "so_bindtodevice":
+                try:
+                    s.sendto(payload, ("127.0.0.1", cfg["bind_udp"]))
+                    r["sent"] = True
+                except OSError as e:
+                    r["send_errno"] = ename(e.errno)
         r["ok"] = True
         return r
 
@@ -245,6 +295,7 @@ def ipopts(cfg):
     res["udp_retopts"] = attempt(udp_retopts)
     res["udp6_rthdr"] = attempt(udp6_rthdr)
     res["udp6_rthdr_cmsg"] = attempt(udp6_rthdr_cmsg)
+    res["listener6_rthdr"] = attempt(listener6_rthdr)
     res["bind_device"] = attempt(bind_device)
     res["control"] = attempt(control)
     time.sleep(0.5)

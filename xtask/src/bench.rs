@@ -320,14 +320,18 @@ struct Worker {
 
 impl Worker {
     fn start(name: &str, cgroup: &Path, tcp: SocketAddrV4, udp: SocketAddrV4) -> Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args([
-                "bench-worker",
-                "--connect-addr",
-                &tcp.to_string(),
-                "--sendto-addr",
-                &udp.to_string(),
-            ])
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args([
+            "bench-worker",
+            "--connect-addr",
+            &tcp.to_string(),
+            "--sendto-addr",
+            &udp.to_string(),
+        ]);
+        if let Some((_, cpu)) = util::bench_cpus() {
+            cmd.args(["--cpu", &cpu.to_string()]);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -559,12 +563,19 @@ fn spawn_listeners() -> Result<(SocketAddrV4, SocketAddrV4)> {
     let (SocketAddr::V4(ta), SocketAddr::V4(ua)) = (tcp.local_addr()?, udp.local_addr()?) else {
         unreachable!()
     };
+    let cpus = util::bench_cpus();
     std::thread::spawn(move || {
+        if let Some((cpu, _)) = cpus {
+            let _ = util::pin_to_cpu(cpu);
+        }
         for c in tcp.incoming() {
             drop(c);
         }
     });
     std::thread::spawn(move || {
+        if let Some((cpu, _)) = cpus {
+            let _ = util::pin_to_cpu(cpu);
+        }
         let mut buf = [0u8; 2048];
         loop {
             let _ = udp.recv_from(&mut buf);
@@ -644,7 +655,7 @@ fn run_inner(
     // Denied probes: the same host, ports nobody allows (and nobody listens on).
     let denied_tcp = SocketAddrV4::new(*tcp.ip(), if tcp.port() == 9 { 10 } else { 9 });
     let denied_udp = SocketAddrV4::new(*udp.ip(), if udp.port() == 9 { 10 } else { 9 });
-    let cgs = BenchCgroups::create(mount, &["e10k", "base", "base2", "ebig", "e10"])?;
+    let cgs = BenchCgroups::create(mount, &["e10k", "base", "base2", "empty", "ebig", "e10"])?;
     eprintln!("bench: enforcer {}", enforcer.display());
     eprintln!(
         "bench: targets tcp {tcp}, udp {udp}; cgroups under {}",
@@ -718,6 +729,34 @@ fn run_inner(
             secs,
         )?,
     ];
+    // The floor: empty programs on the same hooks. What the kernel charges
+    // for running a program on each hook at all, then what the enforcer's
+    // programs add on top of it.
+    let hooks = crate::empty_progs::mirror(&cgs.path("e10k"), &cgs.path("empty"))?;
+    eprintln!("bench: empty programs on {}", hooks.join(", "));
+    let mut wempty = Worker::start("empty (empty programs)", &cgs.path("empty"), tcp, udp)?;
+    probe(&mut wempty, denied_tcp, denied_udp, false)?;
+    for op in [Op::Connect, Op::Sendto] {
+        comps.push(compare(
+            &format!("{}: empty programs vs unenforced", op.name()),
+            op,
+            &mut wempty,
+            &mut wbase,
+            0.0,
+            rounds,
+            secs,
+        )?);
+        comps.push(compare(
+            &format!("{}: 10k rules vs empty programs", op.name()),
+            op,
+            &mut w10k,
+            &mut wempty,
+            0.0,
+            rounds,
+            secs,
+        )?);
+    }
+    drop(wempty);
     drop(w10k);
     // Control (A/A): two unenforced cgroups, to show the harness's own noise.
     let mut wbase2 = Worker::start("base2 (unenforced)", &cgs.path("base2"), tcp, udp)?;
@@ -838,8 +877,10 @@ fn run_inner(
             } else {
                 format!("{:.2}x", c.floor)
             },
-            if c.floor == 0.0 {
+            if c.floor == 0.0 && c.name.starts_with("control") {
                 "(control)"
+            } else if c.floor == 0.0 {
+                "(info)"
             } else if c.pass() {
                 "PASS"
             } else {

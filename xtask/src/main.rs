@@ -9,6 +9,7 @@ mod bench;
 mod demo;
 mod dns_bench;
 mod dns_upstream;
+mod empty_progs;
 mod image;
 mod open_bench;
 mod test;
@@ -56,10 +57,10 @@ enum Cmd {
         #[command(flatten)]
         bin: BinArgs,
         /// Interleaved rounds per side and comparison.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 40)]
         rounds: u32,
         /// Seconds per round per side.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 0.25)]
         secs: f64,
         /// Skip the big-vs-10-rule comparison.
         #[arg(long)]

@@ -197,3 +197,25 @@ pub fn http_get(addr: &str, path: &str, timeout: std::time::Duration) -> Result<
     }
     Ok(body.to_string())
 }
+
+/// Pin the calling thread to one CPU (the bench keeps its load generator and
+/// its listeners on fixed, separate CPUs: where the scheduler happens to put
+/// them moves a loopback loop's rate by more than the costs measured).
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The CPUs the bench uses: (listeners, load generator); `None` on one CPU.
+pub fn bench_cpus() -> Option<(usize, usize)> {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    (n >= 2).then_some((0, n - 1))
+}

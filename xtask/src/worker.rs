@@ -30,6 +30,9 @@ pub struct WorkerArgs {
     /// UDP receiver for `sendto`.
     #[arg(long)]
     sendto_addr: SocketAddrV4,
+    /// Pin the worker to this CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -147,6 +150,9 @@ fn timed(secs: f64, mut op: impl FnMut() -> Result<(), i32>) -> (Tally, Duration
 }
 
 pub fn run(args: &WorkerArgs) -> Result<()> {
+    if let Some(cpu) = args.cpu {
+        crate::util::pin_to_cpu(cpu).with_context(|| format!("pinning the worker to CPU {cpu}"))?;
+    }
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     let tcp = sockaddr(args.connect_addr);
