@@ -6,12 +6,16 @@
 //! the slot holds no policy, the caller fails closed.
 //!
 //! Every hook resolves the identity of each call, so the resolution is
-//! cached per CPU (`IDENTITY_CACHE`: the last cgroup id and what it
-//! resolved to, stamped with `IDENTITY_GEN`, which userspace bumps after
-//! every change of `IDENTITIES`): a hit costs two array reads instead of a
-//! hash lookup (and, for a nested cgroup, the walk). The entry is written
-//! key-last and read key-value-key, so a program that interrupts another
-//! on the same CPU (softirq) never takes a half-written entry.
+//! cached per CPU (`IDENTITY_CACHE`): `[cgroup id, packed]`, where `packed`
+//! holds the low 32 bits of that cgroup id, `IDENTITY_GEN` (which userspace
+//! bumps after every change of `IDENTITIES`), the bound flag and the slot.
+//! A hit costs two array reads instead of a hash lookup (and, for a nested
+//! cgroup, the walk). A program may interrupt another on the same CPU
+//! (softirq) between its two writes, so a reader may see the id of one
+//! write and the packed word of another: the packed word names its own
+//! cgroup (the low 32 bits of a cgroup id are its kernfs inode number,
+//! unique among live cgroups), and a mismatch is a miss.
+//!
 use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{
@@ -65,10 +69,14 @@ pub fn of_sk(sk: *mut aya_ebpf::bindings::bpf_sock) -> Identity {
     })
 }
 
-const CACHE_BOUND: u64 = 1 << 31;
+/// `packed`: cgroup id low 32 bits << 32 | gen (21 bits) << 11 | bound << 10 | slot.
+const CACHE_BOUND: u64 = 1 << 10;
 const CACHE_SLOT: u64 = CACHE_BOUND - 1;
+const CACHE_GEN_SHIFT: u32 = 11;
+const CACHE_GEN: u64 = (1 << 21) - 1;
+const _: () = assert!(enforcer_common::MAX_SLOTS as u64 <= CACHE_SLOT + 1);
 
-/// `bound << 31 | slot` of the nearest bound cgroup (the cgroup itself or
+/// `bound << 10 | slot` of the nearest bound cgroup (the cgroup itself or
 /// an ancestor), from `IDENTITIES`.
 #[inline(always)]
 fn resolve(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> u64 {
@@ -101,20 +109,20 @@ fn find(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Identity {
         Some(c) if cgroup_id != 0 => c,
         _ => core::ptr::null_mut(),
     };
-    // `bound << 31 | slot` in one always-initialized value (MISS until
+    // `bound << 10 | slot` in one always-initialized value (MISS until
     // resolved): LLVM may read an Option's payload on the None path, and
     // the verifier rejects a read of a register that was never written.
     const MISS: u64 = u64::MAX;
+    let tag = ((cgroup_id & 0xffff_ffff) << 32) | ((gen & CACHE_GEN) << CACHE_GEN_SHIFT);
     let mut res = MISS;
     if !cache.is_null() {
-        let (k1, v, k2) = unsafe {
+        let (k, v) = unsafe {
             (
                 core::ptr::read_volatile(&(*cache)[0]),
                 core::ptr::read_volatile(&(*cache)[1]),
-                core::ptr::read_volatile(&(*cache)[0]),
             )
         };
-        if k1 == cgroup_id && k2 == cgroup_id && v >> 32 == gen {
+        if k == cgroup_id && v & !(CACHE_BOUND | CACHE_SLOT) == tag {
             res = v & (CACHE_BOUND | CACHE_SLOT);
         }
     }
@@ -122,8 +130,7 @@ fn find(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Identity {
         res = resolve(cgroup_id, ancestor);
         if !cache.is_null() {
             unsafe {
-                core::ptr::write_volatile(&mut (*cache)[0], 0);
-                core::ptr::write_volatile(&mut (*cache)[1], (gen << 32) | res);
+                core::ptr::write_volatile(&mut (*cache)[1], tag | res);
                 core::ptr::write_volatile(&mut (*cache)[0], cgroup_id);
             }
         }

@@ -20,8 +20,7 @@ pub static IDENTITIES: HashMap<u64, IdentityBinding> = HashMap::with_max_entries
 #[map(name = "IDENTITY_GEN")]
 pub static IDENTITY_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Per CPU: `[cgroup id, gen << 32 | bound << 31 | slot]` of the last
-/// resolution (see `identity::find`).
+/// Per CPU: the last cgroup -> identity resolution (see `identity`).
 #[map(name = "IDENTITY_CACHE")]
 pub static IDENTITY_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
