@@ -6,15 +6,13 @@
 //!   `IP_RETOPTS` cmsg) or an IPv6 hop-by-hop, routing or
 //!   destination-options header (`IPV6_RTHDR`, ...) goes first to a hop the
 //!   connect/sendmsg hooks never judged, or carries bytes they never saw.
-//!   It is dropped and recorded (`rule::IP_OPTIONS`). This includes a
-//!   listener's SYN-ACKs (sent for a request socket; Linux >= 6.5 runs the
-//!   program for them; before, userspace also attaches cgroup/setsockopt,
-//!   which refuses the options when they are set).
-//! - **Interface pinning**: a packet of a socket bound to an interface
-//!   (`SO_BINDTODEVICE`, `SO_BINDTOIFINDEX`) is dropped and recorded
-//!   (`rule::BIND_DEVICE`): the same address through another interface or
-//!   VRF is another host. The one exception is an IPv6 link-local
-//!   destination, whose scope id binds the socket to its interface.
+//!   It is dropped and recorded (`rule::IP_OPTIONS`). The socket options
+//!   are refused when they are set (`sockopt.rs`); what reaches this check
+//!   is per-message options (cmsgs) and anything that set them some other
+//!   way. Every packet is read, TCP included, and a listener's SYN-ACK
+//!   (Linux >= 6.5 runs the program for it, with a request socket, not a
+//!   full one). A SYN-ACK sent under SYN cookies has no socket and passes
+//!   no cgroup program: that is why the setsockopt refusal stays.
 //! - **The taint clamp on open sockets**: the connect/sendmsg hooks read
 //!   `TAINTED` when a connection is opened or a datagram addressed; a socket
 //!   opened before the identity read a `taint` file would keep sending. Once
@@ -63,14 +61,12 @@ pub enum Guard {
 /// SYN-ACK (only the options are judged then).
 #[inline(never)]
 pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, full: *mut bpf_sock) -> Guard {
-    // The common case costs one byte read from the packet, one field read
-    // and one array lookup: the header is parsed only for a packet with
-    // options, of a socket pinned to an interface, or while a slot is
-    // tainted.
+    // The common case costs one byte read from the packet and one array
+    // lookup: the header is parsed only for a packet with options or while
+    // a slot is tainted.
     let options = packet::has_options(skb);
-    let pinned = !full.is_null() && unsafe { (*full).bound_dev_if } != 0;
     let tainted = matches!(TAINTED.get(0), Some(any) if *any != 0);
-    if !options && !pinned && !tainted {
+    if !options && !tainted {
         return Guard::Next;
     }
     let ip = packet::ip(skb);
@@ -80,27 +76,14 @@ pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, full: *mut bpf_sock) -> G
     if ip.options {
         return refuse_plain(skb, full, &ip, rule::IP_OPTIONS);
     }
-    if full.is_null() {
+    if full.is_null() || !tainted {
         return Guard::Next;
     }
-    if pinned && !is_link_local6(&ip) {
-        return refuse_plain(skb, full, &ip, rule::BIND_DEVICE);
-    }
-    if tainted {
-        return clamp(skb, full, &ip);
-    }
-    Guard::Next
+    clamp(skb, full, &ip)
 }
 
-/// fe80::/10: the scope id of such a destination binds the socket to its
-/// interface (the address means nothing without one).
-#[inline(always)]
-fn is_link_local6(ip: &Ip) -> bool {
-    ip.family == 10 && ip.dst[0] == 0xfe && ip.dst[1] & 0xc0 == 0x80
-}
-
-/// A refusal of the packet alone (options, interface pinning): recorded per
-/// packet, the socket keeps its state.
+/// A refusal of the packet alone (IP options): recorded per packet, the
+/// socket keeps its state.
 #[inline(always)]
 fn refuse_plain(
     skb: *mut aya_ebpf::bindings::__sk_buff,

@@ -366,7 +366,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         &compiled.hash,
         &format!(
             "enforcer run {:?} in cgroup {}; {containment}; {}; bpf_lsm: {}; unix sockets: {} \
-             ({}; resolver sockets refused: {}); IP options: {}{}",
+             ({}; resolver sockets refused: {}){}",
             args.command,
             cg.path.display(),
             compiled.inspection_note(),
@@ -382,7 +382,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            kernel.ip_options_mode(),
             degraded
                 .as_deref()
                 .map(|n| format!("; {n}"))

@@ -947,7 +947,10 @@ impl Daemon {
                 let _ = tx.send(l);
             }
         });
-        let end = Instant::now() + Duration::from_secs(60);
+        // Generous: under QEMU/TCG (the BPF LSM runner) loading the object
+        // and attaching the LSM hooks (each a trampoline update that waits
+        // for RCU grace periods) once took over 60 s.
+        let end = Instant::now() + Duration::from_secs(180);
         loop {
             if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
                 if l.contains("ready") {
@@ -962,7 +965,7 @@ impl Daemon {
             }
             if Instant::now() > end {
                 panic!(
-                    "enforcer daemon not ready within 60 s; stderr:\n{}",
+                    "enforcer daemon not ready within 180 s; stderr:\n{}",
                     self.stderr()
                 );
             }

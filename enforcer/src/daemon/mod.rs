@@ -1542,10 +1542,6 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     } else {
         cfg.resolver_sockets.clone()
     };
-    tracing::info!(
-        "IP options and interface pinning: {}",
-        kernel.ip_options_mode()
-    );
     if unix.available {
         tracing::info!("unix socket hooks available: {}", unix.detail);
     } else {

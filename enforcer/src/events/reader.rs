@@ -404,11 +404,6 @@ impl Attribution {
                      the first hop would not be the judged destination"
                         .to_string(),
                 ),
-                (action::PACKET, rule::BIND_DEVICE) => Some(
-                    "socket bound to an interface (SO_BINDTODEVICE/SO_BINDTOIFINDEX): \
-                     the same address through another interface is another host"
-                        .to_string(),
-                ),
                 (action::PACKET, rule::TAINT_CLAMP) => Some(
                     "socket opened before the taint read; destination outside \
                      spec.onTaint.egress: cut"

@@ -139,24 +139,6 @@ pub struct Kernel {
     /// DNS proxy port per slot (kept across policy swaps).
     dns_ports: StdHashMap<u32, u16>,
     next_table_id: u32,
-    /// cgroup/setsockopt is attached: the kernel does not run the egress
-    /// program for a listener's SYN-ACKs (before Linux 6.5), so IP options
-    /// and interface pinning are refused when they are set.
-    sockopt_hook: bool,
-}
-
-/// Linux 6.5 runs cgroup_skb/egress for SYN-ACKs (they are sent on behalf
-/// of a request socket, and the kernel used to skip them): from then on the
-/// egress program sees every packet an agent's sockets send, and judges IP
-/// options and interface pinning per packet.
-fn egress_sees_synacks() -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|x| x.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    (major, minor) >= (6, 5)
 }
 
 /// Programs attached to one cgroup. Dropping it detaches them, unless they
@@ -520,7 +502,6 @@ impl Kernel {
             resolvers: Vec::new(),
             dns_ports,
             next_table_id,
-            sockopt_hook: !egress_sees_synacks(),
         })
     }
 
@@ -764,28 +745,13 @@ impl Kernel {
     }
 
     /// The cgroup programs this kernel attaches: every one of
-    /// `prog_names::ALL` (cgroup/setsockopt only before Linux 6.5), and the
-    /// unix socket hooks where they loaded.
+    /// `prog_names::ALL`, and the unix socket hooks where they loaded.
     fn cgroup_programs(&self) -> Vec<&'static str> {
-        let mut names: Vec<&'static str> = prog_names::ALL
-            .iter()
-            .copied()
-            .filter(|n| self.sockopt_hook || *n != prog_names::SETSOCKOPT)
-            .collect();
+        let mut names: Vec<&'static str> = prog_names::ALL.to_vec();
         if self.unix.available && !self.unix_lsm {
             names.extend(prog_names::UNIX);
         }
         names
-    }
-
-    /// Where IP options and interface pinning are judged on this kernel
-    /// (for logs and `enforcer status`).
-    pub fn ip_options_mode(&self) -> &'static str {
-        if self.sockopt_hook {
-            "refused at setsockopt and per packet (Linux < 6.5: SYN-ACKs skip the egress program)"
-        } else {
-            "judged per packet by the egress program"
-        }
     }
 
     /// The ring buffer of decisions (taken once by the event reader).
@@ -1011,10 +977,8 @@ impl Kernel {
             };
             links.push(link);
         }
-        // cgroup/setsockopt (before Linux 6.5): linked by hand (see link.rs).
-        let sockopt = if !self.sockopt_hook {
-            None
-        } else {
+        // cgroup/setsockopt: linked by hand (see link.rs).
+        let sockopt = {
             let Some(Program::CgroupSockopt(p)) = self.ebpf.program(prog_names::SETSOCKOPT) else {
                 bail!("no program {}", prog_names::SETSOCKOPT);
             };
@@ -1032,8 +996,7 @@ impl Kernel {
                     prog_names::SETSOCKOPT,
                     cgroup.display()
                 )
-            })
-            .map(Some)?
+            })?
         };
         let mut att = Attachment {
             cgroup_id,
@@ -1047,15 +1010,13 @@ impl Kernel {
                 .with_context(|| format!("creating link pin directory {}", dir.display()))?;
             let path = dir.join(prog_names::SETSOCKOPT);
             let _ = fs::remove_file(&path);
-            if let Some(sockopt) = sockopt {
-                link::pin(std::os::fd::AsFd::as_fd(&sockopt), &path)
-                    .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
-                drop(sockopt);
-                att.pinned.push(
-                    PinnedLink::from_pin(&path)
-                        .map_err(|e| anyhow!("reopening pinned link {}: {e}", path.display()))?,
-                );
-            }
+            link::pin(std::os::fd::AsFd::as_fd(&sockopt), &path)
+                .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
+            drop(sockopt);
+            att.pinned.push(
+                PinnedLink::from_pin(&path)
+                    .map_err(|e| anyhow!("reopening pinned link {}: {e}", path.display()))?,
+            );
             for (link, name) in std::mem::take(&mut att.links).into_iter().zip(names) {
                 let path = dir.join(name);
                 let _ = fs::remove_file(&path);
@@ -1066,7 +1027,7 @@ impl Kernel {
             }
             att.pin_dir = Some(dir.to_path_buf());
         } else {
-            att.raw.extend(sockopt);
+            att.raw.push(sockopt);
         }
         Ok(att)
     }
@@ -1080,11 +1041,6 @@ impl Kernel {
             return Ok(None);
         }
         let cgroup_id = cgroup::cgroup_id(cgroup)?;
-        if !self.sockopt_hook {
-            // A link an earlier version pinned on a kernel that no longer
-            // needs it: unpinning it detaches it.
-            let _ = fs::remove_file(dir.join(prog_names::SETSOCKOPT));
-        }
         let mut pinned = Vec::new();
         let mut complete = true;
         for name in self.cgroup_programs() {
@@ -1495,7 +1451,10 @@ impl Kernel {
     /// After a change of `IDENTITIES`: every CPU's cached resolution is
     /// stale from now on (see `enforcer-ebpf/src/identity.rs`).
     fn bump_identity_gen(&mut self) -> Result<()> {
-        let gen = self.identity_gen.get(&0, 0).unwrap_or(0);
+        let gen = self
+            .identity_gen
+            .get(&0, 0)
+            .context("reading the identity generation")?;
         self.identity_gen
             .set(0, gen.wrapping_add(1), 0)
             .context("bumping the identity generation")
