@@ -223,8 +223,9 @@ def ipopts(cfg):
 
     def listener6_rthdr():
         # A listener's IPv6 routing header goes out on its SYN-ACKs (sent
-        # for a request socket) and on every packet of the accepted
-        # connections: the agent's own client connects to it.
+        # for a request socket, or for no socket under SYN cookies) and on
+        # every packet of the accepted connections: refused at setsockopt;
+        # should it ever be set, the agent's own client connects to it.
         l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         l.bind(("::1", cfg["listen6_port"]))
@@ -258,9 +259,9 @@ def ipopts(cfg):
 
     def bind_device():
         # Pinning a socket to an interface (the same address through
-        # another interface or VRF is another host): refused at setsockopt
-        # (Linux < 6.5) or the socket's packets are dropped; a datagram is
-        # sent to an allowed receiver after a successful SO_BINDTODEVICE.
+        # another interface or VRF is another host): refused at setsockopt.
+        # Should it ever be set, a datagram goes to an allowed receiver
+        # (which must see nothing).
         r = {}
         for name, lvl, opt, val in (
             ("so_bindtodevice", socket.SOL_SOCKET, 25, b"lo"),
