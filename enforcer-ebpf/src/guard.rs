@@ -74,26 +74,23 @@ pub fn egress(skb: *mut aya_ebpf::bindings::__sk_buff, full: *mut bpf_sock) -> G
         return Guard::Next;
     }
     if ip.options {
-        return refuse_plain(skb, full, &ip, rule::IP_OPTIONS);
+        // Recorded per packet; the socket keeps its state.
+        let id = identity::of_skb(skb);
+        let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
+        return refuse(
+            skb,
+            full,
+            &ip,
+            rule::IP_OPTIONS,
+            id.cgroup_id,
+            id.slot,
+            audit,
+        );
     }
     if full.is_null() || !tainted {
         return Guard::Next;
     }
     clamp(skb, full, &ip)
-}
-
-/// A refusal of the packet alone (IP options): recorded per packet, the
-/// socket keeps its state.
-#[inline(always)]
-fn refuse_plain(
-    skb: *mut aya_ebpf::bindings::__sk_buff,
-    sk: *mut bpf_sock,
-    ip: &Ip,
-    rule_id: u32,
-) -> Guard {
-    let id = identity::of_skb(skb);
-    let audit = matches!(id.policy, Some(p) if p.flags & policy_flags::AUDIT != 0);
-    refuse(skb, sk, ip, rule_id, id.cgroup_id, id.slot, audit)
 }
 
 #[inline(always)]

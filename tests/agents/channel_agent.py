@@ -119,6 +119,30 @@ def set_v4_options(s):
     return None, err
 
 
+# IPv6 routing headers through ::1: type 2 (MIPv6: hdrlen 2, one segment),
+# type 4 (segment routing: hdrlen 2, segments left 0, last entry 0), type 0
+# (deprecated).
+_HOP = socket.inet_pton(socket.AF_INET6, "::1")
+RTHDRS = (
+    ("type2", bytes([0, 2, 2, 1, 0, 0, 0, 0]) + _HOP),
+    ("type4", bytes([0, 2, 4, 0, 0, 0, 0, 0]) + _HOP),
+    ("type0", bytes([0, 2, 0, 1, 0, 0, 0, 0]) + _HOP),
+)
+
+
+def set_rthdr(s):
+    """Set the first routing header the kernel takes: its name, or the
+    errors of every try ("type2:EPERM,...")."""
+    errs = []
+    for name, hdr in RTHDRS:
+        try:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, hdr)
+            return name
+        except OSError as e:
+            errs.append("%s:%s" % (name, ename(e.errno)))
+    return ",".join(errs)
+
+
 def attempt(fn):
     try:
         return fn()
@@ -174,25 +198,8 @@ def ipopts(cfg):
 
     def udp6_rthdr():
         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        r = {}
-        hops = socket.inet_pton(socket.AF_INET6, "::1")
-        # Type 2 (MIPv6: hdrlen 2, one segment), type 4 (segment routing:
-        # hdrlen 2, segments left 0, last entry 0), type 0 (deprecated).
-        tries = (
-            ("type2", bytes([0, 2, 2, 1, 0, 0, 0, 0]) + hops),
-            ("type4", bytes([0, 2, 4, 0, 0, 0, 0, 0]) + hops),
-            ("type0", bytes([0, 2, 0, 1, 0, 0, 0, 0]) + hops),
-        )
-        errs = []
-        for name, hdr in tries:
-            try:
-                s.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, hdr)
-                r["setopt"] = name
-                break
-            except OSError as e:
-                errs.append("%s:%s" % (name, ename(e.errno)))
-        if "setopt" not in r:
-            r["setopt"] = ",".join(errs)
+        r = {"setopt": set_rthdr(s)}
+        if ":" in r["setopt"]:
             return r
         try:
             s.sendto(payload, ("::1", cfg["udp6_port"]))
@@ -204,13 +211,9 @@ def ipopts(cfg):
     def udp6_rthdr_cmsg():
         # The routing header as a control message of one sendmsg.
         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        hops = socket.inet_pton(socket.AF_INET6, "::1")
         r = {"setopt": "cmsg"}
         errs = []
-        for name, hdr in (
-            ("type2", bytes([0, 2, 2, 1, 0, 0, 0, 0]) + hops),
-            ("type4", bytes([0, 2, 4, 0, 0, 0, 0, 0]) + hops),
-        ):
+        for name, hdr in RTHDRS[:2]:
             try:
                 s.sendmsg([payload], [(socket.IPPROTO_IPV6, IPV6_RTHDR, hdr)], 0,
                           ("::1", cfg["udp6_port"]))
@@ -229,21 +232,8 @@ def ipopts(cfg):
         l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         l.bind(("::1", cfg["listen6_port"]))
-        hops = socket.inet_pton(socket.AF_INET6, "::1")
-        r = {}
-        errs = []
-        for name, hdr in (
-            ("type2", bytes([0, 2, 2, 1, 0, 0, 0, 0]) + hops),
-            ("type4", bytes([0, 2, 4, 0, 0, 0, 0, 0]) + hops),
-        ):
-            try:
-                l.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, hdr)
-                r["setopt"] = name
-                break
-            except OSError as e:
-                errs.append("%s:%s" % (name, ename(e.errno)))
-        if "setopt" not in r:
-            r["setopt"] = ",".join(errs)
+        r = {"setopt": set_rthdr(l)}
+        if ":" in r["setopt"]:
             return r
         l.listen(4)
         c = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)

@@ -118,6 +118,58 @@ fn missing_policy_fails_closed() {
     d.kill9();
 }
 
+/// A binding moved to another policy (config + SIGHUP) applies to the
+/// processes already running in the cgroup: the programs' per-CPU identity
+/// cache (`IDENTITY_CACHE`) must not keep the old slot.
+#[test]
+fn moving_a_binding_applies_to_running_processes() {
+    if !require_root("moving_a_binding_applies_to_running_processes") {
+        return;
+    }
+    let cg = Cgroup::create("rebind");
+    let pins = PinDir::new("rebind");
+    let dir = TestDir::new("rebind");
+    let a = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let b = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, "rebind-a")]);
+    write_policy(&d, "a.yaml", "rebind-a", a.port());
+    write_policy(&d, "b.yaml", "rebind-b", b.port());
+    d.start();
+
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cg.path, p.pid);
+    // Warm every CPU's cache with the first binding.
+    for i in 0..20 {
+        assert_ok(
+            &p.tcp("127.0.0.1", a.port(), "a"),
+            &format!("policy a: A ({i})"),
+        );
+    }
+    assert_eperm(&p.tcp("127.0.0.1", b.port(), "b"), "policy a: B");
+
+    d.write_config(&[(&cg.path, "rebind-b")]);
+    d.signal(libc::SIGHUP);
+    let moved = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        cgroup_listed(&d.status(), "rebind-b", &cg.path)
+    });
+    assert!(moved, "binding not moved: {:#}", d.status());
+    let conns = a.conns();
+    for i in 0..20 {
+        assert_eperm(
+            &p.tcp("127.0.0.1", a.port(), "a-after"),
+            &format!("policy b: A ({i})"),
+        );
+        assert_ok(
+            &p.tcp("127.0.0.1", b.port(), "b"),
+            &format!("policy b: B ({i})"),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.conns(), conns, "connections to A after the move");
+    p.kill();
+    d.kill9();
+}
+
 /// Scenario 6: a full-capability root process in a bound cgroup.
 ///
 /// Raw IP sockets are refused by the hook whatever the capabilities. Packet
