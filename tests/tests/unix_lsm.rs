@@ -254,8 +254,12 @@ fn daemon_follows_a_re_created_socket() {
         "the re-created socket stayed refused; daemon:\n{}",
         d.stderr()
     );
+    // The map update that lets the connect through lands before the log
+    // line that reports it: wait for the line.
     assert!(
-        d.stderr().contains("re-created"),
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || d
+            .stderr()
+            .contains("re-created")),
         "the daemon did not say it reinstalled: {}",
         d.stderr()
     );
