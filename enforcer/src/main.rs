@@ -121,6 +121,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(log_colour())
         .try_init();
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -129,6 +130,14 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Colour in log lines only on a terminal, and never with `NO_COLOR` set
+/// (any non-empty value, <https://no-color.org>).
+fn log_colour() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
 }
 
 fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
