@@ -106,9 +106,15 @@ pub mod map_names {
     /// Per CPU: the last cgroup -> identity resolution (not pinned: each
     /// program set keeps its own; `IDENTITY_GEN`, pinned, validates it).
     pub const IDENTITY_CACHE: &str = "IDENTITY_CACHE";
+    /// Allowed flows: per CPU, two sides of `FLOW_WAYS` cache ways; the
+    /// programs count in the side `FLOW_SIDE` names, userspace flips it and
+    /// drains the other. A flow evicted from a way goes to `FLOW_SPILL`.
+    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_SIDE: &str = "FLOW_SIDE";
+    pub const FLOW_SPILL: &str = "FLOW_SPILL";
     /// Pinned by the daemon (SCRATCH, GENERATION, OPAQUE and IDENTITY_CACHE
     /// are per-program-set scratch, not pinned).
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 24] = [
         IDENTITIES,
         POLICIES,
         EGRESS_V4,
@@ -130,6 +136,9 @@ pub mod map_names {
         UNIX_RULES,
         UNIX_INODES,
         IDENTITY_GEN,
+        FLOWS,
+        FLOW_SIDE,
+        FLOW_SPILL,
     ];
 }
 
@@ -217,6 +226,10 @@ pub const MAX_RESOLVED: u32 = 64;
 pub const MAX_NAMES: u32 = 1 << 16;
 /// `UNIX_RULES` entries (`spec.local` of every generation, resolver sockets).
 pub const MAX_UNIX_RULES: u32 = 1 << 14;
+/// Ways of each CPU's flow cache per side (`FLOWS`: 2 * FLOW_WAYS entries).
+pub const FLOW_WAYS: u32 = 8;
+/// Bytes of `FLOW_SPILL`, the ring of flows moved out of a cache way.
+pub const FLOW_SPILL_BYTES: u32 = 1 << 18;
 /// `sun_path` bytes (`struct sockaddr_un`).
 pub const UNIX_NAME_MAX: usize = 108;
 /// `FILE_BLOOM`: 2^23 bits in 2^17 u64 words (1 MiB).
@@ -739,8 +752,11 @@ pub struct V6Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalConfig {
-    /// 0: allowed decisions are only counted; 1: every allow is sent as an
-    /// event; N: about one allow in N is sent (denies and audits always are).
+    /// 0: allowed decisions are only counted; 1: every allow is accounted in
+    /// a flow (`FLOWS`, `FLOW_SPILL`) or, for allows that carry more than a
+    /// flow key (first bytes, unix addresses), sent as an event without
+    /// waking the reader; N: about one allow in N is sent as an event
+    /// (denies and audits always are, waking the reader).
     pub allow_sample: u32,
     /// Number of slots with file rules: the LSM hooks return at once while 0.
     pub file_slots: u32,
@@ -749,6 +765,50 @@ pub struct GlobalConfig {
     /// `RESOLVED` instead of judging them (see `enforcer::kernel::files`).
     pub resolver_tid: u32,
     pub _pad: u32,
+}
+
+/// An allowed flow, aggregated in the kernel (`FLOWS`, per CPU): the
+/// decision fields that name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub rule_id: u32,
+    /// As `Event::addr` (IPv4 v4-mapped).
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub action: u8,
+    pub protocol: u8,
+    pub family: u8,
+    pub sock_type: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What one CPU saw of a flow since the last drain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Allowed decisions.
+    pub count: u64,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, jiffy resolution) of
+    /// this CPU's first and last decision; 0: none on this CPU.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The process of this CPU's first decision (thread group id).
+    pub pid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+
+/// One way of a CPU's flow cache (`FLOWS`), and a record of `FLOW_SPILL`:
+/// a flow counted in place until a decision of another flow that maps to
+/// the same way moves it to the spill ring. `value.count == 0`: empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowLast {
+    pub key: FlowKey,
+    pub value: FlowValue,
 }
 
 /// One decision, kernel -> userspace through the `EVENTS` ring buffer.
@@ -911,6 +971,9 @@ mod user {
     unsafe impl aya::Pod for UnixRule {}
     unsafe impl aya::Pod for UnixEvent {}
     unsafe impl aya::Pod for UnixLsmOffsets {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FlowLast {}
 }
 
 #[cfg(test)]

@@ -6,11 +6,12 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    first_bytes::BUF, stat, FileKey, FileRuleValue, GlobalConfig, IdentityBinding, InspectState,
-    Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet, UnixKey, UnixRule,
-    V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES, MAX_DNS_ORIG, MAX_EGRESS_V4,
-    MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES,
-    MAX_RESOLVED, MAX_SLOTS, MAX_UNIX_RULES, REASONS_LEN,
+    first_bytes::BUF, stat, FileKey, FileRuleValue, FlowLast, GlobalConfig, IdentityBinding,
+    InspectState, Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet,
+    UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES, FLOW_SPILL_BYTES,
+    FLOW_WAYS, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES,
+    MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED, MAX_SLOTS, MAX_UNIX_RULES,
+    REASONS_LEN,
 };
 
 #[map(name = "IDENTITIES")]
@@ -106,3 +107,15 @@ pub static UNIX_RULES: HashMap<UnixKey, UnixRule> = HashMap::with_max_entries(MA
 /// and of the resolver sockets (table id 0).
 #[map(name = "UNIX_INODES")]
 pub static UNIX_INODES: HashMap<FileKey, UnixRule> = HashMap::with_max_entries(MAX_UNIX_RULES, 0);
+
+/// Per CPU: the flow cache, `FLOW_WAYS` ways for each side (see
+/// `report::account_flow`).
+#[map(name = "FLOWS")]
+pub static FLOWS: PerCpuArray<FlowLast> = PerCpuArray::with_max_entries(2 * FLOW_WAYS, 0);
+
+#[map(name = "FLOW_SIDE")]
+pub static FLOW_SIDE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Flows moved out of a cache way (never wakes the reader).
+#[map(name = "FLOW_SPILL")]
+pub static FLOW_SPILL: RingBuf = RingBuf::with_byte_size(FLOW_SPILL_BYTES, 0);

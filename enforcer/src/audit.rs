@@ -213,6 +213,10 @@ struct DecisionRecord<'a> {
     /// `path`, `abstract` or `unreadable`.
     #[serde(skip_serializing_if = "Option::is_none")]
     socket_kind: Option<&'a str>,
+    /// An allowed flow: how many decisions this record stands for, first
+    /// and last seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flow: Option<&'a crate::events::FlowSpan>,
     prev_hash: &'a str,
 }
 
@@ -413,6 +417,7 @@ impl AuditLog {
             detail,
             first_bytes,
             unix,
+            flow,
         } = d;
         self.append_with(|buf, seq, prev_hash| {
             serde_json::to_writer(
@@ -442,6 +447,7 @@ impl AuditLog {
                     presented: first_bytes.as_ref().and_then(|f| f.name.as_deref()),
                     socket: unix.as_ref().map(|u| u.name.as_str()),
                     socket_kind: unix.as_ref().map(|u| u.kind),
+                    flow: flow.as_ref(),
                     prev_hash,
                 },
             )
@@ -957,6 +963,7 @@ mod tests {
             detail: (i == 3).then(|| "family=inet".to_string()),
             first_bytes: None,
             unix: None,
+            flow: None,
         }
     }
 

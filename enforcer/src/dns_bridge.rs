@@ -120,6 +120,7 @@ impl DnsSink for Recorder {
             detail: Some(detail),
             first_bytes: None,
             unix: None,
+            flow: None,
         });
     }
 

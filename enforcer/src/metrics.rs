@@ -6,7 +6,7 @@
 //! | metric | type | labels | fed by |
 //! |---|---|---|---|
 //! | `enforcer_decisions_total` | counter | identity, action, verdict, reason | kernel per-CPU counters, [`Metrics::set_decisions_total`]; `reason` is set for refused first bytes (action `inspect`: `name-mismatch`, `no-sni`, `ech`, ...), else empty |
-//! | `enforcer_events_total` | counter | identity, action, verdict | ring-buffer events, [`Metrics::record_event`] |
+//! | `enforcer_events_total` | counter | identity, action, verdict | decisions reported to userspace: ring-buffer events, plus each allowed flow record's count, [`Metrics::record_events`] |
 //! | `enforcer_pod_events_total` | counter | identity, spiffe_id, namespace, pod, container, action, verdict | events of bound pods (Kubernetes mode), [`Metrics::record_pod_event`] |
 //! | `enforcer_pod_info` | gauge (=1) | identity, spiffe_id, namespace, pod, uid | bound pods, [`Metrics::set_pods`] |
 //! | `enforcer_events_lost_total` | counter | | kernel stat, [`Metrics::set_events_lost_total`] |
@@ -188,7 +188,7 @@ impl Metrics {
             events: counter_vec(
                 r,
                 "enforcer_events_total",
-                "Decision events received from the kernel ring buffer.",
+                "Decisions the kernel reported: ring-buffer events, and the allowed decisions that flow records stand for.",
                 &["identity", "action", "verdict"],
             ),
             pod_events: counter_vec(
@@ -396,9 +396,15 @@ impl Metrics {
 
     /// Count one event read from the ring buffer.
     pub fn record_event(&self, identity: &str, action: Action, verdict: Verdict) {
+        self.record_events(identity, action, verdict, 1);
+    }
+
+    /// Count `n` decisions the audit log received (one event, or a flow
+    /// record that stands for `n` allowed decisions).
+    pub fn record_events(&self, identity: &str, action: Action, verdict: Verdict, n: u64) {
         self.events
             .with_label_values(&[identity, action.as_str(), verdict.as_str()])
-            .inc();
+            .inc_by(n);
     }
 
     /// An event of a process in a bound pod (its container when known).
@@ -408,6 +414,7 @@ impl Metrics {
         w: &crate::events::Workload,
         action: Action,
         verdict: Verdict,
+        n: u64,
     ) {
         let labels = vec![
             identity.to_string(),
@@ -419,7 +426,7 @@ impl Metrics {
             verdict.as_str().to_string(),
         ];
         let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
-        self.pod_events.with_label_values(&refs).inc();
+        self.pod_events.with_label_values(&refs).inc_by(n);
         let mut s = self.pod_series.lock().unwrap_or_else(|e| e.into_inner());
         let v = s.entry((w.namespace.clone(), w.pod.clone())).or_default();
         if !v.contains(&labels) {

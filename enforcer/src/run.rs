@@ -28,8 +28,8 @@ use crate::{
     audit::{AuditLog, LifecycleAction},
     dns_bridge::DnsService,
     events::{
-        reader::{self, Attribution, Clock, SlotInfo},
-        sink::{self, Sinks},
+        reader::{Attribution, SlotInfo},
+        sink::{self, Readers, Sinks},
         Decision, IdentityRef, Verdict,
     },
     kernel::{cgroup, Kernel},
@@ -337,6 +337,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let ring = kernel
         .take_events()
         .context("event ring buffer already taken")?;
+    let flows = kernel.take_flows().context("flow tables already taken")?;
 
     let attribution = Attribution::default();
     attribution.set(SLOT, SlotInfo::new(identity.clone(), &compiled));
@@ -438,23 +439,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
         // already steered and answered.
         let dns_port = dns.serve(&kernel, SLOT, dns_policy.clone()).await?;
         tracing::info!(port = dns_port, "DNS proxy ready");
-        let clock = Clock::new();
-        let reader_task = {
-            let sinks = sinks.clone();
-            let sinks_flush = sinks.clone();
-            let attribute = dns.attributor(attribution.clone());
-            tokio::spawn(reader::run(
-                ring,
-                move |r: reader::Decoded| {
-                    r.reset_refused();
-                    let mut d = attribute(&r.ev, &clock);
-                    d.first_bytes = r.first;
-                    d.unix = r.unix;
-                    sinks.handle(&d)
-                },
-                move || sinks_flush.flush(),
-            ))
-        };
+        let readers = Readers::spawn(
+            ring,
+            flows,
+            sinks.clone(),
+            dns.attributor(attribution.clone()),
+        );
         // The forked side makes only raw syscalls on memory prepared
         // before the clone, so cloning this multi-threaded process is safe.
         let spawned = crate::sandbox::spawn(&prepared)
@@ -535,9 +525,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
         running.store(false, Ordering::Relaxed);
         forward.abort();
-        // Let the last events of the agent arrive.
-        tokio::time::sleep(reader::DRAIN_GRACE).await;
-        reader_task.abort();
+        // The agent's last records are in the ring and the flow tables.
+        readers.finish().await;
         poller.abort();
         anyhow::Ok(status)
     })?;
@@ -792,5 +781,6 @@ fn refused_call_decision(
         detail: Some(call.detail.clone()),
         first_bytes: None,
         unix: None,
+        flow: None,
     }
 }

@@ -1,6 +1,7 @@
 //! Allowed decisions are counted in the kernel whatever the event sampling;
 //! denials are always events. `--allow-events 0` keeps allows out of the
-//! audit log but not out of the counts; `--allow-events 1` records each.
+//! audit log but not out of the counts; `--allow-events 1` (the default)
+//! accounts every allow in a flow record (`flow.count` decisions).
 use std::time::Duration;
 
 use enforcer_tests::*;
@@ -58,11 +59,13 @@ fn run_with(allow_events: &str) -> (String, Vec<serde_json::Value>) {
     (err, read_jsonl(&audit))
 }
 
-fn count(audit: &[serde_json::Value], verdict: &str) -> usize {
+/// Decisions the records stand for (a flow record: `flow.count`).
+fn count(audit: &[serde_json::Value], verdict: &str) -> u64 {
     audit
         .iter()
         .filter(|r| r["action"] == "connect" && r["verdict"] == verdict)
-        .count()
+        .map(|r| r["flow"]["count"].as_u64().unwrap_or(1))
+        .sum()
 }
 
 #[test]
@@ -90,7 +93,106 @@ fn allows_are_counted_whatever_the_sampling() {
     assert_eq!(
         count(&audit, "allow"),
         5,
-        "every allow recorded with --allow-events 1"
+        "every allow accounted with --allow-events 1"
+    );
+    // The five connects to one destination are one flow record.
+    let flows: Vec<_> = audit
+        .iter()
+        .filter(|r| r["action"] == "connect" && r["verdict"] == "allow")
+        .collect();
+    assert!(
+        !flows.is_empty() && flows.iter().all(|r| r["flow"]["count"].as_u64() >= Some(1)),
+        "allows are flow records: {flows:#?}"
+    );
+    assert!(flows.len() < 5, "five connects, one flow: {flows:#?}");
+    let f = &flows[0]["flow"];
+    assert!(
+        f["first_seen"].as_str() <= f["last_seen"].as_str(),
+        "first_seen <= last_seen: {f}"
     );
     assert_eq!(count(&audit, "deny"), 2);
+    assert!(
+        audit
+            .iter()
+            .filter(|r| r["verdict"] == "deny")
+            .all(|r| r.get("flow").is_none()),
+        "a denial is its own record"
+    );
+}
+
+/// Many flows at once (more than a CPU's flow cache holds, interleaved so
+/// that each decision evicts another flow to the spill ring, across the
+/// drain interval): the flow records still account for every allowed
+/// decision, per destination, and agree with the kernel's counters.
+#[test]
+fn interleaved_flows_account_for_every_decision() {
+    if !require_root("interleaved_flows_account_for_every_decision") {
+        return;
+    }
+    const PORTS: u16 = 24;
+    const ROUNDS: u16 = 60;
+    let dir = TestDir::new("sampling-flows");
+    let sink = UdpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let pol = dir.join("p.yaml");
+    write_atomic(
+        &pol,
+        &policy_yaml(
+            "flows-agent",
+            "spiffe://test/flows",
+            "enforce",
+            &[("127.0.0.0/8", &[], "udp")],
+        ),
+    );
+    let audit = dir.join("audit.jsonl");
+    // Round-robin over PORTS destinations; a pause in the middle spans at
+    // least one drain of the flow tables.
+    let agent = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for r in range({ROUNDS}):\n\
+         \x20   if r == {half}: time.sleep(1.5)\n\
+         \x20   for p in range({PORTS}):\n\
+         \x20       s.sendto(b'x', ('127.0.0.1', 20000 + p))\n\
+         s.sendto(b'x', ('127.0.0.1', {port}))\n",
+        half = ROUNDS / 2,
+        port = sink.port()
+    );
+    let mut c = enforcer();
+    c.args(["run", "--user", "root", "--policy"])
+        .arg(&pol)
+        .current_dir(dir.path())
+        .arg("--audit-log")
+        .arg(&audit)
+        .args(["--"])
+        .arg(python())
+        .args(["-c", &agent]);
+    let out = output_with_timeout(c, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    let total = u64::from(PORTS) * u64::from(ROUNDS) + 1;
+    assert!(
+        err.contains(&format!("decisions: {total} allowed, 0 denied")),
+        "kernel counters: {err}"
+    );
+    let recs = read_jsonl(&audit);
+    let mut per_port = std::collections::BTreeMap::<u64, u64>::new();
+    for r in recs
+        .iter()
+        .filter(|r| r["action"] == "sendmsg" && r["verdict"] == "allow")
+    {
+        let n = r["flow"]["count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("an allow that is not a flow record: {r}"));
+        *per_port.entry(r["port"].as_u64().unwrap()).or_default() += n;
+    }
+    for p in 0..PORTS {
+        assert_eq!(
+            per_port.get(&(20000 + u64::from(p))).copied(),
+            Some(u64::from(ROUNDS)),
+            "port {}: {per_port:?}",
+            20000 + p
+        );
+    }
+    assert_eq!(per_port.values().sum::<u64>(), total, "{per_port:?}");
+    assert_eq!(sink.bytes(), 1, "the allowed datagram arrived");
 }

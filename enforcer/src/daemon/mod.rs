@@ -54,8 +54,8 @@ use crate::{
     dns::DnsPolicy,
     dns_bridge::DnsService,
     events::{
-        reader::{self, Attribution, Clock, SlotInfo},
-        sink::{self, Sinks},
+        reader::{Attribution, SlotInfo},
+        sink::{self, Readers, Sinks},
         IdentityRef,
     },
     kernel::{cgroup, Attachment, Kernel},
@@ -1556,6 +1556,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         .context("installing the resolver socket list")?;
     kernel.set_allow_sample(cfg.allow_events)?;
     let ring = kernel.take_events().context("event ring buffer")?;
+    let flows = kernel.take_flows().context("flow tables")?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
     metrics.set_capability("unix_sockets", unix.available);
@@ -1746,23 +1747,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         }
         None => None,
     };
-    let clock = Clock::new();
-    let reader_task = {
-        let sinks_h = sinks.clone();
-        let sinks_f = sinks.clone();
-        let attribute = dns.attributor(attribution);
-        tokio::spawn(reader::run(
-            ring,
-            move |r: reader::Decoded| {
-                r.reset_refused();
-                let mut d = attribute(&r.ev, &clock);
-                d.first_bytes = r.first;
-                d.unix = r.unix;
-                sinks_h.handle(&d)
-            },
-            move || sinks_f.flush(),
-        ))
-    };
+    let readers = Readers::spawn(ring, flows, sinks.clone(), dns.attributor(attribution));
     let control_task = control::serve(&cfg.control_socket, state.clone()).await?;
 
     // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
@@ -1837,7 +1822,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         "",
         "daemon stopped; pinned links keep enforcing",
     );
-    reader_task.abort();
+    readers.finish().await;
     control_task.abort();
     for t in k8s_tasks {
         t.abort();

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+pub mod flows;
 pub mod reader;
 pub mod sink;
 
@@ -228,6 +229,18 @@ pub struct Decision {
     /// Actions `unix_connect` / `unix_send`: the socket address the agent gave.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unix: Option<UnixAddress>,
+    /// An allowed flow aggregated in the kernel: this record stands for
+    /// `count` decisions (`ts` is the last one's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow: Option<FlowSpan>,
+}
+
+/// The decisions an allow record of a flow stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlowSpan {
+    pub count: u64,
+    pub first_seen: chrono::DateTime<chrono::Utc>,
+    pub last_seen: chrono::DateTime<chrono::Utc>,
 }
 
 /// A unix socket address as the agent wrote it (actions `unix_connect`, `unix_send`).

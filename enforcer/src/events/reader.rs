@@ -433,6 +433,7 @@ impl Attribution {
             detail,
             first_bytes: None,
             unix: None,
+            flow: None,
         }
     }
 }
@@ -578,10 +579,17 @@ impl Default for Clock {
     }
 }
 
-/// Drain the ring buffer forever (until the task is dropped), calling
-/// `handle` for each event. `flush` runs after each drained batch.
+/// How often the reader drains the ring buffer without being woken: allow
+/// records do not wake it (see `enforcer-ebpf/src/report.rs`), so this is
+/// the bound on their delay; every other record wakes it at once.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Drain the ring buffer whenever the kernel wakes the reader and every
+/// `POLL`, calling `handle` for each event and `flush` after each drained
+/// batch, until `stop` is notified (then once more, and return).
 pub async fn run(
     ring: RingBuf<MapData>,
+    stop: Arc<tokio::sync::Notify>,
     mut handle: impl FnMut(Decoded) + Send,
     mut flush: impl FnMut() + Send,
 ) -> anyhow::Result<()> {
@@ -590,8 +598,17 @@ pub async fn run(
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)?;
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+        let last = tokio::select! {
+            r = fd.readable_mut() => {
+                // Cleared before draining: a record committed meanwhile
+                // makes the fd readable again.
+                r?.clear_ready();
+                false
+            }
+            _ = tokio::time::sleep(POLL) => false,
+            _ = stop.notified() => true,
+        };
+        let ring = fd.get_mut();
         let mut n = 0usize;
         while let Some(item) = ring.next() {
             if let Some(d) = decode_record(&item) {
@@ -599,15 +616,18 @@ pub async fn run(
             }
             n += 1;
         }
-        guard.clear_ready();
         if n > 0 {
             flush();
+        }
+        if last {
+            return Ok(());
         }
     }
 }
 
-/// How long shutdown waits for the last events to arrive.
-pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// How long shutdown waits for the reader's and the flow drainer's last
+/// batch.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -111,11 +111,12 @@ impl Sinks {
         {
             f(d);
         }
+        let n = d.flow.as_ref().map_or(1, |f| f.count);
         self.metrics
-            .record_event(&d.identity.name, d.action, d.verdict);
+            .record_events(&d.identity.name, d.action, d.verdict, n);
         if let Some(w) = &d.workload {
             self.metrics
-                .record_pod_event(&d.identity.name, w, d.action, d.verdict);
+                .record_pod_event(&d.identity.name, w, d.action, d.verdict, n);
         }
         if let Some(a) = &self.audit {
             let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,4 +252,98 @@ pub fn publish_kernel_counters(kernel: &Kernel, metrics: &Metrics, slots: &[(u32
     }
     metrics.set_events_lost_total(kernel.stat(enforcer_common::stat::EVENTS_LOST));
     metrics.set_no_identity_decisions_total(kernel.stat(enforcer_common::stat::NO_IDENTITY));
+}
+
+/// The two tasks that bring the kernel's decisions to the sinks: the
+/// ring-buffer reader (denials at once, other records within
+/// `reader::POLL`) and the flow drainer (allowed flows every
+/// `flows::INTERVAL`).
+pub struct Readers {
+    /// Each task with the notification that stops it.
+    tasks: Vec<(Arc<tokio::sync::Notify>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Readers {
+    /// Start both tasks (inside a tokio runtime). `attribute` turns a kernel
+    /// event into a decision (identity, rule, learned host).
+    pub fn spawn(
+        ring: aya::maps::RingBuf<aya::maps::MapData>,
+        flows: super::flows::FlowTables,
+        sinks: Arc<Sinks>,
+        attribute: impl Fn(&enforcer_common::Event, &super::reader::Clock) -> Decision
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        let (stop_reader, stop_drainer) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let attribute = Arc::new(attribute);
+        let clock = Arc::new(super::reader::Clock::new());
+        let reader = {
+            let (s1, s2, attribute, clock) = (
+                sinks.clone(),
+                sinks.clone(),
+                attribute.clone(),
+                clock.clone(),
+            );
+            let stop = stop_reader.clone();
+            tokio::spawn(async move {
+                let r = super::reader::run(
+                    ring,
+                    stop,
+                    move |r: super::reader::Decoded| {
+                        r.reset_refused();
+                        let mut d = attribute(&r.ev, &clock);
+                        d.first_bytes = r.first;
+                        d.unix = r.unix;
+                        s1.handle(&d)
+                    },
+                    move || s2.flush(),
+                )
+                .await;
+                if let Err(e) = r {
+                    tracing::error!("event ring buffer reader stopped: {e:#}");
+                }
+            })
+        };
+        let drainer = {
+            let (s1, s2) = (sinks.clone(), sinks);
+            tokio::spawn(super::flows::run(
+                flows,
+                stop_drainer.clone(),
+                move |f: super::flows::Flow| {
+                    let mut d = attribute(&f.ev, &clock);
+                    d.flow = Some(super::FlowSpan {
+                        count: f.count,
+                        first_seen: clock.wall(f.first_ns),
+                        last_seen: clock.wall(f.last_ns),
+                    });
+                    s1.handle(&d)
+                },
+                move || s2.flush(),
+            ))
+        };
+        Self {
+            tasks: vec![(stop_reader, reader), (stop_drainer, drainer)],
+        }
+    }
+
+    /// Read what is left (both flow sides, the whole ring) and stop; gives
+    /// up after `reader::DRAIN_GRACE`.
+    pub async fn finish(self) {
+        for (stop, _) in &self.tasks {
+            // Stored if the task is not waiting yet.
+            stop.notify_one();
+        }
+        for (_, mut t) in self.tasks {
+            if tokio::time::timeout(super::reader::DRAIN_GRACE, &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
+        }
+    }
 }

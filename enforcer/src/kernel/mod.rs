@@ -107,6 +107,7 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, GlobalConfig>,
     events: Option<RingBuf<MapData>>,
+    flows: Option<crate::events::flows::FlowTables>,
     learned: Option<learned::LearnedTable>,
     file_rules: HashMap<MapData, FileKey, FileRuleValue>,
     /// Struct member offsets given to the file hooks (valid == 0: none).
@@ -359,6 +360,11 @@ impl Kernel {
         let stats = map(&mut ebpf, map_names::STATS)?;
         let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
+        let flows = Some(crate::events::flows::FlowTables {
+            ways: map(&mut ebpf, map_names::FLOWS)?,
+            side: map(&mut ebpf, map_names::FLOW_SIDE)?,
+            spill: map(&mut ebpf, map_names::FLOW_SPILL)?,
+        });
         let learned = Some(learned::LearnedTable::new(
             map(&mut ebpf, map_names::LEARNED_V4)?,
             map(&mut ebpf, map_names::LEARNED_V6)?,
@@ -479,6 +485,7 @@ impl Kernel {
             stats,
             config,
             events,
+            flows,
             learned,
             file_rules,
             offsets,
@@ -757,6 +764,11 @@ impl Kernel {
     /// The ring buffer of decisions (taken once by the event reader).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The allowed-flow tables (taken once by the flow drainer).
+    pub fn take_flows(&mut self) -> Option<crate::events::flows::FlowTables> {
+        self.flows.take()
     }
 
     /// Load and attach the `lsm/file_open` probe once, then detach it: does
