@@ -106,15 +106,20 @@ pub mod map_names {
     /// Per CPU: the last cgroup -> identity resolution (not pinned: each
     /// program set keeps its own; `IDENTITY_GEN`, pinned, validates it).
     pub const IDENTITY_CACHE: &str = "IDENTITY_CACHE";
-    /// Allowed flows: per CPU, two sides of `FLOW_WAYS` cache ways; the
-    /// programs count in the side `FLOW_SIDE` names, userspace flips it and
-    /// drains the other. A flow evicted from a way goes to `FLOW_SPILL`.
+    /// Allowed flows: per CPU, two sides of cache ways; the programs count
+    /// in the side of `FLOW_SIDE`'s epoch (epoch & 1), userspace advances
+    /// the epoch and drains the other side. A flow evicted from a way goes
+    /// to `FLOW_SPILL`.
     pub const FLOWS: &str = "FLOWS";
     pub const FLOW_SIDE: &str = "FLOW_SIDE";
     pub const FLOW_SPILL: &str = "FLOW_SPILL";
+    /// Allow records that are not flows (first bytes, unix, sampled, and
+    /// flows when the spill ring is full): never wakes the reader and never
+    /// takes room from a denial in `EVENTS`.
+    pub const ALLOW_EVENTS: &str = "ALLOW_EVENTS";
     /// Pinned by the daemon (SCRATCH, GENERATION, OPAQUE and IDENTITY_CACHE
     /// are per-program-set scratch, not pinned).
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         IDENTITIES,
         POLICIES,
         EGRESS_V4,
@@ -139,6 +144,7 @@ pub mod map_names {
         FLOWS,
         FLOW_SIDE,
         FLOW_SPILL,
+        ALLOW_EVENTS,
     ];
 }
 
@@ -226,8 +232,10 @@ pub const MAX_RESOLVED: u32 = 64;
 pub const MAX_NAMES: u32 = 1 << 16;
 /// `UNIX_RULES` entries (`spec.local` of every generation, resolver sockets).
 pub const MAX_UNIX_RULES: u32 = 1 << 14;
-/// Ways of each CPU's flow cache per side (`FLOWS`: 2 * FLOW_WAYS entries).
-pub const FLOW_WAYS: u32 = 8;
+/// Ways of each CPU's flow cache per side and context (`FLOWS`: 2 sides x
+/// 2 contexts x FLOW_WAYS entries; the ingress program, which may run in
+/// softirq on top of another program, has its own ways).
+pub const FLOW_WAYS: u32 = 16;
 /// Bytes of `FLOW_SPILL`, the ring of flows moved out of a cache way.
 pub const FLOW_SPILL_BYTES: u32 = 1 << 18;
 /// `sun_path` bytes (`struct sockaddr_un`).
@@ -783,6 +791,9 @@ pub struct FlowKey {
     pub family: u8,
     pub sock_type: u8,
     pub _pad: [u8; 2],
+    /// The process (thread group id): each process its own flow.
+    pub pid: u32,
+    pub _pad2: u32,
 }
 
 /// What one CPU saw of a flow since the last drain.
@@ -795,9 +806,11 @@ pub struct FlowValue {
     /// this CPU's first and last decision; 0: none on this CPU.
     pub first_ns: u64,
     pub last_ns: u64,
-    /// The process of this CPU's first decision (thread group id).
-    pub pid: u32,
+    /// `FLOW_SIDE`'s epoch the way was filled in (a way of an older
+    /// epoch is empty: userspace drained it and never clears it).
+    pub epoch: u32,
     pub _pad: u32,
+    /// The process's `comm` at its first decision of the flow.
     pub comm: [u8; 16],
 }
 

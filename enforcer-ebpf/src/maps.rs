@@ -111,7 +111,7 @@ pub static UNIX_INODES: HashMap<FileKey, UnixRule> = HashMap::with_max_entries(M
 /// Per CPU: the flow cache, `FLOW_WAYS` ways for each side (see
 /// `report::account_flow`).
 #[map(name = "FLOWS")]
-pub static FLOWS: PerCpuArray<FlowLast> = PerCpuArray::with_max_entries(2 * FLOW_WAYS, 0);
+pub static FLOWS: PerCpuArray<FlowLast> = PerCpuArray::with_max_entries(4 * FLOW_WAYS, 0);
 
 #[map(name = "FLOW_SIDE")]
 pub static FLOW_SIDE: Array<u32> = Array::with_max_entries(1, 0);
@@ -119,3 +119,8 @@ pub static FLOW_SIDE: Array<u32> = Array::with_max_entries(1, 0);
 /// Flows moved out of a cache way (never wakes the reader).
 #[map(name = "FLOW_SPILL")]
 pub static FLOW_SPILL: RingBuf = RingBuf::with_byte_size(FLOW_SPILL_BYTES, 0);
+
+/// Allow records that are not flows (see `report`): a ring of their own so
+/// that an agent's allowed traffic never takes the room of a denial.
+#[map(name = "ALLOW_EVENTS")]
+pub static ALLOW_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -2,11 +2,12 @@
 //! ring buffer only increments `STATS[EVENTS_LOST]`.
 //!
 //! Allowed decisions are cheap: with `allow_sample` 1 (the default) the
-//! plain ones (connect, sendmsg, sock_create, ingress) are added to a
-//! per-CPU flow table that userspace drains on a timer; those that carry
-//! more than a flow key (first bytes, unix addresses) and allows past a
-//! full flow table are records that do not wake the reader. Everything
-//! else (denials, audits, taints) wakes the reader at once.
+//! plain ones (connect, sendmsg, ingress) are counted in a per-CPU flow
+//! cache that userspace drains every second; those that carry more than a
+//! flow key (first bytes, unix addresses), sampled ones, and flows the
+//! full spill ring cannot take are records in `ALLOW_EVENTS`, which never
+//! wakes the reader (it polls). Denials, audits and taints go to `EVENTS`,
+//! where allows never take their room, and wake the reader at once.
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
@@ -19,7 +20,9 @@ use enforcer_common::{
     FlowLast, InspectEvent, FLOW_WAYS,
 };
 
-use crate::maps::{CONFIG, COUNTERS, EVENTS, FLOWS, FLOW_SIDE, FLOW_SPILL, REASONS, STATS};
+use crate::maps::{
+    ALLOW_EVENTS, CONFIG, COUNTERS, EVENTS, FLOWS, FLOW_SIDE, FLOW_SPILL, REASONS, STATS,
+};
 
 #[inline(always)]
 pub fn bump_stat(index: u32) {
@@ -88,9 +91,9 @@ fn wants_event(d: &Decision, flows: Option<Process>) -> bool {
     }
 }
 
-/// Ring-buffer submit flags: an allow does not wake the reader (it also
-/// reads on a short timer, see `enforcer::events::reader`); anything else
-/// wakes it whatever records wait before it.
+/// Ring-buffer submit flags: an allow does not wake the reader (it polls
+/// `ALLOW_EVENTS`, see `enforcer::events::reader`); anything else wakes it
+/// at once.
 #[inline(always)]
 fn wakeup(v: u8) -> u64 {
     if v == verdict::ALLOW {
@@ -100,21 +103,42 @@ fn wakeup(v: u8) -> u64 {
     }
 }
 
-/// The key as five words.
+/// Room for a record of verdict `v`: allows in `ALLOW_EVENTS`, the rest in
+/// `EVENTS`.
 #[inline(always)]
-fn words(k: &FlowKey) -> &[u64; 5] {
-    // SAFETY: FlowKey is 40 bytes of plain data, 8-byte aligned.
-    unsafe { &*(k as *const FlowKey).cast::<[u64; 5]>() }
+fn reserve<T: 'static>(v: u8) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
+    let entry = if v == verdict::ALLOW {
+        ALLOW_EVENTS.reserve::<T>(0)
+    } else {
+        EVENTS.reserve::<T>(0)
+    };
+    if entry.is_none() {
+        bump_stat(stat::EVENTS_LOST);
+    }
+    entry
+}
+
+/// The key as six words.
+#[inline(always)]
+fn words(k: &FlowKey) -> &[u64; 6] {
+    // SAFETY: FlowKey is 48 bytes of plain data, 8-byte aligned.
+    unsafe { &*(k as *const FlowKey).cast::<[u64; 6]>() }
 }
 
 /// Account an allowed decision in its flow, in this CPU's flow cache: the
-/// way the key hashes to counts it in place (the hot path: one array
-/// lookup, five compares, two stores). A decision of another flow moves
+/// way the key hashes to counts it in place (the hot path: two array
+/// lookups, six compares, two stores). A decision of another flow moves
 /// the way's flow to `FLOW_SPILL` (userspace merges it) and takes the way.
-/// False when the spill ring is full (the caller sends a record; the way
-/// keeps its flow): nothing is dropped.
+/// A way of an older epoch is empty (userspace drained it; it never
+/// writes the ways). False when the spill ring is full (the caller sends
+/// a record; the way keeps its flow): nothing is dropped.
 #[inline(always)]
 fn account_flow(d: &Decision, who: &Process) -> bool {
+    let pid = if who.current {
+        (bpf_get_current_pid_tgid() >> 32) as u32
+    } else {
+        who.pid
+    };
     let key = FlowKey {
         cgroup_id: d.cgroup_id,
         slot: d.slot,
@@ -126,35 +150,40 @@ fn account_flow(d: &Decision, who: &Process) -> bool {
         family: d.family,
         sock_type: d.sock_type,
         _pad: [0; 2],
+        pid,
+        _pad2: 0,
     };
-    let side = match FLOW_SIDE.get(0) {
-        Some(s) => *s & 1,
+    let epoch = match FLOW_SIDE.get(0) {
+        Some(s) => *s,
         None => 0,
     };
     let w = words(&key);
-    let mut h = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4];
-    h ^= h >> 32;
-    h ^= h >> 16;
-    h ^= h >> 8;
-    let way = side * FLOW_WAYS + (h as u32 & (FLOW_WAYS - 1));
+    let h = (w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // Side (epoch parity), then context: a cgroup_skb program may run in
+    // softirq on top of a process-context program on this CPU, so it has
+    // ways of its own.
+    let base = ((epoch & 1) * 2 + u32::from(!who.current)) * FLOW_WAYS;
+    let way = base + ((h >> 60) as u32 & (FLOW_WAYS - 1));
     let Some(e) = FLOWS.get_ptr_mut(way) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     unsafe {
+        let live = (*e).value.count != 0 && (*e).value.epoch == epoch;
         let c = words(&(*e).key);
-        if (*e).value.count != 0
+        if live
             && c[0] == w[0]
             && c[1] == w[1]
             && c[2] == w[2]
             && c[3] == w[3]
             && c[4] == w[4]
+            && c[5] == w[5]
         {
             (*e).value.count += 1;
             (*e).value.last_ns = now;
             return true;
         }
-        if (*e).value.count != 0 {
+        if live {
             let Some(mut out) = FLOW_SPILL.reserve::<FlowLast>(0) else {
                 return false;
             };
@@ -165,13 +194,12 @@ fn account_flow(d: &Decision, who: &Process) -> bool {
         (*e).value.count = 1;
         (*e).value.first_ns = now;
         (*e).value.last_ns = now;
-        if who.current {
-            (*e).value.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            (*e).value.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+        (*e).value.epoch = epoch;
+        (*e).value.comm = if who.current {
+            bpf_get_current_comm().unwrap_or([0u8; 16])
         } else {
-            (*e).value.pid = who.pid;
-            (*e).value.comm = *who.comm;
-        }
+            *who.comm
+        };
     }
     true
 }
@@ -230,8 +258,7 @@ pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
     if !wants_event(d, None) {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<InspectEvent>(0) else {
-        bump_stat(stat::EVENTS_LOST);
+    let Some(mut entry) = reserve::<InspectEvent>(d.verdict) else {
         return;
     };
     let out = entry.as_mut_ptr();
@@ -265,8 +292,7 @@ pub fn record(d: &Decision) {
     if !wants_event(d, Some(CURRENT)) {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        bump_stat(stat::EVENTS_LOST);
+    let Some(mut entry) = reserve::<Event>(d.verdict) else {
         return;
     };
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -294,8 +320,7 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
     ) {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<InspectEvent>(0) else {
-        bump_stat(stat::EVENTS_LOST);
+    let Some(mut entry) = reserve::<InspectEvent>(d.verdict) else {
         return;
     };
     let out = entry.as_mut_ptr();
@@ -333,8 +358,7 @@ pub fn record_unix(d: &Decision, key: &enforcer_common::UnixKey) {
     if !wants_event(d, None) {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<enforcer_common::UnixEvent>(0) else {
-        bump_stat(stat::EVENTS_LOST);
+    let Some(mut entry) = reserve::<enforcer_common::UnixEvent>(d.verdict) else {
         return;
     };
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -336,7 +336,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     );
     let ring = kernel
         .take_events()
-        .context("event ring buffer already taken")?;
+        .context("event ring buffers already taken")?;
     let flows = kernel.take_flows().context("flow tables already taken")?;
 
     let attribution = Attribution::default();

@@ -196,3 +196,69 @@ fn interleaved_flows_account_for_every_decision() {
     assert_eq!(per_port.values().sum::<u64>(), total, "{per_port:?}");
     assert_eq!(sink.bytes(), 1, "the allowed datagram arrived");
 }
+
+/// A hostile agent floods allowed flows (thousands of distinct ports, so
+/// that every decision evicts a flow and the spill and allow rings fill)
+/// to push its denials out of the audit log: every denial still has its
+/// record (allows never take the room of a denial).
+#[test]
+fn an_allow_flood_does_not_hide_denials() {
+    if !require_root("an_allow_flood_does_not_hide_denials") {
+        return;
+    }
+    const DENIED: u32 = 200;
+    let dir = TestDir::new("sampling-flood");
+    let attacker = UdpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let pol = dir.join("p.yaml");
+    write_atomic(
+        &pol,
+        &policy_yaml(
+            "flood-agent",
+            "spiffe://test/flood",
+            "enforce",
+            &[("127.0.0.1/32", &[], "udp")],
+        ),
+    );
+    let audit = dir.join("audit.jsonl");
+    let agent = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         denied = 0\n\
+         for i in range({total}):\n\
+         \x20   s.sendto(b'x', ('127.0.0.1', 1024 + i % 30000))\n\
+         \x20   if i % 1000 == 999:\n\
+         \x20       try:\n\
+         \x20           s.sendto(b'secret', ('127.0.0.2', {port}))\n\
+         \x20       except OSError:\n\
+         \x20           denied += 1\n\
+         assert denied == {DENIED}, denied\n",
+        total = DENIED * 1000,
+        port = attacker.port()
+    );
+    let mut c = enforcer();
+    c.args(["run", "--user", "root", "--policy"])
+        .arg(&pol)
+        .current_dir(dir.path())
+        .arg("--audit-log")
+        .arg(&audit)
+        .args(["--"])
+        .arg(python())
+        .args(["-c", &agent]);
+    let out = output_with_timeout(c, Duration::from_secs(120));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert_eq!(attacker.bytes(), 0, "zero bytes to the attacker");
+    assert!(
+        err.contains(&format!("{DENIED} denied")),
+        "kernel counters: {err}"
+    );
+    let recs = read_jsonl(&audit);
+    let denials = recs
+        .iter()
+        .filter(|r| r["action"] == "sendmsg" && r["verdict"] == "deny")
+        .count();
+    assert_eq!(
+        denials, DENIED as usize,
+        "every denial has its record despite the allow flood"
+    );
+}

@@ -118,6 +118,11 @@ fn open_dir(p: &Path) -> Result<OwnedFd> {
 
 /// Programs in effect on `cgroup` for one attach type.
 fn effective(cgroup: &OwnedFd, attach_type: u32) -> Result<u32> {
+    Ok(effective_ids(cgroup, attach_type)?.len() as u32)
+}
+
+/// Their ids.
+fn effective_ids(cgroup: &OwnedFd, attach_type: u32) -> Result<Vec<u32>> {
     let mut ids = [0u32; 64];
     let mut q = ProgQuery {
         target_fd: cgroup.as_raw_fd() as u32,
@@ -128,9 +133,9 @@ fn effective(cgroup: &OwnedFd, attach_type: u32) -> Result<u32> {
         ..Default::default()
     };
     match bpf(BPF_PROG_QUERY, &mut q) {
-        Ok(_) => Ok(q.prog_cnt),
+        Ok(_) => Ok(ids[..(q.prog_cnt as usize).min(ids.len())].to_vec()),
         // An attach type this kernel does not know: nothing attached there.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(0),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Vec::new()),
         Err(e) => Err(e).with_context(|| format!("BPF_PROG_QUERY attach type {attach_type}")),
     }
 }
@@ -184,4 +189,111 @@ pub fn mirror(like: &Path, target: &Path) -> Result<Vec<&'static str>> {
         bail!("no enforcer program in effect on {}", like.display());
     }
     Ok(names)
+}
+
+// ---------------------------------------------------------------------------
+// per-program statistics (`kernel.bpf_stats_enabled`)
+
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `struct bpf_prog_info` (linux/bpf.h): size and member offsets.
+const PROG_INFO_LEN: usize = 232;
+const INFO_NAME: usize = 64;
+const INFO_RUN_TIME_NS: usize = 192;
+const INFO_RUN_CNT: usize = 200;
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdById {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetInfo {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// What the kernel counted for one program: (run time ns, runs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Runs {
+    pub ns: u64,
+    pub cnt: u64,
+}
+
+impl Runs {
+    /// ns per run of the runs between `before` and `self`.
+    pub fn ns_per_run_since(&self, before: &Runs) -> Option<f64> {
+        let cnt = self.cnt.checked_sub(before.cnt)?;
+        (cnt > 0).then(|| self.ns.saturating_sub(before.ns) as f64 / cnt as f64)
+    }
+}
+
+fn prog_runs(id: u32) -> Result<(String, Runs)> {
+    let mut by_id = GetFdById {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)
+        .with_context(|| format!("BPF_PROG_GET_FD_BY_ID {id}"))?;
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut buf = [0u8; PROG_INFO_LEN];
+    let mut get = GetInfo {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: PROG_INFO_LEN as u32,
+        info: buf.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).with_context(|| format!("prog info of {id}"))?;
+    let name = &buf[INFO_NAME..INFO_NAME + 16];
+    let name = String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(16)])
+        .to_string();
+    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap_or_default());
+    Ok((
+        name,
+        Runs {
+            ns: u64_at(INFO_RUN_TIME_NS),
+            cnt: u64_at(INFO_RUN_CNT),
+        },
+    ))
+}
+
+/// Every program in effect on `cgroup`'s hooks: (hook, program name, runs).
+pub fn cgroup_runs(cgroup: &Path) -> Result<Vec<(&'static str, String, Runs)>> {
+    let fd = open_dir(cgroup)?;
+    let mut out = Vec::new();
+    for &(attach_type, _, hook) in HOOKS {
+        for id in effective_ids(&fd, attach_type)? {
+            let (name, runs) = prog_runs(id)?;
+            out.push((hook, name, runs));
+        }
+    }
+    Ok(out)
+}
+
+/// `kernel.bpf_stats_enabled` on while this lives (the previous value
+/// comes back on drop). The statistics cost every program two clock reads:
+/// rates are never measured while it is on.
+pub struct StatsOn {
+    before: String,
+}
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl StatsOn {
+    pub fn enable() -> Result<Self> {
+        let before = std::fs::read_to_string(STATS_SYSCTL)
+            .with_context(|| format!("reading {STATS_SYSCTL}"))?;
+        std::fs::write(STATS_SYSCTL, "1").with_context(|| format!("writing {STATS_SYSCTL}"))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for StatsOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(STATS_SYSCTL, self.before.trim());
+    }
 }

@@ -1,23 +1,25 @@
 //! Allowed flows: the kernel counts each allowed connect, datagram and
-//! inbound connection in the flow (identity slot, cgroup, rule,
-//! destination, port, protocol) of a small per-CPU cache (`FLOWS`,
-//! `FLOW_WAYS` ways per side); a decision of another flow that maps to the
-//! same way moves the way's flow to the `FLOW_SPILL` ring (which never wakes
-//! anyone). Every interval this drainer flips the side the programs count
-//! in, waits out the programs still running on the old side, reads the
-//! spill ring and the old side's ways, merges what belongs to one flow, and
-//! hands one `Flow` per flow to the sinks: one audit record that says how
-//! many decisions it stands for, first and last seen, and the first
-//! process.
+//! inbound connection in the flow (identity slot, cgroup, process, rule,
+//! destination, port, protocol) of a small per-CPU cache (`FLOWS`: per side
+//! and context, `FLOW_WAYS` ways); a decision of another flow that hashes
+//! to the same way moves the way's flow to the `FLOW_SPILL` ring (which
+//! never wakes anyone). Every interval this drainer advances the epoch in
+//! `FLOW_SIDE` (its parity is the side the programs count in), waits out
+//! the programs still running on the old side, reads the spill ring and
+//! the old side's ways of the old epoch, merges what belongs to one flow,
+//! and hands one `Flow` per flow to the sinks: one audit record that says
+//! how many decisions it stands for, first and last seen.
 //!
-//! Nothing is lost: a program reads the side once per decision and runs
-//! for well under a microsecond, and the drainer waits `SETTLE` before
-//! reading; a full spill ring makes the program send the allow as its own
-//! ring-buffer record (and the way keeps its flow).
+//! Userspace never writes a way (a program treats a way of an older epoch
+//! as empty), so a drain cannot race a program's update. A program that
+//! still counts on the old side after `SETTLE` (preempted for 10 ms inside
+//! it) loses that increment from the records (the kernel's counters keep
+//! it). A full spill ring makes the program send the allow as its own
+//! record in `ALLOW_EVENTS` (and the way keeps its flow).
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use enforcer_common::{verdict, Event, FlowKey, FlowLast, FlowValue, FLOW_WAYS};
 use tokio::sync::Notify;
 
@@ -45,7 +47,8 @@ pub struct FlowTables {
     pub spill: RingBuf<MapData>,
 }
 
-/// Merge one flow's per-CPU entries (CPUs without a decision are zero).
+/// Merge one flow's partial aggregates (per CPU way or spilled record;
+/// those without a decision are skipped).
 pub fn merge(key: &FlowKey, values: &[FlowValue]) -> Option<Flow> {
     let seen = values.iter().filter(|v| v.count > 0);
     let count: u64 = seen.clone().map(|v| v.count).sum();
@@ -58,8 +61,8 @@ pub fn merge(key: &FlowKey, values: &[FlowValue]) -> Option<Flow> {
         ev: Event {
             ts_ns: last_ns,
             cgroup_id: key.cgroup_id,
-            pid: first.pid,
-            tid: first.pid,
+            pid: key.pid,
+            tid: key.pid,
             slot: key.slot,
             rule_id: key.rule_id,
             addr: key.addr,
@@ -78,40 +81,42 @@ pub fn merge(key: &FlowKey, values: &[FlowValue]) -> Option<Flow> {
     })
 }
 
-impl FlowTables {
-    fn current(&self) -> u32 {
-        self.side.get(&0, 0).unwrap_or(0) & 1
-    }
+/// At most this many spilled records per drain (the rest wait for the
+/// next): a flood of distinct flows cannot hold the drainer.
+const SPILL_PER_DRAIN: usize =
+    4 * (enforcer_common::FLOW_SPILL_BYTES as usize) / std::mem::size_of::<FlowLast>();
 
-    /// Read the spill ring, then read and empty the ways of one side (the
-    /// programs count in the other).
-    fn drain_side(&mut self, b: bool) -> Vec<Flow> {
+impl FlowTables {
+    /// Read the spill ring (bounded), and the ways of `epoch`'s side that
+    /// were filled in `epoch` (the programs count in the next epoch's side
+    /// now; ways are never cleared: a program treats a way of an older
+    /// epoch as empty).
+    fn drain_epoch(&mut self, epoch: u32) -> Vec<Flow> {
         // key -> partial aggregates (one per CPU way or spilled record).
         let mut parts: std::collections::HashMap<FlowKey, Vec<FlowValue>> = Default::default();
-        while let Some(item) = self.spill.next() {
+        let mut spilled = 0;
+        while spilled < SPILL_PER_DRAIN {
+            let Some(item) = self.spill.next() else {
+                break;
+            };
+            spilled += 1;
             if item.len() >= std::mem::size_of::<FlowLast>() {
                 // SAFETY: length checked; FlowLast is plain old data.
                 let l = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowLast>()) };
                 parts.entry(l.key).or_default().push(l.value);
             }
         }
-        let base = u32::from(b) * FLOW_WAYS;
-        for i in base..base + FLOW_WAYS {
+        // Both contexts' ways of the side.
+        let side = epoch & 1;
+        for i in side * 2 * FLOW_WAYS..(side + 1) * 2 * FLOW_WAYS {
             let Ok(cpus) = self.ways.get(&i, 0) else {
                 continue;
             };
-            if cpus.iter().all(|l| l.value.count == 0) {
-                continue;
-            }
-            for l in cpus.iter().filter(|l| l.value.count > 0) {
-                parts.entry(l.key).or_default().push(l.value);
-            }
-            let empty = vec![FlowLast::default(); cpus.len()];
-            if let Err(e) = PerCpuValues::try_from(empty)
-                .map_err(anyhow::Error::from)
-                .and_then(|v| Ok(self.ways.set(i, v, 0)?))
+            for l in cpus
+                .iter()
+                .filter(|l| l.value.count > 0 && l.value.epoch == epoch)
             {
-                tracing::error!("clearing flow cache way {i}: {e:#}");
+                parts.entry(l.key).or_default().push(l.value);
             }
         }
         let mut out: Vec<Flow> = parts.iter().filter_map(|(k, v)| merge(k, v)).collect();
@@ -119,17 +124,18 @@ impl FlowTables {
         out
     }
 
-    /// Flip the side the programs write to, let the programs on the old
-    /// side finish, and drain it.
+    /// Advance the epoch (the programs move to the other side), let the
+    /// programs still on the old side finish, and drain it.
     pub async fn drain(&mut self) -> Result<Vec<Flow>> {
-        let old = self.current();
-        self.side.set(0, old ^ 1, 0).context("flipping FLOW_SIDE")?;
+        let epoch = self.side.get(&0, 0).unwrap_or(0);
+        self.side
+            .set(0, epoch.wrapping_add(1), 0)
+            .context("advancing FLOW_SIDE")?;
         tokio::time::sleep(SETTLE).await;
-        Ok(self.drain_side(old == 1))
+        Ok(self.drain_epoch(epoch))
     }
 
-    /// Drain both sides (at exit, when no agent runs any more, or to pick
-    /// up what accumulated while no daemon ran).
+    /// Drain both sides (at exit, when no agent runs any more).
     pub async fn drain_all(&mut self) -> Result<Vec<Flow>> {
         let mut out = self.drain().await?;
         out.extend(self.drain().await?);
@@ -180,14 +186,14 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    fn v(count: u64, first: u64, last: u64, pid: u32) -> FlowValue {
+    fn v(count: u64, first: u64, last: u64, comm: &[u8; 16]) -> FlowValue {
         FlowValue {
             count,
             first_ns: first,
             last_ns: last,
-            pid,
+            epoch: 3,
             _pad: 0,
-            comm: *b"agent\0\0\0\0\0\0\0\0\0\0\0",
+            comm: *comm,
         }
     }
 
@@ -202,15 +208,18 @@ mod tests {
             protocol: 6,
             family: 2,
             sock_type: 1,
+            pid: 12,
             ..Default::default()
         };
-        let f = merge(&key, &[v(0, 0, 0, 0), v(3, 20, 50, 11), v(2, 10, 40, 12)]).unwrap();
+        let (a, b) = (b"agent-a\0\0\0\0\0\0\0\0\0", b"agent-b\0\0\0\0\0\0\0\0\0");
+        let f = merge(&key, &[v(0, 0, 0, a), v(3, 20, 50, a), v(2, 10, 40, b)]).unwrap();
         assert_eq!(f.count, 5);
         assert_eq!((f.first_ns, f.last_ns), (10, 50));
-        assert_eq!(f.ev.pid, 12, "the process of the first decision");
+        assert_eq!(f.ev.pid, 12, "the flow's process");
+        assert_eq!(&f.ev.comm, b, "its name at the first decision");
         assert_eq!(f.ev.ts_ns, 50);
         assert_eq!((f.ev.slot, f.ev.rule_id, f.ev.port), (1, 3, 443));
         assert_eq!(f.ev.verdict, verdict::ALLOW);
-        assert!(merge(&key, &[v(0, 0, 0, 0), v(0, 0, 0, 0)]).is_none());
+        assert!(merge(&key, &[v(0, 0, 0, a), v(0, 0, 0, b)]).is_none());
     }
 }

@@ -579,20 +579,23 @@ impl Default for Clock {
     }
 }
 
-/// How often the reader drains the ring buffer without being woken: allow
-/// records do not wake it (see `enforcer-ebpf/src/report.rs`), so this is
-/// the bound on their delay; every other record wakes it at once.
+/// How often the reader drains the rings without being woken: allow
+/// records (`ALLOW_EVENTS`) never wake it (see
+/// `enforcer-ebpf/src/report.rs`), so this is the bound on their delay;
+/// every record of `EVENTS` (denials, audits, taints) wakes it at once.
 pub const POLL: Duration = Duration::from_millis(50);
 
-/// Drain the ring buffer whenever the kernel wakes the reader and every
-/// `POLL`, calling `handle` for each event and `flush` after each drained
-/// batch, until `stop` is notified (then once more, and return).
+/// Drain both rings whenever the kernel wakes the reader and every `POLL`,
+/// calling `handle` for each event and `flush` after each drained batch,
+/// until `stop` is notified (then once more, and return). `EVENTS` is read
+/// first each time.
 pub async fn run(
-    ring: RingBuf<MapData>,
+    rings: (RingBuf<MapData>, RingBuf<MapData>),
     stop: Arc<tokio::sync::Notify>,
     mut handle: impl FnMut(Decoded) + Send,
     mut flush: impl FnMut() + Send,
 ) -> anyhow::Result<()> {
+    let (ring, mut allows) = rings;
     // SAFETY: RingBuf owns its map fd; it stays open and unchanged for the
     // lifetime of the AsyncFd, which owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -608,13 +611,14 @@ pub async fn run(
             _ = tokio::time::sleep(POLL) => false,
             _ = stop.notified() => true,
         };
-        let ring = fd.get_mut();
         let mut n = 0usize;
-        while let Some(item) = ring.next() {
-            if let Some(d) = decode_record(&item) {
-                handle(d);
+        for ring in [fd.get_mut(), &mut allows] {
+            while let Some(item) = ring.next() {
+                if let Some(d) = decode_record(&item) {
+                    handle(d);
+                }
+                n += 1;
             }
-            n += 1;
         }
         if n > 0 {
             flush();

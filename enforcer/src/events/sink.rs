@@ -267,7 +267,10 @@ impl Readers {
     /// Start both tasks (inside a tokio runtime). `attribute` turns a kernel
     /// event into a decision (identity, rule, learned host).
     pub fn spawn(
-        ring: aya::maps::RingBuf<aya::maps::MapData>,
+        ring: (
+            aya::maps::RingBuf<aya::maps::MapData>,
+            aya::maps::RingBuf<aya::maps::MapData>,
+        ),
         flows: super::flows::FlowTables,
         sinks: Arc<Sinks>,
         attribute: impl Fn(&enforcer_common::Event, &super::reader::Clock) -> Decision
@@ -325,19 +328,20 @@ impl Readers {
                 move || s2.flush(),
             ))
         };
+        // Stopped in this order: the drainer's last drain may send flows
+        // the spill ring cannot take as allow records, which the reader's
+        // last drain then reads.
         Self {
-            tasks: vec![(stop_reader, reader), (stop_drainer, drainer)],
+            tasks: vec![(stop_drainer, drainer), (stop_reader, reader)],
         }
     }
 
     /// Read what is left (both flow sides, the whole ring) and stop; gives
     /// up after `reader::DRAIN_GRACE`.
     pub async fn finish(self) {
-        for (stop, _) in &self.tasks {
+        for (stop, mut t) in self.tasks {
             // Stored if the task is not waiting yet.
             stop.notify_one();
-        }
-        for (_, mut t) in self.tasks {
             if tokio::time::timeout(super::reader::DRAIN_GRACE, &mut t)
                 .await
                 .is_err()

@@ -107,6 +107,7 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, GlobalConfig>,
     events: Option<RingBuf<MapData>>,
+    allow_events: Option<RingBuf<MapData>>,
     flows: Option<crate::events::flows::FlowTables>,
     learned: Option<learned::LearnedTable>,
     file_rules: HashMap<MapData, FileKey, FileRuleValue>,
@@ -360,6 +361,7 @@ impl Kernel {
         let stats = map(&mut ebpf, map_names::STATS)?;
         let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
+        let allow_events = Some(map(&mut ebpf, map_names::ALLOW_EVENTS)?);
         let flows = Some(crate::events::flows::FlowTables {
             ways: map(&mut ebpf, map_names::FLOWS)?,
             side: map(&mut ebpf, map_names::FLOW_SIDE)?,
@@ -485,6 +487,7 @@ impl Kernel {
             stats,
             config,
             events,
+            allow_events,
             flows,
             learned,
             file_rules,
@@ -761,9 +764,10 @@ impl Kernel {
         names
     }
 
-    /// The ring buffer of decisions (taken once by the event reader).
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.events.take()
+    /// The ring buffers of decisions, (denials and audits, allow records)
+    /// (taken once by the event reader).
+    pub fn take_events(&mut self) -> Option<(RingBuf<MapData>, RingBuf<MapData>)> {
+        Some((self.events.take()?, self.allow_events.take()?))
     }
 
     /// The allowed-flow tables (taken once by the flow drainer).
