@@ -60,8 +60,9 @@ pub struct RunArgs {
     /// descriptor but 0-2 is closed before CMD starts.
     #[arg(long = "pass-fd", value_name = "FD")]
     pub pass_fds: Vec<i32>,
-    /// Allowed decisions sent as events: 1 = all (default), 0 = only counted, N = ~1 in N.
-    /// Denials and audits are always sent.
+    /// Allowed decisions in the audit log: 1 = all, as flow records (one per flow per second,
+    /// with a count; default), 0 = only counted, N = ~1 in N as records. Denials and audits
+    /// are always one record each.
     #[arg(long, default_value_t = 1)]
     pub allow_events: u32,
     /// On a kernel without BPF LSM, run a policy that uses `files:`/`onTaint:`

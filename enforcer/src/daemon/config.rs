@@ -10,7 +10,7 @@
 //! pinDir: /sys/fs/bpf/enforcer             # bpffs: maps and links pinned here
 //! controlSocket: /run/enforcer/enforcer.sock
 //! stateDir: /run/enforcer                  # identity slot table (survives daemon restarts)
-//! allowEvents: 1                           # allowed decisions as events: 1 all (default), 0 counted only, N ~1 in N
+//! allowEvents: 1                           # allowed decisions in the audit log: 1 all, as flow records (default), 0 counted only, N ~1 in N as records
 //! allowDegraded: false                     # no BPF LSM: run file policies' network part only
 //! resyncSeconds: 2                         # periodic reconcile (bindings that did not exist yet)
 //! resolverSockets: [/run/systemd/resolve/io.systemd.Resolve, ...]  # resolver IPC sockets agents may never reach (default: resolved's varlink + nscd, /run and /var/run)
