@@ -120,6 +120,36 @@ fn allows_are_counted_whatever_the_sampling() {
     );
 }
 
+/// Run `agent` (Python source) under `enforcer run` with a policy named
+/// `name` that allows UDP to `cidr`; returns its stderr and audit log.
+fn run_udp_agent(name: &str, cidr: &str, agent: &str) -> (String, Vec<serde_json::Value>) {
+    let dir = TestDir::new(&format!("sampling-{name}"));
+    let pol = dir.join("p.yaml");
+    write_atomic(
+        &pol,
+        &policy_yaml(
+            name,
+            &format!("spiffe://test/{name}"),
+            "enforce",
+            &[(cidr, &[], "udp")],
+        ),
+    );
+    let audit = dir.join("audit.jsonl");
+    let mut c = enforcer();
+    c.args(["run", "--user", "root", "--policy"])
+        .arg(&pol)
+        .current_dir(dir.path())
+        .arg("--audit-log")
+        .arg(&audit)
+        .args(["--"])
+        .arg(python())
+        .args(["-c", agent]);
+    let out = output_with_timeout(c, Duration::from_secs(120));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    (err, read_jsonl(&audit))
+}
+
 /// Many flows at once (more than a CPU's flow cache holds, interleaved so
 /// that each decision evicts another flow to the spill ring, across the
 /// drain interval): the flow records still account for every allowed
@@ -131,19 +161,7 @@ fn interleaved_flows_account_for_every_decision() {
     }
     const PORTS: u16 = 24;
     const ROUNDS: u16 = 60;
-    let dir = TestDir::new("sampling-flows");
     let sink = UdpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let pol = dir.join("p.yaml");
-    write_atomic(
-        &pol,
-        &policy_yaml(
-            "flows-agent",
-            "spiffe://test/flows",
-            "enforce",
-            &[("127.0.0.0/8", &[], "udp")],
-        ),
-    );
-    let audit = dir.join("audit.jsonl");
     // Round-robin over PORTS destinations; a pause in the middle spans at
     // least one drain of the flow tables.
     let agent = format!(
@@ -157,24 +175,12 @@ fn interleaved_flows_account_for_every_decision() {
         half = ROUNDS / 2,
         port = sink.port()
     );
-    let mut c = enforcer();
-    c.args(["run", "--user", "root", "--policy"])
-        .arg(&pol)
-        .current_dir(dir.path())
-        .arg("--audit-log")
-        .arg(&audit)
-        .args(["--"])
-        .arg(python())
-        .args(["-c", &agent]);
-    let out = output_with_timeout(c, Duration::from_secs(60));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{err}");
+    let (err, recs) = run_udp_agent("flows", "127.0.0.0/8", &agent);
     let total = u64::from(PORTS) * u64::from(ROUNDS) + 1;
     assert!(
         err.contains(&format!("decisions: {total} allowed, 0 denied")),
         "kernel counters: {err}"
     );
-    let recs = read_jsonl(&audit);
     let mut per_port = std::collections::BTreeMap::<u64, u64>::new();
     for r in recs
         .iter()
@@ -207,19 +213,7 @@ fn an_allow_flood_does_not_hide_denials() {
         return;
     }
     const DENIED: u32 = 200;
-    let dir = TestDir::new("sampling-flood");
     let attacker = UdpSink::bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let pol = dir.join("p.yaml");
-    write_atomic(
-        &pol,
-        &policy_yaml(
-            "flood-agent",
-            "spiffe://test/flood",
-            "enforce",
-            &[("127.0.0.1/32", &[], "udp")],
-        ),
-    );
-    let audit = dir.join("audit.jsonl");
     let agent = format!(
         "import socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
@@ -235,24 +229,12 @@ fn an_allow_flood_does_not_hide_denials() {
         total = DENIED * 1000,
         port = attacker.port()
     );
-    let mut c = enforcer();
-    c.args(["run", "--user", "root", "--policy"])
-        .arg(&pol)
-        .current_dir(dir.path())
-        .arg("--audit-log")
-        .arg(&audit)
-        .args(["--"])
-        .arg(python())
-        .args(["-c", &agent]);
-    let out = output_with_timeout(c, Duration::from_secs(120));
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{err}");
+    let (err, recs) = run_udp_agent("flood", "127.0.0.1/32", &agent);
     assert_eq!(attacker.bytes(), 0, "zero bytes to the attacker");
     assert!(
         err.contains(&format!("{DENIED} denied")),
         "kernel counters: {err}"
     );
-    let recs = read_jsonl(&audit);
     let denials = recs
         .iter()
         .filter(|r| r["action"] == "sendmsg" && r["verdict"] == "deny")

@@ -346,35 +346,48 @@ struct Worker {
     stdout: BufReader<ChildStdout>,
 }
 
+/// The bench worker's arguments (after the program).
+fn worker_args(cmd: &mut Command, tcp: SocketAddrV4, udp: SocketAddrV4) {
+    cmd.args([
+        "bench-worker",
+        "--connect-addr",
+        &tcp.to_string(),
+        "--sendto-addr",
+        &udp.to_string(),
+    ]);
+    if let Some((_, cpu)) = util::bench_cpus() {
+        cmd.args(["--cpu", &cpu.to_string()]);
+    }
+}
+
 impl Worker {
-    fn start(name: &str, cgroup: &Path, tcp: SocketAddrV4, udp: SocketAddrV4) -> Result<Self> {
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args([
-            "bench-worker",
-            "--connect-addr",
-            &tcp.to_string(),
-            "--sendto-addr",
-            &udp.to_string(),
-        ]);
-        if let Some((_, cpu)) = util::bench_cpus() {
-            cmd.args(["--cpu", &cpu.to_string()]);
-        }
+    /// Spawn `cmd` (a worker, directly or under `enforcer run`) with piped
+    /// stdin/stdout; `cgroup`: move it there before it makes any socket (it
+    /// blocks on stdin until asked).
+    fn spawn(name: &str, mut cmd: Command, cgroup: Option<&Path>) -> Result<Self> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting bench worker")?;
-        // The worker blocks on stdin: move it before it makes any socket.
-        std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string())
-            .with_context(|| format!("moving worker into {}", cgroup.display()))?;
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
+            .with_context(|| format!("starting bench worker {name}"))?;
+        if let Some(cg) = cgroup {
+            std::fs::write(cg.join("cgroup.procs"), child.id().to_string())
+                .with_context(|| format!("moving worker into {}", cg.display()))?;
+        }
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
         Ok(Worker {
             name: name.to_string(),
             child,
             stdin,
             stdout,
         })
+    }
+
+    fn start(name: &str, cgroup: &Path, tcp: SocketAddrV4, udp: SocketAddrV4) -> Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        worker_args(&mut cmd, tcp, udp);
+        Self::spawn(name, cmd, Some(cgroup))
     }
 
     /// A worker as the agent of `enforcer run --policy POLICY` (its default
@@ -391,30 +404,9 @@ impl Worker {
             .arg(policy)
             .arg("--")
             .arg(std::env::current_exe()?)
-            .args([
-                "bench-worker",
-                "--connect-addr",
-                &tcp.to_string(),
-                "--sendto-addr",
-                &udp.to_string(),
-            ]);
-        if let Some((_, cpu)) = util::bench_cpus() {
-            cmd.args(["--cpu", &cpu.to_string()]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting enforcer run with a bench worker")?;
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Ok(Worker {
-            name: name.to_string(),
-            child,
-            stdin,
-            stdout,
-        })
+            .stderr(Stdio::null());
+        worker_args(&mut cmd, tcp, udp);
+        Self::spawn(name, cmd, None)
     }
 
     /// The cgroup of the worker process: its own, or (under `enforcer
