@@ -796,14 +796,15 @@ pub struct FlowKey {
     pub _pad2: u32,
 }
 
-/// What one CPU saw of a flow since the last drain.
+/// What one way of one CPU counted of a flow (an aggregate that userspace
+/// merges with the flow's other ways and spilled aggregates).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// Allowed decisions.
+    /// Allowed decisions (0: the way is empty).
     pub count: u64,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, jiffy resolution) of
-    /// this CPU's first and last decision; 0: none on this CPU.
+    /// the first and last of them.
     pub first_ns: u64,
     pub last_ns: u64,
     /// `FLOW_SIDE`'s epoch the way was filled in (a way of an older
@@ -819,7 +820,7 @@ pub struct FlowValue {
 /// the same way moves it to the spill ring. `value.count == 0`: empty.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowLast {
+pub struct FlowEntry {
     pub key: FlowKey,
     pub value: FlowValue,
 }
@@ -986,7 +987,7 @@ mod user {
     unsafe impl aya::Pod for UnixLsmOffsets {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
-    unsafe impl aya::Pod for FlowLast {}
+    unsafe impl aya::Pod for FlowEntry {}
 }
 
 #[cfg(test)]

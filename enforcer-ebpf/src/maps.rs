@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    first_bytes::BUF, stat, FileKey, FileRuleValue, FlowLast, GlobalConfig, IdentityBinding,
+    first_bytes::BUF, stat, FileKey, FileRuleValue, FlowEntry, GlobalConfig, IdentityBinding,
     InspectState, Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet,
     UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES, FLOW_SPILL_BYTES,
     FLOW_WAYS, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES,
@@ -111,7 +111,7 @@ pub static UNIX_INODES: HashMap<FileKey, UnixRule> = HashMap::with_max_entries(M
 /// Per CPU: the flow cache, `FLOW_WAYS` ways for each side (see
 /// `report::account_flow`).
 #[map(name = "FLOWS")]
-pub static FLOWS: PerCpuArray<FlowLast> = PerCpuArray::with_max_entries(4 * FLOW_WAYS, 0);
+pub static FLOWS: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(4 * FLOW_WAYS, 0);
 
 #[map(name = "FLOW_SIDE")]
 pub static FLOW_SIDE: Array<u32> = Array::with_max_entries(1, 0);

@@ -16,8 +16,8 @@ use aya_ebpf::{
     },
 };
 use enforcer_common::{
-    action, counter_index, first_bytes::PRESENTED_MAX, reason_index, stat, verdict, Event, FlowKey,
-    FlowLast, InspectEvent, FLOW_WAYS,
+    action, counter_index, first_bytes::PRESENTED_MAX, reason_index, stat, verdict, Event,
+    FlowEntry, FlowKey, InspectEvent, FLOW_WAYS,
 };
 
 use crate::maps::{
@@ -184,7 +184,7 @@ fn account_flow(d: &Decision, who: &Process) -> bool {
             return true;
         }
         if live {
-            let Some(mut out) = FLOW_SPILL.reserve::<FlowLast>(0) else {
+            let Some(mut out) = FLOW_SPILL.reserve::<FlowEntry>(0) else {
                 return false;
             };
             out.write(*e);

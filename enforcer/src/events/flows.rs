@@ -20,7 +20,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use enforcer_common::{verdict, Event, FlowKey, FlowLast, FlowValue, FLOW_WAYS};
+use enforcer_common::{verdict, Event, FlowEntry, FlowKey, FlowValue, FLOW_WAYS};
 use tokio::sync::Notify;
 
 /// How often allowed flows are written (the bound on an allow record's delay).
@@ -42,7 +42,7 @@ pub struct Flow {
 /// The flow cache, the spill ring and the side selector (taken from the
 /// kernel object).
 pub struct FlowTables {
-    pub ways: PerCpuArray<MapData, FlowLast>,
+    pub ways: PerCpuArray<MapData, FlowEntry>,
     pub side: Array<MapData, u32>,
     pub spill: RingBuf<MapData>,
 }
@@ -84,7 +84,7 @@ pub fn merge(key: &FlowKey, values: &[FlowValue]) -> Option<Flow> {
 /// At most this many spilled records per drain (the rest wait for the
 /// next): a flood of distinct flows cannot hold the drainer.
 const SPILL_PER_DRAIN: usize =
-    4 * (enforcer_common::FLOW_SPILL_BYTES as usize) / std::mem::size_of::<FlowLast>();
+    4 * (enforcer_common::FLOW_SPILL_BYTES as usize) / std::mem::size_of::<FlowEntry>();
 
 impl FlowTables {
     /// Read the spill ring (bounded), and the ways of `epoch`'s side that
@@ -100,9 +100,9 @@ impl FlowTables {
                 break;
             };
             spilled += 1;
-            if item.len() >= std::mem::size_of::<FlowLast>() {
-                // SAFETY: length checked; FlowLast is plain old data.
-                let l = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowLast>()) };
+            if item.len() >= std::mem::size_of::<FlowEntry>() {
+                // SAFETY: length checked; FlowEntry is plain old data.
+                let l = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEntry>()) };
                 parts.entry(l.key).or_default().push(l.value);
             }
         }
