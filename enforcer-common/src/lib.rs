@@ -782,7 +782,13 @@ pub struct GlobalConfig {
 pub struct FlowKey {
     pub cgroup_id: u64,
     pub slot: u32,
-    pub rule_id: u32,
+    /// The CIDR table (`EGRESS_V4`/`EGRESS_V6` generation) whose entry
+    /// admitted the flow, or 0. A table never changes under its id, so a
+    /// live way with a table id answers the next decision of the same key
+    /// without a lookup (see `enforcer-ebpf`'s `report::repeat_allow`).
+    /// 0: the flow was admitted otherwise (a learned address, an inbound
+    /// peer) and every decision of it is looked up.
+    pub table_id: u32,
     /// As `Event::addr` (IPv4 v4-mapped).
     pub addr: [u8; 16],
     pub port: u16,
@@ -810,7 +816,8 @@ pub struct FlowValue {
     /// `FLOW_SIDE`'s epoch the way was filled in (a way of an older
     /// epoch is empty: userspace drained it and never clears it).
     pub epoch: u32,
-    pub _pad: u32,
+    /// The admitting rule.
+    pub rule_id: u32,
     /// The process's `comm` at its first decision of the flow.
     pub comm: [u8; 16],
 }

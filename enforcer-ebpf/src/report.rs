@@ -71,23 +71,29 @@ const CURRENT: Process<'static> = Process {
 };
 
 /// Whether `d` becomes a ring-buffer record. `flows`: an allow may be
-/// accounted in the flow table instead (its record would say no more).
+/// accounted in the flow table instead (its record would say no more);
+/// `table_id`: the CIDR table that admitted it (0: none, see
+/// `FlowKey::table_id`).
 #[inline(always)]
-fn wants_event(d: &Decision, flows: Option<Process>) -> bool {
+fn wants_event(d: &Decision, flows: Option<Process>, table_id: u32) -> bool {
     if d.verdict != verdict::ALLOW {
         return true;
     }
-    let sample = match CONFIG.get(0) {
-        Some(c) => c.allow_sample,
-        None => 0,
-    };
-    match sample {
+    match allow_sample() {
         0 => false,
         1 => match flows {
-            Some(p) => !account_flow(d, &p),
+            Some(p) => !account_flow(d, &p, table_id),
             None => true,
         },
         n => (unsafe { bpf_get_prandom_u32() }) % n == 0,
+    }
+}
+
+#[inline(always)]
+fn allow_sample() -> u32 {
+    match CONFIG.get(0) {
+        Some(c) => c.allow_sample,
+        None => 0,
     }
 }
 
@@ -125,24 +131,12 @@ fn words(k: &FlowKey) -> &[u64; 6] {
     unsafe { &*(k as *const FlowKey).cast::<[u64; 6]>() }
 }
 
-/// Account an allowed decision in its flow, in this CPU's flow cache: the
-/// way the key hashes to counts it in place (the hot path: two array
-/// lookups, six compares, two stores). A decision of another flow moves
-/// the way's flow to `FLOW_SPILL` (userspace merges it) and takes the way.
-/// A way of an older epoch is empty (userspace drained it; it never
-/// writes the ways). False when the spill ring is full (the caller sends
-/// a record; the way keeps its flow): nothing is dropped.
 #[inline(always)]
-fn account_flow(d: &Decision, who: &Process) -> bool {
-    let pid = if who.current {
-        (bpf_get_current_pid_tgid() >> 32) as u32
-    } else {
-        who.pid
-    };
-    let key = FlowKey {
+fn flow_key(d: &Decision, pid: u32, table_id: u32) -> FlowKey {
+    FlowKey {
         cgroup_id: d.cgroup_id,
         slot: d.slot,
-        rule_id: d.rule_id,
+        table_id,
         addr: d.addr,
         port: d.port,
         action: d.action,
@@ -152,38 +146,102 @@ fn account_flow(d: &Decision, who: &Process) -> bool {
         _pad: [0; 2],
         pid,
         _pad2: 0,
-    };
-    let epoch = match FLOW_SIDE.get(0) {
+    }
+}
+
+/// The current epoch (`FLOW_SIDE`).
+#[inline(always)]
+fn flow_epoch() -> u32 {
+    match FLOW_SIDE.get(0) {
         Some(s) => *s,
         None => 0,
-    };
-    let w = words(&key);
+    }
+}
+
+/// The way of this CPU's cache that `w` maps to: side (epoch parity),
+/// then context (a cgroup_skb program may run in softirq on top of a
+/// process-context program on this CPU, so it has ways of its own), then
+/// the key's hash.
+#[inline(always)]
+fn way_of(w: &[u64; 6], epoch: u32, current: bool) -> u32 {
     let h = (w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    // Side (epoch parity), then context: a cgroup_skb program may run in
-    // softirq on top of a process-context program on this CPU, so it has
-    // ways of its own.
-    let base = ((epoch & 1) * 2 + u32::from(!who.current)) * FLOW_WAYS;
-    let way = base + ((h >> 60) as u32 & (FLOW_WAYS - 1));
-    let Some(e) = FLOWS.get_ptr_mut(way) else {
+    let base = ((epoch & 1) * 2 + u32::from(!current)) * FLOW_WAYS;
+    base + ((h >> 60) as u32 & (FLOW_WAYS - 1))
+}
+
+/// Whether way `e` holds the live flow `w` of `epoch`.
+#[inline(always)]
+unsafe fn holds(e: *const FlowEntry, w: &[u64; 6], epoch: u32) -> bool {
+    let c = words(&(*e).key);
+    (*e).value.count != 0
+        && (*e).value.epoch == epoch
+        && c[0] == w[0]
+        && c[1] == w[1]
+        && c[2] == w[2]
+        && c[3] == w[3]
+        && c[4] == w[4]
+        && c[5] == w[5]
+}
+
+/// The decision cache: `d` (an allow of the current task, `rule_id`
+/// unknown yet) repeats a flow that CIDR table `table_id` admitted in
+/// this epoch on this CPU. Then the way counts it (and the counters) and
+/// the caller allows without a lookup: a table never changes under its
+/// id, and a policy change moves the identity to a new id (a different
+/// key). The cost of a repeated allow is this probe, not an LPM walk.
+/// Ways are filled only with flow accounting (`allow_sample` 1, the
+/// default), and drained whatever it is: a probe needs not read it.
+/// False for a learned address's flow (table 0: it expires).
+#[inline(always)]
+pub fn repeat_allow(d: &Decision, table_id: u32) -> bool {
+    if table_id == 0 {
+        return false;
+    }
+    let key = flow_key(d, (bpf_get_current_pid_tgid() >> 32) as u32, table_id);
+    let epoch = flow_epoch();
+    let w = words(&key);
+    let Some(e) = FLOWS.get_ptr_mut(way_of(w, epoch, true)) else {
+        return false;
+    };
+    unsafe {
+        if !holds(e, w, epoch) {
+            return false;
+        }
+        (*e).value.count += 1;
+        (*e).value.last_ns = bpf_ktime_get_coarse_ns();
+    }
+    bump_counter(d.slot, d.action, verdict::ALLOW);
+    true
+}
+
+/// Account an allowed decision in its flow, in this CPU's flow cache: the
+/// way the key hashes to counts it in place (the hot path: two array
+/// lookups, six compares, two stores). A decision of another flow moves
+/// the way's flow to `FLOW_SPILL` (userspace merges it) and takes the way.
+/// A way of an older epoch is empty (userspace drained it; it never
+/// writes the ways). False when the spill ring is full (the caller sends
+/// a record; the way keeps its flow): nothing is dropped.
+#[inline(always)]
+fn account_flow(d: &Decision, who: &Process, table_id: u32) -> bool {
+    let pid = if who.current {
+        (bpf_get_current_pid_tgid() >> 32) as u32
+    } else {
+        who.pid
+    };
+    let key = flow_key(d, pid, table_id);
+    let epoch = flow_epoch();
+    let w = words(&key);
+    let Some(e) = FLOWS.get_ptr_mut(way_of(w, epoch, who.current)) else {
         return false;
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     unsafe {
-        let live = (*e).value.count != 0 && (*e).value.epoch == epoch;
-        let c = words(&(*e).key);
-        if live
-            && c[0] == w[0]
-            && c[1] == w[1]
-            && c[2] == w[2]
-            && c[3] == w[3]
-            && c[4] == w[4]
-            && c[5] == w[5]
-        {
+        if holds(e, w, epoch) && (*e).value.rule_id == d.rule_id {
             (*e).value.count += 1;
             (*e).value.last_ns = now;
             return true;
         }
-        if live {
+        if (*e).value.count != 0 && (*e).value.epoch == epoch {
             let Some(mut out) = FLOW_SPILL.reserve::<FlowEntry>(0) else {
                 return false;
             };
@@ -195,6 +253,7 @@ fn account_flow(d: &Decision, who: &Process) -> bool {
         (*e).value.first_ns = now;
         (*e).value.last_ns = now;
         (*e).value.epoch = epoch;
+        (*e).value.rule_id = d.rule_id;
         (*e).value.comm = if who.current {
             bpf_get_current_comm().unwrap_or([0u8; 16])
         } else {
@@ -255,7 +314,7 @@ pub struct Presented<'a> {
 #[inline(always)]
 pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
     count(d);
-    if !wants_event(d, None) {
+    if !wants_event(d, None, 0) {
         return;
     }
     let Some(mut entry) = reserve::<InspectEvent>(d.verdict) else {
@@ -288,8 +347,16 @@ pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
 
 #[inline(always)]
 pub fn record(d: &Decision) {
+    record_admitted(d, 0);
+}
+
+/// `record` of a decision of the current task that CIDR table `table_id`
+/// admitted (0: none): its flow's way can answer the flow's next
+/// decisions (`repeat_allow`).
+#[inline(always)]
+pub fn record_admitted(d: &Decision, table_id: u32) {
     count(d);
-    if !wants_event(d, Some(CURRENT)) {
+    if !wants_event(d, Some(CURRENT), table_id) {
         return;
     }
     let Some(mut entry) = reserve::<Event>(d.verdict) else {
@@ -317,6 +384,7 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
             pid,
             comm,
         }),
+        0,
     ) {
         return;
     }
@@ -355,7 +423,7 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
 #[inline(always)]
 pub fn record_unix(d: &Decision, key: &enforcer_common::UnixKey) {
     count(d);
-    if !wants_event(d, None) {
+    if !wants_event(d, None, 0) {
         return;
     }
     let Some(mut entry) = reserve::<enforcer_common::UnixEvent>(d.verdict) else {

@@ -123,12 +123,15 @@ pub(crate) struct Match {
     pub rule_id: u32,
     /// The first bytes must be judged (a learned address, no `inspect: none`).
     pub judge: bool,
+    /// The CIDR table admitted it (not a learned address, which expires).
+    pub table: bool,
 }
 
 const NO_MATCH: Match = Match {
     found: false,
     rule_id: 0,
     judge: false,
+    table: false,
 };
 
 /// A learned address's admitting rule: the first with `inspect: none` if
@@ -152,6 +155,7 @@ fn match_learned(set: &RuleSet, port: u16, bit: u8) -> Match {
                     found: true,
                     rule_id: r.rule_id,
                     judge: false,
+                    table: false,
                 };
             }
             if !found {
@@ -165,6 +169,7 @@ fn match_learned(set: &RuleSet, port: u16, bit: u8) -> Match {
         found,
         rule_id: first,
         judge: found,
+        table: false,
     }
 }
 
@@ -216,6 +221,7 @@ pub(crate) fn lookup_in(table_id: u32, slot: u32, dst: Dst, port: u16, bit: u8) 
                     found: true,
                     rule_id: r,
                     judge: false,
+                    table: true,
                 };
             }
             let Some(learned) = LEARNED_V4.get_ptr(LearnedKey4 { slot, addr }) else {
@@ -243,6 +249,7 @@ pub(crate) fn lookup_in(table_id: u32, slot: u32, dst: Dst, port: u16, bit: u8) 
                     found: true,
                     rule_id: r,
                     judge: false,
+                    table: true,
                 };
             }
             let Some(learned) = LEARNED_V6.get_ptr(LearnedKey6 { slot, addr }) else {
@@ -280,17 +287,38 @@ fn decide(
 ) -> Outcome {
     let id = identity::current();
     let bit = proto_bit(protocol);
+    let mut d = Decision {
+        cgroup_id: id.cgroup_id,
+        slot: id.slot,
+        rule_id: 0,
+        action: action_kind,
+        verdict: verdict::ALLOW,
+        addr: mapped,
+        port,
+        protocol: protocol as u8,
+        family,
+        sock_type: sock_type as u8,
+        reason: 0,
+    };
+    // The generation and learned slot that judge the identity now.
+    let mut table_id = 0u32;
+    let mut learned_slot = id.slot;
     if let Some(p) = id.policy {
         if port == DNS_PORT && p.dns_port != 0 && (bit == proto::TCP || bit == proto::UDP) {
             return Outcome::SteerDns(p.dns_port);
+        }
+        (table_id, learned_slot) = tables(&p, id.slot);
+        // A repeat of a flow the table admitted: no lookup.
+        if report::repeat_allow(&d, table_id) {
+            return Outcome::Verdict(ALLOW, false, InspectState::default());
         }
     }
     // Set in the `Some` arm (read only there).
     let audit: bool;
     let mut judge_it = false;
     let mut inspect = InspectState::default();
-    let mut act = action_kind;
-    let mut why = 0u8;
+    // The table that admitted the call, for the flow cache (0: none).
+    let mut admitted_by = 0u32;
     let (verdict_kind, rule_id, ret) = match id.policy {
         None => {
             report::bump_stat(stat::NO_IDENTITY);
@@ -298,16 +326,17 @@ fn decide(
         }
         Some(p) => match {
             audit = p.flags & policy_flags::AUDIT != 0;
-            lookup(&p, id.slot, dst, port, bit)
+            lookup_in(table_id, learned_slot, dst, port, bit)
         } {
             Match {
                 found: true,
                 rule_id,
                 judge: true,
+                ..
             } if bit != proto::TCP => {
                 // UDP to a name's address: its first bytes cannot be judged.
-                act = action::INSPECT;
-                why = reason::UDP;
+                d.action = action::INSPECT;
+                d.reason = reason::UDP;
                 if audit {
                     (verdict::AUDIT, rule_id, ALLOW)
                 } else {
@@ -318,7 +347,11 @@ fn decide(
                 found: true,
                 rule_id,
                 judge,
+                table,
             } => {
+                if table {
+                    admitted_by = table_id;
+                }
                 if judge {
                     judge_it = true;
                     inspect = InspectState {
@@ -333,7 +366,7 @@ fn decide(
                         comm: [0; 16],
                         isn: 0,
                         seq_known: 0,
-                        tainted: u8::from(tables(&p, id.slot).0 != p.table_id),
+                        tainted: u8::from(table_id != p.table_id),
                         clamp_seen: 0,
                         _pad: 0,
                     };
@@ -344,19 +377,9 @@ fn decide(
             _ => (verdict::DENY, rule::DEFAULT_DENY, DENY),
         },
     };
-    report::record(&Decision {
-        cgroup_id: id.cgroup_id,
-        slot: id.slot,
-        rule_id,
-        action: act,
-        verdict: verdict_kind,
-        addr: mapped,
-        port,
-        protocol: protocol as u8,
-        family,
-        sock_type: sock_type as u8,
-        reason: why,
-    });
+    d.rule_id = rule_id;
+    d.verdict = verdict_kind;
+    report::record_admitted(&d, admitted_by);
     Outcome::Verdict(ret, judge_it, inspect)
 }
 

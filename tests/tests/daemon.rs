@@ -674,3 +674,98 @@ fn ring_buffer_overflow_is_counted_and_never_delays_a_verdict() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(outside.bytes() + outside.datagrams(), 0, "zero bytes out");
 }
+
+/// The kernel answers a repeated allowed flow from its flow cache without
+/// a table lookup (`report::repeat_allow`). A reload that denies the flow
+/// must stop it at once, not when the cache's epoch turns: an agent keeps
+/// sending datagrams on one socket as fast as it can while the policy
+/// changes under it; once another process of the identity sees the new
+/// policy, at most what was already queued at the listener arrives.
+#[test]
+fn a_cached_flow_is_cut_by_a_reload() {
+    if !require_root("a_cached_flow_is_cut_by_a_reload") {
+        return;
+    }
+    let cg = Cgroup::create("cached-flow");
+    let pins = PinDir::new("cached-flow");
+    let dir = TestDir::new("cached-flow");
+    let sink = UdpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let other = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let name = "cached-flow-agent";
+    let (udp_port, tcp_port) = ([sink.port()], [other.port()]);
+    let policy = |udp: bool| {
+        let mut rules: Vec<(&str, &[u16], &str)> = vec![("127.0.0.1/32", &tcp_port, "tcp")];
+        if udp {
+            rules.push(("127.0.0.1/32", &udp_port, "udp"));
+        }
+        policy_yaml(name, &spiffe(name), "enforce", &rules)
+    };
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
+    write_atomic(&d.policies.join("agent.yaml"), &policy(true));
+    d.start();
+
+    // The sender: one unconnected UDP socket (made once the process is in
+    // the cgroup: a socket is judged by its creator's cgroup), sendto in a
+    // loop (errors ignored), until killed.
+    let script = dir.join("sender.py");
+    std::fs::write(
+        &script,
+        format!(
+            "import socket, sys\nprint('ready', flush=True)\nsys.stdin.readline()\n\
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             while True:\n    try:\n        u.sendto(b'x' * 16, ('127.0.0.1', {}))\n    \
+             except OSError:\n        pass\n",
+            sink.port()
+        ),
+    )
+    .unwrap();
+    let mut c = std::process::Command::new(python());
+    c.arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut sender = ChildGuard::new(c.spawn().unwrap());
+    let mut out = std::io::BufReader::new(sender.child().stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    move_pid(&cg.path, sender.id());
+    let mut go = sender.child().stdin.take().unwrap();
+    std::io::Write::write_all(&mut go, b"go\n").unwrap();
+    let flowing = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        sink.datagrams() > 10_000
+    });
+    assert!(
+        flowing,
+        "the allowed flow did not flow: {} datagrams\n{}",
+        sink.datagrams(),
+        d.stderr()
+    );
+
+    // Deny the flow (the TCP rule stays: the probe's marker).
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cg.path, p.pid);
+    write_atomic(&d.policies.join("agent.yaml"), &policy(false));
+    let mut last = Value::Null;
+    let switched = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        last = p.udp("127.0.0.1", sink.port(), "probe");
+        last["errno"].as_i64() == Some(EPERM)
+    });
+    assert!(switched, "reload not applied: {last}\n{}", d.stderr());
+    let at_switch = sink.datagrams();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = sink.datagrams() - at_switch;
+    // A stale way would let the sender through until the epoch turned
+    // (up to a second: tens of thousands of datagrams). What may still
+    // arrive is what sat in the listener's receive queue (a few hundred).
+    assert!(
+        after <= 400,
+        "{after} datagrams arrived after the reload denied the flow"
+    );
+    assert_ok(
+        &p.tcp("127.0.0.1", other.port(), "still"),
+        "the rule the reload kept",
+    );
+    sender.kill9();
+    p.kill();
+    d.kill9();
+}

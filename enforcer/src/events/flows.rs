@@ -48,8 +48,9 @@ pub struct FlowTables {
 }
 
 /// Merge one flow's partial aggregates (per CPU way or spilled record;
-/// those without a decision are skipped).
-pub fn merge(key: &FlowKey, values: &[FlowValue]) -> Option<Flow> {
+/// those without a decision are skipped). They share the admitting rule
+/// (`rule_id`, grouped by the caller).
+pub fn merge(key: &FlowKey, rule_id: u32, values: &[FlowValue]) -> Option<Flow> {
     let seen = values.iter().filter(|v| v.count > 0);
     let count: u64 = seen.clone().map(|v| v.count).sum();
     if count == 0 {
@@ -64,7 +65,7 @@ pub fn merge(key: &FlowKey, values: &[FlowValue]) -> Option<Flow> {
             pid: key.pid,
             tid: key.pid,
             slot: key.slot,
-            rule_id: key.rule_id,
+            rule_id,
             addr: key.addr,
             port: key.port,
             action: key.action,
@@ -92,8 +93,12 @@ impl FlowTables {
     /// now; ways are never cleared: a program treats a way of an older
     /// epoch as empty).
     fn drain_epoch(&mut self, epoch: u32) -> Vec<Flow> {
-        // key -> partial aggregates (one per CPU way or spilled record).
-        let mut parts: std::collections::HashMap<FlowKey, Vec<FlowValue>> = Default::default();
+        // (key, rule) -> partial aggregates (one per CPU way or spilled
+        // record). The rule is not part of the kernel's key (a way's table
+        // id names it), but a flow admitted by a learned address may be
+        // admitted by another rule after the name's answer changed.
+        let mut parts: std::collections::HashMap<(FlowKey, u32), Vec<FlowValue>> =
+            Default::default();
         let mut spilled = 0;
         while spilled < SPILL_PER_DRAIN {
             let Some(item) = self.spill.next() else {
@@ -103,7 +108,10 @@ impl FlowTables {
             if item.len() >= std::mem::size_of::<FlowEntry>() {
                 // SAFETY: length checked; FlowEntry is plain old data.
                 let l = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEntry>()) };
-                parts.entry(l.key).or_default().push(l.value);
+                parts
+                    .entry((l.key, l.value.rule_id))
+                    .or_default()
+                    .push(l.value);
             }
         }
         // Both contexts' ways of the side.
@@ -116,10 +124,16 @@ impl FlowTables {
                 .iter()
                 .filter(|l| l.value.count > 0 && l.value.epoch == epoch)
             {
-                parts.entry(l.key).or_default().push(l.value);
+                parts
+                    .entry((l.key, l.value.rule_id))
+                    .or_default()
+                    .push(l.value);
             }
         }
-        let mut out: Vec<Flow> = parts.iter().filter_map(|(k, v)| merge(k, v)).collect();
+        let mut out: Vec<Flow> = parts
+            .iter()
+            .filter_map(|((k, rule), v)| merge(k, *rule, v))
+            .collect();
         out.sort_by_key(|f| f.last_ns);
         out
     }
@@ -192,7 +206,7 @@ mod tests {
             first_ns: first,
             last_ns: last,
             epoch: 3,
-            _pad: 0,
+            rule_id: 3,
             comm: *comm,
         }
     }
@@ -202,7 +216,7 @@ mod tests {
         let key = FlowKey {
             cgroup_id: 7,
             slot: 1,
-            rule_id: 3,
+            table_id: 9,
             port: 443,
             action: enforcer_common::action::CONNECT,
             protocol: 6,
@@ -212,7 +226,7 @@ mod tests {
             ..Default::default()
         };
         let (a, b) = (b"agent-a\0\0\0\0\0\0\0\0\0", b"agent-b\0\0\0\0\0\0\0\0\0");
-        let f = merge(&key, &[v(0, 0, 0, a), v(3, 20, 50, a), v(2, 10, 40, b)]).unwrap();
+        let f = merge(&key, 3, &[v(0, 0, 0, a), v(3, 20, 50, a), v(2, 10, 40, b)]).unwrap();
         assert_eq!(f.count, 5);
         assert_eq!((f.first_ns, f.last_ns), (10, 50));
         assert_eq!(f.ev.pid, 12, "the flow's process");
@@ -220,6 +234,6 @@ mod tests {
         assert_eq!(f.ev.ts_ns, 50);
         assert_eq!((f.ev.slot, f.ev.rule_id, f.ev.port), (1, 3, 443));
         assert_eq!(f.ev.verdict, verdict::ALLOW);
-        assert!(merge(&key, &[v(0, 0, 0, a), v(0, 0, 0, b)]).is_none());
+        assert!(merge(&key, 3, &[v(0, 0, 0, a), v(0, 0, 0, b)]).is_none());
     }
 }
