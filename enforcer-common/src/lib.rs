@@ -810,7 +810,10 @@ pub struct FlowValue {
     /// Allowed decisions (0: the way is empty).
     pub count: u64,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, jiffy resolution) of
-    /// the first and last of them.
+    /// the first of them, and of the last: the programs stamp it when they
+    /// fill the way and when they spill it (the eviction time), never
+    /// when they count (userspace raises a drained way's to its epoch's
+    /// end).
     pub first_ns: u64,
     pub last_ns: u64,
     /// `FLOW_SIDE`'s epoch the way was filled in (a way of an older

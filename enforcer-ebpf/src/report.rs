@@ -208,7 +208,6 @@ pub fn repeat_allow(d: &Decision, table_id: u32) -> bool {
             return false;
         }
         (*e).value.count += 1;
-        (*e).value.last_ns = bpf_ktime_get_coarse_ns();
     }
     bump_counter(d.slot, d.action, verdict::ALLOW);
     true
@@ -216,7 +215,9 @@ pub fn repeat_allow(d: &Decision, table_id: u32) -> bool {
 
 /// Account an allowed decision in its flow, in this CPU's flow cache: the
 /// way the key hashes to counts it in place (the hot path: two array
-/// lookups, six compares, two stores). A decision of another flow moves
+/// lookups, six compares, one add; no clock is read: a way's `last_ns`
+/// is its fill time until it is spilled, when it becomes the eviction
+/// time, or drained, when userspace raises it to the epoch's end). A decision of another flow moves
 /// the way's flow to `FLOW_SPILL` (userspace merges it) and takes the way.
 /// A way of an older epoch is empty (userspace drained it; it never
 /// writes the ways). False when the spill ring is full (the caller sends
@@ -234,17 +235,21 @@ fn account_flow(d: &Decision, who: &Process, table_id: u32) -> bool {
     let Some(e) = FLOWS.get_ptr_mut(way_of(w, epoch, who.current)) else {
         return false;
     };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     unsafe {
         if holds(e, w, epoch) && (*e).value.rule_id == d.rule_id {
             (*e).value.count += 1;
-            (*e).value.last_ns = now;
             return true;
         }
+    }
+    // A new flow in the way (the slow path).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    unsafe {
         if (*e).value.count != 0 && (*e).value.epoch == epoch {
             let Some(mut out) = FLOW_SPILL.reserve::<FlowEntry>(0) else {
                 return false;
             };
+            // The evicted flow's last decision was no later than now.
+            (*e).value.last_ns = now;
             out.write(*e);
             out.submit(u64::from(BPF_RB_NO_WAKEUP));
         }

@@ -82,6 +82,17 @@ pub fn merge(key: &FlowKey, rule_id: u32, values: &[FlowValue]) -> Option<Flow> 
     })
 }
 
+/// A way as drained at `ended_ns` (its epoch's end): the programs stamp
+/// `last_ns` when they fill a way, not when they count in it, so a way
+/// that counted more than one decision is known to have been last used
+/// no later than `ended_ns`.
+fn drained_way(mut value: FlowValue, ended_ns: u64) -> FlowValue {
+    if value.count > 1 {
+        value.last_ns = value.last_ns.max(ended_ns);
+    }
+    value
+}
+
 /// At most this many spilled records per drain (the rest wait for the
 /// next): a flood of distinct flows cannot hold the drainer.
 const SPILL_PER_DRAIN: usize =
@@ -92,7 +103,13 @@ impl FlowTables {
     /// were filled in `epoch` (the programs count in the next epoch's side
     /// now; ways are never cleared: a program treats a way of an older
     /// epoch as empty).
-    fn drain_epoch(&mut self, epoch: u32) -> Vec<Flow> {
+    ///
+    /// A way's `last_ns` is its fill time (the programs do not read a
+    /// clock when they count): a way that counted more than one decision
+    /// gets `ended_ns`, the time its epoch ended, as its last (an upper
+    /// bound, at most `INTERVAL` + `SETTLE` late). A spilled flow's is the
+    /// time it was evicted.
+    fn drain_epoch(&mut self, epoch: u32, ended_ns: u64) -> Vec<Flow> {
         // (key, rule) -> partial aggregates (one per CPU way or spilled
         // record). The rule is not part of the kernel's key (a way's table
         // id names it), but a flow admitted by a learned address may be
@@ -124,10 +141,11 @@ impl FlowTables {
                 .iter()
                 .filter(|l| l.value.count > 0 && l.value.epoch == epoch)
             {
+                let value = drained_way(l.value, ended_ns);
                 parts
                     .entry((l.key, l.value.rule_id))
                     .or_default()
-                    .push(l.value);
+                    .push(value);
             }
         }
         let mut out: Vec<Flow> = parts
@@ -146,7 +164,7 @@ impl FlowTables {
             .set(0, epoch.wrapping_add(1), 0)
             .context("advancing FLOW_SIDE")?;
         tokio::time::sleep(SETTLE).await;
-        Ok(self.drain_epoch(epoch))
+        Ok(self.drain_epoch(epoch, crate::kernel::learned::monotonic_ns()))
     }
 
     /// Drain both sides (at exit, when no agent runs any more).
@@ -209,6 +227,26 @@ mod tests {
             rule_id: 3,
             comm: *comm,
         }
+    }
+
+    #[test]
+    fn a_drained_way_ends_at_the_epoch_end_once_it_counted_twice() {
+        let a = b"agent-a\0\0\0\0\0\0\0\0\0";
+        assert_eq!(
+            drained_way(v(1, 20, 20, a), 900).last_ns,
+            20,
+            "one decision: its time"
+        );
+        assert_eq!(
+            drained_way(v(4, 20, 20, a), 900).last_ns,
+            900,
+            "more: the epoch's end"
+        );
+        assert_eq!(
+            drained_way(v(4, 20, 950, a), 900).last_ns,
+            950,
+            "never earlier"
+        );
     }
 
     #[test]
