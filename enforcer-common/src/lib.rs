@@ -110,7 +110,9 @@ pub mod map_names {
     /// in the side of `FLOW_SIDE`'s epoch (epoch & 1), userspace advances
     /// the epoch and drains the other side. A flow evicted from a way goes
     /// to `FLOW_SPILL`.
-    pub const FLOWS: &str = "FLOWS";
+    /// (Named `FLOW_CACHE` since its ways carry a check word: a pin of the
+    /// older, smaller `FLOWS` is not reused.)
+    pub const FLOWS: &str = "FLOW_CACHE";
     pub const FLOW_SIDE: &str = "FLOW_SIDE";
     pub const FLOW_SPILL: &str = "FLOW_SPILL";
     /// Allow records that are not flows (first bytes, unix, sampled, and
@@ -509,7 +511,10 @@ pub struct PolicyState {
     /// Generation of the `spec.ingress` tables (peer address -> local
     /// ports), in the `EGRESS_*` maps; 0: none (every peer refused).
     pub ingress_table_id: u32,
-    pub _pad2: u32,
+    /// Random per install: seeds the check word of the flow cache's ways
+    /// (`FlowValue::check`), so that no one can compute a key whose check
+    /// collides with another's.
+    pub flow_secret: u32,
 }
 
 /// `FILE_RULES` key: an inode, by number and device (kernel `dev_t`:
@@ -823,6 +828,12 @@ pub struct FlowValue {
     pub rule_id: u32,
     /// The process's `comm` at its first decision of the flow.
     pub comm: [u8; 16],
+    /// A 64-bit hash of the key (seeded with `PolicyState::flow_secret`),
+    /// written last when a way is filled (0 first): a way answers a
+    /// decision only if its words equal the decision's key *and* this
+    /// word is the key's hash, so a way torn by a program preempted in
+    /// the middle of a fill (words of two flows) answers nothing.
+    pub check: u64,
 }
 
 /// One way of a CPU's flow cache (`FLOWS`), and a record of `FLOW_SPILL`:

@@ -110,7 +110,7 @@ pub static UNIX_INODES: HashMap<FileKey, UnixRule> = HashMap::with_max_entries(M
 
 /// Per CPU: the flow cache, `FLOW_WAYS` ways for each side (see
 /// `report::account_flow`).
-#[map(name = "FLOWS")]
+#[map(name = "FLOW_CACHE")]
 pub static FLOWS: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(4 * FLOW_WAYS, 0);
 
 #[map(name = "FLOW_SIDE")]

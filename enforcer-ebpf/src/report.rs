@@ -75,14 +75,14 @@ const CURRENT: Process<'static> = Process {
 /// `table_id`: the CIDR table that admitted it (0: none, see
 /// `FlowKey::table_id`).
 #[inline(always)]
-fn wants_event(d: &Decision, flows: Option<Process>, table_id: u32) -> bool {
+fn wants_event(d: &Decision, flows: Option<Process>, table_id: u32, secret: u32) -> bool {
     if d.verdict != verdict::ALLOW {
         return true;
     }
     match allow_sample() {
         0 => false,
         1 => match flows {
-            Some(p) => !account_flow(d, &p, table_id),
+            Some(p) => !account_flow(d, &p, table_id, secret),
             None => true,
         },
         n => (unsafe { bpf_get_prandom_u32() }) % n == 0,
@@ -158,20 +158,40 @@ fn flow_epoch() -> u32 {
     }
 }
 
-/// The way of this CPU's cache that `w` maps to: side (epoch parity),
-/// then context (a cgroup_skb program may run in softirq on top of a
-/// process-context program on this CPU, so it has ways of its own), then
-/// the key's hash.
+/// A 64-bit hash of the key words, seeded with the policy's secret: each
+/// round (xor a word, multiply by an odd constant, xor-shift) is a
+/// bijection of the state, so keys that differ in one word never collide.
+/// Never 0 (0 marks a way being filled).
 #[inline(always)]
-fn way_of(w: &[u64; 6], epoch: u32, current: bool) -> u32 {
-    let h = (w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+fn mix(w: &[u64; 6], secret: u32) -> u64 {
+    let mut h = u64::from(secret) ^ 0x243f_6a88_85a3_08d3;
+    let mut i = 0;
+    while i < 6 {
+        h = (h ^ w[i]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 32;
+        i += 1;
+    }
+    h | 1
+}
+
+/// The way of this CPU's cache that a key of hash `h` maps to: side
+/// (epoch parity), then context (a cgroup_skb program may run in softirq
+/// on top of a process-context program on this CPU, so it has ways of its
+/// own), then the hash.
+#[inline(always)]
+fn way_of(h: u64, epoch: u32, current: bool) -> u32 {
     let base = ((epoch & 1) * 2 + u32::from(!current)) * FLOW_WAYS;
     base + ((h >> 60) as u32 & (FLOW_WAYS - 1))
 }
 
-/// Whether way `e` holds the live flow `w` of `epoch`.
+/// Whether way `e` holds the live flow `w` (of hash `h`) of `epoch`: its
+/// words are the key's and its check word is the key's hash. A program
+/// preempted in the middle of a fill can leave a way with the words of
+/// two flows; the check word, written last by every fill (and zeroed
+/// first), is one complete fill's, so such a way matches no key (short of
+/// a 64-bit collision under a secret seed).
 #[inline(always)]
-unsafe fn holds(e: *const FlowEntry, w: &[u64; 6], epoch: u32) -> bool {
+unsafe fn holds(e: *const FlowEntry, w: &[u64; 6], h: u64, epoch: u32) -> bool {
     let c = words(&(*e).key);
     (*e).value.count != 0
         && (*e).value.epoch == epoch
@@ -181,6 +201,7 @@ unsafe fn holds(e: *const FlowEntry, w: &[u64; 6], epoch: u32) -> bool {
         && c[3] == w[3]
         && c[4] == w[4]
         && c[5] == w[5]
+        && core::ptr::read_volatile(&(*e).value.check) == h
 }
 
 /// The decision cache: `d` (an allow of the current task, `rule_id`
@@ -193,18 +214,19 @@ unsafe fn holds(e: *const FlowEntry, w: &[u64; 6], epoch: u32) -> bool {
 /// default), and drained whatever it is: a probe needs not read it.
 /// False for a learned address's flow (table 0: it expires).
 #[inline(always)]
-pub fn repeat_allow(d: &Decision, table_id: u32) -> bool {
+pub fn repeat_allow(d: &Decision, table_id: u32, secret: u32) -> bool {
     if table_id == 0 {
         return false;
     }
     let key = flow_key(d, (bpf_get_current_pid_tgid() >> 32) as u32, table_id);
     let epoch = flow_epoch();
     let w = words(&key);
-    let Some(e) = FLOWS.get_ptr_mut(way_of(w, epoch, true)) else {
+    let h = mix(w, secret);
+    let Some(e) = FLOWS.get_ptr_mut(way_of(h, epoch, true)) else {
         return false;
     };
     unsafe {
-        if !holds(e, w, epoch) {
+        if !holds(e, w, h, epoch) {
             return false;
         }
         (*e).value.count += 1;
@@ -223,7 +245,7 @@ pub fn repeat_allow(d: &Decision, table_id: u32) -> bool {
 /// writes the ways). False when the spill ring is full (the caller sends
 /// a record; the way keeps its flow): nothing is dropped.
 #[inline(always)]
-fn account_flow(d: &Decision, who: &Process, table_id: u32) -> bool {
+fn account_flow(d: &Decision, who: &Process, table_id: u32, secret: u32) -> bool {
     let pid = if who.current {
         (bpf_get_current_pid_tgid() >> 32) as u32
     } else {
@@ -232,11 +254,12 @@ fn account_flow(d: &Decision, who: &Process, table_id: u32) -> bool {
     let key = flow_key(d, pid, table_id);
     let epoch = flow_epoch();
     let w = words(&key);
-    let Some(e) = FLOWS.get_ptr_mut(way_of(w, epoch, who.current)) else {
+    let h = mix(w, secret);
+    let Some(e) = FLOWS.get_ptr_mut(way_of(h, epoch, who.current)) else {
         return false;
     };
     unsafe {
-        if holds(e, w, epoch) && (*e).value.rule_id == d.rule_id {
+        if holds(e, w, h, epoch) && (*e).value.rule_id == d.rule_id {
             (*e).value.count += 1;
             return true;
         }
@@ -248,11 +271,17 @@ fn account_flow(d: &Decision, who: &Process, table_id: u32) -> bool {
             let Some(mut out) = FLOW_SPILL.reserve::<FlowEntry>(0) else {
                 return false;
             };
-            // The evicted flow's last decision was no later than now.
-            (*e).value.last_ns = now;
+            // The evicted flow's last decision was no later than now (a
+            // flow of one decision keeps its time).
+            if (*e).value.count > 1 {
+                (*e).value.last_ns = now;
+            }
             out.write(*e);
             out.submit(u64::from(BPF_RB_NO_WAKEUP));
         }
+        // The check word last, zeroed first (see `holds`).
+        core::ptr::write_volatile(&mut (*e).value.check, 0);
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
         (*e).key = key;
         (*e).value.count = 1;
         (*e).value.first_ns = now;
@@ -264,6 +293,8 @@ fn account_flow(d: &Decision, who: &Process, table_id: u32) -> bool {
         } else {
             *who.comm
         };
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        core::ptr::write_volatile(&mut (*e).value.check, h);
     }
     true
 }
@@ -319,7 +350,7 @@ pub struct Presented<'a> {
 #[inline(always)]
 pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
     count(d);
-    if !wants_event(d, None, 0) {
+    if !wants_event(d, None, 0, 0) {
         return;
     }
     let Some(mut entry) = reserve::<InspectEvent>(d.verdict) else {
@@ -352,16 +383,16 @@ pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
 
 #[inline(always)]
 pub fn record(d: &Decision) {
-    record_admitted(d, 0);
+    record_admitted(d, 0, 0);
 }
 
 /// `record` of a decision of the current task that CIDR table `table_id`
 /// admitted (0: none): its flow's way can answer the flow's next
-/// decisions (`repeat_allow`).
+/// decisions (`repeat_allow`, with the same policy's `secret`).
 #[inline(always)]
-pub fn record_admitted(d: &Decision, table_id: u32) {
+pub fn record_admitted(d: &Decision, table_id: u32, secret: u32) {
     count(d);
-    if !wants_event(d, Some(CURRENT), table_id) {
+    if !wants_event(d, Some(CURRENT), table_id, secret) {
         return;
     }
     let Some(mut entry) = reserve::<Event>(d.verdict) else {
@@ -389,6 +420,7 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
             pid,
             comm,
         }),
+        0,
         0,
     ) {
         return;
@@ -428,7 +460,7 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
 #[inline(always)]
 pub fn record_unix(d: &Decision, key: &enforcer_common::UnixKey) {
     count(d);
-    if !wants_event(d, None, 0) {
+    if !wants_event(d, None, 0, 0) {
         return;
     }
     let Some(mut entry) = reserve::<enforcer_common::UnixEvent>(d.verdict) else {

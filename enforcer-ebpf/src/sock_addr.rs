@@ -303,13 +303,16 @@ fn decide(
     // The generation and learned slot that judge the identity now.
     let mut table_id = 0u32;
     let mut learned_slot = id.slot;
+    let mut secret = 0u32;
     if let Some(p) = id.policy {
         if port == DNS_PORT && p.dns_port != 0 && (bit == proto::TCP || bit == proto::UDP) {
             return Outcome::SteerDns(p.dns_port);
         }
         (table_id, learned_slot) = tables(&p, id.slot);
-        // A repeat of a flow the table admitted: no lookup.
-        if report::repeat_allow(&d, table_id) {
+        secret = p.flow_secret;
+        // A repeat of a flow the table admitted: no lookup. (Only TCP and
+        // UDP: the key keeps the protocol in a byte.)
+        if bit != proto::OTHER && report::repeat_allow(&d, table_id, secret) {
             return Outcome::Verdict(ALLOW, false, InspectState::default());
         }
     }
@@ -349,7 +352,7 @@ fn decide(
                 judge,
                 table,
             } => {
-                if table {
+                if table && bit != proto::OTHER {
                     admitted_by = table_id;
                 }
                 if judge {
@@ -379,7 +382,7 @@ fn decide(
     };
     d.rule_id = rule_id;
     d.verdict = verdict_kind;
-    report::record_admitted(&d, admitted_by);
+    report::record_admitted(&d, admitted_by, secret);
     Outcome::Verdict(ret, judge_it, inspect)
 }
 

@@ -226,6 +226,7 @@ mod tests {
             epoch: 3,
             rule_id: 3,
             comm: *comm,
+            check: 0,
         }
     }
 

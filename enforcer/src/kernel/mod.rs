@@ -362,9 +362,21 @@ impl Kernel {
         let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
         let allow_events = Some(map(&mut ebpf, map_names::ALLOW_EVENTS)?);
+        let mut side: Array<MapData, u32> = map(&mut ebpf, map_names::FLOW_SIDE)?;
+        if pin_maps.is_some() {
+            // A previous daemon's ways (pinned) may be live in this epoch,
+            // and a way answers decisions (`report::repeat_allow`) by table
+            // id: a table id of a policy it removed may be handed out again
+            // (ids continue after the highest *present* one). Two epochs
+            // on, every way is empty. (What they counted since the last
+            // drain is lost, as when a daemon is killed.)
+            let epoch = side.get(&0, 0).unwrap_or(0);
+            side.set(0, epoch.wrapping_add(2), 0)
+                .context("advancing FLOW_SIDE past a previous daemon's ways")?;
+        }
         let flows = Some(crate::events::flows::FlowTables {
             ways: map(&mut ebpf, map_names::FLOWS)?,
-            side: map(&mut ebpf, map_names::FLOW_SIDE)?,
+            side,
             spill: map(&mut ebpf, map_names::FLOW_SPILL)?,
         });
         let learned = Some(learned::LearnedTable::new(
@@ -1215,7 +1227,7 @@ impl Kernel {
             _pad: [0; 2],
             taint_table_id,
             ingress_table_id,
-            _pad2: 0,
+            flow_secret: random_u32(),
         };
         if let Err(e) = self.policies.set(slot, state, 0) {
             self.delete_generation(&new);
@@ -1749,4 +1761,16 @@ pub fn private_dir(dir: &Path) -> Result<()> {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+/// A random u32 from the kernel (`getrandom`), for secrets the programs
+/// use; the time as a fallback when it fails.
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        crate::kernel::learned::monotonic_ns() as u32
+    }
 }
