@@ -576,9 +576,14 @@ fn program_costs(label: &str, w: &mut Worker, cgroup: &Path, secs: f64) -> Resul
 }
 
 /// The cost of `hook` in `c` (the enforcer's program there, or the sum if
-/// several ran).
+/// several ran; the cost probes left out).
 fn hook_ns(c: &Costs, hook: &str) -> Option<f64> {
-    let v: Vec<f64> = c.rows.iter().filter(|r| r.0 == hook).map(|r| r.2).collect();
+    let v: Vec<f64> = c
+        .rows
+        .iter()
+        .filter(|r| r.0 == hook && !r.1.starts_with(crate::empty_progs::COST_PREFIX))
+        .map(|r| r.2)
+        .collect();
     (!v.is_empty()).then(|| v.iter().sum())
 }
 
@@ -886,6 +891,9 @@ fn run_inner(
     // slow every program down).
     let mut costs = Vec::new();
     {
+        // What one helper call or lookup adds, in the same calls as the
+        // empty programs (after the rate comparisons: they cost the worker).
+        crate::empty_progs::attach_cost_probes(&cgs.path("empty"), 10_000)?;
         let _stats = crate::empty_progs::StatsOn::enable()?;
         costs.push(program_costs(
             "empty programs",
@@ -1163,6 +1171,47 @@ fn run_inner(
         program_ns.insert(hook.to_string(), serde_json::Value::Object(per));
     }
 
+    // The cost probes: ns added to the empty program on the same hook.
+    let mut probe_ns = serde_json::Map::new();
+    if let Some(empty) = costs.first() {
+        println!();
+        println!(
+            "{:<26} {:>10} {:>10}   (ns added to the empty program, same calls)",
+            "cost probe", "connect4", "sendmsg4"
+        );
+        let mut names: Vec<&str> = Vec::new();
+        for r in &empty.rows {
+            if let Some(n) = r.1.strip_prefix(crate::empty_progs::COST_PREFIX) {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        for n in names {
+            let mut per = serde_json::Map::new();
+            print!("{n:<26}");
+            for hook in ["connect4", "sendmsg4"] {
+                let probe = empty
+                    .rows
+                    .iter()
+                    .find(|r| {
+                        r.0 == hook && r.1.strip_prefix(crate::empty_progs::COST_PREFIX) == Some(n)
+                    })
+                    .map(|r| r.2);
+                let added = probe.zip(hook_ns(empty, hook)).map(|(p, e)| p - e);
+                print!(
+                    " {:>10}",
+                    added
+                        .map(|a| format!("{a:+.0}"))
+                        .unwrap_or_else(|| "-".into())
+                );
+                per.insert(hook.into(), json!(added));
+            }
+            println!();
+            probe_ns.insert(n.to_string(), serde_json::Value::Object(per));
+        }
+    }
+
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let results = json!({
@@ -1181,6 +1230,7 @@ fn run_inner(
         "daemon_rss_big_loaded_mb": rss_big_mb,
         "scaling_error": scaling_error,
         "program_ns_per_run": program_ns,
+        "cost_probes_ns_added": probe_ns,
     });
     let path = out_dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;

@@ -7,6 +7,11 @@
 //! no object file, and the hook list is read back from the kernel
 //! (`BPF_PROG_QUERY` with `BPF_F_QUERY_EFFECTIVE`), so the floor follows
 //! whatever the enforcer attaches on this kernel.
+//!
+//! The cost probes (`attach_cost_probes`) are the empty program plus one
+//! helper call or one map lookup each, attached next to the empty programs:
+//! they run in the same calls, so what each adds to the empty program is
+//! read without the run-to-run noise of a shared machine.
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
@@ -14,6 +19,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -191,9 +198,179 @@ pub fn mirror(like: &Path, target: &Path) -> Result<Vec<&'static str>> {
     Ok(names)
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapUpdate {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const MAP_HASH: u32 = 1;
+const MAP_LPM_TRIE: u32 = 11;
+const BPF_F_NO_PREALLOC: u32 = 1;
+/// Every probe's name starts with this (the bench keeps them out of the
+/// empty programs' column).
+pub const COST_PREFIX: &str = "cost_";
+
+/// One eBPF instruction.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    u64::from(code)
+        | (u64::from(dst | (src << 4)) << 8)
+        | (u64::from(off as u16) << 16)
+        | (u64::from(imm as u32) << 32)
+}
+
+fn call(helper: i32) -> u64 {
+    insn(0x85, 0, 0, 0, helper)
+}
+
+/// `r0 = 1; exit`
+const RET1: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+
+fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max: u32,
+    flags: u32,
+) -> Result<OwnedFd> {
+    let mut a = MapCreate {
+        map_type,
+        key_size,
+        value_size,
+        max_entries: max,
+        map_flags: flags,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut a).context("BPF_MAP_CREATE")?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> Result<()> {
+    let mut a = MapUpdate {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut a).context("BPF_MAP_UPDATE_ELEM")?;
+    Ok(())
+}
+
+/// A lookup of the key the instructions `key` store at `r10 + off`.
+fn lookup(map: &OwnedFd, key: &[u64], off: i32) -> Vec<u64> {
+    let mut v = key.to_vec();
+    v.push(insn(0xbf, 2, 10, 0, 0)); // r2 = r10
+    v.push(insn(0x07, 2, 0, 0, off)); // r2 += off
+    v.push(insn(0x18, 1, 1, 0, map.as_raw_fd())); // r1 = map (ld_imm64)
+    v.push(0);
+    v.push(call(1)); // bpf_map_lookup_elem
+    v
+}
+
+/// Attach the cost probes to `target`'s `connect4` and `sendmsg4`
+/// (`BPF_F_ALLOW_MULTI`, next to the empty programs): the empty program
+/// plus one of `bpf_get_current_cgroup_id`, `bpf_get_current_pid_tgid`,
+/// `bpf_ktime_get_coarse_ns` (`coarse_ns`), `bpf_get_current_comm`, a hash lookup that
+/// hits, and a lookup that hits a /32 in an LPM trie of `lpm_prefixes`
+/// random prefixes (the shape of `EGRESS_V4`). They go away with the
+/// cgroup.
+pub fn attach_cost_probes(target: &Path, lpm_prefixes: u32) -> Result<()> {
+    let target_fd = open_dir(target)?;
+    // EGRESS_V4's key: prefix length, table id (big endian), address.
+    let lpm = map_create(MAP_LPM_TRIE, 12, 64, lpm_prefixes + 1, BPF_F_NO_PREALLOC)?;
+    let value = [0u8; 64];
+    let key = |bits: u32, addr: [u8; 4]| {
+        let mut k = Vec::with_capacity(12);
+        k.extend_from_slice(&(32 + bits).to_ne_bytes());
+        k.extend_from_slice(&1u32.to_be_bytes());
+        k.extend_from_slice(&addr);
+        k
+    };
+    map_update(&lpm, &key(32, [127, 0, 0, 1]), &value)?;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..lpm_prefixes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bits = [16, 24, 28, 32][(x >> 40) as usize % 4];
+        map_update(&lpm, &key(bits, (x as u32).to_be_bytes()), &value)?;
+    }
+    let hash = map_create(MAP_HASH, 8, 64, 16, 0)?;
+    map_update(&hash, &5u64.to_ne_bytes(), &value)?;
+    let st_w = |off: i16, imm: i32| insn(0x62, 10, 0, off, imm);
+    let lpm_key = [
+        st_w(-16, 64),
+        st_w(-12, i32::from_ne_bytes(1u32.to_be_bytes())),
+        st_w(-8, i32::from_ne_bytes([127, 0, 0, 1])),
+    ];
+    let probes: Vec<(&str, Vec<u64>)> = vec![
+        ("cgroup_id", vec![call(80)]),
+        ("pid_tgid", vec![call(14)]),
+        ("coarse_ns", vec![call(160)]),
+        (
+            "comm",
+            vec![
+                insn(0xbf, 1, 10, 0, 0),
+                insn(0x07, 1, 0, 0, -16),
+                insn(0xb7, 2, 0, 0, 16),
+                call(16),
+            ],
+        ),
+        ("hash_hit", lookup(&hash, &[insn(0x7a, 10, 0, -8, 5)], -8)),
+        ("lpm_hit", lookup(&lpm, &lpm_key, -16)),
+    ];
+    let license = c"GPL";
+    for attach_type in [10u32, 14] {
+        for (name, body) in &probes {
+            let mut insns = body.clone();
+            insns.extend_from_slice(&RET1);
+            let mut prog_name = [0u8; 16];
+            let n = format!("{COST_PREFIX}{name}");
+            let len = n.len().min(15);
+            prog_name[..len].copy_from_slice(&n.as_bytes()[..len]);
+            let mut load = ProgLoad {
+                prog_type: PROG_CGROUP_SOCK_ADDR,
+                insn_cnt: insns.len() as u32,
+                insns: insns.as_ptr() as u64,
+                license: license.as_ptr() as u64,
+                prog_name,
+                expected_attach_type: attach_type,
+                ..Default::default()
+            };
+            let fd = bpf(BPF_PROG_LOAD, &mut load)
+                .with_context(|| format!("loading the {name} cost probe"))?;
+            let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            let mut attach = ProgAttach {
+                target_fd: target_fd.as_raw_fd() as u32,
+                attach_bpf_fd: prog.as_raw_fd() as u32,
+                attach_type,
+                attach_flags: BPF_F_ALLOW_MULTI,
+                ..Default::default()
+            };
+            bpf(BPF_PROG_ATTACH, &mut attach)
+                .with_context(|| format!("attaching the {name} cost probe"))?;
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // per-program statistics (`kernel.bpf_stats_enabled`)
 
+const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `struct bpf_prog_info` (linux/bpf.h): size and member offsets.
@@ -259,6 +436,28 @@ fn prog_runs(id: u32) -> Result<(String, Runs)> {
             cnt: u64_at(INFO_RUN_CNT),
         },
     ))
+}
+
+/// Every loaded program whose name starts with `prefix`: (name, runs).
+/// (BPF LSM programs are global: they are found by name, not by cgroup.)
+pub fn named_runs(prefix: &str) -> Result<Vec<(String, Runs)>> {
+    let mut out = Vec::new();
+    let mut next = GetFdById::default();
+    loop {
+        match bpf(BPF_PROG_GET_NEXT_ID, &mut next) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e).context("BPF_PROG_GET_NEXT_ID"),
+        }
+        next.id = next.next_id;
+        // A program unloaded since the id was listed is skipped.
+        if let Ok((name, runs)) = prog_runs(next.id) {
+            if name.starts_with(prefix) {
+                out.push((name, runs));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Every program in effect on `cgroup`'s hooks: (hook, program name, runs).

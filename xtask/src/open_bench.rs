@@ -482,6 +482,40 @@ impl Ctx {
         ]
     }
 
+    /// ns per run of each enforcer program (kernel statistics, on only
+    /// for this) while an agent opens files for `secs`: the programs of an
+    /// `enforcer run` exist only while it runs, so they are read every
+    /// 200 ms and the last reading before it exits is kept.
+    fn program_costs(&mut self, secs: f64) -> Result<Vec<(String, f64)>> {
+        let _stats = crate::empty_progs::StatsOn::enable()?;
+        let mut child = Command::new(&self.enforcer)
+            .args(["run", "--quiet", "--user", "root", "--policy"])
+            .arg(&self.tree.policy)
+            .current_dir(&self.tree.root)
+            .arg("--")
+            .args(self.worker_cmd(secs))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting enforcer run")?;
+        let mut last = Vec::new();
+        while child.try_wait()?.is_none() {
+            let now = crate::empty_progs::named_runs("enforcer")?;
+            if now.iter().any(|(_, r)| r.cnt > 0) {
+                last = now;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(last
+            .into_iter()
+            .filter_map(|(name, r)| {
+                r.ns_per_run_since(&crate::empty_progs::Runs::default())
+                    .map(|ns| (name, ns))
+            })
+            .collect())
+    }
+
     /// One timed loop on `side`; opens per second.
     fn rate(&mut self, side: Side, secs: f64) -> Result<f64> {
         match side {
@@ -800,6 +834,9 @@ fn inner(args: &OpenArgs) -> Result<u8> {
             secs,
         )?,
     ];
+    // Per program, the kernel's own statistics (after the rates: they slow
+    // every program down).
+    let costs = ctx.program_costs(secs.max(1.0))?;
     let elapsed = t0.elapsed().as_secs_f64();
     let overhead = median(ctx.agent_overhead.clone());
     let cpus = std::thread::available_parallelism()
@@ -841,6 +878,10 @@ fn inner(args: &OpenArgs) -> Result<u8> {
         "\n`enforcer run` start + stop per A round: {overhead:.2} s (median, not timed); bench: \
          {elapsed:.0} s"
     );
+    println!("\nper program, the agent's opens (kernel statistics; under QEMU/TCG in the VM):");
+    for (name, ns) in &costs {
+        println!("  {name:<16} {ns:>10.0} ns/run");
+    }
     let summary = |detail: bool| {
         json!({
             "bench": "open",
@@ -858,6 +899,7 @@ fn inner(args: &OpenArgs) -> Result<u8> {
             "comparisons": comps.iter().map(|c| c.json(detail)).collect::<Vec<_>>(),
             "enforcer_run_start_stop_secs_median": overhead,
             "bench_secs": elapsed,
+            "program_ns_per_run": costs.iter().map(|(n, ns)| (n.clone(), json!(ns))).collect::<serde_json::Map<_, _>>(),
             "pass": comps[0].pass(),
         })
     };
