@@ -438,8 +438,9 @@ fn prog_runs(id: u32) -> Result<(String, Runs)> {
     ))
 }
 
-/// Every loaded program whose name starts with `prefix`: (name, runs).
-/// (BPF LSM programs are global: they are found by name, not by cgroup.)
+/// Every loaded program whose name starts with `prefix`: (name and id,
+/// runs). (BPF LSM programs are global: they are found by name, not by
+/// cgroup; the kernel keeps 15 characters of a name, hence the id.)
 pub fn named_runs(prefix: &str) -> Result<Vec<(String, Runs)>> {
     let mut out = Vec::new();
     let mut next = GetFdById::default();
@@ -453,7 +454,7 @@ pub fn named_runs(prefix: &str) -> Result<Vec<(String, Runs)>> {
         // A program unloaded since the id was listed is skipped.
         if let Ok((name, runs)) = prog_runs(next.id) {
             if name.starts_with(prefix) {
-                out.push((name, runs));
+                out.push((format!("{name}#{}", next.id), runs));
             }
         }
     }

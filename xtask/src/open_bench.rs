@@ -486,7 +486,7 @@ impl Ctx {
     /// for this) while an agent opens files for `secs`: the programs of an
     /// `enforcer run` exist only while it runs, so they are read every
     /// 200 ms and the last reading before it exits is kept.
-    fn program_costs(&mut self, secs: f64) -> Result<Vec<(String, f64)>> {
+    fn program_costs(&mut self, secs: f64) -> Result<Vec<(String, u64, f64)>> {
         let _stats = crate::empty_progs::StatsOn::enable()?;
         let mut child = Command::new(&self.enforcer)
             .args(["run", "--quiet", "--user", "root", "--policy"])
@@ -511,7 +511,7 @@ impl Ctx {
             .into_iter()
             .filter_map(|(name, r)| {
                 r.ns_per_run_since(&crate::empty_progs::Runs::default())
-                    .map(|ns| (name, ns))
+                    .map(|ns| (name, r.cnt, ns))
             })
             .collect())
     }
@@ -879,8 +879,8 @@ fn inner(args: &OpenArgs) -> Result<u8> {
          {elapsed:.0} s"
     );
     println!("\nper program, the agent's opens (kernel statistics; under QEMU/TCG in the VM):");
-    for (name, ns) in &costs {
-        println!("  {name:<16} {ns:>10.0} ns/run");
+    for (name, cnt, ns) in &costs {
+        println!("  {name:<22} {ns:>10.0} ns/run over {cnt} runs");
     }
     let summary = |detail: bool| {
         json!({
@@ -899,7 +899,10 @@ fn inner(args: &OpenArgs) -> Result<u8> {
             "comparisons": comps.iter().map(|c| c.json(detail)).collect::<Vec<_>>(),
             "enforcer_run_start_stop_secs_median": overhead,
             "bench_secs": elapsed,
-            "program_ns_per_run": costs.iter().map(|(n, ns)| (n.clone(), json!(ns))).collect::<serde_json::Map<_, _>>(),
+            "program_ns_per_run": costs
+                .iter()
+                .map(|(n, cnt, ns)| (n.clone(), json!({"ns_per_run": ns, "runs": cnt})))
+                .collect::<serde_json::Map<_, _>>(),
             "pass": comps[0].pass(),
         })
     };
