@@ -123,6 +123,46 @@ fn open_dir(p: &Path) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Load `insns` as a program named `name` (15 characters kept) and attach
+/// it to the cgroup `target` with `BPF_F_ALLOW_MULTI`. The attachment
+/// keeps the program (it goes away with the cgroup).
+fn load_and_attach(
+    name: &str,
+    prog_type: u32,
+    attach_type: u32,
+    insns: &[u64],
+    target: &OwnedFd,
+) -> Result<()> {
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    let mut load = ProgLoad {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        expected_attach_type: if prog_type == PROG_CGROUP_SKB {
+            0
+        } else {
+            attach_type
+        },
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut load).with_context(|| format!("loading {name}"))?;
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attach = ProgAttach {
+        target_fd: target.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_ATTACH, &mut attach).with_context(|| format!("attaching {name}"))?;
+    Ok(())
+}
+
 /// Programs in effect on `cgroup` for one attach type.
 fn effective(cgroup: &OwnedFd, attach_type: u32) -> Result<u32> {
     Ok(effective_ids(cgroup, attach_type)?.len() as u32)
@@ -153,43 +193,18 @@ fn effective_ids(cgroup: &OwnedFd, attach_type: u32) -> Result<Vec<u32>> {
 pub fn mirror(like: &Path, target: &Path) -> Result<Vec<&'static str>> {
     let like_fd = open_dir(like)?;
     let target_fd = open_dir(target)?;
-    // mov64 r0, 1; exit
-    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
-    let license = c"GPL";
     let mut names = Vec::new();
     for &(attach_type, prog_type, name) in HOOKS {
         if effective(&like_fd, attach_type)? == 0 {
             continue;
         }
-        let mut prog_name = [0u8; 16];
-        let n = format!("empty_{name}");
-        let len = n.len().min(15);
-        prog_name[..len].copy_from_slice(&n.as_bytes()[..len]);
-        let mut load = ProgLoad {
+        load_and_attach(
+            &format!("empty_{name}"),
             prog_type,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name,
-            expected_attach_type: if prog_type == PROG_CGROUP_SKB {
-                0
-            } else {
-                attach_type
-            },
-            ..Default::default()
-        };
-        let fd = bpf(BPF_PROG_LOAD, &mut load)
-            .with_context(|| format!("loading an empty {name} program"))?;
-        let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut attach = ProgAttach {
-            target_fd: target_fd.as_raw_fd() as u32,
-            attach_bpf_fd: prog.as_raw_fd() as u32,
             attach_type,
-            attach_flags: BPF_F_ALLOW_MULTI,
-            ..Default::default()
-        };
-        bpf(BPF_PROG_ATTACH, &mut attach)
-            .with_context(|| format!("attaching the empty {name} program"))?;
+            &RET1,
+            &target_fd,
+        )?;
         names.push(name);
     }
     if names.is_empty() {
@@ -332,36 +347,17 @@ pub fn attach_cost_probes(target: &Path, lpm_prefixes: u32) -> Result<()> {
         ("hash_hit", lookup(&hash, &[insn(0x7a, 10, 0, -8, 5)], -8)),
         ("lpm_hit", lookup(&lpm, &lpm_key, -16)),
     ];
-    let license = c"GPL";
     for attach_type in [10u32, 14] {
         for (name, body) in &probes {
             let mut insns = body.clone();
             insns.extend_from_slice(&RET1);
-            let mut prog_name = [0u8; 16];
-            let n = format!("{COST_PREFIX}{name}");
-            let len = n.len().min(15);
-            prog_name[..len].copy_from_slice(&n.as_bytes()[..len]);
-            let mut load = ProgLoad {
-                prog_type: PROG_CGROUP_SOCK_ADDR,
-                insn_cnt: insns.len() as u32,
-                insns: insns.as_ptr() as u64,
-                license: license.as_ptr() as u64,
-                prog_name,
-                expected_attach_type: attach_type,
-                ..Default::default()
-            };
-            let fd = bpf(BPF_PROG_LOAD, &mut load)
-                .with_context(|| format!("loading the {name} cost probe"))?;
-            let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            let mut attach = ProgAttach {
-                target_fd: target_fd.as_raw_fd() as u32,
-                attach_bpf_fd: prog.as_raw_fd() as u32,
+            load_and_attach(
+                &format!("{COST_PREFIX}{name}"),
+                PROG_CGROUP_SOCK_ADDR,
                 attach_type,
-                attach_flags: BPF_F_ALLOW_MULTI,
-                ..Default::default()
-            };
-            bpf(BPF_PROG_ATTACH, &mut attach)
-                .with_context(|| format!("attaching the {name} cost probe"))?;
+                &insns,
+                &target_fd,
+            )?;
         }
     }
     Ok(())

@@ -482,19 +482,26 @@ impl Ctx {
         ]
     }
 
+    /// The worker as the agent of `enforcer run --policy P` (side A).
+    fn agent_cmd(&self, secs: f64) -> Command {
+        let mut c = Command::new(&self.enforcer);
+        c.args(["run", "--quiet", "--user", "root", "--policy"])
+            .arg(&self.tree.policy)
+            .current_dir(&self.tree.root)
+            .arg("--")
+            .args(self.worker_cmd(secs))
+            .stdin(Stdio::null());
+        c
+    }
+
     /// ns per run of each enforcer program (kernel statistics, on only
     /// for this) while an agent opens files for `secs`: the programs of an
     /// `enforcer run` exist only while it runs, so they are read every
     /// 200 ms and the last reading before it exits is kept.
     fn program_costs(&mut self, secs: f64) -> Result<Vec<(String, u64, f64)>> {
         let _stats = crate::empty_progs::StatsOn::enable()?;
-        let mut child = Command::new(&self.enforcer)
-            .args(["run", "--quiet", "--user", "root", "--policy"])
-            .arg(&self.tree.policy)
-            .current_dir(&self.tree.root)
-            .arg("--")
-            .args(self.worker_cmd(secs))
-            .stdin(Stdio::null())
+        let mut child = self
+            .agent_cmd(secs)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -521,13 +528,8 @@ impl Ctx {
         match side {
             Side::Agent => {
                 let t = Instant::now();
-                let out = Command::new(&self.enforcer)
-                    .args(["run", "--quiet", "--user", "root", "--policy"])
-                    .arg(&self.tree.policy)
-                    .current_dir(&self.tree.root)
-                    .arg("--")
-                    .args(self.worker_cmd(secs))
-                    .stdin(Stdio::null())
+                let out = self
+                    .agent_cmd(secs)
                     .output()
                     .context("starting enforcer run")?;
                 if !out.status.success() {
