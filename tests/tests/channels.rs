@@ -152,8 +152,16 @@ fn inbound_connections_need_an_ingress_rule() {
     let (mut g, threads) = spawn_agent(&dir, &policy, &audit, "serve", &cfg);
     // Generous: under QEMU/TCG (the VM runner) loading and verifying the
     // programs alone takes tens of seconds.
+    // Ready = the file parses: the agent may be halfway through writing it.
+    let mut me = Value::Null;
     if !poll_until(Duration::from_secs(150), Duration::from_millis(50), || {
-        ready.exists()
+        match std::fs::read_to_string(&ready).map(|t| serde_json::from_str::<Value>(&t)) {
+            Ok(Ok(v)) => {
+                me = v;
+                true
+            }
+            _ => false,
+        }
     }) {
         std::fs::write(&go, "").unwrap();
         let out = threads.finish(&mut g, Duration::from_secs(30));
@@ -162,7 +170,6 @@ fn inbound_connections_need_an_ingress_rule() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let me: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
     assert_eq!(me["ok"], true, "the agent's own loopback connection: {me}");
 
     let host = |p: u16| SocketAddr::from(([198, 18, 0, 1], p));
