@@ -13,6 +13,10 @@
 //! DNS answer allowed (`LEARNED_*`, until they expire); else deny (or audit).
 //! Once the identity read a `taint` file (`TAINTED[slot]`), (2) and (3) use
 //! its onTaint generation and onTaint learned addresses instead.
+//! Before (2): a repeat of a TCP/UDP flow that (2) admitted in this epoch
+//! is allowed by its way in the flow cache, without the lookup
+//! (`report::repeat_allow`: the table id is in the key, and a table never
+//! changes under its id).
 //!
 //! An address allowed only by (3) is a name's: unless the admitting host
 //! rule says `inspect: none`, a TCP connect gets socket storage (`INSPECT`,
