@@ -1237,3 +1237,105 @@ fn run_inner(
     println!("\nresults: {}", path.display());
     Ok(0)
 }
+
+// ---------------------------------------------------------------------------
+// side by side: two enforcer builds, per-program cost in the same calls as
+// empty programs
+
+/// `cargo xtask bench-ab A B ...`: each build in turn (A B, B A, ...) runs
+/// the daemon in its default configuration with the 10k-rule policy bound
+/// to a cgroup whose parent carries empty programs on the same hooks
+/// (`BPF_F_ALLOW_MULTI`): every call of the worker runs both, so each
+/// build's `connect4`/`sendmsg4` minus the empty program of the same calls
+/// is what its own work costs, without the minute-to-minute drift of a
+/// shared machine (kernel statistics, on only while it measures).
+pub fn ab(bins: &[PathBuf], alternations: u32, secs: f64) -> Result<u8> {
+    util::require_root("bench-ab")?;
+    util::ensure_bpffs()?;
+    if bins.len() < 2 {
+        bail!("bench-ab needs at least two enforcer binaries");
+    }
+    let mount = util::cgroup2_mount()?;
+    let tmp = std::env::temp_dir().join(format!("enforcer-bench-ab-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let (tcp, udp) = spawn_listeners()?;
+    let cgs = BenchCgroups::create(&mount, &["ab"])?;
+    let parent = cgs.path("ab");
+    let child = parent.join("w");
+    std::fs::create_dir(&child).context("creating the worker's cgroup")?;
+    struct RmChild(PathBuf);
+    impl Drop for RmChild {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = RmChild(child.clone());
+    let p10k = policy_yaml("bench-10k", 10_000, tcp, udp);
+    let hooks = ["connect4", "sendmsg4"];
+    // (bin index, hook) -> [(program ns, empty ns)]
+    let mut got: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); hooks.len()]; bins.len()];
+    let mut mirrored = false;
+    for alt in 0..alternations {
+        let order: Vec<usize> = if alt % 2 == 0 {
+            (0..bins.len()).collect()
+        } else {
+            (0..bins.len()).rev().collect()
+        };
+        for i in order {
+            let (d, _) = Daemon::start(
+                &bins[i],
+                &tmp.join(format!("d{i}")),
+                &[("bench-10k", &p10k)],
+                &[(child.clone(), "bench-10k")],
+                None,
+                Duration::from_secs(300),
+            )?;
+            if !mirrored {
+                crate::empty_progs::mirror(&child, &parent)?;
+                mirrored = true;
+            }
+            let mut w = Worker::start("ab", &child, tcp, udp)?;
+            w.rate(Op::Connect, secs / 4.0)?;
+            w.rate(Op::Sendto, secs / 4.0)?;
+            let c = {
+                let _stats = crate::empty_progs::StatsOn::enable()?;
+                program_costs(&format!("build {i}"), &mut w, &child, secs)?
+            };
+            drop(w);
+            d.stop()?;
+            let mut line = format!("bench-ab: round {alt} build {i}:");
+            for (h, hook) in hooks.iter().enumerate() {
+                let pick = |prefix: &str| {
+                    c.rows
+                        .iter()
+                        .find(|r| r.0 == *hook && r.1.starts_with(prefix))
+                        .map(|r| r.2)
+                };
+                if let (Some(p), Some(e)) = (pick("enforcer_"), pick("empty_")) {
+                    got[i][h].push((p, e));
+                    let _ = write!(line, " {hook} {p:.0} (empty {e:.0}, +{:.0})", p - e);
+                }
+            }
+            eprintln!("{line}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!();
+    println!(
+        "{:<6} {:>10} {:>22} {:>10} {:>22}   (median over {alternations} rounds; build: path)",
+        "build", "connect4", "connect4 - empty", "sendmsg4", "sendmsg4 - empty"
+    );
+    for (i, per) in got.iter().enumerate() {
+        let med = |h: usize, f: fn(&(f64, f64)) -> f64| median(per[h].iter().map(f).collect());
+        println!(
+            "{:<6} {:>10.0} {:>22.0} {:>10.0} {:>22.0}   {}",
+            i,
+            med(0, |x| x.0),
+            med(0, |x| x.0 - x.1),
+            med(1, |x| x.0),
+            med(1, |x| x.0 - x.1),
+            bins[i].display()
+        );
+    }
+    Ok(0)
+}

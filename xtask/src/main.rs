@@ -69,6 +69,18 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         big_rules: usize,
     },
+    /// Compare enforcer builds side by side: per-program ns/run of connect4/sendmsg4 minus an empty program run in the same calls, builds alternating (needs root).
+    BenchAb {
+        /// Two or more enforcer binaries.
+        #[arg(required = true, num_args = 2..)]
+        bins: Vec<PathBuf>,
+        /// Rounds (each runs every build once, the order alternating).
+        #[arg(long, default_value_t = 4)]
+        rounds: u32,
+        /// Seconds of connects, then of sends, per build and round.
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+    },
     /// Measure the DNS proxy: added latency (p50/p99) vs querying the upstream directly, and queries/s (needs root).
     BenchDns {
         #[command(flatten)]
@@ -140,6 +152,7 @@ fn main() -> std::process::ExitCode {
             concurrency,
             secs,
         } => dns_bench::run(&bin, queries, rounds, concurrency, secs),
+        Cmd::BenchAb { bins, rounds, secs } => bench::ab(&bins, rounds, secs),
         Cmd::BenchOpen(args) => open_bench::run(&args),
         Cmd::Test => test::run(&util::repo_root()),
         Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
