@@ -100,20 +100,21 @@ pub mod map_names {
     pub const REASONS: &str = "REASONS";
     pub const UNIX_RULES: &str = "UNIX_RULES";
     pub const UNIX_INODES: &str = "UNIX_INODES";
-    /// Bumped by userspace after every change of `IDENTITIES`: it
-    /// invalidates each CPU's `IDENTITY_CACHE`.
-    pub const IDENTITY_GEN: &str = "IDENTITY_GEN";
+    /// What the per-CPU caches are validated by, one array in one cache
+    /// line (see [`cache_gen`]): the flow epoch, the generation of every
+    /// input of a verdict (bindings, policies, taints) and the flow cache's
+    /// secret. (Replaces `IDENTITY_GEN` and `FLOW_SIDE`.)
+    pub const CACHE_GEN: &str = "CACHE_GEN";
     /// Per CPU: the last cgroup -> identity resolution (not pinned: each
-    /// program set keeps its own; `IDENTITY_GEN`, pinned, validates it).
+    /// program set keeps its own; `CACHE_GEN`, pinned, validates it).
     pub const IDENTITY_CACHE: &str = "IDENTITY_CACHE";
     /// Allowed flows: per CPU, two sides of cache ways; the programs count
-    /// in the side of `FLOW_SIDE`'s epoch (epoch & 1), userspace advances
-    /// the epoch and drains the other side. A flow evicted from a way goes
-    /// to `FLOW_SPILL`.
-    /// (Named `FLOW_CACHE` since its ways carry a check word: a pin of the
-    /// older, smaller `FLOWS` is not reused.)
-    pub const FLOWS: &str = "FLOW_CACHE";
-    pub const FLOW_SIDE: &str = "FLOW_SIDE";
+    /// in the side of the epoch (`CACHE_GEN[EPOCH] & 1`), userspace
+    /// advances the epoch and drains the other side. A flow evicted from a
+    /// way goes to `FLOW_SPILL`.
+    /// (Named `FLOW_WAYS` since a way answers by the verdict generation,
+    /// not the table id: a pin of the older `FLOW_CACHE` is not reused.)
+    pub const FLOWS: &str = "FLOW_WAYS";
     pub const FLOW_SPILL: &str = "FLOW_SPILL";
     /// Allow records that are not flows (first bytes, unix, sampled, and
     /// flows when the spill ring is full): never wakes the reader and never
@@ -121,7 +122,7 @@ pub mod map_names {
     pub const ALLOW_EVENTS: &str = "ALLOW_EVENTS";
     /// Pinned by the daemon (SCRATCH, GENERATION, OPAQUE and IDENTITY_CACHE
     /// are per-program-set scratch, not pinned).
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 24] = [
         IDENTITIES,
         POLICIES,
         EGRESS_V4,
@@ -142,12 +143,38 @@ pub mod map_names {
         REASONS,
         UNIX_RULES,
         UNIX_INODES,
-        IDENTITY_GEN,
+        CACHE_GEN,
         FLOWS,
-        FLOW_SIDE,
         FLOW_SPILL,
         ALLOW_EVENTS,
     ];
+}
+
+/// Entries of `CACHE_GEN` (an array of `u64`: each writer writes only its
+/// own entry, so no writer's update is lost to another's).
+pub mod cache_gen {
+    /// The flow epoch: advanced by userspace's flow drainer (its parity is
+    /// the side of the flow cache the programs count in).
+    pub const EPOCH: u32 = 0;
+    /// The verdict generation is the (wrapping) sum of this entry and
+    /// `TAINT_GEN`: it changes after every change of an input of a verdict
+    /// that a cache may hold. This entry is userspace's: it adds 1 after
+    /// each change of `IDENTITIES` or `POLICIES` and each clearing of
+    /// `TAINTED` (written before). A per-CPU cache entry (the identity
+    /// cache, a flow way) is valid only under the generation it was filled
+    /// in.
+    pub const USER_GEN: u32 = 1;
+    /// Random per load of a fresh map: seeds the check word of the flow
+    /// cache's ways, so that no one can compute a key whose check collides
+    /// with another's.
+    pub const SECRET: u32 = 2;
+    /// The kernel's part of the verdict generation: the file hook adds 1
+    /// (atomically, after it set `TAINTED`). Two counters that each only
+    /// grow, each with one kind of writer: their sum never repeats (a
+    /// single entry written by both could go back, userspace writing its
+    /// read-plus-one over the kernel's adds).
+    pub const TAINT_GEN: u32 = 3;
+    pub const LEN: u32 = 4;
 }
 
 pub mod prog_names {
@@ -280,6 +307,15 @@ pub mod globals {
         "ENFORCER_SOFF_FILE_PRIVATE_DATA",
         "ENFORCER_SOFF_INODE_I_MODE",
         "ENFORCER_SOFF_VALID",
+    ];
+    /// [`super::TaskOffsets`], in its field order.
+    pub const TASK: [&str; 6] = [
+        "ENFORCER_TOFF_TASK_TGID",
+        "ENFORCER_TOFF_TASK_CGROUPS",
+        "ENFORCER_TOFF_CSS_SET_DFL_CGRP",
+        "ENFORCER_TOFF_CGROUP_KN",
+        "ENFORCER_TOFF_KN_ID",
+        "ENFORCER_TOFF_VALID",
     ];
     /// `struct bpf_sock_addr_kern.uaddr` and `.uaddrlen` (the unix hooks).
     pub const SOCK_ADDR_UADDR: &str = "ENFORCER_OFF_SOCK_ADDR_UADDR";
@@ -511,10 +547,10 @@ pub struct PolicyState {
     /// Generation of the `spec.ingress` tables (peer address -> local
     /// ports), in the `EGRESS_*` maps; 0: none (every peer refused).
     pub ingress_table_id: u32,
-    /// Random per install: seeds the check word of the flow cache's ways
-    /// (`FlowValue::check`), so that no one can compute a key whose check
-    /// collides with another's.
-    pub flow_secret: u32,
+    /// Unused (the flow cache's secret was here before it had to be known
+    /// before the identity: now `CACHE_GEN[SECRET]`). Kept so that a
+    /// pinned `POLICIES` keeps its layout.
+    pub _unused: u32,
 }
 
 /// `FILE_RULES` key: an inode, by number and device (kernel `dev_t`:
@@ -535,6 +571,28 @@ pub struct FileRuleValue {
     /// `file_access::*`.
     pub access: u8,
     pub _pad: [u8; 3],
+}
+
+/// Byte offsets through which the cgroup programs read the current task's
+/// cgroup id and process id from the task (`bpf_get_current_task_btf`):
+/// the same values as `bpf_get_current_cgroup_id` and
+/// `bpf_get_current_pid_tgid() >> 32`, for one helper call instead of
+/// two (each call costs ~20 ns on this project's host). From BTF like
+/// [`FileOffsets`]; `valid` 0: the programs call those helpers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `struct task_struct.tgid`
+    pub task_tgid: u32,
+    /// `struct task_struct.cgroups` (the task's `css_set`)
+    pub task_cgroups: u32,
+    /// `struct css_set.dfl_cgrp` (its cgroup v2 cgroup)
+    pub css_set_dfl_cgrp: u32,
+    /// `struct cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node.id` (the cgroup id)
+    pub kn_id: u32,
+    pub valid: u32,
 }
 
 /// Byte offsets the LSM socket hooks read (a socket's cgroup), from BTF
@@ -788,11 +846,12 @@ pub struct FlowKey {
     pub cgroup_id: u64,
     pub slot: u32,
     /// The CIDR table (`EGRESS_V4`/`EGRESS_V6` generation) whose entry
-    /// admitted the flow, or 0. A table never changes under its id, so a
-    /// live way with a table id answers the next decision of the same key
+    /// admitted the flow, or 0: the flow was admitted otherwise (a learned
+    /// address, which expires, or an inbound peer). A table never changes
+    /// under its id, and the identity's table changes only with
+    /// `CACHE_GEN[GEN]`: a live way of a table-admitted flow filled under
+    /// the current generation answers the next decision of the same key
     /// without a lookup (see `enforcer-ebpf`'s `report::repeat_allow`).
-    /// 0: the flow was admitted otherwise (a learned address, an inbound
-    /// peer) and every decision of it is looked up.
     pub table_id: u32,
     /// As `Event::addr` (IPv4 v4-mapped).
     pub addr: [u8; 16],
@@ -801,10 +860,16 @@ pub struct FlowKey {
     pub protocol: u8,
     pub family: u8,
     pub sock_type: u8,
-    pub _pad: [u8; 2],
+    /// 1: the way may answer the next decisions of this key (a CIDR
+    /// table admitted it; see `table_id`); 0: every decision is looked up.
+    pub cacheable: u8,
+    pub _pad: u8,
     /// The process (thread group id): each process its own flow.
     pub pid: u32,
-    pub _pad2: u32,
+    /// `CACHE_GEN[GEN]` when the way was filled (a way answers only under
+    /// the generation it was filled in). Userspace ignores it and
+    /// `cacheable` when it merges the parts of a flow.
+    pub gen: u32,
 }
 
 /// What one way of one CPU counted of a flow (an aggregate that userspace
@@ -821,14 +886,14 @@ pub struct FlowValue {
     /// end).
     pub first_ns: u64,
     pub last_ns: u64,
-    /// `FLOW_SIDE`'s epoch the way was filled in (a way of an older
+    /// The epoch (`CACHE_GEN[EPOCH]`) the way was filled in (a way of an older
     /// epoch is empty: userspace drained it and never clears it).
     pub epoch: u32,
     /// The admitting rule.
     pub rule_id: u32,
     /// The process's `comm` at its first decision of the flow.
     pub comm: [u8; 16],
-    /// A 64-bit hash of the key (seeded with `PolicyState::flow_secret`),
+    /// A 64-bit hash of the key (seeded with `CACHE_GEN[SECRET]`),
     /// written last when a way is filled (0 first): a way answers a
     /// decision only if its words equal the decision's key *and* this
     /// word is the key's hash, so a way torn by a program preempted in

@@ -63,14 +63,14 @@ pub(crate) static ENFORCER_OFF_DENTRY_D_INODE: u32 = 0;
 pub(crate) static ENFORCER_OFF_VALID: u32 = 0;
 
 #[inline(always)]
-fn off(v: &'static u32) -> usize {
+pub(crate) fn off(v: &'static u32) -> usize {
     // Volatile: the value is patched into the object at load time.
     unsafe { core::ptr::read_volatile(v) as usize }
 }
 
 /// `*(base + off)` as a pointer; null stays null.
 #[inline(always)]
-fn load_ptr(base: *const u8, off: usize) -> *const u8 {
+pub(crate) fn load_ptr(base: *const u8, off: usize) -> *const u8 {
     if base.is_null() {
         return core::ptr::null();
     }
@@ -78,7 +78,7 @@ fn load_ptr(base: *const u8, off: usize) -> *const u8 {
 }
 
 #[inline(always)]
-fn load_u64(base: *const u8, off: usize) -> u64 {
+pub(crate) fn load_u64(base: *const u8, off: usize) -> u64 {
     if base.is_null() {
         return 0;
     }
@@ -86,7 +86,7 @@ fn load_u64(base: *const u8, off: usize) -> u64 {
 }
 
 #[inline(always)]
-fn load_u32(base: *const u8, off: usize) -> u32 {
+pub(crate) fn load_u32(base: *const u8, off: usize) -> u32 {
     if base.is_null() {
         return 0;
     }
@@ -342,6 +342,9 @@ fn check(act: u8, dentry: *const u8, inode: *const u8) -> i32 {
                         unsafe {
                             if *t == 0 {
                                 *t = bpf_ktime_get_ns();
+                                // After the taint: a verdict cached before
+                                // it (a flow way) answers no more.
+                                report::bump_gen();
                             }
                         }
                     }

@@ -7,8 +7,9 @@
 //!
 //! Every hook resolves the identity of each call, so the resolution is
 //! cached per CPU (`IDENTITY_CACHE`): `[cgroup id, packed]`, where `packed`
-//! holds the low 32 bits of that cgroup id, `IDENTITY_GEN` (which userspace
-//! bumps after every change of `IDENTITIES`), the bound flag and the slot.
+//! holds the low 32 bits of that cgroup id, the verdict generation
+//! (`report::gens`, which changes after every change of `IDENTITIES`),
+//! the bound flag and the slot.
 //! A hit costs two array reads instead of a hash lookup (and, for a nested
 //! cgroup, the walk). A program may interrupt another on the same CPU
 //! (softirq) between its two writes, so a reader may see the id of one
@@ -19,13 +20,17 @@
 use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_sk_ancestor_cgroup_id,
-        bpf_sk_cgroup_id, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_sk_ancestor_cgroup_id, bpf_sk_cgroup_id, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        generated::bpf_get_current_task_btf,
     },
 };
 use enforcer_common::{policy_flags, PolicyState, MAX_CGROUP_DEPTH, SLOT_UNKNOWN};
 
-use crate::maps::{IDENTITIES, IDENTITY_CACHE, IDENTITY_GEN, POLICIES};
+use crate::{
+    files::{load_ptr, load_u32, load_u64, off},
+    maps::{IDENTITIES, IDENTITY_CACHE, POLICIES},
+};
 
 pub struct Identity {
     pub cgroup_id: u64,
@@ -41,10 +46,54 @@ fn slot_of(cgroup_id: u64) -> Option<u32> {
     IDENTITIES.get_ptr(cgroup_id).map(|b| unsafe { (*b).slot })
 }
 
+// `enforcer_common::TaskOffsets`, set at load time (constants to the
+// verifier: with `VALID` 0 the task path is dead code).
+#[unsafe(no_mangle)]
+static ENFORCER_TOFF_TASK_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_TOFF_TASK_CGROUPS: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_TOFF_CSS_SET_DFL_CGRP: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_TOFF_CGROUP_KN: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_TOFF_KN_ID: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_TOFF_VALID: u32 = 0;
+
+/// The current task's cgroup id and process id (thread group id): read
+/// through the task (`bpf_get_current_task_btf`, then
+/// `task->cgroups->dfl_cgrp->kn->id` and `task->tgid`, what
+/// `bpf_get_current_cgroup_id` and `bpf_get_current_pid_tgid` read), one
+/// helper call instead of two; without the offsets, those two helpers.
+#[inline(always)]
+pub fn current_ids() -> (u64, u32) {
+    if off(&ENFORCER_TOFF_VALID) != 0 {
+        let t = unsafe { bpf_get_current_task_btf() }
+            .cast::<u8>()
+            .cast_const();
+        let tgid = load_u32(t, off(&ENFORCER_TOFF_TASK_TGID));
+        let cset = load_ptr(t, off(&ENFORCER_TOFF_TASK_CGROUPS));
+        let cgrp = load_ptr(cset, off(&ENFORCER_TOFF_CSS_SET_DFL_CGRP));
+        let kn = load_ptr(cgrp, off(&ENFORCER_TOFF_CGROUP_KN));
+        (load_u64(kn, off(&ENFORCER_TOFF_KN_ID)), tgid)
+    } else {
+        (
+            unsafe { bpf_get_current_cgroup_id() },
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+        )
+    }
+}
+
 /// The identity of the current task.
 #[inline(always)]
 pub fn current() -> Identity {
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    of_current_cgroup(current_ids().0)
+}
+
+/// The identity of the current task, whose cgroup id the caller read.
+#[inline(always)]
+pub fn of_current_cgroup(cgroup_id: u64) -> Identity {
     find(cgroup_id, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     })
@@ -72,8 +121,8 @@ pub fn of_sk(sk: *mut aya_ebpf::bindings::bpf_sock) -> Identity {
 /// `packed`: cgroup id low 32 bits << 32 | gen (21 bits) << 11 | bound << 10 | slot.
 const CACHE_BOUND: u64 = 1 << 10;
 const CACHE_SLOT: u64 = CACHE_BOUND - 1;
-const CACHE_GEN_SHIFT: u32 = 11;
-const CACHE_GEN: u64 = (1 << 21) - 1;
+const TAG_GEN_SHIFT: u32 = 11;
+const TAG_GEN: u64 = (1 << 21) - 1;
 const _: () = assert!(enforcer_common::MAX_SLOTS as u64 <= CACHE_SLOT + 1);
 
 /// `bound << 10 | slot` of the nearest bound cgroup (the cgroup itself or
@@ -101,10 +150,7 @@ fn resolve(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> u64 {
 
 #[inline(always)]
 fn find(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Identity {
-    let gen = u64::from(match IDENTITY_GEN.get(0) {
-        Some(g) => *g,
-        None => 0,
-    });
+    let gen = u64::from(crate::report::gens().gen);
     let cache = match IDENTITY_CACHE.get_ptr_mut(0) {
         Some(c) if cgroup_id != 0 => c,
         _ => core::ptr::null_mut(),
@@ -113,7 +159,7 @@ fn find(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Identity {
     // resolved): LLVM may read an Option's payload on the None path, and
     // the verifier rejects a read of a register that was never written.
     const MISS: u64 = u64::MAX;
-    let tag = ((cgroup_id & 0xffff_ffff) << 32) | ((gen & CACHE_GEN) << CACHE_GEN_SHIFT);
+    let tag = ((cgroup_id & 0xffff_ffff) << 32) | ((gen & TAG_GEN) << TAG_GEN_SHIFT);
     let mut res = MISS;
     if !cache.is_null() {
         let (k, v) = unsafe {

@@ -19,6 +19,10 @@
 //! events), `packet` (IP and transport headers of cgroup_skb packets).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `report::bump_gen`: an atomic add (the target has no atomic types with
+// read-modify-write methods).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod files;

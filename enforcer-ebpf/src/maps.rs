@@ -6,20 +6,21 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    first_bytes::BUF, stat, FileKey, FileRuleValue, FlowEntry, GlobalConfig, IdentityBinding,
-    InspectState, Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst, PolicyState, RuleSet,
-    UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES, FLOW_SPILL_BYTES,
-    FLOW_WAYS, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES, MAX_IDENTITIES,
-    MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED, MAX_SLOTS, MAX_UNIX_RULES,
-    REASONS_LEN,
+    cache_gen, first_bytes::BUF, stat, FileKey, FileRuleValue, FlowEntry, GlobalConfig,
+    IdentityBinding, InspectState, Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst,
+    PolicyState, RuleSet, UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES,
+    FLOW_SPILL_BYTES, FLOW_WAYS, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES,
+    MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED, MAX_SLOTS,
+    MAX_UNIX_RULES, REASONS_LEN,
 };
 
 #[map(name = "IDENTITIES")]
 pub static IDENTITIES: HashMap<u64, IdentityBinding> = HashMap::with_max_entries(MAX_IDENTITIES, 0);
 
-/// Bumped by userspace after each change of `IDENTITIES` (see `identity`).
-#[map(name = "IDENTITY_GEN")]
-pub static IDENTITY_GEN: Array<u32> = Array::with_max_entries(1, 0);
+/// The flow epoch, the verdict generation and the flow cache's secret
+/// (`enforcer_common::cache_gen`): adjacent `u64`s, one cache line.
+#[map(name = "CACHE_GEN")]
+pub static CACHE_GEN: Array<u64> = Array::with_max_entries(cache_gen::LEN, 0);
 
 /// Per CPU: the last cgroup -> identity resolution (see `identity`).
 #[map(name = "IDENTITY_CACHE")]
@@ -110,11 +111,8 @@ pub static UNIX_INODES: HashMap<FileKey, UnixRule> = HashMap::with_max_entries(M
 
 /// Per CPU: the flow cache, `FLOW_WAYS` ways for each side (see
 /// `report::account_flow`).
-#[map(name = "FLOW_CACHE")]
+#[map(name = "FLOW_WAYS")]
 pub static FLOWS: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(4 * FLOW_WAYS, 0);
-
-#[map(name = "FLOW_SIDE")]
-pub static FLOW_SIDE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Flows moved out of a cache way (never wakes the reader).
 #[map(name = "FLOW_SPILL")]

@@ -16,12 +16,12 @@ use aya_ebpf::{
     },
 };
 use enforcer_common::{
-    action, counter_index, first_bytes::PRESENTED_MAX, reason_index, stat, verdict, Event,
-    FlowEntry, FlowKey, InspectEvent, FLOW_WAYS,
+    action, cache_gen, counter_index, first_bytes::PRESENTED_MAX, reason_index, stat, verdict,
+    Event, FlowEntry, FlowKey, InspectEvent, FLOW_WAYS,
 };
 
 use crate::maps::{
-    ALLOW_EVENTS, CONFIG, COUNTERS, EVENTS, FLOWS, FLOW_SIDE, FLOW_SPILL, REASONS, STATS,
+    ALLOW_EVENTS, CACHE_GEN, CONFIG, COUNTERS, EVENTS, FLOWS, FLOW_SPILL, REASONS, STATS,
 };
 
 #[inline(always)]
@@ -55,8 +55,9 @@ pub struct Decision {
     pub reason: u8,
 }
 
-/// The process a flow names: the current task's, or (cgroup_skb
-/// programs, which may run in softirq context) the one the socket kept.
+/// The process a flow names: the current task's (`current`: its `comm`
+/// is read when a way is filled), or (cgroup_skb programs, which may run
+/// in softirq context) the one the socket kept.
 #[derive(Clone, Copy)]
 struct Process<'a> {
     current: bool,
@@ -64,25 +65,62 @@ struct Process<'a> {
     comm: &'a [u8; 16],
 }
 
-const CURRENT: Process<'static> = Process {
-    current: true,
-    pid: 0,
-    comm: &[0; 16],
-};
+/// What the per-CPU caches are validated by (`CACHE_GEN`, one line).
+#[derive(Clone, Copy)]
+pub struct Gens {
+    pub epoch: u32,
+    /// The verdict generation (`cache_gen::USER_GEN` + `TAINT_GEN`).
+    pub gen: u32,
+    pub secret: u32,
+}
+
+/// Read `CACHE_GEN`. A decision that may fill a flow way that answers
+/// later decisions reads it *before* it resolves its identity and reads
+/// its policy: a change after that read moves the generation on, and the
+/// way (stamped with the older one) answers nothing.
+#[inline(always)]
+pub fn gens() -> Gens {
+    let at = |i: u32| match CACHE_GEN.get(i) {
+        Some(v) => *v as u32,
+        None => 0,
+    };
+    Gens {
+        epoch: at(cache_gen::EPOCH),
+        gen: at(cache_gen::USER_GEN).wrapping_add(at(cache_gen::TAINT_GEN)),
+        secret: at(cache_gen::SECRET),
+    }
+}
+
+/// Move the verdict generation on (`cache_gen::TAINT_GEN`), after a
+/// change of an input of verdicts (the file hook's taint). Atomic: other
+/// CPUs add too, and a lost add could let a way filled before this change
+/// answer after it.
+#[inline(always)]
+pub fn bump_gen() {
+    if let Some(p) = CACHE_GEN.get_ptr_mut(cache_gen::TAINT_GEN) {
+        // The BPF target has no `AtomicU64::fetch_add` (no CAS): the
+        // intrinsic, whose result is unused, is one `BPF_XADD` (any kernel).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+                p, 1,
+            );
+        }
+    }
+}
 
 /// Whether `d` becomes a ring-buffer record. `flows`: an allow may be
-/// accounted in the flow table instead (its record would say no more);
-/// `table_id`: the CIDR table that admitted it (0: none, see
-/// `FlowKey::table_id`).
+/// accounted in the flow table instead (its record would say no more),
+/// under the generations read before the decision; `table_id`: the CIDR
+/// table that admitted it (0: none, see `FlowKey::table_id`).
 #[inline(always)]
-fn wants_event(d: &Decision, flows: Option<Process>, table_id: u32, secret: u32) -> bool {
+fn wants_event(d: &Decision, flows: Option<(Process, &Gens)>, table_id: u32) -> bool {
     if d.verdict != verdict::ALLOW {
         return true;
     }
     match allow_sample() {
         0 => false,
         1 => match flows {
-            Some(p) => !account_flow(d, &p, table_id, secret),
+            Some((p, g)) => !account_flow(d, &p, table_id, g),
             None => true,
         },
         n => (unsafe { bpf_get_prandom_u32() }) % n == 0,
@@ -131,8 +169,9 @@ fn words(k: &FlowKey) -> &[u64; 6] {
     unsafe { &*(k as *const FlowKey).cast::<[u64; 6]>() }
 }
 
+/// The flow key of `d` (`table_id` 0: not cacheable).
 #[inline(always)]
-fn flow_key(d: &Decision, pid: u32, table_id: u32) -> FlowKey {
+fn flow_key(d: &Decision, pid: u32, table_id: u32, gen: u32) -> FlowKey {
     FlowKey {
         cgroup_id: d.cgroup_id,
         slot: d.slot,
@@ -143,35 +182,40 @@ fn flow_key(d: &Decision, pid: u32, table_id: u32) -> FlowKey {
         protocol: d.protocol,
         family: d.family,
         sock_type: d.sock_type,
-        _pad: [0; 2],
+        cacheable: u8::from(table_id != 0),
+        _pad: 0,
         pid,
-        _pad2: 0,
+        gen,
     }
 }
 
-/// The current epoch (`FLOW_SIDE`).
+/// One round of the key hash: xor a word, multiply by an odd constant,
+/// xor-shift. Each is a bijection of the state.
 #[inline(always)]
-fn flow_epoch() -> u32 {
-    match FLOW_SIDE.get(0) {
-        Some(s) => *s,
-        None => 0,
-    }
+fn round(h: u64, w: u64) -> u64 {
+    let h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 32)
 }
 
-/// A 64-bit hash of the key words, seeded with the policy's secret: each
-/// round (xor a word, multiply by an odd constant, xor-shift) is a
-/// bijection of the state, so keys that differ in one word never collide.
-/// Never 0 (0 marks a way being filled).
+/// The hash of the words a decision knows before it resolves its
+/// identity: every word but the second (slot and table id), seeded with
+/// the secret. It picks the way; keys that differ in one of these words
+/// never collide.
 #[inline(always)]
-fn mix(w: &[u64; 6], secret: u32) -> u64 {
+fn probe_hash(w: &[u64; 6], secret: u32) -> u64 {
     let mut h = u64::from(secret) ^ 0x243f_6a88_85a3_08d3;
-    let mut i = 0;
-    while i < 6 {
-        h = (h ^ w[i]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 32;
-        i += 1;
-    }
-    h | 1
+    h = round(h, w[0]);
+    h = round(h, w[2]);
+    h = round(h, w[3]);
+    h = round(h, w[4]);
+    round(h, w[5])
+}
+
+/// The check word of a way: the probe hash and the second word (slot and
+/// table id) hashed on. Never 0 (0 marks a way being filled).
+#[inline(always)]
+fn check_of(probe: u64, w1: u64) -> u64 {
+    round(probe, w1) | 1
 }
 
 /// The way of this CPU's cache that a key of hash `h` maps to: side
@@ -184,54 +228,57 @@ fn way_of(h: u64, epoch: u32, current: bool) -> u32 {
     base + ((h >> 60) as u32 & (FLOW_WAYS - 1))
 }
 
-/// Whether way `e` holds the live flow `w` (of hash `h`) of `epoch`: its
-/// words are the key's and its check word is the key's hash. A program
+/// Whether way `e` holds the live flow of `epoch` whose words other than
+/// the second are `w`'s (`probe`: their hash): those words are equal and
+/// the check word is the hash of the way's own words. A program
 /// preempted in the middle of a fill can leave a way with the words of
 /// two flows; the check word, written last by every fill (and zeroed
 /// first), is one complete fill's, so such a way matches no key (short of
 /// a 64-bit collision under a secret seed).
 #[inline(always)]
-unsafe fn holds(e: *const FlowEntry, w: &[u64; 6], h: u64, epoch: u32) -> bool {
+unsafe fn holds(e: *const FlowEntry, w: &[u64; 6], probe: u64, epoch: u32) -> bool {
     let c = words(&(*e).key);
     (*e).value.count != 0
         && (*e).value.epoch == epoch
         && c[0] == w[0]
-        && c[1] == w[1]
         && c[2] == w[2]
         && c[3] == w[3]
         && c[4] == w[4]
         && c[5] == w[5]
-        && core::ptr::read_volatile(&(*e).value.check) == h
+        && core::ptr::read_volatile(&(*e).value.check) == check_of(probe, c[1])
 }
 
-/// The decision cache: `d` (an allow of the current task, `rule_id`
-/// unknown yet) repeats a flow that CIDR table `table_id` admitted in
-/// this epoch on this CPU. Then the way counts it (and the counters) and
-/// the caller allows without a lookup: a table never changes under its
-/// id, and a policy change moves the identity to a new id (a different
-/// key). The cost of a repeated allow is this probe, not an LPM walk.
-/// Ways are filled only with flow accounting (`allow_sample` 1, the
-/// default), and drained whatever it is: a probe needs not read it.
-/// False for a learned address's flow (table 0: it expires).
+/// The decision cache, asked before anything else: `d` (a decision of
+/// the current task; its slot, rule and verdict unknown yet) repeats a
+/// flow that a CIDR table admitted on this CPU in this epoch *under the
+/// current verdict generation* `g.gen`. Then the way counts it (and the
+/// counters of the way's slot) and the caller allows without resolving
+/// the identity or looking anything up: under one generation the
+/// cgroup's identity, its policy, its taint and so its table are what
+/// they were when the way was filled, and a table never changes under
+/// its id. The cost of a repeated allow is this probe: the cgroup id and
+/// pid, `CACHE_GEN` and the way. Ways are filled only with flow
+/// accounting (`allow_sample` 1, the default), and drained whatever it
+/// is: a probe needs not read it. A learned address's flow (it expires)
+/// is never cacheable.
 #[inline(always)]
-pub fn repeat_allow(d: &Decision, table_id: u32, secret: u32) -> bool {
-    if table_id == 0 {
-        return false;
-    }
-    let key = flow_key(d, (bpf_get_current_pid_tgid() >> 32) as u32, table_id);
-    let epoch = flow_epoch();
+pub fn repeat_allow(d: &Decision, pid: u32, g: &Gens) -> bool {
+    // Table id 1 only marks the key cacheable: the second word is not
+    // compared (the way's own is checked by the check word).
+    let key = flow_key(d, pid, 1, g.gen);
     let w = words(&key);
-    let h = mix(w, secret);
-    let Some(e) = FLOWS.get_ptr_mut(way_of(h, epoch, true)) else {
+    let h = probe_hash(w, g.secret);
+    let Some(e) = FLOWS.get_ptr_mut(way_of(h, g.epoch, true)) else {
         return false;
     };
-    unsafe {
-        if !holds(e, w, h, epoch) {
+    let slot = unsafe {
+        if !holds(e, w, h, g.epoch) {
             return false;
         }
         (*e).value.count += 1;
-    }
-    bump_counter(d.slot, d.action, verdict::ALLOW);
+        (*e).key.slot
+    };
+    bump_counter(slot, d.action, verdict::ALLOW);
     true
 }
 
@@ -245,21 +292,17 @@ pub fn repeat_allow(d: &Decision, table_id: u32, secret: u32) -> bool {
 /// writes the ways). False when the spill ring is full (the caller sends
 /// a record; the way keeps its flow): nothing is dropped.
 #[inline(always)]
-fn account_flow(d: &Decision, who: &Process, table_id: u32, secret: u32) -> bool {
-    let pid = if who.current {
-        (bpf_get_current_pid_tgid() >> 32) as u32
-    } else {
-        who.pid
-    };
-    let key = flow_key(d, pid, table_id);
-    let epoch = flow_epoch();
+fn account_flow(d: &Decision, who: &Process, table_id: u32, g: &Gens) -> bool {
+    let key = flow_key(d, who.pid, table_id, g.gen);
+    let epoch = g.epoch;
     let w = words(&key);
-    let h = mix(w, secret);
+    let h = probe_hash(w, g.secret);
+    let check = check_of(h, w[1]);
     let Some(e) = FLOWS.get_ptr_mut(way_of(h, epoch, who.current)) else {
         return false;
     };
     unsafe {
-        if holds(e, w, h, epoch) && (*e).value.rule_id == d.rule_id {
+        if holds(e, w, h, epoch) && words(&(*e).key)[1] == w[1] && (*e).value.rule_id == d.rule_id {
             (*e).value.count += 1;
             return true;
         }
@@ -294,7 +337,7 @@ fn account_flow(d: &Decision, who: &Process, table_id: u32, secret: u32) -> bool
             *who.comm
         };
         core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-        core::ptr::write_volatile(&mut (*e).value.check, h);
+        core::ptr::write_volatile(&mut (*e).value.check, check);
     }
     true
 }
@@ -350,7 +393,7 @@ pub struct Presented<'a> {
 #[inline(always)]
 pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
     count(d);
-    if !wants_event(d, None, 0, 0) {
+    if !wants_event(d, None, 0) {
         return;
     }
     let Some(mut entry) = reserve::<InspectEvent>(d.verdict) else {
@@ -383,16 +426,22 @@ pub fn record_inspect(d: &Decision, p: &Presented, pid: u32, comm: [u8; 16]) {
 
 #[inline(always)]
 pub fn record(d: &Decision) {
-    record_admitted(d, 0, 0);
+    record_admitted(d, 0, (bpf_get_current_pid_tgid() >> 32) as u32, &gens());
 }
 
-/// `record` of a decision of the current task that CIDR table `table_id`
-/// admitted (0: none): its flow's way can answer the flow's next
-/// decisions (`repeat_allow`, with the same policy's `secret`).
+/// `record` of a decision of the current task (process `pid`) that CIDR
+/// table `table_id` admitted (0: none) under the generations `g` (read before the
+/// decision's identity and policy): its flow's way can answer the flow's
+/// next decisions (`repeat_allow`).
 #[inline(always)]
-pub fn record_admitted(d: &Decision, table_id: u32, secret: u32) {
+pub fn record_admitted(d: &Decision, table_id: u32, pid: u32, g: &Gens) {
     count(d);
-    if !wants_event(d, Some(CURRENT), table_id, secret) {
+    let current = Process {
+        current: true,
+        pid,
+        comm: &[0; 16],
+    };
+    if !wants_event(d, Some((current, g)), table_id) {
         return;
     }
     let Some(mut entry) = reserve::<Event>(d.verdict) else {
@@ -415,12 +464,14 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
     count(d);
     if !wants_event(
         d,
-        Some(Process {
-            current: false,
-            pid,
-            comm,
-        }),
-        0,
+        Some((
+            Process {
+                current: false,
+                pid,
+                comm,
+            },
+            &gens(),
+        )),
         0,
     ) {
         return;
@@ -460,7 +511,7 @@ pub fn record_packet(d: &Decision, src: &[u8; 16], src_port: u16, pid: u32, comm
 #[inline(always)]
 pub fn record_unix(d: &Decision, key: &enforcer_common::UnixKey) {
     count(d);
-    if !wants_event(d, None, 0, 0) {
+    if !wants_event(d, None, 0) {
         return;
     }
     let Some(mut entry) = reserve::<enforcer_common::UnixEvent>(d.verdict) else {

@@ -13,10 +13,12 @@
 //! DNS answer allowed (`LEARNED_*`, until they expire); else deny (or audit).
 //! Once the identity read a `taint` file (`TAINTED[slot]`), (2) and (3) use
 //! its onTaint generation and onTaint learned addresses instead.
-//! Before (2): a repeat of a TCP/UDP flow that (2) admitted in this epoch
-//! is allowed by its way in the flow cache, without the lookup
-//! (`report::repeat_allow`: the table id is in the key, and a table never
-//! changes under its id).
+//! Before all of them: a repeat of a TCP/UDP flow that (2) admitted in
+//! this epoch under the current verdict generation is allowed by its way
+//! in the flow cache, without resolving the identity or any lookup
+//! (`report::repeat_allow`: under one generation the identity, its
+//! policy and its taint are unchanged, and a table never changes under
+//! its id).
 //!
 //! An address allowed only by (3) is a name's: unless the admitting host
 //! rule says `inspect: none`, a TCP connect gets socket storage (`INSPECT`,
@@ -289,11 +291,11 @@ fn decide(
     mapped: [u8; 16],
     dst: Dst,
 ) -> Outcome {
-    let id = identity::current();
+    let (cgroup_id, pid) = identity::current_ids();
     let bit = proto_bit(protocol);
     let mut d = Decision {
-        cgroup_id: id.cgroup_id,
-        slot: id.slot,
+        cgroup_id,
+        slot: 0,
         rule_id: 0,
         action: action_kind,
         verdict: verdict::ALLOW,
@@ -304,21 +306,26 @@ fn decide(
         sock_type: sock_type as u8,
         reason: 0,
     };
+    // Read before the identity and the policy (see `report::gens`).
+    let g = report::gens();
+    // A repeat of a flow a table admitted under this verdict generation:
+    // no identity, no lookup. (Only TCP and UDP: the key keeps the
+    // protocol in a byte. Port 53 of an identity with a DNS proxy is never
+    // a cached flow: it is steered below, and the proxy port is policy,
+    // so a change of it moves the generation on.)
+    if bit != proto::OTHER && report::repeat_allow(&d, pid, &g) {
+        return Outcome::Verdict(ALLOW, false, InspectState::default());
+    }
+    let id = identity::of_current_cgroup(cgroup_id);
+    d.slot = id.slot;
     // The generation and learned slot that judge the identity now.
     let mut table_id = 0u32;
     let mut learned_slot = id.slot;
-    let mut secret = 0u32;
     if let Some(p) = id.policy {
         if port == DNS_PORT && p.dns_port != 0 && (bit == proto::TCP || bit == proto::UDP) {
             return Outcome::SteerDns(p.dns_port);
         }
         (table_id, learned_slot) = tables(&p, id.slot);
-        secret = p.flow_secret;
-        // A repeat of a flow the table admitted: no lookup. (Only TCP and
-        // UDP: the key keeps the protocol in a byte.)
-        if bit != proto::OTHER && report::repeat_allow(&d, table_id, secret) {
-            return Outcome::Verdict(ALLOW, false, InspectState::default());
-        }
     }
     // Set in the `Some` arm (read only there).
     let audit: bool;
@@ -386,7 +393,7 @@ fn decide(
     };
     d.rule_id = rule_id;
     d.verdict = verdict_kind;
-    report::record_admitted(&d, admitted_by, secret);
+    report::record_admitted(&d, admitted_by, pid, &g);
     Outcome::Verdict(ret, judge_it, inspect)
 }
 

@@ -182,3 +182,23 @@ fn daemon_reports_bpf_lsm_capability() {
         d2.kill9();
     }
 }
+
+/// The cgroup programs read the current task's cgroup id and process id
+/// through the task where the kernel lets them (`task_walk_loads`, probed
+/// at load): on this kernel's BTF the probe program loads, and the same
+/// walk one byte past the last member of `kernfs_node` is refused (the
+/// probe can say no).
+#[test]
+fn the_task_walk_probe_loads_and_can_refuse() {
+    if !require_root("the_task_walk_probe_loads_and_can_refuse") {
+        return;
+    }
+    use enforcer::kernel::btf;
+    let b = btf::Btf::from_sys_fs().expect("this kernel has BTF");
+    let o = btf::task_offsets(&b).expect("task_struct, css_set, cgroup, kernfs_node offsets");
+    assert_eq!(o.valid, 1);
+    btf::task_walk_loads(&o).expect("the task walk loads on this kernel");
+    let bad = enforcer_common::TaskOffsets { kn_id: 30_000, ..o };
+    let e = btf::task_walk_loads(&bad).expect_err("a read past struct kernfs_node is refused");
+    assert!(!e.is_empty(), "{e}");
+}

@@ -573,6 +573,13 @@ fn daemon_restart_keeps_enforcing() {
         links_before,
         "restarted daemon changed the number of pinned links (double attach?)"
     );
+    // The same build adopts its own links (their programs' tags match the
+    // ones it loaded); it replaces only another build's.
+    let log = d.stderr();
+    assert!(
+        log.contains("adopted pinned links") && !log.contains("another enforcer build"),
+        "the restarted daemon did not adopt its own links:\n{log}"
+    );
     assert_eperm(
         &p.tcp("127.0.0.2", outside.port(), "after"),
         "denied after the restart",

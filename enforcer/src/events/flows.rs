@@ -4,7 +4,7 @@
 //! and context, `FLOW_WAYS` ways); a decision of another flow that hashes
 //! to the same way moves the way's flow to the `FLOW_SPILL` ring (which
 //! never wakes anyone). Every interval this drainer advances the epoch in
-//! `FLOW_SIDE` (its parity is the side the programs count in), waits out
+//! `CACHE_GEN` (its parity is the side the programs count in), waits out
 //! the programs still running on the old side, reads the spill ring and
 //! the old side's ways of the old epoch, merges what belongs to one flow,
 //! and hands one `Flow` per flow to the sinks: one audit record that says
@@ -20,7 +20,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use enforcer_common::{verdict, Event, FlowEntry, FlowKey, FlowValue, FLOW_WAYS};
+use enforcer_common::{cache_gen, verdict, Event, FlowEntry, FlowKey, FlowValue, FLOW_WAYS};
 use tokio::sync::Notify;
 
 /// How often allowed flows are written (the bound on an allow record's delay).
@@ -43,8 +43,21 @@ pub struct Flow {
 /// kernel object).
 pub struct FlowTables {
     pub ways: PerCpuArray<MapData, FlowEntry>,
-    pub side: Array<MapData, u32>,
+    /// `CACHE_GEN`: the drainer writes its `EPOCH` entry, nothing else.
+    pub side: Array<MapData, u64>,
     pub spill: RingBuf<MapData>,
+}
+
+/// The key a part of a flow is merged under: the verdict generation the
+/// way was filled in and whether it may answer are no part of the flow (a
+/// flow counted across a policy or binding change is one flow, one record
+/// per drain).
+fn part_key(k: &FlowKey) -> FlowKey {
+    FlowKey {
+        gen: 0,
+        cacheable: 0,
+        ..*k
+    }
 }
 
 /// Merge one flow's partial aggregates (per CPU way or spilled record;
@@ -126,7 +139,7 @@ impl FlowTables {
                 // SAFETY: length checked; FlowEntry is plain old data.
                 let l = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEntry>()) };
                 parts
-                    .entry((l.key, l.value.rule_id))
+                    .entry((part_key(&l.key), l.value.rule_id))
                     .or_default()
                     .push(l.value);
             }
@@ -143,7 +156,7 @@ impl FlowTables {
             {
                 let value = drained_way(l.value, ended_ns);
                 parts
-                    .entry((l.key, l.value.rule_id))
+                    .entry((part_key(&l.key), l.value.rule_id))
                     .or_default()
                     .push(value);
             }
@@ -159,10 +172,11 @@ impl FlowTables {
     /// Advance the epoch (the programs move to the other side), let the
     /// programs still on the old side finish, and drain it.
     pub async fn drain(&mut self) -> Result<Vec<Flow>> {
-        let epoch = self.side.get(&0, 0).unwrap_or(0);
+        // (The programs read the entry's low 32 bits.)
+        let epoch = self.side.get(&cache_gen::EPOCH, 0).unwrap_or(0) as u32;
         self.side
-            .set(0, epoch.wrapping_add(1), 0)
-            .context("advancing FLOW_SIDE")?;
+            .set(cache_gen::EPOCH, u64::from(epoch.wrapping_add(1)), 0)
+            .context("advancing the flow epoch")?;
         tokio::time::sleep(SETTLE).await;
         Ok(self.drain_epoch(epoch, crate::kernel::learned::monotonic_ns()))
     }

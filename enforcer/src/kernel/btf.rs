@@ -277,6 +277,113 @@ pub fn file_offsets(btf: &Btf) -> Result<FileOffsets, BtfError> {
     })
 }
 
+/// The offsets through which the cgroup programs read the current task's
+/// cgroup id and process id.
+pub fn task_offsets(btf: &Btf) -> Result<enforcer_common::TaskOffsets, BtfError> {
+    Ok(enforcer_common::TaskOffsets {
+        task_tgid: btf.member_offset("task_struct", "tgid")?,
+        task_cgroups: btf.member_offset("task_struct", "cgroups")?,
+        css_set_dfl_cgrp: btf.member_offset("css_set", "dfl_cgrp")?,
+        cgroup_kn: btf.member_offset("cgroup", "kn")?,
+        kn_id: btf.member_offset("kernfs_node", "id")?,
+        valid: 1,
+    })
+}
+
+/// Whether this kernel lets a cgroup program read the current task the
+/// way `enforcer-ebpf`'s `identity::current_ids` does: load (never attach)
+/// a `cgroup/connect4` program that calls `bpf_get_current_task_btf` and
+/// walks `o`'s offsets. Cgroup programs may call that helper only on
+/// kernels that offer it to every program type (not on the oldest this
+/// project supports); where the load fails, the programs call
+/// `bpf_get_current_cgroup_id` instead. Err: the verifier's refusal.
+pub fn task_walk_loads(o: &enforcer_common::TaskOffsets) -> Result<(), String> {
+    let off = |v: u32| i16::try_from(v).map_err(|_| format!("offset {v} too large"));
+    let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| -> u64 {
+        u64::from(code)
+            | (u64::from(dst | (src << 4)) << 8)
+            | (u64::from(off as u16) << 16)
+            | (u64::from(imm as u32) << 32)
+    };
+    const CALL: u8 = 0x85;
+    const MOV64_REG: u8 = 0xbf;
+    const LDX_W: u8 = 0x61;
+    const LDX_DW: u8 = 0x79;
+    const JEQ_IMM: u8 = 0x15;
+    const MOV64_IMM: u8 = 0xb7;
+    const EXIT: u8 = 0x95;
+    const GET_CURRENT_TASK_BTF: i32 = 158;
+    let insns = [
+        insn(CALL, 0, 0, 0, GET_CURRENT_TASK_BTF),
+        insn(MOV64_REG, 6, 0, 0, 0),
+        insn(LDX_W, 1, 6, off(o.task_tgid)?, 0),
+        insn(LDX_DW, 2, 6, off(o.task_cgroups)?, 0),
+        insn(JEQ_IMM, 2, 0, 5, 0),
+        insn(LDX_DW, 3, 2, off(o.css_set_dfl_cgrp)?, 0),
+        insn(JEQ_IMM, 3, 0, 3, 0),
+        insn(LDX_DW, 4, 3, off(o.cgroup_kn)?, 0),
+        insn(JEQ_IMM, 4, 0, 1, 0),
+        insn(LDX_DW, 5, 4, off(o.kn_id)?, 0),
+        insn(MOV64_IMM, 0, 0, 0, 1),
+        insn(EXIT, 0, 0, 0, 0),
+    ];
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const CGROUP_SOCK_ADDR: u32 = 18;
+    const CGROUP_INET4_CONNECT: u32 = 10;
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let mut attr = ProgLoad {
+        prog_type: CGROUP_SOCK_ADDR,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type: CGROUP_INET4_CONNECT,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid `union bpf_attr` prefix for BPF_PROG_LOAD
+    // (the kernel zero-extends it); the buffers it points to outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            std::ptr::from_mut(&mut attr).cast::<libc::c_void>(),
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
+        return Err(format!("{err}: {text}"));
+    }
+    // SAFETY: a file descriptor the kernel just returned to us.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
 /// The offsets the LSM socket hooks need (a socket's cgroup id).
 pub fn sock_offsets(btf: &Btf) -> Result<SockOffsets, BtfError> {
     Ok(SockOffsets {

@@ -33,8 +33,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use enforcer_common::{
-    action, bloom_bit, counter_index, first_bytes, globals, map_names, policy_flags, prog_names,
-    reason_index, stat, verdict, FileKey, FileOffsets, FileRuleValue, GlobalConfig,
+    action, bloom_bit, cache_gen, counter_index, first_bytes, globals, map_names, policy_flags,
+    prog_names, reason_index, stat, verdict, FileKey, FileOffsets, FileRuleValue, GlobalConfig,
     IdentityBinding, NameKey, PolicyState, RuleSet, UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS,
     MAX_SLOTS,
 };
@@ -92,12 +92,26 @@ impl TaintTable {
     }
 }
 
+/// What a previous daemon pinned (`Kernel::take_pinned`).
+enum Pinned {
+    None,
+    /// Every link, each running the program this process loaded.
+    Same(Vec<PinnedLink>),
+    /// Links of other programs or an incomplete set: unpinned, still open.
+    Other(Vec<FdLink>),
+}
+
 pub struct Kernel {
     ebpf: Ebpf,
+    /// Another build's cgroup links being replaced (`adopt_pinned`): open
+    /// (attached) until `attach` has attached this build's.
+    retiring: Vec<FdLink>,
     identities: HashMap<MapData, u64, IdentityBinding>,
-    /// Bumped after every change of `identities` (invalidates the
-    /// programs' per-CPU identity cache).
-    identity_gen: Array<MapData, u32>,
+    /// `CACHE_GEN` (`enforcer_common::cache_gen`): its verdict generation
+    /// is moved on after every change of `identities`, `policies` and a
+    /// taint's clearing (it invalidates the programs' per-CPU identity
+    /// cache and flow ways).
+    cache_gen: Array<MapData, u64>,
     policies: Array<MapData, PolicyState>,
     v4: LpmTrie<MapData, V4Key, RuleSet>,
     v6: LpmTrie<MapData, V6Key, RuleSet>,
@@ -290,6 +304,38 @@ impl Kernel {
         ] {
             loader.override_global(name, value, true);
         }
+        // The current task's cgroup id and process id through the task
+        // (one helper call instead of two on every decision); without them
+        // the programs call the helpers.
+        let task = match btf::Btf::from_sys_fs().and_then(|b| btf::task_offsets(&b)) {
+            Ok(o) => match btf::task_walk_loads(&o) {
+                Ok(()) => o,
+                Err(e) => {
+                    tracing::info!(
+                        "cgroup programs cannot read the current task on this kernel (they \
+                         call bpf_get_current_cgroup_id instead): {e}"
+                    );
+                    enforcer_common::TaskOffsets::default()
+                }
+            },
+            Err(e) => {
+                tracing::info!(
+                    "no struct offsets for reading the current task (the programs call \
+                     bpf_get_current_cgroup_id instead): {e}"
+                );
+                enforcer_common::TaskOffsets::default()
+            }
+        };
+        for (name, value) in globals::TASK.iter().zip([
+            &task.task_tgid,
+            &task.task_cgroups,
+            &task.css_set_dfl_cgrp,
+            &task.cgroup_kn,
+            &task.kn_id,
+            &task.valid,
+        ]) {
+            loader.override_global(name, value, true);
+        }
         // The socket hooks' offsets (a socket's cgroup); without them the
         // foreign-socket check is off (said in the log).
         let sock = match btf::Btf::from_sys_fs().and_then(|b| btf::sock_offsets(&b)) {
@@ -351,7 +397,26 @@ impl Kernel {
         let mut unix_inodes: HashMap<MapData, FileKey, UnixRule> =
             map(&mut ebpf, map_names::UNIX_INODES)?;
         let identities = map(&mut ebpf, map_names::IDENTITIES)?;
-        let identity_gen: Array<MapData, u32> = map(&mut ebpf, map_names::IDENTITY_GEN)?;
+        let gen_map = ebpf
+            .take_map(map_names::CACHE_GEN)
+            .ok_or_else(|| anyhow!("eBPF object has no map {}", map_names::CACHE_GEN))?;
+        // The drainer's own handle on `CACHE_GEN` (it writes the epoch
+        // entry only).
+        let gen_dup = match &gen_map {
+            aya::maps::Map::Array(d) => std::os::fd::AsFd::as_fd(d.fd())
+                .try_clone_to_owned()
+                .context("duplicating CACHE_GEN's fd")?,
+            _ => bail!("map {} has an unexpected type", map_names::CACHE_GEN),
+        };
+        let mut cache_gen: Array<MapData, u64> =
+            Array::try_from(gen_map).context("CACHE_GEN as an array")?;
+        if cache_gen.get(&cache_gen::SECRET, 0).unwrap_or(0) == 0 {
+            // Once per map (a pinned one keeps its secret: the ways filled
+            // with it stay checkable).
+            cache_gen
+                .set(cache_gen::SECRET, u64::from(random_u32() | 1), 0)
+                .context("writing the flow cache's secret")?;
+        }
         let policies: Array<MapData, PolicyState> = map(&mut ebpf, map_names::POLICIES)?;
         let mut v4: LpmTrie<MapData, V4Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V4)?;
         let mut v6: LpmTrie<MapData, V6Key, RuleSet> = map(&mut ebpf, map_names::EGRESS_V6)?;
@@ -362,7 +427,10 @@ impl Kernel {
         let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
         let allow_events = Some(map(&mut ebpf, map_names::ALLOW_EVENTS)?);
-        let mut side: Array<MapData, u32> = map(&mut ebpf, map_names::FLOW_SIDE)?;
+        let mut side: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(
+            MapData::from_fd(gen_dup).context("a second handle on CACHE_GEN")?,
+        ))
+        .context("CACHE_GEN as an array")?;
         if pin_maps.is_some() {
             // A previous daemon's ways (pinned) may be live in this epoch,
             // and a way answers decisions (`report::repeat_allow`) by table
@@ -370,9 +438,9 @@ impl Kernel {
             // (ids continue after the highest *present* one). Two epochs
             // on, every way is empty. (What they counted since the last
             // drain is lost, as when a daemon is killed.)
-            let epoch = side.get(&0, 0).unwrap_or(0);
-            side.set(0, epoch.wrapping_add(2), 0)
-                .context("advancing FLOW_SIDE past a previous daemon's ways")?;
+            let epoch = side.get(&cache_gen::EPOCH, 0).unwrap_or(0);
+            side.set(cache_gen::EPOCH, epoch.wrapping_add(2), 0)
+                .context("advancing the flow epoch past a previous daemon's ways")?;
         }
         let flows = Some(crate::events::flows::FlowTables {
             ways: map(&mut ebpf, map_names::FLOWS)?,
@@ -488,8 +556,9 @@ impl Kernel {
         let allow_sample = config.get(&0, 0).map(|c| c.allow_sample).unwrap_or(0);
         Ok(Self {
             ebpf,
+            retiring: Vec::new(),
             identities,
-            identity_gen,
+            cache_gen,
             policies,
             v4,
             v6,
@@ -704,20 +773,7 @@ impl Kernel {
         progs: &[(&'static str, &'static str)],
         pin_dir: Option<&Path>,
     ) -> Result<(Vec<FdLink>, Vec<PinnedLink>)> {
-        if let Some(dir) = pin_dir {
-            let pinned: Vec<PinnedLink> = progs
-                .iter()
-                .filter_map(|(name, _)| PinnedLink::from_pin(dir.join(name)).ok())
-                .collect();
-            if pinned.len() == progs.len() {
-                return Ok((Vec::new(), pinned));
-            }
-            for p in pinned {
-                let _ = p.unpin();
-            }
-        }
         let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
-        let mut links = Vec::new();
         for (name, hook) in progs {
             let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
                 bail!("eBPF object has no LSM program {name}");
@@ -728,6 +784,24 @@ impl Kernel {
                     short_load_error(&format!("{e:#}"))
                 )
             })?;
+        }
+        // A previous daemon's links: adopted when they hold these very
+        // programs; else (another version's, or a partial set) they stay
+        // attached until this process's replace them (then dropped).
+        let mut retiring = Vec::new();
+        if let Some(dir) = pin_dir {
+            let names: Vec<&str> = progs.iter().map(|(n, _)| *n).collect();
+            match self.take_pinned(dir, &names) {
+                Pinned::Same(pinned) => return Ok((Vec::new(), pinned)),
+                Pinned::Other(old) => retiring = old,
+                Pinned::None => {}
+            }
+        }
+        let mut links = Vec::new();
+        for (name, hook) in progs {
+            let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
+                bail!("eBPF object has no LSM program {name}");
+            };
             let id = prog
                 .attach()
                 .map_err(|e| anyhow!("attaching {name} (lsm/{hook}): {e:#}"))?;
@@ -747,7 +821,59 @@ impl Kernel {
                     .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?,
             );
         }
+        // Ours are attached: the old ones go (closing the last fd detaches).
+        drop(retiring);
         Ok((Vec::new(), pinned))
+    }
+
+    /// The links a previous daemon pinned in `dir` for `names` (all of them
+    /// loaded in this process): `Same` when every one is there and runs
+    /// the program this process loaded under that name (same
+    /// instructions: the kernel's tag), so it may be adopted; else the
+    /// pins found are removed and their links returned still open
+    /// (`Other`: they stay attached until the caller drops them, after it
+    /// attached its own).
+    fn take_pinned(&self, dir: &Path, names: &[&str]) -> Pinned {
+        let mut same = true;
+        let mut found = Vec::new();
+        for name in names {
+            let path = dir.join(name);
+            let Ok(link) = PinnedLink::from_pin(&path) else {
+                same = false;
+                continue;
+            };
+            let ours = self
+                .ebpf
+                .program(name)
+                .and_then(|p| p.info().ok())
+                .map(|i| i.tag());
+            let theirs = PinnedLink::from_pin(&path)
+                .ok()
+                .map(FdLink::from)
+                .and_then(|l| l.info().ok())
+                .map(|i| i.program_id())
+                .and_then(|id| {
+                    aya::programs::loaded_programs()
+                        .filter_map(|p| p.ok())
+                        .find(|p| p.id() == id)
+                        .map(|p| p.tag())
+                });
+            if ours.is_none() || ours != theirs {
+                same = false;
+            }
+            found.push(link);
+        }
+        if found.is_empty() {
+            return Pinned::None;
+        }
+        if same {
+            return Pinned::Same(found);
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            "pinned links of another enforcer build (or an incomplete set): replacing them"
+        );
+        Pinned::Other(found.into_iter().filter_map(|p| p.unpin().ok()).collect())
     }
 
     fn set_unix_lsm(&mut self) {
@@ -838,7 +964,8 @@ impl Kernel {
             return Ok(());
         }
         st.dns_port = port;
-        self.policies.set(slot, st, 0).context("writing POLICIES")
+        self.policies.set(slot, st, 0).context("writing POLICIES")?;
+        self.bump_gen()
     }
 
     /// The DNS proxy port of `slot` (0: none).
@@ -1057,33 +1184,33 @@ impl Kernel {
         } else {
             att.raw.push(sockopt);
         }
+        // Another build's links for this cgroup (`adopt_pinned`) go now:
+        // this build's are attached.
+        self.retiring.clear();
         Ok(att)
     }
 
-    /// Re-adopt links that a previous daemon pinned in `dir` for `cgroup`
-    /// (enforcement survived the restart). `None` when nothing complete is
-    /// pinned there; a partial set (crash mid-attach) is removed so that the
-    /// caller can attach afresh.
-    pub fn adopt_pinned(&self, cgroup: &Path, dir: &Path) -> Result<Option<Attachment>> {
+    /// Re-adopt links that a previous daemon of this build pinned in `dir`
+    /// for `cgroup` (enforcement survived the restart). `None` when nothing
+    /// complete of this build is pinned there: a partial set (crash
+    /// mid-attach) or another build's (an upgrade: its programs read maps
+    /// this build no longer keeps up) is unpinned and stays attached until
+    /// the caller's `attach` has attached this build's.
+    pub fn adopt_pinned(&mut self, cgroup: &Path, dir: &Path) -> Result<Option<Attachment>> {
         if !dir.is_dir() {
             return Ok(None);
         }
         let cgroup_id = cgroup::cgroup_id(cgroup)?;
-        let mut pinned = Vec::new();
-        let mut complete = true;
-        for name in self.cgroup_programs() {
-            let path = dir.join(name);
-            match PinnedLink::from_pin(&path) {
-                Ok(l) => pinned.push(l),
-                Err(_) => complete = false,
+        let names = self.cgroup_programs();
+        let pinned = match self.take_pinned(dir, &names) {
+            Pinned::Same(p) => p,
+            Pinned::Other(old) => {
+                // Attached until `attach` has attached this build's.
+                self.retiring.extend(old);
+                return Ok(None);
             }
-        }
-        if !complete {
-            for p in pinned {
-                let _ = p.unpin();
-            }
-            return Ok(None);
-        }
+            Pinned::None => return Ok(None),
+        };
         Ok(Some(Attachment {
             cgroup_id,
             links: Vec::new(),
@@ -1227,11 +1354,18 @@ impl Kernel {
             _pad: [0; 2],
             taint_table_id,
             ingress_table_id,
-            flow_secret: random_u32(),
+            _unused: 0,
         };
         if let Err(e) = self.policies.set(slot, state, 0) {
             self.delete_generation(&new);
             bail!("switching slot {slot} to its new tables: {e}");
+        }
+        // The slot's new tables are in force: no cached verdict of the
+        // old ones answers from now on. (Should the bump fail, the install
+        // goes on: the old generation is still deleted, and a way stamped
+        // with the old generation dies with its epoch, within ~1 s.)
+        if let Err(e) = self.bump_gen() {
+            tracing::error!(slot, "{e:#}");
         }
         let files_changed = if compiled.files.is_empty() {
             self.file_slots.remove(&slot)
@@ -1370,6 +1504,9 @@ impl Kernel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear(slot);
+        if let Err(e) = self.bump_gen() {
+            tracing::error!(slot, "{e:#}");
+        }
         self.dns_ports.remove(&slot);
         if self.file_slots.remove(&slot) {
             self.write_config()?;
@@ -1473,19 +1610,22 @@ impl Kernel {
         self.identities
             .insert(cgroup_id, IdentityBinding { slot, _pad: 0 }, 0)
             .with_context(|| format!("binding cgroup {cgroup_id} to slot {slot}"))?;
-        self.bump_identity_gen()
+        self.bump_gen()
     }
 
-    /// After a change of `IDENTITIES`: every CPU's cached resolution is
-    /// stale from now on (see `enforcer-ebpf/src/identity.rs`).
-    fn bump_identity_gen(&mut self) -> Result<()> {
+    /// After a change of `IDENTITIES`, `POLICIES` or `TAINTED` (written
+    /// before this reads the generation): every CPU's cached identity
+    /// resolution and every flow way that answers verdicts are stale from
+    /// now on (see `enforcer-ebpf/src/identity.rs` and `report.rs`). Only
+    /// this process writes `USER_GEN` (the file hook adds to `TAINT_GEN`).
+    fn bump_gen(&mut self) -> Result<()> {
         let gen = self
-            .identity_gen
-            .get(&0, 0)
-            .context("reading the identity generation")?;
-        self.identity_gen
-            .set(0, gen.wrapping_add(1), 0)
-            .context("bumping the identity generation")
+            .cache_gen
+            .get(&cache_gen::USER_GEN, 0)
+            .context("reading the verdict generation")?;
+        self.cache_gen
+            .set(cache_gen::USER_GEN, gen.wrapping_add(1), 0)
+            .context("moving the verdict generation on")
     }
 
     /// The identity slots some cgroup is bound to (the binding map, pinned:
@@ -1502,7 +1642,7 @@ impl Kernel {
 
     pub fn unbind_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
         match self.identities.remove(&cgroup_id) {
-            Ok(()) => self.bump_identity_gen(),
+            Ok(()) => self.bump_gen(),
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
