@@ -1195,7 +1195,9 @@ impl RunAgent {
             stderr,
             pid: 0,
         };
-        let ready = match me.lines.recv_timeout(Duration::from_secs(60)) {
+        // (Under the VM runner's emulation, loading and verifying every
+        // program of a policy with file rules takes tens of seconds.)
+        let ready = match me.lines.recv_timeout(Duration::from_secs(180)) {
             Ok(l) => l,
             Err(_) => {
                 let st = me.child.wait_timeout(Duration::from_secs(2));

@@ -254,9 +254,12 @@ impl Kernel {
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // The kernel's BTF, parsed once (under the VM runner's emulation a
+        // parse takes seconds).
+        let kbtf = btf::Btf::from_sys_fs().map_err(|e| e.to_string());
         // The file hooks read kernel structs at these offsets (constants to
         // the verifier). Without BTF they stay 0 and the hooks fail closed.
-        let offsets = match btf::Btf::from_sys_fs().and_then(|b| btf::file_offsets(&b)) {
+        let offsets = match with_btf(&kbtf, btf::file_offsets) {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(
@@ -265,14 +268,14 @@ impl Kernel {
                 FileOffsets::default()
             }
         };
-        let sock_addr = btf::Btf::from_sys_fs().and_then(|b| btf::sock_addr_offsets(&b));
+        let sock_addr = with_btf(&kbtf, btf::sock_addr_offsets);
         let (uaddr_off, uaddrlen_off) = match &sock_addr {
             Ok(o) => *o,
             Err(_) => (0, 0),
         };
         loader.override_global(globals::SOCK_ADDR_UADDR, &uaddr_off, true);
         loader.override_global(globals::SOCK_ADDR_UADDRLEN, &uaddrlen_off, true);
-        let unix_lsm = match btf::Btf::from_sys_fs().and_then(|b| btf::unix_lsm_offsets(&b)) {
+        let unix_lsm = match with_btf(&kbtf, btf::unix_lsm_offsets) {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!("no struct offsets for the BPF LSM unix hooks: {e}");
@@ -307,7 +310,7 @@ impl Kernel {
         // The current task's cgroup id and process id through the task
         // (one helper call instead of two on every decision); without them
         // the programs call the helpers.
-        let task = match btf::Btf::from_sys_fs().and_then(|b| btf::task_offsets(&b)) {
+        let task = match with_btf(&kbtf, btf::task_offsets) {
             Ok(o) => match btf::task_walk_loads(&o) {
                 Ok(()) => o,
                 Err(e) => {
@@ -338,7 +341,7 @@ impl Kernel {
         }
         // The socket hooks' offsets (a socket's cgroup); without them the
         // foreign-socket check is off (said in the log).
-        let sock = match btf::Btf::from_sys_fs().and_then(|b| btf::sock_offsets(&b)) {
+        let sock = match with_btf(&kbtf, btf::sock_offsets) {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(
@@ -1905,6 +1908,17 @@ pub fn private_dir(dir: &Path) -> Result<()> {
 
 /// A random u32 from the kernel (`getrandom`), for secrets the programs
 /// use; the time as a fallback when it fails.
+/// `f` of the kernel's BTF (or why there is none).
+fn with_btf<T>(
+    btf: &std::result::Result<btf::Btf, String>,
+    f: impl FnOnce(&btf::Btf) -> std::result::Result<T, btf::BtfError>,
+) -> std::result::Result<T, String> {
+    match btf {
+        Ok(b) => f(b).map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    }
+}
+
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
