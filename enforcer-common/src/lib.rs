@@ -120,9 +120,14 @@ pub mod map_names {
     /// flows when the spill ring is full): never wakes the reader and never
     /// takes room from a denial in `EVENTS`.
     pub const ALLOW_EVENTS: &str = "ALLOW_EVENTS";
+    /// Allowed decisions the flow cache answered (`FlowValue::hits`),
+    /// which the programs count in the way only: the flow drainer adds
+    /// them here (indexed like `COUNTERS`, verdict allow; one writer, so a
+    /// plain array), and the metrics read `COUNTERS` plus this.
+    pub const ALLOW_HITS: &str = "ALLOW_HITS";
     /// Pinned by the daemon (SCRATCH, GENERATION, OPAQUE and IDENTITY_CACHE
     /// are per-program-set scratch, not pinned).
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         IDENTITIES,
         POLICIES,
         EGRESS_V4,
@@ -147,6 +152,7 @@ pub mod map_names {
         FLOWS,
         FLOW_SPILL,
         ALLOW_EVENTS,
+        ALLOW_HITS,
     ];
 }
 
@@ -877,8 +883,13 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// Allowed decisions (0: the way is empty).
+    /// Allowed decisions judged by a lookup (0: the way is empty); each
+    /// also counted in `COUNTERS`.
     pub count: u64,
+    /// Allowed decisions the way answered itself (`repeat_allow`): counted
+    /// here only, in the way's own cache line (the drainer adds them to
+    /// `ALLOW_HITS`). The flow's decisions are `count + hits`.
+    pub hits: u64,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, jiffy resolution) of
     /// the first of them, and of the last: the programs stamp it when they
     /// fill the way and when they spill it (the eviction time), never
@@ -899,6 +910,14 @@ pub struct FlowValue {
     /// word is the key's hash, so a way torn by a program preempted in
     /// the middle of a fill (words of two flows) answers nothing.
     pub check: u64,
+}
+
+impl FlowValue {
+    /// Every allowed decision the way (or spilled record) stands for.
+    #[inline(always)]
+    pub const fn decisions(&self) -> u64 {
+        self.count.wrapping_add(self.hits)
+    }
 }
 
 /// One way of a CPU's flow cache (`FLOWS`), and a record of `FLOW_SPILL`:

@@ -38,6 +38,11 @@ pub static EGRESS_V6: LpmTrie<V6Key, RuleSet> = LpmTrie::with_max_entries(MAX_EG
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
+/// Written by userspace only (the flow drainer adds the flow cache's
+/// answers, `FlowValue::hits`); no program reads or writes it.
+#[map(name = "ALLOW_HITS")]
+pub static ALLOW_HITS: Array<u64> = Array::with_max_entries(COUNTERS_LEN, 0);
+
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 

@@ -5,7 +5,7 @@
 //!
 //! | metric | type | labels | fed by |
 //! |---|---|---|---|
-//! | `enforcer_decisions_total` | counter | identity, action, verdict, reason | kernel per-CPU counters, [`Metrics::set_decisions_total`]; `reason` is set for refused first bytes (action `inspect`: `name-mismatch`, `no-sni`, `ech`, ...), else empty |
+//! | `enforcer_decisions_total` | counter | identity, action, verdict, reason | kernel per-CPU counters (`COUNTERS`, plus `ALLOW_HITS`: allows the flow cache answered, added when their way is drained), [`Metrics::set_decisions_total`]; `reason` is set for refused first bytes (action `inspect`: `name-mismatch`, `no-sni`, `ech`, ...), else empty |
 //! | `enforcer_events_total` | counter | identity, action, verdict | decisions reported to userspace: ring-buffer events, plus each allowed flow record's count, [`Metrics::record_events`] |
 //! | `enforcer_pod_events_total` | counter | identity, spiffe_id, namespace, pod, container, action, verdict | events of bound pods (Kubernetes mode), [`Metrics::record_pod_event`] |
 //! | `enforcer_pod_info` | gauge (=1) | identity, spiffe_id, namespace, pod, uid | bound pods, [`Metrics::set_pods`] |
@@ -182,7 +182,7 @@ impl Metrics {
             decisions: counter_vec(
                 r,
                 "enforcer_decisions_total",
-                "Decisions taken in the kernel, from the kernel's per-CPU counters.",
+                "Decisions taken in the kernel, from the kernel's per-CPU counters (allows answered by the flow cache: when their flow is drained, within ~1 s).",
                 &["identity", "action", "verdict", "reason"],
             ),
             events: counter_vec(

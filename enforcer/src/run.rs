@@ -516,6 +516,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
         });
         let status = tokio::task::spawn_blocking(move || wait_exit(child_pid)).await??;
+        // Leftover descendants die with the agent, before the last drain:
+        // what they did until then is in the records and the summary (an
+        // allow the flow cache answered is counted only when its way is
+        // drained).
+        cg.kill_all(Duration::from_secs(2));
         // The listener hangs up once no process is left under the filter:
         // the supervisor then records what it still counts and ends.
         if tokio::time::timeout(Duration::from_secs(2), &mut supervisor)
@@ -533,8 +538,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     })?;
 
     let code = status;
-    // Leftover descendants die with the cgroup; then detach and unpin.
-    cg.kill_all(Duration::from_secs(2));
+    // (Leftover descendants were killed before the last drain.) Detach and
+    // unpin.
     kernel
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -617,6 +617,81 @@ fn daemon_restart_keeps_enforcing() {
     d.kill9();
 }
 
+/// An upgrade whose maps changed shape: a pinned map of another build (here
+/// `FLOW_WAYS` with a value 8 bytes shorter, as before the flow cache's
+/// `hits` word) is replaced, loudly, instead of being reused under
+/// programs that would read past its values; the daemon then enforces.
+#[test]
+fn a_pinned_map_of_another_build_is_replaced() {
+    if !require_root("a_pinned_map_of_another_build_is_replaced") {
+        return;
+    }
+    let cg = Cgroup::create("repin");
+    let pins = PinDir::new("repin");
+    let dir = TestDir::new("repin");
+    let api = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let outside = SinkPair::bind("127.0.0.2");
+    let name = "repin-agent";
+    let mut d = Daemon::configure(&dir, &pins, &[(&cg.path, name)]);
+    write_policy(&d, "p.yaml", name, api.port());
+    d.start();
+    d.kill9();
+    let ways = pins.path.join("maps").join("FLOW_WAYS");
+    assert!(ways.exists(), "no pinned {}", ways.display());
+    std::fs::remove_file(&ways).unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&ways)
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "104",
+            "entries",
+            "64",
+            "name",
+            "FLOW_WAYS",
+        ])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.start();
+    let log = d.stderr();
+    assert!(
+        log.contains("FLOW_WAYS was made by another enforcer build (value size 104 != 112)"),
+        "the old pin was not reported and replaced:\n{log}"
+    );
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cg.path, p.pid);
+    assert_ok(
+        &p.tcp("127.0.0.1", api.port(), "ok"),
+        "allowed after the upgrade",
+    );
+    assert_eperm(
+        &p.tcp("127.0.0.2", outside.port(), "no"),
+        "denied after the upgrade",
+    );
+    assert_eperm(
+        &p.udp("127.0.0.2", outside.port(), "no"),
+        "udp denied after the upgrade",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        outside.total_bytes() + outside.tcp.conns() + outside.udp.datagrams(),
+        0,
+        "{}",
+        outside.describe()
+    );
+    p.kill();
+    d.kill9();
+}
+
 /// The event ring buffer overflows while nothing reads it (the daemon is
 /// stopped with SIGSTOP): every verdict is still given at once, the events
 /// that did not fit are counted in the kernel and reported once the daemon

@@ -153,7 +153,9 @@ fn run_udp_agent(name: &str, cidr: &str, agent: &str) -> (String, Vec<serde_json
 /// Many flows at once (more than a CPU's flow cache holds, interleaved so
 /// that each decision evicts another flow to the spill ring, across the
 /// drain interval): the flow records still account for every allowed
-/// decision, per destination, and agree with the kernel's counters.
+/// decision, per destination, and agree with the count the agent's loop
+/// makes and with the run summary (the kernel's counters plus the flow
+/// cache's answers).
 #[test]
 fn interleaved_flows_account_for_every_decision() {
     if !require_root("interleaved_flows_account_for_every_decision") {

@@ -44,7 +44,8 @@ pub struct IdentityStatus {
     /// Addresses currently reachable because a DNS answer allowed them.
     #[serde(default)]
     pub learned_addresses: usize,
-    /// action -> verdict -> count (kernel counters)
+    /// action -> verdict -> count (kernel counters; allows the flow cache
+    /// answered once their flow is drained)
     pub decisions: BTreeMap<String, BTreeMap<String, u64>>,
     pub recent_denials: Vec<RecentDenialOut>,
     /// `spec.files` rules, and the inodes they resolved to.

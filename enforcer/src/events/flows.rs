@@ -14,13 +14,16 @@
 //! as empty), so a drain cannot race a program's update. A program that
 //! still counts on the old side after `SETTLE` (preempted for 10 ms inside
 //! it) loses that increment from the records (the kernel's counters keep
-//! it). A full spill ring makes the program send the allow as its own
+//! it, unless the flow cache answered it: a hit is counted in the way
+//! only, and reaches the metrics through `ALLOW_HITS` when it is drained). A full spill ring makes the program send the allow as its own
 //! record in `ALLOW_EVENTS` (and the way keeps its flow).
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use enforcer_common::{cache_gen, verdict, Event, FlowEntry, FlowKey, FlowValue, FLOW_WAYS};
+use enforcer_common::{
+    action, cache_gen, counter_index, verdict, Event, FlowEntry, FlowKey, FlowValue, FLOW_WAYS,
+};
 use tokio::sync::Notify;
 
 /// How often allowed flows are written (the bound on an allow record's delay).
@@ -46,6 +49,12 @@ pub struct FlowTables {
     /// `CACHE_GEN`: the drainer writes its `EPOCH` entry, nothing else.
     pub side: Array<MapData, u64>,
     pub spill: RingBuf<MapData>,
+    /// `ALLOW_HITS`: the drainer adds each drained part's `hits` (the
+    /// decisions the flow cache answered, which the programs count in the
+    /// way only) at the flow's `counter_index(slot, action, allow)`.
+    /// Shared with the `Kernel` (which reads it with `COUNTERS` and
+    /// resets a reused slot's entries) under this lock.
+    pub hits: Arc<std::sync::Mutex<Array<MapData, u64>>>,
 }
 
 /// The key a part of a flow is merged under: the verdict generation the
@@ -64,8 +73,8 @@ fn part_key(k: &FlowKey) -> FlowKey {
 /// those without a decision are skipped). They share the admitting rule
 /// (`rule_id`, grouped by the caller).
 pub fn merge(key: &FlowKey, rule_id: u32, values: &[FlowValue]) -> Option<Flow> {
-    let seen = values.iter().filter(|v| v.count > 0);
-    let count: u64 = seen.clone().map(|v| v.count).sum();
+    let seen = values.iter().filter(|v| v.decisions() > 0);
+    let count: u64 = seen.clone().map(FlowValue::decisions).sum();
     if count == 0 {
         return None;
     }
@@ -100,7 +109,7 @@ pub fn merge(key: &FlowKey, rule_id: u32, values: &[FlowValue]) -> Option<Flow> 
 /// that counted more than one decision is known to have been last used
 /// no later than `ended_ns`.
 fn drained_way(mut value: FlowValue, ended_ns: u64) -> FlowValue {
-    if value.count > 1 {
+    if value.decisions() > 1 {
         value.last_ns = value.last_ns.max(ended_ns);
     }
     value
@@ -152,7 +161,7 @@ impl FlowTables {
             };
             for l in cpus
                 .iter()
-                .filter(|l| l.value.count > 0 && l.value.epoch == epoch)
+                .filter(|l| l.value.decisions() > 0 && l.value.epoch == epoch)
             {
                 let value = drained_way(l.value, ended_ns);
                 parts
@@ -161,12 +170,41 @@ impl FlowTables {
                     .push(value);
             }
         }
+        self.add_hits(&parts);
         let mut out: Vec<Flow> = parts
             .iter()
             .filter_map(|((k, rule), v)| merge(k, *rule, v))
             .collect();
         out.sort_by_key(|f| f.last_ns);
         out
+    }
+
+    /// Add the drained parts' cache answers to `ALLOW_HITS` (the drainer
+    /// adds, the `Kernel` only resets a reused slot; the lock keeps a
+    /// reset out of a read and its write).
+    fn add_hits(&mut self, parts: &std::collections::HashMap<(FlowKey, u32), Vec<FlowValue>>) {
+        let mut sums: std::collections::HashMap<u32, u64> = Default::default();
+        for ((k, _), values) in parts {
+            let hits: u64 = values.iter().map(|v| v.hits).sum();
+            if hits > 0
+                && k.slot < enforcer_common::MAX_SLOTS
+                && u32::from(k.action) < action::COUNT
+            {
+                *sums
+                    .entry(counter_index(k.slot, k.action, verdict::ALLOW))
+                    .or_default() += hits;
+            }
+        }
+        if sums.is_empty() {
+            return;
+        }
+        let mut map = self.hits.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, n) in sums {
+            let old = map.get(&i, 0).unwrap_or(0);
+            if let Err(e) = map.set(i, old.wrapping_add(n), 0) {
+                tracing::warn!("adding {n} cached allows to ALLOW_HITS[{i}]: {e}");
+            }
+        }
     }
 
     /// Advance the epoch (the programs move to the other side), let the
@@ -235,6 +273,7 @@ mod tests {
     fn v(count: u64, first: u64, last: u64, comm: &[u8; 16]) -> FlowValue {
         FlowValue {
             count,
+            hits: 0,
             first_ns: first,
             last_ns: last,
             epoch: 3,
@@ -242,6 +281,22 @@ mod tests {
             comm: *comm,
             check: 0,
         }
+    }
+
+    #[test]
+    fn a_flow_counts_the_cache_answers_too() {
+        let a = b"agent-a\0\0\0\0\0\0\0\0\0";
+        let mut cached = v(1, 20, 20, a);
+        cached.hits = 4;
+        let key = FlowKey::default();
+        let f = merge(&key, 3, &[cached, v(2, 10, 30, a), v(0, 0, 0, a)]).unwrap();
+        assert_eq!(f.count, 7, "1 + 4 answered by the cache + 2");
+        assert_eq!((f.first_ns, f.last_ns), (10, 30));
+        assert_eq!(
+            drained_way(cached, 900).last_ns,
+            900,
+            "one lookup and four answers: the epoch's end"
+        );
     }
 
     #[test]

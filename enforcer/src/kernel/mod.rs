@@ -117,6 +117,9 @@ pub struct Kernel {
     v6: LpmTrie<MapData, V6Key, RuleSet>,
     names: LpmTrie<MapData, NameKey, RuleSet>,
     counters: PerCpuArray<MapData, u64>,
+    /// `ALLOW_HITS` (the flow drainer writes it; added to `COUNTERS`'
+    /// allows).
+    allow_hits: Arc<Mutex<Array<MapData, u64>>>,
     reasons: PerCpuArray<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, GlobalConfig>,
@@ -228,6 +231,72 @@ fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// A pinned map whose definition is not the one this build's object
+/// declares (an older build's: a value that grew, a bigger table) would be
+/// reused as it is, and the programs would load against it or be refused
+/// by the verifier with a message that names no map. Such a pin is
+/// removed (loudly) so that the load creates the map anew: the old
+/// programs keep their own reference until they are replaced, and the
+/// daemon installs every policy and binding again.
+fn unpin_mismatched(pins: &[(&str, PathBuf)]) {
+    let obj = match aya_obj::Object::parse(EBPF_OBJECT) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!("cannot read the eBPF object's map definitions: {e}");
+            return;
+        }
+    };
+    for (name, path) in pins {
+        if !path.exists() {
+            continue;
+        }
+        let Some(want) = obj.maps.get(*name) else {
+            continue;
+        };
+        let have = match aya::maps::MapInfo::from_pin(path) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(
+                    "pinned map {} unreadable ({e}): replacing it",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(path);
+                continue;
+            }
+        };
+        let (k, v, n) = (want.key_size(), want.value_size(), want.max_entries());
+        if let Some(why) = pin_mismatch(
+            (k, v, n),
+            (have.key_size(), have.value_size(), have.max_entries()),
+        ) {
+            tracing::warn!(
+                "pinned map {} was made by another enforcer build ({why}): replacing it \
+                 (its contents are installed again)",
+                path.display()
+            );
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::error!("removing {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// Why a pinned map's (key size, value size, max entries) is not the
+/// object's, or `None`. An object's `max_entries` of 0 is filled in at load
+/// (not compared).
+fn pin_mismatch(want: (u32, u32, u32), have: (u32, u32, u32)) -> Option<String> {
+    if want.0 != have.0 {
+        return Some(format!("key size {} != {}", have.0, want.0));
+    }
+    if want.1 != have.1 {
+        return Some(format!("value size {} != {}", have.1, want.1));
+    }
+    if want.2 != 0 && want.2 != have.2 {
+        return Some(format!("max entries {} != {}", have.2, want.2));
+    }
+    None
+}
+
 impl Kernel {
     /// Load the object and every program. `pin_maps`: a bpffs directory where
     /// the maps are pinned by name and reused across restarts (daemon).
@@ -251,6 +320,9 @@ impl Kernel {
             }
             None => Vec::new(),
         };
+        if !pin_paths.is_empty() {
+            unpin_mismatched(&pin_paths);
+        }
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -430,6 +502,10 @@ impl Kernel {
         let config: Array<MapData, GlobalConfig> = map(&mut ebpf, map_names::CONFIG)?;
         let events = Some(map(&mut ebpf, map_names::EVENTS)?);
         let allow_events = Some(map(&mut ebpf, map_names::ALLOW_EVENTS)?);
+        // One handle, shared with the flow drainer (which adds to it) under
+        // a lock: a slot's reset cannot fall between a drain's read and write.
+        let allow_hits: Arc<Mutex<Array<MapData, u64>>> =
+            Arc::new(Mutex::new(map(&mut ebpf, map_names::ALLOW_HITS)?));
         let mut side: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(
             MapData::from_fd(gen_dup).context("a second handle on CACHE_GEN")?,
         ))
@@ -449,6 +525,7 @@ impl Kernel {
             ways: map(&mut ebpf, map_names::FLOWS)?,
             side,
             spill: map(&mut ebpf, map_names::FLOW_SPILL)?,
+            hits: allow_hits.clone(),
         });
         let learned = Some(learned::LearnedTable::new(
             map(&mut ebpf, map_names::LEARNED_V4)?,
@@ -567,6 +644,7 @@ impl Kernel {
             v6,
             names,
             counters,
+            allow_hits,
             reasons,
             stats,
             config,
@@ -1651,6 +1729,9 @@ impl Kernel {
         }
     }
 
+    /// A slot's decisions by (action, verdict): `COUNTERS`, and for allows
+    /// also `ALLOW_HITS` (the flow cache's answers, up to one drain interval
+    /// late).
     pub fn slot_counters(&self, slot: u32) -> SlotCounters {
         let mut out = [[0u64; verdict::COUNT as usize]; action::COUNT as usize];
         for (a, row) in out.iter_mut().enumerate() {
@@ -1658,6 +1739,10 @@ impl Kernel {
                 let idx = counter_index(slot, a as u8, v as u8);
                 if let Ok(vals) = self.counters.get(&idx, 0) {
                     *cell = vals.iter().sum();
+                }
+                if v as u8 == verdict::ALLOW {
+                    let hits = self.allow_hits.lock().unwrap_or_else(|e| e.into_inner());
+                    *cell += hits.get(&idx, 0).unwrap_or(0);
                 }
             }
         }
@@ -1697,6 +1782,11 @@ impl Kernel {
                 if let Ok(zero) = aya::maps::PerCpuValues::try_from(vec![0u64; ncpu]) {
                     let _ = self.counters.set(idx, zero, 0);
                 }
+                let _ = self
+                    .allow_hits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set(idx, 0, 0);
             }
         }
     }
