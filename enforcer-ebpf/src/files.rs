@@ -95,10 +95,15 @@ pub(crate) fn load_u32(base: *const u8, off: usize) -> u32 {
 
 #[lsm(hook = "file_open")]
 pub fn enforcer_file_open(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(file_open(ctx))
+}
+
+#[inline(always)]
+fn file_open(ctx: LsmContext) -> i32 {
     // file_open(struct file *file), then the previous BPF program's verdict.
     let prev: i32 = ctx.arg(1);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     let file: *const u8 = ctx.arg(0);
     let (dentry, inode) = if file.is_null() {
@@ -114,10 +119,15 @@ pub fn enforcer_file_open(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "inode_link")]
 pub fn enforcer_inode_link(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(inode_link(ctx))
+}
+
+#[inline(always)]
+fn inode_link(ctx: LsmContext) -> i32 {
     // inode_link(struct dentry *old_dentry, struct inode *dir, struct dentry *new_dentry)
     let prev: i32 = ctx.arg(3);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     let dentry: *const u8 = ctx.arg(0);
     let inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));
@@ -126,11 +136,16 @@ pub fn enforcer_inode_link(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "inode_rename")]
 pub fn enforcer_inode_rename(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(inode_rename(ctx))
+}
+
+#[inline(always)]
+fn inode_rename(ctx: LsmContext) -> i32 {
     // inode_rename(struct inode *old_dir, struct dentry *old_dentry,
     //              struct inode *new_dir, struct dentry *new_dentry)
     let prev: i32 = ctx.arg(4);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     let dentry: *const u8 = ctx.arg(1);
     let inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));

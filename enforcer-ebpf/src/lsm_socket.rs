@@ -38,11 +38,16 @@ const EPERM: i32 = -1;
 
 #[lsm(hook = "socket_create")]
 pub fn enforcer_socket_create(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(socket_create(ctx))
+}
+
+#[inline(always)]
+fn socket_create(ctx: LsmContext) -> i32 {
     // socket_create(int family, int type, int protocol, int kern), then the
     // previous BPF program's verdict.
     let prev: i32 = ctx.arg(4);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     let family: i32 = ctx.arg(0);
     let kern: i32 = ctx.arg(3);
@@ -131,20 +136,30 @@ fn read_u64(base: u64, off: usize) -> u64 {
 /// case) passes there. A cgroup mismatch looks up both identities.
 #[lsm(hook = "socket_connect")]
 pub fn enforcer_socket_connect(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(socket_connect(ctx))
+}
+
+#[inline(always)]
+fn socket_connect(ctx: LsmContext) -> i32 {
     // socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)
     let prev: i32 = ctx.arg(3);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     foreign(ctx.arg::<u64>(0), action::CONNECT)
 }
 
 #[lsm(hook = "socket_sendmsg")]
 pub fn enforcer_socket_sendmsg(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(socket_sendmsg(ctx))
+}
+
+#[inline(always)]
+fn socket_sendmsg(ctx: LsmContext) -> i32 {
     // socket_sendmsg(struct socket *sock, struct msghdr *msg, int size)
     let prev: i32 = ctx.arg(3);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     foreign(ctx.arg::<u64>(0), action::SENDMSG)
 }
@@ -161,10 +176,15 @@ const S_IFSOCK: u16 = 0o140000;
 /// Other files pass after two reads.
 #[lsm(hook = "file_receive")]
 pub fn enforcer_file_receive(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(file_receive(ctx))
+}
+
+#[inline(always)]
+fn file_receive(ctx: LsmContext) -> i32 {
     // file_receive(struct file *file)
     let prev: i32 = ctx.arg(1);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     if off(&ENFORCER_SOFF_VALID) == 0 {
         return 0;

@@ -14,7 +14,7 @@
 //! - `unix`: cgroup/connect_unix, cgroup/sendmsg_unix (unix sockets by `spec.local`)
 //! - `unix_lsm`: lsm/unix_stream_connect, lsm/unix_may_send (the same, seeing the peer)
 //!
-//! Shared pieces: `maps` (every map), `identity` (cgroup -> identity slot ->
+//! Shared pieces: `maps` (every map), `lsm` (what the LSM hooks share), `identity` (cgroup -> identity slot ->
 //! policy generation, fail closed), `report` (counters and ring-buffer
 //! events), `packet` (IP and transport headers of cgroup_skb packets).
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -22,6 +22,8 @@
 // `report::bump_gen`: an atomic add (the target has no atomic types with
 // read-modify-write methods).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// `lsm::settle`: constants the verifier sees on every path (inline asm).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
@@ -34,6 +36,8 @@ mod identity;
 mod ingress;
 #[cfg(target_arch = "bpf")]
 mod inspect;
+#[cfg(target_arch = "bpf")]
+mod lsm;
 #[cfg(target_arch = "bpf")]
 mod lsm_probe;
 #[cfg(target_arch = "bpf")]

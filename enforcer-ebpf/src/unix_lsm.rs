@@ -111,11 +111,16 @@ fn read_u32(base: u64, off: u64) -> u32 {
 
 #[lsm(hook = "unix_stream_connect")]
 pub fn enforcer_unix_stream_connect(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(unix_stream_connect(ctx))
+}
+
+#[inline(always)]
+fn unix_stream_connect(ctx: LsmContext) -> i32 {
     // unix_stream_connect(struct sock *sock, struct sock *other, struct sock
     // *newsk), then the previous BPF program's verdict.
     let prev: i32 = ctx.arg(3);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     let other: u64 = ctx.arg(1);
     judge(action::UNIX_CONNECT, other)
@@ -123,10 +128,15 @@ pub fn enforcer_unix_stream_connect(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "unix_may_send")]
 pub fn enforcer_unix_may_send(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(unix_may_send(ctx))
+}
+
+#[inline(always)]
+fn unix_may_send(ctx: LsmContext) -> i32 {
     // unix_may_send(struct socket *sock, struct socket *other).
     let prev: i32 = ctx.arg(2);
     if prev != 0 {
-        return prev;
+        return crate::lsm::PRIOR_DENIAL;
     }
     let other: u64 = ctx.arg(1);
     let sk = read_u64(other, off(&ENFORCER_OFF_SOCKET_SK));
