@@ -8,15 +8,17 @@
 #     virtio-serial ports that carry the command's stdout/stderr and its
 #     exit status; without it the output and the status are lost)
 #   - a Python venv with virtme-ng (pinned) in the cache dir
-#   - the newest Debian linux-image-6.1.0-NN-amd64 (or $VM_KERNEL_VERSION),
-#     `apt-get download` + `dpkg -x` into the cache dir, depmod'ed there
+#   - the guest kernel pinned in scripts/vm-kernels.txt (6.1 unless
+#     $VM_KERNEL_VERSION names another): Debian's linux-image-<ABI>,
+#     `apt-get download` (own apt lists per suite) + `dpkg -x` into the
+#     cache dir, depmod'ed there
 #     (virtme-ng takes the modules from beside the vmlinuz), and its modules
 #     also copied to /lib/modules/<ver> and depmod'ed
 # On stdout it prints only two lines for xtask: VNG=<path> and VMLINUZ=<path>.
 #
 # Environment: VM_CACHE (default: <repo>/target/vm), VM_KERNEL_VERSION
-# (e.g. 6.1.0-56-amd64 or 6.1.0-56; default: the newest cached one, else the
-# newest in apt's lists).
+# (a short name of scripts/vm-kernels.txt: 5.10, 6.1, 6.12; or an ABI such
+# as 6.1.0-56-amd64; default: 6.1).
 set -euo pipefail
 
 VIRTME_NG_VERSION="1.42"
@@ -74,48 +76,71 @@ else
 fi
 
 # --- the guest kernel ------------------------------------------------------
-want="${VM_KERNEL_VERSION:-}"
-case "$want" in
-  "" | *-amd64) ;;
-  *) want="$want-amd64" ;;
-esac
-if [ -z "$want" ]; then
-  # Newest already extracted, else the newest apt knows.
-  want="$(ls -1 "$CACHE" 2>/dev/null | sed -n 's/^kernel-\(6\.1\.0-[0-9]*-amd64\)$/\1/p' | sort -V | tail -1)"
-  if [ -z "$want" ] || [ ! -f "$CACHE/kernel-$want/.done" ]; then
-    newest() {
-      apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' \
-        | sed 's/^linux-image-//' | sort -V | tail -1
-    }
-    want="$(newest)"
-    if [ -z "$want" ]; then apt_update; want="$(newest)"; fi
-    [ -n "$want" ] || die "apt knows no linux-image-6.1.0-NN-amd64 package"
-  fi
+# Pinned in scripts/vm-kernels.txt: a short name (5.10, 6.1, 6.12), the
+# Debian suites that carry it, the package ABI. VM_KERNEL_VERSION may be a
+# short name, a pinned ABI, or another ABI of the same series (e.g.
+# 6.1.0-56-amd64), looked up in the same suites.
+PINS="$ROOT/scripts/vm-kernels.txt"
+pins() { grep -v '^[[:space:]]*#' "$PINS" | awk 'NF == 3'; }
+want="${VM_KERNEL_VERSION:-6.1}"
+pin="$(pins | awk -v w="$want" '$1 == w || $3 == w || $3 == w "-amd64"' | head -1)"
+if [ -z "$pin" ]; then
+  # Another ABI of a pinned series: the series is the leading x.y.
+  case "$want" in *-amd64) ;; *) want="$want-amd64" ;; esac
+  series="$(printf '%s' "$want" | sed -n 's/^\([0-9]*\.[0-9]*\)[.-].*$/\1/p')"
+  pin="$(pins | awk -v s="$series" '$1 == s' | head -1)"
+  [ -n "$pin" ] || die "kernel '$VM_KERNEL_VERSION': not a short name or ABI of $PINS ($(pins | awk '{print $1}' | tr '\n' ' '))"
+  pin="$(printf '%s' "$pin" | awk -v a="$want" '{print $1, $2, a}')"
 fi
-[[ "$want" =~ ^6\.1\.0-[0-9]+-amd64$ ]] || die "kernel version '$want' is not of the form 6.1.0-NN-amd64"
+read -r short suites want <<<"$pin"
+[[ "$want" =~ ^[0-9]+\.[0-9]+[-.+a-z0-9]*-amd64$ ]] || die "kernel ABI '$want' is not of the form X.Y...-amd64"
 KDIR="$CACHE/kernel-$want"
 VMLINUZ="$KDIR/boot/vmlinuz-$want"
 if [ -f "$KDIR/.done" ] && [ -f "$VMLINUZ" ]; then
-  say "kernel $want present ($KDIR)"
+  say "kernel $want ($short) present ($KDIR)"
 else
+  # apt with its own lists for the pin's suites (the host's sources stay as
+  # they are); signatures are checked against Debian's archive keyring.
+  APTD="$CACHE/apt-$short"
+  mkdir -p "$APTD/lists/partial" "$APTD/cache/archives/partial"
+  : >"$APTD/sources.list"
+  for s in ${suites//,/ }; do
+    case "$s" in
+      *-security) echo "deb http://deb.debian.org/debian-security $s main" >>"$APTD/sources.list" ;;
+      *) echo "deb http://deb.debian.org/debian $s main" >>"$APTD/sources.list" ;;
+    esac
+  done
+  APT_OPTS=(-o "Dir::Etc::SourceList=$APTD/sources.list" -o Dir::Etc::SourceParts=/dev/null
+    -o "Dir::State::Lists=$APTD/lists" -o "Dir::Cache=$APTD/cache" -o Dir::State::status=/dev/null
+    -o Debug::NoLocking=1)
+  say "apt-get update for $suites (lists in $APTD)"
+  apt-get "${APT_OPTS[@]}" update -qq >&2 || die "apt-get update for $suites failed"
   rm -rf "$KDIR" "$CACHE/debs-$want"
   mkdir -p "$CACHE/debs-$want"
-  # The signed package carries the vmlinuz on bookworm; the -unsigned one
-  # is the fallback.
+  # The signed package carries the vmlinuz; the -unsigned one is the fallback.
   got=""
   for pkg in "linux-image-$want" "linux-image-$want-unsigned"; do
-    if ! apt-cache show "$pkg" >/dev/null 2>&1; then apt_update; fi
+    apt-cache "${APT_OPTS[@]}" show "$pkg" >/dev/null 2>&1 || continue
     say "apt-get download $pkg"
-    if (cd "$CACHE/debs-$want" && apt-get download -q "$pkg" 2>&1 | grep -v 'unsandboxed' >&2); then :; fi
+    if (cd "$CACHE/debs-$want" && apt-get "${APT_OPTS[@]}" download -q "$pkg" 2>&1 | grep -v 'unsandboxed' >&2); then :; fi
     deb="$(ls -1 "$CACHE/debs-$want"/"${pkg}"_*.deb 2>/dev/null | head -1 || true)"
     if [ -n "$deb" ] && dpkg-deb -c "$deb" | grep -c "\./boot/vmlinuz-$want\$" >/dev/null; then
       got="$deb"; break
     fi
     say "$pkg has no /boot/vmlinuz-$want"
   done
-  [ -n "$got" ] || die "no package of linux-image-$want holds /boot/vmlinuz-$want"
+  if [ -z "$got" ]; then
+    have="$(apt-cache "${APT_OPTS[@]}" search --names-only "^linux-image-$short[.0-9+a-z-]*-amd64\$" \
+      | awk '{print $1}' | sed 's/^linux-image-//' | grep -v -e '-rt-' -e '-cloud-' | sort -V | tail -5 | tr '\n' ' ')"
+    die "Debian's mirror no longer carries linux-image-$want ($suites); it has: $have- update $PINS"
+  fi
   say "dpkg -x $(basename "$got") $KDIR"
   dpkg -x "$got" "$KDIR"
+  # trixie's packages put the modules under /usr (merged /usr).
+  if [ ! -d "$KDIR/lib/modules/$want" ] && [ -d "$KDIR/usr/lib/modules/$want" ]; then
+    mkdir -p "$KDIR/lib/modules"
+    mv "$KDIR/usr/lib/modules/$want" "$KDIR/lib/modules/$want"
+  fi
   say "depmod for $want in $KDIR (virtme-ng uses these modules)"
   depmod -b "$KDIR" "$want"
   if [ ! -d "/lib/modules/$want" ]; then

@@ -169,6 +169,20 @@ impl TestDir {
     }
 }
 
+/// How many times longer a process may take to finish than on the host:
+/// `ENFORCER_TEST_SLOWDOWN`, which `cargo xtask vm-test` sets (QEMU/TCG
+/// emulates every instruction: an `enforcer run` that loads the BPF LSM
+/// hooks took ~50 s there, ~2 s here), else 1. Stretches
+/// [`ChildGuard::wait_timeout`] (and so [`output_with_timeout`]), never a
+/// wait for something that must not happen.
+pub fn slowdown() -> u32 {
+    std::env::var("ENFORCER_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=20).contains(n))
+        .unwrap_or(1)
+}
+
 /// Poll `f` every `every` until it returns true or `timeout` passes.
 pub fn poll_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
@@ -207,8 +221,9 @@ impl ChildGuard {
     pub fn child(&mut self) -> &mut Child {
         self.0.as_mut().unwrap()
     }
-    /// Wait at most `timeout`; None if still running.
+    /// Wait at most `timeout` (stretched by [`slowdown`]); None if still running.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let timeout = timeout * slowdown();
         let c = self.0.as_mut().unwrap();
         let mut st = None;
         poll_until(timeout, Duration::from_millis(20), || {

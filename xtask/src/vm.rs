@@ -1,5 +1,6 @@
 //! `cargo xtask vm-test`: run a command as root inside a second, real kernel
-//! (Debian's linux-image-6.1.0-NN-amd64) that loads BPF LSM and fentry
+//! (Debian's kernel pinned in `scripts/vm-kernels.txt`: 6.1 by default,
+//! `--kernel 5.10|6.12` for the others) that loads BPF LSM and fentry
 //! programs, which this machine's own kernel refuses (DESIGN.md section 4).
 //!
 //! 1. `scripts/setup-vm.sh` (idempotent, cached in `target/vm/`): qemu,
@@ -80,8 +81,8 @@ exit $fail
 
 #[derive(clap::Args)]
 pub struct VmArgs {
-    /// Guest kernel, Debian's linux-image-<VERSION>: 6.1.0-NN or 6.1.0-NN-amd64 (default: the newest cached, else the newest apt knows).
-    #[arg(long)]
+    /// Guest kernel: a short name pinned in scripts/vm-kernels.txt (5.10, 6.1, 6.12) or a Debian linux-image ABI of those series, e.g. 6.1.0-56-amd64 (default: 6.1).
+    #[arg(long = "kernel", visible_alias = "kernel-version")]
     pub kernel_version: Option<String>,
     /// Give up (and kill the VM) after this many seconds, boot included.
     #[arg(long, default_value_t = 900)]
@@ -227,6 +228,8 @@ pub fn run(root: &Path, args: &VmArgs) -> Result<u8> {
         }
         script += &format!("export {k}={}\n", sh_quote(v));
     }
+    // Test timeouts for a finishing process stretch by this (tests/src/lib.rs `slowdown`).
+    script += "export ENFORCER_TEST_SLOWDOWN=${ENFORCER_TEST_SLOWDOWN:-3}\n";
     script += "grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf\n";
     script += "grep -q ' /sys/kernel/tracing tracefs ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing\n";
     script += &format!("cd {} || exit 125\n", sh_quote(&cwd.to_string_lossy()));
