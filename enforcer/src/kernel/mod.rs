@@ -456,7 +456,16 @@ impl Kernel {
                 Program::CgroupSockopt(p) => p.load(),
                 _ => bail!("program {name} has an unexpected type"),
             };
-            res.map_err(|e| anyhow!("loading program {name}: {e:#}"))?;
+            res.map_err(|e| {
+                let e = format!("{e:#}");
+                match missing_helper(&e) {
+                    // The whole verifier log says nothing more.
+                    Some(hint) => {
+                        anyhow!("loading program {name}: {hint} ({})", short_load_error(&e))
+                    }
+                    None => anyhow!("loading program {name}: {e}"),
+                }
+            })?;
         }
         let unix = match sock_addr {
             Err(e) => UnixSupport {
@@ -860,10 +869,9 @@ impl Kernel {
                 bail!("eBPF object has no LSM program {name}");
             };
             prog.load(hook, &kbtf).map_err(|e| {
-                anyhow!(
-                    "loading {name} (lsm/{hook}): {}",
-                    short_load_error(&format!("{e:#}"))
-                )
+                let e = format!("{e:#}");
+                tracing::debug!("loading {name} (lsm/{hook}): {e}");
+                anyhow!("loading {name} (lsm/{hook}): {}", short_load_error(&e))
             })?;
         }
         // A previous daemon's links: adopted when they hold these very
@@ -1877,6 +1885,38 @@ fn socket_inode(path: &Path, table_id: u32) -> Option<FileKey> {
     })
 }
 
+/// The oldest Linux whose BPF helpers cover every program this enforcer
+/// loads (`bpf_loop`, the newest of them, came in 5.17).
+pub const MIN_LINUX: &str = "5.17";
+
+/// BPF helpers our programs call that are newer than the ring buffer (5.8):
+/// id, name, first Linux release.
+const NEWER_HELPERS: &[(u32, &str, &str)] = &[
+    (158, "bpf_get_current_task_btf", "5.11"),
+    (160, "bpf_ktime_get_coarse_ns", "5.11"),
+    (181, "bpf_loop", "5.17"),
+];
+
+/// When the verifier refused a program because the kernel lacks a helper it
+/// calls ("invalid func unknown#160", or "unknown func bpf_loop#181" on
+/// newer kernels), the sentence that says so and what enforcer needs.
+fn missing_helper(log: &str) -> Option<String> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("invalid func ") || l.starts_with("unknown func "))?;
+    let id: u32 = line.rsplit_once('#')?.1.trim().parse().ok()?;
+    let running = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into());
+    let what = match NEWER_HELPERS.iter().find(|h| h.0 == id) {
+        Some((_, name, since)) => format!("the BPF helper {name} (#{id}, Linux >= {since})"),
+        None => format!("BPF helper #{id}"),
+    };
+    Some(format!(
+        "this kernel (Linux {running}) lacks {what}; enforcer needs Linux >= {MIN_LINUX}"
+    ))
+}
+
 /// A program load error without the verifier's log, but with its last
 /// line (the reason), for logs and status.
 fn short_load_error(e: &str) -> String {
@@ -2016,5 +2056,33 @@ fn random_u32() -> u32 {
         u32::from_ne_bytes(b)
     } else {
         crate::kernel::learned::monotonic_ns() as u32
+    }
+}
+
+#[cfg(test)]
+mod load_error_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_helper_is_named_with_the_kernel_it_needs() {
+        let old = "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: \
+                   ; fun()\n1092: (85) call unknown#160\ninvalid func unknown#160\nverification time 291617 usec\n";
+        let hint = missing_helper(old).expect("named");
+        assert!(
+            hint.contains("bpf_ktime_get_coarse_ns (#160, Linux >= 5.11)"),
+            "{hint}"
+        );
+        assert!(
+            hint.ends_with(&format!("enforcer needs Linux >= {MIN_LINUX}")),
+            "{hint}"
+        );
+        let new = "Verifier output: 0: (85) call bpf_loop#181\nunknown func bpf_loop#181\n";
+        assert!(missing_helper(new)
+            .unwrap()
+            .contains("bpf_loop (#181, Linux >= 5.17)"));
+        assert_eq!(
+            missing_helper("Verifier output: R0 invalid mem access 'scalar'\n"),
+            None
+        );
     }
 }
