@@ -11,6 +11,7 @@ mod dns_bench;
 mod dns_upstream;
 mod empty_progs;
 mod image;
+mod matrix;
 mod open_bench;
 mod test;
 mod tls_bench;
@@ -104,8 +105,10 @@ enum Cmd {
     Test,
     /// Build the DaemonSet's container image as an OCI archive (no container engine needed).
     Image(image::ImageArgs),
-    /// Run a command as root inside a VM booted with a Debian 6.1 kernel that loads BPF LSM programs (default: a self-check; needs root).
+    /// Run a command as root inside a VM booted with a Debian kernel (6.1 unless --kernel) that loads BPF LSM programs (default: a self-check; needs root).
     VmTest(vm::VmArgs),
+    /// The real-kernel suites on every kernel pinned in scripts/vm-kernels.txt (5.10, 6.1, 6.12), one VM each; prints the kernel x suite table (needs root; ~30 min per kernel).
+    VmMatrix(matrix::MatrixArgs),
     /// Load generator used by `bench` (runs inside the cgroup under test).
     #[command(hide = true)]
     BenchWorker(worker::WorkerArgs),
@@ -156,6 +159,7 @@ fn main() -> std::process::ExitCode {
         Cmd::BenchOpen(args) => open_bench::run(&args),
         Cmd::Test => test::run(&util::repo_root()),
         Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
+        Cmd::VmMatrix(args) => matrix::run(&util::repo_root(), &args),
         Cmd::Image(args) => image::run(&args),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
         Cmd::BenchTls { bin, conns, rounds } => tls_bench::run(&bin, conns, rounds),

@@ -93,7 +93,11 @@ struct VmResult {
 }
 
 /// Test binaries of `enforcer-tests` for `names`, built (not run).
-fn test_binaries(root: &Path, cargo: &std::ffi::OsStr, names: &[&str]) -> Result<Vec<PathBuf>> {
+pub(crate) fn test_binaries(
+    root: &Path,
+    cargo: &std::ffi::OsStr,
+    names: &[&str],
+) -> Result<Vec<PathBuf>> {
     let mut c = Command::new(cargo);
     c.args([
         "test",
@@ -197,6 +201,25 @@ fn run_tests(cmd: Command) -> Result<(u64, u64, u64)> {
     ))
 }
 
+/// (passed, failed, ignored) of a "test result:" line's rest.
+pub(crate) fn parse_result(rest: &str) -> (u64, u64, u64) {
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    for part in rest.split(';') {
+        let mut it = part.split_whitespace().rev();
+        let (Some(word), Some(n)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let n: u64 = n.parse().unwrap_or(0);
+        match word {
+            "passed" => passed += n,
+            "failed" => failed += n,
+            "ignored" => ignored += n,
+            _ => {}
+        }
+    }
+    (passed, failed, ignored)
+}
+
 /// Run a test command, echo its output, and return each "test result:"
 /// line as (passed, failed, ignored), in order.
 fn run_tests_lines(mut cmd: Command) -> Result<Vec<(u64, u64, u64)>> {
@@ -212,21 +235,7 @@ fn run_tests_lines(mut cmd: Command) -> Result<Vec<(u64, u64, u64)>> {
         let line = line?;
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
-            let (mut passed, mut failed, mut ignored) = (0, 0, 0);
-            for part in rest.split(';') {
-                let mut it = part.split_whitespace().rev();
-                let (Some(word), Some(n)) = (it.next(), it.next()) else {
-                    continue;
-                };
-                let n: u64 = n.parse().unwrap_or(0);
-                match word {
-                    "passed" => passed += n,
-                    "failed" => failed += n,
-                    "ignored" => ignored += n,
-                    _ => {}
-                }
-            }
-            results.push((passed, failed, ignored));
+            results.push(parse_result(rest));
         }
     }
     let st = child.wait()?;
