@@ -458,6 +458,7 @@ impl Kernel {
             };
             res.map_err(|e| {
                 let e = format!("{e:#}");
+                tracing::debug!("loading program {name}: {e}");
                 match missing_helper(&e) {
                     // The whole verifier log says nothing more.
                     Some(hint) => {
@@ -1897,24 +1898,45 @@ const NEWER_HELPERS: &[(u32, &str, &str)] = &[
     (181, "bpf_loop", "5.17"),
 ];
 
-/// When the verifier refused a program because the kernel lacks a helper it
-/// calls ("invalid func unknown#160", or "unknown func bpf_loop#181" on
-/// newer kernels), the sentence that says so and what enforcer needs.
+/// When the verifier refused a program over a helper it calls, the sentence
+/// that says why and what enforcer needs. "invalid func unknown#160" (Linux
+/// < 5.13 words it so) means the kernel does not have the helper; "unknown
+/// func bpf_loop#181" means this kernel has it but refused it here: too
+/// old for the helper, or the loader lacks a capability it needs (CAP_BPF,
+/// CAP_PERFMON).
 fn missing_helper(log: &str) -> Option<String> {
-    let line = log
-        .lines()
-        .find(|l| l.contains("invalid func ") || l.starts_with("unknown func "))?;
-    let id: u32 = line.rsplit_once('#')?.1.trim().parse().ok()?;
     let running = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "?".into());
-    let what = match NEWER_HELPERS.iter().find(|h| h.0 == id) {
+    missing_helper_on(log, &running)
+}
+
+fn missing_helper_on(log: &str, running: &str) -> Option<String> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("invalid func ") || l.contains("unknown func "))?;
+    let id: u32 = line.rsplit_once('#')?.1.trim().parse().ok()?;
+    let known = NEWER_HELPERS.iter().find(|h| h.0 == id);
+    let what = match known {
         Some((_, name, since)) => format!("the BPF helper {name} (#{id}, Linux >= {since})"),
         None => format!("BPF helper #{id}"),
     };
-    Some(format!(
-        "this kernel (Linux {running}) lacks {what}; enforcer needs Linux >= {MIN_LINUX}"
-    ))
+    let version = |v: &str| -> Option<(u32, u32)> {
+        let mut it = v.split(|c: char| !c.is_ascii_digit());
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    let older = match (version(running), version(MIN_LINUX)) {
+        (Some(r), Some(m)) => r < m,
+        _ => false,
+    };
+    Some(if line.contains("invalid func ") || older {
+        format!("this kernel (Linux {running}) lacks {what}; enforcer needs Linux >= {MIN_LINUX}")
+    } else {
+        format!(
+            "the kernel (Linux {running}) refused {what} for this program: enforcer needs \
+             Linux >= {MIN_LINUX} and CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (run it as root)"
+        )
+    })
 }
 
 /// A program load error without the verifier's log, but with its last
@@ -2067,7 +2089,8 @@ mod load_error_tests {
     fn a_missing_helper_is_named_with_the_kernel_it_needs() {
         let old = "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: \
                    ; fun()\n1092: (85) call unknown#160\ninvalid func unknown#160\nverification time 291617 usec\n";
-        let hint = missing_helper(old).expect("named");
+        let hint = missing_helper_on(old, "5.10.0-46-amd64").expect("named");
+        assert!(hint.contains("Linux 5.10.0-46-amd64) lacks"), "{hint}");
         assert!(
             hint.contains("bpf_ktime_get_coarse_ns (#160, Linux >= 5.11)"),
             "{hint}"
@@ -2076,13 +2099,20 @@ mod load_error_tests {
             hint.ends_with(&format!("enforcer needs Linux >= {MIN_LINUX}")),
             "{hint}"
         );
+        // Newer kernels say "unknown func" also when the helper exists but
+        // is refused (privileges, program type): not "lacks" there.
         let new = "Verifier output: 0: (85) call bpf_loop#181\nunknown func bpf_loop#181\n";
-        assert!(missing_helper(new)
-            .unwrap()
-            .contains("bpf_loop (#181, Linux >= 5.17)"));
+        let hint = missing_helper_on(new, "6.12.117+deb13-amd64").unwrap();
+        assert!(
+            hint.contains("refused the BPF helper bpf_loop (#181, Linux >= 5.17)"),
+            "{hint}"
+        );
+        assert!(hint.contains("CAP_BPF"), "{hint}");
+        assert!(missing_helper_on(new, "5.15.0").unwrap().contains("lacks"));
         assert_eq!(
-            missing_helper("Verifier output: R0 invalid mem access 'scalar'\n"),
+            missing_helper_on("Verifier output: R0 invalid mem access 'scalar'\n", "6.1.0"),
             None
         );
+        assert_eq!(missing_helper_on("invalid func unknown#\n", "6.1.0"), None);
     }
 }
