@@ -12,7 +12,8 @@ use std::{collections::BTreeMap, path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// enforcer's minimum Linux (enforcer/src/kernel/mod.rs `MIN_LINUX`).
+/// enforcer's minimum Linux (enforcer/src/kernel/mod.rs `MIN_LINUX`; a
+/// test below keeps the two equal).
 const MIN_LINUX: &str = "5.17";
 
 /// (suite, test binary, run the host-ignored tests, what it covers).
@@ -131,7 +132,10 @@ pub fn run(root: &Path, args: &MatrixArgs) -> Result<u8> {
     if !build.status()?.success() {
         bail!("cargo build -p enforcer failed");
     }
-    let enforcer = root.join("target/debug/enforcer");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|t| root.join(t))
+        .unwrap_or_else(|| root.join("target"));
+    let enforcer = target.join("debug/enforcer");
     let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
     // Below enforcer's minimum Linux only the capability suite runs (it
     // checks that enforcer refuses to start, and says why); the others are
@@ -275,4 +279,29 @@ pub fn run(root: &Path, args: &MatrixArgs) -> Result<u8> {
     }
     std::fs::write(out_dir.join("table.md"), &md)?;
     Ok(if any_failed { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn min_linux_is_enforcers() {
+        let src = include_str!("../../enforcer/src/kernel/mod.rs");
+        assert!(
+            src.contains(&format!(
+                "pub const MIN_LINUX: &str = \"{}\";",
+                super::MIN_LINUX
+            )),
+            "xtask's MIN_LINUX differs from enforcer/src/kernel/mod.rs"
+        );
+    }
+
+    #[test]
+    fn every_pinned_kernel_has_a_short_name() {
+        let k = super::pinned_kernels(&crate::util::repo_root()).unwrap();
+        assert!(
+            k.contains(&"6.1".to_string()) && k.contains(&"6.12".to_string()),
+            "{k:?}"
+        );
+        assert!(k.contains(&"5.10".to_string()), "{k:?}");
+    }
 }
