@@ -89,14 +89,18 @@ fn victim(dir: &TestDir, pins: &PinDir) -> (ChildGuard, Vec<u32>) {
         .join("cgroup.procs");
     let mut pids = Vec::new();
     assert!(
-        poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
-            pids = std::fs::read_to_string(&procs)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.parse().ok())
-                .collect();
-            pids.len() >= 2
-        }),
+        poll_until(
+            Duration::from_secs(60) * slowdown(),
+            Duration::from_millis(50),
+            || {
+                pids = std::fs::read_to_string(&procs)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .collect();
+                pids.len() >= 2
+            }
+        ),
         "the victim agent did not start"
     );
     (g, pids)
@@ -271,9 +275,11 @@ fn contain(who: As) {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let started = poll_until(Duration::from_secs(60), Duration::from_millis(50), || {
-        exch.join("ready").exists() || g.child().try_wait().unwrap().is_some()
-    });
+    let started = poll_until(
+        Duration::from_secs(60) * slowdown(),
+        Duration::from_millis(50),
+        || exch.join("ready").exists() || g.child().try_wait().unwrap().is_some(),
+    );
     assert!(
         started && exch.join("ready").exists(),
         "the agent did not start: {}",
@@ -309,9 +315,11 @@ fn contain(who: As) {
         "audit_log": audit.display().to_string(),
     });
     write_atomic(&exch.join("hint.json"), &hint.to_string());
-    let done = poll_until(Duration::from_secs(90), Duration::from_millis(100), || {
-        exch.join("results.json").exists() || g.child().try_wait().unwrap().is_some()
-    });
+    let done = poll_until(
+        Duration::from_secs(90) * slowdown(),
+        Duration::from_millis(100),
+        || exch.join("results.json").exists() || g.child().try_wait().unwrap().is_some(),
+    );
     assert!(
         done && exch.join("results.json").exists(),
         "no results: {}",

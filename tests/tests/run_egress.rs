@@ -662,9 +662,11 @@ fn metrics_are_served_during_run() {
         .stderr(Stdio::null());
     let mut g = ChildGuard::new(c.spawn().unwrap());
     assert!(
-        poll_until(Duration::from_secs(60), Duration::from_millis(50), || ready
-            .exists()
-            || g.child().try_wait().unwrap().is_some()),
+        poll_until(
+            Duration::from_secs(60) * slowdown(),
+            Duration::from_millis(50),
+            || ready.exists() || g.child().try_wait().unwrap().is_some()
+        ),
         "agent never became ready"
     );
     assert!(
