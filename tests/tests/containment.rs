@@ -580,11 +580,21 @@ fn contain(who: As) {
         .filter(|r| r["rule"] == "seccomp:rate-limited")
         .filter_map(|r| r["detail"].as_str()?.split(' ').next()?.parse::<u64>().ok())
         .sum();
+    // Every refused call is accounted for, one way or the other.
     assert!(
-        limited >= 300 && refused.len() < 300,
+        limited + refused.len() as u64 >= 500,
         "rate limit: {limited} counted, {} recorded one by one",
         refused.len()
     );
+    // Under emulation (the VM runner) the 500 calls take longer than the
+    // limiter's seconds, so fewer of them are over the rate.
+    if slowdown() == 1 {
+        assert!(
+            limited >= 300 && refused.len() < 300,
+            "rate limit: {limited} counted, {} recorded one by one",
+            refused.len()
+        );
+    }
     assert!(stderr.contains("containment:"), "{stderr}");
     let start = recs.iter().find(|r| r["action"] == "start").unwrap();
     let detail = start["detail"].as_str().unwrap();
