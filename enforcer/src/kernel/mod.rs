@@ -18,6 +18,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use std::os::unix::ffi::OsStrExt;
@@ -103,6 +104,10 @@ enum Pinned {
 
 pub struct Kernel {
     ebpf: Ebpf,
+    /// The kernel's BTF as aya reads it, parsed once: the object's load and
+    /// every BPF LSM program's (a parse takes over a second under the VM
+    /// runner's emulation). An error says why there is none.
+    aya_btf: std::result::Result<aya::Btf, String>,
     /// Another build's cgroup links being replaced (`adopt_pinned`): open
     /// (attached) until `attach` has attached this build's.
     retiring: Vec<FdLink>,
@@ -281,6 +286,103 @@ fn unpin_mismatched(pins: &[(&str, PathBuf)]) {
     }
 }
 
+/// Load the cgroup programs (`prog_names::ALL`), several at once: the
+/// kernel verifies privileged loads in parallel, and the verifier's walk is
+/// most of a start's time (seconds per program under the VM runner's
+/// emulation, and on a busy node). The largest programs go first. An error
+/// names the first program of `prog_names::ALL` that failed.
+fn load_cgroup_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let mut progs: Vec<(&str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter(|(n, _)| prog_names::ALL.contains(n))
+        .collect();
+    if let Some(missing) = prog_names::ALL
+        .iter()
+        .find(|n| !progs.iter().any(|(p, _)| p == *n))
+    {
+        bail!("eBPF object has no program {missing}");
+    }
+    // Largest first (their verification takes longest), so that the
+    // workers finish together.
+    progs.sort_by_key(|(n, _)| std::cmp::Reverse(verify_weight(n)));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let queue = Mutex::new(progs.into_iter());
+    let results: Mutex<Vec<(&str, std::result::Result<(), String>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let next = queue.lock().map(|mut q| q.next()).unwrap_or(None);
+                let Some((name, prog)) = next else { break };
+                let started = Instant::now();
+                let res = match prog {
+                    Program::CgroupSockAddr(p) => p.load(),
+                    Program::CgroupSock(p) => p.load(),
+                    Program::CgroupSkb(p) => p.load(),
+                    Program::CgroupSockopt(p) => p.load(),
+                    _ => {
+                        if let Ok(mut r) = results.lock() {
+                            r.push((name, Err("an unexpected program type".into())));
+                        }
+                        continue;
+                    }
+                };
+                let took = started.elapsed();
+                let insns = prog
+                    .info()
+                    .ok()
+                    .and_then(|i| i.verified_instruction_count());
+                tracing::debug!(
+                    "loading program {name} took {took:?} ({} instructions verified)",
+                    insns.map_or("?".to_string(), |n| n.to_string())
+                );
+                if let Ok(mut r) = results.lock() {
+                    r.push((name, res.map_err(|e| format!("{e:#}"))));
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_default();
+    for name in prog_names::ALL {
+        let Some((_, res)) = results.iter().find(|(n, _)| *n == name) else {
+            bail!("program {name} was not loaded");
+        };
+        if let Err(e) = res {
+            tracing::debug!("loading program {name}: {e}");
+            return Err(match missing_helper(e) {
+                // The whole verifier log says nothing more.
+                Some(hint) => anyhow!("loading program {name}: {hint} ({})", short_load_error(e)),
+                None => anyhow!("loading program {name}: {e}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How long a program's verification takes, roughly (instructions the
+/// verifier walks on Linux 6.18, thousands): the load order.
+fn verify_weight(name: &str) -> u32 {
+    match name {
+        prog_names::INSPECT => 176,
+        prog_names::CONNECT6 => 167,
+        prog_names::SENDMSG6 => 158,
+        prog_names::INGRESS => 61,
+        prog_names::CONNECT4 => 39,
+        prog_names::SENDMSG4 => 38,
+        _ => 10,
+    }
+}
+
+/// `f()`, its time logged at debug level (loading under the VM runner's
+/// emulation is slow; this says where the time goes).
+fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = f();
+    tracing::debug!("{what} took {:?}", started.elapsed());
+    out
+}
+
 /// Why a pinned map's (key size, value size, max entries) is not the
 /// object's, or `None`. An object's `max_entries` of 0 is filled in at load
 /// (not compared).
@@ -308,7 +410,10 @@ impl Kernel {
             );
         }
         raise_memlock();
+        let aya_btf = timed("parsing the kernel's BTF (aya)", aya::Btf::from_sys_fs)
+            .map_err(|e| format!("{e:#}"));
         let mut loader = EbpfLoader::new();
+        loader.btf(aya_btf.as_ref().ok());
         let pin_paths: Vec<(&str, PathBuf)> = match pin_maps {
             Some(dir) => {
                 private_dir(dir)
@@ -328,7 +433,9 @@ impl Kernel {
         }
         // The kernel's BTF, parsed once (under the VM runner's emulation a
         // parse takes seconds).
-        let kbtf = btf::Btf::from_sys_fs().map_err(|e| e.to_string());
+        let kbtf = timed("parsing the kernel's BTF", || {
+            btf::Btf::from_sys_fs().map_err(|e| e.to_string())
+        });
         // The file hooks read kernel structs at these offsets (constants to
         // the verifier). Without BTF they stay 0 and the hooks fail closed.
         let offsets = match with_btf(&kbtf, btf::file_offsets) {
@@ -383,7 +490,7 @@ impl Kernel {
         // (one helper call instead of two on every decision); without them
         // the programs call the helpers.
         let task = match with_btf(&kbtf, btf::task_offsets) {
-            Ok(o) => match btf::task_walk_loads(&o) {
+            Ok(o) => match timed("the task-walk probe", || btf::task_walk_loads(&o)) {
                 Ok(()) => o,
                 Err(e) => {
                     tracing::info!(
@@ -437,37 +544,16 @@ impl Kernel {
         for (name, value) in globals::SOCK.iter().zip(sock_values.iter()) {
             loader.override_global(name, value, true);
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
-            let hint = if matches!(nix::unistd::geteuid().as_raw(), 0) {
-                ""
-            } else {
-                " (enforcer must run as root, with CAP_BPF and CAP_SYS_ADMIN)"
-            };
-            anyhow!("loading the eBPF object failed: {e}{hint}")
-        })?;
-        for name in prog_names::ALL {
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
-            let res = match prog {
-                Program::CgroupSockAddr(p) => p.load(),
-                Program::CgroupSock(p) => p.load(),
-                Program::CgroupSkb(p) => p.load(),
-                Program::CgroupSockopt(p) => p.load(),
-                _ => bail!("program {name} has an unexpected type"),
-            };
-            res.map_err(|e| {
-                let e = format!("{e:#}");
-                tracing::debug!("loading program {name}: {e}");
-                match missing_helper(&e) {
-                    // The whole verifier log says nothing more.
-                    Some(hint) => {
-                        anyhow!("loading program {name}: {hint} ({})", short_load_error(&e))
-                    }
-                    None => anyhow!("loading program {name}: {e}"),
-                }
+        let mut ebpf =
+            timed("loading the eBPF object", || loader.load(EBPF_OBJECT)).map_err(|e| {
+                let hint = if matches!(nix::unistd::geteuid().as_raw(), 0) {
+                    ""
+                } else {
+                    " (enforcer must run as root, with CAP_BPF and CAP_SYS_ADMIN)"
+                };
+                anyhow!("loading the eBPF object failed: {e}{hint}")
             })?;
-        }
+        load_cgroup_programs(&mut ebpf)?;
         let unix = match sock_addr {
             Err(e) => UnixSupport {
                 available: false,
@@ -646,6 +732,7 @@ impl Kernel {
         let allow_sample = config.get(&0, 0).map(|c| c.allow_sample).unwrap_or(0);
         Ok(Self {
             ebpf,
+            aya_btf,
             retiring: Vec::new(),
             identities,
             cache_gen,
@@ -864,12 +951,18 @@ impl Kernel {
         progs: &[(&'static str, &'static str)],
         pin_dir: Option<&Path>,
     ) -> Result<(Vec<FdLink>, Vec<PinnedLink>)> {
-        let kbtf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let kbtf = match &self.aya_btf {
+            Ok(b) => b,
+            Err(e) => bail!("reading kernel BTF: {e}"),
+        };
         for (name, hook) in progs {
             let Some(Program::Lsm(prog)) = self.ebpf.program_mut(name) else {
                 bail!("eBPF object has no LSM program {name}");
             };
-            prog.load(hook, &kbtf).map_err(|e| {
+            let started = Instant::now();
+            let res = prog.load(hook, kbtf);
+            tracing::debug!("loading {name} (lsm/{hook}) took {:?}", started.elapsed());
+            res.map_err(|e| {
                 let e = format!("{e:#}");
                 tracing::debug!("loading {name} (lsm/{hook}): {e}");
                 anyhow!("loading {name} (lsm/{hook}): {}", short_load_error(&e))
@@ -1017,14 +1110,14 @@ impl Kernel {
                 if listed { "is" } else { "is not" }
             ),
         };
-        let btf = match aya::Btf::from_sys_fs() {
+        let btf = match &self.aya_btf {
             Ok(b) => b,
             Err(e) => return no(format!("no kernel BTF: {e}")),
         };
         let Some(Program::Lsm(prog)) = self.ebpf.program_mut(prog_names::LSM_PROBE) else {
             return no("the eBPF object has no LSM probe program".into());
         };
-        if let Err(e) = prog.load("file_open", &btf) {
+        if let Err(e) = prog.load("file_open", btf) {
             return no(format!("loading an lsm/file_open program failed: {e}"));
         }
         match prog.attach() {
