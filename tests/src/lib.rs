@@ -26,6 +26,7 @@ use std::{
 pub use serde_json::{json, Value};
 
 pub mod dns_server;
+pub mod fake_api;
 pub mod unix;
 
 // ---------------------------------------------------------------- environment
