@@ -127,10 +127,10 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 }
 
 /// The layer: files (image path -> host path, content of the symlink target)
-/// and directories, parents first.
-fn layer(files: &BTreeMap<String, PathBuf>) -> Result<Vec<u8>> {
+/// and directories (`mount_points` and every file's parents, parents first).
+fn layer(files: &BTreeMap<String, PathBuf>, mount_points: &[&str]) -> Result<Vec<u8>> {
     let mut dirs: std::collections::BTreeSet<String> =
-        MOUNT_POINTS.iter().map(|s| s.to_string()).collect();
+        mount_points.iter().map(|s| s.to_string()).collect();
     for path in files.keys() {
         let mut p = Path::new(path);
         while let Some(parent) = p.parent() {
@@ -174,6 +174,33 @@ fn sha256(data: &[u8]) -> String {
 pub fn build(bin: &Path, out: &Path) -> Result<String> {
     let mut files = BTreeMap::new();
     files.insert("usr/bin/enforcer".to_string(), bin.to_path_buf());
+    add_shared_libraries(&mut files, bin)?;
+    write_archive(
+        &Image {
+            name: format!("docker.io/library/{}", image_ref()),
+            tag: env!("CARGO_PKG_VERSION").to_string(),
+            files,
+            mount_points: MOUNT_POINTS,
+            config: json!({
+                "Entrypoint": ["/usr/bin/enforcer"],
+                "Cmd": ["daemon", "--config", "/etc/enforcer/config.yaml"],
+                "Env": ["PATH=/usr/bin:/bin"],
+                "Labels": {
+                    "org.opencontainers.image.title": "enforcer",
+                    "org.opencontainers.image.version": env!("CARGO_PKG_VERSION"),
+                    "org.opencontainers.image.description":
+                        "Kernel-level egress enforcer for AI-agent workloads (node daemon)",
+                },
+            }),
+            history: "enforcer binary and the shared libraries it loads",
+        },
+        out,
+    )
+}
+
+/// The shared libraries `bin` loads, stored in `files` under the paths
+/// `ldd` printed (the file each resolves to).
+pub fn add_shared_libraries(files: &mut BTreeMap<String, PathBuf>, bin: &Path) -> Result<()> {
     for lib in shared_libraries(bin)? {
         let in_image = lib
             .strip_prefix("/")
@@ -187,24 +214,36 @@ pub fn build(bin: &Path, out: &Path) -> Result<String> {
             .with_context(|| format!("resolving {}", lib.display()))?;
         files.insert(in_image, real);
     }
-    let layer = layer(&files)?;
+    Ok(())
+}
+
+/// A one-layer image.
+pub struct Image {
+    /// Its full name (`io.containerd.image.name`), e.g.
+    /// `docker.io/library/enforcer:0.1.0`.
+    pub name: String,
+    /// The tag (`org.opencontainers.image.ref.name`).
+    pub tag: String,
+    /// Image path (no leading `/`) -> the host file copied there.
+    pub files: BTreeMap<String, PathBuf>,
+    /// Empty directories the image has (besides every file's parents).
+    pub mount_points: &'static [&'static str],
+    /// The image config's `config` object (Entrypoint, Cmd, Env, ...).
+    pub config: serde_json::Value,
+    pub history: &'static str,
+}
+
+/// Write `image` as an OCI image archive to `out`; returns the manifest
+/// digest. Deterministic: the same files give the same digest.
+pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
+    let layer = layer(&image.files, image.mount_points)?;
     let layer_digest = sha256(&layer);
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {
-            "Entrypoint": ["/usr/bin/enforcer"],
-            "Cmd": ["daemon", "--config", "/etc/enforcer/config.yaml"],
-            "Env": ["PATH=/usr/bin:/bin"],
-            "Labels": {
-                "org.opencontainers.image.title": "enforcer",
-                "org.opencontainers.image.version": env!("CARGO_PKG_VERSION"),
-                "org.opencontainers.image.description":
-                    "Kernel-level egress enforcer for AI-agent workloads (node daemon)",
-            },
-        },
+        "config": image.config,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-        "history": [{"created_by": "cargo xtask image", "comment": "enforcer binary and the shared libraries it loads"}],
+        "history": [{"created_by": "cargo xtask image", "comment": image.history}],
     }))?;
     let config_digest = sha256(&config);
     let manifest = serde_json::to_vec(&json!({
@@ -232,9 +271,9 @@ pub fn build(bin: &Path, out: &Path) -> Result<String> {
             "platform": {"architecture": "amd64", "os": "linux"},
             "annotations": {
                 // containerd (ctr import, docker load of OCI archives) names the image from this...
-                "io.containerd.image.name": format!("docker.io/library/{}", image_ref()),
+                "io.containerd.image.name": image.name,
                 // ...skopeo/podman from this (the tag).
-                "org.opencontainers.image.ref.name": env!("CARGO_PKG_VERSION"),
+                "org.opencontainers.image.ref.name": image.tag,
             },
         }],
     }))?;

@@ -13,6 +13,7 @@ mod empty_progs;
 mod image;
 mod matrix;
 mod open_bench;
+mod pod_images;
 mod test;
 mod tls_bench;
 mod util;
@@ -102,9 +103,20 @@ enum Cmd {
     /// Measure the BPF LSM file hooks: open() rate with them attached vs detached, in the VM runner (needs root).
     BenchOpen(open_bench::OpenArgs),
     /// The whole test suite, as CI runs it: setup, fmt, clippy, unit and real-kernel integration tests (needs root).
-    Test,
+    Test {
+        /// Only the last step: the BPF LSM tests in the VMs (after a change
+        /// that only they can check; CI always runs every step).
+        #[arg(long)]
+        vm_only: bool,
+    },
     /// Build the DaemonSet's container image as an OCI archive (no container engine needed).
     Image(image::ImageArgs),
+    /// Build the CRI tests' pod images (a pause image and a Python agent image) as OCI archives.
+    PodImages {
+        /// Directory for pause.oci.tar and agent.oci.tar (default: target/pod-images).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Run a command as root inside a VM booted with a Debian kernel (6.1 unless --kernel) that loads BPF LSM programs (default: a self-check; needs root).
     VmTest(vm::VmArgs),
     /// The real-kernel suites on every kernel pinned in scripts/vm-kernels.txt (5.10, 6.1, 6.12), one VM each; prints the kernel x suite table (needs root; ~30 min per kernel).
@@ -157,10 +169,11 @@ fn main() -> std::process::ExitCode {
         } => dns_bench::run(&bin, queries, rounds, concurrency, secs),
         Cmd::BenchAb { bins, rounds, secs } => bench::ab(&bins, rounds, secs),
         Cmd::BenchOpen(args) => open_bench::run(&args),
-        Cmd::Test => test::run(&util::repo_root()),
+        Cmd::Test { vm_only } => test::run(&util::repo_root(), vm_only),
         Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
         Cmd::VmMatrix(args) => matrix::run(&util::repo_root(), &args),
         Cmd::Image(args) => image::run(&args),
+        Cmd::PodImages { out } => pod_images::run(out),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
         Cmd::BenchTls { bin, conns, rounds } => tls_bench::run(&bin, conns, rounds),
         Cmd::BenchDnsWorker(args) => dns_bench::worker(&args).map(|()| 0),
