@@ -6,7 +6,10 @@
 #   - Debian: qemu-system-x86 (the VM), kmod (depmod), busybox-static (the
 #     guest initramfs), udev (virtme-ng's guest init needs it to find the
 #     virtio-serial ports that carry the command's stdout/stderr and its
-#     exit status; without it the output and the status are lost)
+#     exit status; without it the output and the status are lost);
+#     containerd, runc, containernetworking-plugins and catatonit (the CRI
+#     tests' container runtime, pod networks and pause image; installed
+#     with services held back: the guest starts its own containerd)
 #   - a Python venv with virtme-ng (pinned) in the cache dir
 #   - the guest kernel pinned in scripts/vm-kernels.txt (6.1 unless
 #     $VM_KERNEL_VERSION names another): Debian's linux-image-<ABI>,
@@ -42,7 +45,8 @@ apt_update() {
   fi
 }
 need_pkgs=()
-for p in qemu-system-x86 kmod busybox-static udev; do
+VM_PKGS="qemu-system-x86 kmod busybox-static udev containerd runc containernetworking-plugins catatonit"
+for p in $VM_PKGS; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     need_pkgs+=("$p")
   fi
@@ -50,9 +54,18 @@ done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   apt_update
   say "installing Debian packages: ${need_pkgs[*]}"
+  # No service of these packages starts on this host (containerd's unit):
+  # policy-rc.d says no while they install.
+  held=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    held=1
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
+  [ -z "$held" ] || rm -f /usr/sbin/policy-rc.d
 else
-  say "Debian packages present (qemu-system-x86 kmod busybox-static udev)"
+  say "Debian packages present ($VM_PKGS)"
 fi
 
 # --- virtme-ng in a venv ---------------------------------------------------

@@ -4,7 +4,8 @@
 #   - Debian: llvm-22-dev + libpolly-22-dev (bpf-linker links against LLVM 22,
 #     the LLVM of the pinned nightly), iproute2 (tests), python3 (demo agent),
 #     libseccomp-dev (the agent's seccomp filter under `enforcer run`),
-#     bpftool (tests check attachments from outside)
+#     bpftool (tests check attachments from outside), protobuf-compiler
+#     (protoc: the CRI client crate of the tests builds its gRPC types)
 #   - rustup: the pinned nightly with rust-src (build-std=core for bpfel)
 #   - cargo: bpf-linker 0.13.0 built against LLVM 22
 set -euo pipefail
@@ -20,7 +21,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need_pkgs=()
-for p in "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 python3 curl openssl libzstd-dev zlib1g-dev libseccomp-dev pkg-config bpftool; do
+for p in "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 python3 curl openssl libzstd-dev zlib1g-dev libseccomp-dev pkg-config bpftool protobuf-compiler; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     need_pkgs+=("$p")
   fi

@@ -25,6 +25,7 @@ use std::{
 
 pub use serde_json::{json, Value};
 
+pub mod cri;
 pub mod dns_server;
 pub mod fake_api;
 pub mod unix;

@@ -67,6 +67,12 @@ pub const SUITES: &[(&str, &str, bool, &str)] = &[
         true,
         "unix sockets by policy (BPF LSM)",
     ),
+    (
+        "cri",
+        "cri",
+        true,
+        "pods made by containerd + runc through CRI",
+    ),
 ];
 
 #[derive(clap::Args)]
@@ -74,7 +80,7 @@ pub struct MatrixArgs {
     /// Kernels (short names of scripts/vm-kernels.txt); default: all pinned.
     #[arg(long = "kernel")]
     pub kernels: Vec<String>,
-    /// Suites to run (default: all): capability, network, containment, dns, files, channels, first_bytes, unix, unix_lsm.
+    /// Suites to run (default: all): capability, network, containment, dns, files, channels, first_bytes, unix, unix_lsm, cri.
     #[arg(long = "suite")]
     pub suites: Vec<String>,
     /// Give up on one kernel's VM after this many seconds.
@@ -136,6 +142,10 @@ pub fn run(root: &Path, args: &MatrixArgs) -> Result<u8> {
         .map(|t| root.join(t))
         .unwrap_or_else(|| root.join("target"));
     let enforcer = target.join("debug/enforcer");
+    let pod_images = target.join("pod-images");
+    if suites.iter().any(|s| s.0 == "cri") {
+        crate::pod_images::write(root, &pod_images)?;
+    }
     let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
     // Below enforcer's minimum Linux only the capability suite runs (it
     // checks that enforcer refuses to start, and says why); the others are
@@ -178,6 +188,8 @@ pub fn run(root: &Path, args: &MatrixArgs) -> Result<u8> {
         ])
         .arg("--env")
         .arg(format!("ENFORCER_BIN={}", enforcer.display()))
+        .arg("--env")
+        .arg(format!("ENFORCER_POD_IMAGES={}", pod_images.display()))
         // capability.rs may find the kernel below enforcer's minimum only
         // where the matrix expects it (it checks the refusal there).
         .args(["--env", "ENFORCER_TEST_BELOW_MIN_OK=1"])

@@ -9,15 +9,15 @@
 //! 4. `cargo test --workspace`: unit tests and the integration tests in
 //!    `tests/`, which load the real programs into this kernel as root. With
 //!    `CI` set they fail rather than skip when they cannot run.
-//! 5. The BPF LSM tests, in a VM (`cargo xtask vm-test`: Debian 6.1 booted
-//!    with `lsm=...,bpf` under QEMU/TCG), because this host's kernel refuses
-//!    BPF LSM programs: `tests/tests/files.rs` (ignored in step 4, run here
-//!    with `--ignored`) and `tests/tests/capability.rs` (the
-//!    kernel-has-BPF-LSM side of the capability detection); and
-//!    `first_bytes.rs` and `channels.rs` again (the cgroup_skb programs on
-//!    Linux 6.1). Then a second boot, Debian 13's 6.12: `capability.rs` and
-//!    `files.rs` (its verifier checks LSM return values; the whole kernel
-//!    matrix is `cargo xtask vm-matrix`).
+//! 5. The BPF LSM tests, in VMs (`cargo xtask vm-test`: Debian kernels
+//!    booted with `lsm=...,bpf` under QEMU/TCG), because this host's kernel
+//!    refuses BPF LSM programs. Debian 12's 6.1: `tests/tests/files.rs`
+//!    (ignored in step 4, run here with `--ignored`), `capability.rs` (the
+//!    kernel-has-BPF-LSM side of the capability detection), `first_bytes.rs`
+//!    and `channels.rs` again (the cgroup_skb programs on 6.1) and
+//!    `unix_lsm.rs`; then Debian 13's 6.12: `capability.rs` (its verifier
+//!    checks LSM return values). The whole kernel matrix is `cargo xtask
+//!    vm-matrix`. `cargo xtask test --vm-only` runs this step alone.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -34,13 +34,24 @@ fn step(name: &str, mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-pub fn run(root: &Path) -> Result<u8> {
+pub fn run(root: &Path, vm_only: bool) -> Result<u8> {
     crate::util::require_root("test")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    if vm_only {
+        let vm = vm_tests(root, &cargo)?;
+        println!(
+            "tests in the BPF LSM VMs: {} passed, {} failed",
+            vm.passed, vm.failed
+        );
+        if vm.failed > 0 || vm.passed == 0 {
+            bail!("test failed: {} failed, {} passed", vm.failed, vm.passed);
+        }
+        return Ok(0);
+    }
     let mut setup = Command::new("bash");
     setup.arg(root.join("scripts/setup.sh")).current_dir(root);
     step("setup", setup)?;
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut fmt = Command::new(&cargo);
     fmt.args(["fmt", "--all", "--", "--check"])
         .current_dir(root);
@@ -140,12 +151,45 @@ pub(crate) fn test_binaries(
         .collect()
 }
 
-/// Step 5: the BPF LSM tests inside the VM runner.
+/// One test binary of a boot: its index in `vm_tests`' binary list and
+/// its extra arguments.
+type Run = (usize, &'static str);
+
+/// A "test result:" line: (passed, failed, ignored).
+type Counts = (u64, u64, u64);
+
+/// One VM boot of the CI step.
+struct Boot {
+    /// Shown before each line of its output (`[6.1] test ... ok`).
+    tag: &'static str,
+    /// A short name of scripts/vm-kernels.txt; `None`: the default (6.1).
+    kernel: Option<&'static str>,
+    runs: Vec<Run>,
+    timeout_s: u64,
+}
+
+/// Step 5: the BPF LSM tests inside the VM runner, one boot after the
+/// other. Measured on CI's machine (Dec 3, 2026; before enforcer loaded its
+/// programs in parallel): files 982 s, capability 292 s, first_bytes
+/// 139 s, channels 183 s, unix_lsm ~250 s on 6.1; 6.12's capability 123 s.
 fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
+    const FILES: usize = 0;
+    const CAP: usize = 1;
+    const FIRST_BYTES: usize = 2;
+    const CHANNELS: usize = 3;
+    const UNIX_LSM: usize = 4;
+    const CRI: usize = 5;
     let bins = test_binaries(
         root,
         cargo,
-        &["files", "capability", "first_bytes", "channels", "unix_lsm"],
+        &[
+            "files",
+            "capability",
+            "first_bytes",
+            "channels",
+            "unix_lsm",
+            "cri",
+        ],
     )?;
     let mut build = Command::new(cargo);
     build.args(["build", "-p", "enforcer"]).current_dir(root);
@@ -154,77 +198,113 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
         .map(|t| root.join(t))
         .unwrap_or_else(|| root.join("target"));
     let enforcer = target.join("debug/enforcer");
-    let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
-    // The binaries run in one boot; the status is the first failure's.
-    // first_bytes and channels also run on the host: here they prove the
-    // cgroup_skb programs on Linux 6.1 (its verifier checks bpf_loop
-    // callbacks differently, and its cgroup_skb helpers differ).
-    // unix_lsm: the BPF LSM unix hooks (ignored on the host, like files).
-    let script = format!(
-        "st=0; {files} --ignored --test-threads=1 || st=$?; \
-         {cap} --test-threads=1 || st=$?; {fb} --test-threads=1 || st=$?; \
-         {ch} --test-threads=1 || st=$?; {ul} --ignored --test-threads=1 || st=$?; exit $st",
-        files = q(&bins[0]),
-        cap = q(&bins[1]),
-        fb = q(&bins[2]),
-        ch = q(&bins[3]),
-        ul = q(&bins[4]),
+    let pod_images = target.join("pod-images");
+    crate::pod_images::write(root, &pod_images)?;
+    // Debian 12's 6.1: the file rules (the BPF LSM tests the host cannot
+    // run), the capability detection, the cgroup_skb programs again
+    // (first_bytes, channels: 6.1's verifier checks bpf_loop callbacks
+    // differently, and its cgroup_skb helpers differ) and the BPF LSM unix
+    // hooks. Then Debian 13's 6.12, whose verifier checks the range of an
+    // LSM program's return value (Linux >= 6.10; it refused all our LSM
+    // hooks once): the capability suite loads every LSM program there.
+    // 6.12's file suite and the rest of the kernel matrix are `cargo xtask
+    // vm-matrix` (CI's time).
+    let boots = [
+        Boot {
+            tag: "6.1",
+            kernel: None,
+            runs: vec![
+                (FILES, "--ignored"),
+                (CAP, ""),
+                (FIRST_BYTES, ""),
+                (CHANNELS, ""),
+                (UNIX_LSM, "--ignored"),
+                (CRI, "--ignored"),
+            ],
+            // 1800 s was too short once on CI's machine (before the
+            // parallel program loads).
+            timeout_s: 3000,
+        },
+        Boot {
+            tag: EXTRA_KERNEL,
+            kernel: Some(EXTRA_KERNEL),
+            runs: vec![(CAP, "")],
+            timeout_s: 900,
+        },
+    ];
+    eprintln!("\n==> xtask test: BPF LSM tests in VMs (QEMU/TCG)");
+    let started = std::time::Instant::now();
+    let mut r = VmResult {
+        passed: 0,
+        failed: 0,
+        lsm_tests: 0,
+    };
+    for boot in &boots {
+        let t = std::time::Instant::now();
+        for ((bin, _), (p, f, _)) in run_boot(root, boot, &bins, &enforcer, &pod_images)? {
+            r.passed += p;
+            r.failed += f;
+            // The binaries the host ignores (BPF LSM, containerd).
+            if bin == FILES || bin == UNIX_LSM || bin == CRI {
+                r.lsm_tests += p + f;
+            }
+        }
+        eprintln!(
+            "==> xtask test: the {} VM took {:.0} s",
+            boot.tag,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!(
+        "==> xtask test: the VM step took {:.0} s",
+        started.elapsed().as_secs_f64()
     );
+    Ok(r)
+}
+
+/// Boot `boot.kernel` once and run its binaries (the status is the first
+/// failure's); each binary's "test result:" line, in order.
+fn run_boot(
+    root: &Path,
+    boot: &Boot,
+    bins: &[PathBuf],
+    enforcer: &Path,
+    pod_images: &Path,
+) -> Result<Vec<(Run, Counts)>> {
+    let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let mut script = String::from("st=0; ");
+    for (bin, args) in &boot.runs {
+        script.push_str(&format!(
+            "{} {args} --test-threads=1 || st=$?; ",
+            q(&bins[*bin])
+        ));
+    }
+    script.push_str("exit $st");
     let exe = std::env::current_exe().context("xtask's own path")?;
     let mut vm = Command::new(&exe);
-    // The default 900 s is too tight for the whole set under TCG (878 s
-    // measured with the unix and channel tests added): 30 minutes.
     vm.arg("vm-test")
-        .args(["--timeout", "1800"])
-        .arg("--env")
+        .args(["--timeout", &boot.timeout_s.to_string()]);
+    if let Some(k) = boot.kernel {
+        vm.args(["--kernel", k]);
+    }
+    vm.arg("--env")
         .arg(format!("ENFORCER_BIN={}", enforcer.display()))
+        .arg("--env")
+        .arg(format!("ENFORCER_POD_IMAGES={}", pod_images.display()))
         .args(["--env", "CI=true", "--", "sh", "-c", &script])
         .current_dir(root);
-    eprintln!("\n==> xtask test: BPF LSM tests in the VM (QEMU/TCG, a few minutes)");
-    let results = run_tests_lines(vm)?;
+    let results = run_tests_tagged(vm, boot.tag).with_context(|| format!("VM {}", boot.tag))?;
     // One "test result:" line per binary, in order: a binary that died
     // without one would shift the counts onto the wrong suite.
-    if results.len() != 5 {
+    if results.len() != boot.runs.len() {
         bail!(
-            "the VM run reported {} test results, not 5 (one per binary)",
-            results.len()
+            "the VM {} reported {} test results, not {} (one per binary)",
+            boot.tag,
+            results.len(),
+            boot.runs.len()
         );
     }
-    let files = &results[0];
-    let mut r = VmResult {
-        passed: results.iter().map(|r| r.0).sum(),
-        failed: results.iter().map(|r| r.1).sum(),
-        // The host-ignored binaries: files (first) and unix_lsm (fifth).
-        lsm_tests: files.0 + files.1 + results.get(4).map_or(0, |r| r.0 + r.1),
-    };
-
-    // One more kernel: Debian 13's 6.12, whose verifier checks the range of
-    // an LSM program's return value (Linux >= 6.10; it refused all our LSM
-    // hooks once). The capability suite and the file rules run there; the
-    // whole matrix is `cargo xtask vm-matrix`.
-    let script = format!(
-        "st=0; {cap} --test-threads=1 || st=$?; {files} --ignored --test-threads=1 || st=$?; exit $st",
-        cap = q(&bins[1]),
-        files = q(&bins[0]),
-    );
-    let mut vm = Command::new(&exe);
-    vm.arg("vm-test")
-        .args(["--kernel", EXTRA_KERNEL, "--timeout", "1500"])
-        .arg("--env")
-        .arg(format!("ENFORCER_BIN={}", enforcer.display()))
-        .args(["--env", "CI=true", "--", "sh", "-c", &script])
-        .current_dir(root);
-    eprintln!("\n==> xtask test: capability and file rules on Linux {EXTRA_KERNEL} in the VM");
-    let extra = run_tests_lines(vm)?;
-    if extra.len() != 2 {
-        bail!(
-            "the {EXTRA_KERNEL} VM run reported {} test results, not 2",
-            extra.len()
-        );
-    }
-    r.passed += extra.iter().map(|x| x.0).sum::<u64>();
-    r.failed += extra.iter().map(|x| x.1).sum::<u64>();
-    Ok(r)
+    Ok(boot.runs.iter().copied().zip(results).collect())
 }
 
 /// The second kernel `cargo xtask test` boots (a short name of
@@ -258,6 +338,40 @@ pub(crate) fn parse_result(rest: &str) -> (u64, u64, u64) {
         }
     }
     (passed, failed, ignored)
+}
+
+/// `run_tests_lines` for a VM boot: each line of its output (stdout and
+/// stderr) is echoed after `[tag] `.
+fn run_tests_tagged(mut cmd: Command, tag: &str) -> Result<Vec<(u64, u64, u64)>> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("\n==> xtask test: [{tag}] {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running the tests")?;
+    let err = child.stderr.take().context("test stderr")?;
+    let err_tag = tag.to_string();
+    let echo_err = std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+            eprintln!("[{err_tag}] {line}");
+        }
+    });
+    let mut results = Vec::new();
+    let out = child.stdout.take().context("test stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("[{tag}] {line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            results.push(parse_result(rest));
+        }
+    }
+    let st = child.wait()?;
+    let _ = echo_err.join();
+    if !st.success() && results.iter().all(|r| r.1 == 0) {
+        bail!("tests failed ({st}) before reporting test results");
+    }
+    Ok(results)
 }
 
 /// Run a test command, echo its output, and return each "test result:"
