@@ -144,6 +144,8 @@ pub fn run(root: &Path, args: &MatrixArgs) -> Result<u8> {
     let enforcer = target.join("debug/enforcer");
     let pod_images = target.join("pod-images");
     if suites.iter().any(|s| s.0 == "cri") {
+        // setup-vm.sh installs catatonit (the pause image's binary).
+        crate::vm::setup(root, None)?;
         crate::pod_images::write(root, &pod_images)?;
     }
     let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));

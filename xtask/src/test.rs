@@ -198,6 +198,9 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
         .map(|t| root.join(t))
         .unwrap_or_else(|| root.join("target"));
     let enforcer = target.join("debug/enforcer");
+    // setup-vm.sh first: it installs what the pod images are made of
+    // (catatonit) on a fresh machine.
+    crate::vm::setup(root, None)?;
     let pod_images = target.join("pod-images");
     crate::pod_images::write(root, &pod_images)?;
     // Debian 12's 6.1: the file rules (the BPF LSM tests the host cannot

@@ -125,7 +125,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// Run scripts/setup-vm.sh; returns (vng, vmlinuz).
-fn setup(root: &Path, kernel_version: Option<&str>) -> Result<(PathBuf, PathBuf)> {
+pub(crate) fn setup(root: &Path, kernel_version: Option<&str>) -> Result<(PathBuf, PathBuf)> {
     let t = Instant::now();
     let mut cmd = Command::new("bash");
     cmd.arg(root.join("scripts/setup-vm.sh"))
