@@ -56,14 +56,20 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
   say "installing Debian packages: ${need_pkgs[*]}"
   # No service of these packages starts on this host (containerd's unit):
   # policy-rc.d says no while they install.
+  # (Removed again however the install ends: a policy-rc.d left behind
+  # would hold back every later package's services on this host.)
   held=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT INT TERM
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod +x /usr/sbin/policy-rc.d
     held=1
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
-  [ -z "$held" ] || rm -f /usr/sbin/policy-rc.d
+  if [ -n "$held" ]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT INT TERM
+  fi
 else
   say "Debian packages present ($VM_PKGS)"
 fi

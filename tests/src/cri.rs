@@ -9,6 +9,11 @@
 //! need: the CRI plugin, runc with the cgroupfs driver, the overlayfs
 //! snapshotter, CNI from `/usr/lib/cni`) and keeps its root and state on a
 //! tmpfs mounted for it (overlayfs cannot stack on the VM runner's 9p root).
+//! runc's state (`/run/containerd/runc`), the shims' sockets
+//! (`/run/containerd/s`) and the pods' network namespaces (`/var/run/netns`)
+//! stay at containerd's fixed paths: private to the VM's guest, but shared
+//! with a system containerd if this ran on a host that has one (it is
+//! `#[ignore]`d there).
 //! Images come from `cargo xtask pod-images` (no registry is reachable):
 //! `$ENFORCER_POD_IMAGES/{pause,agent}.oci.tar`, imported with `ctr`.
 use std::{
@@ -103,6 +108,10 @@ impl Containerd {
                 ));
             }
         }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
         let dir = PathBuf::from(format!("/run/enforcer-cri-{}", unique(name)));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
@@ -123,74 +132,83 @@ impl Containerd {
             ));
         }
         let sock = dir.join("containerd.sock");
-        let cni_conf = dir.join("cni");
-        std::fs::create_dir_all(&cni_conf).map_err(|e| e.to_string())?;
-        std::fs::write(
-            cni_conf.join("10-enforcer-test.conflist"),
-            serde_json::json!({
-                "cniVersion": "1.0.0",
-                "name": "enforcer-test",
-                "plugins": [{
-                    "type": "bridge",
-                    "bridge": "enforcer-cni0",
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": POD_SUBNET, "gateway": POD_GATEWAY}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": dir.join("ipam").display().to_string(),
-                    },
-                }],
-            })
-            .to_string(),
-        )
-        .map_err(|e| e.to_string())?;
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = "{sock}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  disable_apparmor = true
-  enable_selinux = false
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-"#,
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-                sock = sock.display(),
-                cni = cni_conf.display(),
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(dir.join("containerd.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("starting containerd: {e}"))?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        // Until containerd runs (then `Drop` cleans up), a failure unmounts.
+        let spawned = (|| -> Result<Child, String> {
+            let cni_conf = dir.join("cni");
+            std::fs::create_dir_all(&cni_conf).map_err(|e| e.to_string())?;
+            std::fs::write(
+                cni_conf.join("10-enforcer-test.conflist"),
+                serde_json::json!({
+                    "cniVersion": "1.0.0",
+                    "name": "enforcer-test",
+                    "plugins": [{
+                        "type": "bridge",
+                        "bridge": "enforcer-cni0",
+                        "isGateway": true,
+                        "ipMasq": false,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": POD_SUBNET, "gateway": POD_GATEWAY}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                            "dataDir": dir.join("ipam").display().to_string(),
+                        },
+                    }],
+                })
+                .to_string(),
+            )
             .map_err(|e| e.to_string())?;
+            let config = dir.join("config.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    r#"version = 2
+    root = "{root}"
+    state = "{state}"
+    disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+    [grpc]
+      address = "{sock}"
+    [plugins."io.containerd.grpc.v1.cri"]
+      sandbox_image = "{PAUSE_IMAGE}"
+      disable_apparmor = true
+      enable_selinux = false
+      [plugins."io.containerd.grpc.v1.cri".containerd]
+        snapshotter = "overlayfs"
+        default_runtime_name = "runc"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+          runtime_type = "io.containerd.runc.v2"
+          [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+            SystemdCgroup = false
+      [plugins."io.containerd.grpc.v1.cri".cni]
+        bin_dir = "/usr/lib/cni"
+        conf_dir = "{cni}"
+    "#,
+                    root = dir.join("root").display(),
+                    state = dir.join("state").display(),
+                    sock = sock.display(),
+                    cni = cni_conf.display(),
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let log =
+                std::fs::File::create(dir.join("containerd.log")).map_err(|e| e.to_string())?;
+            let child = Command::new("containerd")
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("starting containerd: {e}"))?;
+            Ok(child)
+        })();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e);
+            }
+        };
         // A client that connects nowhere until the socket answers (then
         // replaced): `me` exists from here on, so that a failure below
         // still stops containerd (Drop).
@@ -293,31 +311,46 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         }
     }
 
+    /// One CRI call, bounded (a wedged containerd fails the test instead
+    /// of hanging it): its answer or what went wrong.
+    fn rpc<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, String> {
+        let limit = Duration::from_secs(120 * u64::from(slowdown()));
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, call).await })
+        {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: no answer from containerd in {limit:?}")),
+        }
+    }
+
     /// RunPodSandbox: the pod's sandbox (pause container, network
     /// namespace); its id.
-    pub fn run_pod(&mut self, pod: &PodSpec) -> Result<String, String> {
-        let config = self.sandbox_config(pod);
-        let r = self
-            .rt
-            .block_on(self.client.run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            }))
-            .map_err(|e| format!("RunPodSandbox: {e}\n{}", self.log()))?;
-        Ok(r.into_inner().pod_sandbox_id)
+    pub fn run_pod(&self, pod: &PodSpec) -> Result<String, String> {
+        let mut c = self.client.clone();
+        let req = RunPodSandboxRequest {
+            config: Some(self.sandbox_config(pod)),
+            runtime_handler: String::new(),
+        };
+        self.rpc("RunPodSandbox", c.run_pod_sandbox(req))
+            .map(|r| r.pod_sandbox_id)
+            .map_err(|e| format!("{e}\n{}", self.log()))
     }
 
     /// The pod's IP address (CNI).
-    pub fn pod_ip(&mut self, pod_id: &str) -> Result<String, String> {
-        let r = self
-            .rt
-            .block_on(self.client.pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: pod_id.to_string(),
-                verbose: false,
-            }))
-            .map_err(|e| format!("PodSandboxStatus: {e}"))?;
-        Ok(r.into_inner()
-            .status
+    pub fn pod_ip(&self, pod_id: &str) -> Result<String, String> {
+        let mut c = self.client.clone();
+        let req = PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            verbose: false,
+        };
+        let r = self.rpc("PodSandboxStatus", c.pod_sandbox_status(req))?;
+        Ok(r.status
             .and_then(|s| s.network)
             .map(|n| n.ip)
             .unwrap_or_default())
@@ -328,7 +361,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     /// Its id; its output goes to `<log dir>/<name>_<attempt>.log` (CRI log
     /// format).
     pub fn create_container(
-        &mut self,
+        &self,
         pod_id: &str,
         pod: &PodSpec,
         name: &str,
@@ -336,7 +369,6 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         args: &[&str],
         host_dir: &Path,
     ) -> Result<String, String> {
-        let sandbox = self.sandbox_config(pod);
         let config = ContainerConfig {
             metadata: Some(ContainerMetadata {
                 name: name.to_string(),
@@ -356,42 +388,44 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             log_path: format!("{name}_{attempt}.log"),
             ..Default::default()
         };
-        let r = self
-            .rt
-            .block_on(self.client.create_container(CreateContainerRequest {
-                pod_sandbox_id: pod_id.to_string(),
-                config: Some(config),
-                sandbox_config: Some(sandbox),
-            }))
-            .map_err(|e| format!("CreateContainer: {e}\n{}", self.log()))?;
-        Ok(r.into_inner().container_id)
+        let mut c = self.client.clone();
+        let req = CreateContainerRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            config: Some(config),
+            sandbox_config: Some(self.sandbox_config(pod)),
+        };
+        self.rpc("CreateContainer", c.create_container(req))
+            .map(|r| r.container_id)
+            .map_err(|e| format!("{e}\n{}", self.log()))
     }
 
-    pub fn start_container(&mut self, id: &str) -> Result<(), String> {
-        self.rt
-            .block_on(self.client.start_container(StartContainerRequest {
-                container_id: id.to_string(),
-            }))
+    pub fn start_container(&self, id: &str) -> Result<(), String> {
+        let mut c = self.client.clone();
+        let req = StartContainerRequest {
+            container_id: id.to_string(),
+        };
+        self.rpc("StartContainer", c.start_container(req))
             .map(|_| ())
-            .map_err(|e| format!("StartContainer: {e}\n{}", self.log()))
+            .map_err(|e| format!("{e}\n{}", self.log()))
     }
 
     /// The container's state (`ContainerState` as i32: 0 created, 1
     /// running, 2 exited, 3 unknown) and exit code.
-    pub fn container_state(&mut self, id: &str) -> Result<(i32, i32), String> {
-        let r = self
-            .rt
-            .block_on(self.client.container_status(ContainerStatusRequest {
-                container_id: id.to_string(),
-                verbose: false,
-            }))
-            .map_err(|e| format!("ContainerStatus: {e}"))?;
-        let s = r.into_inner().status.ok_or("ContainerStatus: no status")?;
+    pub fn container_state(&self, id: &str) -> Result<(i32, i32), String> {
+        let mut c = self.client.clone();
+        let req = ContainerStatusRequest {
+            container_id: id.to_string(),
+            verbose: false,
+        };
+        let s = self
+            .rpc("ContainerStatus", c.container_status(req))?
+            .status
+            .ok_or("ContainerStatus: no status")?;
         Ok((s.state, s.exit_code))
     }
 
     /// Wait for the container to exit; its exit code.
-    pub fn wait_exited(&mut self, id: &str, timeout: Duration) -> Option<i32> {
+    pub fn wait_exited(&self, id: &str, timeout: Duration) -> Option<i32> {
         let mut code = None;
         poll_until(timeout, Duration::from_millis(250), || {
             match self.container_state(id) {
@@ -405,34 +439,37 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         code
     }
 
-    pub fn remove_container(&mut self, id: &str) -> Result<(), String> {
-        let _ = self
-            .rt
-            .block_on(self.client.stop_container(StopContainerRequest {
+    /// StopContainer + RemoveContainer.
+    pub fn remove_container(&self, id: &str) -> Result<(), String> {
+        let mut c = self.client.clone();
+        let _ = self.rpc(
+            "StopContainer",
+            c.stop_container(StopContainerRequest {
                 container_id: id.to_string(),
                 timeout: 0,
-            }));
-        self.rt
-            .block_on(self.client.remove_container(RemoveContainerRequest {
-                container_id: id.to_string(),
-            }))
+            }),
+        );
+        let req = RemoveContainerRequest {
+            container_id: id.to_string(),
+        };
+        self.rpc("RemoveContainer", c.remove_container(req))
             .map(|_| ())
-            .map_err(|e| format!("RemoveContainer: {e}"))
     }
 
     /// StopPodSandbox + RemovePodSandbox (its containers go with it).
-    pub fn remove_pod(&mut self, id: &str) -> Result<(), String> {
-        let _ = self
-            .rt
-            .block_on(self.client.stop_pod_sandbox(StopPodSandboxRequest {
+    pub fn remove_pod(&self, id: &str) -> Result<(), String> {
+        let mut c = self.client.clone();
+        let _ = self.rpc(
+            "StopPodSandbox",
+            c.stop_pod_sandbox(StopPodSandboxRequest {
                 pod_sandbox_id: id.to_string(),
-            }));
-        self.rt
-            .block_on(self.client.remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: id.to_string(),
-            }))
+            }),
+        );
+        let req = RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        };
+        self.rpc("RemovePodSandbox", c.remove_pod_sandbox(req))
             .map(|_| ())
-            .map_err(|e| format!("RemovePodSandbox: {e}"))
     }
 
     /// The container's output (the message part of each CRI log line).
@@ -454,11 +491,12 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Ok(r) = self.rt.block_on(
-            self.client
-                .list_pod_sandbox(ListPodSandboxRequest { filter: None }),
+        let mut c = self.client.clone();
+        if let Ok(r) = self.rpc(
+            "ListPodSandbox",
+            c.list_pod_sandbox(ListPodSandboxRequest { filter: None }),
         ) {
-            for p in r.into_inner().items {
+            for p in r.items {
                 let _ = self.remove_pod(&p.id);
             }
         }

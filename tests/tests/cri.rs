@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 
 /// The agent container's program (`python3 -I -S -B -c AGENT GW ALLOWED
 /// DENIED SITE`): its first instruction after the imports connects to a
-/// denied port; then the allowed one; then, once the test says go
+/// denied port (then it says so in `/out/first`); then the allowed one;
+/// then, once the test says go
 /// (`/out/go`), the denied one again; then it resolves `allowed.example.com`
 /// with glibc (the pod's resolv.conf names the gateway) and connects to the
 /// answer's SITE port, and resolves `denied.example.com`. One JSON line on
@@ -39,6 +40,7 @@ def tcp(port, data):
     finally:
         s.close()
 first = tcp(denied, b"exfil-first")
+open("/out/first", "w").close()
 ok = tcp(allowed, b"from-the-pod")
 for _ in range(1200):
     if os.path.exists("/out/go"):
@@ -80,6 +82,11 @@ fn pod_object(pod: &PodSpec, containers: &[(&str, &str, u32)], rv: u32) -> Value
     })
 }
 
+/// `secs` at native speed, stretched under emulation (the VM runner).
+fn wait(secs: u64) -> Duration {
+    Duration::from_secs(secs * u64::from(slowdown()))
+}
+
 fn set_pod(fake: &FakeApi, obj: &Value, kind: &str) {
     *fake.pods.lock().unwrap() = if kind == "DELETED" {
         vec![]
@@ -119,6 +126,7 @@ fn run_agent(
     out: &Path,
 ) -> (String, Value, Vec<Value>) {
     let _ = std::fs::remove_file(out.join("go"));
+    let _ = std::fs::remove_file(out.join("first"));
     let (allowed, denied, site) = (
         ports.0.to_string(),
         ports.1.to_string(),
@@ -135,14 +143,25 @@ fn run_agent(
         )
         .unwrap();
     cri.start_container(&cid).unwrap();
-    // The kubelet reports the container once it runs.
+    // The kubelet reports the container once it runs; here only after its
+    // first connect, so that the daemon cannot have known the container
+    // (its ID, its cgroup's events) then: the pod cgroup's binding alone
+    // judged it.
+    assert!(
+        poll_until(wait(120), Duration::from_millis(100), || out
+            .join("first")
+            .exists()),
+        "the agent container did not make its first connect:\n{}\n{}",
+        cri.container_output(pod, "agent", attempt),
+        cri.log()
+    );
     set_pod(
         fake,
         &pod_object(pod, &[("agent", &cid, attempt)], 100 + attempt),
         "MODIFIED",
     );
     let mut pods = Vec::new();
-    let listed = poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
+    let listed = poll_until(wait(30), Duration::from_millis(200), || {
         pods = research_pods(d);
         pods.iter().any(|p| {
             p["containers"].as_array().is_some_and(|cs| {
@@ -158,7 +177,7 @@ fn run_agent(
         d.stderr()
     );
     std::fs::write(out.join("go"), "go").unwrap();
-    let code = cri.wait_exited(&cid, Duration::from_secs(120 * u64::from(slowdown())));
+    let code = cri.wait_exited(&cid, wait(120));
     assert_eq!(
         code,
         Some(0),
@@ -252,7 +271,7 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
     // The daemon binds the pod's cgroup (made by the kubelet, holding
     // containerd's sandbox) before any app container starts.
     assert!(
-        poll_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        poll_until(wait(60), Duration::from_millis(200), || {
             research_pods(&d)
                 .first()
                 .is_some_and(|p| p["cgroup"] == pod_dir.display().to_string())
@@ -329,7 +348,7 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
         })
     };
     assert!(
-        poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        poll_until(wait(15), Duration::from_millis(200), || {
             labelled(&read_jsonl(&d.audit))
         }),
         "no denial names namespace/pod/container: {:#?}",
@@ -377,11 +396,17 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
     // The pod is deleted: containerd removes the sandbox, the kubelet its
     // cgroup, the API server the object; the daemon lets go of it.
     cri.remove_pod(&pod_id).unwrap();
-    let _ = std::fs::remove_dir(&pod_dir);
+    assert!(
+        poll_until(wait(30), Duration::from_millis(200), || {
+            std::fs::remove_dir(&pod_dir).is_ok() || !pod_dir.exists()
+        }),
+        "the pod cgroup is still there (containerd left a cgroup in it?)"
+    );
     set_pod(&fake, &pod_object(&pod, &[], 200), "DELETED");
     assert!(
-        poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
-            research_pods(&d).is_empty()
+        poll_until(wait(30), Duration::from_millis(200), || {
+            d.identity("research")
+                .is_some_and(|i| i["pods"].as_array().is_some_and(|p| p.is_empty()))
         }),
         "a deleted pod is still listed: {:#}",
         d.status()

@@ -199,7 +199,7 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
         .unwrap_or_else(|| root.join("target"));
     let enforcer = target.join("debug/enforcer");
     // setup-vm.sh first: it installs what the pod images are made of
-    // (catatonit) on a fresh machine.
+    // (catatonit) and the runtime the guest runs (containerd, runc).
     crate::vm::setup(root, None)?;
     let pod_images = target.join("pod-images");
     crate::pod_images::write(root, &pod_images)?;

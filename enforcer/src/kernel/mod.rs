@@ -104,9 +104,12 @@ enum Pinned {
 
 pub struct Kernel {
     ebpf: Ebpf,
-    /// The kernel's BTF as aya reads it, parsed once: the object's load and
-    /// every BPF LSM program's (a parse takes over a second under the VM
-    /// runner's emulation). An error says why there is none.
+    /// The kernel's BTF as aya reads it, parsed once for every BPF LSM
+    /// program's load (the LSM probe, the file, socket and unix sets: a
+    /// parse takes over a second under the VM runner's emulation; aya's
+    /// `EbpfLoader::new` parses its own copy as well). Kept while enforcer
+    /// runs (LSM sets attach when a policy first needs them). An error says
+    /// why there is none.
     aya_btf: std::result::Result<aya::Btf, String>,
     /// Another build's cgroup links being replaced (`adopt_pinned`): open
     /// (attached) until `attach` has attached this build's.
