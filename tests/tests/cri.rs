@@ -5,6 +5,9 @@
 //! these machines) whose pod objects carry the pod UID, cgroup parent and
 //! container IDs containerd reported.
 //!
+//! The pod has an init container and an app container (both the agent
+//! image), each enforced from its first instruction.
+//!
 //! `#[ignore]`d on the host (no containerd there); `cargo xtask test` runs
 //! it in the VM runner, where containerd keeps its state on a tmpfs.
 use std::{path::Path, time::Duration};
@@ -60,25 +63,32 @@ print(json.dumps({"first": first, "allowed": ok, "second": second, "site": site,
                   "via_dns": via_dns, "refused": refused}), flush=True)
 "#;
 
-/// The pod object the API server would hold: `containers` as (name,
-/// container ID, restart count) once the kubelet reported them.
-fn pod_object(pod: &PodSpec, containers: &[(&str, &str, u32)], rv: u32) -> Value {
-    let statuses: Vec<Value> = containers
-        .iter()
-        .map(|(name, id, restarts)| {
-            json!({"name": name, "image": "enforcer-agent:1", "imageID": "", "ready": true,
-                   "restartCount": restarts, "containerID": format!("containerd://{id}"),
-                   "state": {"running": {}}})
-        })
-        .collect();
+/// A container the kubelet reported: init container or not, name, ID,
+/// restart count.
+type Announced = (bool, String, String, u32);
+
+/// The pod object the API server would hold, with the containers the
+/// kubelet reported so far (an init container as terminated, app
+/// containers as running).
+fn pod_object(pod: &PodSpec, known: &[Announced], rv: u32) -> Value {
+    let status = |(init, name, id, restarts): &Announced| {
+        json!({"name": name, "image": "enforcer-agent:1", "imageID": "", "ready": !init,
+               "restartCount": restarts, "containerID": format!("containerd://{id}"),
+               "state": if *init { json!({"terminated": {"exitCode": 0}}) }
+                        else { json!({"running": {}}) }})
+    };
+    let init: Vec<Value> = known.iter().filter(|k| k.0).map(status).collect();
+    let app: Vec<Value> = known.iter().filter(|k| !k.0).map(status).collect();
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
                      "resourceVersion": rv.to_string(), "labels": {"app": "research"}},
         "spec": {"nodeName": "node-a", "serviceAccountName": "research",
+                 "initContainers": [{"name": "init", "image": "enforcer-agent:1"}],
                  "containers": [{"name": "agent", "image": "enforcer-agent:1"}]},
-        "status": {"phase": if containers.is_empty() { "Pending" } else { "Running" },
-                   "qosClass": "BestEffort", "containerStatuses": statuses}
+        "status": {"phase": if app.is_empty() { "Pending" } else { "Running" },
+                   "qosClass": "BestEffort", "initContainerStatuses": init,
+                   "containerStatuses": app}
     })
 }
 
@@ -103,25 +113,26 @@ fn research_pods(d: &Daemon) -> Vec<Value> {
 }
 
 /// The agent's JSON line from the container's log.
-fn agent_result(cri: &Containerd, pod: &PodSpec, attempt: u32) -> Value {
-    let out = cri.container_output(pod, "agent", attempt);
+fn agent_result(cri: &Containerd, pod: &PodSpec, name: &str, attempt: u32) -> Value {
+    let out = cri.container_output(pod, name, attempt);
     out.lines()
         .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .unwrap_or_else(|| panic!("no result from the agent container (attempt {attempt}):\n{out}"))
+        .unwrap_or_else(|| panic!("no result from container {name} (attempt {attempt}):\n{out}"))
 }
 
-/// Run one agent container (attempt `attempt`) to its end: created and
-/// started through CRI, announced in the pod object, told to go on once the
-/// daemon lists it. Its ID, result line, and the daemon's pods while it
-/// ran.
+/// Run one container of the agent image (`name`, attempt `attempt`; an
+/// init container if `init`) to its end: created and started through CRI,
+/// announced in the pod object (`known`) once it made its first connect,
+/// told to go on once the daemon lists it. Its ID, result line, and the
+/// daemon's pods while it ran.
 #[allow(clippy::too_many_arguments)]
 fn run_agent(
     cri: &mut Containerd,
     fake: &FakeApi,
     d: &Daemon,
-    pod_id: &str,
-    pod: &PodSpec,
-    attempt: u32,
+    (pod_id, pod): (&str, &PodSpec),
+    (name, init, attempt): (&str, bool, u32),
+    known: &mut Vec<Announced>,
     ports: (u16, u16, u16),
     out: &Path,
 ) -> (String, Value, Vec<Value>) {
@@ -136,7 +147,7 @@ fn run_agent(
         .create_container(
             pod_id,
             pod,
-            "agent",
+            name,
             attempt,
             &["-c", AGENT, POD_GATEWAY, &allowed, &denied, &site],
             out,
@@ -151,15 +162,14 @@ fn run_agent(
         poll_until(wait(120), Duration::from_millis(100), || out
             .join("first")
             .exists()),
-        "the agent container did not make its first connect:\n{}\n{}",
-        cri.container_output(pod, "agent", attempt),
+        "container {name} did not make its first connect:\n{}\n{}",
+        cri.container_output(pod, name, attempt),
         cri.log()
     );
-    set_pod(
-        fake,
-        &pod_object(pod, &[("agent", &cid, attempt)], 100 + attempt),
-        "MODIFIED",
-    );
+    known.retain(|k| k.1 != name);
+    known.push((init, name.to_string(), cid.clone(), attempt));
+    let rv = 100 + 10 * known.len() as u32 + attempt;
+    set_pod(fake, &pod_object(pod, known, rv), "MODIFIED");
     let mut pods = Vec::new();
     let listed = poll_until(wait(30), Duration::from_millis(200), || {
         pods = research_pods(d);
@@ -181,11 +191,11 @@ fn run_agent(
     assert_eq!(
         code,
         Some(0),
-        "the agent container did not finish well:\n{}\n{}",
-        cri.container_output(pod, "agent", attempt),
+        "container {name} did not finish well:\n{}\n{}",
+        cri.container_output(pod, name, attempt),
         cri.log()
     );
-    (cid, agent_result(cri, pod, attempt), pods)
+    (cid, agent_result(cri, pod, name, attempt), pods)
 }
 
 #[test]
@@ -281,14 +291,37 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
         d.stderr()
     );
 
+    let ports = (api.port(), outside.port(), site.port());
+    let mut known = Vec::new();
+    // The init container runs to its end first, enforced the same way.
+    let (_, r, pods) = run_agent(
+        &mut cri,
+        &fake,
+        &d,
+        (&pod_id, &pod),
+        ("init", true, 0),
+        &mut known,
+        ports,
+        &out,
+    );
+    assert_eq!(r["first"], libc::EPERM, "init, first instruction: {r}");
+    assert_eq!(r["allowed"], "ok", "init, allowed: {r}");
+    assert_eq!(r["second"], libc::EPERM, "init, later: {r}");
+    assert!(
+        pods[0]["containers"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["name"] == "init")),
+        "the init container is not listed by name: {pods:#?}"
+    );
+
     let (cid, r, pods) = run_agent(
         &mut cri,
         &fake,
         &d,
-        &pod_id,
-        &pod,
-        0,
-        (api.port(), outside.port(), site.port()),
+        (&pod_id, &pod),
+        ("agent", false, 0),
+        &mut known,
+        ports,
         &out,
     );
     assert_eq!(r["first"], libc::EPERM, "first instruction: {r}");
@@ -331,29 +364,34 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
         pods[0]["spiffe_id"],
         "spiffe://example.org/ns/agents/sa/research"
     );
-    assert_eq!(pods[0]["containers"][0]["name"], "agent");
+    let agent = pods[0]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "agent"))
+        .unwrap_or_else(|| panic!("no container agent: {pods:#?}"));
     assert_eq!(
-        pods[0]["containers"][0]["cgroup"],
+        agent["cgroup"],
         pod_dir.join(&cid).display().to_string(),
         "containerd's cgroupfs layout: <cgroup_parent>/<container id>"
     );
-    let labelled = |recs: &[Value]| {
+    let labelled = |recs: &[Value], container: &str| {
         recs.iter().any(|r| {
             r["action"] == "connect"
                 && r["verdict"] == "deny"
                 && r["identity"]["spiffe_id"] == "spiffe://example.org/ns/agents/sa/research"
                 && r["namespace"] == "agents"
                 && r["pod"] == "research-0"
-                && r["container"] == "agent"
+                && r["container"] == container
         })
     };
-    assert!(
-        poll_until(wait(15), Duration::from_millis(200), || {
-            labelled(&read_jsonl(&d.audit))
-        }),
-        "no denial names namespace/pod/container: {:#?}",
-        read_jsonl(&d.audit)
-    );
+    for container in ["init", "agent"] {
+        assert!(
+            poll_until(wait(15), Duration::from_millis(200), || {
+                labelled(&read_jsonl(&d.audit), container)
+            }),
+            "no denial names namespace/pod/container {container}: {:#?}",
+            read_jsonl(&d.audit)
+        );
+    }
     let m = d.scrape();
     assert!(
         metric(
@@ -377,10 +415,10 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
         &mut cri,
         &fake,
         &d,
-        &pod_id,
-        &pod,
-        1,
-        (api.port(), outside.port(), site.port()),
+        (&pod_id, &pod),
+        ("agent", false, 1),
+        &mut known,
+        ports,
         &out,
     );
     assert_ne!(cid, cid2);
