@@ -100,6 +100,9 @@ pub mod map_names {
     pub const REASONS: &str = "REASONS";
     pub const UNIX_RULES: &str = "UNIX_RULES";
     pub const UNIX_INODES: &str = "UNIX_INODES";
+    /// Container cgroups whose root the daemon resolved the file rules in
+    /// (cgroup id -> identity slot; see `policy_flags::FILES_PER_ROOT`).
+    pub const FILE_READY: &str = "FILE_READY";
     /// What the per-CPU caches are validated by, one array in one cache
     /// line (see [`cache_gen`]): the flow epoch, the generation of every
     /// input of a verdict (bindings, policies, taints) and the flow cache's
@@ -127,7 +130,7 @@ pub mod map_names {
     pub const ALLOW_HITS: &str = "ALLOW_HITS";
     /// Pinned by the daemon (SCRATCH, GENERATION, OPAQUE and IDENTITY_CACHE
     /// are per-program-set scratch, not pinned).
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         IDENTITIES,
         POLICIES,
         EGRESS_V4,
@@ -153,6 +156,7 @@ pub mod map_names {
         FLOW_SPILL,
         ALLOW_EVENTS,
         ALLOW_HITS,
+        FILE_READY,
     ];
 }
 
@@ -214,8 +218,11 @@ pub mod prog_names {
     pub const SOCKET_CONNECT: &str = "enforcer_socket_connect";
     pub const SOCKET_SENDMSG: &str = "enforcer_socket_sendmsg";
     pub const FILE_RECEIVE: &str = "enforcer_file_receive";
+    /// Holds a program's start in a container whose file rules are not
+    /// resolved yet (`policy_flags::FILES_PER_ROOT`).
+    pub const BPRM_CHECK: &str = "enforcer_bprm_check";
     /// (program, LSM hook)
-    pub const LSM: [(&str, &str); 7] = [
+    pub const LSM: [(&str, &str); 8] = [
         (FILE_OPEN, "file_open"),
         (INODE_LINK, "inode_link"),
         (INODE_RENAME, "inode_rename"),
@@ -223,6 +230,7 @@ pub mod prog_names {
         (SOCKET_CONNECT, "socket_connect"),
         (SOCKET_SENDMSG, "socket_sendmsg"),
         (FILE_RECEIVE, "file_receive"),
+        (BPRM_CHECK, "bprm_check_security"),
     ];
     /// cgroup/connect_unix and cgroup/sendmsg_unix (Linux >= 6.7; not in
     /// `ALL`: loaded when the kernel has them, see `enforcer::kernel`).
@@ -301,6 +309,12 @@ pub mod globals {
     pub const DENTRY_D_PARENT: &str = "ENFORCER_OFF_DENTRY_D_PARENT";
     pub const DENTRY_D_INODE: &str = "ENFORCER_OFF_DENTRY_D_INODE";
     pub const VALID: &str = "ENFORCER_OFF_VALID";
+    /// The exec hold: `task_struct.fs`, `fs_struct.root.dentry` (u32), and
+    /// the host's root directory as the kernel names it (ino u64, dev u32).
+    pub const TASK_FS: &str = "ENFORCER_OFF_TASK_FS";
+    pub const FS_ROOT_DENTRY: &str = "ENFORCER_OFF_FS_ROOT_DENTRY";
+    pub const HOST_ROOT_INO: &str = "ENFORCER_HOST_ROOT_INO";
+    pub const HOST_ROOT_DEV: &str = "ENFORCER_HOST_ROOT_DEV";
     /// [`super::SockOffsets`], in its field order.
     pub const SOCK: [&str; 10] = [
         "ENFORCER_SOFF_SOCKET_SK",
@@ -339,6 +353,8 @@ pub mod globals {
 }
 /// Parent dentries walked from an opened file to find a directory rule.
 pub const MAX_FILE_DEPTH: u32 = 48;
+/// Entries of `FILE_READY` (resolved container cgroups).
+pub const MAX_FILE_READY: u32 = 16384;
 /// `LearnedKey*.slot` bit of addresses learned for an identity's onTaint
 /// host rules (used once the identity is tainted).
 pub const TAINT_SLOT_BIT: u32 = 1 << 31;
@@ -473,6 +489,12 @@ pub mod policy_flags {
     pub const FILE_DIRS: u32 = 1 << 3;
     /// Judge egress by the onTaint generation once `TAINTED[slot]` is set.
     pub const TAINT_CLAMP: u32 = 1 << 4;
+    /// The file rules name paths inside containers (a policy that selects
+    /// Kubernetes pods): they are resolved in each container's root, and a
+    /// program started in a cgroup of the identity that is not in
+    /// `FILE_READY` yet is stopped before its first instruction until the
+    /// daemon has resolved that container and resumes it.
+    pub const FILES_PER_ROOT: u32 = 1 << 5;
 }
 
 /// `PortRule.flags` bits.

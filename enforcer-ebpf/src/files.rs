@@ -26,7 +26,10 @@
 //! A bound cgroup without a policy is denied the files that some policy
 //! protects (its egress fails closed in the sock_addr hooks).
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_ktime_get_ns, bpf_send_signal,
+    },
     macros::lsm,
     programs::LsmContext,
 };
@@ -37,7 +40,7 @@ use enforcer_common::{
 
 use crate::{
     identity::{self, Identity},
-    maps::{CONFIG, FILE_BLOOM, FILE_RULES, RESOLVED, TAINTED},
+    maps::{CONFIG, FILE_BLOOM, FILE_READY, FILE_RULES, RESOLVED, TAINTED},
     report::{self, Decision},
 };
 
@@ -61,6 +64,16 @@ static ENFORCER_OFF_DENTRY_D_PARENT: u32 = 0;
 pub(crate) static ENFORCER_OFF_DENTRY_D_INODE: u32 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static ENFORCER_OFF_VALID: u32 = 0;
+// The exec hold (`bprm_check`): `task_struct.fs`, `fs_struct.root.dentry`
+// (0: unknown, nothing is held), and the host's root directory.
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_TASK_FS: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_FS_ROOT_DENTRY: u32 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_HOST_ROOT_INO: u64 = 0;
+#[unsafe(no_mangle)]
+static ENFORCER_HOST_ROOT_DEV: u32 = 0;
 
 #[inline(always)]
 pub(crate) fn off(v: &'static u32) -> usize {
@@ -150,6 +163,88 @@ fn inode_rename(ctx: LsmContext) -> i32 {
     let dentry: *const u8 = ctx.arg(1);
     let inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));
     check(action::FILE_RENAME, dentry, inode)
+}
+
+#[lsm(hook = "bprm_check_security")]
+pub fn enforcer_bprm_check(ctx: LsmContext) -> i32 {
+    crate::lsm::settle(bprm_check(ctx))
+}
+
+const SIGSTOP: u32 = 19;
+
+/// Whether the current task's root directory is the host's (true when the
+/// offsets are unknown: then nothing is held).
+#[inline(always)]
+fn in_host_root() -> bool {
+    let fs_off = off(&ENFORCER_OFF_TASK_FS);
+    if fs_off == 0 {
+        return true;
+    }
+    let task = unsafe { bpf_get_current_task_btf() }
+        .cast::<u8>()
+        .cast_const();
+    let fs = load_ptr(task, fs_off);
+    let dentry = load_ptr(fs, off(&ENFORCER_OFF_FS_ROOT_DENTRY));
+    let inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));
+    if inode.is_null() {
+        return true;
+    }
+    let ino = load_u64(inode, off(&ENFORCER_OFF_INODE_I_INO));
+    let sb = load_ptr(inode, off(&ENFORCER_OFF_INODE_I_SB));
+    let dev = load_u32(sb, off(&ENFORCER_OFF_SB_S_DEV));
+    let (host_ino, host_dev) = unsafe {
+        (
+            core::ptr::read_volatile(&ENFORCER_HOST_ROOT_INO),
+            core::ptr::read_volatile(&ENFORCER_HOST_ROOT_DEV),
+        )
+    };
+    ino == host_ino && dev == host_dev
+}
+
+/// Containers of an identity whose file rules name paths inside them
+/// (`policy_flags::FILES_PER_ROOT`, pods): the daemon resolves the rule
+/// paths in each container's root, which exists only once the runtime
+/// made it, and marks the container's cgroup in `FILE_READY`. A program
+/// started (execve) in a cgroup of such an identity that is not marked
+/// yet is not refused, which would fail the container's start, but held:
+/// the kernel sends the task SIGSTOP (a kernel signal: a pid namespace's
+/// init gets it too), which stops it on its way back to user space, before
+/// the new program's first instruction. The daemon resumes it (SIGCONT)
+/// once the container's inodes are in the policy. Exec never fails here.
+/// Only tasks whose root is a container's are held: the runtime's own
+/// processes (the shim, `runc` before it pivots) keep the host's root.
+#[inline(always)]
+fn bprm_check(ctx: LsmContext) -> i32 {
+    // bprm_check_security(struct linux_binprm *bprm), then the verdict so far.
+    let prev: i32 = ctx.arg(1);
+    if prev != 0 {
+        return crate::lsm::PRIOR_DENIAL;
+    }
+    match CONFIG.get(0) {
+        Some(c) if c.file_slots != 0 => {}
+        _ => return ALLOW,
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let id = identity::of_current_cgroup(cgroup_id);
+    if id.slot == SLOT_UNKNOWN {
+        return ALLOW;
+    }
+    let Some(p) = id.policy else {
+        return ALLOW;
+    };
+    if p.flags & policy_flags::FILES_PER_ROOT == 0 {
+        return ALLOW;
+    }
+    if unsafe { FILE_READY.get(&cgroup_id) }.is_some() {
+        return ALLOW;
+    }
+    // The runtime's own processes (a shim in the pod cgroup, runc before
+    // it pivots) run in the host's root: not a container's program.
+    if in_host_root() {
+        return ALLOW;
+    }
+    unsafe { bpf_send_signal(SIGSTOP) };
+    ALLOW
 }
 
 #[inline(always)]

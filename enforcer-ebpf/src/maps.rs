@@ -9,9 +9,9 @@ use enforcer_common::{
     cache_gen, first_bytes::BUF, stat, FileKey, FileRuleValue, FlowEntry, GlobalConfig,
     IdentityBinding, InspectState, Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst,
     PolicyState, RuleSet, UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES,
-    FLOW_SPILL_BYTES, FLOW_WAYS, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_RULES,
-    MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED, MAX_SLOTS,
-    MAX_UNIX_RULES, REASONS_LEN,
+    FLOW_SPILL_BYTES, FLOW_WAYS, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_READY,
+    MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED,
+    MAX_SLOTS, MAX_UNIX_RULES, REASONS_LEN,
 };
 
 #[map(name = "IDENTITIES")]
@@ -73,6 +73,10 @@ pub static TAINTED: Array<u64> = Array::with_max_entries(MAX_SLOTS, 0);
 
 #[map(name = "RESOLVED")]
 pub static RESOLVED: HashMap<FileKey, u32> = HashMap::with_max_entries(MAX_RESOLVED, 0);
+
+/// Container cgroups resolved for `FILES_PER_ROOT` identities: cgroup id -> slot.
+#[map(name = "FILE_READY")]
+pub static FILE_READY: HashMap<u64, u32> = HashMap::with_max_entries(MAX_FILE_READY, 0);
 
 #[map(name = "NAMES")]
 pub static NAMES: LpmTrie<NameKey, RuleSet> = LpmTrie::with_max_entries(MAX_NAMES, 0);

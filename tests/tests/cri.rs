@@ -450,3 +450,446 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
         d.status()
     );
 }
+
+/// The file-policy container's program (`python3 -I -S -B -c FILES_AGENT
+/// GW ALLOWED ON_TAINT TAG`): its first statement reads `/secret/token`
+/// (then it says so in `/out/first`); once the test says go (`/out/go`)
+/// it tries the other ways to that inode through `file_agent.py` (a child
+/// process: started in a resolved container, not held), connects to the
+/// allowed port, reads the taint file, connects to the allowed port again
+/// (sending TAG) and to the onTaint port. One JSON line on stdout; then,
+/// for each further argument STEP, once `/out/STEP` exists, it reads the
+/// token again and prints `{STEP: result}`.
+const FILES_AGENT: &str = r#"
+import json, os, socket, subprocess, sys, time
+def read(p):
+    try:
+        with open(p, "rb") as f:
+            return f.read().decode()
+    except OSError as e:
+        return e.errno
+first = read("/secret/token")
+open("/out/first", "w").close()
+gw, allowed, on_taint, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def tcp(port, data):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect((gw, port))
+        s.sendall(data)
+        return "ok"
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+for _ in range(1200):
+    if os.path.exists("/out/go"):
+        break
+    time.sleep(0.1)
+ways = subprocess.run([sys.executable, "-I", "-S", "-B", "/agents/file_agent.py", "--json",
+    "open=/etc/agent/token", "open=/secret/token", "symlink=/secret/token,/tmp/l",
+    "hardlink=/secret/token,/tmp/h", "procroot=/secret/token", "procfd=/secret/token",
+    "relative=/secret,token", "rename=/secret/token,/tmp/moved", "iouring=/secret/token"],
+    capture_output=True, text=True)
+try:
+    ways = json.loads(ways.stdout)
+except ValueError:
+    ways = {"stdout": ways.stdout, "stderr": ways.stderr}
+before = tcp(allowed, b"before-taint-" + tag.encode())
+taint = read("/secret/taint")
+after = tcp(allowed, b"after-taint-" + tag.encode())
+print(json.dumps({"first": first, "ways": ways, "before": before, "taint": taint,
+                  "after": after, "on_taint": tcp(on_taint, b"on-taint-" + tag.encode())}),
+      flush=True)
+for step in sys.argv[5:]:
+    for _ in range(3000):
+        if os.path.exists("/out/" + step):
+            break
+        time.sleep(0.1)
+    print(json.dumps({step: read("/secret/token")}), flush=True)
+"#;
+
+/// A pod object of `app` (service account `app`) with its running app
+/// containers `(name, id)`.
+fn app_pod(pod: &PodSpec, app: &str, running: &[(&str, &str)], rv: u32) -> Value {
+    let statuses: Vec<Value> = running
+        .iter()
+        .map(|(name, id)| {
+            json!({"name": name, "image": "enforcer-agent:1", "imageID": "", "ready": true,
+                   "restartCount": 0, "containerID": format!("containerd://{id}"),
+                   "state": {"running": {}}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid,
+                     "resourceVersion": rv.to_string(), "labels": {"app": app}},
+        "spec": {"nodeName": "node-a", "serviceAccountName": app,
+                 "containers": [{"name": "agent", "image": "enforcer-agent:1"}]},
+        "status": {"phase": if running.is_empty() { "Pending" } else { "Running" },
+                   "qosClass": "BestEffort", "containerStatuses": statuses}
+    })
+}
+
+/// The processes under a cgroup, with their state and root (diagnostics).
+fn cgroup_processes(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
+            out += &format!(
+                "\n  {} {pid} {stat:.60} root {}",
+                d.display(),
+                root.display()
+            );
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            dirs.extend(rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+        }
+    }
+    out
+}
+
+fn set_pods(fake: &FakeApi, objs: &[Value]) {
+    *fake.pods.lock().unwrap() = objs.to_vec();
+    for o in objs {
+        fake.event(Res::Pods, "MODIFIED", o);
+    }
+}
+
+/// `files:` of a policy that selects pods name paths inside its
+/// containers: they are resolved in each container's root (an absolute
+/// symlink of the image resolves inside it), before the container's first
+/// instruction, and enforced by the BPF LSM hooks; another pod of the same
+/// image under another policy reads the same file.
+#[test]
+#[ignore = "needs containerd, runc and BPF LSM: runs in the VM runner (cargo xtask test)"]
+fn file_rules_of_pods_resolve_in_their_containers() {
+    if !require_root("file_rules_of_pods_resolve_in_their_containers") {
+        return;
+    }
+    let _serial = serial();
+    let cri = Containerd::start("crif").unwrap_or_else(|e| panic!("containerd: {e}"));
+    let prefix = Cgroup::create("crif");
+    let pins = PinDir::new("crif");
+    let dir = TestDir::new("crif");
+    let kubelet_root = Path::new("/").join(prefix.relative());
+    let spec = |name: &str, n: u32| {
+        let uid = format!(
+            "{:08x}-5d2c-4f0e-8a11-7e3c2b1d0f{n:02x}",
+            std::process::id()
+        );
+        PodSpec {
+            name: name.into(),
+            namespace: "agents".into(),
+            uid: uid.clone(),
+            cgroup_parent: kubelet_root
+                .join(format!("kubepods/besteffort/pod{uid}"))
+                .display()
+                .to_string(),
+            dns_servers: vec![POD_GATEWAY.into()],
+        }
+    };
+    let (research, other) = (spec("research-f", 1), spec("other-f", 2));
+    let fake = FakeApi::start(vec![
+        app_pod(&research, "research", &[], 90),
+        app_pod(&other, "other", &[], 90),
+    ]);
+    let mut d = Daemon::configure(&dir, &pins, &[]);
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    write_atomic(
+        &d.config,
+        &format!(
+            "{cfg}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  apiServer: http://{}\n  \
+             kubeletCgroupRoot: {}\n",
+            fake.addr,
+            kubelet_root.display()
+        ),
+    );
+    let any = "0.0.0.0:0".parse().unwrap();
+    let allowed = TcpSink::bind(any).unwrap();
+    let on_taint = TcpSink::bind(any).unwrap();
+    let policy = |app: &str, files: &str| {
+        format!(
+            "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {app}\n\
+             spec:\n  identity:\n    kubernetes:\n      namespace: agents\n      podSelector:\n        \
+             matchLabels: {{app: {app}}}\n  egress:\n    - cidr: {POD_GATEWAY}/32\n      ports: [{}]\n      \
+             protocol: tcp\n  files:\n{files}  onTaint:\n    egress:\n      - cidr: {POD_GATEWAY}/32\n        \
+             ports: [{}]\n        protocol: tcp\n",
+            allowed.port(),
+            on_taint.port()
+        )
+    };
+    // research: the token through the image's absolute symlink /etc/agent
+    // -> /secret (resolved in the container's root, it is /secret/token of
+    // the container; in the daemon's root it is nothing), and the taint
+    // file. other: a rule of its own, nothing on /secret.
+    write_atomic(
+        &d.policies.join("research.yaml"),
+        &policy(
+            "research",
+            "    - path: /etc/agent/token\n      access: deny\n    - path: /secret/taint\n      \
+             access: taint\n",
+        ),
+    );
+    write_atomic(
+        &d.policies.join("other.yaml"),
+        &policy(
+            "other",
+            "    - path: /etc/shadow-of-other\n      access: deny\n",
+        ),
+    );
+    d.start();
+    let st = d.status();
+    for name in ["research", "other"] {
+        assert!(
+            d.identity(name).is_some(),
+            "policy {name} not loaded (pods with files: are enforced now): {st:#}\n{}",
+            d.stderr()
+        );
+    }
+
+    let out_dir = |name: &str| {
+        let o = dir.join(name);
+        std::fs::create_dir_all(&o).unwrap();
+        o
+    };
+    let mut objects = vec![
+        app_pod(&research, "research", &[], 91),
+        app_pod(&other, "other", &[], 91),
+    ];
+    let mut results = Vec::new();
+    for (i, (pod, app)) in [(&research, "research"), (&other, "other")]
+        .into_iter()
+        .enumerate()
+    {
+        let pod_dir = cgroup2_mount().join(pod.cgroup_parent.trim_start_matches('/'));
+        std::fs::create_dir_all(&pod_dir).unwrap();
+        let pod_id = cri.run_pod(pod).unwrap_or_else(|e| {
+            panic!(
+                "RunPodSandbox for {app}: {}\nprocesses: {}\ndaemon: {}",
+                e.lines().next().unwrap_or(""),
+                cgroup_processes(&pod_dir),
+                d.stderr()
+            )
+        });
+        assert!(
+            poll_until(wait(60), Duration::from_millis(200), || {
+                d.identity(app)
+                    .and_then(|i| i["pods"].as_array().cloned())
+                    .is_some_and(|p| {
+                        p.first()
+                            .is_some_and(|p| p["cgroup"] == pod_dir.display().to_string())
+                    })
+            }),
+            "pod {app} not bound: {:#}\n{}",
+            d.status(),
+            d.stderr()
+        );
+        let out = out_dir(app);
+        let args = [
+            "-c",
+            FILES_AGENT,
+            POD_GATEWAY,
+            &allowed.port().to_string(),
+            &on_taint.port().to_string(),
+            app,
+            if app == "research" { "restarted" } else { "" },
+            if app == "research" { "updated" } else { "" },
+        ]
+        .map(|s| s.to_string());
+        let args: Vec<&String> = args.iter().filter(|a| !a.is_empty()).collect();
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let cid = cri
+            .create_container(&pod_id, pod, "agent", 0, &args, &out)
+            .unwrap();
+        cri.start_container(&cid).unwrap();
+        assert!(
+            poll_until(wait(120), Duration::from_millis(100), || out
+                .join("first")
+                .exists()),
+            "container of {app} did not start:\n{}\n{}\n{}",
+            cri.container_output(pod, "agent", 0),
+            cri.log(),
+            d.stderr()
+        );
+        // Announced once it ran its first statement (the kubelet's report
+        // comes later too); then the rest, labelled with its name.
+        objects[i] = app_pod(pod, app, &[("agent", &cid)], 100 + i as u32);
+        set_pods(&fake, &objects);
+        let mut listed = Value::Null;
+        assert!(
+            poll_until(wait(30), Duration::from_millis(200), || {
+                listed = d
+                    .identity(app)
+                    .and_then(|i| i["pods"][0]["containers"].as_array().cloned())
+                    .and_then(|cs| cs.into_iter().find(|c| c["name"] == "agent"))
+                    .unwrap_or(Value::Null);
+                listed["cgroup"].as_str().is_some_and(|g| g.ends_with(&cid))
+            }),
+            "the daemon does not list the container of {app}: {:#}",
+            d.status()
+        );
+        std::fs::write(out.join("go"), "go").unwrap();
+        if app == "research" {
+            // While the container runs: the daemon is killed and started
+            // again (it finds the container through the pinned FILE_READY
+            // and its recorded mount namespace, and resolves it before it
+            // installs the policy), then the policy changes (the container
+            // is resolved again for the new version). Its token stays
+            // refused through both.
+            let line = |key: &str| {
+                cri.container_output(pod, "agent", 0)
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find(|v| !v[key].is_null())
+            };
+            assert!(
+                poll_until(wait(120), Duration::from_millis(200), || line("ways")
+                    .is_some()),
+                "no first result from research:\n{}",
+                cri.container_output(pod, "agent", 0)
+            );
+            d.kill9();
+            d.start();
+            assert!(
+                d.stderr().contains("resolved in its root again"),
+                "the restarted daemon did not adopt the container:\n{}",
+                d.stderr()
+            );
+            std::fs::write(out.join("restarted"), "").unwrap();
+            assert!(poll_until(wait(60), Duration::from_millis(200), || line(
+                "restarted"
+            )
+            .is_some()));
+            let hash = d.identity("research").unwrap()["policy_hash"].clone();
+            write_atomic(
+                &d.policies.join("research.yaml"),
+                &policy(
+                    "research",
+                    "    - path: /etc/agent/token\n      access: deny\n    - path: /secret/taint\n      \
+                     access: taint\n    - path: /agents\n      access: audit\n",
+                ),
+            );
+            assert!(
+                poll_until(wait(30), Duration::from_millis(200), || d
+                    .identity("research")
+                    .is_some_and(|i| i["policy_hash"] != hash)),
+                "the new policy version is not in force: {:#}",
+                d.status()
+            );
+            std::fs::write(out.join("updated"), "").unwrap();
+        }
+        let code = cri.wait_exited(&cid, wait(120));
+        assert_eq!(
+            code,
+            Some(0),
+            "container of {app}:\n{}\n{}",
+            cri.container_output(pod, "agent", 0),
+            cri.log()
+        );
+        let out = cri.container_output(pod, "agent", 0);
+        let mut r = out
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .unwrap_or_else(|| panic!("no result from {app}:\n{out}"));
+        for l in out.lines().skip_while(|l| !l.contains("\"ways\"")).skip(1) {
+            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(l) {
+                for (k, v) in m {
+                    r[k] = v;
+                }
+            }
+        }
+        results.push((app, pod_id, pod_dir, listed, r));
+    }
+
+    let (_, _, _, listed, r) = &results[0];
+    // research: refused from its first statement, every way.
+    assert_eq!(r["first"], libc::EPERM, "first statement: {r}");
+    // (The hard link is refused, so its name does not exist to open.)
+    for way in [
+        "open", "open#2", "symlink", "procroot", "procfd", "relative", "rename", "iouring",
+    ] {
+        let v = &r["ways"][way];
+        assert_eq!(v["ok"], false, "{way} must be refused: {r:#}");
+        assert_eq!(v["errno"], "EPERM", "{way}: {r:#}");
+    }
+    assert_eq!(r["ways"]["hardlink"]["ok"], false, "{r:#}");
+    assert_eq!(r["ways"]["hardlink"]["link_errno"], "EPERM", "{r:#}");
+    assert_eq!(r["ways"]["rename"]["rename_errno"], "EPERM", "{r:#}");
+    // The taint read is allowed and clamps the identity's egress.
+    assert_eq!(r["before"], "ok", "{r}");
+    assert_eq!(r["taint"], "pod-taint-marker\n", "{r}");
+    assert_eq!(r["after"], libc::EPERM, "clamped after the taint read: {r}");
+    assert_eq!(r["on_taint"], "ok", "onTaint egress: {r}");
+    assert_eq!(r["restarted"], libc::EPERM, "after a daemon restart: {r}");
+    assert_eq!(r["updated"], libc::EPERM, "after a policy update: {r}");
+    assert!(
+        listed["file_inodes"].as_u64().is_some_and(|n| n >= 2),
+        "the container's resolved inodes in the status: {listed:#}"
+    );
+    // other: the same image, another identity: reads the file, not clamped.
+    let (_, _, _, _, o) = &results[1];
+    assert_eq!(o["first"], "pod-secret-TOKEN-7f3a\n", "{o}");
+    assert_eq!(o["ways"]["open"]["ok"], true, "{o:#}");
+    assert_eq!(o["taint"], "pod-taint-marker\n", "{o}");
+    assert_eq!(o["after"], "ok", "another identity is not clamped: {o}");
+    std::thread::sleep(Duration::from_millis(300));
+    let got = allowed.text();
+    assert!(
+        got.contains("before-taint-research") && got.contains("after-taint-other"),
+        "{got:?}"
+    );
+    assert!(
+        !got.contains("after-taint-research"),
+        "zero bytes after the taint: {got:?}"
+    );
+    // Denials name the pod and the container.
+    assert!(
+        poll_until(wait(15), Duration::from_millis(200), || {
+            read_jsonl(&d.audit).iter().any(|rec| {
+                rec["action"] == "file_open"
+                    && rec["verdict"] == "deny"
+                    && rec["pod"] == "research-f"
+                    && rec["container"] == "agent"
+            })
+        }),
+        "no labelled file denial: {:#?}",
+        read_jsonl(&d.audit)
+    );
+
+    // Pods deleted: their containers leave the policies.
+    for (app, pod_id, pod_dir, _, _) in &results {
+        cri.remove_pod(pod_id).unwrap();
+        assert!(
+            poll_until(wait(30), Duration::from_millis(200), || {
+                std::fs::remove_dir(pod_dir).is_ok() || !pod_dir.exists()
+            }),
+            "the pod cgroup of {app} is still there"
+        );
+    }
+    *fake.pods.lock().unwrap() = vec![];
+    for o in &objects {
+        fake.event(Res::Pods, "DELETED", o);
+    }
+    assert!(
+        poll_until(wait(30), Duration::from_millis(200), || {
+            ["research", "other"].iter().all(|app| {
+                d.identity(app)
+                    .is_some_and(|i| i["pods"].as_array().is_some_and(|p| p.is_empty()))
+            })
+        }),
+        "deleted pods still listed: {:#}",
+        d.status()
+    );
+    assert!(
+        !d.stderr().contains("panicked"),
+        "the daemon panicked:\n{}",
+        d.stderr()
+    );
+}

@@ -660,8 +660,8 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
     let lsm_pins = |p: &Path| std::fs::read_dir(p).map(|r| r.count()).unwrap_or(0);
     assert_eq!(
         lsm_pins(&pins.path.join("lsm")),
-        7,
-        "every LSM link is pinned (files, socket families, foreign sockets)"
+        enforcer_common::prog_names::LSM.len(),
+        "every LSM link is pinned (files, exec hold, socket families, foreign sockets)"
     );
 
     // kill -9: the pinned hooks keep enforcing the file rules and the clamp.
@@ -674,7 +674,7 @@ fn daemon_enforces_file_rules_and_taint_on_bound_cgroups() {
     d.start();
     assert_eq!(
         lsm_pins(&pins.path.join("lsm")),
-        7,
+        enforcer_common::prog_names::LSM.len(),
         "adopted, not attached twice"
     );
     let r = read(&mut p, &root.join("secrets/key"));

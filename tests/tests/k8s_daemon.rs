@@ -737,9 +737,10 @@ fn daemon_enforces_agentpolicy_objects() {
     );
 
     // 4b. A valid object that selects pods and uses `files:`: the spec is
-    //     Accepted (valid everywhere), but no node enforces it: rule paths
-    //     would resolve in the daemon's mount namespace, not the pods'
-    //     (refused per node, whatever its BPF LSM; without allowDegraded).
+    //     Accepted (valid everywhere). Its paths resolve in each container's
+    //     root (tests/tests/cri.rs proves that with real containers), so the
+    //     node enforces it wherever the kernel has BPF LSM; on a kernel
+    //     without it (and no allowDegraded) the node says why it does not.
     let filesy = agentpolicy(
         "agents",
         "filesy",
@@ -761,24 +762,30 @@ fn daemon_enforces_agentpolicy_objects() {
     assert_eq!(b["status"]["conditions"][0]["status"], "True", "{b:#}");
     assert!(b["status"]["policyHash"].is_string(), "{b:#}");
     let node = &b["status"]["nodes"][0];
-    assert_eq!(node["enforced"], false, "{b:#}");
-    assert!(
-        node["message"].as_str().is_some_and(
-            |m| m.contains("not supported for pods yet") && m.contains("mount namespace")
-        ),
-        "{b:#}"
-    );
-    assert!(
-        fake.events("agents")
-            .iter()
-            .any(|e| e["regarding"]["name"] == "filesy"
-                && e["note"]
-                    .as_str()
-                    .is_some_and(|n| n.contains("not enforced on this node"))),
-        "{:?}",
-        fake.events("agents")
-    );
-    assert!(identity(&d.status(), "agents/filesy").is_none());
+    let lsm = d.status()["capabilities"]["bpf_lsm"]["available"].as_bool();
+    if node["enforced"] == true {
+        assert_eq!(lsm, Some(true), "enforced without BPF LSM? {b:#}");
+        assert!(identity(&d.status(), "agents/filesy").is_some());
+    } else {
+        assert_ne!(lsm, Some(true), "not enforced with BPF LSM: {b:#}");
+        assert!(
+            node["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no BPF LSM")),
+            "{b:#}"
+        );
+        assert!(
+            fake.events("agents")
+                .iter()
+                .any(|e| e["regarding"]["name"] == "filesy"
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("not enforced on this node"))),
+            "{:?}",
+            fake.events("agents")
+        );
+        assert!(identity(&d.status(), "agents/filesy").is_none());
+    }
 
     // 5. DELETED: the policy is gone, the pod's cgroup fails closed.
     fake.policies

@@ -128,7 +128,11 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 
 /// The layer: files (image path -> host path, content of the symlink target)
 /// and directories (`mount_points` and every file's parents, parents first).
-fn layer(files: &BTreeMap<String, PathBuf>, mount_points: &[&str]) -> Result<Vec<u8>> {
+fn layer(
+    files: &BTreeMap<String, PathBuf>,
+    mount_points: &[&str],
+    symlinks: &[(&str, &str)],
+) -> Result<Vec<u8>> {
     let mut dirs: std::collections::BTreeSet<String> =
         mount_points.iter().map(|s| s.to_string()).collect();
     for path in files.keys() {
@@ -163,6 +167,10 @@ fn layer(files: &BTreeMap<String, PathBuf>, mount_points: &[&str]) -> Result<Vec
         let mut h = header(tar::EntryType::Regular, 0o755, data.len() as u64);
         b.append_data(&mut h, path, data.as_slice())?;
     }
+    for (path, target) in symlinks {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        b.append_link(&mut h, path, target)?;
+    }
     Ok(b.into_inner()?)
 }
 
@@ -193,6 +201,7 @@ pub fn build(bin: &Path, out: &Path) -> Result<String> {
                 },
             }),
             history: "enforcer binary and the shared libraries it loads",
+            symlinks: &[],
         },
         out,
     )
@@ -231,12 +240,14 @@ pub struct Image {
     /// The image config's `config` object (Entrypoint, Cmd, Env, ...).
     pub config: serde_json::Value,
     pub history: &'static str,
+    /// Symbolic links: image path -> target (as stored, e.g. absolute).
+    pub symlinks: &'static [(&'static str, &'static str)],
 }
 
 /// Write `image` as an OCI image archive to `out`; returns the manifest
 /// digest. Deterministic: the same files give the same digest.
 pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
-    let layer = layer(&image.files, image.mount_points)?;
+    let layer = layer(&image.files, image.mount_points, image.symlinks)?;
     let layer_digest = sha256(&layer);
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",

@@ -3,7 +3,9 @@
 //! what the kubelet's pause image does: an init that reaps) and an agent
 //! image with Python (the host's `python3`, the shared libraries it and its
 //! extension modules load, the standard-library modules the test agents
-//! import, and the agents of `tests/agents/` under `/agents`). Both are
+//! import, the agents of `tests/agents/` under `/agents`, and the files
+//! the pod file-policy test protects: `/secret/{token,taint}` from
+//! `tests/pod-image`, and `/etc/agent`, an absolute symlink to `/secret`). Both are
 //! one-layer OCI archives written by [`crate::image::write_archive`]
 //! (deterministic), imported with `ctr -n k8s.io images import`.
 use std::{
@@ -57,6 +59,7 @@ pub fn write(root: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
             mount_points: RUNTIME_DIRS,
             config: json!({"Entrypoint": ["/pause", "-P"], "Env": ["PATH=/"]}),
             history: "catatonit as the pod sandbox's init",
+            symlinks: &[],
         },
         &pause,
     )?;
@@ -72,7 +75,10 @@ pub fn write(root: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
                 "Env": ["PATH=/usr/bin:/bin"],
                 "WorkingDir": "/agents",
             }),
-            history: "python3, the modules the test agents import, and the agents",
+            history: "python3, the modules the test agents import, the agents, and files \
+                      for the file-policy test (/secret, reached also through the absolute \
+                      symlink /etc/agent)",
+            symlinks: &[("etc/agent", "/secret")],
         },
         &agent,
     )?;
@@ -150,6 +156,13 @@ fn agent_files(root: &Path) -> Result<BTreeMap<String, PathBuf>> {
                 .into_owned();
             files.insert(format!("agents/{name}"), p);
         }
+    }
+    // Files the pod file-policy test protects (tests/tests/cri.rs).
+    for name in ["token", "taint"] {
+        files.insert(
+            format!("secret/{name}"),
+            root.join(format!("tests/pod-image/secret/{name}")),
+        );
     }
     Ok(files)
 }

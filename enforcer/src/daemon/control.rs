@@ -110,6 +110,10 @@ pub struct ContainerStatusOut {
     pub container_id: Option<String>,
     /// The container's own cgroup, once it exists.
     pub cgroup: Option<String>,
+    /// Pods whose policy has file rules: the inodes its rule paths resolved
+    /// to in this container's root (absent until resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_inodes: Option<usize>,
 }
 
 pub type RecentDenialOut = RecentDenial;

@@ -38,6 +38,7 @@ pub mod config;
 pub mod control;
 pub mod dns_netns;
 pub mod heartbeat;
+mod roots;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -267,6 +268,15 @@ pub struct State {
     /// (slot, namespace) used by bound processes, served by the DNS proxy
     /// there or not (see `dns_netns`).
     dns_netns: BTreeMap<(u32, crate::netns::NetnsId), dns_netns::NetnsUse>,
+    /// Kubernetes mode: containers of pods whose policy has file rules, by
+    /// cgroup id, with the rule paths resolved in their roots (`roots`).
+    roots: BTreeMap<u64, roots::Root>,
+    /// Newly resolved containers: processes found stopped in them are
+    /// resumed for a short while (see `roots::reconcile_roots`).
+    resume_again: Vec<(PathBuf, std::time::Instant)>,
+    /// Container cgroups of such pods with no process in a container root
+    /// yet, since when (see `roots::reconcile_roots`).
+    unpivoted: HashMap<u64, std::time::Instant>,
 }
 
 impl State {
@@ -367,15 +377,7 @@ impl State {
             };
             out.hashes.push(full.hash.clone());
             let name = p.policy.metadata.name.clone();
-            // Pods first (independent of the kernel), then BPF LSM; each may
-            // strip files:/onTaint: under allowDegraded, or refuse.
-            let pod_note = match self.gate_pod_file_policy(&mut p) {
-                Ok(n) => n,
-                Err(e) => {
-                    out.node_errors.push(e);
-                    continue;
-                }
-            };
+            // BPF LSM: may strip files:/onTaint: under allowDegraded, or refuse.
             let lsm_note =
                 match crate::run::gate_file_policy(&mut p, &self.lsm, self.cfg.allow_degraded) {
                     Ok(n) => n,
@@ -384,7 +386,7 @@ impl State {
                         continue;
                     }
                 };
-            let c = match pod_note.or(lsm_note) {
+            let c = match lsm_note {
                 Some(note) => {
                     if self.degraded.get(&name) != Some(&note) {
                         tracing::warn!("{note}");
@@ -474,47 +476,6 @@ impl State {
                 ),
             }
         }
-    }
-
-    /// Kubernetes mode: `files:` rules name paths in the agent's container,
-    /// but the daemon resolves them to inodes in its own mount namespace (the
-    /// DaemonSet container's), where they are missing or other files.
-    /// Resolving them per pod (through `/proc/<pid>/root`) is not built, so
-    /// a policy that selects pods and uses `files:`/`onTaint:` is refused on
-    /// this node with its position and the reason, or, with
-    /// `allowDegraded`, enforced for network egress only and said
-    /// everywhere (log, `enforcer status`, the object's node entry), like a
-    /// kernel without BPF LSM. Policies of static cgroup bindings (processes
-    /// in the daemon's mount namespace) are not affected.
-    fn gate_pod_file_policy(&self, p: &mut LoadedPolicy) -> Result<Option<String>, String> {
-        let selects_pods = p
-            .policy
-            .spec
-            .identity
-            .as_ref()
-            .is_some_and(|i| i.kubernetes.is_some());
-        let Some((line, col)) = p
-            .file_policy_span()
-            .filter(|_| self.k8s.is_some() && selects_pods)
-        else {
-            return Ok(None);
-        };
-        let name = p.policy.metadata.name.clone();
-        if !self.cfg.allow_degraded {
-            return Err(format!(
-                "{}:{line}:{col}: policy {name:?} selects Kubernetes pods and uses file policy, \
-                 which is not supported for pods yet: its paths would be resolved in the \
-                 daemon's mount namespace, not in the pods' containers. Remove files:/onTaint:, \
-                 or set allowDegraded: true to enforce its network part only.",
-                p.source.display()
-            ));
-        }
-        p.strip_file_policy();
-        Ok(Some(format!(
-            "DEGRADED: policy {name:?}: files/onTaint NOT enforced for its pods (paths resolve \
-             in the daemon's mount namespace, not the pods'; per-pod resolution is not built); \
-             network egress is enforced"
-        )))
     }
 
     /// Read every policy source (files, then `AgentPolicy` objects); apply
@@ -649,15 +610,24 @@ impl State {
             // Paths are resolved again only for a new policy or while some
             // rule path is missing (a protected path created later gets
             // protected); a complete resolution stays valid (inodes).
-            let previous = self
+            let previous: Option<crate::kernel::files::ResolvedFiles> = self
                 .active
                 .get(name)
-                .filter(|a| a.compiled.hash == compiled.hash);
-            let files = match previous {
-                Some(a) if a.files.unresolved.is_empty() => a.files.clone(),
+                .filter(|a| a.compiled.hash == compiled.hash)
+                .map(|a| a.files.clone());
+            let files = match &previous {
+                Some(f) if f.unresolved.is_empty() => f.clone(),
+                // Pods: the paths are resolved in each container's root.
+                _ if self.per_root(compiled) => {
+                    if let Some(slot) = self.slots.slots.get(name).copied() {
+                        self.adopt_roots(name, slot, compiled);
+                    }
+                    self.refresh_roots(name, compiled);
+                    self.root_files(name)
+                }
                 _ => self.kernel.resolve_files(&compiled.files),
             };
-            let same = previous.is_some_and(|a| a.files == files);
+            let same = previous.as_ref() == Some(&files);
             if same {
                 if let Some(a) = self.active.get_mut(name) {
                     a.source = source.clone();
@@ -988,6 +958,7 @@ impl State {
             }
         }
         self.metrics.set_attached_cgroups(self.bound.len() as u64);
+        self.reconcile_roots();
     }
 
     /// Kubernetes mode: the pod-level cgroup of every pod of this node that
@@ -1087,6 +1058,7 @@ impl State {
     /// network namespace at once (see `dns_netns`) and to close it after.
     fn watch_pending_pods(&mut self) {
         use notify::{RecursiveMode, Watcher};
+        let per_root = self.per_root_pods();
         let Some(k) = self.k8s.as_mut() else {
             return;
         };
@@ -1107,6 +1079,11 @@ impl State {
             if events.is_file() {
                 wanted.insert(events);
             }
+        }
+        // Pods whose containers' roots resolve their file rules: a new
+        // container cgroup is to be resolved at once.
+        for path in per_root {
+            wanted.insert(path);
         }
         if wanted.is_empty() && k.watched.is_empty() {
             return;
@@ -1347,6 +1324,7 @@ impl State {
                     name: c.name.clone(),
                     kind: format!("{:?}", c.kind).to_lowercase(),
                     container_id: c.container_id.clone(),
+                    file_inodes: dir.as_deref().and_then(|d| self.root_inodes(d)),
                     cgroup: dir.map(|d| d.display().to_string()),
                 })
                 .collect(),
@@ -1609,6 +1587,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             })
             .ok(),
         dns_netns: BTreeMap::new(),
+        roots: BTreeMap::new(),
+        resume_again: Vec::new(),
+        unpivoted: HashMap::new(),
         k8s: None,
         swept_files: false,
         swept_objects: false,

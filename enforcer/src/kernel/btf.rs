@@ -277,6 +277,15 @@ pub fn file_offsets(btf: &Btf) -> Result<FileOffsets, BtfError> {
     })
 }
 
+/// `task_struct.fs` and `fs_struct.root.dentry`: the exec hold reads the
+/// current task's root directory through them.
+pub fn root_offsets(btf: &Btf) -> Result<(u32, u32), BtfError> {
+    Ok((
+        btf.member_offset("task_struct", "fs")?,
+        btf.member_offset("fs_struct", "root.dentry")?,
+    ))
+}
+
 /// The offsets through which the cgroup programs read the current task's
 /// cgroup id and process id.
 pub fn task_offsets(btf: &Btf) -> Result<enforcer_common::TaskOffsets, BtfError> {

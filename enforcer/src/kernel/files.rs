@@ -65,6 +65,32 @@ pub struct ResolvedFiles {
     pub unresolved: Vec<(u32, PathBuf, String)>,
     /// Directory trees not listed completely ([`MAX_TREE_ENTRIES`]).
     pub truncated: Vec<PathBuf>,
+    /// The paths name files inside containers, resolved in each one's root
+    /// (`policy_flags::FILES_PER_ROOT`): these entries are the union of
+    /// every resolved container's.
+    pub per_root: bool,
+}
+
+impl ResolvedFiles {
+    /// The union of what several container roots resolved to (an inode two
+    /// roots share, a lower layer of one image, keeps the first rule found:
+    /// the rule paths are the same in every root).
+    pub fn union<'a>(parts: impl IntoIterator<Item = &'a ResolvedFiles>) -> Self {
+        let mut map: HashMap<Inode, FileRuleValue> = HashMap::new();
+        let mut out = ResolvedFiles {
+            per_root: true,
+            ..Default::default()
+        };
+        for p in parts {
+            out.dirs |= p.dirs;
+            for (i, v) in &p.entries {
+                map.entry(*i).or_insert(*v);
+            }
+        }
+        out.entries = map.into_iter().collect();
+        out.entries.sort_by_key(|(i, _)| *i);
+        out
+    }
 }
 
 fn access_code(a: FileAccess) -> u8 {

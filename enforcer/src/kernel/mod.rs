@@ -142,6 +142,8 @@ pub struct Kernel {
     /// What `FILE_BLOOM` holds (mirror).
     bloom_words: Vec<u64>,
     resolved: HashMap<MapData, FileKey, u32>,
+    /// `FILE_READY`: container cgroups resolved for `FILES_PER_ROOT` slots.
+    file_ready: HashMap<MapData, u64, u32>,
     resolver_tid: u32,
     taint: Arc<Mutex<TaintTable>>,
     /// Slots whose policy has file rules (`CONFIG.file_slots`).
@@ -489,6 +491,22 @@ impl Kernel {
         ] {
             loader.override_global(name, value, true);
         }
+        // The exec hold of per-container file rules: the current task's
+        // root directory against the host's (pid 1's).
+        let (task_fs, fs_root) = match with_btf(&kbtf, btf::root_offsets) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("no struct offsets for a task's root directory: programs started in pod containers are not held until their file rules are resolved: {e}");
+                (0, 0)
+            }
+        };
+        let host_root = fs::metadata("/proc/1/root/")
+            .map(|m| files::Inode::of(&m))
+            .unwrap_or(files::Inode { ino: 0, dev: 0 });
+        loader.override_global(globals::TASK_FS, &task_fs, true);
+        loader.override_global(globals::FS_ROOT_DENTRY, &fs_root, true);
+        loader.override_global(globals::HOST_ROOT_INO, &host_root.ino, true);
+        loader.override_global(globals::HOST_ROOT_DEV, &host_root.dev, true);
         // The current task's cgroup id and process id through the task
         // (one helper call instead of two on every decision); without them
         // the programs call the helpers.
@@ -641,6 +659,7 @@ impl Kernel {
             }
         }
         let resolved = map(&mut ebpf, map_names::RESOLVED)?;
+        let file_ready = map(&mut ebpf, map_names::FILE_READY)?;
         let taint = Arc::new(Mutex::new(TaintTable {
             map: map(&mut ebpf, map_names::TAINTED)?,
         }));
@@ -757,6 +776,7 @@ impl Kernel {
             file_bloom,
             bloom_words,
             resolved,
+            file_ready,
             resolver_tid: 0,
             taint,
             file_slots,
@@ -1250,6 +1270,51 @@ impl Kernel {
         out
     }
 
+    /// Resolve `spec.files` inside a container's mount namespace (`mnt`,
+    /// an open `/proc/<pid>/ns/mnt`), as [`Kernel::resolve_files`] does in
+    /// the daemon's own. A thread of its own takes a private file-system
+    /// context (`unshare(CLONE_FS)`) and enters the namespace (`setns`, as
+    /// `nsenter --mount` does): its root is then the namespace's root, the
+    /// container's root file system with its mounts, whatever root a process
+    /// of the container `chroot`ed to; every path, and every absolute symlink
+    /// met on the way, resolves inside it, and the hooks record that thread's
+    /// opens like the resolver thread's.
+    pub fn resolve_files_in(
+        &mut self,
+        mnt: &fs::File,
+        rules: &[crate::policy::compile::CompiledFileRule],
+    ) -> Result<files::ResolvedFiles> {
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<files::ResolvedFiles> {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+                    .context("unshare(CLONE_FS) for the resolver thread")?;
+                nix::sched::setns(mnt, nix::sched::CloneFlags::CLONE_NEWNS)
+                    .context("entering the container's mount namespace")?;
+                Ok(self.resolve_files(rules))
+            })
+            .join()
+            .map_err(|_| anyhow!("the resolver thread panicked"))?
+        })
+    }
+
+    /// Mark a container cgroup resolved (`FILE_READY`): programs started in
+    /// it run at once from now on.
+    pub fn mark_root_ready(&mut self, cgroup_id: u64, slot: u32) -> Result<()> {
+        self.file_ready
+            .insert(cgroup_id, slot, 0)
+            .map_err(|e| anyhow!("marking cgroup {cgroup_id} in FILE_READY: {e}"))
+    }
+
+    pub fn unmark_root(&mut self, cgroup_id: u64) {
+        let _ = self.file_ready.remove(&cgroup_id);
+    }
+
+    /// `FILE_READY` as (cgroup id, slot): the containers a previous daemon
+    /// resolved, when the map is pinned.
+    pub fn ready_roots(&self) -> Vec<(u64, u32)> {
+        self.file_ready.iter().filter_map(|r| r.ok()).collect()
+    }
+
     /// Detach the BPF LSM file hooks and unix hooks (and remove their pins).
     pub fn detach_file_hooks(&mut self) {
         self.lsm_links.clear();
@@ -1529,6 +1594,9 @@ impl Kernel {
         }
         if files.dirs {
             flags |= policy_flags::FILE_DIRS;
+        }
+        if files.per_root {
+            flags |= policy_flags::FILES_PER_ROOT;
         }
         if compiled.taint.is_some() {
             flags |= policy_flags::TAINT_CLAMP;
