@@ -309,12 +309,14 @@ pub mod globals {
     pub const DENTRY_D_PARENT: &str = "ENFORCER_OFF_DENTRY_D_PARENT";
     pub const DENTRY_D_INODE: &str = "ENFORCER_OFF_DENTRY_D_INODE";
     pub const VALID: &str = "ENFORCER_OFF_VALID";
-    /// The exec hold: `task_struct.fs`, `fs_struct.root.dentry` (u32), and
-    /// the host's root directory as the kernel names it (ino u64, dev u32).
-    pub const TASK_FS: &str = "ENFORCER_OFF_TASK_FS";
-    pub const FS_ROOT_DENTRY: &str = "ENFORCER_OFF_FS_ROOT_DENTRY";
-    pub const HOST_ROOT_INO: &str = "ENFORCER_HOST_ROOT_INO";
-    pub const HOST_ROOT_DEV: &str = "ENFORCER_HOST_ROOT_DEV";
+    /// The exec hold: `task_struct.nsproxy`, `nsproxy.mnt_ns`,
+    /// `mnt_namespace.ns.inum`, and the host's mount namespace inode (u32s).
+    pub const TASK_NSPROXY: &str = "ENFORCER_OFF_TASK_NSPROXY";
+    pub const NSPROXY_MNT_NS: &str = "ENFORCER_OFF_NSPROXY_MNT_NS";
+    pub const MNT_NS_INUM: &str = "ENFORCER_OFF_MNT_NS_INUM";
+    pub const HOST_MNT_NS: &str = "ENFORCER_HOST_MNT_NS";
+    /// `inode.i_mode` (the resolver thread's opens).
+    pub const INODE_I_MODE: &str = "ENFORCER_OFF_INODE_I_MODE";
     /// [`super::SockOffsets`], in its field order.
     pub const SOCK: [&str; 10] = [
         "ENFORCER_SOFF_SOCKET_SK",

@@ -27,15 +27,15 @@
 //! protects (its egress fails closed in the sock_addr hooks).
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
-        bpf_ktime_get_ns, bpf_send_signal,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_send_signal,
     },
     macros::lsm,
     programs::LsmContext,
 };
 use enforcer_common::{
     action, bloom_bit, file_access, policy_flags, rule, verdict, FileKey, PolicyState,
-    MAX_FILE_DEPTH, SLOT_UNKNOWN,
+    MAX_CGROUP_DEPTH, MAX_FILE_DEPTH, SLOT_UNKNOWN,
 };
 
 use crate::{
@@ -64,16 +64,20 @@ static ENFORCER_OFF_DENTRY_D_PARENT: u32 = 0;
 pub(crate) static ENFORCER_OFF_DENTRY_D_INODE: u32 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static ENFORCER_OFF_VALID: u32 = 0;
-// The exec hold (`bprm_check`): `task_struct.fs`, `fs_struct.root.dentry`
-// (0: unknown, nothing is held), and the host's root directory.
+// The exec hold (`bprm_check`): `task_struct.nsproxy`, `nsproxy.mnt_ns`,
+// `mnt_namespace.ns.inum` (0: unknown, nothing is held), and the inode
+// number of the host's mount namespace (pid 1's).
 #[unsafe(no_mangle)]
-static ENFORCER_OFF_TASK_FS: u32 = 0;
+static ENFORCER_OFF_TASK_NSPROXY: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_OFF_FS_ROOT_DENTRY: u32 = 0;
+static ENFORCER_OFF_NSPROXY_MNT_NS: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_HOST_ROOT_INO: u64 = 0;
+static ENFORCER_OFF_MNT_NS_INUM: u32 = 0;
 #[unsafe(no_mangle)]
-static ENFORCER_HOST_ROOT_DEV: u32 = 0;
+static ENFORCER_HOST_MNT_NS: u32 = 0;
+// `inode.i_mode` (the resolver thread opens only files and directories).
+#[unsafe(no_mangle)]
+static ENFORCER_OFF_INODE_I_MODE: u32 = 0;
 
 #[inline(always)]
 pub(crate) fn off(v: &'static u32) -> usize {
@@ -172,33 +176,47 @@ pub fn enforcer_bprm_check(ctx: LsmContext) -> i32 {
 
 const SIGSTOP: u32 = 19;
 
-/// Whether the current task's root directory is the host's (true when the
-/// offsets are unknown: then nothing is held).
+/// Whether the current task is in the host's mount namespace (true when
+/// the offsets are unknown: then nothing is held). A container's runtime
+/// (the shim, `runc` before it enters the container) is; a program started
+/// inside a container is not.
 #[inline(always)]
-fn in_host_root() -> bool {
-    let fs_off = off(&ENFORCER_OFF_TASK_FS);
-    if fs_off == 0 {
+fn in_host_mnt_ns() -> bool {
+    let nsproxy_off = off(&ENFORCER_OFF_TASK_NSPROXY);
+    if nsproxy_off == 0 {
         return true;
     }
     let task = unsafe { bpf_get_current_task_btf() }
         .cast::<u8>()
         .cast_const();
-    let fs = load_ptr(task, fs_off);
-    let dentry = load_ptr(fs, off(&ENFORCER_OFF_FS_ROOT_DENTRY));
-    let inode = load_ptr(dentry, off(&ENFORCER_OFF_DENTRY_D_INODE));
-    if inode.is_null() {
+    let nsproxy = load_ptr(task, nsproxy_off);
+    let mnt_ns = load_ptr(nsproxy, off(&ENFORCER_OFF_NSPROXY_MNT_NS));
+    if mnt_ns.is_null() {
         return true;
     }
-    let ino = load_u64(inode, off(&ENFORCER_OFF_INODE_I_INO));
-    let sb = load_ptr(inode, off(&ENFORCER_OFF_INODE_I_SB));
-    let dev = load_u32(sb, off(&ENFORCER_OFF_SB_S_DEV));
-    let (host_ino, host_dev) = unsafe {
-        (
-            core::ptr::read_volatile(&ENFORCER_HOST_ROOT_INO),
-            core::ptr::read_volatile(&ENFORCER_HOST_ROOT_DEV),
-        )
-    };
-    ino == host_ino && dev == host_dev
+    let inum = load_u32(mnt_ns, off(&ENFORCER_OFF_MNT_NS_INUM));
+    inum == unsafe { core::ptr::read_volatile(&ENFORCER_HOST_MNT_NS) }
+}
+
+/// The current cgroup or one of its ancestors is in `FILE_READY` (a
+/// process in a cgroup a container made below its own is covered by it).
+#[inline(always)]
+fn ready(cgroup_id: u64) -> bool {
+    if unsafe { FILE_READY.get(&cgroup_id) }.is_some() {
+        return true;
+    }
+    let mut level: i32 = 0;
+    while level < MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == cgroup_id {
+            return false;
+        }
+        if unsafe { FILE_READY.get(&id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
 }
 
 /// Containers of an identity whose file rules name paths inside them
@@ -211,8 +229,9 @@ fn in_host_root() -> bool {
 /// init gets it too), which stops it on its way back to user space, before
 /// the new program's first instruction. The daemon resumes it (SIGCONT)
 /// once the container's inodes are in the policy. Exec never fails here.
-/// Only tasks whose root is a container's are held: the runtime's own
-/// processes (the shim, `runc` before it pivots) keep the host's root.
+/// Only tasks outside the host's mount namespace are held: the runtime's
+/// own processes (the shim, `runc` before it enters the container) are in
+/// it.
 #[inline(always)]
 fn bprm_check(ctx: LsmContext) -> i32 {
     // bprm_check_security(struct linux_binprm *bprm), then the verdict so far.
@@ -235,12 +254,12 @@ fn bprm_check(ctx: LsmContext) -> i32 {
     if p.flags & policy_flags::FILES_PER_ROOT == 0 {
         return ALLOW;
     }
-    if unsafe { FILE_READY.get(&cgroup_id) }.is_some() {
+    if ready(cgroup_id) {
         return ALLOW;
     }
     // The runtime's own processes (a shim in the pod cgroup, runc before
-    // it pivots) run in the host's root: not a container's program.
-    if in_host_root() {
+    // it enters the container) run in the host's mount namespace.
+    if in_host_mnt_ns() {
         return ALLOW;
     }
     unsafe { bpf_send_signal(SIGSTOP) };
@@ -404,6 +423,12 @@ fn check(act: u8, dentry: *const u8, inode: *const u8) -> i32 {
     };
     if cfg.resolver_tid != 0 && cfg.resolver_tid == bpf_get_current_pid_tgid() as u32 {
         if act == action::FILE_OPEN {
+            // The resolver (root, possibly inside an agent's container)
+            // opens files and directories only: a device or FIFO swapped
+            // in after its stat is refused before its driver's open runs.
+            if !file_or_dir(inode) {
+                return EPERM;
+            }
             resolve(inode);
         }
         return ALLOW;
@@ -478,6 +503,17 @@ fn check(act: u8, dentry: *const u8, inode: *const u8) -> i32 {
 /// The enforcer's resolver thread opened a rule path: record the inode the
 /// hook sees (on overlayfs there are two opens, the overlay inode and the
 /// real one, neither of which `stat` reports exactly).
+/// A regular file or a directory (unknown `i_mode` offset: true).
+#[inline(always)]
+fn file_or_dir(inode: *const u8) -> bool {
+    let mode_off = off(&ENFORCER_OFF_INODE_I_MODE);
+    if mode_off == 0 || inode.is_null() {
+        return true;
+    }
+    let mode = unsafe { core::ptr::read(inode.add(mode_off) as *const u16) } & 0o170000;
+    mode == 0o100000 || mode == 0o040000
+}
+
 #[inline(always)]
 fn resolve(inode: *const u8) {
     if off(&ENFORCER_OFF_VALID) == 0 || inode.is_null() {

@@ -458,8 +458,10 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
 /// process: started in a resolved container, not held), connects to the
 /// allowed port, reads the taint file, connects to the allowed port again
 /// (sending TAG) and to the onTaint port. One JSON line on stdout; then,
-/// for each further argument STEP, once `/out/STEP` exists, it reads the
-/// token again and prints `{STEP: result}`.
+/// for each further argument STEP, once `/out/STEP` exists: `decoy` moves
+/// `/out/vault` (a volume's protected file's directory) aside and plants a
+/// decoy at the rule path `/out/vault/token`; any other STEP reads the
+/// moved token; each prints `{STEP: result, STEP_image: /secret/token}`.
 const FILES_AGENT: &str = r#"
 import json, os, socket, subprocess, sys, time
 def read(p):
@@ -506,7 +508,20 @@ for step in sys.argv[5:]:
         if os.path.exists("/out/" + step):
             break
         time.sleep(0.1)
-    print(json.dumps({step: read("/secret/token")}), flush=True)
+    if step == "decoy":
+        # Move the protected file's (unprotected) directory aside and plant
+        # a decoy at the rule path, for the daemon to resolve next time.
+        try:
+            os.rename("/out/vault", "/out/vault-moved")
+            os.mkdir("/out/vault")
+            with open("/out/vault/token", "w") as f:
+                f.write("decoy")
+            result = "ok"
+        except OSError as e:
+            result = e.errno
+    else:
+        result = read("/out/vault-moved/token")
+    print(json.dumps({step: result, step + "_image": read("/secret/token")}), flush=True)
 "#;
 
 /// A pod object of `app` (service account `app`) with its running app
@@ -596,6 +611,9 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         }
     };
     let (research, other) = (spec("research-f", 1), spec("other-f", 2));
+    let started = std::time::Instant::now();
+    let mut phases: Vec<(String, u64)> = Vec::new();
+    let mut phase = |what: &str| phases.push((what.to_string(), started.elapsed().as_secs()));
     let fake = FakeApi::start(vec![
         app_pod(&research, "research", &[], 90),
         app_pod(&other, "other", &[], 90),
@@ -634,7 +652,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         &policy(
             "research",
             "    - path: /etc/agent/token\n      access: deny\n    - path: /secret/taint\n      \
-             access: taint\n",
+             access: taint\n    - path: /out/vault/token\n      access: deny\n",
         ),
     );
     write_atomic(
@@ -645,6 +663,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         ),
     );
     d.start();
+    phase("daemon started");
     let st = d.status();
     for name in ["research", "other"] {
         assert!(
@@ -670,6 +689,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
     {
         let pod_dir = cgroup2_mount().join(pod.cgroup_parent.trim_start_matches('/'));
         std::fs::create_dir_all(&pod_dir).unwrap();
+        phase(&format!("{app}: sandbox"));
         let pod_id = cri.run_pod(pod).unwrap_or_else(|e| {
             panic!(
                 "RunPodSandbox for {app}: {}\nprocesses: {}\ndaemon: {}",
@@ -692,6 +712,9 @@ fn file_rules_of_pods_resolve_in_their_containers() {
             d.stderr()
         );
         let out = out_dir(app);
+        // A file of a volume (the host directory mounted at /out).
+        std::fs::create_dir_all(out.join("vault")).unwrap();
+        std::fs::write(out.join("vault/token"), "volume-secret").unwrap();
         let args = [
             "-c",
             FILES_AGENT,
@@ -699,6 +722,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
             &allowed.port().to_string(),
             &on_taint.port().to_string(),
             app,
+            if app == "research" { "decoy" } else { "" },
             if app == "research" { "restarted" } else { "" },
             if app == "research" { "updated" } else { "" },
         ]
@@ -709,6 +733,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
             .create_container(&pod_id, pod, "agent", 0, &args, &out)
             .unwrap();
         cri.start_container(&cid).unwrap();
+        phase(&format!("{app}: started"));
         assert!(
             poll_until(wait(120), Duration::from_millis(100), || out
                 .join("first")
@@ -755,8 +780,73 @@ fn file_rules_of_pods_resolve_in_their_containers() {
                 "no first result from research:\n{}",
                 cri.container_output(pod, "agent", 0)
             );
+            // The agent moves the volume's protected file aside and plants
+            // a decoy where the rule points: the daemon resolving again
+            // must not drop the real file's inode.
+            std::fs::write(out.join("decoy"), "").unwrap();
+            assert!(
+                poll_until(wait(60), Duration::from_millis(200), || line("decoy")
+                    .is_some()),
+                "{}",
+                cri.container_output(pod, "agent", 0)
+            );
+            phase("decoy planted");
             d.kill9();
+            // A container started while no daemon runs: its program is held
+            // (stopped) before its first instruction, until a daemon has
+            // resolved the container.
+            let held_out = out_dir("research-held");
+            let held_args = [
+                "-c",
+                FILES_AGENT,
+                POD_GATEWAY,
+                &allowed.port().to_string(),
+                &on_taint.port().to_string(),
+                "held",
+            ]
+            .map(|s| s.to_string());
+            let held_args: Vec<&str> = held_args.iter().map(|s| s.as_str()).collect();
+            let held = cri
+                .create_container(&pod_id, pod, "held", 0, &held_args, &held_out)
+                .unwrap();
+            cri.start_container(&held).unwrap();
+            let held_dir = pod_dir.join(&held);
+            assert!(
+                poll_until(wait(30), Duration::from_millis(200), || {
+                    cgroup_processes(&held_dir).contains(") T ")
+                }),
+                "the program of a container started without a daemon is not held: {}",
+                cgroup_processes(&held_dir)
+            );
+            std::thread::sleep(wait(3));
+            assert!(
+                !held_out.join("first").exists(),
+                "a container started while no daemon runs ran its first statement"
+            );
             d.start();
+            phase("daemon restarted");
+            assert!(
+                poll_until(wait(60), Duration::from_millis(200), || held_out
+                    .join("first")
+                    .exists()),
+                "the held container was not resumed: {}\n{}",
+                cgroup_processes(&held_dir),
+                d.stderr()
+            );
+            std::fs::write(held_out.join("go"), "go").unwrap();
+            assert_eq!(cri.wait_exited(&held, wait(120)), Some(0));
+            let h = cri
+                .container_output(pod, "held", 0)
+                .lines()
+                .find_map(|l| serde_json::from_str::<Value>(l).ok())
+                .unwrap_or(Value::Null);
+            assert_eq!(h["first"], libc::EPERM, "held, then resumed: {h}");
+            assert_eq!(h["ways"]["open"]["errno"], "EPERM", "{h:#}");
+            assert!(
+                d.stderr().contains("held programs resumed"),
+                "{}",
+                d.stderr()
+            );
             assert!(
                 d.stderr().contains("resolved in its root again"),
                 "the restarted daemon did not adopt the container:\n{}",
@@ -773,7 +863,8 @@ fn file_rules_of_pods_resolve_in_their_containers() {
                 &policy(
                     "research",
                     "    - path: /etc/agent/token\n      access: deny\n    - path: /secret/taint\n      \
-                     access: taint\n    - path: /agents\n      access: audit\n",
+                     access: taint\n    - path: /out/vault/token\n      access: deny\n    - path: \
+                     /agents\n      access: audit\n",
                 ),
             );
             assert!(
@@ -784,8 +875,10 @@ fn file_rules_of_pods_resolve_in_their_containers() {
                 d.status()
             );
             std::fs::write(out.join("updated"), "").unwrap();
+            phase("policy updated");
         }
         let code = cri.wait_exited(&cid, wait(120));
+        phase(&format!("{app}: exited"));
         assert_eq!(
             code,
             Some(0),
@@ -827,8 +920,15 @@ fn file_rules_of_pods_resolve_in_their_containers() {
     assert_eq!(r["taint"], "pod-taint-marker\n", "{r}");
     assert_eq!(r["after"], libc::EPERM, "clamped after the taint read: {r}");
     assert_eq!(r["on_taint"], "ok", "onTaint egress: {r}");
-    assert_eq!(r["restarted"], libc::EPERM, "after a daemon restart: {r}");
-    assert_eq!(r["updated"], libc::EPERM, "after a policy update: {r}");
+    assert_eq!(r["decoy"], "ok", "the decoy was planted: {r}");
+    for step in ["restarted", "updated"] {
+        assert_eq!(
+            r[step],
+            libc::EPERM,
+            "the moved volume file after the {step} daemon resolved again: {r}"
+        );
+        assert_eq!(r[format!("{step}_image")], libc::EPERM, "{step}: {r}");
+    }
     assert!(
         listed["file_inodes"].as_u64().is_some_and(|n| n >= 2),
         "the container's resolved inodes in the status: {listed:#}"
@@ -887,9 +987,15 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         "deleted pods still listed: {:#}",
         d.status()
     );
-    assert!(
-        !d.stderr().contains("panicked"),
-        "the daemon panicked:\n{}",
-        d.stderr()
+    let log = d.stderr();
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+    // Resolution failures are retried at once: a storm of them is a bug.
+    let failures = log
+        .matches("resolving the file rules in the container")
+        .count();
+    assert!(failures < 5, "{failures} failed resolutions:\n{log}");
+    eprintln!(
+        "phases (s): {phases:?}; held programs resumed: {}",
+        log.matches("held programs resumed").count()
     );
 }

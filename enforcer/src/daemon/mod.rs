@@ -277,6 +277,12 @@ pub struct State {
     /// Container cgroups of such pods with no process in a container root
     /// yet, since when (see `roots::reconcile_roots`).
     unpivoted: HashMap<u64, std::time::Instant>,
+    /// Inodes per-root policies keep beyond their live containers: a gone
+    /// container's, with its pod (policy, pod cgroup), and the adopted
+    /// generation's (policy, empty path). See `roots`.
+    kept: BTreeMap<(String, PathBuf), roots::Kept>,
+    /// Per-root policies whose pinned generation was looked at.
+    adopted: HashSet<String>,
 }
 
 impl State {
@@ -622,7 +628,12 @@ impl State {
                     if let Some(slot) = self.slots.slots.get(name).copied() {
                         self.adopt_roots(name, slot, compiled);
                     }
-                    self.refresh_roots(name, compiled);
+                    let old = self
+                        .active
+                        .get(name)
+                        .map(|a| a.compiled.files.clone())
+                        .unwrap_or_default();
+                    self.refresh_roots(name, &old, compiled);
                     self.root_files(name)
                 }
                 _ => self.kernel.resolve_files(&compiled.files),
@@ -1082,7 +1093,7 @@ impl State {
         }
         // Pods whose containers' roots resolve their file rules: a new
         // container cgroup is to be resolved at once.
-        for path in per_root {
+        for (path, _) in per_root {
             wanted.insert(path);
         }
         if wanted.is_empty() && k.watched.is_empty() {
@@ -1590,6 +1601,8 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         roots: BTreeMap::new(),
         resume_again: Vec::new(),
         unpivoted: HashMap::new(),
+        kept: BTreeMap::new(),
+        adopted: HashSet::new(),
         k8s: None,
         swept_files: false,
         swept_objects: false,
@@ -1777,6 +1790,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             } else {
                 s.retry_unresolved_files();
                 s.retry_moved_unix_sockets();
+                if why == "tick" {
+                    s.grow_roots();
+                }
             }
         }
         start_dns(&state, &dns).await;

@@ -277,12 +277,13 @@ pub fn file_offsets(btf: &Btf) -> Result<FileOffsets, BtfError> {
     })
 }
 
-/// `task_struct.fs` and `fs_struct.root.dentry`: the exec hold reads the
-/// current task's root directory through them.
-pub fn root_offsets(btf: &Btf) -> Result<(u32, u32), BtfError> {
+/// `task_struct.nsproxy`, `nsproxy.mnt_ns`, `mnt_namespace.ns.inum`: the
+/// exec hold reads the current task's mount namespace through them.
+pub fn mnt_ns_offsets(btf: &Btf) -> Result<(u32, u32, u32), BtfError> {
     Ok((
-        btf.member_offset("task_struct", "fs")?,
-        btf.member_offset("fs_struct", "root.dentry")?,
+        btf.member_offset("task_struct", "nsproxy")?,
+        btf.member_offset("nsproxy", "mnt_ns")?,
+        btf.member_offset("mnt_namespace", "ns.inum")?,
     ))
 }
 

@@ -202,11 +202,18 @@ pub fn resolve(rules: &[CompiledFileRule], obs: &mut dyn Observer) -> ResolvedFi
 /// another device (symlinks are not followed nor listed); false when `budget` ran out first.
 fn list_tree(dir: &Path, dev: u32, out: &mut Vec<(PathBuf, fs::Metadata)>, budget: usize) -> bool {
     let mut stack = vec![dir.to_path_buf()];
+    let mut dirs = 0usize;
     while let Some(d) = stack.pop() {
         let Ok(rd) = fs::read_dir(&d) else { continue };
         for entry in rd.flatten() {
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
+                // Directories count too: a tree of empty directories must
+                // not make the walk unbounded.
+                if out.len() + dirs >= budget {
+                    return false;
+                }
+                dirs += 1;
                 // Directories on another device are other mounts: not
                 // descended into. (Files are not compared: overlayfs
                 // reports per-layer pseudo devices for them.)
@@ -214,7 +221,7 @@ fn list_tree(dir: &Path, dev: u32, out: &mut Vec<(PathBuf, fs::Metadata)>, budge
                     stack.push(entry.path());
                 }
             } else if !meta.file_type().is_symlink() {
-                if out.len() >= budget {
+                if out.len() + dirs >= budget {
                     return false;
                 }
                 out.push((entry.path(), meta));

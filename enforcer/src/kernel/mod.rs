@@ -492,21 +492,28 @@ impl Kernel {
             loader.override_global(name, value, true);
         }
         // The exec hold of per-container file rules: the current task's
-        // root directory against the host's (pid 1's).
-        let (task_fs, fs_root) = match with_btf(&kbtf, btf::root_offsets) {
+        // mount namespace against the host's (pid 1's).
+        let (nsproxy, mnt_ns, inum) = match with_btf(&kbtf, btf::mnt_ns_offsets) {
             Ok(o) => o,
             Err(e) => {
-                tracing::warn!("no struct offsets for a task's root directory: programs started in pod containers are not held until their file rules are resolved: {e}");
-                (0, 0)
+                tracing::warn!("no struct offsets for a task's mount namespace: programs started in pod containers are not held until their file rules are resolved: {e}");
+                (0, 0, 0)
             }
         };
-        let host_root = fs::metadata("/proc/1/root/")
-            .map(|m| files::Inode::of(&m))
-            .unwrap_or(files::Inode { ino: 0, dev: 0 });
-        loader.override_global(globals::TASK_FS, &task_fs, true);
-        loader.override_global(globals::FS_ROOT_DENTRY, &fs_root, true);
-        loader.override_global(globals::HOST_ROOT_INO, &host_root.ino, true);
-        loader.override_global(globals::HOST_ROOT_DEV, &host_root.dev, true);
+        let host_mnt_ns = fs::metadata("/proc/1/ns/mnt")
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+            .unwrap_or(0);
+        let i_mode = with_btf(&kbtf, |b| b.member_offset("inode", "i_mode")).unwrap_or(0);
+        let hold = [
+            (globals::TASK_NSPROXY, nsproxy),
+            (globals::NSPROXY_MNT_NS, mnt_ns),
+            (globals::MNT_NS_INUM, inum),
+            (globals::HOST_MNT_NS, host_mnt_ns),
+            (globals::INODE_I_MODE, i_mode),
+        ];
+        for (name, value) in &hold {
+            loader.override_global(name, value, true);
+        }
         // The current task's cgroup id and process id through the task
         // (one helper call instead of two on every decision); without them
         // the programs call the helpers.
@@ -1279,22 +1286,57 @@ impl Kernel {
     /// of the container `chroot`ed to; every path, and every absolute symlink
     /// met on the way, resolves inside it, and the hooks record that thread's
     /// opens like the resolver thread's.
+    ///
+    /// `root`: `(st_dev, st_ino)` the namespace's root must have (the
+    /// container's root as its process saw it): a runtime that did not
+    /// pivot (`no_pivot`) leaves a copy of the host's tree there.
     pub fn resolve_files_in(
         &mut self,
         mnt: &fs::File,
+        root: (u64, u64),
         rules: &[crate::policy::compile::CompiledFileRule],
     ) -> Result<files::ResolvedFiles> {
         std::thread::scope(|s| {
             s.spawn(|| -> Result<files::ResolvedFiles> {
+                use std::os::unix::fs::MetadataExt;
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
                     .context("unshare(CLONE_FS) for the resolver thread")?;
                 nix::sched::setns(mnt, nix::sched::CloneFlags::CLONE_NEWNS)
                     .context("entering the container's mount namespace")?;
+                let m = fs::metadata("/").context("stat / in the container's namespace")?;
+                if (m.dev(), m.ino()) != root {
+                    bail!(
+                        "the mount namespace's root is not the container's root (a runtime \
+                         that does not pivot_root?)"
+                    );
+                }
                 Ok(self.resolve_files(rules))
             })
             .join()
             .map_err(|_| anyhow!("the resolver thread panicked"))?
         })
+    }
+
+    /// The file entries of the generation installed for `slot` (adopted
+    /// from the pinned maps after a restart, or this process's own).
+    pub fn installed_file_entries(&self, slot: u32) -> Vec<(files::Inode, FileRuleValue)> {
+        let Some(gen) = self.installed.get(&slot) else {
+            return Vec::new();
+        };
+        gen.files
+            .iter()
+            .filter_map(|k| {
+                self.file_rules.get(k, 0).ok().map(|v| {
+                    (
+                        files::Inode {
+                            ino: k.ino,
+                            dev: k.dev,
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Mark a container cgroup resolved (`FILE_READY`): programs started in
