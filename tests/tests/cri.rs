@@ -97,6 +97,42 @@ fn wait(secs: u64) -> Duration {
     Duration::from_secs(secs * u64::from(slowdown()))
 }
 
+/// A pod in namespace `agents` whose cgroup parent is in the kubelet's
+/// cgroupfs layout under `kubelet_root`; `n` tells pods of a test apart.
+fn pod_spec(kubelet_root: &Path, name: &str, n: u32) -> PodSpec {
+    let uid = format!(
+        "{:08x}-5d2c-4f0e-8a11-7e3c2b1d0f{n:02x}",
+        std::process::id()
+    );
+    PodSpec {
+        name: name.into(),
+        namespace: "agents".into(),
+        uid: uid.clone(),
+        cgroup_parent: kubelet_root
+            .join(format!("kubepods/besteffort/pod{uid}"))
+            .display()
+            .to_string(),
+        dns_servers: vec![POD_GATEWAY.into()],
+    }
+}
+
+/// The daemon in Kubernetes mode (node `node-a`) against `fake`, with the
+/// kubelet's cgroup root `kubelet_root`; not started.
+fn kubernetes_daemon(dir: &TestDir, pins: &PinDir, fake: &FakeApi, kubelet_root: &Path) -> Daemon {
+    let d = Daemon::configure(dir, pins, &[]);
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    write_atomic(
+        &d.config,
+        &format!(
+            "{cfg}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  apiServer: http://{}\n  \
+             kubeletCgroupRoot: {}\n",
+            fake.addr,
+            kubelet_root.display()
+        ),
+    );
+    d
+}
+
 fn set_pod(fake: &FakeApi, obj: &Value, kind: &str) {
     *fake.pods.lock().unwrap() = if kind == "DELETED" {
         vec![]
@@ -214,33 +250,13 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
 
     // The kubelet's cgroupfs layout under the test prefix.
     let kubelet_root = Path::new("/").join(prefix.relative());
-    let uid = format!("{:08x}-5d2c-4f0e-8a11-7e3c2b1d0f9a", std::process::id());
-    let pod = PodSpec {
-        name: "research-0".into(),
-        namespace: "agents".into(),
-        uid: uid.clone(),
-        cgroup_parent: kubelet_root
-            .join(format!("kubepods/besteffort/pod{uid}"))
-            .display()
-            .to_string(),
-        dns_servers: vec![POD_GATEWAY.into()],
-    };
+    let pod = pod_spec(&kubelet_root, "research-0", 0x9a);
     let pod_dir = cgroup2_mount().join(pod.cgroup_parent.trim_start_matches('/'));
     // The API server has the pod (scheduled to this node) before the
     // kubelet makes its sandbox.
     let fake = FakeApi::start(vec![pod_object(&pod, &[], 90)]);
 
-    let mut d = Daemon::configure(&dir, &pins, &[]);
-    let cfg = std::fs::read_to_string(&d.config).unwrap();
-    write_atomic(
-        &d.config,
-        &format!(
-            "{cfg}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  apiServer: http://{}\n  \
-             kubeletCgroupRoot: {}\n",
-            fake.addr,
-            kubelet_root.display()
-        ),
-    );
+    let mut d = kubernetes_daemon(&dir, &pins, &fake, &kubelet_root);
     // Listeners on every address (the pods reach the node at their
     // gateway, the bridge that appears with the first pod): the policy
     // allows one port of the gateway.
@@ -594,23 +610,10 @@ fn file_rules_of_pods_resolve_in_their_containers() {
     let pins = PinDir::new("crif");
     let dir = TestDir::new("crif");
     let kubelet_root = Path::new("/").join(prefix.relative());
-    let spec = |name: &str, n: u32| {
-        let uid = format!(
-            "{:08x}-5d2c-4f0e-8a11-7e3c2b1d0f{n:02x}",
-            std::process::id()
-        );
-        PodSpec {
-            name: name.into(),
-            namespace: "agents".into(),
-            uid: uid.clone(),
-            cgroup_parent: kubelet_root
-                .join(format!("kubepods/besteffort/pod{uid}"))
-                .display()
-                .to_string(),
-            dns_servers: vec![POD_GATEWAY.into()],
-        }
-    };
-    let (research, other) = (spec("research-f", 1), spec("other-f", 2));
+    let (research, other) = (
+        pod_spec(&kubelet_root, "research-f", 1),
+        pod_spec(&kubelet_root, "other-f", 2),
+    );
     let started = std::time::Instant::now();
     let mut phases: Vec<(String, u64)> = Vec::new();
     let mut phase = |what: &str| phases.push((what.to_string(), started.elapsed().as_secs()));
@@ -618,17 +621,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         app_pod(&research, "research", &[], 90),
         app_pod(&other, "other", &[], 90),
     ]);
-    let mut d = Daemon::configure(&dir, &pins, &[]);
-    let cfg = std::fs::read_to_string(&d.config).unwrap();
-    write_atomic(
-        &d.config,
-        &format!(
-            "{cfg}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  apiServer: http://{}\n  \
-             kubeletCgroupRoot: {}\n",
-            fake.addr,
-            kubelet_root.display()
-        ),
-    );
+    let mut d = kubernetes_daemon(&dir, &pins, &fake, &kubelet_root);
     let any = "0.0.0.0:0".parse().unwrap();
     let allowed = TcpSink::bind(any).unwrap();
     let on_taint = TcpSink::bind(any).unwrap();
@@ -835,11 +828,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
             );
             std::fs::write(held_out.join("go"), "go").unwrap();
             assert_eq!(cri.wait_exited(&held, wait(120)), Some(0));
-            let h = cri
-                .container_output(pod, "held", 0)
-                .lines()
-                .find_map(|l| serde_json::from_str::<Value>(l).ok())
-                .unwrap_or(Value::Null);
+            let h = agent_result(&cri, pod, "held", 0);
             assert_eq!(h["first"], libc::EPERM, "held, then resumed: {h}");
             assert_eq!(h["ways"]["open"]["errno"], "EPERM", "{h:#}");
             assert!(

@@ -114,6 +114,18 @@ fn procs(dir: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The directories directly under `dir` (child cgroups).
+fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The processes of a container cgroup and of the sub-cgroups it made
 /// (bounded).
 fn procs_deep(dir: &Path) -> Vec<u32> {
@@ -123,16 +135,13 @@ fn procs_deep(dir: &Path) -> Vec<u32> {
     for _ in 0..SUB_DEPTH {
         let mut next = Vec::new();
         for d in level {
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if seen >= SUB_DIRS || !e.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
+            for p in child_dirs(&d) {
+                if seen >= SUB_DIRS {
+                    break;
                 }
                 seen += 1;
-                out.extend(procs(&e.path()));
-                next.push(e.path());
+                out.extend(procs(&p));
+                next.push(p);
             }
         }
         level = next;
@@ -172,14 +181,12 @@ fn populated_cgroups(pod: &Path) -> Vec<(PathBuf, bool)> {
     if !procs(pod).is_empty() {
         out.push((pod.to_path_buf(), false));
     }
-    if let Ok(rd) = std::fs::read_dir(pod) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) && !procs_deep(&p).is_empty() {
-                out.push((p, true));
-            }
-        }
-    }
+    out.extend(
+        child_dirs(pod)
+            .into_iter()
+            .filter(|p| !procs_deep(p).is_empty())
+            .map(|p| (p, true)),
+    );
     out
 }
 
@@ -261,17 +268,6 @@ impl State {
         )
     }
 
-    /// Resolve in a container's mount namespace, checking that its root is
-    /// the one recorded.
-    fn resolve_in(
-        &mut self,
-        mnt: &std::fs::File,
-        root: (u64, u64),
-        rules: &[CompiledFileRule],
-    ) -> anyhow::Result<ResolvedFiles> {
-        self.kernel.resolve_files_in(mnt, root, rules)
-    }
-
     /// Before a per-root policy's first install by this daemon: the
     /// inodes of the generation adopted from the pinned maps are kept, and
     /// the containers a previous daemon resolved for its slot (pinned
@@ -311,14 +307,7 @@ impl State {
         for _ in 0..ADOPT_DEPTH {
             let mut next = Vec::new();
             for dir in level {
-                let Ok(rd) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for e in rd.flatten() {
-                    if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                        continue;
-                    }
-                    let p = e.path();
+                for p in child_dirs(&dir) {
                     if let Ok(id) = cgroup::cgroup_id(&p) {
                         if wanted.contains(&id) {
                             found.insert(id, p.clone());
@@ -351,7 +340,10 @@ impl State {
                 }
                 continue;
             };
-            match self.resolve_in(&mnt, record.root, &compiled.files) {
+            match self
+                .kernel
+                .resolve_files_in(&mnt, record.root, &compiled.files)
+            {
                 Ok(files) => {
                     tracing::info!(policy = %name, cgroup = %dir.display(), file_inodes = files.entries.len(), "container of a previous run: file rules resolved in its root again");
                     self.roots.insert(
@@ -405,7 +397,10 @@ impl State {
                 .mnt
                 .try_clone()
                 .map_err(anyhow::Error::from)
-                .and_then(|mnt| self.resolve_in(&mnt, record.root, &compiled.files));
+                .and_then(|mnt| {
+                    self.kernel
+                        .resolve_files_in(&mnt, record.root, &compiled.files)
+                });
             let files = match resolved {
                 Ok(new) => ResolvedFiles::union([&new, &previous]),
                 Err(e) => {
@@ -444,7 +439,7 @@ impl State {
                 .mnt
                 .try_clone()
                 .map_err(anyhow::Error::from)
-                .and_then(|mnt| self.resolve_in(&mnt, record.root, &rules));
+                .and_then(|mnt| self.kernel.resolve_files_in(&mnt, record.root, &rules));
             let Ok(new) = resolved else {
                 continue;
             };
@@ -598,7 +593,7 @@ impl State {
                     .ok_or_else(|| anyhow::anyhow!("process {pid} is gone"))
                     .and_then(|root| {
                         let (mnt, ino) = open_mnt(pid)?;
-                        let files = self.resolve_in(&mnt, root, &rules)?;
+                        let files = self.kernel.resolve_files_in(&mnt, root, &rules)?;
                         Ok((files, mnt, Record { mnt: ino, root }))
                     });
                 match resolved {
