@@ -864,7 +864,15 @@ pub struct GlobalConfig {
     /// Thread id of the enforcer thread resolving rule paths (0: none): the
     /// file hooks record the inodes that thread's opens present in
     /// `RESOLVED` instead of judging them (see `enforcer::kernel::files`).
+    /// As the enforcer's PID namespace numbers it (a DaemonSet without
+    /// `hostPID`, or one under a container's init, is not in the initial
+    /// one): the hooks compare it with the current task's thread id in that
+    /// namespace, and only a task of that namespace matches.
     pub resolver_tid: u32,
+    /// That PID namespace: its nsfs inode and device (the kernel's `dev_t`
+    /// encoding, as `bpf_get_ns_current_pid_tgid` takes it).
+    pub resolver_pidns_ino: u32,
+    pub resolver_pidns_dev: u32,
     pub _pad: u32,
 }
 

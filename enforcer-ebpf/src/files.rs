@@ -27,8 +27,8 @@
 //! protects (its egress fails closed in the sock_addr hooks).
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_send_signal,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task_btf,
+        bpf_ktime_get_ns, bpf_send_signal,
     },
     macros::lsm,
     programs::LsmContext,
@@ -421,7 +421,7 @@ fn check(act: u8, dentry: *const u8, inode: *const u8) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
         return ALLOW;
     };
-    if cfg.resolver_tid != 0 && cfg.resolver_tid == bpf_get_current_pid_tgid() as u32 {
+    if crate::identity::is_resolver(cfg) {
         if act == action::FILE_OPEN {
             // The resolver (root, possibly inside an agent's container)
             // opens files and directories only: a device or FIFO swapped

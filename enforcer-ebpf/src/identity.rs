@@ -204,3 +204,23 @@ fn find(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Identity {
         policy,
     }
 }
+
+/// Whether the current task is the enforcer's resolver thread (`cfg`'s
+/// `resolver_tid`, numbered in the enforcer's PID namespace): a task of
+/// another PID namespace never is, whatever its number there.
+#[inline(always)]
+pub fn is_resolver(cfg: &enforcer_common::GlobalConfig) -> bool {
+    if cfg.resolver_tid == 0 {
+        return false;
+    }
+    let mut info = aya_ebpf::bindings::bpf_pidns_info { pid: 0, tgid: 0 };
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_get_ns_current_pid_tgid(
+            u64::from(cfg.resolver_pidns_dev),
+            u64::from(cfg.resolver_pidns_ino),
+            &mut info,
+            core::mem::size_of::<aya_ebpf::bindings::bpf_pidns_info>() as u32,
+        )
+    };
+    rc == 0 && info.pid == cfg.resolver_tid
+}

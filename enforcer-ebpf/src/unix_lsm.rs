@@ -21,11 +21,7 @@
 //! Processes outside every bound cgroup cost the identity lookup and are
 //! allowed. Struct member offsets come from the kernel's BTF (globals set
 //! at load); kernel memory is read with `bpf_probe_read_kernel`.
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_probe_read_kernel},
-    macros::lsm,
-    programs::LsmContext,
-};
+use aya_ebpf::{helpers::generated::bpf_probe_read_kernel, macros::lsm, programs::LsmContext};
 use enforcer_common::{action, policy_flags, rule, stat, unix_kind, verdict, FileKey, UnixKey};
 
 use crate::{
@@ -204,7 +200,7 @@ fn judge(action_kind: u8, sk: u64) -> i32 {
     // file systems report other numbers to stat) and refuse, so that
     // nothing reaches the service.
     if let Some(c) = CONFIG.get(0) {
-        if c.resolver_tid != 0 && c.resolver_tid == bpf_get_current_pid_tgid() as u32 {
+        if crate::identity::is_resolver(c) {
             if let Some((ino, dev)) = peer_inode(sk) {
                 let key = FileKey {
                     ino,

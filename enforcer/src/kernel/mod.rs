@@ -145,6 +145,9 @@ pub struct Kernel {
     /// `FILE_READY`: container cgroups resolved for `FILES_PER_ROOT` slots.
     file_ready: HashMap<MapData, u64, u32>,
     resolver_tid: u32,
+    /// This process's PID namespace (kernel `dev_t` of nsfs, inode): the
+    /// hooks recognize the resolver thread by its id in it.
+    pid_ns: (u32, u32),
     taint: Arc<Mutex<TaintTable>>,
     /// Slots whose policy has file rules (`CONFIG.file_slots`).
     file_slots: HashSet<u32>,
@@ -239,6 +242,25 @@ fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
         .take_map(name)
         .ok_or_else(|| anyhow!("eBPF object has no map {name}"))?;
     T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// This process's PID namespace as the kernel names it: (nsfs `dev_t` in
+/// the kernel's encoding, inode). (0, 0) if `/proc/self/ns/pid` cannot be
+/// read: then no task matches the resolver thread, and rule paths resolve
+/// by `stat` only (said by the resolver's callers).
+fn own_pid_ns() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(m) => {
+            let dev = m.dev();
+            let (major, minor) = (libc::major(dev), libc::minor(dev));
+            ((major << 20) | minor, m.ino() as u32)
+        }
+        Err(e) => {
+            tracing::error!("reading /proc/self/ns/pid: {e}; file rule paths resolve by stat only");
+            (0, 0)
+        }
+    }
 }
 
 /// A pinned map whose definition is not the one this build's object
@@ -785,6 +807,7 @@ impl Kernel {
             resolved,
             file_ready,
             resolver_tid: 0,
+            pid_ns: own_pid_ns(),
             taint,
             file_slots,
             allow_sample,
@@ -1207,6 +1230,8 @@ impl Kernel {
                     allow_sample: self.allow_sample,
                     file_slots: self.file_slots.len() as u32,
                     resolver_tid: self.resolver_tid,
+                    resolver_pidns_ino: self.pid_ns.1,
+                    resolver_pidns_dev: self.pid_ns.0,
                     _pad: 0,
                 },
                 0,
