@@ -9,7 +9,9 @@
 #     exit status; without it the output and the status are lost);
 #     containerd, runc, containernetworking-plugins and catatonit (the CRI
 #     tests' container runtime, pod networks and pause image; installed
-#     with services held back: the guest starts its own containerd)
+#     with services held back: the guest starts its own containerd);
+#     systemd (the CRI tests' systemd cgroup driver: the guest runs one as
+#     the init of a PID namespace for runc to create scopes through)
 #   - a Python venv with virtme-ng (pinned) in the cache dir
 #   - the guest kernel pinned in scripts/vm-kernels.txt (6.1 unless
 #     $VM_KERNEL_VERSION names another): Debian's linux-image-<ABI>,
@@ -45,7 +47,7 @@ apt_update() {
   fi
 }
 need_pkgs=()
-VM_PKGS="qemu-system-x86 kmod busybox-static udev containerd runc containernetworking-plugins catatonit"
+VM_PKGS="qemu-system-x86 kmod busybox-static udev containerd runc containernetworking-plugins catatonit systemd"
 for p in $VM_PKGS; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     need_pkgs+=("$p")

@@ -6,7 +6,7 @@
 //! RemovePodSandbox.
 //!
 //! containerd runs with a configuration of its own (only what the tests
-//! need: the CRI plugin, runc with the cgroupfs driver, the overlayfs
+//! need: the CRI plugin, runc with the cgroupfs or the systemd driver, the overlayfs
 //! snapshotter, CNI from `/usr/lib/cni`) and keeps its root and state on a
 //! tmpfs mounted for it (overlayfs cannot stack on the VM runner's 9p root).
 //! runc's state (`/run/containerd/runc`), the shims' sockets
@@ -14,9 +14,19 @@
 //! stay at containerd's fixed paths: private to the VM's guest, but shared
 //! with a system containerd if this ran on a host that has one (it is
 //! `#[ignore]`d there).
+//! With the systemd driver ([`CgroupDriver::Systemd`]) the guest, which has
+//! no systemd, gets one ([`Systemd`]): Debian's systemd as the init of a
+//! PID and mount namespace of its own, owning the guest's cgroup2 root, so
+//! that runc creates each container's `cri-containerd-<id>.scope` through
+//! it (D-Bus on `/run/systemd/private`) where a node's systemd would:
+//! `/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/…`.
+//! containerd, its shims and runc then run in those namespaces (as they
+//! share systemd's on a node); the daemon and the test stay outside, as a
+//! DaemonSet's pod does (host PID namespace, a mount namespace of its own).
 //! Images come from `cargo xtask pod-images` (no registry is reachable):
 //! `$ENFORCER_POD_IMAGES/{pause,agent}.oci.tar`, imported with `ctr`.
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -50,14 +60,220 @@ pub fn pod_images_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("target/pod-images"))
 }
 
+/// The cgroup driver the kubelet and the runtime agree on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// Pod and container cgroups are directories the kubelet and runc make.
+    Cgroupfs,
+    /// Slices and scopes systemd makes when the kubelet and runc ask it.
+    Systemd,
+}
+
+impl CgroupDriver {
+    /// The `cgroup_parent` the kubelet sends in RunPodSandbox for a
+    /// BestEffort pod: a path in the cgroup2 hierarchy (cgroupfs: under the
+    /// kubelet's `--cgroup-root`, `kubelet_root`; systemd: the slice path
+    /// with the UID's dashes as underscores, as systemd's unit names need).
+    pub fn pod_cgroup_parent(self, kubelet_root: Option<&Path>, uid: &str) -> String {
+        match self {
+            CgroupDriver::Cgroupfs => kubelet_root
+                .unwrap_or(Path::new("/"))
+                .join(format!("kubepods/besteffort/pod{uid}"))
+                .display()
+                .to_string(),
+            CgroupDriver::Systemd => {
+                assert!(kubelet_root.is_none(), "the systemd layout is at the root");
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                )
+            }
+        }
+    }
+}
+
+/// Debian's systemd as the init of a PID and mount namespace of its own,
+/// with the guest's cgroup2 root as its own (see the module's text); killed
+/// with everything in its PID namespace on drop, and the cgroups it made
+/// removed.
+pub struct Systemd {
+    /// Its PID here (outside its namespace).
+    pub pid: i32,
+    launcher: Child,
+    /// Top-level cgroups that were not there before it.
+    before: Vec<PathBuf>,
+}
+
+fn top_cgroups() -> Vec<PathBuf> {
+    std::fs::read_dir(crate::cgroup2_mount())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Remove a cgroup tree, leaves first; false if something stays.
+fn remove_cgroup_tree(dir: &Path) -> bool {
+    if let Ok(d) = std::fs::read_dir(dir) {
+        for e in d.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    std::fs::remove_dir(dir).is_ok() || !dir.exists()
+}
+
+impl Systemd {
+    /// Start it (in the root cgroup, which it takes for its own) and wait
+    /// until it says it is running.
+    pub fn start() -> Result<Self, String> {
+        for (cmd, pkg) in [
+            ("unshare", "util-linux"),
+            ("nsenter", "util-linux"),
+            ("systemctl", "systemd"),
+        ] {
+            if !which(cmd) {
+                return Err(format!("no {cmd} (Debian package {pkg})"));
+            }
+        }
+        if !Path::new("/lib/systemd/systemd").exists() {
+            return Err("no /lib/systemd/systemd (Debian package systemd)".into());
+        }
+        let before = top_cgroups();
+        // `container=` tells systemd it is a container's init: it leaves
+        // the kernel's settings alone. `slices.target` starts nothing but
+        // the root slices (no services of the guest's unit files).
+        let launcher = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "echo $$ > /sys/fs/cgroup/cgroup.procs && exec unshare --pid --fork --mount \
+                 --mount-proc --propagation private env -i container=enforcer-test \
+                 /lib/systemd/systemd --system --unit=slices.target --show-status=no \
+                 --log-level=warning",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting systemd: {e}"))?;
+        let mut me = Self {
+            pid: 0,
+            launcher,
+            before,
+        };
+        let limit = Duration::from_secs(60 * u64::from(slowdown()));
+        let u = me.launcher.id();
+        let found = poll_until(limit, Duration::from_millis(100), || {
+            me.pid = std::fs::read_to_string(format!("/proc/{u}/task/{u}/children"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+                .unwrap_or(0);
+            me.pid > 0
+        });
+        if !found {
+            return Err("systemd: unshare started no init".into());
+        }
+        let mut state = String::new();
+        let up = poll_until(limit, Duration::from_millis(250), || {
+            state = me
+                .command("systemctl")
+                .arg("is-system-running")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default();
+            state == "running" || state == "degraded"
+        });
+        if !up {
+            return Err(format!("systemd did not come up in {limit:?}: {state:?}"));
+        }
+        Ok(me)
+    }
+
+    /// `prog` to be run in systemd's PID and mount namespaces (where a
+    /// node's runtime runs).
+    pub fn command(&self, prog: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("--target")
+            .arg(self.pid.to_string())
+            .args(["--pid", "--mount", "--", prog]);
+        c
+    }
+
+    /// A launcher ([`crate::Daemon::launcher`]) that runs the daemon as a
+    /// DaemonSet's pod runs on a node: in the host's PID namespace (this
+    /// systemd's: its PID 1 is systemd, whose mount namespace the runtime
+    /// shares) and in a mount namespace of its own (with a `/proc` of that
+    /// PID namespace).
+    pub fn daemon_launcher(&self) -> Vec<String> {
+        [
+            "nsenter",
+            "--target",
+            &self.pid.to_string(),
+            "--pid",
+            "--",
+            "unshare",
+            "--mount",
+            "--mount-proc",
+            "--propagation",
+            "private",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `systemctl ARGS`; an error with its output if it fails.
+    pub fn systemctl(&self, args: &[&str]) -> Result<(), String> {
+        let out = self
+            .command("systemctl")
+            .args(args)
+            .output()
+            .map_err(|e| format!("systemctl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "systemctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+impl Drop for Systemd {
+    fn drop(&mut self) {
+        // SIGKILL to a PID namespace's init from outside it kills every
+        // process of the namespace.
+        if self.pid > 0 {
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+        let _ = self.launcher.kill();
+        let _ = self.launcher.wait();
+        let made: Vec<PathBuf> = top_cgroups()
+            .into_iter()
+            .filter(|c| !self.before.contains(c))
+            .collect();
+        poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            made.iter().all(|c| remove_cgroup_tree(c))
+        });
+    }
+}
+
 /// containerd, started for one test and stopped (with every pod it made)
 /// on drop.
 pub struct Containerd {
     pub dir: PathBuf,
     pub sock: PathBuf,
+    pub driver: CgroupDriver,
     child: Child,
     rt: tokio::runtime::Runtime,
     client: RuntimeServiceClient<Channel>,
+    /// Declared last: dropped after containerd is stopped.
+    systemd: Option<Systemd>,
 }
 
 /// What the kubelet says about a pod when it asks for its sandbox.
@@ -80,9 +296,10 @@ fn which(cmd: &str) -> bool {
 }
 
 impl Containerd {
-    /// Start containerd and import the pod images. Errors say what is
-    /// missing (the packages come from `scripts/setup-vm.sh`).
-    pub fn start(name: &str) -> Result<Self, String> {
+    /// Start containerd (with the systemd driver: systemd first) and
+    /// import the pod images. Errors say what is missing (the packages
+    /// come from `scripts/setup-vm.sh`).
+    pub fn start(name: &str, driver: CgroupDriver) -> Result<Self, String> {
         for (cmd, pkg) in [
             ("containerd", "containerd"),
             ("ctr", "containerd"),
@@ -133,7 +350,13 @@ impl Containerd {
         }
         let sock = dir.join("containerd.sock");
         // Until containerd runs (then `Drop` cleans up), a failure unmounts.
-        let spawned = (|| -> Result<Child, String> {
+        // systemd starts after the tmpfs is mounted: its mount namespace is
+        // a copy of this one then.
+        let spawned = (|| -> Result<(Child, Option<Systemd>), String> {
+            let systemd = match driver {
+                CgroupDriver::Systemd => Some(Systemd::start()?),
+                CgroupDriver::Cgroupfs => None,
+            };
             let cni_conf = dir.join("cni");
             std::fs::create_dir_all(&cni_conf).map_err(|e| e.to_string())?;
             std::fs::write(
@@ -177,7 +400,7 @@ impl Containerd {
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
           runtime_type = "io.containerd.runc.v2"
           [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-            SystemdCgroup = false
+            SystemdCgroup = {systemd_cgroup}
       [plugins."io.containerd.grpc.v1.cri".cni]
         bin_dir = "/usr/lib/cni"
         conf_dir = "{cni}"
@@ -186,22 +409,30 @@ impl Containerd {
                     state = dir.join("state").display(),
                     sock = sock.display(),
                     cni = cni_conf.display(),
+                    systemd_cgroup = driver == CgroupDriver::Systemd,
                 ),
             )
             .map_err(|e| e.to_string())?;
             let log =
                 std::fs::File::create(dir.join("containerd.log")).map_err(|e| e.to_string())?;
-            let child = Command::new("containerd")
+            let mut cmd = match &systemd {
+                Some(s) => s.command("containerd"),
+                None => Command::new("containerd"),
+            };
+            // Its own process group: stopped as one with nsenter, if that
+            // runs it.
+            let child = cmd
                 .arg("--config")
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(|e| e.to_string())?)
                 .stderr(log)
+                .process_group(0)
                 .spawn()
                 .map_err(|e| format!("starting containerd: {e}"))?;
-            Ok(child)
+            Ok((child, systemd))
         })();
-        let child = match spawned {
+        let (child, systemd) = match spawned {
             Ok(c) => c,
             Err(e) => {
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -219,9 +450,11 @@ impl Containerd {
         let mut me = Self {
             dir,
             sock,
+            driver,
             child,
             rt,
             client: placeholder,
+            systemd,
         };
         let up = poll_until(
             Duration::from_secs(60 * u64::from(slowdown())),
@@ -268,6 +501,39 @@ impl Containerd {
             .map_err(|e| format!("connecting to containerd's CRI: {e}"))?;
         me.client = RuntimeServiceClient::new(channel);
         Ok(me)
+    }
+
+    /// What the kubelet does before RunPodSandbox: the pod's cgroup
+    /// (cgroupfs: a directory; systemd: the pod's slice, started through
+    /// systemd, its parent slices with it).
+    pub fn make_pod_cgroup(&self, pod: &PodSpec) -> Result<(), String> {
+        match &self.systemd {
+            Some(s) => s.systemctl(&["start", &slice_of(pod)]),
+            None => std::fs::create_dir_all(pod_cgroup(pod)).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// What the kubelet does once a pod is gone: its cgroup goes; true if
+    /// it is gone.
+    pub fn remove_pod_cgroup(&self, pod: &PodSpec) -> bool {
+        if let Some(s) = &self.systemd {
+            let _ = s.systemctl(&["stop", &slice_of(pod)]);
+        }
+        let dir = pod_cgroup(pod);
+        std::fs::remove_dir(&dir).is_ok() || !dir.exists()
+    }
+
+    /// The systemd the runtime talks to (systemd driver).
+    pub fn systemd(&self) -> Option<&Systemd> {
+        self.systemd.as_ref()
+    }
+
+    /// Where containerd's runc puts a container of `pod` (absolute).
+    pub fn container_cgroup(&self, pod: &PodSpec, id: &str) -> PathBuf {
+        pod_cgroup(pod).join(match self.driver {
+            CgroupDriver::Cgroupfs => id.to_string(),
+            CgroupDriver::Systemd => format!("cri-containerd-{id}.scope"),
+        })
     }
 
     /// containerd's log so far.
@@ -489,6 +755,19 @@ impl Containerd {
     }
 }
 
+/// The pod's cgroup (absolute).
+pub fn pod_cgroup(pod: &PodSpec) -> PathBuf {
+    crate::cgroup2_mount().join(pod.cgroup_parent.trim_start_matches('/'))
+}
+
+/// The pod's slice (the systemd driver's cgroup parent's last part).
+fn slice_of(pod: &PodSpec) -> String {
+    Path::new(&pod.cgroup_parent)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         let mut c = self.client.clone();
@@ -500,12 +779,12 @@ impl Drop for Containerd {
                 let _ = self.remove_pod(&p.id);
             }
         }
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGTERM) };
         let gone = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
             matches!(self.child.try_wait(), Ok(Some(_)))
         });
         if !gone {
-            let _ = self.child.kill();
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
             let _ = self.child.wait();
         }
         // The shims (containerd-shim-runc-v2) outlive containerd: they go

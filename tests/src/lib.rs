@@ -12,7 +12,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::unix::fs::PermissionsExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -892,6 +892,10 @@ pub fn assert_ok(v: &Value, what: &str) {
 /// metrics address and audit log, all private to one test.
 pub struct Daemon {
     pub child: Option<ChildGuard>,
+    /// A command the daemon runs under (e.g. `nsenter … unshare …`: the
+    /// namespaces of a DaemonSet's pod); empty: none. The launcher and the
+    /// daemon share a process group, killed as one.
+    pub launcher: Vec<String>,
     pub config: PathBuf,
     pub policies: PathBuf,
     pub socket: PathBuf,
@@ -908,6 +912,7 @@ impl Daemon {
         std::fs::create_dir_all(&policies).unwrap();
         let d = Self {
             child: None,
+            launcher: Vec::new(),
             config: dir.join("daemon.yaml"),
             policies,
             socket: dir.join("run/enforcer.sock"),
@@ -949,7 +954,14 @@ impl Daemon {
             .append(true)
             .open(&self.stderr_log)
             .unwrap();
-        let mut c = enforcer();
+        let mut c = match self.launcher.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(enforcer_bin()).process_group(0);
+                c
+            }
+            None => enforcer(),
+        };
         c.args(["--log", "info", "daemon", "--config"])
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -990,12 +1002,29 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// The daemon's PID (under a launcher: the launcher's child).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("daemon running").id()
+        let id = self.child.as_ref().expect("daemon running").id();
+        if self.launcher.is_empty() {
+            return id;
+        }
+        let mut pid = 0;
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            pid = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+                .unwrap_or(0);
+            pid > 0
+        });
+        assert!(pid > 0, "the daemon's launcher {id} has no child");
+        pid
     }
 
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if !self.launcher.is_empty() {
+                unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            }
             c.kill9();
         }
     }

@@ -13,7 +13,7 @@
 use std::{path::Path, time::Duration};
 
 use enforcer_tests::{
-    cri::{Containerd, PodSpec, POD_GATEWAY},
+    cri::{pod_cgroup, CgroupDriver, Containerd, PodSpec, POD_GATEWAY},
     dns_server::DnsServer,
     fake_api::{FakeApi, Res},
     *,
@@ -98,8 +98,9 @@ fn wait(secs: u64) -> Duration {
 }
 
 /// A pod in namespace `agents` whose cgroup parent is in the kubelet's
-/// cgroupfs layout under `kubelet_root`; `n` tells pods of a test apart.
-fn pod_spec(kubelet_root: &Path, name: &str, n: u32) -> PodSpec {
+/// layout for `cri`'s driver (cgroupfs: under `kubelet_root`); `n` tells
+/// pods of a test apart.
+fn pod_spec(cri: &Containerd, kubelet_root: Option<&Path>, name: &str, n: u32) -> PodSpec {
     let uid = format!(
         "{:08x}-5d2c-4f0e-8a11-7e3c2b1d0f{n:02x}",
         std::process::id()
@@ -107,27 +108,30 @@ fn pod_spec(kubelet_root: &Path, name: &str, n: u32) -> PodSpec {
     PodSpec {
         name: name.into(),
         namespace: "agents".into(),
-        uid: uid.clone(),
-        cgroup_parent: kubelet_root
-            .join(format!("kubepods/besteffort/pod{uid}"))
-            .display()
-            .to_string(),
+        cgroup_parent: cri.driver.pod_cgroup_parent(kubelet_root, &uid),
+        uid,
         dns_servers: vec![POD_GATEWAY.into()],
     }
 }
 
 /// The daemon in Kubernetes mode (node `node-a`) against `fake`, with the
-/// kubelet's cgroup root `kubelet_root`; not started.
-fn kubernetes_daemon(dir: &TestDir, pins: &PinDir, fake: &FakeApi, kubelet_root: &Path) -> Daemon {
+/// kubelet's cgroup root `kubelet_root` (none: the default); not started.
+fn kubernetes_daemon(
+    dir: &TestDir,
+    pins: &PinDir,
+    fake: &FakeApi,
+    kubelet_root: Option<&Path>,
+) -> Daemon {
     let d = Daemon::configure(dir, pins, &[]);
     let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let root = kubelet_root
+        .map(|r| format!("  kubeletCgroupRoot: {}\n", r.display()))
+        .unwrap_or_default();
     write_atomic(
         &d.config,
         &format!(
-            "{cfg}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  apiServer: http://{}\n  \
-             kubeletCgroupRoot: {}\n",
+            "{cfg}kubernetes:\n  nodeName: node-a\n  trustDomain: example.org\n  apiServer: http://{}\n{root}",
             fake.addr,
-            kubelet_root.display()
         ),
     );
     d
@@ -207,13 +211,13 @@ fn run_agent(
     let rv = 100 + 10 * known.len() as u32 + attempt;
     set_pod(fake, &pod_object(pod, known, rv), "MODIFIED");
     let mut pods = Vec::new();
+    let cgroup = cri.container_cgroup(pod, &cid).display().to_string();
     let listed = poll_until(wait(30), Duration::from_millis(200), || {
         pods = research_pods(d);
         pods.iter().any(|p| {
-            p["containers"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["cgroup"].as_str().is_some_and(|g| g.ends_with(&cid)))
-            })
+            p["containers"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["cgroup"] == cgroup))
         })
     });
     assert!(
@@ -240,23 +244,48 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
     if !require_root("pods_made_by_containerd_are_enforced_from_their_first_instruction") {
         return;
     }
+    pods_enforced_from_their_first_instruction(CgroupDriver::Cgroupfs);
+}
+
+/// The same with the systemd cgroup driver (most nodes' kubelet default):
+/// the pod is a slice and each container a `cri-containerd-<id>.scope`
+/// that runc asks systemd for (`enforcer_tests::cri::Systemd`). `cargo
+/// xtask vm-matrix --suite cri` runs it; CI's boot skips it for time (the
+/// systemd file test covers the layout there).
+#[test]
+#[ignore = "needs containerd, runc and systemd: runs in the VM runner (cargo xtask vm-matrix)"]
+fn pods_under_the_systemd_cgroup_driver_are_enforced_from_their_first_instruction() {
+    if !require_root(
+        "pods_under_the_systemd_cgroup_driver_are_enforced_from_their_first_instruction",
+    ) {
+        return;
+    }
+    pods_enforced_from_their_first_instruction(CgroupDriver::Systemd);
+}
+
+fn pods_enforced_from_their_first_instruction(driver: CgroupDriver) {
     let _serial = serial();
-    let mut cri = Containerd::start("cri").unwrap_or_else(|e| panic!("containerd: {e}"));
+    let mut cri = Containerd::start("cri", driver).unwrap_or_else(|e| panic!("containerd: {e}"));
     let prefix = Cgroup::create("cri");
     let pins = PinDir::new("cri");
     let dir = TestDir::new("cri");
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
 
-    // The kubelet's cgroupfs layout under the test prefix.
+    // The kubelet's cgroupfs layout under the test prefix; systemd's slices
+    // are where a node has them (the kubelet's default cgroup root).
     let kubelet_root = Path::new("/").join(prefix.relative());
-    let pod = pod_spec(&kubelet_root, "research-0", 0x9a);
-    let pod_dir = cgroup2_mount().join(pod.cgroup_parent.trim_start_matches('/'));
+    let kubelet_root = (driver == CgroupDriver::Cgroupfs).then_some(kubelet_root.as_path());
+    let pod = pod_spec(&cri, kubelet_root, "research-0", 0x9a);
+    let pod_dir = pod_cgroup(&pod);
     // The API server has the pod (scheduled to this node) before the
     // kubelet makes its sandbox.
     let fake = FakeApi::start(vec![pod_object(&pod, &[], 90)]);
 
-    let mut d = kubernetes_daemon(&dir, &pins, &fake, &kubelet_root);
+    let mut d = kubernetes_daemon(&dir, &pins, &fake, kubelet_root);
+    if let Some(s) = cri.systemd() {
+        d.launcher = s.daemon_launcher();
+    }
     // Listeners on every address (the pods reach the node at their
     // gateway, the bridge that appears with the first pod): the policy
     // allows one port of the gateway.
@@ -287,7 +316,7 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
     d.start();
 
     // The kubelet: QoS and pod cgroups, then RunPodSandbox.
-    std::fs::create_dir_all(&pod_dir).unwrap();
+    cri.make_pod_cgroup(&pod).unwrap();
     let pod_id = cri.run_pod(&pod).unwrap();
     let ip = cri.pod_ip(&pod_id).unwrap();
     assert!(
@@ -386,8 +415,9 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
         .unwrap_or_else(|| panic!("no container agent: {pods:#?}"));
     assert_eq!(
         agent["cgroup"],
-        pod_dir.join(&cid).display().to_string(),
-        "containerd's cgroupfs layout: <cgroup_parent>/<container id>"
+        cri.container_cgroup(&pod, &cid).display().to_string(),
+        "containerd's layout: <cgroup_parent>/<container id> (cgroupfs), \
+         <pod slice>/cri-containerd-<container id>.scope (systemd)"
     );
     let labelled = |recs: &[Value], container: &str| {
         recs.iter().any(|r| {
@@ -452,7 +482,7 @@ fn pods_made_by_containerd_are_enforced_from_their_first_instruction() {
     cri.remove_pod(&pod_id).unwrap();
     assert!(
         poll_until(wait(30), Duration::from_millis(200), || {
-            std::fs::remove_dir(&pod_dir).is_ok() || !pod_dir.exists()
+            cri.remove_pod_cgroup(&pod)
         }),
         "the pod cgroup is still there (containerd left a cgroup in it?)"
     );
@@ -604,15 +634,35 @@ fn file_rules_of_pods_resolve_in_their_containers() {
     if !require_root("file_rules_of_pods_resolve_in_their_containers") {
         return;
     }
+    file_rules_resolve_in_containers(CgroupDriver::Cgroupfs);
+}
+
+/// The same with the systemd cgroup driver (containers in scopes that
+/// systemd makes), and the daemon where a DaemonSet's pod runs: in the
+/// node's PID namespace (systemd's, not the kernel's initial one here) and
+/// a mount namespace of its own. (A daemon outside the initial PID
+/// namespace once went unrecognized as the resolver by the hooks: the
+/// volume file's inode was never recorded.)
+#[test]
+#[ignore = "needs containerd, runc, systemd and BPF LSM: runs in the VM runner (cargo xtask test)"]
+fn file_rules_of_pods_resolve_under_the_systemd_cgroup_driver() {
+    if !require_root("file_rules_of_pods_resolve_under_the_systemd_cgroup_driver") {
+        return;
+    }
+    file_rules_resolve_in_containers(CgroupDriver::Systemd);
+}
+
+fn file_rules_resolve_in_containers(driver: CgroupDriver) {
     let _serial = serial();
-    let cri = Containerd::start("crif").unwrap_or_else(|e| panic!("containerd: {e}"));
+    let cri = Containerd::start("crif", driver).unwrap_or_else(|e| panic!("containerd: {e}"));
     let prefix = Cgroup::create("crif");
     let pins = PinDir::new("crif");
     let dir = TestDir::new("crif");
     let kubelet_root = Path::new("/").join(prefix.relative());
+    let kubelet_root = (driver == CgroupDriver::Cgroupfs).then_some(kubelet_root.as_path());
     let (research, other) = (
-        pod_spec(&kubelet_root, "research-f", 1),
-        pod_spec(&kubelet_root, "other-f", 2),
+        pod_spec(&cri, kubelet_root, "research-f", 1),
+        pod_spec(&cri, kubelet_root, "other-f", 2),
     );
     let started = std::time::Instant::now();
     let mut phases: Vec<(String, u64)> = Vec::new();
@@ -621,7 +671,10 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         app_pod(&research, "research", &[], 90),
         app_pod(&other, "other", &[], 90),
     ]);
-    let mut d = kubernetes_daemon(&dir, &pins, &fake, &kubelet_root);
+    let mut d = kubernetes_daemon(&dir, &pins, &fake, kubelet_root);
+    if let Some(s) = cri.systemd() {
+        d.launcher = s.daemon_launcher();
+    }
     let any = "0.0.0.0:0".parse().unwrap();
     let allowed = TcpSink::bind(any).unwrap();
     let on_taint = TcpSink::bind(any).unwrap();
@@ -680,8 +733,8 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         .into_iter()
         .enumerate()
     {
-        let pod_dir = cgroup2_mount().join(pod.cgroup_parent.trim_start_matches('/'));
-        std::fs::create_dir_all(&pod_dir).unwrap();
+        let pod_dir = pod_cgroup(pod);
+        cri.make_pod_cgroup(pod).unwrap();
         phase(&format!("{app}: sandbox"));
         let pod_id = cri.run_pod(pod).unwrap_or_else(|e| {
             panic!(
@@ -716,6 +769,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
             &on_taint.port().to_string(),
             app,
             if app == "research" { "decoy" } else { "" },
+            if app == "research" { "ticked" } else { "" },
             if app == "research" { "restarted" } else { "" },
             if app == "research" { "updated" } else { "" },
         ]
@@ -741,6 +795,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
         objects[i] = app_pod(pod, app, &[("agent", &cid)], 100 + i as u32);
         set_pods(&fake, &objects);
         let mut listed = Value::Null;
+        let cgroup = cri.container_cgroup(pod, &cid).display().to_string();
         assert!(
             poll_until(wait(30), Duration::from_millis(200), || {
                 listed = d
@@ -748,7 +803,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
                     .and_then(|i| i["pods"][0]["containers"].as_array().cloned())
                     .and_then(|cs| cs.into_iter().find(|c| c["name"] == "agent"))
                     .unwrap_or(Value::Null);
-                listed["cgroup"].as_str().is_some_and(|g| g.ends_with(&cid))
+                listed["cgroup"] == cgroup
             }),
             "the daemon does not list the container of {app}: {:#}",
             d.status()
@@ -784,6 +839,28 @@ fn file_rules_of_pods_resolve_in_their_containers() {
                 cri.container_output(pod, "agent", 0)
             );
             phase("decoy planted");
+            // The next resync resolves the rule path again and adds the
+            // decoy's inode (the container's count grows); the moved file
+            // stays refused.
+            let inodes = |d: &Daemon| {
+                d.identity(app)
+                    .and_then(|i| i["pods"][0]["containers"].as_array().cloned())
+                    .and_then(|cs| cs.into_iter().find(|c| c["name"] == "agent"))
+                    .and_then(|c| c["file_inodes"].as_u64())
+                    .unwrap_or(0)
+            };
+            let before = listed["file_inodes"].as_u64().unwrap_or(0);
+            assert!(
+                poll_until(wait(30), Duration::from_millis(200), || inodes(&d) > before),
+                "no resync added the decoy's inode ({before} inodes): {:#}",
+                d.status()
+            );
+            std::fs::write(out.join("ticked"), "").unwrap();
+            assert!(poll_until(wait(60), Duration::from_millis(200), || line(
+                "ticked"
+            )
+            .is_some()));
+            phase("resynced");
             d.kill9();
             // A container started while no daemon runs: its program is held
             // (stopped) before its first instruction, until a daemon has
@@ -803,7 +880,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
                 .create_container(&pod_id, pod, "held", 0, &held_args, &held_out)
                 .unwrap();
             cri.start_container(&held).unwrap();
-            let held_dir = pod_dir.join(&held);
+            let held_dir = cri.container_cgroup(pod, &held);
             assert!(
                 poll_until(wait(30), Duration::from_millis(200), || {
                     cgroup_processes(&held_dir).contains(") T ")
@@ -887,7 +964,7 @@ fn file_rules_of_pods_resolve_in_their_containers() {
                 }
             }
         }
-        results.push((app, pod_id, pod_dir, listed, r));
+        results.push((app, pod_id, pod, listed, r));
     }
 
     let (_, _, _, listed, r) = &results[0];
@@ -910,11 +987,12 @@ fn file_rules_of_pods_resolve_in_their_containers() {
     assert_eq!(r["after"], libc::EPERM, "clamped after the taint read: {r}");
     assert_eq!(r["on_taint"], "ok", "onTaint egress: {r}");
     assert_eq!(r["decoy"], "ok", "the decoy was planted: {r}");
-    for step in ["restarted", "updated"] {
+    for step in ["ticked", "restarted", "updated"] {
         assert_eq!(
             r[step],
             libc::EPERM,
-            "the moved volume file after the {step} daemon resolved again: {r}"
+            "the moved volume file after the {step} daemon resolved again: {r}\n{}",
+            d.stderr()
         );
         assert_eq!(r[format!("{step}_image")], libc::EPERM, "{step}: {r}");
     }
@@ -953,11 +1031,11 @@ fn file_rules_of_pods_resolve_in_their_containers() {
     );
 
     // Pods deleted: their containers leave the policies.
-    for (app, pod_id, pod_dir, _, _) in &results {
+    for (app, pod_id, pod, _, _) in &results {
         cri.remove_pod(pod_id).unwrap();
         assert!(
             poll_until(wait(30), Duration::from_millis(200), || {
-                std::fs::remove_dir(pod_dir).is_ok() || !pod_dir.exists()
+                cri.remove_pod_cgroup(pod)
             }),
             "the pod cgroup of {app} is still there"
         );
