@@ -149,7 +149,13 @@ impl Drop for OwnedCgroup {
 pub fn pids_in_tree(dir: &Path) -> Vec<u32> {
     let mut out = Vec::new();
     if let Ok(s) = fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        // 0: a process outside this process's PID namespace (never to be
+        // signalled: kill(0, ..) is our own process group).
+        out.extend(
+            s.lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .filter(|&p| p != 0),
+        );
     }
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {

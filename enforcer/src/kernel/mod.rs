@@ -522,9 +522,31 @@ impl Kernel {
                 (0, 0, 0)
             }
         };
-        let host_mnt_ns = fs::metadata("/proc/1/ns/mnt")
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
-            .unwrap_or(0);
+        // The node's mount namespace is taken to be /proc/1's: the node's
+        // init, whose namespace the container runtime shares. That holds
+        // where the daemon sees the node's PID namespace (hostPID, as
+        // deploy/ ships it).
+        let host_mnt_ns = match fs::metadata("/proc/1/ns/mnt") {
+            Ok(m) => std::os::unix::fs::MetadataExt::ino(&m) as u32,
+            Err(e) => {
+                tracing::error!(
+                    "reading /proc/1/ns/mnt: {e}: every program started in a pod container \
+                     with file rules is held until a daemon resolves its container"
+                );
+                0
+            }
+        };
+        const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+        if fs::metadata("/proc/1/ns/pid")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) != PROC_PID_INIT_INO)
+        {
+            tracing::warn!(
+                "/proc/1 is not the kernel's first process (this daemon does not see the \
+                 initial PID namespace): file rules for pods take /proc/1 for the node's init, \
+                 whose root and mount namespace the container runtime must share; run the \
+                 daemon with hostPID"
+            );
+        }
         let i_mode = with_btf(&kbtf, |b| b.member_offset("inode", "i_mode")).unwrap_or(0);
         let hold = [
             (globals::TASK_NSPROXY, nsproxy),
@@ -1277,24 +1299,46 @@ impl Kernel {
         &mut self,
         rules: &[crate::policy::compile::CompiledFileRule],
     ) -> files::ResolvedFiles {
+        match self.resolve_files_checked(rules) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("file rules resolved by stat only: {e:#}");
+                files::resolve(rules, &mut files::StatOnly)
+            }
+        }
+    }
+
+    /// [`Kernel::resolve_files`], or an error if the hooks are attached but
+    /// do not see this thread as the resolver (they record nothing of its
+    /// open of `/`, checked first): stat's numbers alone can miss the
+    /// inodes the hooks judge (overlayfs), so a caller that can wait (a
+    /// held container) does not take them for a resolution.
+    fn resolve_files_checked(
+        &mut self,
+        rules: &[crate::policy::compile::CompiledFileRule],
+    ) -> Result<files::ResolvedFiles> {
         if rules.is_empty() {
-            return files::ResolvedFiles::default();
+            return Ok(files::ResolvedFiles::default());
         }
         if !self.lsm_hooks_attached() {
-            return files::resolve(rules, &mut files::StatOnly);
+            return Ok(files::resolve(rules, &mut files::StatOnly));
         }
         self.resolver_tid = nix::unistd::gettid().as_raw() as u32;
-        if let Err(e) = self.write_config() {
-            tracing::warn!("file rules resolved by stat only: {e:#}");
-            self.resolver_tid = 0;
-            return files::resolve(rules, &mut files::StatOnly);
-        }
-        let out = files::resolve(
-            rules,
-            &mut KernelObserver {
+        let out = self.write_config().and_then(|()| {
+            let mut observer = KernelObserver {
                 resolved: &mut self.resolved,
-            },
-        );
+            };
+            use files::Observer;
+            if observer.kernel_view(Path::new("/"), true).is_empty() {
+                bail!(
+                    "the BPF LSM file hooks do not recognize the resolver thread (tid {} in \
+                     PID namespace {}): they recorded nothing of its open of /",
+                    self.resolver_tid,
+                    self.pid_ns.1
+                );
+            }
+            Ok(files::resolve(rules, &mut observer))
+        });
         self.resolver_tid = 0;
         if let Err(e) = self.write_config() {
             tracing::error!("clearing the resolver thread id: {e:#}");
@@ -1335,7 +1379,7 @@ impl Kernel {
                          that does not pivot_root?)"
                     );
                 }
-                Ok(self.resolve_files(rules))
+                self.resolve_files_checked(rules)
             })
             .join()
             .map_err(|_| anyhow!("the resolver thread panicked"))?
