@@ -40,7 +40,7 @@
 //! been refused for.
 //!
 //! Every decision is reported to a [`DnsSink`] as a [`DnsEvent`].
-mod message;
+pub mod message;
 mod proxy;
 
 #[cfg(test)]
@@ -130,7 +130,7 @@ pub struct DnsPolicy {
 /// The rules one query is judged by: the policy's own, or its onTaint rules
 /// when the identity is tainted.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RuleView<'a> {
+pub struct RuleView<'a> {
     pub hosts: &'a [HostRule],
     pub cidrs: &'a [IpNet],
     /// These are the onTaint rules.
@@ -155,7 +155,7 @@ impl DnsPolicy {
 
     /// The rules to judge by: the onTaint ones if the policy has a taint
     /// clamp and the identity is `tainted`, else the policy's own.
-    pub(crate) fn rules(&self, tainted: bool) -> RuleView<'_> {
+    pub fn rules(&self, tainted: bool) -> RuleView<'_> {
         match (&self.taint_hosts, tainted) {
             (Some(hosts), true) => RuleView {
                 hosts,
