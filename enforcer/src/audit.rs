@@ -892,8 +892,14 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
         path: path.to_path_buf(),
         source,
     })?;
+    verify_reader(BufReader::with_capacity(256 * 1024, file), path)
+}
+
+/// [`verify`] over the log's bytes from `r` (`path` names it in errors):
+/// the fuzzer's entry point, and what `verify` does after opening the file.
+pub fn verify_reader(r: impl BufRead, path: &Path) -> Result<VerifyReport, VerifyError> {
     let mut lines = Lines {
-        r: BufReader::with_capacity(256 * 1024, file),
+        r,
         buf: Vec::with_capacity(1024),
         line: 0,
         tail: 0,

@@ -1,7 +1,8 @@
 //! An upstream's answer to an allowed query, as the DNS proxy handles it:
 //! parse -> does it answer the question -> CNAME chain, learned addresses,
-//! rebinding filter, TTL clamp -> the reply to the client (truncated past
-//! the client's UDP limit).
+//! rebinding filter, TTL clamp -> the reply to the client (`message::release`,
+//! which the proxy calls: truncated past the client's UDP limit, or whole
+//! over TCP).
 #![no_main]
 use std::sync::OnceLock;
 
@@ -37,11 +38,9 @@ fuzz_target!(|data: &[u8]| {
     if !message::answers_question(q, &resp) {
         return;
     }
-    let view = policy.rules(false);
-    let p = message::process_answer(policy, view.cidrs, q, resp, true);
-    if let Ok(bytes) = p.reply.to_vec() {
-        if bytes.len() > q.udp_limit() {
-            let _ = p.reply.truncate().to_vec();
-        }
+    // As the proxy's `finish`: over UDP (the client's limit) and over TCP.
+    for limit in [Some(q.udp_limit()), None] {
+        let view = policy.rules(false);
+        let _ = message::release(policy, view.cidrs, q, resp.clone(), true, limit);
     }
 });

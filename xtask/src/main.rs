@@ -1,6 +1,6 @@
 //! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`,
 //! `cargo xtask bench-dns`, `cargo xtask bench-open`, `cargo xtask bench-tls`, `cargo xtask vm-test`,
-//! `cargo xtask image`.
+//! `cargo xtask image`, `cargo xtask fuzz`.
 //!
 //! They need root and the real kernel (they load the enforcer's eBPF
 //! programs through the `enforcer` binary). This crate does not depend on
@@ -10,6 +10,7 @@ mod demo;
 mod dns_bench;
 mod dns_upstream;
 mod empty_progs;
+mod fuzz;
 mod image;
 mod matrix;
 mod open_bench;
@@ -117,6 +118,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Run the libFuzzer targets of fuzz/ (policy files, AIP manifests, daemon config, AgentPolicy objects, DNS client messages and upstream answers, BTF, audit logs, first bytes) for a time each; fails on a crash, panic, hang or unbounded allocation.
+    Fuzz(fuzz::FuzzArgs),
     /// Run a command as root inside a VM booted with a Debian kernel (6.1 unless --kernel) that loads BPF LSM programs (default: a self-check; needs root).
     VmTest(vm::VmArgs),
     /// The real-kernel suites on every kernel pinned in scripts/vm-kernels.txt (5.10, 6.1, 6.12), one VM each; prints the kernel x suite table (needs root; ~30 min per kernel).
@@ -170,6 +173,7 @@ fn main() -> std::process::ExitCode {
         Cmd::BenchAb { bins, rounds, secs } => bench::ab(&bins, rounds, secs),
         Cmd::BenchOpen(args) => open_bench::run(&args),
         Cmd::Test { vm_only } => test::run(&util::repo_root(), vm_only),
+        Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::VmTest(args) => vm::run(&util::repo_root(), &args),
         Cmd::VmMatrix(args) => matrix::run(&util::repo_root(), &args),
         Cmd::Image(args) => image::run(&args),

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use crate::BinArgs;
 
 /// The pinned nightly of scripts/setup.sh (its LLVM must match bpf-linker's).
-const NIGHTLY: &str = "nightly-2026-05-20";
+pub(crate) const NIGHTLY: &str = "nightly-2026-05-20";
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

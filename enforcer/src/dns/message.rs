@@ -314,6 +314,43 @@ pub struct Processed {
     pub blocked: Vec<IpAddr>,
 }
 
+/// An upstream answer as the proxy releases it: the bytes for the client and
+/// what to learn from them.
+#[derive(Debug)]
+pub struct Released {
+    pub bytes: Vec<u8>,
+    /// (address, clamped TTL) to install; empty when the reply was truncated.
+    pub learn: Vec<(IpAddr, Duration)>,
+    /// Rebinding-space addresses: stripped, not installed.
+    pub blocked: Vec<IpAddr>,
+}
+
+/// [`process_answer`], then the reply's bytes: past the client's UDP size
+/// limit `udp_limit` the reply is released truncated and nothing is learned
+/// (the client retries over TCP, whose answer is learned). `None` when the
+/// reply cannot be encoded.
+pub fn release(
+    policy: &DnsPolicy,
+    cidrs: &[IpNet],
+    q: &Query,
+    resp: Message,
+    learn: bool,
+    udp_limit: Option<usize>,
+) -> Option<Released> {
+    let p = process_answer(policy, cidrs, q, resp, learn);
+    let mut bytes = p.reply.to_vec().ok()?;
+    let mut learn = p.learn;
+    if udp_limit.is_some_and(|l| bytes.len() > l) {
+        bytes = p.reply.truncate().to_vec().ok()?;
+        learn.clear();
+    }
+    Some(Released {
+        bytes,
+        learn,
+        blocked: p.blocked,
+    })
+}
+
 /// Clamp answer TTLs, follow the CNAME chain of the question through the
 /// answer section, collect its A/AAAA addresses and strip those in rebinding
 /// space that none of `cidrs` (the `cidr` rules the query is judged by)

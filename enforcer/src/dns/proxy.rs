@@ -65,8 +65,8 @@ use tokio::{
 
 use super::{
     message::{
-        answers_question, decide, error_reply, parse_query, process_answer, rule_text,
-        upstream_query, Budget, Decision, Query,
+        answers_question, decide, error_reply, parse_query, release, rule_text, upstream_query,
+        Budget, Decision, Query, Released,
     },
     DnsEvent, DnsPolicy, DnsSink, Learner, TaintView,
 };
@@ -769,13 +769,11 @@ impl Ident {
         };
         let view = policy.rules(decision.tainted);
         let rule = decision.rule.map(|i| &view.hosts[i]);
-        let p = process_answer(&policy, view.cidrs, &q, resp, rule.is_some());
-        let mut bytes = p.reply.to_vec().ok()?;
-        let mut learn = p.learn;
-        if udp_limit.is_some_and(|l| bytes.len() > l) {
-            bytes = p.reply.truncate().to_vec().ok()?;
-            learn.clear();
-        }
+        let Released {
+            mut bytes,
+            learn,
+            blocked,
+        } = release(&policy, view.cidrs, &q, resp, rule.is_some(), udp_limit)?;
         let mut d = decision;
         let mut installed = Vec::with_capacity(learn.len());
         if let Some(rule) = rule {
@@ -800,7 +798,6 @@ impl Ident {
                 }
             }
         }
-        let blocked = p.blocked;
         self.report(&policy, &q, d, origin, start, |mut ev| {
             ev.answers = installed;
             ev.rebinding_blocked = blocked;

@@ -534,6 +534,14 @@ mod tests {
         assert!(err("holder", "p.x").contains("holder.p is not a struct or union"));
     }
 
+    /// The fuzzer's seed (`fuzz/seeds/btf/synthetic`) is this blob.
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn fuzz_seed_is_the_synthetic_blob() {
+        let seed = include_bytes!("../../../fuzz/seeds/btf/synthetic");
+        assert_eq!(seed.as_slice(), synthetic().as_slice());
+    }
+
     #[test]
     fn truncated_and_garbage_input_is_an_error_not_a_panic() {
         let good = synthetic();
