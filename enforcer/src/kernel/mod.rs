@@ -528,6 +528,13 @@ impl Kernel {
         // deploy/ ships it).
         let host_mnt_ns = match fs::metadata("/proc/1/ns/mnt") {
             Ok(m) => std::os::unix::fs::MetadataExt::ino(&m) as u32,
+            // Without BPF LSM there is no exec hold to configure (the
+            // capability is reported on its own, loudly): no error for
+            // every `enforcer run` on such a host.
+            Err(e) if !bpf_lsm_listed() => {
+                tracing::debug!("reading /proc/1/ns/mnt: {e} (no BPF LSM: no exec hold)");
+                0
+            }
             Err(e) => {
                 tracing::error!(
                     "reading /proc/1/ns/mnt: {e}: every program started in a pod container \
@@ -1174,9 +1181,7 @@ impl Kernel {
     /// Load and attach the `lsm/file_open` probe once, then detach it: does
     /// this kernel accept BPF LSM programs?
     pub fn probe_lsm(&mut self) -> LsmSupport {
-        let listed = fs::read_to_string("/sys/kernel/security/lsm")
-            .map(|l| l.trim().split(',').any(|m| m == "bpf"))
-            .unwrap_or(false);
+        let listed = bpf_lsm_listed();
         let no = |detail: String| LsmSupport {
             available: false,
             detail: format!(
@@ -2333,8 +2338,13 @@ pub fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A random u32 from the kernel (`getrandom`), for secrets the programs
-/// use; the time as a fallback when it fails.
+/// Whether `bpf` is among the active LSMs (`/sys/kernel/security/lsm`).
+fn bpf_lsm_listed() -> bool {
+    fs::read_to_string("/sys/kernel/security/lsm")
+        .map(|l| l.trim().split(',').any(|m| m == "bpf"))
+        .unwrap_or(false)
+}
+
 /// `f` of the kernel's BTF (or why there is none).
 fn with_btf<T>(
     btf: &std::result::Result<btf::Btf, String>,
@@ -2346,6 +2356,8 @@ fn with_btf<T>(
     }
 }
 
+/// A random u32 from the kernel (`getrandom`), for secrets the programs
+/// use; the time as a fallback when it fails.
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
