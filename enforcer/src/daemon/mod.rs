@@ -1713,6 +1713,13 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             gap.as_deref().map(|g| format!("; {g}")).unwrap_or_default()
         ),
     );
+    // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
+    // The directory is watched before the first read of its policies: a
+    // file changed while the daemon starts (seconds with many bindings) is
+    // either read by that first reload or wakes the loop below for another
+    // (the watcher's events queue until the loop runs).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+    let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
     {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.reload_policies();
@@ -1744,9 +1751,6 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let readers = Readers::spawn(ring, flows, sinks.clone(), dns.attributor(attribution));
     let control_task = control::serve(&cfg.control_socket, state.clone()).await?;
 
-    // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
-    let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
