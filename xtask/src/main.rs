@@ -6,6 +6,7 @@
 //! programs through the `enforcer` binary). This crate does not depend on
 //! the enforcer crates: it drives the binary, like a user would.
 mod bench;
+mod daemon_harness;
 mod demo;
 mod dns_bench;
 mod dns_upstream;
