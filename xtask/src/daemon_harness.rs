@@ -69,6 +69,7 @@ pub struct DaemonFiles {
     pub config: PathBuf,
     pub policies: PathBuf,
     pub socket: PathBuf,
+    pub audit: PathBuf,
 }
 
 impl DaemonFiles {
@@ -79,6 +80,7 @@ impl DaemonFiles {
             config: dir.join("daemon.yaml"),
             policies: dir.join("policies"),
             socket: dir.join("control.sock"),
+            audit: dir.join("audit.jsonl"),
         }
     }
 
@@ -104,7 +106,7 @@ impl DaemonFiles {
             self.policies.display(),
             self.pin_dir.display(),
             self.socket.display(),
-            self.dir.join("audit.jsonl").display(),
+            self.audit.display(),
             self.dir.join("state").display(),
         );
         for (cg, pol) in bindings {
@@ -236,6 +238,13 @@ impl Daemon {
         }
         let _ = self.child.wait();
         remove_pins(&self.pin_dir);
+        Ok(())
+    }
+
+    /// `kill -9`, as a crash: the pins stay and keep enforcing.
+    pub fn kill9(mut self) -> Result<()> {
+        self.child.kill().context("kill -9 of the daemon")?;
+        self.child.wait()?;
         Ok(())
     }
 }
