@@ -168,10 +168,7 @@ impl Systemd {
         let limit = Duration::from_secs(60 * u64::from(slowdown()));
         let u = me.launcher.id();
         let found = poll_until(limit, Duration::from_millis(100), || {
-            me.pid = std::fs::read_to_string(format!("/proc/{u}/task/{u}/children"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-                .unwrap_or(0);
+            me.pid = crate::first_child(u).map_or(0, |p| p as i32);
             me.pid > 0
         });
         if !found {

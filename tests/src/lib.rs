@@ -1008,16 +1008,12 @@ impl Daemon {
         if self.launcher.is_empty() {
             return id;
         }
-        let mut pid = 0;
+        let mut pid = None;
         poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
-            pid = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-                .unwrap_or(0);
-            pid > 0
+            pid = first_child(id);
+            pid.is_some()
         });
-        assert!(pid > 0, "the daemon's launcher {id} has no child");
-        pid
+        pid.unwrap_or_else(|| panic!("the daemon's launcher {id} has no child"))
     }
 
     pub fn kill9(&mut self) {
@@ -1075,6 +1071,17 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The first child of process `pid` (`/proc/<pid>/task/<pid>/children`),
+/// e.g. what a launcher (`nsenter`, `unshare --fork`) started.
+pub fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Serializes tests that must not overlap (optional; most tests are

@@ -570,6 +570,15 @@ for step in sys.argv[5:]:
     print(json.dumps({step: result, step + "_image": read("/secret/token")}), flush=True)
 "#;
 
+/// The daemon's status entry of container `agent` of `app`'s first pod
+/// (null if it lists none).
+fn agent_entry(d: &Daemon, app: &str) -> Value {
+    d.identity(app)
+        .and_then(|i| i["pods"][0]["containers"].as_array().cloned())
+        .and_then(|cs| cs.into_iter().find(|c| c["name"] == "agent"))
+        .unwrap_or(Value::Null)
+}
+
 /// A pod object of `app` (service account `app`) with its running app
 /// containers `(name, id)`.
 fn app_pod(pod: &PodSpec, app: &str, running: &[(&str, &str)], rv: u32) -> Value {
@@ -798,11 +807,7 @@ fn file_rules_resolve_in_containers(driver: CgroupDriver) {
         let cgroup = cri.container_cgroup(pod, &cid).display().to_string();
         assert!(
             poll_until(wait(30), Duration::from_millis(200), || {
-                listed = d
-                    .identity(app)
-                    .and_then(|i| i["pods"][0]["containers"].as_array().cloned())
-                    .and_then(|cs| cs.into_iter().find(|c| c["name"] == "agent"))
-                    .unwrap_or(Value::Null);
+                listed = agent_entry(&d, app);
                 listed["cgroup"] == cgroup
             }),
             "the daemon does not list the container of {app}: {:#}",
@@ -821,6 +826,14 @@ fn file_rules_resolve_in_containers(driver: CgroupDriver) {
                     .lines()
                     .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                     .find(|v| !v[key].is_null())
+            };
+            // Tell the agent to take step `key`; wait for its line.
+            let step = |key: &str| {
+                std::fs::write(out.join(key), "").unwrap();
+                assert!(poll_until(wait(60), Duration::from_millis(200), || line(
+                    key
+                )
+                .is_some()));
             };
             assert!(
                 poll_until(wait(120), Duration::from_millis(200), || line("ways")
@@ -842,24 +855,15 @@ fn file_rules_resolve_in_containers(driver: CgroupDriver) {
             // The next resync resolves the rule path again and adds the
             // decoy's inode (the container's count grows); the moved file
             // stays refused.
-            let inodes = |d: &Daemon| {
-                d.identity(app)
-                    .and_then(|i| i["pods"][0]["containers"].as_array().cloned())
-                    .and_then(|cs| cs.into_iter().find(|c| c["name"] == "agent"))
-                    .and_then(|c| c["file_inodes"].as_u64())
-                    .unwrap_or(0)
-            };
             let before = listed["file_inodes"].as_u64().unwrap_or(0);
             assert!(
-                poll_until(wait(30), Duration::from_millis(200), || inodes(&d) > before),
+                poll_until(wait(30), Duration::from_millis(200), || {
+                    agent_entry(&d, app)["file_inodes"].as_u64().unwrap_or(0) > before
+                }),
                 "no resync added the decoy's inode ({before} inodes): {:#}",
                 d.status()
             );
-            std::fs::write(out.join("ticked"), "").unwrap();
-            assert!(poll_until(wait(60), Duration::from_millis(200), || line(
-                "ticked"
-            )
-            .is_some()));
+            step("ticked");
             phase("resynced");
             d.kill9();
             // A container started while no daemon runs: its program is held
@@ -918,11 +922,7 @@ fn file_rules_resolve_in_containers(driver: CgroupDriver) {
                 "the restarted daemon did not adopt the container:\n{}",
                 d.stderr()
             );
-            std::fs::write(out.join("restarted"), "").unwrap();
-            assert!(poll_until(wait(60), Duration::from_millis(200), || line(
-                "restarted"
-            )
-            .is_some()));
+            step("restarted");
             let hash = d.identity("research").unwrap()["policy_hash"].clone();
             write_atomic(
                 &d.policies.join("research.yaml"),

@@ -34,17 +34,19 @@
 use std::{
     collections::HashSet,
     fmt::Write as _,
-    io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::{util, BinArgs};
+use crate::{
+    daemon_harness::{remove_pins, Cgroups, Daemon, DaemonFiles, Worker},
+    util, BinArgs,
+};
 
 const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
 const SEED: u64 = 0x656e_666f_7263_6572; // "enforcer"
@@ -143,207 +145,26 @@ fn policy_yaml(name: &str, n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> St
 // ---------------------------------------------------------------------------
 // cgroups, daemon, workers
 
-struct BenchCgroups {
-    root: PathBuf,
-}
-
-impl BenchCgroups {
-    fn create(mount: &Path, names: &[&str]) -> Result<Self> {
-        let root = mount.join("enforcer-bench");
-        let me = Self { root };
-        me.cleanup();
-        std::fs::create_dir_all(&me.root)
-            .with_context(|| format!("creating {}", me.root.display()))?;
-        for n in names {
-            std::fs::create_dir(me.path(n)).with_context(|| format!("creating cgroup {n}"))?;
-        }
-        Ok(me)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-    fn cleanup(&self) {
-        if let Ok(rd) = std::fs::read_dir(&self.root) {
-            for e in rd.flatten() {
-                if e.path().is_dir() {
-                    let _ = std::fs::remove_dir(e.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&self.root);
-    }
-}
-
-impl Drop for BenchCgroups {
-    fn drop(&mut self) {
-        self.cleanup();
-    }
-}
-
-fn remove_pins() {
-    let _ = std::fs::remove_dir_all(PIN_DIR);
-}
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// Start `enforcer daemon` with `bindings` (cgroup path, policy name),
-    /// wait until every bound cgroup is attached with its policy installed.
-    fn start(
-        enforcer: &Path,
-        dir: &Path,
-        policies: &[(&str, &str)],
-        bindings: &[(PathBuf, &str)],
-        allow_events: Option<u32>,
-        timeout: Duration,
-    ) -> Result<(Self, Duration)> {
-        remove_pins();
-        let _ = std::fs::remove_dir_all(dir);
-        let pdir = dir.join("policies");
-        std::fs::create_dir_all(&pdir)?;
-        for (name, yaml) in policies {
-            std::fs::write(pdir.join(format!("{name}.yaml")), yaml)?;
-        }
-        let sock = dir.join("control.sock");
-        // The default configuration unless `allow_events` says otherwise.
-        let mut cfg = format!(
-            "policiesDir: {}\npinDir: {PIN_DIR}\ncontrolSocket: {}\nauditLog: {}\n{}bindings:\n",
-            pdir.display(),
-            sock.display(),
-            dir.join("audit.jsonl").display(),
-            allow_events
-                .map(|n| format!("allowEvents: {n}\n"))
-                .unwrap_or_default()
-        );
-        for (cg, pol) in bindings {
-            let _ = writeln!(cfg, "  - {{cgroup: {}, policy: {pol}}}", cg.display());
-        }
-        let cfg_path = dir.join("daemon.yaml");
-        std::fs::write(&cfg_path, cfg)?;
-        let log = dir.join("daemon.log");
-        let started = Instant::now();
-        let child = Command::new(enforcer)
-            .args(["--log", "info", "daemon", "--config"])
-            .arg(&cfg_path)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::create(&log)?.try_clone()?)
-            .spawn()
-            .context("starting enforcer daemon")?;
-        let mut d = Daemon { child, log };
-        // Ready = control socket up and `enforcer status` lists every binding.
-        let deadline = started + timeout;
-        loop {
-            if let Some(st) = d.child.try_wait()? {
-                bail!(
-                    "enforcer daemon exited ({st}) during startup:\n{}",
-                    d.log_tail()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "enforcer daemon not ready after {timeout:?}:\n{}",
-                    d.log_tail()
-                );
-            }
-            if sock.exists() {
-                if let Ok(status) = status_json(enforcer, &sock) {
-                    if let Some(r) = status["rejected"].as_array().filter(|r| !r.is_empty()) {
-                        let errors: Vec<&str> = r
-                            .iter()
-                            .flat_map(|x| x["errors"].as_array().into_iter().flatten())
-                            .filter_map(|e| e.as_str())
-                            .collect();
-                        bail!(
-                            "enforcer daemon rejected a bench policy: {}",
-                            errors.join("; ")
-                        );
-                    }
-                    if bindings.iter().all(|(cg, pol)| attached(&status, cg, pol)) {
-                        return Ok((d, started.elapsed()));
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        if let Some(st) = self.child.try_wait()? {
-            bail!("enforcer daemon exited ({st}):\n{}", self.log_tail());
-        }
-        Ok(())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn stop(mut self) -> Result<()> {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.wait();
-        remove_pins();
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            remove_pins();
-        }
-    }
-}
-
-fn status_json(enforcer: &Path, sock: &Path) -> Result<serde_json::Value> {
-    let out = Command::new(enforcer)
-        .args(["status", "--json", "--socket"])
-        .arg(sock)
-        .stderr(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!("enforcer status failed");
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn attached(status: &serde_json::Value, cg: &Path, policy: &str) -> bool {
-    let Some(ids) = status["identities"].as_array() else {
-        return false;
-    };
-    ids.iter().any(|id| {
-        id["name"] == policy
-            && id["cgroups"].as_array().is_some_and(|c| {
-                c.iter()
-                    .any(|c| c["path"].as_str().map(Path::new) == Some(cg))
-            })
-    })
-}
-
-struct Worker {
-    name: String,
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+/// The bench's daemon: its pins in `PIN_DIR`, the default configuration
+/// unless `allow_events` says otherwise.
+fn start_daemon(
+    enforcer: &Path,
+    dir: &Path,
+    policies: &[(&str, &str)],
+    bindings: &[(PathBuf, &str)],
+    allow_events: Option<u32>,
+    timeout: Duration,
+) -> Result<(Daemon, Duration)> {
+    Daemon::start(
+        enforcer,
+        &DaemonFiles::new(dir, Path::new(PIN_DIR)),
+        policies,
+        bindings,
+        &allow_events
+            .map(|n| format!("allowEvents: {n}\n"))
+            .unwrap_or_default(),
+        timeout,
+    )
 }
 
 /// The bench worker's arguments (after the program).
@@ -361,29 +182,6 @@ fn worker_args(cmd: &mut Command, tcp: SocketAddrV4, udp: SocketAddrV4) {
 }
 
 impl Worker {
-    /// Spawn `cmd` (a worker, directly or under `enforcer run`) with piped
-    /// stdin/stdout; `cgroup`: move it there before it makes any socket (it
-    /// blocks on stdin until asked).
-    fn spawn(name: &str, mut cmd: Command, cgroup: Option<&Path>) -> Result<Self> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting bench worker {name}"))?;
-        if let Some(cg) = cgroup {
-            std::fs::write(cg.join("cgroup.procs"), child.id().to_string())
-                .with_context(|| format!("moving worker into {}", cg.display()))?;
-        }
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
-        Ok(Worker {
-            name: name.to_string(),
-            child,
-            stdin,
-            stdout,
-        })
-    }
-
     fn start(name: &str, cgroup: &Path, tcp: SocketAddrV4, udp: SocketAddrV4) -> Result<Self> {
         let mut cmd = Command::new(std::env::current_exe()?);
         worker_args(&mut cmd, tcp, udp);
@@ -433,16 +231,6 @@ impl Worker {
         Ok(mount.join(rel.trim().trim_start_matches('/')))
     }
 
-    fn ask(&mut self, cmd: &str) -> Result<String> {
-        writeln!(self.stdin, "{cmd}")?;
-        self.stdin.flush()?;
-        let mut line = String::new();
-        if self.stdout.read_line(&mut line)? == 0 {
-            bail!("bench worker {} died", self.name);
-        }
-        Ok(line.trim().to_string())
-    }
-
     /// Operations per second of one timed loop.
     fn rate(&mut self, op: Op, secs: f64) -> Result<f64> {
         let a = self.ask(&format!("{} {secs}", op.name()))?;
@@ -462,13 +250,6 @@ impl Worker {
             );
         }
         Ok(ops as f64 / (nanos as f64 / 1e9))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -662,44 +443,8 @@ fn probe(
     Ok(())
 }
 
-/// A TCP listener on 127.0.0.1 with the deepest accept queue the host
-/// allows: std's backlog of 128 overflows under a connect loop, and an
-/// overflowing queue drops SYNs (1 s retransmit stalls, not enforcement cost).
-fn deep_listener() -> Result<TcpListener> {
-    use std::os::fd::FromRawFd;
-    let backlog: i32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(4096);
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let l = TcpListener::from_raw_fd(fd);
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        if libc::bind(
-            fd,
-            (&sa as *const libc::sockaddr_in).cast(),
-            std::mem::size_of_val(&sa) as u32,
-        ) < 0
-            || libc::listen(fd, backlog) < 0
-        {
-            bail!("bind/listen: {}", std::io::Error::last_os_error());
-        }
-        Ok(l)
-    }
-}
-
 fn spawn_listeners() -> Result<(SocketAddrV4, SocketAddrV4)> {
-    let tcp = deep_listener()?;
+    let tcp = util::deep_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
     let udp = UdpSocket::bind("127.0.0.1:0")?;
     let (SocketAddr::V4(ta), SocketAddr::V4(ua)) = (tcp.local_addr()?, udp.local_addr()?) else {
         unreachable!()
@@ -777,7 +522,7 @@ pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool, big: usize
             tmp.display()
         );
     }
-    remove_pins();
+    remove_pins(Path::new(PIN_DIR));
     result
 }
 
@@ -797,7 +542,11 @@ fn run_inner(
     // Denied probes: the same host, ports nobody allows (and nobody listens on).
     let denied_tcp = SocketAddrV4::new(*tcp.ip(), if tcp.port() == 9 { 10 } else { 9 });
     let denied_udp = SocketAddrV4::new(*udp.ip(), if udp.port() == 9 { 10 } else { 9 });
-    let cgs = BenchCgroups::create(mount, &["e10k", "base", "base2", "empty", "ebig", "e10"])?;
+    let cgs = Cgroups::create(
+        mount,
+        "enforcer-bench",
+        &["e10k", "base", "base2", "empty", "ebig", "e10"],
+    )?;
     eprintln!("bench: enforcer {}", enforcer.display());
     eprintln!(
         "bench: targets tcp {tcp}, udp {udp}; cgroups under {}",
@@ -818,7 +567,7 @@ fn run_inner(
     );
 
     // 1. Idle RSS: one policy, one binding.
-    let (mut d, ready) = Daemon::start(
+    let (mut d, ready) = start_daemon(
         enforcer,
         &tmp.join("rss"),
         &[("bench-10", &p10)],
@@ -837,7 +586,7 @@ fn run_inner(
     );
 
     // 2. Enforced (10k rules) vs unenforced: one daemon; cgroup `base` is not bound.
-    let (d, ready) = Daemon::start(
+    let (d, ready) = start_daemon(
         enforcer,
         &tmp.join("main"),
         &[("bench-10k", &p10k)],
@@ -982,7 +731,7 @@ fn run_inner(
     // The daemon with allowEvents: 0 (allowed decisions only counted): what
     // the accounting of allowed decisions costs, per program.
     {
-        let (d, _) = Daemon::start(
+        let (d, _) = start_daemon(
             enforcer,
             &tmp.join("noevents"),
             &[("bench-10k", &p10k)],
@@ -1008,7 +757,7 @@ fn run_inner(
     let mut scaling_error = None;
     let mut rss_big_mb = f64::NAN;
     if !skip_scaling {
-        match Daemon::start(
+        match start_daemon(
             enforcer,
             &tmp.join("scaling"),
             &[("bench-10", &p10), ("bench-big", &pbig)],
@@ -1272,7 +1021,7 @@ pub fn ab(bins: &[PathBuf], alternations: u32, secs: f64) -> Result<u8> {
     let tmp = std::env::temp_dir().join(format!("enforcer-bench-ab-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let (tcp, udp) = spawn_listeners()?;
-    let cgs = BenchCgroups::create(&mount, &["ab"])?;
+    let cgs = Cgroups::create(&mount, "enforcer-bench", &["ab"])?;
     let parent = cgs.path("ab");
     let child = parent.join("w");
     std::fs::create_dir(&child).context("creating the worker's cgroup")?;
@@ -1295,7 +1044,7 @@ pub fn ab(bins: &[PathBuf], alternations: u32, secs: f64) -> Result<u8> {
             (0..bins.len()).rev().collect()
         };
         for i in order {
-            let (d, _) = Daemon::start(
+            let (d, _) = start_daemon(
                 &bins[i],
                 &tmp.join(format!("d{i}")),
                 &[("bench-10k", &p10k)],

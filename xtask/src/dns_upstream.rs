@@ -19,32 +19,49 @@ use hickory_proto::{
 };
 
 /// name -> IPv4. A name starting with `*.` answers every name under it.
+/// An entry with a span > 1 answers the next of `span` consecutive
+/// addresses from its base at each query (every answer a fresh address, as
+/// a CDN's rotating front ends are).
 #[derive(Clone, Default)]
 pub struct Zone {
-    entries: Vec<(String, Ipv4Addr)>,
+    entries: Vec<(String, Ipv4Addr, u32)>,
     ttl: u32,
+    next: Arc<AtomicU64>,
 }
 
 impl Zone {
     pub fn new(ttl: u32) -> Self {
         Self {
-            entries: Vec::new(),
             ttl,
+            ..Self::default()
         }
     }
 
-    pub fn with(mut self, name: &str, ip: Ipv4Addr) -> Self {
-        self.entries.push((name.to_ascii_lowercase(), ip));
+    pub fn with(self, name: &str, ip: Ipv4Addr) -> Self {
+        self.with_rotating(name, ip, 1)
+    }
+
+    /// `name` answers `base`, `base + 1`, ... `base + span - 1`, in turn.
+    pub fn with_rotating(mut self, name: &str, base: Ipv4Addr, span: u32) -> Self {
+        self.entries
+            .push((name.to_ascii_lowercase(), base, span.max(1)));
         self
     }
 
     fn lookup(&self, name: &str) -> Option<Ipv4Addr> {
-        self.entries.iter().find_map(|(n, ip)| {
+        self.entries.iter().find_map(|(n, ip, span)| {
             let hit = match n.strip_prefix("*.") {
                 Some(suffix) => name.len() > suffix.len() && name.ends_with(&format!(".{suffix}")),
                 None => name == n,
             };
-            hit.then_some(*ip)
+            hit.then(|| {
+                let k = if *span > 1 {
+                    (self.next.fetch_add(1, Ordering::Relaxed) % *span as u64) as u32
+                } else {
+                    0
+                };
+                Ipv4Addr::from(u32::from(*ip).wrapping_add(k))
+            })
         })
     }
 }
@@ -100,6 +117,14 @@ impl Upstream {
         self.log
             .as_ref()
             .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
+    /// The queries received since the last call (a long run drains the log).
+    pub fn take_queries(&self) -> Vec<String> {
+        self.log
+            .as_ref()
+            .map(|l| std::mem::take(&mut *l.lock().unwrap_or_else(|e| e.into_inner())))
             .unwrap_or_default()
     }
 }

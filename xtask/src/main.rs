@@ -1,11 +1,12 @@
 //! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`,
 //! `cargo xtask bench-dns`, `cargo xtask bench-open`, `cargo xtask bench-tls`, `cargo xtask vm-test`,
-//! `cargo xtask image`, `cargo xtask fuzz`.
+//! `cargo xtask image`, `cargo xtask fuzz`, `cargo xtask soak`.
 //!
 //! They need root and the real kernel (they load the enforcer's eBPF
 //! programs through the `enforcer` binary). This crate does not depend on
 //! the enforcer crates: it drives the binary, like a user would.
 mod bench;
+mod daemon_harness;
 mod demo;
 mod dns_bench;
 mod dns_upstream;
@@ -15,6 +16,8 @@ mod image;
 mod matrix;
 mod open_bench;
 mod pod_images;
+mod soak;
+mod soak_agent;
 mod test;
 mod tls_bench;
 mod util;
@@ -124,6 +127,11 @@ enum Cmd {
     VmTest(vm::VmArgs),
     /// The real-kernel suites on every kernel pinned in scripts/vm-kernels.txt (5.10, 6.1, 6.12), one VM each; prints the kernel x suite table (needs root; ~30 min per kernel).
     VmMatrix(matrix::MatrixArgs),
+    /// The daemon for M minutes under load and faults: policy reloads (valid and invalid), SIGHUP, kill -9 and restart every minute, ring-buffer floods; checks that nothing denied gets out, allowed traffic keeps working, nothing grows across restarts and the audit chain holds (needs root).
+    Soak(soak::SoakArgs),
+    /// Load of one identity in `soak` (runs inside its cgroup).
+    #[command(hide = true)]
+    SoakAgent(soak_agent::SoakAgentArgs),
     /// Load generator used by `bench` (runs inside the cgroup under test).
     #[command(hide = true)]
     BenchWorker(worker::WorkerArgs),
@@ -178,6 +186,8 @@ fn main() -> std::process::ExitCode {
         Cmd::VmMatrix(args) => matrix::run(&util::repo_root(), &args),
         Cmd::Image(args) => image::run(&args),
         Cmd::PodImages { out } => pod_images::run(out),
+        Cmd::Soak(args) => soak::run(&args),
+        Cmd::SoakAgent(args) => soak_agent::run(args).map(|()| 0),
         Cmd::BenchWorker(args) => worker::run(&args).map(|()| 0),
         Cmd::BenchTls { bin, conns, rounds } => tls_bench::run(&bin, conns, rounds),
         Cmd::BenchDnsWorker(args) => dns_bench::worker(&args).map(|()| 0),

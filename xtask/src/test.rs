@@ -9,10 +9,13 @@
 //! 4. `cargo test --workspace`: unit tests and the integration tests in
 //!    `tests/`, which load the real programs into this kernel as root. With
 //!    `CI` set they fail rather than skip when they cannot run.
-//! 5. The fuzz smoke: `cargo xtask fuzz --smoke --seconds 5`, every
+//! 5. The soak, CI's form: `cargo xtask soak --minutes 3` (the daemon
+//!    with 20 identities under load, reloads, floods, `kill -9` every
+//!    minute; zero bytes at denied listeners, no growth across lifetimes).
+//! 6. The fuzz smoke: `cargo xtask fuzz --smoke --seconds 5`, every
 //!    libFuzzer target of `fuzz/` from its seeds (an unoptimized build
 //!    without sanitizer; the long runs are `cargo xtask fuzz`).
-//! 6. The BPF LSM tests, in VMs (`cargo xtask vm-test`: Debian kernels
+//! 7. The BPF LSM tests, in VMs (`cargo xtask vm-test`: Debian kernels
 //!    booted with `lsm=...,bpf` under QEMU/TCG), because this host's kernel
 //!    refuses BPF LSM programs. Debian 12's 6.1: `tests/tests/files.rs`
 //!    (ignored in step 4, run here with `--ignored`), `capability.rs` (the
@@ -27,6 +30,13 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+/// Cargo's target directory for the repository at `root`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(|t| root.join(t))
+        .unwrap_or_else(|| root.join("target"))
+}
 
 /// Seconds per fuzz target in CI's smoke.
 const FUZZ_SMOKE_S: u64 = 5;
@@ -92,6 +102,18 @@ pub fn run(root: &Path, vm_only: bool) -> Result<u8> {
         .env_remove("AYA_BUILD_SKIP")
         .current_dir(root);
     let (passed, failed, ignored) = run_tests(test)?;
+    // The soak, CI's form: 3 minutes of load, reloads, floods and three
+    // daemon lifetimes (kill -9 every minute) on the debug build the tests
+    // used. A failure is reported at the end, after the VM step.
+    let mut build = Command::new(&cargo);
+    build.args(["build", "-p", "enforcer"]).current_dir(root);
+    step("build enforcer for the soak", build)?;
+    let mut soak = Command::new(std::env::current_exe().context("xtask's own path")?);
+    soak.args(["soak", "--minutes", "3", "--enforcer-bin"])
+        .arg(target_dir(root).join("debug/enforcer"))
+        .current_dir(root);
+    eprintln!("\n==> xtask test: soak: {soak:?}");
+    let soak_ok = soak.status().is_ok_and(|st| st.success());
     // The fuzz smoke: every libFuzzer target for a few seconds from its
     // seeds, which keep the input of every crash ever found. A failure is
     // reported at the end, after the VM step.
@@ -114,6 +136,9 @@ pub fn run(root: &Path, vm_only: bool) -> Result<u8> {
     );
     if failed > 0 || passed == 0 || vm.passed == 0 {
         bail!("test failed: {failed} failed, {passed} passed");
+    }
+    if !soak_ok {
+        bail!("the soak failed (see its tables above; logs in target/soak/)");
     }
     if !fuzz_ok {
         bail!("the fuzz smoke failed (see its table above; logs in target/fuzz/)");
@@ -218,9 +243,7 @@ fn vm_tests(root: &Path, cargo: &std::ffi::OsStr) -> Result<VmResult> {
     let mut build = Command::new(cargo);
     build.args(["build", "-p", "enforcer"]).current_dir(root);
     step("build enforcer for the VM", build)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|t| root.join(t))
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir(root);
     let enforcer = target.join("debug/enforcer");
     // setup-vm.sh first: it installs what the pod images are made of
     // (catatonit) and the runtime the guest runs (containerd, runc).

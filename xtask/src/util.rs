@@ -2,6 +2,7 @@
 //! cgroup v2 and bpffs mounts.
 use std::{
     io::BufRead,
+    net::SocketAddrV4,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -218,4 +219,40 @@ pub fn bench_cpus() -> Option<(usize, usize)> {
         .map(|n| n.get())
         .unwrap_or(1);
     (n >= 2).then_some((0, n - 1))
+}
+
+/// A TCP listener on `addr` with the deepest accept queue the host
+/// allows: std's backlog of 128 overflows under a connect loop, and an
+/// overflowing queue drops SYNs (1 s retransmit stalls, not enforcement cost).
+pub fn deep_listener(addr: SocketAddrV4) -> Result<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    let backlog: i32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let l = std::net::TcpListener::from_raw_fd(fd);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of_val(&sa) as u32,
+        ) < 0
+            || libc::listen(fd, backlog) < 0
+        {
+            bail!("bind/listen: {}", std::io::Error::last_os_error());
+        }
+        Ok(l)
+    }
 }

@@ -35,7 +35,7 @@ pub struct WorkerArgs {
     cpu: Option<usize>,
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+pub(crate) fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
@@ -46,12 +46,20 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-fn errno() -> i32 {
+pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 /// One TCP connect + close. Ok or errno.
 fn connect_once(sa: &libc::sockaddr_in) -> Result<(), i32> {
+    let fd = connect_fd(sa)?;
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// A TCP connect; the connected socket (SO_LINGER 0: its close sends RST)
+/// or the errno.
+pub(crate) fn connect_fd(sa: &libc::sockaddr_in) -> Result<i32, i32> {
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
@@ -73,13 +81,16 @@ fn connect_once(sa: &libc::sockaddr_in) -> Result<(), i32> {
             (sa as *const libc::sockaddr_in).cast(),
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
         );
-        let e = if r < 0 { Err(errno()) } else { Ok(()) };
-        libc::close(fd);
-        e
+        if r < 0 {
+            let e = errno();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(fd)
     }
 }
 
-fn udp_socket() -> Result<i32> {
+pub(crate) fn udp_socket() -> Result<i32> {
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         bail!("socket(AF_INET, SOCK_DGRAM): errno {}", errno());
@@ -87,7 +98,7 @@ fn udp_socket() -> Result<i32> {
     Ok(fd)
 }
 
-fn sendto_once(fd: i32, sa: &libc::sockaddr_in, buf: &[u8]) -> Result<(), i32> {
+pub(crate) fn sendto_once(fd: i32, sa: &libc::sockaddr_in, buf: &[u8]) -> Result<(), i32> {
     let r = unsafe {
         libc::sendto(
             fd,
