@@ -144,6 +144,41 @@ impl Loops for Plain {
     }
 }
 
+/// The first bytes as a slice, for the judge in userspace (tests, fuzzer).
+/// It panics when the judge asks for a copy its eBPF side could not make
+/// (`len` outside 1..=BUF, or `at` past the first half of the buffer).
+#[cfg(not(target_arch = "bpf"))]
+pub struct Bytes<'a>(pub &'a [u8]);
+
+#[cfg(not(target_arch = "bpf"))]
+impl Stream for Bytes<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn copy(&self, off: usize, buf: &mut [u8; 2 * BUF], at: usize, len: usize) -> bool {
+        assert!(
+            (1..=BUF).contains(&len) && at < BUF,
+            "copy({off}, {at}, {len})"
+        );
+        match self.0.get(off..off.saturating_add(len)) {
+            Some(src) => {
+                buf[at..at + len].copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
+    fn copy_small<const N: usize>(&self, off: usize, out: &mut [u8; N]) -> bool {
+        match self.0.get(off..off.saturating_add(N)) {
+            Some(src) => {
+                out.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// The judge's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -7,36 +7,6 @@ use std::{boxed::Box, format, string::String, vec, vec::Vec};
 
 use super::*;
 
-struct Bytes<'a>(&'a [u8]);
-
-impl Stream for Bytes<'_> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn copy(&self, off: usize, buf: &mut [u8; 2 * BUF], at: usize, len: usize) -> bool {
-        assert!(
-            (1..=BUF).contains(&len) && at < BUF,
-            "copy({off}, {at}, {len})"
-        );
-        match self.0.get(off..off + len) {
-            Some(src) => {
-                buf[at..at + len].copy_from_slice(src);
-                true
-            }
-            None => false,
-        }
-    }
-    fn copy_small<const N: usize>(&self, off: usize, out: &mut [u8; N]) -> bool {
-        match self.0.get(off..off + N) {
-            Some(src) => {
-                out.copy_from_slice(src);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// The judge's answer with the name (lower-cased, as `name_key` checked it).
 #[derive(Debug, PartialEq, Eq)]
 enum Said {
