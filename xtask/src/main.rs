@@ -13,6 +13,7 @@ mod empty_progs;
 mod image;
 mod matrix;
 mod open_bench;
+mod peers;
 mod pod_images;
 mod test;
 mod tls_bench;
@@ -54,7 +55,7 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_addr: String,
     },
-    /// Measure enforcement overhead: connect/sendto rate enforced vs not, rule-count scaling, daemon RSS (needs root).
+    /// Measure enforcement overhead: connect/sendto rate enforced vs not and vs nftables, rule-count scaling, daemon RSS (needs root).
     Bench {
         #[command(flatten)]
         bin: BinArgs,
@@ -70,6 +71,9 @@ enum Cmd {
         /// Rules of the big policy in the scaling comparison.
         #[arg(long, default_value_t = 100_000)]
         big_rules: usize,
+        /// Skip the peers (nftables with the same rules).
+        #[arg(long)]
+        skip_peers: bool,
     },
     /// Compare enforcer builds side by side: per-program ns/run of connect4/sendmsg4 minus an empty program run in the same calls, builds alternating (needs root).
     BenchAb {
@@ -159,7 +163,8 @@ fn main() -> std::process::ExitCode {
             secs,
             skip_scaling,
             big_rules,
-        } => bench::run(&bin, rounds, secs, skip_scaling, big_rules),
+            skip_peers,
+        } => bench::run(&bin, rounds, secs, skip_scaling, big_rules, skip_peers),
         Cmd::BenchDns {
             bin,
             queries,
