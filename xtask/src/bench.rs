@@ -33,7 +33,8 @@
 //!
 //! Peers (unless `--skip-peers`, see `crate::peers`): nftables with the
 //! same 10,000 rules on the cgroup `nft` vs the daemon and vs unenforced, in
-//! the same interleaved rounds.
+//! the same interleaved rounds; and `bench-dns` with dnsmasq as a third
+//! side (the enforcer's DNS proxy vs dnsmasq in front of the same upstream).
 //!
 //! Also: the idle RSS of a daemon with one policy and one binding.
 use std::{
@@ -1304,6 +1305,24 @@ fn run_inner(
         }
     }
 
+    // The DNS proxy vs dnsmasq (bench-dns at its defaults, dnsmasq as a third side).
+    let dns_peer = if skip_peers {
+        None
+    } else {
+        let m = {
+            use crate::dns_bench::*;
+            measure(
+                enforcer,
+                DEFAULT_QUERIES,
+                DEFAULT_ROUNDS,
+                DEFAULT_CONCURRENCY,
+                DEFAULT_SECS,
+                true,
+            )?
+        };
+        crate::dns_bench::peer_report(&m)
+    };
+
     // Report.
     println!();
     println!(
@@ -1391,6 +1410,10 @@ fn run_inner(
             nft_info["denied_connect"].as_str().unwrap_or(""),
             nft_info["denied_sendto"].as_str().unwrap_or(""),
         );
+    }
+    if let Some((table, _)) = &dns_peer {
+        println!();
+        println!("{table}");
     }
 
     // Per-program ns/run (kernel statistics), one column per configuration.
@@ -1501,6 +1524,7 @@ fn run_inner(
         "cost_probes_ns_added": probe_ns,
         "peers": {
             "nftables": nft_info,
+            "dns_dnsmasq": dns_peer.map(|p| p.1),
         },
     });
     let path = out_dir.join("results.json");

@@ -1,5 +1,5 @@
 //! The peers a user would pick instead of the enforcer, set up the way an
-//! operator would, for `cargo xtask bench`:
+//! operator would, for `cargo xtask bench` and `cargo xtask bench-dns`:
 //!
 //! - **nftables**: an `output` chain that sends every packet of a socket in
 //!   the agent's cgroup (`socket cgroupv2 level N "<path>"`) to a chain
@@ -8,15 +8,17 @@
 //!   `icmpx admin-prohibited`. Stateless: no `ct state` (conntrack would
 //!   then track every flow of the host, the unenforced baseline's too, and a
 //!   loopback connect loop of ~30,000 connections/s fills its table).
+//! - **dnsmasq**: a forwarder without a cache in front of the same upstream
+//!   responder the enforcer's DNS proxy forwards to.
 //!
 //! Both come from Debian's packages (`nftables`, `dnsmasq-base`), installed
 //! here when missing.
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -100,6 +102,11 @@ fn first_line(tool: &str, arg: &str) -> String {
 /// `nft --version`, e.g. "nftables v1.0.6 (Lester Gooch #5)".
 pub fn nft_version() -> String {
     first_line("nft", "--version")
+}
+
+/// The first line of `dnsmasq --version`.
+pub fn dnsmasq_version() -> String {
+    first_line("dnsmasq", "--version")
 }
 
 // ---------------------------------------------------------------------------
@@ -454,6 +461,88 @@ impl Drop for Nft {
         if let Err(e) = nft(&["delete", "table", "inet", NFT_TABLE], None) {
             eprintln!("bench: could not delete the nftables table {NFT_TABLE}: {e:#}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// dnsmasq
+
+/// dnsmasq forwarding to `upstream`, no cache, on 127.0.0.1:`port`. Dropped:
+/// killed.
+pub struct Dnsmasq {
+    child: Child,
+    pub addr: SocketAddr,
+    pub args: Vec<String>,
+}
+
+impl Dnsmasq {
+    /// Its log (`--log-facility=-`: stderr) goes to `log`.
+    pub fn start(upstream: SocketAddr, log: &Path) -> Result<Self> {
+        // A free port (the race with another process binding it meanwhile
+        // shows as dnsmasq exiting: reported below).
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let args: Vec<String> = vec![
+            "--keep-in-foreground".into(),
+            "--conf-file=/dev/null".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--cache-size=0".into(),
+            format!("--server={}#{}", upstream.ip(), upstream.port()),
+            format!("--port={port}"),
+            "--listen-address=127.0.0.1".into(),
+            "--bind-interfaces".into(),
+            "--pid-file=".into(),
+            "--user=nobody".into(),
+            "--log-facility=-".into(),
+        ];
+        let mut child = Command::new("dnsmasq")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .context("starting dnsmasq")?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        // Ready when it answers (any answer: the zone's names are not asked
+        // here).
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        probe.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let q = [
+            0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1, // root NS
+        ];
+        loop {
+            if let Some(st) = child.try_wait()? {
+                let err = std::fs::read_to_string(log).unwrap_or_default();
+                bail!("dnsmasq exited ({st}): {}", err.trim());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("dnsmasq did not answer on {addr} within 10 s");
+            }
+            let _ = probe.send_to(&q, addr);
+            let mut buf = [0u8; 512];
+            if let Ok((n, _)) = probe.recv_from(&mut buf) {
+                if n >= 2 && buf[..2] == q[..2] {
+                    break;
+                }
+            }
+        }
+        Ok(Dnsmasq { child, addr, args })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
