@@ -698,9 +698,15 @@ fn side_rate(side: &mut Side, op: Op, secs: f64) -> Result<f64> {
     let Some(nft) = side.1 else {
         return side.0.rate(op, secs);
     };
+    // A commit leaves work behind (the old hook list and the transaction
+    // are freed after an RCU grace period, by a kworker): let it run before
+    // either side's timed loop.
+    let settle = Duration::from_millis(20);
     nft.hook(true)?;
+    std::thread::sleep(settle);
     let r = side.0.rate(op, secs);
     nft.hook(false)?;
+    std::thread::sleep(settle);
     r
 }
 
