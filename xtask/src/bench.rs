@@ -9,6 +9,7 @@
 //! | `base`   | none: not bound, not attached (baseline)         |
 //! | `ebig`   | 100,000 CIDR rules (`--big-rules`)               |
 //! | `e10`    | 10 CIDR rules                                    |
+//! | `nft`    | none; nftables with the same 10,000 rules (peer) |
 //!
 //! A worker process (`xtask bench-worker`) sits in each cgroup; the bench
 //! alternates them round by round (A B, B A, A B, ...) for each comparison,
@@ -30,11 +31,16 @@
 //! `enforcer run` in their default configuration, and the daemon with
 //! `allowEvents: 0` (what the allow accounting costs).
 //!
+//! Peers (unless `--skip-peers`, see `crate::peers`): nftables with the
+//! same 10,000 rules on the cgroup `nft` vs the daemon and vs unenforced, in
+//! the same interleaved rounds; and `bench-dns` with dnsmasq as a third
+//! side (the enforcer's DNS proxy vs dnsmasq in front of the same upstream).
+//!
 //! Also: the idle RSS of a daemon with one policy and one binding.
 use std::{
     collections::HashSet,
     fmt::Write as _,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -82,33 +88,73 @@ impl Rng {
     }
 }
 
-/// A policy of `n` egress rules: `n - 2` distinct random CIDRs (about 1 in
-/// 10 IPv6; none in 127.0.0.0/8 or ::1, prefix lengths mostly /16../32 with
-/// random ports and protocols) plus the two rules that allow the targets.
-fn policy_yaml(name: &str, n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> String {
+/// One egress rule of a bench policy: what the YAML policy says, and what
+/// the nftables peer (`crate::peers`) is given, from the same generator.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Rule {
+    pub addr: IpAddr,
+    pub len: u32,
+    /// Empty: every port.
+    pub ports: Vec<Port>,
+    /// `None`: protocol omitted (any).
+    pub proto: Option<Proto>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Port {
+    One(u16),
+    Range(u16, u16),
+}
+
+impl Port {
+    pub fn bounds(self) -> (u16, u16) {
+        match self {
+            Port::One(p) => (p, p),
+            Port::Range(lo, hi) => (lo, hi),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// The rules of an `n`-rule bench policy: the two rules that allow the
+/// targets, then `n - 2` distinct random CIDRs (about 1 in 10 IPv6; none in
+/// 127.0.0.0/8 or ::1, prefix lengths mostly /16../32 with random ports and
+/// protocols). Seeded: every run (and every consumer) gets the same rules.
+pub(crate) fn bench_rules(n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> Vec<Rule> {
     let mut rng = Rng(SEED ^ n as u64);
     let mut seen = HashSet::new();
-    let mut y = String::with_capacity(n * 64);
-    let _ = write!(
-        y,
-        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  \
-         identity:\n    spiffeId: spiffe://enforcer.bench/{name}\n  mode: enforce\n  egress:\n    \
-         - {{cidr: {}/32, ports: [{}], protocol: tcp}}\n    - {{cidr: {}/32, ports: [{}], protocol: udp}}\n",
-        tcp.ip(),
-        tcp.port(),
-        udp.ip(),
-        udp.port()
-    );
-    let mut made = 2;
-    while made < n {
-        let cidr = if rng.below(10) == 0 {
+    let mut rules = Vec::with_capacity(n);
+    for (t, proto) in [(tcp, Proto::Tcp), (udp, Proto::Udp)] {
+        rules.push(Rule {
+            addr: IpAddr::V4(*t.ip()),
+            len: 32,
+            ports: vec![Port::One(t.port())],
+            proto: Some(proto),
+        });
+    }
+    while rules.len() < n {
+        let (addr, len) = if rng.below(10) == 0 {
             let len = 32 + rng.below(97) as u32; // /32../128
             let raw = ((rng.next() as u128) << 64 | rng.next() as u128) & !0u128 << (128 - len);
             let a = Ipv6Addr::from(raw);
             if a.is_loopback() || a.to_ipv4_mapped().is_some() || !seen.insert((6, raw, len)) {
                 continue;
             }
-            format!("{a}/{len}")
+            (IpAddr::V6(a), len)
         } else {
             let len = match rng.below(10) {
                 0 => 8 + rng.below(8) as u32,
@@ -119,25 +165,58 @@ fn policy_yaml(name: &str, n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> St
             if raw >> 24 == 127 || !seen.insert((4, raw as u128, len)) {
                 continue;
             }
-            format!("{}/{len}", Ipv4Addr::from(raw))
+            (IpAddr::V4(Ipv4Addr::from(raw)), len)
         };
         let ports = match rng.below(3) {
-            0 => String::new(),
-            1 => format!(", ports: [{}]", 1 + rng.below(65535)),
+            0 => Vec::new(),
+            1 => vec![Port::One(1 + rng.below(65535) as u16)],
             _ => {
                 let lo = 1 + rng.below(60000);
-                format!(
-                    ", ports: [{}, \"{}-{}\"]",
-                    1 + rng.below(65535),
-                    lo,
-                    lo + rng.below(5000)
-                )
+                let one = 1 + rng.below(65535) as u16;
+                vec![
+                    Port::One(one),
+                    Port::Range(lo as u16, (lo + rng.below(5000)) as u16),
+                ]
             }
         };
         // protocol omitted = any
-        let proto = ["", ", protocol: tcp", ", protocol: udp"][rng.below(3) as usize];
-        let _ = writeln!(y, "    - {{cidr: {cidr}{ports}{proto}}}");
-        made += 1;
+        let proto = [None, Some(Proto::Tcp), Some(Proto::Udp)][rng.below(3) as usize];
+        rules.push(Rule {
+            addr,
+            len,
+            ports,
+            proto,
+        });
+    }
+    rules
+}
+
+/// A policy of `n` egress rules ([`bench_rules`]).
+fn policy_yaml(name: &str, n: usize, tcp: SocketAddrV4, udp: SocketAddrV4) -> String {
+    let rules = bench_rules(n, tcp, udp);
+    let mut y = String::with_capacity(n * 64);
+    let _ = write!(
+        y,
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  \
+         identity:\n    spiffeId: spiffe://enforcer.bench/{name}\n  mode: enforce\n  egress:\n"
+    );
+    for r in &rules {
+        let _ = write!(y, "    - {{cidr: {}/{}", r.addr, r.len);
+        if !r.ports.is_empty() {
+            let ports: Vec<String> = r
+                .ports
+                .iter()
+                .map(|p| match p {
+                    Port::One(p) => p.to_string(),
+                    Port::Range(lo, hi) => format!("\"{lo}-{hi}\""),
+                })
+                .collect();
+            let _ = write!(y, ", ports: [{}]", ports.join(", "));
+        }
+        if let Some(p) = r.proto {
+            let _ = write!(y, ", protocol: {}", p.name());
+        }
+        y.push_str("}\n");
     }
     y
 }
@@ -322,8 +401,6 @@ impl Comparison {
     }
 }
 
-/// `rounds` interleaved rounds: A B, B A, A B, ... (the order alternates so
-/// that drift and warm-up do not favour one side).
 /// ns per run of each program on `cgroup`'s hooks while `w` connects and
 /// sends for `secs` each (statistics must be on).
 struct Costs {
@@ -390,18 +467,53 @@ fn compare(
     rounds: u32,
     secs: f64,
 ) -> Result<Comparison> {
+    compare_with(name, op, (a, None), (b, None), floor, rounds, secs)
+}
+
+/// One side of a comparison: a worker, and the nftables table whose base
+/// chain is hooked only while that worker is measured.
+type Side<'a> = (&'a mut Worker, Option<&'a crate::peers::Nft>);
+
+/// One timed loop of a side.
+fn side_rate(side: &mut Side, op: Op, secs: f64) -> Result<f64> {
+    let Some(nft) = side.1 else {
+        return side.0.rate(op, secs);
+    };
+    // A commit leaves work behind (the old hook list and the transaction
+    // are freed after an RCU grace period, by a kworker): let it run before
+    // either side's timed loop.
+    let settle = Duration::from_millis(20);
+    nft.hook(true)?;
+    std::thread::sleep(settle);
+    let r = side.0.rate(op, secs);
+    nft.hook(false)?;
+    std::thread::sleep(settle);
+    r
+}
+
+/// `rounds` interleaved rounds: A B, B A, A B, ... (the order alternates so
+/// that drift and warm-up do not favour one side).
+fn compare_with(
+    name: &str,
+    op: Op,
+    mut a: Side,
+    mut b: Side,
+    floor: f64,
+    rounds: u32,
+    secs: f64,
+) -> Result<Comparison> {
     eprint!("bench: {name:<44}");
     // Warm-up, not recorded.
-    a.rate(op, secs / 4.0)?;
-    b.rate(op, secs / 4.0)?;
+    side_rate(&mut a, op, secs / 4.0)?;
+    side_rate(&mut b, op, secs / 4.0)?;
     let mut out = Vec::new();
     for i in 0..rounds {
         let (ra, rb) = if i % 2 == 0 {
-            let ra = a.rate(op, secs)?;
-            (ra, b.rate(op, secs)?)
+            let ra = side_rate(&mut a, op, secs)?;
+            (ra, side_rate(&mut b, op, secs)?)
         } else {
-            let rb = b.rate(op, secs)?;
-            (a.rate(op, secs)?, rb)
+            let rb = side_rate(&mut b, op, secs)?;
+            (side_rate(&mut a, op, secs)?, rb)
         };
         out.push((ra, rb));
         eprint!(".");
@@ -409,13 +521,68 @@ fn compare(
     let c = Comparison {
         name: name.to_string(),
         op,
-        subject: a.name.clone(),
-        reference: b.name.clone(),
+        subject: a.0.name.clone(),
+        reference: b.0.name.clone(),
         floor,
         rounds: out,
     };
     eprintln!(" {:.3}x", c.ratio());
     Ok(c)
+}
+
+/// The nftables peer enforces: with its base chain hooked, a worker in the
+/// matched cgroup is refused a denied destination (connect: EHOSTUNREACH,
+/// the ICMP admin-prohibited of `reject`; sendto: EPERM, the dropped
+/// datagram) and reaches the allowed targets, and a worker outside it is
+/// not refused; unhooked, nothing is refused. Returns the errors it got.
+fn probe_nft(
+    w: &mut Worker,
+    outside: &mut Worker,
+    nft: &crate::peers::Nft,
+    denied_tcp: SocketAddrV4,
+    denied_udp: SocketAddrV4,
+) -> Result<(String, String)> {
+    let ask = |w: &mut Worker| -> Result<(String, String)> {
+        Ok((
+            w.ask(&format!("probe-connect {denied_tcp}"))?,
+            w.ask(&format!("probe-sendto {denied_udp}"))?,
+        ))
+    };
+    let open = (format!("errno {}", libc::ECONNREFUSED), "ok".to_string());
+    nft.hook(true)?;
+    let refused = ask(w)?;
+    let beside = ask(outside)?;
+    // The allowed targets (`rate` fails on any error).
+    let allowed = w
+        .rate(Op::Connect, 0.05)
+        .and_then(|_| w.rate(Op::Sendto, 0.05));
+    nft.hook(false)?;
+    let unhooked = ask(w)?;
+    let want = (
+        format!("errno {}", libc::EHOSTUNREACH),
+        format!("errno {}", libc::EPERM),
+    );
+    if refused != want {
+        bail!(
+            "nftables did not refuse {} its denied destinations: connect {}, sendto {} \
+             (expected {}, {})",
+            w.name,
+            refused.0,
+            refused.1,
+            want.0,
+            want.1
+        );
+    }
+    allowed.context("nftables refused an allowed target")?;
+    if beside != open || unhooked != open {
+        bail!(
+            "nftables refused more than its cgroup: {} got {beside:?}, {} unhooked {unhooked:?} \
+             (expected {open:?})",
+            outside.name,
+            w.name
+        );
+    }
+    Ok(refused)
 }
 
 /// Check that the worker's cgroup really is enforced (or really is not).
@@ -496,9 +663,19 @@ pub(crate) fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
-pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool, big: usize) -> Result<u8> {
+pub fn run(
+    bin: &BinArgs,
+    rounds: u32,
+    secs: f64,
+    skip_scaling: bool,
+    big: usize,
+    skip_peers: bool,
+) -> Result<u8> {
     let root = util::repo_root();
     util::require_root("bench")?;
+    if !skip_peers {
+        crate::peers::ensure_tools()?;
+    }
     let enforcer = util::enforcer_bin(&root, bin)?;
     util::ensure_bpffs()?;
     let mount = util::cgroup2_mount()?;
@@ -513,6 +690,7 @@ pub fn run(bin: &BinArgs, rounds: u32, secs: f64, skip_scaling: bool, big: usize
         secs,
         skip_scaling,
         big,
+        skip_peers,
     );
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -536,6 +714,7 @@ fn run_inner(
     secs: f64,
     skip_scaling: bool,
     big: usize,
+    skip_peers: bool,
 ) -> Result<u8> {
     let (tcp, udp) = spawn_listeners()?;
     let secs_for_stats = (secs * 8.0).max(1.0);
@@ -545,7 +724,7 @@ fn run_inner(
     let cgs = Cgroups::create(
         mount,
         "enforcer-bench",
-        &["e10k", "base", "base2", "empty", "ebig", "e10"],
+        &["e10k", "base", "base2", "empty", "ebig", "e10", "nft"],
     )?;
     eprintln!("bench: enforcer {}", enforcer.display());
     eprintln!(
@@ -648,6 +827,72 @@ fn run_inner(
             rounds,
             secs,
         )?);
+    }
+    // The peer an operator reaches for: nftables, the same 10,000 rules,
+    // matching the cgroup `nft` (its worker has no program attached).
+    let mut nft_info = serde_json::Value::Null;
+    if !skip_peers {
+        let (path, level) = crate::peers::nft_cgroup(mount, &cgs.path("nft"))?;
+        let nft = crate::peers::Nft::load(
+            &bench_rules(10_000, tcp, udp),
+            &path,
+            level,
+            &tmp.join("peer.nft"),
+        )?;
+        let st = &nft.stats;
+        eprintln!(
+            "bench: nftables ({}): the 10k rules as {} set elements in sets {} ({} covered by \
+             another element, left out), loaded in {:.2}s; cgroup match `socket cgroupv2 level \
+             {level} \"{path}\"`",
+            crate::peers::nft_version(),
+            st.elements,
+            st.sets
+                .iter()
+                .map(|(n, c)| format!("{n}: {c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            st.covered,
+            nft.load_time.as_secs_f64()
+        );
+        let mut wnft = Worker::start("nft (nftables, 10k rules)", &cgs.path("nft"), tcp, udp)?;
+        let refused = probe_nft(&mut wnft, &mut wbase, &nft, denied_tcp, denied_udp)?;
+        eprintln!(
+            "bench: nftables refuses {denied_tcp}: connect {}, sendto {} (the allowed targets pass)",
+            refused.0, refused.1
+        );
+        for op in [Op::Connect, Op::Sendto] {
+            comps.push(compare_with(
+                &format!("{}: 10k rules vs nftables 10k", op.name()),
+                op,
+                (&mut w10k, None),
+                (&mut wnft, Some(&nft)),
+                1.0,
+                rounds,
+                secs,
+            )?);
+            comps.push(compare_with(
+                &format!("{}: nftables 10k vs unenforced", op.name()),
+                op,
+                (&mut wnft, Some(&nft)),
+                (&mut wbase, None),
+                0.0,
+                rounds,
+                secs,
+            )?);
+        }
+        nft_info = json!({
+            "version": crate::peers::nft_version(),
+            "ruleset_file_lines": std::fs::read_to_string(&nft.file).map(|t| t.lines().count()).unwrap_or(0),
+            "rules": st.rules,
+            "set_elements": st.elements,
+            "sets": st.sets.iter().map(|(n, c)| json!({"name": n, "elements": c})).collect::<Vec<_>>(),
+            "elements_covered_left_out": st.covered,
+            "load_secs": nft.load_time.as_secs_f64(),
+            "cgroup_match": format!("socket cgroupv2 level {level} \"{path}\""),
+            "reject": "reject with icmpx admin-prohibited",
+            "denied_connect": refused.0,
+            "denied_sendto": refused.1,
+        });
     }
     // Per-program cost from the kernel's own statistics (on only now: they
     // slow every program down).
@@ -812,6 +1057,24 @@ fn run_inner(
         }
     }
 
+    // The DNS proxy vs dnsmasq (bench-dns at its defaults, dnsmasq as a third side).
+    let dns_peer = if skip_peers {
+        None
+    } else {
+        let m = {
+            use crate::dns_bench::*;
+            measure(
+                enforcer,
+                DEFAULT_QUERIES,
+                DEFAULT_ROUNDS,
+                DEFAULT_CONCURRENCY,
+                DEFAULT_SECS,
+                true,
+            )?
+        };
+        crate::dns_bench::peer_report(&m)
+    };
+
     // Report.
     println!();
     println!(
@@ -885,6 +1148,24 @@ fn run_inner(
             format!("daemon RSS, {}+10 rules, loaded", thousands(big)),
             format!("{rss_big_mb:.1} MB")
         );
+    }
+
+    if !nft_info.is_null() {
+        println!(
+            "nftables peer ({}): {} sets of {} elements from the same 10k rules, `{}` jump to them, \
+             else `{}` (denied connect: {}, sendto: {}); its base chain hooked only while its side runs",
+            nft_info["version"].as_str().unwrap_or(""),
+            nft_info["sets"].as_array().map_or(0, Vec::len),
+            nft_info["set_elements"],
+            nft_info["cgroup_match"].as_str().unwrap_or(""),
+            nft_info["reject"].as_str().unwrap_or(""),
+            nft_info["denied_connect"].as_str().unwrap_or(""),
+            nft_info["denied_sendto"].as_str().unwrap_or(""),
+        );
+    }
+    if let Some((table, _)) = &dns_peer {
+        println!();
+        println!("{table}");
     }
 
     // Per-program ns/run (kernel statistics), one column per configuration.
@@ -993,6 +1274,10 @@ fn run_inner(
         "scaling_error": scaling_error,
         "program_ns_per_run": program_ns,
         "cost_probes_ns_added": probe_ns,
+        "peers": {
+            "nftables": nft_info,
+            "dns_dnsmasq": dns_peer.map(|p| p.1),
+        },
     });
     let path = out_dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;

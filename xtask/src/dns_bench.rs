@@ -13,8 +13,13 @@
 //!   `127.0.0.1:53` (steered by the kernel to the proxy, which forwards to
 //!   the same upstream). Both paths run the same cgroup hooks; the
 //!   difference is the proxy. Then throughput: `--concurrency` threads, each
-//!   with one query in flight, for `--secs`, via the proxy (and direct, for
-//!   reference).
+//!   with one query in flight, `--secs` per side in `--rounds` interleaved
+//!   rounds, via the proxy (and direct, for reference).
+//! - The peer (unless `--skip-peers`): dnsmasq forwarding to the same
+//!   upstream without a cache (`crate::peers::Dnsmasq`), asked directly by
+//!   the worker on its port (allowed by a CIDR rule, not steered), as a third
+//!   side of the same rounds: the enforcer's proxy vs dnsmasq, p50/p99 and
+//!   queries/s.
 //!
 //! Floors (reported, not asserted): p99 added latency < 1 ms, >= 20,000 qps
 //! via the proxy. Writes `target/bench/dns.json`.
@@ -43,12 +48,18 @@ const ZONE: &str = "bench.example.com";
 const NAMES: usize = 16;
 const P99_FLOOR_US: f64 = 1000.0;
 const QPS_FLOOR: f64 = 20_000.0;
+/// `cargo xtask bench-dns`'s defaults (`cargo xtask bench` runs the peer
+/// comparison with them).
+pub const DEFAULT_QUERIES: usize = 2000;
+pub const DEFAULT_ROUNDS: usize = 10;
+pub const DEFAULT_CONCURRENCY: usize = 32;
+pub const DEFAULT_SECS: f64 = 3.0;
 
 // ---------------------------------------------------------------------------
 // the bench (outside the cgroup)
 
-fn policy(upstream: SocketAddr) -> String {
-    format!(
+fn policy(upstream: SocketAddr, dnsmasq: Option<SocketAddr>) -> String {
+    let mut p = format!(
         "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: bench-dns\nspec:\n  \
          identity:\n    spiffeId: spiffe://enforcer.bench/bench-dns\n  mode: enforce\n  egress:\n    \
          - {{host: \"*.{ZONE}\", ports: [443], protocol: tcp}}\n    \
@@ -57,7 +68,20 @@ fn policy(upstream: SocketAddr) -> String {
          namesPerMinute: 1000\n",
         upstream.ip(),
         upstream.port()
-    )
+    );
+    // The peer, asked directly like the upstream (its port is not 53: not steered).
+    if let Some(d) = dnsmasq {
+        let at = p.find("  dns:\n").expect("the policy has a dns section");
+        p.insert_str(
+            at,
+            &format!(
+                "    - {{cidr: {}/32, ports: [{}], protocol: udp}}\n",
+                d.ip(),
+                d.port()
+            ),
+        );
+    }
+    p
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -74,10 +98,37 @@ pub fn run(
     rounds: usize,
     concurrency: usize,
     secs: f64,
+    peers: bool,
 ) -> Result<u8> {
     let root = util::repo_root();
     util::require_root("bench-dns")?;
     let enforcer = util::enforcer_bin(&root, bin)?;
+    if peers {
+        crate::peers::ensure_tools()?;
+    }
+    let m = measure(&enforcer, queries, rounds, concurrency, secs, peers)?;
+    report(&root, &m)?;
+    Ok(0)
+}
+
+/// What one `bench-dns` run measured.
+pub struct Measured {
+    pub worker: serde_json::Value,
+    pub upstream_answered: u64,
+    /// dnsmasq's command line, when it was measured too.
+    pub dnsmasq_args: Option<Vec<String>>,
+}
+
+/// Start the upstream (and dnsmasq in front of it, with `peers`), run the
+/// worker under `enforcer run`.
+pub fn measure(
+    enforcer: &Path,
+    queries: usize,
+    rounds: usize,
+    concurrency: usize,
+    secs: f64,
+    peers: bool,
+) -> Result<Measured> {
     util::ensure_bpffs()?;
     let up = Upstream::start(
         "127.0.0.1:0",
@@ -87,34 +138,60 @@ pub fn run(
     )?;
     let tmp = std::env::temp_dir().join(format!("enforcer-bench-dns-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
+    let dnsmasq = if peers {
+        let d = crate::peers::Dnsmasq::start(up.addr, &tmp.join("dnsmasq.log"))?;
+        eprintln!(
+            "bench-dns: dnsmasq (pid {}) on {}: dnsmasq {}",
+            d.pid(),
+            d.addr,
+            d.args.join(" ")
+        );
+        Some(d)
+    } else {
+        None
+    };
     let pol = tmp.join("bench-dns.yaml");
-    std::fs::write(&pol, policy(up.addr))?;
+    std::fs::write(&pol, policy(up.addr, dnsmasq.as_ref().map(|d| d.addr)))?;
     eprintln!(
-        "bench-dns: enforcer {}; upstream {}; {queries} queries x {rounds} rounds per side, then {concurrency} in flight for {secs}s",
+        "bench-dns: enforcer {}; upstream {}; {queries} queries x {rounds} rounds per side, then {concurrency} in flight for {secs}s per side ({rounds} interleaved rounds)",
         enforcer.display(),
         up.addr
     );
-    let r = run_worker(&enforcer, &pol, up.addr, queries, rounds, concurrency, secs);
+    let r = run_worker(
+        enforcer,
+        &pol,
+        up.addr,
+        dnsmasq.as_ref().map(|d| d.addr),
+        queries,
+        rounds,
+        concurrency,
+        secs,
+    );
     if r.is_ok() {
         let _ = std::fs::remove_dir_all(&tmp);
     } else {
         eprintln!("bench-dns: kept {}", tmp.display());
     }
-    let w = r?;
-    report(&root, &w, up.answered.load(Ordering::Relaxed))
+    Ok(Measured {
+        worker: r?,
+        upstream_answered: up.answered.load(Ordering::Relaxed),
+        dnsmasq_args: dnsmasq.map(|d| d.args.clone()),
+    })
 }
 
+#[allow(clippy::too_many_arguments)] // the worker's parameters, spelled out
 fn run_worker(
     enforcer: &Path,
     policy: &Path,
     upstream: SocketAddr,
+    dnsmasq: Option<SocketAddr>,
     queries: usize,
     rounds: usize,
     concurrency: usize,
     secs: f64,
 ) -> Result<serde_json::Value> {
-    let mut child = Command::new(enforcer)
-        .args(["run", "-q", "--user", "root", "--policy"])
+    let mut cmd = Command::new(enforcer);
+    cmd.args(["run", "-q", "--user", "root", "--policy"])
         .arg(policy)
         .arg("--")
         .arg(std::env::current_exe()?)
@@ -130,7 +207,11 @@ fn run_worker(
             &concurrency.to_string(),
             "--secs",
             &secs.to_string(),
-        ])
+        ]);
+    if let Some(d) = dnsmasq {
+        cmd.args(["--dnsmasq", &d.to_string()]);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -153,7 +234,130 @@ fn run_worker(
     }
 }
 
-fn report(root: &Path, w: &serde_json::Value, upstream_answered: u64) -> Result<u8> {
+fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+/// Median and range of the per-round ratios `num / den` of `key` in
+/// `rounds` (a list of {side: {key: value}} or {side: value}).
+fn round_ratios(rounds: &serde_json::Value, num: &str, den: &str, key: Option<&str>) -> [f64; 3] {
+    let get = |r: &serde_json::Value, side: &str| match key {
+        Some(k) => r[side][k].as_f64(),
+        None => r[side].as_f64(),
+    };
+    let v: Vec<f64> = rounds
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some(get(r, num)? / get(r, den)?))
+        .collect();
+    [
+        crate::bench::median(v.clone()),
+        v.iter().cloned().fold(f64::INFINITY, f64::min),
+        v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    ]
+}
+
+/// The enforcer's proxy vs dnsmasq, as table lines and JSON (`None` when
+/// dnsmasq was not measured).
+pub fn peer_report(m: &Measured) -> Option<(String, serde_json::Value)> {
+    let args = m.dnsmasq_args.as_ref()?;
+    let w = &m.worker;
+    let f = |k: &str| w[k].as_f64().unwrap_or(f64::NAN);
+    // Latency: the ratio of the pooled percentiles (a round's p99 is its
+    // 20th slowest query), with the per-round ratios' range; queries/s: the
+    // median of the per-round ratios, like the rate comparisons.
+    let lat = &w["rounds_latency"];
+    let mut p50 = round_ratios(lat, "proxy", "dnsmasq", Some("p50_us"));
+    let mut p99 = round_ratios(lat, "proxy", "dnsmasq", Some("p99_us"));
+    p50[0] = f("proxy_p50_us") / f("dnsmasq_p50_us");
+    p99[0] = f("proxy_p99_us") / f("dnsmasq_p99_us");
+    let qps = round_ratios(&w["rounds_qps"], "proxy", "dnsmasq", None);
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<34} {:>12} {:>12} {:>8} {:>15}  result (goal: enforcer at least as fast)",
+        "DNS: enforcer proxy vs dnsmasq", "enforcer", "dnsmasq", "ratio", "spread"
+    );
+    let row = |t: &mut String, name: &str, a: f64, b: f64, unit: &str, r: [f64; 3], ok: bool| {
+        let _ = writeln!(
+            t,
+            "{:<34} {:>10.1}{unit} {:>10.1}{unit} {:>7.3}x {:>6.3}..{:<6.3}x  {}",
+            name,
+            a,
+            b,
+            r[0],
+            r[1],
+            r[2],
+            pass(ok)
+        );
+    };
+    row(
+        &mut t,
+        "latency p50 (sequential)",
+        f("proxy_p50_us"),
+        f("dnsmasq_p50_us"),
+        "us",
+        p50,
+        p50[0] <= 1.0,
+    );
+    row(
+        &mut t,
+        "latency p99 (sequential)",
+        f("proxy_p99_us"),
+        f("dnsmasq_p99_us"),
+        "us",
+        p99,
+        p99[0] <= 1.0,
+    );
+    row(
+        &mut t,
+        &format!("queries/s ({} in flight)", w["concurrency"]),
+        f("proxy_qps"),
+        f("dnsmasq_qps"),
+        "  ",
+        qps,
+        qps[0] >= 1.0,
+    );
+    let _ = write!(
+        t,
+        "  added over direct: enforcer p50 {:+.1}us p99 {:+.1}us, dnsmasq p50 {:+.1}us p99 {:+.1}us; \
+         ratios enforcer/dnsmasq \
+         (latency: pooled, lower is faster; queries/s: median of the rounds), spread: per round",
+        f("proxy_p50_us") - f("direct_p50_us"),
+        f("proxy_p99_us") - f("direct_p99_us"),
+        f("dnsmasq_p50_us") - f("direct_p50_us"),
+        f("dnsmasq_p99_us") - f("direct_p99_us"),
+    );
+    let ratio = |r: [f64; 3]| json!({"ratio": r[0], "round_min": r[1], "round_max": r[2]});
+    let j = json!({
+        "dnsmasq_version": crate::peers::dnsmasq_version(),
+        "dnsmasq_args": args,
+        "enforcer_p50_us": f("proxy_p50_us"),
+        "enforcer_p99_us": f("proxy_p99_us"),
+        "dnsmasq_p50_us": f("dnsmasq_p50_us"),
+        "dnsmasq_p99_us": f("dnsmasq_p99_us"),
+        "direct_p50_us": f("direct_p50_us"),
+        "direct_p99_us": f("direct_p99_us"),
+        "enforcer_qps": f("proxy_qps"),
+        "dnsmasq_qps": f("dnsmasq_qps"),
+        // ratio: pooled (latency) or the rounds' median (qps)
+        "p50_ratio_enforcer_over_dnsmasq": ratio(p50),
+        "p99_ratio_enforcer_over_dnsmasq": ratio(p99),
+        "qps_ratio_enforcer_over_dnsmasq": ratio(qps),
+        "p99_pass": p99[0] <= 1.0,
+        "qps_pass": qps[0] >= 1.0,
+    });
+    Some((t, j))
+}
+
+fn report(root: &Path, m: &Measured) -> Result<()> {
+    let w = &m.worker;
+    let upstream_answered = m.upstream_answered;
     let f = |k: &str| w[k].as_f64().unwrap_or(f64::NAN);
     let (d50, d99, p50, p99) = (
         f("direct_p50_us"),
@@ -183,7 +387,7 @@ fn report(root: &Path, w: &serde_json::Value, upstream_answered: u64) -> Result<
         d99,
         p99,
         add99,
-        if p99_pass { "PASS" } else { "MISS" }
+        pass(p99_pass)
     );
     let _ = writeln!(
         t,
@@ -192,14 +396,22 @@ fn report(root: &Path, w: &serde_json::Value, upstream_answered: u64) -> Result<
         qps_direct,
         qps,
         "",
-        if qps_pass { "PASS" } else { "MISS" }
+        pass(qps_pass)
     );
     let _ = write!(
         t,
-        "errors/timeouts: direct {}, proxy {} (upstream answered {upstream_answered})",
+        "errors/timeouts: direct {}, proxy {}",
         w["direct_errors"], w["proxy_errors"]
     );
+    if m.dnsmasq_args.is_some() {
+        let _ = write!(t, ", dnsmasq {}", w["dnsmasq_errors"]);
+    }
+    let _ = write!(t, " (upstream answered {upstream_answered})");
     println!("{t}");
+    let peers = peer_report(m);
+    if let Some((table, _)) = &peers {
+        println!("\n{table}");
+    }
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let results = json!({
@@ -215,11 +427,12 @@ fn report(root: &Path, w: &serde_json::Value, upstream_answered: u64) -> Result<
         "qps_floor": QPS_FLOOR,
         "qps_pass": qps_pass,
         "upstream_answered": upstream_answered,
+        "peers": peers.map(|p| p.1),
     });
     let path = out_dir.join("dns.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     println!("\nresults: {}", path.display());
-    Ok(0)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -230,6 +443,9 @@ pub struct DnsWorkerArgs {
     /// The upstream, queried directly for the reference side.
     #[arg(long)]
     upstream: SocketAddr,
+    /// A peer forwarder (dnsmasq) in front of the same upstream: a third side.
+    #[arg(long)]
+    dnsmasq: Option<SocketAddr>,
     /// Queries per round per side (sequential latency).
     #[arg(long, default_value_t = 2000)]
     queries: usize,
@@ -238,11 +454,10 @@ pub struct DnsWorkerArgs {
     /// Threads with one query in flight each (throughput).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Seconds per throughput run.
+    /// Seconds of throughput per side, in `rounds` interleaved rounds.
     #[arg(long, default_value_t = 3.0)]
     secs: f64,
 }
-
 fn encode_query(id: u16, name: &str) -> Vec<u8> {
     let mut q = Vec::with_capacity(64);
     q.extend_from_slice(&id.to_be_bytes());
@@ -325,6 +540,25 @@ fn throughput(to: SocketAddr, concurrency: usize, secs: f64) -> Result<(f64, u64
     Ok((n0 as f64 / el.as_secs_f64(), errors.load(Ordering::Relaxed)))
 }
 
+/// The order of the sides in round `r`: for two, A B, B A, ...; for three,
+/// every permutation in turn (each side first, middle and last twice in six
+/// rounds).
+fn order(sides: usize, r: usize) -> Vec<usize> {
+    const THREE: [[usize; 3]; 6] = [
+        [0, 1, 2],
+        [2, 1, 0],
+        [1, 2, 0],
+        [0, 2, 1],
+        [2, 0, 1],
+        [1, 0, 2],
+    ];
+    match sides {
+        3 => THREE[r % 6].to_vec(),
+        n if r.is_multiple_of(2) => (0..n).collect(),
+        n => (0..n).rev().collect(),
+    }
+}
+
 pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
     let proxy: SocketAddr = "127.0.0.1:53".parse().unwrap();
     let names = names();
@@ -346,53 +580,73 @@ pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
     if from != proxy {
         bail!("the answer came from {from}, not from the resolver asked (127.0.0.1:53)");
     }
-    for (i, n) in names.iter().enumerate() {
-        query(&sock, proxy, i as u16, n, &mut buf)
-            .map_err(|e| anyhow::anyhow!("warm-up via proxy {n}: {e}"))?;
-        query(&sock, a.upstream, i as u16, n, &mut buf)
-            .map_err(|e| anyhow::anyhow!("warm-up direct {n}: {e}"))?;
+    // The sides: (name, address).
+    let mut sides = vec![("direct", a.upstream), ("proxy", proxy)];
+    if let Some(d) = a.dnsmasq {
+        sides.push(("dnsmasq", d));
     }
-    let (mut direct, mut via) = (Vec::new(), Vec::new());
-    let (mut derr, mut perr) = (0u64, 0u64);
-    let mut id: u16 = 100;
-    for r in 0..a.rounds {
-        for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
-            let (to, v, e) = if side == 0 {
-                (a.upstream, &mut direct, &mut derr)
-            } else {
-                (proxy, &mut via, &mut perr)
-            };
-            for i in 0..a.queries {
-                id = id.wrapping_add(1);
-                match query(&sock, to, id, &names[i % NAMES], &mut buf) {
-                    Ok(d) => v.push(d.as_nanos() as f64 / 1000.0),
-                    Err(_) => *e += 1,
-                }
-            }
+    for (i, n) in names.iter().enumerate() {
+        for (side, to) in &sides {
+            query(&sock, *to, i as u16, n, &mut buf)
+                .map_err(|e| anyhow::anyhow!("warm-up {side} {n}: {e}"))?;
         }
     }
-    direct.sort_by(f64::total_cmp);
-    via.sort_by(f64::total_cmp);
-    let (direct_qps, direct_terr) = throughput(a.upstream, a.concurrency, a.secs)?;
-    let (proxy_qps, proxy_terr) = throughput(proxy, a.concurrency, a.secs)?;
-    let out = json!({
+    let mut lat: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    let mut errors = vec![0u64; sides.len()];
+    let mut rounds_latency = Vec::new();
+    let mut id: u16 = 100;
+    for r in 0..a.rounds {
+        let mut this = serde_json::Map::new();
+        for s in order(sides.len(), r) {
+            let mut v = Vec::with_capacity(a.queries);
+            for i in 0..a.queries {
+                id = id.wrapping_add(1);
+                match query(&sock, sides[s].1, id, &names[i % NAMES], &mut buf) {
+                    Ok(d) => v.push(d.as_nanos() as f64 / 1000.0),
+                    Err(_) => errors[s] += 1,
+                }
+            }
+            lat[s].extend_from_slice(&v);
+            v.sort_by(f64::total_cmp);
+            this.insert(
+                sides[s].0.into(),
+                json!({"p50_us": percentile(&v, 50.0), "p99_us": percentile(&v, 99.0)}),
+            );
+        }
+        rounds_latency.push(serde_json::Value::Object(this));
+    }
+    // Throughput: the same interleaving, `secs` per side in all.
+    let per_round = a.secs / a.rounds.max(1) as f64;
+    let mut qps: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    let mut rounds_qps = Vec::new();
+    for r in 0..a.rounds.max(1) {
+        let mut this = serde_json::Map::new();
+        for s in order(sides.len(), r) {
+            let (q, e) = throughput(sides[s].1, a.concurrency, per_round)?;
+            errors[s] += e;
+            qps[s].push(q);
+            this.insert(sides[s].0.into(), json!(q));
+        }
+        rounds_qps.push(serde_json::Value::Object(this));
+    }
+    let mut out = json!({
         "queries_per_round": a.queries,
         "rounds": a.rounds,
         "concurrency": a.concurrency,
         "secs": a.secs,
-        "direct_n": direct.len(),
-        "proxy_n": via.len(),
-        "direct_p50_us": percentile(&direct, 50.0),
-        "direct_p99_us": percentile(&direct, 99.0),
-        "proxy_p50_us": percentile(&via, 50.0),
-        "proxy_p99_us": percentile(&via, 99.0),
-        "direct_max_us": direct.last(),
-        "proxy_max_us": via.last(),
-        "direct_errors": derr + direct_terr,
-        "proxy_errors": perr + proxy_terr,
-        "direct_qps": direct_qps,
-        "proxy_qps": proxy_qps,
+        "rounds_latency": rounds_latency,
+        "rounds_qps": rounds_qps,
     });
+    for (s, (name, _)) in sides.iter().enumerate() {
+        lat[s].sort_by(f64::total_cmp);
+        out[format!("{name}_n")] = json!(lat[s].len());
+        out[format!("{name}_p50_us")] = json!(percentile(&lat[s], 50.0));
+        out[format!("{name}_p99_us")] = json!(percentile(&lat[s], 99.0));
+        out[format!("{name}_max_us")] = json!(lat[s].last());
+        out[format!("{name}_errors")] = json!(errors[s]);
+        // The median of the rounds' rates.
+        out[format!("{name}_qps")] = json!(crate::bench::median(qps[s].clone()));
+    }
     println!("{out}");
     Ok(())
 }

@@ -15,6 +15,7 @@ mod fuzz;
 mod image;
 mod matrix;
 mod open_bench;
+mod peers;
 mod pod_images;
 mod soak;
 mod soak_agent;
@@ -58,7 +59,7 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_addr: String,
     },
-    /// Measure enforcement overhead: connect/sendto rate enforced vs not, rule-count scaling, daemon RSS (needs root).
+    /// Measure enforcement overhead: connect/sendto rate enforced vs not and vs nftables, rule-count scaling, daemon RSS, the DNS proxy vs dnsmasq (needs root).
     Bench {
         #[command(flatten)]
         bin: BinArgs,
@@ -74,6 +75,10 @@ enum Cmd {
         /// Rules of the big policy in the scaling comparison.
         #[arg(long, default_value_t = 100_000)]
         big_rules: usize,
+        /// Skip the peers (nftables with the same rules; dnsmasq in front of
+        /// the DNS bench's upstream, at bench-dns's defaults).
+        #[arg(long)]
+        skip_peers: bool,
     },
     /// Compare enforcer builds side by side: per-program ns/run of connect4/sendmsg4 minus an empty program run in the same calls, builds alternating (needs root).
     BenchAb {
@@ -87,22 +92,25 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         secs: f64,
     },
-    /// Measure the DNS proxy: added latency (p50/p99) vs querying the upstream directly, and queries/s (needs root).
+    /// Measure the DNS proxy: added latency (p50/p99) vs querying the upstream directly and vs dnsmasq, and queries/s (needs root).
     BenchDns {
         #[command(flatten)]
         bin: BinArgs,
         /// Sequential queries per round per side.
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = dns_bench::DEFAULT_QUERIES)]
         queries: usize,
-        /// Interleaved rounds (direct, proxy / proxy, direct, ...).
-        #[arg(long, default_value_t = 10)]
+        /// Interleaved rounds (the sides' order changing every round).
+        #[arg(long, default_value_t = dns_bench::DEFAULT_ROUNDS)]
         rounds: usize,
         /// Queries in flight for the throughput run.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = dns_bench::DEFAULT_CONCURRENCY)]
         concurrency: usize,
-        /// Seconds per throughput run.
-        #[arg(long, default_value_t = 3.0)]
+        /// Seconds of throughput per side, in `--rounds` interleaved rounds.
+        #[arg(long, default_value_t = dns_bench::DEFAULT_SECS)]
         secs: f64,
+        /// Skip the peer (dnsmasq forwarding to the same upstream).
+        #[arg(long)]
+        skip_peers: bool,
     },
     /// Measure the BPF LSM file hooks: open() rate with them attached vs detached, in the VM runner (needs root).
     BenchOpen(open_bench::OpenArgs),
@@ -170,14 +178,16 @@ fn main() -> std::process::ExitCode {
             secs,
             skip_scaling,
             big_rules,
-        } => bench::run(&bin, rounds, secs, skip_scaling, big_rules),
+            skip_peers,
+        } => bench::run(&bin, rounds, secs, skip_scaling, big_rules, skip_peers),
         Cmd::BenchDns {
             bin,
             queries,
             rounds,
             concurrency,
             secs,
-        } => dns_bench::run(&bin, queries, rounds, concurrency, secs),
+            skip_peers,
+        } => dns_bench::run(&bin, queries, rounds, concurrency, secs, !skip_peers),
         Cmd::BenchAb { bins, rounds, secs } => bench::ab(&bins, rounds, secs),
         Cmd::BenchOpen(args) => open_bench::run(&args),
         Cmd::Test { vm_only } => test::run(&util::repo_root(), vm_only),
