@@ -903,6 +903,9 @@ pub struct Daemon {
     pub audit: PathBuf,
     pub pin_dir: PathBuf,
     pub stderr_log: PathBuf,
+    /// The daemon's stdout lines, from [`Daemon::spawn`] until
+    /// [`Daemon::wait_ready`] has seen "ready".
+    stdout_lines: Option<mpsc::Receiver<String>>,
 }
 
 impl Daemon {
@@ -920,6 +923,7 @@ impl Daemon {
             audit: dir.join("audit.jsonl"),
             pin_dir: pins.path.clone(),
             stderr_log: dir.join("daemon.stderr"),
+            stdout_lines: None,
         };
         d.write_config(bindings);
         d
@@ -949,6 +953,13 @@ impl Daemon {
 
     /// Start and wait (bounded) for "ready" on stdout.
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Start the daemon without waiting for it (see [`Daemon::wait_ready`]):
+    /// a test can act while it starts up (its log: [`Daemon::stderr`]).
+    pub fn spawn(&mut self) {
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -976,6 +987,18 @@ impl Daemon {
                 let _ = tx.send(l);
             }
         });
+        self.child = Some(child);
+        self.stdout_lines = Some(rx);
+    }
+
+    /// Wait (bounded) for "ready" on the stdout of the daemon that
+    /// [`Daemon::spawn`] started; panics (the daemon is killed on drop) if
+    /// it exits or is not ready in time.
+    pub fn wait_ready(&mut self) {
+        let rx = self
+            .stdout_lines
+            .take()
+            .expect("Daemon::wait_ready without Daemon::spawn");
         // Generous: under QEMU/TCG (the BPF LSM runner) loading the object
         // and attaching the LSM hooks (each a trampoline update that waits
         // for RCU grace periods) once took over 60 s.
@@ -986,6 +1009,7 @@ impl Daemon {
                     break;
                 }
             }
+            let child = self.child.as_mut().expect("daemon spawned");
             if let Some(st) = child.child().try_wait().unwrap() {
                 panic!(
                     "enforcer daemon exited early ({st}); stderr:\n{}",
@@ -999,7 +1023,6 @@ impl Daemon {
                 );
             }
         }
-        self.child = Some(child);
     }
 
     /// The daemon's PID (under a launcher: the launcher's child).

@@ -466,6 +466,111 @@ fn daemon_reloads_and_rejects_invalid_policy() {
     d.kill9();
 }
 
+/// Issue 15: a policy file rewritten while the daemon starts (after its
+/// first read of the policies dir, before it is ready: seconds with many
+/// bindings) is applied once the daemon is up, without a SIGHUP or another
+/// file event. The daemon used to create its directory watcher only after
+/// the first reload and the bindings: such a change was missed, silently.
+#[test]
+fn a_policy_changed_while_the_daemon_starts_is_applied() {
+    if !require_root("a_policy_changed_while_the_daemon_starts_is_applied") {
+        return;
+    }
+    // Many bindings, each with its own policy: installing and binding them
+    // all keeps the daemon starting for a while after its first read.
+    const N: usize = 20;
+    let cgs: Vec<Cgroup> = (0..N)
+        .map(|i| Cgroup::create(&format!("startup-{i:02}")))
+        .collect();
+    let pins = PinDir::new("startup");
+    let dir = TestDir::new("startup");
+    let a = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let b = TcpSink::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let names: Vec<String> = (0..N).map(|i| format!("startup-{i:02}")).collect();
+    let bindings: Vec<(&Path, &str)> = cgs
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| (c.path.as_path(), n.as_str()))
+        .collect();
+    let mut d = Daemon::configure(&dir, &pins, &bindings);
+    for n in &names {
+        write_policy(&d, &format!("{n}.yaml"), n, a.port());
+    }
+    // The probe is in its cgroup before the daemon binds it.
+    let name = names[0].as_str();
+    let mut p = Probe::spawn(&dir);
+    move_pid(&cgs[0].path, p.pid);
+
+    d.spawn();
+    // The first "policy installed" line: the daemon has read every policy
+    // file (it reads the directory, then installs).
+    let first_install = poll_until(Duration::from_secs(180), Duration::from_millis(2), || {
+        d.stderr().contains("policy installed")
+    });
+    assert!(
+        first_install,
+        "no \"policy installed\" in the daemon's log; stderr:\n{}",
+        d.stderr()
+    );
+    write_policy(&d, &format!("{name}.yaml"), name, b.port());
+    // The control socket is bound just before "ready": the change came
+    // while the daemon was still starting (else this test proves nothing).
+    let during_startup = !d.socket.exists();
+    let rewritten = std::time::Instant::now();
+    d.wait_ready();
+    eprintln!(
+        "policy rewritten {:?} before \"ready\"",
+        rewritten.elapsed()
+    );
+    assert!(
+        during_startup,
+        "the policy was rewritten only after the daemon had started: the start-up \
+         window was not exercised; stderr:\n{}",
+        d.stderr()
+    );
+
+    // What the first reload installed for `name` (the old file).
+    let stderr = d.stderr();
+    let old_hash = stderr
+        .lines()
+        .find(|l| l.contains("policy installed") && l.contains(&format!("policy={name} ")))
+        .and_then(|l| l.split("hash=").nth(1))
+        .and_then(|h| h.split_whitespace().next())
+        .unwrap_or_else(|| {
+            panic!("no \"policy installed\" line with the hash of {name}:\n{stderr}")
+        })
+        .to_string();
+
+    // The new file is in force: B allowed, A denied, the status's hash moved.
+    let mut last = (Value::Null, Value::Null, Value::Null);
+    let applied = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        let vb = p.tcp("127.0.0.1", b.port(), "B");
+        let va = p.tcp("127.0.0.1", a.port(), "A");
+        let hash = d
+            .identity(name)
+            .map(|i| i["policy_hash"].clone())
+            .unwrap_or(Value::Null);
+        let done = vb["ok"] == true
+            && va["errno"].as_i64() == Some(EPERM)
+            && hash.as_str().is_some_and(|h| h != old_hash);
+        last = (vb, va, hash);
+        done
+    });
+    assert!(
+        applied,
+        "a policy rewritten while the daemon started was not applied within 10 s of \
+         \"ready\": port B (new) {}, port A (old) {}, policy_hash {} (first installed: {old_hash})\n\
+         status: {:#}\nstderr:\n{}",
+        last.0,
+        last.1,
+        last.2,
+        d.status(),
+        d.stderr()
+    );
+    p.kill();
+    d.kill9();
+}
+
 fn count_pins(dir: &Path) -> usize {
     fn walk(p: &Path, n: &mut usize) {
         if let Ok(rd) = std::fs::read_dir(p) {
