@@ -89,7 +89,32 @@ pub fn enforcer_bin() -> &'static Path {
             "building enforcer (cargo build -p enforcer) into {} ...",
             target.display()
         );
-        let st = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // Not the variables `cargo test` set for this process: build scripts
+        // fingerprint some (ring's watches CARGO_MANIFEST_DIR), and with
+        // them inherited every test binary's first call rebuilt ring,
+        // rustls, kube and enforcer (~20 s each).
+        for (k, _) in std::env::vars_os() {
+            if let Some(k) = k.to_str() {
+                if k.starts_with("CARGO_PKG_")
+                    || k.starts_with("CARGO_BIN_EXE_")
+                    || matches!(
+                        k,
+                        "CARGO_MANIFEST_DIR"
+                            | "CARGO_MANIFEST_PATH"
+                            | "CARGO_CRATE_NAME"
+                            | "CARGO_BIN_NAME"
+                            | "CARGO_PRIMARY_PACKAGE"
+                            | "CARGO_RUSTC_CURRENT_DIR"
+                            | "CARGO_TARGET_TMPDIR"
+                            | "OUT_DIR"
+                    )
+                {
+                    build.env_remove(k);
+                }
+            }
+        }
+        let st = build
             .args(["build", "-p", "enforcer"])
             .current_dir(&root)
             .env("CARGO_TARGET_DIR", &target)

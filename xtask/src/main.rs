@@ -165,6 +165,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
+    util::scrub_cargo_run_env();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo {

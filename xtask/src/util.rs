@@ -86,6 +86,42 @@ pub fn ensure_setup(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Forget the variables `cargo run` set for this process (the xtask
+/// package's `CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...), so that the cargo
+/// commands xtask runs see the environment a plain `cargo build` sees.
+/// Build scripts fingerprint some of them (ring's declares
+/// `rerun-if-env-changed=CARGO_MANIFEST_DIR`): inherited, they made every
+/// nested `cargo build -p enforcer` rebuild ring, rustls, kube and enforcer.
+/// Called first thing in `main`, while xtask has one thread.
+pub fn scrub_cargo_run_env() {
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if is_cargo_run_var(k) {
+                std::env::remove_var(k);
+            }
+        }
+    }
+}
+
+/// A variable cargo sets for the process it runs (`cargo run`/`cargo
+/// test`), as opposed to one the user set for cargo itself (`CARGO_HOME`,
+/// `CARGO_TARGET_DIR`, `CARGO_LOG`, ... stay).
+pub fn is_cargo_run_var(k: &str) -> bool {
+    k.starts_with("CARGO_PKG_")
+        || k.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            k,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "CARGO_TARGET_TMPDIR"
+                | "OUT_DIR"
+        )
+}
+
 /// The enforcer binary: `--enforcer-bin`/$ENFORCER_BIN, or built now.
 pub fn enforcer_bin(root: &Path, args: &BinArgs) -> Result<PathBuf> {
     if let Some(p) = &args.enforcer_bin {
