@@ -12,7 +12,7 @@
 //! STATS       PerCpuArray STAT_* -> u64
 //! CONFIG      Array     0 -> GlobalConfig
 //! EVENTS      RingBuf   Event records
-//! DNS_ORIG    LruHash   socket cookie          -> OrigDst (resolver the agent asked)
+//! DNS_ORIG    SkStorage socket                 -> OrigDst (resolver the agent asked)
 //! LEARNED_V4  HashMap   {slot, ipv4}           -> Learned (address a DNS answer allowed)
 //! LEARNED_V6  HashMap   {slot, ipv6}           -> Learned
 //! FILE_RULES  HashMap   {ino, dev, table_id}   -> FileRuleValue (file policy, BPF LSM)
@@ -266,7 +266,6 @@ pub const MAX_IDENTITIES: u32 = 16384;
 pub const MAX_EGRESS_V4: u32 = 1 << 20;
 pub const MAX_EGRESS_V6: u32 = 1 << 18;
 pub const EVENTS_BYTES: u32 = 1 << 20;
-pub const MAX_DNS_ORIG: u32 = 65536;
 pub const MAX_LEARNED_V4: u32 = 1 << 18;
 pub const MAX_LEARNED_V6: u32 = 1 << 16;
 pub const MAX_FILE_RULES: u32 = 1 << 18;

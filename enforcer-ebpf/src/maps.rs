@@ -3,15 +3,15 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
     cache_gen, first_bytes::BUF, stat, FileKey, FileRuleValue, FlowEntry, GlobalConfig,
     IdentityBinding, InspectState, Learned, LearnedKey4, LearnedKey6, NameKey, OrigDst,
     PolicyState, RuleSet, UnixKey, UnixRule, V4Key, V6Key, BLOOM_WORDS, COUNTERS_LEN, EVENTS_BYTES,
-    FLOW_SPILL_BYTES, FLOW_WAYS, MAX_DNS_ORIG, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_READY,
-    MAX_FILE_RULES, MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED,
-    MAX_SLOTS, MAX_UNIX_RULES, REASONS_LEN,
+    FLOW_SPILL_BYTES, FLOW_WAYS, MAX_EGRESS_V4, MAX_EGRESS_V6, MAX_FILE_READY, MAX_FILE_RULES,
+    MAX_IDENTITIES, MAX_LEARNED_V4, MAX_LEARNED_V6, MAX_NAMES, MAX_RESOLVED, MAX_SLOTS,
+    MAX_UNIX_RULES, REASONS_LEN,
 };
 
 #[map(name = "IDENTITIES")]
@@ -52,8 +52,14 @@ pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-#[map(name = "DNS_ORIG")]
-pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_DNS_ORIG, 0);
+/// Where a socket steered to its DNS proxy really sent to: socket storage,
+/// freed with the socket. (An LRU hash keyed by socket cookie held it
+/// before: nothing removed an entry when its socket closed, so it filled
+/// within a minute, and one agent's burst of fresh sockets evicted the
+/// in-flight queries of every identity, whose replies then came from the
+/// proxy's port and were dropped by their resolvers.)
+#[btf_map]
+pub static DNS_ORIG: SkStorage<OrigDst> = SkStorage::new();
 
 #[map(name = "LEARNED_V4")]
 pub static LEARNED_V4: HashMap<LearnedKey4, Learned> = HashMap::with_max_entries(MAX_LEARNED_V4, 0);

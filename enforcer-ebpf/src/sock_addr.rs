@@ -26,7 +26,7 @@
 //! UDP to it is refused (QUIC's first bytes are encrypted).
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
+    helpers::{bpf_ktime_get_ns, bpf_sk_storage_get},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
@@ -469,18 +469,31 @@ const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Remember where the socket really sent to (for recvmsg/getpeername).
 #[inline(always)]
+/// The socket's storage is created here and freed by the kernel with the
+/// socket. (Not created: the reply keeps the proxy's address, and the
+/// agent's resolver drops it. Its query fails; nothing is let through.)
 fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, proxy_port: u16) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let _ = DNS_ORIG.insert(
-        cookie,
-        OrigDst {
-            addr,
-            port,
-            proxy_port,
-            _pad: [0; 4],
-        },
-        0,
-    );
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let map = core::ptr::from_ref(&DNS_ORIG).cast_mut().cast();
+    let p = unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk.cast(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<OrigDst>();
+    if !p.is_null() {
+        unsafe {
+            *p = OrigDst {
+                addr,
+                port,
+                proxy_port,
+                _pad: [0; 4],
+            }
+        };
+    }
 }
 
 #[inline(always)]
@@ -594,9 +607,14 @@ fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
 /// report the resolver it originally addressed.
 #[inline(always)]
 fn orig_for(ctx: &SockAddrContext, from: [u8; 16], port: u16) -> Option<OrigDst> {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let orig = DNS_ORIG.get_ptr(cookie)?;
-    let orig = unsafe { *orig };
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let map = core::ptr::from_ref(&DNS_ORIG).cast_mut().cast();
+    let p =
+        unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<OrigDst>();
+    if p.is_null() {
+        return None;
+    }
+    let orig = unsafe { *p };
     let from_proxy = port == orig.proxy_port && (from == v4_mapped(LOOPBACK4) || from == LOOPBACK6);
     if from_proxy {
         Some(orig)

@@ -20,6 +20,9 @@ Commands:
           "owners": [owner name of each answer record],
           "question_same": the reply's question section is byte for byte
           the query's}
+      "flood": N (UDP, unconnected): between sending the query and reading
+      the reply, N fresh sockets each send one byte to server:port and
+      close -> also "flood_secs"
   {"op": "tcp", "host": h, "port": p, "data": s}   connect + send
   {"op": "loop", "server": ip, "port": 53, "names": [...], "iterations": N,
    "connect_port": p}
@@ -157,6 +160,16 @@ def resolve(cmd):
                 s.send(q)
             else:
                 s.sendto(q, (server, port))
+            flood = cmd.get("flood", 0)
+            if flood:
+                t0 = time.monotonic()
+                for _ in range(flood):
+                    f = socket.socket(fam(server), socket.SOCK_DGRAM)
+                    try:
+                        f.sendto(b"\0", (server, port))
+                    finally:
+                        f.close()
+                extra["flood_secs"] = time.monotonic() - t0
             msg, src = s.recvfrom(65535)
             extra["src"] = fmt_addr(src)
         finally:

@@ -423,6 +423,52 @@ fn queries_to_any_resolver_are_steered() {
     checks.finish();
 }
 
+/// A steered socket's reply still comes from the resolver it addressed after
+/// a burst of other sockets queried meanwhile. Where that resolver was is
+/// kept per socket (socket storage, freed with the socket): a global table
+/// (an LRU of 65,536 entries once) let a burst of fresh sockets, from any
+/// identity, evict an in-flight query's entry; its reply then came from the
+/// proxy's port and the resolver dropped it.
+#[test]
+fn a_burst_of_sockets_does_not_lose_an_in_flight_query() {
+    if !require_root("a_burst_of_sockets_does_not_lose_an_in_flight_query") {
+        return;
+    }
+    let env = Env::new("dns-burst");
+    env.dns.add_suffix("example.com", &["127.0.0.5"]);
+    let mut a = env.run(
+        "dns-burst",
+        &[host_rule("*.example.com", &[443], "tcp"), vouch_loopback()],
+        &[],
+    );
+    // More fresh sockets than the old table held.
+    let v = a.cmd(json!({"op": "resolve", "server": RESOLVER, "port": 53,
+                         "name": "burst.example.com", "qtype": "A", "flood": 100_000,
+                         "timeout": 10}));
+    assert_eq!(v["ok"], true, "no answer after the burst: {v}");
+    assert_rcode(&v, NOERROR, "burst.example.com");
+    assert_eq!(
+        v["src"].as_str(),
+        Some(sock(RESOLVER).as_str()),
+        "the reply lost the resolver's address during the burst: {v}"
+    );
+    eprintln!("burst of 100,000 sockets took {}s", v["flood_secs"]);
+    // The burst's one-byte datagrams reached the proxy (dropped as
+    // malformed): the sockets were steered, the burst was real.
+    let body = env.scrape();
+    let malformed = body
+        .lines()
+        .find(|l| l.starts_with("enforcer_dns_malformed_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|x| x.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        malformed >= 10_000.0,
+        "only {malformed} malformed queries counted: the burst was not steered\n{body}"
+    );
+    finish(&mut a);
+}
+
 /// Scenario 4: A tunnelling loop (unique subdomains under an allowed wildcard) is cut
 /// off at `namesPerMinute`; names over budget never reach the upstream.
 #[test]

@@ -74,7 +74,6 @@ const MAPS: &[&str] = &[
     "NAMES",
     "LEARNED_V4",
     "LEARNED_V6",
-    "DNS_ORIG",
     "FILE_RULES",
     "UNIX_RULES",
 ];
@@ -408,13 +407,6 @@ const BOUNDS: &[Bound] = &[
         why: "no AAAA answers",
     },
     Bound {
-        figure: "DNS_ORIG",
-        factor: 0.0,
-        slack: 0,
-        cap: Some(enforcer_max_dns_orig()),
-        why: "an LRU: full after ~65536 queries, never more",
-    },
-    Bound {
         figure: "FILE_RULES",
         factor: 1.0,
         slack: 0,
@@ -429,11 +421,6 @@ const BOUNDS: &[Bound] = &[
         why: "no unix rules",
     },
 ];
-
-/// `MAX_DNS_ORIG` of enforcer-common (xtask does not depend on the enforcer crates).
-const fn enforcer_max_dns_orig() -> u64 {
-    65536
-}
 
 impl Bound {
     fn limit(&self, base: u64) -> u64 {
@@ -1377,11 +1364,8 @@ mod tests {
     fn cycles_within_bounds_pass() {
         let c = vec![
             cycle(1, &all(40_000, 300, 5000)),
-            // RSS +25% + 8 MiB, learned x3 + 2048, DNS_ORIG at its cap: at the limits
-            cycle(
-                2,
-                &set(all(40_000 * 5 / 4 + 8192, 300, 17_048), "DNS_ORIG", 65536),
-            ),
+            // RSS +25% + 8 MiB, learned x3 + 2048: at the limits
+            cycle(2, &all(40_000 * 5 / 4 + 8192, 300, 17_048)),
         ];
         assert_eq!(check_bounds(&c), Vec::<String>::new());
     }
@@ -1410,7 +1394,7 @@ mod tests {
     fn a_cap_holds_from_the_first_cycle() {
         let c = vec![
             cycle(1, &set(all(40_000, 300, 5000), "LEARNED_V4 expired", 2)),
-            cycle(2, &set(all(40_000, 300, 5000), "DNS_ORIG", 65537)),
+            cycle(2, &set(all(40_000, 300, 5000), "LEARNED_V4 expired", 1)),
         ];
         let v = check_bounds(&c);
         assert_eq!(v.len(), 2, "{v:?}");
@@ -1419,7 +1403,7 @@ mod tests {
             "{v:?}"
         );
         assert!(
-            v[1].starts_with("cycle 2: DNS_ORIG = 65537 > bound 65536"),
+            v[1].starts_with("cycle 2: LEARNED_V4 expired = 1 > bound 0"),
             "{v:?}"
         );
     }
