@@ -161,7 +161,7 @@ pub fn measure(
         enforcer,
         &pol,
         up.addr,
-        dnsmasq.as_ref().map(|d| d.addr),
+        dnsmasq.as_ref().map(|d| (d.addr, d.pid())),
         queries,
         rounds,
         concurrency,
@@ -184,7 +184,7 @@ fn run_worker(
     enforcer: &Path,
     policy: &Path,
     upstream: SocketAddr,
-    dnsmasq: Option<SocketAddr>,
+    dnsmasq: Option<(SocketAddr, u32)>,
     queries: usize,
     rounds: usize,
     concurrency: usize,
@@ -208,8 +208,13 @@ fn run_worker(
             "--secs",
             &secs.to_string(),
         ]);
-    if let Some(d) = dnsmasq {
-        cmd.args(["--dnsmasq", &d.to_string()]);
+    if let Some((d, pid)) = dnsmasq {
+        cmd.args([
+            "--dnsmasq",
+            &d.to_string(),
+            "--dnsmasq-pid",
+            &pid.to_string(),
+        ]);
     }
     let mut child = cmd
         .stdin(Stdio::null())
@@ -323,6 +328,23 @@ pub fn peer_report(m: &Measured) -> Option<(String, serde_json::Value)> {
         qps,
         qps[0] >= 1.0,
     );
+    // CPU per query: not a goal of the issue, reported (lower is cheaper).
+    let (cpu_e, cpu_d) = (f("proxy_cpu_us"), f("dnsmasq_cpu_us"));
+    let _ = writeln!(
+        t,
+        "{:<34} {:>10.1}us {:>10.1}us {:>7.3}x {:>15}  -",
+        "CPU per query (throughput)",
+        cpu_e,
+        cpu_d,
+        cpu_e / cpu_d,
+        ""
+    );
+    let _ = writeln!(
+        t,
+        "  (CPU: the enforcer process (all threads) / dnsmasq, from /proc, over the throughput rounds; \
+         the enforcer process spends {:.1}us per query of the dnsmasq side meanwhile)",
+        f("dnsmasq_enforcer_cpu_us"),
+    );
     let _ = write!(
         t,
         "  added over direct: enforcer p50 {:+.1}us p99 {:+.1}us, dnsmasq p50 {:+.1}us p99 {:+.1}us; \
@@ -345,6 +367,9 @@ pub fn peer_report(m: &Measured) -> Option<(String, serde_json::Value)> {
         "direct_p99_us": f("direct_p99_us"),
         "enforcer_qps": f("proxy_qps"),
         "dnsmasq_qps": f("dnsmasq_qps"),
+        "enforcer_cpu_us_per_query": f("proxy_cpu_us"),
+        "dnsmasq_cpu_us_per_query": f("dnsmasq_cpu_us"),
+        "enforcer_cpu_us_per_query_of_the_dnsmasq_side": f("dnsmasq_enforcer_cpu_us"),
         // ratio: pooled (latency) or the rounds' median (qps)
         "p50_ratio_enforcer_over_dnsmasq": ratio(p50),
         "p99_ratio_enforcer_over_dnsmasq": ratio(p99),
@@ -446,6 +471,9 @@ pub struct DnsWorkerArgs {
     /// A peer forwarder (dnsmasq) in front of the same upstream: a third side.
     #[arg(long)]
     dnsmasq: Option<SocketAddr>,
+    /// dnsmasq's pid: its CPU time per query is read from /proc.
+    #[arg(long)]
+    dnsmasq_pid: Option<u32>,
     /// Queries per round per side (sequential latency).
     #[arg(long, default_value_t = 2000)]
     queries: usize,
@@ -507,8 +535,48 @@ fn names() -> Vec<String> {
     (0..NAMES).map(|i| format!("n{i}.{ZONE}")).collect()
 }
 
-/// `concurrency` threads, one query in flight each, for `secs`.
-fn throughput(to: SocketAddr, concurrency: usize, secs: f64) -> Result<(f64, u64)> {
+/// The CPU time (user + system, all threads) process `pid` has used, in
+/// seconds (`/proc/<pid>/stat`).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
+/// The `enforcer run` process this worker runs under (its DNS proxy's):
+/// the outermost `enforcer` among the worker's ancestors.
+fn enforcer_pid() -> Option<u32> {
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let mut pid = parent(std::process::id())?;
+    let mut found = None;
+    while pid > 1 {
+        if comm(pid).trim() == "enforcer" {
+            found = Some(pid);
+        } else if found.is_some() {
+            break;
+        }
+        pid = parent(pid)?;
+    }
+    found
+}
+
+/// `concurrency` threads, one query in flight each, for `secs`: (queries/s,
+/// queries answered, errors).
+fn throughput(to: SocketAddr, concurrency: usize, secs: f64) -> Result<(f64, u64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -537,7 +605,11 @@ fn throughput(to: SocketAddr, concurrency: usize, secs: f64) -> Result<(f64, u64
     for h in hs {
         let _ = h.join();
     }
-    Ok((n0 as f64 / el.as_secs_f64(), errors.load(Ordering::Relaxed)))
+    Ok((
+        n0 as f64 / el.as_secs_f64(),
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+    ))
 }
 
 /// The order of the sides in round `r`: for two, A B, B A, ...; for three,
@@ -615,14 +687,40 @@ pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
         }
         rounds_latency.push(serde_json::Value::Object(this));
     }
-    // Throughput: the same interleaving, `secs` per side in all.
+    // Throughput: the same interleaving, `secs` per side in all. The CPU
+    // time the forwarder of a side (the enforcer process, dnsmasq) spent
+    // meanwhile, per answered query: the kernel's accounting, steadier
+    // than the rate on a busy machine. The enforcer's figure is the whole
+    // process's (its event reader and flow drainer included), which it
+    // also spends during the other sides: `<side>_enforcer_cpu_us`.
+    let forwarders: Vec<Option<u32>> = sides
+        .iter()
+        .map(|(name, _)| match *name {
+            "proxy" => enforcer_pid(),
+            "dnsmasq" => a.dnsmasq_pid,
+            _ => None,
+        })
+        .collect();
+    let enforcer = enforcer_pid();
     let per_round = a.secs / a.rounds.max(1) as f64;
     let mut qps: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    let mut cpu: Vec<(f64, u64)> = vec![(0.0, 0); sides.len()];
+    let mut enforcer_cpu: Vec<(f64, u64)> = vec![(0.0, 0); sides.len()];
     let mut rounds_qps = Vec::new();
     for r in 0..a.rounds.max(1) {
         let mut this = serde_json::Map::new();
         for s in order(sides.len(), r) {
-            let (q, e) = throughput(sides[s].1, a.concurrency, per_round)?;
+            let before = forwarders[s].and_then(cpu_secs);
+            let enf_before = enforcer.and_then(cpu_secs);
+            let (q, n, e) = throughput(sides[s].1, a.concurrency, per_round)?;
+            if let (Some(b), Some(after)) = (before, forwarders[s].and_then(cpu_secs)) {
+                cpu[s].0 += after - b;
+                cpu[s].1 += n;
+            }
+            if let (Some(b), Some(after)) = (enf_before, enforcer.and_then(cpu_secs)) {
+                enforcer_cpu[s].0 += after - b;
+                enforcer_cpu[s].1 += n;
+            }
             errors[s] += e;
             qps[s].push(q);
             this.insert(sides[s].0.into(), json!(q));
@@ -646,6 +744,9 @@ pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
         out[format!("{name}_errors")] = json!(errors[s]);
         // The median of the rounds' rates.
         out[format!("{name}_qps")] = json!(crate::bench::median(qps[s].clone()));
+        let per_query = |(secs, n): (f64, u64)| (n > 0).then(|| secs * 1e6 / n as f64);
+        out[format!("{name}_cpu_us")] = json!(per_query(cpu[s]));
+        out[format!("{name}_enforcer_cpu_us")] = json!(per_query(enforcer_cpu[s]));
     }
     println!("{out}");
     Ok(())
