@@ -208,13 +208,8 @@ fn run_worker(
             "--secs",
             &secs.to_string(),
         ]);
-    if let Some((d, pid)) = dnsmasq {
-        cmd.args([
-            "--dnsmasq",
-            &d.to_string(),
-            "--dnsmasq-pid",
-            &pid.to_string(),
-        ]);
+    if let Some((d, _)) = dnsmasq {
+        cmd.args(["--dnsmasq", &d.to_string()]);
     }
     let mut child = cmd
         .stdin(Stdio::null())
@@ -222,17 +217,25 @@ fn run_worker(
         .stderr(Stdio::piped())
         .spawn()
         .context("starting enforcer run")?;
+    // The proxy runs in the `enforcer run` process itself.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_cpu(child.id(), dnsmasq.map(|d| d.1), stop.clone());
     let mut out = String::new();
     child.stdout.take().unwrap().read_to_string(&mut out)?;
     let mut err = String::new();
     child.stderr.take().unwrap().read_to_string(&mut err)?;
     let st = child.wait()?;
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.join().unwrap_or_default();
     let line = out
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok());
     match line {
-        Some(v) if st.success() => Ok(v),
+        Some(mut v) if st.success() => {
+            cpu_per_query(&mut v, &samples);
+            Ok(v)
+        }
         _ => {
             bail!("enforcer run / bench-dns-worker failed ({st}):\nstdout:\n{out}\nstderr:\n{err}")
         }
@@ -329,7 +332,7 @@ pub fn peer_report(m: &Measured) -> Option<(String, serde_json::Value)> {
         qps[0] >= 1.0,
     );
     // CPU per query: not a goal of the issue, reported (lower is cheaper).
-    let (cpu_e, cpu_d) = (f("proxy_cpu_us"), f("dnsmasq_cpu_us"));
+    let (cpu_e, cpu_d) = (f("proxy_enforcer_cpu_us"), f("dnsmasq_dnsmasq_cpu_us"));
     let _ = writeln!(
         t,
         "{:<34} {:>10.1}us {:>10.1}us {:>7.3}x {:>15}  -",
@@ -367,8 +370,8 @@ pub fn peer_report(m: &Measured) -> Option<(String, serde_json::Value)> {
         "direct_p99_us": f("direct_p99_us"),
         "enforcer_qps": f("proxy_qps"),
         "dnsmasq_qps": f("dnsmasq_qps"),
-        "enforcer_cpu_us_per_query": f("proxy_cpu_us"),
-        "dnsmasq_cpu_us_per_query": f("dnsmasq_cpu_us"),
+        "enforcer_cpu_us_per_query": f("proxy_enforcer_cpu_us"),
+        "dnsmasq_cpu_us_per_query": f("dnsmasq_dnsmasq_cpu_us"),
         "enforcer_cpu_us_per_query_of_the_dnsmasq_side": f("dnsmasq_enforcer_cpu_us"),
         // ratio: pooled (latency) or the rounds' median (qps)
         "p50_ratio_enforcer_over_dnsmasq": ratio(p50),
@@ -471,9 +474,6 @@ pub struct DnsWorkerArgs {
     /// A peer forwarder (dnsmasq) in front of the same upstream: a third side.
     #[arg(long)]
     dnsmasq: Option<SocketAddr>,
-    /// dnsmasq's pid: its CPU time per query is read from /proc.
-    #[arg(long)]
-    dnsmasq_pid: Option<u32>,
     /// Queries per round per side (sequential latency).
     #[arg(long, default_value_t = 2000)]
     queries: usize,
@@ -549,29 +549,82 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
-/// The `enforcer run` process this worker runs under (its DNS proxy's):
-/// the outermost `enforcer` among the worker's ancestors.
-fn enforcer_pid() -> Option<u32> {
-    let parent = |pid: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat[stat.rfind(')')? + 2..]
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+/// CLOCK_MONOTONIC in ns (shared by every PID namespace).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let mut pid = parent(std::process::id())?;
-    let mut found = None;
-    while pid > 1 {
-        if comm(pid).trim() == "enforcer" {
-            found = Some(pid);
-        } else if found.is_some() {
-            break;
+    // SAFETY: ts is a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU time samples of the forwarders, taken by the bench while the
+/// worker runs: (CLOCK_MONOTONIC ns, enforcer s, dnsmasq s).
+type CpuSample = (u64, Option<f64>, Option<f64>);
+type CpuSamples = Vec<CpuSample>;
+
+/// Sample the CPU time of `pids` every 10 ms until `stop`.
+fn sample_cpu(
+    enforcer: u32,
+    dnsmasq: Option<u32>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<CpuSamples> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            v.push((
+                monotonic_ns(),
+                cpu_secs(enforcer),
+                dnsmasq.and_then(cpu_secs),
+            ));
+            std::thread::sleep(Duration::from_millis(10));
         }
-        pid = parent(pid)?;
+        v
+    })
+}
+
+/// A process's CPU time at `t`, linear between the samples around it.
+fn cpu_at(samples: &CpuSamples, t: u64, pick: fn(&CpuSample) -> Option<f64>) -> Option<f64> {
+    let i = samples.iter().position(|s| s.0 >= t)?;
+    let after = &samples[i];
+    if i == 0 {
+        return None;
     }
-    found
+    let before = &samples[i - 1];
+    let (a, b) = (pick(before)?, pick(after)?);
+    let span = (after.0 - before.0).max(1) as f64;
+    Some(a + (b - a) * (t - before.0) as f64 / span)
+}
+
+/// CPU µs per answered query of the enforcer process (all threads) and
+/// of dnsmasq, per side, over the worker's throughput windows:
+/// `<side>_enforcer_cpu_us`, `<side>_dnsmasq_cpu_us`.
+fn cpu_per_query(worker: &mut serde_json::Value, samples: &CpuSamples) {
+    let mut sums: std::collections::BTreeMap<String, [f64; 3]> = Default::default();
+    for w in worker["windows"].as_array().cloned().unwrap_or_default() {
+        let (Some(side), Some(s), Some(e), Some(n)) = (
+            w["side"].as_str(),
+            w["start_ns"].as_u64(),
+            w["end_ns"].as_u64(),
+            w["answered"].as_u64(),
+        ) else {
+            continue;
+        };
+        let d = |pick: fn(&CpuSample) -> Option<f64>| {
+            Some(cpu_at(samples, e, pick)? - cpu_at(samples, s, pick)?)
+        };
+        let acc = sums.entry(side.to_string()).or_insert([0.0; 3]);
+        acc[0] += d(|x| x.1).unwrap_or(f64::NAN);
+        acc[1] += d(|x| x.2).unwrap_or(f64::NAN);
+        acc[2] += n as f64;
+    }
+    for (side, [enf, dm, n]) in sums {
+        let us = |secs: f64| (secs.is_finite() && n > 0.0).then(|| secs * 1e6 / n);
+        worker[format!("{side}_enforcer_cpu_us")] = json!(us(enf));
+        worker[format!("{side}_dnsmasq_cpu_us")] = json!(us(dm));
+    }
 }
 
 /// `concurrency` threads, one query in flight each, for `secs`: (queries/s,
@@ -687,40 +740,21 @@ pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
         }
         rounds_latency.push(serde_json::Value::Object(this));
     }
-    // Throughput: the same interleaving, `secs` per side in all. The CPU
-    // time the forwarder of a side (the enforcer process, dnsmasq) spent
-    // meanwhile, per answered query: the kernel's accounting, steadier
-    // than the rate on a busy machine. The enforcer's figure is the whole
-    // process's (its event reader and flow drainer included), which it
-    // also spends during the other sides: `<side>_enforcer_cpu_us`.
-    let forwarders: Vec<Option<u32>> = sides
-        .iter()
-        .map(|(name, _)| match *name {
-            "proxy" => enforcer_pid(),
-            "dnsmasq" => a.dnsmasq_pid,
-            _ => None,
-        })
-        .collect();
-    let enforcer = enforcer_pid();
+    // Throughput: the same interleaving, `secs` per side in all. Each
+    // side's window (CLOCK_MONOTONIC, which the bench outside this PID
+    // namespace shares) and answered queries go to the bench, which reads
+    // the forwarders' CPU time over the windows (`cpu_per_query`).
     let per_round = a.secs / a.rounds.max(1) as f64;
     let mut qps: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
-    let mut cpu: Vec<(f64, u64)> = vec![(0.0, 0); sides.len()];
-    let mut enforcer_cpu: Vec<(f64, u64)> = vec![(0.0, 0); sides.len()];
+    let mut windows = Vec::new();
     let mut rounds_qps = Vec::new();
     for r in 0..a.rounds.max(1) {
         let mut this = serde_json::Map::new();
         for s in order(sides.len(), r) {
-            let before = forwarders[s].and_then(cpu_secs);
-            let enf_before = enforcer.and_then(cpu_secs);
+            let start_ns = monotonic_ns();
             let (q, n, e) = throughput(sides[s].1, a.concurrency, per_round)?;
-            if let (Some(b), Some(after)) = (before, forwarders[s].and_then(cpu_secs)) {
-                cpu[s].0 += after - b;
-                cpu[s].1 += n;
-            }
-            if let (Some(b), Some(after)) = (enf_before, enforcer.and_then(cpu_secs)) {
-                enforcer_cpu[s].0 += after - b;
-                enforcer_cpu[s].1 += n;
-            }
+            windows.push(json!({"side": sides[s].0, "start_ns": start_ns,
+                                "end_ns": monotonic_ns(), "answered": n}));
             errors[s] += e;
             qps[s].push(q);
             this.insert(sides[s].0.into(), json!(q));
@@ -734,6 +768,7 @@ pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
         "secs": a.secs,
         "rounds_latency": rounds_latency,
         "rounds_qps": rounds_qps,
+        "windows": windows,
     });
     for (s, (name, _)) in sides.iter().enumerate() {
         lat[s].sort_by(f64::total_cmp);
@@ -744,9 +779,6 @@ pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
         out[format!("{name}_errors")] = json!(errors[s]);
         // The median of the rounds' rates.
         out[format!("{name}_qps")] = json!(crate::bench::median(qps[s].clone()));
-        let per_query = |(secs, n): (f64, u64)| (n > 0).then(|| secs * 1e6 / n as f64);
-        out[format!("{name}_cpu_us")] = json!(per_query(cpu[s]));
-        out[format!("{name}_enforcer_cpu_us")] = json!(per_query(enforcer_cpu[s]));
     }
     println!("{out}");
     Ok(())
