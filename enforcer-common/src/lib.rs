@@ -551,7 +551,13 @@ pub mod stat {
     pub const PACKET_DROPPED: u32 = 6;
     /// Packets from peers outside the identity dropped at ingress, each.
     pub const INGRESS_DROPPED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Sends and connects to port 53 steered to an identity's DNS proxy.
+    pub const DNS_STEERED: u32 = 8;
+    /// Of those, refused (EPERM) because the socket's storage for the
+    /// resolver it addressed could not be created (its reply could not be
+    /// restored; fail closed).
+    pub const DNS_NO_STATE: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 #[repr(C)]

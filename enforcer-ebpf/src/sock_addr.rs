@@ -470,9 +470,10 @@ const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 /// Remember where the socket really sent to (for recvmsg/getpeername).
 #[inline(always)]
 /// The socket's storage is created here and freed by the kernel with the
-/// socket. (Not created: the reply keeps the proxy's address, and the
-/// agent's resolver drops it. Its query fails; nothing is let through.)
-fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, proxy_port: u16) {
+/// socket. False: it could not be created (no memory, or the socket's
+/// option memory is used up): the caller refuses the send (a reply could
+/// not be restored, and the agent's resolver would wait for it in vain).
+fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, proxy_port: u16) -> bool {
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     let map = core::ptr::from_ref(&DNS_ORIG).cast_mut().cast();
     let p = unsafe {
@@ -484,16 +485,20 @@ fn remember(ctx: &SockAddrContext, addr: [u8; 16], port: u16, proxy_port: u16) {
         )
     }
     .cast::<OrigDst>();
-    if !p.is_null() {
-        unsafe {
-            *p = OrigDst {
-                addr,
-                port,
-                proxy_port,
-                _pad: [0; 4],
-            }
-        };
+    if p.is_null() {
+        report::bump_stat(stat::DNS_NO_STATE);
+        return false;
     }
+    unsafe {
+        *p = OrigDst {
+            addr,
+            port,
+            proxy_port,
+            _pad: [0; 4],
+        }
+    };
+    report::bump_stat(stat::DNS_STEERED);
+    true
 }
 
 #[inline(always)]
@@ -516,7 +521,9 @@ fn check4(ctx: &SockAddrContext, action_kind: u8) -> i32 {
     ) {
         Outcome::Verdict(v, judge, st) => finish(ctx, action_kind, v, judge, &st),
         Outcome::SteerDns(proxy_port) => {
-            remember(ctx, mapped, port, proxy_port);
+            if !remember(ctx, mapped, port, proxy_port) {
+                return DENY;
+            }
             unsafe {
                 (*sa).user_ip4 = u32::from_ne_bytes(LOOPBACK4);
                 (*sa).user_port = u32::from(proxy_port.to_be());
@@ -589,7 +596,9 @@ fn check6(ctx: &SockAddrContext, action_kind: u8) -> i32 {
     match decide(action_kind, AF_INET6, sock_type, protocol, port, addr, dst) {
         Outcome::Verdict(v, judge, st) => finish(ctx, action_kind, v, judge, &st),
         Outcome::SteerDns(proxy_port) => {
-            remember(ctx, addr, port, proxy_port);
+            if !remember(ctx, addr, port, proxy_port) {
+                return DENY;
+            }
             // A dual-stack socket that asked a v4 resolver keeps talking v4.
             let to = if mapped {
                 v4_mapped(LOOPBACK4)
@@ -635,6 +644,11 @@ fn restore4(ctx: &SockAddrContext) {
         return;
     };
     let a = orig.addr;
+    // Only a v4 resolver's address fits (a v6 socket turned v4 by
+    // IPV6_ADDRFORM may hold a v6 one).
+    if !packet::is_v4_mapped(&a) {
+        return;
+    }
     unsafe {
         (*sa).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
         (*sa).user_port = u32::from(orig.port.to_be());

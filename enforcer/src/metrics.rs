@@ -11,6 +11,8 @@
 //! | `enforcer_pod_info` | gauge (=1) | identity, spiffe_id, namespace, pod, uid | bound pods, [`Metrics::set_pods`] |
 //! | `enforcer_events_lost_total` | counter | | kernel stat, [`Metrics::set_events_lost_total`] |
 //! | `enforcer_no_identity_decisions_total` | counter | | kernel stat, [`Metrics::set_no_identity_decisions_total`] |
+//! | `enforcer_dns_steered_total` | counter | | kernel stat, [`Metrics::set_dns_steered_total`] |
+//! | `enforcer_dns_steer_failed_total` | counter | | kernel stat, [`Metrics::set_dns_steered_total`] |
 //! | `enforcer_dns_queries_total` | counter | identity, verdict | [`Metrics::record_dns_query`] |
 //! | `enforcer_dns_refused_total` | counter | identity, reason | [`Metrics::record_dns_refused`] |
 //! | `enforcer_dns_query_duration_seconds` | histogram | identity | [`Metrics::observe_dns_latency`] |
@@ -79,6 +81,8 @@ struct Seen {
     decisions: HashMap<String, HashMap<(String, String, String), u64>>,
     events_lost: u64,
     no_identity: u64,
+    dns_steered: u64,
+    dns_steer_failed: u64,
     /// identity -> [spiffe_id, mode, policy_hash] currently exported.
     policy_info: HashMap<String, [String; 3]>,
 }
@@ -100,6 +104,8 @@ pub struct Metrics {
     pod_series: Mutex<PodSeries>,
     events_lost: IntCounter,
     no_identity_decisions: IntCounter,
+    dns_steered: IntCounter,
+    dns_steer_failed: IntCounter,
     dns_queries: IntCounterVec,
     attached_cgroups: IntGauge,
     policy_entries: IntGaugeVec,
@@ -219,6 +225,15 @@ impl Metrics {
             no_identity_decisions: counter(
                 "enforcer_no_identity_decisions_total",
                 "Decisions for cgroups with no bound identity (denied, fail closed).",
+            ),
+            dns_steered: counter(
+                "enforcer_dns_steered_total",
+                "Sends and connects to port 53 the kernel steered to a DNS proxy.",
+            ),
+            dns_steer_failed: counter(
+                "enforcer_dns_steer_failed_total",
+                "Sends and connects to port 53 refused because the socket's record of the \
+                 resolver it addressed could not be created (fail closed).",
             ),
             dns_queries: counter_vec(
                 r,
@@ -473,6 +488,14 @@ impl Metrics {
             &mut self.state().no_identity,
             total,
         );
+    }
+
+    /// Absolute-total setters for `enforcer_dns_steered_total` and
+    /// `enforcer_dns_steer_failed_total`.
+    pub fn set_dns_steered_total(&self, steered: u64, failed: u64) {
+        let mut st = self.state();
+        advance(&self.dns_steered, &mut st.dns_steered, steered);
+        advance(&self.dns_steer_failed, &mut st.dns_steer_failed, failed);
     }
 
     pub fn record_dns_query(&self, identity: &str, verdict: Verdict) {

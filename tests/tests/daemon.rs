@@ -724,8 +724,10 @@ fn daemon_restart_keeps_enforcing() {
 
 /// An upgrade whose maps changed shape: a pinned map of another build (here
 /// `FLOW_WAYS` with a value 8 bytes shorter, as before the flow cache's
-/// `hits` word) is replaced, loudly, instead of being reused under
-/// programs that would read past its values; the daemon then enforces.
+/// `hits` word; and `ALLOW_HITS` of another type with the same sizes, as
+/// `DNS_ORIG` changed from an LRU hash to socket storage) is replaced,
+/// loudly, instead of being reused under programs that would read past its
+/// values or that the verifier refuses; the daemon then enforces.
 #[test]
 fn a_pinned_map_of_another_build_is_replaced() {
     if !require_root("a_pinned_map_of_another_build_is_replaced") {
@@ -766,11 +768,42 @@ fn a_pinned_map_of_another_build_is_replaced() {
         "bpftool map create: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Same key, value and entries, another type (array -> percpu_array).
+    let hits = pins.path.join("maps").join("ALLOW_HITS");
+    let show = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&hits)
+        .output()
+        .expect("running bpftool");
+    let info: Value = serde_json::from_slice(&show.stdout).expect("bpftool map show -j");
+    assert_eq!(info["type"], "array", "{info}");
+    std::fs::remove_file(&hits).unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&hits)
+        .args(["type", "percpu_array", "key"])
+        .arg(info["bytes_key"].to_string())
+        .arg("value")
+        .arg(info["bytes_value"].to_string())
+        .arg("entries")
+        .arg(info["max_entries"].to_string())
+        .args(["name", "ALLOW_HITS"])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     d.start();
     let log = d.stderr();
     assert!(
         log.contains("FLOW_WAYS was made by another enforcer build (value size 104 != 112)"),
         "the old pin was not reported and replaced:\n{log}"
+    );
+    assert!(
+        log.contains("ALLOW_HITS was made by another enforcer build (map type 6 != 2)"),
+        "the pin of another type was not reported and replaced:\n{log}"
     );
     let mut p = Probe::spawn(&dir);
     move_pid(&cg.path, p.pid);

@@ -252,6 +252,10 @@ pub fn publish_kernel_counters(kernel: &Kernel, metrics: &Metrics, slots: &[(u32
     }
     metrics.set_events_lost_total(kernel.stat(enforcer_common::stat::EVENTS_LOST));
     metrics.set_no_identity_decisions_total(kernel.stat(enforcer_common::stat::NO_IDENTITY));
+    metrics.set_dns_steered_total(
+        kernel.stat(enforcer_common::stat::DNS_STEERED),
+        kernel.stat(enforcer_common::stat::DNS_NO_STATE),
+    );
 }
 
 /// The two tasks that bring the kernel's decisions to the sinks: the

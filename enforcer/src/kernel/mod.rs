@@ -297,10 +297,18 @@ fn unpin_mismatched(pins: &[(&str, PathBuf)]) {
             }
         };
         let (k, v, n) = (want.key_size(), want.value_size(), want.max_entries());
-        if let Some(why) = pin_mismatch(
-            (k, v, n),
-            (have.key_size(), have.value_size(), have.max_entries()),
-        ) {
+        // aya reuses a pinned map whatever its type: a type changed between
+        // builds with the sizes kept would fail every program load.
+        let have_type = have.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let why = if have_type != want.map_type() {
+            Some(format!("map type {have_type} != {}", want.map_type()))
+        } else {
+            pin_mismatch(
+                (k, v, n),
+                (have.key_size(), have.value_size(), have.max_entries()),
+            )
+        };
+        if let Some(why) = why {
             tracing::warn!(
                 "pinned map {} was made by another enforcer build ({why}): replacing it \
                  (its contents are installed again)",
