@@ -549,17 +549,6 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
-/// CLOCK_MONOTONIC in ns (shared by every PID namespace).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// CPU time samples of the forwarders, taken by the bench while the
 /// worker runs: (CLOCK_MONOTONIC ns, enforcer s, dnsmasq s).
 type CpuSample = (u64, Option<f64>, Option<f64>);
@@ -575,7 +564,7 @@ fn sample_cpu(
         let mut v = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             v.push((
-                monotonic_ns(),
+                util::monotonic_ns(),
                 cpu_secs(enforcer),
                 dnsmasq.and_then(cpu_secs),
             ));
@@ -751,10 +740,10 @@ pub fn worker(a: &DnsWorkerArgs) -> Result<()> {
     for r in 0..a.rounds.max(1) {
         let mut this = serde_json::Map::new();
         for s in order(sides.len(), r) {
-            let start_ns = monotonic_ns();
+            let start_ns = util::monotonic_ns();
             let (q, n, e) = throughput(sides[s].1, a.concurrency, per_round)?;
             windows.push(json!({"side": sides[s].0, "start_ns": start_ns,
-                                "end_ns": monotonic_ns(), "answered": n}));
+                                "end_ns": util::monotonic_ns(), "answered": n}));
             errors[s] += e;
             qps[s].push(q);
             this.insert(sides[s].0.into(), json!(q));

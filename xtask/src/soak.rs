@@ -523,15 +523,6 @@ fn metric(text: &str, series: &str) -> Option<u64> {
     })
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The first 8 bytes of a `bpftool -j map dump` value (hex strings), little endian.
 fn value_u64(entry: &serde_json::Value) -> Option<u64> {
     let bytes: Vec<u8> = entry["value"]
@@ -554,7 +545,7 @@ fn kernel_figures(pin_dir: &Path, cgroups: &[PathBuf]) -> Result<BTreeMap<String
     // the value's first field) passed more than 10 s ago.
     let p = pin_dir.join("maps/LEARNED_V4");
     let dump = bpftool_json(&["map", "dump", "pinned", &p.to_string_lossy()])?;
-    let old = monotonic_ns().saturating_sub(10_000_000_000);
+    let old = util::monotonic_ns().saturating_sub(10_000_000_000);
     let expired = dump
         .as_array()
         .into_iter()

@@ -122,6 +122,18 @@ pub fn is_cargo_run_var(k: &str) -> bool {
         )
 }
 
+/// CLOCK_MONOTONIC in ns (the clock of the kernel's timestamps, and one
+/// every PID namespace shares).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The enforcer binary: `--enforcer-bin`/$ENFORCER_BIN, or built now.
 pub fn enforcer_bin(root: &Path, args: &BinArgs) -> Result<PathBuf> {
     if let Some(p) = &args.enforcer_bin {
