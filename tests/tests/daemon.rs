@@ -722,6 +722,23 @@ fn daemon_restart_keeps_enforcing() {
     d.kill9();
 }
 
+/// Pin a new map at `path` with `bpftool map create`.
+fn bpftool_map_create(path: &Path, kind: &str, key: u64, value: u64, entries: u64, name: &str) {
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(path)
+        .args(["type", kind])
+        .args(["key", &key.to_string(), "value", &value.to_string()])
+        .args(["entries", &entries.to_string(), "name", name])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An upgrade whose maps changed shape: a pinned map of another build (here
 /// `FLOW_WAYS` with a value 8 bytes shorter, as before the flow cache's
 /// `hits` word; and `ALLOW_HITS` of another type with the same sizes, as
@@ -746,28 +763,7 @@ fn a_pinned_map_of_another_build_is_replaced() {
     let ways = pins.path.join("maps").join("FLOW_WAYS");
     assert!(ways.exists(), "no pinned {}", ways.display());
     std::fs::remove_file(&ways).unwrap();
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&ways)
-        .args([
-            "type",
-            "percpu_array",
-            "key",
-            "4",
-            "value",
-            "104",
-            "entries",
-            "64",
-            "name",
-            "FLOW_WAYS",
-        ])
-        .output()
-        .expect("running bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    bpftool_map_create(&ways, "percpu_array", 4, 104, 64, "FLOW_WAYS");
     // Same key, value and entries, another type (array -> percpu_array).
     let hits = pins.path.join("maps").join("ALLOW_HITS");
     let show = std::process::Command::new("bpftool")
@@ -778,22 +774,14 @@ fn a_pinned_map_of_another_build_is_replaced() {
     let info: Value = serde_json::from_slice(&show.stdout).expect("bpftool map show -j");
     assert_eq!(info["type"], "array", "{info}");
     std::fs::remove_file(&hits).unwrap();
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&hits)
-        .args(["type", "percpu_array", "key"])
-        .arg(info["bytes_key"].to_string())
-        .arg("value")
-        .arg(info["bytes_value"].to_string())
-        .arg("entries")
-        .arg(info["max_entries"].to_string())
-        .args(["name", "ALLOW_HITS"])
-        .output()
-        .expect("running bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let size = |k: &str| info[k].as_u64().expect("bpftool map show: sizes");
+    bpftool_map_create(
+        &hits,
+        "percpu_array",
+        size("bytes_key"),
+        size("bytes_value"),
+        size("max_entries"),
+        "ALLOW_HITS",
     );
     d.start();
     let log = d.stderr();

@@ -441,13 +441,7 @@ fn a_burst_of_sockets_does_not_lose_an_in_flight_query() {
         &[host_rule("*.example.com", &[443], "tcp"), vouch_loopback()],
         &[],
     );
-    let counter = |body: &str, name: &str| {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|x| x.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let counter = |body: &str, name: &str| metric(body, name, &[]).unwrap_or(0.0);
     let steered_before = counter(&env.scrape(), "enforcer_dns_steered_total");
     // More fresh sockets than the old table held.
     const BURST: u64 = 100_000;
