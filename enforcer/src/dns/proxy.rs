@@ -3,16 +3,21 @@
 //! Per served identity:
 //! - one UDP socket on 127.0.0.1 and one on [::1] (same port), each read by
 //!   one task in a loop. Malformed and refused queries are answered inline
-//!   (no task, no upstream traffic); an allowed query gets one spawned task
-//!   that waits for the upstream answer, learns, and replies from the socket
-//!   the query came in on;
+//!   (no task, no upstream traffic); an allowed query is sent upstream by
+//!   the same task and parked in the upstream socket's pending map; the task
+//!   reading that socket learns the answer and replies from the socket the
+//!   query came in on (no task per query). A timeout, a truncated answer or
+//!   one that does not fit the question hands the query to a task that goes
+//!   on as a TCP client's query does (next upstream, TCP retry);
 //! - one TCP listener on each of the two addresses; each connection is a
 //!   task (at most [`MAX_TCP_CONNS`] per listener) answering its queries in
 //!   order, forwarding over TCP;
 //! - one upstream UDP socket per address family, shared by all queries of
 //!   the identity, read by one task that hands each answer to the waiting
 //!   query by message id (a pending map; ids are random, an answer must come
-//!   from the upstream address the query went to). No per-query socket.
+//!   from the upstream address the query went to). No per-query socket. A
+//!   sweeper task, awake only while UDP clients' queries are pending, times
+//!   them out ([`UPSTREAM_TIMEOUT`], checked every [`SWEEP_EVERY`]).
 //!   Truncated (TC) upstream answers are retried over TCP, one connection per
 //!   retry.
 //!
@@ -47,7 +52,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, Mutex, RwLock, Weak,
     },
     time::{Duration, Instant},
 };
@@ -58,7 +63,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::oneshot,
+    sync::{oneshot, Notify},
     task::{JoinHandle, JoinSet},
     time::timeout,
 };
@@ -77,6 +82,9 @@ use crate::{
 
 /// How long one upstream gets before the next one is tried.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often pending UDP clients' queries are checked for their timeout
+/// (so an upstream gets up to this much more than [`UPSTREAM_TIMEOUT`]).
+pub const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// A TCP client connection idle (or stalled in a message) this long is closed.
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent TCP client connections per listener; more are closed at once.
@@ -176,6 +184,16 @@ impl std::fmt::Display for NetnsFailure {
 struct Egress {
     up4: Option<Arc<UpSock>>,
     up6: Option<Arc<UpSock>>,
+}
+
+impl Egress {
+    /// The socket queries to `up` leave from.
+    fn sock_for(&self, up: SocketAddr) -> Option<&Arc<UpSock>> {
+        match up.ip() {
+            IpAddr::V4(_) => self.up4.as_ref(),
+            IpAddr::V6(_) => self.up6.as_ref(),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -396,12 +414,23 @@ impl DnsProxy {
 fn spawn_egress(up4: UdpSocket, up6: Option<UdpSocket>) -> (Arc<Egress>, Vec<JoinHandle<()>>) {
     let up4 = Some(Arc::new(UpSock::new(up4)));
     let up6 = up6.map(|s| Arc::new(UpSock::new(s)));
+    let egress = Arc::new(Egress {
+        up4: up4.clone(),
+        up6: up6.clone(),
+    });
+    // The tasks hold the egress weakly: parked queries hold no egress, so
+    // dropping the identity's `Served` frees the sockets and what waits.
     let tasks = up4
         .iter()
         .chain(up6.iter())
-        .map(|u| tokio::spawn(upstream_reader(u.clone())))
+        .flat_map(|u| {
+            [
+                tokio::spawn(upstream_reader(u.clone(), Arc::downgrade(&egress))),
+                tokio::spawn(sweeper(u.clone(), Arc::downgrade(&egress))),
+            ]
+        })
         .collect();
-    (Arc::new(Egress { up4, up6 }), tasks)
+    (egress, tasks)
 }
 
 /// Start the tasks of one listener set: one per UDP socket, one per TCP
@@ -716,7 +745,12 @@ impl Ident {
     /// Ask the upstreams in order until one answers the question, from the
     /// proxy's own namespace (whichever set the query came in on).
     async fn resolve(&self, eg: &Egress, f: &Fwd, tcp: bool) -> Option<Message> {
-        for &up in &f.policy.upstreams {
+        self.resolve_from(eg, f, tcp, 0).await
+    }
+
+    /// [`Self::resolve`] from the upstream at index `from` on.
+    async fn resolve_from(&self, eg: &Egress, f: &Fwd, tcp: bool, from: usize) -> Option<Message> {
+        for &up in f.policy.upstreams.iter().skip(from) {
             let m = if tcp {
                 tcp_exchange(up, &f.upstream).await
             } else {
@@ -834,18 +868,126 @@ async fn udp_loop(
             Step::Reply(b) => {
                 let _ = sock.send_to(&b, src).await;
             }
-            Step::Forward(f) => {
-                let ident = ident.clone();
-                let eg = eg.clone();
-                let sock = sock.clone();
+            Step::Forward(fwd) => ask_udp(
+                &eg,
+                Box::new(UdpQuery {
+                    ident: ident.clone(),
+                    fwd,
+                    reply: sock.clone(),
+                    client: src,
+                    tried: 0,
+                    deadline: start,
+                }),
+            ),
+        }
+    }
+}
+
+/// A UDP client's allowed query on its way: parked in an upstream
+/// socket's pending map while an upstream is asked (the reader of that
+/// socket answers it), or carried by a task on the slow paths.
+struct UdpQuery {
+    ident: Arc<Ident>,
+    fwd: Box<Fwd>,
+    /// The listener the query came in on, and the client: where the reply
+    /// goes from and to.
+    reply: Arc<UdpSocket>,
+    client: SocketAddr,
+    /// Index (in the policy's upstreams) of the upstream asked.
+    tried: usize,
+    /// When the upstream asked has had [`UPSTREAM_TIMEOUT`].
+    deadline: Instant,
+}
+
+#[allow(clippy::boxed_local)] // it lives boxed, parked in a map
+impl UdpQuery {
+    /// Learn and release `resp` (SERVFAIL when `None`), reply without
+    /// waiting (a task waits when the socket's buffer is full).
+    fn answer(self: Box<Self>, resp: Option<Message>) {
+        let UdpQuery {
+            ident,
+            fwd,
+            reply,
+            client,
+            ..
+        } = *self;
+        let limit = fwd.q.udp_limit();
+        let Some(b) = ident.finish(fwd, resp, Some(limit)) else {
+            return;
+        };
+        if let Err(e) = reply.try_send_to(&b, client) {
+            if e.kind() == io::ErrorKind::WouldBlock {
                 tokio::spawn(async move {
-                    let limit = f.q.udp_limit();
-                    let resp = ident.resolve(&eg, &f, false).await;
-                    if let Some(b) = ident.finish(f, resp, Some(limit)) {
-                        let _ = sock.send_to(&b, src).await;
-                    }
+                    let _ = reply.send_to(&b, client).await;
                 });
             }
+        }
+    }
+}
+
+/// How a query handed to a task goes on.
+enum Resume {
+    /// Ask the upstreams from `tried` on (awaiting each).
+    From,
+    /// `tried` sent a truncated answer: ask it over TCP, then the rest.
+    Tcp,
+}
+
+/// Send `q` to the upstream at `q.tried` (or the next one that has a
+/// socket) and park it there; with none left, answer SERVFAIL. A send that
+/// would block or fails goes on in a task.
+fn ask_udp(eg: &Arc<Egress>, mut q: Box<UdpQuery>) {
+    loop {
+        let Some(&up) = q.fwd.policy.upstreams.get(q.tried) else {
+            return q.answer(None);
+        };
+        let Some(us) = eg.sock_for(up) else {
+            tracing::debug!(%up, "upstream did not answer");
+            q.tried += 1;
+            continue;
+        };
+        if let Err(q) = us.send_parked(up, q) {
+            resume(eg.clone(), q, Resume::From);
+        }
+        return;
+    }
+}
+
+/// Go on with `q` in a task (the slow paths: timeouts, TCP retries, a full
+/// socket buffer).
+fn resume(eg: Arc<Egress>, q: Box<UdpQuery>, how: Resume) {
+    tokio::spawn(async move {
+        let f = &q.fwd;
+        let resp = match how {
+            Resume::From => q.ident.resolve_from(&eg, f, false, q.tried).await,
+            Resume::Tcp => {
+                let up = f.policy.upstreams.get(q.tried).copied();
+                match up {
+                    Some(up) => match tcp_exchange(up, &f.upstream).await {
+                        Some(m) if answers_question(&f.q, &m) => Some(m),
+                        _ => {
+                            tracing::debug!(%up, "upstream did not answer over TCP");
+                            q.ident.resolve_from(&eg, f, false, q.tried + 1).await
+                        }
+                    },
+                    None => None,
+                }
+            }
+        };
+        q.answer(resp);
+    });
+}
+
+/// An upstream's answer to a parked query.
+fn on_answer(eg: &Arc<Egress>, mut q: Box<UdpQuery>, bytes: &[u8]) {
+    let up = q.fwd.policy.upstreams.get(q.tried).copied();
+    match Message::from_vec(bytes) {
+        Ok(m) if m.metadata.truncation => resume(eg.clone(), q, Resume::Tcp),
+        Ok(m) if answers_question(&q.fwd.q, &m) => q.answer(Some(m)),
+        _ => {
+            tracing::debug!(?up, "upstream answer does not match the question");
+            q.tried += 1;
+            ask_udp(eg, q);
         }
     }
 }
@@ -927,10 +1069,7 @@ async fn tcp_conn(
 }
 
 async fn udp_exchange(eg: &Egress, up: SocketAddr, query: &[u8]) -> Option<Message> {
-    let us = match up.ip() {
-        IpAddr::V4(_) => eg.up4.as_ref()?,
-        IpAddr::V6(_) => eg.up6.as_ref()?,
-    };
+    let us = eg.sock_for(up)?;
     let (id, rx, _guard) = us.register(up)?;
     let mut buf = query.to_vec();
     buf.get_mut(..2)?.copy_from_slice(&id.to_be_bytes());
@@ -965,13 +1104,57 @@ async fn tcp_exchange(up: SocketAddr, query: &[u8]) -> Option<Message> {
 struct UpSock {
     sock: UdpSocket,
     pending: Mutex<Pending>,
+    /// Wakes the sweeper when a UDP client's query is parked while none was.
+    parked_first: Notify,
+}
+
+/// Who waits for an answer.
+enum Waiter {
+    /// A task (TCP clients, the slow paths).
+    Task(oneshot::Sender<Vec<u8>>),
+    /// A UDP client's query, answered by the socket's reader.
+    Parked(Box<UdpQuery>),
 }
 
 struct Pending {
     /// id -> (upstream it was sent to, generation, waiter)
-    map: HashMap<u16, (SocketAddr, u64, oneshot::Sender<Vec<u8>>)>,
+    map: HashMap<u16, (SocketAddr, u64, Waiter)>,
+    /// How many of `map`'s waiters are `Parked`.
+    parked: usize,
     rng: u64,
     generation: u64,
+}
+
+impl Pending {
+    /// A random id no pending query has, and a new generation.
+    fn free_id(&mut self) -> Option<(u16, u64)> {
+        for _ in 0..16 {
+            // xorshift64
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let id = (self.rng >> 24) as u16;
+            if self.map.contains_key(&id) {
+                continue;
+            }
+            self.generation += 1;
+            return Some((id, self.generation));
+        }
+        None
+    }
+
+    /// Take the waiter of `id` (of generation `generation`, if given).
+    fn take(&mut self, id: u16, generation: Option<u64>) -> Option<(SocketAddr, Waiter)> {
+        let e = self.map.get(&id)?;
+        if generation.is_some_and(|g| g != e.1) {
+            return None;
+        }
+        let (up, _, w) = self.map.remove(&id)?;
+        if matches!(w, Waiter::Parked(_)) {
+            self.parked -= 1;
+        }
+        Some((up, w))
+    }
 }
 
 /// Removes a pending query (only its own generation) when dropped.
@@ -983,10 +1166,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        let mut p = lock(&self.us.pending);
-        if p.map.get(&self.id).is_some_and(|e| e.1 == self.generation) {
-            p.map.remove(&self.id);
-        }
+        lock(&self.us.pending).take(self.id, Some(self.generation));
     }
 }
 
@@ -996,9 +1176,11 @@ impl UpSock {
             sock,
             pending: Mutex::new(Pending {
                 map: HashMap::new(),
+                parked: 0,
                 rng: RandomState::new().hash_one(0u8) | 1,
                 generation: 0,
             }),
+            parked_first: Notify::new(),
         }
     }
 
@@ -1008,34 +1190,55 @@ impl UpSock {
         up: SocketAddr,
     ) -> Option<(u16, oneshot::Receiver<Vec<u8>>, PendingGuard<'_>)> {
         let mut p = lock(&self.pending);
-        for _ in 0..16 {
-            // xorshift64
-            p.rng ^= p.rng << 13;
-            p.rng ^= p.rng >> 7;
-            p.rng ^= p.rng << 17;
-            let id = (p.rng >> 24) as u16;
-            if p.map.contains_key(&id) {
-                continue;
-            }
-            p.generation += 1;
-            let generation = p.generation;
-            let (tx, rx) = oneshot::channel();
-            p.map.insert(id, (up, generation, tx));
-            return Some((
+        let (id, generation) = p.free_id()?;
+        let (tx, rx) = oneshot::channel();
+        p.map.insert(id, (up, generation, Waiter::Task(tx)));
+        Some((
+            id,
+            rx,
+            PendingGuard {
+                us: self,
                 id,
-                rx,
-                PendingGuard {
-                    us: self,
-                    id,
-                    generation,
-                },
-            ));
+                generation,
+            },
+        ))
+    }
+
+    /// Park `q` under a free id and send its query to `up` without
+    /// waiting. `Err(q)` (nothing left parked) when no id is free or the
+    /// send would block or failed.
+    fn send_parked(&self, up: SocketAddr, mut q: Box<UdpQuery>) -> Result<(), Box<UdpQuery>> {
+        q.deadline = Instant::now() + UPSTREAM_TIMEOUT;
+        // Parked before the send: a reader on another worker thread may
+        // read the answer before this thread is back from `sendto`.
+        let (id, generation, out) = {
+            let mut p = lock(&self.pending);
+            let Some((id, generation)) = p.free_id() else {
+                return Err(q);
+            };
+            if let Some(h) = q.fwd.upstream.get_mut(..2) {
+                h.copy_from_slice(&id.to_be_bytes());
+            }
+            let out = q.fwd.upstream.clone();
+            p.map.insert(id, (up, generation, Waiter::Parked(q)));
+            p.parked += 1;
+            if p.parked == 1 {
+                self.parked_first.notify_one();
+            }
+            (id, generation, out)
+        };
+        if self.sock.try_send_to(&out, up).is_ok() {
+            return Ok(());
         }
-        None
+        match lock(&self.pending).take(id, Some(generation)) {
+            Some((_, Waiter::Parked(q))) => Err(q),
+            // Answered (or timed out) meanwhile, by whoever took it.
+            _ => Ok(()),
+        }
     }
 }
 
-async fn upstream_reader(us: Arc<UpSock>) {
+async fn upstream_reader(us: Arc<UpSock>, eg: Weak<Egress>) {
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, src) = match us.sock.recv_from(&mut buf).await {
@@ -1052,13 +1255,60 @@ async fn upstream_reader(us: Arc<UpSock>) {
         let waiter = {
             let mut p = lock(&us.pending);
             if p.map.get(&id).is_some_and(|e| e.0 == src) {
-                p.map.remove(&id)
+                p.take(id, None)
             } else {
                 None
             }
         };
-        if let Some((_, _, tx)) = waiter {
-            let _ = tx.send(buf[..n].to_vec());
+        match waiter {
+            Some((_, Waiter::Task(tx))) => {
+                let _ = tx.send(buf[..n].to_vec());
+            }
+            Some((_, Waiter::Parked(q))) => {
+                if let Some(eg) = eg.upgrade() {
+                    on_answer(&eg, q, &buf[..n]);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// Times parked queries out: awake only while some are parked, it hands
+/// each one past its deadline to the next upstream.
+async fn sweeper(us: Arc<UpSock>, eg: Weak<Egress>) {
+    loop {
+        us.parked_first.notified().await;
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let now = Instant::now();
+            let (late, left) = {
+                let mut p = lock(&us.pending);
+                let ids: Vec<u16> = p
+                    .map
+                    .iter()
+                    .filter(|(_, e)| matches!(&e.2, Waiter::Parked(q) if q.deadline <= now))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let late: Vec<Box<UdpQuery>> = ids
+                    .into_iter()
+                    .filter_map(|id| match p.take(id, None) {
+                        Some((_, Waiter::Parked(q))) => Some(q),
+                        _ => None,
+                    })
+                    .collect();
+                (late, p.parked)
+            };
+            let Some(eg) = eg.upgrade() else { return };
+            for mut q in late {
+                let up = q.fwd.policy.upstreams.get(q.tried).copied();
+                tracing::debug!(?up, "upstream did not answer");
+                q.tried += 1;
+                ask_udp(&eg, q);
+            }
+            if left == 0 {
+                break;
+            }
         }
     }
 }
