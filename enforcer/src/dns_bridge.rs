@@ -241,6 +241,8 @@ impl DnsService {
     pub fn gc(&self, metrics: &Metrics, slots: &[(u32, String)]) {
         let mut t = self.learned.lock().unwrap_or_else(|e| e.into_inner());
         t.gc();
+        let (written, skipped) = t.write_counts();
+        metrics.set_dns_learn_writes_total(written, skipped);
         for (slot, name) in slots {
             metrics.set_dns_learned(name, t.count(*slot) as u64);
         }

@@ -17,6 +17,7 @@
 //! | `enforcer_dns_refused_total` | counter | identity, reason | [`Metrics::record_dns_refused`] |
 //! | `enforcer_dns_query_duration_seconds` | histogram | identity | [`Metrics::observe_dns_latency`] |
 //! | `enforcer_dns_learned_addresses` | gauge | identity | [`Metrics::set_dns_learned`] |
+//! | `enforcer_dns_learn_writes_total` | counter | result (`written`, `skipped`: the kernel entry already stood for the answer) | learned-address map writes, [`Metrics::set_dns_learn_writes_total`] |
 //! | `enforcer_dns_rebinding_blocked_total` | counter | identity | [`Metrics::add_dns_rebinding_blocked`] |
 //! | `enforcer_dns_malformed_total` | counter | identity | [`Metrics::inc_dns_malformed`] |
 //! | `enforcer_dns_netns_listeners` | gauge | identity | network namespaces besides the daemon's (pods) where the identity's DNS proxy listens, [`Metrics::set_dns_netns_listeners`] |
@@ -83,6 +84,8 @@ struct Seen {
     no_identity: u64,
     dns_steered: u64,
     dns_steer_failed: u64,
+    dns_learn_written: u64,
+    dns_learn_skipped: u64,
     /// identity -> [spiffe_id, mode, policy_hash] currently exported.
     policy_info: HashMap<String, [String; 3]>,
 }
@@ -106,6 +109,7 @@ pub struct Metrics {
     no_identity_decisions: IntCounter,
     dns_steered: IntCounter,
     dns_steer_failed: IntCounter,
+    dns_learn_writes: IntCounterVec,
     dns_queries: IntCounterVec,
     attached_cgroups: IntGauge,
     policy_entries: IntGaugeVec,
@@ -234,6 +238,13 @@ impl Metrics {
                 "enforcer_dns_steer_failed_total",
                 "Sends and connects to port 53 refused because the socket's record of the \
                  resolver it addressed could not be created (fail closed).",
+            ),
+            dns_learn_writes: counter_vec(
+                r,
+                "enforcer_dns_learn_writes_total",
+                "Writes of learned addresses to the kernel map (written), and writes \
+                 skipped because the kernel entry already stood for the answer (skipped).",
+                &["result"],
             ),
             dns_queries: counter_vec(
                 r,
@@ -496,6 +507,21 @@ impl Metrics {
         let mut st = self.state();
         advance(&self.dns_steered, &mut st.dns_steered, steered);
         advance(&self.dns_steer_failed, &mut st.dns_steer_failed, failed);
+    }
+
+    /// Absolute-total setter for `enforcer_dns_learn_writes_total`.
+    pub fn set_dns_learn_writes_total(&self, written: u64, skipped: u64) {
+        let mut st = self.state();
+        advance(
+            &self.dns_learn_writes.with_label_values(&["written"]),
+            &mut st.dns_learn_written,
+            written,
+        );
+        advance(
+            &self.dns_learn_writes.with_label_values(&["skipped"]),
+            &mut st.dns_learn_skipped,
+            skipped,
+        );
     }
 
     pub fn record_dns_query(&self, identity: &str, verdict: Verdict) {

@@ -1220,6 +1220,14 @@ fn dns_metrics_and_audit() {
             )
             .unwrap_or(0.0)
                 >= 1.0
+            // (published with the gauge)
+            && metric(
+                &body,
+                "enforcer_dns_learn_writes_total",
+                &[("result", "skipped")],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
     });
     checks.check("queries_total deny", || {
         assert!(
@@ -1262,6 +1270,20 @@ fn dns_metrics_and_audit() {
                 >= 6.0,
             "enforcer_dns_query_duration_seconds_count{{identity={name}}} < 6:\n{body}"
         )
+    });
+    checks.check("learn writes", || {
+        // The second answer, right after the first, needed no map write
+        // (and the connect after it was allowed).
+        let w = |result| {
+            metric(
+                &body,
+                "enforcer_dns_learn_writes_total",
+                &[("result", result)],
+            )
+            .unwrap_or(0.0)
+        };
+        assert!(w("written") >= 1.0, "written:\n{body}");
+        assert!(w("skipped") >= 1.0, "skipped:\n{body}");
     });
     checks.check("learned addresses gauge", || {
         assert!(

@@ -8,6 +8,14 @@
 //! itself on every lookup, so `gc` only reclaims space and keeps the gauges
 //! and the attribution (`host_of`) true.
 //!
+//! Writes are skipped when they would change nothing that matters: the
+//! kernel entry is written with [`EXPIRY_SLACK`] added to its expiry, and a
+//! name answered again with the same rules while the kernel's expiry still
+//! covers the new one (within that slack) costs no `bpf()` call. An address
+//! therefore stays allowed up to [`EXPIRY_SLACK`] past the TTL its answer
+//! gave (the TTL the agent saw is at least `dns.minTTL`, 5 s by default).
+//! Only this table writes the maps; it remembers what it wrote.
+//!
 //! Addresses learned for an identity's onTaint host rules are kept under
 //! `slot | TAINT_SLOT_BIT`; `forget_slot`, `host_of` and `count` take the
 //! plain slot and cover both keys.
@@ -40,15 +48,42 @@ fn of_identity(key_slot: u32, slot: u32) -> bool {
     key_slot & !TAINT_SLOT_BIT == slot & !TAINT_SLOT_BIT
 }
 
+/// How far past the latest TTL of its names a kernel entry is written to
+/// expire (module docs).
+pub const EXPIRY_SLACK: Duration = Duration::from_secs(1);
+
+/// Does the kernel entry as `written` stand for `merged` already: the same
+/// rules, and an expiry from `merged`'s to [`EXPIRY_SLACK`] past it (a
+/// later one, e.g. of a name that has since expired, must be lowered).
+fn covers(written: Option<Learned>, merged: &Learned) -> bool {
+    let slack = EXPIRY_SLACK.as_nanos() as u64;
+    written.is_some_and(|w| {
+        w.set == merged.set
+            && w.expires_ns >= merged.expires_ns
+            && w.expires_ns - merged.expires_ns <= slack
+    })
+}
+
 struct ByName {
     set: RuleSet,
     expires_ns: u64,
 }
 
+/// One (slot, address): the names that resolved to it, and the kernel
+/// entry as last written (`None`: not written, or deleted).
+#[derive(Default)]
+struct Entry {
+    names: StdHashMap<String, ByName>,
+    written: Option<Learned>,
+}
+
 pub struct LearnedTable {
     v4: HashMap<MapData, LearnedKey4, Learned>,
     v6: HashMap<MapData, LearnedKey6, Learned>,
-    entries: StdHashMap<(u32, IpAddr), StdHashMap<String, ByName>>,
+    entries: StdHashMap<(u32, IpAddr), Entry>,
+    /// `bpf()` writes made and skipped (they would have changed nothing).
+    writes: u64,
+    skipped: u64,
 }
 
 impl LearnedTable {
@@ -63,6 +98,8 @@ impl LearnedTable {
             v4,
             v6,
             entries: StdHashMap::new(),
+            writes: 0,
+            skipped: 0,
         };
         let found: Vec<(u32, IpAddr, Learned)> = me
             .v4
@@ -82,13 +119,15 @@ impl LearnedTable {
                 let _ = me.delete(slot, ip);
                 continue;
             }
-            me.entries.entry((slot, ip)).or_default().insert(
+            let e = me.entries.entry((slot, ip)).or_default();
+            e.names.insert(
                 "(learned before a restart)".to_string(),
                 ByName {
                     set: v.set,
                     expires_ns: v.expires_ns,
                 },
             );
+            e.written = Some(v);
         }
         me
     }
@@ -103,24 +142,35 @@ impl LearnedTable {
     ) -> Result<()> {
         let ip = canonical(ip);
         let expires_ns = monotonic_ns().saturating_add(ttl.as_nanos() as u64);
-        self.entries.entry((slot, ip)).or_default().insert(
-            host.to_string(),
-            ByName {
-                set: *set,
-                expires_ns,
-            },
-        );
+        let by_name = ByName {
+            set: *set,
+            expires_ns,
+        };
+        let names = &mut self.entries.entry((slot, ip)).or_default().names;
+        match names.get_mut(host) {
+            Some(n) => *n = by_name,
+            None => {
+                names.insert(host.to_string(), by_name);
+            }
+        }
         self.write(slot, ip)
     }
 
+    /// (`bpf()` writes made, writes skipped as unneeded) so far.
+    pub fn write_counts(&self) -> (u64, u64) {
+        (self.writes, self.skipped)
+    }
+
     /// Merge the names of (slot, ip) into one kernel entry (or delete it).
+    /// Skipped when the entry as last written has the same rules and an
+    /// expiry from the merged one to [`EXPIRY_SLACK`] past it.
     fn write(&mut self, slot: u32, ip: IpAddr) -> Result<()> {
-        let Some(names) = self.entries.get(&(slot, ip)) else {
+        let Some(entry) = self.entries.get(&(slot, ip)) else {
             return self.delete(slot, ip);
         };
         let mut merged = Learned::default();
         let mut rules: Vec<PortRule> = Vec::new();
-        for n in names.values() {
+        for n in entry.names.values() {
             merged.expires_ns = merged.expires_ns.max(n.expires_ns);
             for r in &n.set.rules[..(n.set.count as usize).min(MAX_PORT_RULES)] {
                 if !rules.contains(r) {
@@ -134,7 +184,14 @@ impl LearnedTable {
         }
         merged.set.count = rules.len() as u32;
         merged.set.rules[..rules.len()].copy_from_slice(&rules);
-        match ip {
+        if covers(entry.written, &merged) {
+            self.skipped += 1;
+            return Ok(());
+        }
+        merged.expires_ns = merged
+            .expires_ns
+            .saturating_add(EXPIRY_SLACK.as_nanos() as u64);
+        let r = match ip {
             IpAddr::V4(a) => self
                 .v4
                 .insert(
@@ -157,7 +214,14 @@ impl LearnedTable {
                     0,
                 )
                 .context("writing LEARNED_V6"),
+        };
+        self.writes += 1;
+        // A failed write may have left the old entry or none: not known.
+        let written = r.is_ok().then_some(merged);
+        if let Some(e) = self.entries.get_mut(&(slot, ip)) {
+            e.written = written;
         }
+        r
     }
 
     fn delete(&mut self, slot: u32, ip: IpAddr) -> Result<()> {
@@ -181,14 +245,14 @@ impl LearnedTable {
     pub fn gc(&mut self) -> usize {
         let now = monotonic_ns();
         let mut changed = Vec::new();
-        for (key, names) in self.entries.iter_mut() {
-            let before = names.len();
-            names.retain(|_, n| n.expires_ns > now);
-            if names.len() != before {
+        for (key, e) in self.entries.iter_mut() {
+            let before = e.names.len();
+            e.names.retain(|_, n| n.expires_ns > now);
+            if e.names.len() != before {
                 changed.push(*key);
             }
         }
-        self.entries.retain(|_, names| !names.is_empty());
+        self.entries.retain(|_, e| !e.names.is_empty());
         for (slot, ip) in &changed {
             if let Err(e) = self.write(*slot, *ip) {
                 tracing::warn!("learned-address gc: {e:#}");
@@ -222,7 +286,7 @@ impl LearnedTable {
         [base, base | TAINT_SLOT_BIT]
             .iter()
             .filter_map(|s| self.entries.get(&(*s, ip)))
-            .flatten()
+            .flat_map(|e| &e.names)
             .filter(|(_, n)| n.expires_ns > now)
             .max_by_key(|(_, n)| n.expires_ns)
             .map(|(h, _)| h.clone())
@@ -240,6 +304,37 @@ impl LearnedTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_is_skipped_only_when_the_kernel_entry_stands_for_it() {
+        let slack = EXPIRY_SLACK.as_nanos() as u64;
+        let mut set = RuleSet {
+            count: 1,
+            ..Default::default()
+        };
+        set.rules[0].port_lo = 443;
+        set.rules[0].port_hi = 443;
+        let merged = Learned {
+            expires_ns: 10_000_000_000,
+            set,
+        };
+        let at = |expires_ns| Some(Learned { expires_ns, ..merged });
+        // Never written (or deleted, or a failed write): write.
+        assert!(!covers(None, &merged));
+        // Written with the slack a moment ago: the same answer again is
+        // covered, up to the slack.
+        assert!(covers(at(merged.expires_ns + slack), &merged));
+        assert!(covers(at(merged.expires_ns), &merged));
+        // The answer extends the expiry past what the kernel has: write.
+        assert!(!covers(at(merged.expires_ns - 1), &merged));
+        // The kernel holds a later expiry than the names now give (the
+        // latest name expired, gc rewrites): lowered.
+        assert!(!covers(at(merged.expires_ns + slack + 1), &merged));
+        // Other rules: write.
+        let mut other = merged;
+        other.set.rules[0].port_hi = 444;
+        assert!(!covers(at(merged.expires_ns), &other));
+    }
 
     #[test]
     fn taint_keys_belong_to_their_identity() {
