@@ -414,8 +414,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
         }));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let status = rt.block_on(async {

@@ -653,8 +653,8 @@ struct Ident {
 enum Step {
     /// Dropped (malformed, already counted).
     Drop,
-    /// Reply right away (REFUSED).
-    Reply(Vec<u8>),
+    /// Reply right away (REFUSED), then report.
+    Reply(Vec<u8>, Box<Report>),
     /// Ask the upstreams.
     Forward(Box<Fwd>),
 }
@@ -696,8 +696,10 @@ impl Ident {
         let decision = decide(&policy, tainted, &q, &mut lock(&self.budget), start);
         if decision.verdict == Verdict::Deny {
             let reply = error_reply(&q, ResponseCode::Refused);
-            self.report(&policy, &q, decision, origin, start, |ev| ev);
-            return Step::Reply(reply);
+            return Step::Reply(
+                reply,
+                Box::new(Report::new(policy, q, decision, origin, start)),
+            );
         }
         let upstream = upstream_query(&q);
         Step::Forward(Box::new(Fwd {
@@ -710,36 +712,36 @@ impl Ident {
         }))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn report(
-        &self,
-        policy: &DnsPolicy,
-        q: &Query,
-        d: Decision,
-        origin: Origin,
-        start: Instant,
-        fill: impl FnOnce(DnsEvent) -> DnsEvent,
-    ) {
-        let ev = DnsEvent {
+    /// Record a decision (metrics, audit log): called once its reply is on
+    /// its way, so that none of this is on the client's path.
+    fn report(&self, r: Report) {
+        let Report {
+            policy,
+            q,
+            d,
+            origin,
+            start,
+            answers,
+            rebinding_blocked,
+        } = r;
+        let qtype = q.qtype_text();
+        self.sink.record(&DnsEvent {
             slot: self.slot,
             identity: policy.identity.clone(),
             policy_hash: policy.policy_hash.clone(),
             client: origin.client,
             transport: origin.transport,
             netns: origin.netns,
-            qname: q.qname.clone(),
-            qtype: q.qtype_text(),
+            qname: q.qname,
+            qtype,
             verdict: d.verdict,
             reason: d.reason,
             rule: d.rule.map(|i| rule_text(&policy.rules(d.tainted).hosts[i])),
             tainted: d.tainted,
-            answers: Vec::new(),
-            rebinding_blocked: Vec::new(),
-            latency: Duration::ZERO,
-        };
-        let mut ev = fill(ev);
-        ev.latency = start.elapsed();
-        self.sink.record(&ev);
+            answers,
+            rebinding_blocked,
+            latency: start.elapsed(),
+        });
     }
 
     /// Ask the upstreams in order until one answers the question, from the
@@ -768,15 +770,16 @@ impl Ident {
         None
     }
 
-    /// Build the released answer, learning its addresses first. `None`
-    /// when the identity was stopped meanwhile. `udp_limit`: the client's
-    /// UDP size limit (a bigger answer is released truncated, unlearned).
+    /// Build the released answer, learning its addresses first, and the
+    /// report to make once it is sent. `None` when the identity was stopped
+    /// meanwhile. `udp_limit`: the client's UDP size limit (a bigger answer
+    /// is released truncated, unlearned).
     fn finish(
         &self,
         f: Box<Fwd>,
         resp: Option<Message>,
         udp_limit: Option<usize>,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<(Vec<u8>, Report)> {
         if self.stopped.load(Ordering::SeqCst) {
             return None;
         }
@@ -798,8 +801,7 @@ impl Ident {
                 },
                 ..decision
             };
-            self.report(&policy, &q, d, origin, start, |ev| ev);
-            return Some(reply);
+            return Some((reply, Report::new(policy, q, d, origin, start)));
         };
         let view = policy.rules(decision.tainted);
         let rule = decision.rule.map(|i| &view.hosts[i]);
@@ -832,12 +834,36 @@ impl Ident {
                 }
             }
         }
-        self.report(&policy, &q, d, origin, start, |mut ev| {
-            ev.answers = installed;
-            ev.rebinding_blocked = blocked;
-            ev
-        });
-        Some(bytes)
+        let mut report = Report::new(policy, q, d, origin, start);
+        report.answers = installed;
+        report.rebinding_blocked = blocked;
+        Some((bytes, report))
+    }
+}
+
+/// A decision to record once its reply is sent ([`Ident::report`]).
+struct Report {
+    policy: Arc<DnsPolicy>,
+    q: Query,
+    d: Decision,
+    origin: Origin,
+    start: Instant,
+    /// Addresses learned from the answer.
+    answers: Vec<IpAddr>,
+    rebinding_blocked: Vec<IpAddr>,
+}
+
+impl Report {
+    fn new(policy: Arc<DnsPolicy>, q: Query, d: Decision, origin: Origin, start: Instant) -> Self {
+        Self {
+            policy,
+            q,
+            d,
+            origin,
+            start,
+            answers: Vec::new(),
+            rebinding_blocked: Vec::new(),
+        }
     }
 }
 
@@ -865,8 +891,9 @@ async fn udp_loop(
         };
         match ident.begin(&buf[..n], origin, start) {
             Step::Drop => {}
-            Step::Reply(b) => {
+            Step::Reply(b, report) => {
                 let _ = sock.send_to(&b, src).await;
+                ident.report(*report);
             }
             Step::Forward(fwd) => ask_udp(
                 &eg,
@@ -912,15 +939,17 @@ impl UdpQuery {
             ..
         } = *self;
         let limit = fwd.q.udp_limit();
-        let Some(b) = ident.finish(fwd, resp, Some(limit)) else {
+        let Some((b, report)) = ident.finish(fwd, resp, Some(limit)) else {
             return;
         };
-        if let Err(e) = reply.try_send_to(&b, client) {
-            if e.kind() == io::ErrorKind::WouldBlock {
+        match reply.try_send_to(&b, client) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 tokio::spawn(async move {
                     let _ = reply.send_to(&b, client).await;
+                    ident.report(report);
                 });
             }
+            _ => ident.report(report),
         }
     }
 }
@@ -1045,24 +1074,27 @@ async fn tcp_conn(
             transport: "tcp",
             netns,
         };
-        let reply = match ident.begin(&buf, origin, start) {
+        let (reply, report) = match ident.begin(&buf, origin, start) {
             Step::Drop => continue,
-            Step::Reply(b) => b,
+            Step::Reply(b, report) => (b, *report),
             Step::Forward(f) => {
                 let resp = ident.resolve(&eg, &f, true).await;
                 match ident.finish(f, resp, None) {
-                    Some(b) => b,
+                    Some(r) => r,
                     None => return,
                 }
             }
         };
         let Ok(len) = u16::try_from(reply.len()) else {
+            ident.report(report);
             return;
         };
         let mut out = Vec::with_capacity(reply.len() + 2);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&reply);
-        if s.write_all(&out).await.is_err() {
+        let sent = s.write_all(&out).await;
+        ident.report(report);
+        if sent.is_err() {
             return;
         }
     }
