@@ -264,6 +264,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
             Ok(()) => {}
         }
     }
+    // Every BPF LSM program enforcer run loads is loaded.
+    kernel.release_btf();
     let files = kernel.resolve_files(&compiled.files);
     for (id, path, why) in &files.unresolved {
         eprintln!(

@@ -1525,6 +1525,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             tracing::warn!("BPF LSM unix hooks: {e:#}");
         }
     }
+    // Every BPF LSM program the daemon loads is loaded: the parsed kernel
+    // BTF (~9 MB) goes (released to the kernel below, once start-up is over).
+    kernel.release_btf();
     let unix = kernel.unix_support();
     let resolvers = if cfg.resolver_sockets.is_empty() {
         policy::local::default_resolver_sockets()
@@ -1734,9 +1737,9 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         }
     }
     dns_netns::sync(&state, &dns, &metrics).await;
-    // Start-up parsed the kernel's BTF (struct offsets, the BPF LSM probe)
-    // and the eBPF object: ~20 MB of small allocations, freed now but kept
-    // by the allocator. Hand them back to the kernel (a long-lived node
+    // Start-up parsed the kernel's BTF twice (struct offsets; aya's, for the
+    // BPF LSM loads) and the eBPF object: ~20 MB of small allocations, freed
+    // now but kept by the allocator. Hand them back to the kernel (a long-lived node
     // daemon's RSS is what operators watch).
     crate::kernel::release_free_memory();
 

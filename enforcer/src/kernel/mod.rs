@@ -49,6 +49,11 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Return the heap memory freed so far to the kernel (glibc's `malloc_trim`):
 /// loading parses the kernel's BTF and the eBPF object into many small
 /// allocations that the allocator keeps after they are freed.
+/// The kernel's BTF as aya reads it (for loading BPF LSM programs).
+fn parse_aya_btf() -> std::result::Result<aya::Btf, String> {
+    timed("parsing the kernel's BTF (aya)", aya::Btf::from_sys_fs).map_err(|e| format!("{e:#}"))
+}
+
 pub fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns unused heap pages; no pointer is touched.
@@ -107,10 +112,11 @@ pub struct Kernel {
     /// The kernel's BTF as aya reads it, parsed once for every BPF LSM
     /// program's load (the LSM probe, the file, socket and unix sets: a
     /// parse takes over a second under the VM runner's emulation; aya's
-    /// `EbpfLoader::new` parses its own copy as well). Kept while enforcer
-    /// runs (LSM sets attach when a policy first needs them). An error says
-    /// why there is none.
-    aya_btf: std::result::Result<aya::Btf, String>,
+    /// `EbpfLoader::new` parses its own copy as well). ~9 MB: dropped by
+    /// [`Self::release_btf`] once start-up attached what it attaches, parsed
+    /// again if a later load needs it (`None`). An error says why there is
+    /// none.
+    aya_btf: Option<std::result::Result<aya::Btf, String>>,
     /// Another build's cgroup links being replaced (`adopt_pinned`): open
     /// (attached) until `attach` has attached this build's.
     retiring: Vec<FdLink>,
@@ -445,8 +451,7 @@ impl Kernel {
             );
         }
         raise_memlock();
-        let aya_btf = timed("parsing the kernel's BTF (aya)", aya::Btf::from_sys_fs)
-            .map_err(|e| format!("{e:#}"));
+        let aya_btf = parse_aya_btf();
         let mut loader = EbpfLoader::new();
         loader.btf(aya_btf.as_ref().ok());
         let pin_paths: Vec<(&str, PathBuf)> = match pin_maps {
@@ -820,7 +825,7 @@ impl Kernel {
         let allow_sample = config.get(&0, 0).map(|c| c.allow_sample).unwrap_or(0);
         Ok(Self {
             ebpf,
-            aya_btf,
+            aya_btf: Some(aya_btf),
             retiring: Vec::new(),
             identities,
             cache_gen,
@@ -1041,8 +1046,8 @@ impl Kernel {
         progs: &[(&'static str, &'static str)],
         pin_dir: Option<&Path>,
     ) -> Result<(Vec<FdLink>, Vec<PinnedLink>)> {
-        let kbtf = match &self.aya_btf {
-            Ok(b) => b,
+        let kbtf = match self.aya_btf.get_or_insert_with(parse_aya_btf) {
+            Ok(b) => &*b,
             Err(e) => bail!("reading kernel BTF: {e}"),
         };
         for (name, hook) in progs {
@@ -1198,8 +1203,8 @@ impl Kernel {
                 if listed { "is" } else { "is not" }
             ),
         };
-        let btf = match &self.aya_btf {
-            Ok(b) => b,
+        let btf = match self.aya_btf.get_or_insert_with(parse_aya_btf) {
+            Ok(b) => &*b,
             Err(e) => return no(format!("no kernel BTF: {e}")),
         };
         let Some(Program::Lsm(prog)) = self.ebpf.program_mut(prog_names::LSM_PROBE) else {
@@ -1281,6 +1286,12 @@ impl Kernel {
 
     /// Whether the BPF LSM file hooks are attached by this process (or
     /// adopted from pins).
+    /// Drop the parsed kernel BTF (~9 MB): start-up has loaded what it
+    /// loads. A later LSM load parses it again.
+    pub fn release_btf(&mut self) {
+        self.aya_btf = None;
+    }
+
     pub fn lsm_hooks_attached(&self) -> bool {
         !self.lsm_links.is_empty() || !self.lsm_pinned.is_empty()
     }
