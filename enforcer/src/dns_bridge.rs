@@ -2,6 +2,7 @@
 //! tables (`kernel::learned`), the audit log and metrics (`events::sink`),
 //! and connect attribution (which name an address was learned from).
 use std::{
+    fmt::Write as _,
     net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -55,38 +56,17 @@ impl DnsSink for Recorder {
             self.metrics
                 .add_dns_rebinding_blocked(name, ev.rebinding_blocked.len() as u64);
         }
-        let list = |v: &[IpAddr]| {
-            v.iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let mut detail = format!(
-            "qtype={} reason={} transport={} latency_us={}",
-            ev.qtype,
-            ev.reason,
-            ev.transport,
-            ev.latency.as_micros()
-        );
-        if ev.tainted {
-            // Judged by the onTaint rules; learned under the taint key.
-            detail.push_str(" tainted=true");
-        }
-        if !ev.answers.is_empty() {
-            detail.push_str(&format!(" learned=[{}]", list(&ev.answers)));
-        }
-        if !ev.rebinding_blocked.is_empty() {
-            detail.push_str(&format!(
-                " rebinding_blocked=[{}]",
-                list(&ev.rebinding_blocked)
-            ));
-        }
+        // The detail is the audit record's: written out only with an audit
+        // log (`enforcer run` without `--audit-log` counts and summarizes).
+        let mut detail = self.sinks.audit.is_some().then(|| dns_detail(ev));
         // An answered query names the host rule that admitted it; a refused
         // one names why (its matching rule, if any, goes to the detail).
         let rule = match (&ev.rule, ev.verdict) {
             (Some(r), Verdict::Allow) => r.clone(),
             (Some(r), _) => {
-                detail.push_str(&format!(" matched=\"{r}\""));
+                if let Some(d) = detail.as_mut() {
+                    let _ = write!(d, " matched=\"{r}\"");
+                }
                 ev.reason.to_string()
             }
             (None, _) => ev.reason.to_string(),
@@ -117,7 +97,7 @@ impl DnsSink for Recorder {
             verdict: ev.verdict,
             rule,
             policy_hash: ev.policy_hash.clone(),
-            detail: Some(detail),
+            detail,
             first_bytes: None,
             unix: None,
             flow: None,
@@ -132,6 +112,38 @@ impl DnsSink for Recorder {
             .unwrap_or_else(|| "unknown".into());
         self.metrics.inc_dns_malformed(&name);
     }
+}
+
+/// A DNS decision's audit detail: `qtype=A reason=... transport=udp
+/// latency_us=N [tainted=true] [learned=[..]] [rebinding_blocked=[..]]`.
+fn dns_detail(ev: &DnsEvent) -> String {
+    let mut d = String::with_capacity(96);
+    let _ = write!(
+        d,
+        "qtype={} reason={} transport={} latency_us={}",
+        ev.qtype,
+        ev.reason,
+        ev.transport,
+        ev.latency.as_micros()
+    );
+    if ev.tainted {
+        // Judged by the onTaint rules; learned under the taint key.
+        d.push_str(" tainted=true");
+    }
+    for (key, list) in [
+        ("learned", &ev.answers),
+        ("rebinding_blocked", &ev.rebinding_blocked),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let _ = write!(d, " {key}=[");
+        for (i, a) in list.iter().enumerate() {
+            let _ = write!(d, "{}{a}", if i == 0 { "" } else { "," });
+        }
+        d.push(']');
+    }
+    d
 }
 
 /// The DNS side of a controller (`run` or `daemon`): one proxy, one
@@ -293,5 +305,45 @@ impl TaintView for KernelTaint {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_tainted(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_detail_names_what_the_answer_did() {
+        let mut ev = DnsEvent {
+            slot: 1,
+            identity: crate::events::IdentityRef {
+                name: "agent".into(),
+                spiffe_id: None,
+            },
+            policy_hash: String::new(),
+            client: "127.0.0.1:5353".parse().unwrap(),
+            netns: None,
+            transport: "udp",
+            qname: "api.example.com".into(),
+            qtype: "A".into(),
+            verdict: Verdict::Allow,
+            reason: "allowed",
+            rule: None,
+            tainted: false,
+            answers: vec!["93.184.216.34".parse().unwrap(), "::1".parse().unwrap()],
+            rebinding_blocked: Vec::new(),
+            latency: std::time::Duration::from_micros(75),
+        };
+        assert_eq!(
+            dns_detail(&ev),
+            "qtype=A reason=allowed transport=udp latency_us=75 learned=[93.184.216.34,::1]"
+        );
+        ev.answers.clear();
+        ev.tainted = true;
+        ev.rebinding_blocked = vec!["10.0.0.1".parse().unwrap()];
+        assert_eq!(
+            dns_detail(&ev),
+            "qtype=A reason=allowed transport=udp latency_us=75 tainted=true rebinding_blocked=[10.0.0.1]"
+        );
     }
 }
