@@ -8,6 +8,7 @@
 //! | `enforcer_decisions_total` | counter | identity, action, verdict, reason | kernel per-CPU counters (`COUNTERS`, plus `ALLOW_HITS`: allows the flow cache answered, added when their way is drained), [`Metrics::set_decisions_total`]; `reason` is set for refused first bytes (action `inspect`: `name-mismatch`, `no-sni`, `ech`, ...), else empty |
 //! | `enforcer_events_total` | counter | identity, action, verdict | decisions reported to userspace: ring-buffer events, plus each allowed flow record's count, [`Metrics::record_events`] |
 //! | `enforcer_pod_events_total` | counter | identity, spiffe_id, namespace, pod, container, action, verdict | events of bound pods (Kubernetes mode), [`Metrics::record_pod_event`] |
+//! | `enforcer_denied_destinations_total` | counter | identity, action, verdict (deny, audit), destination | refused (or, in audit mode, would-be refused) decisions by destination as the audit log names it (`ip:port`, `name (udp)`, a path, `unix <name>`); at most [`DENIED_DESTINATIONS_PER_IDENTITY`] destinations per identity, the rest under `destination="other"`, [`Metrics::record_denied_destination`] |
 //! | `enforcer_pod_info` | gauge (=1) | identity, spiffe_id, namespace, pod, uid | bound pods, [`Metrics::set_pods`] |
 //! | `enforcer_events_lost_total` | counter | | kernel stat, [`Metrics::set_events_lost_total`] |
 //! | `enforcer_no_identity_decisions_total` | counter | | kernel stat, [`Metrics::set_no_identity_decisions_total`] |
@@ -88,7 +89,16 @@ struct Seen {
     dns_learn_skipped: u64,
     /// identity -> [spiffe_id, mode, policy_hash] currently exported.
     policy_info: HashMap<String, [String; 3]>,
+    /// identity -> destinations with their own `denied_destinations` series
+    /// (and the label sets exported, to remove them with the identity).
+    denied: HashMap<String, (HashSet<String>, HashSet<[String; 3]>)>,
 }
+
+/// Distinct destinations one identity gets in
+/// `enforcer_denied_destinations_total`; further ones are counted under
+/// `destination="other"` (an agent probing many addresses must not grow the
+/// daemon's metrics without bound).
+pub const DENIED_DESTINATIONS_PER_IDENTITY: usize = 50;
 
 /// (identity, spiffe_id, namespace, pod, uid) of a bound pod.
 pub type PodLabels = (String, String, String, String, String);
@@ -99,6 +109,9 @@ type PodSeries = HashMap<(String, String), Vec<Vec<String>>>;
 /// The enforcer's metrics registry. Cheap to share: wrap in an `Arc`.
 pub struct Metrics {
     registry: Registry,
+    /// Every metric registered (vectors without series too): name, labels.
+    names: Vec<(String, Vec<String>)>,
+    denied_destinations: IntCounterVec,
     decisions: IntCounterVec,
     events: IntCounterVec,
     pod_events: IntCounterVec,
@@ -161,21 +174,35 @@ fn gauge_value(v: u64) -> i64 {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        /// The registry, and the names registered in it.
+        struct Reg {
+            registry: Registry,
+            names: std::cell::RefCell<Vec<(String, Vec<String>)>>,
+        }
+        let registry = Reg {
+            registry: Registry::new(),
+            names: Default::default(),
+        };
         // Names and labels are constants: registration cannot fail except by
         // a programming error (duplicate name), caught by the tests.
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone()))
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Reg, c: C) -> C {
+            r.names.borrow_mut().extend(
+                c.desc()
+                    .iter()
+                    .map(|d| (d.fq_name.clone(), d.variable_labels.clone())),
+            );
+            r.registry
+                .register(Box::new(c.clone()))
                 .expect("static metric definition");
             c
         }
-        fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        fn counter_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
             reg(
                 r,
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
             )
         }
-        fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        fn gauge_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
             reg(
                 r,
                 IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"),
@@ -189,6 +216,14 @@ impl Metrics {
         };
         let r = &registry;
         let m = Self {
+            denied_destinations: counter_vec(
+                r,
+                "enforcer_denied_destinations_total",
+                "Refused decisions (verdict deny; audit: would-be refusals in audit mode) by \
+                 destination as the audit log names it; at most 50 destinations per identity, \
+                 the rest under destination=\"other\".",
+                &["identity", "action", "verdict", "destination"],
+            ),
             decisions: counter_vec(
                 r,
                 "enforcer_decisions_total",
@@ -369,7 +404,8 @@ impl Metrics {
                  refused by cgroup hooks on a kernel without BPF LSM.",
                 &["identity"],
             ),
-            registry,
+            names: registry.names.take(),
+            registry: registry.registry,
             state: Mutex::new(Seen::default()),
             collector: Mutex::new(None),
         };
@@ -385,6 +421,49 @@ impl Metrics {
     /// The registry, for collectors registered elsewhere.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Every metric this registry exports, with its labels (a vector
+    /// without series yet included; a histogram's `_bucket`, `_sum` and
+    /// `_count` are under its name).
+    pub fn names(&self) -> &[(String, Vec<String>)] {
+        &self.names
+    }
+
+    /// A refused (`Deny`) or would-be refused (`Audit`) decision of
+    /// `identity` to `destination` (other verdicts are not counted).
+    pub fn record_denied_destination(
+        &self,
+        identity: &str,
+        action: Action,
+        verdict: Verdict,
+        destination: &str,
+    ) {
+        if !matches!(verdict, Verdict::Deny | Verdict::Audit) {
+            return;
+        }
+        let labels = {
+            let mut st = self.state();
+            let (kept, series) = st.denied.entry(identity.to_string()).or_default();
+            let dest = if kept.contains(destination) {
+                destination
+            } else if kept.len() < DENIED_DESTINATIONS_PER_IDENTITY {
+                kept.insert(destination.to_string());
+                destination
+            } else {
+                "other"
+            };
+            let labels = [
+                action.as_str().to_string(),
+                verdict.as_str().to_string(),
+                dest.to_string(),
+            ];
+            series.insert(labels.clone());
+            labels
+        };
+        self.denied_destinations
+            .with_label_values(&[identity, &labels[0], &labels[1], &labels[2]])
+            .inc();
     }
 
     fn state(&self) -> MutexGuard<'_, Seen> {
@@ -661,6 +740,13 @@ impl Metrics {
             let _ = self
                 .policy_info
                 .remove_label_values(&[identity, &old[0], &old[1], &old[2]]);
+        }
+        if let Some((_, series)) = st.denied.remove(identity) {
+            for l in series {
+                let _ = self
+                    .denied_destinations
+                    .remove_label_values(&[identity, &l[0], &l[1], &l[2]]);
+            }
         }
         drop(st);
         for verdict in Verdict::ALL {
@@ -985,5 +1071,173 @@ mod tests {
             .await
             .unwrap_err();
         assert!(format!("{err:#}").contains("binding the metrics endpoint"));
+    }
+
+    /// The PromQL expressions of a Grafana dashboard: every panel target's
+    /// `expr` and every template variable's query.
+    fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            // A datasource variable's query names a plugin, not PromQL.
+            serde_json::Value::Object(m) if m.get("type").is_some_and(|t| t == "datasource") => {}
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(q)) => {
+                            out.push(q.clone())
+                        }
+                        _ => dashboard_queries(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| dashboard_queries(v, out)),
+            _ => {}
+        }
+    }
+
+    /// `enforcer_*` names in `expr`, and the label names it matches on or
+    /// groups by (`{name=..}`, `{name=~..}`, `by (a, b)`).
+    fn promql_names(expr: &str) -> (Vec<String>, Vec<String>) {
+        let b = expr.as_bytes();
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        let (mut metrics, mut labels) = (Vec::new(), Vec::new());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'"' {
+                // A string: skip it (label values, legend text).
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += 1 + usize::from(b[i] == b'\\');
+                }
+                i += 1;
+                continue;
+            }
+            if !ident(b[i]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < b.len() && ident(b[i]) {
+                i += 1;
+            }
+            let word = &expr[start..i];
+            let next = expr[i..].trim_start();
+            if word.starts_with("enforcer_") {
+                metrics.push(word.to_string());
+            } else if next.starts_with("=~")
+                || next.starts_with("!~")
+                || next.starts_with("!=")
+                || (next.starts_with('=') && !next.starts_with("=="))
+            {
+                labels.push(word.to_string());
+            } else if word == "by" && next.starts_with('(') {
+                let close = next.find(')').expect("by (...) closes");
+                labels.extend(
+                    next[1..close]
+                        .split(',')
+                        .map(|l| l.trim().to_string())
+                        .filter(|l| !l.is_empty()),
+                );
+            }
+        }
+        (metrics, labels)
+    }
+
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_metrics_and_labels() {
+        let m = Metrics::new();
+        let exported: HashMap<&str, &Vec<String>> =
+            m.names().iter().map(|(n, l)| (n.as_str(), l)).collect();
+        // The registry lists vectors without series too.
+        assert!(exported.contains_key("enforcer_denied_destinations_total"));
+        assert!(exported.contains_key("enforcer_dns_query_duration_seconds"));
+        let text = include_str!("../../deploy/monitoring/grafana-dashboard.json");
+        let dash: serde_json::Value = serde_json::from_str(text).expect("dashboard is JSON");
+        let mut queries = Vec::new();
+        dashboard_queries(&dash, &mut queries);
+        assert!(queries.len() >= 20, "{queries:?}");
+        let mut seen = HashSet::new();
+        for q in &queries {
+            let (metrics, labels) = promql_names(q);
+            assert!(!metrics.is_empty(), "a query of no enforcer metric: {q}");
+            let mut allowed: HashSet<&str> = HashSet::new();
+            for name in &metrics {
+                // A histogram's series carry a suffix (and the `le` label).
+                let (base, le) = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suf| {
+                        let base = name.strip_suffix(suf)?;
+                        exported.contains_key(base).then_some((base, *suf == "_bucket"))
+                    })
+                    .unwrap_or((name.as_str(), false));
+                let Some(l) = exported.get(base) else {
+                    panic!("the dashboard queries {name}, which enforcer does not export: {q}");
+                };
+                allowed.extend(l.iter().map(String::as_str));
+                if le {
+                    allowed.insert("le");
+                }
+                seen.insert(base.to_string());
+            }
+            for l in &labels {
+                assert!(
+                    allowed.contains(l.as_str()),
+                    "label {l} is not a label of {metrics:?}: {q}"
+                );
+            }
+        }
+        // What the dashboard is for (issue 16): decisions per identity and
+        // verdict, top denied destinations, DNS refusals by reason, taint
+        // state, lost events.
+        for must in [
+            "enforcer_decisions_total",
+            "enforcer_denied_destinations_total",
+            "enforcer_dns_refused_total",
+            "enforcer_identity_tainted",
+            "enforcer_events_lost_total",
+        ] {
+            assert!(seen.contains(must), "the dashboard does not show {must}");
+        }
+        // The checks can fail: a misspelt metric and a label it lacks.
+        let (bad, _) = promql_names("rate(enforcer_decision_total[5m])");
+        assert!(!exported.contains_key(bad[0].as_str()));
+        let (_, labels) = promql_names(r#"sum by (pod) (enforcer_decisions_total{verdict="deny"})"#);
+        assert_eq!(labels, ["pod", "verdict"]);
+        assert!(!exported["enforcer_decisions_total"].contains(&"pod".to_string()));
+    }
+
+    #[test]
+    fn denied_destinations_are_bounded_per_identity() {
+        let m = Metrics::new();
+        for i in 0..DENIED_DESTINATIONS_PER_IDENTITY + 10 {
+            m.record_denied_destination(
+                "agent",
+                Action::Connect,
+                Verdict::Deny,
+                &format!("10.0.0.{i}:443"),
+            );
+        }
+        m.record_denied_destination("agent", Action::Connect, Verdict::Deny, "10.0.0.0:443");
+        m.record_denied_destination("agent", Action::Connect, Verdict::Allow, "10.9.9.9:443");
+        let text = m.render();
+        let series = |d: &str| {
+            sample(
+                &text,
+                &format!(
+                    r#"enforcer_denied_destinations_total{{action="connect",destination="{d}",identity="agent",verdict="deny"}}"#
+                ),
+            )
+        };
+        assert_eq!(series("10.0.0.0:443"), Some(2.0));
+        assert_eq!(series("other"), Some(10.0));
+        assert_eq!(series("10.0.0.55:443"), None, "past the bound: under other");
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("enforcer_denied_destinations_total{"))
+                .count(),
+            DENIED_DESTINATIONS_PER_IDENTITY + 1
+        );
+        assert!(!text.contains("10.9.9.9"), "an allow is not a denial");
+        m.forget_identity("agent");
+        assert!(!m.render().contains("enforcer_denied_destinations_total{"));
     }
 }

@@ -129,6 +129,9 @@ impl Sinks {
             self.on_taint(d);
         }
         if d.verdict != Verdict::Allow {
+            let dest = destination(d);
+            self.metrics
+                .record_denied_destination(&d.identity.name, d.action, d.verdict, &dest);
             let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             let q = r.entry(d.identity.name.clone()).or_default();
             if q.len() == RECENT {
@@ -137,7 +140,7 @@ impl Sinks {
             q.push_back(RecentDenial {
                 ts: d.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 action: d.action.as_str().into(),
-                destination: destination(d),
+                destination: dest,
                 rule: d.rule.clone(),
                 verdict: d.verdict.as_str().into(),
                 comm: d.comm.clone(),
