@@ -1259,6 +1259,27 @@ fn dns_metrics_and_audit() {
         assert!(r("name-not-allowed") >= 3.0, "name-not-allowed:\n{body}");
         assert!(r("query-type") >= 1.0, "query-type:\n{body}");
     });
+    checks.check("denied destinations", || {
+        // The dashboard's "top denied destinations": each refused name is a
+        // series of its own.
+        for n in refused {
+            let dest = format!("{n} (udp)");
+            assert_eq!(
+                metric(
+                    &body,
+                    "enforcer_denied_destinations_total",
+                    &[
+                        ("identity", name),
+                        ("action", "dns"),
+                        ("verdict", "deny"),
+                        ("destination", &dest)
+                    ],
+                ),
+                Some(1.0),
+                "{dest}:\n{body}"
+            );
+        }
+    });
     checks.check("latency histogram", || {
         assert!(
             metric(
