@@ -1166,7 +1166,9 @@ mod tests {
                     .iter()
                     .find_map(|suf| {
                         let base = name.strip_suffix(suf)?;
-                        exported.contains_key(base).then_some((base, *suf == "_bucket"))
+                        exported
+                            .contains_key(base)
+                            .then_some((base, *suf == "_bucket"))
                     })
                     .unwrap_or((name.as_str(), false));
                 let Some(l) = exported.get(base) else {
@@ -1200,7 +1202,8 @@ mod tests {
         // The checks can fail: a misspelt metric and a label it lacks.
         let (bad, _) = promql_names("rate(enforcer_decision_total[5m])");
         assert!(!exported.contains_key(bad[0].as_str()));
-        let (_, labels) = promql_names(r#"sum by (pod) (enforcer_decisions_total{verdict="deny"})"#);
+        let (_, labels) =
+            promql_names(r#"sum by (pod) (enforcer_decisions_total{verdict="deny"})"#);
         assert_eq!(labels, ["pod", "verdict"]);
         assert!(!exported["enforcer_decisions_total"].contains(&"pod".to_string()));
     }

@@ -318,7 +318,12 @@ mod tests {
             expires_ns: 10_000_000_000,
             set,
         };
-        let at = |expires_ns| Some(Learned { expires_ns, ..merged });
+        let at = |expires_ns| {
+            Some(Learned {
+                expires_ns,
+                ..merged
+            })
+        };
         // Never written (or deleted, or a failed write): write.
         assert!(!covers(None, &merged));
         // Written with the slack a moment ago: the same answer again is
