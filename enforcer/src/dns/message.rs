@@ -76,9 +76,28 @@ impl Query {
     }
 }
 
+/// The largest client query accepted (one question of at most 255 bytes,
+/// an EDNS OPT record with its options, e.g. a cookie or padding).
+pub const MAX_QUERY_BYTES: usize = 1232;
+
 /// Parse a client message; `None` unless it is one standard query with
 /// exactly one question (responses, other opcodes and garbage are malformed).
+///
+/// The header is checked before anything is parsed: a query has no answer
+/// or authority records, at most one additional record (its EDNS OPT) and
+/// at most [`MAX_QUERY_BYTES`] bytes. A message of many records would
+/// otherwise parse into megabytes (compression pointers make a record a
+/// few bytes on the wire), held while the query waits for its upstream.
 pub fn parse_query(bytes: &[u8]) -> Option<Query> {
+    let count = |at: usize| Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]));
+    if bytes.len() > MAX_QUERY_BYTES
+        || count(4)? != 1
+        || count(6)? != 0
+        || count(8)? != 0
+        || count(10)? > 1
+    {
+        return None;
+    }
     let msg = Message::from_vec(bytes).ok()?;
     if msg.metadata.message_type != MessageType::Query
         || msg.metadata.op_code != OpCode::Query

@@ -15,9 +15,14 @@
 //! - one upstream UDP socket per address family, shared by all queries of
 //!   the identity, read by one task that hands each answer to the waiting
 //!   query by message id (a pending map; ids are random, an answer must come
-//!   from the upstream address the query went to). No per-query socket. A
-//!   sweeper task, awake only while UDP clients' queries are pending, times
-//!   them out ([`UPSTREAM_TIMEOUT`], checked every [`SWEEP_EVERY`]).
+//!   from the upstream address the query went to; at most [`MAX_PENDING`]
+//!   waiting, more get SERVFAIL). No per-query socket. A sweeper task, awake
+//!   only while UDP clients' queries are pending, times them out
+//!   ([`UPSTREAM_TIMEOUT`], checked every [`SWEEP_EVERY`]).
+//!
+//! A decision is recorded (metrics, audit log) right after its UDP reply is
+//! handed to the kernel, or before its TCP reply is written: a client that
+//! does not read cannot hold its record back.
 //!   Truncated (TC) upstream answers are retried over TCP, one connection per
 //!   retry.
 //!
@@ -91,6 +96,15 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_TCP_CONNS: usize = 256;
 /// Attempts at finding a port free on all four sockets.
 const BIND_ATTEMPTS: usize = 64;
+/// Queries of one identity waiting for an upstream's UDP answer, per
+/// address family, at most; more get SERVFAIL at once. Far above what a
+/// resolver keeps in flight; it bounds what an agent flooding allowed names
+/// at a slow upstream holds in the daemon (each waiting query keeps its
+/// message, at most `message::MAX_QUERY_BYTES` on the wire).
+pub const MAX_PENDING: usize = 4096;
+/// Receive buffer of an upstream socket: answers wait there while the
+/// reader learns and records the ones before them.
+const UPSTREAM_RCVBUF: usize = 4 << 20;
 /// Network namespaces (besides the proxy's own) one identity is served in,
 /// at most. Each costs a namespace fd, up to four sockets and their tasks;
 /// an agent holding many namespaces (sleeping processes in namespaces of
@@ -753,6 +767,9 @@ impl Ident {
     /// [`Self::resolve`] from the upstream at index `from` on.
     async fn resolve_from(&self, eg: &Egress, f: &Fwd, tcp: bool, from: usize) -> Option<Message> {
         for &up in f.policy.upstreams.iter().skip(from) {
+            if self.stopped.load(Ordering::SeqCst) {
+                return None;
+            }
             let m = if tcp {
                 tcp_exchange(up, &f.upstream).await
             } else {
@@ -891,10 +908,7 @@ async fn udp_loop(
         };
         match ident.begin(&buf[..n], origin, start) {
             Step::Drop => {}
-            Step::Reply(b, report) => {
-                let _ = sock.send_to(&b, src).await;
-                ident.report(*report);
-            }
+            Step::Reply(b, report) => reply_udp(&ident, &sock, b, src, *report),
             Step::Forward(fwd) => ask_udp(
                 &eg,
                 Box::new(UdpQuery {
@@ -929,7 +943,7 @@ struct UdpQuery {
 #[allow(clippy::boxed_local)] // it lives boxed, parked in a map
 impl UdpQuery {
     /// Learn and release `resp` (SERVFAIL when `None`), reply without
-    /// waiting (a task waits when the socket's buffer is full).
+    /// waiting ([`reply_udp`]).
     fn answer(self: Box<Self>, resp: Option<Message>) {
         let UdpQuery {
             ident,
@@ -942,15 +956,28 @@ impl UdpQuery {
         let Some((b, report)) = ident.finish(fwd, resp, Some(limit)) else {
             return;
         };
-        match reply.try_send_to(&b, client) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::spawn(async move {
-                    let _ = reply.send_to(&b, client).await;
-                    ident.report(report);
-                });
-            }
-            _ => ident.report(report),
-        }
+        reply_udp(&ident, &reply, b, client, report);
+    }
+}
+
+/// Send a UDP reply without waiting, then record the decision. A full
+/// socket buffer: the decision is recorded at once and a task sends the
+/// reply within [`UPSTREAM_TIMEOUT`] or drops it (the client asks again):
+/// the agent cannot hold a record back, or a task, by not draining.
+fn reply_udp(
+    ident: &Ident,
+    sock: &Arc<UdpSocket>,
+    bytes: Vec<u8>,
+    client: SocketAddr,
+    report: Report,
+) {
+    let sent = sock.try_send_to(&bytes, client);
+    ident.report(report);
+    if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+        let sock = sock.clone();
+        tokio::spawn(async move {
+            let _ = timeout(UPSTREAM_TIMEOUT, sock.send_to(&bytes, client)).await;
+        });
     }
 }
 
@@ -986,6 +1013,9 @@ fn ask_udp(eg: &Arc<Egress>, mut q: Box<UdpQuery>) {
 /// socket buffer).
 fn resume(eg: Arc<Egress>, q: Box<UdpQuery>, how: Resume) {
     tokio::spawn(async move {
+        if q.ident.stopped.load(Ordering::SeqCst) {
+            return;
+        }
         let f = &q.fwd;
         let resp = match how {
             Resume::From => q.ident.resolve_from(&eg, f, false, q.tried).await,
@@ -1085,16 +1115,19 @@ async fn tcp_conn(
                 }
             }
         };
+        // Recorded before the write: a client that does not read cannot
+        // hold its record back.
+        ident.report(report);
         let Ok(len) = u16::try_from(reply.len()) else {
-            ident.report(report);
             return;
         };
         let mut out = Vec::with_capacity(reply.len() + 2);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&reply);
-        let sent = s.write_all(&out).await;
-        ident.report(report);
-        if sent.is_err() {
+        if !matches!(
+            timeout(TCP_IDLE_TIMEOUT, s.write_all(&out)).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
     }
@@ -1158,8 +1191,12 @@ struct Pending {
 }
 
 impl Pending {
-    /// A random id no pending query has, and a new generation.
+    /// A random id no pending query has, and a new generation. `None` at
+    /// [`MAX_PENDING`] queries (the query gets SERVFAIL).
     fn free_id(&mut self) -> Option<(u16, u64)> {
+        if self.map.len() >= MAX_PENDING {
+            return None;
+        }
         for _ in 0..16 {
             // xorshift64
             self.rng ^= self.rng << 13;
@@ -1204,6 +1241,21 @@ impl Drop for PendingGuard<'_> {
 
 impl UpSock {
     fn new(sock: UdpSocket) -> Self {
+        // Past net.core.rmem_max with CAP_NET_ADMIN; else the kernel's cap.
+        let fd = std::os::fd::AsFd::as_fd(&sock);
+        if nix::sys::socket::setsockopt(
+            &fd,
+            nix::sys::socket::sockopt::RcvBufForce,
+            &UPSTREAM_RCVBUF,
+        )
+        .is_err()
+        {
+            let _ = nix::sys::socket::setsockopt(
+                &fd,
+                nix::sys::socket::sockopt::RcvBuf,
+                &UPSTREAM_RCVBUF,
+            );
+        }
         Self {
             sock,
             pending: Mutex::new(Pending {
@@ -1298,7 +1350,12 @@ async fn upstream_reader(us: Arc<UpSock>, eg: Weak<Egress>) {
             }
             Some((_, Waiter::Parked(q))) => {
                 if let Some(eg) = eg.upgrade() {
-                    on_answer(&eg, q, &buf[..n]);
+                    // A bug in one answer's handling must not end the
+                    // identity's reader (its parked queries would wait on).
+                    let work = std::panic::AssertUnwindSafe(|| on_answer(&eg, q, &buf[..n]));
+                    if std::panic::catch_unwind(work).is_err() {
+                        tracing::error!("DNS proxy: handling an upstream answer panicked");
+                    }
                 }
             }
             None => {}
@@ -1336,11 +1393,45 @@ async fn sweeper(us: Arc<UpSock>, eg: Weak<Egress>) {
                 let up = q.fwd.policy.upstreams.get(q.tried).copied();
                 tracing::debug!(?up, "upstream did not answer");
                 q.tried += 1;
-                ask_udp(&eg, q);
+                let work = std::panic::AssertUnwindSafe(|| ask_udp(&eg, q));
+                if std::panic::catch_unwind(work).is_err() {
+                    tracing::error!("DNS proxy: a timed-out query's next step panicked");
+                }
             }
             if left == 0 {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+
+    #[test]
+    fn at_most_max_pending_queries_wait_per_socket() {
+        let mut p = Pending {
+            map: HashMap::new(),
+            parked: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
+            generation: 0,
+        };
+        let up: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let mut waiting = Vec::new();
+        while let Some((id, generation)) = p.free_id() {
+            let (tx, rx) = oneshot::channel();
+            p.map.insert(id, (up, generation, Waiter::Task(tx)));
+            waiting.push((id, generation, rx));
+            assert!(waiting.len() <= MAX_PENDING);
+        }
+        assert_eq!(waiting.len(), MAX_PENDING, "the cap, not the id space");
+        // One answered (or timed out): room for one more, under a new
+        // generation; the old guard's generation no longer takes it.
+        let (id, old_generation, _rx) = waiting.pop().unwrap();
+        assert!(p.take(id, Some(old_generation)).is_some());
+        assert!(p.take(id, Some(old_generation)).is_none());
+        let (_, generation) = p.free_id().expect("room for one");
+        assert!(generation > old_generation);
     }
 }

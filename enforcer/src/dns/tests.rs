@@ -364,6 +364,22 @@ fn query_bytes(id: u16, name: &str, t: RecordType, edns: bool) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
+/// `query` (no EDNS) with an EDNS OPT record carrying a padding option of
+/// `pad` zero bytes (RFC 7830).
+fn padded(query: &[u8], pad: usize) -> Vec<u8> {
+    let mut q = query.to_vec();
+    q[10..12].copy_from_slice(&1u16.to_be_bytes()); // ARCOUNT
+    q.push(0); // root name
+    q.extend_from_slice(&41u16.to_be_bytes()); // OPT
+    q.extend_from_slice(&1232u16.to_be_bytes()); // payload size
+    q.extend_from_slice(&[0; 4]); // extended rcode, version, flags
+    q.extend_from_slice(&(pad as u16 + 4).to_be_bytes()); // rdlen
+    q.extend_from_slice(&12u16.to_be_bytes()); // option: padding
+    q.extend_from_slice(&(pad as u16).to_be_bytes());
+    q.extend(std::iter::repeat_n(0u8, pad));
+    q
+}
+
 /// Send raw bytes over UDP to the proxy at `ip`; the reply, if one comes.
 async fn udp_raw(ip: IpAddr, port: u16, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
     let local: SocketAddr = if ip.is_ipv4() {
@@ -629,6 +645,23 @@ async fn malformed_messages_are_dropped_and_counted() {
     let good = query_bytes(9, "api.example.com", RecordType::A, false);
     let mut response = Message::from_vec(&good).unwrap();
     response.metadata.message_type = MessageType::Response;
+    // Queries that carry records: parsed, each would cost memory while it
+    // waits for its upstream (compression pointers make a record a few
+    // bytes on the wire).
+    let mut with_answer = Message::from_vec(&good).unwrap();
+    with_answer.add_answer(rec(
+        "api.example.com",
+        60,
+        RData::A("93.184.216.34".parse().unwrap()),
+    ));
+    let mut two_additional = Message::from_vec(&good).unwrap();
+    for _ in 0..2 {
+        two_additional.add_additional(rec(
+            "api.example.com",
+            60,
+            RData::A("93.184.216.34".parse().unwrap()),
+        ));
+    }
     let garbage: Vec<Vec<u8>> = vec![
         vec![],
         vec![0xff],
@@ -637,7 +670,26 @@ async fn malformed_messages_are_dropped_and_counted() {
         good[..good.len() - 3].to_vec(),
         good[..12].iter().chain([0x3f].iter()).copied().collect(),
         response.to_vec().unwrap(),
+        with_answer.to_vec().unwrap(),
+        two_additional.to_vec().unwrap(),
+        // Well formed, but longer than any query needs.
+        padded(&good, message::MAX_QUERY_BYTES),
     ];
+    // A padded query within the bound is answered.
+    let fits = padded(&good, message::MAX_QUERY_BYTES - good.len() - 15);
+    assert!(fits.len() <= message::MAX_QUERY_BYTES);
+    let m = Message::from_vec(
+        &udp_raw(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            h.port,
+            &fits,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("a padded query is answered"),
+    )
+    .unwrap();
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     for g in &garbage {
         assert!(udp_raw(lo, h.port, g, Duration::from_millis(200))

@@ -215,7 +215,9 @@ impl LearnedTable {
                 )
                 .context("writing LEARNED_V6"),
         };
-        self.writes += 1;
+        if r.is_ok() {
+            self.writes += 1;
+        }
         // A failed write may have left the old entry or none: not known.
         let written = r.is_ok().then_some(merged);
         if let Some(e) = self.entries.get_mut(&(slot, ip)) {

@@ -46,14 +46,14 @@ use ipnet::{Ipv4Net, Ipv6Net};
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
-/// Return the heap memory freed so far to the kernel (glibc's `malloc_trim`):
-/// loading parses the kernel's BTF and the eBPF object into many small
-/// allocations that the allocator keeps after they are freed.
 /// The kernel's BTF as aya reads it (for loading BPF LSM programs).
 fn parse_aya_btf() -> std::result::Result<aya::Btf, String> {
     timed("parsing the kernel's BTF (aya)", aya::Btf::from_sys_fs).map_err(|e| format!("{e:#}"))
 }
 
+/// Return the heap memory freed so far to the kernel (glibc's `malloc_trim`):
+/// loading parses the kernel's BTF and the eBPF object into many small
+/// allocations that the allocator keeps after they are freed.
 pub fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns unused heap pages; no pointer is touched.
@@ -1284,14 +1284,14 @@ impl Kernel {
         self.taint.clone()
     }
 
-    /// Whether the BPF LSM file hooks are attached by this process (or
-    /// adopted from pins).
     /// Drop the parsed kernel BTF (~9 MB): start-up has loaded what it
     /// loads. A later LSM load parses it again.
     pub fn release_btf(&mut self) {
         self.aya_btf = None;
     }
 
+    /// Whether the BPF LSM file hooks are attached by this process (or
+    /// adopted from pins).
     pub fn lsm_hooks_attached(&self) -> bool {
         !self.lsm_links.is_empty() || !self.lsm_pinned.is_empty()
     }
