@@ -28,11 +28,26 @@ struct KernelLearner {
 }
 
 impl Learner for KernelLearner {
-    fn learn(&self, slot: u32, ip: IpAddr, set: &RuleSet, ttl: Duration, host: &str) -> Result<()> {
+    fn epoch(&self, slot: u32) -> u64 {
         self.table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .learn(slot, ip, set, ttl, host)
+            .epoch(slot)
+    }
+
+    fn learn(
+        &self,
+        slot: u32,
+        ip: IpAddr,
+        set: &RuleSet,
+        ttl: Duration,
+        host: &str,
+        epoch: u64,
+    ) -> Result<()> {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(slot, ip, set, ttl, host, epoch)
     }
 }
 

@@ -344,8 +344,8 @@ impl Metrics {
             dns_refused: counter_vec(
                 r,
                 "enforcer_dns_refused_total",
-                "DNS queries answered REFUSED, by reason (name-not-allowed, tainted, \
-                 query-type, too-long, budget, upstream-error).",
+                "DNS queries refused (REFUSED; SERVFAIL for learn-error and policy-changed), by reason (name-not-allowed, tainted, \
+                 query-type, too-long, budget, learn-error, policy-changed).",
                 &["identity", "reason"],
             ),
             dns_latency: reg(
@@ -786,6 +786,8 @@ impl Metrics {
             "too-long",
             "budget",
             "upstream-error",
+            "learn-error",
+            "policy-changed",
             "malformed",
         ] {
             let _ = self.dns_refused.remove_label_values(&[identity, reason]);

@@ -301,9 +301,19 @@ pub fn resolv_conf_nameservers(path: &Path) -> Vec<SocketAddr> {
 
 /// Installs learned addresses into an identity's kernel allow table.
 pub trait Learner: Send + Sync + 'static {
+    /// Identity `slot`'s learning epoch: it advances each time what the
+    /// identity learned is forgotten (policy reload, stop). A query takes it
+    /// when it arrives, before it reads the policy.
+    fn epoch(&self, _slot: u32) -> u64 {
+        0
+    }
+
     /// Make `ip` reachable for identity `slot` with `set`'s ports/protocols
     /// for `ttl`, learned from `host`. Called before the answer is released;
-    /// must be complete when it returns.
+    /// must be complete when it returns. Refused with [`StaleEpoch`] when
+    /// `epoch` is no longer the identity's: the query was judged under a
+    /// policy that has been replaced (or the identity stopped) since, and
+    /// what it would learn must not outlive that.
     fn learn(
         &self,
         slot: u32,
@@ -311,8 +321,15 @@ pub trait Learner: Send + Sync + 'static {
         set: &enforcer_common::RuleSet,
         ttl: Duration,
         host: &str,
+        epoch: u64,
     ) -> anyhow::Result<()>;
 }
+
+/// [`Learner::learn`] for a query that arrived before the identity's
+/// learned addresses were last forgotten.
+#[derive(Debug, thiserror::Error)]
+#[error("the identity's policy changed while the query was answered")]
+pub struct StaleEpoch;
 
 /// Whether an identity is tainted (a `taint` file was opened by one of its
 /// processes): the kernel's `TAINTED[slot]`. Asked once per query of an
@@ -354,7 +371,9 @@ pub struct DnsEvent {
     /// `allowed`, `name-not-allowed`, `tainted` (the identity is tainted
     /// and no onTaint host rule matches the name), `query-type`, `too-long`,
     /// `budget`, `upstream-error` (verdict Allow, the agent got SERVFAIL),
-    /// `learn-error` (the Learner failed: SERVFAIL), `malformed`.
+    /// `learn-error` (the Learner failed: SERVFAIL), `policy-changed` (the
+    /// policy was replaced while the query was answered: SERVFAIL, the
+    /// client asks again), `malformed`.
     pub reason: &'static str,
     /// `egress[i] host <pattern>` (or `onTaint.egress[i] host <pattern>`)
     /// of the matching rule.

@@ -687,6 +687,8 @@ struct Fwd {
     q: Query,
     decision: Decision,
     policy: Arc<DnsPolicy>,
+    /// The identity's learning epoch when the query arrived.
+    epoch: u64,
     /// The sanitized upstream query (id 0).
     upstream: Vec<u8>,
     origin: Origin,
@@ -699,6 +701,10 @@ impl Ident {
             self.sink.malformed(self.slot);
             return Step::Drop;
         };
+        // Taken before the policy is read: a reload swaps the policy, then
+        // forgets (advancing the epoch), so a query judged by the old policy
+        // cannot learn after that.
+        let epoch = self.learner.epoch(self.slot);
         let policy = self
             .policy
             .read()
@@ -720,6 +726,7 @@ impl Ident {
             q,
             decision,
             policy,
+            epoch,
             upstream,
             origin,
             start,
@@ -806,6 +813,7 @@ impl Ident {
             policy,
             origin,
             start,
+            epoch,
             ..
         } = *f;
         let Some(resp) = resp else {
@@ -839,12 +847,20 @@ impl Ident {
                 self.slot
             };
             for (ip, ttl) in learn {
-                match self.learner.learn(slot, ip, &rule.set, ttl, &q.qname) {
+                match self
+                    .learner
+                    .learn(slot, ip, &rule.set, ttl, &q.qname, epoch)
+                {
                     Ok(()) => installed.push(ip),
                     Err(e) => {
-                        tracing::warn!(slot, %ip, "learning a DNS answer failed: {e:#}");
+                        if e.downcast_ref::<super::StaleEpoch>().is_some() {
+                            tracing::debug!(slot, %ip, "{e}");
+                            d.reason = "policy-changed";
+                        } else {
+                            tracing::warn!(slot, %ip, "learning a DNS answer failed: {e:#}");
+                            d.reason = "learn-error";
+                        }
                         d.verdict = Verdict::Deny;
-                        d.reason = "learn-error";
                         bytes = error_reply(&q, ResponseCode::ServFail);
                         break;
                     }

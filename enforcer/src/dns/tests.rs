@@ -208,9 +208,14 @@ struct FakeLearner {
     fail: AtomicBool,
     /// Sleep this long in `learn` (ms).
     delay_ms: AtomicU64,
+    epoch: AtomicU64,
 }
 
 impl Learner for FakeLearner {
+    fn epoch(&self, _slot: u32) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     fn learn(
         &self,
         slot: u32,
@@ -218,7 +223,11 @@ impl Learner for FakeLearner {
         set: &enforcer_common::RuleSet,
         ttl: Duration,
         host: &str,
+        epoch: u64,
     ) -> anyhow::Result<()> {
+        if epoch != self.epoch.load(Ordering::SeqCst) {
+            return Err(StaleEpoch.into());
+        }
         if self.fail.load(Ordering::SeqCst) {
             anyhow::bail!("table full");
         }
@@ -900,6 +909,33 @@ async fn next_upstream_after_a_timeout() {
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     let ev = h.sink.last();
     assert_eq!((ev.verdict, ev.reason), (Verdict::Allow, "upstream-error"));
+}
+
+#[tokio::test]
+async fn a_query_judged_by_a_replaced_policy_learns_nothing() {
+    // The first upstream never answers: the query is in flight for 2 s,
+    // during which the identity's learned addresses are forgotten (a
+    // reload). Its answer, from the second upstream, must not be learned.
+    let dead = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let h = harness(EGRESS, "").await;
+    let mut p = (*policy(EGRESS, "", h.up.addr)).clone();
+    p.upstreams.insert(0, dead.local_addr().unwrap());
+    h.proxy.serve_identity(SLOT, Arc::new(p)).await.unwrap();
+    let learner = h.learner.clone();
+    let forget = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        learner.epoch.fetch_add(1, Ordering::SeqCst);
+    });
+    let m = h.udp("api.example.com", RecordType::A).await;
+    forget.await.unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(h.learner.ips().is_empty(), "{:?}", h.learner.ips());
+    let ev = h.sink.last();
+    assert_eq!((ev.verdict, ev.reason), (Verdict::Deny, "policy-changed"));
+    // A query that arrives after the change learns as usual.
+    let m = h.udp("api.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+    assert_eq!(h.learner.ips(), vec![ip("93.184.216.34")]);
 }
 
 #[tokio::test]

@@ -84,6 +84,8 @@ pub struct LearnedTable {
     /// `bpf()` writes made and skipped (they would have changed nothing).
     writes: u64,
     skipped: u64,
+    /// Identity (plain slot) -> learning epoch, advanced by `forget_slot`.
+    epochs: StdHashMap<u32, u64>,
 }
 
 impl LearnedTable {
@@ -100,6 +102,7 @@ impl LearnedTable {
             entries: StdHashMap::new(),
             writes: 0,
             skipped: 0,
+            epochs: StdHashMap::new(),
         };
         let found: Vec<(u32, IpAddr, Learned)> = me
             .v4
@@ -132,6 +135,17 @@ impl LearnedTable {
         me
     }
 
+    /// Identity `slot`'s learning epoch (its plain slot's: the onTaint key
+    /// shares it).
+    pub fn epoch(&self, slot: u32) -> u64 {
+        self.epochs
+            .get(&(slot & !TAINT_SLOT_BIT))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Learn `ip` for `slot` from `host`, unless `epoch` is stale
+    /// ([`crate::dns::StaleEpoch`]).
     pub fn learn(
         &mut self,
         slot: u32,
@@ -139,7 +153,11 @@ impl LearnedTable {
         set: &RuleSet,
         ttl: Duration,
         host: &str,
+        epoch: u64,
     ) -> Result<()> {
+        if epoch != self.epoch(slot) {
+            return Err(crate::dns::StaleEpoch.into());
+        }
         let ip = canonical(ip);
         let expires_ns = monotonic_ns().saturating_add(ttl.as_nanos() as u64);
         let by_name = ByName {
@@ -267,6 +285,7 @@ impl LearnedTable {
     /// onTaint rules (policy removed or replaced by one whose names differ:
     /// the agent resolves again).
     pub fn forget_slot(&mut self, slot: u32) {
+        *self.epochs.entry(slot & !TAINT_SLOT_BIT).or_default() += 1;
         let keys: Vec<(u32, IpAddr)> = self
             .entries
             .keys()
