@@ -16,3 +16,6 @@ pub mod netns;
 pub mod policy;
 pub mod run;
 pub mod sandbox;
+
+#[cfg(test)]
+mod architecture_tests;
