@@ -25,14 +25,13 @@ use crate::{
 /// Installs learned addresses in the kernel before the proxy releases an answer.
 struct KernelLearner {
     table: Arc<Mutex<LearnedTable>>,
+    /// The table's learning epochs, read once per query without its lock.
+    epochs: Arc<crate::kernel::learned::Epochs>,
 }
 
 impl Learner for KernelLearner {
     fn epoch(&self, slot: u32) -> u64 {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .epoch(slot)
+        self.epochs.get(slot)
     }
 
     fn learn(
@@ -180,10 +179,12 @@ impl DnsService {
         let table = kernel
             .take_learned()
             .ok_or_else(|| anyhow::anyhow!("learned-address tables already taken"))?;
+        let epochs = table.epochs();
         let learned = Arc::new(Mutex::new(table));
         let proxy = DnsProxy::new(
             Arc::new(KernelLearner {
                 table: learned.clone(),
+                epochs,
             }),
             Arc::new(Recorder {
                 sinks,
@@ -253,6 +254,16 @@ impl DnsService {
     pub fn stop(&self, slot: u32) {
         self.proxy.stop_identity(slot);
         self.forget(slot);
+    }
+
+    /// A served identity's new policy: swapped into its proxy and its
+    /// learned addresses forgotten in one step (a query is judged by the old
+    /// policy and its epoch, or by the new policy and the new epoch: nothing
+    /// a query judged by the old policy learns outlives the swap). False if
+    /// the identity is not served (start it instead).
+    pub fn reload(&self, slot: u32, policy: Arc<DnsPolicy>) -> bool {
+        self.proxy
+            .replace_policy(slot, policy, || self.forget(slot))
     }
 
     /// Forget what identity `slot` learned (its policy changed: names are

@@ -262,8 +262,7 @@ pub struct State {
     /// `watch_pending_pods`).
     pending_pods: Vec<PodBinding>,
     /// DNS proxies to (re)start after a reload (async, outside the lock).
-    /// (slot, DNS policy, a reload of a served identity).
-    pending_dns: Vec<(u32, Arc<DnsPolicy>, bool)>,
+    pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
     /// The daemon's own network namespace (its proxy's home listeners).
     own_netns: Option<crate::netns::NetnsId>,
     /// (slot, namespace) used by bound processes, served by the DNS proxy
@@ -711,10 +710,17 @@ impl State {
                         &compiled.hash,
                         &format!("{source} ({} entries)", compiled.entry_count()),
                     );
-                    if !fresh {
-                        self.dns.forget(slot);
+                    // A served identity's proxy takes the new policy now,
+                    // and forgets what the old one learned in the same step
+                    // (`DnsService::reload`); a new one starts after the
+                    // installs (`start_dns`: it binds sockets).
+                    let swapped = !fresh && self.dns.reload(slot, dns.clone());
+                    if !swapped {
+                        if !fresh {
+                            self.dns.forget(slot);
+                        }
+                        self.pending_dns.push((slot, dns.clone()));
                     }
-                    self.pending_dns.push((slot, dns.clone(), !fresh));
                     self.active.insert(
                         name.clone(),
                         Active {
@@ -1841,7 +1847,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
 /// steering at its proxy port. The state lock is not held across the await.
 async fn start_dns(state: &Mutex<State>, dns: &DnsService) {
     let pending = std::mem::take(&mut state.lock().unwrap_or_else(|e| e.into_inner()).pending_dns);
-    for (slot, policy, reload) in pending {
+    for (slot, policy) in pending {
         let name = policy.identity.name.clone();
         // After a restart the pinned kernel state still steers to the old
         // proxy's port: take the same one if it is free.
@@ -1851,13 +1857,6 @@ async fn start_dns(state: &Mutex<State>, dns: &DnsService) {
         };
         match dns.start(slot, policy, preferred).await {
             Ok(port) => {
-                if reload {
-                    // Once more, now that the proxy judges by the new policy:
-                    // what a query judged by the old one learned since the
-                    // install goes, and its learning epoch is over (a query
-                    // still in flight under the old policy learns nothing).
-                    dns.forget(slot);
-                }
                 let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
                 match s.kernel.set_dns_port(slot, port) {
                     Ok(()) => tracing::info!(policy = %name, port, "DNS proxy serving"),

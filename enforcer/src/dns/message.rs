@@ -99,9 +99,13 @@ pub fn parse_query(bytes: &[u8]) -> Option<Query> {
         return None;
     }
     let msg = Message::from_vec(bytes).ok()?;
+    // The one additional record may only be the EDNS OPT record (parsed
+    // into `edns`), not another record or a signature.
     if msg.metadata.message_type != MessageType::Query
         || msg.metadata.op_code != OpCode::Query
         || msg.queries.len() != 1
+        || !msg.additionals.is_empty()
+        || msg.signature.is_some()
     {
         return None;
     }

@@ -303,10 +303,8 @@ pub fn resolv_conf_nameservers(path: &Path) -> Vec<SocketAddr> {
 pub trait Learner: Send + Sync + 'static {
     /// Identity `slot`'s learning epoch: it advances each time what the
     /// identity learned is forgotten (policy reload, stop). A query takes it
-    /// when it arrives, before it reads the policy.
-    fn epoch(&self, _slot: u32) -> u64 {
-        0
-    }
+    /// when it arrives, with the policy (under the policy's lock).
+    fn epoch(&self, slot: u32) -> u64;
 
     /// Make `ip` reachable for identity `slot` with `set`'s ports/protocols
     /// for `ttl`, learned from `host`. Called before the answer is released;

@@ -76,7 +76,7 @@ use tokio::{
 use super::{
     message::{
         answers_question, decide, error_reply, parse_query, release, rule_text, upstream_query,
-        Budget, Decision, Query, Released,
+        Budget, Decision, Query, Released, MAX_QUERY_BYTES,
     },
     DnsEvent, DnsPolicy, DnsSink, Learner, TaintView,
 };
@@ -302,6 +302,22 @@ impl DnsProxy {
         map.insert(slot, served);
         tracing::debug!(slot, port, "DNS proxy serving identity");
         Ok(port)
+    }
+
+    /// Replace served identity `slot`'s policy and call `forget` while no
+    /// query can read the policy (the write lock is held): a query reads the
+    /// policy and its learning epoch together ([`Ident::begin`]), so it
+    /// pairs the old policy with the old epoch or the new with the new.
+    /// False if `slot` is not served.
+    pub fn replace_policy(&self, slot: u32, policy: Arc<DnsPolicy>, forget: impl FnOnce()) -> bool {
+        let map = lock(&self.served);
+        let Some(s) = map.get(&slot) else {
+            return false;
+        };
+        let mut current = s.ident.policy.write().unwrap_or_else(|e| e.into_inner());
+        *current = policy;
+        forget();
+        true
     }
 
     fn swap(&self, slot: u32, policy: &Arc<DnsPolicy>) -> Option<u16> {
@@ -701,15 +717,14 @@ impl Ident {
             self.sink.malformed(self.slot);
             return Step::Drop;
         };
-        // Taken before the policy is read: a reload swaps the policy, then
-        // forgets (advancing the epoch), so a query judged by the old policy
-        // cannot learn after that.
-        let epoch = self.learner.epoch(self.slot);
-        let policy = self
-            .policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        // The policy and the learning epoch together, under the policy's
+        // lock: a reload swaps the policy and advances the epoch under its
+        // write lock (`DnsProxy::replace_policy`), so a query judged by the
+        // old policy carries the old epoch and learns nothing after that.
+        let (policy, epoch) = {
+            let p = self.policy.read().unwrap_or_else(|e| e.into_inner());
+            (p.clone(), self.learner.epoch(self.slot))
+        };
         // Asked after the policy is read: a query sent once the taint file
         // was opened is judged clamped.
         let tainted = policy.taint_hosts.is_some() && self.taint.is_tainted(self.slot);
@@ -733,8 +748,9 @@ impl Ident {
         }))
     }
 
-    /// Record a decision (metrics, audit log): called once its reply is on
-    /// its way, so that none of this is on the client's path.
+    /// Record a decision (metrics, audit log): right after a UDP reply is
+    /// handed to the kernel (off the client's path), before a TCP reply is
+    /// written (a client that does not read cannot hold it back).
     fn report(&self, r: Report) {
         let Report {
             policy,
@@ -828,6 +844,17 @@ impl Ident {
             };
             return Some((reply, Report::new(policy, q, d, origin, start)));
         };
+        if self.learner.epoch(self.slot) != epoch {
+            // Judged by a policy replaced since (or the identity stopped):
+            // not released, whether or not it has addresses to learn.
+            let d = Decision {
+                verdict: Verdict::Deny,
+                reason: "policy-changed",
+                ..decision
+            };
+            let reply = error_reply(&q, ResponseCode::ServFail);
+            return Some((reply, Report::new(policy, q, d, origin, start)));
+        }
         let view = policy.rules(decision.tainted);
         let rule = decision.rule.map(|i| &view.hosts[i]);
         let Released {
@@ -976,25 +1003,15 @@ impl UdpQuery {
     }
 }
 
-/// Send a UDP reply without waiting, then record the decision. A full
-/// socket buffer: the decision is recorded at once and a task sends the
-/// reply within [`UPSTREAM_TIMEOUT`] or drops it (the client asks again):
-/// the agent cannot hold a record back, or a task, by not draining.
-fn reply_udp(
-    ident: &Ident,
-    sock: &Arc<UdpSocket>,
-    bytes: Vec<u8>,
-    client: SocketAddr,
-    report: Report,
-) {
-    let sent = sock.try_send_to(&bytes, client);
-    ident.report(report);
-    if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-        let sock = sock.clone();
-        tokio::spawn(async move {
-            let _ = timeout(UPSTREAM_TIMEOUT, sock.send_to(&bytes, client)).await;
-        });
+/// Send a UDP reply without waiting, then record the decision. With the
+/// socket's buffer full the reply is dropped, as UDP may (the client asks
+/// again): nothing waits on a client, so a flood holds no task and no
+/// record back.
+fn reply_udp(ident: &Ident, sock: &UdpSocket, bytes: Vec<u8>, client: SocketAddr, report: Report) {
+    if let Err(e) = sock.try_send_to(&bytes, client) {
+        tracing::debug!(%client, "DNS proxy: reply not sent: {e}");
     }
+    ident.report(report);
 }
 
 /// How a query handed to a task goes on.
@@ -1105,6 +1122,12 @@ async fn tcp_conn(
             Ok(Ok(l)) => usize::from(l),
             _ => return,
         };
+        if len > MAX_QUERY_BYTES {
+            // No query is that long: nothing is allocated for it, the
+            // connection is closed.
+            ident.sink.malformed(ident.slot);
+            return;
+        }
         buf.resize(len, 0);
         if !matches!(
             timeout(TCP_IDLE_TIMEOUT, s.read_exact(&mut buf)).await,

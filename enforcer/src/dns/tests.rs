@@ -376,16 +376,21 @@ fn query_bytes(id: u16, name: &str, t: RecordType, edns: bool) -> Vec<u8> {
 /// `query` (no EDNS) with an EDNS OPT record carrying a padding option of
 /// `pad` zero bytes (RFC 7830).
 fn padded(query: &[u8], pad: usize) -> Vec<u8> {
+    with_edns_option(query, 12, &vec![0u8; pad])
+}
+
+/// `query` (no EDNS) with an EDNS OPT record carrying option `code`.
+fn with_edns_option(query: &[u8], code: u16, data: &[u8]) -> Vec<u8> {
     let mut q = query.to_vec();
     q[10..12].copy_from_slice(&1u16.to_be_bytes()); // ARCOUNT
     q.push(0); // root name
     q.extend_from_slice(&41u16.to_be_bytes()); // OPT
     q.extend_from_slice(&1232u16.to_be_bytes()); // payload size
     q.extend_from_slice(&[0; 4]); // extended rcode, version, flags
-    q.extend_from_slice(&(pad as u16 + 4).to_be_bytes()); // rdlen
-    q.extend_from_slice(&12u16.to_be_bytes()); // option: padding
-    q.extend_from_slice(&(pad as u16).to_be_bytes());
-    q.extend(std::iter::repeat_n(0u8, pad));
+    q.extend_from_slice(&(data.len() as u16 + 4).to_be_bytes()); // rdlen
+    q.extend_from_slice(&code.to_be_bytes());
+    q.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    q.extend_from_slice(data);
     q
 }
 
@@ -574,6 +579,29 @@ async fn txt_is_refused_unless_allowed_and_a_swap_keeps_the_port() {
 }
 
 #[tokio::test]
+async fn a_reload_swaps_the_policy_and_forgets_in_one_step() {
+    let h = harness(EGRESS, "").await;
+    // Not served: nothing swapped, nothing forgotten.
+    let forgotten = AtomicBool::new(false);
+    let p = policy(EGRESS, "    queryTypes: [A, aaaa, txt]\n", h.up.addr);
+    assert!(!h.proxy.replace_policy(SLOT + 7, p.clone(), || forgotten
+        .store(true, Ordering::SeqCst)));
+    assert!(!forgotten.load(Ordering::SeqCst));
+    // Served: the new policy judges the next query, and the forget ran
+    // (here: the learner's epoch advanced) while it was swapped in.
+    let learner = h.learner.clone();
+    assert!(h.proxy.replace_policy(SLOT, p, || {
+        learner.epoch.fetch_add(1, Ordering::SeqCst);
+    }));
+    let m = h.udp("api.example.com", RecordType::TXT).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    // A query after the reload learns under the new epoch.
+    let m = h.udp("api.example.com", RecordType::A).await;
+    assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
+    assert_eq!(h.learner.ips(), vec![ip("93.184.216.34")]);
+}
+
+#[tokio::test]
 async fn too_long_names_are_refused() {
     let h = harness(EGRESS, "    maxQueryLength: 30\n").await;
     let name = format!("{}.example.com", "a".repeat(18)); // 30 characters
@@ -728,6 +756,16 @@ async fn malformed_messages_are_dropped_and_counted() {
     assert_eq!(
         h.sink.malformed.load(Ordering::SeqCst),
         garbage.len() as u64 + 2
+    );
+    // A length no query has: closed at once, nothing read or kept for it.
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).await.unwrap();
+    s.write_all(&4000u16.to_be_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert_eq!(
+        h.sink.malformed.load(Ordering::SeqCst),
+        garbage.len() as u64 + 3
     );
     // Still serving over UDP.
     assert_eq!(
@@ -1011,13 +1049,14 @@ async fn identities_are_isolated() {
 
 #[tokio::test]
 async fn forwarded_queries_are_rebuilt() {
-    // Extra sections and EDNS options of the agent's query never leave the
-    // proxy: the upstream gets only the question (and a bare OPT record).
+    // Extra records of the agent's query are malformed (nothing is
+    // forwarded); EDNS options never leave the proxy: the upstream gets only
+    // the question (and a bare OPT record).
     let up_sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let up_addr = up_sock.local_addr().unwrap();
     let learner = Arc::new(FakeLearner::default());
     let sink = Arc::new(RecSink::default());
-    let proxy = DnsProxy::new(learner, sink, Arc::new(NeverTainted));
+    let proxy = DnsProxy::new(learner, sink.clone(), Arc::new(NeverTainted));
     let port = proxy
         .serve_identity(1, policy(EGRESS, "", up_addr))
         .await
@@ -1027,6 +1066,7 @@ async fn forwarded_queries_are_rebuilt() {
         Name::from_ascii("api.example.com.").unwrap(),
         RecordType::A,
     ));
+    let bare = m.to_vec().unwrap();
     m.add_additional(rec(
         "x.example.com",
         1,
@@ -1038,6 +1078,21 @@ async fn forwarded_queries_are_rebuilt() {
         .await
         .unwrap();
     let mut buf = vec![0u8; 4096];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), up_sock.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "a query with an extra record went upstream"
+    );
+    assert_eq!(sink.malformed.load(Ordering::SeqCst), 1);
+    // An EDNS option (experimental code 65001) carrying the secret.
+    client
+        .send_to(
+            &with_edns_option(&bare, 65001, b"the-secret"),
+            ("127.0.0.1", port),
+        )
+        .await
+        .unwrap();
     let (n, _) = tokio::time::timeout(Duration::from_secs(5), up_sock.recv_from(&mut buf))
         .await
         .unwrap()

@@ -19,12 +19,20 @@
 //! Addresses learned for an identity's onTaint host rules are kept under
 //! `slot | TAINT_SLOT_BIT`; `forget_slot`, `host_of` and `count` take the
 //! plain slot and cover both keys.
-use std::{collections::HashMap as StdHashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
 use enforcer_common::{
-    Learned, LearnedKey4, LearnedKey6, PortRule, RuleSet, MAX_PORT_RULES, TAINT_SLOT_BIT,
+    Learned, LearnedKey4, LearnedKey6, PortRule, RuleSet, MAX_PORT_RULES, MAX_SLOTS, TAINT_SLOT_BIT,
 };
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
@@ -84,8 +92,35 @@ pub struct LearnedTable {
     /// `bpf()` writes made and skipped (they would have changed nothing).
     writes: u64,
     skipped: u64,
-    /// Identity (plain slot) -> learning epoch, advanced by `forget_slot`.
-    epochs: StdHashMap<u32, u64>,
+    /// Learning epoch per identity (plain slot), advanced by `forget_slot`
+    /// under the table's lock; read without it by the DNS proxy
+    /// ([`Self::epochs`]) once per query.
+    epochs: Arc<Epochs>,
+}
+
+/// Learning epochs by plain slot (see [`LearnedTable::epoch`]).
+pub struct Epochs(Vec<AtomicU64>);
+
+impl Epochs {
+    fn new() -> Self {
+        Self((0..MAX_SLOTS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Identity `slot`'s epoch (its plain slot's: the onTaint key shares it).
+    pub fn get(&self, slot: u32) -> u64 {
+        self.0
+            .get(((slot & !TAINT_SLOT_BIT) as usize) % self.0.len())
+            .map_or(0, |e| e.load(Ordering::SeqCst))
+    }
+
+    fn advance(&self, slot: u32) {
+        if let Some(e) = self
+            .0
+            .get(((slot & !TAINT_SLOT_BIT) as usize) % self.0.len())
+        {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl LearnedTable {
@@ -102,7 +137,7 @@ impl LearnedTable {
             entries: StdHashMap::new(),
             writes: 0,
             skipped: 0,
-            epochs: StdHashMap::new(),
+            epochs: Arc::new(Epochs::new()),
         };
         let found: Vec<(u32, IpAddr, Learned)> = me
             .v4
@@ -138,10 +173,12 @@ impl LearnedTable {
     /// Identity `slot`'s learning epoch (its plain slot's: the onTaint key
     /// shares it).
     pub fn epoch(&self, slot: u32) -> u64 {
-        self.epochs
-            .get(&(slot & !TAINT_SLOT_BIT))
-            .copied()
-            .unwrap_or(0)
+        self.epochs.get(slot)
+    }
+
+    /// The epochs, to read without this table's lock.
+    pub fn epochs(&self) -> Arc<Epochs> {
+        self.epochs.clone()
     }
 
     /// Learn `ip` for `slot` from `host`, unless `epoch` is stale
@@ -285,7 +322,7 @@ impl LearnedTable {
     /// onTaint rules (policy removed or replaced by one whose names differ:
     /// the agent resolves again).
     pub fn forget_slot(&mut self, slot: u32) {
-        *self.epochs.entry(slot & !TAINT_SLOT_BIT).or_default() += 1;
+        self.epochs.advance(slot);
         let keys: Vec<(u32, IpAddr)> = self
             .entries
             .keys()

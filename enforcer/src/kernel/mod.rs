@@ -1244,7 +1244,6 @@ impl Kernel {
         self.bump_gen()
     }
 
-    /// The DNS proxy port of `slot` (0: none).
     /// Whether `POLICIES[slot]` holds a policy (one this process installed,
     /// or a previous daemon's, pinned).
     pub fn policy_present(&self, slot: u32) -> bool {
@@ -1253,6 +1252,7 @@ impl Kernel {
             .is_ok_and(|p| p.flags & policy_flags::PRESENT != 0)
     }
 
+    /// The DNS proxy port of `slot` (0: none).
     pub fn dns_port(&self, slot: u32) -> u16 {
         self.dns_ports.get(&slot).copied().unwrap_or(0)
     }
