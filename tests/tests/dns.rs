@@ -1483,6 +1483,11 @@ fn daemon_restart_keeps_the_dns_proxy_port() {
         old_port,
         "the restarted daemon took the old proxy port"
     );
+    // The same policy: what was learned before the restart still holds.
+    assert_ok(
+        &p.tcp("127.0.0.5", sink.port(), "adopted"),
+        "connect after the restart, before resolving again",
+    );
     let mut v = Value::Null;
     let answered = poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
         v = q(&mut p);
@@ -1496,6 +1501,39 @@ fn daemon_restart_keeps_the_dns_proxy_port() {
     });
     assert!(answered, "resolves after the restart: {v}\n{}", d.stderr());
     assert_ok(&p.tcp("127.0.0.5", sink.port(), "after"), "connect after");
+
+    // Another policy while no daemon runs (it still allows the name and
+    // port): the addresses the old one learned are forgotten at start, the
+    // agent resolves again.
+    d.kill9();
+    write_atomic(
+        &d.policies.join("r.yaml"),
+        &dns_policy_yaml(
+            "dns-restart",
+            &[
+                host_rule("r.example.com", &[sink.port()], "tcp"),
+                host_rule("other.example.com", &[443], "tcp"),
+                vouch_loopback(),
+            ],
+            &dns.upstream(),
+            &[],
+        ),
+    );
+    d.start();
+    assert_eperm(
+        &p.tcp("127.0.0.5", sink.port(), "stale"),
+        "connect on an address learned under the previous policy",
+    );
+    let mut v = Value::Null;
+    poll_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        v = q(&mut p);
+        v["ok"] == true && v["rcode"] == NOERROR
+    });
+    assert_eq!(v["rcode"], NOERROR, "resolves under the new policy: {v}");
+    assert_ok(
+        &p.tcp("127.0.0.5", sink.port(), "relearned"),
+        "connect after resolving again",
+    );
     p.kill();
     d.kill9();
 }

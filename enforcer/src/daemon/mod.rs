@@ -174,6 +174,11 @@ impl PodBinding {
 #[derive(Default, Serialize, Deserialize)]
 struct SlotTable {
     slots: BTreeMap<String, u32>,
+    /// The hash of the policy last installed under each name: a restarted
+    /// daemon forgets the addresses a slot learned (adopted from the pins)
+    /// unless its identity comes back with the same policy.
+    #[serde(default)]
+    hashes: BTreeMap<String, String>,
 }
 
 impl SlotTable {
@@ -201,6 +206,9 @@ impl SlotTable {
             }
             k
         });
+        for (n, _) in &freed {
+            self.hashes.remove(n);
+        }
         freed
     }
     fn get_or_alloc(&mut self, name: &str) -> Option<u32> {
@@ -674,6 +682,12 @@ impl State {
             let fresh = !self.active.contains_key(name);
             if fresh {
                 self.kernel.reset_slot_counters(slot);
+                // First install in this daemon's life. Addresses in the slot
+                // were learned under the policy last installed there (pins
+                // of a previous daemon): kept only if it is this one.
+                if self.slots.hashes.get(name) != Some(&compiled.hash) {
+                    self.dns.forget(slot);
+                }
             }
             let unresolved_before = self.active.get(name).map(|a| a.files.unresolved.clone());
             if unresolved_before.as_ref() != Some(&files.unresolved) {
@@ -688,6 +702,9 @@ impl State {
                 Ok(()) => {
                     changed = true;
                     tracing::info!(policy = %name, slot, entries = compiled.entry_count(), file_inodes = files.entries.len(), hash = %compiled.hash, "policy installed");
+                    self.slots
+                        .hashes
+                        .insert(name.clone(), compiled.hash.clone());
                     self.attribution
                         .set(slot, SlotInfo::new(Self::identity(compiled), compiled));
                     self.metrics.set_policy_info(
