@@ -102,9 +102,10 @@ const BIND_ATTEMPTS: usize = 64;
 /// at a slow upstream holds in the daemon (each waiting query keeps its
 /// message, at most `message::MAX_QUERY_BYTES` on the wire).
 pub const MAX_PENDING: usize = 4096;
-/// Receive buffer of an upstream socket: answers wait there while the
-/// reader learns and records the ones before them.
-const UPSTREAM_RCVBUF: usize = 4 << 20;
+/// Receive buffer asked for an upstream socket (the kernel doubles it, for
+/// its bookkeeping: 4 MiB): answers wait there while the reader learns and
+/// records the ones before them.
+const UPSTREAM_RCVBUF: usize = 2 << 20;
 /// Network namespaces (besides the proxy's own) one identity is served in,
 /// at most. Each costs a namespace fd, up to four sockets and their tasks;
 /// an agent holding many namespaces (sleeping processes in namespaces of
