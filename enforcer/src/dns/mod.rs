@@ -311,7 +311,8 @@ pub trait Learner: Send + Sync + 'static {
     /// must be complete when it returns. Refused with [`StaleEpoch`] when
     /// `epoch` is no longer the identity's: the query was judged under a
     /// policy that has been replaced (or the identity stopped) since, and
-    /// what it would learn must not outlive that.
+    /// what it would learn must not outlive that (the proxy judges such an
+    /// answer again by the policy in force, with its epoch).
     fn learn(
         &self,
         slot: u32,
@@ -370,8 +371,8 @@ pub struct DnsEvent {
     /// and no onTaint host rule matches the name), `query-type`, `too-long`,
     /// `budget`, `upstream-error` (verdict Allow, the agent got SERVFAIL),
     /// `learn-error` (the Learner failed: SERVFAIL), `policy-changed` (the
-    /// policy was replaced while the query was answered: SERVFAIL, the
-    /// client asks again), `malformed`.
+    /// policy was replaced, with other upstreams, while the query was
+    /// answered: SERVFAIL, the client asks again), `malformed`.
     pub reason: &'static str,
     /// `egress[i] host <pattern>` (or `onTaint.egress[i] host <pattern>`)
     /// of the matching rule.

@@ -826,11 +826,11 @@ impl Ident {
         }
         let Fwd {
             q,
-            decision,
-            policy,
+            mut decision,
+            mut policy,
             origin,
             start,
-            epoch,
+            mut epoch,
             ..
         } = *f;
         let Some(resp) = resp else {
@@ -846,15 +846,30 @@ impl Ident {
             return Some((reply, Report::new(policy, q, d, origin, start)));
         };
         if self.learner.epoch(self.slot) != epoch {
-            // Judged by a policy replaced since (or the identity stopped):
-            // not released, whether or not it has addresses to learn.
-            let d = Decision {
-                verdict: Verdict::Deny,
-                reason: "policy-changed",
-                ..decision
+            // Judged by a policy replaced since: judged again by the one in
+            // force, whose learning epoch it then carries. Refused if that
+            // policy refuses the name; SERVFAIL if it asks other upstreams
+            // than the one that answered.
+            let (now, now_epoch) = {
+                let p = self.policy.read().unwrap_or_else(|e| e.into_inner());
+                (p.clone(), self.learner.epoch(self.slot))
             };
-            let reply = error_reply(&q, ResponseCode::ServFail);
-            return Some((reply, Report::new(policy, q, d, origin, start)));
+            if now.upstreams != policy.upstreams {
+                let d = Decision {
+                    verdict: Verdict::Deny,
+                    reason: "policy-changed",
+                    ..decision
+                };
+                let reply = error_reply(&q, ResponseCode::ServFail);
+                return Some((reply, Report::new(policy, q, d, origin, start)));
+            }
+            let tainted = now.taint_hosts.is_some() && self.taint.is_tainted(self.slot);
+            let d = decide(&now, tainted, &q, &mut lock(&self.budget), start);
+            if d.verdict == Verdict::Deny {
+                let reply = error_reply(&q, ResponseCode::Refused);
+                return Some((reply, Report::new(now, q, d, origin, start)));
+            }
+            (policy, epoch, decision) = (now, now_epoch, d);
         }
         let view = policy.rules(decision.tainted);
         let rule = decision.rule.map(|i| &view.hosts[i]);

@@ -950,30 +950,47 @@ async fn next_upstream_after_a_timeout() {
 }
 
 #[tokio::test]
-async fn a_query_judged_by_a_replaced_policy_learns_nothing() {
-    // The first upstream never answers: the query is in flight for 2 s,
-    // during which the identity's learned addresses are forgotten (a
-    // reload). Its answer, from the second upstream, must not be learned.
+async fn a_query_in_flight_across_a_reload_is_judged_by_the_new_policy() {
+    // The first upstream never answers: a query is in flight for 2 s,
+    // during which the policy is replaced (and what the identity learned
+    // forgotten, here: the learner's epoch advances). Its answer, from the
+    // second upstream, is judged again by the policy in force.
     let dead = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let h = harness(EGRESS, "").await;
-    let mut p = (*policy(EGRESS, "", h.up.addr)).clone();
-    p.upstreams.insert(0, dead.local_addr().unwrap());
-    h.proxy.serve_identity(SLOT, Arc::new(p)).await.unwrap();
-    let learner = h.learner.clone();
-    let forget = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        learner.epoch.fetch_add(1, Ordering::SeqCst);
-    });
-    let m = h.udp("api.example.com", RecordType::A).await;
-    forget.await.unwrap();
-    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
-    assert!(h.learner.ips().is_empty(), "{:?}", h.learner.ips());
-    let ev = h.sink.last();
-    assert_eq!((ev.verdict, ev.reason), (Verdict::Deny, "policy-changed"));
-    // A query that arrives after the change learns as usual.
-    let m = h.udp("api.example.com", RecordType::A).await;
+    let with_dead = |egress: &str| {
+        let mut p = (*policy(egress, "", h.up.addr)).clone();
+        p.upstreams.insert(0, dead.local_addr().unwrap());
+        Arc::new(p)
+    };
+    h.proxy
+        .serve_identity(SLOT, with_dead(EGRESS))
+        .await
+        .unwrap();
+    let reload = |egress: &'static str| {
+        let p = with_dead(egress);
+        let proxy = &h.proxy;
+        let learner = h.learner.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(proxy.replace_policy(SLOT, p, || {
+                learner.epoch.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+    };
+    // The new policy allows the name too: answered, learned under the new
+    // epoch.
+    let (m, ()) = tokio::join!(h.udp("api.example.com", RecordType::A), reload(EGRESS));
     assert_eq!(addrs(&m), vec![ip("93.184.216.34")]);
     assert_eq!(h.learner.ips(), vec![ip("93.184.216.34")]);
+    // The new policy no longer allows it: refused, nothing learned.
+    let (m, ()) = tokio::join!(
+        h.udp("www.example.com", RecordType::A),
+        reload("    - host: other.example.org\n")
+    );
+    assert_refused(&m);
+    assert_eq!(h.learner.ips(), vec![ip("93.184.216.34")], "nothing more");
+    let ev = h.sink.last();
+    assert_eq!((ev.verdict, ev.reason), (Verdict::Deny, "name-not-allowed"));
 }
 
 #[tokio::test]
