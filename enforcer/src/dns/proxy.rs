@@ -722,14 +722,8 @@ impl Ident {
         // lock: a reload swaps the policy and advances the epoch under its
         // write lock (`DnsProxy::replace_policy`), so a query judged by the
         // old policy carries the old epoch and learns nothing after that.
-        let (policy, epoch) = {
-            let p = self.policy.read().unwrap_or_else(|e| e.into_inner());
-            (p.clone(), self.learner.epoch(self.slot))
-        };
-        // Asked after the policy is read: a query sent once the taint file
-        // was opened is judged clamped.
-        let tainted = policy.taint_hosts.is_some() && self.taint.is_tainted(self.slot);
-        let decision = decide(&policy, tainted, &q, &mut lock(&self.budget), start);
+        let (policy, epoch) = self.in_force();
+        let decision = self.judge(&policy, &q, start);
         if decision.verdict == Verdict::Deny {
             let reply = error_reply(&q, ResponseCode::Refused);
             return Step::Reply(
@@ -747,6 +741,20 @@ impl Ident {
             origin,
             start,
         }))
+    }
+
+    /// The policy in force and the learning epoch that goes with it, read
+    /// together under the policy's lock (see [`DnsProxy::replace_policy`]).
+    fn in_force(&self) -> (Arc<DnsPolicy>, u64) {
+        let p = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        (p.clone(), self.learner.epoch(self.slot))
+    }
+
+    /// Judge `q` by `policy`. The taint is asked after the policy is read:
+    /// a query sent once the taint file was opened is judged clamped.
+    fn judge(&self, policy: &DnsPolicy, q: &Query, start: Instant) -> Decision {
+        let tainted = policy.taint_hosts.is_some() && self.taint.is_tainted(self.slot);
+        decide(policy, tainted, q, &mut lock(&self.budget), start)
     }
 
     /// Record a decision (metrics, audit log): right after a UDP reply is
@@ -850,10 +858,7 @@ impl Ident {
             // force, whose learning epoch it then carries. Refused if that
             // policy refuses the name; SERVFAIL if it asks other upstreams
             // than the one that answered.
-            let (now, now_epoch) = {
-                let p = self.policy.read().unwrap_or_else(|e| e.into_inner());
-                (p.clone(), self.learner.epoch(self.slot))
-            };
+            let (now, now_epoch) = self.in_force();
             if now.upstreams != policy.upstreams {
                 let d = Decision {
                     verdict: Verdict::Deny,
@@ -863,8 +868,7 @@ impl Ident {
                 let reply = error_reply(&q, ResponseCode::ServFail);
                 return Some((reply, Report::new(policy, q, d, origin, start)));
             }
-            let tainted = now.taint_hosts.is_some() && self.taint.is_tainted(self.slot);
-            let d = decide(&now, tainted, &q, &mut lock(&self.budget), start);
+            let d = self.judge(&now, &q, start);
             if d.verdict == Verdict::Deny {
                 let reply = error_reply(&q, ResponseCode::Refused);
                 return Some((reply, Report::new(now, q, d, origin, start)));
