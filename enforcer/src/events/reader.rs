@@ -600,34 +600,54 @@ pub async fn run(
     // lifetime of the AsyncFd, which owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)?;
+    let mut more = false;
+    let mut stopping = false;
     loop {
-        let last = tokio::select! {
-            r = fd.readable_mut() => {
-                // Cleared before draining: a record committed meanwhile
-                // makes the fd readable again.
-                r?.clear_ready();
-                false
+        stopping |= if more {
+            // A full batch was read: give the runtime its turn (timers, IO,
+            // the daemon's other tasks) and read on without waiting.
+            tokio::task::yield_now().await;
+            false
+        } else {
+            tokio::select! {
+                r = fd.readable_mut() => {
+                    // Cleared before draining: a record committed meanwhile
+                    // makes the fd readable again.
+                    r?.clear_ready();
+                    false
+                }
+                _ = tokio::time::sleep(POLL) => false,
+                _ = stop.notified() => true,
             }
-            _ = tokio::time::sleep(POLL) => false,
-            _ = stop.notified() => true,
         };
         let mut n = 0usize;
+        more = false;
         for ring in [fd.get_mut(), &mut allows] {
-            while let Some(item) = ring.next() {
+            let mut taken = 0;
+            // At most BATCH records per ring per turn: a flood that fills
+            // the ring as fast as it is read must not hold this worker
+            // thread (and the runtime's timers and IO) forever.
+            while taken < BATCH {
+                let Some(item) = ring.next() else { break };
                 if let Some(d) = decode_record(&item) {
                     handle(d);
                 }
-                n += 1;
+                taken += 1;
             }
+            more |= taken == BATCH;
+            n += taken;
         }
         if n > 0 {
             flush();
         }
-        if last {
+        if stopping && !more {
             return Ok(());
         }
     }
 }
+
+/// Records read from one ring before the reader yields to the runtime.
+const BATCH: usize = 4096;
 
 /// How long shutdown waits for the reader's and the flow drainer's last
 /// batch.
