@@ -129,7 +129,9 @@ impl DnsSink for Recorder {
 }
 
 /// A DNS decision's audit detail: `qtype=A reason=... transport=udp
-/// latency_us=N [tainted=true] [learned=[..]] [rebinding_blocked=[..]]`.
+/// latency_us=N [tainted=true] [learned=[..]] [answered=[..]]
+/// [rebinding_blocked=[..]]` (`answered`: `mode: audit`, the addresses of an
+/// answer to a would-be refused name, not learned).
 fn dns_detail(ev: &DnsEvent) -> String {
     let mut d = String::with_capacity(96);
     let _ = write!(
@@ -146,6 +148,7 @@ fn dns_detail(ev: &DnsEvent) -> String {
     }
     for (key, list) in [
         ("learned", &ev.answers),
+        ("answered", &ev.answered),
         ("rebinding_blocked", &ev.rebinding_blocked),
     ] {
         if list.is_empty() {
@@ -357,6 +360,7 @@ mod tests {
             rule: None,
             tainted: false,
             answers: vec!["93.184.216.34".parse().unwrap(), "::1".parse().unwrap()],
+            answered: Vec::new(),
             rebinding_blocked: Vec::new(),
             latency: std::time::Duration::from_micros(75),
         };
@@ -370,6 +374,15 @@ mod tests {
         assert_eq!(
             dns_detail(&ev),
             "qtype=A reason=allowed transport=udp latency_us=75 tainted=true rebinding_blocked=[10.0.0.1]"
+        );
+        ev.tainted = false;
+        ev.rebinding_blocked.clear();
+        ev.verdict = Verdict::Audit;
+        ev.reason = "name-not-allowed";
+        ev.answered = vec!["203.0.113.7".parse().unwrap()];
+        assert_eq!(
+            dns_detail(&ev),
+            "qtype=A reason=name-not-allowed transport=udp latency_us=75 answered=[203.0.113.7]"
         );
     }
 }

@@ -377,7 +377,7 @@ pub fn release(
 /// Clamp answer TTLs, follow the CNAME chain of the question through the
 /// answer section, collect its A/AAAA addresses and strip those in rebinding
 /// space that none of `cidrs` (the `cidr` rules the query is judged by)
-/// covers. The reply keeps the client's id and question (its spelling, as
+/// covers (`mode: audit`: report them, keep them in the reply). The reply keeps the client's id and question (its spelling, as
 /// it asked), and records owned by the queried name are given that spelling
 /// too. Addresses are only collected when `learn` is true.
 pub fn process_answer(
@@ -432,7 +432,9 @@ pub fn process_answer(
             if !blocked.contains(&ip) {
                 blocked.push(ip);
             }
-            keep.push(false);
+            // `mode: audit` refuses nothing: the address stays in the reply
+            // (reported as it would have been stripped), never installed.
+            keep.push(policy.audit);
             continue;
         }
         keep.push(true);

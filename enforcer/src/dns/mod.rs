@@ -382,6 +382,9 @@ pub struct DnsEvent {
     pub tainted: bool,
     /// Addresses installed before the answer was released.
     pub answers: Vec<IpAddr>,
+    /// `mode: audit`, verdict `Audit`: the answer's addresses (forwarded,
+    /// not learned), so that the record says what the name resolved to.
+    pub answered: Vec<IpAddr>,
     /// Answer addresses in rebinding space: not installed, stripped.
     pub rebinding_blocked: Vec<IpAddr>,
     /// From receipt of the query to the reply being handed to the socket.

@@ -768,6 +768,7 @@ impl Ident {
             origin,
             start,
             answers,
+            answered,
             rebinding_blocked,
         } = r;
         let qtype = q.qtype_text();
@@ -785,6 +786,7 @@ impl Ident {
             rule: d.rule.map(|i| rule_text(&policy.rules(d.tainted).hosts[i])),
             tainted: d.tainted,
             answers,
+            answered,
             rebinding_blocked,
             latency: start.elapsed(),
         });
@@ -881,10 +883,22 @@ impl Ident {
             mut bytes,
             learn,
             blocked,
-        } = release(&policy, view.cidrs, &q, resp, rule.is_some(), udp_limit)?;
+        } = release(
+            &policy,
+            view.cidrs,
+            &q,
+            resp,
+            // `mode: audit`: a would-be refusal's addresses are collected
+            // (never installed) for its record (`enforcer policy learn`).
+            rule.is_some() || decision.verdict == Verdict::Audit,
+            udp_limit,
+        )?;
         let mut d = decision;
         let mut installed = Vec::with_capacity(learn.len());
-        if let Some(rule) = rule {
+        let mut answered = Vec::new();
+        if rule.is_none() {
+            answered = learn.iter().map(|&(ip, _)| ip).collect();
+        } else if let Some(rule) = rule {
             // onTaint addresses live under their own key, which the kernel
             // looks up (instead of the plain one) once the identity is
             // tainted (see the enforcer-common docs).
@@ -916,6 +930,7 @@ impl Ident {
         }
         let mut report = Report::new(policy, q, d, origin, start);
         report.answers = installed;
+        report.answered = answered;
         report.rebinding_blocked = blocked;
         Some((bytes, report))
     }
@@ -930,6 +945,8 @@ struct Report {
     start: Instant,
     /// Addresses learned from the answer.
     answers: Vec<IpAddr>,
+    /// `mode: audit`: addresses of a would-be refused answer (not learned).
+    answered: Vec<IpAddr>,
     rebinding_blocked: Vec<IpAddr>,
 }
 
@@ -942,6 +959,7 @@ impl Report {
             origin,
             start,
             answers: Vec::new(),
+            answered: Vec::new(),
             rebinding_blocked: Vec::new(),
         }
     }

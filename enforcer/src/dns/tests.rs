@@ -676,6 +676,49 @@ async fn rebinding_addresses_are_stripped_unless_a_cidr_covers_them() {
     assert_eq!(addrs(&m), vec![ip("::ffff:192.168.0.1")]);
 }
 
+/// `mode: audit` refuses nothing: rebinding addresses stay in the reply
+/// (a discovery run must not break an agent whose services are internal),
+/// are reported as they would have been stripped, and are never installed.
+#[tokio::test]
+async fn audit_mode_keeps_rebinding_addresses_and_reports_them() {
+    let up = upstream().await;
+    let mut p = (*policy(EGRESS, "", up.addr)).clone();
+    p.audit = true;
+    let learner = Arc::new(FakeLearner::default());
+    let sink = Arc::new(RecSink::default());
+    let proxy = DnsProxy::new(learner.clone(), sink.clone(), Arc::new(NeverTainted));
+    let port = proxy.serve_identity(1, Arc::new(p)).await.unwrap();
+    let q = query_bytes(1, "rebind.example.com", RecordType::A, false);
+    let r = udp_raw(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        port,
+        &q,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let m = Message::from_vec(&r).unwrap();
+    assert_eq!(
+        addrs(&m),
+        vec![
+            ip("127.0.0.1"),
+            ip("10.1.2.3"),
+            ip("169.254.169.254"),
+            ip("93.184.216.36")
+        ]
+    );
+    let ev = sink.last();
+    assert_eq!(
+        ev.rebinding_blocked,
+        vec![ip("127.0.0.1"), ip("10.1.2.3"), ip("169.254.169.254")]
+    );
+    assert_eq!(
+        learner.ips(),
+        vec![ip("93.184.216.36")],
+        "only the public one"
+    );
+}
+
 #[tokio::test]
 async fn malformed_messages_are_dropped_and_counted() {
     let h = harness(EGRESS, "").await;
@@ -1032,6 +1075,29 @@ async fn audit_mode_forwards_and_reports_would_be_refusals() {
         (Verdict::Audit, "name-not-allowed")
     );
     assert_eq!(up.names(), vec!["evil.example.org"]);
+    assert!(ev.answered.is_empty(), "NXDOMAIN: no addresses");
+
+    // A would-be refused name that resolves: the reply carries its address,
+    // the record names it (`answered`, for `enforcer policy learn`), and
+    // nothing is learned.
+    let q = query_bytes(2, "b.example", RecordType::A, false);
+    let r = udp_raw(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        port,
+        &q,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(Message::from_vec(&r).unwrap().answers.len(), 1);
+    let ev = sink.last();
+    assert_eq!(
+        (ev.qname.as_str(), ev.verdict),
+        ("b.example", Verdict::Audit)
+    );
+    assert_eq!(ev.answered, vec![IpAddr::from([203, 0, 113, 2])]);
+    assert!(ev.answers.is_empty());
+    assert!(learner.calls.lock().unwrap().is_empty(), "nothing learned");
 }
 
 #[tokio::test]
