@@ -75,6 +75,20 @@ enum K8sCmd {
 
 #[derive(Subcommand)]
 enum PolicyCmd {
+    /// Learn a minimal policy for one identity from audit logs of runs in `mode: audit`.
+    ///
+    /// Names the agent resolved become `host` rules with the ports and protocols it then used
+    /// (sibling names collapse into a wildcard past --wildcard-threshold); addresses no answer
+    /// explained become `cidr` rules; files it opened under well-known secret locations become
+    /// `taint`, with the `onTaint` egress the run showed after the first read; `dns` settings
+    /// come from the queries, with headroom. Every rule is commented with its evidence (first
+    /// seen, count, processes). Warnings on stderr: destinations contacted once, only after a
+    /// secret read (exclude them with --exclude), link-local and loopback destinations, names
+    /// resolved in bulk and never connected to. The output passes `enforcer policy check`.
+    Learn(LearnArgs),
+    /// Print a discovery policy: audit mode, no egress rules, and an `audit` file rule for each
+    /// well-known secret location that exists. Run the agent under it, then `policy learn`.
+    Discover(DiscoverArgs),
     /// Validate policy files; errors name file:line:column and field. Exit 1 on any error.
     Check {
         /// Policy files or directories.
@@ -105,6 +119,68 @@ enum PolicyCmd {
         #[arg(long, value_name = "DIR", value_parser = policy::aip::base_dir)]
         workdir: Option<PathBuf>,
     },
+}
+
+/// `enforcer policy learn` arguments.
+#[derive(clap::Args)]
+struct LearnArgs {
+    /// Audit logs (JSON Lines) of runs in `mode: audit`: `enforcer run --audit-log` or the daemon's.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// The identity to learn (needed when the logs name several).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Write the policy to OUT instead of stdout.
+    #[arg(long, short = 'o', value_name = "OUT")]
+    output: Option<PathBuf>,
+    /// The policy the runs were made under: its name, identity, DNS upstreams and `writable` are
+    /// kept, and its secret file rules the agent never opened become `deny`.
+    #[arg(long, value_name = "POLICY")]
+    from: Option<PathBuf>,
+    /// Show what the learned policy adds to and removes from POLICY (one line per rule, `+`/`-`),
+    /// on stdout instead of the policy (which still goes to --output if given).
+    #[arg(long, value_name = "POLICY")]
+    diff: Option<PathBuf>,
+    /// Do not learn from these records: host=NAME, host=*.DOMAIN, ip=ADDRESS[/PREFIX],
+    /// process=COMM (the hostile part of a run). Repeatable.
+    #[arg(long, value_name = "WHAT=VALUE")]
+    exclude: Vec<policy::learn::Exclude>,
+    /// Connected sibling names (a.cdn.example.com, b.cdn.example.com, ...) that collapse into
+    /// `*.cdn.example.com`; never above a registrable domain (Public Suffix List). 0: never.
+    #[arg(long, value_name = "N", default_value_t = policy::learn::DEFAULT_WILDCARD_THRESHOLD)]
+    wildcard_threshold: usize,
+    /// Prefix length of `cidr` rules for IPv4 addresses no DNS answer explained (32: exact).
+    #[arg(long, value_name = "BITS", default_value_t = 32,
+          value_parser = clap::value_parser!(u8).range(0..=32))]
+    cidr_prefix: u8,
+    /// The same for IPv6 addresses (128: exact).
+    #[arg(long, value_name = "BITS", default_value_t = 128,
+          value_parser = clap::value_parser!(u8).range(0..=128))]
+    cidr_prefix6: u8,
+    /// Another secret location: ~/relative/path, /absolute/path or a file name, optionally
+    /// `=what it holds`. Repeatable (adds to the built-in list).
+    #[arg(long, value_name = "PATH[=WHAT]", value_parser = policy::learn::secrets::parse)]
+    secret: Vec<policy::learn::secrets::Secret>,
+}
+
+/// `enforcer policy discover` arguments.
+#[derive(clap::Args)]
+struct DiscoverArgs {
+    /// metadata.name of the policy.
+    name: String,
+    /// Home directories whose secret locations are watched (default: /root and each directory
+    /// of /home). Repeatable.
+    #[arg(long, value_name = "DIR")]
+    home: Vec<PathBuf>,
+    /// Another secret location to watch (as for `policy learn --secret`). Repeatable.
+    #[arg(long, value_name = "PATH[=WHAT]", value_parser = policy::learn::secrets::parse)]
+    secret: Vec<policy::learn::secrets::Secret>,
+    /// dns.upstream of the policy (default: the nameservers of /etc/resolv.conf). Repeatable.
+    #[arg(long, value_name = "IP:PORT")]
+    upstream: Vec<std::net::SocketAddr>,
+    /// Write the policy to OUT instead of stdout.
+    #[arg(long, short = 'o', value_name = "OUT")]
+    output: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -160,6 +236,12 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             output.as_deref(),
             &policy::aip::ImportOptions { home, workdir },
         ),
+        Cmd::Policy {
+            command: PolicyCmd::Learn(args),
+        } => policy_learn(args),
+        Cmd::Policy {
+            command: PolicyCmd::Discover(args),
+        } => policy_discover(args),
         Cmd::Audit {
             command: AuditCmd::Verify { file },
         } => audit_verify(&file),
@@ -263,6 +345,122 @@ fn policy_import_aip(
         conversion.policy.spec.files.len(),
         conversion.not_carried().len()
     );
+    Ok(0)
+}
+
+/// The one policy of FILE named `name`, or its only one.
+fn one_policy(file: &std::path::Path, name: Option<&str>) -> Result<policy::AgentPolicy, String> {
+    let loaded = policy::load_files(&[file.to_path_buf()]).map_err(|e| e.to_string())?;
+    let mut found: Vec<_> = loaded
+        .iter()
+        .filter(|l| name.is_none_or(|n| l.policy.metadata.name == n))
+        .collect();
+    match (found.len(), loaded.len()) {
+        (1, _) => Ok(found.remove(0).policy.clone()),
+        (_, 1) => Ok(loaded[0].policy.clone()),
+        _ => Err(format!(
+            "{}: {} policies; none or several named {:?}",
+            file.display(),
+            loaded.len(),
+            name.unwrap_or("")
+        )),
+    }
+}
+
+fn policy_learn(a: LearnArgs) -> anyhow::Result<i32> {
+    if let Some(out) = &a.output {
+        let out = out.canonicalize().ok();
+        if out.is_some() && a.files.iter().any(|f| f.canonicalize().ok() == out) {
+            eprintln!("refusing to overwrite an audit log with the learned policy");
+            return Ok(1);
+        }
+    }
+    let base = match &a.from {
+        Some(f) => match one_policy(f, a.identity.as_deref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(1);
+            }
+        },
+        None => None,
+    };
+    let opts = policy::learn::LearnOptions {
+        identity: a.identity.clone(),
+        wildcard_threshold: a.wildcard_threshold,
+        cidr_prefix_v4: a.cidr_prefix,
+        cidr_prefix_v6: a.cidr_prefix6,
+        excludes: a.exclude.clone(),
+        secrets: a.secret.clone(),
+        base,
+    };
+    let learned = match policy::learn::learn(&a.files, &opts) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("enforcer policy learn: {e}");
+            return Ok(1);
+        }
+    };
+    for w in &learned.warnings {
+        eprintln!("warning: {w}");
+    }
+    match &a.output {
+        Some(out) => {
+            std::fs::write(out, &learned.yaml)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("{}: wrote the learned policy", out.display());
+        }
+        None if a.diff.is_none() => print!("{}", learned.yaml),
+        None => {}
+    }
+    if let Some(old) = &a.diff {
+        let old = match one_policy(old, Some(&learned.policy.metadata.name)) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(1);
+            }
+        };
+        let lines = policy::learn::diff(&old, &learned.policy);
+        if lines.is_empty() {
+            println!("no difference");
+        }
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    eprintln!("{}", learned.summary);
+    Ok(0)
+}
+
+fn policy_discover(a: DiscoverArgs) -> anyhow::Result<i32> {
+    let homes = if a.home.is_empty() {
+        let mut h = vec![PathBuf::from("/root")];
+        if let Ok(rd) = std::fs::read_dir("/home") {
+            let mut dirs: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            dirs.sort();
+            h.extend(dirs);
+        }
+        h
+    } else {
+        a.home.clone()
+    };
+    if let Err(e) = policy::learn::check_name(&a.name) {
+        eprintln!("enforcer policy discover: {e}");
+        return Ok(1);
+    }
+    let y = policy::learn::discovery(&a.name, &homes, &a.secret, &a.upstream);
+    match &a.output {
+        Some(out) => {
+            std::fs::write(out, &y).with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("{}: wrote the discovery policy {}", out.display(), a.name);
+        }
+        None => print!("{y}"),
+    }
     Ok(0)
 }
 

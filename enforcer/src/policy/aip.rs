@@ -791,7 +791,7 @@ fn sanitize_name(s: &str) -> String {
 }
 
 /// A YAML double-quoted scalar.
-fn quoted(s: &str) -> String {
+pub(super) fn quoted(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -809,7 +809,7 @@ fn quoted(s: &str) -> String {
 }
 
 /// One line of a YAML comment (control characters blanked).
-fn comment(s: &str) -> String {
+pub(super) fn comment(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()

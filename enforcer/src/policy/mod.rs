@@ -28,6 +28,7 @@
 //! the library.
 pub mod aip;
 pub mod compile;
+pub mod learn;
 pub mod local;
 mod tree;
 pub mod types;
