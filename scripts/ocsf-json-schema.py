@@ -40,7 +40,13 @@ import os
 import subprocess
 import sys
 
-CLASSES = ["network_activity", "dns_activity", "file_activity", "application_lifecycle"]
+CLASSES = [
+    "network_activity",
+    "dns_activity",
+    "file_activity",
+    "kernel_activity",
+    "application_lifecycle",
+]
 PROFILES = {"security_control", "host", "container"}
 BASE_URI = "https://schema.ocsf.io/schema/classes"
 

@@ -131,6 +131,22 @@ impl LifecycleAction {
             Self::TaintClamp => "taint_clamp",
         }
     }
+    pub const ALL: [LifecycleAction; 10] = [
+        Self::PolicyLoad,
+        Self::PolicyReload,
+        Self::PolicyReloadRejected,
+        Self::PolicyRemove,
+        Self::Attach,
+        Self::Detach,
+        Self::Start,
+        Self::Stop,
+        Self::ChainResume,
+        Self::TaintClamp,
+    ];
+    /// The lifecycle action named `name` in an audit record (`as_str`'s inverse).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == name)
+    }
 }
 
 /// A lifecycle record: policy loads, attach/detach, daemon start/stop.

@@ -13,6 +13,7 @@ pub mod k8s;
 pub mod kernel;
 pub mod metrics;
 pub mod netns;
+pub mod ocsf;
 pub mod policy;
 pub mod run;
 pub mod sandbox;
