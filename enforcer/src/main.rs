@@ -109,7 +109,8 @@ enum PolicyCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Verify the SHA-256 chain of an audit log; exit 1 if a record was changed or removed.
+    /// Verify the SHA-256 chain of an audit log (JSON or OCSF); exit 1 if a record was changed
+    /// or removed.
     Verify { file: PathBuf },
 }
 
@@ -270,9 +271,14 @@ fn audit_verify(file: &std::path::Path) -> anyhow::Result<i32> {
     match audit::verify(file) {
         Ok(report) => {
             println!(
-                "{}: ok: {} records, chain intact; head {} (seq {}){}",
+                "{}: ok: {} records{}, chain intact; head {} (seq {}){}",
                 file.display(),
                 report.records,
+                if report.format == Some(audit::AuditFormat::Ocsf) {
+                    format!(" (OCSF {} events)", enforcer::ocsf::OCSF_VERSION)
+                } else {
+                    String::new()
+                },
                 report.head,
                 report
                     .last_seq
