@@ -5,6 +5,7 @@
 //! (`kernel/`) -> kernel verdicts -> ring buffer (`events/`) -> audit log
 //! (`audit`) and metrics (`metrics`).
 pub mod audit;
+pub mod audit_tail;
 pub mod daemon;
 pub mod dns;
 pub mod dns_bridge;
