@@ -52,10 +52,11 @@ pub enum TailError {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: line {line}: {reason}")]
+    /// `at`: "line N", or "byte N" when printing started mid-file (`--lines`).
+    #[error("{path}: {at}: {reason}")]
     Record {
         path: PathBuf,
-        line: u64,
+        at: String,
         reason: String,
     },
 }
@@ -94,12 +95,16 @@ pub fn tail(
             if n == 0 || pending.last() != Some(&b'\n') {
                 break; // EOF; an incomplete line stays pending
             }
+            let start = pos;
             pos += pending.len() as u64;
             line_no = line_no.map(|l| l + 1);
             let line = &pending[..pending.len() - 1];
             let bad = |reason: String| TailError::Record {
                 path: path.to_path_buf(),
-                line: line_no.unwrap_or(0),
+                at: match line_no {
+                    Some(l) => format!("line {l}"),
+                    None => format!("byte {start}"),
+                },
                 reason,
             };
             let found =
