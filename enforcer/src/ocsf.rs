@@ -57,7 +57,7 @@
 //!   `src_endpoint`, the local port `dst_endpoint` (named by the identity),
 //!   `direction_id` 1 Inbound; everything else 2 Outbound.
 //! - DNS: `query.hostname` = `host`, `query.type`/`class` from `qtype=`,
-//!   `answers` from `learned=[..]`, `rcode_id` 5 Refused / 2 ServError when
+//!   `answers` from `learned=[..]` (and `answered=[..]`, `mode: audit`), `rcode_id` 5 Refused / 2 ServError when
 //!   the proxy answered itself; `src_endpoint` is the agent's socket.
 //! - Files: `file.path` = `path` (the `files:` rule's path, a file or a
 //!   directory tree), `file.name` its last component, `file.uid` the inode.
@@ -866,18 +866,20 @@ fn dns<'a>(r: &'a Record<'a>, v: Verdict, ev: &mut Event<'a>) -> (class::Class, 
             class,
         });
     }
-    if let Some(list) = detail_field(detail, "learned") {
+    // `learned=[..]`: the answer's addresses, installed; `answered=[..]`
+    // (`mode: audit`): those of an answer to a would-be refused name.
+    for key in ["learned", "answered"] {
+        let Some(list) = detail_field(detail, key) else {
+            continue;
+        };
         let inner = list.trim_start_matches('[').trim_end_matches(']');
-        ev.answers = inner
-            .split(',')
-            .filter_map(|a| {
-                let ip: IpAddr = a.parse().ok()?;
-                Some(DnsAnswer {
-                    rdata: a,
-                    type_: if ip.is_ipv4() { "A" } else { "AAAA" },
-                })
+        ev.answers.extend(inner.split(',').filter_map(|a| {
+            let ip: IpAddr = a.parse().ok()?;
+            Some(DnsAnswer {
+                rdata: a,
+                type_: if ip.is_ipv4() { "A" } else { "AAAA" },
             })
-            .collect();
+        }));
     }
     // The proxy's own reply, when it made one.
     let servfail = matches!(
@@ -1281,6 +1283,22 @@ mod tests {
             (&json!("CH"), &json!("TXT"))
         );
         assert_eq!(ev["activity_id"], 1, "no answer, no rcode: a query");
+        assert_valid(&ev);
+        // mode: audit, a would-be refused name answered anyway.
+        d.detail = Some(
+            "qtype=A reason=name-not-allowed transport=udp latency_us=9 \
+             answered=[203.0.113.7]"
+                .into(),
+        );
+        let ev = ocsf_of(&d);
+        assert_eq!(
+            ev["answers"],
+            json!([{"rdata": "203.0.113.7", "type": "A"}])
+        );
+        assert_eq!(
+            (&ev["activity_id"], &ev["disposition_id"]),
+            (&json!(2), &json!(15))
+        );
         assert_valid(&ev);
 
         let ev = ocsf_of(&realistic(Action::FileOpen, Verdict::Taint));
