@@ -29,6 +29,19 @@
 //! `policy_hash`, `detail` and `prev_hash`. The two kinds never share an
 //! `action` value.
 //!
+//! # The OCSF format
+//!
+//! With [`AuditFormat::Ocsf`] (`--audit-format ocsf`, `auditFormat: ocsf`)
+//! each line is instead the OCSF 1.3.0 event of the same record
+//! ([`crate::ocsf`]): the record's `seq` is `metadata.sequence`, its `action`
+//! `metadata.event_code`, and `prev_hash` is `unmapped.prev_hash`, the same
+//! SHA-256 over the previous line's exact bytes. Everything below (reopening,
+//! torn tails, `chain_resume`, [`verify`]) works the same on both; a file
+//! holds one format: opening a file whose last record is of the other format
+//! fails ([`AuditError::FormatMismatch`]) and [`verify`] reports a record of
+//! the other format ([`Problem::MixedFormat`]). The JSON path does not build
+//! OCSF events: the format is chosen once, at open.
+//!
 //! # Reopening and torn tails
 //!
 //! [`AuditLog::open`] continues an existing file: it reads only the last line
@@ -80,7 +93,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::events::{Action, Decision, IdentityRef, Verdict};
+use crate::{
+    events::{Action, Decision, IdentityRef, Verdict},
+    ocsf,
+};
 
 /// `prev_hash` of the first record of a file.
 pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -95,6 +111,47 @@ const TORN_PREVIEW: usize = 4096;
 const WRITE_BUFFER: usize = 64 * 1024;
 
 type Hash = [u8; 32];
+
+/// How the records of a log are written; one format per file.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    /// JSON Lines records (DESIGN.md section 5).
+    #[default]
+    Json,
+    /// OCSF 1.3.0 events, one per line (`ocsf.rs`), with the same hash chain.
+    Ocsf,
+}
+
+impl AuditFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Ocsf => "ocsf",
+        }
+    }
+}
+
+impl std::fmt::Display for AuditFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AuditFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "json" => Ok(Self::Json),
+            "ocsf" => Ok(Self::Ocsf),
+            other => Err(format!(
+                "unknown audit log format {other:?}: expected json or ocsf"
+            )),
+        }
+    }
+}
 
 /// Non-decision events recorded in the same chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -130,6 +187,22 @@ impl LifecycleAction {
             Self::ChainResume => "chain_resume",
             Self::TaintClamp => "taint_clamp",
         }
+    }
+    pub const ALL: [LifecycleAction; 10] = [
+        Self::PolicyLoad,
+        Self::PolicyReload,
+        Self::PolicyReloadRejected,
+        Self::PolicyRemove,
+        Self::Attach,
+        Self::Detach,
+        Self::Start,
+        Self::Stop,
+        Self::ChainResume,
+        Self::TaintClamp,
+    ];
+    /// The lifecycle action named `name` in an audit record (`as_str`'s inverse).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == name)
     }
 }
 
@@ -234,18 +307,40 @@ struct LifecycleRecord<'a> {
     prev_hash: &'a str,
 }
 
-/// The chain fields of any record; other fields are skipped (but the whole
+/// The chain fields of a record of either format: `seq`, `prev_hash` and
+/// `action` (JSON), or `metadata.sequence`, `unmapped.prev_hash` and
+/// `metadata.event_code` (OCSF). Other fields are skipped (but the whole
 /// line must still be valid JSON).
 #[derive(Deserialize)]
 struct Head<'a> {
-    seq: u64,
-    #[serde(borrow)]
-    prev_hash: Cow<'a, str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(borrow, default)]
+    prev_hash: Option<&'a str>,
     #[serde(borrow, default)]
     action: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    metadata: Option<OcsfMetadataHead<'a>>,
+    #[serde(borrow, default)]
+    unmapped: Option<OcsfUnmappedHead<'a>>,
+}
+
+#[derive(Deserialize)]
+struct OcsfMetadataHead<'a> {
+    #[serde(default)]
+    sequence: Option<u64>,
+    #[serde(borrow, default)]
+    event_code: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct OcsfUnmappedHead<'a> {
+    #[serde(borrow, default)]
+    prev_hash: Option<&'a str>,
 }
 
 struct ParsedHead {
+    format: AuditFormat,
     seq: u64,
     prev: Hash,
     resume: bool,
@@ -253,14 +348,47 @@ struct ParsedHead {
 
 fn parse_head(line: &[u8]) -> Result<ParsedHead, String> {
     let head: Head<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let (format, seq, prev_hash, action) = match (head.seq, head.metadata) {
+        (Some(seq), _) => (
+            AuditFormat::Json,
+            seq,
+            head.prev_hash.ok_or("missing field `prev_hash`")?,
+            head.action,
+        ),
+        (
+            None,
+            Some(OcsfMetadataHead {
+                sequence: Some(seq),
+                event_code,
+            }),
+        ) => (
+            AuditFormat::Ocsf,
+            seq,
+            head.unmapped
+                .and_then(|u| u.prev_hash)
+                .ok_or("OCSF event without `unmapped.prev_hash`")?,
+            event_code,
+        ),
+        _ => {
+            return Err("neither a JSON record (no `seq`) nor an OCSF event (no \
+                        `metadata.sequence`)"
+                .to_string())
+        }
+    };
     let mut prev = [0u8; 32];
-    hex::decode_to_slice(head.prev_hash.as_bytes(), &mut prev)
+    hex::decode_to_slice(prev_hash.as_bytes(), &mut prev)
         .map_err(|_| "prev_hash is not 64 hex digits".to_string())?;
     Ok(ParsedHead {
-        seq: head.seq,
+        format,
+        seq,
         prev,
-        resume: head.action.as_deref() == Some(LifecycleAction::ChainResume.as_str()),
+        resume: action.as_deref() == Some(LifecycleAction::ChainResume.as_str()),
     })
+}
+
+/// The format of one record (a line without its newline), or why it is none.
+pub fn record_format(line: &[u8]) -> Result<AuditFormat, String> {
+    parse_head(line).map(|h| h.format)
 }
 
 fn sha256(bytes: &[u8]) -> Hash {
@@ -289,6 +417,16 @@ pub enum AuditError {
         "audit log {path}: an earlier write failed, the chain state is unknown; reopen the log"
     )]
     Poisoned { path: PathBuf },
+    /// The file holds records of the other format: one format per file.
+    #[error(
+        "audit log {path} is written in the {found} format, not {expected}: one format per file; \
+         write to another file or keep the format {found}"
+    )]
+    FormatMismatch {
+        path: PathBuf,
+        found: AuditFormat,
+        expected: AuditFormat,
+    },
 }
 
 /// Options for [`AuditLog::open_with`].
@@ -296,6 +434,8 @@ pub enum AuditError {
 pub struct AuditOptions {
     /// `fdatasync` the file after every [`AuditLog::flush`].
     pub fsync: bool,
+    /// How records are written (a file already in the other format is refused).
+    pub format: AuditFormat,
 }
 
 /// What [`AuditLog::open`] removed from the end of the file.
@@ -314,6 +454,8 @@ pub struct AuditLog {
     path: PathBuf,
     out: BufWriter<File>,
     fsync: bool,
+    /// `Some` in [`AuditFormat::Ocsf`]: what the OCSF events say of the node.
+    ocsf: Option<std::sync::Arc<ocsf::Context>>,
     next_seq: u64,
     prev_hex: [u8; 64],
     buf: Vec<u8>,
@@ -368,11 +510,13 @@ impl AuditLog {
                 io_err(e)
             });
         }
-        let resume = resume_point(path, &file, options.fsync)?;
+        let resume = resume_point(path, &file, options)?;
         let mut log = Self {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(WRITE_BUFFER, file),
             fsync: options.fsync,
+            ocsf: (options.format == AuditFormat::Ocsf)
+                .then(|| std::sync::Arc::new(ocsf::Context::local())),
             next_seq: resume.next_seq,
             prev_hex: [0; 64],
             buf: Vec::with_capacity(1024),
@@ -396,6 +540,11 @@ impl AuditLog {
 
     /// Append one decision; returns its `seq`. Buffered: call [`Self::flush`].
     pub fn append_decision(&mut self, d: &Decision) -> Result<u64, AuditError> {
+        if let Some(ctx) = self.ocsf.clone() {
+            return self.append_with(|buf, seq, prev_hash| {
+                ocsf::write_event(buf, &ocsf::Record::from_decision(seq, prev_hash, d), &ctx)
+            });
+        }
         // Destructured without `..` so that a new Decision field fails to
         // compile here instead of silently missing from the audit log.
         let Decision {
@@ -456,6 +605,11 @@ impl AuditLog {
 
     /// Append one lifecycle record; returns its `seq`. Buffered.
     pub fn append_lifecycle(&mut self, ev: &LifecycleEvent) -> Result<u64, AuditError> {
+        if let Some(ctx) = self.ocsf.clone() {
+            return self.append_with(|buf, seq, prev_hash| {
+                ocsf::write_event(buf, &ocsf::Record::from_lifecycle(seq, prev_hash, ev), &ctx)
+            });
+        }
         self.append_with(|buf, seq, prev_hash| {
             serde_json::to_writer(
                 buf,
@@ -526,6 +680,14 @@ impl AuditLog {
         &self.path
     }
 
+    pub fn format(&self) -> AuditFormat {
+        if self.ocsf.is_some() {
+            AuditFormat::Ocsf
+        } else {
+            AuditFormat::Json
+        }
+    }
+
     fn set_prev(&mut self, hash: &Hash) {
         hex::encode_to_slice(hash, &mut self.prev_hex).expect("32 bytes -> 64 hex digits");
     }
@@ -589,7 +751,13 @@ fn line_start(file: &File, end: u64, max: u64) -> io::Result<Option<u64>> {
 }
 
 /// Find where the chain continues; repair a torn tail (see module docs).
-fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditError> {
+fn resume_point(path: &Path, file: &File, options: AuditOptions) -> Result<Resume, AuditError> {
+    let fsync = options.fsync;
+    let mismatch = |found| AuditError::FormatMismatch {
+        path: path.to_path_buf(),
+        found,
+        expected: options.format,
+    };
     let io_err = |source| AuditError::Io {
         path: path.to_path_buf(),
         source,
@@ -608,6 +776,9 @@ fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditEr
         let line = read_exact_at(file, start, end).map_err(io_err)?;
         let head = parse_head(&line)
             .map_err(|e| corrupt(start, format!("last record is not valid: {e}")))?;
+        if head.format != options.format {
+            return Err(mismatch(head.format));
+        }
         let next = head.seq.checked_add(1).ok_or_else(|| seq_overflow(start))?;
         Ok((next, sha256(&line)))
     };
@@ -648,6 +819,9 @@ fn resume_point(path: &Path, file: &File, fsync: bool) -> Result<Resume, AuditEr
     };
     if let Ok(head) = parse_head(&tail) {
         if head.seq == next_seq && head.prev == prev {
+            if head.format != options.format {
+                return Err(mismatch(head.format));
+            }
             // Whole record, only the newline is missing.
             let mut f = file;
             f.write_all(b"\n").map_err(io_err)?;
@@ -697,6 +871,8 @@ pub struct VerifyReport {
     pub chain_resumes: Vec<u64>,
     /// Bytes after the last `\n`: a write in progress or a crash, not checked.
     pub unterminated_tail_bytes: u64,
+    /// The format of the records (`None` for an empty log).
+    pub format: Option<AuditFormat>,
 }
 
 /// Why the chain is broken. Record numbers are `seq` values.
@@ -725,6 +901,12 @@ pub enum Problem {
     Missing { from: u64, to: u64 },
     #[error("records out of order or duplicated: seq {prev} is followed by seq {seq}")]
     OutOfOrder { prev: u64, seq: u64 },
+    /// A record of the other format: a log is written in one format.
+    #[error("{found} record in a log whose first record is {expected}: one format per file")]
+    MixedFormat {
+        expected: AuditFormat,
+        found: AuditFormat,
+    },
 }
 
 fn missing_message(from: u64, to: u64) -> String {
@@ -766,6 +948,7 @@ impl VerifyError {
 }
 
 struct Rec {
+    format: AuditFormat,
     line: u64,
     seq: u64,
     prev: Hash,
@@ -805,6 +988,7 @@ impl<R: BufRead> Lines<R> {
             problem: Problem::Malformed(e),
         })?;
         Ok(Some(Rec {
+            format: head.format,
             line: self.line,
             seq: head.seq,
             prev: head.prev,
@@ -911,10 +1095,21 @@ pub fn verify_reader(r: impl BufRead, path: &Path) -> Result<VerifyReport, Verif
         head: ZERO_HASH.to_string(),
         chain_resumes: Vec::new(),
         unterminated_tail_bytes: 0,
+        format: None,
     };
     let mut prev: Option<Rec> = None;
     let mut cur = lines.next()?;
     while let Some(c) = cur {
+        let expected = *report.format.get_or_insert(c.format);
+        if c.format != expected {
+            return Err(VerifyError::Broken {
+                line: c.line,
+                problem: Problem::MixedFormat {
+                    expected,
+                    found: c.format,
+                },
+            });
+        }
         // Read one record ahead; a bad next line is reported after `c`.
         let next = lines.next();
         check_link(
@@ -1357,11 +1552,202 @@ mod tests {
         );
     }
 
+    fn open_ocsf(path: &Path) -> Result<AuditLog, AuditError> {
+        AuditLog::open_with(
+            path,
+            AuditOptions {
+                format: AuditFormat::Ocsf,
+                ..AuditOptions::default()
+            },
+        )
+    }
+
+    #[test]
+    fn audit_ocsf_log_verifies_and_detects_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.ocsf.jsonl");
+        {
+            let mut log = open_ocsf(&path).unwrap();
+            assert_eq!(log.format(), AuditFormat::Ocsf);
+            log.append_lifecycle(&LifecycleEvent::new(LifecycleAction::Start, "v0.1.0"))
+                .unwrap();
+            let ds: Vec<_> = (1..10).map(decision).collect();
+            log.append_batch(&ds).unwrap();
+        }
+        let orig = lines(&path);
+        assert_eq!(orig.len(), 10);
+        let mut prev = ZERO_HASH.to_string();
+        for (i, l) in orig.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["metadata"]["sequence"], i as u64);
+            assert_eq!(v["metadata"]["version"], crate::ocsf::OCSF_VERSION);
+            assert_eq!(v["unmapped"]["prev_hash"], prev.as_str());
+            assert_eq!(v["class_uid"], if i == 0 { 6002 } else { 4001 });
+            assert!(v.get("seq").is_none() && v.get("prev_hash").is_none());
+            prev = hex::encode(Sha256::digest(l.as_bytes()));
+        }
+        let r = verify(&path).unwrap();
+        assert_eq!((r.records, r.last_seq), (10, Some(9)));
+        assert_eq!(
+            (r.head.as_str(), r.format),
+            (prev.as_str(), Some(AuditFormat::Ocsf))
+        );
+
+        // One byte of a middle record.
+        let mut ls = orig.clone();
+        ls[4] = ls[4].replacen("\"curl\"", "\"curm\"", 1); // line 5 = seq 4
+        write_lines(&path, &ls);
+        let err = verify(&path).unwrap_err();
+        assert_eq!(err.line(), Some(5));
+        assert_eq!(err.problem(), Some(&Problem::Modified { seq: 4, next: 5 }));
+        assert_eq!(
+            err.to_string(),
+            "line 5: record 4 modified: prev_hash of record 5 does not match"
+        );
+
+        // Its prev_hash, its sequence, a record removed.
+        let mut ls = orig.clone();
+        let v: serde_json::Value = serde_json::from_str(&ls[6]).unwrap();
+        let ph = v["unmapped"]["prev_hash"].as_str().unwrap().to_string();
+        let flipped = format!(
+            "{}{}",
+            if ph.starts_with('0') { "1" } else { "0" },
+            &ph[1..]
+        );
+        ls[6] = ls[6].replace(&ph, &flipped);
+        write_lines(&path, &ls);
+        assert_eq!(
+            broken(&path),
+            (
+                7,
+                Problem::PrevHashModified {
+                    seq: 6,
+                    prev: 5,
+                    next: 7
+                }
+            )
+        );
+        let mut ls = orig.clone();
+        ls[6] = ls[6].replacen("\"sequence\":6", "\"sequence\":60", 1);
+        write_lines(&path, &ls);
+        assert_eq!(
+            broken(&path),
+            (
+                7,
+                Problem::SeqModified {
+                    found: 60,
+                    expected: 6
+                }
+            )
+        );
+        let mut ls = orig.clone();
+        ls.remove(5);
+        write_lines(&path, &ls);
+        assert_eq!(broken(&path), (6, Problem::Missing { from: 4, to: 6 }));
+
+        // A JSON record among OCSF events.
+        let json_path = dir.path().join("a.jsonl");
+        write_n(&json_path, 3);
+        let mut ls = orig;
+        ls.insert(3, lines(&json_path)[1].clone());
+        write_lines(&path, &ls);
+        assert_eq!(
+            broken(&path),
+            (
+                4,
+                Problem::MixedFormat {
+                    expected: AuditFormat::Ocsf,
+                    found: AuditFormat::Json
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn audit_ocsf_reopen_torn_tail_and_format_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.ocsf.jsonl");
+        {
+            let mut log = open_ocsf(&path).unwrap();
+            log.append_batch(&[decision(0), decision(1)]).unwrap();
+        }
+        let head = verify(&path).unwrap().head;
+        {
+            let mut log = open_ocsf(&path).unwrap();
+            assert_eq!((log.next_seq(), log.head()), (2, head.as_str()));
+            log.append_batch(&[decision(2)]).unwrap();
+        }
+        assert_eq!(verify(&path).unwrap().records, 3);
+
+        // The other format is refused both ways, and nothing is written.
+        let before = fs::read(&path).unwrap();
+        let e = AuditLog::open(&path).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AuditError::FormatMismatch {
+                    found: AuditFormat::Ocsf,
+                    expected: AuditFormat::Json,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains("written in the ocsf format, not json"),
+            "{e}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), before);
+        let json_path = dir.path().join("a.jsonl");
+        write_n(&json_path, 2);
+        assert!(matches!(
+            open_ocsf(&json_path),
+            Err(AuditError::FormatMismatch {
+                found: AuditFormat::Json,
+                expected: AuditFormat::Ocsf,
+                ..
+            })
+        ));
+
+        // Torn tail: truncated, and an OCSF chain_resume event written.
+        let good_len = fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"class_uid":4001,"metad"#).unwrap();
+        drop(f);
+        let mut log = open_ocsf(&path).unwrap();
+        assert_eq!(log.torn_tail().unwrap().offset, good_len);
+        log.append_decision(&decision(4)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let r = verify(&path).unwrap();
+        assert_eq!((r.records, r.chain_resumes.clone()), (5, vec![3]));
+        let resume: serde_json::Value = serde_json::from_str(&lines(&path)[3]).unwrap();
+        assert_eq!(resume["metadata"]["event_code"], "chain_resume");
+        assert_eq!(resume["class_uid"], 6002);
+        assert!(resume["message"].as_str().unwrap().contains("metad"));
+
+        // A complete OCSF record that only lost its newline is kept.
+        let content = fs::read(&path).unwrap();
+        fs::write(&path, &content[..content.len() - 1]).unwrap();
+        let log = open_ocsf(&path).unwrap();
+        assert!(log.torn_tail().is_none());
+        drop(log);
+        assert_eq!(fs::read(&path).unwrap(), content);
+    }
+
     #[test]
     fn audit_fsync_option_writes_and_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
-        let mut log = AuditLog::open_with(&path, AuditOptions { fsync: true }).unwrap();
+        let mut log = AuditLog::open_with(
+            &path,
+            AuditOptions {
+                fsync: true,
+                ..AuditOptions::default()
+            },
+        )
+        .unwrap();
         log.append_decision(&decision(0)).unwrap();
         log.flush().unwrap();
         assert_eq!(verify(&path).unwrap().head, log.head());

@@ -5,6 +5,7 @@
 //! (`kernel/`) -> kernel verdicts -> ring buffer (`events/`) -> audit log
 //! (`audit`) and metrics (`metrics`).
 pub mod audit;
+pub mod audit_tail;
 pub mod daemon;
 pub mod dns;
 pub mod dns_bridge;
@@ -13,6 +14,7 @@ pub mod k8s;
 pub mod kernel;
 pub mod metrics;
 pub mod netns;
+pub mod ocsf;
 pub mod policy;
 pub mod run;
 pub mod sandbox;

@@ -185,8 +185,32 @@ struct DiscoverArgs {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Verify the SHA-256 chain of an audit log; exit 1 if a record was changed or removed.
+    /// Verify the SHA-256 chain of an audit log (JSON or OCSF); exit 1 if a record was changed
+    /// or removed.
     Verify { file: PathBuf },
+    /// Print an audit log's records, as written or converted to OCSF events; with --follow, go
+    /// on printing the records appended to it (a live stream for a log shipper).
+    ///
+    /// JSON records become OCSF 1.3.0 events with --format ocsf, as `--audit-format ocsf` would
+    /// have written them; OCSF events are not converted back. Only complete lines are printed.
+    /// A followed file that is truncated or replaced (rotated) is read again from its start.
+    Tail {
+        /// Audit log; or --config to take the daemon's `auditLog`.
+        #[arg(required_unless_present = "config")]
+        file: Option<PathBuf>,
+        /// Daemon configuration file whose `auditLog` to print.
+        #[arg(long, short = 'c', conflicts_with = "file")]
+        config: Option<PathBuf>,
+        /// Print records in this format (default: as written).
+        #[arg(long, value_enum)]
+        format: Option<audit::AuditFormat>,
+        /// Keep printing records as they are appended (until interrupted).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Start with the last N records instead of the first.
+        #[arg(long, short = 'n', value_name = "N")]
+        lines: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -245,6 +269,16 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Audit {
             command: AuditCmd::Verify { file },
         } => audit_verify(&file),
+        Cmd::Audit {
+            command:
+                AuditCmd::Tail {
+                    file,
+                    config,
+                    format,
+                    follow,
+                    lines,
+                },
+        } => audit_tail(file, config, format, follow, lines),
         Cmd::Status { socket, json } => daemon::control::status(&socket, json),
         Cmd::K8s {
             command: K8sCmd::Crd,
@@ -464,13 +498,44 @@ fn policy_discover(a: DiscoverArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+fn audit_tail(
+    file: Option<PathBuf>,
+    config: Option<PathBuf>,
+    format: Option<audit::AuditFormat>,
+    follow: bool,
+    last: Option<u64>,
+) -> anyhow::Result<i32> {
+    let path = match (file, config) {
+        (Some(f), _) => f,
+        (None, Some(c)) => daemon::config::Config::load(&c)?
+            .audit_log
+            .with_context(|| format!("{}: no auditLog is configured", c.display()))?,
+        (None, None) => anyhow::bail!("give an audit log FILE or --config"),
+    };
+    let opts = enforcer::audit_tail::TailOptions {
+        format,
+        follow,
+        last,
+        ..Default::default()
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    enforcer::audit_tail::tail(&path, &opts, &mut out, &|| false)?;
+    Ok(0)
+}
+
 fn audit_verify(file: &std::path::Path) -> anyhow::Result<i32> {
     match audit::verify(file) {
         Ok(report) => {
             println!(
-                "{}: ok: {} records, chain intact; head {} (seq {}){}",
+                "{}: ok: {} records{}, chain intact; head {} (seq {}){}",
                 file.display(),
                 report.records,
+                if report.format == Some(audit::AuditFormat::Ocsf) {
+                    format!(" (OCSF {} events)", enforcer::ocsf::OCSF_VERSION)
+                } else {
+                    String::new()
+                },
                 report.head,
                 report
                     .last_seq

@@ -25,7 +25,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    audit::{AuditLog, LifecycleAction},
+    audit::{AuditFormat, AuditLog, AuditOptions, LifecycleAction},
     dns_bridge::DnsService,
     events::{
         reader::{Attribution, SlotInfo},
@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// Append one JSON line per decision here (SHA-256 chained).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// Format of the --audit-log records: json (DESIGN.md's records) or ocsf (OCSF 1.3.0
+    /// events, same hash chain). A file already written in the other format is refused.
+    #[arg(long, value_enum, default_value_t = AuditFormat::Json)]
+    pub audit_format: AuditFormat,
     /// Serve Prometheus metrics (/metrics, /healthz) on this address.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -359,7 +363,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
     metrics.set_file_rules(&compiled.name, files.entries.len() as u64);
     let audit = match &args.audit_log {
         Some(p) => {
-            Some(AuditLog::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
+            let options = AuditOptions {
+                format: args.audit_format,
+                ..Default::default()
+            };
+            Some(
+                AuditLog::open_with(p, options)
+                    .with_context(|| format!("opening audit log {}", p.display()))?,
+            )
         }
         None => None,
     };

@@ -7,6 +7,7 @@
 //!     policy: research-agent               # metadata.name of an AgentPolicy
 //! metricsAddr: 127.0.0.1:9090              # /metrics and /healthz
 //! auditLog: /var/log/enforcer/audit.jsonl
+//! auditFormat: json                        # json (default) | ocsf: OCSF 1.3.0 events, same hash chain
 //! pinDir: /sys/fs/bpf/enforcer             # bpffs: maps and links pinned here
 //! controlSocket: /run/enforcer/enforcer.sock
 //! stateDir: /run/enforcer                  # identity slot table (survives daemon restarts)
@@ -39,6 +40,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// How `auditLog` records are written: `json` (default) or `ocsf`.
+    #[serde(default)]
+    pub audit_format: crate::audit::AuditFormat,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     #[serde(default = "default_control_socket")]
@@ -186,6 +190,19 @@ mod tests {
         assert_eq!(c.resync_seconds, 2);
         let e = Config::parse("policiesDir: /p\nresyncSeconds: 0\n").unwrap_err();
         assert!(e.to_string().contains("resyncSeconds"), "{e}");
+    }
+
+    #[test]
+    fn audit_format() {
+        use crate::audit::AuditFormat;
+        let c = Config::parse("policiesDir: /p\n").unwrap();
+        assert_eq!(c.audit_format, AuditFormat::Json);
+        let c = Config::parse("policiesDir: /p\nauditFormat: ocsf\n").unwrap();
+        assert_eq!(c.audit_format, AuditFormat::Ocsf);
+        let e = Config::parse("policiesDir: /p\nauditFormat: xml\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xml") && e.contains("ocsf"), "{e}");
     }
 
     #[test]

@@ -1581,7 +1581,14 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             if let Some(d) = p.parent() {
                 std::fs::create_dir_all(d).ok();
             }
-            Some(AuditLog::open(p).with_context(|| format!("opening audit log {}", p.display()))?)
+            let options = crate::audit::AuditOptions {
+                format: cfg.audit_format,
+                ..Default::default()
+            };
+            Some(
+                AuditLog::open_with(p, options)
+                    .with_context(|| format!("opening audit log {}", p.display()))?,
+            )
         }
         None => None,
     };

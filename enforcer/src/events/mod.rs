@@ -83,6 +83,13 @@ impl Action {
             Self::Syscall => "syscall",
         }
     }
+    /// The action named `name` in an audit record (`as_str`'s inverse).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .chain([Self::Syscall])
+            .find(|a| a.as_str() == name)
+    }
     /// The actions the kernel decides and counts.
     pub const ALL: [Action; 14] = [
         Self::Connect,
@@ -159,6 +166,10 @@ impl Verdict {
         }
     }
     pub const ALL: [Verdict; 4] = [Self::Allow, Self::Deny, Self::Audit, Self::Taint];
+    /// The verdict named `name` in an audit record (`as_str`'s inverse).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == name)
+    }
     pub fn kernel_code(self) -> u8 {
         use enforcer_common::verdict as k;
         match self {
