@@ -478,6 +478,12 @@ pub fn process_answer(
 }
 
 /// Does `net` contain `ip` (an IPv4-mapped IPv6 address counts as IPv4)?
+/// May `ip` be installed under rules whose `cidr` rules are `cidrs`: not
+/// in rebinding space, or vouched for by one of them.
+pub fn vouched(cidrs: &[IpNet], ip: IpAddr) -> bool {
+    !is_rebinding_address(ip) || cidrs.iter().any(|n| covers(n, ip))
+}
+
 fn covers(net: &IpNet, ip: IpAddr) -> bool {
     net.contains(&ip) || net.contains(&canonical(ip))
 }

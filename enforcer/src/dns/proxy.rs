@@ -76,7 +76,7 @@ use tokio::{
 use super::{
     message::{
         answers_question, decide, error_reply, parse_query, release, rule_text, upstream_query,
-        Budget, Decision, Query, Released, MAX_QUERY_BYTES,
+        vouched, Budget, Decision, Query, Released, MAX_QUERY_BYTES,
     },
     DnsEvent, DnsPolicy, DnsSink, Learner, TaintView,
 };
@@ -907,7 +907,7 @@ impl Ident {
             } else {
                 self.slot
             };
-            for (ip, ttl) in learn {
+            for &(ip, ttl) in &learn {
                 match self
                     .learner
                     .learn(slot, ip, &rule.set, ttl, &q.qname, epoch)
@@ -927,12 +927,45 @@ impl Ident {
                     }
                 }
             }
+            if !view.tainted && d.verdict == Verdict::Allow {
+                self.learn_ahead_of_taint(&policy, &q.qname, &learn, epoch);
+            }
         }
         let mut report = Report::new(policy, q, d, origin, start);
         report.answers = installed;
         report.answered = answered;
         report.rebinding_blocked = blocked;
         Some((bytes, report))
+    }
+}
+
+impl Ident {
+    /// A name the onTaint rules also allow, answered before the taint
+    /// read: its addresses go under the taint key as well (with the onTaint
+    /// rule's ports; a rebinding address only if an onTaint `cidr` rule
+    /// vouches for it), so that an agent that cached the answer still
+    /// reaches what onTaint allows after the clamp, without asking again.
+    /// Best effort: the plain answer is already installed.
+    fn learn_ahead_of_taint(
+        &self,
+        policy: &DnsPolicy,
+        qname: &str,
+        learn: &[(IpAddr, Duration)],
+        epoch: u64,
+    ) {
+        let Some(rule) = policy.match_taint_host(qname) else {
+            return;
+        };
+        let cidrs = policy.rules(true).cidrs;
+        for &(ip, ttl) in learn {
+            if !vouched(cidrs, ip) {
+                continue;
+            }
+            let slot = self.slot | TAINT_SLOT_BIT;
+            if let Err(e) = self.learner.learn(slot, ip, &rule.set, ttl, qname, epoch) {
+                tracing::debug!(slot, %ip, "learning an answer for the onTaint rules: {e:#}");
+            }
+        }
     }
 }
 

@@ -1326,15 +1326,21 @@ async fn tainted_rebinding_is_vouched_by_on_taint_cidrs_only() {
         vec![ip("10.1.2.3"), ip("169.254.169.254")]
     );
     let calls = h.learner.calls.lock().unwrap().clone();
-    let tainted: Vec<(u32, IpAddr)> = calls[2..].iter().map(|c| (c.0, c.1)).collect();
+    let all: Vec<(u32, IpAddr)> = calls.iter().map(|c| (c.0, c.1)).collect();
     assert_eq!(
-        tainted,
+        all,
         vec![
+            (SLOT, ip("10.1.2.3")),
+            (SLOT, ip("93.184.216.36")),
+            // Before the taint, ahead of it: the onTaint rules allow the
+            // name; 10.1.2.3 is not vouched for by an onTaint cidr rule.
+            (SLOT | TAINT_SLOT_BIT, ip("93.184.216.36")),
             (SLOT | TAINT_SLOT_BIT, ip("127.0.0.1")),
             (SLOT | TAINT_SLOT_BIT, ip("93.184.216.36"))
         ]
     );
     assert_eq!(calls[2].2.rules[0].rule_id, TAINT_BASE + 1);
+    assert_eq!(calls[3].2.rules[0].rule_id, TAINT_BASE + 1);
 }
 
 #[tokio::test]

@@ -798,7 +798,7 @@ pub(super) fn quoted(s: &str) -> String {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if c.is_control() || c == '\u{feff}' => {
+            c if c.is_control() || matches!(c, '\u{feff}' | '\u{2028}' | '\u{2029}') => {
                 out.push_str(&format!("\\u{:04x}", c as u32));
             }
             c => out.push(c),
@@ -810,8 +810,15 @@ pub(super) fn quoted(s: &str) -> String {
 
 /// One line of a YAML comment (control characters blanked).
 pub(super) fn comment(s: &str) -> String {
+    // YAML breaks lines at \n, \r, U+0085, U+2028 and U+2029.
     s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}') {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect()
 }
 

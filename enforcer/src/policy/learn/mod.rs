@@ -168,7 +168,32 @@ fn build(
     files: &[PathBuf],
     opts: &LearnOptions,
 ) -> Result<Learned, LearnError> {
-    let p = propose::propose(o, opts);
+    // A name or prefix holds at most MAX_PORT_RULES port entries, wildcards
+    // above a name included: merge ranges harder until the policy compiles.
+    let mut last = None;
+    for budget in [enforcer_common::MAX_PORT_RULES, 4, 1] {
+        match build_with(o, files, opts, budget) {
+            Err(LearnError::Invalid(e)) => last = Some(e),
+            other => return other,
+        }
+    }
+    Err(LearnError::Invalid(
+        last.unwrap_or_else(|| PolicyErrors(Vec::new())),
+    ))
+}
+
+fn build_with(
+    o: &records::Observed,
+    files: &[PathBuf],
+    opts: &LearnOptions,
+    port_budget: usize,
+) -> Result<Learned, LearnError> {
+    let mut p = propose::propose(o, opts, port_budget);
+    // Names, paths and process names come from the agent: nothing it chose
+    // may move a terminal's cursor or break a line of the YAML.
+    for w in &mut p.warnings {
+        *w = printable(w);
+    }
     let base = opts.base.as_ref();
     let dns = (p.dns != Dns::default()).then(|| p.dns.clone());
     let policy = AgentPolicy {
@@ -271,6 +296,19 @@ fn header(o: &records::Observed, files: &[PathBuf], p: &propose::Proposal) -> Ve
         h.push(format!("WARNING: {w}"));
     }
     h
+}
+
+/// `s` with control characters and Unicode line breaks escaped (`\u{1b}`).
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A policy name (`metadata.name`) is an RFC 1123 DNS label.

@@ -60,17 +60,25 @@ struct RawFlow {
     last_seen: DateTime<Utc>,
 }
 
+/// Which run a record belongs to: (file, `start` records of that file
+/// before it). A DNS answer of one run explains nothing in another, and
+/// each run has its own taint read.
+pub type Run = (usize, usize);
+
 /// Where a record came from, for evidence and errors.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct At {
     pub file: PathBuf,
     pub line: usize,
+    /// Index of `file` in the files read.
+    pub index: usize,
 }
 
 /// A DNS query the proxy answered (allowed, or would-be refused in audit
 /// mode) and the addresses its answer carried.
 #[derive(Debug, Clone)]
 pub struct DnsSeen {
+    pub run: Run,
     pub ts: DateTime<Utc>,
     pub name: String,
     pub qtype: String,
@@ -81,6 +89,7 @@ pub struct DnsSeen {
 /// An egress flow: `count` connects or datagrams to one destination.
 #[derive(Debug, Clone)]
 pub struct FlowSeen {
+    pub run: Run,
     pub first: DateTime<Utc>,
     pub last: DateTime<Utc>,
     pub count: u64,
@@ -99,11 +108,14 @@ pub struct FlowSeen {
 /// names the rule, not the file under it).
 #[derive(Debug, Clone)]
 pub struct FileSeen {
+    pub run: Run,
     pub ts: DateTime<Utc>,
     pub path: String,
     pub action: String,
     pub comm: String,
     pub pid: u32,
+    /// `audit`, `allow`, `taint` (a `taint` rule's read).
+    pub verdict: String,
 }
 
 /// A unix socket the agent connected or sent to.
@@ -149,11 +161,7 @@ pub struct Observed {
     pub ingress: Vec<IngressSeen>,
     pub inspect: Vec<InspectSeen>,
     /// When the identity was clamped (`taint_clamp` lifecycle records).
-    pub taint_clamps: Vec<DateTime<Utc>>,
-    /// `start` records (of `enforcer run` or the daemon): they split the
-    /// logs into runs; a DNS answer of one run explains nothing in another,
-    /// and each run has its own taint read.
-    pub starts: Vec<DateTime<Utc>>,
+    pub taint_clamps: Vec<(Run, DateTime<Utc>)>,
     /// Decision records of the identity read.
     pub records: u64,
     /// Records not learned from, by why (`denied connect`, ...), with the
@@ -181,7 +189,7 @@ pub type Identities = BTreeMap<String, u64>;
 pub fn read(files: &[PathBuf], identity: Option<&str>) -> Result<Observed, LearnError> {
     let mut all: Vec<(At, Raw)> = Vec::new();
     let mut identities = Identities::new();
-    for f in files {
+    for (index, f) in files.iter().enumerate() {
         let file = File::open(f).map_err(|e| LearnError::Read {
             file: f.clone(),
             error: e.to_string(),
@@ -190,6 +198,7 @@ pub fn read(files: &[PathBuf], identity: Option<&str>) -> Result<Observed, Learn
             let at = At {
                 file: f.clone(),
                 line: i + 1,
+                index,
             };
             let line = line.map_err(|e| LearnError::Read {
                 file: f.clone(),
@@ -228,16 +237,21 @@ pub fn read(files: &[PathBuf], identity: Option<&str>) -> Result<Observed, Learn
         identity: identity.clone(),
         ..Observed::default()
     };
-    for (at, r) in all {
-        if r.action.as_deref() == Some("start") && r.verdict.is_none() {
-            if let Some(ts) = r.ts {
-                o.starts.push(ts);
-            }
+    // `start` records (of `enforcer run` or the daemon) split each file
+    // into runs.
+    let mut starts: Vec<Vec<DateTime<Utc>>> = vec![Vec::new(); files.len()];
+    for (at, r) in &all {
+        if let (Some("start"), None, Some(ts)) = (r.action.as_deref(), &r.verdict, r.ts) {
+            starts[at.index].push(ts);
         }
+    }
+    for (at, r) in all {
         if r.identity.as_ref().map(|i| i.name.as_str()) != Some(identity.as_str()) {
             continue;
         }
-        observe(&mut o, at, r);
+        let run =
+            |t: DateTime<Utc>| -> Run { (at.index, starts[at.index].partition_point(|s| *s <= t)) };
+        observe(&mut o, &run, at.clone(), r);
     }
     Ok(o)
 }
@@ -268,14 +282,14 @@ fn parse_line(line: &str, at: &At) -> Result<Raw, LearnError> {
     Ok(raw)
 }
 
-fn observe(o: &mut Observed, at: At, r: Raw) {
+fn observe(o: &mut Observed, run: &dyn Fn(DateTime<Utc>) -> Run, at: At, r: Raw) {
     let (Some(action), Some(ts)) = (r.action.as_deref(), r.ts) else {
         return;
     };
     let Some(verdict) = r.verdict.as_deref() else {
         // A lifecycle record.
         if action == "taint_clamp" {
-            o.taint_clamps.push(ts);
+            o.taint_clamps.push((run(ts), ts));
         }
         return;
     };
@@ -303,6 +317,7 @@ fn observe(o: &mut Observed, at: At, r: Raw) {
             answers.extend(detail_list(detail, "answered"));
             answers.extend(detail_list(detail, "rebinding_blocked"));
             o.dns.push(DnsSeen {
+                run: run(ts),
                 ts,
                 qtype: detail_word(detail, "qtype").unwrap_or("A").to_string(),
                 tainted: detail.contains(" tainted=true"),
@@ -326,6 +341,7 @@ fn observe(o: &mut Observed, at: At, r: Raw) {
                 None => (ts, ts, 1),
             };
             o.flows.push(FlowSeen {
+                run: run(first),
                 first,
                 last,
                 count,
@@ -340,11 +356,13 @@ fn observe(o: &mut Observed, at: At, r: Raw) {
         "file_open" | "file_link" | "file_rename" => {
             let Some(path) = r.path.clone() else { return };
             o.files.push(FileSeen {
+                run: run(ts),
                 ts,
                 path,
                 action: action.to_string(),
                 comm: r.comm.clone(),
                 pid: r.pid,
+                verdict: verdict.to_string(),
             });
         }
         "unix_connect" | "unix_send" => {

@@ -212,17 +212,16 @@ fn flow_records_count_and_ports_merge_into_ranges() {
     );
     assert_eq!(
         rules(&l),
-        vec!["host api.example.com ports [8000-8002] tcp inspect none"]
+        vec!["host api.example.com ports [8000-8002] tcp"],
+        "unknown ports keep the name check"
     );
     assert!(l.yaml.contains("connects: 42,"), "{}", l.yaml);
-    assert!(l
-        .yaml
-        .contains("inspect: none: port 8000, 8001, 8002 is not TLS/HTTP"));
+    assert!(!l.yaml.contains("inspect: none"), "{}", l.yaml);
     assert_round_trip(&l);
 }
 
 #[test]
-fn udp_and_non_web_ports_opt_out_of_inspection() {
+fn nameless_protocols_and_udp_opt_out_of_inspection_quic_is_not_learned() {
     let l = learn_str(
         &[
             dns(1, "git.example.com", "A", &["203.0.113.20"]),
@@ -230,6 +229,8 @@ fn udp_and_non_web_ports_opt_out_of_inspection() {
             connect(3, "203.0.113.20", 443, "git"),
             dns(4, "quic.example.com", "A", &["203.0.113.21"]),
             sendmsg(5, "203.0.113.21", 443),
+            dns(6, "pool.ntp.example", "A", &["203.0.113.22"]),
+            sendmsg(7, "203.0.113.22", 123),
         ],
         &LearnOptions::default(),
     );
@@ -238,10 +239,57 @@ fn udp_and_non_web_ports_opt_out_of_inspection() {
         vec![
             "host git.example.com ports [443] tcp",
             "host git.example.com ports [22] tcp inspect none",
-            "host quic.example.com ports [443] udp inspect none",
+            "host pool.ntp.example ports [123] udp inspect none",
         ]
     );
+    for w in [
+        "UDP to quic.example.com port 443 (QUIC) is not learned",
+        "git.example.com port 22 (tcp): inspect: none",
+        "pool.ntp.example port 123 (udp): inspect: none",
+    ] {
+        assert!(
+            l.warnings.iter().any(|x| x.contains(w)),
+            "{w}: {:?}",
+            l.warnings
+        );
+    }
     assert_round_trip(&l);
+}
+
+/// A refused first-bytes judgement (a fronting attempt) never turns the
+/// name check off; first bytes that were neither TLS nor HTTP do, for that
+/// port.
+#[test]
+fn only_nameless_first_bytes_turn_inspection_off() {
+    let inspect = |t: u32, port: u16, reason: &str| {
+        decision(
+            t,
+            "inspect",
+            "audit",
+            json!({"ip": "203.0.113.10", "port": port, "protocol": "tcp", "reason": reason,
+                   "first_bytes": "tls", "presented": "evil.example"}),
+        )
+    };
+    let l = learn_str(
+        &[
+            dns(1, "api.example.com", "A", &["203.0.113.10"]),
+            connect(2, "203.0.113.10", 443, "agent"),
+            inspect(2, 443, "name-mismatch"),
+            connect(3, "203.0.113.10", 7000, "agent"),
+            inspect(3, 7000, "not-tls-or-http"),
+        ],
+        &LearnOptions::default(),
+    );
+    assert_eq!(
+        rules(&l),
+        vec![
+            "host api.example.com ports [443] tcp",
+            "host api.example.com ports [7000] tcp inspect none",
+        ]
+    );
+    assert!(l
+        .yaml
+        .contains("first bytes on port 7000 that were neither TLS nor HTTP"));
 }
 
 #[test]
@@ -284,9 +332,14 @@ fn siblings_collapse_at_the_threshold_never_above_a_registrable_domain() {
         "{r:?}"
     );
     assert!(!r.iter().any(|x| x.contains("*.co.uk")), "{r:?}");
-    assert!(l
-        .yaml
-        .contains("5 sibling names connected to (a.cdn.example.com, b.cdn"));
+    assert!(
+        l.yaml.contains(
+            "5 sibling names connected to, collapsed: a.cdn.example.com, b.cdn.example.com, \
+             c.cdn.example.com, d.cdn.example.com, e.cdn.example.com"
+        ),
+        "{}",
+        l.yaml
+    );
     assert_round_trip(&l);
 
     // A lower threshold collapses example.org; 0 never collapses.
@@ -324,11 +377,18 @@ fn wildcard_parents_stop_at_the_public_suffix_list() {
         Some("example.co.uk")
     );
     assert_eq!(wildcard_parent("example.co.uk"), None, "*.co.uk");
-    // A private suffix of the list (github.io): each user is a registrable domain.
+    // A private suffix of the list (github.io): each user is a registrable
+    // domain; and github.io is multi-tenant: nothing collapses under it.
     assert_eq!(wildcard_parent("alice.github.io"), None, "*.github.io");
+    assert_eq!(wildcard_parent("docs.alice.github.io"), None);
+    // Multi-tenant domains the list misses: buckets, wildcard DNS.
+    assert_eq!(wildcard_parent("bucket.storage.googleapis.com"), None);
+    assert_eq!(wildcard_parent("a.b.storage.googleapis.com"), None);
+    assert_eq!(wildcard_parent("1-2-3-4.nip.io"), None);
+    assert_eq!(wildcard_parent("x.elb.amazonaws.com"), None);
     assert_eq!(
-        wildcard_parent("docs.alice.github.io").as_deref(),
-        Some("alice.github.io")
+        wildcard_parent("api.internal.example.com").as_deref(),
+        Some("internal.example.com")
     );
 }
 
@@ -451,24 +511,25 @@ fn a_secret_read_becomes_taint_with_the_egress_seen_after_it() {
         (f[0].path.to_str().unwrap(), f[0].access),
         ("/home/agent/.ssh", FileAccess::Taint)
     );
-    assert!(l
-        .yaml
-        .contains("# SSH keys: reads: 1, first 2026-12-05T10:00:10Z, by agent"));
+    assert!(
+        l.yaml
+            .contains("# SSH keys: opens: 1, first 2026-12-05T10:00:10Z, by agent"),
+        "{}",
+        l.yaml
+    );
     // Before the read: only the API.
     assert_eq!(rules(&l), vec!["host api.example.com ports [443] tcp"]);
-    // After it: the API (by name, and its address: the first connect after
-    // the read used the answer from before it), and the exfiltration.
+    // After it: the API (the first connect after the read used the answer
+    // from before it, which the DNS proxy installs under the taint key too
+    // since the onTaint rules allow the name), and the exfiltration.
     assert_eq!(
         on_taint(&l),
         vec![
             "host api.example.com ports [443] tcp",
             "host upload.evil.test ports [443] tcp",
-            "cidr 203.0.113.10/32 ports [443] tcp",
         ]
     );
-    assert!(l
-        .yaml
-        .contains("api.example.com resolved to it before the taint read"));
+    assert!(l.yaml.contains("answered before the taint read"));
     let warning = l
         .warnings
         .iter()
@@ -805,4 +866,303 @@ fn the_discovery_policy_validates_and_watches_existing_secrets() {
         "#   {}",
         home.path().join(".config/acme").display()
     )));
+}
+
+// ---------------------------------------------------------------- poisoning
+
+/// Two names on one address (a CDN, or a decoy resolving to the real API's
+/// address): both are learned, none is dropped, and it is called out.
+#[test]
+fn an_address_answered_for_several_names_explains_for_all_of_them() {
+    let l = learn_str(
+        &[
+            dns(1, "api.openai.com", "A", &["203.0.113.10"]),
+            connect(2, "203.0.113.10", 443, "python3"),
+            dns(3, "c2.attacker.net", "A", &["203.0.113.10"]),
+            connect(4, "203.0.113.10", 443, "python3"),
+        ],
+        &LearnOptions::default(),
+    );
+    assert_eq!(
+        rules(&l),
+        vec![
+            "host api.openai.com ports [443] tcp",
+            "host c2.attacker.net ports [443] tcp",
+        ]
+    );
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("203.0.113.10 was answered for names of different domains")),
+        "{:?}",
+        l.warnings
+    );
+    // Excluding the decoy keeps the real name.
+    let l = learn_str(
+        &[
+            dns(1, "api.openai.com", "A", &["203.0.113.10"]),
+            dns(3, "c2.attacker.net", "A", &["203.0.113.10"]),
+            connect(4, "203.0.113.10", 443, "python3"),
+        ],
+        &LearnOptions {
+            excludes: vec!["host=c2.attacker.net".parse().unwrap()],
+            ..LearnOptions::default()
+        },
+    );
+    assert_eq!(rules(&l), vec!["host api.openai.com ports [443] tcp"]);
+}
+
+#[test]
+fn an_answer_older_than_the_ttl_clamp_explains_nothing() {
+    let l = learn_str(
+        &[
+            dns(1, "api.example.com", "A", &["203.0.113.10"]),
+            // 31 minutes later: the learned address expired long ago.
+            connect(1861, "203.0.113.10", 443, "agent"),
+        ],
+        &LearnOptions::default(),
+    );
+    assert_eq!(rules(&l), vec!["cidr 203.0.113.10/32 ports [443] tcp"]);
+    assert!(
+        l.yaml.contains("# - host: \"api.example.com\""),
+        "{}",
+        l.yaml
+    );
+}
+
+#[test]
+fn runs_are_split_per_file() {
+    // Two logs of concurrent runs: each file's answers explain its own
+    // connects, whatever the other file's `start` records say.
+    let a = log(&[
+        start(0),
+        dns(10, "api.example.com", "A", &["203.0.113.10"]),
+        connect(11, "203.0.113.10", 443, "agent"),
+    ]);
+    let b = log(&[start(5), connect(20, "198.51.100.1", 443, "agent")]);
+    let dir = tempfile::tempdir().unwrap();
+    let (fa, fb) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    std::fs::write(&fa, a).unwrap();
+    std::fs::write(&fb, b).unwrap();
+    let l = learn(&[fa, fb], &LearnOptions::default()).unwrap();
+    assert_eq!(
+        rules(&l),
+        vec![
+            "host api.example.com ports [443] tcp",
+            "cidr 198.51.100.1/32 ports [443] tcp",
+        ]
+    );
+}
+
+#[test]
+fn the_runs_file_rules_are_never_weakened() {
+    let base = crate::policy::parse_str(
+        "apiVersion: enforcer.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: b\nspec:\n  \
+         mode: audit\n  egress: []\n  files:\n    - {path: /srv/keys, access: deny}\n    \
+         - {path: /srv/customer-data, access: taint}\n",
+        Path::new("b.yaml"),
+    )
+    .unwrap()
+    .remove(0)
+    .policy;
+    let l = learn_str(
+        &[
+            file_open(1, "/srv/keys", "agent"),
+            dns(2, "api.example.com", "A", &["203.0.113.10"]),
+            connect(3, "203.0.113.10", 443, "agent"),
+            file_open(4, "/srv/customer-data", "agent"),
+            dns(5, "upload.example.net", "A", &["198.51.100.5"]),
+            connect(6, "198.51.100.5", 443, "agent"),
+        ],
+        &LearnOptions {
+            base: Some(base),
+            ..LearnOptions::default()
+        },
+    );
+    let files: Vec<(String, FileAccess)> = l
+        .policy
+        .spec
+        .files
+        .iter()
+        .map(|f| (f.path.display().to_string(), f.access))
+        .collect();
+    assert_eq!(
+        files,
+        vec![
+            ("/srv/customer-data".to_string(), FileAccess::Taint),
+            ("/srv/keys".to_string(), FileAccess::Deny),
+        ]
+    );
+    assert!(l
+        .warnings
+        .iter()
+        .any(|w| w.contains("/srv/keys: the run's policy denies it")));
+    // The custom taint file clamps too: what came after it is onTaint.
+    assert_eq!(rules(&l), vec!["host api.example.com ports [443] tcp"]);
+    assert_eq!(
+        on_taint(&l),
+        vec!["host upload.example.net ports [443] tcp"]
+    );
+    assert!(l.warnings.iter().any(|w| w.contains(
+        "upload.example.net port 443 was contacted once, only after reading /srv/customer-data"
+    )));
+}
+
+/// The warning does not depend on the count, and reaches a wildcard that
+/// admits the destination.
+#[test]
+fn every_destination_first_contacted_after_the_read_is_called_out() {
+    let mut recs = exfiltration_run();
+    recs.push(dns(16, "upload.evil.test", "A", &["198.51.100.66"]));
+    recs.push(connect(17, "198.51.100.66", 443, "agent"));
+    for (i, n) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        let t = 20 + 2 * i as u32;
+        let ip = format!("192.0.2.{}", 10 + i);
+        recs.push(dns(t, &format!("{n}.drop.example.org"), "A", &[&ip]));
+        recs.push(connect(t + 1, &ip, 443, "agent"));
+    }
+    let l = learn_str(&recs, &LearnOptions::default());
+    assert!(
+        l.warnings.iter().any(|w| w.starts_with(
+            "upload.evil.test port 443 was contacted only after reading /home/agent/.ssh"
+        ) && w.contains("(2 contact(s))")),
+        "{:?}",
+        l.warnings
+    );
+    assert!(on_taint(&l).contains(&"host *.drop.example.org ports [443] tcp".to_string()));
+    let wild = l.yaml.find("- host: \"*.drop.example.org\"").unwrap();
+    let before = &l.yaml[..wild];
+    let last_rule = before.rfind("- ").unwrap();
+    assert!(
+        before[last_rule..].contains("# WARNING: contacted once, only after a taint read"),
+        "{}",
+        l.yaml
+    );
+}
+
+/// A tunnel hidden under a learned wildcard: the settings come from the
+/// names connected to, and the bulk of resolved-only names is called out.
+#[test]
+fn a_tunnel_under_a_wildcard_does_not_raise_the_dns_settings() {
+    let mut recs = Vec::new();
+    for (i, n) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        let t = 2 * i as u32;
+        let ip = format!("203.0.113.{}", 60 + i);
+        recs.push(dns(t, &format!("{n}.t.attacker.net"), "A", &[&ip]));
+        recs.push(connect(t + 1, &ip, 443, "agent"));
+    }
+    for i in 0..300 {
+        let name = format!("{}{i}.t.attacker.net", "x".repeat(40));
+        recs.push(dns(20 + i / 10, &name, "TXT", &[]));
+    }
+    let l = learn_str(&recs, &LearnOptions::default());
+    assert!(rules(&l).contains(&"host *.t.attacker.net ports [443] tcp".to_string()));
+    let d = l.policy.spec.dns.as_ref().unwrap();
+    assert_eq!(d.query_types, vec!["A", "AAAA"]);
+    assert_eq!(d.names_per_minute, Some(16));
+    assert_eq!(d.max_query_length, Some(64));
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("300 distinct names under attacker.net") && w.contains("tunnel")),
+        "{:?}",
+        l.warnings
+    );
+}
+
+#[test]
+fn multi_tenant_domains_never_collapse_and_every_collapsed_name_is_listed() {
+    let mut recs = Vec::new();
+    for i in 0..6 {
+        let ip = format!("203.0.113.{}", 70 + i);
+        recs.push(dns(
+            2 * i,
+            &format!("b{i}.storage.googleapis.com"),
+            "A",
+            &[&ip],
+        ));
+        recs.push(connect(2 * i + 1, &ip, 443, "agent"));
+    }
+    for i in 0..7 {
+        let ip = format!("198.51.100.{}", 70 + i);
+        recs.push(dns(
+            40 + 2 * i,
+            &format!("n{i}.cdn.example.com"),
+            "A",
+            &[&ip],
+        ));
+        recs.push(connect(41 + 2 * i, &ip, 443, "agent"));
+    }
+    let l = learn_str(&recs, &LearnOptions::default());
+    let r = rules(&l);
+    assert!(
+        !r.iter().any(|x| x.contains("*.storage.googleapis.com")),
+        "{r:?}"
+    );
+    assert!(r.contains(&"host b0.storage.googleapis.com ports [443] tcp".to_string()));
+    assert!(l.yaml.contains(
+        "7 sibling names connected to, collapsed: n0.cdn.example.com, n1.cdn.example.com, \
+         n2.cdn.example.com, n3.cdn.example.com, n4.cdn.example.com, n5.cdn.example.com, \
+         n6.cdn.example.com"
+    ));
+}
+
+#[test]
+fn more_ports_than_a_rule_holds_are_merged_into_ranges() {
+    let mut recs = vec![dns(0, "api.example.com", "A", &["203.0.113.10"])];
+    for i in 0..20u16 {
+        recs.push(connect(1, "203.0.113.10", 10000 + 7 * i, "agent"));
+    }
+    for i in 0..20u16 {
+        recs.push(connect(2, "198.51.100.9", 20000 + 11 * i, "agent"));
+    }
+    let l = learn_str(&recs, &LearnOptions::default());
+    let e = &l.policy.spec.egress;
+    assert_eq!(e.len(), 2);
+    for r in e {
+        assert!(r.ports.len() <= enforcer_common::MAX_PORT_RULES, "{r:?}");
+        assert!(r.ports.iter().any(|p| p.lo < p.hi), "merged: {r:?}");
+    }
+    assert!(l.yaml.contains("20 ports merged into"));
+    assert_round_trip(&l);
+}
+
+/// Process names, names and socket names are the agent's: they cannot
+/// move the terminal's cursor or break the YAML's lines.
+#[test]
+fn agent_chosen_strings_cannot_break_the_output() {
+    let l = learn_str(
+        &[
+            connect(1, "169.254.169.254", 80, "\r\u{1b}[2K\u{1b}[8m"),
+            connect(2, "198.51.100.7", 443, "a\u{2028}  ports:"),
+            decision(
+                3,
+                "unix_connect",
+                "audit",
+                json!({"socket": "/var/run/docker.sock", "socket_kind": "path"}),
+            ),
+            dns(4, "svc.example.com", "A", &["127.0.0.9"]),
+            connect(5, "127.0.0.9", 2375, "agent"),
+        ],
+        &LearnOptions::default(),
+    );
+    for w in &l.warnings {
+        assert!(
+            !w.chars().any(|c| c.is_control() || c == '\u{2028}'),
+            "{w:?}"
+        );
+    }
+    assert!(!l.yaml.contains('\u{2028}') && !l.yaml.contains('\u{1b}'));
+    assert_round_trip(&l);
+    for w in [
+        "169.254.169.254:80: link-local: the cloud metadata service",
+        "unix socket /var/run/docker.sock: the Docker API: root on the host",
+        "svc.example.com resolves to 127.0.0.9 (loopback)",
+    ] {
+        assert!(
+            l.warnings.iter().any(|x| x.contains(w)),
+            "{w}: {:?}",
+            l.warnings
+        );
+    }
 }
