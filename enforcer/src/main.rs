@@ -213,6 +213,9 @@ enum AuditCmd {
     },
 }
 
+#[cfg(test)]
+mod docs_tests;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
