@@ -1,0 +1,430 @@
+//! The event loop: start-up (pinned state, programs, DNS, readers, metrics,
+//! control socket), then what wakes a reconcile (SIGHUP, the policies
+//! directory, pods, `AgentPolicy` objects, cgroups that appear, the resync
+//! timer) and in what order it runs the steps, and shutdown.
+use super::*;
+
+pub fn main(config_path: &Path) -> Result<i32> {
+    crate::run::require_root("daemon")?;
+    let cfg = Config::load(config_path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(cfg, config_path.to_path_buf()))
+}
+
+async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
+    let mount = cgroup::cgroup2_mount()?;
+    ensure_bpffs(&cfg.pin_dir)?;
+    let mut kernel = Kernel::load(Some(&cfg.pin_dir.join("maps")))?;
+    let mut lsm = kernel.probe_lsm();
+    if lsm.available {
+        // Global hooks, idle (one array lookup) while no policy has files:.
+        if let Err(e) = kernel.attach_lsm_hooks(Some(&cfg.pin_dir.join("lsm"))) {
+            lsm = crate::kernel::LsmSupport {
+                available: false,
+                detail: format!("BPF LSM probe passed, but the file hooks failed: {e:#}"),
+            };
+        }
+    }
+    if lsm.available {
+        tracing::info!("BPF LSM available: {}", lsm.detail);
+    } else {
+        tracing::warn!(
+            "BPF LSM unavailable: {}; policies with files:/onTaint: are {}",
+            lsm.detail,
+            if cfg.allow_degraded {
+                "enforced for network egress only (allowDegraded)"
+            } else {
+                "rejected"
+            }
+        );
+    }
+    if lsm.available {
+        // The BPF LSM unix hooks see the peer socket: preferred over the
+        // cgroup unix hooks (which are then not attached to cgroups).
+        if let Err(e) = kernel.attach_unix_lsm_hooks(Some(&cfg.pin_dir.join("unix-lsm"))) {
+            tracing::warn!("BPF LSM unix hooks: {e:#}");
+        }
+    }
+    // Every BPF LSM program the daemon loads is loaded: the parsed kernel
+    // BTF (~9 MB) goes (released to the kernel below, once start-up is over).
+    kernel.release_btf();
+    let unix = kernel.unix_support();
+    let resolvers = if cfg.resolver_sockets.is_empty() {
+        policy::local::default_resolver_sockets()
+    } else {
+        cfg.resolver_sockets.clone()
+    };
+    if unix.available {
+        tracing::info!("unix socket hooks available: {}", unix.detail);
+    } else {
+        tracing::warn!(
+            "unix socket hooks unavailable: {}; {}: spec.local is NOT enforced",
+            unix.detail,
+            crate::kernel::UNIX_REQUIREMENT
+        );
+    }
+    kernel
+        .set_resolver_sockets(&resolvers)
+        .context("installing the resolver socket list")?;
+    kernel.set_allow_sample(cfg.allow_events)?;
+    let ring = kernel.take_events().context("event ring buffer")?;
+    let flows = kernel.take_flows().context("flow tables")?;
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_capability("bpf_lsm", lsm.available);
+    metrics.set_capability("unix_sockets", unix.available);
+    let audit = match &cfg.audit_log {
+        Some(p) => {
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).ok();
+            }
+            let options = crate::audit::AuditOptions {
+                format: cfg.audit_format,
+                ..Default::default()
+            };
+            Some(
+                AuditLog::open_with(p, options)
+                    .with_context(|| format!("opening audit log {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
+    let attribution = Attribution::default();
+    let dns = Arc::new(DnsService::new(
+        &mut kernel,
+        sinks.clone(),
+        metrics.clone(),
+        attribution.clone(),
+    )?);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
+    let slots = SlotTable::load(&cfg.state_dir.join("slots.json"));
+    let state = State {
+        cfg: cfg.clone(),
+        kernel,
+        mount,
+        active: BTreeMap::new(),
+        bound: HashMap::new(),
+        slots,
+        rejected: BTreeMap::new(),
+        object_results: BTreeMap::new(),
+        waiting: BTreeMap::new(),
+        attribution: attribution.clone(),
+        sinks: sinks.clone(),
+        metrics: metrics.clone(),
+        started: chrono::Utc::now(),
+        reloads_ok: 0,
+        reloads_rejected: 0,
+        net_raw: BTreeMap::new(),
+        dns: dns.clone(),
+        lsm: lsm.clone(),
+        unix,
+        resolvers,
+        degraded: BTreeMap::new(),
+        pending_dns: Vec::new(),
+        own_netns: crate::netns::NetnsId::own()
+            .map_err(|e| {
+                tracing::error!("reading /proc/self/ns/net: {e}; DNS proxy listeners in workload network namespaces are disabled")
+            })
+            .ok(),
+        dns_netns: BTreeMap::new(),
+        roots: BTreeMap::new(),
+        resume_again: Vec::new(),
+        unpivoted: HashMap::new(),
+        kept: BTreeMap::new(),
+        adopted: HashSet::new(),
+        k8s: None,
+        swept_files: false,
+        swept_objects: false,
+        pods: HashMap::new(),
+        pending_pods: Vec::new(),
+    };
+    let state = Arc::new(Mutex::new(state));
+    // Kubernetes mode: this node's pods and the AgentPolicy objects, watched
+    // in the background; a change wakes the reconcile loop. Status reports
+    // go to a writer task (API calls never hold the state lock or block
+    // the loop).
+    let pods_changed = Arc::new(tokio::sync::Notify::new());
+    let policies_changed = Arc::new(tokio::sync::Notify::new());
+    let mut k8s_tasks = Vec::new();
+    let mut status_tx: Option<tokio::sync::watch::Sender<Vec<crate::k8s::policies::Report>>> = None;
+    if let Some(kc) = &cfg.kubernetes {
+        let node = kc
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|n| !n.is_empty())
+            .context(
+                "kubernetes: no node name (set kubernetes.nodeName or NODE_NAME from the \
+                 downward API: fieldRef spec.nodeName)",
+            )?;
+        let client = match &kc.api_server {
+            Some(url) => {
+                let uri = url
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("kubernetes.apiServer {url:?}: {e}"))?;
+                kube::Client::try_from(kube::Config::new(uri)).context("kubernetes client")?
+            }
+            None => kube::Client::try_default()
+                .await
+                .context("kubernetes client (in-cluster service account or kubeconfig)")?,
+        };
+        let cache = Arc::new(Mutex::new(crate::k8s::watch::PodCache::default()));
+        let policies = kc
+            .agent_policies
+            .then(|| Arc::new(Mutex::new(crate::k8s::policies::PolicyCache::default())));
+        state.lock().unwrap_or_else(|e| e.into_inner()).k8s = Some(K8s {
+            cache: cache.clone(),
+            policies: policies.clone(),
+            trust_domain: kc.trust_domain.clone(),
+            kubelet_root: kc.kubelet_cgroup_root.clone(),
+            wake: pods_changed.clone(),
+            parents: None,
+            watched: HashSet::new(),
+        });
+        tracing::info!(node = %node, "kubernetes: watching this node's pods");
+        let notify = pods_changed.clone();
+        k8s_tasks.push(tokio::spawn(crate::k8s::watch::run(
+            client.clone(),
+            node.clone(),
+            cache,
+            move || notify.notify_one(),
+        )));
+        if let Some(policies) = policies {
+            tracing::info!("kubernetes: watching AgentPolicy objects (all namespaces)");
+            let notify = policies_changed.clone();
+            k8s_tasks.push(tokio::spawn(crate::k8s::policies::run(
+                client.clone(),
+                policies,
+                move || notify.notify_one(),
+            )));
+            let (tx, mut rx) = tokio::sync::watch::channel(Vec::new());
+            status_tx = Some(tx);
+            let mut writer = crate::k8s::policies::StatusWriter::new(client, &node);
+            k8s_tasks.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let reports = rx.borrow_and_update().clone();
+                    writer.sync(&reports).await;
+                }
+            }));
+        }
+    }
+    {
+        // Scrapes read the kernel counters at scrape time.
+        let weak_state = Arc::downgrade(&state);
+        let weak_metrics = Arc::downgrade(&metrics);
+        metrics.set_collector(Box::new(move || {
+            if let (Some(st), Some(m)) = (weak_state.upgrade(), weak_metrics.upgrade()) {
+                let s = st.lock().unwrap_or_else(|e| e.into_inner());
+                sink::publish_kernel_counters(&s.kernel, &m, &s.slot_names());
+            }
+        }));
+    }
+    // How long the node ran without a daemon (pins kept enforcing).
+    let gap = heartbeat::previous(&cfg.state_dir).map(|prev| {
+        let lost = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .kernel
+            .stat(enforcer_common::stat::EVENTS_LOST);
+        heartbeat::describe_gap(prev, chrono::Utc::now().timestamp(), lost)
+    });
+    if let Some(g) = &gap {
+        tracing::warn!("{g}");
+    }
+    heartbeat::beat(&cfg.state_dir, false);
+    sinks.lifecycle(
+        LifecycleAction::Start,
+        None,
+        "",
+        &format!(
+            "enforcer daemon, config {}{}",
+            config_path.display(),
+            gap.as_deref().map(|g| format!("; {g}")).unwrap_or_default()
+        ),
+    );
+    // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
+    // The directory is watched before the first read of its policies: a
+    // file changed while the daemon starts (seconds with many bindings) is
+    // either read by that first reload or wakes the loop below for another
+    // (the watcher's events queue until the loop runs).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+    let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
+    {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.reload_policies();
+    }
+    start_dns(&state, &dns).await;
+    {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.reconcile_bindings();
+        s.scan_net_raw();
+        if let Some(tx) = &status_tx {
+            tx.send_replace(s.policy_reports());
+        }
+    }
+    dns_netns::sync(&state, &dns, &metrics).await;
+    // Start-up parsed the kernel's BTF twice (struct offsets; aya's, for the
+    // BPF LSM loads) and the eBPF object: ~20 MB of small allocations, freed
+    // now but kept by the allocator. Hand them back to the kernel (a long-lived node
+    // daemon's RSS is what operators watch).
+    crate::kernel::release_free_memory();
+
+    let _metrics_server = match cfg.metrics_addr {
+        Some(addr) => {
+            let (bound, handle) = metrics::serve(metrics.clone(), addr, Arc::new(|| true)).await?;
+            tracing::info!("metrics on http://{bound}/metrics");
+            Some(handle)
+        }
+        None => None,
+    };
+    let readers = Readers::spawn(ring, flows, sinks.clone(), dns.attributor(attribution));
+    let control_task = control::serve(&cfg.control_socket, state.clone()).await?;
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.resync_seconds));
+    println!(
+        "enforcer daemon: ready (control socket {})",
+        cfg.control_socket.display()
+    );
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "sighup",
+            Some(w) = rx.recv() => {
+                // Debounce bursts of file events (editors write in several steps).
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while rx.try_recv().is_ok() {}
+                w
+            }
+            _ = tick.tick() => "tick",
+            _ = pods_changed.notified() => "pods",
+            _ = policies_changed.notified() => "agentpolicies",
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            if why == "sighup" {
+                match Config::load(&config_path) {
+                    Ok(new) => {
+                        if new.bindings != s.cfg.bindings {
+                            tracing::info!("bindings changed in config");
+                        }
+                        s.cfg.bindings = new.bindings;
+                    }
+                    Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
+                }
+            }
+            if why != "tick" && why != "pods" {
+                tracing::info!(trigger = why, "reloading policies");
+                s.reload_policies();
+            } else {
+                s.retry_unresolved_files();
+                s.retry_moved_unix_sockets();
+                if why == "tick" {
+                    s.grow_roots();
+                }
+            }
+        }
+        start_dns(&state, &dns).await;
+        {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.reconcile_bindings();
+            s.scan_net_raw();
+            if let Some(tx) = &status_tx {
+                tx.send_replace(s.policy_reports());
+            }
+            // Kernel counters reach the metrics at scrape time (the collector).
+            dns.gc(&metrics, &s.slot_names());
+        }
+        dns_netns::sync(&state, &dns, &metrics).await;
+        if why == "tick" {
+            heartbeat::beat(&cfg.state_dir, false);
+        }
+    }
+    heartbeat::beat(&cfg.state_dir, true);
+    tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
+    sinks.lifecycle(
+        LifecycleAction::Stop,
+        None,
+        "",
+        "daemon stopped; pinned links keep enforcing",
+    );
+    readers.finish().await;
+    control_task.abort();
+    for t in k8s_tasks {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    // Attachments are pinned: dropping them here closes our fds only.
+    Ok(0)
+}
+
+/// (Re)start the DNS proxies a reload asked for, then point each identity's
+/// steering at its proxy port. The state lock is not held across the await.
+async fn start_dns(state: &Mutex<State>, dns: &DnsService) {
+    let pending = std::mem::take(&mut state.lock().unwrap_or_else(|e| e.into_inner()).pending_dns);
+    for (slot, policy) in pending {
+        let name = policy.identity.name.clone();
+        // After a restart the pinned kernel state still steers to the old
+        // proxy's port: take the same one if it is free.
+        let preferred = {
+            let s = state.lock().unwrap_or_else(|e| e.into_inner());
+            Some(s.kernel.dns_port(slot)).filter(|p| *p != 0)
+        };
+        match dns.start(slot, policy, preferred).await {
+            Ok(port) => {
+                let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                match s.kernel.set_dns_port(slot, port) {
+                    Ok(()) => tracing::info!(policy = %name, port, "DNS proxy serving"),
+                    Err(e) => tracing::error!(policy = %name, "steering DNS to the proxy: {e:#}"),
+                }
+            }
+            Err(e) => tracing::error!(policy = %name, "starting the DNS proxy: {e:#}"),
+        }
+    }
+}
+
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let on_bpffs = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[2] == "bpf" && pin_dir.starts_with(f[1])
+    });
+    if !on_bpffs {
+        anyhow::bail!(
+            "pinDir {} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` \
+             (the DaemonSet mounts the host's /sys/fs/bpf)",
+            pin_dir.display()
+        );
+    }
+    crate::kernel::private_dir(pin_dir)?;
+    crate::kernel::private_dir(&pin_dir.join("links"))?;
+    Ok(())
+}
+
+fn watch_dir(
+    dir: &Path,
+    tx: tokio::sync::mpsc::Sender<&'static str>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !ev.kind.is_access() {
+                let _ = tx.try_send("file-change");
+            }
+        }
+    })
+    .map_err(|e| tracing::warn!("file watcher unavailable ({e}); reload with SIGHUP"))
+    .ok()?;
+    w.watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|e| tracing::warn!("watching {}: {e}; reload with SIGHUP", dir.display()))
+        .ok()?;
+    Some(w)
+}
