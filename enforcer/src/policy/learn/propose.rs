@@ -257,24 +257,100 @@ impl Excluder<'_> {
 
 pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposal {
     let mut p = Proposal::default();
-    let secrets_list: Vec<Secret> = secrets::builtin()
-        .into_iter()
-        .chain(opts.secrets.iter().cloned())
-        .collect();
-    let ttl = opts
-        .base
-        .as_ref()
-        .and_then(|b| b.spec.dns.as_ref())
-        .and_then(|d| d.ttl)
-        .map(|t| Duration::seconds(t.max.as_secs().min(1 << 31) as i64))
-        .unwrap_or(Duration::seconds(DEFAULT_TTL_MAX_S));
-
-    // --exclude: drop what it names before anything is learned from it.
+    let ctx = Ctx::new(opts);
     let mut ex = Excluder {
         list: &opts.excludes,
         counts: vec![0; opts.excludes.len()],
     };
-    let all_answers = AnswerIndex::new(&o.dns, ttl);
+    let kept = keep(o, &ctx, &mut ex);
+    let taints = taint_reads(o, &ctx, &kept.files);
+    let (before, after, contacts) = egress_phases(o, &ctx, &kept, &taints, &ex);
+
+    let phase = before.finish(opts.wildcard_threshold, port_budget);
+    p.egress = phase.rules;
+    p.resolved_only = phase.resolved_only;
+    for w in phase.warnings {
+        p.warn(w);
+    }
+    let mut connected = phase.connected;
+
+    file_rules(&mut p, &ctx, &kept.files);
+    let any_taint = p.files.iter().any(|f| f.rule.access == FileAccess::Taint);
+    if any_taint || !taints.is_empty() {
+        let phase = after.finish(opts.wildcard_threshold, port_budget);
+        for w in phase.warnings {
+            p.warn(w);
+        }
+        p.resolved_only_taint = phase.resolved_only;
+        connected.extend(phase.connected);
+        let mut rules = phase.rules;
+        flag_after_taint(&mut p, &mut rules, &contacts);
+        p.on_taint = Some(rules);
+    }
+    local_rules(&mut p, o, &mut ex);
+    ingress_rules(&mut p, o, opts, &mut ex, port_budget);
+
+    // DNS settings, from the queries of the names connected to.
+    dns_settings(&mut p, &kept.dns, &connected, opts);
+    bulk_names(&mut p, &kept.dns, &connected);
+
+    p.excluded = opts
+        .excludes
+        .iter()
+        .zip(ex.counts)
+        .map(|(e, n)| (e.to_string(), n))
+        .collect();
+    p
+}
+
+/// What every step reads: the options, the secret list, the TTL clamp and
+/// the run's policy's file rules.
+struct Ctx<'a> {
+    opts: &'a LearnOptions,
+    secrets: Vec<Secret>,
+    ttl: Duration,
+    base_files: BTreeMap<String, FileAccess>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(opts: &'a LearnOptions) -> Self {
+        Self {
+            opts,
+            secrets: secrets::builtin()
+                .into_iter()
+                .chain(opts.secrets.iter().cloned())
+                .collect(),
+            ttl: opts
+                .base
+                .as_ref()
+                .and_then(|b| b.spec.dns.as_ref())
+                .and_then(|d| d.ttl)
+                .map(|t| Duration::seconds(t.max.as_secs().min(1 << 31) as i64))
+                .unwrap_or(Duration::seconds(DEFAULT_TTL_MAX_S)),
+            base_files: opts
+                .base
+                .iter()
+                .flat_map(|b| &b.spec.files)
+                .map(|f| (f.path.display().to_string(), f.access))
+                .collect(),
+        }
+    }
+}
+
+/// The records `--exclude` leaves.
+struct Kept {
+    dns: Vec<DnsSeen>,
+    flows: Vec<FlowSeen>,
+    files: Vec<FileSeen>,
+}
+
+/// Destination -> (first contact after the taint read?, contacts, what
+/// was read).
+type Contacts = BTreeMap<String, (bool, u64, Option<String>)>;
+
+/// `--exclude`: drop what it names before anything is learned from it.
+fn keep(o: &Observed, ctx: &Ctx, ex: &mut Excluder) -> Kept {
+    let all_answers = AnswerIndex::new(&o.dns, ctx.ttl);
     let mut dns: Vec<DnsSeen> = Vec::new();
     for d in &o.dns {
         if !ex.hit(std::slice::from_ref(&d.name), None, "") {
@@ -303,15 +379,12 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
         .filter(|f| !ex.hit(&[], None, &f.comm))
         .cloned()
         .collect();
-    let base_files: BTreeMap<String, FileAccess> = opts
-        .base
-        .iter()
-        .flat_map(|b| &b.spec.files)
-        .map(|f| (f.path.display().to_string(), f.access))
-        .collect();
+    Kept { dns, flows, files }
+}
 
-    // Taint reads: the first read per run of a secret location or of a
-    // `taint` rule (or the kernel's own `taint_clamp` record).
+/// Taint reads: the first read per run of a secret location or of a
+/// `taint` rule (or the kernel's own `taint_clamp` record).
+fn taint_reads(o: &Observed, ctx: &Ctx, files: &[FileSeen]) -> BTreeMap<Run, Taint> {
     let mut taints: BTreeMap<Run, Taint> = BTreeMap::new();
     let mut note_taint = |run: Run, at: DateTime<Utc>, what: String| {
         let e = taints.entry(run).or_insert(Taint {
@@ -322,10 +395,10 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
             *e = Taint { at, what };
         }
     };
-    for f in &files {
-        let secret = secrets::classify(&secrets_list, Path::new(&f.path));
+    for f in files {
+        let secret = secrets::classify(&ctx.secrets, Path::new(&f.path));
         let taint_rule =
-            f.verdict == "taint" || base_files.get(&f.path) == Some(&FileAccess::Taint);
+            f.verdict == "taint" || ctx.base_files.get(&f.path) == Some(&FileAccess::Taint);
         if secret.is_some() || taint_rule {
             let what = secret.map_or("a `taint` file", |s| s.what.as_str());
             note_taint(f.run, f.ts, format!("{} ({what}) by {}", f.path, f.comm));
@@ -334,15 +407,23 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
     for &(run, t) in &o.taint_clamps {
         note_taint(run, t, "a `taint` file".into());
     }
-    let after_taint = |run: Run, t: DateTime<Utc>| taints.get(&run).is_some_and(|tn| tn.at <= t);
+    taints
+}
 
-    // Which names explain each flow, before and after the taint read.
-    let index = AnswerIndex::new(&dns, ttl);
-    let mut before = Builder::new(opts, &o.inspect);
-    let mut after = Builder::new(opts, &o.inspect);
-    // Destination -> (first contact after the taint read?, contacts).
-    let mut contacts: BTreeMap<String, (bool, u64, Option<String>)> = BTreeMap::new();
-    for f in &flows {
+/// Which names explain each flow, before and after the taint read: the
+/// two phases' builders and every destination's contacts.
+fn egress_phases<'a>(
+    o: &'a Observed,
+    ctx: &Ctx<'a>,
+    kept: &Kept,
+    taints: &BTreeMap<Run, Taint>,
+    ex: &Excluder,
+) -> (Builder<'a>, Builder<'a>, Contacts) {
+    let index = AnswerIndex::new(&kept.dns, ctx.ttl);
+    let mut before = Builder::new(ctx.opts, &o.inspect);
+    let mut after = Builder::new(ctx.opts, &o.inspect);
+    let mut contacts = Contacts::new();
+    for f in &kept.flows {
         let taint = taints.get(&f.run);
         let pre = taint.is_none_or(|t| f.first < t.at);
         let post = taint.is_some_and(|t| f.last >= t.at);
@@ -375,26 +456,22 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
         }
     }
     // Names resolved in each phase (for resolved-only names and tunnels).
-    for d in &dns {
-        if after_taint(d.run, d.ts) {
+    for d in &kept.dns {
+        if taints.get(&d.run).is_some_and(|tn| tn.at <= d.ts) {
             after.resolved(&d.name, d.ts);
         } else {
             before.resolved(&d.name, d.ts);
         }
     }
 
-    let phase = before.finish(opts.wildcard_threshold, port_budget);
-    p.egress = phase.rules;
-    p.resolved_only = phase.resolved_only;
-    for w in phase.warnings {
-        p.warn(w);
-    }
-    let mut connected = phase.connected;
+    (before, after, contacts)
+}
 
-    // Files: one rule per path the agent opened (the rule's path), and the
-    // run's policy's rules it did not open. Never weaker than the run's.
+/// Files: one rule per path the agent opened (the rule's path), and the
+/// run's policy's rules it did not open. Never weaker than the run's.
+fn file_rules(p: &mut Proposal, ctx: &Ctx, files: &[FileSeen]) {
     let mut by_path: BTreeMap<String, (Evidence, BTreeSet<String>)> = BTreeMap::new();
-    for f in &files {
+    for f in files {
         let ev = Evidence::new(f.ts, f.ts, 1, &f.comm);
         let e = by_path
             .entry(f.path.clone())
@@ -404,8 +481,8 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
     }
     for (path, (ev, verdicts)) in &by_path {
         let rule_path = PathBuf::from(path);
-        let secret = secrets::classify(&secrets_list, &rule_path);
-        let (access, why) = match (base_files.get(path), secret) {
+        let secret = secrets::classify(&ctx.secrets, &rule_path);
+        let (access, why) = match (ctx.base_files.get(path), secret) {
             (Some(FileAccess::Deny), _) => {
                 p.warn(format!(
                     "{path}: the run's policy denies it and the agent opened it ({}): kept \
@@ -446,12 +523,12 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
             why: vec![format!("{what}{}", ev.text("opens")), why],
         });
     }
-    for (path, access) in &base_files {
+    for (path, access) in &ctx.base_files {
         if by_path.contains_key(path) {
             continue;
         }
         let rule_path = PathBuf::from(path);
-        let (access, why) = match secrets::classify(&secrets_list, &rule_path) {
+        let (access, why) = match secrets::classify(&ctx.secrets, &rule_path) {
             Some(s) if *access != FileAccess::Taint => (
                 FileAccess::Deny,
                 format!(
@@ -473,35 +550,28 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
         });
     }
     p.files.sort_by(|a, b| a.rule.path.cmp(&b.rule.path));
+}
 
-    let any_taint = p.files.iter().any(|f| f.rule.access == FileAccess::Taint);
-    if any_taint || !taints.is_empty() {
-        let phase = after.finish(opts.wildcard_threshold, port_budget);
-        for w in phase.warnings {
-            p.warn(w);
+/// Destinations first contacted after the taint read: the shape of an
+/// exfiltration (whatever the count; once is the classic one).
+fn flag_after_taint(p: &mut Proposal, rules: &mut [Item<EgressRule>], contacts: &Contacts) {
+    for (dest, (first_after, count, what)) in contacts {
+        if !first_after {
+            continue;
         }
-        p.resolved_only_taint = phase.resolved_only;
-        connected.extend(phase.connected);
-        let mut rules = phase.rules;
-        // Destinations first contacted after the taint read: the shape of
-        // an exfiltration (whatever the count; once is the classic one).
-        for (dest, (first_after, count, what)) in &contacts {
-            if !first_after {
-                continue;
-            }
-            let what = what.as_deref().unwrap_or("a secret");
-            let once = if *count == 1 { "once, " } else { "" };
-            p.warn(format!(
-                "{dest} was contacted {once}only after reading {what} ({count} contact(s)): \
-                 an exfiltration? It is in the onTaint rules; drop it with --exclude if it is not \
-                 the agent's own"
-            ));
-            mark(&mut rules, dest, *count == 1);
-        }
-        p.on_taint = Some(rules);
+        let what = what.as_deref().unwrap_or("a secret");
+        let once = if *count == 1 { "once, " } else { "" };
+        p.warn(format!(
+            "{dest} was contacted {once}only after reading {what} ({count} contact(s)): \
+             an exfiltration? It is in the onTaint rules; drop it with --exclude if it is not \
+             the agent's own"
+        ));
+        mark(rules, dest, *count == 1);
     }
+}
 
-    // Unix sockets and inbound peers.
+/// Unix sockets connected or sent to.
+fn local_rules(p: &mut Proposal, o: &Observed, ex: &mut Excluder) {
     let mut unix: BTreeMap<(String, String), Evidence> = BTreeMap::new();
     for u in &o.unix {
         if ex.hit(&[], None, &u.comm) {
@@ -538,6 +608,16 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
         };
         p.local.push(Item { rule, why });
     }
+}
+
+/// Inbound peers.
+fn ingress_rules(
+    p: &mut Proposal,
+    o: &Observed,
+    opts: &LearnOptions,
+    ex: &mut Excluder,
+    port_budget: usize,
+) {
     let mut ingress: BTreeMap<(IpNet, String), (BTreeSet<u16>, Option<Evidence>)> = BTreeMap::new();
     for i in &o.ingress {
         if ex.hit(&[], Some(i.peer), &i.comm) {
@@ -565,18 +645,6 @@ pub fn propose(o: &Observed, opts: &LearnOptions, port_budget: usize) -> Proposa
             )],
         });
     }
-
-    // DNS settings, from the queries of the names connected to.
-    dns_settings(&mut p, &dns, &connected, opts);
-    bulk_names(&mut p, &dns, &connected);
-
-    p.excluded = opts
-        .excludes
-        .iter()
-        .zip(ex.counts)
-        .map(|(e, n)| (e.to_string(), n))
-        .collect();
-    p
 }
 
 /// How a flow's destination is named in warnings: `name port N` for each
