@@ -105,7 +105,7 @@ pub const ZERO_HASH: &str = "000000000000000000000000000000000000000000000000000
 /// few hundred bytes): the file is refused instead of truncated.
 const MAX_TORN_TAIL: u64 = 1 << 20;
 /// The last complete line is read back on open; a longer one is not ours.
-const MAX_LINE: u64 = 1 << 20;
+pub(crate) const MAX_LINE: u64 = 1 << 20;
 /// How much of a truncated torn tail is copied into the `chain_resume` record.
 const TORN_PREVIEW: usize = 4096;
 const WRITE_BUFFER: usize = 64 * 1024;

@@ -16,7 +16,7 @@ use std::{
 };
 
 use crate::{
-    audit::{record_format, AuditFormat},
+    audit::{record_format, AuditFormat, MAX_LINE},
     ocsf,
 };
 
@@ -88,10 +88,20 @@ pub fn tail(
     let mut pending = Vec::with_capacity(1024);
     let mut printed = 0u64;
     let mut converted = Vec::with_capacity(2048);
+    // The file at the path was replaced: the old one is read to its end
+    // first, then the new one from its start.
+    let mut rotated = false;
     loop {
         // Everything complete that is there now.
         loop {
             let n = reader.read_until(b'\n', &mut pending).map_err(io_err)?;
+            if pending.len() as u64 > MAX_LINE {
+                return Err(TailError::Record {
+                    path: path.to_path_buf(),
+                    at: format!("byte {pos}"),
+                    reason: format!("a line longer than {MAX_LINE} bytes is not an audit record"),
+                });
+            }
             if n == 0 || pending.last() != Some(&b'\n') {
                 break; // EOF; an incomplete line stays pending
             }
@@ -137,6 +147,18 @@ pub fn tail(
         if let Err(e) = out.flush() {
             return closed(e, printed).map_err(io_err);
         }
+        if rotated {
+            // The old file is read to its end: on to the new one.
+            rotated = false;
+            if let Ok(file) = File::open(path) {
+                ino = file.metadata().map_err(io_err)?.ino();
+                reader = BufReader::with_capacity(64 * 1024, file);
+                pos = 0;
+                line_no = Some(0);
+                pending.clear();
+                continue;
+            }
+        }
         if !opts.follow || stop() {
             return Ok(printed);
         }
@@ -144,29 +166,27 @@ pub fn tail(
         if stop() {
             return Ok(printed);
         }
-        // Truncated, or replaced at the path (rotation): start over.
+        // Replaced at the path (rotation): finish the old file, then the
+        // new one from its start.
         let now = std::fs::metadata(path).ok();
-        let replaced = now.as_ref().is_some_and(|m| m.ino() != ino);
-        let shrank = reader
-            .get_ref()
-            .metadata()
-            .map(|m| m.len() < pos)
-            .unwrap_or(false);
-        if replaced || shrank {
-            let file = if replaced {
-                match File::open(path) {
-                    Ok(f) => f,
-                    Err(_) => continue, // mid-rotation: try again
-                }
-            } else {
-                reader.into_inner()
-            };
-            ino = file.metadata().map_err(io_err)?.ino();
-            reader = BufReader::with_capacity(64 * 1024, file);
-            reader.seek(SeekFrom::Start(0)).map_err(io_err)?;
-            pos = 0;
-            line_no = Some(0);
+        if now.as_ref().is_some_and(|m| m.ino() != ino) {
+            rotated = true;
+            continue;
+        }
+        // Shorter than what was read, the unfinished line included: a torn
+        // tail was cut by the writer's repair (it truncates to the last
+        // complete record, where `pos` is: read on from there, the
+        // `chain_resume` record next), or the file was truncated (from its
+        // start). A truncation that grew back past `pos` between two polls
+        // is not seen (copytruncate rotation: use rename rotation).
+        let len = reader.get_ref().metadata().map_err(io_err)?.len();
+        if len < pos + pending.len() as u64 {
             pending.clear();
+            if len < pos {
+                pos = 0;
+                line_no = Some(0);
+            }
+            reader.seek(SeekFrom::Start(pos)).map_err(io_err)?;
         }
     }
 }
@@ -180,9 +200,25 @@ fn closed(e: io::Error, printed: u64) -> io::Result<u64> {
     }
 }
 
-/// Offset of the first of the last `n` complete lines of `file`.
+/// Offset of the first of the last `n` complete lines of `file` (`n` = 0:
+/// the end of the last complete line: only what is appended from now on).
 fn start_of_last_lines(file: &mut File, n: u64) -> io::Result<u64> {
     let len = file.metadata()?.len();
+    if n == 0 {
+        let mut end = len;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while end > 0 {
+            let size = end.min(chunk.len() as u64) as usize;
+            let from = end - size as u64;
+            file.seek(SeekFrom::Start(from))?;
+            file.read_exact(&mut chunk[..size])?;
+            if let Some(i) = chunk[..size].iter().rposition(|&b| b == b'\n') {
+                return Ok(from + i as u64 + 1);
+            }
+            end = from;
+        }
+        return Ok(0);
+    }
     let mut end = len;
     // An unterminated last line is not a record (yet): count from before it.
     let mut chunk = vec![0u8; 64 * 1024];
@@ -419,5 +455,95 @@ mod tests {
 
         stop.store(true, Ordering::Relaxed);
         assert_eq!(handle.join().unwrap().unwrap(), 3);
+    }
+
+    /// Follow a tail across the writer's torn-tail repair (a crash mid-line,
+    /// then a restart that truncates the torn bytes and writes
+    /// `chain_resume`), and across a rotation whose old file still gets
+    /// records after the new one appeared: nothing forged, nothing lost.
+    #[test]
+    fn tail_follow_survives_a_torn_tail_repair_and_drains_a_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let mut log = open(&path, AuditFormat::Json);
+        log.append_decision(&decision(0)).unwrap();
+        log.append_decision(&decision(1)).unwrap();
+        log.flush().unwrap();
+        let out = Shared::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (path, mut out, stop) = (path.clone(), out.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let opts = TailOptions {
+                    follow: true,
+                    poll: Duration::from_millis(10),
+                    ..TailOptions::default()
+                };
+                tail(&path, &opts, &mut out, &|| stop.load(Ordering::Relaxed))
+            })
+        };
+        assert_eq!(out.wait_for(2).len(), 2);
+        drop(log);
+        // The writer dies mid-record...
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"seq\":2,\"ts\":\"2026-")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // ...and the next one repairs the tail and goes on.
+        let mut log = open(&path, AuditFormat::Json);
+        log.append_decision(&decision(3)).unwrap();
+        log.flush().unwrap();
+        let v = out.wait_for(4);
+        assert_eq!(v.len(), 4, "{v:?}");
+        assert_eq!(v[2]["action"], "chain_resume", "{v:?}");
+        assert_eq!(v[2]["seq"], 2);
+        assert_eq!(
+            (v[3]["seq"].as_u64(), v[3]["pid"].as_u64()),
+            (Some(3), Some(303))
+        );
+
+        // Rotation by rename: the writer appends to the old file after the
+        // rename, then the new file appears; the old file's end comes
+        // first, then the new file from its start.
+        let old = dir.path().join("a.jsonl.1");
+        std::fs::rename(&path, &old).unwrap();
+        log.append_decision(&decision(4)).unwrap();
+        log.flush().unwrap();
+        let mut new = open(&path, AuditFormat::Json);
+        new.append_decision(&decision(9)).unwrap();
+        new.flush().unwrap();
+        let v = out.wait_for(6);
+        assert_eq!(v.len(), 6, "{v:?}");
+        assert_eq!(v[4]["pid"], 304, "{v:?}");
+        assert_eq!(
+            (v[5]["pid"].as_u64(), v[5]["seq"].as_u64()),
+            (Some(309), Some(0))
+        );
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(handle.join().unwrap().unwrap(), 6);
+    }
+
+    #[test]
+    fn lines_zero_prints_only_what_comes_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let mut log = open(&path, AuditFormat::Json);
+        for i in 0..3 {
+            log.append_decision(&decision(i)).unwrap();
+        }
+        log.flush().unwrap();
+        let opts = TailOptions {
+            last: Some(0),
+            ..TailOptions::default()
+        };
+        assert!(run(&path, &opts).unwrap().is_empty());
+        let opts = TailOptions {
+            last: Some(2),
+            ..TailOptions::default()
+        };
+        assert_eq!(run(&path, &opts).unwrap().len(), 2);
     }
 }

@@ -777,8 +777,8 @@ fn refused_call_decision(
     policy_hash: &str,
     cgroup_id: u64,
 ) -> Decision {
-    let comm = std::fs::read_to_string(format!("/proc/{}/comm", call.pid))
-        .map(|s| s.trim_end().to_string())
+    let comm = std::fs::read(format!("/proc/{}/comm", call.pid))
+        .map(|b| crate::events::reader::comm_str(b.strip_suffix(b"\n").unwrap_or(&b)))
         .unwrap_or_default();
     Decision {
         ts: chrono::Utc::now(),

@@ -546,9 +546,21 @@ fn sock_type_name(t: u8) -> String {
     }
 }
 
-fn comm_str(c: &[u8; 16]) -> String {
+/// A task's `comm` as the records carry it: printable ASCII as it is,
+/// every other byte (controls, UTF-8, `\\`) as `\xNN`. The agent names its
+/// own processes: a name must not carry a line break a consumer splits on
+/// (U+0085, U+2028), terminal escapes or bidi controls.
+pub fn comm_str(c: &[u8]) -> String {
     let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
-    String::from_utf8_lossy(&c[..end]).into_owned()
+    let mut s = String::with_capacity(end);
+    for &b in &c[..end] {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    s
 }
 
 /// Converts `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time.
@@ -656,6 +668,18 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comm_is_printable_ascii_or_escaped() {
+        assert_eq!(comm_str(b"python3\0\0\0\0\0\0\0\0\0"), "python3");
+        assert_eq!(comm_str(b"Web Content"), "Web Content");
+        // A line break a consumer splits on (U+2028 in UTF-8), terminal
+        // escapes, a backslash: escaped, never raw.
+        assert_eq!(
+            comm_str(b"a\xe2\x80\xa8b\x1b[2K\\\r"),
+            "a\\xe2\\x80\\xa8b\\x1b[2K\\x5c\\x0d"
+        );
+    }
 
     #[test]
     fn decode_rejects_short_records() {

@@ -267,7 +267,7 @@ fn parse_line(line: &str, at: &At) -> Result<Raw, LearnError> {
             e.column()
         ))
     })?;
-    if raw.class_uid.is_some() && raw.action.is_none() {
+    if raw.class_uid.is_some() {
         return Err(bad(
             "an OCSF event: `enforcer policy learn` reads the JSON audit format \
              (write the log with the default format, or convert it back)"

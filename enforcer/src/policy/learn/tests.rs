@@ -808,7 +808,8 @@ fn identities_are_chosen_and_bad_logs_are_refused_with_their_line() {
         e.contains("audit.jsonl:2: not an enforcer audit record"),
         "{e}"
     );
-    let ocsf = "{\"class_uid\": 4001, \"time\": 1}\n";
+    // OCSF events have an `action` of their own ("Denied").
+    let ocsf = "{\"class_uid\": 4001, \"action\": \"Denied\", \"time\": 1}\n";
     let e = records::read_str(ocsf, None).unwrap_err().to_string();
     assert!(e.contains("audit.jsonl:1: an OCSF event"), "{e}");
     let e = records::read_str(&log(&[start(0)]), None)
