@@ -182,15 +182,70 @@ struct Summary {
     dns_refused: u64,
 }
 
+/// `enforcer run`: prepare the policy, enforce it on a fresh cgroup, build
+/// the agent's contained view, start recording, start the DNS proxy, spawn
+/// the agent and wait for it, then tear down and print the summary. Each
+/// phase is a function below, in this order (the order matters: nothing of
+/// the agent exists before its cgroup is enforced).
 pub fn run(args: RunArgs) -> Result<i32> {
     require_root("run")?;
     if args.command.is_empty() {
         bail!("no command given: enforcer run --policy FILE -- CMD [ARGS...]");
     }
-    let mut loaded = select_policy(&args.policy, args.policy_name.as_deref())?;
+    let loaded = select_policy(&args.policy, args.policy_name.as_deref())?;
     let mount = cgroup::cgroup2_mount()?;
     collect_dead_runs(&mount.join("enforcer"), &args.pin_dir);
     let mut kernel = Kernel::load(None)?;
+    let plan = prepare_policy(&args, &mut kernel, loaded)?;
+    let enforced = enforce_in_cgroup(&args, &mut kernel, &plan, &mount)?;
+    let agent = contain_agent(&args, &plan, &enforced)?;
+    let (recording, rings) = start_recording(&args, &mut kernel, &plan, &enforced, &agent)?;
+    let kernel = Arc::new(Mutex::new(kernel));
+    publish_kernel_metrics(&kernel, &recording.metrics, &plan.compiled.name);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let code = rt.block_on(supervise(
+        &args,
+        &kernel,
+        &plan,
+        &enforced.cg,
+        agent.prepared,
+        &recording,
+        rings,
+    ))?;
+    tear_down(
+        &args,
+        &kernel,
+        plan,
+        enforced,
+        agent.containment,
+        recording,
+        code,
+    )
+}
+
+/// The policy to enforce, checked against this kernel, and what the agent
+/// will run as.
+struct Plan {
+    loaded: policy::LoadedPolicy,
+    compiled: policy::CompiledPolicy,
+    identity: IdentityRef,
+    lsm: crate::kernel::LsmSupport,
+    /// The note when file policy was dropped (`--allow-degraded`).
+    degraded: Option<String>,
+    resolvers: Vec<PathBuf>,
+    user: crate::sandbox::AgentUser,
+    filter: crate::sandbox::seccomp::Filter,
+}
+
+/// Gate (BPF LSM), check and compile the selected policy; resolve the
+/// agent's user and build its seccomp filter.
+fn prepare_policy(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    mut loaded: policy::LoadedPolicy,
+) -> Result<Plan> {
     let lsm = kernel.probe_lsm();
     if !lsm.available {
         tracing::warn!("BPF LSM unavailable: {}", lsm.detail);
@@ -215,6 +270,38 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let user = crate::sandbox::resolve_user(args.user.as_deref(), &|k| std::env::var(k).ok())?;
     let filter = crate::sandbox::seccomp::build().context("building the seccomp filter")?;
     kernel.set_allow_sample(args.allow_events)?;
+    Ok(Plan {
+        loaded,
+        compiled,
+        identity,
+        lsm,
+        degraded,
+        resolvers,
+        user,
+        filter,
+    })
+}
+
+/// What is attached for the run.
+/// (Fields drop in this order on an error path: the links before the
+/// cgroup, as they were made the other way round.)
+struct Enforced {
+    attachment: crate::kernel::Attachment,
+    cg: cgroup::OwnedCgroup,
+    unix: crate::kernel::UnixSupport,
+    /// File rules resolved to inodes.
+    file_entries: u64,
+}
+
+/// Attach the hooks (unix sockets, BPF LSM), install the policy's tables,
+/// and bind a fresh cgroup to them: enforced before anything runs in it.
+fn enforce_in_cgroup(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    plan: &Plan,
+    mount: &Path,
+) -> Result<Enforced> {
+    let (compiled, lsm, resolvers) = (&plan.compiled, &plan.lsm, &plan.resolvers);
     let pin_dir = if bpffs_mounted(&args.pin_dir) {
         crate::kernel::private_dir(&args.pin_dir)
             .with_context(|| format!("pin directory {}", args.pin_dir.display()))?;
@@ -250,7 +337,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
     }
     kernel
-        .set_resolver_sockets(&resolvers)
+        .set_resolver_sockets(resolvers)
         .context("installing the resolver socket list")?;
     if lsm.available {
         // Global hooks: file policy (attached before the paths are resolved:
@@ -287,7 +374,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
     }
     kernel
-        .install_policy(SLOT, &compiled, &files)
+        .install_policy(SLOT, compiled, &files)
         .context("installing the policy tables")?;
     let cg = cgroup::OwnedCgroup::create(
         &mount.join("enforcer"),
@@ -295,6 +382,30 @@ pub fn run(args: RunArgs) -> Result<i32> {
     )?;
     kernel.bind_cgroup(cg.id, SLOT)?;
     let attachment = kernel.attach(&cg.path, pin_dir.as_deref())?;
+    Ok(Enforced {
+        attachment,
+        cg,
+        unix,
+        file_entries: files.entries.len() as u64,
+    })
+}
+
+/// The agent, ready to start: its contained view and how it is described.
+struct Agent {
+    prepared: crate::sandbox::child::Prepared,
+    containment: String,
+}
+
+/// The agent's view: its own PID namespace and mounts, the audit log and the
+/// policy read-only, its user, seccomp (see `sandbox`).
+fn contain_agent(args: &RunArgs, plan: &Plan, enforced: &Enforced) -> Result<Agent> {
+    let (loaded, user, filter, unix, cg) = (
+        &plan.loaded,
+        &plan.user,
+        &plan.filter,
+        &enforced.unix,
+        &enforced.cg,
+    );
     // The audit log exists before the agent's view is built, so that it is
     // bound read-only there (AuditLog::open appends to it).
     if let Some(p) = &args.audit_log {
@@ -308,7 +419,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         &crate::sandbox::Options {
             cgroup_dir: &cg.path,
             command: &args.command,
-            user: &user,
+            user,
             writable: &loaded.policy.spec.writable,
             pass_fds: &args.pass_fds,
             protect: &[Some(args.policy.clone()), args.audit_log.clone()]
@@ -323,7 +434,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     .iter()
                     .any(|l| l.abstract_name.is_some()),
         },
-        &filter,
+        filter,
     )?;
     let containment = format!(
         "agent user: {}; {}; writable: {}; seccomp: bpf, perf_event_open, io_uring, mount, \
@@ -341,13 +452,54 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 .join(", ")
         }
     );
+    Ok(Agent {
+        prepared,
+        containment,
+    })
+}
+
+/// The kernel's side of the records: the event rings and the flow tables.
+struct Rings {
+    events: (
+        aya::maps::RingBuf<aya::maps::MapData>,
+        aya::maps::RingBuf<aya::maps::MapData>,
+    ),
+    flows: crate::events::flows::FlowTables,
+}
+
+/// Where decisions go: metrics, the audit log (with its `start` record) and
+/// the summary.
+struct Recording {
+    attribution: Attribution,
+    /// The DNS proxy (it records its decisions here too).
+    dns: Arc<DnsService>,
+    metrics: Arc<Metrics>,
+    sinks: Arc<Sinks>,
+    summary: Arc<Mutex<Summary>>,
+}
+
+fn start_recording(
+    args: &RunArgs,
+    kernel: &mut Kernel,
+    plan: &Plan,
+    enforced: &Enforced,
+    agent: &Agent,
+) -> Result<(Recording, Rings)> {
+    let (compiled, identity, lsm, unix, cg) = (
+        &plan.compiled,
+        &plan.identity,
+        &plan.lsm,
+        &enforced.unix,
+        &enforced.cg,
+    );
+    let (resolvers, degraded, containment) = (&plan.resolvers, &plan.degraded, &agent.containment);
     let ring = kernel
         .take_events()
         .context("event ring buffers already taken")?;
     let flows = kernel.take_flows().context("flow tables already taken")?;
 
     let attribution = Attribution::default();
-    attribution.set(SLOT, SlotInfo::new(identity.clone(), &compiled));
+    attribution.set(SLOT, SlotInfo::new(identity.clone(), compiled));
 
     let metrics = Arc::new(Metrics::new());
     metrics.set_capability("bpf_lsm", lsm.available);
@@ -360,7 +512,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         &compiled.hash,
     );
     metrics.set_policy_entries(&compiled.name, compiled.entry_count() as u64);
-    metrics.set_file_rules(&compiled.name, files.entries.len() as u64);
+    metrics.set_file_rules(&compiled.name, enforced.file_entries);
     let audit = match &args.audit_log {
         Some(p) => {
             let options = AuditOptions {
@@ -377,7 +529,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
     sinks.lifecycle(
         LifecycleAction::Start,
-        Some(&identity),
+        Some(identity),
         &compiled.hash,
         &format!(
             "enforcer run {:?} in cgroup {}; {containment}; {}; bpf_lsm: {}; unix sockets: {} \
@@ -410,146 +562,189 @@ pub fn run(args: RunArgs) -> Result<i32> {
         sinks.set_observer(Box::new(move |d| summarize(d, &summary)));
     }
     let dns = Arc::new(DnsService::new(
-        &mut kernel,
+        kernel,
         sinks.clone(),
         metrics.clone(),
         attribution.clone(),
     )?);
-    let dns_policy = Arc::new(crate::dns::compile_dns(&loaded, &compiled));
-    let kernel = Arc::new(Mutex::new(kernel));
-    {
-        let weak_kernel = Arc::downgrade(&kernel);
-        let weak_metrics = Arc::downgrade(&metrics);
-        let slots = [(SLOT, compiled.name.clone())];
-        metrics.set_collector(Box::new(move || {
-            if let (Some(k), Some(m)) = (weak_kernel.upgrade(), weak_metrics.upgrade()) {
-                publish(&k, &m, &slots);
-            }
-        }));
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let status = rt.block_on(async {
-        let running = Arc::new(AtomicBool::new(true));
-        let _server = match args.metrics_addr {
-            Some(addr) => {
-                let r = running.clone();
-                let (bound, handle) = metrics::serve(
-                    metrics.clone(),
-                    addr,
-                    Arc::new(move || r.load(Ordering::Relaxed)),
-                )
-                .await?;
-                if !args.quiet {
-                    eprintln!("enforcer: metrics on http://{bound}/metrics");
-                }
-                Some(handle)
-            }
-            None => None,
-        };
-        // The DNS proxy serves before the agent exists: its first query is
-        // already steered and answered.
-        let dns_port = dns.serve(&kernel, SLOT, dns_policy.clone()).await?;
-        tracing::info!(port = dns_port, "DNS proxy ready");
-        let readers = Readers::spawn(
-            ring,
+    Ok((
+        Recording {
+            attribution,
+            dns,
+            metrics,
+            sinks,
+            summary,
+        },
+        Rings {
+            events: ring,
             flows,
-            sinks.clone(),
-            dns.attributor(attribution.clone()),
-        );
-        // The forked side makes only raw syscalls on memory prepared
-        // before the clone, so cloning this multi-threaded process is safe.
-        let spawned = crate::sandbox::spawn(&prepared)
-            .with_context(|| format!("starting {:?}", args.command[0]))?;
-        let child_pid = spawned.init_pid;
-        tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
-        crate::kernel::release_free_memory();
-        let mut supervisor = {
-            let sinks = sinks.clone();
-            let identity = identity.clone();
-            let hash = compiled.hash.clone();
-            let cgroup_id = cg.id;
-            tokio::spawn(crate::sandbox::seccomp::serve(
-                spawned.listener,
-                move |call| {
-                    sinks.handle(&refused_call_decision(&call, &identity, &hash, cgroup_id));
-                },
-            ))
-        };
-        let poller = {
-            let metrics = metrics.clone();
-            let name = compiled.name.clone();
-            let dns = dns.clone();
-            tokio::spawn(async move {
-                let slots = [(SLOT, name)];
-                loop {
-                    dns.gc(&metrics, &slots);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            })
-        };
-        // The agent has a session of its own (no terminal signal reaches
-        // it through enforcer's process group): SIGINT, SIGTERM, SIGHUP,
-        // SIGQUIT and SIGWINCH to enforcer are forwarded to its init, which
-        // passes them on to the agent.
-        let forward = tokio::spawn(async move {
-            use nix::sys::signal::Signal;
-            use tokio::signal::unix::{signal, SignalKind};
-            let kinds = [
-                (SignalKind::terminate(), Signal::SIGTERM),
-                (SignalKind::hangup(), Signal::SIGHUP),
-                (SignalKind::interrupt(), Signal::SIGINT),
-                (SignalKind::quit(), Signal::SIGQUIT),
-                (SignalKind::window_change(), Signal::SIGWINCH),
-            ];
-            let mut streams = Vec::new();
-            for (k, sig) in kinds {
-                if let Ok(s) = signal(k) {
-                    streams.push((s, sig));
-                }
-            }
-            loop {
-                let futs = streams
-                    .iter_mut()
-                    .map(|(s, sig)| {
-                        let sig = *sig;
-                        Box::pin(async move {
-                            s.recv().await;
-                            sig
-                        })
-                    })
-                    .collect::<Vec<_>>();
-                if futs.is_empty() {
-                    return;
-                }
-                let (sig, _, _) = futures::future::select_all(futs).await;
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child_pid as i32), sig);
-            }
-        });
-        let status = tokio::task::spawn_blocking(move || wait_exit(child_pid)).await??;
-        // Leftover descendants die with the agent, before the last drain:
-        // what they did until then is in the records and the summary (an
-        // allow the flow cache answered is counted only when its way is
-        // drained).
-        cg.kill_all(Duration::from_secs(2));
-        // The listener hangs up once no process is left under the filter:
-        // the supervisor then records what it still counts and ends.
-        if tokio::time::timeout(Duration::from_secs(2), &mut supervisor)
-            .await
-            .is_err()
-        {
-            supervisor.abort();
-        }
-        running.store(false, Ordering::Relaxed);
-        forward.abort();
-        // The agent's last records are in the ring and the flow tables.
-        readers.finish().await;
-        poller.abort();
-        anyhow::Ok(status)
-    })?;
+        },
+    ))
+}
 
-    let code = status;
+/// Kernel counters (per identity) reach the metrics at each scrape.
+fn publish_kernel_metrics(kernel: &Arc<Mutex<Kernel>>, metrics: &Arc<Metrics>, name: &str) {
+    let weak_kernel = Arc::downgrade(kernel);
+    let weak_metrics = Arc::downgrade(metrics);
+    let slots = [(SLOT, name.to_string())];
+    metrics.set_collector(Box::new(move || {
+        if let (Some(k), Some(m)) = (weak_kernel.upgrade(), weak_metrics.upgrade()) {
+            publish(&k, &m, &slots);
+        }
+    }));
+}
+
+/// Serve metrics and the DNS proxy, read the rings, spawn the agent, relay
+/// signals and its refused system calls, wait for it; then kill what it
+/// left and drain the last records. Returns its exit status.
+async fn supervise(
+    args: &RunArgs,
+    kernel: &Arc<Mutex<Kernel>>,
+    plan: &Plan,
+    cg: &cgroup::OwnedCgroup,
+    prepared: crate::sandbox::child::Prepared,
+    recording: &Recording,
+    rings: Rings,
+) -> Result<i32> {
+    let (compiled, identity) = (&plan.compiled, &plan.identity);
+    let (metrics, sinks, attribution, dns) = (
+        &recording.metrics,
+        &recording.sinks,
+        &recording.attribution,
+        &recording.dns,
+    );
+    let dns_policy = Arc::new(crate::dns::compile_dns(&plan.loaded, compiled));
+    let running = Arc::new(AtomicBool::new(true));
+    let _server = match args.metrics_addr {
+        Some(addr) => {
+            let r = running.clone();
+            let (bound, handle) = metrics::serve(
+                metrics.clone(),
+                addr,
+                Arc::new(move || r.load(Ordering::Relaxed)),
+            )
+            .await?;
+            if !args.quiet {
+                eprintln!("enforcer: metrics on http://{bound}/metrics");
+            }
+            Some(handle)
+        }
+        None => None,
+    };
+    // The DNS proxy serves before the agent exists: its first query is
+    // already steered and answered.
+    let dns_port = dns.serve(kernel, SLOT, dns_policy.clone()).await?;
+    tracing::info!(port = dns_port, "DNS proxy ready");
+    let readers = Readers::spawn(
+        rings.events,
+        rings.flows,
+        sinks.clone(),
+        dns.attributor(attribution.clone()),
+    );
+    // The forked side makes only raw syscalls on memory prepared
+    // before the clone, so cloning this multi-threaded process is safe.
+    let spawned = crate::sandbox::spawn(&prepared)
+        .with_context(|| format!("starting {:?}", args.command[0]))?;
+    let child_pid = spawned.init_pid;
+    tracing::info!(pid = child_pid, cgroup = %cg.path.display(), "agent started");
+    crate::kernel::release_free_memory();
+    let mut supervisor = {
+        let sinks = sinks.clone();
+        let identity = identity.clone();
+        let hash = compiled.hash.clone();
+        let cgroup_id = cg.id;
+        tokio::spawn(crate::sandbox::seccomp::serve(
+            spawned.listener,
+            move |call| {
+                sinks.handle(&refused_call_decision(&call, &identity, &hash, cgroup_id));
+            },
+        ))
+    };
+    let poller = {
+        let metrics = metrics.clone();
+        let name = compiled.name.clone();
+        let dns = dns.clone();
+        tokio::spawn(async move {
+            let slots = [(SLOT, name)];
+            loop {
+                dns.gc(&metrics, &slots);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    // The agent has a session of its own (no terminal signal reaches
+    // it through enforcer's process group): SIGINT, SIGTERM, SIGHUP,
+    // SIGQUIT and SIGWINCH to enforcer are forwarded to its init, which
+    // passes them on to the agent.
+    let forward = tokio::spawn(async move {
+        use nix::sys::signal::Signal;
+        use tokio::signal::unix::{signal, SignalKind};
+        let kinds = [
+            (SignalKind::terminate(), Signal::SIGTERM),
+            (SignalKind::hangup(), Signal::SIGHUP),
+            (SignalKind::interrupt(), Signal::SIGINT),
+            (SignalKind::quit(), Signal::SIGQUIT),
+            (SignalKind::window_change(), Signal::SIGWINCH),
+        ];
+        let mut streams = Vec::new();
+        for (k, sig) in kinds {
+            if let Ok(s) = signal(k) {
+                streams.push((s, sig));
+            }
+        }
+        loop {
+            let futs = streams
+                .iter_mut()
+                .map(|(s, sig)| {
+                    let sig = *sig;
+                    Box::pin(async move {
+                        s.recv().await;
+                        sig
+                    })
+                })
+                .collect::<Vec<_>>();
+            if futs.is_empty() {
+                return;
+            }
+            let (sig, _, _) = futures::future::select_all(futs).await;
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child_pid as i32), sig);
+        }
+    });
+    let status = tokio::task::spawn_blocking(move || wait_exit(child_pid)).await??;
+    // Leftover descendants die with the agent, before the last drain:
+    // what they did until then is in the records and the summary (an
+    // allow the flow cache answered is counted only when its way is
+    // drained).
+    cg.kill_all(Duration::from_secs(2));
+    // The listener hangs up once no process is left under the filter:
+    // the supervisor then records what it still counts and ends.
+    if tokio::time::timeout(Duration::from_secs(2), &mut supervisor)
+        .await
+        .is_err()
+    {
+        supervisor.abort();
+    }
+    running.store(false, Ordering::Relaxed);
+    forward.abort();
+    // The agent's last records are in the ring and the flow tables.
+    readers.finish().await;
+    poller.abort();
+    Ok(status)
+}
+
+/// Detach and unpin, write the `stop` record, print the summary.
+fn tear_down(
+    args: &RunArgs,
+    kernel: &Arc<Mutex<Kernel>>,
+    plan: Plan,
+    enforced: Enforced,
+    containment: String,
+    recording: Recording,
+    code: i32,
+) -> Result<i32> {
+    let (compiled, identity) = (&plan.compiled, &plan.identity);
+    let Enforced { cg, attachment, .. } = enforced;
+    let Recording { sinks, summary, .. } = recording;
     // (Leftover descendants were killed before the last drain.) Detach and
     // unpin.
     kernel
@@ -563,7 +758,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     sinks.lifecycle(
         LifecycleAction::Stop,
-        Some(&identity),
+        Some(identity),
         &compiled.hash,
         &format!("agent exited with status {code}"),
     );
@@ -572,7 +767,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         print_summary(
             &args.command,
             code,
-            &identity,
+            identity,
             compiled.audit,
             &counters,
             &reasons,
