@@ -461,8 +461,20 @@ pub struct AuditLog {
     buf: Vec<u8>,
     appended: u64,
     torn: Option<TornTail>,
+    /// A write failed (a full disk): records are refused until the file is
+    /// reopened ([`AuditLog::recover`], tried at most once per
+    /// [`RECOVER_EVERY`]).
     poisoned: bool,
+    /// Records appended since the last successful flush (lost with the
+    /// buffer if the log has to be reopened).
+    unflushed: u64,
+    /// Records refused while poisoned.
+    lost: u64,
+    last_recovery: Option<std::time::Instant>,
 }
+
+/// How often a poisoned log tries to reopen its file.
+pub const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -523,6 +535,9 @@ impl AuditLog {
             appended: 0,
             torn: None,
             poisoned: false,
+            unflushed: 0,
+            lost: 0,
+            last_recovery: None,
         };
         log.set_prev(&resume.prev);
         if let Some((torn, preview)) = resume.torn {
@@ -650,6 +665,9 @@ impl AuditLog {
                 Ok(())
             }
         });
+        if res.is_ok() {
+            self.unflushed = 0;
+        }
         res.map_err(|source| AuditError::Io {
             path: self.path.clone(),
             source,
@@ -697,9 +715,7 @@ impl AuditLog {
         F: FnOnce(&mut Vec<u8>, u64, &str) -> serde_json::Result<()>,
     {
         if self.poisoned {
-            return Err(AuditError::Poisoned {
-                path: self.path.clone(),
-            });
+            self.recover()?;
         }
         let seq = self.next_seq;
         self.buf.clear();
@@ -719,7 +735,66 @@ impl AuditLog {
         self.set_prev(&hash);
         self.next_seq += 1;
         self.appended += 1;
+        self.unflushed += 1;
         Ok(seq)
+    }
+
+    /// A poisoned log (a write failed: the disk was full, say) reopens its
+    /// file, at most once per [`RECOVER_EVERY`]: the unwritten buffer is
+    /// dropped, the lock released, and [`AuditLog::open_with`] repairs a
+    /// torn last line and continues the chain; a `chain_resume` record then
+    /// says how many records were lost. Until it succeeds every record is
+    /// refused (and counted).
+    fn recover(&mut self) -> Result<(), AuditError> {
+        let poisoned = || AuditError::Poisoned {
+            path: self.path.clone(),
+        };
+        let now = std::time::Instant::now();
+        if self
+            .last_recovery
+            .is_some_and(|t| now.duration_since(t) < RECOVER_EVERY)
+        {
+            self.lost += 1;
+            return Err(poisoned());
+        }
+        self.last_recovery = Some(now);
+        let options = AuditOptions {
+            fsync: self.fsync,
+            format: if self.ocsf.is_some() {
+                AuditFormat::Ocsf
+            } else {
+                AuditFormat::Json
+            },
+        };
+        let Ok(devnull) = File::options().write(true).open("/dev/null") else {
+            self.lost += 1;
+            return Err(poisoned());
+        };
+        // Drop what is buffered without writing it (part of it may be in
+        // the file already: the reopen cuts a torn line), and the lock.
+        let old = std::mem::replace(&mut self.out, BufWriter::with_capacity(0, devnull));
+        drop(old.into_parts());
+        match Self::open_with(&self.path, options) {
+            Ok(fresh) => {
+                let lost = self.lost + self.unflushed;
+                let appended = self.appended;
+                *self = fresh;
+                self.appended += appended;
+                self.append_lifecycle(&LifecycleEvent::new(
+                    LifecycleAction::ChainResume,
+                    format!(
+                        "the audit log could not be written for a while (a write failed): up to \
+                         {lost} records were lost before it was reopened"
+                    ),
+                ))?;
+                self.flush()
+            }
+            Err(e) => {
+                self.lost += 1;
+                tracing::debug!("reopening the audit log: {e}");
+                Err(poisoned())
+            }
+        }
     }
 }
 
@@ -1136,6 +1211,77 @@ pub fn verify_reader(r: impl BufRead, path: &Path) -> Result<VerifyReport, Verif
 mod tests {
     use super::*;
     use std::fs;
+
+    /// A full disk (the agent can fill the file system the log is on): the
+    /// writes fail, the log refuses records, then reopens its file on a
+    /// later record, cuts the torn line, says what was lost in a
+    /// `chain_resume` record and goes on; the chain verifies.
+    #[test]
+    fn a_log_whose_writes_failed_reopens_and_goes_on() {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        for i in 0..3 {
+            log.append_decision(&decision(i)).unwrap();
+        }
+        log.flush().unwrap();
+        // From now on the file is "full": its descriptor writes to /dev/full.
+        let full = File::options().write(true).open("/dev/full").unwrap();
+        let fd = log.out.get_ref().as_raw_fd();
+        assert!(unsafe { libc::dup2(full.as_raw_fd(), fd) } >= 0);
+        let mut failed = false;
+        for i in 3..1000 {
+            if log.append_decision(&decision(i)).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed && log.poisoned, "a 64 KiB buffer must fill");
+        // Recovery on the next record: the path is a writable file again.
+        let seq = log.append_decision(&decision(2000)).unwrap();
+        log.flush().unwrap();
+        assert!(!log.poisoned);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert_eq!(lines[3]["action"], "chain_resume");
+        assert!(
+            lines[3]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("records were lost before it was reopened"),
+            "{}",
+            lines[3]
+        );
+        assert_eq!(lines[4]["seq"].as_u64(), Some(seq));
+        assert_eq!(lines[4]["pid"], decision(2000).pid);
+        verify(&path).unwrap();
+        // A log that cannot reopen (yet: here its path is a directory now)
+        // refuses records, and tries again only after RECOVER_EVERY.
+        let fd = log.out.get_ref().as_raw_fd();
+        assert!(unsafe { libc::dup2(full.as_raw_fd(), fd) } >= 0);
+        std::fs::rename(&path, dir.path().join("moved.jsonl")).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let mut refused = 0;
+        for i in 0..1000 {
+            if log.append_decision(&decision(3000 + i)).is_err() {
+                refused += 1;
+            }
+        }
+        assert!(refused > 800 && log.poisoned, "{refused}");
+        let tried = log.last_recovery.unwrap();
+        assert!(log.append_decision(&decision(5000)).is_err());
+        assert_eq!(
+            log.last_recovery,
+            Some(tried),
+            "no retry within RECOVER_EVERY"
+        );
+        assert!(log.lost >= 800);
+    }
 
     fn decision(i: u64) -> Decision {
         Decision {

@@ -30,6 +30,7 @@
 //! | `enforcer_policy_info` | gauge (=1) | identity, spiffe_id, mode, policy_hash | [`Metrics::set_policy_info`] |
 //! | `enforcer_policy_reloads_total` | counter | result (ok, rejected) | [`Metrics::record_policy_reload`] |
 //! | `enforcer_audit_records_total` | counter | | [`Metrics::inc_audit_records`] |
+//! | `enforcer_audit_records_lost_total` | counter | | [`Metrics::inc_audit_lost`] |
 //! | `enforcer_build_info` | gauge (=1) | version | set at construction |
 //! | `enforcer_capability` | gauge (1/0) | name | [`Metrics::set_capability`] |
 //!
@@ -131,6 +132,7 @@ pub struct Metrics {
     policy_info: IntGaugeVec,
     policy_reloads: IntCounterVec,
     audit_records: IntCounter,
+    audit_lost: IntCounter,
     build_info: IntGaugeVec,
     capability: IntGaugeVec,
     net_raw_processes: IntGaugeVec,
@@ -328,6 +330,11 @@ impl Metrics {
             audit_records: counter(
                 "enforcer_audit_records_total",
                 "Records appended to the audit log.",
+            ),
+            audit_lost: counter(
+                "enforcer_audit_records_lost_total",
+                "Records that could not be written to the audit log (a write failed; the log \
+                 reopens its file and says so in a chain_resume record).",
             ),
             build_info: gauge_vec(
                 r,
@@ -668,6 +675,10 @@ impl Metrics {
 
     pub fn inc_audit_records(&self, n: u64) {
         self.audit_records.inc_by(n);
+    }
+
+    pub fn inc_audit_lost(&self) {
+        self.audit_lost.inc();
     }
 
     /// `enforcer_capability{name}`: 1 if available, 0 if missing (e.g. "bpf_lsm").

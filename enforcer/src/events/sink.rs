@@ -122,7 +122,7 @@ impl Sinks {
             let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
             match a.append_decision(d) {
                 Ok(_) => self.metrics.inc_audit_records(1),
-                Err(e) => tracing::error!("audit log write failed: {e:#}"),
+                Err(e) => self.audit_failed(&e),
             }
         }
         if d.verdict == Verdict::Taint {
@@ -146,6 +146,18 @@ impl Sinks {
                 comm: d.comm.clone(),
                 pid: d.pid,
             });
+        }
+    }
+
+    /// A record the audit log refused: counted; logged once per failure,
+    /// not once per record while the log waits to reopen its file.
+    fn audit_failed(&self, e: &crate::audit::AuditError) {
+        self.metrics.inc_audit_lost();
+        match e {
+            crate::audit::AuditError::Poisoned { .. } => {
+                tracing::debug!("audit log write refused: {e:#}")
+            }
+            _ => tracing::error!("audit log write failed: {e:#}"),
         }
     }
 
@@ -178,7 +190,7 @@ impl Sinks {
         let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
         match a.append_lifecycle(&ev).and_then(|_| a.flush()) {
             Ok(()) => self.metrics.inc_audit_records(1),
-            Err(e) => tracing::error!("audit log write failed: {e:#}"),
+            Err(e) => self.audit_failed(&e),
         }
     }
 
