@@ -1167,3 +1167,35 @@ fn agent_chosen_strings_cannot_break_the_output() {
         );
     }
 }
+
+/// A daemon's log in Kubernetes mode: records name the pod and the pod's
+/// SPIFFE ID; the learned policy says which workload it saw.
+#[test]
+fn a_daemon_log_names_the_workload_it_was_learned_from() {
+    let pod = |r: Value| {
+        let mut r = r;
+        r["identity"]["spiffe_id"] = "spiffe://cluster.local/ns/agents/sa/research".into();
+        r["namespace"] = "agents".into();
+        r["pod"] = "research-7d9f".into();
+        r["container"] = "agent".into();
+        r
+    };
+    let l = learn_str(
+        &[
+            json!({"seq": 0, "ts": ts(0), "identity": null, "action": "start",
+                   "detail": "daemon", "prev_hash": "00"}),
+            pod(dns(1, "api.example.com", "A", &["203.0.113.10"])),
+            pod(connect(2, "203.0.113.10", 443, "python3")),
+        ],
+        &LearnOptions::default(),
+    );
+    assert_eq!(rules(&l), vec!["host api.example.com ports [443] tcp"]);
+    assert!(
+        l.yaml.contains(
+            "# Workload identity seen: SPIFFE ID spiffe://cluster.local/ns/agents/sa/research, \
+             namespace agents"
+        ),
+        "{}",
+        l.yaml
+    );
+}
