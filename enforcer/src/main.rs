@@ -124,7 +124,7 @@ enum PolicyCmd {
 /// `enforcer policy learn` arguments.
 #[derive(clap::Args)]
 struct LearnArgs {
-    /// Audit logs (JSON Lines) of runs in `mode: audit`: `enforcer run --audit-log` or the daemon's.
+    /// Audit logs (JSON or OCSF) of runs in `mode: audit`: `enforcer run --audit-log` or the daemon's.
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// The identity to learn (needed when the logs name several).

@@ -283,6 +283,26 @@ fn audit_learn_enforce_round_trip() {
         "{diff}"
     );
     assert!(diff.contains("~ mode: Audit -> Enforce"), "{diff}");
+    // The same run as OCSF events (`audit tail --format ocsf`, as a daemon
+    // with `auditFormat: ocsf` writes them) teaches the same policy.
+    let (code, ocsf, err) = enforcer_cmd(&["audit", "tail", &p("audit.jsonl"), "--format", "ocsf"]);
+    assert_eq!(code, 0, "audit tail: {err}");
+    std::fs::write(dir.join("audit.ocsf.jsonl"), ocsf).unwrap();
+    let (code, same, err) = enforcer_cmd(&[
+        "policy",
+        "learn",
+        &p("audit.ocsf.jsonl"),
+        "--from",
+        &p("discover.yaml"),
+        "--exclude",
+        "host=evil.learn.test",
+        "--exclude",
+        "ip=127.0.0.8",
+        "--diff",
+        &p("learned.yaml"),
+    ]);
+    assert_eq!(code, 0, "policy learn of the OCSF log: {err}");
+    assert_eq!(same.trim(), "no difference", "{same}");
 
     // 4. The same workload under the learned policy, enforced.
     let evil_before = evil.total_bytes();

@@ -1,7 +1,8 @@
 //! Audit logs -> what one identity did ([`Observed`]).
 //!
-//! Reads the JSON Lines audit log of `enforcer run` or the daemon (the
-//! format of `crate::audit`), keeps the decision records of one identity
+//! Reads the audit log of `enforcer run` or the daemon, JSON Lines (the
+//! format of `crate::audit`) or OCSF events (`crate::ocsf`, mapped back to
+//! the same fields), keeps the decision records of one identity
 //! and sorts what they show into DNS answers, egress flows, file opens,
 //! unix sockets and inbound peers. Nothing is judged here: the proposal is
 //! `super::propose`'s.
@@ -268,11 +269,14 @@ fn parse_line(line: &str, at: &At) -> Result<Raw, LearnError> {
         ))
     })?;
     if raw.class_uid.is_some() {
-        return Err(bad(
-            "an OCSF event: `enforcer policy learn` reads the JSON audit format \
-             (write the log with the default format, or convert it back)"
-                .into(),
-        ));
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("not an OCSF event: {e}")))?;
+        return from_ocsf(&v).ok_or_else(|| {
+            bad(
+                "an OCSF event without `metadata.event_code` or `time`: not one of enforcer's"
+                    .into(),
+            )
+        });
     }
     if raw.action.is_none() || raw.ts.is_none() {
         return Err(bad(
@@ -280,6 +284,82 @@ fn parse_line(line: &str, at: &At) -> Result<Raw, LearnError> {
         ));
     }
     Ok(raw)
+}
+
+/// An OCSF event of `enforcer --audit-format ocsf` (see `crate::ocsf`) as
+/// the fields of the JSON record it was written from: `metadata.event_code`
+/// is the action, `disposition_id` the verdict, `message` the detail, the
+/// endpoints, query, file and `unmapped` the rest. Times are milliseconds.
+fn from_ocsf(v: &serde_json::Value) -> Option<Raw> {
+    use serde_json::Value;
+    let s = |v: &Value| v.as_str().map(String::from);
+    let ms = |v: &Value| v.as_i64().and_then(DateTime::<Utc>::from_timestamp_millis);
+    let action = s(&v["metadata"]["event_code"])?;
+    let ts = ms(&v["time"])?;
+    let actor = &v["actor"];
+    let identity = s(&actor["app_name"]).map(|name| RawIdentity {
+        name,
+        spiffe_id: s(&actor["app_uid"]),
+    });
+    let verdict = match v["disposition_id"].as_u64() {
+        Some(1) => Some("allow"),
+        Some(2) => Some("deny"),
+        Some(15) => Some("audit"),
+        Some(18) => Some("taint"),
+        Some(_) => Some("unknown"),
+        None => None,
+    }
+    .map(String::from);
+    let (dst, src) = (&v["dst_endpoint"], &v["src_endpoint"]);
+    let ingress = action == "ingress";
+    let peer = if ingress { src } else { dst };
+    let ip = peer["ip"].as_str().and_then(|a| a.parse().ok());
+    let port = dst["port"]
+        .as_u64()
+        .or(src["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok());
+    let host = if action == "dns" {
+        s(&v["query"]["hostname"])
+    } else {
+        s(&peer["hostname"])
+    };
+    let flow = match (
+        v["count"].as_u64(),
+        ms(&v["start_time"]),
+        ms(&v["end_time"]),
+    ) {
+        (Some(count), Some(first_seen), Some(last_seen)) => Some(RawFlow {
+            count,
+            first_seen,
+            last_seen,
+        }),
+        _ => None,
+    };
+    let un = &v["unmapped"];
+    Some(Raw {
+        ts: Some(ts),
+        identity,
+        pid: actor["process"]["pid"].as_u64().unwrap_or(0) as u32,
+        comm: s(&actor["process"]["name"]).unwrap_or_default(),
+        ip,
+        port,
+        protocol: s(&v["connection_info"]["protocol_name"]),
+        host,
+        path: s(&v["file"]["path"]),
+        namespace: s(&un["namespace"]),
+        verdict,
+        rule: s(&v["firewall_rule"]["name"]).unwrap_or_default(),
+        detail: s(&v["message"]),
+        reason: s(&un["reason"]),
+        socket: action
+            .starts_with("unix_")
+            .then(|| s(&dst["name"]))
+            .flatten(),
+        socket_kind: s(&un["socket_kind"]),
+        flow,
+        class_uid: None,
+        action: Some(action),
+    })
 }
 
 fn observe(o: &mut Observed, run: &dyn Fn(DateTime<Utc>) -> Run, at: At, r: Raw) {

@@ -1199,3 +1199,51 @@ fn a_daemon_log_names_the_workload_it_was_learned_from() {
         l.yaml
     );
 }
+
+/// A log written as OCSF (`--audit-format ocsf`) teaches the same policy as
+/// the same records in JSON.
+#[test]
+fn an_ocsf_log_teaches_what_its_json_twin_teaches() {
+    let mut recs = exfiltration_run();
+    let mut flow = connect(20, "203.0.113.10", 8443, "agent");
+    flow["verdict"] = "allow".into();
+    flow["host"] = "api.example.com".into();
+    flow["flow"] = json!({"count": 7, "first_seen": ts(18), "last_seen": ts(20)});
+    recs.push(flow);
+    recs.push(connect(21, "198.51.100.7", 5432, "psql"));
+    recs.push(decision(
+        22,
+        "unix_connect",
+        "audit",
+        json!({"socket": "/run/agent/helper.sock", "socket_kind": "path"}),
+    ));
+    recs.push(decision(
+        23,
+        "ingress",
+        "audit",
+        json!({"ip": "10.30.0.7", "port": 8080, "protocol": "tcp"}),
+    ));
+    let json_text = log(&recs);
+    let ctx = crate::ocsf::Context::local();
+    let mut ocsf_text = String::new();
+    for (i, line) in json_text.lines().enumerate() {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        v["seq"] = i.into();
+        let line = v.to_string();
+        let r: crate::ocsf::Record<'_> = serde_json::from_str(&line).unwrap();
+        let mut out = Vec::new();
+        crate::ocsf::write_event(&mut out, &r, &ctx).unwrap();
+        ocsf_text.push_str(std::str::from_utf8(&out).unwrap());
+        ocsf_text.push('\n');
+    }
+    assert!(ocsf_text.contains("\"class_uid\":4003"));
+    let opts = LearnOptions::default();
+    let from_json = records::read_str(&json_text, None).unwrap();
+    let from_ocsf = records::read_str(&ocsf_text, None).unwrap();
+    let a = build(&from_json, &[PathBuf::from("a.jsonl")], &opts).unwrap();
+    let b = build(&from_ocsf, &[PathBuf::from("a.jsonl")], &opts).unwrap();
+    assert_eq!(a.policy, b.policy, "json:\n{}\nocsf:\n{}", a.yaml, b.yaml);
+    assert_eq!(a.warnings, b.warnings);
+    assert!(!b.policy.spec.local.is_empty() && !b.policy.spec.ingress.is_empty());
+    assert!(b.policy.spec.on_taint.is_some());
+}
