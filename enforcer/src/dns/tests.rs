@@ -681,23 +681,13 @@ async fn rebinding_addresses_are_stripped_unless_a_cidr_covers_them() {
 /// are reported as they would have been stripped, and are never installed.
 #[tokio::test]
 async fn audit_mode_keeps_rebinding_addresses_and_reports_them() {
-    let up = upstream().await;
-    let mut p = (*policy(EGRESS, "", up.addr)).clone();
-    p.audit = true;
-    let learner = Arc::new(FakeLearner::default());
-    let sink = Arc::new(RecSink::default());
-    let proxy = DnsProxy::new(learner.clone(), sink.clone(), Arc::new(NeverTainted));
-    let port = proxy.serve_identity(1, Arc::new(p)).await.unwrap();
-    let q = query_bytes(1, "rebind.example.com", RecordType::A, false);
-    let r = udp_raw(
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        port,
-        &q,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    let m = Message::from_vec(&r).unwrap();
+    let h = harness_with(|up| {
+        let mut p = (*policy(EGRESS, "", up)).clone();
+        p.audit = true;
+        Arc::new(p)
+    })
+    .await;
+    let m = h.udp("rebind.example.com", RecordType::A).await;
     assert_eq!(
         addrs(&m),
         vec![
@@ -707,13 +697,13 @@ async fn audit_mode_keeps_rebinding_addresses_and_reports_them() {
             ip("93.184.216.36")
         ]
     );
-    let ev = sink.last();
+    let ev = h.sink.last();
     assert_eq!(
         ev.rebinding_blocked,
         vec![ip("127.0.0.1"), ip("10.1.2.3"), ip("169.254.169.254")]
     );
     assert_eq!(
-        learner.ips(),
+        h.learner.ips(),
         vec![ip("93.184.216.36")],
         "only the public one"
     );
