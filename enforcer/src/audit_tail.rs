@@ -402,6 +402,34 @@ mod tests {
         }
     }
 
+    /// `tail --follow` of `path` on a thread, polling every 10 ms: what it
+    /// printed, the flag that stops it, and its result.
+    #[allow(clippy::type_complexity)]
+    fn follow(
+        path: &Path,
+        format: Option<AuditFormat>,
+    ) -> (
+        Shared,
+        Arc<AtomicBool>,
+        std::thread::JoinHandle<Result<u64, TailError>>,
+    ) {
+        let out = Shared::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (path, mut out, stop) = (path.to_path_buf(), out.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let opts = TailOptions {
+                    format,
+                    follow: true,
+                    poll: Duration::from_millis(10),
+                    ..TailOptions::default()
+                };
+                tail(&path, &opts, &mut out, &|| stop.load(Ordering::Relaxed))
+            })
+        };
+        (out, stop, handle)
+    }
+
     #[test]
     fn tail_follow_sees_appended_records_and_rotation() {
         let dir = tempfile::tempdir().unwrap();
@@ -410,20 +438,7 @@ mod tests {
         log.append_decision(&decision(0)).unwrap();
         log.flush().unwrap();
 
-        let out = Shared::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let (path, mut out, stop) = (path.clone(), out.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let opts = TailOptions {
-                    format: Some(AuditFormat::Ocsf),
-                    follow: true,
-                    poll: Duration::from_millis(10),
-                    ..TailOptions::default()
-                };
-                tail(&path, &opts, &mut out, &|| stop.load(Ordering::Relaxed))
-            })
-        };
+        let (out, stop, handle) = follow(&path, Some(AuditFormat::Ocsf));
         assert_eq!(out.wait_for(1).len(), 1);
         // The writer appends while tail follows: half a line first.
         log.append_decision(&decision(1)).unwrap();
@@ -469,19 +484,7 @@ mod tests {
         log.append_decision(&decision(0)).unwrap();
         log.append_decision(&decision(1)).unwrap();
         log.flush().unwrap();
-        let out = Shared::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let (path, mut out, stop) = (path.clone(), out.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let opts = TailOptions {
-                    follow: true,
-                    poll: Duration::from_millis(10),
-                    ..TailOptions::default()
-                };
-                tail(&path, &opts, &mut out, &|| stop.load(Ordering::Relaxed))
-            })
-        };
+        let (out, stop, handle) = follow(&path, None);
         assert_eq!(out.wait_for(2).len(), 2);
         drop(log);
         // The writer dies mid-record...
