@@ -3,16 +3,35 @@
 //! does not exist yet, and the CAP_NET_RAW scan of bound processes.
 use super::*;
 
+/// Cgroups and pods -> identities: what is bound where.
+#[derive(Default)]
+pub(super) struct Bindings {
+    pub(super) bound: HashMap<PathBuf, Bound>,
+    /// Bound cgroups that do not exist yet, with their policy.
+    pub(super) waiting: BTreeMap<PathBuf, String>,
+    /// Kubernetes mode: pod-level cgroup -> the pod bound there (status).
+    pub(super) pods: HashMap<PathBuf, PodBinding>,
+    /// Kubernetes mode: pods a policy selects whose pod-level cgroup does
+    /// not exist yet (sandbox not made; bound when it appears, see
+    /// `watch_pending_pods`).
+    pub(super) pending_pods: Vec<PodBinding>,
+    /// Processes in bound cgroups holding CAP_NET_RAW (see `scan_net_raw`).
+    pub(super) net_raw: BTreeMap<u32, String>,
+    /// (slot, namespace) used by bound processes, served by the DNS proxy
+    /// there or not (see `dns_netns`).
+    pub(super) dns_netns: BTreeMap<(u32, crate::netns::NetnsId), dns_netns::NetnsUse>,
+}
+
 impl State {
     /// Attach to bound cgroups that exist, bind them to their identity slot
     /// (slot 0 = no policy: fail closed), release removed bindings.
     pub(super) fn reconcile_bindings(&mut self) {
         let mut wanted: HashMap<PathBuf, String> = HashMap::new();
-        for b in &self.cfg.bindings {
+        for b in &self.node.cfg.bindings {
             let path = if b.cgroup.is_absolute() {
                 b.cgroup.clone()
             } else {
-                self.mount.join(&b.cgroup)
+                self.node.mount.join(&b.cgroup)
             };
             wanted.insert(path, b.policy.clone());
         }
@@ -22,39 +41,45 @@ impl State {
                 .entry(path.clone())
                 .or_insert_with(|| p.policy.clone());
         }
-        self.pods = pods;
-        self.pending_pods = pending;
+        self.bindings.pods = pods;
+        self.bindings.pending_pods = pending;
         self.watch_pending_pods();
         if self.k8s.is_some() {
             self.publish_workloads();
         }
         let gone: Vec<PathBuf> = self
+            .bindings
             .bound
             .keys()
             .filter(|p| !wanted.contains_key(*p) || !p.is_dir())
             .cloned()
             .collect();
         for p in gone {
-            if let Some(b) = self.bound.remove(&p) {
+            if let Some(b) = self.bindings.bound.remove(&p) {
                 let _ = self.kernel.unbind_cgroup(b.attachment.cgroup_id);
                 tracing::info!(cgroup = %p.display(), "binding released");
-                self.sinks
-                    .lifecycle(LifecycleAction::Detach, None, "", &p.display().to_string());
+                self.node.sinks.lifecycle(
+                    LifecycleAction::Detach,
+                    None,
+                    "",
+                    &p.display().to_string(),
+                );
                 b.attachment.release();
             }
         }
-        self.waiting.clear();
+        self.bindings.waiting.clear();
         for (path, policy) in wanted {
             if !path.is_dir() {
-                self.waiting.insert(path, policy);
+                self.bindings.waiting.insert(path, policy);
                 continue;
             }
             let slot = self
+                .policies
                 .active
                 .get(&policy)
                 .map(|a| a.slot)
                 .unwrap_or(enforcer_common::SLOT_UNKNOWN);
-            if let Some(b) = self.bound.get_mut(&path) {
+            if let Some(b) = self.bindings.bound.get_mut(&path) {
                 if b.slot != slot || b.policy != policy {
                     if let Err(e) = self.kernel.bind_cgroup(b.attachment.cgroup_id, slot) {
                         tracing::error!(cgroup = %path.display(), "rebinding: {e:#}");
@@ -76,7 +101,7 @@ impl State {
                 tracing::error!(cgroup = %path.display(), "binding: {e:#}");
                 continue;
             }
-            let dir = self.links_dir(id);
+            let dir = self.node.links_dir(id);
             let attachment = match self.kernel.adopt_pinned(&path, &dir) {
                 Ok(Some(a)) => {
                     tracing::info!(cgroup = %path.display(), "adopted pinned links from a previous run");
@@ -90,17 +115,19 @@ impl State {
                         tracing::warn!(cgroup = %path.display(), policy = %policy, "bound policy is not loaded: cgroup fails closed");
                     }
                     tracing::info!(cgroup = %path.display(), cgroup_id = id, policy = %policy, "attached");
-                    self.sinks.lifecycle(
+                    self.node.sinks.lifecycle(
                         LifecycleAction::Attach,
-                        self.active
+                        self.policies
+                            .active
                             .get(&policy)
                             .map(|a| Self::identity(&a.compiled))
                             .as_ref(),
-                        self.active
+                        self.policies
+                            .active
                             .get(&policy)
                             .map(|a| a.compiled.hash.as_str())
                             .unwrap_or(""),
-                        &match self.pods.get(&path) {
+                        &match self.bindings.pods.get(&path) {
                             Some(p) => format!(
                                 "{} (cgroup id {id}): pod {}/{} uid {} ({})",
                                 path.display(),
@@ -112,7 +139,7 @@ impl State {
                             None => format!("{} (cgroup id {id})", path.display()),
                         },
                     );
-                    self.bound.insert(
+                    self.bindings.bound.insert(
                         path,
                         Bound {
                             attachment,
@@ -124,7 +151,9 @@ impl State {
                 Err(e) => tracing::error!(cgroup = %path.display(), "attach failed: {e:#}"),
             }
         }
-        self.metrics.set_attached_cgroups(self.bound.len() as u64);
+        self.node
+            .metrics
+            .set_attached_cgroups(self.bindings.bound.len() as u64);
         self.reconcile_roots();
     }
 
@@ -143,6 +172,7 @@ impl State {
             return (out, pending);
         };
         let identities: Vec<(String, crate::policy::Identity)> = self
+            .policies
             .active
             .iter()
             .map(|(n, a)| {
@@ -172,6 +202,7 @@ impl State {
                 // no longer loaded, so it fails closed instead of being let
                 // go unenforced.
                 binding::Binding::None => match self
+                    .bindings
                     .pods
                     .values()
                     .find(|b| b.entry.info.uid == pod.info.uid)
@@ -197,7 +228,8 @@ impl State {
                 policy,
                 spiffe_id,
             };
-            match cgroups::resolve_pod(&self.mount, k.kubelet_root.as_deref(), &pod.pod_ref()) {
+            match cgroups::resolve_pod(&self.node.mount, k.kubelet_root.as_deref(), &pod.pod_ref())
+            {
                 Some((path, _driver)) => {
                     out.insert(path, b);
                 }
@@ -230,9 +262,9 @@ impl State {
             return;
         };
         let mut wanted: HashSet<PathBuf> = HashSet::new();
-        for p in &self.pending_pods {
+        for p in &self.bindings.pending_pods {
             for dir in crate::k8s::cgroups::pod_parent_dirs(
-                &self.mount,
+                &self.node.mount,
                 k.kubelet_root.as_deref(),
                 &p.entry.pod_ref(),
             ) {
@@ -241,7 +273,7 @@ impl State {
                 }
             }
         }
-        for path in self.pods.keys() {
+        for path in self.bindings.pods.keys() {
             let events = path.join("cgroup.events");
             if events.is_file() {
                 wanted.insert(events);
@@ -305,7 +337,7 @@ impl State {
         let refused = self.kernel.lsm_hooks_attached();
         let mut found: BTreeMap<u32, String> = BTreeMap::new();
         let mut per_identity: BTreeMap<String, u64> = BTreeMap::new();
-        for (path, b) in &self.bound {
+        for (path, b) in &self.bindings.bound {
             for pid in cgroup::pids_in_tree(path) {
                 if cgroup::holds_net_raw(pid) {
                     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -323,7 +355,7 @@ impl State {
                             "cannot be refused without BPF LSM"
                         }
                     );
-                    if !self.net_raw.contains_key(&pid) {
+                    if !self.bindings.net_raw.contains_key(&pid) {
                         if refused {
                             tracing::info!("{what}");
                         } else {
@@ -335,11 +367,12 @@ impl State {
                 }
             }
         }
-        for name in self.active.keys() {
-            self.metrics
+        for name in self.policies.active.keys() {
+            self.node
+                .metrics
                 .set_net_raw_processes(name, per_identity.get(name).copied().unwrap_or(0));
         }
-        self.net_raw = found;
+        self.bindings.net_raw = found;
     }
 
     /// Each container of `e` with its cgroup directory, once it exists.
@@ -358,7 +391,7 @@ impl State {
                     .as_deref()
                     .and_then(|id| id.parse::<cgroups::ContainerId>().ok())
                     .and_then(|id| {
-                        cgroups::resolve_container(&self.mount, kubelet_root, &pod, &id)
+                        cgroups::resolve_container(&self.node.mount, kubelet_root, &pod, &id)
                     });
                 (c, dir)
             })

@@ -82,10 +82,10 @@ impl State {
     /// identity has a DNS proxy, other than the daemon's own namespace.
     fn netns_in_use(&self) -> BTreeMap<(u32, NetnsId), NetnsUse> {
         let mut out = BTreeMap::new();
-        let Some(own) = self.own_netns else {
+        let Some(own) = self.node.own_netns else {
             return out;
         };
-        for (path, b) in &self.bound {
+        for (path, b) in &self.bindings.bound {
             if b.slot == enforcer_common::SLOT_UNKNOWN || self.kernel.dns_port(b.slot) == 0 {
                 continue;
             }
@@ -101,10 +101,11 @@ impl State {
                     pid,
                     cgroup: path.clone(),
                     pod: self
+                        .bindings
                         .pods
                         .get(path)
                         .map(|p| format!("{}/{}", p.entry.info.namespace, p.entry.info.name)),
-                    workload: self.pods.get(path).map(|p| p.workload(None)),
+                    workload: self.bindings.pods.get(path).map(|p| p.workload(None)),
                     error: None,
                     v6: false,
                 });
@@ -115,7 +116,8 @@ impl State {
 
     /// Per identity: the namespaces its proxy serves or tried to (status).
     pub(super) fn netns_status(&self, slot: u32) -> Vec<control::NetnsStatus> {
-        self.dns_netns
+        self.bindings
+            .dns_netns
             .iter()
             .filter(|((s, _), _)| *s == slot)
             .map(|((_, id), u)| control::NetnsStatus {
@@ -183,7 +185,11 @@ pub async fn sync(state: &Mutex<State>, dns: &DnsService, metrics: &Metrics) {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let (mut wanted, slots, previous) = {
         let s = lock();
-        (s.netns_in_use(), s.slot_names(), s.dns_netns.clone())
+        (
+            s.netns_in_use(),
+            s.slot_names(),
+            s.bindings.dns_netns.clone(),
+        )
     };
     // Close what no bound process uses any more.
     for (slot, name) in &slots {
@@ -300,14 +306,14 @@ pub async fn sync(state: &Mutex<State>, dns: &DnsService, metrics: &Metrics) {
     let active: HashSet<u32> = slots.iter().map(|(s, _)| *s).collect();
     settle(&mut wanted, attempts, &active);
     let mut s = lock();
-    s.attribution.set_netns_workloads(
+    s.node.attribution.set_netns_workloads(
         wanted
             .iter()
             .filter(|(_, u)| u.error.is_none())
             .filter_map(|(k, u)| Some((*k, u.workload.clone()?)))
             .collect(),
     );
-    s.dns_netns = wanted;
+    s.bindings.dns_netns = wanted;
 }
 
 #[cfg(test)]

@@ -4,6 +4,37 @@
 //! and unix socket rules that did not resolve yet.
 use super::*;
 
+/// Sources -> kernel: the policies in force and what the last reload
+/// refused.
+#[derive(Default)]
+pub(super) struct Policies {
+    pub(super) active: BTreeMap<String, Active>,
+    pub(super) slots: SlotTable,
+    pub(super) rejected: BTreeMap<Source, Rejection>,
+    /// `AgentPolicy` objects by UID: the last reload's verdict.
+    pub(super) object_results: BTreeMap<String, ObjectResult>,
+    /// Per policy: what is not enforced because the kernel lacks BPF LSM.
+    pub(super) degraded: BTreeMap<String, String>,
+    pub(super) reloads_ok: u64,
+    pub(super) reloads_rejected: u64,
+    /// DNS proxies to (re)start after a reload (async, outside the lock).
+    pub(super) pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
+    /// Policies of a previous daemon that are gone were removed from the
+    /// kernel: file policies (after the first reload), objects (after the
+    /// first complete list). See `sweep_stale_policies`.
+    pub(super) swept_files: bool,
+    pub(super) swept_objects: bool,
+}
+
+impl Policies {
+    pub(super) fn new(slots: SlotTable) -> Self {
+        Self {
+            slots,
+            ..Self::default()
+        }
+    }
+}
+
 impl State {
     /// A `files:` rule path that did not exist when its policy was
     /// installed: resolve that policy's paths again (periodic resync), and
@@ -11,13 +42,14 @@ impl State {
     /// resolves differently. Other policies are not touched.
     pub(super) fn retry_unresolved_files(&mut self) {
         let waiting: Vec<String> = self
+            .policies
             .active
             .iter()
             .filter(|(_, a)| !a.files.unresolved.is_empty())
             .map(|(n, _)| n.clone())
             .collect();
         for name in waiting {
-            let Some(a) = self.active.get(&name) else {
+            let Some(a) = self.policies.active.get(&name) else {
                 continue;
             };
             let files = self.kernel.resolve_files(&a.compiled.files);
@@ -28,9 +60,10 @@ impl State {
             match self.kernel.install_policy(slot, &compiled, &files) {
                 Ok(()) => {
                     tracing::info!(policy = %name, file_inodes = files.entries.len(), unresolved = files.unresolved.len(), "file rule paths resolved again; policy reinstalled");
-                    self.metrics
+                    self.node
+                        .metrics
                         .set_file_rules(&name, files.entries.len() as u64);
-                    if let Some(a) = self.active.get_mut(&name) {
+                    if let Some(a) = self.policies.active.get_mut(&name) {
                         a.files = files;
                     }
                 }
@@ -48,13 +81,14 @@ impl State {
     pub(super) fn retry_moved_unix_sockets(&mut self) {
         self.kernel.refresh_resolver_inodes();
         let moved: Vec<String> = self
+            .policies
             .active
             .iter()
             .filter(|(_, a)| self.kernel.unix_sockets_moved(a.slot, &a.compiled))
             .map(|(n, _)| n.clone())
             .collect();
         for name in moved {
-            let Some(a) = self.active.get(&name) else {
+            let Some(a) = self.policies.active.get(&name) else {
                 continue;
             };
             let (slot, compiled, files) = (a.slot, a.compiled.clone(), a.files.clone());
@@ -162,11 +196,11 @@ impl State {
                 );
             }
         }
-        self.object_results = object_results;
+        self.policies.object_results = object_results;
         // A rejected source keeps its previously active policies in force
         // (an object: the version last accepted of that UID); so do all
         // file policies while the directory cannot be read.
-        for (name, a) in &self.active {
+        for (name, a) in &self.policies.active {
             let keep = rejected_sources.contains(&a.source)
                 || (files.is_none() && matches!(a.source, Source::File(_)));
             if keep && !desired.contains_key(name) {
@@ -178,6 +212,7 @@ impl State {
         }
         for (src, r) in &new_rejections {
             let is_new = self
+                .policies
                 .rejected
                 .get(src)
                 .map(|old| old.errors != r.errors)
@@ -186,9 +221,11 @@ impl State {
                 for e in &r.errors {
                     tracing::error!("policy rejected, previous version stays in force: {e}");
                 }
-                self.metrics.record_policy_reload(ReloadResult::Rejected);
-                self.reloads_rejected += 1;
-                self.sinks.lifecycle(
+                self.node
+                    .metrics
+                    .record_policy_reload(ReloadResult::Rejected);
+                self.policies.reloads_rejected += 1;
+                self.node.sinks.lifecycle(
                     LifecycleAction::PolicyReloadRejected,
                     None,
                     "",
@@ -196,7 +233,7 @@ impl State {
                 );
             }
         }
-        self.rejected = new_rejections;
+        self.policies.rejected = new_rejections;
 
         // Apply changes.
         let mut changed = false;
@@ -205,6 +242,7 @@ impl State {
             // rule path is missing (a protected path created later gets
             // protected); a complete resolution stays valid (inodes).
             let previous: Option<crate::kernel::files::ResolvedFiles> = self
+                .policies
                 .active
                 .get(name)
                 .filter(|a| a.compiled.hash == compiled.hash)
@@ -213,10 +251,11 @@ impl State {
                 Some(f) if f.unresolved.is_empty() => f.clone(),
                 // Pods: the paths are resolved in each container's root.
                 _ if self.per_root(compiled) => {
-                    if let Some(slot) = self.slots.slots.get(name).copied() {
+                    if let Some(slot) = self.policies.slots.slots.get(name).copied() {
                         self.adopt_roots(name, slot, compiled);
                     }
                     let old = self
+                        .policies
                         .active
                         .get(name)
                         .map(|a| a.compiled.files.clone())
@@ -228,16 +267,16 @@ impl State {
             };
             let same = previous.as_ref() == Some(&files);
             if same {
-                if let Some(a) = self.active.get_mut(name) {
+                if let Some(a) = self.policies.active.get_mut(name) {
                     a.source = source.clone();
                 }
                 continue;
             }
-            let slot = match self.slots.get_or_alloc(name) {
+            let slot = match self.policies.slots.get_or_alloc(name) {
                 Some(s) => Some(s),
                 None => {
                     self.reclaim_slots();
-                    self.slots.get_or_alloc(name)
+                    self.policies.slots.get_or_alloc(name)
                 }
             };
             let Some(slot) = slot else {
@@ -247,9 +286,11 @@ impl State {
                     enforcer_common::MAX_SLOTS - 1
                 );
                 tracing::error!("{why}");
-                self.metrics.record_policy_reload(ReloadResult::Rejected);
-                self.reloads_rejected += 1;
-                self.rejected.insert(
+                self.node
+                    .metrics
+                    .record_policy_reload(ReloadResult::Rejected);
+                self.policies.reloads_rejected += 1;
+                self.policies.rejected.insert(
                     source.clone(),
                     Rejection {
                         file: source.to_string(),
@@ -259,17 +300,21 @@ impl State {
                 );
                 continue;
             };
-            let fresh = !self.active.contains_key(name);
+            let fresh = !self.policies.active.contains_key(name);
             if fresh {
                 self.kernel.reset_slot_counters(slot);
                 // First install in this daemon's life. Addresses in the slot
                 // were learned under the policy last installed there (pins
                 // of a previous daemon): kept only if it is this one.
-                if self.slots.hashes.get(name) != Some(&compiled.hash) {
-                    self.dns.forget(slot);
+                if self.policies.slots.hashes.get(name) != Some(&compiled.hash) {
+                    self.node.dns.forget(slot);
                 }
             }
-            let unresolved_before = self.active.get(name).map(|a| a.files.unresolved.clone());
+            let unresolved_before = self
+                .policies
+                .active
+                .get(name)
+                .map(|a| a.files.unresolved.clone());
             if unresolved_before.as_ref() != Some(&files.unresolved) {
                 for (id, path, why) in &files.unresolved {
                     tracing::warn!(policy = %name, rule = %compiled.rule_name(*id), path = %path.display(), "file rule not in force until the path exists ({why}); re-checked on every reconcile");
@@ -282,22 +327,26 @@ impl State {
                 Ok(()) => {
                     changed = true;
                     tracing::info!(policy = %name, slot, entries = compiled.entry_count(), file_inodes = files.entries.len(), hash = %compiled.hash, "policy installed");
-                    self.slots
+                    self.policies
+                        .slots
                         .hashes
                         .insert(name.clone(), compiled.hash.clone());
-                    self.attribution
+                    self.node
+                        .attribution
                         .set(slot, SlotInfo::new(Self::identity(compiled), compiled));
-                    self.metrics.set_policy_info(
+                    self.node.metrics.set_policy_info(
                         name,
                         compiled.spiffe_id.as_deref(),
                         if compiled.audit { "audit" } else { "enforce" },
                         &compiled.hash,
                     );
-                    self.metrics
+                    self.node
+                        .metrics
                         .set_policy_entries(name, compiled.entry_count() as u64);
-                    self.metrics
+                    self.node
+                        .metrics
                         .set_file_rules(name, files.entries.len() as u64);
-                    self.sinks.lifecycle(
+                    self.node.sinks.lifecycle(
                         if fresh {
                             LifecycleAction::PolicyLoad
                         } else {
@@ -311,14 +360,14 @@ impl State {
                     // and forgets what the old one learned in the same step
                     // (`DnsService::reload`); a new one starts after the
                     // installs (`start_dns`: it binds sockets).
-                    let swapped = !fresh && self.dns.reload(slot, dns.clone());
+                    let swapped = !fresh && self.node.dns.reload(slot, dns.clone());
                     if !swapped {
                         if !fresh {
-                            self.dns.forget(slot);
+                            self.node.dns.forget(slot);
                         }
-                        self.pending_dns.push((slot, dns.clone()));
+                        self.policies.pending_dns.push((slot, dns.clone()));
                     }
-                    self.active.insert(
+                    self.policies.active.insert(
                         name.clone(),
                         Active {
                             compiled: compiled.clone(),
@@ -331,26 +380,29 @@ impl State {
                 }
                 Err(e) => {
                     tracing::error!(policy = %name, "installing policy failed, previous version stays: {e:#}");
-                    self.metrics.record_policy_reload(ReloadResult::Rejected);
-                    self.reloads_rejected += 1;
+                    self.node
+                        .metrics
+                        .record_policy_reload(ReloadResult::Rejected);
+                    self.policies.reloads_rejected += 1;
                 }
             }
         }
         let removed: Vec<String> = self
+            .policies
             .active
             .keys()
             .filter(|n| !desired.contains_key(*n))
             .cloned()
             .collect();
         for name in removed {
-            if let Some(a) = self.active.remove(&name) {
+            if let Some(a) = self.policies.active.remove(&name) {
                 changed = true;
                 tracing::warn!(policy = %name, "policy removed: its bound cgroups now fail closed");
                 let _ = self.kernel.remove_policy(a.slot);
-                self.sinks.forget_taint(&name);
-                self.dns.stop(a.slot);
-                self.metrics.forget_identity(&name);
-                self.sinks.lifecycle(
+                self.node.sinks.forget_taint(&name);
+                self.node.dns.stop(a.slot);
+                self.node.metrics.forget_identity(&name);
+                self.node.sinks.lifecycle(
                     LifecycleAction::PolicyRemove,
                     Some(&Self::identity(&a.compiled)),
                     &a.compiled.hash,
@@ -359,14 +411,16 @@ impl State {
             }
         }
         if changed {
-            self.metrics.record_policy_reload(ReloadResult::Ok);
-            self.reloads_ok += 1;
+            self.node.metrics.record_policy_reload(ReloadResult::Ok);
+            self.policies.reloads_ok += 1;
         }
         // Degradation notes of policies no longer loaded go with them.
-        let active = &self.active;
-        self.degraded.retain(|name, _| active.contains_key(name));
+        let active = &self.policies.active;
+        self.policies
+            .degraded
+            .retain(|name, _| active.contains_key(name));
         self.sweep_stale_policies();
-        self.slots.save(&self.slots_file());
+        self.policies.slots.save(&self.node.slots_file());
     }
 
     /// After a restart the pinned kernel state still enforces every policy
@@ -384,16 +438,17 @@ impl State {
             }) => c.lock().unwrap_or_else(|e| e.into_inner()).synced(),
             _ => true,
         };
-        let sweep_files = !self.swept_files;
-        let sweep_objects = !self.swept_objects && objects_known;
+        let sweep_files = !self.policies.swept_files;
+        let sweep_objects = !self.policies.swept_objects && objects_known;
         if !sweep_files && !sweep_objects {
             return;
         }
         let stale: Vec<(String, u32)> = self
+            .policies
             .slots
             .slots
             .iter()
-            .filter(|(name, _)| !self.active.contains_key(*name))
+            .filter(|(name, _)| !self.policies.active.contains_key(*name))
             .filter(|(name, _)| {
                 if crate::k8s::crd::is_object_identity(name) {
                     sweep_objects
@@ -412,8 +467,8 @@ impl State {
                 tracing::error!(policy = %name, slot, "removing it: {e:#}");
                 continue;
             }
-            self.dns.stop(slot);
-            self.sinks.lifecycle(
+            self.node.dns.stop(slot);
+            self.node.sinks.lifecycle(
                 LifecycleAction::PolicyRemove,
                 Some(&IdentityRef {
                     name: name.clone(),
@@ -423,9 +478,9 @@ impl State {
                 "not loaded after a daemon restart; bound cgroups fail closed",
             );
         }
-        self.swept_files = true;
+        self.policies.swept_files = true;
         if objects_known {
-            self.swept_objects = true;
+            self.policies.swept_objects = true;
         }
     }
 
@@ -441,8 +496,8 @@ impl State {
             tracing::warn!("identity slots full and the binding map unreadable: nothing reclaimed");
             return;
         };
-        let (active, bound) = (&self.active, &self.bound);
-        let freed = self.slots.reclaim(|name, slot| {
+        let (active, bound) = (&self.policies.active, &self.bindings.bound);
+        let freed = self.policies.slots.reclaim(|name, slot| {
             active.contains_key(name)
                 || in_use.contains(&slot)
                 || bound.values().any(|b| b.slot == slot)

@@ -57,7 +57,8 @@ mod serve;
 mod sources;
 mod status;
 
-use install::SlotTable;
+use bindings::Bindings;
+use install::{Policies, SlotTable};
 pub use serve::main;
 
 use std::{
@@ -195,78 +196,55 @@ pub struct Rejection {
     pub at: String,
 }
 
+/// The daemon's state: a few plain parts, one per step of the reconcile
+/// loop, each owned by the file of that step. A step's methods take the
+/// parts they read and write as arguments (`State`'s own methods only
+/// split it and call them in order), so a signature says what a step can
+/// touch.
 pub struct State {
-    cfg: Config,
+    /// What start-up settled: config, the node's capabilities, the outputs.
+    node: Node,
     kernel: Kernel,
-    mount: PathBuf,
-    active: BTreeMap<String, Active>,
-    bound: HashMap<PathBuf, Bound>,
-    slots: SlotTable,
-    rejected: BTreeMap<Source, Rejection>,
-    /// `AgentPolicy` objects by UID: the last reload's verdict.
-    object_results: BTreeMap<String, ObjectResult>,
-    waiting: BTreeMap<PathBuf, String>,
-    attribution: Attribution,
-    sinks: Arc<Sinks>,
-    metrics: Arc<Metrics>,
-    started: chrono::DateTime<chrono::Utc>,
-    reloads_ok: u64,
-    reloads_rejected: u64,
-    /// Processes in bound cgroups holding CAP_NET_RAW (see `scan_net_raw`).
-    net_raw: BTreeMap<u32, String>,
-    dns: Arc<DnsService>,
-    lsm: crate::kernel::LsmSupport,
-    /// Whether the cgroup unix socket hooks loaded (`spec.local`).
-    unix: crate::kernel::UnixSupport,
-    /// The resolver IPC sockets in force (config, else the default list).
-    resolvers: Vec<PathBuf>,
-    /// Per policy: what is not enforced because the kernel lacks BPF LSM.
-    degraded: BTreeMap<String, String>,
-    /// Kubernetes mode: the node's pods (filled by the watcher task).
+    /// Sources -> kernel: the policies in force, slots, rejections (`install`).
+    policies: Policies,
+    /// Cgroups and pods -> identities (`bindings`).
+    bindings: Bindings,
+    /// Kubernetes mode: file rules resolved in containers' roots (`roots`).
+    roots: roots::Roots,
+    /// Kubernetes mode: the node's pods and `AgentPolicy` objects.
     k8s: Option<K8s>,
-    /// Policies of a previous daemon that are gone were removed from the
-    /// kernel: file policies (after the first reload), objects (after the
-    /// first complete list). See `sweep_stale_policies`.
-    swept_files: bool,
-    swept_objects: bool,
-    /// Kubernetes mode: pod-level cgroup -> the pod bound there (status).
-    pods: HashMap<PathBuf, PodBinding>,
-    /// Kubernetes mode: pods a policy selects whose pod-level cgroup does
-    /// not exist yet (sandbox not made; bound when it appears, see
-    /// `watch_pending_pods`).
-    pending_pods: Vec<PodBinding>,
-    /// DNS proxies to (re)start after a reload (async, outside the lock).
-    pending_dns: Vec<(u32, Arc<DnsPolicy>)>,
-    /// The daemon's own network namespace (its proxy's home listeners).
-    own_netns: Option<crate::netns::NetnsId>,
-    /// (slot, namespace) used by bound processes, served by the DNS proxy
-    /// there or not (see `dns_netns`).
-    dns_netns: BTreeMap<(u32, crate::netns::NetnsId), dns_netns::NetnsUse>,
-    /// Kubernetes mode: containers of pods whose policy has file rules, by
-    /// cgroup id, with the rule paths resolved in their roots (`roots`).
-    roots: BTreeMap<u64, roots::Root>,
-    /// Newly resolved containers: processes found stopped in them are
-    /// resumed for a short while (see `roots::reconcile_roots`).
-    resume_again: Vec<(PathBuf, std::time::Instant)>,
-    /// Container cgroups of such pods with no process in a container root
-    /// yet, since when (see `roots::reconcile_roots`).
-    unpivoted: HashMap<u64, std::time::Instant>,
-    /// Inodes per-root policies keep beyond their live containers: a gone
-    /// container's, with its pod (policy, pod cgroup), and the adopted
-    /// generation's (policy, empty path). See `roots`.
-    kept: BTreeMap<(String, PathBuf), roots::Kept>,
-    /// Per-root policies whose pinned generation was looked at.
-    adopted: HashSet<String>,
 }
 
-impl State {
+/// What start-up settled: read by every step, changed by none (but the
+/// config's bindings on SIGHUP).
+struct Node {
+    pub(super) cfg: Config,
+    pub(super) mount: PathBuf,
+    pub(super) lsm: crate::kernel::LsmSupport,
+    /// Whether the cgroup unix socket hooks loaded (`spec.local`).
+    pub(super) unix: crate::kernel::UnixSupport,
+    /// The resolver IPC sockets in force (config, else the default list).
+    pub(super) resolvers: Vec<PathBuf>,
+    /// The daemon's own network namespace (its proxy's home listeners).
+    pub(super) own_netns: Option<crate::netns::NetnsId>,
+    pub(super) started: chrono::DateTime<chrono::Utc>,
+    /// Where decisions and lifecycle records go.
+    pub(super) sinks: Arc<Sinks>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) dns: Arc<DnsService>,
+    pub(super) attribution: Attribution,
+}
+
+impl Node {
     fn links_dir(&self, cgroup_id: u64) -> PathBuf {
         self.cfg.pin_dir.join("links").join(cgroup_id.to_string())
     }
     fn slots_file(&self) -> PathBuf {
         self.cfg.state_dir.join("slots.json")
     }
+}
 
+impl State {
     fn identity(c: &CompiledPolicy) -> IdentityRef {
         IdentityRef {
             name: c.name.clone(),

@@ -54,6 +54,26 @@ use crate::{
 
 use super::State;
 
+/// Per-container resolution of the file rules of pods' policies.
+#[derive(Default)]
+pub(super) struct Roots {
+    /// Containers of pods whose policy has file rules, by cgroup id, with
+    /// the rule paths resolved in their roots.
+    pub(super) containers: BTreeMap<u64, Root>,
+    /// Newly resolved containers: processes found stopped in them are
+    /// resumed for a short while (see `reconcile_roots`).
+    pub(super) resume_again: Vec<(PathBuf, Instant)>,
+    /// Container cgroups of such pods with no process in a container root
+    /// yet, since when (see `reconcile_roots`).
+    pub(super) unpivoted: HashMap<u64, Instant>,
+    /// Inodes per-root policies keep beyond their live containers: a gone
+    /// container's, with its pod (policy, pod cgroup), and the adopted
+    /// generation's (policy, empty path). See the module docs.
+    pub(super) kept: BTreeMap<(String, PathBuf), Kept>,
+    /// Per-root policies whose pinned generation was looked at.
+    pub(super) adopted: HashSet<String>,
+}
+
 /// A container (cgroup) of a pod whose policy has file rules: what the
 /// rule paths resolved to inside its root.
 pub(super) struct Root {
@@ -256,11 +276,13 @@ impl State {
     pub(super) fn root_files(&self, policy: &str) -> ResolvedFiles {
         ResolvedFiles::union(
             self.roots
+                .containers
                 .values()
                 .filter(|r| r.policy == policy)
                 .map(|r| &r.files)
                 .chain(
-                    self.kept
+                    self.roots
+                        .kept
                         .iter()
                         .filter(|((p, _), _)| p == policy)
                         .map(|(_, k)| &k.files),
@@ -273,11 +295,11 @@ impl State {
     /// the containers a previous daemon resolved for its slot (pinned
     /// `FILE_READY`) are found in the cgroup tree and resolved again now.
     pub(super) fn adopt_roots(&mut self, name: &str, slot: u32, compiled: &CompiledPolicy) {
-        if self.adopted.insert(name.to_string()) {
+        if self.roots.adopted.insert(name.to_string()) {
             let entries = self.kernel.installed_file_entries(slot);
             if !entries.is_empty() {
                 tracing::info!(policy = %name, file_inodes = entries.len(), "file inodes of the previous run's generation kept");
-                self.kept.insert(
+                self.roots.kept.insert(
                     (name.to_string(), PathBuf::new()),
                     Kept {
                         rules: compiled.files.clone(),
@@ -296,14 +318,14 @@ impl State {
             .kernel
             .ready_roots()
             .into_iter()
-            .filter(|(id, s)| *s == slot && !self.roots.contains_key(id))
+            .filter(|(id, s)| *s == slot && !self.roots.containers.contains_key(id))
             .map(|(id, _)| id)
             .collect();
         if wanted.is_empty() {
             return;
         }
         let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
-        let mut level = vec![self.mount.clone()];
+        let mut level = vec![self.node.mount.clone()];
         for _ in 0..ADOPT_DEPTH {
             let mut next = Vec::new();
             for dir in level {
@@ -346,7 +368,7 @@ impl State {
             {
                 Ok(files) => {
                     tracing::info!(policy = %name, cgroup = %dir.display(), file_inodes = files.entries.len(), "container of a previous run: file rules resolved in its root again");
-                    self.roots.insert(
+                    self.roots.containers.insert(
                         id,
                         Root {
                             policy: name.to_string(),
@@ -375,7 +397,7 @@ impl State {
         old: &[CompiledFileRule],
         compiled: &CompiledPolicy,
     ) {
-        for ((p, _), k) in self.kept.iter_mut() {
+        for ((p, _), k) in self.roots.kept.iter_mut() {
             if p == name && k.rules != compiled.files {
                 k.files = remap(&k.files, &k.rules, &compiled.files);
                 k.rules = compiled.files.clone();
@@ -383,12 +405,13 @@ impl State {
         }
         let stale: Vec<u64> = self
             .roots
+            .containers
             .iter()
             .filter(|(_, r)| r.policy == name && r.hash != compiled.hash)
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            let Some(r) = self.roots.get(&id) else {
+            let Some(r) = self.roots.containers.get(&id) else {
                 continue;
             };
             let previous = remap(&r.files, old, &compiled.files);
@@ -408,7 +431,7 @@ impl State {
                     previous
                 }
             };
-            if let Some(r) = self.roots.get_mut(&id) {
+            if let Some(r) = self.roots.containers.get_mut(&id) {
                 r.files = files;
                 r.hash = compiled.hash.clone();
             }
@@ -420,13 +443,14 @@ impl State {
     /// update does, is protected from then on); policies that grew are
     /// reinstalled.
     pub(super) fn grow_roots(&mut self) {
-        let ids: Vec<u64> = self.roots.keys().copied().collect();
+        let ids: Vec<u64> = self.roots.containers.keys().copied().collect();
         let mut grown = BTreeSet::new();
         for id in ids {
-            let Some(r) = self.roots.get(&id) else {
+            let Some(r) = self.roots.containers.get(&id) else {
                 continue;
             };
             let Some(rules) = self
+                .policies
                 .active
                 .get(&r.policy)
                 .filter(|a| a.compiled.hash == r.hash)
@@ -443,7 +467,7 @@ impl State {
             let Ok(new) = resolved else {
                 continue;
             };
-            if let Some(r) = self.roots.get_mut(&id) {
+            if let Some(r) = self.roots.containers.get_mut(&id) {
                 let before = r.files.entries.len();
                 r.files = ResolvedFiles::union([&r.files, &new]);
                 if r.files.entries.len() > before {
@@ -460,7 +484,7 @@ impl State {
     /// that failed (the installed version stays).
     fn install_root_files(&mut self, name: &str) -> bool {
         let files = self.root_files(name);
-        let Some(a) = self.active.get(name) else {
+        let Some(a) = self.policies.active.get(name) else {
             return true;
         };
         if files == a.files {
@@ -470,9 +494,10 @@ impl State {
         match self.kernel.install_policy(slot, &compiled, &files) {
             Ok(()) => {
                 tracing::info!(policy = %name, file_inodes = files.entries.len(), "policy reinstalled with its containers' file inodes");
-                self.metrics
+                self.node
+                    .metrics
                     .set_file_rules(name, files.entries.len() as u64);
-                if let Some(a) = self.active.get_mut(name) {
+                if let Some(a) = self.policies.active.get_mut(name) {
                     a.files = files;
                 }
                 true
@@ -493,7 +518,8 @@ impl State {
         }
         let wanted: Vec<(PathBuf, String)> = self.per_root_pods();
         let live = |s: &State, policy: &str| {
-            s.active
+            s.policies
+                .active
                 .get(policy)
                 .is_some_and(|a| s.per_root(&a.compiled))
         };
@@ -504,11 +530,13 @@ impl State {
         // restart, keeps its containers.)
         let gone: Vec<u64> = self
             .roots
+            .containers
             .iter()
             .filter(|(_, r)| {
                 !r.cgroup.is_dir()
                     || !live(self, &r.policy)
                     || self
+                        .bindings
                         .pods
                         .iter()
                         .any(|(pod, b)| r.cgroup.starts_with(pod) && b.policy != r.policy)
@@ -516,7 +544,7 @@ impl State {
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            let Some(r) = self.roots.remove(&id) else {
+            let Some(r) = self.roots.containers.remove(&id) else {
                 continue;
             };
             self.kernel.unmark_root(id);
@@ -525,14 +553,19 @@ impl State {
             if !r.cgroup.is_dir() && pod.is_dir() && live(self, &r.policy) {
                 tracing::info!(policy = %r.policy, cgroup = %r.cgroup.display(), "container gone: its inodes stay with its pod");
                 let rules = self
+                    .policies
                     .active
                     .get(&r.policy)
                     .map(|a| a.compiled.files.clone())
                     .unwrap_or_default();
-                let k = self.kept.entry((r.policy.clone(), pod)).or_insert(Kept {
-                    rules,
-                    files: ResolvedFiles::default(),
-                });
+                let k = self
+                    .roots
+                    .kept
+                    .entry((r.policy.clone(), pod))
+                    .or_insert(Kept {
+                        rules,
+                        files: ResolvedFiles::default(),
+                    });
                 k.files = ResolvedFiles::union([&k.files, &r.files]);
             } else {
                 tracing::info!(policy = %r.policy, cgroup = %r.cgroup.display(), "container gone: its inodes leave the policy");
@@ -540,6 +573,7 @@ impl State {
         }
         // What pods kept goes with the pod's cgroup (or its policy).
         let dropped: Vec<(String, PathBuf)> = self
+            .roots
             .kept
             .keys()
             .filter(|(p, scope)| {
@@ -548,7 +582,7 @@ impl State {
             .cloned()
             .collect();
         for key in dropped {
-            self.kept.remove(&key);
+            self.roots.kept.remove(&key);
             changed.insert(key.0);
         }
         let host_root = root_of(1);
@@ -560,7 +594,7 @@ impl State {
                 let Ok(id) = cgroup::cgroup_id(&dir) else {
                     continue;
                 };
-                if self.roots.contains_key(&id) {
+                if self.roots.containers.contains_key(&id) {
                     continue;
                 }
                 let Some(pid) = container_pid(&dir, host_root) else {
@@ -571,6 +605,7 @@ impl State {
                     // reconcile.
                     if container {
                         let since = self
+                            .roots
                             .unpivoted
                             .get(&id)
                             .copied()
@@ -583,6 +618,7 @@ impl State {
                     continue;
                 };
                 let Some((rules, hash)) = self
+                    .policies
                     .active
                     .get(policy)
                     .map(|a| (a.compiled.files.clone(), a.compiled.hash.clone()))
@@ -602,7 +638,7 @@ impl State {
                             tracing::warn!(policy = %policy, cgroup = %dir.display(), rule, path = %path.display(), "file rule path not in this container ({why})");
                         }
                         tracing::info!(policy = %policy, cgroup = %dir.display(), pid, file_inodes = files.entries.len(), "file rules resolved in the container's root");
-                        self.roots.insert(
+                        self.roots.containers.insert(
                             id,
                             Root {
                                 policy: policy.clone(),
@@ -624,7 +660,7 @@ impl State {
                 }
             }
         }
-        self.unpivoted = unpivoted;
+        self.roots.unpivoted = unpivoted;
         let mut failed: BTreeSet<String> = BTreeSet::new();
         for name in &changed {
             if !self.install_root_files(name) {
@@ -636,21 +672,21 @@ impl State {
         }
         let now = Instant::now();
         for id in fresh {
-            let Some(r) = self.roots.get(&id) else {
+            let Some(r) = self.roots.containers.get(&id) else {
                 continue;
             };
             if failed.contains(&r.policy) {
                 // Not in the kernel: resolved again (and held) next time.
-                self.roots.remove(&id);
+                self.roots.containers.remove(&id);
                 pending = true;
                 continue;
             }
-            let Some(slot) = self.active.get(&r.policy).map(|a| a.slot) else {
+            let Some(slot) = self.policies.active.get(&r.policy).map(|a| a.slot) else {
                 continue;
             };
             if let Err(e) = self.kernel.mark_root_ready(id, slot) {
                 tracing::error!("{e:#}");
-                self.roots.remove(&id);
+                self.roots.containers.remove(&id);
                 pending = true;
                 continue;
             }
@@ -658,16 +694,16 @@ impl State {
             if n > 0 {
                 tracing::info!(cgroup = %r.cgroup.display(), processes = n, "held programs resumed (file rules in force)");
             }
-            self.resume_again.push((r.cgroup.clone(), now));
+            self.roots.resume_again.push((r.cgroup.clone(), now));
         }
-        self.resume_again.retain(|(dir, at)| {
+        self.roots.resume_again.retain(|(dir, at)| {
             let n = resume(dir, false);
             if n > 0 {
                 tracing::info!(cgroup = %dir.display(), processes = n, "held programs resumed (file rules in force)");
             }
             at.elapsed() < RESUME_WINDOW
         });
-        if (pending && failed.is_empty()) || !self.resume_again.is_empty() {
+        if (pending && failed.is_empty()) || !self.roots.resume_again.is_empty() {
             if let Some(k) = &self.k8s {
                 let wake = k.wake.clone();
                 std::thread::spawn(move || {
@@ -681,10 +717,12 @@ impl State {
     /// The bound pods whose containers are resolved per root, with their
     /// policy (their cgroups are watched for new container cgroups).
     pub(super) fn per_root_pods(&self) -> Vec<(PathBuf, String)> {
-        self.pods
+        self.bindings
+            .pods
             .iter()
             .filter(|(_, b)| {
-                self.active
+                self.policies
+                    .active
                     .get(&b.policy)
                     .is_some_and(|a| self.per_root(&a.compiled))
             })
@@ -695,18 +733,24 @@ impl State {
     /// A resolved container's file inodes (status).
     pub(super) fn root_inodes(&self, cgroup: &Path) -> Option<usize> {
         self.roots
+            .containers
             .values()
             .find(|r| r.cgroup == cgroup)
             .map(|r| r.files.entries.len())
     }
 
     fn roots_path(&self) -> PathBuf {
-        self.cfg.state_dir.join("roots.json")
+        self.node.cfg.state_dir.join("roots.json")
     }
 
     /// Record each resolved container's mount namespace (see module docs).
     fn save_roots(&self) {
-        let map: BTreeMap<u64, Record> = self.roots.iter().map(|(id, r)| (*id, r.record)).collect();
+        let map: BTreeMap<u64, Record> = self
+            .roots
+            .containers
+            .iter()
+            .map(|(id, r)| (*id, r.record))
+            .collect();
         let path = self.roots_path();
         let tmp = path.with_extension("tmp");
         let written = serde_json::to_vec(&map)

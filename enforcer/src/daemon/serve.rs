@@ -103,44 +103,28 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
     let slots = SlotTable::load(&cfg.state_dir.join("slots.json"));
     let state = State {
-        cfg: cfg.clone(),
+        node: Node {
+            cfg: cfg.clone(),
+            mount,
+            lsm: lsm.clone(),
+            unix,
+            resolvers,
+            own_netns: crate::netns::NetnsId::own()
+                .map_err(|e| {
+                    tracing::error!("reading /proc/self/ns/net: {e}; DNS proxy listeners in workload network namespaces are disabled")
+                })
+                .ok(),
+            started: chrono::Utc::now(),
+            sinks: sinks.clone(),
+            metrics: metrics.clone(),
+            dns: dns.clone(),
+            attribution: attribution.clone(),
+        },
         kernel,
-        mount,
-        active: BTreeMap::new(),
-        bound: HashMap::new(),
-        slots,
-        rejected: BTreeMap::new(),
-        object_results: BTreeMap::new(),
-        waiting: BTreeMap::new(),
-        attribution: attribution.clone(),
-        sinks: sinks.clone(),
-        metrics: metrics.clone(),
-        started: chrono::Utc::now(),
-        reloads_ok: 0,
-        reloads_rejected: 0,
-        net_raw: BTreeMap::new(),
-        dns: dns.clone(),
-        lsm: lsm.clone(),
-        unix,
-        resolvers,
-        degraded: BTreeMap::new(),
-        pending_dns: Vec::new(),
-        own_netns: crate::netns::NetnsId::own()
-            .map_err(|e| {
-                tracing::error!("reading /proc/self/ns/net: {e}; DNS proxy listeners in workload network namespaces are disabled")
-            })
-            .ok(),
-        dns_netns: BTreeMap::new(),
-        roots: BTreeMap::new(),
-        resume_again: Vec::new(),
-        unpivoted: HashMap::new(),
-        kept: BTreeMap::new(),
-        adopted: HashSet::new(),
+        policies: Policies::new(slots),
+        bindings: Bindings::default(),
+        roots: roots::Roots::default(),
         k8s: None,
-        swept_files: false,
-        swept_objects: false,
-        pods: HashMap::new(),
-        pending_pods: Vec::new(),
     };
     let state = Arc::new(Mutex::new(state));
     // Kubernetes mode: this node's pods and the AgentPolicy objects, watched
@@ -313,10 +297,10 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             if why == "sighup" {
                 match Config::load(&config_path) {
                     Ok(new) => {
-                        if new.bindings != s.cfg.bindings {
+                        if new.bindings != s.node.cfg.bindings {
                             tracing::info!("bindings changed in config");
                         }
-                        s.cfg.bindings = new.bindings;
+                        s.node.cfg.bindings = new.bindings;
                     }
                     Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
                 }
@@ -369,7 +353,13 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
 /// (Re)start the DNS proxies a reload asked for, then point each identity's
 /// steering at its proxy port. The state lock is not held across the await.
 async fn start_dns(state: &Mutex<State>, dns: &DnsService) {
-    let pending = std::mem::take(&mut state.lock().unwrap_or_else(|e| e.into_inner()).pending_dns);
+    let pending = std::mem::take(
+        &mut state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .policies
+            .pending_dns,
+    );
     for (slot, policy) in pending {
         let name = policy.identity.name.clone();
         // After a restart the pinned kernel state still steers to the old

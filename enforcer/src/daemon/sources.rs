@@ -8,7 +8,7 @@ impl State {
     /// The policy files of the policies directory (sorted); `None` when the
     /// directory cannot be read (the file policies then stay as they are).
     pub(super) fn policy_files(&self) -> Option<Vec<PathBuf>> {
-        match std::fs::read_dir(&self.cfg.policies_dir) {
+        match std::fs::read_dir(&self.node.cfg.policies_dir) {
             Ok(rd) => {
                 let mut files: Vec<PathBuf> = rd
                     .flatten()
@@ -25,7 +25,7 @@ impl State {
                 Some(files)
             }
             Err(e) => {
-                tracing::error!(dir = %self.cfg.policies_dir.display(), "reading policies directory: {e}");
+                tracing::error!(dir = %self.node.cfg.policies_dir.display(), "reading policies directory: {e}");
                 None
             }
         }
@@ -75,7 +75,7 @@ impl State {
                 out.spec_errors.extend(e.0.iter().map(|x| x.to_string()));
                 continue;
             }
-            if let Err(e) = crate::run::check_local_resolvers(&p, &self.resolvers) {
+            if let Err(e) = crate::run::check_local_resolvers(&p, &self.node.resolvers) {
                 out.node_errors.push(format!("{e:#}"));
                 continue;
             }
@@ -89,20 +89,23 @@ impl State {
             out.hashes.push(full.hash.clone());
             let name = p.policy.metadata.name.clone();
             // BPF LSM: may strip files:/onTaint: under allowDegraded, or refuse.
-            let lsm_note =
-                match crate::run::gate_file_policy(&mut p, &self.lsm, self.cfg.allow_degraded) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        out.node_errors.push(format!("{e:#}"));
-                        continue;
-                    }
-                };
+            let lsm_note = match crate::run::gate_file_policy(
+                &mut p,
+                &self.node.lsm,
+                self.node.cfg.allow_degraded,
+            ) {
+                Ok(n) => n,
+                Err(e) => {
+                    out.node_errors.push(format!("{e:#}"));
+                    continue;
+                }
+            };
             let c = match lsm_note {
                 Some(note) => {
-                    if self.degraded.get(&name) != Some(&note) {
+                    if self.policies.degraded.get(&name) != Some(&note) {
                         tracing::warn!("{note}");
                     }
-                    self.degraded.insert(name, note);
+                    self.policies.degraded.insert(name, note);
                     match policy::compile::compile(&p) {
                         Ok(c) => c,
                         Err(e) => {
@@ -112,7 +115,7 @@ impl State {
                     }
                 }
                 None => {
-                    self.degraded.remove(&name);
+                    self.policies.degraded.remove(&name);
                     full
                 }
             };

@@ -14,6 +14,7 @@ impl State {
         for o in self.policy_objects() {
             // Not evaluated yet, or an older generation: the next reload reports.
             let Some(r) = self
+                .policies
                 .object_results
                 .get(&o.uid)
                 .filter(|r| r.generation == o.generation)
@@ -22,13 +23,15 @@ impl State {
             };
             let name = identity_name(&o.namespace, &o.name);
             let active = self
+                .policies
                 .active
                 .get(&name)
                 .filter(|a| matches!(&a.source, Source::Object { uid, .. } if *uid == o.uid));
             let bound = self
+                .bindings
                 .pods
                 .iter()
-                .filter(|(path, p)| p.policy == name && self.bound.contains_key(*path))
+                .filter(|(path, p)| p.policy == name && self.bindings.bound.contains_key(*path))
                 .count();
             let message = if !r.node_errors.is_empty() {
                 Some(r.node_errors.join("\n"))
@@ -57,7 +60,8 @@ impl State {
     }
 
     pub(super) fn slot_names(&self) -> Vec<(u32, String)> {
-        self.active
+        self.policies
+            .active
             .iter()
             .map(|(n, a)| (a.slot, n.clone()))
             .collect()
@@ -74,7 +78,7 @@ impl State {
         let mut map = HashMap::new();
         let mut info = Vec::new();
         let mut scopes = Vec::new();
-        for (path, p) in &self.pods {
+        for (path, p) in &self.bindings.pods {
             let (ns, pod) = (&p.entry.info.namespace, &p.entry.info.name);
             info.push((
                 p.policy.clone(),
@@ -109,8 +113,8 @@ impl State {
                 map.insert(id, p.workload(Some(c.name.clone())));
             }
         }
-        self.attribution.set_workloads(map, scopes);
-        self.metrics.set_pods(&info);
+        self.node.attribution.set_workloads(map, scopes);
+        self.node.metrics.set_pods(&info);
     }
 
     /// The pods bound to `policy` on this node, and those selected whose
@@ -135,11 +139,12 @@ impl State {
                 .collect(),
         };
         let bound = self
+            .bindings
             .pods
             .iter()
             .filter(|(_, p)| p.policy == policy)
             .map(|(path, p)| {
-                let cgroup = if self.bound.contains_key(path) {
+                let cgroup = if self.bindings.bound.contains_key(path) {
                     path.display().to_string()
                 } else {
                     String::new()
@@ -147,6 +152,7 @@ impl State {
                 row(p, cgroup)
             });
         let pending = self
+            .bindings
             .pending_pods
             .iter()
             .filter(|p| p.policy == policy)
@@ -158,8 +164,8 @@ impl State {
 
     pub fn status(&self) -> control::Status {
         let mut identities = Vec::new();
-        let tainted = self.sinks.tainted();
-        for (name, a) in &self.active {
+        let tainted = self.node.sinks.tainted();
+        for (name, a) in &self.policies.active {
             let counters = self.kernel.slot_counters(a.slot);
             let mut decisions = BTreeMap::new();
             for act in crate::events::Action::ALL {
@@ -180,7 +186,7 @@ impl State {
                 rules: a.compiled.rules.len(),
                 entries: a.compiled.entry_count(),
                 cgroups: self
-                    .bound
+                    .bindings.bound
                     .iter()
                     .filter(|(_, b)| &b.policy == name)
                     .map(|(p, b)| control::CgroupStatus {
@@ -190,9 +196,9 @@ impl State {
                     .collect(),
                 dns_port: self.kernel.dns_port(a.slot),
                 dns_netns: self.netns_status(a.slot),
-                learned_addresses: self.dns.learned_count(a.slot),
+                learned_addresses: self.node.dns.learned_count(a.slot),
                 decisions,
-                recent_denials: self.sinks.recent(name),
+                recent_denials: self.node.sinks.recent(name),
                 file_rules: a.compiled.files.len(),
                 file_inodes: a.files.entries.len(),
                 unresolved_files: a
@@ -221,6 +227,7 @@ impl State {
             });
         }
         let fail_closed = self
+            .bindings
             .bound
             .iter()
             .filter(|(_, b)| b.slot == enforcer_common::SLOT_UNKNOWN)
@@ -228,49 +235,55 @@ impl State {
             .collect();
         control::Status {
             version: env!("CARGO_PKG_VERSION").into(),
-            started: self.started.to_rfc3339(),
-            policies_dir: self.cfg.policies_dir.display().to_string(),
+            started: self.node.started.to_rfc3339(),
+            policies_dir: self.node.cfg.policies_dir.display().to_string(),
             identities,
             fail_closed_cgroups: fail_closed,
             waiting_cgroups: self
+                .bindings
                 .waiting
                 .keys()
                 .map(|p| p.display().to_string())
                 .collect(),
-            rejected: self.rejected.values().cloned().collect(),
-            reloads_ok: self.reloads_ok,
-            reloads_rejected: self.reloads_rejected,
+            rejected: self.policies.rejected.values().cloned().collect(),
+            reloads_ok: self.policies.reloads_ok,
+            reloads_rejected: self.policies.reloads_rejected,
             events_lost: self.kernel.stat(enforcer_common::stat::EVENTS_LOST),
-            net_raw_processes: self.net_raw.values().cloned().collect(),
+            net_raw_processes: self.bindings.net_raw.values().cloned().collect(),
             capabilities: BTreeMap::from([
                 (
                     "bpf_lsm".to_string(),
                     control::Capability {
-                        available: self.lsm.available,
-                        detail: self.lsm.detail.clone(),
+                        available: self.node.lsm.available,
+                        detail: self.node.lsm.detail.clone(),
                     },
                 ),
                 (
                     "unix_sockets".to_string(),
                     control::Capability {
-                        available: self.unix.available,
-                        detail: if self.unix.available {
+                        available: self.node.unix.available,
+                        detail: if self.node.unix.available {
                             format!(
                                 "{}; spec.local enforced; resolver sockets refused: {}",
-                                self.unix.detail,
-                                self.resolvers
+                                self.node.unix.detail,
+                                self.node
+                                    .resolvers
                                     .iter()
                                     .map(|p| p.display().to_string())
                                     .collect::<Vec<_>>()
                                     .join(", ")
                             )
                         } else {
-                            format!("{}; {}", self.unix.detail, crate::kernel::UNIX_REQUIREMENT)
+                            format!(
+                                "{}; {}",
+                                self.node.unix.detail,
+                                crate::kernel::UNIX_REQUIREMENT
+                            )
                         },
                     },
                 ),
             ]),
-            degraded: self.degraded.values().cloned().collect(),
+            degraded: self.policies.degraded.values().cloned().collect(),
         }
     }
 }
