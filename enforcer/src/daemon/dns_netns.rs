@@ -37,11 +37,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use super::{control, State};
+use super::{bindings::Bindings, control, Node, State};
 use crate::{
     dns::NetnsFailure,
     dns_bridge::DnsService,
-    kernel::cgroup,
+    kernel::{cgroup, Kernel},
     metrics::Metrics,
     netns::{Netns, NetnsId},
 };
@@ -77,62 +77,62 @@ impl NetnsUse {
     }
 }
 
-impl State {
-    /// Every (slot, namespace) in use by a process of a bound cgroup whose
-    /// identity has a DNS proxy, other than the daemon's own namespace.
-    fn netns_in_use(&self) -> BTreeMap<(u32, NetnsId), NetnsUse> {
-        let mut out = BTreeMap::new();
-        let Some(own) = self.node.own_netns else {
-            return out;
-        };
-        for (path, b) in &self.bindings.bound {
-            if b.slot == enforcer_common::SLOT_UNKNOWN || self.kernel.dns_port(b.slot) == 0 {
+/// Every (slot, namespace) in use by a process of a bound cgroup whose
+/// identity has a DNS proxy, other than the daemon's own namespace.
+fn netns_in_use(
+    node: &Node,
+    kernel: &Kernel,
+    bindings: &Bindings,
+) -> BTreeMap<(u32, NetnsId), NetnsUse> {
+    let mut out = BTreeMap::new();
+    let Some(own) = node.own_netns else {
+        return out;
+    };
+    for (path, b) in bindings.bound() {
+        if b.slot == enforcer_common::SLOT_UNKNOWN || kernel.dns_port(b.slot) == 0 {
+            continue;
+        }
+        for pid in cgroup::pids_in_tree(path) {
+            let Ok(id) = NetnsId::of_pid(pid) else {
+                continue; // exited, or a zombie
+            };
+            if id == own {
                 continue;
             }
-            for pid in cgroup::pids_in_tree(path) {
-                let Ok(id) = NetnsId::of_pid(pid) else {
-                    continue; // exited, or a zombie
-                };
-                if id == own {
-                    continue;
-                }
-                out.entry((b.slot, id)).or_insert_with(|| NetnsUse {
-                    identity: b.policy.clone(),
-                    pid,
-                    cgroup: path.clone(),
-                    pod: self
-                        .bindings
-                        .pods
-                        .get(path)
-                        .map(|p| format!("{}/{}", p.entry.info.namespace, p.entry.info.name)),
-                    workload: self.bindings.pods.get(path).map(|p| p.workload(None)),
-                    error: None,
-                    v6: false,
-                });
-            }
+            out.entry((b.slot, id)).or_insert_with(|| NetnsUse {
+                identity: b.policy.clone(),
+                pid,
+                cgroup: path.clone(),
+                pod: bindings
+                    .pods()
+                    .get(path)
+                    .map(|p| format!("{}/{}", p.entry.info.namespace, p.entry.info.name)),
+                workload: bindings.pods().get(path).map(|p| p.workload(None)),
+                error: None,
+                v6: false,
+            });
         }
-        out
     }
+    out
+}
 
-    /// Per identity: the namespaces its proxy serves or tried to (status).
-    pub(super) fn netns_status(&self, slot: u32) -> Vec<control::NetnsStatus> {
-        self.bindings
-            .dns_netns
-            .iter()
-            .filter(|((s, _), _)| *s == slot)
-            .map(|((_, id), u)| control::NetnsStatus {
-                netns: id.to_string(),
-                dev: id.dev,
-                inode: id.ino,
-                pid: u.pid,
-                cgroup: u.cgroup.display().to_string(),
-                pod: u.pod.clone(),
-                serving: u.error.is_none(),
-                ipv6: u.v6,
-                error: u.error.as_ref().map(|e| e.to_string()),
-            })
-            .collect()
-    }
+/// Per identity: the namespaces its proxy serves or tried to (status).
+pub(super) fn status(dns_netns: &BTreeMap<Key, NetnsUse>, slot: u32) -> Vec<control::NetnsStatus> {
+    dns_netns
+        .iter()
+        .filter(|((s, _), _)| *s == slot)
+        .map(|((_, id), u)| control::NetnsStatus {
+            netns: id.to_string(),
+            dev: id.dev,
+            inode: id.ino,
+            pid: u.pid,
+            cgroup: u.cgroup.display().to_string(),
+            pod: u.pod.clone(),
+            serving: u.error.is_none(),
+            ipv6: u.v6,
+            error: u.error.as_ref().map(|e| e.to_string()),
+        })
+        .collect()
 }
 
 type Key = (u32, NetnsId);
@@ -186,8 +186,8 @@ pub async fn sync(state: &Mutex<State>, dns: &DnsService, metrics: &Metrics) {
     let (mut wanted, slots, previous) = {
         let s = lock();
         (
-            s.netns_in_use(),
-            s.slot_names(),
+            netns_in_use(&s.node, &s.kernel, &s.bindings),
+            s.policies.slot_names(),
             s.bindings.dns_netns.clone(),
         )
     };

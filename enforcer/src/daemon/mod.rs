@@ -36,12 +36,23 @@
 //! daemon is down or restarting, and a restarted daemon adopts what it finds.
 //!
 //! The house: this file holds the daemon's state ([`State`]) and the types
-//! the steps pass along; each step is a file of its own, methods of
-//! `State`: `sources` (policy files and objects -> prepared policies),
-//! `install` (prepared policies -> kernel tables, slots, the restart
-//! sweep), `bindings` (cgroups and pods -> identities), `status` (`enforcer
-//! status`, object reports, event attribution) and `serve` (start-up, what
-//! wakes a reconcile, the order of the steps, shutdown).
+//! the steps pass along. Each step is a file of its own and owns one part
+//! of the state; data flows one way between them:
+//!
+//! | step | file | owns | reads |
+//! |---|---|---|---|
+//! | policy files and objects -> evaluated policies | `sources` | – | `Node`, `K8s` |
+//! | evaluated policies -> kernel tables, slots, the restart sweep | `install` | `Policies` | `Node`, `Bindings` (slots in use) |
+//! | cgroups and pods -> identities | `bindings` | `Bindings` | `Node`, `Policies`, `K8s` |
+//! | pods' file rules resolved in container roots | `roots` | `Roots` | `Node`, `Policies`, `Bindings` |
+//! | `enforcer status`, object reports, event attribution | `status` | – | all |
+//! | DNS listeners in workload namespaces | `dns_netns` | `Bindings::dns_netns` | `Node`, `Bindings` |
+//! | start-up, what wakes a reconcile, the order of the steps, shutdown | `serve` | – | – |
+//!
+//! A part's fields are private to its file: the other steps read it
+//! through its methods. Methods that cross parts are `State`'s and do
+//! nothing but hand each step the parts it needs (`reload_policies`,
+//! `reconcile_bindings`, `reconcile_roots`).
 pub mod config;
 pub mod control;
 pub mod dns_netns;
@@ -88,20 +99,6 @@ use config::Config;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/enforcer/enforcer.sock";
 
-/// A policy document as loaded, compiled for the kernel and for the DNS proxy.
-type Compiled = (LoadedPolicy, CompiledPolicy, Arc<DnsPolicy>);
-
-/// One active policy.
-struct Active {
-    compiled: CompiledPolicy,
-    dns: Arc<DnsPolicy>,
-    source: Source,
-    slot: u32,
-    /// `spec.files` resolved to inodes when installed (re-resolved on every
-    /// reconcile: a protected path created later gets its inode protected).
-    files: crate::kernel::files::ResolvedFiles,
-}
-
 /// Where a policy comes from: a policy file, or an `AgentPolicy` object
 /// (keyed by UID: a deleted and re-created object is another source).
 /// Shown (status, audit records, logs) as the path, or as
@@ -127,31 +124,11 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// A source's policies ready for the kernel, and what stops them.
-#[derive(Default)]
-struct Prepared {
-    compiled: Vec<Compiled>,
-    /// Hashes of the policies that validated and compiled (before the gate).
-    hashes: Vec<String>,
-    /// Errors of the spec itself (validator, namespace rule, compiler): the
-    /// same on every node.
-    spec_errors: Vec<String>,
-    /// Errors of this node (no BPF LSM, the name is taken by another source).
-    node_errors: Vec<String>,
-}
-
 /// The last evaluation of an `AgentPolicy` object (for its status).
 struct ObjectResult {
     generation: Option<i64>,
     verdict: crate::k8s::policies::Verdict,
     node_errors: Vec<String>,
-}
-
-/// One bound cgroup.
-struct Bound {
-    attachment: Attachment,
-    policy: String,
-    slot: u32,
 }
 
 /// Kubernetes mode (config `kubernetes:`).
@@ -218,21 +195,21 @@ pub struct State {
 /// What start-up settled: read by every step, changed by none (but the
 /// config's bindings on SIGHUP).
 struct Node {
-    pub(super) cfg: Config,
-    pub(super) mount: PathBuf,
-    pub(super) lsm: crate::kernel::LsmSupport,
+    cfg: Config,
+    mount: PathBuf,
+    lsm: crate::kernel::LsmSupport,
     /// Whether the cgroup unix socket hooks loaded (`spec.local`).
-    pub(super) unix: crate::kernel::UnixSupport,
+    unix: crate::kernel::UnixSupport,
     /// The resolver IPC sockets in force (config, else the default list).
-    pub(super) resolvers: Vec<PathBuf>,
+    resolvers: Vec<PathBuf>,
     /// The daemon's own network namespace (its proxy's home listeners).
-    pub(super) own_netns: Option<crate::netns::NetnsId>,
-    pub(super) started: chrono::DateTime<chrono::Utc>,
+    own_netns: Option<crate::netns::NetnsId>,
+    started: chrono::DateTime<chrono::Utc>,
     /// Where decisions and lifecycle records go.
-    pub(super) sinks: Arc<Sinks>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) dns: Arc<DnsService>,
-    pub(super) attribution: Attribution,
+    sinks: Arc<Sinks>,
+    metrics: Arc<Metrics>,
+    dns: Arc<DnsService>,
+    attribution: Attribution,
 }
 
 impl Node {
@@ -244,11 +221,10 @@ impl Node {
     }
 }
 
-impl State {
-    fn identity(c: &CompiledPolicy) -> IdentityRef {
-        IdentityRef {
-            name: c.name.clone(),
-            spiffe_id: c.spiffe_id.clone(),
-        }
+/// A policy's identity as decisions and lifecycle records name it.
+fn identity(c: &CompiledPolicy) -> IdentityRef {
+    IdentityRef {
+        name: c.name.clone(),
+        spiffe_id: c.spiffe_id.clone(),
     }
 }

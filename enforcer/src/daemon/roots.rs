@@ -48,30 +48,30 @@ use enforcer_common::FileRuleValue;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kernel::{cgroup, files::ResolvedFiles},
+    kernel::{cgroup, files::ResolvedFiles, Kernel},
     policy::compile::{CompiledFileRule, CompiledPolicy},
 };
 
-use super::State;
+use super::{install::Policies, Node, State};
 
 /// Per-container resolution of the file rules of pods' policies.
 #[derive(Default)]
 pub(super) struct Roots {
     /// Containers of pods whose policy has file rules, by cgroup id, with
     /// the rule paths resolved in their roots.
-    pub(super) containers: BTreeMap<u64, Root>,
+    containers: BTreeMap<u64, Root>,
     /// Newly resolved containers: processes found stopped in them are
     /// resumed for a short while (see `reconcile_roots`).
-    pub(super) resume_again: Vec<(PathBuf, Instant)>,
+    resume_again: Vec<(PathBuf, Instant)>,
     /// Container cgroups of such pods with no process in a container root
     /// yet, since when (see `reconcile_roots`).
-    pub(super) unpivoted: HashMap<u64, Instant>,
+    unpivoted: HashMap<u64, Instant>,
     /// Inodes per-root policies keep beyond their live containers: a gone
     /// container's, with its pod (policy, pod cgroup), and the adopted
     /// generation's (policy, empty path). See the module docs.
-    pub(super) kept: BTreeMap<(String, PathBuf), Kept>,
+    kept: BTreeMap<(String, PathBuf), Kept>,
     /// Per-root policies whose pinned generation was looked at.
-    pub(super) adopted: HashSet<String>,
+    adopted: HashSet<String>,
 }
 
 /// A container (cgroup) of a pod whose policy has file rules: what the
@@ -265,24 +265,87 @@ fn remap(
     out
 }
 
+/// Whether a policy's file rules are resolved per container (Kubernetes
+/// mode, a policy that selects pods and has file rules).
+pub(super) fn per_root(kubernetes: bool, c: &CompiledPolicy) -> bool {
+    kubernetes && c.kubernetes.is_some() && !c.files.is_empty()
+}
+
 impl State {
-    /// Whether a policy's file rules are resolved per container.
-    pub(super) fn per_root(&self, c: &CompiledPolicy) -> bool {
-        self.k8s.is_some() && c.kubernetes.is_some() && !c.files.is_empty()
+    /// Periodic resync: every container is resolved again and what it
+    /// gives is added (a file replaced by a new inode, as a secret volume's
+    /// update does, is protected from then on); policies that grew are
+    /// reinstalled.
+    pub(super) fn grow_roots(&mut self) {
+        for name in self.roots.grow(&mut self.kernel, &self.policies) {
+            self.install_root_files(&name);
+        }
     }
 
+    /// Install a per-root policy again with its current union; false if
+    /// that failed (the installed version stays).
+    fn install_root_files(&mut self, name: &str) -> bool {
+        let files = self.roots.files_of(name);
+        self.policies
+            .reinstall_with_files(&mut self.kernel, &self.node.metrics, name, files)
+    }
+
+    /// Resolve the containers of bound pods whose policy has file rules,
+    /// let go of the ones gone, reinstall what changed, then let the newly
+    /// resolved containers run (see the module docs).
+    pub(super) fn reconcile_roots(&mut self) {
+        if self.k8s.is_none() {
+            return;
+        }
+        let wanted = self.bindings.per_root_pods(&self.policies, true);
+        let mut changed = self
+            .roots
+            .let_go(&mut self.kernel, &self.policies, self.bindings.pods());
+        let (fresh, mut pending) =
+            self.roots
+                .resolve_new(&mut self.kernel, &self.policies, &wanted, &mut changed);
+        let mut failed: BTreeSet<String> = BTreeSet::new();
+        for name in &changed {
+            if !self.install_root_files(name) {
+                failed.insert(name.clone());
+            }
+        }
+        if !changed.is_empty() {
+            self.roots.save(&self.node.cfg.state_dir);
+        }
+        pending |= self
+            .roots
+            .release(&mut self.kernel, &self.policies, fresh, &failed);
+        if (pending && failed.is_empty()) || !self.roots.resume_again.is_empty() {
+            if let Some(k) = &self.k8s {
+                let wake = k.wake.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(POLL);
+                    wake.notify_one();
+                });
+            }
+        }
+    }
+}
+
+/// Whether `policy` is loaded and resolved per container.
+fn live(policies: &Policies, policy: &str) -> bool {
+    policies
+        .get(policy)
+        .is_some_and(|a| per_root(true, &a.compiled))
+}
+
+impl Roots {
     /// What a per-root policy's file rules resolve to now: the union of its
     /// containers' and of what it keeps.
-    pub(super) fn root_files(&self, policy: &str) -> ResolvedFiles {
+    pub(super) fn files_of(&self, policy: &str) -> ResolvedFiles {
         ResolvedFiles::union(
-            self.roots
-                .containers
+            self.containers
                 .values()
                 .filter(|r| r.policy == policy)
                 .map(|r| &r.files)
                 .chain(
-                    self.roots
-                        .kept
+                    self.kept
                         .iter()
                         .filter(|((p, _), _)| p == policy)
                         .map(|(_, k)| &k.files),
@@ -290,16 +353,31 @@ impl State {
         )
     }
 
+    /// A resolved container's file inodes (status).
+    pub(super) fn inodes_of(&self, cgroup: &Path) -> Option<usize> {
+        self.containers
+            .values()
+            .find(|r| r.cgroup == cgroup)
+            .map(|r| r.files.entries.len())
+    }
+
     /// Before a per-root policy's first install by this daemon: the
     /// inodes of the generation adopted from the pinned maps are kept, and
     /// the containers a previous daemon resolved for its slot (pinned
     /// `FILE_READY`) are found in the cgroup tree and resolved again now.
-    pub(super) fn adopt_roots(&mut self, name: &str, slot: u32, compiled: &CompiledPolicy) {
-        if self.roots.adopted.insert(name.to_string()) {
-            let entries = self.kernel.installed_file_entries(slot);
+    pub(super) fn adopt(
+        &mut self,
+        node: &Node,
+        kernel: &mut Kernel,
+        name: &str,
+        slot: u32,
+        compiled: &CompiledPolicy,
+    ) {
+        if self.adopted.insert(name.to_string()) {
+            let entries = kernel.installed_file_entries(slot);
             if !entries.is_empty() {
                 tracing::info!(policy = %name, file_inodes = entries.len(), "file inodes of the previous run's generation kept");
-                self.roots.kept.insert(
+                self.kept.insert(
                     (name.to_string(), PathBuf::new()),
                     Kept {
                         rules: compiled.files.clone(),
@@ -314,36 +392,17 @@ impl State {
                 );
             }
         }
-        let wanted: HashSet<u64> = self
-            .kernel
+        let wanted: HashSet<u64> = kernel
             .ready_roots()
             .into_iter()
-            .filter(|(id, s)| *s == slot && !self.roots.containers.contains_key(id))
+            .filter(|(id, s)| *s == slot && !self.containers.contains_key(id))
             .map(|(id, _)| id)
             .collect();
         if wanted.is_empty() {
             return;
         }
-        let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
-        let mut level = vec![self.node.mount.clone()];
-        for _ in 0..ADOPT_DEPTH {
-            let mut next = Vec::new();
-            for dir in level {
-                for p in child_dirs(&dir) {
-                    if let Ok(id) = cgroup::cgroup_id(&p) {
-                        if wanted.contains(&id) {
-                            found.insert(id, p.clone());
-                        }
-                    }
-                    next.push(p);
-                }
-            }
-            if found.len() == wanted.len() {
-                break;
-            }
-            level = next;
-        }
-        let known = recorded(&self.roots_path());
+        let found = find_cgroups(&node.mount, &wanted);
+        let known = recorded(&roots_path(&node.cfg.state_dir));
         for id in wanted {
             // Only through a process in the namespace recorded at the first
             // resolution; nothing recorded, or no such process: the
@@ -356,19 +415,16 @@ impl State {
             });
             let Some((dir, mnt, record)) = entered else {
                 if !found.contains_key(&id) {
-                    self.kernel.unmark_root(id);
+                    kernel.unmark_root(id);
                 } else {
                     tracing::warn!(policy = %name, cgroup_id = id, "a container a previous run resolved has no process in its recorded mount namespace: not resolved again (the previous run's inodes stay)");
                 }
                 continue;
             };
-            match self
-                .kernel
-                .resolve_files_in(&mnt, record.root, &compiled.files)
-            {
+            match kernel.resolve_files_in(&mnt, record.root, &compiled.files) {
                 Ok(files) => {
                     tracing::info!(policy = %name, cgroup = %dir.display(), file_inodes = files.entries.len(), "container of a previous run: file rules resolved in its root again");
-                    self.roots.containers.insert(
+                    self.containers.insert(
                         id,
                         Root {
                             policy: name.to_string(),
@@ -391,27 +447,27 @@ impl State {
     /// containers are resolved again now, before it is installed, keeping
     /// the inodes of every rule whose path and access the new version
     /// keeps; what the policy keeps is carried over the same way.
-    pub(super) fn refresh_roots(
+    pub(super) fn refresh(
         &mut self,
+        kernel: &mut Kernel,
         name: &str,
         old: &[CompiledFileRule],
         compiled: &CompiledPolicy,
     ) {
-        for ((p, _), k) in self.roots.kept.iter_mut() {
+        for ((p, _), k) in self.kept.iter_mut() {
             if p == name && k.rules != compiled.files {
                 k.files = remap(&k.files, &k.rules, &compiled.files);
                 k.rules = compiled.files.clone();
             }
         }
         let stale: Vec<u64> = self
-            .roots
             .containers
             .iter()
             .filter(|(_, r)| r.policy == name && r.hash != compiled.hash)
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            let Some(r) = self.roots.containers.get(&id) else {
+            let Some(r) = self.containers.get(&id) else {
                 continue;
             };
             let previous = remap(&r.files, old, &compiled.files);
@@ -420,10 +476,7 @@ impl State {
                 .mnt
                 .try_clone()
                 .map_err(anyhow::Error::from)
-                .and_then(|mnt| {
-                    self.kernel
-                        .resolve_files_in(&mnt, record.root, &compiled.files)
-                });
+                .and_then(|mnt| kernel.resolve_files_in(&mnt, record.root, &compiled.files));
             let files = match resolved {
                 Ok(new) => ResolvedFiles::union([&new, &previous]),
                 Err(e) => {
@@ -431,27 +484,23 @@ impl State {
                     previous
                 }
             };
-            if let Some(r) = self.roots.containers.get_mut(&id) {
+            if let Some(r) = self.containers.get_mut(&id) {
                 r.files = files;
                 r.hash = compiled.hash.clone();
             }
         }
     }
 
-    /// Periodic resync: every container is resolved again and what it
-    /// gives is added (a file replaced by a new inode, as a secret volume's
-    /// update does, is protected from then on); policies that grew are
-    /// reinstalled.
-    pub(super) fn grow_roots(&mut self) {
-        let ids: Vec<u64> = self.roots.containers.keys().copied().collect();
+    /// Resolve every container again and add what it gives; the policies
+    /// that grew.
+    fn grow(&mut self, kernel: &mut Kernel, policies: &Policies) -> BTreeSet<String> {
+        let ids: Vec<u64> = self.containers.keys().copied().collect();
         let mut grown = BTreeSet::new();
         for id in ids {
-            let Some(r) = self.roots.containers.get(&id) else {
+            let Some(r) = self.containers.get(&id) else {
                 continue;
             };
-            let Some(rules) = self
-                .policies
-                .active
+            let Some(rules) = policies
                 .get(&r.policy)
                 .filter(|a| a.compiled.hash == r.hash)
                 .map(|a| a.compiled.files.clone())
@@ -463,11 +512,11 @@ impl State {
                 .mnt
                 .try_clone()
                 .map_err(anyhow::Error::from)
-                .and_then(|mnt| self.kernel.resolve_files_in(&mnt, record.root, &rules));
+                .and_then(|mnt| kernel.resolve_files_in(&mnt, record.root, &rules));
             let Ok(new) = resolved else {
                 continue;
             };
-            if let Some(r) = self.roots.containers.get_mut(&id) {
+            if let Some(r) = self.containers.get_mut(&id) {
                 let before = r.files.entries.len();
                 r.files = ResolvedFiles::union([&r.files, &new]);
                 if r.files.entries.len() > before {
@@ -475,97 +524,52 @@ impl State {
                 }
             }
         }
-        for name in grown {
-            self.install_root_files(&name);
-        }
+        grown
     }
 
-    /// Install a per-root policy again with its current union; false if
-    /// that failed (the installed version stays).
-    fn install_root_files(&mut self, name: &str) -> bool {
-        let files = self.root_files(name);
-        let Some(a) = self.policies.active.get(name) else {
-            return true;
-        };
-        if files == a.files {
-            return true;
-        }
-        let (slot, compiled) = (a.slot, a.compiled.clone());
-        match self.kernel.install_policy(slot, &compiled, &files) {
-            Ok(()) => {
-                tracing::info!(policy = %name, file_inodes = files.entries.len(), "policy reinstalled with its containers' file inodes");
-                self.node
-                    .metrics
-                    .set_file_rules(name, files.entries.len() as u64);
-                if let Some(a) = self.policies.active.get_mut(name) {
-                    a.files = files;
-                }
-                true
-            }
-            Err(e) => {
-                tracing::error!(policy = %name, "reinstalling with its containers' file inodes failed; the installed version stays, new containers stay held: {e:#}");
-                false
-            }
-        }
-    }
-
-    /// Resolve the containers of bound pods whose policy has file rules,
-    /// let go of the ones gone, reinstall what changed, then let the newly
-    /// resolved containers run (see the module docs).
-    pub(super) fn reconcile_roots(&mut self) {
-        if self.k8s.is_none() {
-            return;
-        }
-        let wanted: Vec<(PathBuf, String)> = self.per_root_pods();
-        let live = |s: &State, policy: &str| {
-            s.policies
-                .active
-                .get(policy)
-                .is_some_and(|a| s.per_root(&a.compiled))
-        };
+    /// Let go of the containers that left (their inodes stay with their
+    /// pod while it lives), and of what pods kept once the pod's cgroup
+    /// or its policy is gone; the policies whose union changed.
+    fn let_go(
+        &mut self,
+        kernel: &mut Kernel,
+        policies: &Policies,
+        pods: &HashMap<PathBuf, super::PodBinding>,
+    ) -> BTreeSet<String> {
         let mut changed: BTreeSet<String> = BTreeSet::new();
         // A container leaves when its cgroup is gone (its inodes stay with
         // its pod), its policy no longer resolves per container, or its pod
         // is bound to another policy. (A pod not known yet, as after a
         // restart, keeps its containers.)
         let gone: Vec<u64> = self
-            .roots
             .containers
             .iter()
             .filter(|(_, r)| {
                 !r.cgroup.is_dir()
-                    || !live(self, &r.policy)
-                    || self
-                        .bindings
-                        .pods
+                    || !live(policies, &r.policy)
+                    || pods
                         .iter()
                         .any(|(pod, b)| r.cgroup.starts_with(pod) && b.policy != r.policy)
             })
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            let Some(r) = self.roots.containers.remove(&id) else {
+            let Some(r) = self.containers.remove(&id) else {
                 continue;
             };
-            self.kernel.unmark_root(id);
+            kernel.unmark_root(id);
             changed.insert(r.policy.clone());
             let pod = r.cgroup.parent().map(Path::to_path_buf).unwrap_or_default();
-            if !r.cgroup.is_dir() && pod.is_dir() && live(self, &r.policy) {
+            if !r.cgroup.is_dir() && pod.is_dir() && live(policies, &r.policy) {
                 tracing::info!(policy = %r.policy, cgroup = %r.cgroup.display(), "container gone: its inodes stay with its pod");
-                let rules = self
-                    .policies
-                    .active
+                let rules = policies
                     .get(&r.policy)
                     .map(|a| a.compiled.files.clone())
                     .unwrap_or_default();
-                let k = self
-                    .roots
-                    .kept
-                    .entry((r.policy.clone(), pod))
-                    .or_insert(Kept {
-                        rules,
-                        files: ResolvedFiles::default(),
-                    });
+                let k = self.kept.entry((r.policy.clone(), pod)).or_insert(Kept {
+                    rules,
+                    files: ResolvedFiles::default(),
+                });
                 k.files = ResolvedFiles::union([&k.files, &r.files]);
             } else {
                 tracing::info!(policy = %r.policy, cgroup = %r.cgroup.display(), "container gone: its inodes leave the policy");
@@ -573,28 +577,41 @@ impl State {
         }
         // What pods kept goes with the pod's cgroup (or its policy).
         let dropped: Vec<(String, PathBuf)> = self
-            .roots
             .kept
             .keys()
             .filter(|(p, scope)| {
-                !live(self, p) || (!scope.as_os_str().is_empty() && !scope.is_dir())
+                !live(policies, p) || (!scope.as_os_str().is_empty() && !scope.is_dir())
             })
             .cloned()
             .collect();
         for key in dropped {
-            self.roots.kept.remove(&key);
+            self.kept.remove(&key);
             changed.insert(key.0);
         }
+        changed
+    }
+
+    /// Resolve, in its root, each container of `wanted` (pod cgroup,
+    /// policy) not resolved yet whose runtime has pivoted; adds their
+    /// policies to `changed`. Returns the containers resolved now, and
+    /// whether some are to be looked at again soon.
+    fn resolve_new(
+        &mut self,
+        kernel: &mut Kernel,
+        policies: &Policies,
+        wanted: &[(PathBuf, String)],
+        changed: &mut BTreeSet<String>,
+    ) -> (Vec<u64>, bool) {
         let host_root = root_of(1);
         let mut pending = false;
         let mut fresh: Vec<u64> = Vec::new();
         let mut unpivoted: HashMap<u64, Instant> = HashMap::new();
-        for (pod, policy) in &wanted {
+        for (pod, policy) in wanted {
             for (dir, container) in populated_cgroups(pod) {
                 let Ok(id) = cgroup::cgroup_id(&dir) else {
                     continue;
                 };
-                if self.roots.containers.contains_key(&id) {
+                if self.containers.contains_key(&id) {
                     continue;
                 }
                 let Some(pid) = container_pid(&dir, host_root) else {
@@ -605,7 +622,6 @@ impl State {
                     // reconcile.
                     if container {
                         let since = self
-                            .roots
                             .unpivoted
                             .get(&id)
                             .copied()
@@ -617,9 +633,7 @@ impl State {
                     }
                     continue;
                 };
-                let Some((rules, hash)) = self
-                    .policies
-                    .active
+                let Some((rules, hash)) = policies
                     .get(policy)
                     .map(|a| (a.compiled.files.clone(), a.compiled.hash.clone()))
                 else {
@@ -629,7 +643,7 @@ impl State {
                     .ok_or_else(|| anyhow::anyhow!("process {pid} is gone"))
                     .and_then(|root| {
                         let (mnt, ino) = open_mnt(pid)?;
-                        let files = self.kernel.resolve_files_in(&mnt, root, &rules)?;
+                        let files = kernel.resolve_files_in(&mnt, root, &rules)?;
                         Ok((files, mnt, Record { mnt: ino, root }))
                     });
                 match resolved {
@@ -638,7 +652,7 @@ impl State {
                             tracing::warn!(policy = %policy, cgroup = %dir.display(), rule, path = %path.display(), "file rule path not in this container ({why})");
                         }
                         tracing::info!(policy = %policy, cgroup = %dir.display(), pid, file_inodes = files.entries.len(), "file rules resolved in the container's root");
-                        self.roots.containers.insert(
+                        self.containers.insert(
                             id,
                             Root {
                                 policy: policy.clone(),
@@ -660,33 +674,39 @@ impl State {
                 }
             }
         }
-        self.roots.unpivoted = unpivoted;
-        let mut failed: BTreeSet<String> = BTreeSet::new();
-        for name in &changed {
-            if !self.install_root_files(name) {
-                failed.insert(name.clone());
-            }
-        }
-        if !changed.is_empty() {
-            self.save_roots();
-        }
+        self.unpivoted = unpivoted;
+        (fresh, pending)
+    }
+
+    /// The containers resolved now whose policy went in: marked ready in
+    /// the kernel and their held programs resumed (again for a while);
+    /// whether some are to be looked at again soon (their policy failed to
+    /// install, or the mark did).
+    fn release(
+        &mut self,
+        kernel: &mut Kernel,
+        policies: &Policies,
+        fresh: Vec<u64>,
+        failed: &BTreeSet<String>,
+    ) -> bool {
+        let mut pending = false;
         let now = Instant::now();
         for id in fresh {
-            let Some(r) = self.roots.containers.get(&id) else {
+            let Some(r) = self.containers.get(&id) else {
                 continue;
             };
             if failed.contains(&r.policy) {
                 // Not in the kernel: resolved again (and held) next time.
-                self.roots.containers.remove(&id);
+                self.containers.remove(&id);
                 pending = true;
                 continue;
             }
-            let Some(slot) = self.policies.active.get(&r.policy).map(|a| a.slot) else {
+            let Some(slot) = policies.get(&r.policy).map(|a| a.slot) else {
                 continue;
             };
-            if let Err(e) = self.kernel.mark_root_ready(id, slot) {
+            if let Err(e) = kernel.mark_root_ready(id, slot) {
                 tracing::error!("{e:#}");
-                self.roots.containers.remove(&id);
+                self.containers.remove(&id);
                 pending = true;
                 continue;
             }
@@ -694,64 +714,26 @@ impl State {
             if n > 0 {
                 tracing::info!(cgroup = %r.cgroup.display(), processes = n, "held programs resumed (file rules in force)");
             }
-            self.roots.resume_again.push((r.cgroup.clone(), now));
+            self.resume_again.push((r.cgroup.clone(), now));
         }
-        self.roots.resume_again.retain(|(dir, at)| {
+        self.resume_again.retain(|(dir, at)| {
             let n = resume(dir, false);
             if n > 0 {
                 tracing::info!(cgroup = %dir.display(), processes = n, "held programs resumed (file rules in force)");
             }
             at.elapsed() < RESUME_WINDOW
         });
-        if (pending && failed.is_empty()) || !self.roots.resume_again.is_empty() {
-            if let Some(k) = &self.k8s {
-                let wake = k.wake.clone();
-                std::thread::spawn(move || {
-                    std::thread::sleep(POLL);
-                    wake.notify_one();
-                });
-            }
-        }
-    }
-
-    /// The bound pods whose containers are resolved per root, with their
-    /// policy (their cgroups are watched for new container cgroups).
-    pub(super) fn per_root_pods(&self) -> Vec<(PathBuf, String)> {
-        self.bindings
-            .pods
-            .iter()
-            .filter(|(_, b)| {
-                self.policies
-                    .active
-                    .get(&b.policy)
-                    .is_some_and(|a| self.per_root(&a.compiled))
-            })
-            .map(|(p, b)| (p.clone(), b.policy.clone()))
-            .collect()
-    }
-
-    /// A resolved container's file inodes (status).
-    pub(super) fn root_inodes(&self, cgroup: &Path) -> Option<usize> {
-        self.roots
-            .containers
-            .values()
-            .find(|r| r.cgroup == cgroup)
-            .map(|r| r.files.entries.len())
-    }
-
-    fn roots_path(&self) -> PathBuf {
-        self.node.cfg.state_dir.join("roots.json")
+        pending
     }
 
     /// Record each resolved container's mount namespace (see module docs).
-    fn save_roots(&self) {
+    fn save(&self, state_dir: &Path) {
         let map: BTreeMap<u64, Record> = self
-            .roots
             .containers
             .iter()
             .map(|(id, r)| (*id, r.record))
             .collect();
-        let path = self.roots_path();
+        let path = roots_path(state_dir);
         let tmp = path.with_extension("tmp");
         let written = serde_json::to_vec(&map)
             .map_err(std::io::Error::other)
@@ -761,6 +743,34 @@ impl State {
             tracing::warn!(path = %path.display(), "recording the containers' mount namespaces: {e}");
         }
     }
+}
+
+fn roots_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("roots.json")
+}
+
+/// The cgroups of `wanted` (ids), found by a bounded walk of the tree.
+fn find_cgroups(mount: &Path, wanted: &HashSet<u64>) -> BTreeMap<u64, PathBuf> {
+    let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let mut level = vec![mount.to_path_buf()];
+    for _ in 0..ADOPT_DEPTH {
+        let mut next = Vec::new();
+        for dir in level {
+            for p in child_dirs(&dir) {
+                if let Ok(id) = cgroup::cgroup_id(&p) {
+                    if wanted.contains(&id) {
+                        found.insert(id, p.clone());
+                    }
+                }
+                next.push(p);
+            }
+        }
+        if found.len() == wanted.len() {
+            break;
+        }
+        level = next;
+    }
+    found
 }
 
 #[cfg(test)]

@@ -14,8 +14,150 @@ pub fn main(config_path: &Path) -> Result<i32> {
     rt.block_on(serve(cfg, config_path.to_path_buf()))
 }
 
+/// The daemon from start to shutdown: programs, outputs, state, the
+/// Kubernetes watchers, the first reconcile, the servers, then a reconcile
+/// per wake-up until SIGTERM/SIGINT.
 async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let mount = cgroup::cgroup2_mount()?;
+    let mut loaded = load_programs(&cfg)?;
+    let ring = loaded.kernel.take_events().context("event ring buffer")?;
+    let flows = loaded.kernel.take_flows().context("flow tables")?;
+    let (metrics, sinks) = open_outputs(&cfg, &loaded)?;
+    let attribution = Attribution::default();
+    let dns = Arc::new(DnsService::new(
+        &mut loaded.kernel,
+        sinks.clone(),
+        metrics.clone(),
+        attribution.clone(),
+    )?);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
+    let slots = SlotTable::load(&cfg.state_dir.join("slots.json"));
+    let state = State {
+        node: Node {
+            cfg: cfg.clone(),
+            mount,
+            lsm: loaded.lsm,
+            unix: loaded.unix,
+            resolvers: loaded.resolvers,
+            own_netns: crate::netns::NetnsId::own()
+                .map_err(|e| {
+                    tracing::error!("reading /proc/self/ns/net: {e}; DNS proxy listeners in workload network namespaces are disabled")
+                })
+                .ok(),
+            started: chrono::Utc::now(),
+            sinks: sinks.clone(),
+            metrics: metrics.clone(),
+            dns: dns.clone(),
+            attribution: attribution.clone(),
+        },
+        kernel: loaded.kernel,
+        policies: Policies::new(slots),
+        bindings: Bindings::default(),
+        roots: roots::Roots::default(),
+        k8s: None,
+    };
+    let state = Arc::new(Mutex::new(state));
+    let wake = Wake::default();
+    let (k8s_tasks, status_tx) = match &cfg.kubernetes {
+        Some(kc) => start_kubernetes(kc, &state, &wake).await?,
+        None => (Vec::new(), None),
+    };
+    collect_kernel_counters(&state, &metrics);
+    announce_start(&cfg, &config_path, &state, &sinks);
+    // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
+    // The directory is watched before the first read of its policies: a
+    // file changed while the daemon starts (seconds with many bindings) is
+    // either read by that first reload or wakes the loop below for another
+    // (the watcher's events queue until the loop runs).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+    let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
+    let reconciler = Reconciler {
+        state: state.clone(),
+        dns: dns.clone(),
+        metrics: metrics.clone(),
+        status_tx,
+        config_path,
+    };
+    reconciler.run(START).await;
+    // Start-up parsed the kernel's BTF twice (struct offsets; aya's, for the
+    // BPF LSM loads) and the eBPF object: ~20 MB of small allocations, freed
+    // now but kept by the allocator. Hand them back to the kernel (a long-lived node
+    // daemon's RSS is what operators watch).
+    crate::kernel::release_free_memory();
+
+    let _metrics_server = match cfg.metrics_addr {
+        Some(addr) => {
+            let (bound, handle) = metrics::serve(metrics.clone(), addr, Arc::new(|| true)).await?;
+            tracing::info!("metrics on http://{bound}/metrics");
+            Some(handle)
+        }
+        None => None,
+    };
+    let readers = Readers::spawn(ring, flows, sinks.clone(), dns.attributor(attribution));
+    let control_task = control::serve(&cfg.control_socket, state.clone()).await?;
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.resync_seconds));
+    println!(
+        "enforcer daemon: ready (control socket {})",
+        cfg.control_socket.display()
+    );
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "sighup",
+            Some(w) = rx.recv() => {
+                // Debounce bursts of file events (editors write in several steps).
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while rx.try_recv().is_ok() {}
+                w
+            }
+            _ = tick.tick() => "tick",
+            _ = wake.pods.notified() => "pods",
+            _ = wake.policies.notified() => "agentpolicies",
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        reconciler.run(why).await;
+        if why == "tick" {
+            heartbeat::beat(&cfg.state_dir, false);
+        }
+    }
+    heartbeat::beat(&cfg.state_dir, true);
+    tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
+    sinks.lifecycle(
+        LifecycleAction::Stop,
+        None,
+        "",
+        "daemon stopped; pinned links keep enforcing",
+    );
+    readers.finish().await;
+    control_task.abort();
+    for t in k8s_tasks {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    // Attachments are pinned: dropping them here closes our fds only.
+    Ok(0)
+}
+
+/// The programs loaded (maps pinned under `pinDir`), the global hooks
+/// attached, and what this kernel can enforce.
+struct Loaded {
+    kernel: Kernel,
+    lsm: crate::kernel::LsmSupport,
+    unix: crate::kernel::UnixSupport,
+    /// The resolver IPC sockets in force (config, else the default list).
+    resolvers: Vec<PathBuf>,
+}
+
+/// Load the programs, attach the global BPF LSM hooks if the kernel has
+/// BPF LSM, and install the resolver socket list and the sampling of
+/// allowed events. What the kernel lacks is logged loudly.
+fn load_programs(cfg: &Config) -> Result<Loaded> {
     ensure_bpffs(&cfg.pin_dir)?;
     let mut kernel = Kernel::load(Some(&cfg.pin_dir.join("maps")))?;
     let mut lsm = kernel.probe_lsm();
@@ -70,11 +212,20 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         .set_resolver_sockets(&resolvers)
         .context("installing the resolver socket list")?;
     kernel.set_allow_sample(cfg.allow_events)?;
-    let ring = kernel.take_events().context("event ring buffer")?;
-    let flows = kernel.take_flows().context("flow tables")?;
+    Ok(Loaded {
+        kernel,
+        lsm,
+        unix,
+        resolvers,
+    })
+}
+
+/// The metrics registry (with the kernel's capabilities) and the sinks
+/// decisions go to (the audit log, if configured).
+fn open_outputs(cfg: &Config, loaded: &Loaded) -> Result<(Arc<Metrics>, Arc<Sinks>)> {
     let metrics = Arc::new(Metrics::new());
-    metrics.set_capability("bpf_lsm", lsm.available);
-    metrics.set_capability("unix_sockets", unix.available);
+    metrics.set_capability("bpf_lsm", loaded.lsm.available);
+    metrics.set_capability("unix_sockets", loaded.unix.available);
     let audit = match &cfg.audit_log {
         Some(p) => {
             if let Some(d) = p.parent() {
@@ -92,122 +243,107 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         None => None,
     };
     let sinks = Arc::new(Sinks::new(metrics.clone(), audit));
-    let attribution = Attribution::default();
-    let dns = Arc::new(DnsService::new(
-        &mut kernel,
-        sinks.clone(),
-        metrics.clone(),
-        attribution.clone(),
-    )?);
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating stateDir {}", cfg.state_dir.display()))?;
-    let slots = SlotTable::load(&cfg.state_dir.join("slots.json"));
-    let state = State {
-        node: Node {
-            cfg: cfg.clone(),
-            mount,
-            lsm: lsm.clone(),
-            unix,
-            resolvers,
-            own_netns: crate::netns::NetnsId::own()
-                .map_err(|e| {
-                    tracing::error!("reading /proc/self/ns/net: {e}; DNS proxy listeners in workload network namespaces are disabled")
-                })
-                .ok(),
-            started: chrono::Utc::now(),
-            sinks: sinks.clone(),
-            metrics: metrics.clone(),
-            dns: dns.clone(),
-            attribution: attribution.clone(),
-        },
-        kernel,
-        policies: Policies::new(slots),
-        bindings: Bindings::default(),
-        roots: roots::Roots::default(),
-        k8s: None,
-    };
-    let state = Arc::new(Mutex::new(state));
-    // Kubernetes mode: this node's pods and the AgentPolicy objects, watched
-    // in the background; a change wakes the reconcile loop. Status reports
-    // go to a writer task (API calls never hold the state lock or block
-    // the loop).
-    let pods_changed = Arc::new(tokio::sync::Notify::new());
-    let policies_changed = Arc::new(tokio::sync::Notify::new());
-    let mut k8s_tasks = Vec::new();
-    let mut status_tx: Option<tokio::sync::watch::Sender<Vec<crate::k8s::policies::Report>>> = None;
-    if let Some(kc) = &cfg.kubernetes {
-        let node = kc
-            .node_name
-            .clone()
-            .or_else(|| std::env::var("NODE_NAME").ok())
-            .filter(|n| !n.is_empty())
-            .context(
-                "kubernetes: no node name (set kubernetes.nodeName or NODE_NAME from the \
-                 downward API: fieldRef spec.nodeName)",
-            )?;
-        let client = match &kc.api_server {
-            Some(url) => {
-                let uri = url
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("kubernetes.apiServer {url:?}: {e}"))?;
-                kube::Client::try_from(kube::Config::new(uri)).context("kubernetes client")?
-            }
-            None => kube::Client::try_default()
-                .await
-                .context("kubernetes client (in-cluster service account or kubeconfig)")?,
-        };
-        let cache = Arc::new(Mutex::new(crate::k8s::watch::PodCache::default()));
-        let policies = kc
-            .agent_policies
-            .then(|| Arc::new(Mutex::new(crate::k8s::policies::PolicyCache::default())));
-        state.lock().unwrap_or_else(|e| e.into_inner()).k8s = Some(K8s {
-            cache: cache.clone(),
-            policies: policies.clone(),
-            trust_domain: kc.trust_domain.clone(),
-            kubelet_root: kc.kubelet_cgroup_root.clone(),
-            wake: pods_changed.clone(),
-            parents: None,
-            watched: HashSet::new(),
-        });
-        tracing::info!(node = %node, "kubernetes: watching this node's pods");
-        let notify = pods_changed.clone();
-        k8s_tasks.push(tokio::spawn(crate::k8s::watch::run(
-            client.clone(),
-            node.clone(),
-            cache,
-            move || notify.notify_one(),
-        )));
-        if let Some(policies) = policies {
-            tracing::info!("kubernetes: watching AgentPolicy objects (all namespaces)");
-            let notify = policies_changed.clone();
-            k8s_tasks.push(tokio::spawn(crate::k8s::policies::run(
-                client.clone(),
-                policies,
-                move || notify.notify_one(),
-            )));
-            let (tx, mut rx) = tokio::sync::watch::channel(Vec::new());
-            status_tx = Some(tx);
-            let mut writer = crate::k8s::policies::StatusWriter::new(client, &node);
-            k8s_tasks.push(tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    let reports = rx.borrow_and_update().clone();
-                    writer.sync(&reports).await;
-                }
-            }));
+    Ok((metrics, sinks))
+}
+
+/// What wakes the reconcile loop from the Kubernetes side.
+#[derive(Default)]
+struct Wake {
+    /// A change of the node's pods, or a pod cgroup appearing.
+    pods: Arc<tokio::sync::Notify>,
+    /// A change of the `AgentPolicy` objects.
+    policies: Arc<tokio::sync::Notify>,
+}
+
+type StatusTx = tokio::sync::watch::Sender<Vec<crate::k8s::policies::Report>>;
+
+/// Kubernetes mode: this node's pods and the AgentPolicy objects, watched
+/// in the background; a change wakes the reconcile loop. Status reports
+/// go to a writer task (API calls never hold the state lock or block the
+/// loop). Returns the tasks and the writer's input.
+async fn start_kubernetes(
+    kc: &config::KubernetesConfig,
+    state: &Mutex<State>,
+    wake: &Wake,
+) -> Result<(Vec<tokio::task::JoinHandle<()>>, Option<StatusTx>)> {
+    let node = kc
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .filter(|n| !n.is_empty())
+        .context(
+            "kubernetes: no node name (set kubernetes.nodeName or NODE_NAME from the \
+             downward API: fieldRef spec.nodeName)",
+        )?;
+    let client = match &kc.api_server {
+        Some(url) => {
+            let uri = url
+                .parse()
+                .map_err(|e| anyhow::anyhow!("kubernetes.apiServer {url:?}: {e}"))?;
+            kube::Client::try_from(kube::Config::new(uri)).context("kubernetes client")?
         }
-    }
-    {
-        // Scrapes read the kernel counters at scrape time.
-        let weak_state = Arc::downgrade(&state);
-        let weak_metrics = Arc::downgrade(&metrics);
-        metrics.set_collector(Box::new(move || {
-            if let (Some(st), Some(m)) = (weak_state.upgrade(), weak_metrics.upgrade()) {
-                let s = st.lock().unwrap_or_else(|e| e.into_inner());
-                sink::publish_kernel_counters(&s.kernel, &m, &s.slot_names());
-            }
-        }));
-    }
-    // How long the node ran without a daemon (pins kept enforcing).
+        None => kube::Client::try_default()
+            .await
+            .context("kubernetes client (in-cluster service account or kubeconfig)")?,
+    };
+    let cache = Arc::new(Mutex::new(crate::k8s::watch::PodCache::default()));
+    let policies = kc
+        .agent_policies
+        .then(|| Arc::new(Mutex::new(crate::k8s::policies::PolicyCache::default())));
+    state.lock().unwrap_or_else(|e| e.into_inner()).k8s = Some(K8s {
+        cache: cache.clone(),
+        policies: policies.clone(),
+        trust_domain: kc.trust_domain.clone(),
+        kubelet_root: kc.kubelet_cgroup_root.clone(),
+        wake: wake.pods.clone(),
+        parents: None,
+        watched: HashSet::new(),
+    });
+    let mut tasks = Vec::new();
+    tracing::info!(node = %node, "kubernetes: watching this node's pods");
+    let notify = wake.pods.clone();
+    tasks.push(tokio::spawn(crate::k8s::watch::run(
+        client.clone(),
+        node.clone(),
+        cache,
+        move || notify.notify_one(),
+    )));
+    let Some(policies) = policies else {
+        return Ok((tasks, None));
+    };
+    tracing::info!("kubernetes: watching AgentPolicy objects (all namespaces)");
+    let notify = wake.policies.clone();
+    tasks.push(tokio::spawn(crate::k8s::policies::run(
+        client.clone(),
+        policies,
+        move || notify.notify_one(),
+    )));
+    let (tx, mut rx) = tokio::sync::watch::channel(Vec::new());
+    let mut writer = crate::k8s::policies::StatusWriter::new(client, &node);
+    tasks.push(tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let reports = rx.borrow_and_update().clone();
+            writer.sync(&reports).await;
+        }
+    }));
+    Ok((tasks, Some(tx)))
+}
+
+/// Scrapes read the kernel counters at scrape time.
+fn collect_kernel_counters(state: &Arc<Mutex<State>>, metrics: &Arc<Metrics>) {
+    let weak_state = Arc::downgrade(state);
+    let weak_metrics = Arc::downgrade(metrics);
+    metrics.set_collector(Box::new(move || {
+        if let (Some(st), Some(m)) = (weak_state.upgrade(), weak_metrics.upgrade()) {
+            let s = st.lock().unwrap_or_else(|e| e.into_inner());
+            sink::publish_kernel_counters(&s.kernel, &m, &s.policies.slot_names());
+        }
+    }));
+}
+
+/// The start record (with how long the node ran without a daemon, while
+/// the pins kept enforcing) and the first heartbeat.
+fn announce_start(cfg: &Config, config_path: &Path, state: &Mutex<State>, sinks: &Sinks) {
     let gap = heartbeat::previous(&cfg.state_dir).map(|prev| {
         let lost = state
             .lock()
@@ -230,136 +366,106 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             gap.as_deref().map(|g| format!("; {g}")).unwrap_or_default()
         ),
     );
-    // Reload triggers: SIGHUP, file changes (debounced), periodic tick.
-    // The directory is watched before the first read of its policies: a
-    // file changed while the daemon starts (seconds with many bindings) is
-    // either read by that first reload or wakes the loop below for another
-    // (the watcher's events queue until the loop runs).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
-    let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
-    {
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        s.reload_policies();
-    }
-    start_dns(&state, &dns).await;
-    {
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        s.reconcile_bindings();
-        s.scan_net_raw();
-        if let Some(tx) = &status_tx {
-            tx.send_replace(s.policy_reports());
-        }
-    }
-    dns_netns::sync(&state, &dns, &metrics).await;
-    // Start-up parsed the kernel's BTF twice (struct offsets; aya's, for the
-    // BPF LSM loads) and the eBPF object: ~20 MB of small allocations, freed
-    // now but kept by the allocator. Hand them back to the kernel (a long-lived node
-    // daemon's RSS is what operators watch).
-    crate::kernel::release_free_memory();
+}
 
-    let _metrics_server = match cfg.metrics_addr {
-        Some(addr) => {
-            let (bound, handle) = metrics::serve(metrics.clone(), addr, Arc::new(|| true)).await?;
-            tracing::info!("metrics on http://{bound}/metrics");
-            Some(handle)
-        }
-        None => None,
-    };
-    let readers = Readers::spawn(ring, flows, sinks.clone(), dns.attributor(attribution));
-    let control_task = control::serve(&cfg.control_socket, state.clone()).await?;
+/// The first reconcile, at start-up.
+const START: &str = "start";
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(cfg.resync_seconds));
-    println!(
-        "enforcer daemon: ready (control socket {})",
-        cfg.control_socket.display()
-    );
-    loop {
-        let why = tokio::select! {
-            _ = hup.recv() => "sighup",
-            Some(w) = rx.recv() => {
-                // Debounce bursts of file events (editors write in several steps).
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                while rx.try_recv().is_ok() {}
-                w
-            }
-            _ = tick.tick() => "tick",
-            _ = pods_changed.notified() => "pods",
-            _ = policies_changed.notified() => "agentpolicies",
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        };
+/// One reconcile, in the order data flows: policy sources -> kernel, the
+/// DNS proxies the reload asked for, cgroups and pods -> identities, the
+/// CAP_NET_RAW scan, status reports, DNS listeners in the workloads'
+/// network namespaces.
+struct Reconciler {
+    state: Arc<Mutex<State>>,
+    dns: Arc<DnsService>,
+    metrics: Arc<Metrics>,
+    status_tx: Option<StatusTx>,
+    config_path: PathBuf,
+}
+
+impl Reconciler {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A reconcile woken by `why` (`START`, "sighup", "file-change",
+    /// "tick", "pods", "agentpolicies"). The state lock is not held across
+    /// an await.
+    async fn run(&self, why: &'static str) {
         {
-            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.lock();
             if why == "sighup" {
-                match Config::load(&config_path) {
-                    Ok(new) => {
-                        if new.bindings != s.node.cfg.bindings {
-                            tracing::info!("bindings changed in config");
-                        }
-                        s.node.cfg.bindings = new.bindings;
-                    }
-                    Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
-                }
+                s.reload_bindings(&self.config_path);
             }
-            if why != "tick" && why != "pods" {
-                tracing::info!(trigger = why, "reloading policies");
-                s.reload_policies();
-            } else {
-                s.retry_unresolved_files();
-                s.retry_moved_unix_sockets();
-                if why == "tick" {
-                    s.grow_roots();
+            match why {
+                START => s.reload_policies(),
+                "tick" | "pods" => {
+                    let State {
+                        kernel,
+                        policies,
+                        node,
+                        ..
+                    } = &mut *s;
+                    policies.retry_unresolved_files(kernel, &node.metrics);
+                    policies.retry_moved_unix_sockets(kernel);
+                    if why == "tick" {
+                        s.grow_roots();
+                    }
+                }
+                _ => {
+                    tracing::info!(trigger = why, "reloading policies");
+                    s.reload_policies();
                 }
             }
         }
-        start_dns(&state, &dns).await;
+        start_dns(&self.state, &self.dns).await;
         {
-            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.lock();
             s.reconcile_bindings();
-            s.scan_net_raw();
-            if let Some(tx) = &status_tx {
+            let State {
+                kernel,
+                policies,
+                bindings,
+                node,
+                ..
+            } = &mut *s;
+            bindings.scan_net_raw(kernel, &node.metrics, policies);
+            if let Some(tx) = &self.status_tx {
                 tx.send_replace(s.policy_reports());
             }
-            // Kernel counters reach the metrics at scrape time (the collector).
-            dns.gc(&metrics, &s.slot_names());
+            if why != START {
+                // Kernel counters reach the metrics at scrape time (the collector).
+                self.dns.gc(&self.metrics, &s.policies.slot_names());
+            }
         }
-        dns_netns::sync(&state, &dns, &metrics).await;
-        if why == "tick" {
-            heartbeat::beat(&cfg.state_dir, false);
+        dns_netns::sync(&self.state, &self.dns, &self.metrics).await;
+    }
+}
+
+impl State {
+    /// SIGHUP: the config's static bindings are read again (the rest of
+    /// the config needs a restart).
+    fn reload_bindings(&mut self, config_path: &Path) {
+        match Config::load(config_path) {
+            Ok(new) => {
+                if new.bindings != self.node.cfg.bindings {
+                    tracing::info!("bindings changed in config");
+                }
+                self.node.cfg.bindings = new.bindings;
+            }
+            Err(e) => tracing::error!("config reload rejected, keeping the old one: {e:#}"),
         }
     }
-    heartbeat::beat(&cfg.state_dir, true);
-    tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
-    sinks.lifecycle(
-        LifecycleAction::Stop,
-        None,
-        "",
-        "daemon stopped; pinned links keep enforcing",
-    );
-    readers.finish().await;
-    control_task.abort();
-    for t in k8s_tasks {
-        t.abort();
-    }
-    let _ = std::fs::remove_file(&cfg.control_socket);
-    // Attachments are pinned: dropping them here closes our fds only.
-    Ok(0)
 }
 
 /// (Re)start the DNS proxies a reload asked for, then point each identity's
 /// steering at its proxy port. The state lock is not held across the await.
 async fn start_dns(state: &Mutex<State>, dns: &DnsService) {
-    let pending = std::mem::take(
-        &mut state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .policies
-            .pending_dns,
-    );
+    let pending = state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .policies
+        .take_pending_dns();
     for (slot, policy) in pending {
         let name = policy.identity.name.clone();
         // After a restart the pinned kernel state still steers to the old

@@ -1,6 +1,6 @@
 //! What the daemon enforces, for `enforcer status`, the `AgentPolicy`
 //! objects' status reports, and the workload attribution of events.
-use super::*;
+use super::{bindings::container_cgroups, *};
 
 impl State {
     /// Kubernetes mode: what this node reports on each `AgentPolicy` object
@@ -11,12 +11,11 @@ impl State {
             policies::{Report, Verdict},
         };
         let mut out = Vec::new();
-        for o in self.policy_objects() {
+        for o in sources::policy_objects(self.k8s.as_ref()) {
             // Not evaluated yet, or an older generation: the next reload reports.
             let Some(r) = self
                 .policies
-                .object_results
-                .get(&o.uid)
+                .object_result(&o.uid)
                 .filter(|r| r.generation == o.generation)
             else {
                 continue;
@@ -24,14 +23,13 @@ impl State {
             let name = identity_name(&o.namespace, &o.name);
             let active = self
                 .policies
-                .active
                 .get(&name)
                 .filter(|a| matches!(&a.source, Source::Object { uid, .. } if *uid == o.uid));
             let bound = self
                 .bindings
-                .pods
+                .pods()
                 .iter()
-                .filter(|(path, p)| p.policy == name && self.bindings.bound.contains_key(*path))
+                .filter(|(path, p)| p.policy == name && self.bindings.bound().contains_key(*path))
                 .count();
             let message = if !r.node_errors.is_empty() {
                 Some(r.node_errors.join("\n"))
@@ -59,64 +57,6 @@ impl State {
         out
     }
 
-    pub(super) fn slot_names(&self) -> Vec<(u32, String)> {
-        self.policies
-            .active
-            .iter()
-            .map(|(n, a)| (a.slot, n.clone()))
-            .collect()
-    }
-
-    /// Kubernetes mode: tell the event attribution which cgroup ids are
-    /// which pod and container (audit records and `enforcer_pod_events_total`
-    /// carry namespace, pod and container), and export the bound pods.
-    /// The pods' cgroup directories go along, so that a container cgroup
-    /// created after this call is placed at its first event
-    /// (`Attribution::workload`).
-    pub(super) fn publish_workloads(&self) {
-        use crate::events::reader::PodScope;
-        let mut map = HashMap::new();
-        let mut info = Vec::new();
-        let mut scopes = Vec::new();
-        for (path, p) in &self.bindings.pods {
-            let (ns, pod) = (&p.entry.info.namespace, &p.entry.info.name);
-            info.push((
-                p.policy.clone(),
-                p.spiffe_id.clone(),
-                ns.clone(),
-                pod.clone(),
-                p.entry.info.uid.clone(),
-            ));
-            scopes.push(PodScope {
-                dir: path.clone(),
-                spiffe_id: p.spiffe_id.clone(),
-                namespace: ns.clone(),
-                pod: pod.clone(),
-                containers: p
-                    .entry
-                    .containers
-                    .iter()
-                    .filter_map(|c| {
-                        let id = c.container_id.as_deref()?;
-                        let id = id.parse::<crate::k8s::cgroups::ContainerId>().ok()?;
-                        Some((id.id, c.name.clone()))
-                    })
-                    .collect(),
-            });
-            if let Ok(id) = cgroup::cgroup_id(path) {
-                map.insert(id, p.workload(None));
-            }
-            for (c, dir) in self.container_cgroups(&p.entry) {
-                let Some(id) = dir.and_then(|d| cgroup::cgroup_id(&d).ok()) else {
-                    continue;
-                };
-                map.insert(id, p.workload(Some(c.name.clone())));
-            }
-        }
-        self.node.attribution.set_workloads(map, scopes);
-        self.node.metrics.set_pods(&info);
-    }
-
     /// The pods bound to `policy` on this node, and those selected whose
     /// pod-level cgroup does not exist yet (`cgroup` empty).
     pub(super) fn pod_status(&self, policy: &str) -> Vec<control::PodStatus> {
@@ -126,25 +66,24 @@ impl State {
             uid: p.entry.info.uid.clone(),
             spiffe_id: p.spiffe_id.clone(),
             cgroup,
-            containers: self
-                .container_cgroups(&p.entry)
+            containers: container_cgroups(&self.node.mount, self.k8s.as_ref(), &p.entry)
                 .into_iter()
                 .map(|(c, dir)| control::ContainerStatusOut {
                     name: c.name.clone(),
                     kind: format!("{:?}", c.kind).to_lowercase(),
                     container_id: c.container_id.clone(),
-                    file_inodes: dir.as_deref().and_then(|d| self.root_inodes(d)),
+                    file_inodes: dir.as_deref().and_then(|d| self.roots.inodes_of(d)),
                     cgroup: dir.map(|d| d.display().to_string()),
                 })
                 .collect(),
         };
         let bound = self
             .bindings
-            .pods
+            .pods()
             .iter()
             .filter(|(_, p)| p.policy == policy)
             .map(|(path, p)| {
-                let cgroup = if self.bindings.bound.contains_key(path) {
+                let cgroup = if self.bindings.bound().contains_key(path) {
                     path.display().to_string()
                 } else {
                     String::new()
@@ -153,7 +92,7 @@ impl State {
             });
         let pending = self
             .bindings
-            .pending_pods
+            .pending_pods()
             .iter()
             .filter(|p| p.policy == policy)
             .map(|p| row(p, String::new()));
@@ -165,7 +104,7 @@ impl State {
     pub fn status(&self) -> control::Status {
         let mut identities = Vec::new();
         let tainted = self.node.sinks.tainted();
-        for (name, a) in &self.policies.active {
+        for (name, a) in self.policies.iter() {
             let counters = self.kernel.slot_counters(a.slot);
             let mut decisions = BTreeMap::new();
             for act in crate::events::Action::ALL {
@@ -186,7 +125,8 @@ impl State {
                 rules: a.compiled.rules.len(),
                 entries: a.compiled.entry_count(),
                 cgroups: self
-                    .bindings.bound
+                    .bindings
+                    .bound()
                     .iter()
                     .filter(|(_, b)| &b.policy == name)
                     .map(|(p, b)| control::CgroupStatus {
@@ -195,7 +135,7 @@ impl State {
                     })
                     .collect(),
                 dns_port: self.kernel.dns_port(a.slot),
-                dns_netns: self.netns_status(a.slot),
+                dns_netns: dns_netns::status(&self.bindings.dns_netns, a.slot),
                 learned_addresses: self.node.dns.learned_count(a.slot),
                 decisions,
                 recent_denials: self.node.sinks.recent(name),
@@ -228,7 +168,7 @@ impl State {
         }
         let fail_closed = self
             .bindings
-            .bound
+            .bound()
             .iter()
             .filter(|(_, b)| b.slot == enforcer_common::SLOT_UNKNOWN)
             .map(|(p, b)| format!("{} (policy {:?} not loaded)", p.display(), b.policy))
@@ -241,15 +181,14 @@ impl State {
             fail_closed_cgroups: fail_closed,
             waiting_cgroups: self
                 .bindings
-                .waiting
-                .keys()
+                .waiting()
                 .map(|p| p.display().to_string())
                 .collect(),
-            rejected: self.policies.rejected.values().cloned().collect(),
-            reloads_ok: self.policies.reloads_ok,
-            reloads_rejected: self.policies.reloads_rejected,
+            rejected: self.policies.rejected().cloned().collect(),
+            reloads_ok: self.policies.reloads().0,
+            reloads_rejected: self.policies.reloads().1,
             events_lost: self.kernel.stat(enforcer_common::stat::EVENTS_LOST),
-            net_raw_processes: self.bindings.net_raw.values().cloned().collect(),
+            net_raw_processes: self.bindings.net_raw().cloned().collect(),
             capabilities: BTreeMap::from([
                 (
                     "bpf_lsm".to_string(),
@@ -283,7 +222,59 @@ impl State {
                     },
                 ),
             ]),
-            degraded: self.policies.degraded.values().cloned().collect(),
+            degraded: self.policies.degraded().cloned().collect(),
         }
+    }
+}
+
+impl Bindings {
+    /// Kubernetes mode: tell the event attribution which cgroup ids are
+    /// which pod and container (audit records and `enforcer_pod_events_total`
+    /// carry namespace, pod and container), and export the bound pods.
+    /// The pods' cgroup directories go along, so that a container cgroup
+    /// created after this call is placed at its first event
+    /// (`Attribution::workload`).
+    pub(super) fn publish_workloads(&self, node: &Node, k8s: &K8s) {
+        use crate::events::reader::PodScope;
+        let mut map = HashMap::new();
+        let mut info = Vec::new();
+        let mut scopes = Vec::new();
+        for (path, p) in self.pods() {
+            let (ns, pod) = (&p.entry.info.namespace, &p.entry.info.name);
+            info.push((
+                p.policy.clone(),
+                p.spiffe_id.clone(),
+                ns.clone(),
+                pod.clone(),
+                p.entry.info.uid.clone(),
+            ));
+            scopes.push(PodScope {
+                dir: path.clone(),
+                spiffe_id: p.spiffe_id.clone(),
+                namespace: ns.clone(),
+                pod: pod.clone(),
+                containers: p
+                    .entry
+                    .containers
+                    .iter()
+                    .filter_map(|c| {
+                        let id = c.container_id.as_deref()?;
+                        let id = id.parse::<crate::k8s::cgroups::ContainerId>().ok()?;
+                        Some((id.id, c.name.clone()))
+                    })
+                    .collect(),
+            });
+            if let Ok(id) = cgroup::cgroup_id(path) {
+                map.insert(id, p.workload(None));
+            }
+            for (c, dir) in container_cgroups(&node.mount, Some(k8s), &p.entry) {
+                let Some(id) = dir.and_then(|d| cgroup::cgroup_id(&d).ok()) else {
+                    continue;
+                };
+                map.insert(id, p.workload(Some(c.name.clone())));
+            }
+        }
+        node.attribution.set_workloads(map, scopes);
+        node.metrics.set_pods(&info);
     }
 }
