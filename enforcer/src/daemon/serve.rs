@@ -97,11 +97,40 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     let readers = Readers::spawn(ring, flows, sinks.clone(), dns.attributor(attribution));
     let control_task = control::serve(&cfg.control_socket, state.clone()).await?;
 
+    reconcile_until_stopped(&cfg, &reconciler, &mut rx, &wake).await?;
+    heartbeat::beat(&cfg.state_dir, true);
+    tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
+    sinks.lifecycle(
+        LifecycleAction::Stop,
+        None,
+        "",
+        "daemon stopped; pinned links keep enforcing",
+    );
+    readers.finish().await;
+    control_task.abort();
+    for t in k8s_tasks {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    // Attachments are pinned: dropping them here closes our fds only.
+    Ok(0)
+}
+
+/// Reconcile on every wake-up (SIGHUP, a change in the policies directory,
+/// the resync tick, pods, `AgentPolicy` objects) until SIGTERM or SIGINT.
+async fn reconcile_until_stopped(
+    cfg: &Config,
+    reconciler: &Reconciler,
+    rx: &mut tokio::sync::mpsc::Receiver<&'static str>,
+    wake: &Wake,
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(cfg.resync_seconds));
+    // Ready once the signal handlers are in place (a SIGHUP before would
+    // kill the daemon).
     println!(
         "enforcer daemon: ready (control socket {})",
         cfg.control_socket.display()
@@ -126,22 +155,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
             heartbeat::beat(&cfg.state_dir, false);
         }
     }
-    heartbeat::beat(&cfg.state_dir, true);
-    tracing::info!("shutting down; pinned programs stay attached (enforcement continues)");
-    sinks.lifecycle(
-        LifecycleAction::Stop,
-        None,
-        "",
-        "daemon stopped; pinned links keep enforcing",
-    );
-    readers.finish().await;
-    control_task.abort();
-    for t in k8s_tasks {
-        t.abort();
-    }
-    let _ = std::fs::remove_file(&cfg.control_socket);
-    // Attachments are pinned: dropping them here closes our fds only.
-    Ok(0)
+    Ok(())
 }
 
 /// The programs loaded (maps pinned under `pinDir`), the global hooks
