@@ -101,71 +101,82 @@ impl State {
         out
     }
 
-    pub fn status(&self) -> control::Status {
-        let mut identities = Vec::new();
-        let tainted = self.node.sinks.tainted();
-        for (name, a) in self.policies.iter() {
-            let counters = self.kernel.slot_counters(a.slot);
-            let mut decisions = BTreeMap::new();
-            for act in crate::events::Action::ALL {
-                let row = &counters[act.kernel_code() as usize];
-                let mut m = BTreeMap::new();
-                for v in crate::events::Verdict::ALL {
-                    m.insert(v.as_str().to_string(), row[v.kernel_code() as usize]);
-                }
-                decisions.insert(act.as_str().to_string(), m);
+    /// One identity's line of `enforcer status`.
+    fn identity_status(
+        &self,
+        name: &String,
+        a: &install::Active,
+        tainted: &HashMap<String, String>,
+    ) -> control::IdentityStatus {
+        let counters = self.kernel.slot_counters(a.slot);
+        let mut decisions = BTreeMap::new();
+        for act in crate::events::Action::ALL {
+            let row = &counters[act.kernel_code() as usize];
+            let mut m = BTreeMap::new();
+            for v in crate::events::Verdict::ALL {
+                m.insert(v.as_str().to_string(), row[v.kernel_code() as usize]);
             }
-            identities.push(control::IdentityStatus {
-                name: name.clone(),
-                spiffe_id: a.compiled.spiffe_id.clone(),
-                mode: if a.compiled.audit { "audit" } else { "enforce" }.into(),
-                policy_hash: a.compiled.hash.clone(),
-                source: a.source.to_string(),
-                slot: a.slot,
-                rules: a.compiled.rules.len(),
-                entries: a.compiled.entry_count(),
-                cgroups: self
-                    .bindings
-                    .bound()
-                    .iter()
-                    .filter(|(_, b)| &b.policy == name)
-                    .map(|(p, b)| control::CgroupStatus {
-                        path: p.display().to_string(),
-                        cgroup_id: b.attachment.cgroup_id,
-                    })
-                    .collect(),
-                dns_port: self.kernel.dns_port(a.slot),
-                dns_netns: dns_netns::status(&self.bindings.dns_netns, a.slot),
-                learned_addresses: self.node.dns.learned_count(a.slot),
-                decisions,
-                recent_denials: self.node.sinks.recent(name),
-                file_rules: a.compiled.files.len(),
-                file_inodes: a.files.entries.len(),
-                unresolved_files: a
-                    .files
-                    .unresolved
-                    .iter()
-                    .map(|(_, p, why)| format!("{} ({why})", p.display()))
-                    .collect(),
-                pods: self.pod_status(name),
-                first_bytes: a.compiled.inspection_note(),
-                first_bytes_refused: self
-                    .kernel
-                    .slot_reasons(a.slot)
-                    .into_iter()
-                    .map(|(r, audit, n)| {
-                        let r = enforcer_common::first_bytes::reason::as_str(r);
-                        (if audit { format!("{r} (audit)") } else { r.to_string() }, n)
-                    })
-                    .collect(),
-                tainted: tainted.get(name).cloned().or_else(|| {
-                    let t = self.kernel.taint_table();
-                    let t = t.lock().unwrap_or_else(|e| e.into_inner());
-                    t.is_tainted(a.slot)
-                        .then(|| "tainted (the kernel's flag; the read was recorded before this daemon started)".to_string())
-                }),
-            });
+            decisions.insert(act.as_str().to_string(), m);
         }
+        control::IdentityStatus {
+            name: name.clone(),
+            spiffe_id: a.compiled.spiffe_id.clone(),
+            mode: if a.compiled.audit { "audit" } else { "enforce" }.into(),
+            policy_hash: a.compiled.hash.clone(),
+            source: a.source.to_string(),
+            slot: a.slot,
+            rules: a.compiled.rules.len(),
+            entries: a.compiled.entry_count(),
+            cgroups: self
+                .bindings
+                .bound()
+                .iter()
+                .filter(|(_, b)| &b.policy == name)
+                .map(|(p, b)| control::CgroupStatus {
+                    path: p.display().to_string(),
+                    cgroup_id: b.attachment.cgroup_id,
+                })
+                .collect(),
+            dns_port: self.kernel.dns_port(a.slot),
+            dns_netns: dns_netns::status(&self.bindings.dns_netns, a.slot),
+            learned_addresses: self.node.dns.learned_count(a.slot),
+            decisions,
+            recent_denials: self.node.sinks.recent(name),
+            file_rules: a.compiled.files.len(),
+            file_inodes: a.files.entries.len(),
+            unresolved_files: a
+                .files
+                .unresolved
+                .iter()
+                .map(|(_, p, why)| format!("{} ({why})", p.display()))
+                .collect(),
+            pods: self.pod_status(name),
+            first_bytes: a.compiled.inspection_note(),
+            first_bytes_refused: self
+                .kernel
+                .slot_reasons(a.slot)
+                .into_iter()
+                .map(|(r, audit, n)| {
+                    let r = enforcer_common::first_bytes::reason::as_str(r);
+                    (if audit { format!("{r} (audit)") } else { r.to_string() }, n)
+                })
+                .collect(),
+            tainted: tainted.get(name).cloned().or_else(|| {
+                let t = self.kernel.taint_table();
+                let t = t.lock().unwrap_or_else(|e| e.into_inner());
+                t.is_tainted(a.slot)
+                    .then(|| "tainted (the kernel's flag; the read was recorded before this daemon started)".to_string())
+            }),
+        }
+    }
+
+    pub fn status(&self) -> control::Status {
+        let tainted = self.node.sinks.tainted();
+        let identities = self
+            .policies
+            .iter()
+            .map(|(name, a)| self.identity_status(name, a, &tainted))
+            .collect();
         let fail_closed = self
             .bindings
             .bound()
