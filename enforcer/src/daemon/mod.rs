@@ -41,18 +41,19 @@
 //!
 //! | step | file | owns | reads |
 //! |---|---|---|---|
-//! | policy files and objects -> evaluated policies | `sources` | – | `Node`, `K8s` |
+//! | policy files and objects -> evaluated policies | `sources` | – (writes the BPF LSM notes, `Policies::degraded`, handed to it by `install`) | `Node`, `K8s` |
 //! | evaluated policies -> kernel tables, slots, the restart sweep | `install` | `Policies` | `Node`, `Bindings` (slots in use) |
-//! | cgroups and pods -> identities | `bindings` | `Bindings` | `Node`, `Policies`, `K8s` |
+//! | cgroups and pods -> identities | `bindings` | `Bindings`, `K8s`'s cgroup watches | `Node`, `Policies`, `K8s` |
 //! | pods' file rules resolved in container roots | `roots` | `Roots` | `Node`, `Policies`, `Bindings` |
 //! | `enforcer status`, object reports, event attribution | `status` | – | all |
 //! | DNS listeners in workload namespaces | `dns_netns` | `Bindings::dns_netns` | `Node`, `Bindings` |
-//! | start-up, what wakes a reconcile, the order of the steps, shutdown | `serve` | – | – |
+//! | start-up, what wakes a reconcile, the order of the steps, shutdown | `serve` | `Node` and `K8s` (made at start-up; `Node`'s config bindings again on SIGHUP) | – |
 //!
-//! A part's fields are private to its file: the other steps read it
-//! through its methods. Methods that cross parts are `State`'s and do
-//! nothing but hand each step the parts it needs (`reload_policies`,
-//! `reconcile_bindings`, `reconcile_roots`).
+//! The fields of `Policies`, `Bindings` and `Roots` are private to their
+//! file: the other steps read them through methods (`Node` and `K8s`,
+//! defined here, are plain data every step reads). Methods that cross
+//! parts are `State`'s and do nothing but hand each step the parts it
+//! needs (`reload_policies`, `reconcile_bindings`, `reconcile_roots`).
 pub mod config;
 pub mod control;
 pub mod dns_netns;
