@@ -11,7 +11,7 @@ use aya::programs::{
 use enforcer_common::prog_names;
 
 use super::{
-    private_dir, programs::short_load_error, timed, Kernel, LsmSupport, Pinned, UnixSupport,
+    load::timed, private_dir, programs::short_load_error, Kernel, LsmSupport, Pinned, UnixSupport,
 };
 
 /// The kernel's BTF as aya reads it (for loading BPF LSM programs).
