@@ -18,6 +18,7 @@ mod counters;
 mod install;
 mod load;
 mod lsm;
+mod program_globals;
 mod programs;
 mod resolve;
 mod unix;
