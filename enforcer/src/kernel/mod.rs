@@ -6,6 +6,12 @@
 //! `POLICIES[slot]` update flips every cgroup of that identity to it, then
 //! the old generation is deleted. A failure before the flip leaves the old
 //! generation in force and removes the partial new one.
+//!
+//! This file holds the types (`Kernel`, `Attachment`, what the kernel
+//! supports) and small accessors; the methods of `Kernel` are in one file
+//! per concern: `load` (with `program_globals` and `programs`), `attach`
+//! (cgroups), `lsm` (BPF LSM hooks), `install` (the rule above), `unix`
+//! (unix socket inodes), `resolve` (file rule paths) and `counters`.
 pub mod btf;
 pub mod cgroup;
 pub mod files;
