@@ -40,112 +40,19 @@ impl Kernel {
             self.fresh_table_id()
         };
         let mut new = Installed::default();
-        let mut result = self.insert_cidrs(table_id, &compiled.v4, &compiled.v6, &mut new);
-        if result.is_ok() && ingress_table_id != 0 {
-            result = self.insert_cidrs(
-                ingress_table_id,
-                &compiled.ingress.v4,
-                &compiled.ingress.v6,
-                &mut new,
-            );
-        }
-        if let (Ok(()), Some(t)) = (&result, &compiled.taint) {
-            result = self.insert_cidrs(taint_table_id, &t.v4, &t.v6, &mut new);
-        }
-        if result.is_ok() {
-            result = self.insert_names(table_id, &compiled.names, &mut new);
-        }
-        if let (Ok(()), Some(_)) = (&result, &compiled.taint) {
-            result = self.insert_names(taint_table_id, &compiled.taint_names, &mut new);
-        }
-        if result.is_ok() {
-            for (inode, value) in &files.entries {
-                let key = FileKey {
-                    ino: inode.ino,
-                    dev: inode.dev,
-                    table_id,
-                };
-                if let Err(e) = self.file_rules.insert(key, value, 0) {
-                    result = Err(anyhow!("inserting a file rule into FILE_RULES: {e}"));
-                    break;
-                }
-                new.files.push(key);
-            }
-        }
-        if result.is_ok() {
-            let value_of = |rule_id| UnixRule { rule_id, _pad: 0 };
-            for l in &compiled.local {
-                let key = l.key(table_id);
-                if let Err(e) = self.unix_rules.insert(key, value_of(l.rule_id), 0) {
-                    result = Err(anyhow!("inserting {} into UNIX_RULES: {e}", l.description));
-                    break;
-                }
-                new.unix.push(key);
-            }
-        }
-        if result.is_ok() && self.unix_lsm {
-            // The BPF LSM hooks match paths by socket inode: a path that
-            // does not exist (yet) allows nothing there (said in the log).
-            for l in compiled
-                .local
-                .iter()
-                .filter(|l| l.kind == enforcer_common::unix_kind::PATH)
-            {
-                let path = Path::new(std::ffi::OsStr::from_bytes(&l.name));
-                let keys = self.socket_inodes(path, table_id);
-                if keys.is_empty() {
-                    tracing::warn!(
-                        "{}: not a socket now: nothing is allowed there until the policy is \
-                         installed again",
-                        l.description
-                    );
-                }
-                let value = UnixRule {
-                    rule_id: l.rule_id,
-                    _pad: 0,
-                };
-                for key in keys {
-                    if let Err(e) = self.unix_inodes.insert(key, value, 0) {
-                        result = Err(anyhow!("inserting {} into UNIX_INODES: {e}", l.description));
-                        break;
-                    }
-                    new.unix_inodes.push(key);
-                }
-                if result.is_err() {
-                    break;
-                }
-            }
-            if result.is_ok() {
-                // Resolver sockets may have been (re)created since.
-                result = self.write_resolver_inodes();
-            }
-        }
-        if result.is_ok() {
-            // The new inodes' bits before the flip: the hooks must see them.
-            result = self.bloom_add(&new.files);
-        }
-        if let Err(e) = result {
+        let written = self.write_generation(
+            [table_id, taint_table_id, ingress_table_id],
+            compiled,
+            files,
+            &mut new,
+        );
+        if let Err(e) = written {
             self.delete_generation(&new);
             return Err(
                 e.context("policy tables not installed; the previous policy stays in force")
             );
         }
-        let mut flags = policy_flags::PRESENT;
-        if compiled.audit {
-            flags |= policy_flags::AUDIT;
-        }
-        if !compiled.files.is_empty() {
-            flags |= policy_flags::FILES;
-        }
-        if files.dirs {
-            flags |= policy_flags::FILE_DIRS;
-        }
-        if files.per_root {
-            flags |= policy_flags::FILES_PER_ROOT;
-        }
-        if compiled.taint.is_some() {
-            flags |= policy_flags::TAINT_CLAMP;
-        }
+        let flags = flags_of(compiled, files);
         let state = PolicyState {
             table_id,
             flags,
@@ -180,6 +87,97 @@ impl Kernel {
             None => self.delete_table_by_scan(table_id, taint_table_id, ingress_table_id),
         }
         self.bloom_rebuild();
+        Ok(())
+    }
+
+    /// Write a new generation of `compiled`'s tables under fresh table ids
+    /// (`[main, onTaint, ingress]`; 0: none), recording every key in `new`
+    /// (deleted again by the caller should a write fail), and set the
+    /// bloom bits of its file inodes. Stops at the first failure.
+    fn write_generation(
+        &mut self,
+        [table_id, taint_table_id, ingress_table_id]: [u32; 3],
+        compiled: &CompiledPolicy,
+        files: &files::ResolvedFiles,
+        new: &mut Installed,
+    ) -> Result<()> {
+        self.insert_cidrs(table_id, &compiled.v4, &compiled.v6, new)?;
+        if ingress_table_id != 0 {
+            self.insert_cidrs(
+                ingress_table_id,
+                &compiled.ingress.v4,
+                &compiled.ingress.v6,
+                new,
+            )?;
+        }
+        if let Some(t) = &compiled.taint {
+            self.insert_cidrs(taint_table_id, &t.v4, &t.v6, new)?;
+        }
+        self.insert_names(table_id, &compiled.names, new)?;
+        if compiled.taint.is_some() {
+            self.insert_names(taint_table_id, &compiled.taint_names, new)?;
+        }
+        for (inode, value) in &files.entries {
+            let key = FileKey {
+                ino: inode.ino,
+                dev: inode.dev,
+                table_id,
+            };
+            self.file_rules
+                .insert(key, value, 0)
+                .map_err(|e| anyhow!("inserting a file rule into FILE_RULES: {e}"))?;
+            new.files.push(key);
+        }
+        let value_of = |rule_id| UnixRule { rule_id, _pad: 0 };
+        for l in &compiled.local {
+            let key = l.key(table_id);
+            self.unix_rules
+                .insert(key, value_of(l.rule_id), 0)
+                .map_err(|e| anyhow!("inserting {} into UNIX_RULES: {e}", l.description))?;
+            new.unix.push(key);
+        }
+        if self.unix_lsm {
+            self.insert_unix_inodes(table_id, compiled, new)?;
+            // Resolver sockets may have been (re)created since.
+            self.write_resolver_inodes()?;
+        }
+        // The new inodes' bits before the flip: the hooks must see them.
+        self.bloom_add(&new.files)
+    }
+
+    /// The BPF LSM hooks match paths by socket inode: a path that does not
+    /// exist (yet) allows nothing there (said in the log).
+    fn insert_unix_inodes(
+        &mut self,
+        table_id: u32,
+        compiled: &CompiledPolicy,
+        new: &mut Installed,
+    ) -> Result<()> {
+        for l in compiled
+            .local
+            .iter()
+            .filter(|l| l.kind == enforcer_common::unix_kind::PATH)
+        {
+            let path = Path::new(std::ffi::OsStr::from_bytes(&l.name));
+            let keys = self.socket_inodes(path, table_id);
+            if keys.is_empty() {
+                tracing::warn!(
+                    "{}: not a socket now: nothing is allowed there until the policy is \
+                     installed again",
+                    l.description
+                );
+            }
+            let value = UnixRule {
+                rule_id: l.rule_id,
+                _pad: 0,
+            };
+            for key in keys {
+                self.unix_inodes
+                    .insert(key, value, 0)
+                    .map_err(|e| anyhow!("inserting {} into UNIX_INODES: {e}", l.description))?;
+                new.unix_inodes.push(key);
+            }
+        }
         Ok(())
     }
 
@@ -421,4 +419,25 @@ fn insert_all<'a, K: aya::Pod>(
         keys.push(key);
     }
     Ok(())
+}
+
+/// `POLICIES[slot].flags` for `compiled` installed with `files`.
+fn flags_of(compiled: &CompiledPolicy, files: &files::ResolvedFiles) -> u32 {
+    let mut flags = policy_flags::PRESENT;
+    if compiled.audit {
+        flags |= policy_flags::AUDIT;
+    }
+    if !compiled.files.is_empty() {
+        flags |= policy_flags::FILES;
+    }
+    if files.dirs {
+        flags |= policy_flags::FILE_DIRS;
+    }
+    if files.per_root {
+        flags |= policy_flags::FILES_PER_ROOT;
+    }
+    if compiled.taint.is_some() {
+        flags |= policy_flags::TAINT_CLAMP;
+    }
+    flags
 }
