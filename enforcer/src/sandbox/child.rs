@@ -331,50 +331,9 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
     );
 
-    // 1. Join the agent cgroup ("0": the writing process).
-    let fd = libc::open(p.cgroup_procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-    check(chan, S_CGROUP, fd);
-    let w = libc::write(fd, b"0".as_ptr().cast(), 1);
-    libc::close(fd);
-    check(chan, S_CGROUP, w as c_int);
-
-    // 2. Nothing propagates between this view and the host's (a bpffs
-    //    mounted on the host later must not appear here).
-    check(
-        chan,
-        S_PRIVATE,
-        mount(
-            NULLP,
-            c"/".as_ptr(),
-            NULLP,
-            libc::MS_REC | libc::MS_PRIVATE,
-            NULLP,
-        ),
-    );
-    // 3. Read-only: every cgroup2 mount (no cgroup.procs write moves the
-    //    agent out), and for a uid-0 agent every mount.
-    for m in &p.ro_mounts {
-        check_or(
-            chan,
-            S_RO,
-            mount(
-                NULLP,
-                m.path.as_ptr(),
-                NULLP,
-                // nosuid, nodev: no device node or set-uid file on any
-                // mount opens a way around the read-only view.
-                libc::MS_REMOUNT
-                    | libc::MS_BIND
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | m.flags,
-                NULLP,
-            ),
-            // Gone, or shadowed by a later mount (then unreachable).
-            &[libc::ENOENT, libc::EINVAL],
-        );
-    }
+    join_cgroup(p, chan);
+    make_mounts_private(chan);
+    make_mounts_read_only(p, chan);
     // 4. Writable paths under /tmp or /run must be opened before those are
     //    covered; the others are opened after, at their final place.
     let mut wfds = [-1 as c_int; MAX_WRITABLE];
@@ -629,6 +588,61 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
         if info.si_code != libc::SI_KERNEL {
             libc::kill(agent, sig);
         }
+    }
+}
+
+/// Step 1 of [`init_main`].
+unsafe fn join_cgroup(p: &Prepared, chan: c_int) {
+    // 1. Join the agent cgroup ("0": the writing process).
+    let fd = libc::open(p.cgroup_procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+    check(chan, S_CGROUP, fd);
+    let w = libc::write(fd, b"0".as_ptr().cast(), 1);
+    libc::close(fd);
+    check(chan, S_CGROUP, w as c_int);
+}
+
+/// Step 2 of [`init_main`].
+unsafe fn make_mounts_private(chan: c_int) {
+    // 2. Nothing propagates between this view and the host's (a bpffs
+    //    mounted on the host later must not appear here).
+    check(
+        chan,
+        S_PRIVATE,
+        mount(
+            NULLP,
+            c"/".as_ptr(),
+            NULLP,
+            libc::MS_REC | libc::MS_PRIVATE,
+            NULLP,
+        ),
+    );
+}
+
+/// Step 3 of [`init_main`].
+unsafe fn make_mounts_read_only(p: &Prepared, chan: c_int) {
+    // 3. Read-only: every cgroup2 mount (no cgroup.procs write moves the
+    //    agent out), and for a uid-0 agent every mount.
+    for m in &p.ro_mounts {
+        check_or(
+            chan,
+            S_RO,
+            mount(
+                NULLP,
+                m.path.as_ptr(),
+                NULLP,
+                // nosuid, nodev: no device node or set-uid file on any
+                // mount opens a way around the read-only view.
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | m.flags,
+                NULLP,
+            ),
+            // Gone, or shadowed by a later mount (then unreachable).
+            &[libc::ENOENT, libc::EINVAL],
+        );
     }
 }
 
