@@ -334,116 +334,9 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
     join_cgroup(p, chan);
     make_mounts_private(chan);
     make_mounts_read_only(p, chan);
-    // 4. Writable paths under /tmp or /run must be opened before those are
-    //    covered; the others are opened after, at their final place.
-    let mut wfds = [-1 as c_int; MAX_WRITABLE];
-    for (i, w) in p.writable.iter().enumerate().take(MAX_WRITABLE) {
-        if w.under_private {
-            wfds[i] = libc::open(w.path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-            check(chan, S_OPEN_WRITABLE, wfds[i]);
-        }
-    }
-    let mut resolv_fd = -1;
-    if let Some(r) = &p.resolv {
-        resolv_fd = libc::open(r.path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-    }
-    // 5. A private /tmp, /run and /dev/shm: no unix socket of a host or
-    //    user service (tmux, X11, D-Bus, systemd, docker, ssh-agent,
-    //    resolved's varlink) is reachable through them.
-    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
-    tmpfs(chan, S_TMP, c"/tmp", nosuid_nodev, c"mode=1777");
-    tmpfs(chan, S_TMP, c"/run", nosuid_nodev, c"mode=755");
-    if p.var_run_dir {
-        tmpfs(chan, S_TMP, c"/var/run", nosuid_nodev, c"mode=755");
-    }
-    check_or(
-        chan,
-        S_TMP,
-        libc::mkdir(c"/run/user".as_ptr(), 0o755),
-        &[libc::EEXIST],
-    );
-    check_or(
-        chan,
-        S_TMP,
-        libc::mkdir(p.run_user_dir.as_ptr(), 0o700),
-        &[libc::EEXIST],
-    );
-    check(
-        chan,
-        S_TMP,
-        libc::chown(p.run_user_dir.as_ptr(), p.uid, p.gid),
-    );
-    if let Some(r) = &p.resolv {
-        if resolv_fd >= 0 {
-            bind_at(chan, r, resolv_fd, true);
-            libc::close(resolv_fd);
-        }
-    }
-    // 6. The private /dev of a uid-0 agent (block devices, /dev/kmsg,
-    //    /dev/mem... stay out of reach); /dev/shm for everyone.
-    if p.root_mode {
-        tmpfs(
-            chan,
-            S_DEV,
-            c"/dev",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            c"mode=755",
-        );
-        for d in &p.devices {
-            let mut path = [0u8; 64];
-            let prefix = b"/dev/";
-            let name = d.name.as_bytes();
-            if prefix.len() + name.len() + 1 > path.len() {
-                continue;
-            }
-            path[..prefix.len()].copy_from_slice(prefix);
-            path[prefix.len()..prefix.len() + name.len()].copy_from_slice(name);
-            let pp: *const c_char = path.as_ptr().cast();
-            check(chan, S_DEV, libc::mknod(pp, libc::S_IFCHR | d.mode, d.dev));
-            // mknod applies the umask.
-            check(chan, S_DEV, libc::chmod(pp, d.mode));
-        }
-        check(chan, S_DEV, libc::mkdir(c"/dev/pts".as_ptr(), 0o755));
-        check(chan, S_DEV, libc::mkdir(c"/dev/shm".as_ptr(), 0o1777));
-        check(
-            chan,
-            S_DEV,
-            mount(
-                c"devpts".as_ptr(),
-                c"/dev/pts".as_ptr(),
-                c"devpts".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NOEXEC,
-                c"newinstance,ptmxmode=0666,mode=0620".as_ptr(),
-            ),
-        );
-        for (target, link) in [
-            (c"pts/ptmx", c"/dev/ptmx"),
-            (c"/proc/self/fd", c"/dev/fd"),
-            (c"/proc/self/fd/0", c"/dev/stdin"),
-            (c"/proc/self/fd/1", c"/dev/stdout"),
-            (c"/proc/self/fd/2", c"/dev/stderr"),
-        ] {
-            check(chan, S_DEV, libc::symlink(target.as_ptr(), link.as_ptr()));
-        }
-    }
-    tmpfs(chan, S_TMP, c"/dev/shm", nosuid_nodev, c"mode=1777");
-    if p.root_mode {
-        check(
-            chan,
-            S_DEV,
-            mount(
-                NULLP,
-                c"/dev".as_ptr(),
-                NULLP,
-                libc::MS_REMOUNT
-                    | libc::MS_BIND
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NOEXEC,
-                NULLP,
-            ),
-        );
-    }
+    let (wfds, resolv_fd) = open_private_writables(p, chan);
+    mount_private_tmp_run(p, chan, resolv_fd);
+    mount_private_dev(p, chan);
     // 7. Writable paths (working directory, spec.writable), each its own
     //    writable bind at its own path.
     for (i, w) in p.writable.iter().enumerate().take(MAX_WRITABLE) {
@@ -642,6 +535,133 @@ unsafe fn make_mounts_read_only(p: &Prepared, chan: c_int) {
             ),
             // Gone, or shadowed by a later mount (then unreachable).
             &[libc::ENOENT, libc::EINVAL],
+        );
+    }
+}
+
+/// Step 4 of [`init_main`]: the O_PATH descriptors of the writable paths
+/// under /tmp or /run (-1 for the others) and of resolv.conf's target (-1
+/// when there is none or it cannot be opened).
+unsafe fn open_private_writables(p: &Prepared, chan: c_int) -> ([c_int; MAX_WRITABLE], c_int) {
+    // 4. Writable paths under /tmp or /run must be opened before those are
+    //    covered; the others are opened after, at their final place.
+    let mut wfds = [-1 as c_int; MAX_WRITABLE];
+    for (i, w) in p.writable.iter().enumerate().take(MAX_WRITABLE) {
+        if w.under_private {
+            wfds[i] = libc::open(w.path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            check(chan, S_OPEN_WRITABLE, wfds[i]);
+        }
+    }
+    let mut resolv_fd = -1;
+    if let Some(r) = &p.resolv {
+        resolv_fd = libc::open(r.path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+    }
+    (wfds, resolv_fd)
+}
+
+/// Step 5 of [`init_main`]; binds resolv.conf's target from `resolv_fd`
+/// and closes it.
+unsafe fn mount_private_tmp_run(p: &Prepared, chan: c_int, resolv_fd: c_int) {
+    // 5. A private /tmp, /run and /dev/shm: no unix socket of a host or
+    //    user service (tmux, X11, D-Bus, systemd, docker, ssh-agent,
+    //    resolved's varlink) is reachable through them.
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    tmpfs(chan, S_TMP, c"/tmp", nosuid_nodev, c"mode=1777");
+    tmpfs(chan, S_TMP, c"/run", nosuid_nodev, c"mode=755");
+    if p.var_run_dir {
+        tmpfs(chan, S_TMP, c"/var/run", nosuid_nodev, c"mode=755");
+    }
+    check_or(
+        chan,
+        S_TMP,
+        libc::mkdir(c"/run/user".as_ptr(), 0o755),
+        &[libc::EEXIST],
+    );
+    check_or(
+        chan,
+        S_TMP,
+        libc::mkdir(p.run_user_dir.as_ptr(), 0o700),
+        &[libc::EEXIST],
+    );
+    check(
+        chan,
+        S_TMP,
+        libc::chown(p.run_user_dir.as_ptr(), p.uid, p.gid),
+    );
+    if let Some(r) = &p.resolv {
+        if resolv_fd >= 0 {
+            bind_at(chan, r, resolv_fd, true);
+            libc::close(resolv_fd);
+        }
+    }
+}
+
+/// Step 6 of [`init_main`].
+unsafe fn mount_private_dev(p: &Prepared, chan: c_int) {
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    // 6. The private /dev of a uid-0 agent (block devices, /dev/kmsg,
+    //    /dev/mem... stay out of reach); /dev/shm for everyone.
+    if p.root_mode {
+        tmpfs(
+            chan,
+            S_DEV,
+            c"/dev",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            c"mode=755",
+        );
+        for d in &p.devices {
+            let mut path = [0u8; 64];
+            let prefix = b"/dev/";
+            let name = d.name.as_bytes();
+            if prefix.len() + name.len() + 1 > path.len() {
+                continue;
+            }
+            path[..prefix.len()].copy_from_slice(prefix);
+            path[prefix.len()..prefix.len() + name.len()].copy_from_slice(name);
+            let pp: *const c_char = path.as_ptr().cast();
+            check(chan, S_DEV, libc::mknod(pp, libc::S_IFCHR | d.mode, d.dev));
+            // mknod applies the umask.
+            check(chan, S_DEV, libc::chmod(pp, d.mode));
+        }
+        check(chan, S_DEV, libc::mkdir(c"/dev/pts".as_ptr(), 0o755));
+        check(chan, S_DEV, libc::mkdir(c"/dev/shm".as_ptr(), 0o1777));
+        check(
+            chan,
+            S_DEV,
+            mount(
+                c"devpts".as_ptr(),
+                c"/dev/pts".as_ptr(),
+                c"devpts".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                c"newinstance,ptmxmode=0666,mode=0620".as_ptr(),
+            ),
+        );
+        for (target, link) in [
+            (c"pts/ptmx", c"/dev/ptmx"),
+            (c"/proc/self/fd", c"/dev/fd"),
+            (c"/proc/self/fd/0", c"/dev/stdin"),
+            (c"/proc/self/fd/1", c"/dev/stdout"),
+            (c"/proc/self/fd/2", c"/dev/stderr"),
+        ] {
+            check(chan, S_DEV, libc::symlink(target.as_ptr(), link.as_ptr()));
+        }
+    }
+    tmpfs(chan, S_TMP, c"/dev/shm", nosuid_nodev, c"mode=1777");
+    if p.root_mode {
+        check(
+            chan,
+            S_DEV,
+            mount(
+                NULLP,
+                c"/dev".as_ptr(),
+                NULLP,
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NOEXEC,
+                NULLP,
+            ),
         );
     }
 }
