@@ -337,89 +337,11 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
     let (wfds, resolv_fd) = open_private_writables(p, chan);
     mount_private_tmp_run(p, chan, resolv_fd);
     mount_private_dev(p, chan);
-    // 7. Writable paths (working directory, spec.writable), each its own
-    //    writable bind at its own path.
-    for (i, w) in p.writable.iter().enumerate().take(MAX_WRITABLE) {
-        let fd = if w.under_private {
-            wfds[i]
-        } else {
-            let f = libc::open(w.path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-            check(chan, S_OPEN_WRITABLE, f);
-            f
-        };
-        bind_at(chan, w, fd, w.read_only);
-        libc::close(fd);
-    }
-    // 7b. enforcer's own files in the view: read-only.
-    for f in &p.protect_files {
-        bind_ro(chan, S_BIND, f);
-    }
-    // 8. No bpffs: every bpffs mount is detached from this namespace (the
-    //    pins stay in the host's), then an empty read-only tmpfs covers
-    //    each of their mount points and /sys/fs/bpf.
-    for m in p.bpf_mounts.iter().rev() {
-        check_or(
-            chan,
-            S_BPFFS,
-            libc::umount2(m.as_ptr(), libc::MNT_DETACH),
-            &[libc::ENOENT, libc::EINVAL],
-        );
-    }
-    for c in &p.bpf_covers {
-        check_or(
-            chan,
-            S_BPFFS,
-            mount(
-                c"tmpfs".as_ptr(),
-                c.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                c"size=4k,mode=755".as_ptr(),
-            ),
-            &[libc::ENOENT],
-        );
-    }
-    // 9. /proc of the new PID namespace: the agent sees its own processes
-    //    only. /proc/sys, /proc/sysrq-trigger, ... read-only (uid 0 writes
-    //    core_pattern or sysrq without any capability); kcore, keys, ...
-    //    masked.
-    check(
-        chan,
-        S_PROC,
-        mount(
-            c"proc".as_ptr(),
-            c"/proc".as_ptr(),
-            c"proc".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            NULLP,
-        ),
-    );
-    for path in &p.proc_ro {
-        bind_ro(chan, S_PROC_RO, path);
-    }
-    for path in &p.proc_masked {
-        check_or(
-            chan,
-            S_PROC_RO,
-            mount(
-                c"/dev/null".as_ptr(),
-                path.as_ptr(),
-                NULLP,
-                libc::MS_BIND,
-                NULLP,
-            ),
-            &[libc::ENOENT],
-        );
-    }
-    // 10. Enter the working directory again: the old reference points at
-    //     the mount below the new binds (and, under /tmp, at the host's /tmp).
-    check(chan, S_CWD, libc::chdir(p.cwd.as_ptr()));
-    // 11. A cgroup namespace rooted at the agent cgroup.
-    check(chan, S_CGROUPNS, libc::unshare(libc::CLONE_NEWCGROUP));
-    // 12. A session of its own: kill(0, ...) and the terminal's process
-    //     group signals reach this namespace only, never enforcer; TIOCSTI
-    //     needs the controlling terminal, which it no longer has.
-    check(chan, S_SETSID, libc::setsid());
+    bind_writables(p, chan, &wfds);
+    protect_own_files(p, chan);
+    hide_bpffs(p, chan);
+    mount_proc(p, chan);
+    enter_cwd_cgroupns_and_session(p, chan);
 
     let agent = libc::syscall(
         libc::SYS_clone,
@@ -664,6 +586,110 @@ unsafe fn mount_private_dev(p: &Prepared, chan: c_int) {
             ),
         );
     }
+}
+
+/// Step 7 of [`init_main`]: `wfds` from [`open_private_writables`]; every
+/// descriptor is closed after its bind.
+unsafe fn bind_writables(p: &Prepared, chan: c_int, wfds: &[c_int; MAX_WRITABLE]) {
+    // 7. Writable paths (working directory, spec.writable), each its own
+    //    writable bind at its own path.
+    for (i, w) in p.writable.iter().enumerate().take(MAX_WRITABLE) {
+        let fd = if w.under_private {
+            wfds[i]
+        } else {
+            let f = libc::open(w.path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            check(chan, S_OPEN_WRITABLE, f);
+            f
+        };
+        bind_at(chan, w, fd, w.read_only);
+        libc::close(fd);
+    }
+}
+
+/// Step 7b of [`init_main`].
+unsafe fn protect_own_files(p: &Prepared, chan: c_int) {
+    // 7b. enforcer's own files in the view: read-only.
+    for f in &p.protect_files {
+        bind_ro(chan, S_BIND, f);
+    }
+}
+
+/// Step 8 of [`init_main`].
+unsafe fn hide_bpffs(p: &Prepared, chan: c_int) {
+    // 8. No bpffs: every bpffs mount is detached from this namespace (the
+    //    pins stay in the host's), then an empty read-only tmpfs covers
+    //    each of their mount points and /sys/fs/bpf.
+    for m in p.bpf_mounts.iter().rev() {
+        check_or(
+            chan,
+            S_BPFFS,
+            libc::umount2(m.as_ptr(), libc::MNT_DETACH),
+            &[libc::ENOENT, libc::EINVAL],
+        );
+    }
+    for c in &p.bpf_covers {
+        check_or(
+            chan,
+            S_BPFFS,
+            mount(
+                c"tmpfs".as_ptr(),
+                c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"size=4k,mode=755".as_ptr(),
+            ),
+            &[libc::ENOENT],
+        );
+    }
+}
+
+/// Step 9 of [`init_main`].
+unsafe fn mount_proc(p: &Prepared, chan: c_int) {
+    // 9. /proc of the new PID namespace: the agent sees its own processes
+    //    only. /proc/sys, /proc/sysrq-trigger, ... read-only (uid 0 writes
+    //    core_pattern or sysrq without any capability); kcore, keys, ...
+    //    masked.
+    check(
+        chan,
+        S_PROC,
+        mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            NULLP,
+        ),
+    );
+    for path in &p.proc_ro {
+        bind_ro(chan, S_PROC_RO, path);
+    }
+    for path in &p.proc_masked {
+        check_or(
+            chan,
+            S_PROC_RO,
+            mount(
+                c"/dev/null".as_ptr(),
+                path.as_ptr(),
+                NULLP,
+                libc::MS_BIND,
+                NULLP,
+            ),
+            &[libc::ENOENT],
+        );
+    }
+}
+
+/// Steps 10-12 of [`init_main`].
+unsafe fn enter_cwd_cgroupns_and_session(p: &Prepared, chan: c_int) {
+    // 10. Enter the working directory again: the old reference points at
+    //     the mount below the new binds (and, under /tmp, at the host's /tmp).
+    check(chan, S_CWD, libc::chdir(p.cwd.as_ptr()));
+    // 11. A cgroup namespace rooted at the agent cgroup.
+    check(chan, S_CGROUPNS, libc::unshare(libc::CLONE_NEWCGROUP));
+    // 12. A session of its own: kill(0, ...) and the terminal's process
+    //     group signals reach this namespace only, never enforcer; TIOCSTI
+    //     needs the controlling terminal, which it no longer has.
+    check(chan, S_SETSID, libc::setsid());
 }
 
 unsafe fn set_caps(mask: u32) -> c_int {
