@@ -359,51 +359,8 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
     }
     let agent = agent as libc::pid_t;
 
-    // Init keeps only CAP_KILL (to forward signals to an agent of another
-    // uid) and is not dumpable: the agent can neither ptrace nor read it.
-    libc::close(chan);
-    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-    libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-    for cap in 0..=p.last_cap {
-        libc::prctl(libc::PR_CAPBSET_DROP, cap as c_ulong, 0, 0, 0);
-    }
-    const CAP_KILL: u32 = 5;
-    set_caps(1 << CAP_KILL);
-
-    // Reap every child; forward signals to the agent; exit with its status.
-    loop {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        let sig = libc::sigwaitinfo(&all, &mut info);
-        if sig < 0 {
-            continue;
-        }
-        if sig == libc::SIGCHLD {
-            loop {
-                let mut st: c_int = 0;
-                let r = libc::waitpid(-1, &mut st, libc::WNOHANG);
-                if r <= 0 {
-                    break;
-                }
-                if r == agent {
-                    let code = if libc::WIFEXITED(st) {
-                        libc::WEXITSTATUS(st)
-                    } else if libc::WIFSIGNALED(st) {
-                        128 + libc::WTERMSIG(st)
-                    } else {
-                        continue;
-                    };
-                    // Leaving kills every other process of the namespace.
-                    libc::_exit(code);
-                }
-            }
-            continue;
-        }
-        // Kernel-generated signals (terminal) already reached the agent's
-        // process group; the rest (enforcer forwarding SIGTERM, ...) go on.
-        if info.si_code != libc::SI_KERNEL {
-            libc::kill(agent, sig);
-        }
-    }
+    drop_init_privileges(p, chan);
+    reap_and_forward_signals(agent, &all)
 }
 
 /// Step 1 of [`init_main`].
@@ -690,6 +647,59 @@ unsafe fn enter_cwd_cgroupns_and_session(p: &Prepared, chan: c_int) {
     //     group signals reach this namespace only, never enforcer; TIOCSTI
     //     needs the controlling terminal, which it no longer has.
     check(chan, S_SETSID, libc::setsid());
+}
+
+/// Init after the agent's fork: closes the channel and every other
+/// descriptor, then drops to CAP_KILL.
+unsafe fn drop_init_privileges(p: &Prepared, chan: c_int) {
+    // Init keeps only CAP_KILL (to forward signals to an agent of another
+    // uid) and is not dumpable: the agent can neither ptrace nor read it.
+    libc::close(chan);
+    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    for cap in 0..=p.last_cap {
+        libc::prctl(libc::PR_CAPBSET_DROP, cap as c_ulong, 0, 0, 0);
+    }
+    const CAP_KILL: u32 = 5;
+    set_caps(1 << CAP_KILL);
+}
+
+/// Init's life once the agent runs: `all` is the full mask init blocked.
+unsafe fn reap_and_forward_signals(agent: libc::pid_t, all: &libc::sigset_t) -> ! {
+    // Reap every child; forward signals to the agent; exit with its status.
+    loop {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let sig = libc::sigwaitinfo(all, &mut info);
+        if sig < 0 {
+            continue;
+        }
+        if sig == libc::SIGCHLD {
+            loop {
+                let mut st: c_int = 0;
+                let r = libc::waitpid(-1, &mut st, libc::WNOHANG);
+                if r <= 0 {
+                    break;
+                }
+                if r == agent {
+                    let code = if libc::WIFEXITED(st) {
+                        libc::WEXITSTATUS(st)
+                    } else if libc::WIFSIGNALED(st) {
+                        128 + libc::WTERMSIG(st)
+                    } else {
+                        continue;
+                    };
+                    // Leaving kills every other process of the namespace.
+                    libc::_exit(code);
+                }
+            }
+            continue;
+        }
+        // Kernel-generated signals (terminal) already reached the agent's
+        // process group; the rest (enforcer forwarding SIGTERM, ...) go on.
+        if info.si_code != libc::SI_KERNEL {
+            libc::kill(agent, sig);
+        }
+    }
 }
 
 unsafe fn set_caps(mask: u32) -> c_int {
