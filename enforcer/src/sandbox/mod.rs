@@ -390,57 +390,8 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
     let all = mounts()?;
     let cwd = std::env::current_dir().context("the working directory")?;
     let root_mode = user.is_root();
-    // The writable set: the working directory (for uid 0 only if it is
-    // safe; for others it matters only under the private /tmp or /run),
-    // then spec.writable, parents before children.
-    let mut writable_paths: Vec<PathBuf> = Vec::new();
-    let homes = home_dirs();
-    if root_mode {
-        check_writable_for_root(&cwd, &homes).map_err(|why| {
-            anyhow::anyhow!(
-                "--user root: the working directory {} cannot be writable for a uid-0 agent: {why}. \
-                 Run from a project directory",
-                cwd.display()
-            )
-        })?;
-        writable_paths.push(cwd.clone());
-    } else if under_private(&cwd) {
-        writable_paths.push(cwd.clone());
-    }
-    for w in o.writable {
-        let canon =
-            std::fs::canonicalize(w).with_context(|| format!("spec.writable: {}", w.display()))?;
-        if root_mode {
-            check_writable_for_root(&canon, &homes).map_err(|why| {
-                anyhow::anyhow!(
-                    "spec.writable: {} cannot be writable for a uid-0 agent: {why}",
-                    w.display()
-                )
-            })?;
-        }
-        if root_mode || under_private(&canon) {
-            writable_paths.push(canon);
-        }
-    }
-    writable_paths.sort_by_key(|p| p.as_os_str().len());
-    writable_paths.dedup();
-    anyhow::ensure!(writable_paths.len() <= 64, "at most 64 writable paths");
-    let mut writable = writable_paths
-        .iter()
-        .map(|p| writable_entry(p, &all))
-        .collect::<Result<Vec<_>>>()?;
-    // The command itself stays visible when it lies under a private
-    // directory (/tmp, /run, /dev/shm) outside the working directory:
-    // bound read-only at its path. (A script passed as an argument is not:
-    // keep it in the working directory.)
-    let exe = resolve_exe(&o.command[0], std::env::var_os("PATH"))?;
-    if let Ok(canon) = std::fs::canonicalize(&exe) {
-        if under_private(&canon) && !writable_paths.iter().any(|w| canon.starts_with(w)) {
-            let mut e = writable_entry(&canon, &all)?;
-            e.read_only = true;
-            writable.push(e);
-        }
-    }
+    let (writable_paths, mut writable) = writable_set(o, &all, &cwd, root_mode)?;
+    let exe = resolve_command(o, &all, &writable_paths, &mut writable)?;
 
     // Read-only mounts: cgroup2 always, everything for uid 0.
     let mut ro_mounts = Vec::new();
@@ -631,6 +582,78 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
         },
         desc,
     ))
+}
+
+/// The writable paths, shortest first, and their binds.
+fn writable_set(
+    o: &Options,
+    all: &[MountLine],
+    cwd: &Path,
+    root_mode: bool,
+) -> Result<(Vec<PathBuf>, Vec<Writable>)> {
+    // The writable set: the working directory (for uid 0 only if it is
+    // safe; for others it matters only under the private /tmp or /run),
+    // then spec.writable, parents before children.
+    let mut writable_paths: Vec<PathBuf> = Vec::new();
+    let homes = home_dirs();
+    if root_mode {
+        check_writable_for_root(cwd, &homes).map_err(|why| {
+            anyhow::anyhow!(
+                "--user root: the working directory {} cannot be writable for a uid-0 agent: {why}. \
+                 Run from a project directory",
+                cwd.display()
+            )
+        })?;
+        writable_paths.push(cwd.to_path_buf());
+    } else if under_private(cwd) {
+        writable_paths.push(cwd.to_path_buf());
+    }
+    for w in o.writable {
+        let canon =
+            std::fs::canonicalize(w).with_context(|| format!("spec.writable: {}", w.display()))?;
+        if root_mode {
+            check_writable_for_root(&canon, &homes).map_err(|why| {
+                anyhow::anyhow!(
+                    "spec.writable: {} cannot be writable for a uid-0 agent: {why}",
+                    w.display()
+                )
+            })?;
+        }
+        if root_mode || under_private(&canon) {
+            writable_paths.push(canon);
+        }
+    }
+    writable_paths.sort_by_key(|p| p.as_os_str().len());
+    writable_paths.dedup();
+    anyhow::ensure!(writable_paths.len() <= 64, "at most 64 writable paths");
+    let writable = writable_paths
+        .iter()
+        .map(|p| writable_entry(p, all))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((writable_paths, writable))
+}
+
+/// The agent's executable, added read-only to `writable` when it lies
+/// under a private directory.
+fn resolve_command(
+    o: &Options,
+    all: &[MountLine],
+    writable_paths: &[PathBuf],
+    writable: &mut Vec<Writable>,
+) -> Result<PathBuf> {
+    // The command itself stays visible when it lies under a private
+    // directory (/tmp, /run, /dev/shm) outside the working directory:
+    // bound read-only at its path. (A script passed as an argument is not:
+    // keep it in the working directory.)
+    let exe = resolve_exe(&o.command[0], std::env::var_os("PATH"))?;
+    if let Ok(canon) = std::fs::canonicalize(&exe) {
+        if under_private(&canon) && !writable_paths.iter().any(|w| canon.starts_with(w)) {
+            let mut e = writable_entry(&canon, all)?;
+            e.read_only = true;
+            writable.push(e);
+        }
+    }
+    Ok(exe)
 }
 
 /// The started agent: the host pid of its init (wait for it: it exits with
