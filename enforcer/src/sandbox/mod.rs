@@ -393,85 +393,15 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
     let (writable_paths, mut writable) = writable_set(o, &all, &cwd, root_mode)?;
     let exe = resolve_command(o, &all, &writable_paths, &mut writable)?;
 
-    // Read-only mounts: cgroup2 always, everything for uid 0.
-    let mut ro_mounts = Vec::new();
-    for m in &all {
-        if root_mode || m.fstype == "cgroup2" {
-            ro_mounts.push(RoMount {
-                path: cstr(&m.point)?,
-                flags: m.flags & !libc::MS_RDONLY,
-            });
-        }
-    }
-    ro_mounts.dedup_by(|a, b| a.path == b.path);
-
-    let mut bpf_mounts: Vec<PathBuf> = all
-        .iter()
-        .filter(|m| m.fstype == "bpf")
-        .map(|m| m.point.clone())
-        .collect();
-    bpf_mounts.sort();
-    bpf_mounts.dedup();
-    let mut covers = bpf_mounts.clone();
-    if Path::new("/sys/fs/bpf").is_dir() {
-        covers.push("/sys/fs/bpf".into());
-    }
-    covers.sort();
-    covers.dedup();
-    let bpf_covers = covers.iter().map(cstr).collect::<Result<Vec<_>>>()?;
-
+    let ro_mounts = read_only_mounts(&all, root_mode)?;
+    let (bpf_mounts, bpf_covers) = bpf_mounts_and_covers(&all)?;
     let resolv = match std::fs::canonicalize("/etc/resolv.conf") {
         Ok(t) if under_private(&t) && t.is_file() => Some(writable_entry(&t, &all)?),
         _ => None,
     };
 
-    let devices = if root_mode {
-        [
-            ("null", 1, 3),
-            ("zero", 1, 5),
-            ("full", 1, 7),
-            ("random", 1, 8),
-            ("urandom", 1, 9),
-            ("tty", 5, 0),
-        ]
-        .iter()
-        .map(|(n, ma, mi)| {
-            Ok(Device {
-                name: cstr(n)?,
-                mode: 0o666,
-                dev: libc::makedev(*ma, *mi),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?
-    } else {
-        Vec::new()
-    };
-    let proc_ro = [
-        "sys",
-        "sysrq-trigger",
-        "irq",
-        "bus",
-        "fs",
-        "pressure",
-        "acpi",
-        "scsi",
-    ]
-    .iter()
-    .map(|p| cstr(format!("/proc/{p}")))
-    .collect::<Result<Vec<_>>>()?;
-    let proc_masked = [
-        "kcore",
-        "keys",
-        "timer_list",
-        "sched_debug",
-        "latency_stats",
-        "kpageflags",
-        "kpagecount",
-        "kpagecgroup",
-    ]
-    .iter()
-    .map(|p| cstr(format!("/proc/{p}")))
-    .collect::<Result<Vec<_>>>()?;
+    let devices = private_devices(root_mode)?;
+    let (proc_ro, proc_masked) = proc_ro_and_masked()?;
 
     // The command, its environment (HOME/USER/LOGNAME of the agent's user,
     // a private XDG_RUNTIME_DIR).
@@ -654,6 +584,99 @@ fn resolve_command(
         }
     }
     Ok(exe)
+}
+
+/// The mount points remounted read-only.
+fn read_only_mounts(all: &[MountLine], root_mode: bool) -> Result<Vec<RoMount>> {
+    // Read-only mounts: cgroup2 always, everything for uid 0.
+    let mut ro_mounts = Vec::new();
+    for m in all {
+        if root_mode || m.fstype == "cgroup2" {
+            ro_mounts.push(RoMount {
+                path: cstr(&m.point)?,
+                flags: m.flags & !libc::MS_RDONLY,
+            });
+        }
+    }
+    ro_mounts.dedup_by(|a, b| a.path == b.path);
+    Ok(ro_mounts)
+}
+
+/// The bpffs mount points (detached in the view) and the paths an empty
+/// tmpfs covers.
+fn bpf_mounts_and_covers(all: &[MountLine]) -> Result<(Vec<PathBuf>, Vec<CString>)> {
+    let mut bpf_mounts: Vec<PathBuf> = all
+        .iter()
+        .filter(|m| m.fstype == "bpf")
+        .map(|m| m.point.clone())
+        .collect();
+    bpf_mounts.sort();
+    bpf_mounts.dedup();
+    let mut covers = bpf_mounts.clone();
+    if Path::new("/sys/fs/bpf").is_dir() {
+        covers.push("/sys/fs/bpf".into());
+    }
+    covers.sort();
+    covers.dedup();
+    let bpf_covers = covers.iter().map(cstr).collect::<Result<Vec<_>>>()?;
+    Ok((bpf_mounts, bpf_covers))
+}
+
+/// The device nodes of a uid-0 agent's private /dev (none for others).
+fn private_devices(root_mode: bool) -> Result<Vec<Device>> {
+    let devices = if root_mode {
+        [
+            ("null", 1, 3),
+            ("zero", 1, 5),
+            ("full", 1, 7),
+            ("random", 1, 8),
+            ("urandom", 1, 9),
+            ("tty", 5, 0),
+        ]
+        .iter()
+        .map(|(n, ma, mi)| {
+            Ok(Device {
+                name: cstr(n)?,
+                mode: 0o666,
+                dev: libc::makedev(*ma, *mi),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    Ok(devices)
+}
+
+/// The /proc paths bound read-only and those masked.
+fn proc_ro_and_masked() -> Result<(Vec<CString>, Vec<CString>)> {
+    let proc_ro = [
+        "sys",
+        "sysrq-trigger",
+        "irq",
+        "bus",
+        "fs",
+        "pressure",
+        "acpi",
+        "scsi",
+    ]
+    .iter()
+    .map(|p| cstr(format!("/proc/{p}")))
+    .collect::<Result<Vec<_>>>()?;
+    let proc_masked = [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sched_debug",
+        "latency_stats",
+        "kpageflags",
+        "kpagecount",
+        "kpagecgroup",
+    ]
+    .iter()
+    .map(|p| cstr(format!("/proc/{p}")))
+    .collect::<Result<Vec<_>>>()?;
+    Ok((proc_ro, proc_masked))
 }
 
 /// The started agent: the host pid of its init (wait for it: it exits with
