@@ -407,65 +407,14 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
     // a private XDG_RUNTIME_DIR).
     let argv_store = o.command.iter().map(cstr).collect::<Result<Vec<_>>>()?;
     let run_user_dir = PathBuf::from(format!("/run/user/{}", user.uid));
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-    let mut set = |k: &str, v: &OsStr| {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.into(), v.into()));
-    };
-    if let Some(name) = &user.name {
-        set("USER", name.as_ref());
-        set("LOGNAME", name.as_ref());
-    }
-    if let Some(home) = &user.home {
-        set("HOME", home.as_os_str());
-    }
-    set("XDG_RUNTIME_DIR", run_user_dir.as_os_str());
-    env.retain(|(k, _)| k != "DBUS_SESSION_BUS_ADDRESS");
-    let envp_store = env
-        .iter()
-        .map(|(k, v)| {
-            let mut s = k.as_bytes().to_vec();
-            s.push(b'=');
-            s.extend_from_slice(v.as_bytes());
-            CString::new(s).context("environment holds a NUL byte")
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let envp_store = agent_env(user, &run_user_dir)?;
     let mut argv: Vec<*const libc::c_char> = argv_store.iter().map(|c| c.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = envp_store.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
 
-    let mut pass_fds = o.pass_fds.to_vec();
-    pass_fds.sort_unstable();
-    pass_fds.dedup();
-    for &fd in &pass_fds {
-        anyhow::ensure!(
-            fd > 2,
-            "--pass-fd {fd}: stdin, stdout and stderr are always passed"
-        );
-        // SAFETY: F_GETFD on an integer; no memory involved.
-        anyhow::ensure!(
-            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-            "--pass-fd {fd}: not an open descriptor of enforcer"
-        );
-    }
-    anyhow::ensure!(pass_fds.len() <= 64, "at most 64 --pass-fd");
-    let max_fd = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| soft.min(1 << 20) as i32)
-        .unwrap_or(1 << 16);
-
-    // enforcer's own files, if the agent's view holds them at all: the
-    // policy, the audit log (the agent must not rewrite its own record),
-    // the enforcer binary.
-    let mut protect_files = Vec::new();
-    let exe_self = std::env::current_exe().ok();
-    for f in o.protect.iter().chain(exe_self.iter()) {
-        if let Ok(c) = std::fs::canonicalize(f) {
-            if c.is_file() {
-                protect_files.push(cstr(&c)?);
-            }
-        }
-    }
+    let (pass_fds, max_fd) = checked_pass_fds(o)?;
+    let protect_files = protected_files(o)?;
     let view = if root_mode {
         "uid 0: read-only file system except the working directory and spec.writable; private \
          /tmp, /run, /dev; bpffs hidden; own PID namespace"
@@ -677,6 +626,76 @@ fn proc_ro_and_masked() -> Result<(Vec<CString>, Vec<CString>)> {
     .map(|p| cstr(format!("/proc/{p}")))
     .collect::<Result<Vec<_>>>()?;
     Ok((proc_ro, proc_masked))
+}
+
+/// The agent's environment: enforcer's, with the agent user's
+/// USER/LOGNAME/HOME and a private XDG_RUNTIME_DIR.
+fn agent_env(user: &AgentUser, run_user_dir: &Path) -> Result<Vec<CString>> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let mut set = |k: &str, v: &OsStr| {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.into(), v.into()));
+    };
+    if let Some(name) = &user.name {
+        set("USER", name.as_ref());
+        set("LOGNAME", name.as_ref());
+    }
+    if let Some(home) = &user.home {
+        set("HOME", home.as_os_str());
+    }
+    set("XDG_RUNTIME_DIR", run_user_dir.as_os_str());
+    env.retain(|(k, _)| k != "DBUS_SESSION_BUS_ADDRESS");
+    let envp_store = env
+        .iter()
+        .map(|(k, v)| {
+            let mut s = k.as_bytes().to_vec();
+            s.push(b'=');
+            s.extend_from_slice(v.as_bytes());
+            CString::new(s).context("environment holds a NUL byte")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(envp_store)
+}
+
+/// `--pass-fd`, sorted and checked, and the bound of the one-by-one close
+/// fallback (RLIMIT_NOFILE, at most 2^20).
+fn checked_pass_fds(o: &Options) -> Result<(Vec<RawFd>, i32)> {
+    let mut pass_fds = o.pass_fds.to_vec();
+    pass_fds.sort_unstable();
+    pass_fds.dedup();
+    for &fd in &pass_fds {
+        anyhow::ensure!(
+            fd > 2,
+            "--pass-fd {fd}: stdin, stdout and stderr are always passed"
+        );
+        // SAFETY: F_GETFD on an integer; no memory involved.
+        anyhow::ensure!(
+            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
+            "--pass-fd {fd}: not an open descriptor of enforcer"
+        );
+    }
+    anyhow::ensure!(pass_fds.len() <= 64, "at most 64 --pass-fd");
+    let max_fd = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft.min(1 << 20) as i32)
+        .unwrap_or(1 << 16);
+    Ok((pass_fds, max_fd))
+}
+
+/// enforcer's own files, bound read-only over themselves in the view.
+fn protected_files(o: &Options) -> Result<Vec<CString>> {
+    // enforcer's own files, if the agent's view holds them at all: the
+    // policy, the audit log (the agent must not rewrite its own record),
+    // the enforcer binary.
+    let mut protect_files = Vec::new();
+    let exe_self = std::env::current_exe().ok();
+    for f in o.protect.iter().chain(exe_self.iter()) {
+        if let Ok(c) = std::fs::canonicalize(f) {
+            if c.is_file() {
+                protect_files.push(cstr(&c)?);
+            }
+        }
+    }
+    Ok(protect_files)
 }
 
 /// The started agent: the host pid of its init (wait for it: it exits with
