@@ -331,13 +331,50 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
     );
 
+    join_cgroup(p, chan);
+    make_mounts_private(chan);
+    make_mounts_read_only(p, chan);
+    let (wfds, resolv_fd) = open_private_writables(p, chan);
+    mount_private_tmp_run(p, chan, resolv_fd);
+    mount_private_dev(p, chan);
+    bind_writables(p, chan, &wfds);
+    protect_own_files(p, chan);
+    hide_bpffs(p, chan);
+    mount_proc(p, chan);
+    enter_cwd_cgroupns_and_session(p, chan);
+
+    let agent = libc::syscall(
+        libc::SYS_clone,
+        libc::SIGCHLD as c_ulong,
+        0usize,
+        0usize,
+        0usize,
+        0usize,
+    );
+    if agent < 0 {
+        fail(chan, S_FORK, errno());
+    }
+    if agent == 0 {
+        agent_main(p, chan);
+    }
+    let agent = agent as libc::pid_t;
+
+    drop_init_privileges(p, chan);
+    reap_and_forward_signals(agent, &all)
+}
+
+/// Step 1 of [`init_main`].
+unsafe fn join_cgroup(p: &Prepared, chan: c_int) {
     // 1. Join the agent cgroup ("0": the writing process).
     let fd = libc::open(p.cgroup_procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
     check(chan, S_CGROUP, fd);
     let w = libc::write(fd, b"0".as_ptr().cast(), 1);
     libc::close(fd);
     check(chan, S_CGROUP, w as c_int);
+}
 
+/// Step 2 of [`init_main`].
+unsafe fn make_mounts_private(chan: c_int) {
     // 2. Nothing propagates between this view and the host's (a bpffs
     //    mounted on the host later must not appear here).
     check(
@@ -351,6 +388,10 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
             NULLP,
         ),
     );
+}
+
+/// Step 3 of [`init_main`].
+unsafe fn make_mounts_read_only(p: &Prepared, chan: c_int) {
     // 3. Read-only: every cgroup2 mount (no cgroup.procs write moves the
     //    agent out), and for a uid-0 agent every mount.
     for m in &p.ro_mounts {
@@ -375,6 +416,12 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
             &[libc::ENOENT, libc::EINVAL],
         );
     }
+}
+
+/// Step 4 of [`init_main`]: the O_PATH descriptors of the writable paths
+/// under /tmp or /run (-1 for the others) and of resolv.conf's target (-1
+/// when there is none or it cannot be opened).
+unsafe fn open_private_writables(p: &Prepared, chan: c_int) -> ([c_int; MAX_WRITABLE], c_int) {
     // 4. Writable paths under /tmp or /run must be opened before those are
     //    covered; the others are opened after, at their final place.
     let mut wfds = [-1 as c_int; MAX_WRITABLE];
@@ -388,6 +435,12 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
     if let Some(r) = &p.resolv {
         resolv_fd = libc::open(r.path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
     }
+    (wfds, resolv_fd)
+}
+
+/// Step 5 of [`init_main`]; binds resolv.conf's target from `resolv_fd`
+/// and closes it.
+unsafe fn mount_private_tmp_run(p: &Prepared, chan: c_int, resolv_fd: c_int) {
     // 5. A private /tmp, /run and /dev/shm: no unix socket of a host or
     //    user service (tmux, X11, D-Bus, systemd, docker, ssh-agent,
     //    resolved's varlink) is reachable through them.
@@ -420,6 +473,11 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
             libc::close(resolv_fd);
         }
     }
+}
+
+/// Step 6 of [`init_main`].
+unsafe fn mount_private_dev(p: &Prepared, chan: c_int) {
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     // 6. The private /dev of a uid-0 agent (block devices, /dev/kmsg,
     //    /dev/mem... stay out of reach); /dev/shm for everyone.
     if p.root_mode {
@@ -485,6 +543,11 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
             ),
         );
     }
+}
+
+/// Step 7 of [`init_main`]: `wfds` from [`open_private_writables`]; every
+/// descriptor is closed after its bind.
+unsafe fn bind_writables(p: &Prepared, chan: c_int, wfds: &[c_int; MAX_WRITABLE]) {
     // 7. Writable paths (working directory, spec.writable), each its own
     //    writable bind at its own path.
     for (i, w) in p.writable.iter().enumerate().take(MAX_WRITABLE) {
@@ -498,10 +561,18 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
         bind_at(chan, w, fd, w.read_only);
         libc::close(fd);
     }
+}
+
+/// Step 7b of [`init_main`].
+unsafe fn protect_own_files(p: &Prepared, chan: c_int) {
     // 7b. enforcer's own files in the view: read-only.
     for f in &p.protect_files {
         bind_ro(chan, S_BIND, f);
     }
+}
+
+/// Step 8 of [`init_main`].
+unsafe fn hide_bpffs(p: &Prepared, chan: c_int) {
     // 8. No bpffs: every bpffs mount is detached from this namespace (the
     //    pins stay in the host's), then an empty read-only tmpfs covers
     //    each of their mount points and /sys/fs/bpf.
@@ -527,6 +598,10 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
             &[libc::ENOENT],
         );
     }
+}
+
+/// Step 9 of [`init_main`].
+unsafe fn mount_proc(p: &Prepared, chan: c_int) {
     // 9. /proc of the new PID namespace: the agent sees its own processes
     //    only. /proc/sys, /proc/sysrq-trigger, ... read-only (uid 0 writes
     //    core_pattern or sysrq without any capability); kcore, keys, ...
@@ -559,6 +634,10 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
             &[libc::ENOENT],
         );
     }
+}
+
+/// Steps 10-12 of [`init_main`].
+unsafe fn enter_cwd_cgroupns_and_session(p: &Prepared, chan: c_int) {
     // 10. Enter the working directory again: the old reference points at
     //     the mount below the new binds (and, under /tmp, at the host's /tmp).
     check(chan, S_CWD, libc::chdir(p.cwd.as_ptr()));
@@ -568,23 +647,11 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
     //     group signals reach this namespace only, never enforcer; TIOCSTI
     //     needs the controlling terminal, which it no longer has.
     check(chan, S_SETSID, libc::setsid());
+}
 
-    let agent = libc::syscall(
-        libc::SYS_clone,
-        libc::SIGCHLD as c_ulong,
-        0usize,
-        0usize,
-        0usize,
-        0usize,
-    );
-    if agent < 0 {
-        fail(chan, S_FORK, errno());
-    }
-    if agent == 0 {
-        agent_main(p, chan);
-    }
-    let agent = agent as libc::pid_t;
-
+/// Init after the agent's fork: closes the channel and every other
+/// descriptor, then drops to CAP_KILL.
+unsafe fn drop_init_privileges(p: &Prepared, chan: c_int) {
     // Init keeps only CAP_KILL (to forward signals to an agent of another
     // uid) and is not dumpable: the agent can neither ptrace nor read it.
     libc::close(chan);
@@ -595,11 +662,14 @@ pub unsafe fn init_main(p: &Prepared, chan: c_int) -> ! {
     }
     const CAP_KILL: u32 = 5;
     set_caps(1 << CAP_KILL);
+}
 
+/// Init's life once the agent runs: `all` is the full mask init blocked.
+unsafe fn reap_and_forward_signals(agent: libc::pid_t, all: &libc::sigset_t) -> ! {
     // Reap every child; forward signals to the agent; exit with its status.
     loop {
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        let sig = libc::sigwaitinfo(&all, &mut info);
+        let sig = libc::sigwaitinfo(all, &mut info);
         if sig < 0 {
             continue;
         }

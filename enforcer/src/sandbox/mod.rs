@@ -390,201 +390,31 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
     let all = mounts()?;
     let cwd = std::env::current_dir().context("the working directory")?;
     let root_mode = user.is_root();
-    // The writable set: the working directory (for uid 0 only if it is
-    // safe; for others it matters only under the private /tmp or /run),
-    // then spec.writable, parents before children.
-    let mut writable_paths: Vec<PathBuf> = Vec::new();
-    let homes = home_dirs();
-    if root_mode {
-        check_writable_for_root(&cwd, &homes).map_err(|why| {
-            anyhow::anyhow!(
-                "--user root: the working directory {} cannot be writable for a uid-0 agent: {why}. \
-                 Run from a project directory",
-                cwd.display()
-            )
-        })?;
-        writable_paths.push(cwd.clone());
-    } else if under_private(&cwd) {
-        writable_paths.push(cwd.clone());
-    }
-    for w in o.writable {
-        let canon =
-            std::fs::canonicalize(w).with_context(|| format!("spec.writable: {}", w.display()))?;
-        if root_mode {
-            check_writable_for_root(&canon, &homes).map_err(|why| {
-                anyhow::anyhow!(
-                    "spec.writable: {} cannot be writable for a uid-0 agent: {why}",
-                    w.display()
-                )
-            })?;
-        }
-        if root_mode || under_private(&canon) {
-            writable_paths.push(canon);
-        }
-    }
-    writable_paths.sort_by_key(|p| p.as_os_str().len());
-    writable_paths.dedup();
-    anyhow::ensure!(writable_paths.len() <= 64, "at most 64 writable paths");
-    let mut writable = writable_paths
-        .iter()
-        .map(|p| writable_entry(p, &all))
-        .collect::<Result<Vec<_>>>()?;
-    // The command itself stays visible when it lies under a private
-    // directory (/tmp, /run, /dev/shm) outside the working directory:
-    // bound read-only at its path. (A script passed as an argument is not:
-    // keep it in the working directory.)
-    let exe = resolve_exe(&o.command[0], std::env::var_os("PATH"))?;
-    if let Ok(canon) = std::fs::canonicalize(&exe) {
-        if under_private(&canon) && !writable_paths.iter().any(|w| canon.starts_with(w)) {
-            let mut e = writable_entry(&canon, &all)?;
-            e.read_only = true;
-            writable.push(e);
-        }
-    }
+    let (writable_paths, mut writable) = writable_set(o, &all, &cwd, root_mode)?;
+    let exe = resolve_command(o, &all, &writable_paths, &mut writable)?;
 
-    // Read-only mounts: cgroup2 always, everything for uid 0.
-    let mut ro_mounts = Vec::new();
-    for m in &all {
-        if root_mode || m.fstype == "cgroup2" {
-            ro_mounts.push(RoMount {
-                path: cstr(&m.point)?,
-                flags: m.flags & !libc::MS_RDONLY,
-            });
-        }
-    }
-    ro_mounts.dedup_by(|a, b| a.path == b.path);
-
-    let mut bpf_mounts: Vec<PathBuf> = all
-        .iter()
-        .filter(|m| m.fstype == "bpf")
-        .map(|m| m.point.clone())
-        .collect();
-    bpf_mounts.sort();
-    bpf_mounts.dedup();
-    let mut covers = bpf_mounts.clone();
-    if Path::new("/sys/fs/bpf").is_dir() {
-        covers.push("/sys/fs/bpf".into());
-    }
-    covers.sort();
-    covers.dedup();
-    let bpf_covers = covers.iter().map(cstr).collect::<Result<Vec<_>>>()?;
-
+    let ro_mounts = read_only_mounts(&all, root_mode)?;
+    let (bpf_mounts, bpf_covers) = bpf_mounts_and_covers(&all)?;
     let resolv = match std::fs::canonicalize("/etc/resolv.conf") {
         Ok(t) if under_private(&t) && t.is_file() => Some(writable_entry(&t, &all)?),
         _ => None,
     };
 
-    let devices = if root_mode {
-        [
-            ("null", 1, 3),
-            ("zero", 1, 5),
-            ("full", 1, 7),
-            ("random", 1, 8),
-            ("urandom", 1, 9),
-            ("tty", 5, 0),
-        ]
-        .iter()
-        .map(|(n, ma, mi)| {
-            Ok(Device {
-                name: cstr(n)?,
-                mode: 0o666,
-                dev: libc::makedev(*ma, *mi),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?
-    } else {
-        Vec::new()
-    };
-    let proc_ro = [
-        "sys",
-        "sysrq-trigger",
-        "irq",
-        "bus",
-        "fs",
-        "pressure",
-        "acpi",
-        "scsi",
-    ]
-    .iter()
-    .map(|p| cstr(format!("/proc/{p}")))
-    .collect::<Result<Vec<_>>>()?;
-    let proc_masked = [
-        "kcore",
-        "keys",
-        "timer_list",
-        "sched_debug",
-        "latency_stats",
-        "kpageflags",
-        "kpagecount",
-        "kpagecgroup",
-    ]
-    .iter()
-    .map(|p| cstr(format!("/proc/{p}")))
-    .collect::<Result<Vec<_>>>()?;
+    let devices = private_devices(root_mode)?;
+    let (proc_ro, proc_masked) = proc_ro_and_masked()?;
 
     // The command, its environment (HOME/USER/LOGNAME of the agent's user,
     // a private XDG_RUNTIME_DIR).
     let argv_store = o.command.iter().map(cstr).collect::<Result<Vec<_>>>()?;
     let run_user_dir = PathBuf::from(format!("/run/user/{}", user.uid));
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-    let mut set = |k: &str, v: &OsStr| {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.into(), v.into()));
-    };
-    if let Some(name) = &user.name {
-        set("USER", name.as_ref());
-        set("LOGNAME", name.as_ref());
-    }
-    if let Some(home) = &user.home {
-        set("HOME", home.as_os_str());
-    }
-    set("XDG_RUNTIME_DIR", run_user_dir.as_os_str());
-    env.retain(|(k, _)| k != "DBUS_SESSION_BUS_ADDRESS");
-    let envp_store = env
-        .iter()
-        .map(|(k, v)| {
-            let mut s = k.as_bytes().to_vec();
-            s.push(b'=');
-            s.extend_from_slice(v.as_bytes());
-            CString::new(s).context("environment holds a NUL byte")
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let envp_store = agent_env(user, &run_user_dir)?;
     let mut argv: Vec<*const libc::c_char> = argv_store.iter().map(|c| c.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = envp_store.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
 
-    let mut pass_fds = o.pass_fds.to_vec();
-    pass_fds.sort_unstable();
-    pass_fds.dedup();
-    for &fd in &pass_fds {
-        anyhow::ensure!(
-            fd > 2,
-            "--pass-fd {fd}: stdin, stdout and stderr are always passed"
-        );
-        // SAFETY: F_GETFD on an integer; no memory involved.
-        anyhow::ensure!(
-            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-            "--pass-fd {fd}: not an open descriptor of enforcer"
-        );
-    }
-    anyhow::ensure!(pass_fds.len() <= 64, "at most 64 --pass-fd");
-    let max_fd = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| soft.min(1 << 20) as i32)
-        .unwrap_or(1 << 16);
-
-    // enforcer's own files, if the agent's view holds them at all: the
-    // policy, the audit log (the agent must not rewrite its own record),
-    // the enforcer binary.
-    let mut protect_files = Vec::new();
-    let exe_self = std::env::current_exe().ok();
-    for f in o.protect.iter().chain(exe_self.iter()) {
-        if let Ok(c) = std::fs::canonicalize(f) {
-            if c.is_file() {
-                protect_files.push(cstr(&c)?);
-            }
-        }
-    }
+    let (pass_fds, max_fd) = checked_pass_fds(o)?;
+    let protect_files = protected_files(o)?;
     let view = if root_mode {
         "uid 0: read-only file system except the working directory and spec.writable; private \
          /tmp, /run, /dev; bpffs hidden; own PID namespace"
@@ -631,6 +461,241 @@ pub fn prepare(o: &Options, filter: &seccomp::Filter) -> Result<(Prepared, Descr
         },
         desc,
     ))
+}
+
+/// The writable paths, shortest first, and their binds.
+fn writable_set(
+    o: &Options,
+    all: &[MountLine],
+    cwd: &Path,
+    root_mode: bool,
+) -> Result<(Vec<PathBuf>, Vec<Writable>)> {
+    // The writable set: the working directory (for uid 0 only if it is
+    // safe; for others it matters only under the private /tmp or /run),
+    // then spec.writable, parents before children.
+    let mut writable_paths: Vec<PathBuf> = Vec::new();
+    let homes = home_dirs();
+    if root_mode {
+        check_writable_for_root(cwd, &homes).map_err(|why| {
+            anyhow::anyhow!(
+                "--user root: the working directory {} cannot be writable for a uid-0 agent: {why}. \
+                 Run from a project directory",
+                cwd.display()
+            )
+        })?;
+        writable_paths.push(cwd.to_path_buf());
+    } else if under_private(cwd) {
+        writable_paths.push(cwd.to_path_buf());
+    }
+    for w in o.writable {
+        let canon =
+            std::fs::canonicalize(w).with_context(|| format!("spec.writable: {}", w.display()))?;
+        if root_mode {
+            check_writable_for_root(&canon, &homes).map_err(|why| {
+                anyhow::anyhow!(
+                    "spec.writable: {} cannot be writable for a uid-0 agent: {why}",
+                    w.display()
+                )
+            })?;
+        }
+        if root_mode || under_private(&canon) {
+            writable_paths.push(canon);
+        }
+    }
+    writable_paths.sort_by_key(|p| p.as_os_str().len());
+    writable_paths.dedup();
+    anyhow::ensure!(writable_paths.len() <= 64, "at most 64 writable paths");
+    let writable = writable_paths
+        .iter()
+        .map(|p| writable_entry(p, all))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((writable_paths, writable))
+}
+
+/// The agent's executable, added read-only to `writable` when it lies
+/// under a private directory.
+fn resolve_command(
+    o: &Options,
+    all: &[MountLine],
+    writable_paths: &[PathBuf],
+    writable: &mut Vec<Writable>,
+) -> Result<PathBuf> {
+    // The command itself stays visible when it lies under a private
+    // directory (/tmp, /run, /dev/shm) outside the working directory:
+    // bound read-only at its path. (A script passed as an argument is not:
+    // keep it in the working directory.)
+    let exe = resolve_exe(&o.command[0], std::env::var_os("PATH"))?;
+    if let Ok(canon) = std::fs::canonicalize(&exe) {
+        if under_private(&canon) && !writable_paths.iter().any(|w| canon.starts_with(w)) {
+            let mut e = writable_entry(&canon, all)?;
+            e.read_only = true;
+            writable.push(e);
+        }
+    }
+    Ok(exe)
+}
+
+/// The mount points remounted read-only.
+fn read_only_mounts(all: &[MountLine], root_mode: bool) -> Result<Vec<RoMount>> {
+    // Read-only mounts: cgroup2 always, everything for uid 0.
+    let mut ro_mounts = Vec::new();
+    for m in all {
+        if root_mode || m.fstype == "cgroup2" {
+            ro_mounts.push(RoMount {
+                path: cstr(&m.point)?,
+                flags: m.flags & !libc::MS_RDONLY,
+            });
+        }
+    }
+    ro_mounts.dedup_by(|a, b| a.path == b.path);
+    Ok(ro_mounts)
+}
+
+/// The bpffs mount points (detached in the view) and the paths an empty
+/// tmpfs covers.
+fn bpf_mounts_and_covers(all: &[MountLine]) -> Result<(Vec<PathBuf>, Vec<CString>)> {
+    let mut bpf_mounts: Vec<PathBuf> = all
+        .iter()
+        .filter(|m| m.fstype == "bpf")
+        .map(|m| m.point.clone())
+        .collect();
+    bpf_mounts.sort();
+    bpf_mounts.dedup();
+    let mut covers = bpf_mounts.clone();
+    if Path::new("/sys/fs/bpf").is_dir() {
+        covers.push("/sys/fs/bpf".into());
+    }
+    covers.sort();
+    covers.dedup();
+    let bpf_covers = covers.iter().map(cstr).collect::<Result<Vec<_>>>()?;
+    Ok((bpf_mounts, bpf_covers))
+}
+
+/// The device nodes of a uid-0 agent's private /dev (none for others).
+fn private_devices(root_mode: bool) -> Result<Vec<Device>> {
+    let devices = if root_mode {
+        [
+            ("null", 1, 3),
+            ("zero", 1, 5),
+            ("full", 1, 7),
+            ("random", 1, 8),
+            ("urandom", 1, 9),
+            ("tty", 5, 0),
+        ]
+        .iter()
+        .map(|(n, ma, mi)| {
+            Ok(Device {
+                name: cstr(n)?,
+                mode: 0o666,
+                dev: libc::makedev(*ma, *mi),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    Ok(devices)
+}
+
+/// The /proc paths bound read-only and those masked.
+fn proc_ro_and_masked() -> Result<(Vec<CString>, Vec<CString>)> {
+    let proc_ro = [
+        "sys",
+        "sysrq-trigger",
+        "irq",
+        "bus",
+        "fs",
+        "pressure",
+        "acpi",
+        "scsi",
+    ]
+    .iter()
+    .map(|p| cstr(format!("/proc/{p}")))
+    .collect::<Result<Vec<_>>>()?;
+    let proc_masked = [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sched_debug",
+        "latency_stats",
+        "kpageflags",
+        "kpagecount",
+        "kpagecgroup",
+    ]
+    .iter()
+    .map(|p| cstr(format!("/proc/{p}")))
+    .collect::<Result<Vec<_>>>()?;
+    Ok((proc_ro, proc_masked))
+}
+
+/// The agent's environment: enforcer's, with the agent user's
+/// USER/LOGNAME/HOME and a private XDG_RUNTIME_DIR.
+fn agent_env(user: &AgentUser, run_user_dir: &Path) -> Result<Vec<CString>> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let mut set = |k: &str, v: &OsStr| {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.into(), v.into()));
+    };
+    if let Some(name) = &user.name {
+        set("USER", name.as_ref());
+        set("LOGNAME", name.as_ref());
+    }
+    if let Some(home) = &user.home {
+        set("HOME", home.as_os_str());
+    }
+    set("XDG_RUNTIME_DIR", run_user_dir.as_os_str());
+    env.retain(|(k, _)| k != "DBUS_SESSION_BUS_ADDRESS");
+    let envp_store = env
+        .iter()
+        .map(|(k, v)| {
+            let mut s = k.as_bytes().to_vec();
+            s.push(b'=');
+            s.extend_from_slice(v.as_bytes());
+            CString::new(s).context("environment holds a NUL byte")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(envp_store)
+}
+
+/// `--pass-fd`, sorted and checked, and the bound of the one-by-one close
+/// fallback (RLIMIT_NOFILE, at most 2^20).
+fn checked_pass_fds(o: &Options) -> Result<(Vec<RawFd>, i32)> {
+    let mut pass_fds = o.pass_fds.to_vec();
+    pass_fds.sort_unstable();
+    pass_fds.dedup();
+    for &fd in &pass_fds {
+        anyhow::ensure!(
+            fd > 2,
+            "--pass-fd {fd}: stdin, stdout and stderr are always passed"
+        );
+        // SAFETY: F_GETFD on an integer; no memory involved.
+        anyhow::ensure!(
+            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
+            "--pass-fd {fd}: not an open descriptor of enforcer"
+        );
+    }
+    anyhow::ensure!(pass_fds.len() <= 64, "at most 64 --pass-fd");
+    let max_fd = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft.min(1 << 20) as i32)
+        .unwrap_or(1 << 16);
+    Ok((pass_fds, max_fd))
+}
+
+/// enforcer's own files, bound read-only over themselves in the view.
+fn protected_files(o: &Options) -> Result<Vec<CString>> {
+    // enforcer's own files, if the agent's view holds them at all: the
+    // policy, the audit log (the agent must not rewrite its own record),
+    // the enforcer binary.
+    let mut protect_files = Vec::new();
+    let exe_self = std::env::current_exe().ok();
+    for f in o.protect.iter().chain(exe_self.iter()) {
+        if let Ok(c) = std::fs::canonicalize(f) {
+            if c.is_file() {
+                protect_files.push(cstr(&c)?);
+            }
+        }
+    }
+    Ok(protect_files)
 }
 
 /// The started agent: the host pid of its init (wait for it: it exits with
