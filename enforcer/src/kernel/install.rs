@@ -5,10 +5,10 @@
 use std::{collections::HashSet, os::unix::ffi::OsStrExt, path::Path};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{lpm_trie::Key, LpmTrie, MapData};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData};
 use enforcer_common::{
-    bloom_bit, policy_flags, FileKey, NameKey, PolicyState, RuleSet, UnixKey, UnixRule, V4Key,
-    V6Key, BLOOM_WORDS, MAX_SLOTS,
+    bloom_bit, policy_flags, FileKey, NameKey, PolicyState, RuleSet, UnixRule, V4Key, V6Key,
+    BLOOM_WORDS, MAX_SLOTS,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -346,60 +346,50 @@ impl Kernel {
             .flat_map(|p| [p.table_id, p.taint_table_id, p.ingress_table_id])
             .chain([keep, keep_taint, keep_ingress])
             .collect();
-        let stale_files: Vec<FileKey> = self
-            .file_rules
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !live.contains(&k.table_id))
-            .collect();
-        for k in stale_files {
-            let _ = self.file_rules.remove(&k);
-        }
-        let stale4: Vec<Key<V4Key>> = self
-            .v4
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().table_id_be)))
-            .collect();
-        for k in stale4 {
-            let _ = self.v4.remove(&k);
-        }
-        let stale6: Vec<Key<V6Key>> = self
-            .v6
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().table_id_be)))
-            .collect();
-        for k in stale6 {
-            let _ = self.v6.remove(&k);
-        }
-        let stale_names: Vec<Key<NameKey>> = self
-            .names
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().table_id_be)))
-            .collect();
-        for k in stale_names {
-            let _ = self.names.remove(&k);
-        }
-        let stale_unix: Vec<UnixKey> = self
-            .unix_rules
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.table_id != 0 && !live.contains(&k.table_id))
-            .collect();
-        for k in stale_unix {
-            let _ = self.unix_rules.remove(&k);
-        }
-        let stale_inodes: Vec<FileKey> = self
-            .unix_inodes
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.table_id != 0 && !live.contains(&k.table_id))
-            .collect();
-        for k in stale_inodes {
-            let _ = self.unix_inodes.remove(&k);
-        }
+        let stale = |id: u32| !live.contains(&id);
+        let stale_be = |id: [u8; 4]| stale(u32::from_be_bytes(id));
+        remove_from_map(&mut self.file_rules, |k| stale(k.table_id));
+        remove_from_trie(&mut self.v4, |k| stale_be(k.table_id_be));
+        remove_from_trie(&mut self.v6, |k| stale_be(k.table_id_be));
+        remove_from_trie(&mut self.names, |k| stale_be(k.table_id_be));
+        // Table id 0 holds the resolver sockets, which no policy owns.
+        remove_from_map(&mut self.unix_rules, |k| {
+            k.table_id != 0 && stale(k.table_id)
+        });
+        remove_from_map(&mut self.unix_inodes, |k| {
+            k.table_id != 0 && stale(k.table_id)
+        });
+    }
+}
+
+/// Remove every key of `map` that `stale` picks (keys collected first: a
+/// hash map's iteration restarts when the key it stands on goes away).
+fn remove_from_map<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    stale: impl Fn(&K) -> bool,
+) {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| stale(k))
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+}
+
+/// [`remove_from_map`] for a trie, judging each key by its data.
+fn remove_from_trie<K: aya::Pod, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    stale: impl Fn(&K) -> bool,
+) {
+    let keys: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| stale(&k.data()))
+        .collect();
+    for k in keys {
+        let _ = trie.remove(&k);
     }
 }
 

@@ -8,7 +8,8 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use enforcer_common::{FileKey, UnixKey, UnixRule};
+use aya::maps::{HashMap, MapData};
+use enforcer_common::{FileKey, UnixRule};
 
 use super::{files, Kernel, UnixSupport};
 use crate::policy::CompiledPolicy;
@@ -24,24 +25,7 @@ impl Kernel {
     /// for every identity with rule `UNIX_RESOLVER`.
     pub fn set_resolver_sockets(&mut self, sockets: &[PathBuf]) -> Result<()> {
         let keys = crate::policy::local::resolver_keys(sockets);
-        let stale: Vec<UnixKey> = self
-            .unix_rules
-            .keys()
-            .flatten()
-            .filter(|k| k.table_id == 0 && !keys.contains(k))
-            .collect();
-        let value = UnixRule {
-            rule_id: enforcer_common::rule::UNIX_RESOLVER,
-            _pad: 0,
-        };
-        for k in &keys {
-            self.unix_rules
-                .insert(k, value, 0)
-                .context("inserting a resolver socket into UNIX_RULES")?;
-        }
-        for k in stale {
-            let _ = self.unix_rules.remove(&k);
-        }
+        replace_resolver_entries(&mut self.unix_rules, &keys, |k| k.table_id, "UNIX_RULES")?;
         self.resolvers = sockets.to_vec();
         self.write_resolver_inodes()
     }
@@ -49,10 +33,6 @@ impl Kernel {
     /// The resolver sockets' inodes (`UNIX_INODES` table id 0) for the BPF
     /// LSM unix hooks: those that exist now.
     pub(super) fn write_resolver_inodes(&mut self) -> Result<()> {
-        let value = UnixRule {
-            rule_id: enforcer_common::rule::UNIX_RESOLVER,
-            _pad: 0,
-        };
         let resolvers = self.resolvers.clone();
         let mut keys: Vec<FileKey> = Vec::new();
         for p in &resolvers {
@@ -62,21 +42,7 @@ impl Kernel {
                 }
             }
         }
-        let stale: Vec<FileKey> = self
-            .unix_inodes
-            .keys()
-            .flatten()
-            .filter(|k| k.table_id == 0 && !keys.contains(k))
-            .collect();
-        for k in &keys {
-            self.unix_inodes
-                .insert(k, value, 0)
-                .context("inserting a resolver socket into UNIX_INODES")?;
-        }
-        for k in stale {
-            let _ = self.unix_inodes.remove(&k);
-        }
-        Ok(())
+        replace_resolver_entries(&mut self.unix_inodes, &keys, |k| k.table_id, "UNIX_INODES")
     }
 
     /// The inode keys of the unix socket at `path` as the BPF LSM unix
@@ -198,4 +164,32 @@ fn socket_inode(path: &Path, table_id: u32) -> Option<FileKey> {
         dev: files::kernel_dev(m.dev()),
         table_id,
     })
+}
+
+/// Make `keys` the whole of table id 0 (the resolver sockets) in `map`:
+/// insert each with rule `UNIX_RESOLVER`, then drop the table-0 keys that
+/// are no longer among them.
+fn replace_resolver_entries<K: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, UnixRule>,
+    keys: &[K],
+    table_id: impl Fn(&K) -> u32,
+    map_name: &str,
+) -> Result<()> {
+    let stale: Vec<K> = map
+        .keys()
+        .flatten()
+        .filter(|k| table_id(k) == 0 && !keys.contains(k))
+        .collect();
+    let value = UnixRule {
+        rule_id: enforcer_common::rule::UNIX_RESOLVER,
+        _pad: 0,
+    };
+    for k in keys {
+        map.insert(k, value, 0)
+            .with_context(|| format!("inserting a resolver socket into {map_name}"))?;
+    }
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    Ok(())
 }
