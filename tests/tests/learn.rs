@@ -215,25 +215,30 @@ fn audit_learn_enforce_round_trip() {
     );
 
     // 3. Learn, without and with the exclusion.
+    // Learn from `log` what discover.yaml's run did, leaving out its
+    // exfiltration (the host and the address it reached without DNS).
+    let learn_excluding = |log: &str, flag: &str, out: &str| {
+        enforcer_cmd(&[
+            "policy",
+            "learn",
+            &p(log),
+            "--from",
+            &p("discover.yaml"),
+            "--exclude",
+            "host=evil.learn.test",
+            "--exclude",
+            "ip=127.0.0.8",
+            flag,
+            &p(out),
+        ])
+    };
     let (code, plain, err) = enforcer_cmd(&["policy", "learn", &p("audit.jsonl")]);
     assert_eq!(code, 0, "policy learn: {err}");
     assert!(
         plain.contains("- host: \"evil.learn.test\""),
         "without --exclude the exfiltration is learned like the rest:\n{plain}"
     );
-    let (code, _, err) = enforcer_cmd(&[
-        "policy",
-        "learn",
-        &p("audit.jsonl"),
-        "--from",
-        &p("discover.yaml"),
-        "--exclude",
-        "host=evil.learn.test",
-        "--exclude",
-        "ip=127.0.0.8",
-        "-o",
-        &p("learned.yaml"),
-    ]);
+    let (code, _, err) = learn_excluding("audit.jsonl", "-o", "learned.yaml");
     assert_eq!(code, 0, "policy learn: {err}");
     let learned = std::fs::read_to_string(dir.join("learned.yaml")).unwrap();
     assert!(
@@ -263,19 +268,7 @@ fn audit_learn_enforce_round_trip() {
         code, 0,
         "policy check of the learned policy: {out}{err}\n{learned}"
     );
-    let (code, diff, err) = enforcer_cmd(&[
-        "policy",
-        "learn",
-        &p("audit.jsonl"),
-        "--from",
-        &p("discover.yaml"),
-        "--exclude",
-        "host=evil.learn.test",
-        "--exclude",
-        "ip=127.0.0.8",
-        "--diff",
-        &p("discover.yaml"),
-    ]);
+    let (code, diff, err) = learn_excluding("audit.jsonl", "--diff", "discover.yaml");
     assert_eq!(code, 0, "policy learn --diff: {err}");
     assert!(
         diff.lines()
@@ -288,19 +281,7 @@ fn audit_learn_enforce_round_trip() {
     let (code, ocsf, err) = enforcer_cmd(&["audit", "tail", &p("audit.jsonl"), "--format", "ocsf"]);
     assert_eq!(code, 0, "audit tail: {err}");
     std::fs::write(dir.join("audit.ocsf.jsonl"), ocsf).unwrap();
-    let (code, same, err) = enforcer_cmd(&[
-        "policy",
-        "learn",
-        &p("audit.ocsf.jsonl"),
-        "--from",
-        &p("discover.yaml"),
-        "--exclude",
-        "host=evil.learn.test",
-        "--exclude",
-        "ip=127.0.0.8",
-        "--diff",
-        &p("learned.yaml"),
-    ]);
+    let (code, same, err) = learn_excluding("audit.ocsf.jsonl", "--diff", "learned.yaml");
     assert_eq!(code, 0, "policy learn of the OCSF log: {err}");
     assert_eq!(same.trim(), "no difference", "{same}");
 
