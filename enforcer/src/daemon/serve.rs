@@ -70,7 +70,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
     // file changed while the daemon starts (seconds with many bindings) is
     // either read by that first reload or wakes the loop below for another
     // (the watcher's events queue until the loop runs).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Trigger>(16);
     let _watcher = watch_dir(&cfg.policies_dir, tx.clone());
     let reconciler = Reconciler {
         state: state.clone(),
@@ -79,7 +79,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
         status_tx,
         config_path,
     };
-    reconciler.run(START).await;
+    reconciler.run(Trigger::Start).await;
     // Start-up parsed the kernel's BTF twice (struct offsets; aya's, for the
     // BPF LSM loads) and the eBPF object: ~20 MB of small allocations, freed
     // now but kept by the allocator. Hand them back to the kernel (a long-lived node
@@ -121,7 +121,7 @@ async fn serve(cfg: Config, config_path: PathBuf) -> Result<i32> {
 async fn reconcile_until_stopped(
     cfg: &Config,
     reconciler: &Reconciler,
-    rx: &mut tokio::sync::mpsc::Receiver<&'static str>,
+    rx: &mut tokio::sync::mpsc::Receiver<Trigger>,
     wake: &Wake,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -137,21 +137,21 @@ async fn reconcile_until_stopped(
     );
     loop {
         let why = tokio::select! {
-            _ = hup.recv() => "sighup",
+            _ = hup.recv() => Trigger::Sighup,
             Some(w) = rx.recv() => {
                 // Debounce bursts of file events (editors write in several steps).
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while rx.try_recv().is_ok() {}
                 w
             }
-            _ = tick.tick() => "tick",
-            _ = wake.pods.notified() => "pods",
-            _ = wake.policies.notified() => "agentpolicies",
+            _ = tick.tick() => Trigger::Tick,
+            _ = wake.pods.notified() => Trigger::Pods,
+            _ = wake.policies.notified() => Trigger::AgentPolicies,
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
         reconciler.run(why).await;
-        if why == "tick" {
+        if why == Trigger::Tick {
             heartbeat::beat(&cfg.state_dir, false);
         }
     }
@@ -382,8 +382,36 @@ fn announce_start(cfg: &Config, config_path: &Path, state: &Mutex<State>, sinks:
     );
 }
 
-/// The first reconcile, at start-up.
-const START: &str = "start";
+/// What woke a reconcile.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Trigger {
+    /// The first reconcile, at start-up.
+    Start,
+    /// SIGHUP: the config's bindings and the policies are read again.
+    Sighup,
+    /// A change in the policies directory (debounced).
+    FileChange,
+    /// The resync tick.
+    Tick,
+    /// A change of the node's pods, or a pod cgroup appearing.
+    Pods,
+    /// A change of the `AgentPolicy` objects.
+    AgentPolicies,
+}
+
+impl Trigger {
+    /// The name logs give it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Sighup => "sighup",
+            Trigger::FileChange => "file-change",
+            Trigger::Tick => "tick",
+            Trigger::Pods => "pods",
+            Trigger::AgentPolicies => "agentpolicies",
+        }
+    }
+}
 
 /// One reconcile, in the order data flows: policy sources -> kernel, the
 /// DNS proxies the reload asked for, cgroups and pods -> identities, the
@@ -402,18 +430,17 @@ impl Reconciler {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A reconcile woken by `why` (`START`, "sighup", "file-change",
-    /// "tick", "pods", "agentpolicies"). The state lock is not held across
-    /// an await.
-    async fn run(&self, why: &'static str) {
+    /// A reconcile woken by `why`. The state lock is not held across an
+    /// await.
+    async fn run(&self, why: Trigger) {
         {
             let mut s = self.lock();
-            if why == "sighup" {
+            if why == Trigger::Sighup {
                 s.reload_bindings(&self.config_path);
             }
             match why {
-                START => s.reload_policies(),
-                "tick" | "pods" => {
+                Trigger::Start => s.reload_policies(),
+                Trigger::Tick | Trigger::Pods => {
                     let State {
                         kernel,
                         policies,
@@ -422,12 +449,12 @@ impl Reconciler {
                     } = &mut *s;
                     policies.retry_unresolved_files(kernel, &node.metrics);
                     policies.retry_moved_unix_sockets(kernel);
-                    if why == "tick" {
+                    if why == Trigger::Tick {
                         s.grow_roots();
                     }
                 }
                 _ => {
-                    tracing::info!(trigger = why, "reloading policies");
+                    tracing::info!(trigger = why.as_str(), "reloading policies");
                     s.reload_policies();
                 }
             }
@@ -447,7 +474,7 @@ impl Reconciler {
             if let Some(tx) = &self.status_tx {
                 tx.send_replace(s.policy_reports());
             }
-            if why != START {
+            if why != Trigger::Start {
                 // Kernel counters reach the metrics at scrape time (the collector).
                 self.dns.gc(&self.metrics, &s.policies.slot_names());
             }
@@ -521,13 +548,13 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 
 fn watch_dir(
     dir: &Path,
-    tx: tokio::sync::mpsc::Sender<&'static str>,
+    tx: tokio::sync::mpsc::Sender<Trigger>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
             if !ev.kind.is_access() {
-                let _ = tx.try_send("file-change");
+                let _ = tx.try_send(Trigger::FileChange);
             }
         }
     })
